@@ -1,0 +1,93 @@
+"""Database engine and migrations: SQLite by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ._errors import ConfigurationError, DependencyUnavailable
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _describe(url: str) -> str:
+    # Never echo a password into logs or error messages.
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        database = url.split("///", 1)[-1]
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    raise ConfigurationError(
+        f"HOOKWIRE_DATABASE_URL must be a sqlite+aiosqlite:// or postgresql+asyncpg:// URL, "
+        f"got {_describe(url)}"
+    )
+
+
+def _alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.attributes["database_url"] = url
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+    assert head is not None
+    return head
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def migrate(url: str) -> None:
+    """Apply every pending migration (``hookwire migrate``)."""
+    config = _alembic_config(url)
+    try:
+        await asyncio.to_thread(command.upgrade, config, "head")
+    except (SQLAlchemyError, OSError) as exc:
+        raise DependencyUnavailable(f"database at {_describe(url)} is unreachable: {exc}") from exc
+
+
+async def check_ready(engine: AsyncEngine) -> None:
+    """Refuse to serve on an unreachable or unmigrated database."""
+    url = engine.url.render_as_string(hide_password=True)
+    try:
+        async with engine.connect() as connection:
+            current = await connection.run_sync(_current_revision)
+    except (SQLAlchemyError, OSError) as exc:
+        raise DependencyUnavailable(f"database at {url} is unreachable: {exc}") from exc
+    head = head_revision()
+    if current != head:
+        raise ConfigurationError(
+            f"database at {url} is at migration {current or 'none'}, expected {head}: "
+            "run `hookwire migrate`"
+        )

@@ -1,0 +1,76 @@
+"""Errors every service shares, classified by behaviour rather than by message.
+
+An error carries the HTTP status and the stable ``code`` clients switch on; the error
+middleware turns any of them into the one JSON error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class HookwireError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class ConfigurationError(HookwireError):
+    code = "configuration_error"
+
+
+class DependencyUnavailable(HookwireError):
+    """A broker, database or peer service did not answer; the caller may try again."""
+
+    status = 503
+    code = "unavailable"
+    retriable = True
+
+
+class BadRequest(HookwireError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(HookwireError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(HookwireError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(HookwireError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(HookwireError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(HookwireError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ValidationFailed(HookwireError):
+    status = 422
+    code = "validation_failed"
+
+
+class InvalidRecord(HookwireError):
+    """A Kafka record that does not match its contract; it goes to the dead-letter topic."""
+
+    code = "invalid_record"

@@ -1,0 +1,168 @@
+"""The aiohttp scaffolding every service shares.
+
+Errors become HTTP in one middleware, with one body shape; every request gets an id that
+rides along in the logs; ``/healthz``, ``/readyz`` and ``/metrics`` are always there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from ._errors import ConfigurationError, HookwireError, PayloadTooLarge, ValidationFailed
+from ._ids import new_id
+from ._metrics import Metrics
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ReadinessCheck = Callable[[], Awaitable[None]]
+M = TypeVar("M", bound=BaseModel)
+
+METRICS_KEY = web.AppKey("metrics", Metrics)
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+READINESS_KEY = web.AppKey("readiness", list[ReadinessCheck])
+_UNMONITORED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(error: HookwireError, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(error.to_body(), status=error.status, headers=headers)
+
+
+def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
+    requests = metrics.counter("http_requests_total", "HTTP requests", ("route", "status"))
+    latency = metrics.histogram("http_request_seconds", "HTTP request latency", ("route",))
+    log = structlog.get_logger(service=service)
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request.headers.get("x-request-id") or new_id("req")
+        route = request.match_info.route.resource
+        route_name = route.canonical if route is not None else "unmatched"
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                response = await handler(request)
+            except HookwireError as exc:
+                response = error_response(exc)
+                if exc.status >= 500:
+                    log.error("request_failed", error=exc.message, path=request.path)
+            except web.HTTPRequestEntityTooLarge:
+                response = error_response(
+                    PayloadTooLarge(
+                        "request body is too large",
+                        details={"max_bytes": request.app[MAX_BODY_KEY]},
+                    )
+                )
+            except web.HTTPException as exc:
+                body = {"error": {"code": exc.reason.lower().replace(" ", "_"),
+                                  "message": exc.reason, "details": None}}
+                response = json_response(body, status=exc.status)
+            except Exception:
+                log.exception("unhandled_error", path=request.path)
+                response = json_response(
+                    {"error": {"code": "internal_error", "message": "internal error",
+                               "details": {"request_id": request_id}}},
+                    status=500,
+                )
+            elapsed = time.perf_counter() - started
+            response.headers["x-request-id"] = request_id
+            if request.path not in _UNMONITORED:
+                requests.labels(route_name, str(response.status)).inc()
+                latency.labels(route_name).observe(elapsed)
+                log.info(
+                    "request",
+                    method=request.method,
+                    path=request.path,
+                    status=response.status,
+                    ms=round(elapsed * 1000, 2),
+                )
+            return response
+
+    return [observe]
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    failures = []
+    for check in request.app[READINESS_KEY]:
+        try:
+            await check()
+        except Exception as exc:  # noqa: BLE001 - readiness reports every failure as a reason
+            failures.append(str(exc))
+    if failures:
+        return json_response({"status": "unavailable", "reasons": failures}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS_KEY].exposition()
+    return web.Response(body=body, headers={"content-type": content_type})
+
+
+def build_app(service: str, metrics: Metrics, *, max_body_bytes: int = 1 << 20) -> web.Application:
+    app = web.Application(
+        middlewares=_build_middlewares(service, metrics), client_max_size=max_body_bytes
+    )
+    app[METRICS_KEY] = metrics
+    app[MAX_BODY_KEY] = max_body_bytes
+    app[READINESS_KEY] = []
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationFailed(
+            "request body is not valid JSON", details={"field": "body", "reason": str(exc)}
+        ) from exc
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    """Validate a JSON body against a model; every problem names its field."""
+    payload = await read_json(request)
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "body", "reason": err["msg"]}
+            for err in exc.errors()
+        ]
+        fields = ", ".join(p["field"] for p in problems)
+        raise ValidationFailed(f"invalid request body: {fields}", details=problems) from exc
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        return int(address[1])
+    raise RuntimeError("runner is not listening")

@@ -1,0 +1,93 @@
+"""The one typed settings object, read from ``HOOKWIRE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._errors import ConfigurationError
+
+_TRUE = {"true", "1"}
+_FALSE = {"false", "0"}
+
+
+def _strict_bool(value: object) -> object:
+    # "yes", "on" and typos silently meaning False cause outages; accept only the unambiguous.
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError("must be true or false")
+    return value
+
+
+StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOOKWIRE_", frozen=True, extra="ignore")
+
+    dev_mode: StrictBool = False
+    data_dir: Path = Path(".hookwire")
+    database_url: str = ""
+    kafka_bootstrap: str | None = None
+    topic_prefix: str = Field(default="hookwire.", pattern=r"^[A-Za-z0-9._-]*$")
+    kafka_partitions: int = Field(default=6, ge=1, le=1024)
+    kafka_replication_factor: int = Field(default=1, ge=1, le=7)
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(default=600, ge=100)
+    kafka_fetch_max_wait_ms: int = Field(default=20, ge=1, le=10000)
+
+    host: str = "127.0.0.1"
+    api_port: Port = 8080
+    auth_port: Port = 8081
+    dispatcher_port: Port = 8082
+    dev_receiver_port: Port = 8090
+    auth_url: str = ""
+
+    service_credential: SecretStr | None = None
+    token_pepper: SecretStr | None = None
+
+    allow_private_urls: StrictBool = False
+    allow_query_keys: StrictBool = False
+    max_body_bytes: int = Field(default=262_144, ge=1024)
+    auth_cache_ttl_seconds: float = Field(default=1.0, ge=0, le=60)
+    delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)
+    response_body_limit_bytes: int = Field(default=4096, ge=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'hookwire.db'}"
+
+    @property
+    def effective_auth_url(self) -> str:
+        return self.auth_url or f"http://{self.host}:{self.auth_port}"
+
+    def require_secret(self, name: Literal["service_credential", "token_pepper"]) -> str:
+        value: SecretStr | None = getattr(self, name)
+        if value is None or not value.get_secret_value():
+            raise ConfigurationError(f"HOOKWIRE_{name.upper()} is required and has no default")
+        return value.get_secret_value()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment; a bad value names its variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"HOOKWIRE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid configuration: {problems}") from exc
