@@ -18,7 +18,7 @@ from ._contracts import (
     Topics,
     decode,
 )
-from ._db import check_ready, create_engine, head_revision, migrate
+from ._db import as_utc, check_ready, create_engine, head_revision, migrate
 from ._errors import (
     BadRequest,
     ConfigurationError,
@@ -89,6 +89,7 @@ __all__ = [
     "Topics",
     "Unauthorized",
     "ValidationFailed",
+    "as_utc",
     "bound_port",
     "build_app",
     "check_ready",

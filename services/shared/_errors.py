@@ -19,6 +19,9 @@ class HookwireError(Exception):
         self.message = message
         self.details = details
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
     def to_body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
 
@@ -33,6 +36,9 @@ class DependencyUnavailable(HookwireError):
     status = 503
     code = "unavailable"
     retriable = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class BadRequest(HookwireError):

@@ -29,14 +29,16 @@ READINESS_KEY = web.AppKey("readiness", list[ReadinessCheck])
 _UNMONITORED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
 
 
-def error_response(error: HookwireError, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response(error.to_body(), status=error.status, headers=headers)
+def error_response(error: HookwireError) -> web.Response:
+    return json_response(error.to_body(), status=error.status, headers=error.headers() or None)
 
 
 def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
@@ -65,14 +67,24 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
                     )
                 )
             except web.HTTPException as exc:
-                body = {"error": {"code": exc.reason.lower().replace(" ", "_"),
-                                  "message": exc.reason, "details": None}}
+                body = {
+                    "error": {
+                        "code": exc.reason.lower().replace(" ", "_"),
+                        "message": exc.reason,
+                        "details": None,
+                    }
+                }
                 response = json_response(body, status=exc.status)
             except Exception:
                 log.exception("unhandled_error", path=request.path)
                 response = json_response(
-                    {"error": {"code": "internal_error", "message": "internal error",
-                               "details": {"request_id": request_id}}},
+                    {
+                        "error": {
+                            "code": "internal_error",
+                            "message": "internal error",
+                            "details": {"request_id": request_id},
+                        }
+                    },
                     status=500,
                 )
             elapsed = time.perf_counter() - started
@@ -101,7 +113,7 @@ async def _readyz(request: web.Request) -> web.Response:
     for check in request.app[READINESS_KEY]:
         try:
             await check()
-        except Exception as exc:  # noqa: BLE001 - readiness reports every failure as a reason
+        except Exception as exc:
             failures.append(str(exc))
     if failures:
         return json_response({"status": "unavailable", "reasons": failures}, status=503)
@@ -126,25 +138,32 @@ def build_app(service: str, metrics: Metrics, *, max_body_bytes: int = 1 << 20) 
     return app
 
 
+def _malformed(reason: str) -> ValidationFailed:
+    return ValidationFailed(
+        "request body is not valid JSON", details=[{"field": "body", "reason": reason}]
+    )
+
+
 async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ValidationFailed(
-            "request body is not valid JSON", details={"field": "body", "reason": str(exc)}
-        ) from exc
+        raise _malformed(str(exc)) from exc
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
     """Validate a JSON body against a model; every problem names its field."""
-    payload = await read_json(request)
+    raw = await request.read()
     try:
-        return model.model_validate(payload)
+        return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise _malformed(errors[0]["msg"]) from exc
         problems = [
             {"field": ".".join(str(p) for p in err["loc"]) or "body", "reason": err["msg"]}
-            for err in exc.errors()
+            for err in errors
         ]
         fields = ", ".join(p["field"] for p in problems)
         raise ValidationFailed(f"invalid request body: {fields}", details=problems) from exc

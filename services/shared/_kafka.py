@@ -119,7 +119,9 @@ async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None
         await admin.close()
 
 
-async def send_all(producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes, bytes]]) -> None:
+async def send_all(
+    producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes]]
+) -> None:
     """Send (topic, key, value) records and wait until the broker acknowledged each one."""
     futures = [await producer.send(topic, value=value, key=key) for topic, key, value in records]
     if futures:

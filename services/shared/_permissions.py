@@ -7,8 +7,11 @@ from typing import Final
 _CRUD = ("create", "read", "update", "delete", "force-delete")
 
 PERMISSIONS: Final[frozenset[str]] = frozenset(
-    [f"{resource}:{verb}" for resource in
-     ("object", "object-type", "form", "view", "integration", "webhook") for verb in _CRUD]
+    [
+        f"{resource}:{verb}"
+        for resource in ("object", "object-type", "form", "view", "integration", "webhook")
+        for verb in _CRUD
+    ]
     + [
         "team:billing",
         "team:import",
@@ -26,7 +29,8 @@ PERMISSIONS: Final[frozenset[str]] = frozenset(
 
 _ADMIN_EXCLUDED = frozenset({"team:billing"})
 _MEMBER: Final[frozenset[str]] = frozenset(
-    p for p in PERMISSIONS
+    p
+    for p in PERMISSIONS
     if p.split(":")[0] in {"object", "form", "view"} and not p.endswith("force-delete")
 ) | {"object-type:read", "integration:read", "webhook:read", "upload", "token:manage"}
 

@@ -1,0 +1,1 @@
+"""The api service: the public REST API for webhooks, objects and events."""

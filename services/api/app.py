@@ -1,0 +1,82 @@
+"""The api service's application and lifecycle."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import (
+    READINESS_KEY,
+    Metrics,
+    Settings,
+    bound_port,
+    build_app,
+    check_ready,
+    make_producer,
+    start_client,
+    start_site,
+    topics_for,
+)
+
+from . import objects, webhooks
+from .authn import TokenGate
+from .context import CONTEXT, ApiContext
+from .publisher import Publisher
+
+
+class ApiService:
+    name = "api"
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._credential = settings.require_secret("service_credential")
+        self.metrics = Metrics("api")
+        self._producer: AIOKafkaProducer | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def build_app(
+        self, producer: AIOKafkaProducer, session: aiohttp.ClientSession
+    ) -> web.Application:
+        app = build_app("api", self.metrics, max_body_bytes=self.settings.max_body_bytes)
+        app[CONTEXT] = ApiContext(
+            settings=self.settings,
+            engine=self.engine,
+            gate=TokenGate(
+                session,
+                self.settings.effective_auth_url,
+                self._credential,
+                self.settings.auth_cache_ttl_seconds,
+            ),
+            publisher=Publisher(producer, topics_for(self.settings)),
+            metrics=self.metrics,
+        )
+
+        async def database_ready() -> None:
+            await check_ready(self.engine)
+
+        app[READINESS_KEY].append(database_ready)
+        webhooks.add_routes(app)
+        objects.add_routes(app)
+        return app
+
+    async def start(self) -> None:
+        await check_ready(self.engine)
+        self._producer = make_producer(self.settings)
+        await start_client(self._producer, self.settings)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        app = self.build_app(self._producer, self._session)
+        self._runner = await start_site(app, self.settings.host, self.settings.api_port)
+        self.port = bound_port(self._runner)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        if self._producer is not None:
+            await self._producer.stop()

@@ -1,0 +1,29 @@
+"""What every api handler needs, stored once on the application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import Metrics, Settings
+
+from .authn import Principal, TokenGate, presented_token
+from .publisher import Publisher
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    settings: Settings
+    engine: AsyncEngine
+    gate: TokenGate
+    publisher: Publisher
+    metrics: Metrics
+
+    async def authorize(self, request: web.Request, permission: str) -> Principal:
+        token = presented_token(request, allow_query_keys=self.settings.allow_query_keys)
+        return await self.gate.require(request, token, request.match_info["team"], permission)
+
+
+CONTEXT = web.AppKey("api_context", ApiContext)

@@ -1,0 +1,194 @@
+"""Webhook routes: ``/v1/teams/{team}/webhooks``."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import insert, select
+
+from services.shared import (
+    Change,
+    EventType,
+    NotFound,
+    as_utc,
+    get_logger,
+    json_response,
+    new_id,
+    parse_body,
+    tables,
+    utcnow,
+)
+
+from .context import CONTEXT
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+_RESERVED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+)
+
+
+def new_signing_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def check_webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http or https URL")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials; use custom headers instead")
+    return url
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+    url: str = Field(max_length=2048)
+    topics: list[EventType] = Field(min_length=1, max_length=4)
+    object_types: list[str] | None = Field(default=None, max_length=100)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=20)
+    active: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_webhook_url(value)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, header_value in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by hookwire and cannot be overridden")
+            if "\r" in header_value or "\n" in header_value or len(header_value) > 1024:
+                raise ValueError(f"value of {name!r} must be one line of at most 1024 characters")
+        return value
+
+
+_VIEW_FIELDS = (
+    "id",
+    "team_id",
+    "name",
+    "description",
+    "url",
+    "topics",
+    "object_types",
+    "headers",
+    "active",
+    "created_at",
+    "updated_at",
+)
+
+
+def webhook_view(row: Mapping[Any, Any]) -> dict[str, Any]:
+    view = {name: row[name] for name in _VIEW_FIELDS}
+    view["created_at"] = as_utc(row["created_at"])
+    view["updated_at"] = as_utc(row["updated_at"])
+    return view
+
+
+async def create_webhook(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:create")
+    body = await parse_body(request, WebhookCreate)
+    now = utcnow()
+    secret = new_signing_secret()
+    values = {
+        "id": new_id("wh"),
+        "team_id": principal.team_id,
+        "name": body.name,
+        "description": body.description,
+        "url": body.url,
+        "topics": sorted(set(body.topics)),
+        "object_types": sorted(set(body.object_types)) if body.object_types else None,
+        "headers": body.headers,
+        "secrets": [{"secret": secret, "expires_at": None}],
+        "active": body.active,
+        "created_at": now,
+        "updated_at": now,
+    }
+    async with ctx.engine.begin() as conn:
+        await conn.execute(insert(tables.webhooks).values(**values))
+    try:
+        await ctx.publisher.change(
+            Change(
+                entity="webhook",
+                entity_id=values["id"],
+                action="created",
+                team_id=principal.team_id,
+                at=now,
+            )
+        )
+    except Exception as exc:
+        get_logger("api").warning("change_not_published", webhook_id=values["id"], error=str(exc))
+    return json_response({**webhook_view(values), "secret": secret}, status=201)
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:read")
+    async with ctx.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(tables.webhooks)
+                .where(
+                    tables.webhooks.c.team_id == principal.team_id,
+                    tables.webhooks.c.deleted_at.is_(None),
+                )
+                .order_by(tables.webhooks.c.id)
+            )
+        ).all()
+    return json_response({"data": [webhook_view(row._mapping) for row in rows]})
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:read")
+    webhook_id = request.match_info["webhook_id"]
+    async with ctx.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(tables.webhooks).where(
+                    tables.webhooks.c.id == webhook_id,
+                    tables.webhooks.c.team_id == principal.team_id,
+                    tables.webhooks.c.deleted_at.is_(None),
+                )
+            )
+        ).first()
+    if row is None:
+        raise NotFound(f"webhook {webhook_id} not found")
+    return json_response(webhook_view(row._mapping))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/teams/{team}/webhooks", create_webhook)
+    app.router.add_get("/v1/teams/{team}/webhooks", list_webhooks)
+    app.router.add_get("/v1/teams/{team}/webhooks/{webhook_id}", get_webhook)

@@ -1,0 +1,1 @@
+"""The auth service: users, teams, memberships, personal access tokens, introspection."""

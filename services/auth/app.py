@@ -1,0 +1,137 @@
+"""The auth service's HTTP surface and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from datetime import datetime
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import (
+    Metrics,
+    Settings,
+    bound_port,
+    build_app,
+    check_ready,
+    get_logger,
+    json_response,
+    parse_body,
+    start_site,
+    utcnow,
+)
+
+from . import store
+from .errors import InvalidServiceCredential, MalformedToken
+from .introspection import decide, inactive
+from .tokens import check_format, hash_token
+
+_LAST_USED_FLUSH_SECONDS = 1.0
+
+
+class IntrospectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(max_length=256)
+    team_id: str | None = Field(default=None, max_length=128)
+    permission: str | None = Field(default=None, max_length=64)
+    client_ip: str | None = Field(default=None, max_length=64)
+
+
+class AuthService:
+    name = "auth"
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._pepper = settings.require_secret("token_pepper")
+        self._service_credential = settings.require_secret("service_credential").encode()
+        self.metrics = Metrics("auth")
+        self._introspections = self.metrics.counter(
+            "introspections_total", "Introspection answers", ("result", "reason")
+        )
+        self._latency = self.metrics.histogram(
+            "introspection_seconds", "Time to answer an introspection"
+        )
+        self._log = get_logger("auth")
+        self._pending_last_used: dict[str, tuple[datetime, str | None]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def build_app(self) -> web.Application:
+        app = build_app("auth", self.metrics, max_body_bytes=self.settings.max_body_bytes)
+        app.router.add_post("/v1/introspect", self.introspect)
+        return app
+
+    async def start(self) -> None:
+        await check_ready(self.engine)
+        self._flusher = asyncio.create_task(self._flush_last_used_forever())
+        self._runner = await start_site(
+            self.build_app(), self.settings.host, self.settings.auth_port
+        )
+        self.port = bound_port(self._runner)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush_last_used()
+
+    def _check_service_credential(self, request: web.Request) -> None:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), self._service_credential
+        ):
+            raise InvalidServiceCredential("introspection needs the service credential")
+
+    async def introspect(self, request: web.Request) -> web.Response:
+        self._check_service_credential(request)
+        body = await parse_body(request, IntrospectRequest)
+        started = time.perf_counter()
+        try:
+            check_format(body.token)
+        except MalformedToken:
+            answer = inactive("malformed")
+        else:
+            async with self.engine.connect() as conn:
+                token = await store.find_token(conn, hash_token(body.token, self._pepper))
+                role = (
+                    await store.role_in_team(conn, token.user_id, body.team_id)
+                    if token is not None and body.team_id is not None
+                    else None
+                )
+            now = utcnow()
+            answer = decide(
+                token, team_id=body.team_id, role=role, client_ip=body.client_ip, now=now
+            )
+            if answer["active"] and token is not None:
+                self._pending_last_used[token.id] = (now, body.client_ip)
+        self._latency.observe(time.perf_counter() - started)
+        self._introspections.labels(
+            "active" if answer["active"] else "inactive", answer.get("reason", "")
+        ).inc()
+        return json_response(answer)
+
+    async def _flush_last_used(self) -> None:
+        # One write per token per second instead of one per request.
+        if not self._pending_last_used:
+            return
+        pending, self._pending_last_used = self._pending_last_used, {}
+        async with self.engine.begin() as conn:
+            await store.record_last_used(conn, pending)
+
+    async def _flush_last_used_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_LAST_USED_FLUSH_SECONDS)
+            try:
+                await self._flush_last_used()
+            except Exception:
+                self._log.exception("last_used_flush_failed")

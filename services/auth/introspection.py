@@ -1,0 +1,77 @@
+"""The introspection decision, a pure function of a token's row and its owner's role."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from services.shared import effective_permissions
+
+
+@dataclass(frozen=True)
+class TokenState:
+    id: str
+    user_id: str
+    permissions: frozenset[str]
+    active: bool
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_at: datetime
+    allowed_cidrs: tuple[str, ...] | None
+    inactivity_timeout_seconds: int | None
+
+
+def inactive(reason: str) -> dict[str, Any]:
+    return {"active": False, "reason": reason}
+
+
+def _ip_allowed(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
+    if client_ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def decide(
+    token: TokenState | None,
+    *,
+    team_id: str | None,
+    role: str | None,
+    client_ip: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    if token is None:
+        return inactive("unknown")
+    if token.revoked_at is not None:
+        return inactive("revoked")
+    if not token.active:
+        return inactive("inactive")
+    if token.expires_at is not None and token.expires_at <= now:
+        return inactive("expired")
+    if token.inactivity_timeout_seconds is not None:
+        last_seen = token.last_used_at or token.created_at
+        if now - last_seen > timedelta(seconds=token.inactivity_timeout_seconds):
+            return inactive("expired")
+    if token.allowed_cidrs and not _ip_allowed(client_ip, token.allowed_cidrs):
+        return inactive("ip_not_allowed")
+    if team_id is not None and role is None:
+        return inactive("not_member")
+    permissions = (
+        effective_permissions(set(token.permissions), role)
+        if role is not None
+        else token.permissions
+    )
+    return {
+        "active": True,
+        "token_id": token.id,
+        "user_id": token.user_id,
+        "team_id": team_id,
+        "permissions": sorted(permissions),
+        "expires_at": token.expires_at.isoformat() if token.expires_at else None,
+    }

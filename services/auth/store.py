@@ -1,0 +1,152 @@
+"""Database access for users, teams, memberships and tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.shared import ROLES, as_utc, new_id, tables, unknown_permissions, utcnow
+
+from .errors import DuplicateName, UnknownEntity, UnknownPermission
+from .introspection import TokenState
+from .tokens import display_prefix, generate_token, hash_token
+
+
+def _token_state(row: Any) -> TokenState:
+    created_at = as_utc(row.created_at)
+    assert created_at is not None
+    return TokenState(
+        id=row.id,
+        user_id=row.user_id,
+        permissions=frozenset(row.permissions),
+        active=row.active,
+        expires_at=as_utc(row.expires_at),
+        revoked_at=as_utc(row.revoked_at),
+        last_used_at=as_utc(row.last_used_at),
+        created_at=created_at,
+        allowed_cidrs=tuple(row.allowed_cidrs) if row.allowed_cidrs else None,
+        inactivity_timeout_seconds=row.inactivity_timeout_seconds,
+    )
+
+
+async def find_token(conn: AsyncConnection, secret_hash: str) -> TokenState | None:
+    row = (
+        await conn.execute(select(tables.tokens).where(tables.tokens.c.secret_hash == secret_hash))
+    ).first()
+    return _token_state(row) if row is not None else None
+
+
+async def role_in_team(conn: AsyncConnection, user_id: str, team_id: str) -> str | None:
+    role: str | None = (
+        await conn.execute(
+            select(tables.memberships.c.role).where(
+                tables.memberships.c.user_id == user_id, tables.memberships.c.team_id == team_id
+            )
+        )
+    ).scalar()
+    return role
+
+
+async def record_last_used(
+    conn: AsyncConnection, uses: dict[str, tuple[datetime, str | None]]
+) -> None:
+    for token_id, (at, ip) in uses.items():
+        await conn.execute(
+            update(tables.tokens)
+            .where(tables.tokens.c.id == token_id)
+            .values(last_used_at=at, last_used_ip=ip)
+        )
+
+
+async def get_or_create_user(conn: AsyncConnection, email: str, name: str) -> str:
+    existing = (
+        await conn.execute(select(tables.users.c.id).where(tables.users.c.email == email))
+    ).scalar()
+    if existing is not None:
+        return str(existing)
+    user_id = new_id("usr")
+    await conn.execute(
+        insert(tables.users).values(id=user_id, email=email, name=name, created_at=utcnow())
+    )
+    return user_id
+
+
+async def get_or_create_team(conn: AsyncConnection, name: str) -> str:
+    existing = (
+        await conn.execute(select(tables.teams.c.id).where(tables.teams.c.name == name))
+    ).scalar()
+    if existing is not None:
+        return str(existing)
+    team_id = new_id("team")
+    await conn.execute(insert(tables.teams).values(id=team_id, name=name, created_at=utcnow()))
+    return team_id
+
+
+async def set_membership(conn: AsyncConnection, user_id: str, team_id: str, role: str) -> None:
+    if role not in ROLES:
+        raise UnknownEntity(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    for table, entity_id in ((tables.users, user_id), (tables.teams, team_id)):
+        found = (await conn.execute(select(table.c.id).where(table.c.id == entity_id))).scalar()
+        if found is None:
+            raise UnknownEntity(f"{table.name[:-1]} {entity_id} does not exist")
+    await conn.execute(
+        delete(tables.memberships).where(
+            tables.memberships.c.user_id == user_id, tables.memberships.c.team_id == team_id
+        )
+    )
+    await conn.execute(
+        insert(tables.memberships).values(
+            user_id=user_id, team_id=team_id, role=role, created_at=utcnow()
+        )
+    )
+
+
+async def create_token(
+    conn: AsyncConnection,
+    *,
+    pepper: str,
+    user_id: str,
+    name: str,
+    permissions: list[str],
+    description: str = "",
+    expires_at: datetime | None = None,
+) -> tuple[str, str]:
+    """Store a new token and return ``(token_id, plaintext)``; the plaintext is not kept."""
+    unknown = unknown_permissions(permissions)
+    if unknown:
+        raise UnknownPermission(
+            f"unknown permissions: {', '.join(unknown)}", details={"permissions": unknown}
+        )
+    plaintext = generate_token()
+    token_id = new_id("tok")
+    try:
+        async with conn.begin_nested():
+            await conn.execute(
+                insert(tables.tokens).values(
+                    id=token_id,
+                    user_id=user_id,
+                    name=name,
+                    description=description,
+                    secret_hash=hash_token(plaintext, pepper),
+                    display_prefix=display_prefix(plaintext),
+                    permissions=sorted(set(permissions)),
+                    active=True,
+                    created_at=utcnow(),
+                    expires_at=expires_at,
+                )
+            )
+    except IntegrityError as exc:
+        raise DuplicateName(f"a token named {name!r} already exists for this user") from exc
+    return token_id, plaintext
+
+
+async def delete_token_named(conn: AsyncConnection, user_id: str, name: str) -> None:
+    await conn.execute(
+        delete(tables.tokens).where(
+            tables.tokens.c.user_id == user_id, tables.tokens.c.name == name
+        )
+    )

@@ -1,0 +1,170 @@
+"""The ``hookwire`` command: one subcommand per process type, plus migrate and admin."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import (
+    PERMISSIONS,
+    HookwireError,
+    Service,
+    Settings,
+    configure_logging,
+    create_engine,
+    load_settings,
+    migrate,
+    run_until_signalled,
+)
+
+T = TypeVar("T")
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        settings = load_settings(**overrides)
+    except HookwireError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(2)
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run to completion; a known failure prints one line naming what and where."""
+    try:
+        return asyncio.run(coroutine)
+    except HookwireError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+async def _serve(settings: Settings, build: Callable[[Settings, AsyncEngine], Service]) -> None:
+    engine = create_engine(settings.effective_database_url)
+    try:
+        await run_until_signalled([build(settings, engine)])
+    finally:
+        await engine.dispose()
+
+
+@click.group()
+def main() -> None:
+    """hookwire: API keys and signed webhooks."""
+
+
+@main.command()
+def dev() -> None:
+    """Run the whole system on embedded defaults (SQLite and the embedded broker)."""
+    from services.devstack import run_dev
+
+    _run(run_dev(_settings(dev_mode=True, allow_private_urls=True)))
+
+
+@main.command()
+def auth() -> None:
+    """Run the auth service."""
+    from services.auth.app import AuthService
+
+    _run(_serve(_settings(), AuthService))
+
+
+@main.command()
+def api() -> None:
+    """Run the api service."""
+    from services.api.app import ApiService
+
+    _run(_serve(_settings(), ApiService))
+
+
+@main.command()
+def dispatcher() -> None:
+    """Run one dispatcher process (run several for more throughput)."""
+    from services.dispatcher.app import DispatcherService
+
+    _run(_serve(_settings(), DispatcherService))
+
+
+@main.command(name="migrate")
+def migrate_command() -> None:
+    """Apply pending database migrations."""
+    settings = _settings()
+    _run(migrate(settings.effective_database_url))
+    click.echo("database is up to date")
+
+
+@main.group()
+def admin() -> None:
+    """Bootstrap users, teams, memberships and tokens from the command line."""
+
+
+def _with_engine(settings: Settings, action: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    async def run() -> T:
+        engine = create_engine(settings.effective_database_url)
+        try:
+            return await action(engine)
+        finally:
+            await engine.dispose()
+
+    return _run(run())
+
+
+@admin.command("create-user")
+@click.option("--email", required=True)
+@click.option("--name", required=True)
+def create_user(email: str, name: str) -> None:
+    """Create a user (or print the existing one's id)."""
+    from services.auth import admin as ops
+
+    click.echo(_with_engine(_settings(), lambda e: ops.create_user(e, email, name)))
+
+
+@admin.command("create-team")
+@click.option("--name", required=True)
+def create_team(name: str) -> None:
+    """Create a team (or print the existing one's id)."""
+    from services.auth import admin as ops
+
+    click.echo(_with_engine(_settings(), lambda e: ops.create_team(e, name)))
+
+
+@admin.command("add-member")
+@click.option("--user", "user_id", required=True)
+@click.option("--team", "team_id", required=True)
+@click.option("--role", type=click.Choice(["owner", "admin", "member"]), default="member")
+def add_member(user_id: str, team_id: str, role: str) -> None:
+    """Make a user a member of a team with a role."""
+    from services.auth import admin as ops
+
+    _with_engine(_settings(), lambda e: ops.add_member(e, user_id, team_id, role))
+    click.echo(f"{user_id} is {role} of {team_id}")
+
+
+@admin.command("create-token")
+@click.option("--user", "user_id", required=True)
+@click.option("--name", required=True)
+@click.option("--permission", "permissions", multiple=True, help="repeat; default: all")
+def create_token(user_id: str, name: str, permissions: tuple[str, ...]) -> None:
+    """Create a token and print it once; it cannot be shown again."""
+    from services.auth import admin as ops
+
+    settings = _settings()
+    pepper = _run(_secret(settings))
+    wanted = list(permissions) or sorted(PERMISSIONS)
+    token_id, token = _with_engine(
+        settings,
+        lambda e: ops.create_token(
+            e, pepper=pepper, user_id=user_id, name=name, permissions=wanted
+        ),
+    )
+    click.echo(f"{token_id} {token}")
+
+
+async def _secret(settings: Settings) -> str:
+    return settings.require_secret("token_pepper")

@@ -1,0 +1,170 @@
+"""``hookwire dev``: the whole system on embedded defaults, in one process.
+
+It starts the embedded broker (unless HOOKWIRE_KAFKA_BOOTSTRAP points elsewhere), applies
+migrations, bootstraps a dev user, team and token, and runs the three services plus a
+sample receiver that shows what a webhook endpoint gets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from services.api.app import ApiService
+from services.auth.admin import bootstrap_dev
+from services.auth.app import AuthService
+from services.dispatcher.app import DispatcherService
+from services.shared import (
+    EmbeddedBroker,
+    Settings,
+    bound_port,
+    create_engine,
+    ensure_topics,
+    json_response,
+    migrate,
+    run_until_signalled,
+    start_site,
+)
+
+
+def _write_private(path: Path, payload: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+
+
+def dev_secrets(data_dir: Path) -> dict[str, str]:
+    """Secrets generated once per checkout, so tokens keep working across restarts."""
+    path = data_dir / "secrets.json"
+    if path.exists():
+        stored: dict[str, str] = orjson.loads(path.read_bytes())
+        return stored
+    generated = {
+        "service_credential": secrets.token_urlsafe(32),
+        "token_pepper": secrets.token_urlsafe(32),
+    }
+    _write_private(path, generated)
+    return generated
+
+
+class SampleReceiver:
+    """A webhook endpoint for trying hookwire out: it keeps the last 100 requests."""
+
+    name = "sample-receiver"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.received: deque[dict[str, Any]] = deque(maxlen=100)
+        self._runner: web.AppRunner | None = None
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.received.append(
+            {
+                "path": request.path,
+                "headers": {
+                    k.lower(): v
+                    for k, v in request.headers.items()
+                    if k.lower().startswith("webhook-") or k.lower() == "user-agent"
+                },
+                "body": orjson.loads(body) if body else None,
+            }
+        )
+        return web.Response(status=204)
+
+    async def _list(self, _: web.Request) -> web.Response:
+        return json_response(list(self.received))
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/received", self._list)
+        app.router.add_post("/{tail:.*}", self._receive)
+        self._runner = await start_site(app, self.host, self.port)
+        self.port = bound_port(self._runner)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def banner(info: dict[str, str], receiver_url: str) -> str:
+    token, team, api = info["token"], info["team_id"], info["api_url"]
+    return f"""
+hookwire is running (Ctrl-C stops it)
+  api         {api}
+  auth        {info["auth_url"]}
+  dispatcher  {info["dispatcher_url"]}/metrics
+  receiver    {receiver_url}/received   (a sample webhook endpoint)
+  token       {token}
+  team        {team}
+  (saved to .hookwire/dev.json)
+
+Try it:
+  TOKEN={token}
+  curl -s -X POST {api}/v1/teams/{team}/webhooks \\
+    -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
+    -d '{{"name": "demo", "url": "{receiver_url}/hook", "topics": ["object.created"]}}'
+  sleep 1
+  curl -s -X POST {api}/v1/teams/{team}/objects/contact \\
+    -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
+    -d '{{"email": "ada@example.com"}}'
+  sleep 1
+  curl -s {receiver_url}/received
+"""
+
+
+async def run_dev(settings: Settings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {"dev_mode": True}
+    stored = dev_secrets(settings.data_dir)
+    for name in ("service_credential", "token_pepper"):
+        if getattr(settings, name) is None:
+            overrides[name] = stored[name]
+    if not settings.kafka_bootstrap:
+        broker = EmbeddedBroker(host="127.0.0.1")
+        broker.start()
+        overrides["kafka_bootstrap"] = broker.bootstrap
+    else:
+        broker = None
+    settings = settings.model_validate({**settings.model_dump(), **overrides})
+    try:
+        if broker is not None:
+            await broker.wait_ready()
+        await ensure_topics(settings)
+        await migrate(settings.effective_database_url)
+        engine = create_engine(settings.effective_database_url)
+        info = await bootstrap_dev(engine, settings.require_secret("token_pepper"))
+        receiver = SampleReceiver(settings.host, settings.dev_receiver_port)
+        host = settings.host
+        dev_info = {
+            "token": info["token"],
+            "team_id": info["team_id"],
+            "api_url": f"http://{host}:{settings.api_port}",
+            "auth_url": f"http://{host}:{settings.auth_port}",
+            "dispatcher_url": f"http://{host}:{settings.dispatcher_port}",
+        }
+        _write_private(settings.data_dir / "dev.json", dev_info)
+        try:
+            await run_until_signalled(
+                [
+                    AuthService(settings, engine),
+                    ApiService(settings, engine),
+                    DispatcherService(settings, engine),
+                    receiver,
+                ],
+                ready_message=banner(dev_info, f"http://{host}:{receiver.port}"),
+            )
+        finally:
+            await engine.dispose()
+    finally:
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,1 @@
+"""The dispatcher: routes events to webhooks and delivers them as signed POSTs."""

@@ -1,0 +1,97 @@
+"""The in-memory webhook table, loaded from the database and refreshed by change records."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import get_logger, tables, utcnow
+
+from .errors import InvalidSecret
+from .routing import WebhookRoute
+from .signing import secret_key
+
+
+def _route_from_row(row: Any) -> WebhookRoute:
+    now = utcnow()
+    keys = []
+    for entry in row.secrets:
+        expires_at = entry.get("expires_at")
+        if expires_at is not None and _utc(expires_at) <= now:
+            continue
+        keys.append(secret_key(entry["secret"]))
+    return WebhookRoute(
+        id=row.id,
+        team_id=row.team_id,
+        url=row.url,
+        topics=frozenset(row.topics),
+        object_types=frozenset(row.object_types) if row.object_types else None,
+        headers=tuple(sorted(row.headers.items())),
+        signing_keys=tuple(keys),
+        active=bool(row.active) and row.deleted_at is None,
+    )
+
+
+def _utc(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+class WebhookTable:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._by_id: dict[str, WebhookRoute] = {}
+        self._by_team: dict[str, list[WebhookRoute]] = defaultdict(list)
+        self._log = get_logger("dispatcher")
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, webhook_id: str) -> WebhookRoute | None:
+        return self._by_id.get(webhook_id)
+
+    def for_team(self, team_id: str) -> list[WebhookRoute]:
+        return self._by_team.get(team_id, [])
+
+    def _reindex(self) -> None:
+        by_team: dict[str, list[WebhookRoute]] = defaultdict(list)
+        for route in self._by_id.values():
+            if route.active:
+                by_team[route.team_id].append(route)
+        self._by_team = by_team
+
+    def _load_row(self, row: Any) -> WebhookRoute | None:
+        try:
+            return _route_from_row(row)
+        except InvalidSecret as exc:
+            self._log.error("webhook_secret_invalid", webhook_id=row.id, error=exc.message)
+            return None
+
+    async def load_all(self) -> None:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(tables.webhooks))).all()
+        loaded = {}
+        for row in rows:
+            route = self._load_row(row)
+            if route is not None:
+                loaded[route.id] = route
+        self._by_id = loaded
+        self._reindex()
+
+    async def refresh(self, webhook_id: str) -> None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(tables.webhooks).where(tables.webhooks.c.id == webhook_id)
+                )
+            ).first()
+        route = self._load_row(row) if row is not None else None
+        if route is None:
+            self._by_id.pop(webhook_id, None)
+        else:
+            self._by_id[webhook_id] = route
+        self._reindex()
