@@ -1,0 +1,213 @@
+"""Fixtures: a real embedded broker per session, a migrated database per test, the three
+services running for real on free ports, and HTTP receivers that record what they get."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from sqlalchemy import text
+
+from services.api.app import ApiService
+from services.auth.admin import add_member, create_team, create_token, create_user
+from services.auth.app import AuthService
+from services.dispatcher.app import DispatcherService
+from services.shared import (
+    PERMISSIONS,
+    EmbeddedBroker,
+    Settings,
+    bound_port,
+    create_engine,
+    ensure_topics,
+    load_settings,
+    migrate,
+    start_site,
+)
+
+POSTGRES_DSN = os.environ.get("HOOKWIRE_TEST_POSTGRES_DSN")
+DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_DSN else [])
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    embedded = EmbeddedBroker()
+    embedded.start()
+    try:
+        asyncio.run(embedded.wait_ready())
+        yield embedded
+    finally:
+        embedded.stop()
+
+
+async def _reset_postgres(dsn: str) -> None:
+    engine = create_engine(dsn)
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP SCHEMA public CASCADE"))
+        await conn.execute(text("CREATE SCHEMA public"))
+    await engine.dispose()
+
+
+@pytest.fixture(params=DATABASES)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "postgres":
+        assert POSTGRES_DSN is not None
+        await _reset_postgres(POSTGRES_DSN)
+        return POSTGRES_DSN
+    return f"sqlite+aiosqlite:///{tmp_path / 'hookwire.db'}"
+
+
+@pytest.fixture
+async def migrated_url(database_url: str) -> str:
+    await migrate(database_url)
+    return database_url
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Settings:
+    """Each test gets its own topics (a fresh prefix) on the shared broker."""
+    return load_settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        kafka_bootstrap=broker.bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+        kafka_partitions=2,
+        kafka_session_timeout_ms=3000,
+        kafka_heartbeat_interval_ms=300,
+        api_port=0,
+        auth_port=0,
+        dispatcher_port=0,
+        service_credential="test-service-credential",
+        token_pepper="test-pepper",
+        allow_private_urls=True,
+        delivery_timeout_seconds=5,
+        log_format="json",
+    )
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    auth: AuthService
+    api: ApiService
+    dispatcher: DispatcherService
+    team_id: str
+    user_id: str
+    token: str
+    session: aiohttp.ClientSession
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api.port}"
+
+    @property
+    def auth_url(self) -> str:
+        return f"http://127.0.0.1:{self.auth.port}"
+
+    @property
+    def dispatcher_url(self) -> str:
+        return f"http://127.0.0.1:{self.dispatcher.port}"
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {"authorization": f"Bearer {token or self.token}"}
+
+    async def new_token(self, permissions: list[str], name: str | None = None) -> str:
+        engine = self.api.engine
+        _, token = await create_token(
+            engine,
+            pepper="test-pepper",
+            user_id=self.user_id,
+            name=name or uuid.uuid4().hex,
+            permissions=permissions,
+        )
+        return token
+
+    async def wait_for_webhook(self, webhook_id: str, within: float = 5.0) -> None:
+        """The dispatcher picks up new webhooks from change records, within a second."""
+        deadline = asyncio.get_running_loop().time() + within
+        while self.dispatcher.table.get(webhook_id) is None:
+            assert asyncio.get_running_loop().time() < deadline, "webhook never reached table"
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def stack(settings: Settings, migrated_url: str) -> AsyncIterator[Stack]:
+    await ensure_topics(settings)
+    engine = create_engine(migrated_url)
+    user_id = await create_user(engine, "owner@example.com", "Owner")
+    team_id = await create_team(engine, "acme")
+    await add_member(engine, user_id, team_id, "owner")
+    _, token = await create_token(
+        engine, pepper="test-pepper", user_id=user_id, name="all", permissions=sorted(PERMISSIONS)
+    )
+    auth = AuthService(settings, engine)
+    await auth.start()
+    api_settings = settings.model_copy(update={"auth_url": f"http://127.0.0.1:{auth.port}"})
+    api = ApiService(api_settings, engine)
+    await api.start()
+    dispatcher = DispatcherService(settings, engine)
+    await dispatcher.start()
+    session = aiohttp.ClientSession()
+    try:
+        yield Stack(settings, auth, api, dispatcher, team_id, user_id, token, session)
+    finally:
+        await session.close()
+        await dispatcher.stop()
+        await api.stop()
+        await auth.stop()
+        await engine.dispose()
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """A real webhook endpoint; ``statuses`` scripts its answers, then it answers 200."""
+
+    url: str = ""
+    received: list[Received] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    delay_seconds: float = 0.0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.received.append(
+            Received(request.path, {k.lower(): v for k, v in request.headers.items()}, body)
+        )
+        self.arrived.set()
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
+        status = self.statuses.pop(0) if self.statuses else 200
+        return web.Response(status=status, text="ok")
+
+    async def wait_for(self, count: int, within: float = 10.0) -> list[Received]:
+        async with asyncio.timeout(within):
+            while len(self.received) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.received
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    recorder = Receiver()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", recorder.handle)
+    runner = await start_site(app, "127.0.0.1", 0)
+    recorder.url = f"http://127.0.0.1:{bound_port(runner)}/hook"
+    try:
+        yield recorder
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,60 @@
+"""Settings come from HOOKWIRE_* variables and bad values name their variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.shared import ConfigurationError, load_settings
+
+
+def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing set: SQLite under .hookwire, ports 8080-8082, no external broker."""
+    for name in ("HOOKWIRE_DATABASE_URL", "HOOKWIRE_KAFKA_BOOTSTRAP", "HOOKWIRE_API_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.effective_database_url == "sqlite+aiosqlite:///.hookwire/hookwire.db"
+    assert (settings.api_port, settings.auth_port, settings.dispatcher_port) == (8080, 8081, 8082)
+    assert settings.kafka_bootstrap is None
+    assert settings.topic_prefix == "hookwire."
+
+
+def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values come from the environment with their types."""
+    monkeypatch.setenv("HOOKWIRE_API_PORT", "9000")
+    monkeypatch.setenv("HOOKWIRE_ALLOW_PRIVATE_URLS", "true")
+    monkeypatch.setenv("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka:9092")
+    settings = load_settings()
+    assert settings.api_port == 9000
+    assert settings.allow_private_urls is True
+    assert settings.kafka_bootstrap == "kafka:9092"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HOOKWIRE_API_PORT", "eighty"),
+        ("HOOKWIRE_API_PORT", "70000"),
+        ("HOOKWIRE_ALLOW_PRIVATE_URLS", "yes please"),
+        ("HOOKWIRE_LOG_FORMAT", "xml"),
+        ("HOOKWIRE_TOPIC_PREFIX", "bad prefix!"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """A bad value fails at start with a message naming the variable."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert variable in caught.value.message
+
+
+def test_secrets_have_no_default_and_never_print(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing secret is named; a set one is hidden from repr."""
+    monkeypatch.delenv("HOOKWIRE_TOKEN_PEPPER", raising=False)
+    with pytest.raises(ConfigurationError, match="HOOKWIRE_TOKEN_PEPPER"):
+        load_settings().require_secret("token_pepper")
+    monkeypatch.setenv("HOOKWIRE_TOKEN_PEPPER", "s3cret-value")
+    settings = load_settings()
+    assert settings.require_secret("token_pepper") == "s3cret-value"
+    assert "s3cret-value" not in repr(settings)

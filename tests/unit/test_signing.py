@@ -1,0 +1,54 @@
+"""Standard Webhooks signing, checked against the specification's construction."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from services.dispatcher.errors import InvalidSecret
+from services.dispatcher.signing import secret_key, sign, signature_header
+
+
+def _reference(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret, f"{msg_id}.{timestamp}.{body.decode()}".encode(), hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def test_signature_matches_the_specification() -> None:
+    """v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}"> with the decoded secret."""
+    raw = bytes(range(32))
+    secret = "whsec_" + base64.b64encode(raw).decode()
+    body = b'{"type":"object.created","data":{"a":1}}'
+    assert sign(secret_key(secret), "msg_1", 1_700_000_000, body) == _reference(
+        raw, "msg_1", 1_700_000_000, body
+    )
+
+
+def test_any_change_breaks_the_signature() -> None:
+    """Body, id and timestamp are all covered by the signature."""
+    key = b"k" * 32
+    base = sign(key, "msg_1", 100, b"{}")
+    assert sign(key, "msg_2", 100, b"{}") != base
+    assert sign(key, "msg_1", 101, b"{}") != base
+    assert sign(key, "msg_1", 100, b"{ }") != base
+    assert sign(b"j" * 32, "msg_1", 100, b"{}") != base
+
+
+def test_rotation_sends_one_signature_per_secret() -> None:
+    """During rotation both signatures are present, space-separated, each valid."""
+    old, new = b"o" * 32, b"n" * 32
+    header = signature_header([old, new], "msg_1", 5, b"{}")
+    assert header.split(" ") == [
+        _reference(old, "msg_1", 5, b"{}"),
+        _reference(new, "msg_1", 5, b"{}"),
+    ]
+
+
+@pytest.mark.parametrize("secret", ["sk_abc", "whsec_not*base64", "whsec_"[:-1]])
+def test_malformed_secrets_are_refused(secret: str) -> None:
+    """A secret without the whsec_ prefix or with bad base64 is not used to sign."""
+    with pytest.raises(InvalidSecret):
+        secret_key(secret)
