@@ -4,6 +4,7 @@ services running for real on free ports, and HTTP receivers that record what the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -63,14 +64,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'hookwire.db'}"
 
 
-@pytest.fixture
-async def migrated_url(database_url: str) -> str:
-    await migrate(database_url)
-    return database_url
-
-
-@pytest.fixture
-def settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Settings:
+def _settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Settings:
     """Each test gets its own topics (a fresh prefix) on the shared broker."""
     return load_settings(
         data_dir=tmp_path,
@@ -91,12 +85,17 @@ def settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Settin
     )
 
 
+@pytest.fixture
+def settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Settings:
+    return _settings(broker, database_url, tmp_path)
+
+
 @dataclass
 class Stack:
     settings: Settings
     auth: AuthService
     api: ApiService
-    dispatcher: DispatcherService
+    dispatcher_or_none: DispatcherService | None
     team_id: str
     user_id: str
     token: str
@@ -109,6 +108,11 @@ class Stack:
     @property
     def auth_url(self) -> str:
         return f"http://127.0.0.1:{self.auth.port}"
+
+    @property
+    def dispatcher(self) -> DispatcherService:
+        assert self.dispatcher_or_none is not None, "this stack runs no dispatcher"
+        return self.dispatcher_or_none
 
     @property
     def dispatcher_url(self) -> str:
@@ -136,10 +140,11 @@ class Stack:
             await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def stack(settings: Settings, migrated_url: str) -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def running_stack(settings: Settings, *, with_dispatcher: bool) -> AsyncIterator[Stack]:
+    await migrate(settings.effective_database_url)
     await ensure_topics(settings)
-    engine = create_engine(migrated_url)
+    engine = create_engine(settings.effective_database_url)
     user_id = await create_user(engine, "owner@example.com", "Owner")
     team_id = await create_team(engine, "acme")
     await add_member(engine, user_id, team_id, "owner")
@@ -151,17 +156,33 @@ async def stack(settings: Settings, migrated_url: str) -> AsyncIterator[Stack]:
     api_settings = settings.model_copy(update={"auth_url": f"http://127.0.0.1:{auth.port}"})
     api = ApiService(api_settings, engine)
     await api.start()
-    dispatcher = DispatcherService(settings, engine)
-    await dispatcher.start()
+    dispatcher = DispatcherService(settings, engine) if with_dispatcher else None
+    if dispatcher is not None:
+        await dispatcher.start()
     session = aiohttp.ClientSession()
     try:
         yield Stack(settings, auth, api, dispatcher, team_id, user_id, token, session)
     finally:
         await session.close()
-        await dispatcher.stop()
+        if dispatcher is not None:
+            await dispatcher.stop()
         await api.stop()
         await auth.stop()
         await engine.dispose()
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Stack]:
+    """All three services on the parametrized database."""
+    async with running_stack(settings, with_dispatcher=True) as running:
+        yield running
+
+
+@pytest.fixture
+async def api_stack(settings: Settings) -> AsyncIterator[Stack]:
+    """Auth and api only, for request-handling tests that never reach the dispatcher."""
+    async with running_stack(settings, with_dispatcher=False) as running:
+        yield running
 
 
 @dataclass

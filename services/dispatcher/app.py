@@ -95,9 +95,9 @@ class DispatcherService:
             self.settings, self.topics.deliveries, group_id=f"{group}.delivery"
         )
         changes = make_consumer(self.settings, self.topics.changes, group_id=None)
-        for consumer in (router, deliverer, changes):
-            await start_client(consumer, self.settings)
-            self._consumers.append(consumer)
+        self._consumers = [router, deliverer, changes]
+        # Group joins are slow on some brokers; joining both groups at once halves start-up.
+        await asyncio.gather(*(start_client(c, self.settings) for c in self._consumers))
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0)
         )

@@ -146,6 +146,8 @@ def _malformed(reason: str) -> ValidationFailed:
 
 async def read_json(request: web.Request) -> Any:
     raw = await request.read()
+    if not raw.strip():
+        raise _malformed("the body is empty")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -155,8 +157,10 @@ async def read_json(request: web.Request) -> Any:
 async def parse_body(request: web.Request, model: type[M]) -> M:
     """Validate a JSON body against a model; every problem names its field."""
     raw = await request.read()
+    if not raw.strip():
+        raise _malformed("the body is empty")
     try:
-        return model.model_validate_json(raw or b"null")
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors()
         if errors and errors[0]["type"] == "json_invalid":

@@ -1,0 +1,178 @@
+"""Every kind of bad input gets a clear JSON error and stores or publishes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from services.auth.tokens import generate_token
+from services.shared import tables
+from tests.conftest import Stack
+
+
+async def _post(
+    stack: Stack, path: str, *, headers: dict[str, str] | None = None, **kwargs: Any
+) -> tuple[int, dict[str, Any]]:
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}{path}",
+        headers=stack.headers() if headers is None else headers,
+        **kwargs,
+    ) as response:
+        assert response.content_type == "application/json"
+        return response.status, await response.json()
+
+
+async def _webhook_count(stack: Stack) -> int:
+    async with stack.session.get(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks", headers=stack.headers()
+    ) as response:
+        assert response.status == 200
+        return len((await response.json())["data"])
+
+
+VALID = {"name": "n", "url": "https://example.com/hook", "topics": ["object.created"]}
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_token"),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_token"),
+        ({"authorization": "Bearer hwk_short"}, "invalid_token"),
+        ({"authorization": "Bearer " + generate_token()[:-1] + "0"}, "invalid_token"),
+        ({"authorization": "Bearer " + generate_token()}, "invalid_token"),
+        ({"authorization": "Bearer sk_live_somethingelse"}, "invalid_token"),
+    ],
+)
+async def test_missing_or_invalid_tokens_get_401(
+    api_stack: Stack, headers: dict[str, str], code: str
+) -> None:
+    """No token, another scheme, truncated, bad checksum, unknown, wrong prefix: all 401."""
+    status, body = await _post(api_stack, "/webhooks", headers=headers, json=VALID)
+    assert status == 401
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    assert await _webhook_count(api_stack) == 0
+
+
+async def test_key_scheme_is_accepted(api_stack: Stack) -> None:
+    """`Authorization: Key=<token>` works like Bearer."""
+    status, _ = await _post(
+        api_stack, "/webhooks", headers={"authorization": f"Key={api_stack.token}"}, json=VALID
+    )
+    assert status == 201
+
+
+async def test_query_string_key_is_refused(api_stack: Stack) -> None:
+    """?auth-key= is refused with a clear error unless the operator enables it."""
+    status, body = await _post(
+        api_stack, f"/webhooks?auth-key={api_stack.token}", headers={}, json=VALID
+    )
+    assert status == 400
+    assert body["error"]["code"] == "query_key_refused"
+    assert await _webhook_count(api_stack) == 0
+
+
+async def test_token_without_permission_gets_403(api_stack: Stack) -> None:
+    """A valid token lacking webhook:create is forbidden, and the permission is named."""
+    reader = await api_stack.new_token(["webhook:read"])
+    status, body = await _post(
+        api_stack, "/webhooks", headers=api_stack.headers(reader), json=VALID
+    )
+    assert status == 403
+    assert body["error"]["details"] == {"permission": "webhook:create"}
+    assert await _webhook_count(api_stack) == 0
+
+
+async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
+    """A team the token's user does not belong to answers 404, like a missing one."""
+    async with api_stack.session.post(
+        f"{api_stack.api_url}/v1/teams/team_someone_else/webhooks",
+        headers=api_stack.headers(),
+        json=VALID,
+    ) as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**VALID, "topics": ["object.exploded"]}, "topics.0"),
+        ({**VALID, "topics": []}, "topics"),
+        ({**VALID, "url": "ftp://example.com/hook"}, "url"),
+        ({**VALID, "url": "javascript:alert(1)"}, "url"),
+        ({**VALID, "url": "https://user:pw@example.com/hook"}, "url"),
+        ({**VALID, "url": "not a url"}, "url"),
+        ({**VALID, "name": ""}, "name"),
+        ({**VALID, "name": 42}, "name"),
+        ({**VALID, "active": "yes"}, "active"),
+        ({**VALID, "surprise": 1}, "surprise"),
+        ({k: v for k, v in VALID.items() if k != "url"}, "url"),
+        ({**VALID, "headers": {"bad header": "x"}}, "headers"),
+        ({**VALID, "headers": {"Transfer-Encoding": "chunked"}}, "headers"),
+        ({**VALID, "headers": {"X-Ok": "a\r\nInjected: 1"}}, "headers"),
+        ([VALID], "body"),
+    ],
+)
+async def test_invalid_webhooks_get_422_naming_the_field(
+    api_stack: Stack, body: Any, field: str
+) -> None:
+    """Unknown topics, bad URLs, wrong types and unknown fields are named; nothing stored."""
+    status, answer = await _post(api_stack, "/webhooks", json=body)
+    assert status == 422
+    assert answer["error"]["code"] == "validation_failed"
+    assert field in [problem["field"] for problem in answer["error"]["details"]]
+    assert await _webhook_count(api_stack) == 0
+
+
+@pytest.mark.parametrize("raw", [b"{", b"", b"nul", b'{"name": "x",}', b"\xff\xfe"])
+async def test_malformed_json_gets_422(api_stack: Stack, raw: bytes) -> None:
+    """Bodies that are not JSON at all are refused with a clear message."""
+    status, answer = await _post(
+        api_stack,
+        "/webhooks",
+        data=raw,
+        headers={**api_stack.headers(), "content-type": "application/json"},
+    )
+    assert status == 422
+    assert answer["error"]["details"][0]["field"] == "body"
+    assert "JSON" in answer["error"]["message"]
+    assert await _webhook_count(api_stack) == 0
+
+
+async def test_oversized_body_gets_413(api_stack: Stack) -> None:
+    """A body over HOOKWIRE_MAX_BODY_BYTES is refused before it is parsed."""
+    limit = api_stack.settings.max_body_bytes
+    status, answer = await _post(api_stack, "/objects/contact", json={"blob": "x" * (limit + 1)})
+    assert status == 413
+    assert answer["error"]["details"] == {"max_bytes": limit}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/objects/Contact", {"a": 1}, "object_type"),
+        ("/objects/9lives", {"a": 1}, "object_type"),
+        ("/objects/contact", [1, 2], "body"),
+        ("/objects/contact", "text", "body"),
+    ],
+)
+async def test_invalid_objects_get_422_and_publish_nothing(
+    api_stack: Stack, path: str, body: Any, field: str
+) -> None:
+    """A bad object type or a non-object body is refused and nothing is stored."""
+    status, answer = await _post(api_stack, path, json=body)
+    assert status == 422
+    assert answer["error"]["details"][0]["field"] == field
+    async with api_stack.api.engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(tables.objects))).scalar() == 0
+
+
+async def test_unknown_routes_use_the_error_shape(api_stack: Stack) -> None:
+    """Even a 404 for an unknown path has the one JSON error shape."""
+    async with api_stack.session.get(f"{api_stack.api_url}/v1/nothing-here") as response:
+        assert response.status == 404
+        assert set((await response.json())["error"]) == {"code", "message", "details"}
