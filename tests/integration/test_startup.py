@@ -1,0 +1,121 @@
+"""Start-up failures end in one clear line naming what and where, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.shared import free_port, migrate
+
+HOOKWIRE = str(Path(sys.executable).parent / "hookwire")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKWIRE_")}
+    env.update(
+        HOOKWIRE_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        HOOKWIRE_SERVICE_CREDENTIAL="cred",
+        HOOKWIRE_TOKEN_PEPPER="pepper",
+        HOOKWIRE_API_PORT=str(free_port()),
+        HOOKWIRE_AUTH_PORT=str(free_port()),
+        HOOKWIRE_DISPATCHER_PORT=str(free_port()),
+        HOOKWIRE_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HOOKWIRE, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _assert_clean_failure(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture
+def migrated(tmp_path: Path) -> Path:
+    asyncio.run(migrate(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("service", ["api", "dispatcher"])
+def test_unreachable_broker_is_named(migrated: Path, service: str) -> None:
+    """A service that needs Kafka exits naming the bootstrap address it could not reach."""
+    address = f"127.0.0.1:{free_port()}"
+    result = _run([service], _env(migrated, HOOKWIRE_KAFKA_BOOTSTRAP=address))
+    _assert_clean_failure(result, "Kafka is unreachable", address)
+
+
+@pytest.mark.parametrize("service", ["auth", "api", "dispatcher"])
+def test_unmigrated_database_is_refused(tmp_path: Path, service: str) -> None:
+    """Services refuse an unmigrated database and say what to run."""
+    result = _run([service], _env(tmp_path, HOOKWIRE_KAFKA_BOOTSTRAP="127.0.0.1:1"))
+    _assert_clean_failure(result, "hookwire migrate")
+
+
+def test_unreachable_database_is_named(tmp_path: Path) -> None:
+    """An unreachable PostgreSQL is named with its URL, password hidden."""
+    port = free_port()
+    url = f"postgresql+asyncpg://hw:topsecret@127.0.0.1:{port}/hw"
+    result = _run(["auth"], _env(tmp_path, HOOKWIRE_DATABASE_URL=url))
+    _assert_clean_failure(result, "unreachable", f"127.0.0.1:{port}")
+    assert "topsecret" not in result.stderr
+    migrate_result = _run(["migrate"], _env(tmp_path, HOOKWIRE_DATABASE_URL=url))
+    _assert_clean_failure(migrate_result, "unreachable", f"127.0.0.1:{port}")
+
+
+def test_bad_setting_is_named(tmp_path: Path) -> None:
+    """A bad value stops the process with the variable's name."""
+    result = _run(["api"], _env(tmp_path, HOOKWIRE_API_PORT="eighty"))
+    _assert_clean_failure(result, "HOOKWIRE_API_PORT")
+
+
+def test_missing_secret_is_named(migrated: Path) -> None:
+    """Outside dev mode the token pepper has no default."""
+    env = _env(migrated)
+    del env["HOOKWIRE_TOKEN_PEPPER"]
+    _assert_clean_failure(_run(["auth"], env), "HOOKWIRE_TOKEN_PEPPER")
+
+
+def test_admin_bootstrap_from_the_command_line(tmp_path: Path) -> None:
+    """migrate, then create a user, a team, a membership and a token; unknown permissions fail."""
+    env = _env(tmp_path)
+    assert _run(["migrate"], env).returncode == 0
+    user = _run(["admin", "create-user", "--email", "a@example.com", "--name", "A"], env)
+    user_id = user.stdout.strip()
+    assert user_id.startswith("usr_")
+    again = _run(["admin", "create-user", "--email", "a@example.com", "--name", "A"], env)
+    assert again.stdout.strip() == user_id
+    team_id = _run(["admin", "create-team", "--name", "acme"], env).stdout.strip()
+    assert team_id.startswith("team_")
+    member = _run(
+        ["admin", "add-member", "--user", user_id, "--team", team_id, "--role", "admin"], env
+    )
+    assert member.returncode == 0
+    token = _run(
+        ["admin", "create-token", "--user", user_id, "--name", "ci", "--permission", "object:read"],
+        env,
+    )
+    token_id, plaintext = token.stdout.split()
+    assert token_id.startswith("tok_")
+    assert plaintext.startswith("hwk_")
+    duplicate = _run(["admin", "create-token", "--user", user_id, "--name", "ci"], env)
+    _assert_clean_failure(duplicate, "already exists")
+    unknown = _run(
+        ["admin", "create-token", "--user", user_id, "--name", "x", "--permission", "object:nuke"],
+        env,
+    )
+    _assert_clean_failure(unknown, "object:nuke")
+    stranger = _run(["admin", "add-member", "--user", "usr_nobody", "--team", team_id], env)
+    _assert_clean_failure(stranger, "usr_nobody")
