@@ -17,10 +17,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    READINESS_KEY,
     Attempt,
     Change,
     DeadLetter,
     Delivery,
+    DependencyUnavailable,
     Event,
     InvalidRecord,
     Metrics,
@@ -112,8 +114,15 @@ class DispatcherService:
             asyncio.create_task(self._resync_forever(), name="resync"),
         ]
         app = build_app("dispatcher", self.metrics)
+        app[READINESS_KEY].append(self._ready)
         self._runner = await start_site(app, self.settings.host, self.settings.dispatcher_port)
         self.port = bound_port(self._runner)
+
+    async def _ready(self) -> None:
+        await check_ready(self.engine)
+        stopped = [task.get_name() for task in self._tasks if task.done()]
+        if stopped:
+            raise DependencyUnavailable(f"loops stopped: {', '.join(stopped)}")
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -78,14 +78,16 @@ def make_consumer(
     return AIOKafkaConsumer(*topics, **options)
 
 
+def _unreachable(settings: Settings, exc: Exception) -> DependencyUnavailable:
+    return DependencyUnavailable(f"Kafka is unreachable at {settings.kafka_bootstrap}: {exc}")
+
+
 async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
     try:
         await client.start()
     except (KafkaError, OSError) as exc:
         await client.stop()
-        raise DependencyUnavailable(
-            f"Kafka is unreachable at {settings.kafka_bootstrap}: {exc}"
-        ) from exc
+        raise _unreachable(settings, exc) from exc
 
 
 async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:
@@ -98,9 +100,7 @@ async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None
         await admin.start()
     except (KafkaError, OSError) as exc:
         await admin.close()
-        raise DependencyUnavailable(
-            f"Kafka is unreachable at {settings.kafka_bootstrap}: {exc}"
-        ) from exc
+        raise _unreachable(settings, exc) from exc
     try:
         response = await admin.create_topics(
             [

@@ -102,3 +102,20 @@ async def test_unsubscribed_webhooks_receive_nothing(stack: Stack, receiver: Rec
     registry = stack.dispatcher.metrics.registry
     assert registry.get_sample_value("hookwire_dispatcher_webhooks_matched_sum") == 1
     assert registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 1
+
+
+async def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -> None:
+    """/healthz, /readyz and /metrics answer on auth, api and the dispatcher."""
+    for base, prefix in (
+        (stack.auth_url, "hookwire_auth_"),
+        (stack.api_url, "hookwire_api_"),
+        (stack.dispatcher_url, "hookwire_dispatcher_"),
+    ):
+        async with stack.session.get(f"{base}/healthz") as response:
+            assert response.status == 200
+        async with stack.session.get(f"{base}/readyz") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "ready"
+        async with stack.session.get(f"{base}/metrics") as response:
+            assert response.status == 200
+            assert prefix in await response.text()
