@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import aiohttp
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     READINESS_KEY,
+    Change,
+    ChangeNotifier,
+    InvalidRecord,
     Metrics,
     Settings,
     bound_port,
     build_app,
     check_ready,
+    decode,
+    make_consumer,
     make_producer,
     start_client,
     start_site,
@@ -37,6 +45,8 @@ class ApiService:
         self._producer: AIOKafkaProducer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self._changes: AIOKafkaConsumer | None = None
+        self._follower: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     def build_app(
@@ -53,6 +63,7 @@ class ApiService:
                 self.settings.auth_cache_ttl_seconds,
             ),
             publisher=Publisher(producer, topics_for(self.settings)),
+            changes=ChangeNotifier(producer, topics_for(self.settings)),
             metrics=self.metrics,
         )
 
@@ -68,12 +79,39 @@ class ApiService:
         await check_ready(self.engine)
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
+        self._changes = make_consumer(
+            self.settings, topics_for(self.settings).changes, group_id=None
+        )
+        await start_client(self._changes, self.settings)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         app = self.build_app(self._producer, self._session)
+        self._follower = asyncio.create_task(self._follow_changes(app[CONTEXT].gate))
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)
 
+    async def _follow_changes(self, gate: TokenGate) -> None:
+        # Every api process reads every change, so a revoked token is refused everywhere
+        # within the broker's fetch latency rather than the cache TTL.
+        assert self._changes is not None
+        while True:
+            batches = await self._changes.getmany(timeout_ms=500)
+            for record in (r for batch in batches.values() for r in batch):
+                try:
+                    change = decode(Change, record.value)
+                except InvalidRecord:
+                    continue
+                if change.entity == "token":
+                    gate.forget_token(change.entity_id)
+                elif change.entity in ("user", "membership", "permission_group", "team"):
+                    gate.forget_all()
+
     async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        if self._changes is not None:
+            await self._changes.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:

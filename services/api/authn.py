@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from services.shared import Forbidden, NotFound, get_logger
+from services.shared import Forbidden, InvalidToken, NotFound
 
-from .errors import AuthUnavailable, InvalidToken, MissingToken, QueryKeyRefused
+from .errors import AuthUnavailable
 
 
 @dataclass(frozen=True)
@@ -21,26 +21,6 @@ class Principal:
     user_id: str
     team_id: str
     permissions: frozenset[str]
-
-
-def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
-    """The token from ``Authorization: Bearer …`` / ``Key=…``, or the opt-in query key."""
-    if "auth-key" in request.query:
-        if not allow_query_keys:
-            raise QueryKeyRefused(
-                "tokens in the query string are refused because URLs get logged; "
-                "send it as `Authorization: Bearer <token>`"
-            )
-        get_logger("api").warning("query_string_key_used", path=request.path)
-        return request.query["auth-key"]
-    header = request.headers.get("authorization", "").strip()
-    if not header:
-        raise MissingToken("send a token as `Authorization: Bearer <token>`")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    if header[:4].lower() == "key=":
-        return header[4:].strip()
-    raise InvalidToken("unsupported authorization scheme; use `Bearer <token>` or `Key=<token>`")
 
 
 class TokenGate:
@@ -54,6 +34,15 @@ class TokenGate:
         self._headers = {"authorization": f"Bearer {credential}"}
         self._ttl = cache_ttl
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self._keys_by_token: dict[str, set[tuple[str, str]]] = {}
+
+    def forget_token(self, token_id: str) -> None:
+        for key in self._keys_by_token.pop(token_id, set()):
+            self._cache.pop(key, None)
+
+    def forget_all(self) -> None:
+        self._cache.clear()
+        self._keys_by_token.clear()
 
     async def _introspect(self, token: str, team_id: str, client_ip: str | None) -> dict[str, Any]:
         key = (hashlib.sha256(token.encode()).hexdigest(), team_id)
@@ -71,8 +60,9 @@ class TokenGate:
             raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
         if answer.get("active") and self._ttl > 0:
             if len(self._cache) > 10_000:
-                self._cache.clear()
+                self.forget_all()
             self._cache[key] = (now + self._ttl, answer)
+            self._keys_by_token.setdefault(str(answer["token_id"]), set()).add(key)
         return answer
 
     async def require(

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.shared import Metrics, Settings
+from services.shared import ChangeNotifier, Metrics, Settings, presented_token
 
-from .authn import Principal, TokenGate, presented_token
+from .authn import Principal, TokenGate
 from .publisher import Publisher
 
 
@@ -19,6 +19,7 @@ class ApiContext:
     engine: AsyncEngine
     gate: TokenGate
     publisher: Publisher
+    changes: ChangeNotifier
     metrics: Metrics
 
     async def authorize(self, request: web.Request, permission: str) -> Principal:

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from services.shared import BadRequest, DependencyUnavailable, Unauthorized
-
-
-class MissingToken(Unauthorized):
-    code = "missing_token"
-
-
-class InvalidToken(Unauthorized):
-    code = "invalid_token"
-
-
-class QueryKeyRefused(BadRequest):
-    code = "query_key_refused"
+from services.shared import DependencyUnavailable
 
 
 class AuthUnavailable(DependencyUnavailable):

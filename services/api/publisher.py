@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from services.shared import Change, Event, Topics
+from services.shared import Event, Topics
 
 from .errors import PublishUnavailable
 
@@ -26,6 +26,3 @@ class Publisher:
         await self._send(
             self._topics.events, f"{event.team_id}/{event.object_id}", event.to_bytes()
         )
-
-    async def change(self, change: Change) -> None:
-        await self._send(self._topics.changes, change.entity_id, change.to_bytes())

@@ -14,11 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import insert, select
 
 from services.shared import (
-    Change,
     EventType,
     NotFound,
     as_utc,
-    get_logger,
     json_response,
     new_id,
     parse_body,
@@ -121,8 +119,9 @@ async def create_webhook(request: web.Request) -> web.Response:
     body = await parse_body(request, WebhookCreate)
     now = utcnow()
     secret = new_signing_secret()
+    webhook_id = new_id("wh")
     values = {
-        "id": new_id("wh"),
+        "id": webhook_id,
         "team_id": principal.team_id,
         "name": body.name,
         "description": body.description,
@@ -137,18 +136,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     }
     async with ctx.engine.begin() as conn:
         await conn.execute(insert(tables.webhooks).values(**values))
-    try:
-        await ctx.publisher.change(
-            Change(
-                entity="webhook",
-                entity_id=values["id"],
-                action="created",
-                team_id=principal.team_id,
-                at=now,
-            )
-        )
-    except Exception as exc:
-        get_logger("api").warning("change_not_published", webhook_id=values["id"], error=str(exc))
+    await ctx.changes.notify("webhook", webhook_id, "created", principal.team_id)
     return json_response({**webhook_view(values), "secret": secret}, status=201)
 
 

@@ -9,10 +9,12 @@ import time
 from datetime import datetime
 
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    ChangeNotifier,
     Metrics,
     Settings,
     bound_port,
@@ -20,14 +22,19 @@ from services.shared import (
     check_ready,
     get_logger,
     json_response,
+    make_producer,
     parse_body,
+    start_client,
     start_site,
+    topics_for,
     utcnow,
 )
 
 from . import store
+from .callers import REFUSALS_AUDITED, audit_refusal
 from .errors import InvalidServiceCredential, MalformedToken
 from .introspection import decide, inactive
+from .token_routes import TokenRoutes
 from .tokens import check_format, hash_token
 
 _LAST_USED_FLUSH_SECONDS = 1.0
@@ -61,18 +68,27 @@ class AuthService:
         self._pending_last_used: dict[str, tuple[datetime, str | None]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
+        self._producer: AIOKafkaProducer | None = None
         self.port: int | None = None
 
-    def build_app(self) -> web.Application:
+    def build_app(self, producer: AIOKafkaProducer) -> web.Application:
         app = build_app("auth", self.metrics, max_body_bytes=self.settings.max_body_bytes)
         app.router.add_post("/v1/introspect", self.introspect)
+        TokenRoutes(
+            self.settings,
+            self.engine,
+            self._pepper,
+            ChangeNotifier(producer, topics_for(self.settings)),
+        ).add_to(app)
         return app
 
     async def start(self) -> None:
         await check_ready(self.engine)
+        self._producer = make_producer(self.settings)
+        await start_client(self._producer, self.settings)
         self._flusher = asyncio.create_task(self._flush_last_used_forever())
         self._runner = await start_site(
-            self.build_app(), self.settings.host, self.settings.auth_port
+            self.build_app(self._producer), self.settings.host, self.settings.auth_port
         )
         self.port = bound_port(self._runner)
 
@@ -84,6 +100,8 @@ class AuthService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self._flush_last_used()
+        if self._producer is not None:
+            await self._producer.stop()
 
     def _check_service_credential(self, request: web.Request) -> None:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
@@ -114,6 +132,8 @@ class AuthService:
             )
             if answer["active"] and token is not None:
                 self._pending_last_used[token.id] = (now, body.client_ip)
+            elif token is not None and answer["reason"] in REFUSALS_AUDITED:
+                await audit_refusal(self.engine, token, answer["reason"], body.client_ip)
         self._latency.observe(time.perf_counter() - started)
         self._introspections.labels(
             "active" if answer["active"] else "inactive", answer.get("reason", "")

@@ -22,6 +22,16 @@ class TokenState:
     created_at: datetime
     allowed_cidrs: tuple[str, ...] | None
     inactivity_timeout_seconds: int | None
+    previous_secret_expires_at: datetime | None = None
+    presented_previous_secret: bool = False
+
+
+def state_of(token: TokenState, now: datetime) -> str:
+    """What a token list shows: revoked, expired, inactive or active."""
+    answer = decide(token, team_id=None, role=None, client_ip=None, now=now)
+    if answer["active"] or answer["reason"] == "ip_not_allowed":
+        return "active"
+    return str(answer["reason"])
 
 
 def inactive(reason: str) -> dict[str, Any]:
@@ -50,6 +60,10 @@ def decide(
         return inactive("unknown")
     if token.revoked_at is not None:
         return inactive("revoked")
+    if token.presented_previous_secret and (
+        token.previous_secret_expires_at is None or token.previous_secret_expires_at <= now
+    ):
+        return inactive("rotated")
     if not token.active:
         return inactive("inactive")
     if token.expires_at is not None and token.expires_at <= now:

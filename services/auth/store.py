@@ -1,11 +1,11 @@
-"""Database access for users, teams, memberships and tokens."""
+"""Database access for users, teams, memberships, tokens and permission groups."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -15,14 +15,18 @@ from .errors import DuplicateName, UnknownEntity, UnknownPermission
 from .introspection import TokenState
 from .tokens import display_prefix, generate_token, hash_token
 
+_tokens = tables.tokens
+_groups = tables.permission_groups
 
-def _token_state(row: Any) -> TokenState:
+
+def _token_state(row: Any, presented_hash: str | None = None) -> TokenState:
     created_at = as_utc(row.created_at)
     assert created_at is not None
+    permissions = set(row.permissions) | set(row.group_permissions or ())
     return TokenState(
         id=row.id,
         user_id=row.user_id,
-        permissions=frozenset(row.permissions),
+        permissions=frozenset(permissions),
         active=row.active,
         expires_at=as_utc(row.expires_at),
         revoked_at=as_utc(row.revoked_at),
@@ -30,14 +34,56 @@ def _token_state(row: Any) -> TokenState:
         created_at=created_at,
         allowed_cidrs=tuple(row.allowed_cidrs) if row.allowed_cidrs else None,
         inactivity_timeout_seconds=row.inactivity_timeout_seconds,
+        previous_secret_expires_at=as_utc(row.previous_expires_at),
+        presented_previous_secret=presented_hash is not None and row.secret_hash != presented_hash,
+    )
+
+
+def _token_query() -> Any:
+    return select(_tokens, _groups.c.permissions.label("group_permissions")).select_from(
+        _tokens.outerjoin(_groups, _tokens.c.permission_group_id == _groups.c.id)
     )
 
 
 async def find_token(conn: AsyncConnection, secret_hash: str) -> TokenState | None:
+    """The token whose current secret, or previous one still in its grace, has this hash."""
     row = (
-        await conn.execute(select(tables.tokens).where(tables.tokens.c.secret_hash == secret_hash))
+        await conn.execute(
+            _token_query().where(
+                or_(
+                    _tokens.c.secret_hash == secret_hash,
+                    _tokens.c.previous_secret_hash == secret_hash,
+                )
+            )
+        )
     ).first()
-    return _token_state(row) if row is not None else None
+    return _token_state(row, secret_hash) if row is not None else None
+
+
+async def token_row(conn: AsyncConnection, user_id: str, token_id: str) -> Any:
+    """A token of this user, or ``UnknownEntity``: other users' tokens do not exist for them."""
+    row = (
+        await conn.execute(
+            _token_query().where(_tokens.c.id == token_id, _tokens.c.user_id == user_id)
+        )
+    ).first()
+    if row is None:
+        raise UnknownEntity(f"token {token_id} not found")
+    return row
+
+
+async def token_rows(conn: AsyncConnection, user_id: str) -> list[Any]:
+    return list(
+        (
+            await conn.execute(
+                _token_query().where(_tokens.c.user_id == user_id).order_by(_tokens.c.id)
+            )
+        ).all()
+    )
+
+
+def state_from_row(row: Any) -> TokenState:
+    return _token_state(row)
 
 
 async def role_in_team(conn: AsyncConnection, user_id: str, team_id: str) -> str | None:
@@ -56,9 +102,7 @@ async def record_last_used(
 ) -> None:
     for token_id, (at, ip) in uses.items():
         await conn.execute(
-            update(tables.tokens)
-            .where(tables.tokens.c.id == token_id)
-            .values(last_used_at=at, last_used_ip=ip)
+            update(_tokens).where(_tokens.c.id == token_id).values(last_used_at=at, last_used_ip=ip)
         )
 
 
@@ -105,6 +149,28 @@ async def set_membership(conn: AsyncConnection, user_id: str, team_id: str, role
     )
 
 
+def check_known(permissions: list[str]) -> None:
+    unknown = unknown_permissions(permissions)
+    if unknown:
+        raise UnknownPermission(
+            f"unknown permissions: {', '.join(unknown)}",
+            details=[{"field": "permissions", "reason": f"unknown: {', '.join(unknown)}"}],
+        )
+
+
+async def group_permissions(conn: AsyncConnection, user_id: str, group_id: str) -> set[str]:
+    permissions = (
+        await conn.execute(
+            select(_groups.c.permissions).where(
+                _groups.c.id == group_id, _groups.c.user_id == user_id
+            )
+        )
+    ).scalar()
+    if permissions is None:
+        raise UnknownEntity(f"permission group {group_id} not found")
+    return set(permissions)
+
+
 async def create_token(
     conn: AsyncConnection,
     *,
@@ -114,19 +180,18 @@ async def create_token(
     permissions: list[str],
     description: str = "",
     expires_at: datetime | None = None,
+    allowed_cidrs: list[str] | None = None,
+    inactivity_timeout_seconds: int | None = None,
+    permission_group_id: str | None = None,
 ) -> tuple[str, str]:
     """Store a new token and return ``(token_id, plaintext)``; the plaintext is not kept."""
-    unknown = unknown_permissions(permissions)
-    if unknown:
-        raise UnknownPermission(
-            f"unknown permissions: {', '.join(unknown)}", details={"permissions": unknown}
-        )
+    check_known(permissions)
     plaintext = generate_token()
     token_id = new_id("tok")
     try:
         async with conn.begin_nested():
             await conn.execute(
-                insert(tables.tokens).values(
+                insert(_tokens).values(
                     id=token_id,
                     user_id=user_id,
                     name=name,
@@ -137,6 +202,9 @@ async def create_token(
                     active=True,
                     created_at=utcnow(),
                     expires_at=expires_at,
+                    allowed_cidrs=allowed_cidrs,
+                    inactivity_timeout_seconds=inactivity_timeout_seconds,
+                    permission_group_id=permission_group_id,
                 )
             )
     except IntegrityError as exc:
@@ -144,9 +212,31 @@ async def create_token(
     return token_id, plaintext
 
 
-async def delete_token_named(conn: AsyncConnection, user_id: str, name: str) -> None:
+async def update_token(conn: AsyncConnection, token_id: str, **values: Any) -> None:
+    try:
+        async with conn.begin_nested():
+            await conn.execute(update(_tokens).where(_tokens.c.id == token_id).values(**values))
+    except IntegrityError as exc:
+        raise DuplicateName(f"a token named {values.get('name')!r} already exists") from exc
+
+
+async def rotate_token(
+    conn: AsyncConnection, *, pepper: str, row: Any, previous_valid_until: datetime | None
+) -> str:
+    """Give the token a new secret; the old one keeps working until ``previous_valid_until``."""
+    plaintext = generate_token()
     await conn.execute(
-        delete(tables.tokens).where(
-            tables.tokens.c.user_id == user_id, tables.tokens.c.name == name
+        update(_tokens)
+        .where(_tokens.c.id == row.id)
+        .values(
+            secret_hash=hash_token(plaintext, pepper),
+            display_prefix=display_prefix(plaintext),
+            previous_secret_hash=row.secret_hash if previous_valid_until else None,
+            previous_expires_at=previous_valid_until,
         )
     )
+    return plaintext
+
+
+async def delete_token_named(conn: AsyncConnection, user_id: str, name: str) -> None:
+    await conn.execute(delete(_tokens).where(_tokens.c.user_id == user_id, _tokens.c.name == name))

@@ -4,7 +4,9 @@ Import from here, not from the private modules: this list is the supported surfa
 """
 
 from . import _schema as tables
+from ._audit import Actor, record_audit
 from ._broker import EmbeddedBroker, free_port
+from ._changes import ChangeNotifier
 from ._contracts import (
     EVENT_TYPES,
     SCHEMA_VERSION,
@@ -18,6 +20,7 @@ from ._contracts import (
     Topics,
     decode,
 )
+from ._credentials import InvalidToken, MissingToken, QueryKeyRefused, presented_token
 from ._db import as_utc, check_ready, create_engine, head_revision, migrate
 from ._errors import (
     BadRequest,
@@ -66,9 +69,11 @@ __all__ = [
     "RETRY_TIERS",
     "ROLES",
     "SCHEMA_VERSION",
+    "Actor",
     "Attempt",
     "BadRequest",
     "Change",
+    "ChangeNotifier",
     "ConfigurationError",
     "Conflict",
     "DeadLetter",
@@ -80,9 +85,12 @@ __all__ = [
     "Forbidden",
     "HookwireError",
     "InvalidRecord",
+    "InvalidToken",
     "Metrics",
+    "MissingToken",
     "NotFound",
     "PayloadTooLarge",
+    "QueryKeyRefused",
     "Record",
     "Service",
     "Settings",
@@ -109,7 +117,9 @@ __all__ = [
     "migrate",
     "new_id",
     "parse_body",
+    "presented_token",
     "read_json",
+    "record_audit",
     "run_until_signalled",
     "send_all",
     "start_client",

@@ -62,7 +62,43 @@ tokens = Table(
     Column("last_used_ip", String(64)),
     Column("allowed_cidrs", JSON),
     Column("inactivity_timeout_seconds", Integer),
+    Column("previous_secret_hash", String(64), unique=True),
+    Column("previous_expires_at", DateTime(timezone=True)),
+    Column(
+        "permission_group_id",
+        String(64),
+        ForeignKey("permission_groups.id", ondelete="SET NULL"),
+    ),
     UniqueConstraint("user_id", "name", name="uq_tokens_user_name"),
+)
+
+permission_groups = Table(
+    "permission_groups",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("permissions", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("user_id", "name", name="uq_permission_groups_user_name"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor_user_id", String(64)),
+    Column("actor_token_id", String(64)),
+    Column("action", String(64), nullable=False),
+    Column("target_type", String(32), nullable=False),
+    Column("target_id", String(64), nullable=False),
+    Column("team_id", String(64)),
+    Column("ip", String(64)),
+    Column("request_id", String(64)),
+    Column("details", JSON),
 )
 
 webhooks = Table(

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     allow_private_urls: StrictBool = False
     allow_query_keys: StrictBool = False
     max_body_bytes: int = Field(default=262_144, ge=1024)
+    token_max_lifetime_days: int | None = Field(default=None, ge=1, le=3650)
     auth_cache_ttl_seconds: float = Field(default=1.0, ge=0, le=60)
     delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)

@@ -1,0 +1,255 @@
+"""Self-service token management: ``/v1/tokens``, with ``token:manage``."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import (
+    ChangeNotifier,
+    Forbidden,
+    Settings,
+    ValidationFailed,
+    as_utc,
+    json_response,
+    parse_body,
+    record_audit,
+    utcnow,
+)
+
+from . import store
+from .callers import Caller, authenticate
+from .introspection import state_of
+
+MAX_GRACE_SECONDS = 30 * 24 * 3600
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+    permissions: list[str] = Field(default_factory=list, max_length=100)
+    permission_group_id: str | None = Field(default=None, max_length=64)
+    expires_at: AwareDatetime | None = None
+    allowed_cidrs: list[str] | None = Field(default=None, min_length=1, max_length=50)
+    inactivity_timeout_seconds: int | None = Field(default=None, ge=60, le=365 * 24 * 3600)
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [str(ipaddress.ip_network(cidr, strict=False)) for cidr in value]
+
+
+class TokenUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    active: bool | None = None
+
+
+class TokenRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    grace_seconds: int = Field(default=0, ge=0, le=MAX_GRACE_SECONDS)
+
+
+def token_view(row: Any) -> dict[str, Any]:
+    now = utcnow()
+    grace_until = as_utc(row.previous_expires_at)
+    return {
+        "id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "display_prefix": row.display_prefix,
+        "permissions": row.permissions,
+        "permission_group_id": row.permission_group_id,
+        "state": state_of(store.state_from_row(row), now),
+        "active": row.active,
+        "created_at": as_utc(row.created_at),
+        "expires_at": as_utc(row.expires_at),
+        "revoked_at": as_utc(row.revoked_at),
+        "last_used_at": as_utc(row.last_used_at),
+        "last_used_ip": row.last_used_ip,
+        "allowed_cidrs": row.allowed_cidrs,
+        "inactivity_timeout_seconds": row.inactivity_timeout_seconds,
+        "previous_secret_valid_until": grace_until if grace_until and grace_until > now else None,
+    }
+
+
+def _invalid(field: str, reason: str) -> ValidationFailed:
+    return ValidationFailed(
+        f"invalid request body: {field}", details=[{"field": field, "reason": reason}]
+    )
+
+
+def _no_escalation(caller: Caller, wanted: set[str]) -> None:
+    beyond = sorted(wanted - caller.token.permissions)
+    if beyond:
+        raise Forbidden(
+            "a token cannot grant permissions it does not hold",
+            details={"permissions": beyond},
+        )
+
+
+@dataclass(frozen=True)
+class TokenRoutes:
+    settings: Settings
+    engine: AsyncEngine
+    pepper: str
+    changes: ChangeNotifier
+
+    async def _caller(self, request: web.Request) -> Caller:
+        return await authenticate(
+            request,
+            self.engine,
+            self.pepper,
+            allow_query_keys=self.settings.allow_query_keys,
+            permission="token:manage",
+        )
+
+    def _check_expiry(self, body: TokenCreate) -> None:
+        now = utcnow()
+        if body.expires_at is None:
+            if self.settings.token_max_lifetime_days is not None:
+                raise _invalid("expires_at", "required: tokens have a maximum lifetime")
+            return
+        if body.expires_at <= now:
+            raise _invalid("expires_at", "must be in the future")
+        limit = self.settings.token_max_lifetime_days
+        if limit is not None and body.expires_at > now + timedelta(days=limit):
+            raise _invalid("expires_at", f"must be within {limit} days")
+
+    async def create(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        body = await parse_body(request, TokenCreate)
+        self._check_expiry(body)
+        store.check_known(body.permissions)
+        if not body.permissions and body.permission_group_id is None:
+            raise _invalid("permissions", "give permissions or a permission_group_id")
+        async with self.engine.begin() as conn:
+            wanted = set(body.permissions)
+            if body.permission_group_id is not None:
+                wanted |= await store.group_permissions(
+                    conn, caller.user_id, body.permission_group_id
+                )
+            _no_escalation(caller, wanted)
+            token_id, plaintext = await store.create_token(
+                conn,
+                pepper=self.pepper,
+                user_id=caller.user_id,
+                name=body.name,
+                permissions=body.permissions,
+                description=body.description,
+                expires_at=body.expires_at,
+                allowed_cidrs=body.allowed_cidrs,
+                inactivity_timeout_seconds=body.inactivity_timeout_seconds,
+                permission_group_id=body.permission_group_id,
+            )
+            await record_audit(
+                conn,
+                caller.actor,
+                "token.created",
+                "token",
+                token_id,
+                details={"name": body.name, "permissions": sorted(wanted)},
+            )
+            row = await store.token_row(conn, caller.user_id, token_id)
+        await self.changes.notify("token", token_id, "created")
+        return json_response({**token_view(row), "token": plaintext}, status=201)
+
+    async def list(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        async with self.engine.connect() as conn:
+            rows = await store.token_rows(conn, caller.user_id)
+        return json_response({"data": [token_view(row) for row in rows]})
+
+    async def show(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        async with self.engine.connect() as conn:
+            row = await store.token_row(conn, caller.user_id, request.match_info["token_id"])
+        return json_response(token_view(row))
+
+    async def _change(
+        self,
+        request: web.Request,
+        caller: Caller,
+        action: str,
+        values: dict[str, Any],
+        details: dict[str, Any] | None = None,
+    ) -> Any:
+        token_id = request.match_info["token_id"]
+        async with self.engine.begin() as conn:
+            await store.token_row(conn, caller.user_id, token_id)
+            await store.update_token(conn, token_id, **values)
+            await record_audit(conn, caller.actor, action, "token", token_id, details=details)
+            row = await store.token_row(conn, caller.user_id, token_id)
+        await self.changes.notify("token", token_id, "updated")
+        return row
+
+    async def update(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        body = await parse_body(request, TokenUpdate)
+        values = body.model_dump(exclude_none=True)
+        if not values:
+            raise _invalid("body", "give at least one of name, description, active")
+        action = "token.updated"
+        if values.get("active") is False:
+            action = "token.deactivated"
+        elif values.get("active") is True:
+            action = "token.reactivated"
+        row = await self._change(request, caller, action, values, details=values)
+        return json_response(token_view(row))
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        await self._change(request, caller, "token.revoked", {"revoked_at": utcnow()})
+        return web.Response(status=204)
+
+    async def expire(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        row = await self._change(request, caller, "token.expired", {"expires_at": utcnow()})
+        return json_response(token_view(row))
+
+    async def rotate(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        body = await parse_body(request, TokenRotate)
+        token_id = request.match_info["token_id"]
+        grace_until = (
+            utcnow() + timedelta(seconds=body.grace_seconds) if body.grace_seconds else None
+        )
+        async with self.engine.begin() as conn:
+            row = await store.token_row(conn, caller.user_id, token_id)
+            _no_escalation(caller, set(row.permissions) | set(row.group_permissions or ()))
+            plaintext = await store.rotate_token(
+                conn, pepper=self.pepper, row=row, previous_valid_until=grace_until
+            )
+            await record_audit(
+                conn,
+                caller.actor,
+                "token.rotated",
+                "token",
+                token_id,
+                details={"grace_seconds": body.grace_seconds},
+            )
+            row = await store.token_row(conn, caller.user_id, token_id)
+        await self.changes.notify("token", token_id, "updated")
+        return json_response({**token_view(row), "token": plaintext})
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/v1/tokens", self.create)
+        app.router.add_get("/v1/tokens", self.list)
+        app.router.add_get("/v1/tokens/{token_id}", self.show)
+        app.router.add_patch("/v1/tokens/{token_id}", self.update)
+        app.router.add_delete("/v1/tokens/{token_id}", self.revoke)
+        app.router.add_post("/v1/tokens/{token_id}/rotate", self.rotate)
+        app.router.add_post("/v1/tokens/{token_id}/expire", self.expire)

@@ -1,0 +1,40 @@
+"""How a caller presents a token; every service accepts the same forms."""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from ._errors import BadRequest, Unauthorized
+
+
+class MissingToken(Unauthorized):
+    code = "missing_token"
+
+
+class InvalidToken(Unauthorized):
+    code = "invalid_token"
+
+
+class QueryKeyRefused(BadRequest):
+    code = "query_key_refused"
+
+
+def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
+    """The token from ``Authorization: Bearer …`` / ``Key=…``, or the opt-in query key."""
+    if "auth-key" in request.query:
+        if not allow_query_keys:
+            raise QueryKeyRefused(
+                "tokens in the query string are refused because URLs get logged; "
+                "send it as `Authorization: Bearer <token>`"
+            )
+        structlog.get_logger().warning("query_string_key_used", path=request.path)
+        return request.query["auth-key"]
+    header = request.headers.get("authorization", "").strip()
+    if not header:
+        raise MissingToken("send a token as `Authorization: Bearer <token>`")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    if header[:4].lower() == "key=":
+        return header[4:].strip()
+    raise InvalidToken("unsupported authorization scheme; use `Bearer <token>` or `Key=<token>`")
