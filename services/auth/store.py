@@ -221,9 +221,12 @@ async def update_token(conn: AsyncConnection, token_id: str, **values: Any) -> N
 
 
 async def rotate_token(
-    conn: AsyncConnection, *, pepper: str, row: Any, previous_valid_until: datetime | None
+    conn: AsyncConnection, *, pepper: str, row: Any, previous_valid_until: datetime
 ) -> str:
-    """Give the token a new secret; the old one keeps working until ``previous_valid_until``."""
+    """Give the token a new secret; the old one keeps working until ``previous_valid_until``.
+
+    The old hash is kept even when its grace is already over, so that a caller still using
+    it is told "rotated" rather than "unknown"."""
     plaintext = generate_token()
     await conn.execute(
         update(_tokens)
@@ -231,7 +234,7 @@ async def rotate_token(
         .values(
             secret_hash=hash_token(plaintext, pepper),
             display_prefix=display_prefix(plaintext),
-            previous_secret_hash=row.secret_hash if previous_valid_until else None,
+            previous_secret_hash=row.secret_hash,
             previous_expires_at=previous_valid_until,
         )
     )

@@ -224,9 +224,7 @@ class TokenRoutes:
         caller = await self._caller(request)
         body = await parse_body(request, TokenRotate)
         token_id = request.match_info["token_id"]
-        grace_until = (
-            utcnow() + timedelta(seconds=body.grace_seconds) if body.grace_seconds else None
-        )
+        grace_until = utcnow() + timedelta(seconds=body.grace_seconds)
         async with self.engine.begin() as conn:
             row = await store.token_row(conn, caller.user_id, token_id)
             _no_escalation(caller, set(row.permissions) | set(row.group_permissions or ()))
