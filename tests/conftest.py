@@ -121,6 +121,25 @@ class Stack:
     def headers(self, token: str | None = None) -> dict[str, str]:
         return {"authorization": f"Bearer {token or self.token}"}
 
+    async def auth_call(
+        self, method: str, path: str, token: str | None = None, **kwargs: Any
+    ) -> tuple[int, Any]:
+        """Call the auth service's public API; returns (status, JSON body or None)."""
+        async with self.session.request(
+            method, f"{self.auth_url}{path}", headers=self.headers(token), **kwargs
+        ) as response:
+            body = await response.json() if response.status != 204 else None
+            return response.status, body
+
+    async def introspect(self, token: str) -> dict[str, Any]:
+        async with self.session.post(
+            f"{self.auth_url}/v1/introspect",
+            json={"token": token},
+            headers={"authorization": "Bearer test-service-credential"},
+        ) as response:
+            answer: dict[str, Any] = await response.json()
+            return answer
+
     async def new_token(self, permissions: list[str], name: str | None = None) -> str:
         engine = self.api.engine
         _, token = await create_token(

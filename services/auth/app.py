@@ -33,6 +33,7 @@ from services.shared import (
 from . import store
 from .callers import REFUSALS_AUDITED, audit_refusal
 from .errors import InvalidServiceCredential, MalformedToken
+from .group_routes import GroupRoutes
 from .introspection import decide, inactive
 from .token_routes import TokenRoutes
 from .tokens import check_format, hash_token
@@ -74,12 +75,9 @@ class AuthService:
     def build_app(self, producer: AIOKafkaProducer) -> web.Application:
         app = build_app("auth", self.metrics, max_body_bytes=self.settings.max_body_bytes)
         app.router.add_post("/v1/introspect", self.introspect)
-        TokenRoutes(
-            self.settings,
-            self.engine,
-            self._pepper,
-            ChangeNotifier(producer, topics_for(self.settings)),
-        ).add_to(app)
+        changes = ChangeNotifier(producer, topics_for(self.settings))
+        TokenRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
+        GroupRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
         return app
 
     async def start(self) -> None:

@@ -37,6 +37,15 @@ class Caller:
     def actor(self) -> Actor:
         return Actor(user_id=self.token.user_id, token_id=self.token.id, ip=self.ip)
 
+    def require_all(self, wanted: set[str]) -> None:
+        """A caller can only hand on permissions it holds itself."""
+        beyond = sorted(wanted - self.token.permissions)
+        if beyond:
+            raise Forbidden(
+                "a token cannot grant permissions it does not hold",
+                details={"permissions": beyond},
+            )
+
 
 async def audit_refusal(
     engine: AsyncEngine, token: TokenState, reason: str, ip: str | None

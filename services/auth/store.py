@@ -243,3 +243,41 @@ async def rotate_token(
 
 async def delete_token_named(conn: AsyncConnection, user_id: str, name: str) -> None:
     await conn.execute(delete(_tokens).where(_tokens.c.user_id == user_id, _tokens.c.name == name))
+
+
+async def group_rows(conn: AsyncConnection, user_id: str, group_id: str | None = None) -> list[Any]:
+    query = select(_groups).where(_groups.c.user_id == user_id).order_by(_groups.c.id)
+    if group_id is not None:
+        query = query.where(_groups.c.id == group_id)
+    rows = list((await conn.execute(query)).all())
+    if group_id is not None and not rows:
+        raise UnknownEntity(f"permission group {group_id} not found")
+    return rows
+
+
+async def save_group(
+    conn: AsyncConnection, group_id: str, values: dict[str, Any], *, create: bool
+) -> None:
+    try:
+        async with conn.begin_nested():
+            if create:
+                await conn.execute(insert(_groups).values(id=group_id, **values))
+            else:
+                await conn.execute(update(_groups).where(_groups.c.id == group_id).values(**values))
+    except IntegrityError as exc:
+        raise DuplicateName(f"a permission group named {values.get('name')!r} exists") from exc
+
+
+async def group_in_use(conn: AsyncConnection, group_id: str) -> bool:
+    found = (
+        await conn.execute(
+            select(_tokens.c.id)
+            .where(_tokens.c.permission_group_id == group_id, _tokens.c.revoked_at.is_(None))
+            .limit(1)
+        )
+    ).first()
+    return found is not None
+
+
+async def delete_group(conn: AsyncConnection, group_id: str) -> None:
+    await conn.execute(delete(_groups).where(_groups.c.id == group_id))

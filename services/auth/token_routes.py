@@ -13,7 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     ChangeNotifier,
-    Forbidden,
     Settings,
     ValidationFailed,
     as_utc,
@@ -86,21 +85,6 @@ def token_view(row: Any) -> dict[str, Any]:
     }
 
 
-def _invalid(field: str, reason: str) -> ValidationFailed:
-    return ValidationFailed(
-        f"invalid request body: {field}", details=[{"field": field, "reason": reason}]
-    )
-
-
-def _no_escalation(caller: Caller, wanted: set[str]) -> None:
-    beyond = sorted(wanted - caller.token.permissions)
-    if beyond:
-        raise Forbidden(
-            "a token cannot grant permissions it does not hold",
-            details={"permissions": beyond},
-        )
-
-
 @dataclass(frozen=True)
 class TokenRoutes:
     settings: Settings
@@ -121,13 +105,15 @@ class TokenRoutes:
         now = utcnow()
         if body.expires_at is None:
             if self.settings.token_max_lifetime_days is not None:
-                raise _invalid("expires_at", "required: tokens have a maximum lifetime")
+                raise ValidationFailed.for_field(
+                    "expires_at", "required: tokens have a maximum lifetime"
+                )
             return
         if body.expires_at <= now:
-            raise _invalid("expires_at", "must be in the future")
+            raise ValidationFailed.for_field("expires_at", "must be in the future")
         limit = self.settings.token_max_lifetime_days
         if limit is not None and body.expires_at > now + timedelta(days=limit):
-            raise _invalid("expires_at", f"must be within {limit} days")
+            raise ValidationFailed.for_field("expires_at", f"must be within {limit} days")
 
     async def create(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
@@ -135,14 +121,16 @@ class TokenRoutes:
         self._check_expiry(body)
         store.check_known(body.permissions)
         if not body.permissions and body.permission_group_id is None:
-            raise _invalid("permissions", "give permissions or a permission_group_id")
+            raise ValidationFailed.for_field(
+                "permissions", "give permissions or a permission_group_id"
+            )
         async with self.engine.begin() as conn:
             wanted = set(body.permissions)
             if body.permission_group_id is not None:
                 wanted |= await store.group_permissions(
                     conn, caller.user_id, body.permission_group_id
                 )
-            _no_escalation(caller, wanted)
+            caller.require_all(wanted)
             token_id, plaintext = await store.create_token(
                 conn,
                 pepper=self.pepper,
@@ -201,7 +189,9 @@ class TokenRoutes:
         body = await parse_body(request, TokenUpdate)
         values = body.model_dump(exclude_none=True)
         if not values:
-            raise _invalid("body", "give at least one of name, description, active")
+            raise ValidationFailed.for_field(
+                "body", "give at least one of name, description, active"
+            )
         action = "token.updated"
         if values.get("active") is False:
             action = "token.deactivated"
@@ -227,7 +217,7 @@ class TokenRoutes:
         grace_until = utcnow() + timedelta(seconds=body.grace_seconds)
         async with self.engine.begin() as conn:
             row = await store.token_row(conn, caller.user_id, token_id)
-            _no_escalation(caller, set(row.permissions) | set(row.group_permissions or ()))
+            caller.require_all(set(row.permissions) | set(row.group_permissions or ()))
             plaintext = await store.rotate_token(
                 conn, pepper=self.pepper, row=row, previous_valid_until=grace_until
             )

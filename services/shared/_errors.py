@@ -75,6 +75,10 @@ class ValidationFailed(HookwireError):
     status = 422
     code = "validation_failed"
 
+    @classmethod
+    def for_field(cls, field: str, reason: str) -> ValidationFailed:
+        return cls(f"invalid request body: {field}", details=[{"field": field, "reason": reason}])
+
 
 class InvalidRecord(HookwireError):
     """A Kafka record that does not match its contract; it goes to the dead-letter topic."""

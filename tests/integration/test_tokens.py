@@ -17,26 +17,6 @@ from tests.conftest import Stack, running_stack
 MANAGE = ["token:manage", "object:read", "webhook:read", "webhook:create"]
 
 
-async def _call(
-    stack: Stack, method: str, path: str, token: str | None = None, **kwargs: Any
-) -> tuple[int, Any]:
-    async with stack.session.request(
-        method, f"{stack.auth_url}{path}", headers=stack.headers(token), **kwargs
-    ) as response:
-        body = await response.json() if response.status != 204 else None
-        return response.status, body
-
-
-async def _introspect(stack: Stack, token: str) -> dict[str, Any]:
-    async with stack.session.post(
-        f"{stack.auth_url}/v1/introspect",
-        json={"token": token},
-        headers={"authorization": "Bearer test-service-credential"},
-    ) as response:
-        answer: dict[str, Any] = await response.json()
-        return answer
-
-
 async def _token_count(stack: Stack) -> int:
     async with stack.api.engine.connect() as conn:
         count = (await conn.execute(select(func.count()).select_from(tables.tokens))).scalar()
@@ -51,23 +31,23 @@ async def _audit_actions(stack: Stack) -> list[str]:
 
 async def test_create_shows_the_secret_once(api_stack: Stack) -> None:
     """The plaintext is in the create response only; lists and shows never carry it."""
-    status, created = await _call(
-        api_stack, "POST", "/v1/tokens", json={"name": "zapier", "permissions": ["object:read"]}
+    status, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "zapier", "permissions": ["object:read"]}
     )
     assert status == 201
     token = created["token"]
     assert token.startswith("hwk_")
     assert token.startswith(created["display_prefix"])
     assert created["state"] == "active"
-    status, listed = await _call(api_stack, "GET", "/v1/tokens")
+    status, listed = await api_stack.auth_call("GET", "/v1/tokens")
     assert status == 200
     assert {t["name"] for t in listed["data"]} == {"all", "zapier"}
     assert all("token" not in t for t in listed["data"])
-    status, shown = await _call(api_stack, "GET", f"/v1/tokens/{created['id']}")
+    status, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
     assert status == 200
     assert "token" not in shown
     assert token not in str(listed) + str(shown)
-    assert (await _introspect(api_stack, token))["active"] is True
+    assert (await api_stack.introspect(token))["active"] is True
     assert "token.created" in await _audit_actions(api_stack)
 
 
@@ -112,7 +92,7 @@ async def test_bad_token_requests_store_nothing(
 ) -> None:
     """Duplicates, unknown permissions, past or naive expiry, bad CIDRs, unknown fields."""
     before = await _token_count(api_stack)
-    got, answer = await _call(api_stack, "POST", "/v1/tokens", json=body)
+    got, answer = await api_stack.auth_call("POST", "/v1/tokens", json=body)
     assert got == status
     error = answer["error"]
     fields = [d["field"] for d in error["details"]] if isinstance(error["details"], list) else []
@@ -123,8 +103,7 @@ async def test_bad_token_requests_store_nothing(
 async def test_a_token_cannot_grant_more_than_it_holds(api_stack: Stack) -> None:
     """No escalation on create or rotate."""
     limited = await api_stack.new_token(["token:manage", "object:read"])
-    status, answer = await _call(
-        api_stack,
+    status, answer = await api_stack.auth_call(
         "POST",
         "/v1/tokens",
         limited,
@@ -132,10 +111,10 @@ async def test_a_token_cannot_grant_more_than_it_holds(api_stack: Stack) -> None
     )
     assert status == 403
     assert answer["error"]["details"] == {"permissions": ["webhook:create"]}
-    status, listed = await _call(api_stack, "GET", "/v1/tokens")
+    status, listed = await api_stack.auth_call("GET", "/v1/tokens")
     all_token = next(t for t in listed["data"] if t["name"] == "all")
-    status, _ = await _call(
-        api_stack, "POST", f"/v1/tokens/{all_token['id']}/rotate", limited, json={}
+    status, _ = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{all_token['id']}/rotate", limited, json={}
     )
     assert status == 403
 
@@ -143,71 +122,71 @@ async def test_a_token_cannot_grant_more_than_it_holds(api_stack: Stack) -> None
 async def test_token_manage_is_required(api_stack: Stack) -> None:
     """Managing tokens needs token:manage; bad tokens get 401."""
     reader = await api_stack.new_token(["object:read"])
-    status, _ = await _call(api_stack, "GET", "/v1/tokens", reader)
+    status, _ = await api_stack.auth_call("GET", "/v1/tokens", reader)
     assert status == 403
     for bad in ("hwk_x", api_stack.token[:-1] + "x", "nope"):
-        status, answer = await _call(api_stack, "GET", "/v1/tokens", bad)
+        status, answer = await api_stack.auth_call("GET", "/v1/tokens", bad)
         assert status == 401
         assert answer["error"]["code"] == "invalid_token"
 
 
 async def test_rotate_now_kills_the_old_secret(api_stack: Stack) -> None:
     """After rotate with no grace, only the new secret works."""
-    _, created = await _call(
-        api_stack, "POST", "/v1/tokens", json={"name": "r", "permissions": ["object:read"]}
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "r", "permissions": ["object:read"]}
     )
-    status, rotated = await _call(
-        api_stack, "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 0}
+    status, rotated = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 0}
     )
     assert status == 200
     assert rotated["token"] != created["token"]
-    assert (await _introspect(api_stack, created["token"])) == {
+    assert (await api_stack.introspect(created["token"])) == {
         "active": False,
         "reason": "rotated",
     }
-    assert (await _introspect(api_stack, rotated["token"]))["active"] is True
+    assert (await api_stack.introspect(rotated["token"]))["active"] is True
 
 
 async def test_rotate_with_grace_keeps_both_until_it_ends(api_stack: Stack) -> None:
     """'Expire later': old and new both work during the grace, then only the new one."""
-    _, created = await _call(
-        api_stack, "POST", "/v1/tokens", json={"name": "g", "permissions": ["object:read"]}
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "g", "permissions": ["object:read"]}
     )
-    _, rotated = await _call(
-        api_stack, "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 1}
+    _, rotated = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 1}
     )
     assert rotated["previous_secret_valid_until"] is not None
-    assert (await _introspect(api_stack, created["token"]))["active"] is True
-    assert (await _introspect(api_stack, rotated["token"]))["active"] is True
+    assert (await api_stack.introspect(created["token"]))["active"] is True
+    assert (await api_stack.introspect(rotated["token"]))["active"] is True
     await asyncio.sleep(1.2)
-    assert (await _introspect(api_stack, created["token"]))["reason"] == "rotated"
-    assert (await _introspect(api_stack, rotated["token"]))["active"] is True
+    assert (await api_stack.introspect(created["token"]))["reason"] == "rotated"
+    assert (await api_stack.introspect(rotated["token"]))["active"] is True
 
 
 @pytest.mark.parametrize("grace", [-1, 10**9, "60", 1.5])
 async def test_bad_grace_is_refused(api_stack: Stack, grace: object) -> None:
     """Negative, huge, or non-integer grace periods are 422 and change nothing."""
-    _, listed = await _call(api_stack, "GET", "/v1/tokens")
+    _, listed = await api_stack.auth_call("GET", "/v1/tokens")
     token_id = listed["data"][0]["id"]
-    status, answer = await _call(
-        api_stack, "POST", f"/v1/tokens/{token_id}/rotate", json={"grace_seconds": grace}
+    status, answer = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{token_id}/rotate", json={"grace_seconds": grace}
     )
     assert status == 422
     assert answer["error"]["details"][0]["field"] == "grace_seconds"
-    assert (await _introspect(api_stack, api_stack.token))["active"] is True
+    assert (await api_stack.introspect(api_stack.token))["active"] is True
 
 
 async def test_lifecycle_deactivate_reactivate_expire_revoke(api_stack: Stack) -> None:
     """Each state change takes effect at once and is audited."""
-    _, created = await _call(
-        api_stack, "POST", "/v1/tokens", json={"name": "life", "permissions": ["object:read"]}
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "life", "permissions": ["object:read"]}
     )
     path, token = f"/v1/tokens/{created['id']}", created["token"]
-    status, shown = await _call(api_stack, "PATCH", path, json={"active": False})
+    status, shown = await api_stack.auth_call("PATCH", path, json={"active": False})
     assert (status, shown["state"]) == (200, "inactive")
-    assert (await _introspect(api_stack, token))["reason"] == "inactive"
-    status, shown = await _call(
-        api_stack, "PATCH", path, json={"active": True, "name": "renamed", "description": "d"}
+    assert (await api_stack.introspect(token))["reason"] == "inactive"
+    status, shown = await api_stack.auth_call(
+        "PATCH", path, json={"active": True, "name": "renamed", "description": "d"}
     )
     assert (status, shown["state"], shown["name"], shown["description"]) == (
         200,
@@ -215,13 +194,13 @@ async def test_lifecycle_deactivate_reactivate_expire_revoke(api_stack: Stack) -
         "renamed",
         "d",
     )
-    assert (await _introspect(api_stack, token))["active"] is True
-    status, shown = await _call(api_stack, "POST", f"{path}/expire")
+    assert (await api_stack.introspect(token))["active"] is True
+    status, shown = await api_stack.auth_call("POST", f"{path}/expire")
     assert (status, shown["state"]) == (200, "expired")
-    assert (await _introspect(api_stack, token))["reason"] == "expired"
-    status, _ = await _call(api_stack, "DELETE", path)
+    assert (await api_stack.introspect(token))["reason"] == "expired"
+    status, _ = await api_stack.auth_call("DELETE", path)
     assert status == 204
-    assert (await _introspect(api_stack, token))["reason"] == "revoked"
+    assert (await api_stack.introspect(token))["reason"] == "revoked"
     actions = await _audit_actions(api_stack)
     for action in (
         "token.deactivated",
@@ -235,14 +214,14 @@ async def test_lifecycle_deactivate_reactivate_expire_revoke(api_stack: Stack) -
 
 async def test_bad_updates_are_refused(api_stack: Stack) -> None:
     """Empty or unknown-field PATCH bodies and duplicate renames are refused."""
-    _, created = await _call(
-        api_stack, "POST", "/v1/tokens", json={"name": "p", "permissions": ["object:read"]}
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "p", "permissions": ["object:read"]}
     )
     path = f"/v1/tokens/{created['id']}"
-    assert (await _call(api_stack, "PATCH", path, json={}))[0] == 422
-    assert (await _call(api_stack, "PATCH", path, json={"permissions": []}))[0] == 422
-    assert (await _call(api_stack, "PATCH", path, json={"active": "no"}))[0] == 422
-    status, answer = await _call(api_stack, "PATCH", path, json={"name": "all"})
+    assert (await api_stack.auth_call("PATCH", path, json={}))[0] == 422
+    assert (await api_stack.auth_call("PATCH", path, json={"permissions": []}))[0] == 422
+    assert (await api_stack.auth_call("PATCH", path, json={"active": "no"}))[0] == 422
+    status, answer = await api_stack.auth_call("PATCH", path, json={"name": "all"})
     assert (status, answer["error"]["code"]) == (409, "duplicate_name")
 
 
@@ -265,14 +244,13 @@ async def test_other_users_tokens_do_not_exist(api_stack: Stack) -> None:
         ("POST", "/rotate", {}),
         ("POST", "/expire", None),
     ):
-        status, _ = await _call(api_stack, method, f"/v1/tokens/{other_id}{suffix}", json=body)
+        status, _ = await api_stack.auth_call(method, f"/v1/tokens/{other_id}{suffix}", json=body)
         assert status == 404, (method, suffix)
 
 
 async def test_ip_allowlist_is_enforced_through_the_api(api_stack: Stack) -> None:
     """A token limited to 10.0.0.0/8 is refused when used from loopback."""
-    _, created = await _call(
-        api_stack,
+    _, created = await api_stack.auth_call(
         "POST",
         "/v1/tokens",
         json={"name": "cidr", "permissions": ["webhook:read"], "allowed_cidrs": ["10.0.0.0/8"]},
@@ -299,14 +277,14 @@ async def test_revoked_token_is_refused_by_the_api_within_a_second(
 ) -> None:
     """Revocation reaches the api's cache through a change record in under one second."""
     stack = long_cache_stack
-    _, created = await _call(
-        stack, "POST", "/v1/tokens", json={"name": "soon-gone", "permissions": ["webhook:read"]}
+    _, created = await stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "soon-gone", "permissions": ["webhook:read"]}
     )
     url = f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks"
     headers = stack.headers(created["token"])
     async with stack.session.get(url, headers=headers) as response:
         assert response.status == 200
-    status, _ = await _call(stack, "DELETE", f"/v1/tokens/{created['id']}")
+    status, _ = await stack.auth_call("DELETE", f"/v1/tokens/{created['id']}")
     assert status == 204
     revoked_at = time.monotonic()
     while True:
@@ -326,8 +304,7 @@ async def test_max_lifetime_is_enforced(settings: Settings) -> None:
         late = (datetime.now(UTC) + timedelta(days=31)).isoformat()
         cases = [({}, 422), ({"expires_at": late}, 422), ({"expires_at": soon}, 201)]
         for extra, expected in cases:
-            status, answer = await _call(
-                stack,
+            status, answer = await stack.auth_call(
                 "POST",
                 "/v1/tokens",
                 json={"name": f"n{expected}{len(extra)}", "permissions": ["object:read"], **extra},

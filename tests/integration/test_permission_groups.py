@@ -1,0 +1,98 @@
+"""Permission groups: tokens that reference a group follow its edits at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack
+
+
+async def _group(stack: Stack, permissions: list[str], name: str = "crm") -> dict[str, Any]:
+    status, group = await stack.auth_call(
+        "POST", "/v1/permission-groups", json={"name": name, "permissions": permissions}
+    )
+    assert status == 201, group
+    return group
+
+
+async def test_group_edits_change_token_permissions_at_once(api_stack: Stack) -> None:
+    """A token made from a group gains and loses what the group gains and loses."""
+    group = await _group(api_stack, ["object:read"])
+    status, created = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "via-group", "permission_group_id": group["id"]},
+    )
+    assert status == 201
+    assert (await api_stack.introspect(created["token"]))["permissions"] == ["object:read"]
+    status, edited = await api_stack.auth_call(
+        "PATCH",
+        f"/v1/permission-groups/{group['id']}",
+        json={"permissions": ["object:read", "webhook:read"]},
+    )
+    assert status == 200
+    assert edited["permissions"] == ["object:read", "webhook:read"]
+    assert (await api_stack.introspect(created["token"]))["permissions"] == [
+        "object:read",
+        "webhook:read",
+    ]
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks",
+        headers=api_stack.headers(created["token"]),
+    ) as response:
+        assert response.status == 200
+
+
+async def test_groups_cannot_escalate(api_stack: Stack) -> None:
+    """Neither creating nor editing a group can reach beyond the caller's permissions."""
+    limited = await api_stack.new_token(["token:manage", "object:read"])
+    status, answer = await api_stack.auth_call(
+        "POST",
+        "/v1/permission-groups",
+        limited,
+        json={"name": "big", "permissions": ["webhook:delete"]},
+    )
+    assert status == 403
+    group = await _group(api_stack, ["object:read"])
+    status, answer = await api_stack.auth_call(
+        "PATCH",
+        f"/v1/permission-groups/{group['id']}",
+        limited,
+        json={"permissions": ["team:billing"]},
+    )
+    assert status == 403
+    assert answer["error"]["details"] == {"permissions": ["team:billing"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"name": "crm", "permissions": ["object:read"]}, 409),
+        ({"name": "x", "permissions": ["object:explode"]}, 422),
+        ({"name": "x", "permissions": []}, 422),
+        ({"name": "x"}, 422),
+        ({"name": "x", "permissions": ["object:read"], "owner": "me"}, 422),
+    ],
+)
+async def test_bad_groups_are_refused(api_stack: Stack, body: dict[str, Any], status: int) -> None:
+    """Duplicate names, unknown or missing permissions, unknown fields."""
+    await _group(api_stack, ["object:read"])
+    got, _ = await api_stack.auth_call("POST", "/v1/permission-groups", json=body)
+    assert got == status
+    _, listed = await api_stack.auth_call("GET", "/v1/permission-groups")
+    assert [g["name"] for g in listed["data"]] == ["crm"]
+
+
+async def test_a_group_in_use_cannot_be_deleted(api_stack: Stack) -> None:
+    """Deleting a group its tokens rely on is refused until they are revoked."""
+    group = await _group(api_stack, ["object:read"])
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "uses", "permission_group_id": group["id"]}
+    )
+    path = f"/v1/permission-groups/{group['id']}"
+    assert (await api_stack.auth_call("DELETE", path))[0] == 409
+    assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}"))[0] == 204
+    assert (await api_stack.auth_call("DELETE", path))[0] == 204
+    assert (await api_stack.auth_call("GET", path))[0] == 404
