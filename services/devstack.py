@@ -24,6 +24,7 @@ from services.dispatcher.app import DispatcherService
 from services.shared import (
     EmbeddedBroker,
     Settings,
+    access_tokens,
     bound_port,
     create_engine,
     ensure_topics,
@@ -44,15 +45,17 @@ def _write_private(path: Path, payload: dict[str, Any]) -> None:
 def dev_secrets(data_dir: Path) -> dict[str, str]:
     """Secrets generated once per checkout, so tokens keep working across restarts."""
     path = data_dir / "secrets.json"
-    if path.exists():
-        stored: dict[str, str] = orjson.loads(path.read_bytes())
-        return stored
-    generated = {
-        "service_credential": secrets.token_urlsafe(32),
-        "token_pepper": secrets.token_urlsafe(32),
+    stored: dict[str, str] = orjson.loads(path.read_bytes()) if path.exists() else {}
+    wanted = {
+        "service_credential": lambda: secrets.token_urlsafe(32),
+        "token_pepper": lambda: secrets.token_urlsafe(32),
+        "access_token_private_key": access_tokens.generate_private_key_pem,
     }
-    _write_private(path, generated)
-    return generated
+    missing = {name: make() for name, make in wanted.items() if name not in stored}
+    if missing:
+        stored.update(missing)
+        _write_private(path, stored)
+    return stored
 
 
 class SampleReceiver:
@@ -126,7 +129,7 @@ async def run_dev(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {"dev_mode": True}
     stored = dev_secrets(settings.data_dir)
-    for name in ("service_credential", "token_pepper"):
+    for name in ("service_credential", "token_pepper", "access_token_private_key"):
         if getattr(settings, name) is None:
             overrides[name] = stored[name]
     if not settings.kafka_bootstrap:

@@ -24,6 +24,7 @@ from services.shared import (
     PERMISSIONS,
     EmbeddedBroker,
     Settings,
+    access_tokens,
     bound_port,
     create_engine,
     ensure_topics,
@@ -33,6 +34,7 @@ from services.shared import (
 )
 
 POSTGRES_DSN = os.environ.get("HOOKWIRE_TEST_POSTGRES_DSN")
+ACCESS_TOKEN_KEY = access_tokens.generate_private_key_pem()
 DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_DSN else [])
 
 
@@ -79,6 +81,7 @@ def _settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Setti
         dispatcher_port=0,
         service_credential="test-service-credential",
         token_pepper="test-pepper",
+        access_token_private_key=ACCESS_TOKEN_KEY,
         allow_private_urls=True,
         delivery_timeout_seconds=5,
         log_format="json",

@@ -61,6 +61,7 @@ class ApiService:
                 self.settings.effective_auth_url,
                 self._credential,
                 self.settings.auth_cache_ttl_seconds,
+                self.settings.access_token_ttl_seconds,
             ),
             publisher=Publisher(producer, topics_for(self.settings)),
             changes=ChangeNotifier(producer, topics_for(self.settings)),
@@ -102,6 +103,7 @@ class ApiService:
                     continue
                 if change.entity == "token":
                     gate.forget_token(change.entity_id)
+                    gate.note_token_state(change.entity_id, change.state)
                 elif change.entity in ("user", "membership", "permission_group", "team"):
                     gate.forget_all()
 

@@ -9,8 +9,15 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from services.shared import Forbidden, InvalidToken, NotFound
+from services.shared import (
+    Forbidden,
+    InvalidToken,
+    NotFound,
+    access_tokens,
+    effective_permissions,
+)
 
 from .errors import AuthUnavailable
 
@@ -27,7 +34,12 @@ class TokenGate:
     """Introspects tokens with a short cache of positive answers per (token, team)."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, auth_url: str, credential: str, cache_ttl: float
+        self,
+        session: aiohttp.ClientSession,
+        auth_url: str,
+        credential: str,
+        cache_ttl: float,
+        access_ttl: int = 3600,
     ) -> None:
         self._session = session
         self._url = f"{auth_url.rstrip('/')}/v1/introspect"
@@ -35,6 +47,23 @@ class TokenGate:
         self._ttl = cache_ttl
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._keys_by_token: dict[str, set[tuple[str, str]]] = {}
+        self._keys_url = f"{auth_url.rstrip('/')}/v1/keys"
+        self._public_keys: dict[str, Ed25519PublicKey] = {}
+        self._revoked: dict[str, float] = {}
+        self._access_ttl = access_ttl
+
+    def note_token_state(self, token_id: str, state: str | None) -> None:
+        """Access tokens of a key that is no longer active are refused from now on."""
+        if state is None:
+            return
+        if state == "active":
+            self._revoked.pop(token_id, None)
+        else:
+            self._revoked[token_id] = time.monotonic()
+        # An access token outlives its key's revocation by at most its own lifetime.
+        horizon = time.monotonic() - self._access_ttl - 300
+        for stale in [tid for tid, noted in self._revoked.items() if noted < horizon]:
+            del self._revoked[stale]
 
     def forget_token(self, token_id: str) -> None:
         for key in self._keys_by_token.pop(token_id, set()):
@@ -65,9 +94,45 @@ class TokenGate:
             self._keys_by_token.setdefault(str(answer["token_id"]), set()).add(key)
         return answer
 
+    async def _public_key(self, kid: str | None) -> Ed25519PublicKey:
+        if kid not in self._public_keys:
+            try:
+                async with self._session.get(self._keys_url) as response:
+                    if response.status != 200:
+                        raise AuthUnavailable(f"auth service answered {response.status} for keys")
+                    document = await response.json()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
+            self._public_keys.update(access_tokens.public_keys_from_jwk_set(document))
+        key = self._public_keys.get(str(kid))
+        if key is None:
+            raise InvalidToken(
+                "access token is signed by an unknown key", details={"reason": "unknown_key"}
+            )
+        return key
+
+    async def _require_access_token(self, token: str, team_id: str, permission: str) -> Principal:
+        """Verified locally: signature, expiry, the key's revocation, the team role."""
+        key = await self._public_key(access_tokens.unverified_key_id(token))
+        claims = access_tokens.verify(key, token)
+        if claims.token_id in self._revoked:
+            raise InvalidToken("token is not valid: revoked", details={"reason": "revoked"})
+        role = claims.teams.get(team_id)
+        if role is None:
+            raise NotFound(f"team {team_id} not found")
+        permissions = effective_permissions(set(claims.permissions), role)
+        if permission not in permissions:
+            raise Forbidden(
+                f"token lacks the {permission} permission in this team",
+                details={"permission": permission},
+            )
+        return Principal(claims.token_id, claims.user_id, team_id, permissions)
+
     async def require(
         self, request: web.Request, token: str, team_id: str, permission: str
     ) -> Principal:
+        if access_tokens.looks_like_access_token(token):
+            return await self._require_access_token(token, team_id, permission)
         answer = await self._introspect(token, team_id, request.remote)
         if not answer.get("active"):
             reason = str(answer.get("reason", "unknown"))

@@ -17,6 +17,7 @@ from services.shared import (
     ChangeNotifier,
     Metrics,
     Settings,
+    access_tokens,
     bound_port,
     build_app,
     check_ready,
@@ -33,6 +34,7 @@ from services.shared import (
 from . import store
 from .callers import REFUSALS_AUDITED, audit_refusal
 from .errors import InvalidServiceCredential, MalformedToken
+from .exchange import ExchangeRoutes
 from .group_routes import GroupRoutes
 from .introspection import decide, inactive
 from .token_routes import TokenRoutes
@@ -58,6 +60,11 @@ class AuthService:
         self.engine = engine
         self._pepper = settings.require_secret("token_pepper")
         self._service_credential = settings.require_secret("service_credential").encode()
+        self._access_key = (
+            access_tokens.load_private_key(settings.require_secret("access_token_private_key"))
+            if settings.access_token_private_key is not None
+            else None
+        )
         self.metrics = Metrics("auth")
         self._introspections = self.metrics.counter(
             "introspections_total", "Introspection answers", ("result", "reason")
@@ -78,6 +85,7 @@ class AuthService:
         changes = ChangeNotifier(producer, topics_for(self.settings))
         TokenRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
         GroupRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
+        ExchangeRoutes(self.settings, self.engine, self._pepper, self._access_key).add_to(app)
         return app
 
     async def start(self) -> None:

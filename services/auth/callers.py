@@ -68,7 +68,7 @@ async def authenticate(
     pepper: str,
     *,
     allow_query_keys: bool,
-    permission: str,
+    permission: str | None,
 ) -> Caller:
     token_text = presented_token(request, allow_query_keys=allow_query_keys)
     try:
@@ -83,7 +83,7 @@ async def authenticate(
         if token is not None and reason in REFUSALS_AUDITED:
             await audit_refusal(engine, token, reason, request.remote)
         raise InvalidToken(f"token is not valid: {reason}", details={"reason": reason})
-    if permission not in token.permissions:
+    if permission is not None and permission not in token.permissions:
         raise Forbidden(
             f"token lacks the {permission} permission", details={"permission": permission}
         )

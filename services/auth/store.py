@@ -281,3 +281,12 @@ async def group_in_use(conn: AsyncConnection, group_id: str) -> bool:
 
 async def delete_group(conn: AsyncConnection, group_id: str) -> None:
     await conn.execute(delete(_groups).where(_groups.c.id == group_id))
+
+
+async def memberships_of(conn: AsyncConnection, user_id: str) -> dict[str, str]:
+    rows = await conn.execute(
+        select(tables.memberships.c.team_id, tables.memberships.c.role).where(
+            tables.memberships.c.user_id == user_id
+        )
+    )
+    return {row.team_id: row.role for row in rows}

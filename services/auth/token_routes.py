@@ -62,6 +62,10 @@ class TokenRotate(BaseModel):
     grace_seconds: int = Field(default=0, ge=0, le=MAX_GRACE_SECONDS)
 
 
+def _state(row: Any) -> str:
+    return state_of(store.state_from_row(row), utcnow())
+
+
 def token_view(row: Any) -> dict[str, Any]:
     now = utcnow()
     grace_until = as_utc(row.previous_expires_at)
@@ -72,7 +76,7 @@ def token_view(row: Any) -> dict[str, Any]:
         "display_prefix": row.display_prefix,
         "permissions": row.permissions,
         "permission_group_id": row.permission_group_id,
-        "state": state_of(store.state_from_row(row), now),
+        "state": _state(row),
         "active": row.active,
         "created_at": as_utc(row.created_at),
         "expires_at": as_utc(row.expires_at),
@@ -152,7 +156,7 @@ class TokenRoutes:
                 details={"name": body.name, "permissions": sorted(wanted)},
             )
             row = await store.token_row(conn, caller.user_id, token_id)
-        await self.changes.notify("token", token_id, "created")
+        await self.changes.notify("token", token_id, "created", state="active")
         return json_response({**token_view(row), "token": plaintext}, status=201)
 
     async def list(self, request: web.Request) -> web.Response:
@@ -181,7 +185,7 @@ class TokenRoutes:
             await store.update_token(conn, token_id, **values)
             await record_audit(conn, caller.actor, action, "token", token_id, details=details)
             row = await store.token_row(conn, caller.user_id, token_id)
-        await self.changes.notify("token", token_id, "updated")
+        await self.changes.notify("token", token_id, "updated", state=_state(row))
         return row
 
     async def update(self, request: web.Request) -> web.Response:
@@ -230,7 +234,7 @@ class TokenRoutes:
                 details={"grace_seconds": body.grace_seconds},
             )
             row = await store.token_row(conn, caller.user_id, token_id)
-        await self.changes.notify("token", token_id, "updated")
+        await self.changes.notify("token", token_id, "updated", state=_state(row))
         return json_response({**token_view(row), "token": plaintext})
 
     def add_to(self, app: web.Application) -> None:

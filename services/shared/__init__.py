@@ -3,6 +3,7 @@
 Import from here, not from the private modules: this list is the supported surface.
 """
 
+from . import _access_tokens as access_tokens
 from . import _schema as tables
 from ._audit import Actor, record_audit
 from ._broker import EmbeddedBroker, free_port
@@ -97,6 +98,7 @@ __all__ = [
     "Topics",
     "Unauthorized",
     "ValidationFailed",
+    "access_tokens",
     "as_utc",
     "bound_port",
     "build_app",

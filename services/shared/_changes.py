@@ -21,12 +21,22 @@ class ChangeNotifier:
         self._topic = topics.changes
 
     async def notify(
-        self, entity: Entity, entity_id: str, action: Action, team_id: str | None = None
+        self,
+        entity: Entity,
+        entity_id: str,
+        action: Action,
+        team_id: str | None = None,
+        state: str | None = None,
     ) -> None:
         """Best effort after the change has committed: a lost notice is covered by cache TTLs
         and the dispatcher's periodic resync, so it must not fail the caller's request."""
         change = Change(
-            entity=entity, entity_id=entity_id, action=action, team_id=team_id, at=utcnow()
+            entity=entity,
+            entity_id=entity_id,
+            action=action,
+            team_id=team_id,
+            state=state,
+            at=utcnow(),
         )
         try:
             await self._producer.send_and_wait(

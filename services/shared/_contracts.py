@@ -106,6 +106,9 @@ class Change(Record):
     entity_id: str
     action: Literal["created", "updated", "deleted"]
     team_id: str | None = None
+    # A token's state after the change (active, inactive, expired, revoked); verifiers of
+    # access tokens keep a revocation set from it.
+    state: str | None = None
     at: datetime
 
 

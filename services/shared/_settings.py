@@ -53,6 +53,8 @@ class Settings(BaseSettings):
 
     service_credential: SecretStr | None = None
     token_pepper: SecretStr | None = None
+    access_token_private_key: SecretStr | None = None
+    access_token_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
 
     allow_private_urls: StrictBool = False
     allow_query_keys: StrictBool = False
@@ -75,7 +77,9 @@ class Settings(BaseSettings):
     def effective_auth_url(self) -> str:
         return self.auth_url or f"http://{self.host}:{self.auth_port}"
 
-    def require_secret(self, name: Literal["service_credential", "token_pepper"]) -> str:
+    def require_secret(
+        self, name: Literal["service_credential", "token_pepper", "access_token_private_key"]
+    ) -> str:
         value: SecretStr | None = getattr(self, name)
         if value is None or not value.get_secret_value():
             raise ConfigurationError(f"HOOKWIRE_{name.upper()} is required and has no default")

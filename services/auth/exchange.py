@@ -1,0 +1,87 @@
+"""Trading a key for a one-hour access token (``POST /v1/token-exchange``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import (
+    DependencyUnavailable,
+    Settings,
+    access_tokens,
+    get_logger,
+    json_response,
+    new_id,
+)
+
+from . import store
+from .callers import authenticate
+
+
+class AccessTokensNotConfigured(DependencyUnavailable):
+    code = "access_tokens_not_configured"
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+@dataclass(frozen=True)
+class ExchangeRoutes:
+    settings: Settings
+    engine: AsyncEngine
+    pepper: str
+    private_key: Ed25519PrivateKey | None
+
+    def _key(self) -> Ed25519PrivateKey:
+        if self.private_key is None:
+            raise AccessTokensNotConfigured(
+                "access tokens are not enabled: set HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY"
+            )
+        return self.private_key
+
+    async def keys(self, _: web.Request) -> web.Response:
+        return json_response(access_tokens.jwk_set(self._key().public_key()))
+
+    async def exchange(self, request: web.Request) -> web.Response:
+        private_key = self._key()
+        caller = await authenticate(
+            request,
+            self.engine,
+            self.pepper,
+            allow_query_keys=self.settings.allow_query_keys,
+            permission=None,
+        )
+        async with self.engine.connect() as conn:
+            teams = await store.memberships_of(conn, caller.user_id)
+        issued_at = int(time.time())
+        expires_at = issued_at + self.settings.access_token_ttl_seconds
+        if caller.token.expires_at is not None:
+            expires_at = min(expires_at, int(caller.token.expires_at.timestamp()))
+        token = access_tokens.issue(
+            private_key,
+            {
+                "sub": caller.user_id,
+                "tid": caller.token.id,
+                "jti": new_id("at"),
+                "perms": sorted(caller.token.permissions),
+                "teams": teams,
+                "iat": issued_at,
+                "exp": expires_at,
+            },
+        )
+        get_logger("auth").info("access_token_issued", token_id=caller.token.id)
+        return json_response(
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": expires_at - issued_at,
+            }
+        )
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/keys", self.keys)
+        app.router.add_post("/v1/token-exchange", self.exchange)

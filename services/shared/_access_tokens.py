@@ -1,0 +1,120 @@
+"""Short-lived access tokens: signed JWTs any service verifies without calling auth.
+
+The auth service signs with an Ed25519 private key and publishes the public half at
+``GET /v1/keys`` (a JWK set); verifiers fetch it once. A key revoked after an access token
+was issued is caught by the revocation set that ``changes`` records keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from jwt.algorithms import OKPAlgorithm
+
+from ._credentials import InvalidToken
+from ._errors import ConfigurationError
+
+ISSUER = "hookwire"
+ALGORITHM = "EdDSA"
+
+
+@dataclass(frozen=True)
+class AccessClaims:
+    user_id: str
+    token_id: str
+    permissions: frozenset[str]
+    teams: dict[str, str]
+    expires_at: int
+
+
+def looks_like_access_token(token: str) -> bool:
+    return token.startswith("eyJ") and token.count(".") == 2
+
+
+def generate_private_key_pem() -> str:
+    return (
+        Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+
+
+def load_private_key(pem: str) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except ValueError as exc:
+        raise ConfigurationError(
+            "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY is not a PEM private key"
+        ) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigurationError("HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY must be an Ed25519 key")
+    return key
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw.hex()[:16]
+
+
+def jwk_set(public_key: Ed25519PublicKey) -> dict[str, Any]:
+    jwk: dict[str, Any] = OKPAlgorithm.to_jwk(public_key, as_dict=True)
+    jwk.update({"kid": key_id(public_key), "alg": ALGORITHM, "use": "sig"})
+    return {"keys": [jwk]}
+
+
+def public_keys_from_jwk_set(document: dict[str, Any]) -> dict[str, Ed25519PublicKey]:
+    keys = {}
+    for jwk in document.get("keys", []):
+        key = OKPAlgorithm.from_jwk(jwk)
+        if isinstance(key, Ed25519PublicKey):
+            keys[str(jwk.get("kid"))] = key
+    return keys
+
+
+def issue(private_key: Ed25519PrivateKey, claims: dict[str, Any]) -> str:
+    return jwt.encode(
+        {**claims, "iss": ISSUER},
+        private_key,
+        algorithm=ALGORITHM,
+        headers={"kid": key_id(private_key.public_key())},
+    )
+
+
+def unverified_key_id(token: str) -> str | None:
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError as exc:
+        raise InvalidToken("access token is malformed", details={"reason": "malformed"}) from exc
+    return str(kid) if kid is not None else None
+
+
+def verify(public_key: Ed25519PublicKey, token: str) -> AccessClaims:
+    try:
+        claims = jwt.decode(
+            token,
+            public_key,
+            algorithms=[ALGORITHM],
+            issuer=ISSUER,
+            options={"require": ["exp", "iat", "sub", "tid", "iss"]},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise InvalidToken("access token has expired", details={"reason": "expired"}) from exc
+    except jwt.PyJWTError as exc:
+        raise InvalidToken(
+            f"access token is not valid: {exc}", details={"reason": "malformed"}
+        ) from exc
+    return AccessClaims(
+        user_id=str(claims["sub"]),
+        token_id=str(claims["tid"]),
+        permissions=frozenset(claims.get("perms", [])),
+        teams=dict(claims.get("teams", {})),
+        expires_at=int(claims["exp"]),
+    )

@@ -1,0 +1,145 @@
+"""Access tokens: a key traded for a one-hour JWT that the api verifies on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+
+import jwt
+import orjson
+import pytest
+
+from services.shared import Settings, access_tokens
+from tests.conftest import ACCESS_TOKEN_KEY, Stack, running_stack
+
+
+async def _exchange(stack: Stack, key: str) -> tuple[int, dict[str, object]]:
+    status, body = await stack.auth_call("POST", "/v1/token-exchange", key)
+    return status, body
+
+
+async def _list_webhooks(stack: Stack, token: str) -> tuple[int, dict[str, object]]:
+    async with stack.session.get(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks", headers=stack.headers(token)
+    ) as response:
+        return response.status, await response.json()
+
+
+def _introspections(stack: Stack) -> float:
+    total = 0.0
+    for metric in stack.auth.metrics.registry.collect():
+        if metric.name == "hookwire_auth_introspections":
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return total
+
+
+async def test_access_token_is_verified_without_calling_auth(api_stack: Stack) -> None:
+    """The api accepts the JWT with no introspection call; claims carry user and key."""
+    status, answer = await _exchange(api_stack, api_stack.token)
+    assert status == 200
+    assert answer["token_type"] == "Bearer"
+    assert 3590 <= int(str(answer["expires_in"])) <= 3600
+    access = str(answer["access_token"])
+    claims = jwt.decode(access, options={"verify_signature": False})
+    assert claims["sub"] == api_stack.user_id
+    assert claims["teams"] == {api_stack.team_id: "owner"}
+    before = _introspections(api_stack)
+    for _ in range(3):
+        status, _ = await _list_webhooks(api_stack, access)
+        assert status == 200
+    assert _introspections(api_stack) == before
+
+
+async def test_access_token_permissions_follow_the_key_and_role(api_stack: Stack) -> None:
+    """A JWT from a narrow key is as narrow as the key, and foreign teams are 404."""
+    narrow = await api_stack.new_token(["webhook:read"])
+    _, answer = await _exchange(api_stack, narrow)
+    access = str(answer["access_token"])
+    assert (await _list_webhooks(api_stack, access))[0] == 200
+    async with api_stack.session.post(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks",
+        headers=api_stack.headers(access),
+        json={"name": "n", "url": "https://example.com/h", "topics": ["object.created"]},
+    ) as response:
+        assert response.status == 403
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/team_other/webhooks", headers=api_stack.headers(access)
+    ) as response:
+        assert response.status == 404
+
+
+async def test_revoking_the_key_stops_its_access_tokens(api_stack: Stack) -> None:
+    """The api learns of the revocation from a change record, within a second."""
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "k", "permissions": ["webhook:read"]}
+    )
+    _, answer = await _exchange(api_stack, created["token"])
+    access = str(answer["access_token"])
+    assert (await _list_webhooks(api_stack, access))[0] == 200
+    assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}"))[0] == 204
+    revoked_at = time.monotonic()
+    while (await _list_webhooks(api_stack, access))[0] != 401:
+        assert time.monotonic() - revoked_at < 1.0
+        await asyncio.sleep(0.02)
+    _, body = await _list_webhooks(api_stack, access)
+    assert body["error"]["details"] == {"reason": "revoked"}  # type: ignore[index]
+    assert (await _exchange(api_stack, created["token"]))[0] == 401
+
+
+def _forge(access: str, **changes: object) -> str:
+    header, payload, signature = access.split(".")
+    claims = orjson.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims.update(changes)
+    forged = base64.urlsafe_b64encode(orjson.dumps(claims)).decode().rstrip("=")
+    return f"{header}.{forged}.{signature}"
+
+
+async def test_tampered_expired_and_foreign_tokens_are_refused(api_stack: Stack) -> None:
+    """Edited claims, an expired token, another key's signature and alg=none all fail."""
+    _, answer = await _exchange(api_stack, api_stack.token)
+    access = str(answer["access_token"])
+    other_key = access_tokens.load_private_key(access_tokens.generate_private_key_pem())
+    now = int(time.time())
+    base_claims = jwt.decode(access, options={"verify_signature": False})
+    kid = jwt.get_unverified_header(access)["kid"]
+    real_key = access_tokens.load_private_key(ACCESS_TOKEN_KEY)
+    expired = access_tokens.issue(real_key, {**base_claims, "iat": now - 7200, "exp": now - 60})
+    status, body = await _list_webhooks(api_stack, expired)
+    assert (status, body["error"]["details"]) == (401, {"reason": "expired"})  # type: ignore[index]
+    assert (await _list_webhooks(api_stack, access_tokens.issue(real_key, base_claims)))[0] == 200
+    unsigned = jwt.encode(base_claims, None, algorithm="none")
+    cases = [
+        _forge(access, perms=["team:billing"]),
+        jwt.encode(base_claims, other_key, algorithm="EdDSA", headers={"kid": kid}),
+        jwt.encode(base_claims, other_key, algorithm="EdDSA", headers={"kid": "other"}),
+        expired,
+        unsigned,
+        "eyJ.not.jwt",
+    ]
+    for token in cases:
+        status, body = await _list_webhooks(api_stack, token)
+        assert status == 401, token
+        assert body["error"]["code"] == "invalid_token"  # type: ignore[index]
+
+
+async def test_exchange_refuses_bad_keys(api_stack: Stack) -> None:
+    """Malformed, unknown and revoked keys get no access token."""
+    for key in ("hwk_bad", api_stack.token[:-1] + "0", "nothing"):
+        assert (await _exchange(api_stack, key))[0] == 401
+
+
+@pytest.fixture
+async def no_key_stack(settings: Settings) -> AsyncIterator[Stack]:
+    async with running_stack(
+        settings.model_copy(update={"access_token_private_key": None}), with_dispatcher=False
+    ) as running:
+        yield running
+
+
+async def test_exchange_without_a_signing_key_says_so(no_key_stack: Stack) -> None:
+    """Without HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY the feature answers 503 and names it."""
+    status, body = await _exchange(no_key_stack, no_key_stack.token)
+    assert status == 503
+    assert "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY" in body["error"]["message"]  # type: ignore[index]
