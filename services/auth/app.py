@@ -32,6 +32,7 @@ from services.shared import (
 )
 
 from . import store
+from .audit_routes import AuditRoutes
 from .callers import REFUSALS_AUDITED, audit_refusal
 from .errors import InvalidServiceCredential, MalformedToken
 from .exchange import ExchangeRoutes
@@ -86,6 +87,7 @@ class AuthService:
         TokenRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
         GroupRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
         ExchangeRoutes(self.settings, self.engine, self._pepper, self._access_key).add_to(app)
+        AuditRoutes(self.settings, self.engine, self._pepper).add_to(app)
         return app
 
     async def start(self) -> None:

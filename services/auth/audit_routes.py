@@ -1,0 +1,115 @@
+"""Reading the audit log: ``GET /v1/audit-log`` with ``audit-log:read``.
+
+A caller sees its own user's actions, and every record of the teams where its role grants
+``audit-log:read`` (owners and admins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import ROLES, Settings, ValidationFailed, as_utc, json_response, tables
+
+from . import store
+from .callers import authenticate
+
+_audit = tables.audit_log
+
+
+class AuditQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    actor: str | None = Field(default=None, max_length=64)
+    action: str | None = Field(default=None, max_length=64)
+    team_id: str | None = Field(default=None, max_length=64)
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = Field(default=None, max_length=64)
+
+
+def _query(request: web.Request) -> AuditQuery:
+    try:
+        return AuditQuery.model_validate(dict(request.query))
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"]), "reason": err["msg"]}
+            for err in exc.errors()
+        ]
+        raise ValidationFailed("invalid query parameters", details=problems) from exc
+
+
+def _view(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "at": as_utc(row.at),
+        "actor_user_id": row.actor_user_id,
+        "actor_token_id": row.actor_token_id,
+        "action": row.action,
+        "target_type": row.target_type,
+        "target_id": row.target_id,
+        "team_id": row.team_id,
+        "ip": row.ip,
+        "request_id": row.request_id,
+        "details": row.details,
+    }
+
+
+@dataclass(frozen=True)
+class AuditRoutes:
+    settings: Settings
+    engine: AsyncEngine
+    pepper: str
+
+    async def list(self, request: web.Request) -> web.Response:
+        caller = await authenticate(
+            request,
+            self.engine,
+            self.pepper,
+            allow_query_keys=self.settings.allow_query_keys,
+            permission="audit-log:read",
+        )
+        query = _query(request)
+        async with self.engine.connect() as conn:
+            teams = await store.memberships_of(conn, caller.user_id)
+            readable = [team for team, role in teams.items() if "audit-log:read" in ROLES[role]]
+            visible = or_(_audit.c.actor_user_id == caller.user_id, _audit.c.team_id.in_(readable))
+            conditions = [visible]
+            if query.since is not None:
+                conditions.append(_audit.c.at >= query.since)
+            if query.until is not None:
+                conditions.append(_audit.c.at < query.until)
+            if query.actor is not None:
+                conditions.append(
+                    or_(
+                        _audit.c.actor_user_id == query.actor,
+                        _audit.c.actor_token_id == query.actor,
+                    )
+                )
+            if query.action is not None:
+                conditions.append(_audit.c.action == query.action)
+            if query.team_id is not None:
+                conditions.append(_audit.c.team_id == query.team_id)
+            if query.cursor is not None:
+                # Ids are time-ordered, so the id alone is a stable cursor, newest first.
+                conditions.append(_audit.c.id < query.cursor)
+            rows = (
+                await conn.execute(
+                    select(_audit)
+                    .where(and_(*conditions))
+                    .order_by(_audit.c.id.desc())
+                    .limit(query.limit + 1)
+                )
+            ).all()
+        page = rows[: query.limit]
+        next_cursor = page[-1].id if len(rows) > query.limit else None
+        return json_response({"data": [_view(row) for row in page], "next_cursor": next_cursor})
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/audit-log", self.list)
