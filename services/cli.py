@@ -142,7 +142,9 @@ def add_member(user_id: str, team_id: str, role: str) -> None:
     """Make a user a member of a team with a role."""
     from services.auth import admin as ops
 
-    _with_engine(_settings(), lambda e: ops.add_member(e, user_id, team_id, role))
+    settings = _settings()
+    _with_engine(settings, lambda e: ops.add_member(e, user_id, team_id, role))
+    _run(ops.notify(settings, "membership", f"{user_id}:{team_id}", None))
     click.echo(f"{user_id} is {role} of {team_id}")
 
 
@@ -164,6 +166,32 @@ def create_token(user_id: str, name: str, permissions: tuple[str, ...]) -> None:
         ),
     )
     click.echo(f"{token_id} {token}")
+
+
+@admin.command("list-tokens")
+@click.option("--user", "user_id", required=True)
+def list_tokens(user_id: str) -> None:
+    """List a user's tokens (never their secrets)."""
+    from services.auth import admin as ops
+
+    for token in _with_engine(_settings(), lambda e: ops.list_tokens(e, user_id)):
+        click.echo(
+            f"{token['id']}  {token['display_prefix']}…  {token['state']:<8}  "
+            f"{token['permissions']:>2} permissions  {token['name']}"
+        )
+
+
+@admin.command("revoke-token")
+@click.option("--token", "token_id", required=True, help="the token id (tok_…)")
+def revoke_token(token_id: str) -> None:
+    """Revoke a token at once, whoever owns it."""
+    from services.auth import admin as ops
+
+    settings = _settings()
+    _with_engine(settings, lambda e: ops.revoke_token(e, token_id))
+    told = _run(ops.notify(settings, "token", token_id, "revoked"))
+    reach = "running services told" if told else "caches drop it within their TTL"
+    click.echo(f"{token_id} revoked ({reach})")
 
 
 async def _secret(settings: Settings) -> str:

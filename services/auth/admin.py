@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.shared import PERMISSIONS, check_ready
+from services.shared import (
+    PERMISSIONS,
+    Actor,
+    ChangeNotifier,
+    DependencyUnavailable,
+    Entity,
+    Settings,
+    check_ready,
+    make_producer,
+    record_audit,
+    start_client,
+    tables,
+    topics_for,
+    utcnow,
+)
 
 from . import store
+from .errors import UnknownEntity
+from .introspection import state_of
 
 
 async def create_user(engine: AsyncEngine, email: str, name: str) -> str:
@@ -67,3 +85,57 @@ async def bootstrap_dev(engine: AsyncEngine, pepper: str) -> dict[str, str]:
         replace=True,
     )
     return {"user_id": user_id, "team_id": team_id, "token_id": token_id, "token": token}
+
+
+CLI_ACTOR = Actor(user_id=None, token_id=None, ip="cli")
+
+
+async def list_tokens(engine: AsyncEngine, user_id: str) -> list[dict[str, Any]]:
+    await check_ready(engine)
+    async with engine.connect() as conn:
+        rows = await store.token_rows(conn, user_id)
+    now = utcnow()
+    return [
+        {
+            "id": row.id,
+            "name": row.name,
+            "display_prefix": row.display_prefix,
+            "state": state_of(store.state_from_row(row), now),
+            "permissions": len(set(row.permissions) | set(row.group_permissions or ())),
+        }
+        for row in rows
+    ]
+
+
+async def revoke_token(engine: AsyncEngine, token_id: str) -> str:
+    """Revoke any user's token (the operator's escape hatch); returns the owner's id."""
+    await check_ready(engine)
+    async with engine.begin() as conn:
+        owner = (
+            await conn.execute(
+                select(tables.tokens.c.user_id).where(tables.tokens.c.id == token_id)
+            )
+        ).scalar()
+        if owner is None:
+            raise UnknownEntity(f"token {token_id} not found")
+        await store.update_token(conn, token_id, revoked_at=utcnow())
+        await record_audit(conn, CLI_ACTOR, "token.revoked", "token", token_id)
+    return str(owner)
+
+
+async def notify(settings: Settings, entity: Entity, entity_id: str, state: str | None) -> bool:
+    """Tell running services about a command-line change; without a broker, caches expire
+    on their own within HOOKWIRE_AUTH_CACHE_TTL_SECONDS."""
+    if not settings.kafka_bootstrap:
+        return False
+    producer = make_producer(settings)
+    try:
+        await start_client(producer, settings)
+        await ChangeNotifier(producer, topics_for(settings)).notify(
+            entity, entity_id, "updated", state=state
+        )
+    except DependencyUnavailable:
+        return False
+    finally:
+        await producer.stop()
+    return True

@@ -7,7 +7,7 @@ from . import _access_tokens as access_tokens
 from . import _schema as tables
 from ._audit import Actor, record_audit
 from ._broker import EmbeddedBroker, free_port
-from ._changes import ChangeNotifier
+from ._changes import ChangeNotifier, Entity
 from ._contracts import (
     EVENT_TYPES,
     SCHEMA_VERSION,
@@ -81,6 +81,7 @@ __all__ = [
     "Delivery",
     "DependencyUnavailable",
     "EmbeddedBroker",
+    "Entity",
     "Event",
     "EventType",
     "Forbidden",

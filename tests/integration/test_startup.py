@@ -119,3 +119,12 @@ def test_admin_bootstrap_from_the_command_line(tmp_path: Path) -> None:
     _assert_clean_failure(unknown, "object:nuke")
     stranger = _run(["admin", "add-member", "--user", "usr_nobody", "--team", team_id], env)
     _assert_clean_failure(stranger, "usr_nobody")
+    listed = _run(["admin", "list-tokens", "--user", user_id], env).stdout
+    assert token_id in listed
+    assert "active" in listed
+    assert plaintext not in listed
+    revoked = _run(["admin", "revoke-token", "--token", token_id], env)
+    assert revoked.returncode == 0
+    assert "revoked" in revoked.stdout
+    assert "revoked" in _run(["admin", "list-tokens", "--user", user_id], env).stdout
+    _assert_clean_failure(_run(["admin", "revoke-token", "--token", "tok_nope"], env), "tok_nope")
