@@ -62,6 +62,7 @@ class ApiService:
                 self._credential,
                 self.settings.auth_cache_ttl_seconds,
                 self.settings.access_token_ttl_seconds,
+                self.metrics,
             ),
             publisher=Publisher(producer, topics_for(self.settings)),
             changes=ChangeNotifier(producer, topics_for(self.settings)),

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from services.shared import (
     Forbidden,
     InvalidToken,
+    Metrics,
     NotFound,
     access_tokens,
     effective_permissions,
@@ -39,7 +40,8 @@ class TokenGate:
         auth_url: str,
         credential: str,
         cache_ttl: float,
-        access_ttl: int = 3600,
+        access_ttl: int,
+        metrics: Metrics,
     ) -> None:
         self._session = session
         self._url = f"{auth_url.rstrip('/')}/v1/introspect"
@@ -51,6 +53,10 @@ class TokenGate:
         self._public_keys: dict[str, Ed25519PublicKey] = {}
         self._revoked: dict[str, float] = {}
         self._access_ttl = access_ttl
+        self._hits = metrics.counter("auth_cache_hits_total", "Token checks answered from cache")
+        self._misses = metrics.counter(
+            "auth_cache_misses_total", "Token checks that called the auth service"
+        )
 
     def note_token_state(self, token_id: str, state: str | None) -> None:
         """Access tokens of a key that is no longer active are refused from now on."""
@@ -78,7 +84,9 @@ class TokenGate:
         cached = self._cache.get(key)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
+            self._hits.inc()
             return cached[1]
+        self._misses.inc()
         payload = {"token": token, "team_id": team_id, "client_ip": client_ip}
         try:
             async with self._session.post(self._url, json=payload, headers=self._headers) as resp:

@@ -42,6 +42,7 @@ from .token_routes import TokenRoutes
 from .tokens import check_format, hash_token
 
 _LAST_USED_FLUSH_SECONDS = 1.0
+_COUNT_EVERY_TICKS = 15
 
 
 class IntrospectRequest(BaseModel):
@@ -73,6 +74,7 @@ class AuthService:
         self._latency = self.metrics.histogram(
             "introspection_seconds", "Time to answer an introspection"
         )
+        self._tokens_by_state = self.metrics.gauge("tokens", "Tokens by state", ("state",))
         self._log = get_logger("auth")
         self._pending_last_used: dict[str, tuple[datetime, str | None]] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -156,10 +158,20 @@ class AuthService:
         async with self.engine.begin() as conn:
             await store.record_last_used(conn, pending)
 
+    async def _count_tokens(self) -> None:
+        async with self.engine.connect() as conn:
+            counts = await store.token_counts_by_state(conn, utcnow())
+        for state, count in counts.items():
+            self._tokens_by_state.labels(state).set(count)
+
     async def _flush_last_used_forever(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(_LAST_USED_FLUSH_SECONDS)
             try:
                 await self._flush_last_used()
+                if ticks % _COUNT_EVERY_TICKS == 0:
+                    await self._count_tokens()
             except Exception:
-                self._log.exception("last_used_flush_failed")
+                self._log.exception("background_upkeep_failed")
+            ticks += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -290,3 +290,18 @@ async def memberships_of(conn: AsyncConnection, user_id: str) -> dict[str, str]:
         )
     )
     return {row.team_id: row.role for row in rows}
+
+
+async def token_counts_by_state(conn: AsyncConnection, now: datetime) -> dict[str, int]:
+    """Counts for the tokens-by-state gauge; precedence as in the introspection decision."""
+    revoked = _tokens.c.revoked_at.is_not(None)
+    inactive = ~revoked & _tokens.c.active.is_(False)
+    expired = ~revoked & _tokens.c.active.is_(True) & (_tokens.c.expires_at <= now)
+    counts = {}
+    for state, condition in (("revoked", revoked), ("inactive", inactive), ("expired", expired)):
+        counts[state] = int(
+            (await conn.execute(select(func.count()).where(condition))).scalar() or 0
+        )
+    total = int((await conn.execute(select(func.count()).select_from(_tokens))).scalar() or 0)
+    counts["active"] = total - sum(counts.values())
+    return counts

@@ -310,3 +310,28 @@ async def test_max_lifetime_is_enforced(settings: Settings) -> None:
                 json={"name": f"n{expected}{len(extra)}", "permissions": ["object:read"], **extra},
             )
             assert status == expected, answer
+
+
+async def test_metrics_count_cache_hits_and_tokens_by_state(api_stack: Stack) -> None:
+    """The api counts cache hits and misses; auth reports tokens by state."""
+    url = f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks"
+    for _ in range(3):
+        async with api_stack.session.get(url, headers=api_stack.headers()) as response:
+            assert response.status == 200
+    api_registry = api_stack.api.metrics.registry
+    assert api_registry.get_sample_value("hookwire_api_auth_cache_misses_total") == 1
+    assert api_registry.get_sample_value("hookwire_api_auth_cache_hits_total") == 2
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "m", "permissions": ["object:read"]}
+    )
+    await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}")
+    await api_stack.auth._count_tokens()
+    auth_registry = api_stack.auth.metrics.registry
+    assert auth_registry.get_sample_value("hookwire_auth_tokens", {"state": "active"}) == 1
+    assert auth_registry.get_sample_value("hookwire_auth_tokens", {"state": "revoked"}) == 1
+    assert (
+        auth_registry.get_sample_value(
+            "hookwire_auth_introspections_total", {"result": "active", "reason": ""}
+        )
+        == 1
+    )
