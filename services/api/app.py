@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from importlib.metadata import version
 
 import aiohttp
 from aiohttp import web
@@ -16,6 +17,7 @@ from services.shared import (
     ChangeNotifier,
     InvalidRecord,
     Metrics,
+    OpenApi,
     Settings,
     bound_port,
     build_app,
@@ -45,6 +47,7 @@ class ApiService:
         self._producer: AIOKafkaProducer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
         self._changes: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -73,8 +76,10 @@ class ApiService:
             await check_ready(self.engine)
 
         app[READINESS_KEY].append(database_ready)
-        webhooks.add_routes(app)
-        objects.add_routes(app)
+        spec = OpenApi("hookwire api", version("hookwire"), "Webhooks, objects and events")
+        webhooks.add_routes(app, spec)
+        objects.add_routes(app, spec)
+        spec.serve(app)
         return app
 
     async def start(self) -> None:
@@ -86,7 +91,7 @@ class ApiService:
         )
         await start_client(self._changes, self.settings)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        app = self.build_app(self._producer, self._session)
+        app = self.app = self.build_app(self._producer, self._session)
         self._follower = asyncio.create_task(self._follow_changes(app[CONTEXT].gate))
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)

@@ -9,6 +9,7 @@ from sqlalchemy import insert
 
 from services.shared import (
     Event,
+    OpenApi,
     ValidationFailed,
     json_response,
     new_id,
@@ -79,5 +80,14 @@ async def create_object(request: web.Request) -> web.Response:
     return json_response(body, status=201)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/teams/{team}/objects/{object_type}", create_object)
+def add_routes(app: web.Application, spec: OpenApi) -> None:
+    spec.route(
+        app,
+        "POST",
+        "/v1/teams/{team}/objects/{object_type}",
+        create_object,
+        status=201,
+        permission="object:create",
+        errors=(401, 403, 404, 413, 422, 503),
+        summary="Create an object (any JSON object) and publish object.created",
+    )

@@ -16,6 +16,7 @@ from sqlalchemy import insert, select
 from services.shared import (
     EventType,
     NotFound,
+    OpenApi,
     as_utc,
     json_response,
     new_id,
@@ -176,7 +177,34 @@ async def get_webhook(request: web.Request) -> web.Response:
     return json_response(webhook_view(row._mapping))
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/teams/{team}/webhooks", create_webhook)
-    app.router.add_get("/v1/teams/{team}/webhooks", list_webhooks)
-    app.router.add_get("/v1/teams/{team}/webhooks/{webhook_id}", get_webhook)
+def add_routes(app: web.Application, spec: OpenApi) -> None:
+    base = "/v1/teams/{team}/webhooks"
+    spec.route(
+        app,
+        "POST",
+        base,
+        create_webhook,
+        status=201,
+        body=WebhookCreate,
+        permission="webhook:create",
+        errors=(401, 403, 404, 413, 422, 503),
+        summary="Create a webhook; the response carries its whsec_ signing secret",
+    )
+    spec.route(
+        app,
+        "GET",
+        base,
+        list_webhooks,
+        permission="webhook:read",
+        errors=(401, 403, 404),
+        summary="List the team's webhooks",
+    )
+    spec.route(
+        app,
+        "GET",
+        base + "/{webhook_id}",
+        get_webhook,
+        permission="webhook:read",
+        errors=(401, 403, 404),
+        summary="Show a webhook",
+    )

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import time
 from datetime import datetime
+from importlib.metadata import version
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.shared import (
     ChangeNotifier,
     Metrics,
+    OpenApi,
     Settings,
     access_tokens,
     bound_port,
@@ -41,6 +43,7 @@ from .introspection import decide, inactive
 from .token_routes import TokenRoutes
 from .tokens import check_format, hash_token
 
+_VERSION = version("hookwire")
 _LAST_USED_FLUSH_SECONDS = 1.0
 _COUNT_EVERY_TICKS = 15
 
@@ -79,17 +82,29 @@ class AuthService:
         self._pending_last_used: dict[str, tuple[datetime, str | None]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
         self._producer: AIOKafkaProducer | None = None
         self.port: int | None = None
 
     def build_app(self, producer: AIOKafkaProducer) -> web.Application:
         app = build_app("auth", self.metrics, max_body_bytes=self.settings.max_body_bytes)
-        app.router.add_post("/v1/introspect", self.introspect)
+        spec = OpenApi("hookwire auth", _VERSION, "Personal access tokens and introspection")
+        spec.route(
+            app,
+            "POST",
+            "/v1/introspect",
+            self.introspect,
+            body=IntrospectRequest,
+            auth="service",
+            errors=(401, 422),
+            summary="RFC 7662 introspection of a token (service credential)",
+        )
         changes = ChangeNotifier(producer, topics_for(self.settings))
-        TokenRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
-        GroupRoutes(self.settings, self.engine, self._pepper, changes).add_to(app)
-        ExchangeRoutes(self.settings, self.engine, self._pepper, self._access_key).add_to(app)
-        AuditRoutes(self.settings, self.engine, self._pepper).add_to(app)
+        TokenRoutes(self.settings, self.engine, self._pepper, changes).add_to(app, spec)
+        GroupRoutes(self.settings, self.engine, self._pepper, changes).add_to(app, spec)
+        ExchangeRoutes(self.settings, self.engine, self._pepper, self._access_key).add_to(app, spec)
+        AuditRoutes(self.settings, self.engine, self._pepper).add_to(app, spec)
+        spec.serve(app)
         return app
 
     async def start(self) -> None:
@@ -97,9 +112,8 @@ class AuthService:
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
         self._flusher = asyncio.create_task(self._flush_last_used_forever())
-        self._runner = await start_site(
-            self.build_app(self._producer), self.settings.host, self.settings.auth_port
-        )
+        self.app = self.build_app(self._producer)
+        self._runner = await start_site(self.app, self.settings.host, self.settings.auth_port)
         self.port = bound_port(self._runner)
 
     async def stop(self) -> None:

@@ -14,7 +14,15 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.shared import ROLES, Settings, ValidationFailed, as_utc, json_response, tables
+from services.shared import (
+    ROLES,
+    OpenApi,
+    Settings,
+    ValidationFailed,
+    as_utc,
+    json_response,
+    tables,
+)
 
 from . import store
 from .callers import authenticate
@@ -111,5 +119,12 @@ class AuditRoutes:
         next_cursor = page[-1].id if len(rows) > query.limit else None
         return json_response({"data": [_view(row) for row in page], "next_cursor": next_cursor})
 
-    def add_to(self, app: web.Application) -> None:
-        app.router.add_get("/v1/audit-log", self.list)
+    def add_to(self, app: web.Application, spec: OpenApi) -> None:
+        spec.route(
+            app,
+            "GET",
+            "/v1/audit-log",
+            self.list,
+            permission="audit-log:read",
+            summary="Audit records: since, until, actor, action, team_id, limit, cursor",
+        )

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     DependencyUnavailable,
+    OpenApi,
     Settings,
     access_tokens,
     get_logger,
@@ -82,6 +83,21 @@ class ExchangeRoutes:
             }
         )
 
-    def add_to(self, app: web.Application) -> None:
-        app.router.add_get("/v1/keys", self.keys)
-        app.router.add_post("/v1/token-exchange", self.exchange)
+    def add_to(self, app: web.Application, spec: OpenApi) -> None:
+        spec.route(
+            app,
+            "GET",
+            "/v1/keys",
+            self.keys,
+            errors=(503,),
+            auth="none",
+            summary="Public keys (JWK set) that verify access tokens",
+        )
+        spec.route(
+            app,
+            "POST",
+            "/v1/token-exchange",
+            self.exchange,
+            errors=(401, 503),
+            summary="Trade a key for a one-hour access token",
+        )

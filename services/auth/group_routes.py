@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.shared import (
     ChangeNotifier,
     Conflict,
+    OpenApi,
     Settings,
     ValidationFailed,
     as_utc,
@@ -159,9 +160,57 @@ class GroupRoutes:
         await self.changes.notify("permission_group", group_id, "deleted")
         return web.Response(status=204)
 
-    def add_to(self, app: web.Application) -> None:
-        app.router.add_post("/v1/permission-groups", self.create)
-        app.router.add_get("/v1/permission-groups", self.list)
-        app.router.add_get("/v1/permission-groups/{group_id}", self.show)
-        app.router.add_patch("/v1/permission-groups/{group_id}", self.update)
-        app.router.add_delete("/v1/permission-groups/{group_id}", self.delete)
+    def add_to(self, app: web.Application, spec: OpenApi) -> None:
+        base, one, manage = (
+            "/v1/permission-groups",
+            "/v1/permission-groups/{group_id}",
+            ("token:manage"),
+        )
+        spec.route(
+            app,
+            "POST",
+            base,
+            self.create,
+            status=201,
+            body=GroupCreate,
+            permission=manage,
+            errors=(401, 403, 409, 413, 422),
+            summary="Create a permission group",
+        )
+        spec.route(
+            app,
+            "GET",
+            base,
+            self.list,
+            permission=manage,
+            summary="List the caller's permission groups",
+        )
+        spec.route(
+            app,
+            "GET",
+            one,
+            self.show,
+            permission=manage,
+            errors=(401, 403, 404),
+            summary="Show a permission group",
+        )
+        spec.route(
+            app,
+            "PATCH",
+            one,
+            self.update,
+            body=GroupUpdate,
+            permission=manage,
+            errors=(401, 403, 404, 409, 422),
+            summary="Edit a group; its tokens follow at once",
+        )
+        spec.route(
+            app,
+            "DELETE",
+            one,
+            self.delete,
+            status=204,
+            permission=manage,
+            errors=(401, 403, 404, 409),
+            summary="Delete a group no active token uses",
+        )

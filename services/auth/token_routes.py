@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     ChangeNotifier,
+    OpenApi,
     Settings,
     ValidationFailed,
     as_utc,
@@ -237,11 +238,73 @@ class TokenRoutes:
         await self.changes.notify("token", token_id, "updated", state=_state(row))
         return json_response({**token_view(row), "token": plaintext})
 
-    def add_to(self, app: web.Application) -> None:
-        app.router.add_post("/v1/tokens", self.create)
-        app.router.add_get("/v1/tokens", self.list)
-        app.router.add_get("/v1/tokens/{token_id}", self.show)
-        app.router.add_patch("/v1/tokens/{token_id}", self.update)
-        app.router.add_delete("/v1/tokens/{token_id}", self.revoke)
-        app.router.add_post("/v1/tokens/{token_id}/rotate", self.rotate)
-        app.router.add_post("/v1/tokens/{token_id}/expire", self.expire)
+    def add_to(self, app: web.Application, spec: OpenApi) -> None:
+        manage = "token:manage"
+        one = "/v1/tokens/{token_id}"
+        spec.route(
+            app,
+            "POST",
+            "/v1/tokens",
+            self.create,
+            status=201,
+            body=TokenCreate,
+            permission=manage,
+            errors=(401, 403, 404, 409, 413, 422),
+            summary="Create a token; the response carries its secret, once",
+        )
+        spec.route(
+            app,
+            "GET",
+            "/v1/tokens",
+            self.list,
+            permission=manage,
+            summary="List the caller's tokens (never their secrets)",
+        )
+        spec.route(
+            app,
+            "GET",
+            one,
+            self.show,
+            permission=manage,
+            errors=(401, 403, 404),
+            summary="Show one token",
+        )
+        spec.route(
+            app,
+            "PATCH",
+            one,
+            self.update,
+            body=TokenUpdate,
+            permission=manage,
+            errors=(401, 403, 404, 409, 422),
+            summary="Rename, describe, deactivate or reactivate a token",
+        )
+        spec.route(
+            app,
+            "DELETE",
+            one,
+            self.revoke,
+            status=204,
+            permission=manage,
+            errors=(401, 403, 404),
+            summary="Revoke a token at once",
+        )
+        spec.route(
+            app,
+            "POST",
+            f"{one}/rotate",
+            self.rotate,
+            body=TokenRotate,
+            permission=manage,
+            errors=(401, 403, 404, 422),
+            summary="Rotate the secret now, or with a grace period for the old one",
+        )
+        spec.route(
+            app,
+            "POST",
+            f"{one}/expire",
+            self.expire,
+            permission=manage,
+            errors=(401, 403, 404),
+            summary="Expire a token now",
+        )

@@ -60,6 +60,7 @@ from ._kafka import (
 from ._lifecycle import Service, run_until_signalled
 from ._logging import configure_logging, get_logger
 from ._metrics import Metrics
+from ._openapi import OpenApi
 from ._permissions import PERMISSIONS, ROLES, effective_permissions, unknown_permissions
 from ._settings import Settings, load_settings
 
@@ -91,6 +92,7 @@ __all__ = [
     "Metrics",
     "MissingToken",
     "NotFound",
+    "OpenApi",
     "PayloadTooLarge",
     "QueryKeyRefused",
     "Record",
