@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import func, select
 
 from services.shared import Settings, tables
@@ -335,3 +336,43 @@ async def test_metrics_count_cache_hits_and_tokens_by_state(api_stack: Stack) ->
         )
         == 1
     )
+
+
+async def test_oversized_token_body_is_refused(api_stack: Stack) -> None:
+    """A body over the limit gets 413 and stores nothing."""
+    before = await _token_count(api_stack)
+    status, answer = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "big",
+            "permissions": ["object:read"],
+            "description": "x" * (api_stack.settings.max_body_bytes + 1),
+        },
+    )
+    assert (status, answer["error"]["code"]) == (413, "payload_too_large")
+    assert await _token_count(api_stack) == before
+
+
+@pytest.fixture
+async def query_key_stack(settings: Settings) -> AsyncIterator[Stack]:
+    async with running_stack(
+        settings.model_copy(update={"allow_query_keys": True}), with_dispatcher=False
+    ) as running:
+        yield running
+
+
+async def test_query_keys_work_when_enabled_and_are_logged(query_key_stack: Stack) -> None:
+    """With HOOKWIRE_ALLOW_QUERY_KEYS=true a ?auth-key= works, and each use is a warning."""
+    stack = query_key_stack
+    with structlog.testing.capture_logs() as logs:
+        async with stack.session.get(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks?auth-key={stack.token}"
+        ) as response:
+            assert response.status == 200
+        async with stack.session.get(f"{stack.auth_url}/v1/tokens?auth-key={stack.token}") as r:
+            assert r.status == 200
+    warnings = [e for e in logs if e["event"] == "query_string_key_used"]
+    assert len(warnings) == 2
+    assert all(e["log_level"] == "warning" for e in warnings)
+    assert all(stack.token not in str(e) for e in logs)
