@@ -15,14 +15,13 @@ from services.shared import (
     READINESS_KEY,
     Change,
     ChangeNotifier,
-    InvalidRecord,
     Metrics,
     OpenApi,
     Settings,
     bound_port,
     build_app,
     check_ready,
-    decode,
+    follow_changes,
     make_consumer,
     make_producer,
     start_client,
@@ -92,26 +91,22 @@ class ApiService:
         await start_client(self._changes, self.settings)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         app = self.app = self.build_app(self._producer, self._session)
-        self._follower = asyncio.create_task(self._follow_changes(app[CONTEXT].gate))
+        gate = app[CONTEXT].gate
+        # Every api process reads every change, so a revoked token is refused everywhere
+        # within the broker's fetch latency rather than the cache TTL.
+        self._follower = asyncio.create_task(
+            follow_changes(self._changes, lambda change: self._apply_change(gate, change))
+        )
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)
 
-    async def _follow_changes(self, gate: TokenGate) -> None:
-        # Every api process reads every change, so a revoked token is refused everywhere
-        # within the broker's fetch latency rather than the cache TTL.
-        assert self._changes is not None
-        while True:
-            batches = await self._changes.getmany(timeout_ms=500)
-            for record in (r for batch in batches.values() for r in batch):
-                try:
-                    change = decode(Change, record.value)
-                except InvalidRecord:
-                    continue
-                if change.entity == "token":
-                    gate.forget_token(change.entity_id)
-                    gate.note_token_state(change.entity_id, change.state)
-                elif change.entity in ("user", "membership", "permission_group", "team"):
-                    gate.forget_all()
+    @staticmethod
+    def _apply_change(gate: TokenGate, change: Change) -> None:
+        if change.entity == "token":
+            gate.forget_token(change.entity_id)
+            gate.note_token_state(change.entity_id, change.state)
+        elif change.entity in ("user", "membership", "permission_group", "team"):
+            gate.forget_all()
 
     async def stop(self) -> None:
         if self._follower is not None:

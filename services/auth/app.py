@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import hmac
 import time
+from dataclasses import replace
 from datetime import datetime
 from importlib.metadata import version
+from typing import cast
 
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,8 +25,10 @@ from services.shared import (
     bound_port,
     build_app,
     check_ready,
+    follow_changes,
     get_logger,
     json_response,
+    make_consumer,
     make_producer,
     parse_body,
     start_client,
@@ -35,11 +39,12 @@ from services.shared import (
 
 from . import store
 from .audit_routes import AuditRoutes
+from .cache import MISSING, TokenCache
 from .callers import REFUSALS_AUDITED, audit_refusal
 from .errors import InvalidServiceCredential, MalformedToken
 from .exchange import ExchangeRoutes
 from .group_routes import GroupRoutes
-from .introspection import decide, inactive
+from .introspection import TokenState, decide, inactive
 from .token_routes import TokenRoutes
 from .tokens import check_format, hash_token
 
@@ -78,9 +83,15 @@ class AuthService:
             "introspection_seconds", "Time to answer an introspection"
         )
         self._tokens_by_state = self.metrics.gauge("tokens", "Tokens by state", ("state",))
+        self._cache_lookups = self.metrics.counter(
+            "token_cache_lookups_total", "Token lookups by cache result", ("result",)
+        )
+        self.cache = TokenCache(settings.token_cache_seconds)
         self._log = get_logger("auth")
         self._pending_last_used: dict[str, tuple[datetime, str | None]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._changes: AIOKafkaConsumer | None = None
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -99,7 +110,7 @@ class AuthService:
             errors=(401, 422),
             summary="RFC 7662 introspection of a token (service credential)",
         )
-        changes = ChangeNotifier(producer, topics_for(self.settings))
+        changes = ChangeNotifier(producer, topics_for(self.settings), local=self.cache.apply)
         TokenRoutes(self.settings, self.engine, self._pepper, changes).add_to(app, spec)
         GroupRoutes(self.settings, self.engine, self._pepper, changes).add_to(app, spec)
         ExchangeRoutes(self.settings, self.engine, self._pepper, self._access_key).add_to(app, spec)
@@ -111,6 +122,11 @@ class AuthService:
         await check_ready(self.engine)
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
+        self._changes = make_consumer(
+            self.settings, topics_for(self.settings).changes, group_id=None
+        )
+        await start_client(self._changes, self.settings)
+        self._follower = asyncio.create_task(follow_changes(self._changes, self.cache.apply))
         self._flusher = asyncio.create_task(self._flush_last_used_forever())
         self.app = self.build_app(self._producer)
         self._runner = await start_site(self.app, self.settings.host, self.settings.auth_port)
@@ -119,10 +135,13 @@ class AuthService:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._flusher, self._follower):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._changes is not None:
+            await self._changes.stop()
         await self._flush_last_used()
         if self._producer is not None:
             await self._producer.stop()
@@ -143,14 +162,11 @@ class AuthService:
         except MalformedToken:
             answer = inactive("malformed")
         else:
-            async with self.engine.connect() as conn:
-                token = await store.find_token(conn, hash_token(body.token, self._pepper))
-                role = (
-                    await store.role_in_team(conn, token.user_id, body.team_id)
-                    if token is not None and body.team_id is not None
-                    else None
-                )
+            token, role = await self._lookup(hash_token(body.token, self._pepper), body.team_id)
             now = utcnow()
+            if token is not None and token.id in self._pending_last_used:
+                # A use not yet flushed still counts against inactivity expiry.
+                token = replace(token, last_used_at=self._pending_last_used[token.id][0])
             answer = decide(
                 token, team_id=body.team_id, role=role, client_ip=body.client_ip, now=now
             )
@@ -163,6 +179,28 @@ class AuthService:
             "active" if answer["active"] else "inactive", answer.get("reason", "")
         ).inc()
         return json_response(answer)
+
+    async def _lookup(
+        self, secret_hash: str, team_id: str | None
+    ) -> tuple[TokenState | None, str | None]:
+        cached = self.cache.token(secret_hash)
+        roles = None
+        if cached is MISSING:
+            self._cache_lookups.labels("miss").inc()
+            async with self.engine.connect() as conn:
+                token = await store.find_token(conn, secret_hash)
+            self.cache.put_token(secret_hash, token)
+        else:
+            self._cache_lookups.labels("hit").inc()
+            token = cast(TokenState | None, cached)
+        if token is None or team_id is None:
+            return token, None
+        roles = self.cache.roles(token.user_id)
+        if roles is None:
+            async with self.engine.connect() as conn:
+                roles = await store.memberships_of(conn, token.user_id)
+            self.cache.put_roles(token.user_id, roles)
+        return token, roles.get(team_id)
 
     async def _flush_last_used(self) -> None:
         # One write per token per second instead of one per request.

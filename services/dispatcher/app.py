@@ -31,6 +31,7 @@ from services.shared import (
     build_app,
     check_ready,
     decode,
+    follow_changes,
     get_logger,
     make_consumer,
     make_producer,
@@ -110,7 +111,16 @@ class DispatcherService:
                 self._consume(deliverer, lambda batch: self._deliver_batch(batch, sender)),
                 name="deliverer",
             ),
-            asyncio.create_task(self._follow_changes(changes), name="changes"),
+            # Changes older than the table load (less a margin for clock skew between
+            # producers) are already reflected in it.
+            asyncio.create_task(
+                follow_changes(
+                    changes,
+                    self._apply_change,
+                    newer_than_ms=self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS,
+                ),
+                name="changes",
+            ),
             asyncio.create_task(self._resync_forever(), name="resync"),
         ]
         app = build_app("dispatcher", self.metrics)
@@ -259,21 +269,9 @@ class DispatcherService:
             out.append((self.topics.attempts, attempt.webhook_id.encode(), attempt.to_bytes()))
         await send_all(self._producer, out)
 
-    async def _follow_changes(self, consumer: AIOKafkaConsumer) -> None:
-        # Every process reads every change (no group). Changes older than the table load
-        # are already reflected in it; the margin covers clock skew between producers.
-        while True:
-            batches = await consumer.getmany(timeout_ms=500)
-            for record in (r for batch in batches.values() for r in batch):
-                if record.timestamp < self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS:
-                    continue
-                try:
-                    change = decode(Change, record.value)
-                except InvalidRecord as exc:
-                    self._log.warning("change_record_invalid", reason=exc.message)
-                    continue
-                if change.entity == "webhook":
-                    await self._refresh(change.entity_id)
+    async def _apply_change(self, change: Change) -> None:
+        if change.entity == "webhook":
+            await self._refresh(change.entity_id)
 
     async def _refresh(self, webhook_id: str) -> None:
         try:

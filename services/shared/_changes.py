@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ._contracts import Change, Topics
+from ._contracts import Change, Topics, decode
+from ._errors import InvalidRecord
 from ._ids import utcnow
 
 Entity = Literal["webhook", "token", "user", "team", "membership", "permission_group"]
@@ -16,9 +18,16 @@ Action = Literal["created", "updated", "deleted"]
 
 
 class ChangeNotifier:
-    def __init__(self, producer: AIOKafkaProducer, topics: Topics) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topics: Topics,
+        local: Callable[[Change], None] | None = None,
+    ) -> None:
         self._producer = producer
         self._topic = topics.changes
+        # This process's own caches learn at once, before the record makes its round trip.
+        self._local = local
 
     async def notify(
         self,
@@ -38,6 +47,8 @@ class ChangeNotifier:
             state=state,
             at=utcnow(),
         )
+        if self._local is not None:
+            self._local(change)
         try:
             await self._producer.send_and_wait(
                 self._topic, value=change.to_bytes(), key=entity_id.encode()
@@ -46,3 +57,33 @@ class ChangeNotifier:
             structlog.get_logger().warning(
                 "change_not_published", entity=entity, entity_id=entity_id, error=str(exc)
             )
+
+
+ChangeHandler = Callable[[Change], Awaitable[None] | None]
+
+
+async def follow_changes(
+    consumer: AIOKafkaConsumer, handle: ChangeHandler, *, newer_than_ms: int = 0
+) -> None:
+    """Feed every change record to ``handle``; every process reads all of them (no group).
+
+    Records older than ``newer_than_ms`` are skipped: a cache loaded after them already
+    reflects them. Invalid records are logged and skipped; a cache never stops following.
+    """
+    log = structlog.get_logger()
+    while True:
+        batches = await consumer.getmany(timeout_ms=500)
+        for record in (r for batch in batches.values() for r in batch):
+            if record.timestamp < newer_than_ms:
+                continue
+            try:
+                change = decode(Change, record.value)
+            except InvalidRecord as exc:
+                log.warning("change_record_invalid", reason=exc.message)
+                continue
+            try:
+                outcome = handle(change)
+                if outcome is not None:
+                    await outcome
+            except Exception:
+                log.exception("change_handler_failed", entity=change.entity, id=change.entity_id)

@@ -376,3 +376,41 @@ async def test_query_keys_work_when_enabled_and_are_logged(query_key_stack: Stac
     assert len(warnings) == 2
     assert all(e["log_level"] == "warning" for e in warnings)
     assert all(stack.token not in str(e) for e in logs)
+
+
+async def test_a_second_auth_process_drops_its_cache_within_a_second(api_stack: Stack) -> None:
+    """Two auth processes: a revocation made through one reaches the other's cache."""
+    from services.auth.app import AuthService
+
+    other = AuthService(api_stack.settings, api_stack.api.engine)
+    await other.start()
+    try:
+        _, created = await api_stack.auth_call(
+            "POST", "/v1/tokens", json={"name": "twice", "permissions": ["object:read"]}
+        )
+
+        async def ask_other() -> dict[str, Any]:
+            async with api_stack.session.post(
+                f"http://127.0.0.1:{other.port}/v1/introspect",
+                json={"token": created["token"]},
+                headers={"authorization": "Bearer test-service-credential"},
+            ) as response:
+                answer: dict[str, Any] = await response.json()
+                return answer
+
+        assert (await ask_other())["active"] is True
+        assert (await ask_other())["active"] is True  # now served from its cache
+        assert (
+            other.metrics.registry.get_sample_value(
+                "hookwire_auth_token_cache_lookups_total", {"result": "hit"}
+            )
+            == 1
+        )
+        await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}")
+        revoked_at = time.monotonic()
+        while (await ask_other())["active"]:
+            assert time.monotonic() - revoked_at < 1.0
+            await asyncio.sleep(0.02)
+        assert (await ask_other())["reason"] == "revoked"
+    finally:
+        await other.stop()

@@ -1,0 +1,70 @@
+"""The auth service's cache of token lookups and team roles.
+
+Entries live for a bounded time and are dropped on every change: at once for this
+process's own writes, and through ``changes`` records for every other auth process.
+Unknown hashes are cached too: a new token always has a new random hash, so a negative
+entry can never hide a token created later.
+"""
+
+from __future__ import annotations
+
+import time
+
+from services.shared import Change
+
+from .introspection import TokenState
+
+_MISSING = object()
+
+
+class TokenCache:
+    def __init__(self, ttl_seconds: float, max_entries: int = 100_000) -> None:
+        self._ttl = ttl_seconds
+        self._max = max_entries
+        self._tokens: dict[str, tuple[float, TokenState | None]] = {}
+        self._hashes_by_token: dict[str, set[str]] = {}
+        self._roles: dict[str, tuple[float, dict[str, str]]] = {}
+
+    def token(self, secret_hash: str) -> TokenState | object | None:
+        """The cached lookup, or ``MISSING`` when the database must be asked."""
+        entry = self._tokens.get(secret_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return _MISSING
+        return entry[1]
+
+    def put_token(self, secret_hash: str, state: TokenState | None) -> None:
+        if self._ttl <= 0:
+            return
+        if len(self._tokens) >= self._max:
+            self.clear()
+        self._tokens[secret_hash] = (time.monotonic() + self._ttl, state)
+        if state is not None:
+            self._hashes_by_token.setdefault(state.id, set()).add(secret_hash)
+
+    def roles(self, user_id: str) -> dict[str, str] | None:
+        entry = self._roles.get(user_id)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put_roles(self, user_id: str, roles: dict[str, str]) -> None:
+        if self._ttl > 0:
+            self._roles[user_id] = (time.monotonic() + self._ttl, roles)
+
+    def clear(self) -> None:
+        self._tokens.clear()
+        self._hashes_by_token.clear()
+        self._roles.clear()
+
+    def apply(self, change: Change) -> None:
+        if change.entity == "token":
+            for secret_hash in self._hashes_by_token.pop(change.entity_id, set()):
+                self._tokens.pop(secret_hash, None)
+        elif change.entity == "membership":
+            self._roles.clear()
+        else:
+            # Group edits change many tokens' permissions; users and teams are rare.
+            self.clear()
+
+
+MISSING = _MISSING
