@@ -52,6 +52,7 @@ class TokenGate:
         self._keys_url = f"{auth_url.rstrip('/')}/v1/keys"
         self._public_keys: dict[str, Ed25519PublicKey] = {}
         self._revoked: dict[str, float] = {}
+        self._verified: dict[str, access_tokens.AccessClaims] = {}
         self._access_ttl = access_ttl
         self._hits = metrics.counter("auth_cache_hits_total", "Token checks answered from cache")
         self._misses = metrics.counter(
@@ -121,8 +122,14 @@ class TokenGate:
 
     async def _require_access_token(self, token: str, team_id: str, permission: str) -> Principal:
         """Verified locally: signature, expiry, the key's revocation, the team role."""
-        key = await self._public_key(access_tokens.unverified_key_id(token))
-        claims = access_tokens.verify(key, token)
+        claims = self._verified.get(token)
+        if claims is None or claims.expires_at <= time.time():
+            key = await self._public_key(access_tokens.unverified_key_id(token))
+            claims = access_tokens.verify(key, token)
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            # The signature never changes; the revocation check below runs on every use.
+            self._verified[token] = claims
         if claims.token_id in self._revoked:
             raise InvalidToken("token is not valid: revoked", details={"reason": "revoked"})
         role = claims.teams.get(team_id)
