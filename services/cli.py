@@ -64,7 +64,7 @@ def dev() -> None:
     """Run the whole system on embedded defaults (SQLite and the embedded broker)."""
     from services.devstack import run_dev
 
-    _run(run_dev(_settings(dev_mode=True, allow_private_urls=True)))
+    _run(run_dev(_settings(allow_private_urls=True)))
 
 
 @main.command()

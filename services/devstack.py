@@ -127,7 +127,7 @@ Try it:
 
 async def run_dev(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    overrides: dict[str, Any] = {"dev_mode": True}
+    overrides: dict[str, Any] = {}
     stored = dev_secrets(settings.data_dir)
     for name in ("service_credential", "token_pepper", "access_token_private_key"):
         if getattr(settings, name) is None:

@@ -33,7 +33,6 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOOKWIRE_", frozen=True, extra="ignore")
 
-    dev_mode: StrictBool = False
     data_dir: Path = Path(".hookwire")
     database_url: str = ""
     kafka_bootstrap: str | None = None
@@ -65,7 +64,6 @@ class Settings(BaseSettings):
     delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)
     response_body_limit_bytes: int = Field(default=4096, ge=0)
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
