@@ -183,23 +183,23 @@ class AuthService:
     async def _lookup(
         self, secret_hash: str, team_id: str | None
     ) -> tuple[TokenState | None, str | None]:
+        """The token and the user's role in the team, from the cache or one connection."""
         cached = self.cache.token(secret_hash)
-        roles = None
-        if cached is MISSING:
-            self._cache_lookups.labels("miss").inc()
+        self._cache_lookups.labels("miss" if cached is MISSING else "hit").inc()
+        token = None if cached is MISSING else cast(TokenState | None, cached)
+        roles = self.cache.roles(token.user_id) if token is not None else None
+        if cached is MISSING or (token is not None and team_id is not None and roles is None):
             async with self.engine.connect() as conn:
-                token = await store.find_token(conn, secret_hash)
-            self.cache.put_token(secret_hash, token)
-        else:
-            self._cache_lookups.labels("hit").inc()
-            token = cast(TokenState | None, cached)
-        if token is None or team_id is None:
+                if cached is MISSING:
+                    token = await store.find_token(conn, secret_hash)
+                    self.cache.put_token(secret_hash, token)
+                if token is not None and team_id is not None:
+                    roles = self.cache.roles(token.user_id)
+                    if roles is None:
+                        roles = await store.memberships_of(conn, token.user_id)
+                        self.cache.put_roles(token.user_id, roles)
+        if token is None or team_id is None or roles is None:
             return token, None
-        roles = self.cache.roles(token.user_id)
-        if roles is None:
-            async with self.engine.connect() as conn:
-                roles = await store.memberships_of(conn, token.user_id)
-            self.cache.put_roles(token.user_id, roles)
         return token, roles.get(team_id)
 
     async def _flush_last_used(self) -> None:
