@@ -28,6 +28,8 @@ from . import store
 from .errors import UnknownEntity
 from .introspection import state_of
 
+CLI_ACTOR = Actor(user_id=None, token_id=None, ip="cli")
+
 
 async def create_user(engine: AsyncEngine, email: str, name: str) -> str:
     await check_ready(engine)
@@ -45,6 +47,15 @@ async def add_member(engine: AsyncEngine, user_id: str, team_id: str, role: str)
     await check_ready(engine)
     async with engine.begin() as conn:
         await store.set_membership(conn, user_id, team_id, role)
+        await record_audit(
+            conn,
+            CLI_ACTOR,
+            "membership.set",
+            "user",
+            user_id,
+            team_id=team_id,
+            details={"role": role},
+        )
 
 
 async def create_token(
@@ -61,7 +72,7 @@ async def create_token(
     async with engine.begin() as conn:
         if replace:
             await store.delete_token_named(conn, user_id, name)
-        return await store.create_token(
+        token_id, plaintext = await store.create_token(
             conn,
             pepper=pepper,
             user_id=user_id,
@@ -69,6 +80,15 @@ async def create_token(
             permissions=permissions,
             expires_at=expires_at,
         )
+        await record_audit(
+            conn,
+            CLI_ACTOR,
+            "token.created",
+            "token",
+            token_id,
+            details={"name": name, "permissions": sorted(set(permissions))},
+        )
+        return token_id, plaintext
 
 
 async def bootstrap_dev(engine: AsyncEngine, pepper: str) -> dict[str, str]:
@@ -85,9 +105,6 @@ async def bootstrap_dev(engine: AsyncEngine, pepper: str) -> dict[str, str]:
         replace=True,
     )
     return {"user_id": user_id, "team_id": team_id, "token_id": token_id, "token": token}
-
-
-CLI_ACTOR = Actor(user_id=None, token_id=None, ip="cli")
 
 
 async def list_tokens(engine: AsyncEngine, user_id: str) -> list[dict[str, Any]]:

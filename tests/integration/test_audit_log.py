@@ -78,3 +78,13 @@ async def test_reading_needs_the_permission(api_stack: Stack) -> None:
     status, body = await _audit(api_stack, "", reader)
     assert status == 403
     assert body["error"]["details"] == {"permission": "audit-log:read"}
+
+
+async def test_command_line_changes_are_audited(api_stack: Stack) -> None:
+    """Memberships and keys made with `hookwire admin` leave records with the cli actor."""
+    status, page = await _audit(api_stack, "?team_id=" + api_stack.team_id)
+    assert status == 200
+    membership = [e for e in page["data"] if e["action"] == "membership.set"]
+    assert membership[0]["details"] == {"role": "owner"}
+    assert membership[0]["ip"] == "cli"
+    assert membership[0]["actor_user_id"] is None
