@@ -126,7 +126,7 @@ Try it:
 
 
 async def run_dev(settings: Settings) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     overrides: dict[str, Any] = {}
     stored = dev_secrets(settings.data_dir)
     for name in ("service_credential", "token_pepper", "access_token_private_key"):

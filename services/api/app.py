@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from importlib.metadata import version
 
 import aiohttp
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     READINESS_KEY,
     Change,
+    ChangeFollower,
     ChangeNotifier,
     Metrics,
     OpenApi,
@@ -21,8 +20,6 @@ from services.shared import (
     bound_port,
     build_app,
     check_ready,
-    follow_changes,
-    make_consumer,
     make_producer,
     start_client,
     start_site,
@@ -47,8 +44,7 @@ class ApiService:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
-        self._changes: AIOKafkaConsumer | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._follower: ChangeFollower | None = None
         self.port: int | None = None
 
     def build_app(
@@ -85,18 +81,15 @@ class ApiService:
         await check_ready(self.engine)
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
-        self._changes = make_consumer(
-            self.settings, topics_for(self.settings).changes, group_id=None
-        )
-        await start_client(self._changes, self.settings)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         app = self.app = self.build_app(self._producer, self._session)
         gate = app[CONTEXT].gate
         # Every api process reads every change, so a revoked token is refused everywhere
         # within the broker's fetch latency rather than the cache TTL.
-        self._follower = asyncio.create_task(
-            follow_changes(self._changes, lambda change: self._apply_change(gate, change))
+        self._follower = ChangeFollower(
+            self.settings, lambda change: self._apply_change(gate, change)
         )
+        await self._follower.start()
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)
 
@@ -110,11 +103,7 @@ class ApiService:
 
     async def stop(self) -> None:
         if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-        if self._changes is not None:
-            await self._changes.stop()
+            await self._follower.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:

@@ -12,11 +12,12 @@ from importlib.metadata import version
 from typing import cast
 
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    ChangeFollower,
     ChangeNotifier,
     Metrics,
     OpenApi,
@@ -25,10 +26,8 @@ from services.shared import (
     bound_port,
     build_app,
     check_ready,
-    follow_changes,
     get_logger,
     json_response,
-    make_consumer,
     make_producer,
     parse_body,
     start_client,
@@ -90,8 +89,7 @@ class AuthService:
         self._log = get_logger("auth")
         self._pending_last_used: dict[str, tuple[datetime, str | None]] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._follower: asyncio.Task[None] | None = None
-        self._changes: AIOKafkaConsumer | None = None
+        self._follower = ChangeFollower(settings, self.cache.apply)
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -122,11 +120,7 @@ class AuthService:
         await check_ready(self.engine)
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
-        self._changes = make_consumer(
-            self.settings, topics_for(self.settings).changes, group_id=None
-        )
-        await start_client(self._changes, self.settings)
-        self._follower = asyncio.create_task(follow_changes(self._changes, self.cache.apply))
+        await self._follower.start()
         self._flusher = asyncio.create_task(self._flush_last_used_forever())
         self.app = self.build_app(self._producer)
         self._runner = await start_site(self.app, self.settings.host, self.settings.auth_port)
@@ -135,13 +129,11 @@ class AuthService:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        for task in (self._flusher, self._follower):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._changes is not None:
-            await self._changes.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._follower.stop()
         await self._flush_last_used()
         if self._producer is not None:
             await self._producer.stop()

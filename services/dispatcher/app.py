@@ -20,6 +20,7 @@ from services.shared import (
     READINESS_KEY,
     Attempt,
     Change,
+    ChangeFollower,
     DeadLetter,
     Delivery,
     DependencyUnavailable,
@@ -31,7 +32,6 @@ from services.shared import (
     build_app,
     check_ready,
     decode,
-    follow_changes,
     get_logger,
     make_consumer,
     make_producer,
@@ -81,6 +81,7 @@ class DispatcherService:
         self._consumers: list[AIOKafkaConsumer] = []
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._follower = ChangeFollower(settings, self._apply_change)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
         self.port: int | None = None
@@ -97,8 +98,7 @@ class DispatcherService:
         deliverer = make_consumer(
             self.settings, self.topics.deliveries, group_id=f"{group}.delivery"
         )
-        changes = make_consumer(self.settings, self.topics.changes, group_id=None)
-        self._consumers = [router, deliverer, changes]
+        self._consumers = [router, deliverer]
         # Group joins are slow on some brokers; joining both groups at once halves start-up.
         await asyncio.gather(*(start_client(c, self.settings) for c in self._consumers))
         self._session = aiohttp.ClientSession(
@@ -111,18 +111,11 @@ class DispatcherService:
                 self._consume(deliverer, lambda batch: self._deliver_batch(batch, sender)),
                 name="deliverer",
             ),
-            # Changes older than the table load (less a margin for clock skew between
-            # producers) are already reflected in it.
-            asyncio.create_task(
-                follow_changes(
-                    changes,
-                    self._apply_change,
-                    newer_than_ms=self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS,
-                ),
-                name="changes",
-            ),
             asyncio.create_task(self._resync_forever(), name="resync"),
         ]
+        # Changes older than the table load (less a margin for clock skew between producers)
+        # are already reflected in it.
+        await self._follower.start(newer_than_ms=self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS)
         app = build_app("dispatcher", self.metrics)
         app[READINESS_KEY].append(self._ready)
         self._runner = await start_site(app, self.settings.host, self.settings.dispatcher_port)
@@ -131,6 +124,8 @@ class DispatcherService:
     async def _ready(self) -> None:
         await check_ready(self.engine)
         stopped = [task.get_name() for task in self._tasks if task.done()]
+        if not self._follower.running:
+            stopped.append("changes")
         if stopped:
             raise DependencyUnavailable(f"loops stopped: {', '.join(stopped)}")
 
@@ -142,6 +137,7 @@ class DispatcherService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._follower.stop()
         for consumer in self._consumers:
             await consumer.stop()
         if self._producer is not None:

@@ -7,7 +7,7 @@ from . import _access_tokens as access_tokens
 from . import _schema as tables
 from ._audit import Actor, record_audit
 from ._broker import EmbeddedBroker, free_port
-from ._changes import ChangeNotifier, Entity, follow_changes
+from ._changes import ChangeFollower, ChangeNotifier, Entity
 from ._contracts import (
     EVENT_TYPES,
     SCHEMA_VERSION,
@@ -75,6 +75,7 @@ __all__ = [
     "Attempt",
     "BadRequest",
     "Change",
+    "ChangeFollower",
     "ChangeNotifier",
     "ConfigurationError",
     "Conflict",
@@ -112,7 +113,6 @@ __all__ = [
     "effective_permissions",
     "ensure_topics",
     "error_response",
-    "follow_changes",
     "free_port",
     "get_logger",
     "head_revision",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -12,6 +14,8 @@ from aiokafka.errors import KafkaError
 from ._contracts import Change, Topics, decode
 from ._errors import InvalidRecord
 from ._ids import utcnow
+from ._kafka import make_consumer, start_client
+from ._settings import Settings
 
 Entity = Literal["webhook", "token", "user", "team", "membership", "permission_group"]
 Action = Literal["created", "updated", "deleted"]
@@ -87,3 +91,35 @@ async def follow_changes(
                     await outcome
             except Exception:
                 log.exception("change_handler_failed", entity=change.entity, id=change.entity_id)
+
+
+class ChangeFollower:
+    """A process's subscription to ``changes``: its own consumer and the task feeding it."""
+
+    def __init__(self, settings: Settings, handle: ChangeHandler) -> None:
+        self._settings = settings
+        self._handle = handle
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self, *, newer_than_ms: int = 0) -> None:
+        self._consumer = make_consumer(
+            self._settings, Topics(self._settings.topic_prefix).changes, group_id=None
+        )
+        await start_client(self._consumer, self._settings)
+        self._task = asyncio.create_task(
+            follow_changes(self._consumer, self._handle, newer_than_ms=newer_than_ms),
+            name="changes",
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
