@@ -20,7 +20,7 @@ _tokens = tables.tokens
 _groups = tables.permission_groups
 
 
-def _token_state(row: Any, presented_hash: str | None = None) -> TokenState:
+def _token_state(row: Any, *, presented_previous: bool = False) -> TokenState:
     created_at = as_utc(row.created_at)
     assert created_at is not None
     permissions = set(row.permissions) | set(row.group_permissions or ())
@@ -61,10 +61,13 @@ async def find_token(conn: AsyncConnection, secret_hash: str) -> TokenState | No
     if row is None:
         return None
     # The index finds the row; the match itself is confirmed in constant time.
-    stored = row.secret_hash if row.secret_hash == secret_hash else row.previous_secret_hash
-    if not hmac.compare_digest(str(stored), secret_hash):
+    current = hmac.compare_digest(row.secret_hash, secret_hash)
+    previous = row.previous_secret_hash is not None and hmac.compare_digest(
+        row.previous_secret_hash, secret_hash
+    )
+    if not (current or previous):
         return None
-    return _token_state(row, secret_hash)
+    return _token_state(row, presented_previous=not current)
 
 
 async def token_row(conn: AsyncConnection, user_id: str, token_id: str) -> Any:
