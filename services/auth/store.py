@@ -36,7 +36,7 @@ def _token_state(row: Any, *, presented_previous: bool = False) -> TokenState:
         allowed_cidrs=tuple(row.allowed_cidrs) if row.allowed_cidrs else None,
         inactivity_timeout_seconds=row.inactivity_timeout_seconds,
         previous_secret_expires_at=as_utc(row.previous_expires_at),
-        presented_previous_secret=presented_hash is not None and row.secret_hash != presented_hash,
+        presented_previous_secret=presented_previous,
     )
 
 
