@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from importlib.metadata import version
 
 import aiohttp
@@ -23,13 +25,14 @@ from services.shared import (
     make_producer,
     start_client,
     start_site,
+    stop_client,
     topics_for,
 )
 
 from . import objects, webhooks
 from .authn import TokenGate
 from .context import CONTEXT, ApiContext
-from .publisher import Publisher
+from .outbox import Outbox
 
 
 class ApiService:
@@ -45,6 +48,11 @@ class ApiService:
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
         self._follower: ChangeFollower | None = None
+        self._outbox: Outbox | None = None
+        self._relay: asyncio.Task[None] | None = None
+        self._outbox_backlog = self.metrics.gauge(
+            "outbox_backlog", "Staged records not yet acknowledged by Kafka"
+        )
         self.port: int | None = None
 
     def build_app(
@@ -62,7 +70,8 @@ class ApiService:
                 self.settings.access_token_ttl_seconds,
                 self.metrics,
             ),
-            publisher=Publisher(producer, topics_for(self.settings)),
+            outbox=self.outbox_for(producer),
+            topics=topics_for(self.settings),
             changes=ChangeNotifier(producer, topics_for(self.settings)),
             metrics=self.metrics,
         )
@@ -77,9 +86,18 @@ class ApiService:
         spec.serve(app)
         return app
 
+    def outbox_for(self, producer: AIOKafkaProducer) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox(
+                self.engine, producer, self._outbox_backlog, self.settings.publish_timeout_seconds
+            )
+        return self._outbox
+
     async def start(self) -> None:
         await check_ready(self.engine)
-        self._producer = make_producer(self.settings)
+        self._producer = make_producer(
+            self.settings, request_timeout_ms=int(self.settings.publish_timeout_seconds * 1000)
+        )
         await start_client(self._producer, self.settings)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         app = self.app = self.build_app(self._producer, self._session)
@@ -90,6 +108,7 @@ class ApiService:
             self.settings, lambda change: self._apply_change(gate, change)
         )
         await self._follower.start()
+        self._relay = asyncio.create_task(self.outbox_for(self._producer).relay_forever())
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)
 
@@ -102,6 +121,10 @@ class ApiService:
             gate.forget_all()
 
     async def stop(self) -> None:
+        if self._relay is not None:
+            self._relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay
         if self._follower is not None:
             await self._follower.stop()
         if self._runner is not None:
@@ -109,4 +132,4 @@ class ApiService:
         if self._session is not None:
             await self._session.close()
         if self._producer is not None:
-            await self._producer.stop()
+            await stop_client(self._producer)

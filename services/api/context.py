@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.shared import ChangeNotifier, Metrics, Settings, presented_token
+from services.shared import ChangeNotifier, Metrics, Settings, Topics, presented_token
 
 from .authn import Principal, TokenGate
-from .publisher import Publisher
+from .outbox import Outbox
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class ApiContext:
     settings: Settings
     engine: AsyncEngine
     gate: TokenGate
-    publisher: Publisher
+    outbox: Outbox
+    topics: Topics
     changes: ChangeNotifier
     metrics: Metrics
 

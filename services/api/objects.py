@@ -1,93 +1,361 @@
-"""Object routes: ``/v1/teams/{team}/objects/{object_type}``; each change publishes its event."""
+"""Object routes: ``/v1/teams/{team}/objects/{object_type}``; each change publishes its event.
+
+Every change goes through the outbox: the event is published with acks=all before the
+caller hears of success, and a change Kafka refused is undone (503).
+"""
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
+from typing import Any
 
 from aiohttp import web
-from sqlalchemy import insert
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared import (
     Event,
+    EventType,
+    HookwireError,
     OpenApi,
     ValidationFailed,
     json_response,
     new_id,
+    parse_body,
     read_json,
-    tables,
     utcnow,
 )
 
-from .context import CONTEXT
+from . import object_store as store
+from .context import CONTEXT, ApiContext
+from .paging import page_params
 
 _OBJECT_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+class PreconditionFailed(HookwireError):
+    status = 412
+    code = "precondition_failed"
+
+
+class SendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    to: str = Field(min_length=1, max_length=320)
+    channel: str = Field(default="email", min_length=1, max_length=32)
+    subject: str | None = Field(default=None, max_length=500)
+    message: str | None = Field(default=None, max_length=10_000)
 
 
 def _object_type(request: web.Request) -> str:
     object_type = request.match_info["object_type"]
     if not _OBJECT_TYPE.match(object_type):
-        raise ValidationFailed(
-            "object_type must be lowercase letters, digits, '_' or '-', starting with a letter",
-            details=[{"field": "object_type", "reason": "invalid format"}],
+        raise ValidationFailed.for_field(
+            "object_type", "lowercase letters, digits, '_' or '-', starting with a letter"
         )
     return object_type
+
+
+async def _object_body(request: web.Request) -> dict[str, Any]:
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise ValidationFailed.for_field("body", "the object must be a JSON object")
+    return data
+
+
+def _event(
+    team_id: str,
+    object_type: str,
+    object_id: str,
+    kind: EventType,
+    data: dict[str, Any],
+    now: datetime,
+    **extra: Any,
+) -> Event:
+    return Event(
+        id=new_id("evt"),
+        type=kind,
+        team_id=team_id,
+        object_type=object_type,
+        object_id=object_id,
+        occurred_at=now,
+        data=data,
+        **extra,
+    )
+
+
+async def _publish(ctx: ApiContext, event: Event, change: Any, undo: Any) -> Any:
+    return await ctx.outbox.commit_and_publish(
+        change, undo, ctx.topics.events, f"{event.team_id}/{event.object_id}", event
+    )
+
+
+def _with_etag(body: dict[str, Any], version: int, status: int = 200) -> web.Response:
+    return json_response(body, status=status, headers={"ETag": store.etag(version)})
 
 
 async def create_object(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "object:create")
     object_type = _object_type(request)
-    data = await read_json(request)
-    if not isinstance(data, dict):
-        raise ValidationFailed(
-            "the object must be a JSON object",
-            details=[{"field": "body", "reason": "not an object"}],
-        )
-    now = utcnow()
-    object_id = new_id("obj")
-    event = Event(
-        id=new_id("evt"),
-        type="object.created",
-        team_id=principal.team_id,
-        object_type=object_type,
-        object_id=object_id,
-        occurred_at=now,
-        data=data,
-    )
-    # Publishing inside the transaction: if Kafka refuses, the object is rolled back and the
-    # caller gets 503, so a stored object never lacks its event.
-    async with ctx.engine.begin() as conn:
-        await conn.execute(
-            insert(tables.objects).values(
-                id=object_id,
-                team_id=principal.team_id,
-                object_type=object_type,
-                data=data,
-                version=1,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        await ctx.publisher.event(event)
-    body = {
+    data = await _object_body(request)
+    now, object_id = utcnow(), new_id("obj")
+    event = _event(principal.team_id, object_type, object_id, "object.created", data, now)
+    values = {
         "id": object_id,
+        "team_id": principal.team_id,
         "object_type": object_type,
-        "version": 1,
         "data": data,
+        "version": 1,
         "created_at": now,
-        "event_id": event.id,
+        "updated_at": now,
     }
-    return json_response(body, status=201)
+
+    async def change(conn: AsyncConnection) -> None:
+        await store.insert_object(conn, values)
+
+    async def undo(conn: AsyncConnection) -> None:
+        await store.remove(conn, object_id)
+
+    await _publish(ctx, event, change, undo)
+    return _with_etag(store.object_view(values, event_id=event.id), 1, status=201)
+
+
+async def get_object(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "object:read")
+    async with ctx.engine.connect() as conn:
+        row = await store.find(
+            conn, principal.team_id, _object_type(request), request.match_info["object_id"]
+        )
+    return _with_etag(store.object_view(row._mapping), row.version)
+
+
+async def list_objects(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "object:read")
+    limit, cursor = page_params(request)
+    trashed = request.query.get("trashed", "false") == "true"
+    async with ctx.engine.connect() as conn:
+        rows = await store.page(
+            conn,
+            principal.team_id,
+            _object_type(request),
+            trashed=trashed,
+            limit=limit,
+            cursor=cursor,
+        )
+    items = rows[:limit]
+    return json_response(
+        {
+            "data": [store.object_view(row._mapping) for row in items],
+            "next_cursor": items[-1].id if len(rows) > limit else None,
+        }
+    )
+
+
+def _check_if_match(request: web.Request, version: int) -> None:
+    wanted = request.headers.get("If-Match")
+    if wanted is not None and wanted.strip() not in (store.etag(version), "*"):
+        raise PreconditionFailed(
+            "the object changed since you read it", details={"current_etag": store.etag(version)}
+        )
+
+
+async def update_object(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "object:update")
+    object_type = _object_type(request)
+    patch = await _object_body(request)
+    async with ctx.engine.connect() as conn:
+        row = await store.find(
+            conn, principal.team_id, object_type, request.match_info["object_id"]
+        )
+    _check_if_match(request, row.version)
+    data, previous = store.merge_patch(row.data, patch)
+    if not previous:
+        return _with_etag(store.object_view(row._mapping), row.version)
+    now, version = utcnow(), row.version + 1
+    event = _event(
+        principal.team_id, object_type, row.id, "object.updated", data, now, previous=previous
+    )
+
+    async def change(conn: AsyncConnection) -> None:
+        if not await store.set_fields(
+            conn, row.id, row.version, data=data, **store.now_fields(now, version)
+        ):
+            raise PreconditionFailed("the object changed while this update was being made")
+
+    async def undo(conn: AsyncConnection) -> None:
+        await store.restore_row(conn, row)
+
+    await _publish(ctx, event, change, undo)
+    body = store.object_view(
+        row._mapping, data=data, version=version, updated_at=now, event_id=event.id
+    )
+    return _with_etag(body, version)
+
+
+async def delete_object(request: web.Request) -> web.Response:
+    """To the trash (``object:delete``), or for good with ``?force=true``
+    (``object:force-delete``)."""
+    ctx = request.app[CONTEXT]
+    force = request.query.get("force", "false") == "true"
+    principal = await ctx.authorize(request, "object:force-delete" if force else "object:delete")
+    object_type, object_id = _object_type(request), request.match_info["object_id"]
+    async with ctx.engine.connect() as conn:
+        try:
+            row = await store.find(conn, principal.team_id, object_type, object_id)
+        except HookwireError:
+            if not force:
+                raise
+            row = await store.find(conn, principal.team_id, object_type, object_id, trashed=True)
+            # Already in the trash: its deletion was announced then; nothing more to publish.
+            async with ctx.engine.begin() as write:
+                await store.remove(write, row.id)
+            return web.Response(status=204)
+    now = utcnow()
+    event = _event(principal.team_id, object_type, row.id, "object.deleted", row.data, now)
+
+    async def change(conn: AsyncConnection) -> None:
+        if force:
+            await store.remove(conn, row.id)
+        elif not await store.set_fields(
+            conn, row.id, row.version, deleted_at=now, **store.now_fields(now, row.version + 1)
+        ):
+            raise PreconditionFailed("the object changed while it was being deleted")
+
+    async def undo(conn: AsyncConnection) -> None:
+        await store.restore_row(conn, row)
+
+    await _publish(ctx, event, change, undo)
+    return web.Response(status=204, headers={"x-event-id": event.id})
+
+
+async def restore_object(request: web.Request) -> web.Response:
+    """Out of the trash; announced as ``object.created`` since the object exists again."""
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "object:delete")
+    object_type = _object_type(request)
+    async with ctx.engine.connect() as conn:
+        row = await store.find(
+            conn, principal.team_id, object_type, request.match_info["object_id"], trashed=True
+        )
+    now, version = utcnow(), row.version + 1
+    event = _event(principal.team_id, object_type, row.id, "object.created", row.data, now)
+
+    async def change(conn: AsyncConnection) -> None:
+        if not await store.set_fields(
+            conn, row.id, row.version, deleted_at=None, **store.now_fields(now, version)
+        ):
+            raise PreconditionFailed("the object changed while it was being restored")
+
+    async def undo(conn: AsyncConnection) -> None:
+        await store.restore_row(conn, row)
+
+    await _publish(ctx, event, change, undo)
+    body = store.object_view(
+        row._mapping, deleted_at=None, version=version, updated_at=now, event_id=event.id
+    )
+    return _with_etag(body, version)
+
+
+async def send_object(request: web.Request) -> web.Response:
+    """Publish ``object.send``: the object was sent somewhere (the body says to whom)."""
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "object:update")
+    object_type = _object_type(request)
+    body = await parse_body(request, SendRequest)
+    async with ctx.engine.connect() as conn:
+        row = await store.find(
+            conn, principal.team_id, object_type, request.match_info["object_id"]
+        )
+    event = _event(
+        principal.team_id,
+        object_type,
+        row.id,
+        "object.send",
+        row.data,
+        utcnow(),
+        sent=body.model_dump(exclude_none=True),
+    )
+
+    async def nothing(_: AsyncConnection) -> None:
+        return None
+
+    await _publish(ctx, event, nothing, nothing)
+    return json_response({"event_id": event.id}, status=202)
 
 
 def add_routes(app: web.Application, spec: OpenApi) -> None:
+    base = "/v1/teams/{team}/objects/{object_type}"
+    one = base + "/{object_id}"
+    writes = (401, 403, 404, 412, 413, 422, 503)
     spec.route(
         app,
         "POST",
-        "/v1/teams/{team}/objects/{object_type}",
+        base,
         create_object,
         status=201,
         permission="object:create",
         errors=(401, 403, 404, 413, 422, 503),
         summary="Create an object (any JSON object) and publish object.created",
+    )
+    spec.route(
+        app,
+        "GET",
+        base,
+        list_objects,
+        permission="object:read",
+        errors=(401, 403, 404, 422),
+        summary="List objects of a type (limit, cursor; trashed=true for the trash)",
+    )
+    spec.route(
+        app,
+        "GET",
+        one,
+        get_object,
+        permission="object:read",
+        errors=(401, 403, 404),
+        summary="Read an object; the ETag header carries its version",
+    )
+    spec.route(
+        app,
+        "PATCH",
+        one,
+        update_object,
+        permission="object:update",
+        errors=writes,
+        summary="Merge-patch an object (null removes a field); If-Match optional",
+    )
+    spec.route(
+        app,
+        "DELETE",
+        one,
+        delete_object,
+        status=204,
+        permission="object:delete",
+        errors=(401, 403, 404, 412, 503),
+        summary="Move to the trash; ?force=true deletes for good (object:force-delete)",
+    )
+    spec.route(
+        app,
+        "POST",
+        one + "/restore",
+        restore_object,
+        permission="object:delete",
+        errors=(401, 403, 404, 412, 503),
+        summary="Restore an object from the trash",
+    )
+    spec.route(
+        app,
+        "POST",
+        one + "/send",
+        send_object,
+        status=202,
+        body=SendRequest,
+        permission="object:update",
+        errors=(401, 403, 404, 413, 422, 503),
+        summary="Publish object.send for an object",
     )

@@ -19,6 +19,7 @@ from services.shared import (
     make_producer,
     record_audit,
     start_client,
+    stop_client,
     tables,
     topics_for,
     utcnow,
@@ -154,5 +155,5 @@ async def notify(settings: Settings, entity: Entity, entity_id: str, state: str 
     except DependencyUnavailable:
         return False
     finally:
-        await producer.stop()
+        await stop_client(producer)
     return True

@@ -32,6 +32,7 @@ from services.shared import (
     parse_body,
     start_client,
     start_site,
+    stop_client,
     topics_for,
     utcnow,
 )
@@ -136,7 +137,7 @@ class AuthService:
         await self._follower.stop()
         await self._flush_last_used()
         if self._producer is not None:
-            await self._producer.stop()
+            await stop_client(self._producer)
 
     def _check_service_credential(self, request: web.Request) -> None:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")

@@ -38,6 +38,7 @@ from services.shared import (
     send_all,
     start_client,
     start_site,
+    stop_client,
     topics_for,
     utcnow,
 )
@@ -139,9 +140,9 @@ class DispatcherService:
                 await task
         await self._follower.stop()
         for consumer in self._consumers:
-            await consumer.stop()
+            await stop_client(consumer)
         if self._producer is not None:
-            await self._producer.stop()
+            await stop_client(self._producer)
         if self._session is not None:
             await self._session.close()
 

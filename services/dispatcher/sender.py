@@ -10,7 +10,6 @@ from importlib.metadata import version
 from typing import Literal
 
 import aiohttp
-import orjson
 
 from services.shared import Delivery, Settings
 
@@ -46,7 +45,7 @@ def signed_headers(
 
 
 def payload(delivery: Delivery) -> bytes:
-    return orjson.dumps(delivery.event.model_dump(mode="json", by_alias=True))
+    return delivery.event.to_bytes()
 
 
 class Sender:

@@ -54,6 +54,7 @@ from ._kafka import (
     make_producer,
     send_all,
     start_client,
+    stop_client,
     topic_layout,
     topics_for,
 )
@@ -130,6 +131,7 @@ __all__ = [
     "send_all",
     "start_client",
     "start_site",
+    "stop_client",
     "tables",
     "topic_layout",
     "topics_for",

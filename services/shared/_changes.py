@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError
 from ._contracts import Change, Topics, decode
 from ._errors import InvalidRecord
 from ._ids import utcnow
-from ._kafka import make_consumer, start_client
+from ._kafka import make_consumer, start_client, stop_client
 from ._settings import Settings
 
 Entity = Literal["webhook", "token", "user", "team", "membership", "permission_group"]
@@ -122,4 +122,4 @@ class ChangeFollower:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer)

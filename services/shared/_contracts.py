@@ -61,7 +61,8 @@ class Record(BaseModel):
     schema_: Literal[1] = Field(default=SCHEMA_VERSION, alias="schema")
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json", by_alias=True))
+        # Absent optional fields stay absent on the wire rather than arriving as nulls.
+        return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
 class Event(Record):
@@ -74,6 +75,10 @@ class Event(Record):
     object_id: str = Field(pattern=_ID)
     occurred_at: datetime
     data: dict[str, Any]
+    # object.updated: the previous values of the fields that changed (new values are in data).
+    previous: dict[str, Any] | None = None
+    # object.send: what was sent, to whom.
+    sent: dict[str, Any] | None = None
 
 
 class Delivery(Record):

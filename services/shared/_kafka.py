@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -86,7 +87,7 @@ async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Se
     try:
         await client.start()
     except (KafkaError, OSError) as exc:
-        await client.stop()
+        await stop_client(client)
         raise _unreachable(settings, exc) from exc
 
 
@@ -126,3 +127,19 @@ async def send_all(
     futures = [await producer.send(topic, value=value, key=key) for topic, key, value in records]
     if futures:
         await asyncio.gather(*futures)
+
+
+async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """Close a client even when the broker is gone.
+
+    With the broker down, aiokafka's own fetch tasks can surface a CancelledError out of
+    ``stop()``; that must not abort a shutdown, unless this task itself is being cancelled.
+    """
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except KafkaError as exc:
+        structlog.get_logger().warning("kafka_client_stop_failed", error=str(exc))

@@ -31,6 +31,7 @@ _ERROR_TEXT = {
     403: "The token lacks the permission",
     404: "Not found, or a team the token's user is not in",
     409: "Conflict (for example a duplicate name)",
+    412: "If-Match does not match the current ETag: the resource changed since it was read",
     413: "Body larger than HOOKWIRE_MAX_BODY_BYTES",
     422: "Invalid body or parameters; details name each field",
     503: "A dependency (Kafka, auth) is unavailable; retry after Retry-After",

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
 
     allow_private_urls: StrictBool = False
     allow_query_keys: StrictBool = False
+    publish_timeout_seconds: float = Field(default=10.0, ge=1, le=120)
     max_body_bytes: int = Field(default=262_144, ge=1024)
     token_max_lifetime_days: int | None = Field(default=None, ge=1, le=3650)
     auth_cache_ttl_seconds: float = Field(default=1.0, ge=0, le=60)

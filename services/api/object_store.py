@@ -1,0 +1,125 @@
+"""Objects in the database, and the pure rules for changing them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.shared import NotFound, as_utc, tables
+
+_objects = tables.objects
+_ABSENT = object()
+
+
+def merge_patch(
+    current: dict[str, Any], patch: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Apply a JSON merge patch (RFC 7396) at the top level: ``null`` removes a field.
+
+    Returns the new data and the previous values of the fields that changed (absent fields
+    as ``None``).
+    """
+    merged = dict(current)
+    previous: dict[str, Any] = {}
+    for field, value in patch.items():
+        if value is None:
+            if field in merged:
+                previous[field] = merged.pop(field)
+        elif merged.get(field, _ABSENT) != value:
+            previous[field] = current.get(field)
+            merged[field] = value
+    return merged, previous
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def object_view(row: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    view = {
+        "id": row["id"],
+        "object_type": row["object_type"],
+        "version": row["version"],
+        "data": row["data"],
+        "created_at": as_utc(row["created_at"]),
+        "updated_at": as_utc(row["updated_at"]),
+        "deleted_at": as_utc(row.get("deleted_at")),
+    }
+    view.update(overrides)
+    return view
+
+
+async def find(
+    conn: AsyncConnection, team_id: str, object_type: str, object_id: str, *, trashed: bool = False
+) -> Any:
+    row = (
+        await conn.execute(
+            select(_objects).where(
+                _objects.c.id == object_id,
+                _objects.c.team_id == team_id,
+                _objects.c.object_type == object_type,
+            )
+        )
+    ).first()
+    if row is None or (row.deleted_at is not None) != trashed:
+        where = "in the trash" if trashed else ""
+        raise NotFound(f"{object_type} {object_id} not found {where}".strip())
+    return row
+
+
+async def page(
+    conn: AsyncConnection,
+    team_id: str,
+    object_type: str,
+    *,
+    trashed: bool,
+    limit: int,
+    cursor: str | None,
+) -> list[Any]:
+    query = (
+        select(_objects)
+        .where(
+            _objects.c.team_id == team_id,
+            _objects.c.object_type == object_type,
+            _objects.c.deleted_at.is_not(None) if trashed else _objects.c.deleted_at.is_(None),
+        )
+        .order_by(_objects.c.id)
+        .limit(limit + 1)
+    )
+    if cursor is not None:
+        query = query.where(_objects.c.id > cursor)
+    return list((await conn.execute(query)).all())
+
+
+async def insert_object(conn: AsyncConnection, values: dict[str, Any]) -> None:
+    await conn.execute(insert(_objects).values(**values))
+
+
+async def set_fields(
+    conn: AsyncConnection, object_id: str, expected_version: int, **values: Any
+) -> bool:
+    """Update if the version is still the expected one; False when someone got there first."""
+    result = await conn.execute(
+        update(_objects)
+        .where(_objects.c.id == object_id, _objects.c.version == expected_version)
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+async def remove(conn: AsyncConnection, object_id: str) -> None:
+    await conn.execute(delete(_objects).where(_objects.c.id == object_id))
+
+
+async def restore_row(conn: AsyncConnection, row: Any) -> None:
+    """Put a row back exactly as it was (undoing a change Kafka refused)."""
+    await conn.execute(delete(_objects).where(_objects.c.id == row.id))
+    await conn.execute(insert(_objects).values(**dict(row._mapping)))
+
+
+def now_fields(now: datetime, version: int) -> dict[str, Any]:
+    return {"updated_at": now, "version": version}

@@ -1,0 +1,138 @@
+"""The outbox: records to publish are written in the same transaction as the change.
+
+A handler stages its event with the change, commits, then publishes at once and removes the
+row once Kafka acknowledged it. If the process dies in between, the relay publishes what is
+left, so a committed change always gets exactly its event (at least once, same event id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import Gauge
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.shared import Record, get_logger, new_id, tables, utcnow
+
+from .errors import PublishUnavailable
+
+T = TypeVar("T")
+_outbox = tables.outbox
+
+
+class Outbox:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        producer: AIOKafkaProducer,
+        backlog: Gauge,
+        publish_timeout: float,
+    ) -> None:
+        self._engine = engine
+        self._producer = producer
+        self._backlog = backlog
+        # The producer gives up on a batch after publish_timeout (its request timeout), so a
+        # request never abandons a record aiokafka might still send; the wait below is only a
+        # backstop. A row older than relay_after was not published by its own request.
+        self._wait = publish_timeout + 5
+        self.relay_after = timedelta(seconds=max(30.0, 3 * publish_timeout))
+        self._log = get_logger("api")
+
+    async def stage(self, conn: AsyncConnection, topic: str, key: str, record: Record) -> str:
+        row_id = new_id("out")
+        await conn.execute(
+            insert(_outbox).values(
+                id=row_id,
+                topic=topic,
+                key=key,
+                value=record.to_bytes().decode(),
+                created_at=utcnow(),
+            )
+        )
+        return row_id
+
+    async def publish(self, row_id: str, topic: str, key: str, record: Record) -> None:
+        """Publish a staged record now (acks=all); the caller learns if Kafka refused."""
+        try:
+            await asyncio.wait_for(
+                self._producer.send_and_wait(topic, value=record.to_bytes(), key=key.encode()),
+                self._wait,
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
+
+    async def commit_and_publish(
+        self,
+        change: Callable[[AsyncConnection], Awaitable[T]],
+        undo: Callable[[AsyncConnection], Awaitable[None]],
+        topic: str,
+        key: str,
+        record: Record,
+    ) -> T:
+        """Make the change and stage its record in one transaction, then publish.
+
+        If Kafka refuses, the change is undone and the caller gets 503: nothing is left half
+        written. If this process dies first, the relay publishes the staged record, so the
+        committed change still gets its event.
+        """
+        async with self._engine.begin() as conn:
+            result = await change(conn)
+            row_id = await self.stage(conn, topic, key, record)
+        try:
+            await self.publish(row_id, topic, key, record)
+        except PublishUnavailable:
+            async with self._engine.begin() as conn:
+                taken = await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
+                if taken.rowcount == 1:
+                    await undo(conn)
+            raise
+        return result
+
+    async def backlog(self) -> int:
+        async with self._engine.connect() as conn:
+            count = (await conn.execute(select(func.count()).select_from(_outbox))).scalar()
+        return int(count or 0)
+
+    async def relay_once(self) -> int:
+        """Publish rows their requests left behind; returns how many were published."""
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(_outbox)
+                    .where(_outbox.c.created_at < utcnow() - self.relay_after)
+                    .order_by(_outbox.c.created_at)
+                    .limit(500)
+                )
+            ).all()
+        published = 0
+        for row in rows:
+            try:
+                await self._producer.send_and_wait(
+                    row.topic, value=row.value.encode(), key=row.key.encode()
+                )
+            except KafkaError as exc:
+                self._log.warning("outbox_relay_failed", error=str(exc))
+                break
+            async with self._engine.begin() as conn:
+                await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))
+            published += 1
+        return published
+
+    async def relay_forever(self, every_seconds: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                relayed = await self.relay_once()
+                if relayed:
+                    self._log.info("outbox_relayed", records=relayed)
+                self._backlog.set(await self.backlog())
+            except Exception:
+                self._log.exception("outbox_relay_crashed")

@@ -1,0 +1,222 @@
+"""Objects: every change publishes its event through the outbox, and only then succeeds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import func, select
+
+from services.shared import EmbeddedBroker, Event, Settings, new_id, tables, utcnow
+from tests.conftest import Receiver, Stack, running_stack
+
+ALL_TOPICS = ["object.created", "object.updated", "object.deleted", "object.send"]
+
+
+async def _subscribe(stack: Stack, receiver: Receiver) -> None:
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks",
+        headers=stack.headers(),
+        json={"name": "all", "url": receiver.url, "topics": ALL_TOPICS},
+    ) as response:
+        assert response.status == 201
+        await stack.wait_for_webhook((await response.json())["id"])
+
+
+async def _call(
+    stack: Stack, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
+) -> tuple[int, Any, Any]:
+    async with stack.session.request(
+        method,
+        f"{stack.api_url}/v1/teams/{stack.team_id}/objects{path}",
+        headers={**stack.headers(), **(headers or {})},
+        **kwargs,
+    ) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, body, response.headers
+
+
+async def test_object_lifecycle_publishes_each_event(stack: Stack, receiver: Receiver) -> None:
+    """create, update (with previous values), delete to trash, restore, send, force-delete."""
+    await _subscribe(stack, receiver)
+    status, created, headers = await _call(
+        stack, "POST", "/contact", json={"email": "a@example.com", "name": "Ada"}
+    )
+    assert (status, headers["ETag"]) == (201, '"1"')
+    path = f"/contact/{created['id']}"
+    status, updated, headers = await _call(
+        stack,
+        "PATCH",
+        path,
+        headers={"If-Match": '"1"'},
+        json={"name": "Ada Lovelace", "email": None, "plan": "pro"},
+    )
+    assert (status, headers["ETag"]) == (200, '"2"')
+    assert updated["data"] == {"name": "Ada Lovelace", "plan": "pro"}
+    assert (await _call(stack, "DELETE", path))[0] == 204
+    assert (await _call(stack, "GET", path))[0] == 404
+    _, trash, _ = await _call(stack, "GET", "/contact?trashed=true")
+    assert [o["id"] for o in trash["data"]] == [created["id"]]
+    assert (await _call(stack, "POST", f"{path}/restore"))[0] == 200
+    status, sent, _ = await _call(
+        stack, "POST", f"{path}/send", json={"to": "crm@example.com", "channel": "email"}
+    )
+    assert status == 202
+    assert (await _call(stack, "DELETE", f"{path}?force=true"))[0] == 204
+    assert (await _call(stack, "GET", path))[0] == 404
+
+    events = [orjson.loads(r.body) for r in await receiver.wait_for(6)]
+    assert [e["type"] for e in events] == [
+        "object.created",
+        "object.updated",
+        "object.deleted",
+        "object.created",
+        "object.send",
+        "object.deleted",
+    ]
+    assert events[0]["id"] == created["event_id"]
+    assert events[1]["previous"] == {"name": "Ada", "email": "a@example.com", "plan": None}
+    assert events[1]["data"] == {"name": "Ada Lovelace", "plan": "pro"}
+    assert events[4]["sent"] == {"to": "crm@example.com", "channel": "email"}
+    assert events[4]["id"] == sent["event_id"]
+    assert all(e["object_id"] == created["id"] for e in events)
+    assert "previous" not in events[0]
+
+
+async def test_stale_if_match_and_no_op_patches_publish_nothing(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A stale ETag gets 412 and changes nothing; a patch that changes nothing is silent."""
+    await _subscribe(stack, receiver)
+    _, created, _ = await _call(stack, "POST", "/deal", json={"amount": 10})
+    path = f"/deal/{created['id']}"
+    assert (await _call(stack, "PATCH", path, json={"amount": 20}))[0] == 200
+    status, body, _ = await _call(
+        stack, "PATCH", path, headers={"If-Match": '"1"'}, json={"amount": 30}
+    )
+    assert (status, body["error"]["code"]) == (412, "precondition_failed")
+    assert body["error"]["details"] == {"current_etag": '"2"'}
+    status, same, headers = await _call(stack, "PATCH", path, json={"amount": 20})
+    assert (status, headers["ETag"], same["data"]) == (200, '"2"', {"amount": 20})
+    _, current, _ = await _call(stack, "GET", path)
+    assert current["data"] == {"amount": 20}
+    await receiver.wait_for(2)
+    registry = stack.dispatcher.metrics.registry
+    assert registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("PATCH", "/contact/{id}", [1], 422, "body"),
+        ("PATCH", "/contact/{id}", "x", 422, "body"),
+        ("POST", "/contact/{id}/send", {}, 422, "to"),
+        ("POST", "/contact/{id}/send", {"to": "a", "cc": "b"}, 422, "cc"),
+        ("PATCH", "/contact/obj_missing", {"a": 1}, 404, None),
+        ("POST", "/contact/{id}/restore", None, 404, None),
+        ("GET", "/contact?limit=0", None, 422, "limit"),
+        ("GET", "/contact?limit=lots", None, 422, "limit"),
+        ("GET", "/Contact/{id}", None, 422, "object_type"),
+    ],
+)
+async def test_bad_object_requests(
+    api_stack: Stack, method: str, path: str, body: Any, status: int, field: str | None
+) -> None:
+    """Wrong bodies, missing objects and bad parameters are refused; nothing changes."""
+    _, created, _ = await _call(api_stack, "POST", "/contact", json={"a": 1})
+    got, answer, _ = await _call(api_stack, method, path.format(id=created["id"]), json=body)
+    assert got == status
+    if field is not None:
+        assert field in [d["field"] for d in answer["error"]["details"]]
+    _, current, _ = await _call(api_stack, "GET", f"/contact/{created['id']}")
+    assert current["data"] == {"a": 1}
+    assert current["version"] == 1
+
+
+async def test_force_delete_needs_its_own_permission(api_stack: Stack) -> None:
+    """object:delete moves to the trash; deleting for good needs object:force-delete."""
+    limited = await api_stack.new_token(["object:create", "object:read", "object:delete"])
+    _, created, _ = await _call(api_stack, "POST", "/contact", json={"a": 1})
+    auth = {"authorization": f"Bearer {limited}"}
+    path = f"/contact/{created['id']}"
+    assert (await _call(api_stack, "DELETE", f"{path}?force=true", headers=auth))[0] == 403
+    assert (await _call(api_stack, "DELETE", path, headers=auth))[0] == 204
+
+
+@pytest.fixture
+async def own_broker_stack(settings: Settings) -> AsyncIterator[tuple[Stack, EmbeddedBroker]]:
+    """A stack on a broker of its own, which the test may kill."""
+    broker = EmbeddedBroker()
+    broker.start()
+    await broker.wait_ready()
+    try:
+        async with running_stack(
+            settings.model_copy(
+                update={"kafka_bootstrap": broker.bootstrap, "publish_timeout_seconds": 2.0}
+            ),
+            with_dispatcher=False,
+        ) as stack:
+            yield stack, broker
+    finally:
+        broker.stop()
+
+
+async def _object_count(stack: Stack) -> int:
+    async with stack.api.engine.connect() as conn:
+        count = (await conn.execute(select(func.count()).select_from(tables.objects))).scalar()
+    return int(count or 0)
+
+
+async def test_kafka_down_means_503_and_nothing_written(
+    own_broker_stack: tuple[Stack, EmbeddedBroker],
+) -> None:
+    """With the broker gone, changes answer 503 with Retry-After and are undone."""
+    stack, broker = own_broker_stack
+    _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    broker.stop()
+    started = time.monotonic()
+    status, body, headers = await _call(stack, "POST", "/contact", json={"v": 2})
+    assert (status, body["error"]["code"]) == (503, "publish_unavailable")
+    assert headers["Retry-After"] == "1"
+    assert time.monotonic() - started < 10
+    status, _, _ = await _call(stack, "PATCH", f"/contact/{created['id']}", json={"v": 3})
+    assert status == 503
+    assert await _object_count(stack) == 1
+    _, current, _ = await _call(stack, "GET", f"/contact/{created['id']}")
+    assert (current["data"], current["version"]) == ({"v": 1}, 1)
+    async with stack.api.engine.connect() as conn:
+        staged = (await conn.execute(select(func.count()).select_from(tables.outbox))).scalar()
+    assert staged == 0
+
+
+async def test_the_relay_publishes_what_a_crashed_request_left(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A committed change whose request died before publishing still gets its event."""
+    await _subscribe(stack, receiver)
+    ctx_outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
+    event = Event(
+        id=new_id("evt"),
+        type="object.created",
+        team_id=stack.team_id,
+        object_type="contact",
+        object_id="obj_orphan",
+        occurred_at=utcnow(),
+        data={"from": "a crash"},
+    )
+    async with stack.api.engine.begin() as conn:
+        row_id = await ctx_outbox.stage(conn, stack.dispatcher.topics.events, "k", event)
+        await conn.execute(
+            tables.outbox.update()
+            .where(tables.outbox.c.id == row_id)
+            .values(created_at=utcnow() - ctx_outbox.relay_after * 2)
+        )
+    assert await ctx_outbox.relay_once() == 1
+    assert await ctx_outbox.relay_once() == 0
+    [delivery] = await receiver.wait_for(1)
+    assert orjson.loads(delivery.body)["id"] == event.id
+    await asyncio.sleep(0)
