@@ -21,6 +21,7 @@ from services.auth.admin import add_member, create_team, create_token, create_us
 from services.auth.app import AuthService
 from services.dispatcher.app import DispatcherService
 from services.shared import (
+    EVENT_TYPES,
     PERMISSIONS,
     EmbeddedBroker,
     Settings,
@@ -153,6 +154,19 @@ class Stack:
             permissions=permissions,
         )
         return token
+
+    async def subscribe(self, url: str, topics: list[str] | None = None) -> str:
+        """Create a webhook to ``url`` (all event types by default) and wait until the
+        dispatcher routes to it; returns its id."""
+        async with self.session.post(
+            f"{self.api_url}/v1/teams/{self.team_id}/webhooks",
+            headers=self.headers(),
+            json={"name": "test", "url": url, "topics": topics or list(EVENT_TYPES)},
+        ) as response:
+            assert response.status == 201
+            webhook_id: str = (await response.json())["id"]
+        await self.wait_for_webhook(webhook_id)
+        return webhook_id
 
     async def wait_for_webhook(self, webhook_id: str, within: float = 5.0) -> None:
         """The dispatcher picks up new webhooks from change records, within a second."""

@@ -29,7 +29,7 @@ from services.shared import (
     topics_for,
 )
 
-from . import objects, webhooks
+from . import events, objects, webhooks
 from .authn import TokenGate
 from .context import CONTEXT, ApiContext
 from .outbox import Outbox
@@ -83,6 +83,7 @@ class ApiService:
         spec = OpenApi("hookwire api", version("hookwire"), "Webhooks, objects and events")
         webhooks.add_routes(app, spec)
         objects.add_routes(app, spec)
+        events.add_routes(app, spec)
         spec.serve(app)
         return app
 

@@ -14,18 +14,6 @@ from sqlalchemy import func, select
 from services.shared import EmbeddedBroker, Event, Settings, new_id, tables, utcnow
 from tests.conftest import Receiver, Stack, running_stack
 
-ALL_TOPICS = ["object.created", "object.updated", "object.deleted", "object.send"]
-
-
-async def _subscribe(stack: Stack, receiver: Receiver) -> None:
-    async with stack.session.post(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks",
-        headers=stack.headers(),
-        json={"name": "all", "url": receiver.url, "topics": ALL_TOPICS},
-    ) as response:
-        assert response.status == 201
-        await stack.wait_for_webhook((await response.json())["id"])
-
 
 async def _call(
     stack: Stack, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
@@ -42,7 +30,7 @@ async def _call(
 
 async def test_object_lifecycle_publishes_each_event(stack: Stack, receiver: Receiver) -> None:
     """create, update (with previous values), delete to trash, restore, send, force-delete."""
-    await _subscribe(stack, receiver)
+    await stack.subscribe(receiver.url)
     status, created, headers = await _call(
         stack, "POST", "/contact", json={"email": "a@example.com", "name": "Ada"}
     )
@@ -91,7 +79,7 @@ async def test_stale_if_match_and_no_op_patches_publish_nothing(
     stack: Stack, receiver: Receiver
 ) -> None:
     """A stale ETag gets 412 and changes nothing; a patch that changes nothing is silent."""
-    await _subscribe(stack, receiver)
+    await stack.subscribe(receiver.url)
     _, created, _ = await _call(stack, "POST", "/deal", json={"amount": 10})
     path = f"/deal/{created['id']}"
     assert (await _call(stack, "PATCH", path, json={"amount": 20}))[0] == 200
@@ -197,7 +185,7 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
     stack: Stack, receiver: Receiver
 ) -> None:
     """A committed change whose request died before publishing still gets its event."""
-    await _subscribe(stack, receiver)
+    await stack.subscribe(receiver.url)
     ctx_outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
     event = Event(
         id=new_id("evt"),

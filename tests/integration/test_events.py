@@ -1,0 +1,97 @@
+"""Publishing events directly, with Idempotency-Key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import Receiver, Stack
+
+EVENT = {
+    "type": "object.updated",
+    "object_type": "invoice",
+    "object_id": "inv-42",
+    "data": {"total": 12.5},
+}
+
+
+async def _publish(
+    stack: Stack, body: Any, key: str | None = None, token: str | None = None
+) -> tuple[int, Any, Any]:
+    headers = stack.headers(token)
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/events", headers=headers, json=body
+    ) as response:
+        return response.status, await response.json(), response.headers
+
+
+async def test_published_event_is_delivered(stack: Stack, receiver: Receiver) -> None:
+    """The response's id is the delivered event's id; the body is the producer's data."""
+    await stack.subscribe(receiver.url)
+    status, answer, _ = await _publish(stack, EVENT)
+    assert status == 201
+    [delivery] = await receiver.wait_for(1)
+    event = orjson.loads(delivery.body)
+    assert event["id"] == answer["id"]
+    assert (event["type"], event["object_id"], event["data"]) == (
+        "object.updated",
+        "inv-42",
+        {"total": 12.5},
+    )
+    assert event["team_id"] == stack.team_id
+
+
+async def test_idempotency_key_makes_a_repeat_a_no_op(stack: Stack, receiver: Receiver) -> None:
+    """The same key and body returns the first answer and publishes nothing more;
+    the same key with another body is 422; another key publishes again."""
+    await stack.subscribe(receiver.url)
+    first = await _publish(stack, EVENT, key="order-1")
+    again = await _publish(stack, EVENT, key="order-1")
+    assert first[0] == again[0] == 201
+    assert first[1] == again[1]
+    assert again[2]["Idempotent-Replayed"] == "true"
+    status, body, _ = await _publish(stack, {**EVENT, "data": {"total": 99}}, key="order-1")
+    assert (status, body["error"]["code"]) == (422, "idempotency_key_reused")
+    other = await _publish(stack, EVENT, key="order-2")
+    assert other[1]["id"] != first[1]["id"]
+    received = await receiver.wait_for(2)
+    registry = stack.dispatcher.metrics.registry
+    assert registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 2
+    assert [orjson.loads(r.body)["id"] for r in received] == [first[1]["id"], other[1]["id"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**EVENT, "type": "object.exploded"}, "type"),
+        ({**EVENT, "object_type": "Invoice"}, "object_type"),
+        ({**EVENT, "object_id": "has spaces"}, "object_id"),
+        ({**EVENT, "data": [1]}, "data"),
+        ({**EVENT, "id": "evt_mine"}, "id"),
+        ({k: v for k, v in EVENT.items() if k != "data"}, "data"),
+    ],
+)
+async def test_bad_events_are_refused(api_stack: Stack, body: Any, field: str) -> None:
+    """Unknown types, bad ids, non-object data and unknown fields are named; 422."""
+    status, answer, _ = await _publish(api_stack, body)
+    assert status == 422
+    assert field in [d["field"] for d in answer["error"]["details"]]
+
+
+async def test_publishing_needs_event_publish(api_stack: Stack) -> None:
+    """Without event:publish the producer is forbidden; a bad key header is 422."""
+    token = await api_stack.new_token(["object:create"])
+    assert (await _publish(api_stack, EVENT, token=token))[0] == 403
+    status, answer, _ = await _publish(api_stack, EVENT, key="x" * 300)
+    assert status == 422
+    assert answer["error"]["details"][0]["field"] == "Idempotency-Key"
+
+
+async def test_oversized_event_is_refused(api_stack: Stack) -> None:
+    """An event body over the limit is 413."""
+    big = {**EVENT, "data": {"blob": "x" * api_stack.settings.max_body_bytes}}
+    assert (await _publish(api_stack, big))[0] == 413
