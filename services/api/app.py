@@ -29,7 +29,7 @@ from services.shared import (
     topics_for,
 )
 
-from . import events, objects, webhooks
+from . import events, objects, webhook_lifecycle, webhooks
 from .authn import TokenGate
 from .context import CONTEXT, ApiContext
 from .outbox import Outbox
@@ -84,6 +84,7 @@ class ApiService:
         webhooks.add_routes(app, spec)
         objects.add_routes(app, spec)
         events.add_routes(app, spec)
+        webhook_lifecycle.add_routes(app, spec)
         spec.serve(app)
         return app
 

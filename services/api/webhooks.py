@@ -14,17 +14,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import insert, select
 
 from services.shared import (
+    Actor,
     EventType,
     NotFound,
     OpenApi,
+    Settings,
+    ValidationFailed,
     as_utc,
     json_response,
     new_id,
     parse_body,
+    record_audit,
+    refused_reason,
     tables,
     utcnow,
 )
 
+from .authn import Principal
 from .context import CONTEXT
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
@@ -63,9 +69,30 @@ def check_webhook_url(url: str) -> str:
     return url
 
 
-class WebhookCreate(BaseModel):
+class _WebhookRules(BaseModel):
+    """Field rules shared by create and update."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @field_validator("url", check_fields=False)
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else check_webhook_url(value)
+
+    @field_validator("headers", check_fields=False)
+    @classmethod
+    def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, header_value in (value or {}).items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by hookwire and cannot be overridden")
+            if "\r" in header_value or "\n" in header_value or len(header_value) > 1024:
+                raise ValueError(f"value of {name!r} must be one line of at most 1024 characters")
+        return value
+
+
+class WebhookCreate(_WebhookRules):
     name: str = Field(min_length=1, max_length=200)
     description: str = Field(default="", max_length=2000)
     url: str = Field(max_length=2048)
@@ -74,22 +101,15 @@ class WebhookCreate(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     active: bool = True
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return check_webhook_url(value)
 
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, header_value in value.items():
-            if not _HEADER_NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            if name.lower() in _RESERVED_HEADERS:
-                raise ValueError(f"{name!r} is set by hookwire and cannot be overridden")
-            if "\r" in header_value or "\n" in header_value or len(header_value) > 1024:
-                raise ValueError(f"value of {name!r} must be one line of at most 1024 characters")
-        return value
+class WebhookUpdate(_WebhookRules):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    url: str | None = Field(default=None, max_length=2048)
+    topics: list[EventType] | None = Field(default=None, min_length=1, max_length=4)
+    object_types: list[str] | None = Field(default=None, max_length=100)
+    headers: dict[str, str] | None = Field(default=None, max_length=20)
+    active: bool | None = None
 
 
 _VIEW_FIELDS = (
@@ -107,6 +127,19 @@ _VIEW_FIELDS = (
 )
 
 
+async def check_reachable(settings: Settings, url: str) -> None:
+    """Refuse URLs that resolve to private addresses now, not only at delivery time."""
+    if settings.allow_private_urls:
+        return
+    reason = await refused_reason(url)
+    if reason is not None:
+        raise ValidationFailed.for_field("url", reason)
+
+
+def actor(principal: Principal, request: web.Request) -> Actor:
+    return Actor(user_id=principal.user_id, token_id=principal.token_id, ip=request.remote)
+
+
 def webhook_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     view = {name: row[name] for name in _VIEW_FIELDS}
     view["created_at"] = as_utc(row["created_at"])
@@ -118,6 +151,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:create")
     body = await parse_body(request, WebhookCreate)
+    await check_reachable(ctx.settings, body.url)
     now = utcnow()
     secret = new_signing_secret()
     webhook_id = new_id("wh")
@@ -137,6 +171,15 @@ async def create_webhook(request: web.Request) -> web.Response:
     }
     async with ctx.engine.begin() as conn:
         await conn.execute(insert(tables.webhooks).values(**values))
+        await record_audit(
+            conn,
+            actor(principal, request),
+            "webhook.created",
+            "webhook",
+            webhook_id,
+            team_id=principal.team_id,
+            details={"url": body.url, "topics": values["topics"]},
+        )
     await ctx.changes.notify("webhook", webhook_id, "created", principal.team_id)
     return json_response({**webhook_view(values), "secret": secret}, status=201)
 

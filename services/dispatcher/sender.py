@@ -11,9 +11,8 @@ from typing import Literal
 
 import aiohttp
 
-from services.shared import Delivery, Settings
+from services.shared import Delivery, Settings, refused_reason
 
-from .guard import refused_reason
 from .routing import WebhookRoute
 from .signing import signature_header
 

@@ -61,6 +61,7 @@ from ._kafka import (
 from ._lifecycle import Service, run_until_signalled
 from ._logging import configure_logging, get_logger
 from ._metrics import Metrics
+from ._netguard import is_public_address, refused_reason
 from ._openapi import OpenApi
 from ._permissions import PERMISSIONS, ROLES, effective_permissions, unknown_permissions
 from ._settings import Settings, load_settings
@@ -117,6 +118,7 @@ __all__ = [
     "free_port",
     "get_logger",
     "head_revision",
+    "is_public_address",
     "json_response",
     "load_settings",
     "make_consumer",
@@ -127,6 +129,7 @@ __all__ = [
     "presented_token",
     "read_json",
     "record_audit",
+    "refused_reason",
     "run_until_signalled",
     "send_all",
     "start_client",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.dispatcher.guard import is_public_address, refused_reason
+from services.shared import is_public_address, refused_reason
 
 
 @pytest.mark.parametrize(

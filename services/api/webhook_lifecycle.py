@@ -1,0 +1,226 @@
+"""Changing webhooks: update, deactivate, trash, restore, force-delete, rotate the secret.
+
+Every change is audited in its transaction and announced on ``changes``, so dispatchers
+reload the webhook within a second.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.shared import (
+    NotFound,
+    OpenApi,
+    ValidationFailed,
+    json_response,
+    parse_body,
+    record_audit,
+    tables,
+    utcnow,
+)
+
+from .authn import Principal
+from .context import CONTEXT, ApiContext
+from .webhooks import WebhookUpdate, actor, check_reachable, new_signing_secret, webhook_view
+
+_webhooks = tables.webhooks
+DEFAULT_GRACE_SECONDS = 24 * 3600
+
+
+class SecretRotation(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    grace_seconds: int = Field(default=DEFAULT_GRACE_SECONDS, ge=0, le=30 * 24 * 3600)
+
+
+async def find_webhook(
+    conn: AsyncConnection, team_id: str, webhook_id: str, *, trashed: bool = False
+) -> Any:
+    row = (
+        await conn.execute(
+            select(_webhooks).where(_webhooks.c.id == webhook_id, _webhooks.c.team_id == team_id)
+        )
+    ).first()
+    if row is None or (row.deleted_at is not None) != trashed:
+        raise NotFound(f"webhook {webhook_id} not found" + (" in the trash" if trashed else ""))
+    return row
+
+
+async def _change(
+    ctx: ApiContext,
+    request: web.Request,
+    principal: Principal,
+    action: str,
+    values: dict[str, Any] | None,
+    *,
+    trashed: bool = False,
+    details: dict[str, Any] | None = None,
+) -> Any:
+    """Apply ``values`` (or delete the row when None), audit, announce; returns the new row."""
+    webhook_id = request.match_info["webhook_id"]
+    async with ctx.engine.begin() as conn:
+        await find_webhook(conn, principal.team_id, webhook_id, trashed=trashed)
+        where = _webhooks.c.id == webhook_id
+        if values is None:
+            await conn.execute(delete(_webhooks).where(where))
+            row = None
+        else:
+            await conn.execute(update(_webhooks).where(where).values(updated_at=utcnow(), **values))
+            row = (await conn.execute(select(_webhooks).where(where))).first()
+        await record_audit(
+            conn,
+            actor(principal, request),
+            action,
+            "webhook",
+            webhook_id,
+            team_id=principal.team_id,
+            details=details,
+        )
+    await ctx.changes.notify(
+        "webhook", webhook_id, "deleted" if values is None else "updated", principal.team_id
+    )
+    return row
+
+
+async def update_webhook(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:update")
+    body = await _parse_update(request)
+    values = body.model_dump(exclude_unset=True)
+    if not values:
+        raise ValidationFailed.for_field("body", "give at least one field to change")
+    if body.url is not None:
+        await check_reachable(ctx.settings, body.url)
+    for field in ("topics", "object_types"):
+        if values.get(field) is not None:
+            values[field] = sorted(set(values[field]))
+    if "active" in values and values["active"] is None:
+        raise ValidationFailed.for_field("active", "must be true or false")
+    action = "webhook.updated"
+    if set(values) == {"active"}:
+        action = "webhook.reactivated" if values["active"] else "webhook.deactivated"
+    row = await _change(ctx, request, principal, action, values, details=_redacted(values))
+    return json_response(webhook_view(row._mapping))
+
+
+async def _parse_update(request: web.Request) -> WebhookUpdate:
+    body = await parse_body(request, WebhookUpdate)
+    for required in ("name", "url", "topics", "headers"):
+        if required in body.model_fields_set and getattr(body, required) is None:
+            raise ValidationFailed.for_field(required, "cannot be null")
+    return body
+
+
+def _redacted(values: dict[str, Any]) -> dict[str, Any]:
+    # Custom headers often carry credentials; the audit log names them without values.
+    if "headers" in values:
+        return {**values, "headers": sorted(values["headers"])}
+    return values
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    """To the trash (``webhook:delete``), or for good with ``?force=true``
+    (``webhook:force-delete``, also for a webhook already in the trash)."""
+    ctx = request.app[CONTEXT]
+    force = request.query.get("force", "false") == "true"
+    principal = await ctx.authorize(request, "webhook:force-delete" if force else "webhook:delete")
+    if force:
+        try:
+            await _change(ctx, request, principal, "webhook.force_deleted", None)
+        except NotFound:
+            await _change(ctx, request, principal, "webhook.force_deleted", None, trashed=True)
+    else:
+        await _change(ctx, request, principal, "webhook.deleted", {"deleted_at": utcnow()})
+    return web.Response(status=204)
+
+
+async def restore_webhook(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:delete")
+    row = await _change(
+        ctx, request, principal, "webhook.restored", {"deleted_at": None}, trashed=True
+    )
+    return json_response(webhook_view(row._mapping))
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    """A new signing secret; the old one keeps signing alongside it for ``grace_seconds``."""
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:update")
+    body = await parse_body(request, SecretRotation)
+    async with ctx.engine.connect() as conn:
+        current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
+    now = utcnow()
+    until = (now + timedelta(seconds=body.grace_seconds)).isoformat()
+    # Secrets still signing keep doing so until the grace ends; with no grace they stop now.
+    kept = [
+        {**entry, "expires_at": entry.get("expires_at") or until}
+        for entry in current.secrets
+        if body.grace_seconds
+        and (entry.get("expires_at") is None or entry["expires_at"] > now.isoformat())
+    ]
+    secret = new_signing_secret()
+    row = await _change(
+        ctx,
+        request,
+        principal,
+        "webhook.secret_rotated",
+        {"secrets": [*kept, {"secret": secret, "expires_at": None}]},
+        details={"grace_seconds": body.grace_seconds},
+    )
+    return json_response(
+        {
+            **webhook_view(row._mapping),
+            "secret": secret,
+            "previous_secret_expires_at": until if kept else None,
+        }
+    )
+
+
+def add_routes(app: web.Application, spec: OpenApi) -> None:
+    one = "/v1/teams/{team}/webhooks/{webhook_id}"
+    spec.route(
+        app,
+        "PATCH",
+        one,
+        update_webhook,
+        body=WebhookUpdate,
+        permission="webhook:update",
+        errors=(401, 403, 404, 413, 422),
+        summary="Edit a webhook (name, url, topics, filters, headers, active)",
+    )
+    spec.route(
+        app,
+        "DELETE",
+        one,
+        delete_webhook,
+        status=204,
+        permission="webhook:delete",
+        errors=(401, 403, 404),
+        summary="Move to the trash; ?force=true deletes for good (webhook:force-delete)",
+    )
+    spec.route(
+        app,
+        "POST",
+        one + "/restore",
+        restore_webhook,
+        permission="webhook:delete",
+        errors=(401, 403, 404),
+        summary="Restore a webhook from the trash",
+    )
+    spec.route(
+        app,
+        "POST",
+        one + "/rotate-secret",
+        rotate_secret,
+        body=SecretRotation,
+        permission="webhook:update",
+        errors=(401, 403, 404, 422),
+        summary="New signing secret; the old one also signs for grace_seconds (24 h)",
+    )

@@ -1,0 +1,197 @@
+"""Webhook changes reach the dispatcher at once, are audited, and rotation signs twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from services.shared import Settings
+from tests.conftest import Receiver, Stack, running_stack
+from tests.integration.test_end_to_end import standard_webhooks_verify
+
+
+async def _hooks(
+    stack: Stack, method: str, path: str = "", token: str | None = None, **kwargs: Any
+) -> tuple[int, Any]:
+    async with stack.session.request(
+        method,
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks{path}",
+        headers=stack.headers(token),
+        **kwargs,
+    ) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, body
+
+
+async def _create(stack: Stack, url: str) -> dict[str, Any]:
+    status, webhook = await _hooks(
+        stack, "POST", json={"name": "w", "url": url, "topics": ["object.created"]}
+    )
+    assert status == 201
+    await stack.wait_for_webhook(webhook["id"])
+    return dict(webhook)
+
+
+async def _object(stack: Stack) -> None:
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/objects/contact",
+        headers=stack.headers(),
+        json={"n": 1},
+    ) as response:
+        assert response.status == 201
+
+
+async def _until(check: Any, within: float = 1.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_edits_reach_the_dispatcher_within_a_second(stack: Stack, receiver: Receiver) -> None:
+    """A new URL, deactivation and reactivation take effect for the next event."""
+    webhook = await _create(stack, "http://127.0.0.1:9/nowhere")
+    status, edited = await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"url": receiver.url})
+    assert (status, edited["url"]) == (200, receiver.url)
+    await _until(lambda: stack.dispatcher.table.get(webhook["id"]).url == receiver.url)
+    await _object(stack)
+    await receiver.wait_for(1)
+    assert (await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"active": False}))[0] == 200
+    await _until(lambda: not stack.dispatcher.table.get(webhook["id"]).active)
+    await _object(stack)
+    registry = stack.dispatcher.metrics.registry
+    await _until(
+        lambda: registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 2, within=5
+    )
+    assert len(receiver.received) == 1
+    assert (await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"active": True}))[0] == 200
+    await _until(lambda: stack.dispatcher.table.get(webhook["id"]).active)
+    await _object(stack)
+    await receiver.wait_for(2)
+
+
+async def test_rotation_signs_with_both_secrets_during_the_grace(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """With a grace period, each delivery carries two signatures and both verify."""
+    webhook = await _create(stack, receiver.url)
+    old = webhook["secret"]
+    status, rotated = await _hooks(
+        stack, "POST", f"/{webhook['id']}/rotate-secret", json={"grace_seconds": 3600}
+    )
+    assert status == 200
+    new = rotated["secret"]
+    assert new != old
+    assert rotated["previous_secret_expires_at"] is not None
+    await _until(lambda: len(stack.dispatcher.table.get(webhook["id"]).signing_keys) == 2)
+    await _object(stack)
+    [delivery] = await receiver.wait_for(1)
+    signatures = delivery.headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2
+    for secret in (old, new):
+        assert standard_webhooks_verify(secret, delivery.headers, delivery.body)
+    status, again = await _hooks(
+        stack, "POST", f"/{webhook['id']}/rotate-secret", json={"grace_seconds": 0}
+    )
+    assert status == 200
+    await _until(lambda: len(stack.dispatcher.table.get(webhook["id"]).signing_keys) == 1)
+    await _object(stack)
+    latest = (await receiver.wait_for(2))[1]
+    assert len(latest.headers["webhook-signature"].split(" ")) == 1
+    assert standard_webhooks_verify(again["secret"], latest.headers, latest.body)
+    assert not standard_webhooks_verify(new, latest.headers, latest.body)
+
+
+async def test_trash_restore_and_force_delete(api_stack: Stack) -> None:
+    """Trash hides a webhook, restore brings it back, force-delete needs its permission."""
+    status, webhook = await _hooks(
+        api_stack,
+        "POST",
+        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
+    )
+    assert status == 201
+    path = f"/{webhook['id']}"
+    assert (await _hooks(api_stack, "DELETE", path))[0] == 204
+    assert (await _hooks(api_stack, "GET", path))[0] == 404
+    assert (await _hooks(api_stack, "GET"))[1]["data"] == []
+    assert (await _hooks(api_stack, "POST", f"{path}/restore"))[0] == 200
+    assert (await _hooks(api_stack, "GET", path))[0] == 200
+    limited = await api_stack.new_token(["webhook:read", "webhook:delete"])
+    assert (await _hooks(api_stack, "DELETE", f"{path}?force=true", limited))[0] == 403
+    assert (await _hooks(api_stack, "DELETE", path))[0] == 204
+    assert (await _hooks(api_stack, "DELETE", f"{path}?force=true"))[0] == 204
+    assert (await _hooks(api_stack, "POST", f"{path}/restore"))[0] == 404
+    status, audit = await api_stack.auth_call(
+        "GET", f"/v1/audit-log?team_id={api_stack.team_id}&limit=20"
+    )
+    actions = [e["action"] for e in audit["data"] if e["target_id"] == webhook["id"]]
+    assert actions == [
+        "webhook.force_deleted",
+        "webhook.deleted",
+        "webhook.restored",
+        "webhook.deleted",
+        "webhook.created",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("", {}, 422, "body"),
+        ("", {"name": None}, 422, "name"),
+        ("", {"url": "ftp://example.com"}, 422, "url"),
+        ("", {"topics": ["object.nope"]}, 422, "topics.0"),
+        ("", {"headers": {"Host": "x"}}, 422, "headers"),
+        ("", {"secret": "whsec_mine"}, 422, "secret"),
+        ("/rotate-secret", {"grace_seconds": -1}, 422, "grace_seconds"),
+        ("/rotate-secret", {"grace_seconds": 10**9}, 422, "grace_seconds"),
+    ],
+)
+async def test_bad_webhook_changes_are_refused(
+    api_stack: Stack, path: str, body: Any, status: int, field: str
+) -> None:
+    """Each bad change is named and nothing changes."""
+    _, webhook = await _hooks(
+        api_stack,
+        "POST",
+        json={"name": "keep", "url": "https://example.com/h", "topics": ["object.created"]},
+    )
+    method = "PATCH" if path == "" else "POST"
+    got, answer = await _hooks(api_stack, method, f"/{webhook['id']}{path}", json=body)
+    assert got == status
+    assert field in [d["field"] for d in answer["error"]["details"]]
+    _, current = await _hooks(api_stack, "GET", f"/{webhook['id']}")
+    assert (current["name"], current["url"]) == ("keep", "https://example.com/h")
+
+
+@pytest.fixture
+async def strict_stack(settings: Settings) -> AsyncIterator[Stack]:
+    async with running_stack(
+        settings.model_copy(update={"allow_private_urls": False}), with_dispatcher=False
+    ) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/h",
+        "http://localhost/h",
+        "http://169.254.169.254/latest",
+        "http://[::1]/h",
+        "http://10.0.0.7/h",
+    ],
+)
+async def test_private_urls_are_refused_without_the_allow_flag(
+    strict_stack: Stack, url: str
+) -> None:
+    """SSRF: a URL resolving to a non-public address is refused when the webhook is saved."""
+    status, answer = await _hooks(
+        strict_stack, "POST", json={"name": "x", "url": url, "topics": ["object.created"]}
+    )
+    assert status == 422
+    assert answer["error"]["details"][0]["field"] == "url"
+    assert (await _hooks(strict_stack, "GET"))[1]["data"] == []
