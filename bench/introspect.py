@@ -85,7 +85,13 @@ async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
 
 
 async def throughput(
-    session: aiohttp.ClientSession, url: str, scenario: Scenario, workers: int, seconds: float
+    session: aiohttp.ClientSession,
+    url: str,
+    scenario: Scenario,
+    workers: int,
+    seconds: float,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     payloads = scenario.payloads()
     done = errors = 0
@@ -94,8 +100,10 @@ async def throughput(
     async def worker() -> None:
         nonlocal done, errors
         while time.perf_counter() < deadline:
-            async with session.post(url, data=next(payloads), headers=_headers()) as response:
-                ok = response.status == 200 and scenario.check(await response.json())
+            async with session.post(
+                url, data=next(payloads), headers=headers or _headers()
+            ) as response:
+                ok = response.status == status and scenario.check(await response.json())
             done += 1
             errors += not ok
 
@@ -106,7 +114,13 @@ async def throughput(
 
 
 async def latency_at_rate(
-    session: aiohttp.ClientSession, url: str, scenario: Scenario, rate: float, seconds: float
+    session: aiohttp.ClientSession,
+    url: str,
+    scenario: Scenario,
+    rate: float,
+    seconds: float,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     payloads = scenario.payloads()
     latencies: list[float] = []
@@ -116,8 +130,10 @@ async def latency_at_rate(
 
     async def one(scheduled: float) -> None:
         nonlocal errors
-        async with session.post(url, data=next(payloads), headers=_headers()) as response:
-            ok = response.status == 200 and scenario.check(await response.json())
+        async with session.post(
+            url, data=next(payloads), headers=headers or _headers()
+        ) as response:
+            ok = response.status == status and scenario.check(await response.json())
         latencies.append(time.perf_counter() - scheduled)
         errors += not ok
 

@@ -59,13 +59,7 @@ class Outbox:
 
     async def publish(self, row_id: str, topic: str, key: str, record: Record) -> None:
         """Publish a staged record now (acks=all); the caller learns if Kafka refused."""
-        try:
-            await asyncio.wait_for(
-                self._producer.send_and_wait(topic, value=record.to_bytes(), key=key.encode()),
-                self._wait,
-            )
-        except (KafkaError, TimeoutError) as exc:
-            raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc
+        await self.publish_direct(topic, key, record)
         async with self._engine.begin() as conn:
             await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
 
@@ -95,6 +89,16 @@ class Outbox:
                     await undo(conn)
             raise
         return result
+
+    async def publish_direct(self, topic: str, key: str, record: Record) -> None:
+        """Publish a record that no database change depends on (acks=all)."""
+        try:
+            await asyncio.wait_for(
+                self._producer.send_and_wait(topic, value=record.to_bytes(), key=key.encode()),
+                self._wait,
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc
 
     async def backlog(self) -> int:
         async with self._engine.connect() as conn:

@@ -1,0 +1,146 @@
+"""Publishing benchmark: events acknowledged by one api process (acks=all, warm token cache).
+
+Starts the embedded broker and `hookwire auth` + `hookwire api` as their own processes on
+SQLite, then drives ``POST /v1/teams/{team}/events`` with ~1 KB events from this process:
+throughput of N keep-alive workers, then latency at half the measured rate (open loop).
+
+    python -m bench.publish [--seconds 5] [--workers 32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench.introspect import (
+    HOOKWIRE,
+    Scenario,
+    _log,
+    _run,
+    _wait_healthy,
+    latency_at_rate,
+    throughput,
+)
+from services.shared import EmbeddedBroker, ensure_topics, free_port, load_settings
+
+EVENT_BYTES = 1024
+
+
+def _event_payloads(count: int) -> list[str]:
+    # Scenario feeds one payload per token slot; each slot here is a whole event body.
+    return [
+        orjson.dumps(
+            {
+                "type": "object.updated",
+                "object_type": "invoice",
+                "object_id": f"inv-{n}",
+                "data": {"note": "x" * (EVENT_BYTES - 120), "n": n},
+            }
+        ).decode()
+        for n in range(count)
+    ]
+
+
+class EventScenario(Scenario):
+    def payloads(self) -> Iterator[bytes]:
+        while True:
+            for body in self.tokens:
+                yield body.encode()
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    broker = EmbeddedBroker()
+    broker.start()
+    servers: list[asyncio.subprocess.Process] = []
+    try:
+        await broker.wait_ready()
+        with tempfile.TemporaryDirectory() as data_dir:
+            auth_port, api_port = free_port(), free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKWIRE_")}
+            env.update(
+                HOOKWIRE_DATABASE_URL=f"sqlite+aiosqlite:///{data_dir}/bench.db",
+                HOOKWIRE_KAFKA_BOOTSTRAP=broker.bootstrap,
+                HOOKWIRE_SERVICE_CREDENTIAL="bench",
+                HOOKWIRE_TOKEN_PEPPER="bench",
+                HOOKWIRE_AUTH_PORT=str(auth_port),
+                HOOKWIRE_API_PORT=str(api_port),
+                HOOKWIRE_AUTH_CACHE_TTL_SECONDS="60",
+                HOOKWIRE_LOG_LEVEL="warning",
+                HOOKWIRE_LOG_FORMAT="json",
+            )
+            await ensure_topics(load_settings(kafka_bootstrap=broker.bootstrap))
+            _run(env, "migrate")
+            user = _run(env, "admin", "create-user", "--email", "b@example.com", "--name", "B")
+            team = _run(env, "admin", "create-team", "--name", "bench")
+            _run(env, "admin", "add-member", "--user", user, "--team", team, "--role", "owner")
+            token = _run(env, "admin", "create-token", "--user", user, "--name", "b").split()[1]
+            for service in ("auth", "api"):
+                servers.append(
+                    await asyncio.create_subprocess_exec(
+                        HOOKWIRE, service, env=env, stderr=subprocess.DEVNULL
+                    )
+                )
+            url = f"http://127.0.0.1:{api_port}/v1/teams/{team}/events"
+            scenario = EventScenario(
+                "publish",
+                _event_payloads(1000),
+                lambda answer: str(answer.get("id", "")).startswith("evt_"),
+            )
+            headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                await _wait_healthy(session, f"http://127.0.0.1:{api_port}")
+                await _wait_healthy(session, f"http://127.0.0.1:{auth_port}")
+                _log("warm-up")
+                await throughput(
+                    session, url, scenario, args.workers, 1.0, status=201, headers=headers
+                )
+                _log("throughput")
+                peak = await throughput(
+                    session, url, scenario, args.workers, args.seconds, status=201, headers=headers
+                )
+                rate = max(10.0, peak["requests_per_second"] / 2)
+                _log(f"latency at {rate:.0f}/s")
+                at_half = await latency_at_rate(
+                    session, url, scenario, rate, args.seconds, status=201, headers=headers
+                )
+                _log("latency at 1000/s")
+                at_1000 = await latency_at_rate(
+                    session, url, scenario, 1000.0, args.seconds, status=201, headers=headers
+                )
+    finally:
+        for server in servers:
+            server.terminate()
+            await server.wait()
+        broker.stop()
+    return {
+        "benchmark": "publish",
+        "event_bytes": EVENT_BYTES,
+        "workers": args.workers,
+        "seconds": args.seconds,
+        "throughput": peak,
+        "at_half_rate": at_half,
+        "at_1000_per_second": at_1000,
+        "targets": {"events_per_second": 2000, "p99_ms_at_1000_per_second": 25},
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument("--quick", action="store_true")
+    arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.seconds = 1.0
+    print(orjson.dumps(asyncio.run(main(arguments)), option=orjson.OPT_INDENT_2).decode())
