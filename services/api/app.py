@@ -50,9 +50,6 @@ class ApiService:
         self._follower: ChangeFollower | None = None
         self._outbox: Outbox | None = None
         self._relay: asyncio.Task[None] | None = None
-        self._outbox_backlog = self.metrics.gauge(
-            "outbox_backlog", "Staged records not yet acknowledged by Kafka"
-        )
         self.port: int | None = None
 
     def build_app(
@@ -91,7 +88,7 @@ class ApiService:
     def outbox_for(self, producer: AIOKafkaProducer) -> Outbox:
         if self._outbox is None:
             self._outbox = Outbox(
-                self.engine, producer, self._outbox_backlog, self.settings.publish_timeout_seconds
+                self.engine, producer, self.metrics, self.settings.publish_timeout_seconds
             )
         return self._outbox
 

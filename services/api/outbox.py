@@ -14,11 +14,10 @@ from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from prometheus_client import Gauge
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.shared import Record, get_logger, new_id, tables, utcnow
+from services.shared import Metrics, Record, get_logger, new_id, tables, utcnow
 
 from .errors import PublishUnavailable
 
@@ -31,12 +30,18 @@ class Outbox:
         self,
         engine: AsyncEngine,
         producer: AIOKafkaProducer,
-        backlog: Gauge,
+        metrics: Metrics,
         publish_timeout: float,
     ) -> None:
         self._engine = engine
         self._producer = producer
-        self._backlog = backlog
+        self._backlog = metrics.gauge("outbox_backlog", "Staged records not yet acknowledged")
+        self._published = metrics.counter(
+            "events_published_total", "Events acknowledged by Kafka", ("type",)
+        )
+        self._failures = metrics.counter(
+            "publish_failures_total", "Publishes Kafka did not acknowledge in time"
+        )
         # The producer gives up on a batch after publish_timeout (its request timeout), so a
         # request never abandons a record aiokafka might still send; the wait below is only a
         # backstop. A row older than relay_after was not published by its own request.
@@ -98,7 +103,9 @@ class Outbox:
                 self._wait,
             )
         except (KafkaError, TimeoutError) as exc:
+            self._failures.inc()
             raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc
+        self._published.labels(getattr(record, "type", "other")).inc()
 
     async def backlog(self) -> int:
         async with self._engine.connect() as conn:

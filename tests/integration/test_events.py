@@ -62,6 +62,10 @@ async def test_idempotency_key_makes_a_repeat_a_no_op(stack: Stack, receiver: Re
     registry = stack.dispatcher.metrics.registry
     assert registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 2
     assert [orjson.loads(r.body)["id"] for r in received] == [first[1]["id"], other[1]["id"]]
+    published = stack.api.metrics.registry.get_sample_value(
+        "hookwire_api_events_published_total", {"type": "object.updated"}
+    )
+    assert published == 2
 
 
 @pytest.mark.parametrize(

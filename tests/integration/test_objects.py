@@ -174,6 +174,8 @@ async def test_kafka_down_means_503_and_nothing_written(
     status, _, _ = await _call(stack, "PATCH", f"/contact/{created['id']}", json={"v": 3})
     assert status == 503
     assert await _object_count(stack) == 1
+    failures = stack.api.metrics.registry.get_sample_value("hookwire_api_publish_failures_total")
+    assert failures == 2
     _, current, _ = await _call(stack, "GET", f"/contact/{created['id']}")
     assert (current["data"], current["version"]) == ({"v": 1}, 1)
     async with stack.api.engine.connect() as conn:
