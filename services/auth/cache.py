@@ -18,28 +18,44 @@ _MISSING = object()
 
 
 class TokenCache:
-    def __init__(self, ttl_seconds: float, max_entries: int = 100_000) -> None:
+    def __init__(
+        self, ttl_seconds: float, max_entries: int = 100_000, max_unknown: int = 10_000
+    ) -> None:
         self._ttl = ttl_seconds
         self._max = max_entries
-        self._tokens: dict[str, tuple[float, TokenState | None]] = {}
+        self._max_unknown = max_unknown
+        self._tokens: dict[str, tuple[float, TokenState]] = {}
+        # Unknown hashes live apart, with their own bound: a flood of made-up keys can only
+        # push out other unknown hashes, never the entries of real keys.
+        self._unknown: dict[str, float] = {}
         self._hashes_by_token: dict[str, set[str]] = {}
         self._roles: dict[str, tuple[float, dict[str, str]]] = {}
 
     def token(self, secret_hash: str) -> TokenState | object | None:
         """The cached lookup, or ``MISSING`` when the database must be asked."""
+        now = time.monotonic()
         entry = self._tokens.get(secret_hash)
-        if entry is None or entry[0] < time.monotonic():
-            return _MISSING
-        return entry[1]
+        if entry is not None and entry[0] >= now:
+            return entry[1]
+        unknown_until = self._unknown.get(secret_hash)
+        if unknown_until is not None and unknown_until >= now:
+            return None
+        return _MISSING
 
     def put_token(self, secret_hash: str, state: TokenState | None) -> None:
         if self._ttl <= 0:
             return
+        expires = time.monotonic() + self._ttl
+        if state is None:
+            if len(self._unknown) >= self._max_unknown:
+                self._unknown.clear()
+            self._unknown[secret_hash] = expires
+            return
         if len(self._tokens) >= self._max:
-            self.clear()
-        self._tokens[secret_hash] = (time.monotonic() + self._ttl, state)
-        if state is not None:
-            self._hashes_by_token.setdefault(state.id, set()).add(secret_hash)
+            self._tokens.clear()
+            self._hashes_by_token.clear()
+        self._tokens[secret_hash] = (expires, state)
+        self._hashes_by_token.setdefault(state.id, set()).add(secret_hash)
 
     def roles(self, user_id: str) -> dict[str, str] | None:
         entry = self._roles.get(user_id)
@@ -54,6 +70,7 @@ class TokenCache:
     def clear(self) -> None:
         self._tokens.clear()
         self._hashes_by_token.clear()
+        self._unknown.clear()
         self._roles.clear()
 
     def apply(self, change: Change) -> None:
