@@ -94,6 +94,11 @@ def settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Settin
     return _settings(broker, database_url, tmp_path)
 
 
+def corrupt(token: str) -> str:
+    """The token with its last character changed, so its checksum no longer matches."""
+    return token[:-1] + ("0" if token[-1] != "0" else "1")
+
+
 @dataclass
 class Stack:
     settings: Settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import Stack
+from tests.conftest import Stack, corrupt
 
 
 async def _introspect(
@@ -33,7 +33,7 @@ async def test_inactive_answers_say_why(api_stack: Stack) -> None:
     """Malformed and unknown tokens, and other teams, are inactive with a reason."""
     cases = [
         ({"token": "hwk_nope"}, "malformed"),
-        ({"token": api_stack.token[:-2] + "00"}, "malformed"),
+        ({"token": corrupt(api_stack.token)}, "malformed"),
         ({"token": api_stack.token, "team_id": "team_unknown"}, "not_member"),
     ]
     for payload, reason in cases:

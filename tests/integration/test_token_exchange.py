@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from services.shared import Settings, access_tokens
-from tests.conftest import ACCESS_TOKEN_KEY, Stack, running_stack
+from tests.conftest import ACCESS_TOKEN_KEY, Stack, corrupt, running_stack
 
 
 async def _exchange(stack: Stack, key: str) -> tuple[int, dict[str, object]]:
@@ -126,7 +126,7 @@ async def test_tampered_expired_and_foreign_tokens_are_refused(api_stack: Stack)
 
 async def test_exchange_refuses_bad_keys(api_stack: Stack) -> None:
     """Malformed, unknown and revoked keys get no access token."""
-    for key in ("hwk_bad", api_stack.token[:-1] + "0", "nothing"):
+    for key in ("hwk_bad", corrupt(api_stack.token), "nothing"):
         assert (await _exchange(api_stack, key))[0] == 401
 
 
