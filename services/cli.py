@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from services.shared import (
     create_engine,
     load_settings,
     migrate,
+    run,
     run_until_signalled,
 )
 
@@ -38,7 +38,7 @@ def _settings(**overrides: object) -> Settings:
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run to completion; a known failure prints one line naming what and where."""
     try:
-        return asyncio.run(coroutine)
+        return run(coroutine)
     except HookwireError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ def _settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Setti
         access_token_private_key=ACCESS_TOKEN_KEY,
         allow_private_urls=True,
         delivery_timeout_seconds=5,
+        # Long enough that no automatic retry lands inside a test that does not ask for one.
+        retry_schedule_seconds=(600,),
         log_format="json",
     )
 
@@ -222,7 +225,10 @@ async def stack(settings: Settings) -> AsyncIterator[Stack]:
 @pytest.fixture
 async def api_stack(settings: Settings) -> AsyncIterator[Stack]:
     """Auth and api only, for request-handling tests that never reach the dispatcher."""
-    async with running_stack(settings, with_dispatcher=False) as running:
+    # No delivery-log consumer: nothing here produces attempts, and a consumer still
+    # joining its group takes ~2 s to stop on the embedded broker.
+    quiet = settings.model_copy(update={"record_attempts": False})
+    async with running_stack(quiet, with_dispatcher=False) as running:
         yield running
 
 
@@ -231,6 +237,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -9,12 +9,16 @@ from ._audit import Actor, record_audit
 from ._broker import EmbeddedBroker, free_port
 from ._changes import ChangeFollower, ChangeNotifier, Entity
 from ._contracts import (
+    DELIVERY_STATES,
     EVENT_TYPES,
     SCHEMA_VERSION,
+    TEST_EVENT_TYPE,
     Attempt,
     Change,
     DeadLetter,
     Delivery,
+    DeliveryKind,
+    DeliveryState,
     Event,
     EventType,
     Record,
@@ -22,7 +26,7 @@ from ._contracts import (
     decode,
 )
 from ._credentials import InvalidToken, MissingToken, QueryKeyRefused, presented_token
-from ._db import as_utc, check_ready, create_engine, head_revision, migrate
+from ._db import as_utc, check_ready, create_engine, head_revision, migrate, upsert
 from ._errors import (
     BadRequest,
     ConfigurationError,
@@ -43,12 +47,17 @@ from ._http import (
     error_response,
     json_response,
     parse_body,
+    parse_query,
     read_json,
     start_site,
 )
 from ._ids import new_id, utcnow
 from ._kafka import (
     RETRY_TIERS,
+    BatchingSender,
+    OutRecord,
+    consume_forever,
+    dead_letter_record,
     ensure_topics,
     make_consumer,
     make_producer,
@@ -58,24 +67,28 @@ from ._kafka import (
     topic_layout,
     topics_for,
 )
-from ._lifecycle import Service, run_until_signalled
+from ._lifecycle import Service, run, run_until_signalled
 from ._logging import configure_logging, get_logger
 from ._metrics import Metrics
-from ._netguard import is_public_address, refused_reason
+from ._netguard import REFUSED, GuardedResolver, is_public_address, literal_refusal, refused_reason
 from ._openapi import OpenApi
 from ._permissions import PERMISSIONS, ROLES, effective_permissions, unknown_permissions
 from ._settings import Settings, load_settings
 
 __all__ = [
+    "DELIVERY_STATES",
     "EVENT_TYPES",
     "PERMISSIONS",
     "READINESS_KEY",
+    "REFUSED",
     "RETRY_TIERS",
     "ROLES",
     "SCHEMA_VERSION",
+    "TEST_EVENT_TYPE",
     "Actor",
     "Attempt",
     "BadRequest",
+    "BatchingSender",
     "Change",
     "ChangeFollower",
     "ChangeNotifier",
@@ -83,12 +96,15 @@ __all__ = [
     "Conflict",
     "DeadLetter",
     "Delivery",
+    "DeliveryKind",
+    "DeliveryState",
     "DependencyUnavailable",
     "EmbeddedBroker",
     "Entity",
     "Event",
     "EventType",
     "Forbidden",
+    "GuardedResolver",
     "HookwireError",
     "InvalidRecord",
     "InvalidToken",
@@ -96,6 +112,7 @@ __all__ = [
     "MissingToken",
     "NotFound",
     "OpenApi",
+    "OutRecord",
     "PayloadTooLarge",
     "QueryKeyRefused",
     "Record",
@@ -110,7 +127,9 @@ __all__ = [
     "build_app",
     "check_ready",
     "configure_logging",
+    "consume_forever",
     "create_engine",
+    "dead_letter_record",
     "decode",
     "effective_permissions",
     "ensure_topics",
@@ -120,16 +139,19 @@ __all__ = [
     "head_revision",
     "is_public_address",
     "json_response",
+    "literal_refusal",
     "load_settings",
     "make_consumer",
     "make_producer",
     "migrate",
     "new_id",
     "parse_body",
+    "parse_query",
     "presented_token",
     "read_json",
     "record_audit",
     "refused_reason",
+    "run",
     "run_until_signalled",
     "send_all",
     "start_client",
@@ -139,5 +161,6 @@ __all__ = [
     "topic_layout",
     "topics_for",
     "unknown_permissions",
+    "upsert",
     "utcnow",
 ]

@@ -20,6 +20,13 @@ SCHEMA_VERSION: Literal[1] = 1
 
 EventType = Literal["object.created", "object.updated", "object.deleted", "object.send"]
 EVENT_TYPES: tuple[str, ...] = ("object.created", "object.updated", "object.deleted", "object.send")
+# Sent only by the api's "send a test event" route, straight to one webhook; the router
+# refuses it on the events topic so no producer can fan it out.
+TEST_EVENT_TYPE: Literal["webhook.test"] = "webhook.test"
+DeliveryKind = Literal["event", "manual", "test"]
+AttemptOutcome = Literal["delivered", "failed", "skipped"]
+DeliveryState = Literal["delivered", "retrying", "failed", "skipped"]
+DELIVERY_STATES: tuple[str, ...] = ("delivered", "retrying", "failed", "skipped")
 _ID = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -69,7 +76,7 @@ class Event(Record):
     """An object changed; the envelope every webhook receives."""
 
     id: str = Field(pattern=_ID)
-    type: EventType
+    type: EventType | Literal["webhook.test"]
     team_id: str = Field(pattern=_ID)
     object_type: str = Field(pattern=_ID)
     object_id: str = Field(pattern=_ID)
@@ -88,20 +95,53 @@ class Delivery(Record):
     webhook_id: str
     attempt: int = Field(ge=1)
     event: Event
+    # "manual" (a retry or replay asked for through the api) and "test" deliveries get one
+    # attempt: a failure is reported in the delivery log, not rescheduled.
+    kind: DeliveryKind = "event"
+    # A retry waits on a retry topic until this time.
+    not_before: datetime | None = None
 
 
 class Attempt(Record):
-    delivery_id: str
-    event_id: str
-    webhook_id: str
-    team_id: str
-    attempt: int
+    """One try at a delivery, as the delivery log stores it."""
+
+    # Bounded like the columns that store them, so a record that fits the contract fits
+    # the delivery log.
+    delivery_id: str = Field(pattern=_ID, max_length=64)
+    event_id: str = Field(pattern=_ID)
+    webhook_id: str = Field(pattern=_ID, max_length=64)
+    team_id: str = Field(pattern=_ID, max_length=64)
+    attempt: int = Field(ge=1, le=1_000_000)
     attempted_at: datetime
-    outcome: Literal["delivered", "failed", "skipped"]
-    status_code: int | None = None
+    outcome: AttemptOutcome
+    status_code: int | None = Field(default=None, ge=100, le=999)
     latency_ms: float | None = None
     error: str | None = None
+    # A stable word for dashboards and filters: timeout, connection, http_status, refused,
+    # inactive.
+    error_class: str | None = Field(default=None, max_length=32)
+    # No further automatic attempt follows this one.
     final: bool
+    next_retry_at: datetime | None = None
+    kind: DeliveryKind = "event"
+    # The delivery's event, so the log can show and re-send it.
+    event: Event
+    # What was sent, with signatures and credential-like header values redacted.
+    request_headers: dict[str, str] = Field(default_factory=dict)
+    # The first bytes of the receiver's answer, decoded leniently.
+    response_body: str | None = None
+    # Set when the dispatcher stopped delivering to the webhook (a 410, or no success for
+    # too long): the delivery log's writer disables the webhook and audits why.
+    disable_reason: str | None = Field(default=None, max_length=500)
+
+    @property
+    def state(self) -> DeliveryState:
+        """The delivery's state once this attempt is the latest."""
+        if self.outcome == "delivered":
+            return "delivered"
+        if self.outcome == "skipped":
+            return "skipped"
+        return "failed" if self.final else "retrying"
 
 
 class Change(Record):

@@ -7,6 +7,9 @@ from aiohttp import web
 
 from ._errors import BadRequest, Unauthorized
 
+# The opt-in query-string form of a key; routes that validate their query ignore it.
+QUERY_KEY_PARAM = "auth-key"
+
 
 class MissingToken(Unauthorized):
     code = "missing_token"
@@ -22,14 +25,14 @@ class QueryKeyRefused(BadRequest):
 
 def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
     """The token from ``Authorization: Bearer …`` / ``Key=…``, or the opt-in query key."""
-    if "auth-key" in request.query:
+    if QUERY_KEY_PARAM in request.query:
         if not allow_query_keys:
             raise QueryKeyRefused(
                 "tokens in the query string are refused because URLs get logged; "
                 "send it as `Authorization: Bearer <token>`"
             )
         structlog.get_logger().warning("query_string_key_used", path=request.path)
-        return request.query["auth-key"]
+        return request.query[QUERY_KEY_PARAM]
     header = request.headers.get("authorization", "").strip()
     if not header:
         raise MissingToken("send a token as `Authorization: Bearer <token>`")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event
+from sqlalchemy import ColumnElement, Table, event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ._errors import ConfigurationError, DependencyUnavailable
 
@@ -97,8 +100,44 @@ async def check_ready(engine: AsyncEngine) -> None:
         )
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every stored time is UTC."""
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+async def upsert(
+    conn: AsyncConnection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    key: Sequence[str],
+    update: Sequence[str],
+    when: Callable[[Any], ColumnElement[bool]] | None = None,
+    computed: Callable[[Any], dict[str, Any]] | None = None,
+) -> None:
+    """Insert rows, or update ``update`` columns of the rows already there.
+
+    ``when`` receives the proposed row (``excluded``) and guards the update, so a stale
+    record replayed after a newer one cannot overwrite it; ``computed`` returns columns
+    whose new value is an expression over it. Rows must be unique by ``key``
+    within one call (PostgreSQL refuses to update one row twice in a statement).
+    """
+    if not rows:
+        return
+    build = postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = build(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(key),
+        set_={
+            **{column: statement.excluded[column] for column in update},
+            **(computed(statement.excluded) if computed is not None else {}),
+        },
+        where=when(statement.excluded) if when is not None else None,
+    )
+    await conn.execute(statement, list(rows))

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from ._credentials import QUERY_KEY_PARAM
 from ._errors import ConfigurationError, HookwireError, PayloadTooLarge, ValidationFailed
 from ._ids import new_id
 from ._metrics import Metrics
@@ -165,12 +166,28 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         errors = exc.errors()
         if errors and errors[0]["type"] == "json_invalid":
             raise _malformed(errors[0]["msg"]) from exc
-        problems = [
-            {"field": ".".join(str(p) for p in err["loc"]) or "body", "reason": err["msg"]}
-            for err in errors
-        ]
+        problems = _problems(exc, "body")
         fields = ", ".join(p["field"] for p in problems)
         raise ValidationFailed(f"invalid request body: {fields}", details=problems) from exc
+
+
+def parse_query(request: web.Request, model: type[M]) -> M:
+    """Validate query parameters against a model (lax: they arrive as strings)."""
+    # The token, when sent in the query, is the authentication layer's business.
+    params = {k: v for k, v in request.query.items() if k != QUERY_KEY_PARAM}
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        problems = _problems(exc, "query")
+        fields = ", ".join(p["field"] for p in problems)
+        raise ValidationFailed(f"invalid query parameters: {fields}", details=problems) from exc
+
+
+def _problems(exc: ValidationError, whole: str) -> list[dict[str, str]]:
+    return [
+        {"field": ".".join(str(p) for p in err["loc"]) or whole, "reason": err["msg"]}
+        for err in exc.errors()
+    ]
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:

@@ -8,19 +8,27 @@ from ``earliest`` (``latest`` is unreliable there), and commits are always expli
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import functools
+import random
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
-from ._contracts import Topics
+from ._contracts import DeadLetter, Topics
 from ._errors import DependencyUnavailable
+from ._ids import utcnow
 from ._settings import Settings
 
 RETRY_TIERS = 7
+OutRecord = tuple[str, bytes | None, bytes]
+_PARTITIONER = DefaultPartitioner()
 _TOPIC_EXISTS = 36
 
 
@@ -56,6 +64,8 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "acks": "all",
         "enable_idempotence": False,
         "linger_ms": 2,
+        # send_all packs a partition's records into one batch; let a busy round fit.
+        "max_batch_size": 262_144,
         "request_timeout_ms": 10_000,
     }
     options.update(overrides)
@@ -123,10 +133,91 @@ async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None
 async def send_all(
     producer: AIOKafkaProducer, records: Iterable[tuple[str, bytes | None, bytes]]
 ) -> None:
-    """Send (topic, key, value) records and wait until the broker acknowledged each one."""
-    futures = [await producer.send(topic, value=value, key=key) for topic, key, value in records]
+    """Send (topic, key, value) records and wait until the broker acknowledged each one.
+
+    Records are packed into one batch per partition, placed where the default partitioner
+    would put their key. Sending record by record costs more: each ``send`` that finds its
+    partition's batch in flight waits for it, and every waiter is woken when it drains.
+    """
+    partitions: dict[str, list[int]] = {}
+    open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    futures: list[asyncio.Future[Any]] = []
+    for topic, key, value in records:
+        if topic not in partitions:
+            partitions[topic] = sorted(await producer.partitions_for(topic))
+        every = partitions[topic]
+        partition = _partition_of(key, len(every)) if key is not None else random.choice(every)  # noqa: S311
+        batch = open_batches.get((topic, partition))
+        if batch is None or batch.append(key=key, value=value, timestamp=None) is None:
+            if batch is not None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+            batch = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise DependencyUnavailable(f"a record of {len(value)} bytes fits no batch")
+            open_batches[(topic, partition)] = batch
+    for (topic, partition), batch in open_batches.items():
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
     if futures:
         await asyncio.gather(*futures)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _partition_of(key: bytes, partitions: int) -> int:
+    # aiokafka's murmur2 is pure Python; keys (webhook ids, objects) repeat a lot.
+    every = list(range(partitions))
+    return int(_PARTITIONER(key, every, every))
+
+
+class BatchingSender:
+    """Sends the records of many concurrent callers together, as ``send_all`` batches.
+
+    Each caller waits until its own records are acknowledged. While one round is on its way
+    to the broker the next one gathers, so a busy producer sends fewer, larger requests.
+    The sending task starts with the first record; ``close()`` ends it.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._waiting: list[tuple[list[OutRecord], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def send(self, records: list[OutRecord]) -> None:
+        if not records:
+            return
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="batching-sender")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((records, done))
+        self._wake.set()
+        await done
+
+    async def close(self) -> None:
+        """Stop sending; call once nothing more will be sent."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            waiting, self._waiting = self._waiting, []
+            if waiting:
+                await self._round(waiting)
+
+    async def _round(self, waiting: list[tuple[list[OutRecord], asyncio.Future[None]]]) -> None:
+        try:
+            await send_all(self._producer, [r for records, _ in waiting for r in records])
+        except (KafkaError, DependencyUnavailable) as exc:
+            for _, done in waiting:
+                if not done.done():
+                    done.set_exception(exc)
+        else:
+            for _, done in waiting:
+                if not done.done():
+                    done.set_result(None)
 
 
 async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
@@ -136,10 +227,72 @@ async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     ``stop()``; that must not abort a shutdown, unless this task itself is being cancelled.
     """
     try:
-        await client.stop()
+        await asyncio.wait_for(client.stop(), _STOP_TIMEOUT_SECONDS)
+    except TimeoutError:
+        # A group consumer leaving mid-rebalance has been seen to wait for ever; shutdown
+        # must not. Close its sockets anyway so nothing is left open.
+        structlog.get_logger().warning("kafka_client_stop_timed_out")
+        await client._client.close()
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
     except KafkaError as exc:
         structlog.get_logger().warning("kafka_client_stop_failed", error=str(exc))
+
+
+_COMMIT_TIMEOUT_SECONDS = 10.0
+_STOP_TIMEOUT_SECONDS = 10.0
+
+
+async def consume_forever(
+    consumer: AIOKafkaConsumer,
+    handle: Callable[[list[ConsumerRecord]], Awaitable[None]],
+    *,
+    max_records: int = 500,
+    retry_delay_seconds: float = 1.0,
+) -> None:
+    """Hand batches to ``handle`` and commit a batch only after ``handle`` returned.
+
+    ``handle`` makes each record's outcome durable first (records acknowledged, rows
+    committed). When it fails nothing is committed and the consumer goes back to the last
+    committed offsets, so the batch is processed again: at-least-once, never a silent skip.
+    """
+    log = structlog.get_logger()
+    while True:
+        batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
+        records = [record for batch in batches.values() for record in batch]
+        if not records:
+            continue
+        try:
+            await handle(records)
+            await asyncio.wait_for(consumer.commit(), _COMMIT_TIMEOUT_SECONDS)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch_failed", topic=records[0].topic, records=len(records))
+            await rewind(consumer)
+            await asyncio.sleep(retry_delay_seconds)
+
+
+async def rewind(consumer: AIOKafkaConsumer) -> None:
+    for partition in consumer.assignment():
+        committed = await consumer.committed(partition)
+        if committed is None:
+            await consumer.seek_to_beginning(partition)
+        else:
+            consumer.seek(partition, committed)
+
+
+def dead_letter_record(topics: Topics, record: ConsumerRecord, reason: str) -> OutRecord:
+    """The dead-letter topic's copy of a record no consumer can use, with the reason."""
+    value = record.value or b""
+    letter = DeadLetter(
+        reason=reason,
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+        payload=value.decode("utf-8", errors="replace"),
+        at=utcnow(),
+    )
+    return (topics.dead_letter, record.key, letter.to_bytes())

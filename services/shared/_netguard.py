@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from urllib.parse import urlsplit
+
+from aiohttp import ThreadedResolver
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+REFUSED = "refused:"
 
 
 def is_public_address(address: str) -> bool:
@@ -28,3 +34,38 @@ async def refused_reason(url: str) -> str | None:
         if not is_public_address(str(sockaddr[0])):
             return f"{host} resolves to non-public address {sockaddr[0]}"
     return None
+
+
+def literal_refusal(host: str) -> str | None:
+    """For an IP-literal host (which skips DNS), why it is refused; None otherwise."""
+    try:
+        public = is_public_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return None if public else f"{REFUSED} {host} is a non-public address"
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like the default resolver but refuses hosts with a non-public address.
+
+    The connection is made to the addresses returned here, so the check happens at connect
+    time: a name that resolved to a public address when the webhook was saved and to a
+    private one now (DNS rebinding) is refused.
+    """
+
+    def __init__(self) -> None:
+        self._inner = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            if not is_public_address(result["host"]):
+                # errno and strerror, so aiohttp's connection error carries the reason.
+                reason = f"{REFUSED} {host} resolves to non-public address {result['host']}"
+                raise OSError(errno.EACCES, reason)
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()

@@ -56,6 +56,8 @@ class OpenApi:
         summary: str,
         permission: str | None = None,
         body: type[BaseModel] | None = None,
+        body_required: bool = True,
+        query: type[BaseModel] | None = None,
         status: int = 200,
         errors: tuple[int, ...] = (401, 403, 422),
         auth: str = "token",
@@ -76,12 +78,14 @@ class OpenApi:
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in _path_parameters(path)
         ]
+        if query is not None:
+            parameters.extend(_query_parameters(query))
         if parameters:
             operation["parameters"] = parameters
         if body is not None:
             self._models[body.__name__] = body
             operation["requestBody"] = {
-                "required": True,
+                "required": body_required,
                 "content": {
                     "application/json": {
                         "schema": {"$ref": f"#/components/schemas/{body.__name__}"}
@@ -139,3 +143,21 @@ class OpenApi:
 
 def _path_parameters(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    properties = model.model_json_schema()["properties"]
+    parameters = []
+    for name, info in model.model_fields.items():
+        if info.exclude:
+            continue
+        schema = dict(properties[name])
+        # Query parameters are absent rather than null.
+        variants = [v for v in schema.pop("anyOf", []) if v.get("type") != "null"]
+        if variants:
+            schema.update(variants[0])
+        schema.pop("default", None)
+        parameters.append(
+            {"name": name, "in": "query", "required": info.is_required(), "schema": schema}
+        )
+    return parameters

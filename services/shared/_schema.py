@@ -7,6 +7,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -151,4 +152,40 @@ idempotency_keys = Table(
     Column("status", Integer),
     Column("response", JSON),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("team_id", String(64), nullable=False),
+    Column("webhook_id", String(64), nullable=False),
+    Column("event_id", String(128), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("event", JSON, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("next_retry_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("attempted_at", DateTime(timezone=True), primary_key=True),
+    Column("outcome", String(16), nullable=False),
+    Column("status_code", Integer),
+    Column("latency_ms", Float),
+    Column("error", Text),
+    Column("error_class", String(32)),
+    Column("final", Boolean, nullable=False),
+    Column("next_retry_at", DateTime(timezone=True)),
+    Column("request_headers", JSON, nullable=False),
+    Column("response_body", Text),
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ._errors import ConfigurationError
 
@@ -27,6 +27,24 @@ def _strict_bool(value: object) -> object:
 
 
 StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
+
+
+def _seconds_list(value: object) -> object:
+    # "5,300,1800" reads better in an environment file than a JSON list.
+    if isinstance(value, str):
+        return tuple(float(part) for part in value.split(",") if part.strip())
+    return value
+
+
+def _positive(values: tuple[float, ...]) -> tuple[float, ...]:
+    if any(value <= 0 for value in values):
+        raise ValueError("every delay must be greater than 0")
+    return values
+
+
+SecondsList = Annotated[
+    tuple[float, ...], NoDecode, BeforeValidator(_seconds_list), AfterValidator(_positive)
+]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
@@ -65,6 +83,21 @@ class Settings(BaseSettings):
     delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)
     response_body_limit_bytes: int = Field(default=4096, ge=0)
+    # An api process can leave the delivery log to others (it still serves it).
+    record_attempts: StrictBool = True
+    delivery_rate_per_endpoint: float | None = Field(default=None, gt=0)
+    delivery_backlog_max: int = Field(default=10_000, ge=10)
+    retry_schedule_seconds: SecondsList = Field(
+        default=(5, 300, 1800, 7200, 18000, 36000, 36000), min_length=1, max_length=20
+    )
+    retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    retry_after_max_seconds: float = Field(default=3600, ge=0)
+    retry_pending_max: int = Field(default=100_000, ge=10)
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_open_seconds: float = Field(default=30.0, gt=0)
+    circuit_open_max_seconds: float = Field(default=600.0, gt=0)
+    endpoint_disable_after_days: float = Field(default=5.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,32 @@ def test_admin_bootstrap_from_the_command_line(tmp_path: Path) -> None:
     assert "revoked" in revoked.stdout
     assert "revoked" in _run(["admin", "list-tokens", "--user", user_id], env).stdout
     _assert_clean_failure(_run(["admin", "revoke-token", "--token", "tok_nope"], env), "tok_nope")
+
+
+@pytest.mark.parametrize("service", ["api", "dispatcher"])
+def test_sigterm_while_starting_stops_the_service(migrated: Path, service: str) -> None:
+    """A broker that accepts connections and never answers holds start-up; SIGTERM still
+    ends the process at once and cleanly."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        process = subprocess.Popen(
+            [HOOKWIRE, service],
+            env=_env(migrated, HOOKWIRE_KAFKA_BOOTSTRAP=address),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)
+        assert process.poll() is None, "still starting against a silent broker"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+        assert time.monotonic() - signalled < 5, "stopped promptly"
+        assert process.returncode == 0, stderr
+        assert "stopped_while_starting" in stderr
+        assert "Traceback" not in stderr
+    finally:
+        silent.close()

@@ -37,6 +37,10 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_ALLOW_PRIVATE_URLS", "yes please"),
         ("HOOKWIRE_LOG_FORMAT", "xml"),
         ("HOOKWIRE_TOPIC_PREFIX", "bad prefix!"),
+        ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,soon"),
+        ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,0"),
+        ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", ""),
+        ("HOOKWIRE_RETRY_JITTER", "2"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -58,3 +62,10 @@ def test_secrets_have_no_default_and_never_print(monkeypatch: pytest.MonkeyPatch
     settings = load_settings()
     assert settings.require_secret("token_pepper") == "s3cret-value"
     assert "s3cret-value" not in repr(settings)
+
+
+def test_retry_schedule_reads_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "0.5, 2,60")
+    assert load_settings().retry_schedule_seconds == (0.5, 2.0, 60.0)
+    monkeypatch.delenv("HOOKWIRE_RETRY_SCHEDULE_SECONDS")
+    assert load_settings().retry_schedule_seconds == (5, 300, 1800, 7200, 18000, 36000, 36000)
