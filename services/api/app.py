@@ -16,6 +16,7 @@ from services.shared import (
     Change,
     ChangeFollower,
     ChangeNotifier,
+    DependencyUnavailable,
     Metrics,
     OpenApi,
     Settings,
@@ -29,7 +30,8 @@ from services.shared import (
     topics_for,
 )
 
-from . import events, objects, webhook_lifecycle, webhooks
+from . import deliveries, events, objects, webhook_lifecycle, webhooks
+from .attempt_recorder import AttemptRecorder
 from .authn import TokenGate
 from .context import CONTEXT, ApiContext
 from .outbox import Outbox
@@ -50,6 +52,8 @@ class ApiService:
         self._follower: ChangeFollower | None = None
         self._outbox: Outbox | None = None
         self._relay: asyncio.Task[None] | None = None
+        self.recorder: AttemptRecorder | None = None
+        self._recording: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     def build_app(
@@ -76,12 +80,17 @@ class ApiService:
         async def database_ready() -> None:
             await check_ready(self.engine)
 
-        app[READINESS_KEY].append(database_ready)
+        async def delivery_log_running() -> None:
+            if self._recording is not None and self._recording.done():
+                raise DependencyUnavailable("the delivery log consumer stopped")
+
+        app[READINESS_KEY].extend([database_ready, delivery_log_running])
         spec = OpenApi("hookwire api", version("hookwire"), "Webhooks, objects and events")
         webhooks.add_routes(app, spec)
         objects.add_routes(app, spec)
         events.add_routes(app, spec)
         webhook_lifecycle.add_routes(app, spec)
+        deliveries.add_routes(app, spec)
         spec.serve(app)
         return app
 
@@ -108,6 +117,12 @@ class ApiService:
         )
         await self._follower.start()
         self._relay = asyncio.create_task(self.outbox_for(self._producer).relay_forever())
+        # Joining a consumer group can take seconds; the api serves requests meanwhile.
+        if self.settings.record_attempts:
+            self.recorder = AttemptRecorder(
+                self.settings, self.engine, self._producer, self.metrics
+            )
+            self._recording = asyncio.create_task(self.recorder.run(), name="delivery-log")
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)
 
@@ -120,14 +135,19 @@ class ApiService:
             gate.forget_all()
 
     async def stop(self) -> None:
-        if self._relay is not None:
-            self._relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relay
+        for task in (self._relay, self._recording):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.recorder is not None:
+            await self.recorder.close()
         if self._follower is not None:
             await self._follower.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._outbox is not None:
+            await self._outbox.close()
         if self._session is not None:
             await self._session.close()
         if self._producer is not None:

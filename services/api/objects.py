@@ -163,6 +163,39 @@ def _check_if_match(request: web.Request, version: int) -> None:
         )
 
 
+async def _versioned_change(
+    ctx: ApiContext, row: Any, event: Event, fields: dict[str, Any], doing: str
+) -> int:
+    """Set ``fields`` on the row as its next version, with its event; returns the version.
+
+    The write only applies to the version that was read, so a concurrent change makes this
+    one fail (412) instead of overwriting it.
+    """
+    version: int = row.version + 1
+
+    async def change(conn: AsyncConnection) -> None:
+        if not await store.set_fields(
+            conn, row.id, row.version, **fields, **store.now_fields(event.occurred_at, version)
+        ):
+            raise PreconditionFailed(f"the object changed while it was being {doing}")
+
+    async def undo(conn: AsyncConnection) -> None:
+        await store.restore_row(conn, row)
+
+    await _publish(ctx, event, change, undo)
+    return version
+
+
+async def _change_and_answer(
+    ctx: ApiContext, row: Any, event: Event, fields: dict[str, Any], doing: str
+) -> web.Response:
+    version = await _versioned_change(ctx, row, event, fields, doing)
+    body = store.object_view(
+        row._mapping, **fields, version=version, updated_at=event.occurred_at, event_id=event.id
+    )
+    return _with_etag(body, version)
+
+
 async def update_object(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "object:update")
@@ -176,25 +209,11 @@ async def update_object(request: web.Request) -> web.Response:
     data, previous = store.merge_patch(row.data, patch)
     if not previous:
         return _with_etag(store.object_view(row._mapping), row.version)
-    now, version = utcnow(), row.version + 1
+    now = utcnow()
     event = _event(
         principal.team_id, object_type, row.id, "object.updated", data, now, previous=previous
     )
-
-    async def change(conn: AsyncConnection) -> None:
-        if not await store.set_fields(
-            conn, row.id, row.version, data=data, **store.now_fields(now, version)
-        ):
-            raise PreconditionFailed("the object changed while this update was being made")
-
-    async def undo(conn: AsyncConnection) -> None:
-        await store.restore_row(conn, row)
-
-    await _publish(ctx, event, change, undo)
-    body = store.object_view(
-        row._mapping, data=data, version=version, updated_at=now, event_id=event.id
-    )
-    return _with_etag(body, version)
+    return await _change_and_answer(ctx, row, event, {"data": data}, "updated")
 
 
 async def delete_object(request: web.Request) -> web.Response:
@@ -217,19 +236,17 @@ async def delete_object(request: web.Request) -> web.Response:
             return web.Response(status=204)
     now = utcnow()
     event = _event(principal.team_id, object_type, row.id, "object.deleted", row.data, now)
+    if force:
 
-    async def change(conn: AsyncConnection) -> None:
-        if force:
+        async def remove(conn: AsyncConnection) -> None:
             await store.remove(conn, row.id)
-        elif not await store.set_fields(
-            conn, row.id, row.version, deleted_at=now, **store.now_fields(now, row.version + 1)
-        ):
-            raise PreconditionFailed("the object changed while it was being deleted")
 
-    async def undo(conn: AsyncConnection) -> None:
-        await store.restore_row(conn, row)
+        async def undo(conn: AsyncConnection) -> None:
+            await store.restore_row(conn, row)
 
-    await _publish(ctx, event, change, undo)
+        await _publish(ctx, event, remove, undo)
+    else:
+        await _versioned_change(ctx, row, event, {"deleted_at": now}, "deleted")
     return web.Response(status=204, headers={"x-event-id": event.id})
 
 
@@ -242,23 +259,8 @@ async def restore_object(request: web.Request) -> web.Response:
         row = await store.find(
             conn, principal.team_id, object_type, request.match_info["object_id"], trashed=True
         )
-    now, version = utcnow(), row.version + 1
-    event = _event(principal.team_id, object_type, row.id, "object.created", row.data, now)
-
-    async def change(conn: AsyncConnection) -> None:
-        if not await store.set_fields(
-            conn, row.id, row.version, deleted_at=None, **store.now_fields(now, version)
-        ):
-            raise PreconditionFailed("the object changed while it was being restored")
-
-    async def undo(conn: AsyncConnection) -> None:
-        await store.restore_row(conn, row)
-
-    await _publish(ctx, event, change, undo)
-    body = store.object_view(
-        row._mapping, deleted_at=None, version=version, updated_at=now, event_id=event.id
-    )
-    return _with_etag(body, version)
+    event = _event(principal.team_id, object_type, row.id, "object.created", row.data, utcnow())
+    return await _change_and_answer(ctx, row, event, {"deleted_at": None}, "restored")
 
 
 async def send_object(request: web.Request) -> web.Response:

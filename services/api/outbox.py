@@ -8,7 +8,7 @@ left, so a committed change always gets exactly its event (at least once, same e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TypeVar
 
@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.shared import Metrics, Record, get_logger, new_id, tables, utcnow
+from services.shared import BatchingSender, Metrics, Record, get_logger, new_id, tables, utcnow
 
 from .errors import PublishUnavailable
 
@@ -35,6 +35,8 @@ class Outbox:
     ) -> None:
         self._engine = engine
         self._producer = producer
+        # Concurrent requests' events go out together.
+        self._sender = BatchingSender(producer)
         self._backlog = metrics.gauge("outbox_backlog", "Staged records not yet acknowledged")
         self._published = metrics.counter(
             "events_published_total", "Events acknowledged by Kafka", ("type",)
@@ -97,15 +99,25 @@ class Outbox:
 
     async def publish_direct(self, topic: str, key: str, record: Record) -> None:
         """Publish a record that no database change depends on (acks=all)."""
+        await self.publish_all([(topic, key, record)])
+
+    async def publish_all(self, records: Sequence[tuple[str, str, Record]]) -> None:
+        """Publish records no database change depends on; return once Kafka acked all."""
         try:
             await asyncio.wait_for(
-                self._producer.send_and_wait(topic, value=record.to_bytes(), key=key.encode()),
+                self._sender.send(
+                    [(topic, key.encode(), record.to_bytes()) for topic, key, record in records]
+                ),
                 self._wait,
             )
         except (KafkaError, TimeoutError) as exc:
             self._failures.inc()
             raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc
-        self._published.labels(getattr(record, "type", "other")).inc()
+        for _, _, record in records:
+            self._published.labels(getattr(record, "type", type(record).__name__.lower())).inc()
+
+    async def close(self) -> None:
+        await self._sender.close()
 
     async def backlog(self) -> int:
         async with self._engine.connect() as conn:

@@ -25,6 +25,7 @@ from services.shared import (
     utcnow,
 )
 
+from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
 from .webhooks import WebhookUpdate, actor, check_reachable, new_signing_secret, webhook_view
@@ -69,6 +70,7 @@ async def _change(
         where = _webhooks.c.id == webhook_id
         if values is None:
             await conn.execute(delete(_webhooks).where(where))
+            await delivery_log.forget_webhook(conn, webhook_id)
             row = None
         else:
             await conn.execute(update(_webhooks).where(where).values(updated_at=utcnow(), **values))

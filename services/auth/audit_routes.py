@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -18,9 +18,9 @@ from services.shared import (
     ROLES,
     OpenApi,
     Settings,
-    ValidationFailed,
     as_utc,
     json_response,
+    parse_query,
     tables,
 )
 
@@ -40,17 +40,6 @@ class AuditQuery(BaseModel):
     team_id: str | None = Field(default=None, max_length=64)
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = Field(default=None, max_length=64)
-
-
-def _query(request: web.Request) -> AuditQuery:
-    try:
-        return AuditQuery.model_validate(dict(request.query))
-    except ValidationError as exc:
-        problems = [
-            {"field": ".".join(str(p) for p in err["loc"]), "reason": err["msg"]}
-            for err in exc.errors()
-        ]
-        raise ValidationFailed("invalid query parameters", details=problems) from exc
 
 
 def _view(row: Any) -> dict[str, Any]:
@@ -83,7 +72,7 @@ class AuditRoutes:
             allow_query_keys=self.settings.allow_query_keys,
             permission="audit-log:read",
         )
-        query = _query(request)
+        query = parse_query(request, AuditQuery)
         async with self.engine.connect() as conn:
             teams = await store.memberships_of(conn, caller.user_id)
             readable = [team for team, role in teams.items() if "audit-log:read" in ROLES[role]]

@@ -195,3 +195,51 @@ async def test_private_urls_are_refused_without_the_allow_flag(
     assert status == 422
     assert answer["error"]["details"][0]["field"] == "url"
     assert (await _hooks(strict_stack, "GET"))[1]["data"] == []
+
+
+async def test_list_filters_by_active_and_topic_and_pages(api_stack: Stack) -> None:
+    made = []
+    for topics, active in (
+        (["object.created"], True),
+        (["object.updated"], True),
+        (["object.created", "object.deleted"], False),
+    ):
+        status, webhook = await _hooks(
+            api_stack,
+            "POST",
+            json={"name": "w", "url": "http://127.0.0.1:9/", "topics": topics, "active": active},
+        )
+        assert status == 201
+        made.append(webhook["id"])
+
+    async def ids(**params: str) -> list[str]:
+        status, page = await _hooks(api_stack, "GET", params=params)
+        assert status == 200, page
+        return [w["id"] for w in page["data"]]
+
+    assert await ids() == made
+    assert await ids(active="true") == made[:2]
+    assert await ids(active="false") == made[2:]
+    assert await ids(topic="object.created") == [made[0], made[2]]
+    assert await ids(topic="object.created", active="true") == [made[0]]
+    assert await ids(topic="object.send") == []
+
+    seen: list[str] = []
+    params = {"limit": "2"}
+    while True:
+        status, page = await _hooks(api_stack, "GET", params=params)
+        seen += [w["id"] for w in page["data"]]
+        if page["next_cursor"] is None:
+            break
+        params = {"limit": "2", "cursor": page["next_cursor"]}
+    assert seen == made
+
+    for params, field in (
+        ({"active": "maybe"}, "active"),
+        ({"topic": "object.exploded"}, "topic"),
+        ({"limit": "501"}, "limit"),
+        ({"sort": "name"}, "sort"),
+    ):
+        status, body = await _hooks(api_stack, "GET", params=params)
+        assert status == 422, params
+        assert [d["field"] for d in body["error"]["details"]] == [field]

@@ -1,0 +1,122 @@
+"""Fills the delivery log from the ``attempts`` topic.
+
+Every api process joins one consumer group, so the log is written once per attempt no
+matter how many api processes run. A batch's rows commit before its offsets do; a record
+that is not an attempt goes to the dead-letter topic and the consumer keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.shared import (
+    Attempt,
+    ChangeNotifier,
+    DependencyUnavailable,
+    InvalidRecord,
+    Metrics,
+    OutRecord,
+    Settings,
+    consume_forever,
+    dead_letter_record,
+    decode,
+    get_logger,
+    make_consumer,
+    send_all,
+    start_client,
+    stop_client,
+    topics_for,
+)
+
+from . import delivery_log
+
+_RECONNECT_SECONDS = 2.0
+_START_WAIT_SECONDS = 3.0
+
+
+class AttemptRecorder:
+    def __init__(
+        self, settings: Settings, engine: AsyncEngine, producer: AIOKafkaProducer, metrics: Metrics
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._producer = producer
+        self._topics = topics_for(settings)
+        self._changes = ChangeNotifier(producer, self._topics)
+        self._consumed = metrics.counter(
+            "attempts_consumed_total", "Attempt records stored in the delivery log", ("outcome",)
+        )
+        self._log = get_logger("api")
+        self._consumer: AIOKafkaConsumer | None = None
+        self._writing: asyncio.Future[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """Join the group (retrying while the broker is away), then record forever."""
+        while True:
+            self._consumer = make_consumer(
+                self._settings,
+                self._topics.attempts,
+                group_id=f"{self._settings.topic_prefix}api.delivery-log",
+            )
+            # A start cut off half-way can leave aiokafka's bootstrap connection open, so a
+            # stop that comes meanwhile lets the start finish first (see close()).
+            self._starting = asyncio.create_task(start_client(self._consumer, self._settings))
+            try:
+                await asyncio.shield(self._starting)
+                break
+            except DependencyUnavailable as exc:
+                self._log.warning("delivery_log_consumer_waiting", error=exc.message)
+                await stop_client(self._consumer)
+                await asyncio.sleep(_RECONNECT_SECONDS)
+        await consume_forever(self._consumer, self.record)
+
+    async def close(self) -> None:
+        """Stop the consumer; call after the task running ``run`` was cancelled."""
+        if self._writing is not None:
+            with contextlib.suppress(Exception):
+                await self._writing
+        if self._starting is not None and not self._starting.done():
+            # Bounded: with the broker gone a start can wait for ever.
+            _, late = await asyncio.wait({self._starting}, timeout=_START_WAIT_SECONDS)
+            for task in late:
+                task.cancel()
+        if self._starting is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._starting  # its outcome is of no interest any more
+        if self._consumer is not None:
+            await stop_client(self._consumer)
+
+    async def record(self, records: list[ConsumerRecord]) -> None:
+        attempts: list[Attempt] = []
+        rejected: list[OutRecord] = []
+        for record in records:
+            try:
+                attempts.append(decode(Attempt, record.value))
+            except InvalidRecord as exc:
+                self._log.warning("attempt_record_invalid", reason=exc.message)
+                rejected.append(dead_letter_record(self._topics, record, exc.message))
+        # Dead letters first: once the rows commit, only the offset commit remains.
+        await send_all(self._producer, rejected)
+        # A cancelled transaction on SQLite can keep its write lock until the engine closes,
+        # so a stop lets the write finish (close() waits for it) instead of cutting it.
+        self._writing = asyncio.ensure_future(self._write(attempts))
+        await asyncio.shield(self._writing)
+        for attempt in attempts:
+            self._consumed.labels(attempt.outcome).inc()
+        if rejected:
+            self._consumed.labels("invalid").inc(len(rejected))
+
+    async def _write(self, attempts: list[Attempt]) -> None:
+        async with self._engine.begin() as conn:
+            await delivery_log.record_attempts(conn, attempts)
+            disabled = await delivery_log.disable_webhooks(conn, attempts)
+        for attempt in disabled:
+            self._log.warning(
+                "webhook_disabled", webhook_id=attempt.webhook_id, reason=attempt.disable_reason
+            )
+            await self._changes.notify("webhook", attempt.webhook_id, "updated", attempt.team_id)

@@ -1,0 +1,297 @@
+"""The delivery log and re-sending: list, show, retry, replay, and the test event.
+
+Re-sends go back through the dispatcher as ``manual`` deliveries on the ``deliveries``
+topic, with the same delivery id (so the same ``webhook-id`` header: receivers that
+de-duplicate see a repeat, not a new event) and the next attempt number. A manual
+delivery gets one attempt; its outcome lands in the same log.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from services.shared import (
+    DELIVERY_STATES,
+    TEST_EVENT_TYPE,
+    Conflict,
+    Delivery,
+    Event,
+    NotFound,
+    OpenApi,
+    as_utc,
+    json_response,
+    new_id,
+    parse_body,
+    parse_query,
+    utcnow,
+)
+
+from . import delivery_log
+from .authn import Principal
+from .context import CONTEXT, ApiContext
+from .paging import MAX_LIMIT
+from .webhook_lifecycle import find_webhook
+
+MAX_REPLAY = 10_000
+_TEST_MESSAGE = "This is a test event from hookwire; it changes nothing."
+
+
+class DeliveryQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: str | None = Field(
+        default=None, description="Comma-separated: delivered, retrying, failed, skipped"
+    )
+    webhook_id: str | None = Field(default=None, max_length=64)
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    limit: int = Field(default=50, ge=1, le=MAX_LIMIT)
+    cursor: str | None = Field(default=None, max_length=64)
+
+    @field_validator("state")
+    @classmethod
+    def _states(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        unknown = sorted(set(value.split(",")) - set(DELIVERY_STATES))
+        if unknown:
+            raise ValueError(f"unknown state {', '.join(unknown)}; one of {DELIVERY_STATES}")
+        return value
+
+
+class WebhookDeliveryQuery(DeliveryQuery):
+    webhook_id: None = Field(default=None, exclude=True)
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: AwareDatetime
+    until: AwareDatetime | None = None
+    only_failed: bool = Field(
+        default=False, description="Re-send only deliveries not delivered (failed or retrying)"
+    )
+
+
+class TestEventRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+async def _list(
+    request: web.Request, principal: Principal, query: DeliveryQuery, webhook_id: str | None
+) -> web.Response:
+    ctx = request.app[CONTEXT]
+    where = delivery_log.DeliveryFilter(
+        team_id=principal.team_id,
+        webhook_id=webhook_id,
+        states=tuple(query.state.split(",")) if query.state else (),
+        since=query.since,
+        until=query.until,
+    )
+    async with ctx.engine.connect() as conn:
+        rows = await delivery_log.page(conn, where, limit=query.limit, cursor=query.cursor)
+        shown = rows[: query.limit]
+        attempts = await delivery_log.attempts_of(conn, [row.id for row in shown])
+    return json_response(
+        {
+            "data": [delivery_log.delivery_view(row, attempts[row.id]) for row in shown],
+            "next_cursor": delivery_log.encode_cursor(shown[-1])
+            if len(rows) > query.limit
+            else None,
+        }
+    )
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    principal = await request.app[CONTEXT].authorize(request, "webhook:read")
+    query = parse_query(request, DeliveryQuery)
+    return await _list(request, principal, query, query.webhook_id)
+
+
+async def list_webhook_deliveries(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:read")
+    query = parse_query(request, WebhookDeliveryQuery)
+    webhook_id = request.match_info["webhook_id"]
+    async with ctx.engine.connect() as conn:
+        await _existing_webhook(conn, principal.team_id, webhook_id)
+    return await _list(request, principal, query, webhook_id)
+
+
+async def _existing_webhook(conn: Any, team_id: str, webhook_id: str) -> Any:
+    # A trashed webhook's log stays readable until it is deleted for good.
+    try:
+        return await find_webhook(conn, team_id, webhook_id)
+    except NotFound:
+        return await find_webhook(conn, team_id, webhook_id, trashed=True)
+
+
+async def get_delivery(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:read")
+    async with ctx.engine.connect() as conn:
+        row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
+        attempts = await delivery_log.attempts_of(conn, [row.id])
+    return json_response(delivery_log.delivery_view(row, attempts[row.id], detailed=True))
+
+
+async def _sendable_webhook(ctx: ApiContext, team_id: str, webhook_id: str) -> None:
+    async with ctx.engine.connect() as conn:
+        webhook = await find_webhook(conn, team_id, webhook_id)
+    if not webhook.active:
+        raise Conflict(f"webhook {webhook_id} is inactive; reactivate it to send to it")
+
+
+def _resend(row: Any) -> Delivery:
+    return Delivery(
+        id=row.id,
+        webhook_id=row.webhook_id,
+        attempt=row.attempts + 1,
+        event=Event.model_validate(row.event),
+        kind="manual",
+    )
+
+
+async def _publish(ctx: ApiContext, deliveries: list[Delivery]) -> None:
+    await ctx.outbox.publish_all(
+        [(ctx.topics.deliveries, delivery.webhook_id, delivery) for delivery in deliveries]
+    )
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:update")
+    async with ctx.engine.connect() as conn:
+        row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
+    await _sendable_webhook(ctx, principal.team_id, row.webhook_id)
+    delivery = _resend(row)
+    await _publish(ctx, [delivery])
+    return json_response({"delivery_id": delivery.id, "attempt": delivery.attempt}, status=202)
+
+
+async def replay_webhook(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:update")
+    body = await parse_body(request, ReplayRequest)
+    webhook_id = request.match_info["webhook_id"]
+    await _sendable_webhook(ctx, principal.team_id, webhook_id)
+    where = delivery_log.DeliveryFilter(
+        team_id=principal.team_id,
+        webhook_id=webhook_id,
+        states=("failed", "retrying") if body.only_failed else (),
+        since=body.since,
+        until=body.until,
+    )
+    async with ctx.engine.connect() as conn:
+        rows = await delivery_log.oldest_first(conn, where, limit=MAX_REPLAY + 1)
+    chosen = rows[:MAX_REPLAY]
+    await _publish(ctx, [_resend(row) for row in chosen])
+    truncated = len(rows) > MAX_REPLAY
+    resume: datetime | None = rows[MAX_REPLAY].created_at if truncated else None
+    return json_response(
+        {
+            "replayed": len(chosen),
+            "truncated": truncated,
+            "resume_since": as_utc(resume),
+        },
+        status=202,
+    )
+
+
+async def send_test_event(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    principal = await ctx.authorize(request, "webhook:update")
+    body = (
+        await parse_body(request, TestEventRequest) if request.can_read_body else TestEventRequest()
+    )
+    webhook_id = request.match_info["webhook_id"]
+    await _sendable_webhook(ctx, principal.team_id, webhook_id)
+    event = Event(
+        id=new_id("evt"),
+        type=TEST_EVENT_TYPE,
+        team_id=principal.team_id,
+        object_type="webhook",
+        object_id=webhook_id,
+        occurred_at=utcnow(),
+        data=body.data or {"message": _TEST_MESSAGE},
+    )
+    delivery = Delivery(
+        id=new_id("msg"), webhook_id=webhook_id, attempt=1, event=event, kind="test"
+    )
+    await _publish(ctx, [delivery])
+    return json_response(
+        {"delivery_id": delivery.id, "event": event.model_dump(mode="json", by_alias=True)},
+        status=202,
+    )
+
+
+def add_routes(app: web.Application, spec: OpenApi) -> None:
+    team = "/v1/teams/{team}"
+    spec.route(
+        app,
+        "GET",
+        team + "/deliveries",
+        list_deliveries,
+        permission="webhook:read",
+        query=DeliveryQuery,
+        errors=(401, 403, 404, 422),
+        summary="The team's delivery log, newest first: state, webhook_id, since, until",
+    )
+    spec.route(
+        app,
+        "GET",
+        team + "/deliveries/{delivery_id}",
+        get_delivery,
+        permission="webhook:read",
+        errors=(401, 403, 404),
+        summary="One delivery with its attempts, request headers (redacted), response bodies",
+    )
+    spec.route(
+        app,
+        "POST",
+        team + "/deliveries/{delivery_id}/retry",
+        retry_delivery,
+        status=202,
+        permission="webhook:update",
+        errors=(401, 403, 404, 409, 503),
+        summary="Re-send one delivery now (same webhook-id, next attempt number)",
+    )
+    spec.route(
+        app,
+        "GET",
+        team + "/webhooks/{webhook_id}/deliveries",
+        list_webhook_deliveries,
+        permission="webhook:read",
+        query=WebhookDeliveryQuery,
+        errors=(401, 403, 404, 422),
+        summary="A webhook's delivery log, newest first; dead letters have state=failed",
+    )
+    spec.route(
+        app,
+        "POST",
+        team + "/webhooks/{webhook_id}/replay",
+        replay_webhook,
+        status=202,
+        body=ReplayRequest,
+        permission="webhook:update",
+        errors=(401, 403, 404, 409, 413, 422, 503),
+        summary=f"Re-send every delivery since a time (or only failed ones), up to {MAX_REPLAY}",
+    )
+    spec.route(
+        app,
+        "POST",
+        team + "/webhooks/{webhook_id}/test",
+        send_test_event,
+        status=202,
+        body=TestEventRequest,
+        permission="webhook:update",
+        errors=(401, 403, 404, 409, 413, 422, 503),
+        body_required=False,
+        summary=f"Send a {TEST_EVENT_TYPE} event to this webhook only",
+    )

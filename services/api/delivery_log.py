@@ -1,0 +1,294 @@
+"""The delivery log's storage: attempts in, deliveries with their attempts out.
+
+Attempt records can arrive twice (a dispatcher re-processing a batch after a crash, or this
+consumer re-reading one): a delivery row only moves forward to a later attempt, and an
+attempt row is keyed by (delivery, attempt number), so a repeat rewrites the same row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, case, delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.shared import (
+    Actor,
+    Attempt,
+    NotFound,
+    ValidationFailed,
+    as_utc,
+    record_audit,
+    tables,
+    upsert,
+    utcnow,
+)
+
+_deliveries = tables.deliveries
+_attempts = tables.delivery_attempts
+
+_DELIVERY_UPDATES = (
+    "state",
+    "kind",
+    "last_status_code",
+    "last_error",
+    "next_retry_at",
+    "updated_at",
+)
+_ATTEMPT_UPDATES = (
+    "outcome",
+    "status_code",
+    "latency_ms",
+    "error",
+    "error_class",
+    "final",
+    "next_retry_at",
+    "request_headers",
+    "response_body",
+)
+
+
+def _delivery_row(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "id": attempt.delivery_id,
+        "team_id": attempt.team_id,
+        "webhook_id": attempt.webhook_id,
+        "event_id": attempt.event_id,
+        "event_type": attempt.event.type,
+        "event": attempt.event.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "kind": attempt.kind,
+        "state": attempt.state,
+        "attempts": attempt.attempt,
+        "last_status_code": attempt.status_code,
+        "last_error": attempt.error,
+        "next_retry_at": attempt.next_retry_at,
+        "created_at": attempt.attempted_at,
+        "updated_at": attempt.attempted_at,
+    }
+
+
+def _attempt_row(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "delivery_id": attempt.delivery_id,
+        "attempt": attempt.attempt,
+        "attempted_at": attempt.attempted_at,
+        "outcome": attempt.outcome,
+        "status_code": attempt.status_code,
+        "latency_ms": attempt.latency_ms,
+        "error": attempt.error,
+        "error_class": attempt.error_class,
+        "final": attempt.final,
+        "next_retry_at": attempt.next_retry_at,
+        "request_headers": attempt.request_headers,
+        "response_body": attempt.response_body,
+    }
+
+
+async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
+    # One row per key per statement: the latest attempt of each delivery wins. "Latest" is
+    # by time: a manual re-send and a scheduled retry can share an attempt number.
+    latest: dict[str, Attempt] = {}
+    for attempt in attempts:
+        seen = latest.get(attempt.delivery_id)
+        if seen is None or attempt.attempted_at >= seen.attempted_at:
+            latest[attempt.delivery_id] = attempt
+    by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in attempts}
+    await upsert(
+        conn,
+        _deliveries,
+        [_delivery_row(a) for a in latest.values()],
+        key=("id",),
+        update=_DELIVERY_UPDATES,
+        when=lambda proposed: _deliveries.c.updated_at <= proposed.updated_at,
+        computed=lambda proposed: {
+            "attempts": case(
+                (proposed.attempts > _deliveries.c.attempts, proposed.attempts),
+                else_=_deliveries.c.attempts,
+            )
+        },
+    )
+    await upsert(
+        conn,
+        _attempts,
+        [_attempt_row(a) for a in by_key.values()],
+        key=("delivery_id", "attempt", "attempted_at"),
+        update=_ATTEMPT_UPDATES,
+    )
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    team_id: str
+    webhook_id: str | None = None
+    states: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _conditions(where: DeliveryFilter) -> list[Any]:
+    conditions: list[Any] = [_deliveries.c.team_id == where.team_id]
+    if where.webhook_id is not None:
+        conditions.append(_deliveries.c.webhook_id == where.webhook_id)
+    if where.states:
+        conditions.append(_deliveries.c.state.in_(where.states))
+    if where.since is not None:
+        conditions.append(_deliveries.c.created_at >= where.since)
+    if where.until is not None:
+        conditions.append(_deliveries.c.created_at < where.until)
+    return conditions
+
+
+def encode_cursor(row: Any) -> str:
+    micros = int(as_utc(row.created_at).timestamp() * 1_000_000)
+    return f"{micros}.{row.id}"
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    micros, _, delivery_id = cursor.partition(".")
+    if not micros.isdigit() or not delivery_id:
+        raise ValidationFailed.for_field("cursor", "not a cursor this api returned")
+    return datetime.fromtimestamp(int(micros) / 1_000_000, UTC), delivery_id
+
+
+async def page(
+    conn: AsyncConnection, where: DeliveryFilter, *, limit: int, cursor: str | None
+) -> list[Any]:
+    """Newest first; one row more than ``limit`` tells the caller another page exists."""
+    conditions = _conditions(where)
+    if cursor is not None:
+        at, delivery_id = _decode_cursor(cursor)
+        conditions.append(
+            or_(
+                _deliveries.c.created_at < at,
+                and_(_deliveries.c.created_at == at, _deliveries.c.id < delivery_id),
+            )
+        )
+    rows = await conn.execute(
+        select(_deliveries)
+        .where(*conditions)
+        .order_by(_deliveries.c.created_at.desc(), _deliveries.c.id.desc())
+        .limit(limit + 1)
+    )
+    return list(rows.all())
+
+
+async def oldest_first(conn: AsyncConnection, where: DeliveryFilter, *, limit: int) -> list[Any]:
+    rows = await conn.execute(
+        select(_deliveries)
+        .where(*_conditions(where))
+        .order_by(_deliveries.c.created_at, _deliveries.c.id)
+        .limit(limit)
+    )
+    return list(rows.all())
+
+
+async def attempts_of(conn: AsyncConnection, delivery_ids: Sequence[str]) -> dict[str, list[Any]]:
+    found: dict[str, list[Any]] = {delivery_id: [] for delivery_id in delivery_ids}
+    if not delivery_ids:
+        return found
+    rows = await conn.execute(
+        select(_attempts)
+        .where(_attempts.c.delivery_id.in_(list(delivery_ids)))
+        .order_by(_attempts.c.delivery_id, _attempts.c.attempted_at, _attempts.c.attempt)
+    )
+    for row in rows:
+        found[row.delivery_id].append(row)
+    return found
+
+
+async def find(conn: AsyncConnection, team_id: str, delivery_id: str) -> Any:
+    row = (
+        await conn.execute(
+            select(_deliveries).where(
+                _deliveries.c.id == delivery_id, _deliveries.c.team_id == team_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"delivery {delivery_id} not found")
+    return row
+
+
+async def forget_webhook(conn: AsyncConnection, webhook_id: str) -> None:
+    """A force-deleted webhook takes its delivery log with it."""
+    ids = select(_deliveries.c.id).where(_deliveries.c.webhook_id == webhook_id)
+    await conn.execute(delete(_attempts).where(_attempts.c.delivery_id.in_(ids)))
+    await conn.execute(delete(_deliveries).where(_deliveries.c.webhook_id == webhook_id))
+
+
+def attempt_view(row: Any, *, detailed: bool) -> dict[str, Any]:
+    view = {
+        "attempt": row.attempt,
+        "attempted_at": as_utc(row.attempted_at),
+        "outcome": row.outcome,
+        "status_code": row.status_code,
+        "latency_ms": row.latency_ms,
+        "error": row.error,
+        "error_class": row.error_class,
+        "final": row.final,
+        "next_retry_at": as_utc(row.next_retry_at),
+    }
+    if detailed:
+        view["request_headers"] = row.request_headers
+        view["response_body"] = row.response_body
+    return view
+
+
+def delivery_view(row: Any, attempts: Sequence[Any], *, detailed: bool = False) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": row.id,
+        "webhook_id": row.webhook_id,
+        "event_id": row.event_id,
+        "event_type": row.event_type,
+        "kind": row.kind,
+        "state": row.state,
+        "attempt_count": row.attempts,
+        "last_status_code": row.last_status_code,
+        "last_error": row.last_error,
+        "next_retry_at": as_utc(row.next_retry_at),
+        "created_at": as_utc(row.created_at),
+        "updated_at": as_utc(row.updated_at),
+        "attempts": [attempt_view(a, detailed=detailed) for a in attempts],
+    }
+    if detailed:
+        view["event"] = row.event
+    return view
+
+
+_DISPATCHER = Actor(user_id=None, token_id=None, ip=None)
+
+
+async def disable_webhooks(conn: AsyncConnection, attempts: Sequence[Attempt]) -> list[Attempt]:
+    """Apply the dispatcher's requests to disable webhooks; returns those that changed.
+
+    Only an active webhook is disabled, so a repeated request audits nothing twice.
+    """
+    applied = []
+    for attempt in attempts:
+        if attempt.disable_reason is None:
+            continue
+        hooks = tables.webhooks
+        result = await conn.execute(
+            update(hooks)
+            .where(
+                hooks.c.id == attempt.webhook_id,
+                hooks.c.active.is_(True),
+                hooks.c.deleted_at.is_(None),
+            )
+            .values(active=False, updated_at=utcnow())
+        )
+        if result.rowcount == 1:
+            await record_audit(
+                conn,
+                _DISPATCHER,
+                "webhook.disabled",
+                "webhook",
+                attempt.webhook_id,
+                team_id=attempt.team_id,
+                details={"reason": attempt.disable_reason, "delivery_id": attempt.delivery_id},
+            )
+            applied.append(attempt)
+    return applied

@@ -1,0 +1,390 @@
+"""The delivery log: every attempt stored by the api, listed, shown, retried and replayed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from services.shared import (
+    Attempt,
+    Event,
+    Settings,
+    make_consumer,
+    make_producer,
+    topics_for,
+    utcnow,
+)
+from tests.conftest import Receiver, Stack, running_stack
+from tests.integration.test_end_to_end import standard_webhooks_verify
+
+
+async def _call(
+    stack: Stack, method: str, path: str, token: str | None = None, **kwargs: Any
+) -> tuple[int, Any]:
+    async with stack.session.request(
+        method,
+        f"{stack.api_url}/v1/teams/{stack.team_id}{path}",
+        headers=stack.headers(token),
+        **kwargs,
+    ) as response:
+        body = await response.json() if response.content_type == "application/json" else None
+        return response.status, body
+
+
+async def _webhook(stack: Stack, url: str, **extra: Any) -> dict[str, Any]:
+    status, webhook = await _call(
+        stack,
+        "POST",
+        "/webhooks",
+        json={"name": "log", "url": url, "topics": ["object.created"], **extra},
+    )
+    assert status == 201, webhook
+    await stack.wait_for_webhook(webhook["id"])
+    return dict(webhook)
+
+
+async def _create_object(stack: Stack, n: int = 1) -> str:
+    status, created = await _call(stack, "POST", "/objects/contact", json={"n": n})
+    assert status == 201
+    return str(created["id"])
+
+
+async def _logged(
+    stack: Stack, delivery_id: str, ready: Callable[[dict[str, Any]], bool], within: float = 10.0
+) -> dict[str, Any]:
+    """Poll the log until the delivery is there and ``ready`` holds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        status, delivery = await _call(stack, "GET", f"/deliveries/{delivery_id}")
+        if status == 200 and ready(delivery):
+            return dict(delivery)
+        assert asyncio.get_running_loop().time() < deadline, f"log never showed it: {delivery}"
+        await asyncio.sleep(0.05)
+
+
+async def _listed(stack: Stack, path: str, count: int, within: float = 10.0) -> list[Any]:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        status, page = await _call(stack, "GET", path)
+        assert status == 200, page
+        if len(page["data"]) >= count:
+            return list(page["data"])
+        assert asyncio.get_running_loop().time() < deadline, f"only {len(page['data'])} listed"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_failed_attempt_is_logged_and_a_retry_delivers_it(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """The log shows the failure (status, error class, redacted headers, response body);
+    a retry re-sends the same webhook-id with the next attempt number and succeeds."""
+    webhook = await _webhook(
+        stack, receiver.url, headers={"X-Api-Key": "receiver-credential", "X-Team": "acme"}
+    )
+    receiver.statuses = [500]
+    await _create_object(stack)
+    [first] = await receiver.wait_for(1)
+    delivery_id = first.headers["webhook-id"]
+
+    failed = await _logged(stack, delivery_id, lambda d: d["attempt_count"] == 1)
+    assert failed["webhook_id"] == webhook["id"]
+    assert failed["event"]["type"] == "object.created"
+    [attempt] = failed["attempts"]
+    assert (attempt["outcome"], attempt["status_code"], attempt["error_class"]) == (
+        "failed",
+        500,
+        "http_status",
+    )
+    assert attempt["response_body"] == "ok"
+    assert attempt["latency_ms"] > 0
+    shown = attempt["request_headers"]
+    assert shown["webhook-signature"] == "[redacted]"
+    assert shown["X-Api-Key"] == "[redacted]"
+    assert shown["X-Team"] == "acme"
+    assert shown["webhook-id"] == delivery_id
+    assert "receiver-credential" not in orjson.dumps(failed).decode()
+
+    status, retried = await _call(stack, "POST", f"/deliveries/{delivery_id}/retry")
+    assert (status, retried) == (202, {"delivery_id": delivery_id, "attempt": 2})
+    second = (await receiver.wait_for(2))[1]
+    assert second.headers["webhook-id"] == delivery_id
+    assert second.body == first.body
+    assert standard_webhooks_verify(webhook["secret"], second.headers, second.body)
+
+    done = await _logged(stack, delivery_id, lambda d: d["state"] == "delivered")
+    assert done["attempt_count"] == 2
+    assert [(a["attempt"], a["status_code"]) for a in done["attempts"]] == [(1, 500), (2, 200)]
+    assert done["attempts"][1]["final"] is True
+
+
+async def test_listing_filters_by_state_and_time_and_pages(
+    stack: Stack, receiver: Receiver
+) -> None:
+    webhook = await _webhook(stack, receiver.url)
+    receiver.statuses = [200, 503, 200]
+    for n in range(3):
+        await _create_object(stack, n)
+    await receiver.wait_for(3)
+    path = f"/webhooks/{webhook['id']}/deliveries"
+    everything = await _listed(stack, path, 3)
+    assert len({d["id"] for d in everything}) == 3
+    created = [d["created_at"] for d in everything]
+    assert created == sorted(created, reverse=True), "newest first"
+
+    [failed] = (await _call(stack, "GET", path, params={"state": "failed,retrying"}))[1]["data"]
+    assert failed["last_status_code"] == 503
+    delivered = (await _call(stack, "GET", path, params={"state": "delivered"}))[1]["data"]
+    assert len(delivered) == 2
+
+    later = (utcnow() + timedelta(minutes=1)).isoformat()
+    assert (await _call(stack, "GET", path, params={"since": later}))[1]["data"] == []
+    assert len((await _call(stack, "GET", path, params={"until": later}))[1]["data"]) == 3
+
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "1"} | ({"cursor": cursor} if cursor else {})
+        status, page = await _call(stack, "GET", path, params=params)
+        assert status == 200
+        seen.extend(d["id"] for d in page["data"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [d["id"] for d in everything]
+
+    team_wide = (await _call(stack, "GET", "/deliveries", params={"webhook_id": webhook["id"]}))[1][
+        "data"
+    ]
+    assert [d["id"] for d in team_wide] == seen
+
+
+async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
+    stack: Stack, receiver: Receiver
+) -> None:
+    webhook = await _webhook(stack, receiver.url)
+    before = utcnow() - timedelta(seconds=1)
+    receiver.statuses = [200, 500, 200]
+    for n in range(3):
+        await _create_object(stack, n)
+    originals = await receiver.wait_for(3)
+    ids = {r.headers["webhook-id"] for r in originals}
+    path = f"/webhooks/{webhook['id']}/deliveries"
+    await _listed(stack, path, 3)
+    [failed] = (await _call(stack, "GET", path, params={"state": "failed,retrying"}))[1]["data"]
+    failed_id = failed["id"]
+
+    status, answer = await _call(
+        stack,
+        "POST",
+        f"/webhooks/{webhook['id']}/replay",
+        json={"since": before.isoformat(), "only_failed": True},
+    )
+    assert (status, answer["replayed"], answer["truncated"]) == (202, 1, False)
+    [replayed] = (await receiver.wait_for(4))[3:]
+    assert replayed.headers["webhook-id"] == failed_id
+
+    status, answer = await _call(
+        stack, "POST", f"/webhooks/{webhook['id']}/replay", json={"since": before.isoformat()}
+    )
+    assert (status, answer["replayed"]) == (202, 3)
+    again = (await receiver.wait_for(7))[4:]
+    assert {r.headers["webhook-id"] for r in again} == ids
+    recovered = await _logged(stack, failed_id, lambda d: d["state"] == "delivered")
+    assert recovered["attempt_count"] >= 2
+
+    status, answer = await _call(
+        stack,
+        "POST",
+        f"/webhooks/{webhook['id']}/replay",
+        json={"since": (utcnow() + timedelta(minutes=1)).isoformat()},
+    )
+    assert (status, answer["replayed"]) == (202, 0)
+
+
+async def test_a_test_event_goes_to_that_webhook_only(stack: Stack, receiver: Receiver) -> None:
+    tested = await _webhook(stack, receiver.url + "/tested")
+    await _webhook(stack, receiver.url + "/other")
+    status, answer = await _call(stack, "POST", f"/webhooks/{tested['id']}/test")
+    assert status == 202
+    [got] = await receiver.wait_for(1)
+    assert got.path.endswith("/tested")
+    body = orjson.loads(got.body)
+    assert (body["type"], body["object_id"]) == ("webhook.test", tested["id"])
+    assert got.headers["webhook-id"] == answer["delivery_id"]
+    assert standard_webhooks_verify(tested["secret"], got.headers, got.body)
+    logged = await _logged(stack, answer["delivery_id"], lambda d: d["state"] == "delivered")
+    assert (logged["kind"], logged["event_type"]) == ("test", "webhook.test")
+
+    status, answer = await _call(
+        stack, "POST", f"/webhooks/{tested['id']}/test", json={"data": {"hello": "world"}}
+    )
+    assert status == 202
+    second = (await receiver.wait_for(2))[1]
+    assert orjson.loads(second.body)["data"] == {"hello": "world"}
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == 2, "the other webhook received nothing"
+
+
+async def test_bad_requests_to_the_log_are_refused(stack: Stack, receiver: Receiver) -> None:
+    webhook = await _webhook(stack, receiver.url)
+    path = f"/webhooks/{webhook['id']}"
+    naive = "2026-01-01T00:00:00"
+    refused = [
+        ("GET", "/deliveries", {"params": {"state": "lost"}}, 422, "state"),
+        ("GET", "/deliveries", {"params": {"limit": "0"}}, 422, "limit"),
+        ("GET", "/deliveries", {"params": {"since": naive}}, 422, "since"),
+        ("GET", "/deliveries", {"params": {"cursor": "nonsense"}}, 422, "cursor"),
+        ("GET", "/deliveries", {"params": {"colour": "red"}}, 422, "colour"),
+        ("GET", path + "/deliveries", {"params": {"webhook_id": "wh_x"}}, 422, "webhook_id"),
+        ("GET", "/webhooks/wh_missing/deliveries", {}, 404, None),
+        ("GET", "/deliveries/msg_missing", {}, 404, None),
+        ("POST", "/deliveries/msg_missing/retry", {}, 404, None),
+        ("POST", path + "/replay", {"json": {}}, 422, "since"),
+        ("POST", path + "/replay", {"json": {"since": naive}}, 422, "since"),
+        ("POST", path + "/replay", {"data": b"{"}, 422, "body"),
+        ("POST", path + "/replay", {"json": {"since": "2026-01-01T00:00:00Z", "x": 1}}, 422, "x"),
+        ("POST", path + "/test", {"json": {"data": [1]}}, 422, "data"),
+        ("POST", path + "/test", {"json": {"other": 1}}, 422, "other"),
+        ("POST", "/webhooks/wh_missing/test", {}, 404, None),
+    ]
+    for method, target, kwargs, expected, field in refused:
+        status, body = await _call(stack, method, target, **kwargs)
+        assert status == expected, (method, target, kwargs, body)
+        assert set(body) == {"error"}
+        if field is not None:
+            assert field in {d["field"] for d in body["error"]["details"]}, body
+
+    reader = await stack.new_token(["webhook:read"])
+    status, body = await _call(stack, "POST", path + "/test", token=reader)
+    assert (status, body["error"]["code"]) == (403, "forbidden")
+
+    assert (await _call(stack, "PATCH", path, json={"active": False}))[0] == 200
+    status, body = await _call(stack, "POST", path + "/test")
+    assert (status, body["error"]["code"]) == (409, "conflict")
+    await asyncio.sleep(0.3)
+    assert receiver.received == [], "nothing was sent"
+
+
+async def test_force_delete_takes_the_log_and_trash_keeps_it(
+    stack: Stack, receiver: Receiver
+) -> None:
+    webhook = await _webhook(stack, receiver.url)
+    await _create_object(stack)
+    [got] = await receiver.wait_for(1)
+    delivery_id = got.headers["webhook-id"]
+    await _logged(stack, delivery_id, lambda d: d["state"] == "delivered")
+    assert (await _call(stack, "DELETE", f"/webhooks/{webhook['id']}"))[0] == 204
+    listed = await _call(stack, "GET", f"/webhooks/{webhook['id']}/deliveries")
+    assert [d["id"] for d in listed[1]["data"]] == [delivery_id]
+    assert (await _call(stack, "POST", f"/deliveries/{delivery_id}/retry"))[0] == 404
+    assert (await _call(stack, "DELETE", f"/webhooks/{webhook['id']}?force=true"))[0] == 204
+    assert (await _call(stack, "GET", f"/deliveries/{delivery_id}"))[0] == 404
+
+
+def _attempt(stack: Stack, delivery_id: str, attempt: int) -> Attempt:
+    event = Event(
+        id=f"evt_{delivery_id}",
+        type="object.created",
+        team_id=stack.team_id,
+        object_type="contact",
+        object_id="obj_1",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+        data={},
+    )
+    return Attempt(
+        delivery_id=delivery_id,
+        event_id=event.id,
+        webhook_id="wh_external",
+        team_id=stack.team_id,
+        attempt=attempt,
+        attempted_at=utcnow(),
+        outcome="failed" if attempt == 1 else "delivered",
+        status_code=500 if attempt == 1 else 200,
+        final=attempt > 1,
+        event=event,
+    )
+
+
+async def test_bad_attempt_records_are_dead_lettered_and_repeats_change_nothing(
+    settings: Settings,
+) -> None:
+    """Garbage and out-of-contract attempt records go to the dead-letter topic with the
+    reason; valid ones after them are stored; a stale repeat does not move a delivery back."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        await _bad_attempts_are_dead_lettered(stack)
+
+
+async def _bad_attempts_are_dead_lettered(stack: Stack) -> None:
+    topics = topics_for(stack.settings)
+    good = _attempt(stack, "msg_good", 1)
+    bad = [
+        b"not json",
+        orjson.dumps({**orjson.loads(good.to_bytes()), "attempt": 0}),
+        orjson.dumps({**orjson.loads(good.to_bytes()), "delivery_id": "x" * 65}),
+        orjson.dumps({k: v for k, v in orjson.loads(good.to_bytes()).items() if k != "event"}),
+    ]
+    producer = make_producer(stack.settings)
+    await producer.start()
+    try:
+        for value in bad:
+            await producer.send_and_wait(topics.attempts, value=value, key=b"k")
+        for record in (good, _attempt(stack, "msg_good", 2), good):
+            await producer.send_and_wait(topics.attempts, value=record.to_bytes(), key=b"k")
+    finally:
+        await producer.stop()
+
+    done = await _logged(stack, "msg_good", lambda d: len(d["attempts"]) == 2)
+    assert (done["state"], done["attempt_count"]) == ("delivered", 2), "the repeat of #1 lost"
+
+    consumer = make_consumer(stack.settings, topics.dead_letter, group_id=None)
+    await consumer.start()
+    try:
+        letters: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            while len(letters) < len(bad):
+                batches = await consumer.getmany(timeout_ms=500)
+                letters += [orjson.loads(r.value) for b in batches.values() for r in b]
+    finally:
+        await consumer.stop()
+    assert [letter["source_topic"] for letter in letters] == [topics.attempts] * len(bad)
+    reasons = [letter["reason"] for letter in letters]
+    assert "attempt" in reasons[1]
+    assert "delivery_id" in reasons[2]
+    assert "event" in reasons[3]
+    registry = stack.api.metrics.registry
+    assert registry.get_sample_value(
+        "hookwire_api_attempts_consumed_total", {"outcome": "invalid"}
+    ) == len(bad)
+
+
+async def test_a_test_event_written_to_the_events_topic_is_dead_lettered(
+    stack: Stack, receiver: Receiver
+) -> None:
+    await _webhook(stack, receiver.url)
+    event = Event(
+        id="evt_forged_test",
+        type="webhook.test",
+        team_id=stack.team_id,
+        object_type="webhook",
+        object_id="wh_x",
+        occurred_at=utcnow(),
+        data={},
+    )
+    producer = make_producer(stack.settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(stack.dispatcher.topics.events, value=event.to_bytes())
+    finally:
+        await producer.stop()
+    registry = stack.dispatcher.metrics.registry
+    deadline = asyncio.get_running_loop().time() + 10
+    while not registry.get_sample_value(
+        "hookwire_dispatcher_dead_letters_total", {"reason": "invalid_record"}
+    ):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    assert receiver.received == []
