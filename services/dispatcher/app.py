@@ -1,36 +1,41 @@
-"""The dispatcher process: a router loop, a delivery loop and a change listener.
+"""The dispatcher process: a router, per-endpoint delivery lanes, a retry timer, and a
+change listener.
 
-Both loops follow the same discipline: fetch a batch, make every outcome durable in Kafka
-(deliveries, attempts, dead letters acknowledged with acks=all), and only then commit the
-batch's offsets. A crash at any point re-processes the batch; ids make that harmless.
+Every loop makes each record's outcome durable in Kafka (deliveries, attempts, retries,
+dead letters acknowledged with acks=all) before its offset is committed. A crash at any
+point re-processes what was not committed; stable delivery ids make that harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     READINESS_KEY,
-    Attempt,
+    RETRY_TIERS,
+    TEST_EVENT_TYPE,
+    BatchingSender,
     Change,
     ChangeFollower,
-    DeadLetter,
-    Delivery,
     DependencyUnavailable,
     Event,
+    GuardedResolver,
     InvalidRecord,
     Metrics,
+    OutRecord,
     Settings,
     bound_port,
     build_app,
     check_ready,
+    consume_forever,
+    dead_letter_record,
     decode,
     get_logger,
     make_consumer,
@@ -43,14 +48,16 @@ from services.shared import (
     utcnow,
 )
 
+from .handler import DeliveryHandler, DeliveryMetrics
+from .lanes import Lanes
+from .retry_timer import RetryTimer
 from .routing import fan_out
 from .sender import Sender
 from .table import WebhookTable
 
-_COMMIT_TIMEOUT_SECONDS = 10.0
 _RESYNC_SECONDS = 60.0
+_LAG_SECONDS = 1.0
 _CHANGE_REPLAY_MARGIN_MS = 5_000
-Records = list[tuple[str, bytes | None, bytes]]
 
 
 class DispatcherService:
@@ -63,25 +70,24 @@ class DispatcherService:
         self.table = WebhookTable(engine)
         self.metrics = Metrics("dispatcher")
         self._log = get_logger("dispatcher")
-        self._deliveries = self.metrics.counter(
-            "deliveries_total", "Delivery attempts", ("outcome",)
-        )
-        self._attempt_seconds = self.metrics.histogram(
-            "delivery_attempt_seconds", "Time from request start to response"
-        )
+        self.delivery_metrics = DeliveryMetrics(self.metrics)
         self._routed = self.metrics.counter("events_routed_total", "Events routed")
         self._matched = self.metrics.histogram(
             "webhooks_matched", "Webhooks matched per event", buckets=(0, 1, 2, 5, 10, 50, 100)
         )
-        self._dead_letters = self.metrics.counter(
-            "dead_letters_total", "Records sent to the dead-letter topic", ("reason",)
+        self._lag = self.metrics.gauge(
+            "consumer_lag", "Records not yet processed", ("topic", "partition")
         )
-        self._inflight = self.metrics.gauge("inflight_deliveries", "Deliveries being sent")
+        self._backlog = self.metrics.gauge("delivery_backlog", "Deliveries held as raw records")
+        self._retry_pending = self.metrics.gauge("retries_pending", "Retries waiting in memory")
         self._webhooks = self.metrics.gauge("webhooks_loaded", "Webhooks in the routing table")
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._outcomes: BatchingSender | None = None
+        self._lanes: Lanes | None = None
+        self._timer: RetryTimer | None = None
         self._follower = ChangeFollower(settings, self._apply_change)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
@@ -99,20 +105,47 @@ class DispatcherService:
         deliverer = make_consumer(
             self.settings, self.topics.deliveries, group_id=f"{group}.delivery"
         )
-        self._consumers = [router, deliverer]
-        # Group joins are slow on some brokers; joining both groups at once halves start-up.
-        await asyncio.gather(*(start_client(c, self.settings) for c in self._consumers))
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0)
+        retries = make_consumer(
+            self.settings,
+            *(self.topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
+            group_id=f"{group}.retry",
         )
-        sender = Sender(self._session, self.settings)
+        self._consumers = [router, deliverer, retries]
+        # Group joins are slow on some brokers; joining all groups at once cuts start-up.
+        await asyncio.gather(*(start_client(c, self.settings) for c in self._consumers))
+        # The resolver refuses private addresses at connect time (DNS rebinding included).
+        resolver = None if self.settings.allow_private_urls else GuardedResolver()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver)
+        )
+        # Hundreds of deliveries finish at once; their outcomes go out together.
+        outcomes = self._outcomes = BatchingSender(self._producer)
+        handler = DeliveryHandler(
+            settings=self.settings,
+            table=self.table,
+            sender=Sender(self._session, self.settings),
+            outcomes=outcomes,
+            topics=self.topics,
+            metrics=self.delivery_metrics,
+        )
+        self._lanes = Lanes(
+            deliverer,
+            handler.outcome_records,
+            handler.publish,
+            per_lane=self.settings.delivery_concurrency_per_endpoint,
+            backlog_max=self.settings.delivery_backlog_max,
+            rate=self.settings.delivery_rate_per_endpoint,
+            on_commit=self._observe,
+        )
+        self._timer = RetryTimer(
+            retries, self._producer, self.topics, pending_max=self.settings.retry_pending_max
+        )
         self._tasks = [
-            asyncio.create_task(self._consume(router, self._route_batch), name="router"),
-            asyncio.create_task(
-                self._consume(deliverer, lambda batch: self._deliver_batch(batch, sender)),
-                name="deliverer",
-            ),
+            asyncio.create_task(consume_forever(router, self._route_batch), name="router"),
+            asyncio.create_task(self._lanes.run(), name="deliverer"),
+            asyncio.create_task(self._timer.run(), name="retry-timer"),
             asyncio.create_task(self._resync_forever(), name="resync"),
+            asyncio.create_task(self._measure_lag_forever(router, retries), name="lag"),
         ]
         # Changes older than the table load (less a margin for clock skew between producers)
         # are already reflected in it.
@@ -131,6 +164,7 @@ class DispatcherService:
             raise DependencyUnavailable(f"loops stopped: {', '.join(stopped)}")
 
     async def stop(self) -> None:
+        """Stop fetching, give in-flight deliveries the grace period, commit, close."""
         if self._runner is not None:
             await self._runner.cleanup()
         for task in self._tasks:
@@ -138,6 +172,11 @@ class DispatcherService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._lanes is not None:
+            await self._lanes.drain(self.settings.shutdown_grace_seconds)
+        # Only now: draining deliveries still writes their outcomes.
+        if self._outcomes is not None:
+            await self._outcomes.close()
         await self._follower.stop()
         for consumer in self._consumers:
             await stop_client(consumer)
@@ -146,57 +185,32 @@ class DispatcherService:
         if self._session is not None:
             await self._session.close()
 
-    async def _consume(
-        self,
-        consumer: AIOKafkaConsumer,
-        handle: Callable[[list[ConsumerRecord]], Awaitable[None]],
-    ) -> None:
-        while True:
-            batches = await consumer.getmany(timeout_ms=500, max_records=500)
-            records = [record for batch in batches.values() for record in batch]
-            if not records:
-                continue
-            try:
-                await handle(records)
-                await asyncio.wait_for(consumer.commit(), _COMMIT_TIMEOUT_SECONDS)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Nothing was committed: go back and process the batch again.
-                self._log.exception("batch_failed", topic=records[0].topic)
-                await self._rewind(consumer)
-                await asyncio.sleep(1.0)
+    def _observe(self) -> None:
+        if self._lanes is not None:
+            for partition, behind in self._lanes.lag().items():
+                self._lag.labels(partition.topic, str(partition.partition)).set(behind)
+        if self._lanes is not None:
+            self._backlog.set(self._lanes.backlog)
+        if self._timer is not None:
+            self._retry_pending.set(self._timer.pending)
 
-    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
-        for partition in consumer.assignment():
-            committed = await consumer.committed(partition)
-            if committed is None:
-                await consumer.seek_to_beginning(partition)
-            else:
-                consumer.seek(partition, committed)
-
-    def _dead_letter(self, record: ConsumerRecord, reason: str) -> tuple[str, bytes | None, bytes]:
-        self._dead_letters.labels("invalid_record").inc()
+    def _dead_letter(self, record: ConsumerRecord, reason: str) -> OutRecord:
+        self.delivery_metrics.dead_letters.labels("invalid_record").inc()
         self._log.warning("record_dead_lettered", topic=record.topic, reason=reason)
-        value = record.value or b""
-        letter = DeadLetter(
-            reason=reason,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-            payload=value.decode("utf-8", errors="replace"),
-            at=utcnow(),
-        )
-        return (self.topics.dead_letter, record.key, letter.to_bytes())
+        return dead_letter_record(self.topics, record, reason)
 
     async def _route_batch(self, records: list[ConsumerRecord]) -> None:
         assert self._producer is not None
-        out: Records = []
+        out: list[OutRecord] = []
         for record in records:
             try:
                 event = decode(Event, record.value)
             except InvalidRecord as exc:
                 out.append(self._dead_letter(record, exc.message))
+                continue
+            if event.type == TEST_EVENT_TYPE:
+                reason = f"{TEST_EVENT_TYPE} is sent only by the api's test route"
+                out.append(self._dead_letter(record, reason))
                 continue
             deliveries = fan_out(event, self.table.for_team(event.team_id))
             self._routed.inc()
@@ -204,66 +218,6 @@ class DispatcherService:
             out.extend(
                 (self.topics.deliveries, d.webhook_id.encode(), d.to_bytes()) for d in deliveries
             )
-        await send_all(self._producer, out)
-
-    async def _deliver_one(self, delivery: Delivery, sender: Sender) -> Attempt:
-        route = self.table.get(delivery.webhook_id)
-        attempted_at = utcnow()
-        if route is None or not route.active:
-            self._deliveries.labels("skipped").inc()
-            return Attempt(
-                delivery_id=delivery.id,
-                event_id=delivery.event.id,
-                webhook_id=delivery.webhook_id,
-                team_id=delivery.event.team_id,
-                attempt=delivery.attempt,
-                attempted_at=attempted_at,
-                outcome="skipped",
-                error="webhook is inactive or deleted",
-                final=True,
-            )
-        self._inflight.inc()
-        try:
-            outcome = await sender.send(route, delivery)
-        finally:
-            self._inflight.dec()
-        self._deliveries.labels(outcome.outcome).inc()
-        self._attempt_seconds.observe(outcome.latency_ms / 1000)
-        self._log.info(
-            "delivery_attempted",
-            delivery_id=delivery.id,
-            webhook_id=route.id,
-            event_id=delivery.event.id,
-            outcome=outcome.outcome,
-            status=outcome.status_code,
-            ms=outcome.latency_ms,
-            error=outcome.error,
-        )
-        return Attempt(
-            delivery_id=delivery.id,
-            event_id=delivery.event.id,
-            webhook_id=route.id,
-            team_id=route.team_id,
-            attempt=delivery.attempt,
-            attempted_at=attempted_at,
-            outcome=outcome.outcome,
-            status_code=outcome.status_code,
-            latency_ms=outcome.latency_ms,
-            error=outcome.error,
-            final=True,
-        )
-
-    async def _deliver_batch(self, records: list[ConsumerRecord], sender: Sender) -> None:
-        assert self._producer is not None
-        out: Records = []
-        pending = []
-        for record in records:
-            try:
-                pending.append(self._deliver_one(decode(Delivery, record.value), sender))
-            except InvalidRecord as exc:
-                out.append(self._dead_letter(record, exc.message))
-        for attempt in await asyncio.gather(*pending):
-            out.append((self.topics.attempts, attempt.webhook_id.encode(), attempt.to_bytes()))
         await send_all(self._producer, out)
 
     async def _apply_change(self, change: Change) -> None:
@@ -276,6 +230,22 @@ class DispatcherService:
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_id=webhook_id)
         self._webhooks.set(len(self.table))
+
+    async def _measure_lag_forever(self, *consumers: AIOKafkaConsumer) -> None:
+        """Lag of the router and the retry timer; the delivery lanes report their own."""
+        while True:
+            await asyncio.sleep(_LAG_SECONDS)
+            for consumer in consumers:
+                for partition in consumer.assignment():
+                    highwater = consumer.highwater(partition)
+                    try:
+                        position = await consumer.position(partition)
+                    except KafkaError:
+                        continue  # revoked meanwhile
+                    if highwater is not None:
+                        self._lag.labels(partition.topic, str(partition.partition)).set(
+                            max(0, highwater - position)
+                        )
 
     async def _resync_forever(self) -> None:
         # A safety net for a change record that was never published.

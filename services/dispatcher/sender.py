@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Literal
+from urllib.parse import urlsplit
 
 import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from services.shared import Delivery, Settings, refused_reason
+from services.shared import REFUSED, Delivery, Settings, literal_refusal
 
 from .routing import WebhookRoute
 from .signing import signature_header
 
 USER_AGENT = f"hookwire/{version('hookwire')} (+webhooks)"
+# The delivery log shows what was sent; values of headers that look like credentials stay
+# out of it (and out of the attempts topic), as do the signatures.
+_SECRET_HEADER = re.compile(r"auth|cookie|token|secret|key|password|signature", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret(name: str) -> bool:
+    return _SECRET_HEADER.search(name) is not None
+
+
+def redacted(headers: dict[str, str]) -> dict[str, str]:
+    return {name: REDACTED if _is_secret(name) else value for name, value in headers.items()}
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,11 @@ class Outcome:
     status_code: int | None
     latency_ms: float
     error: str | None
+    error_class: str | None = None
+    request_headers: dict[str, str] | None = None
+    response_body: str | None = None
+    # The receiver's Retry-After header, as sent.
+    retry_after: str | None = None
 
 
 def signed_headers(
@@ -47,14 +67,47 @@ def payload(delivery: Delivery) -> bytes:
     return delivery.event.to_bytes()
 
 
+def _transient(exc: BaseException) -> bool:
+    # A keep-alive socket the server closed between requests: worth one immediate retry.
+    # A refused or unresolvable connection is not transient in that sense.
+    return isinstance(exc, aiohttp.ServerDisconnectedError) or (
+        isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+    )
+
+
 class Sender:
+    """Signs and POSTs one delivery; never raises, every ending is an ``Outcome``."""
+
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         self._session = session
         self._settings = settings
         self._timeout = aiohttp.ClientTimeout(total=settings.delivery_timeout_seconds)
-        self._limits: defaultdict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(settings.delivery_concurrency_per_endpoint)
-        )
+
+    async def _post_once(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str | None]:
+        async with self._session.post(
+            url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
+        ) as response:
+            answer = await response.content.read(self._settings.response_body_limit_bytes)
+            return response.status, answer, response.headers.get("retry-after")
+
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str | None]:
+        # Setting up a tenacity loop costs as much as signing a request, so the first try
+        # runs bare and tenacity takes over only after a transient fault.
+        try:
+            return await self._post_once(url, body, headers)
+        except aiohttp.ClientError as exc:
+            if not _transient(exc):
+                raise
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(1), retry=retry_if_exception(_transient), reraise=True
+        ):
+            with attempt:
+                return await self._post_once(url, body, headers)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def send(self, route: WebhookRoute, delivery: Delivery) -> Outcome:
         started = time.perf_counter()
@@ -63,27 +116,26 @@ class Sender:
             return round((time.perf_counter() - started) * 1000, 3)
 
         if not self._settings.allow_private_urls:
-            reason = await refused_reason(route.url)
-            if reason is not None:
-                return Outcome("failed", None, elapsed(), f"refused: {reason}")
+            refusal = literal_refusal(urlsplit(route.url).hostname or "")
+            if refusal is not None:
+                return Outcome("failed", None, elapsed(), refusal, "refused")
         body = payload(delivery)
         headers = signed_headers(route, delivery, body, int(time.time()))
-        async with self._limits[route.id]:
-            try:
-                async with self._session.post(
-                    route.url,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                ) as response:
-                    await response.content.read(self._settings.response_body_limit_bytes)
-                    status = response.status
-            except TimeoutError:
-                return Outcome("failed", None, elapsed(), "timeout")
-            except aiohttp.ClientError as exc:
-                return Outcome("failed", None, elapsed(), f"{type(exc).__name__}: {exc}")
-        outcome: Literal["delivered", "failed"] = "delivered" if 200 <= status < 300 else "failed"
+        shown = redacted(headers)
+        try:
+            status, answer, retry_after = await self._post(route.url, body, headers)
+        except TimeoutError:
+            return Outcome("failed", None, elapsed(), "timeout", "timeout", shown)
+        except aiohttp.ClientError as exc:
+            text = str(exc)
+            if REFUSED in text:
+                refusal = text[text.index(REFUSED) :].rstrip("]")
+                return Outcome("failed", None, elapsed(), refusal, "refused", shown)
+            error = f"{type(exc).__name__}: {text}"
+            return Outcome("failed", None, elapsed(), error, "connection", shown)
+        text = answer.decode("utf-8", errors="replace")
+        if 200 <= status < 300:
+            return Outcome("delivered", status, elapsed(), None, None, shown, text)
         return Outcome(
-            outcome, status, elapsed(), None if outcome == "delivered" else f"HTTP {status}"
+            "failed", status, elapsed(), f"HTTP {status}", "http_status", shown, text, retry_after
         )

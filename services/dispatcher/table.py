@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +54,13 @@ class WebhookTable:
 
     def get(self, webhook_id: str) -> WebhookRoute | None:
         return self._by_id.get(webhook_id)
+
+    def deactivate(self, webhook_id: str) -> None:
+        """Stop delivering to a webhook now, ahead of the database change that follows."""
+        route = self._by_id.get(webhook_id)
+        if route is not None:
+            self._by_id[webhook_id] = replace(route, active=False)
+            self._reindex()
 
     def for_team(self, team_id: str) -> list[WebhookRoute]:
         return self._by_team.get(team_id, [])

@@ -1,0 +1,239 @@
+"""One delivery record in, its durable outcome out.
+
+Every ending is written to Kafka before the record counts as finished: the attempt, and
+then either nothing more (delivered), the next try on a retry topic, or a dead letter; a
+410 or an endpoint failing for too long adds a request to disable the webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from services.shared import (
+    Attempt,
+    BatchingSender,
+    DeadLetter,
+    Delivery,
+    InvalidRecord,
+    Metrics,
+    OutRecord,
+    Settings,
+    Topics,
+    dead_letter_record,
+    decode,
+    get_logger,
+    utcnow,
+)
+
+from .policy import BACK_OFF_STATUSES, GONE, CircuitBreaker, RetryPolicy, parse_retry_after
+from .routing import WebhookRoute
+from .sender import Outcome, Sender
+from .table import WebhookTable
+
+_PUBLISH_BACKOFF_MAX_SECONDS = 10.0
+
+
+class DeliveryMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.deliveries = metrics.counter("deliveries_total", "Delivery outcomes", ("outcome",))
+        self.attempt_seconds = metrics.histogram(
+            "delivery_attempt_seconds", "Time from request start to response"
+        )
+        self.retries = metrics.counter(
+            "retries_scheduled_total", "Failed deliveries scheduled again", ("tier",)
+        )
+        self.dead_letters = metrics.counter(
+            "dead_letters_total", "Records sent to the dead-letter topic", ("reason",)
+        )
+        self.inflight = metrics.gauge("inflight_deliveries", "Deliveries being sent")
+        self.circuits_open = metrics.gauge("circuits_open", "Endpoints whose circuit is open")
+        self.disabled = metrics.counter(
+            "webhooks_disabled_total", "Webhooks the dispatcher asked to disable", ("reason",)
+        )
+
+
+class DeliveryHandler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        table: WebhookTable,
+        sender: Sender,
+        outcomes: BatchingSender,
+        topics: Topics,
+        metrics: DeliveryMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._table = table
+        self._sender = sender
+        self._sender_of_outcomes = outcomes
+        self._topics = topics
+        self._metrics = metrics
+        self._policy = RetryPolicy.from_settings(settings)
+        self._circuit = CircuitBreaker(
+            settings.circuit_failure_threshold,
+            settings.circuit_open_seconds,
+            settings.circuit_open_max_seconds,
+        )
+        self._disable_after = settings.endpoint_disable_after_days * 86400
+        self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
+        self._log = get_logger("dispatcher")
+
+    async def publish(self, records: list[OutRecord]) -> None:
+        # Until Kafka takes the outcome the record is not finished; keep trying.
+        backoff = 0.5
+        while True:
+            try:
+                await self._sender_of_outcomes.send(records)
+                return
+            except KafkaError as exc:
+                self._log.warning("outcome_publish_failed", error=str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX_SECONDS)
+
+    async def outcome_records(self, record: ConsumerRecord) -> list[OutRecord]:
+        try:
+            delivery = decode(Delivery, record.value)
+        except InvalidRecord as exc:
+            self._metrics.dead_letters.labels("invalid_record").inc()
+            self._log.warning("record_dead_lettered", topic=record.topic, reason=exc.message)
+            return [dead_letter_record(self._topics, record, exc.message)]
+        route = self._table.get(delivery.webhook_id)
+        about: dict[str, Any] = {
+            "delivery_id": delivery.id,
+            "event_id": delivery.event.id,
+            "webhook_id": delivery.webhook_id,
+            "team_id": delivery.event.team_id,
+            "attempt": delivery.attempt,
+            "attempted_at": utcnow(),
+            "kind": delivery.kind,
+            "event": delivery.event,
+        }
+        if route is None or not route.active:
+            self._metrics.deliveries.labels("skipped").inc()
+            skipped = Attempt(
+                **about,
+                outcome="skipped",
+                error="webhook is inactive or deleted",
+                error_class="inactive",
+                final=True,
+            )
+            return [self._attempt_record(skipped)]
+        clock = time.monotonic()
+        if delivery.kind == "event" and not self._circuit.allows(route.id, clock):
+            return [self._deferred(delivery, self._circuit.reopens_at(route.id) - clock)]
+        self._metrics.inflight.inc()
+        try:
+            outcome = await self._sender.send(route, delivery)
+        finally:
+            self._metrics.inflight.dec()
+        return self._after(route, delivery, record, about, outcome)
+
+    def _after(
+        self,
+        route: WebhookRoute,
+        delivery: Delivery,
+        record: ConsumerRecord,
+        about: dict[str, Any],
+        outcome: Outcome,
+    ) -> list[OutRecord]:
+        delivered = outcome.outcome == "delivered"
+        clock = time.monotonic()
+        self._circuit.record(route.id, delivered, clock)
+        self._metrics.circuits_open.set(self._circuit.open_count)
+        self._metrics.deliveries.labels(outcome.outcome).inc()
+        self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
+        self._log.info(
+            "delivery_attempted",
+            delivery_id=delivery.id,
+            webhook_id=route.id,
+            event_id=delivery.event.id,
+            attempt=delivery.attempt,
+            outcome=outcome.outcome,
+            status=outcome.status_code,
+            ms=outcome.latency_ms,
+            error=outcome.error,
+        )
+        follow_up: list[OutRecord] = []
+        next_retry_at: datetime | None = None
+        disable_reason = None
+        if not delivered:
+            if outcome.status_code == GONE:
+                disable_reason = "the endpoint answered 410 Gone"
+            elif self._circuit.failing_for(route.id, clock) >= self._disable_after:
+                days = self._disable_after / 86400
+                disable_reason = f"no successful delivery for {days:g} days"
+            if disable_reason is None and delivery.kind == "event":
+                next_retry_at = self._schedule(delivery, about["attempted_at"], outcome)
+            if next_retry_at is not None:
+                retry = delivery.model_copy(
+                    update={"attempt": delivery.attempt + 1, "not_before": next_retry_at}
+                )
+                tier = self._policy.tier(delivery.attempt)
+                self._metrics.retries.labels(str(tier)).inc()
+                follow_up.append((self._topics.retry(tier), route.id.encode(), retry.to_bytes()))
+            elif delivery.kind == "event":
+                reason = "gone" if outcome.status_code == GONE else "attempts_exhausted"
+                follow_up.append(self._dead_letter(delivery, record, reason, outcome))
+            if disable_reason is not None:
+                self._disable(route, disable_reason)
+        attempt = Attempt(
+            **about,
+            outcome=outcome.outcome,
+            status_code=outcome.status_code,
+            latency_ms=outcome.latency_ms,
+            error=outcome.error,
+            error_class=outcome.error_class,
+            final=next_retry_at is None,
+            next_retry_at=next_retry_at,
+            request_headers=outcome.request_headers or {},
+            response_body=outcome.response_body,
+            disable_reason=disable_reason,
+        )
+        return [self._attempt_record(attempt), *follow_up]
+
+    def _schedule(self, delivery: Delivery, now: datetime, outcome: Outcome) -> datetime | None:
+        retry_after = None
+        if outcome.status_code in BACK_OFF_STATUSES:
+            retry_after = parse_retry_after(outcome.retry_after, now)
+        delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
+        return None if delay is None else now + timedelta(seconds=delay)
+
+    def _deferred(self, delivery: Delivery, wait_seconds: float) -> OutRecord:
+        # Not attempted, so the attempt number stays; a little jitter spreads the wake-up.
+        wait = max(wait_seconds, 0.0) * (1 + self._rng.uniform(0, 0.2)) + 0.05
+        deferred = delivery.model_copy(update={"not_before": utcnow() + timedelta(seconds=wait)})
+        self._metrics.deliveries.labels("deferred").inc()
+        tier = self._policy.tier(delivery.attempt)
+        return (self._topics.retry(tier), delivery.webhook_id.encode(), deferred.to_bytes())
+
+    def _dead_letter(
+        self, delivery: Delivery, record: ConsumerRecord, reason: str, outcome: Outcome
+    ) -> OutRecord:
+        self._metrics.dead_letters.labels(reason).inc()
+        letter = DeadLetter(
+            reason=f"{reason}: attempt {delivery.attempt} ended with {outcome.error}",
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            payload=delivery.to_bytes().decode(),
+            at=utcnow(),
+        )
+        return (self._topics.dead_letter, delivery.webhook_id.encode(), letter.to_bytes())
+
+    def _disable(self, route: WebhookRoute, reason: str) -> None:
+        self._log.warning("webhook_disable_requested", webhook_id=route.id, reason=reason)
+        self._metrics.disabled.labels("gone" if "410" in reason else "failing").inc()
+        # Stop at once here; the delivery log's writer makes it lasting and audited.
+        self._table.deactivate(route.id)
+        self._circuit.forget(route.id)
+
+    def _attempt_record(self, attempt: Attempt) -> OutRecord:
+        return (self._topics.attempts, attempt.webhook_id.encode(), attempt.to_bytes())

@@ -1,0 +1,173 @@
+"""Per-endpoint lanes over one consumer: no endpoint holds up another.
+
+Fetched records wait as raw bytes in their webhook's lane (a queued HTTP request costs ~15
+times a raw record); each lane starts at most ``per_lane`` at a time, in arrival order, and
+optionally no faster than ``rate`` per second. A lane's slot is held while the endpoint is
+being called, not while the outcome is written to Kafka, so the broker's acknowledgement
+time does not cap an endpoint's throughput. A record is finished only once its outcome is
+durable; offsets are committed up to the lowest unfinished one per partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from services.shared import OutRecord, get_logger
+
+from .flow import FetchGate
+from .offsets import OffsetTracker
+
+_SWEEP_SECONDS = 5.0
+
+# Calls the endpoint and says what to write; the write makes the outcome durable.
+Attempt = Callable[[ConsumerRecord], Awaitable[list[OutRecord]]]
+Publish = Callable[[list[OutRecord]], Awaitable[None]]
+
+
+@dataclass
+class _Lane:
+    waiting: deque[ConsumerRecord] = field(default_factory=deque)
+    running: int = 0
+    next_slot: float = 0.0
+
+
+class Lanes:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        attempt: Attempt,
+        publish: Publish,
+        *,
+        per_lane: int,
+        backlog_max: int,
+        rate: float | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._consumer = consumer
+        self._attempt = attempt
+        self._publish = publish
+        self._per_lane = per_lane
+        self._backlog_max = backlog_max
+        self._interval = 1.0 / rate if rate else 0.0
+        self._on_commit = on_commit
+        self._lanes: dict[bytes, _Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tracker = OffsetTracker()
+        self._gate = FetchGate(consumer)
+        self._stopping = False
+        self._swept_at = 0.0
+        self._log = get_logger("dispatcher")
+
+    @property
+    def backlog(self) -> int:
+        return len(self._tracker)
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._apply_backpressure()
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=500)
+            self._tracker.retain(self._consumer.assignment())
+            for partition, records in batches.items():
+                for record in records:
+                    self._tracker.add(partition, record.offset)
+                    key = record.key or b""
+                    self._lanes.setdefault(key, _Lane()).waiting.append(record)
+                    self._pump(key)
+            self._forget_idle_lanes()
+            await self.commit()
+
+    def _apply_backpressure(self) -> None:
+        self._gate.hold(len(self._tracker) >= self._backlog_max)
+
+    def _pump(self, key: bytes) -> None:
+        lane = self._lanes[key]
+        while lane.running < self._per_lane and lane.waiting and not self._stopping:
+            record = lane.waiting.popleft()
+            lane.running += 1
+            task = asyncio.create_task(self._run_one(key, lane, record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord) -> None:
+        if self._interval:
+            now = asyncio.get_running_loop().time()
+            slot = max(now, lane.next_slot)
+            lane.next_slot = slot + self._interval
+            await asyncio.sleep(slot - now)
+        try:
+            outcome = await self._attempt(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug, not bad input (handlers dead-letter that): keep the record unfinished
+            # so it is read again after a restart, and let the lane go on.
+            self._log.exception("delivery_handler_failed", offset=record.offset)
+            self._release(key, lane)
+            return
+        self._release(key, lane)
+        await self._publish(outcome)
+        self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
+
+    def _release(self, key: bytes, lane: _Lane) -> None:
+        lane.running -= 1
+        if lane.waiting:
+            self._pump(key)
+        elif self._idle(lane, asyncio.get_running_loop().time()) and self._lanes.get(key) is lane:
+            del self._lanes[key]
+
+    @staticmethod
+    def _idle(lane: _Lane, now: float) -> bool:
+        # A rate-limited lane is kept until its next slot has come, so a delivery arriving
+        # to an empty lane still waits its turn.
+        return lane.running == 0 and not lane.waiting and lane.next_slot <= now
+
+    def _forget_idle_lanes(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._swept_at >= _SWEEP_SECONDS:
+            self._swept_at = now
+            for key in [k for k, lane in self._lanes.items() if self._idle(lane, now)]:
+                del self._lanes[key]
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Per owned partition: records in the log not yet finished here."""
+        behind = {}
+        for partition in self._consumer.assignment():
+            highwater = self._consumer.highwater(partition)
+            point = self._tracker.point(partition)
+            if highwater is not None and point is not None:
+                behind[partition] = max(0, highwater - point)
+        return behind
+
+    async def commit(self) -> None:
+        assigned = self._consumer.assignment()
+        points = {p: o for p, o in self._tracker.to_commit().items() if p in assigned}
+        if points:
+            try:
+                await asyncio.wait_for(self._consumer.commit(points), 10)
+            except (KafkaError, TimeoutError) as exc:
+                # A rebalance took the partition; its new owner re-reads from the last commit.
+                self._log.warning("commit_failed", error=str(exc))
+            else:
+                self._tracker.committed(points)
+        if self._on_commit is not None:
+            self._on_commit()
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Stop starting deliveries, let those in flight finish, commit what finished."""
+        self._stopping = True
+        running = set(self._tasks)
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace_seconds)
+            for task in late:
+                task.cancel()
+            for task in late:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.commit()

@@ -1,0 +1,136 @@
+"""What happens after an attempt: the retry delay, Retry-After, the circuit breaker.
+
+Pure decisions with the clock and randomness passed in, so they are tested without time.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+from services.shared import RETRY_TIERS, Settings
+
+# Statuses that mean "later", whose Retry-After is honoured.
+BACK_OFF_STATUSES = frozenset({429, 502, 503, 504})
+GONE = 410
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    schedule: tuple[float, ...]
+    jitter: float
+    retry_after_max: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            settings.retry_schedule_seconds, settings.retry_jitter, settings.retry_after_max_seconds
+        )
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.schedule) + 1
+
+    def delay_after(
+        self, attempt: int, rng: random.Random, retry_after: float | None = None
+    ) -> float | None:
+        """Seconds before the attempt after ``attempt``; None when that was the last."""
+        if attempt > len(self.schedule):
+            return None
+        base = self.schedule[attempt - 1]
+        delay = base * (1 + rng.uniform(-self.jitter, self.jitter))
+        if retry_after is not None:
+            # Honoured as a floor, bounded so a receiver cannot park a delivery for a year.
+            delay = max(delay, min(retry_after, self.retry_after_max))
+        return delay
+
+    @staticmethod
+    def tier(attempt: int) -> int:
+        """The retry topic holding the wait before attempt ``attempt + 1``."""
+        return min(attempt, RETRY_TIERS)
+
+
+@dataclass
+class _Endpoint:
+    failures: int = 0
+    open_until: float = 0.0
+    probing: bool = False
+    last_success: float | None = None
+    failing_since: float | None = None
+
+
+@dataclass
+class CircuitBreaker:
+    """Per endpoint: after ``threshold`` consecutive failures, stop trying for ``open_for``
+    seconds, then let one probe through; its success closes the circuit.
+
+    Each failed probe doubles the wait, up to ``open_max``: deliveries deferred by an open
+    circuit wake when it half-opens, and an endpoint down for days should not send its whole
+    backlog round the retry topics every ``open_for`` seconds.
+    """
+
+    threshold: int
+    open_for: float
+    open_max: float = 600.0
+    _endpoints: dict[str, _Endpoint] = field(default_factory=dict)
+
+    def allows(self, endpoint: str, now: float) -> bool:
+        state = self._endpoints.get(endpoint)
+        if state is None or state.failures < self.threshold:
+            return True
+        if now < state.open_until or state.probing:
+            return False
+        state.probing = True
+        return True
+
+    def reopens_at(self, endpoint: str) -> float:
+        state = self._endpoints.get(endpoint)
+        return state.open_until if state is not None else 0.0
+
+    def record(self, endpoint: str, success: bool, now: float) -> None:
+        state = self._endpoints.setdefault(endpoint, _Endpoint())
+        state.probing = False
+        if success:
+            state.failures = 0
+            state.last_success = now
+            state.failing_since = None
+            return
+        state.failures += 1
+        if state.failing_since is None:
+            state.failing_since = now
+        if state.failures >= self.threshold:
+            failed_probes = min(state.failures - self.threshold, 30)
+            wait = min(self.open_for * 2**failed_probes, max(self.open_max, self.open_for))
+            state.open_until = now + wait
+
+    def failing_for(self, endpoint: str, now: float) -> float:
+        """Seconds this endpoint has failed without a single success (0 when healthy)."""
+        state = self._endpoints.get(endpoint)
+        if state is None or state.failing_since is None:
+            return 0.0
+        return now - state.failing_since
+
+    def forget(self, endpoint: str) -> None:
+        self._endpoints.pop(endpoint, None)
+
+    @property
+    def open_count(self) -> int:
+        return sum(1 for s in self._endpoints.values() if s.failures >= self.threshold)

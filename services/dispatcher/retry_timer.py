@@ -1,0 +1,130 @@
+"""The durable timer behind retries: ``retry.<tier>`` topics read ahead into a heap.
+
+A failed delivery is written to a retry topic with its ``not_before`` time; this loop holds
+the raw records in memory, ordered by due time, and forwards each to ``deliveries`` when it
+is due. An offset is committed only once every record before it was forwarded, so a restart
+re-reads what was still waiting (the timer survives restarts; a forwarded record read again
+is forwarded again, which the stable delivery id makes harmless). Records wait apart from
+the delivery lanes, so a retry never holds up any endpoint's first attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from datetime import datetime
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from services.shared import OutRecord, Topics, get_logger, send_all
+
+from .flow import FetchGate
+from .offsets import OffsetTracker
+
+_IDLE_WAIT_MS = 500
+
+
+def due_at_ms(record: ConsumerRecord) -> int:
+    """When a waiting record is due; a record without a readable time is due now."""
+    try:
+        value = orjson.loads(record.value or b"")["not_before"]
+        return int(datetime.fromisoformat(value).timestamp() * 1000)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 0
+
+
+class RetryTimer:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        topics: Topics,
+        *,
+        pending_max: int,
+    ) -> None:
+        self._consumer = consumer
+        self._producer = producer
+        self._topics = topics
+        self._pending_max = pending_max
+        self._heap: list[tuple[int, str, int, int, bytes | None, bytes]] = []
+        self._tracker = OffsetTracker()
+        self._gate = FetchGate(consumer)
+        self._log = get_logger("dispatcher")
+
+    @property
+    def pending(self) -> int:
+        return len(self._heap)
+
+    async def run(self) -> None:
+        while True:
+            await self._forward_due()
+            await self._commit()
+            self._apply_backpressure()
+            wait_ms = _IDLE_WAIT_MS
+            if self._heap:
+                wait_ms = max(0, min(wait_ms, self._heap[0][0] - _wall_ms()))
+            batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=1000)
+            self._forget_revoked()
+            for partition, records in batches.items():
+                for record in records:
+                    if self._tracker.is_open(partition, record.offset):
+                        continue
+                    self._tracker.add(partition, record.offset)
+                    entry = (
+                        due_at_ms(record),
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        record.key,
+                        record.value or b"",
+                    )
+                    heapq.heappush(self._heap, entry)
+
+    def _forget_revoked(self) -> None:
+        assigned = self._consumer.assignment()
+        self._tracker.retain(assigned)
+        owned = {(p.topic, p.partition) for p in assigned}
+        if any((entry[1], entry[2]) not in owned for entry in self._heap):
+            self._heap = [entry for entry in self._heap if (entry[1], entry[2]) in owned]
+            heapq.heapify(self._heap)
+
+    async def _forward_due(self) -> None:
+        now = _wall_ms()
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            due.append(heapq.heappop(self._heap))
+        if not due:
+            return
+        out: list[OutRecord] = [(self._topics.deliveries, key, value) for *_, key, value in due]
+        try:
+            await send_all(self._producer, out)
+        except KafkaError as exc:
+            self._log.warning("retry_forward_failed", error=str(exc), records=len(due))
+            for entry in due:
+                heapq.heappush(self._heap, entry)
+            await asyncio.sleep(1.0)
+            return
+        for _, topic, partition, offset, *_ in due:
+            self._tracker.done(TopicPartition(topic, partition), offset)
+
+    async def _commit(self) -> None:
+        assigned = self._consumer.assignment()
+        points = {p: o for p, o in self._tracker.to_commit().items() if p in assigned}
+        if not points:
+            return
+        try:
+            await asyncio.wait_for(self._consumer.commit(points), 10)
+        except (KafkaError, TimeoutError) as exc:
+            self._log.warning("retry_commit_failed", error=str(exc))
+        else:
+            self._tracker.committed(points)
+
+    def _apply_backpressure(self) -> None:
+        self._gate.hold(len(self._heap) >= self._pending_max)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)

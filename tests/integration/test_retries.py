@@ -1,0 +1,454 @@
+"""Durable retries, back-off, dead letters, disabling, circuits and isolation of endpoints.
+
+The retry schedule is shortened by configuration so each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from services.dispatcher.app import DispatcherService
+from services.shared import Settings, bound_port, make_consumer, start_site, topics_for
+from tests.conftest import Receiver, Stack, running_stack
+from tests.integration.test_end_to_end import standard_webhooks_verify
+
+
+@pytest.fixture
+async def quick_stack(settings: Settings) -> AsyncIterator[Stack]:
+    """A stack whose failed deliveries are retried after 0.2 s, three times."""
+    quick = settings.model_copy(
+        update={"retry_schedule_seconds": (0.2, 0.2, 0.2), "retry_jitter": 0.1}
+    )
+    async with running_stack(quick, with_dispatcher=True) as running:
+        yield running
+
+
+async def _webhook(stack: Stack, url: str) -> dict[str, Any]:
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks",
+        headers=stack.headers(),
+        json={"name": "r", "url": url, "topics": ["object.created"]},
+    ) as response:
+        assert response.status == 201
+        webhook: dict[str, Any] = await response.json()
+    await stack.wait_for_webhook(webhook["id"])
+    return webhook
+
+
+async def _create_object(stack: Stack) -> None:
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/objects/contact",
+        headers=stack.headers(),
+        json={"n": 1},
+    ) as response:
+        assert response.status == 201
+
+
+async def _eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+async def _delivery(stack: Stack, delivery_id: str) -> dict[str, Any] | None:
+    async with stack.session.get(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/deliveries/{delivery_id}",
+        headers=stack.headers(),
+    ) as response:
+        return await response.json() if response.status == 200 else None
+
+
+async def _dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
+    consumer = make_consumer(settings, topics_for(settings).dead_letter, group_id=None)
+    await consumer.start()
+    letters: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(10):
+            while len(letters) < count:
+                batches = await consumer.getmany(timeout_ms=300)
+                letters += [orjson.loads(r.value) for b in batches.values() for r in b]
+    finally:
+        await consumer.stop()
+    return letters
+
+
+async def test_fails_twice_then_delivered_with_the_same_webhook_id(
+    quick_stack: Stack, receiver: Receiver
+) -> None:
+    stack = quick_stack
+    webhook = await _webhook(stack, receiver.url)
+    receiver.statuses = [500, 503]
+    await _create_object(stack)
+    received = await receiver.wait_for(3)
+    assert len({r.headers["webhook-id"] for r in received}) == 1
+    assert len({r.body for r in received}) == 1
+    for request in received:
+        assert standard_webhooks_verify(webhook["secret"], request.headers, request.body)
+    delivery_id = received[0].headers["webhook-id"]
+
+    def delivered() -> Any:
+        return _delivery(stack, delivery_id)
+
+    async def done() -> dict[str, Any] | None:
+        found = await delivered()
+        return found if found and found["state"] == "delivered" else None
+
+    logged = await _eventually(done)
+    assert [(a["attempt"], a["status_code"]) for a in logged["attempts"]] == [
+        (1, 500),
+        (2, 503),
+        (3, 200),
+    ]
+    assert [a["final"] for a in logged["attempts"]] == [False, False, True]
+    assert all(a["next_retry_at"] for a in logged["attempts"][:2])
+    registry = stack.dispatcher.metrics.registry
+    for tier in ("1", "2"):
+        assert (
+            registry.get_sample_value("hookwire_dispatcher_retries_scheduled_total", {"tier": tier})
+            == 1
+        )
+    await asyncio.sleep(0.5)
+    assert len(receiver.received) == 3, "nothing after the success"
+
+
+async def test_always_failing_is_dead_lettered_after_the_last_attempt(
+    quick_stack: Stack, receiver: Receiver
+) -> None:
+    stack = quick_stack
+    await _webhook(stack, receiver.url)
+    receiver.statuses = [500] * 10
+    await _create_object(stack)
+    received = await receiver.wait_for(4)
+    [letter] = await _dead_letters(stack.settings, 1)
+    assert letter["reason"].startswith("attempts_exhausted: attempt 4")
+    assert orjson.loads(letter["payload"])["attempt"] == 4
+    delivery_id = received[0].headers["webhook-id"]
+
+    async def failed() -> dict[str, Any] | None:
+        found = await _delivery(stack, delivery_id)
+        return found if found and found["state"] == "failed" else None
+
+    logged = await _eventually(failed)
+    assert logged["attempt_count"] == 4
+    await asyncio.sleep(0.6)
+    assert len(receiver.received) == 4, "no attempt after the last"
+    registry = stack.dispatcher.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "hookwire_dispatcher_dead_letters_total", {"reason": "attempts_exhausted"}
+        )
+        == 1
+    )
+
+
+async def test_retry_after_is_honoured_as_a_floor(quick_stack: Stack) -> None:
+    stack = quick_stack
+    answers = [web.Response(status=429, headers={"Retry-After": "2"}), web.Response(text="ok")]
+    times: list[float] = []
+    arrived = asyncio.Event()
+
+    async def limited(_: web.Request) -> web.Response:
+        times.append(time.monotonic())
+        arrived.set()
+        return answers.pop(0)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", limited)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        await _webhook(stack, f"http://127.0.0.1:{bound_port(runner)}/limited")
+        await _create_object(stack)
+        await _eventually(lambda: len(times) == 2, within=15)
+    finally:
+        await runner.cleanup()
+    assert times[1] - times[0] >= 1.9, "the 0.2 s schedule was stretched to Retry-After"
+
+
+async def test_410_gone_disables_the_webhook_and_audits_why(
+    quick_stack: Stack, receiver: Receiver
+) -> None:
+    stack = quick_stack
+    webhook = await _webhook(stack, receiver.url)
+    receiver.statuses = [410]
+    await _create_object(stack)
+    await receiver.wait_for(1)
+
+    async def disabled() -> bool:
+        async with stack.session.get(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+            headers=stack.headers(),
+        ) as response:
+            return (await response.json())["active"] is False
+
+    await _eventually(disabled)
+    status, audit = await stack.auth_call(
+        "GET", f"/v1/audit-log?team_id={stack.team_id}&action=webhook.disabled"
+    )
+    assert status == 200
+    [record] = audit["data"]
+    assert record["target_id"] == webhook["id"]
+    assert "410" in record["details"]["reason"]
+    [letter] = await _dead_letters(stack.settings, 1)
+    assert letter["reason"].startswith("gone")
+    await _create_object(stack)
+    await asyncio.sleep(0.6)
+    assert len(receiver.received) == 1, "nothing is sent to a disabled webhook"
+
+
+async def test_a_slow_endpoint_does_not_delay_a_healthy_one(
+    stack: Stack, receiver: Receiver
+) -> None:
+    slow = Receiver(delay_seconds=4.0)
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", slow.handle)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        await _webhook(stack, f"http://127.0.0.1:{bound_port(runner)}/slow")
+        await _webhook(stack, receiver.url)
+        started = time.monotonic()
+        for _ in range(30):
+            await _create_object(stack)
+        await receiver.wait_for(30, within=10)
+        healthy_done = time.monotonic() - started
+        assert slow.received, "the slow endpoint was being called meanwhile"
+        assert healthy_done < 3.0, f"healthy deliveries took {healthy_done:.1f} s"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_open_circuit_defers_without_calling(
+    settings: Settings, receiver: Receiver
+) -> None:
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (0.1,) * 10,
+            "retry_jitter": 0.0,
+            "circuit_failure_threshold": 2,
+            "circuit_open_seconds": 1.5,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        await _webhook(stack, receiver.url)
+        receiver.statuses = [500, 500]
+        await _create_object(stack)
+        await receiver.wait_for(2)
+        opened = time.monotonic()
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: registry.get_sample_value(
+                "hookwire_dispatcher_deliveries_total", {"outcome": "deferred"}
+            )
+        )
+        assert registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
+        await receiver.wait_for(3, within=10)
+        assert time.monotonic() - opened >= 1.3, "the probe waited for the circuit"
+        assert (
+            receiver.received[2].headers["webhook-id"] == receiver.received[0].headers["webhook-id"]
+        )
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        )
+
+
+async def test_private_addresses_are_refused_without_the_allow_flag(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """The api let these in (tests allow private URLs); a dispatcher without the flag
+    refuses both an IP literal and a name that resolves to loopback, at connect time."""
+    await stack.dispatcher.stop()
+    strict = stack.settings.model_copy(update={"allow_private_urls": False})
+    dispatcher = DispatcherService(strict, stack.api.engine)
+    await dispatcher.start()
+    try:
+        port = receiver.url.split(":")[2].split("/")[0]
+        for url in (receiver.url, f"http://localhost:{port}/hook"):
+            webhook = await _webhook_for(stack, dispatcher, url)
+            await _create_object(stack)
+
+            async def refused(webhook_id: str = webhook["id"]) -> dict[str, Any] | None:
+                async with stack.session.get(
+                    f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook_id}/deliveries",
+                    headers=stack.headers(),
+                ) as response:
+                    found = (await response.json())["data"]
+                return found[0] if found else None
+
+            logged = await _eventually(refused)
+            [attempt] = logged["attempts"]
+            assert attempt["error_class"] == "refused", attempt
+            assert "non-public" in attempt["error"]
+            async with stack.session.patch(
+                f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+                headers=stack.headers(),
+                json={"active": False},
+            ) as response:
+                assert response.status == 200
+        assert receiver.received == []
+    finally:
+        await dispatcher.stop()
+        stack.dispatcher_or_none = None
+
+
+async def _webhook_for(stack: Stack, dispatcher: DispatcherService, url: str) -> dict[str, Any]:
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks",
+        headers=stack.headers(),
+        json={"name": "p", "url": url, "topics": ["object.created"]},
+    ) as response:
+        assert response.status == 201
+        webhook: dict[str, Any] = await response.json()
+    await _eventually(lambda: dispatcher.table.get(webhook["id"]))
+    return webhook
+
+
+async def test_no_success_for_the_configured_period_disables_the_webhook(
+    settings: Settings, receiver: Receiver
+) -> None:
+    impatient = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (0.3,) * 20,
+            "retry_jitter": 0.0,
+            "circuit_failure_threshold": 100,
+            "endpoint_disable_after_days": 1 / 86400,  # one second
+        }
+    )
+    async with running_stack(impatient, with_dispatcher=True) as stack:
+        webhook = await _webhook(stack, receiver.url)
+        receiver.statuses = [500] * 100
+        await _create_object(stack)
+
+        async def disabled() -> bool:
+            async with stack.session.get(
+                f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+                headers=stack.headers(),
+            ) as response:
+                return (await response.json())["active"] is False
+
+        await _eventually(disabled)
+        attempts = len(receiver.received)
+        assert 3 <= attempts <= 6, attempts
+        status, audit = await stack.auth_call(
+            "GET", f"/v1/audit-log?team_id={stack.team_id}&action=webhook.disabled"
+        )
+        assert status == 200
+        assert "no successful delivery for" in audit["data"][0]["details"]["reason"]
+        await asyncio.sleep(0.8)
+        assert len(receiver.received) == attempts, "no attempt after disabling"
+
+
+async def test_sigterm_drains_a_delivery_in_flight(stack: Stack, receiver: Receiver) -> None:
+    """Stopping waits for the request in flight and records it; a new dispatcher does not
+    send it again."""
+    await _webhook(stack, receiver.url)
+    receiver.delay_seconds = 1.0
+    await _create_object(stack)
+    [request] = await receiver.wait_for(1)
+    started = time.monotonic()
+    await stack.dispatcher.stop()
+    assert time.monotonic() - started >= 0.5, "stop waited for the delivery"
+    stack.dispatcher_or_none = None
+    delivery_id = request.headers["webhook-id"]
+
+    async def delivered() -> dict[str, Any] | None:
+        found = await _delivery(stack, delivery_id)
+        return found if found and found["state"] == "delivered" else None
+
+    await _eventually(delivered)
+    successor = DispatcherService(stack.settings, stack.api.engine)
+    await successor.start()
+    try:
+        await asyncio.sleep(1.5)
+    finally:
+        await successor.stop()
+    assert len(receiver.received) == 1, "the drained delivery was committed"
+
+
+async def test_per_endpoint_rate_limit_spaces_requests(
+    settings: Settings, receiver: Receiver
+) -> None:
+    paced = settings.model_copy(update={"delivery_rate_per_endpoint": 10.0})
+    async with running_stack(paced, with_dispatcher=True) as stack:
+        await _webhook(stack, receiver.url)
+        for _ in range(10):
+            await _create_object(stack)
+        await receiver.wait_for(10, within=15)
+        times = [r.at for r in receiver.received]
+        assert times[-1] - times[0] >= 0.8, "10 requests at 10/s span about a second"
+        registry = stack.dispatcher.metrics.registry
+        topics = topics_for(stack.settings)
+
+        def caught_up(topic: str) -> bool:
+            lags = [
+                registry.get_sample_value(
+                    "hookwire_dispatcher_consumer_lag", {"topic": topic, "partition": str(p)}
+                )
+                for p in range(stack.settings.kafka_partitions)
+            ]
+            return any(lag is not None for lag in lags) and all(not lag for lag in lags)
+
+        # The delivery lanes, the router and the retry timer each report their partitions.
+        for topic in (topics.deliveries, topics.events, topics.retry(1)):
+            await _eventually(lambda topic=topic: caught_up(topic))
+
+
+async def test_a_dropped_connection_gets_one_quick_retry_within_the_attempt(
+    stack: Stack,
+) -> None:
+    """The receiver reads the first request and closes the socket without answering (what a
+    keep-alive connection closed by the server looks like); the same attempt sends again at
+    once and it counts as one delivered attempt."""
+    requests: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        requests.append(head)
+        if len(requests) > 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await _webhook(stack, f"http://127.0.0.1:{port}/hook")
+        await _create_object(stack)
+        await _eventually(lambda: len(requests) >= 2)
+        ids = {
+            line.split(b":", 1)[1].strip()
+            for head in requests
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"webhook-id:")
+        }
+        assert len(ids) == 1, "the same delivery, sent again"
+        delivery_id = ids.pop().decode()
+
+        async def logged() -> dict[str, Any] | None:
+            found = await _delivery(stack, delivery_id)
+            return found if found and found["state"] == "delivered" else None
+
+        delivery = await _eventually(logged)
+        assert [a["attempt"] for a in delivery["attempts"]] == [1], "one attempt, not two"
+        await asyncio.sleep(0.5)
+        assert len(requests) == 2
+    finally:
+        server.close()
+        await server.wait_closed()

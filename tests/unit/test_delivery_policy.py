@@ -1,0 +1,146 @@
+"""Retry delays, Retry-After, the circuit breaker and commit points, without a clock."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import TopicPartition
+
+from services.dispatcher.offsets import OffsetTracker
+from services.dispatcher.policy import CircuitBreaker, RetryPolicy, parse_retry_after
+
+NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+POLICY = RetryPolicy(schedule=(5, 300, 1800), jitter=0.2, retry_after_max=3600)
+
+
+def test_delays_follow_the_schedule_within_the_jitter() -> None:
+    rng = random.Random(7)
+    for attempt, base in ((1, 5), (2, 300), (3, 1800)):
+        delays = [POLICY.delay_after(attempt, rng) for _ in range(200)]
+        assert all(d is not None and base * 0.8 <= d <= base * 1.2 for d in delays)
+        assert len({round(d or 0, 6) for d in delays}) > 100, "jitter spreads the delays"
+    assert POLICY.delay_after(4, rng) is None, "after the last scheduled retry: dead letter"
+    assert POLICY.max_attempts == 4
+
+
+def test_retry_after_is_a_bounded_floor() -> None:
+    rng = random.Random(1)
+    assert (POLICY.delay_after(1, rng, retry_after=120) or 0) == 120
+    assert (POLICY.delay_after(1, rng, retry_after=10**9) or 0) == 3600
+    assert 240 <= (POLICY.delay_after(2, rng, retry_after=1) or 0) <= 360
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("Mon, 23 Nov 2026 12:01:00 GMT", 60.0),
+        ("Mon, 23 Nov 2026 11:00:00 GMT", 0.0),
+        ("soon", None),
+        ("-5", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_header_forms(header: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(header, NOW) == seconds
+
+
+def test_tiers_cap_at_the_last_retry_topic() -> None:
+    assert [RetryPolicy.tier(n) for n in (1, 2, 7, 8, 20)] == [1, 2, 7, 7, 7]
+
+
+def test_circuit_opens_after_the_threshold_and_one_probe_closes_it() -> None:
+    circuit = CircuitBreaker(threshold=3, open_for=30)
+    for t in range(3):
+        assert circuit.allows("wh", t)
+        circuit.record("wh", success=False, now=t)
+    assert circuit.open_count == 1
+    assert not circuit.allows("wh", 10), "open: deferred without calling"
+    assert circuit.reopens_at("wh") == 32
+    assert circuit.allows("wh", 33), "half-open: one probe"
+    assert not circuit.allows("wh", 33), "only one probe at a time"
+    circuit.record("wh", success=False, now=34)
+    assert not circuit.allows("wh", 93), "a failed probe opens it again, for twice as long"
+    assert circuit.allows("wh", 95)
+    circuit.record("wh", success=True, now=95)
+    assert circuit.open_count == 0
+    assert circuit.allows("wh", 96)
+    assert circuit.allows("other", 0), "endpoints are independent"
+
+
+def test_failing_for_counts_from_the_first_failure_since_a_success() -> None:
+    circuit = CircuitBreaker(threshold=100, open_for=1)
+    circuit.record("wh", success=False, now=100)
+    circuit.record("wh", success=False, now=500)
+    assert circuit.failing_for("wh", 1000) == 900
+    circuit.record("wh", success=True, now=1000)
+    assert circuit.failing_for("wh", 2000) == 0
+
+
+def test_commit_point_is_the_lowest_unfinished_offset() -> None:
+    tracker = OffsetTracker()
+    tp = TopicPartition("deliveries", 0)
+    for offset in range(10, 15):
+        tracker.add(tp, offset)
+    assert tracker.to_commit() == {tp: 10}
+    tracker.committed({tp: 10})
+    tracker.done(tp, 12)
+    tracker.done(tp, 13)
+    assert tracker.to_commit() == {}, "offset 10 still unfinished: nothing moves"
+    tracker.done(tp, 10)
+    assert tracker.to_commit() == {tp: 11}
+    tracker.done(tp, 11)
+    tracker.done(tp, 14)
+    assert tracker.to_commit() == {tp: 15}
+    assert len(tracker) == 0
+
+
+def test_revoked_partitions_are_forgotten() -> None:
+    tracker = OffsetTracker()
+    kept, lost = TopicPartition("d", 0), TopicPartition("d", 1)
+    tracker.add(kept, 1)
+    tracker.add(lost, 1)
+    tracker.retain([kept])
+    assert tracker.to_commit() == {kept: 1}
+    assert tracker.point(lost) is None
+
+
+def test_redaction_hides_credentials_and_signatures() -> None:
+    from services.dispatcher.sender import redacted
+
+    shown = redacted(
+        {
+            "webhook-signature": "v1,abc",
+            "Authorization": "Bearer x",
+            "X-Api-Key": "k",
+            "X-Session-Token": "t",
+            "Cookie": "c",
+            "X-Tenant": "acme",
+            "webhook-id": "msg_1",
+        }
+    )
+    assert shown == {
+        "webhook-signature": "[redacted]",
+        "Authorization": "[redacted]",
+        "X-Api-Key": "[redacted]",
+        "X-Session-Token": "[redacted]",
+        "Cookie": "[redacted]",
+        "X-Tenant": "acme",
+        "webhook-id": "msg_1",
+    }
+
+
+def test_failed_probes_double_the_wait_up_to_the_bound() -> None:
+    circuit = CircuitBreaker(threshold=1, open_for=10, open_max=45)
+    waits = []
+    now = 0.0
+    for _ in range(5):
+        circuit.record("wh", success=False, now=now)
+        waits.append(circuit.reopens_at("wh") - now)
+        now = circuit.reopens_at("wh")
+        assert circuit.allows("wh", now)
+    assert waits == [10, 20, 40, 45, 45]
