@@ -74,14 +74,17 @@ def _run(env: dict[str, str], *args: str) -> str:
     return result.stdout.strip()
 
 
-async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(200):
+async def _wait_healthy(
+    session: aiohttp.ClientSession, url: str, path: str = "/healthz", within: float = 10.0
+) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
         with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(f"{url}/healthz") as response:
+            async with session.get(f"{url}{path}") as response:
                 if response.status == 200:
                     return
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} never became healthy")
+    raise RuntimeError(f"{url}{path} never answered 200")
 
 
 async def throughput(
