@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,10 +210,24 @@ async def running_stack(settings: Settings, *, with_dispatcher: bool) -> AsyncIt
     finally:
         await session.close()
         if dispatcher is not None:
-            await dispatcher.stop()
-        await api.stop()
-        await auth.stop()
+            await _stop_within(dispatcher.name, dispatcher.stop())
+        await _stop_within(api.name, api.stop())
+        await _stop_within(auth.name, auth.stop())
         await engine.dispose()
+
+
+_STOP_LIMIT_SECONDS = 45.0
+
+
+async def _stop_within(name: str, stopping: Coroutine[Any, Any, None]) -> None:
+    """A stop that hangs fails its test naming the service, with every task's stack
+    printed: a bare pytest timeout shows only the event loop waiting."""
+    try:
+        await asyncio.wait_for(stopping, _STOP_LIMIT_SECONDS)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stdout)
+        pytest.fail(f"{name} did not stop within {_STOP_LIMIT_SECONDS} s")
 
 
 @pytest.fixture

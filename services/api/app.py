@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from importlib.metadata import version
 
 import aiohttp
@@ -22,6 +21,7 @@ from services.shared import (
     Settings,
     bound_port,
     build_app,
+    cancel_and_wait,
     check_ready,
     make_producer,
     start_client,
@@ -136,10 +136,7 @@ class ApiService:
 
     async def stop(self) -> None:
         for task in (self._relay, self._recording):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         if self.recorder is not None:
             await self.recorder.close()
         if self._follower is not None:

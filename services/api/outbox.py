@@ -104,12 +104,10 @@ class Outbox:
     async def publish_all(self, records: Sequence[tuple[str, str, Record]]) -> None:
         """Publish records no database change depends on; return once Kafka acked all."""
         try:
-            await asyncio.wait_for(
-                self._sender.send(
+            async with asyncio.timeout(self._wait):
+                await self._sender.send(
                     [(topic, key.encode(), record.to_bytes()) for topic, key, record in records]
-                ),
-                self._wait,
-            )
+                )
         except (KafkaError, TimeoutError) as exc:
             self._failures.inc()
             raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc

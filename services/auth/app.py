@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
 from dataclasses import replace
@@ -25,6 +24,7 @@ from services.shared import (
     access_tokens,
     bound_port,
     build_app,
+    cancel_and_wait,
     check_ready,
     get_logger,
     json_response,
@@ -130,10 +130,7 @@ class AuthService:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await cancel_and_wait(self._flusher)
         await self._follower.stop()
         await self._flush_last_used()
         if self._producer is not None:

@@ -9,7 +9,6 @@ point re-processes what was not committed; stable delivery ids make that harmles
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +32,7 @@ from services.shared import (
     Settings,
     bound_port,
     build_app,
+    cancel_and_wait,
     check_ready,
     consume_forever,
     dead_letter_record,
@@ -168,10 +168,7 @@ class DispatcherService:
         if self._runner is not None:
             await self._runner.cleanup()
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._lanes is not None:
             await self._lanes.drain(self.settings.shutdown_grace_seconds)
         # Only now: draining deliveries still writes their outcomes.

@@ -11,20 +11,19 @@ durable; offsets are committed up to the lowest unfinished one per partition.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 
-from services.shared import OutRecord, get_logger
+from services.shared import OutRecord, cancel_and_wait, commit_offsets, get_logger
 
 from .flow import FetchGate
 from .offsets import OffsetTracker
 
 _SWEEP_SECONDS = 5.0
+_COMMIT_INTERVAL_SECONDS = 0.1
 
 # Calls the endpoint and says what to write; the write makes the outcome durable.
 Attempt = Callable[[ConsumerRecord], Awaitable[list[OutRecord]]]
@@ -63,6 +62,7 @@ class Lanes:
         self._gate = FetchGate(consumer)
         self._stopping = False
         self._swept_at = 0.0
+        self._committed_at = 0.0
         self._log = get_logger("dispatcher")
 
     @property
@@ -81,7 +81,12 @@ class Lanes:
                     self._lanes.setdefault(key, _Lane()).waiting.append(record)
                     self._pump(key)
             self._forget_idle_lanes()
-            await self.commit()
+            # Under load the loop turns per fetched batch; a commit (a broker round trip)
+            # each time would cost more than the deliveries it records.
+            now = asyncio.get_running_loop().time()
+            if now - self._committed_at >= _COMMIT_INTERVAL_SECONDS:
+                self._committed_at = now
+                await self.commit()
 
     def _apply_backpressure(self) -> None:
         self._gate.hold(len(self._tracker) >= self._backlog_max)
@@ -148,14 +153,8 @@ class Lanes:
     async def commit(self) -> None:
         assigned = self._consumer.assignment()
         points = {p: o for p, o in self._tracker.to_commit().items() if p in assigned}
-        if points:
-            try:
-                await asyncio.wait_for(self._consumer.commit(points), 10)
-            except (KafkaError, TimeoutError) as exc:
-                # A rebalance took the partition; its new owner re-reads from the last commit.
-                self._log.warning("commit_failed", error=str(exc))
-            else:
-                self._tracker.committed(points)
+        if points and await commit_offsets(self._consumer, points):
+            self._tracker.committed(points)
         if self._on_commit is not None:
             self._on_commit()
 
@@ -166,8 +165,5 @@ class Lanes:
         if running:
             _, late = await asyncio.wait(running, timeout=grace_seconds)
             for task in late:
-                task.cancel()
-            for task in late:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         await self.commit()

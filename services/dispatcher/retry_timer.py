@@ -19,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared import OutRecord, Topics, get_logger, send_all
+from services.shared import OutRecord, Topics, commit_offsets, get_logger, send_all
 
 from .flow import FetchGate
 from .offsets import OffsetTracker
@@ -115,11 +115,7 @@ class RetryTimer:
         points = {p: o for p, o in self._tracker.to_commit().items() if p in assigned}
         if not points:
             return
-        try:
-            await asyncio.wait_for(self._consumer.commit(points), 10)
-        except (KafkaError, TimeoutError) as exc:
-            self._log.warning("retry_commit_failed", error=str(exc))
-        else:
+        if await commit_offsets(self._consumer, points):
             self._tracker.committed(points)
 
     def _apply_backpressure(self) -> None:

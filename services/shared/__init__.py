@@ -56,6 +56,7 @@ from ._kafka import (
     RETRY_TIERS,
     BatchingSender,
     OutRecord,
+    commit_offsets,
     consume_forever,
     dead_letter_record,
     ensure_topics,
@@ -67,7 +68,7 @@ from ._kafka import (
     topic_layout,
     topics_for,
 )
-from ._lifecycle import Service, run, run_until_signalled
+from ._lifecycle import Service, cancel_and_wait, run, run_until_signalled
 from ._logging import configure_logging, get_logger
 from ._metrics import Metrics
 from ._netguard import REFUSED, GuardedResolver, is_public_address, literal_refusal, refused_reason
@@ -125,7 +126,9 @@ __all__ = [
     "as_utc",
     "bound_port",
     "build_app",
+    "cancel_and_wait",
     "check_ready",
+    "commit_offsets",
     "configure_logging",
     "consume_forever",
     "create_engine",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -15,6 +14,7 @@ from ._contracts import Change, Topics, decode
 from ._errors import InvalidRecord
 from ._ids import utcnow
 from ._kafka import make_consumer, start_client, stop_client
+from ._lifecycle import cancel_and_wait
 from ._settings import Settings
 
 Entity = Literal["webhook", "token", "user", "team", "membership", "permission_group"]
@@ -117,9 +117,6 @@ class ChangeFollower:
         )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._consumer is not None:
             await stop_client(self._consumer)

@@ -8,14 +8,13 @@ from ``earliest`` (``latest`` is unreliable there), and commits are always expli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
@@ -24,6 +23,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from ._contracts import DeadLetter, Topics
 from ._errors import DependencyUnavailable
 from ._ids import utcnow
+from ._lifecycle import cancel_and_wait
 from ._settings import Settings
 
 RETRY_TIERS = 7
@@ -194,10 +194,7 @@ class BatchingSender:
 
     async def close(self) -> None:
         """Stop sending; call once nothing more will be sent."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:
@@ -227,7 +224,8 @@ async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     ``stop()``; that must not abort a shutdown, unless this task itself is being cancelled.
     """
     try:
-        await asyncio.wait_for(client.stop(), _STOP_TIMEOUT_SECONDS)
+        async with asyncio.timeout(_STOP_TIMEOUT_SECONDS):
+            await client.stop()
     except TimeoutError:
         # A group consumer leaving mid-rebalance has been seen to wait for ever; shutdown
         # must not. Close its sockets anyway so nothing is left open.
@@ -242,6 +240,23 @@ async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
 
 
 _COMMIT_TIMEOUT_SECONDS = 10.0
+
+
+async def commit_offsets(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
+    """Commit ``offsets`` within a bound; False when the commit failed.
+
+    A failure is usually a rebalance that took the partition: its new owner re-reads from
+    the last commit, so the caller keeps its records unfinished rather than raising.
+    """
+    try:
+        async with asyncio.timeout(_COMMIT_TIMEOUT_SECONDS):
+            await consumer.commit(offsets)
+    except (KafkaError, TimeoutError) as exc:
+        structlog.get_logger().warning("commit_failed", error=str(exc))
+        return False
+    return True
+
+
 _STOP_TIMEOUT_SECONDS = 10.0
 
 
@@ -266,7 +281,8 @@ async def consume_forever(
             continue
         try:
             await handle(records)
-            await asyncio.wait_for(consumer.commit(), _COMMIT_TIMEOUT_SECONDS)
+            async with asyncio.timeout(_COMMIT_TIMEOUT_SECONDS):
+                await consumer.commit()
         except asyncio.CancelledError:
             raise
         except Exception:

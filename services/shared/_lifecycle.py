@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
@@ -25,6 +24,32 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coroutine)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coroutine)
+
+
+_CANCEL_REPEAT_SECONDS = 0.5
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None, within: float = 10.0) -> None:
+    """Cancel a background task and wait until it has ended, for at most ``within`` seconds.
+
+    On Python 3.11 ``asyncio.wait_for`` swallows a cancellation that arrives as its inner
+    await completes, and library code uses it; a single ``cancel()`` then leaves a loop
+    running and a bare ``await task`` waits for ever. So the cancel is repeated until the
+    task ends. An exception the task ended with is logged, not raised: a stop goes on.
+    """
+    if task is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not task.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            structlog.get_logger().error("task_did_not_stop", task=task.get_name())
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(_CANCEL_REPEAT_SECONDS, remaining))
+    if not task.cancelled() and (failure := task.exception()) is not None:
+        structlog.get_logger().error("task_failed", task=task.get_name(), exc_info=failure)
 
 
 class Service(Protocol):
@@ -61,9 +86,7 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
         await asyncio.wait({starter, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if not starter.done():
             log.warning("stopped_while_starting")
-            starter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starter
+            await cancel_and_wait(starter)
             return
         starter.result()
         if ready_message:

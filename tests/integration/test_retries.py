@@ -71,6 +71,14 @@ async def _delivery(stack: Stack, delivery_id: str) -> dict[str, Any] | None:
         return await response.json() if response.status == 200 else None
 
 
+async def _is_disabled(stack: Stack, webhook_id: str) -> bool:
+    async with stack.session.get(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook_id}",
+        headers=stack.headers(),
+    ) as response:
+        return (await response.json())["active"] is False
+
+
 async def _dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
     consumer = make_consumer(settings, topics_for(settings).dead_letter, group_id=None)
     await consumer.start()
@@ -186,14 +194,7 @@ async def test_410_gone_disables_the_webhook_and_audits_why(
     await _create_object(stack)
     await receiver.wait_for(1)
 
-    async def disabled() -> bool:
-        async with stack.session.get(
-            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-            headers=stack.headers(),
-        ) as response:
-            return (await response.json())["active"] is False
-
-    await _eventually(disabled)
+    await _eventually(lambda: _is_disabled(stack, webhook["id"]))
     status, audit = await stack.auth_call(
         "GET", f"/v1/audit-log?team_id={stack.team_id}&action=webhook.disabled"
     )
@@ -330,14 +331,7 @@ async def test_no_success_for_the_configured_period_disables_the_webhook(
         receiver.statuses = [500] * 100
         await _create_object(stack)
 
-        async def disabled() -> bool:
-            async with stack.session.get(
-                f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-                headers=stack.headers(),
-            ) as response:
-                return (await response.json())["active"] is False
-
-        await _eventually(disabled)
+        await _eventually(lambda: _is_disabled(stack, webhook["id"]))
         attempts = len(receiver.received)
         assert 3 <= attempts <= 6, attempts
         status, audit = await stack.auth_call(

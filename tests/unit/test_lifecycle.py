@@ -1,0 +1,64 @@
+"""Stopping background tasks: a swallowed cancellation must not hang a shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.shared import cancel_and_wait
+
+
+async def _swallows_first_cancel(swallowed: list[int]) -> None:
+    # What asyncio.wait_for does on Python 3.11 when its inner await finishes as the
+    # cancel arrives: the CancelledError is lost and the caller's loop goes on.
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(1)
+
+
+async def test_a_task_that_swallows_a_cancel_still_stops() -> None:
+    swallowed: list[int] = []
+    task = asyncio.create_task(_swallows_first_cancel(swallowed))
+    await asyncio.sleep(0)
+    await cancel_and_wait(task, within=5)
+    assert swallowed == [1]
+    assert task.cancelled()
+
+
+async def test_a_task_that_never_stops_is_given_up_after_the_bound() -> None:
+    release = asyncio.Event()
+
+    async def deaf() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await cancel_and_wait(task, within=0.3)
+    assert 0.3 <= loop.time() - started < 2
+    assert not task.done()
+    release.set()
+    task.cancel()
+    await asyncio.wait({task}, timeout=1)
+    assert task.done()
+
+
+async def test_a_failed_task_does_not_stop_the_shutdown(capsys: pytest.CaptureFixture[str]) -> None:
+    async def fails() -> None:
+        raise RuntimeError("broken")
+
+    task = asyncio.create_task(fails(), name="broken-task")
+    await asyncio.wait({task})
+    await cancel_and_wait(task)
+    assert "task_failed" in capsys.readouterr().out
+    await cancel_and_wait(None)
