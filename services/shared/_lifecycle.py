@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
@@ -60,6 +61,17 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+def _settle_heap() -> None:
+    """Keep what start-up built out of every later garbage collection.
+
+    Modules, settings, pools and caches live as long as the process, yet a full collection
+    walks them all: measured here, ~60 ms for the imports alone, a pause every few seconds
+    under load that showed up as the api's p99. Frozen, they are never walked again.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def run_until_signalled(services: Sequence[Service], ready_message: str = "") -> None:
     """Start the services, run until SIGINT/SIGTERM, stop them in reverse order.
 
@@ -89,6 +101,7 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
             await cancel_and_wait(starter)
             return
         starter.result()
+        _settle_heap()
         if ready_message:
             print(ready_message, flush=True)  # noqa: T201 - the dev banner is for a human
         await signalled
