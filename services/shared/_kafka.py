@@ -197,12 +197,21 @@ class BatchingSender:
         await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            waiting, self._waiting = self._waiting, []
-            if waiting:
-                await self._round(waiting)
+        sending: list[tuple[list[OutRecord], asyncio.Future[None]]] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                sending, self._waiting = self._waiting, []
+                if sending:
+                    await self._round(sending)
+        finally:
+            # Whoever still waits when the sender stops gets an answer, not a wait for ever.
+            stopped = DependencyUnavailable("the Kafka sender has stopped")
+            for _, done in (*sending, *self._waiting):
+                if not done.done():
+                    done.set_exception(stopped)
+            self._waiting = []
 
     async def _round(self, waiting: list[tuple[list[OutRecord], asyncio.Future[None]]]) -> None:
         try:
