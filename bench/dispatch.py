@@ -45,6 +45,7 @@ from services.shared import (
     load_settings,
     make_producer,
     run,
+    settle_heap,
     topics_for,
 )
 
@@ -225,6 +226,7 @@ async def bare_ceiling(
     session: aiohttp.ClientSession, url: str, team: str, seconds: float
 ) -> dict[str, Any]:
     """The receiver driven by a plain client loop: no Kafka, no signing, no bookkeeping."""
+    settle_heap()
     body = _event(team, "t0", 0).to_bytes()
     headers = {
         "content-type": "application/json",
@@ -258,6 +260,7 @@ async def delivered_rate(
     count: int,
 ) -> dict[str, Any]:
     """Publish ``count`` events as fast as the producer goes; rate measured at the receiver."""
+    settle_heap()
     await receiver.reset()
     cpu_before, started = dispatchers.cpu_seconds(), time.monotonic()
     futures = []
@@ -281,6 +284,7 @@ async def latency_at_rate(
     receiver: Receiver, producer: Any, topic: str, team: str, rate: float, seconds: float
 ) -> dict[str, Any]:
     """Open loop: events stamped at their scheduled send time, latency taken on arrival."""
+    settle_heap()
     await receiver.reset()
     count = int(rate * seconds)
     start = time.perf_counter()

@@ -68,7 +68,7 @@ from ._kafka import (
     topic_layout,
     topics_for,
 )
-from ._lifecycle import Service, cancel_and_wait, run, run_until_signalled
+from ._lifecycle import Service, cancel_and_wait, run, run_until_signalled, settle_heap
 from ._logging import configure_logging, get_logger
 from ._metrics import Metrics
 from ._netguard import REFUSED, GuardedResolver, is_public_address, literal_refusal, refused_reason
@@ -157,6 +157,7 @@ __all__ = [
     "run",
     "run_until_signalled",
     "send_all",
+    "settle_heap",
     "start_client",
     "start_site",
     "stop_client",
