@@ -17,9 +17,11 @@ class FetchGate:
 
     def hold(self, full: bool) -> None:
         assignment = self._consumer.assignment()
-        if full and not self._paused:
+        if full:
+            # Every time, not once: a rebalance hands partitions back unpaused, even the
+            # same ones, and a held consumer must not read its whole topic into memory.
             self._consumer.pause(*assignment)
             self._paused = True
-        elif not full and self._paused:
+        elif self._paused:
             self._consumer.resume(*assignment)
             self._paused = False

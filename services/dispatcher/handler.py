@@ -94,11 +94,27 @@ class DeliveryHandler:
                 await self._sender_of_outcomes.send(records)
                 return
             except KafkaError as exc:
+                # DependencyUnavailable (the sender has stopped) is not retried: it ends
+                # the delivery unfinished, to be sent again by the partition's next reader.
                 self._log.warning("outcome_publish_failed", error=str(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX_SECONDS)
 
     async def outcome_records(self, record: ConsumerRecord) -> list[OutRecord]:
+        try:
+            return await self._outcome_records(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug, not bad input. Kept unfinished, the record would hold its partition's
+            # commits back for good and fail again after every restart; as a dead letter it
+            # is kept, with the reason, and everything behind it goes on.
+            self._log.exception("delivery_handler_failed", offset=record.offset)
+            self._metrics.dead_letters.labels("handler_failed").inc()
+            reason = f"handler_failed: {type(exc).__name__}: {exc}"
+            return [dead_letter_record(self._topics, record, reason)]
+
+    async def _outcome_records(self, record: ConsumerRecord) -> list[OutRecord]:
         try:
             delivery = decode(Delivery, record.value)
         except InvalidRecord as exc:

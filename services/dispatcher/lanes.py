@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from services.shared import OutRecord, cancel_and_wait, commit_offsets, get_logger
 
@@ -24,6 +25,7 @@ from .offsets import OffsetTracker
 
 _SWEEP_SECONDS = 5.0
 _COMMIT_INTERVAL_SECONDS = 0.1
+_FETCH_RETRY_SECONDS = 1.0
 
 # Calls the endpoint and says what to write; the write makes the outcome durable.
 Attempt = Callable[[ConsumerRecord], Awaitable[list[OutRecord]]]
@@ -72,10 +74,21 @@ class Lanes:
     async def run(self) -> None:
         while not self._stopping:
             self._apply_backpressure()
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=500)
-            self._tracker.retain(self._consumer.assignment())
+            try:
+                batches = await self._consumer.getmany(timeout_ms=200, max_records=500)
+            except KafkaError as exc:
+                self._log.warning("delivery_fetch_failed", error=str(exc))
+                await asyncio.sleep(_FETCH_RETRY_SECONDS)
+                continue
+            dropped = self._tracker.retain(self._consumer.assignment())
+            if dropped:
+                self._drop_waiting(dropped)
             for partition, records in batches.items():
                 for record in records:
+                    # After a rebalance that gave a partition back, it is read again from
+                    # the last commit; what already waits or was delivered is not taken twice.
+                    if self._tracker.seen(partition, record.offset):
+                        continue
                     self._tracker.add(partition, record.offset)
                     key = record.key or b""
                     self._lanes.setdefault(key, _Lane()).waiting.append(record)
@@ -87,6 +100,13 @@ class Lanes:
             if now - self._committed_at >= _COMMIT_INTERVAL_SECONDS:
                 self._committed_at = now
                 await self.commit()
+
+    def _drop_waiting(self, partitions: set[TopicPartition]) -> None:
+        # Their new owner delivers them; sending them here as well would only duplicate.
+        for lane in self._lanes.values():
+            lane.waiting = deque(
+                r for r in lane.waiting if TopicPartition(r.topic, r.partition) not in partitions
+            )
 
     def _apply_backpressure(self) -> None:
         self._gate.hold(len(self._tracker) >= self._backlog_max)
@@ -117,7 +137,13 @@ class Lanes:
             self._release(key, lane)
             return
         self._release(key, lane)
-        await self._publish(outcome)
+        try:
+            await self._publish(outcome)
+        except Exception as exc:
+            # Only when stopping (the sender has closed): the record stays unfinished and
+            # the partition's next reader sends it again.
+            self._log.warning("delivery_outcome_not_written", offset=record.offset, error=str(exc))
+            return
         self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
 
     def _release(self, key: bytes, lane: _Lane) -> None:

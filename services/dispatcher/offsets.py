@@ -33,12 +33,19 @@ class OffsetTracker:
     def is_open(self, partition: TopicPartition, offset: int) -> bool:
         return offset in self._open.get(partition, ())
 
-    def retain(self, partitions: Iterable[TopicPartition]) -> None:
-        """Forget partitions this consumer no longer owns; their new owner re-reads them."""
+    def seen(self, partition: TopicPartition, offset: int) -> bool:
+        """Whether this record was read before (finished or not) since the partition came."""
+        return offset < self._next.get(partition, 0)
+
+    def retain(self, partitions: Iterable[TopicPartition]) -> set[TopicPartition]:
+        """Forget partitions this consumer no longer owns (their new owner re-reads them);
+        returns the ones forgotten."""
         keep = set(partitions)
+        dropped = {p for p in self._next if p not in keep}
         for table in (self._open, self._next, self._committed):
             for partition in [p for p in table if p not in keep]:
                 del table[partition]
+        return dropped
 
     def point(self, partition: TopicPartition) -> int | None:
         """Where a restart would resume this partition now."""

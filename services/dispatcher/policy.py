@@ -72,7 +72,6 @@ class RetryPolicy:
 class _Endpoint:
     failures: int = 0
     open_until: float = 0.0
-    probing: bool = False
     last_success: float | None = None
     failing_since: float | None = None
 
@@ -96,9 +95,13 @@ class CircuitBreaker:
         state = self._endpoints.get(endpoint)
         if state is None or state.failures < self.threshold:
             return True
-        if now < state.open_until or state.probing:
+        if now < state.open_until:
             return False
-        state.probing = True
+        # Half-open: this delivery is the probe. Until its outcome is recorded the circuit
+        # stays shut for another ``open_for``, so deliveries behind it wait instead of
+        # circling the retry topics, and a probe that never reports back cannot keep the
+        # circuit shut for ever.
+        state.open_until = now + self.open_for
         return True
 
     def reopens_at(self, endpoint: str) -> float:
@@ -107,7 +110,6 @@ class CircuitBreaker:
 
     def record(self, endpoint: str, success: bool, now: float) -> None:
         state = self._endpoints.setdefault(endpoint, _Endpoint())
-        state.probing = False
         if success:
             state.failures = 0
             state.last_success = now

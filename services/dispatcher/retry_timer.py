@@ -66,11 +66,18 @@ class RetryTimer:
             wait_ms = _IDLE_WAIT_MS
             if self._heap:
                 wait_ms = max(0, min(wait_ms, self._heap[0][0] - _wall_ms()))
-            batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=1000)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=1000)
+            except KafkaError as exc:
+                self._log.warning("retry_fetch_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
             self._forget_revoked()
             for partition, records in batches.items():
                 for record in records:
-                    if self._tracker.is_open(partition, record.offset):
+                    # Waiting, or forwarded but not yet committed: read again after a
+                    # rebalance that gave the partition back, and not taken twice.
+                    if self._tracker.seen(partition, record.offset):
                         continue
                     self._tracker.add(partition, record.offset)
                     entry = (

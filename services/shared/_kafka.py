@@ -296,7 +296,11 @@ async def consume_forever(
             raise
         except Exception:
             log.exception("batch_failed", topic=records[0].topic, records=len(records))
-            await rewind(consumer)
+            try:
+                await rewind(consumer)
+            except KafkaError as exc:
+                # A partition revoked meanwhile: its new owner starts from the last commit.
+                log.warning("rewind_failed", error=str(exc))
             await asyncio.sleep(retry_delay_seconds)
 
 

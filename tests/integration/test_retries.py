@@ -15,7 +15,16 @@ import pytest
 from aiohttp import web
 
 from services.dispatcher.app import DispatcherService
-from services.shared import Settings, bound_port, make_consumer, start_site, topics_for
+from services.dispatcher.routing import WebhookRoute
+from services.dispatcher.sender import Outcome, Sender
+from services.shared import (
+    Delivery,
+    Settings,
+    bound_port,
+    make_consumer,
+    start_site,
+    topics_for,
+)
 from tests.conftest import Receiver, Stack, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
@@ -446,3 +455,37 @@ async def test_a_dropped_connection_gets_one_quick_retry_within_the_attempt(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_on(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while handling one delivery (not bad input) sets it aside as a dead letter
+    with the reason instead of holding its partition's commits back for good; the
+    deliveries behind it are delivered and their offsets committed."""
+    original = Sender.send
+    faults = [RuntimeError("a bug")]
+
+    async def faulty(self: Sender, route: WebhookRoute, delivery: Delivery) -> Outcome:
+        if faults:
+            raise faults.pop()
+        return await original(self, route, delivery)
+
+    monkeypatch.setattr(Sender, "send", faulty)
+    await _webhook(stack, receiver.url)
+    await _create_object(stack)
+    await _create_object(stack)
+    await receiver.wait_for(1)
+    [letter] = await _dead_letters(stack.settings, 1)
+    assert letter["reason"] == "handler_failed: RuntimeError: a bug"
+    assert orjson.loads(letter["payload"])["attempt"] == 1
+    registry = stack.dispatcher.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "hookwire_dispatcher_dead_letters_total", {"reason": "handler_failed"}
+        )
+        == 1
+    )
+    lanes = stack.dispatcher._lanes
+    assert lanes is not None
+    await _eventually(lambda: lanes.backlog == 0)  # nothing left unfinished, so committed

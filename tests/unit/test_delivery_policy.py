@@ -63,6 +63,7 @@ def test_circuit_opens_after_the_threshold_and_one_probe_closes_it() -> None:
     assert circuit.reopens_at("wh") == 32
     assert circuit.allows("wh", 33), "half-open: one probe"
     assert not circuit.allows("wh", 33), "only one probe at a time"
+    assert circuit.reopens_at("wh") == 63, "those behind the probe wait, not circle"
     circuit.record("wh", success=False, now=34)
     assert not circuit.allows("wh", 93), "a failed probe opens it again, for twice as long"
     assert circuit.allows("wh", 95)
@@ -104,9 +105,23 @@ def test_revoked_partitions_are_forgotten() -> None:
     kept, lost = TopicPartition("d", 0), TopicPartition("d", 1)
     tracker.add(kept, 1)
     tracker.add(lost, 1)
-    tracker.retain([kept])
+    assert tracker.retain([kept]) == {lost}
     assert tracker.to_commit() == {kept: 1}
     assert tracker.point(lost) is None
+    assert tracker.retain([kept]) == set()
+
+
+def test_records_read_again_after_a_rebalance_are_recognised() -> None:
+    """A partition handed back is read again from its last commit: what waits and what
+    was finished but not yet committed are both known; a forgotten partition is not."""
+    tracker = OffsetTracker()
+    tp = TopicPartition("d", 0)
+    for offset in (5, 6, 7):
+        tracker.add(tp, offset)
+    tracker.done(tp, 5)
+    assert [tracker.seen(tp, o) for o in (5, 6, 7, 8)] == [True, True, True, False]
+    tracker.retain([])
+    assert not tracker.seen(tp, 5)
 
 
 def test_redaction_hides_credentials_and_signatures() -> None:
@@ -144,3 +159,11 @@ def test_failed_probes_double_the_wait_up_to_the_bound() -> None:
         now = circuit.reopens_at("wh")
         assert circuit.allows("wh", now)
     assert waits == [10, 20, 40, 45, 45]
+
+
+def test_a_probe_that_never_reports_back_does_not_shut_the_circuit_for_good() -> None:
+    circuit = CircuitBreaker(threshold=1, open_for=10)
+    circuit.record("wh", success=False, now=0)
+    assert circuit.allows("wh", 10), "the probe"
+    assert not circuit.allows("wh", 15)
+    assert circuit.allows("wh", 20), "its outcome never came: another probe goes"
