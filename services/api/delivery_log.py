@@ -63,7 +63,7 @@ def _delivery_row(attempt: Attempt) -> dict[str, Any]:
         "state": attempt.state,
         "attempts": attempt.attempt,
         "last_status_code": attempt.status_code,
-        "last_error": attempt.error,
+        "last_error": _storable(attempt.error),
         "next_retry_at": attempt.next_retry_at,
         "created_at": attempt.attempted_at,
         "updated_at": attempt.attempted_at,
@@ -78,13 +78,19 @@ def _attempt_row(attempt: Attempt) -> dict[str, Any]:
         "outcome": attempt.outcome,
         "status_code": attempt.status_code,
         "latency_ms": attempt.latency_ms,
-        "error": attempt.error,
+        "error": _storable(attempt.error),
         "error_class": attempt.error_class,
         "final": attempt.final,
         "next_retry_at": attempt.next_retry_at,
         "request_headers": attempt.request_headers,
-        "response_body": attempt.response_body,
+        "response_body": _storable(attempt.response_body),
     }
+
+
+def _storable(text: str | None) -> str | None:
+    # A receiver's answer may hold NUL characters, which PostgreSQL text cannot store; one
+    # such answer would otherwise stop the delivery log for every team.
+    return None if text is None else text.replace("\x00", "\ufffd")
 
 
 async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
@@ -134,10 +140,11 @@ def _conditions(where: DeliveryFilter) -> list[Any]:
         conditions.append(_deliveries.c.webhook_id == where.webhook_id)
     if where.states:
         conditions.append(_deliveries.c.state.in_(where.states))
+    # SQLite stores the UTC wall time without its offset: bounds must be in UTC as well.
     if where.since is not None:
-        conditions.append(_deliveries.c.created_at >= where.since)
+        conditions.append(_deliveries.c.created_at >= as_utc(where.since))
     if where.until is not None:
-        conditions.append(_deliveries.c.created_at < where.until)
+        conditions.append(_deliveries.c.created_at < as_utc(where.until))
     return conditions
 
 
@@ -148,9 +155,12 @@ def encode_cursor(row: Any) -> str:
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     micros, _, delivery_id = cursor.partition(".")
-    if not micros.isdigit() or not delivery_id:
+    if not (micros.isascii() and micros.isdigit()) or not delivery_id:
         raise ValidationFailed.for_field("cursor", "not a cursor this api returned")
-    return datetime.fromtimestamp(int(micros) / 1_000_000, UTC), delivery_id
+    try:
+        return datetime.fromtimestamp(int(micros) / 1_000_000, UTC), delivery_id
+    except (ValueError, OverflowError, OSError) as exc:
+        raise ValidationFailed.for_field("cursor", "not a cursor this api returned") from exc
 
 
 async def page(
@@ -275,8 +285,11 @@ async def disable_webhooks(conn: AsyncConnection, attempts: Sequence[Attempt]) -
             update(hooks)
             .where(
                 hooks.c.id == attempt.webhook_id,
+                hooks.c.team_id == attempt.team_id,
                 hooks.c.active.is_(True),
                 hooks.c.deleted_at.is_(None),
+                # Reactivated after this attempt (or the request read again): it stands.
+                hooks.c.updated_at < as_utc(attempt.attempted_at),
             )
             .values(active=False, updated_at=utcnow())
         )

@@ -113,7 +113,7 @@ async def update_webhook(request: web.Request) -> web.Response:
 
 async def _parse_update(request: web.Request) -> WebhookUpdate:
     body = await parse_body(request, WebhookUpdate)
-    for required in ("name", "url", "topics", "headers"):
+    for required in ("name", "description", "url", "topics", "headers"):
         if required in body.model_fields_set and getattr(body, required) is None:
             raise ValidationFailed.for_field(required, "cannot be null")
     return body

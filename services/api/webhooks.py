@@ -81,6 +81,14 @@ class _WebhookRules(BaseModel):
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else check_webhook_url(value)
 
+    @field_validator("name", "description", check_fields=False)
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        # PostgreSQL cannot store U+0000 in text; refused on every database alike.
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain the NUL character (U+0000)")
+        return value
+
     @field_validator("headers", check_fields=False)
     @classmethod
     def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
@@ -89,7 +97,7 @@ class _WebhookRules(BaseModel):
                 raise ValueError(f"{name!r} is not a valid header name")
             if name.lower() in _RESERVED_HEADERS:
                 raise ValueError(f"{name!r} is set by hookwire and cannot be overridden")
-            if "\r" in header_value or "\n" in header_value or len(header_value) > 1024:
+            if any(c in header_value for c in "\r\n\x00") or len(header_value) > 1024:
                 raise ValueError(f"value of {name!r} must be one line of at most 1024 characters")
         return value
 
@@ -206,8 +214,11 @@ async def list_webhooks(request: web.Request) -> web.Response:
     if query.cursor is not None:
         # Ids are time-ordered: the last id of a page is where the next one starts.
         conditions.append(_hooks.c.id > query.cursor)
+    statement = select(_hooks).where(*conditions).order_by(_hooks.c.id)
+    if query.topic is None:
+        statement = statement.limit(query.limit + 1)
     async with ctx.engine.connect() as conn:
-        rows = (await conn.execute(select(_hooks).where(*conditions).order_by(_hooks.c.id))).all()
+        rows = (await conn.execute(statement)).all()
     # Topics are a JSON list; filtering them in Python keeps one query for both databases.
     if query.topic is not None:
         rows = [row for row in rows if query.topic in row.topics]

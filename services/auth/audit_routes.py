@@ -79,9 +79,9 @@ class AuditRoutes:
             visible = or_(_audit.c.actor_user_id == caller.user_id, _audit.c.team_id.in_(readable))
             conditions = [visible]
             if query.since is not None:
-                conditions.append(_audit.c.at >= query.since)
+                conditions.append(_audit.c.at >= as_utc(query.since))
             if query.until is not None:
-                conditions.append(_audit.c.at < query.until)
+                conditions.append(_audit.c.at < as_utc(query.until))
             if query.actor is not None:
                 conditions.append(
                     or_(

@@ -105,9 +105,12 @@ def as_utc(value: datetime) -> datetime: ...
 @overload
 def as_utc(value: None) -> None: ...
 def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
+    """Every stored time is UTC: SQLite hands back naive datetimes, and stores the wall
+    time of what it is given without the offset, so an aware time is converted first."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        return value.astimezone(UTC)
     return value.replace(tzinfo=UTC)
 
 

@@ -114,6 +114,9 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "headers": {"bad header": "x"}}, "headers"),
         ({**VALID, "headers": {"Transfer-Encoding": "chunked"}}, "headers"),
         ({**VALID, "headers": {"X-Ok": "a\r\nInjected: 1"}}, "headers"),
+        ({**VALID, "headers": {"X-Ok": "a\u0000b"}}, "headers"),
+        ({**VALID, "name": "a\u0000b"}, "name"),
+        ({**VALID, "description": "\u0000"}, "description"),
         ([VALID], "body"),
     ],
 )
@@ -176,3 +179,27 @@ async def test_unknown_routes_use_the_error_shape(api_stack: Stack) -> None:
     async with api_stack.session.get(f"{api_stack.api_url}/v1/nothing-here") as response:
         assert response.status == 404
         assert set((await response.json())["error"]) == {"code", "message", "details"}
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"description": None}, "description"),
+        ({"name": None}, "name"),
+        ({"name": "a\u0000b"}, "name"),
+        ({"topics": ["object.exploded"]}, "topics.0"),
+    ],
+)
+async def test_invalid_webhook_updates_get_422_and_change_nothing(
+    api_stack: Stack, patch: dict[str, Any], field: str
+) -> None:
+    status, created = await _post(api_stack, "/webhooks", json=VALID)
+    assert status == 201
+    url = f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks/{created['id']}"
+    async with api_stack.session.patch(url, headers=api_stack.headers(), json=patch) as response:
+        assert response.status == 422
+        answer = await response.json()
+    assert field in [problem["field"] for problem in answer["error"]["details"]]
+    async with api_stack.session.get(url, headers=api_stack.headers()) as response:
+        unchanged = await response.json()
+    assert (unchanged["name"], unchanged["description"]) == (created["name"], "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -143,6 +143,12 @@ async def test_listing_filters_by_state_and_time_and_pages(
     later = (utcnow() + timedelta(minutes=1)).isoformat()
     assert (await _call(stack, "GET", path, params={"since": later}))[1]["data"] == []
     assert len((await _call(stack, "GET", path, params={"until": later}))[1]["data"]) == 3
+    # The same instants written with another offset select the same deliveries.
+    east = timezone(timedelta(hours=2))
+    later_east = (utcnow() + timedelta(minutes=1)).astimezone(east).isoformat()
+    earlier_east = (utcnow() - timedelta(minutes=30)).astimezone(east).isoformat()
+    assert (await _call(stack, "GET", path, params={"since": later_east}))[1]["data"] == []
+    assert len((await _call(stack, "GET", path, params={"since": earlier_east}))[1]["data"]) == 3
 
     seen: list[str] = []
     cursor: str | None = None
@@ -238,6 +244,8 @@ async def test_bad_requests_to_the_log_are_refused(stack: Stack, receiver: Recei
         ("GET", "/deliveries", {"params": {"limit": "0"}}, 422, "limit"),
         ("GET", "/deliveries", {"params": {"since": naive}}, 422, "since"),
         ("GET", "/deliveries", {"params": {"cursor": "nonsense"}}, 422, "cursor"),
+        ("GET", "/deliveries", {"params": {"cursor": "\u00b21.msg_x"}}, 422, "cursor"),
+        ("GET", "/deliveries", {"params": {"cursor": "9" * 20 + ".msg_x"}}, 422, "cursor"),
         ("GET", "/deliveries", {"params": {"colour": "red"}}, 422, "colour"),
         ("GET", path + "/deliveries", {"params": {"webhook_id": "wh_x"}}, 422, "webhook_id"),
         ("GET", "/webhooks/wh_missing/deliveries", {}, 404, None),
@@ -388,3 +396,49 @@ async def test_a_test_event_written_to_the_events_topic_is_dead_lettered(
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.05)
     assert receiver.received == []
+
+
+async def test_nul_in_an_answer_is_stored_and_a_stale_disable_request_is_ignored(
+    settings: Settings,
+) -> None:
+    """A receiver's answer with NUL characters (which PostgreSQL text cannot hold) is
+    stored with them replaced, and the log goes on; a request to disable a webhook made
+    before the webhook last changed (reactivated since, or the record read again) leaves
+    it active, while a current one disables it."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        status, webhook = await _call(
+            stack,
+            "POST",
+            "/webhooks",
+            json={"name": "w", "url": "http://127.0.0.1:9/hook", "topics": ["object.created"]},
+        )
+        assert status == 201
+        base = _attempt(stack, "msg_nul", 1).model_copy(
+            update={"webhook_id": webhook["id"], "response_body": "ok\x00", "error": "x\x00"}
+        )
+        stale = base.model_copy(
+            update={
+                "delivery_id": "msg_stale",
+                "attempted_at": utcnow() - timedelta(hours=1),
+                "disable_reason": "the endpoint answered 410 Gone",
+            }
+        )
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            for record in (base, stale):
+                await producer.send_and_wait(
+                    topics_for(stack.settings).attempts, value=record.to_bytes(), key=b"k"
+                )
+            shown = await _logged(stack, "msg_nul", lambda d: len(d["attempts"]) == 1)
+            assert shown["attempts"][0]["response_body"] == "ok\ufffd"
+            await _logged(stack, "msg_stale", lambda d: len(d["attempts"]) == 1)
+            assert (await _call(stack, "GET", f"/webhooks/{webhook['id']}"))[1]["active"] is True
+            current = stale.model_copy(update={"delivery_id": "msg_now", "attempted_at": utcnow()})
+            await producer.send_and_wait(
+                topics_for(stack.settings).attempts, value=current.to_bytes(), key=b"k"
+            )
+            await _logged(stack, "msg_now", lambda d: len(d["attempts"]) == 1)
+            assert (await _call(stack, "GET", f"/webhooks/{webhook['id']}"))[1]["active"] is False
+        finally:
+            await producer.stop()
