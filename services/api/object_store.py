@@ -115,10 +115,32 @@ async def remove(conn: AsyncConnection, object_id: str) -> None:
     await conn.execute(delete(_objects).where(_objects.c.id == object_id))
 
 
-async def restore_row(conn: AsyncConnection, row: Any) -> None:
-    """Put a row back exactly as it was (undoing a change Kafka refused)."""
-    await conn.execute(delete(_objects).where(_objects.c.id == row.id))
+# Undoing a change Kafka refused, only while nothing has been built on it since; each
+# returns whether it undid the change.
+
+
+async def unmake(conn: AsyncConnection, object_id: str) -> bool:
+    """Undo a creation: the object goes, unless it has been changed since."""
+    result = await conn.execute(
+        delete(_objects).where(_objects.c.id == object_id, _objects.c.version == 1)
+    )
+    return result.rowcount == 1
+
+
+async def revert(conn: AsyncConnection, row: Any, written_version: int) -> bool:
+    """Undo a versioned change: the row as read, if it still holds ``written_version``."""
+    result = await conn.execute(
+        update(_objects)
+        .where(_objects.c.id == row.id, _objects.c.version == written_version)
+        .values(**{k: v for k, v in row._mapping.items() if k != "id"})
+    )
+    return result.rowcount == 1
+
+
+async def reinsert(conn: AsyncConnection, row: Any) -> bool:
+    """Undo a removal: the row as it was (nothing can have changed a removed row)."""
     await conn.execute(insert(_objects).values(**dict(row._mapping)))
+    return True
 
 
 def now_fields(now: datetime, version: int) -> dict[str, Any]:

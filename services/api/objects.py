@@ -115,8 +115,8 @@ async def create_object(request: web.Request) -> web.Response:
     async def change(conn: AsyncConnection) -> None:
         await store.insert_object(conn, values)
 
-    async def undo(conn: AsyncConnection) -> None:
-        await store.remove(conn, object_id)
+    async def undo(conn: AsyncConnection) -> bool:
+        return await store.unmake(conn, object_id)
 
     await _publish(ctx, event, change, undo)
     return _with_etag(store.object_view(values, event_id=event.id), 1, status=201)
@@ -179,8 +179,8 @@ async def _versioned_change(
         ):
             raise PreconditionFailed(f"the object changed while it was being {doing}")
 
-    async def undo(conn: AsyncConnection) -> None:
-        await store.restore_row(conn, row)
+    async def undo(conn: AsyncConnection) -> bool:
+        return await store.revert(conn, row, version)
 
     await _publish(ctx, event, change, undo)
     return version
@@ -241,8 +241,8 @@ async def delete_object(request: web.Request) -> web.Response:
         async def remove(conn: AsyncConnection) -> None:
             await store.remove(conn, row.id)
 
-        async def undo(conn: AsyncConnection) -> None:
-            await store.restore_row(conn, row)
+        async def undo(conn: AsyncConnection) -> bool:
+            return await store.reinsert(conn, row)
 
         await _publish(ctx, event, remove, undo)
     else:

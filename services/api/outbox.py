@@ -73,7 +73,7 @@ class Outbox:
     async def commit_and_publish(
         self,
         change: Callable[[AsyncConnection], Awaitable[T]],
-        undo: Callable[[AsyncConnection], Awaitable[None]],
+        undo: Callable[[AsyncConnection], Awaitable[bool]],
         topic: str,
         key: str,
         record: Record,
@@ -82,18 +82,24 @@ class Outbox:
 
         If Kafka refuses, the change is undone and the caller gets 503: nothing is left half
         written. If this process dies first, the relay publishes the staged record, so the
-        committed change still gets its event.
+        committed change still gets its event. ``undo`` returns False when a later change
+        has been made on top of this one: undoing would lose that one, so the change stays,
+        its record is left to the relay, and the caller's 503 says so.
         """
         async with self._engine.begin() as conn:
             result = await change(conn)
             row_id = await self.stage(conn, topic, key, record)
         try:
             await self.publish(row_id, topic, key, record)
-        except PublishUnavailable:
+        except PublishUnavailable as exc:
             async with self._engine.begin() as conn:
                 taken = await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
-                if taken.rowcount == 1:
-                    await undo(conn)
+                if taken.rowcount == 1 and not await undo(conn):
+                    # Raised inside the transaction: the staged record is kept for the relay.
+                    raise PublishUnavailable(
+                        f"{exc.message}; the change was kept, as a later change builds on it,"
+                        " and its event will be published once the event stream is back"
+                    ) from exc
             raise
         return result
 

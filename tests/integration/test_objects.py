@@ -10,7 +10,10 @@ from typing import Any
 import orjson
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from services.api import object_store
+from services.api.errors import PublishUnavailable
 from services.shared import EmbeddedBroker, Event, Settings, new_id, tables, utcnow
 from tests.conftest import Receiver, Stack, running_stack
 
@@ -181,6 +184,53 @@ async def test_kafka_down_means_503_and_nothing_written(
     async with stack.api.engine.connect() as conn:
         staged = (await conn.execute(select(func.count()).select_from(tables.outbox))).scalar()
     assert staged == 0
+
+
+async def test_a_refused_change_with_a_later_change_on_top_is_kept_for_the_relay(
+    own_broker_stack: tuple[Stack, EmbeddedBroker],
+) -> None:
+    """Request A's publish fails after request B changed the object again: undoing A
+    would lose B, so both stay, A's event is left staged for the relay, and A's caller
+    hears so in the 503."""
+    stack, broker = own_broker_stack
+    _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
+    async with stack.api.engine.connect() as conn:
+        row = await object_store.find(conn, stack.team_id, "contact", created["id"])
+    event = Event(
+        id=new_id("evt"),
+        type="object.updated",
+        team_id=stack.team_id,
+        object_type="contact",
+        object_id=row.id,
+        occurred_at=utcnow(),
+        data={"v": "A"},
+    )
+
+    async def change(conn: AsyncConnection) -> None:
+        fields = object_store.now_fields(event.occurred_at, 2)
+        assert await object_store.set_fields(conn, row.id, 1, data={"v": "A"}, **fields)
+
+    async def undo(conn: AsyncConnection) -> bool:
+        return await object_store.revert(conn, row, 2)
+
+    broker.stop()
+    request_a = asyncio.create_task(
+        outbox.commit_and_publish(change, undo, "events", row.id, event)
+    )
+    async with asyncio.timeout(10):
+        while True:
+            if (await _call(stack, "GET", f"/contact/{row.id}"))[1]["version"] == 2:
+                break
+            await asyncio.sleep(0.02)
+    async with stack.api.engine.begin() as conn:
+        fields = object_store.now_fields(utcnow(), 3)
+        assert await object_store.set_fields(conn, row.id, 2, data={"v": "B"}, **fields)
+    with pytest.raises(PublishUnavailable, match="the change was kept"):
+        await request_a
+    _, current, _ = await _call(stack, "GET", f"/contact/{row.id}")
+    assert (current["data"], current["version"]) == ({"v": "B"}, 3)
+    assert await outbox.backlog() == 1, "A's event waits for the relay"
 
 
 async def test_the_relay_publishes_what_a_crashed_request_left(
