@@ -37,6 +37,7 @@ from .paging import MAX_LIMIT
 from .webhook_lifecycle import find_webhook
 
 MAX_REPLAY = 10_000
+_REPLAY_CHUNK = 500
 _TEST_MESSAGE = "This is a test event from hookwire; it changes nothing."
 
 
@@ -188,18 +189,25 @@ async def replay_webhook(request: web.Request) -> web.Response:
         since=body.since,
         until=body.until,
     )
-    async with ctx.engine.connect() as conn:
-        rows = await delivery_log.oldest_first(conn, where, limit=MAX_REPLAY + 1)
-    chosen = rows[:MAX_REPLAY]
-    await _publish(ctx, [_resend(row) for row in chosen])
-    truncated = len(rows) > MAX_REPLAY
-    resume: datetime | None = rows[MAX_REPLAY].created_at if truncated else None
+    # Read and sent a chunk at a time: each row carries its event, up to 256 KiB.
+    replayed = 0
+    after: tuple[datetime, str] | None = None
+    resume: datetime | None = None
+    while True:
+        size = min(_REPLAY_CHUNK, MAX_REPLAY - replayed)
+        async with ctx.engine.connect() as conn:
+            rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
+        chosen = rows[:size]
+        await _publish(ctx, [_resend(row) for row in chosen])
+        replayed += len(chosen)
+        if len(rows) <= size:
+            break
+        after = (chosen[-1].created_at, chosen[-1].id)
+        if replayed >= MAX_REPLAY:
+            resume = rows[size].created_at
+            break
     return json_response(
-        {
-            "replayed": len(chosen),
-            "truncated": truncated,
-            "resume_since": as_utc(resume),
-        },
+        {"replayed": replayed, "truncated": resume is not None, "resume_since": as_utc(resume)},
         status=202,
     )
 

@@ -185,10 +185,26 @@ async def page(
     return list(rows.all())
 
 
-async def oldest_first(conn: AsyncConnection, where: DeliveryFilter, *, limit: int) -> list[Any]:
+async def oldest_first(
+    conn: AsyncConnection,
+    where: DeliveryFilter,
+    *,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+) -> list[Any]:
+    """Oldest first, from just after ``after`` (a row's created_at and id) when given."""
+    conditions = _conditions(where)
+    if after is not None:
+        at, delivery_id = as_utc(after[0]), after[1]
+        conditions.append(
+            or_(
+                _deliveries.c.created_at > at,
+                and_(_deliveries.c.created_at == at, _deliveries.c.id > delivery_id),
+            )
+        )
     rows = await conn.execute(
         select(_deliveries)
-        .where(*_conditions(where))
+        .where(*conditions)
         .order_by(_deliveries.c.created_at, _deliveries.c.id)
         .limit(limit)
     )

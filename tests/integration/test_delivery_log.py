@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
+import pytest
 
+from services.api import deliveries
 from services.shared import (
     Attempt,
     Event,
@@ -169,7 +171,7 @@ async def test_listing_filters_by_state_and_time_and_pages(
 
 
 async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
-    stack: Stack, receiver: Receiver
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     webhook = await _webhook(stack, receiver.url)
     before = utcnow() - timedelta(seconds=1)
@@ -209,6 +211,23 @@ async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
         json={"since": (utcnow() + timedelta(minutes=1)).isoformat()},
     )
     assert (status, answer["replayed"]) == (202, 0)
+
+    # Read and sent a chunk at a time; past the bound the answer says where to resume.
+    monkeypatch.setattr(deliveries, "_REPLAY_CHUNK", 1)
+    monkeypatch.setattr(deliveries, "MAX_REPLAY", 2)
+    status, answer = await _call(
+        stack, "POST", f"/webhooks/{webhook['id']}/replay", json={"since": before.isoformat()}
+    )
+    assert (status, answer["replayed"], answer["truncated"]) == (202, 2, True)
+    sent = (await receiver.wait_for(9))[7:]
+    oldest_first = [d["id"] for d in reversed(await _listed(stack, path, 3))]
+    assert [r.headers["webhook-id"] for r in sent] == oldest_first[:2]
+    status, answer = await _call(
+        stack, "POST", f"/webhooks/{webhook['id']}/replay", json={"since": answer["resume_since"]}
+    )
+    assert (status, answer["replayed"], answer["truncated"]) == (202, 1, False)
+    [last] = (await receiver.wait_for(10))[9:]
+    assert last.headers["webhook-id"] == oldest_first[2]
 
 
 async def test_a_test_event_goes_to_that_webhook_only(stack: Stack, receiver: Receiver) -> None:
