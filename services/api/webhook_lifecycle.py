@@ -6,15 +6,16 @@ reload the webhook within a second.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared import (
+    Conflict,
     NotFound,
     OpenApi,
     ValidationFailed,
@@ -62,8 +63,13 @@ async def _change(
     *,
     trashed: bool = False,
     details: dict[str, Any] | None = None,
+    unchanged_since: datetime | None = None,
 ) -> Any:
-    """Apply ``values`` (or delete the row when None), audit, announce; returns the new row."""
+    """Apply ``values`` (or delete the row when None), audit, announce; returns the new row.
+
+    With ``unchanged_since`` (the ``updated_at`` the values were computed from), a change
+    made meanwhile by another request is a 409 rather than silently overwritten.
+    """
     webhook_id = request.match_info["webhook_id"]
     async with ctx.engine.begin() as conn:
         await find_webhook(conn, principal.team_id, webhook_id, trashed=trashed)
@@ -73,7 +79,14 @@ async def _change(
             await delivery_log.forget_webhook(conn, webhook_id)
             row = None
         else:
-            await conn.execute(update(_webhooks).where(where).values(updated_at=utcnow(), **values))
+            guarded = where
+            if unchanged_since is not None:
+                guarded = and_(where, _webhooks.c.updated_at == unchanged_since)
+            result = await conn.execute(
+                update(_webhooks).where(guarded).values(updated_at=utcnow(), **values)
+            )
+            if result.rowcount != 1:
+                raise Conflict("the webhook changed while this request ran; try again")
             row = (await conn.execute(select(_webhooks).where(where))).first()
         await record_audit(
             conn,
@@ -175,6 +188,8 @@ async def rotate_secret(request: web.Request) -> web.Response:
         "webhook.secret_rotated",
         {"secrets": [*kept, {"secret": secret, "expires_at": None}]},
         details={"grace_seconds": body.grace_seconds},
+        # Two rotations at once would each keep the secrets they read and lose the other's.
+        unchanged_since=current.updated_at,
     )
     return json_response(
         {
@@ -223,6 +238,6 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         rotate_secret,
         body=SecretRotation,
         permission="webhook:update",
-        errors=(401, 403, 404, 422),
+        errors=(401, 403, 404, 409, 422),
         summary="New signing secret; the old one also signs for grace_seconds (24 h)",
     )

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
-from services.shared import Settings
+from services.shared import Settings, tables
 from tests.conftest import Receiver, Stack, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
@@ -243,3 +244,27 @@ async def test_list_filters_by_active_and_topic_and_pages(api_stack: Stack) -> N
         status, body = await _hooks(api_stack, "GET", params=params)
         assert status == 422, params
         assert [d["field"] for d in body["error"]["details"]] == [field]
+
+
+async def test_concurrent_rotations_never_lose_a_secret_they_returned(
+    api_stack: Stack, receiver: Receiver
+) -> None:
+    """Rotations racing each other: each one either answers 409 or its new secret is
+    among those the webhook signs with (none is silently dropped by another)."""
+    status, webhook = await _hooks(
+        api_stack, "POST", json={"name": "w", "url": receiver.url, "topics": ["object.created"]}
+    )
+    assert status == 201
+    answers = await asyncio.gather(
+        *(_hooks(api_stack, "POST", f"/{webhook['id']}/rotate-secret", json={}) for _ in range(5))
+    )
+    assert {status for status, _ in answers} <= {200, 409}
+    returned = {answer["secret"] for status, answer in answers if status == 200}
+    assert returned
+    async with api_stack.api.engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                select(tables.webhooks.c.secrets).where(tables.webhooks.c.id == webhook["id"])
+            )
+        ).scalar_one()
+    assert returned <= {entry["secret"] for entry in stored}
