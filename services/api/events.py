@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -33,6 +33,8 @@ from services.shared import (
 from .context import CONTEXT
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
+# Far longer than a request can take (its publish is bounded by the publish timeout).
+_ABANDONED_CLAIM = timedelta(minutes=5)
 _keys = tables.idempotency_keys
 _ID = r"^[A-Za-z0-9_.:-]{1,128}$"
 
@@ -59,6 +61,14 @@ def _idempotency_key(request: web.Request) -> str | None:
     return key
 
 
+def _keyed_event_id(team_id: str, key: str, request_hash: str) -> str:
+    # A failed publish may still have reached Kafka (a timeout proves nothing), and then
+    # the key is released for a retry: the retry's event carries the same id, so each
+    # webhook gets the same webhook-id twice and de-duplicates it.
+    digest = hashlib.sha256(f"{team_id}\x00{key}\x00{request_hash}".encode()).hexdigest()
+    return f"evt_{digest[:32]}"
+
+
 async def _claim(conn: AsyncConnection, team_id: str, key: str, request_hash: str) -> Any:
     """Claim the key for this request, or return the row of the request that holds it."""
     now = utcnow()
@@ -66,7 +76,11 @@ async def _claim(conn: AsyncConnection, team_id: str, key: str, request_hash: st
         delete(_keys).where(
             _keys.c.team_id == team_id,
             _keys.c.key == key,
-            _keys.c.created_at < now - IDEMPOTENCY_WINDOW,
+            or_(
+                _keys.c.created_at < now - IDEMPOTENCY_WINDOW,
+                # Claimed by a request that never finished (its process died): free again.
+                and_(_keys.c.status.is_(None), _keys.c.created_at < now - _ABANDONED_CLAIM),
+            ),
         )
     )
     try:
@@ -105,9 +119,10 @@ async def publish_event(request: web.Request) -> web.Response:
             return json_response(
                 earlier.response, status=earlier.status, headers={"Idempotent-Replayed": "true"}
             )
-    event = Event(
-        id=new_id("evt"), team_id=principal.team_id, occurred_at=utcnow(), **body.model_dump()
+    event_id = (
+        new_id("evt") if key is None else _keyed_event_id(principal.team_id, key, request_hash)
     )
+    event = Event(id=event_id, team_id=principal.team_id, occurred_at=utcnow(), **body.model_dump())
     answer = {"id": event.id, "type": event.type, "occurred_at": event.occurred_at}
 
     async def forget(conn: AsyncConnection) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import delete, update
 
+from services.shared import tables, utcnow
 from tests.conftest import Receiver, Stack
 
 EVENT = {
@@ -66,6 +69,38 @@ async def test_idempotency_key_makes_a_repeat_a_no_op(stack: Stack, receiver: Re
         "hookwire_api_events_published_total", {"type": "object.updated"}
     )
     assert published == 2
+
+
+async def test_a_keyed_event_keeps_its_id_when_its_key_was_released(stack: Stack) -> None:
+    """A failed publish releases its key, yet may have reached Kafka (a timeout proves
+    nothing): the retry publishes the same event id, so receivers see one webhook-id."""
+    first = await _publish(stack, EVENT, key="order-9")
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(delete(tables.idempotency_keys))
+    again = await _publish(stack, EVENT, key="order-9")
+    assert first[0] == again[0] == 201
+    assert again[1]["id"] == first[1]["id"]
+    assert "Idempotent-Replayed" not in again[2]
+    other_body = await _publish(stack, {**EVENT, "data": {"total": 1}}, key="order-10")
+    assert other_body[1]["id"] != first[1]["id"]
+
+
+async def test_a_key_claimed_by_a_request_that_died_is_free_again(stack: Stack) -> None:
+    """A claim without an answer is another request still running (409) until it is far
+    older than any request can take; then its process is taken to have died."""
+    keys = tables.idempotency_keys
+    for key, age in (("running", timedelta(seconds=5)), ("died", timedelta(minutes=10))):
+        assert (await _publish(stack, EVENT, key=key))[0] == 201
+        async with stack.api.engine.begin() as conn:
+            await conn.execute(
+                update(keys)
+                .where(keys.c.key == key)
+                .values(status=None, response=None, created_at=utcnow() - age)
+            )
+    status, body, _ = await _publish(stack, EVENT, key="running")
+    assert (status, body["error"]["code"]) == (409, "conflict")
+    status, _, _ = await _publish(stack, EVENT, key="died")
+    assert status == 201
 
 
 @pytest.mark.parametrize(
