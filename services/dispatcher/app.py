@@ -116,7 +116,10 @@ class DispatcherService:
         # The resolver refuses private addresses at connect time (DNS rebinding included).
         resolver = None if self.settings.allow_private_urls else GuardedResolver()
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver)
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver),
+            # A cookie one receiver sets must never ride along to the next delivery: two
+            # teams' webhooks can share a host.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         # Hundreds of deliveries finish at once; their outcomes go out together.
         outcomes = self._outcomes = BatchingSender(self._producer)

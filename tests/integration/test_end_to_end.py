@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import time
 
 import orjson
+from aiohttp import web
 
+from services.shared import bound_port, start_site
 from tests.conftest import Receiver, Stack
 
 
@@ -102,6 +105,39 @@ async def test_unsubscribed_webhooks_receive_nothing(stack: Stack, receiver: Rec
     registry = stack.dispatcher.metrics.registry
     assert registry.get_sample_value("hookwire_dispatcher_webhooks_matched_sum") == 1
     assert registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 1
+
+
+async def test_a_cookie_a_receiver_sets_is_never_sent_back(stack: Stack) -> None:
+    """Deliveries carry no cookies: one receiver's Set-Cookie must not ride along to the
+    next delivery (two teams' webhooks can share a host)."""
+    cookies: list[str | None] = []
+    arrived = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        cookies.append(request.headers.get("cookie"))
+        arrived.set()
+        response = web.Response(text="ok")
+        response.set_cookie("session", "from-the-receiver")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        # A host name, not an address: cookies for bare IP addresses are never kept anyway.
+        await stack.subscribe(f"http://localhost:{bound_port(runner)}/hook")
+        for number in range(2):
+            async with stack.session.post(
+                f"{stack.api_url}/v1/teams/{stack.team_id}/objects/contact",
+                headers=stack.headers(),
+                json={"n": number},
+            ) as response:
+                assert response.status == 201
+            await asyncio.wait_for(arrived.wait(), 10)
+            arrived.clear()
+    finally:
+        await runner.cleanup()
+    assert cookies == [None, None]
 
 
 async def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -> None:
