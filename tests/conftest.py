@@ -177,6 +177,16 @@ class Stack:
         await self.wait_for_webhook(webhook_id)
         return webhook_id
 
+    async def create_object(self, data: dict[str, Any] | None = None, kind: str = "contact") -> str:
+        """Create an object through the api (publishing ``object.created``); returns its id."""
+        async with self.session.post(
+            f"{self.api_url}/v1/teams/{self.team_id}/objects/{kind}",
+            headers=self.headers(),
+            json={"n": 1} if data is None else data,
+        ) as response:
+            assert response.status == 201
+            return str((await response.json())["id"])
+
     async def wait_for_webhook(self, webhook_id: str, within: float = 5.0) -> None:
         """The dispatcher picks up new webhooks from change records, within a second."""
         deadline = asyncio.get_running_loop().time() + within

@@ -49,12 +49,6 @@ async def _webhook(stack: Stack, url: str, **extra: Any) -> dict[str, Any]:
     return dict(webhook)
 
 
-async def _create_object(stack: Stack, n: int = 1) -> str:
-    status, created = await _call(stack, "POST", "/objects/contact", json={"n": n})
-    assert status == 201
-    return str(created["id"])
-
-
 async def _logged(
     stack: Stack, delivery_id: str, ready: Callable[[dict[str, Any]], bool], within: float = 10.0
 ) -> dict[str, Any]:
@@ -88,7 +82,7 @@ async def test_a_failed_attempt_is_logged_and_a_retry_delivers_it(
         stack, receiver.url, headers={"X-Api-Key": "receiver-credential", "X-Team": "acme"}
     )
     receiver.statuses = [500]
-    await _create_object(stack)
+    await stack.create_object()
     [first] = await receiver.wait_for(1)
     delivery_id = first.headers["webhook-id"]
 
@@ -129,7 +123,7 @@ async def test_listing_filters_by_state_and_time_and_pages(
     webhook = await _webhook(stack, receiver.url)
     receiver.statuses = [200, 503, 200]
     for n in range(3):
-        await _create_object(stack, n)
+        await stack.create_object({"n": n})
     await receiver.wait_for(3)
     path = f"/webhooks/{webhook['id']}/deliveries"
     everything = await _listed(stack, path, 3)
@@ -177,7 +171,7 @@ async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
     before = utcnow() - timedelta(seconds=1)
     receiver.statuses = [200, 500, 200]
     for n in range(3):
-        await _create_object(stack, n)
+        await stack.create_object({"n": n})
     originals = await receiver.wait_for(3)
     ids = {r.headers["webhook-id"] for r in originals}
     path = f"/webhooks/{webhook['id']}/deliveries"
@@ -300,7 +294,7 @@ async def test_force_delete_takes_the_log_and_trash_keeps_it(
     stack: Stack, receiver: Receiver
 ) -> None:
     webhook = await _webhook(stack, receiver.url)
-    await _create_object(stack)
+    await stack.create_object()
     [got] = await receiver.wait_for(1)
     delivery_id = got.headers["webhook-id"]
     await _logged(stack, delivery_id, lambda d: d["state"] == "delivered")

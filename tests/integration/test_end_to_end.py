@@ -127,12 +127,7 @@ async def test_a_cookie_a_receiver_sets_is_never_sent_back(stack: Stack) -> None
         # A host name, not an address: cookies for bare IP addresses are never kept anyway.
         await stack.subscribe(f"http://localhost:{bound_port(runner)}/hook")
         for number in range(2):
-            async with stack.session.post(
-                f"{stack.api_url}/v1/teams/{stack.team_id}/objects/contact",
-                headers=stack.headers(),
-                json={"n": number},
-            ) as response:
-                assert response.status == 201
+            await stack.create_object({"n": number})
             await asyncio.wait_for(arrived.wait(), 10)
             arrived.clear()
     finally:

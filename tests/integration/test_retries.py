@@ -51,15 +51,6 @@ async def _webhook(stack: Stack, url: str) -> dict[str, Any]:
     return webhook
 
 
-async def _create_object(stack: Stack) -> None:
-    async with stack.session.post(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/objects/contact",
-        headers=stack.headers(),
-        json={"n": 1},
-    ) as response:
-        assert response.status == 201
-
-
 async def _eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
     deadline = asyncio.get_running_loop().time() + within
     while True:
@@ -108,7 +99,7 @@ async def test_fails_twice_then_delivered_with_the_same_webhook_id(
     stack = quick_stack
     webhook = await _webhook(stack, receiver.url)
     receiver.statuses = [500, 503]
-    await _create_object(stack)
+    await stack.create_object()
     received = await receiver.wait_for(3)
     assert len({r.headers["webhook-id"] for r in received}) == 1
     assert len({r.body for r in received}) == 1
@@ -147,7 +138,7 @@ async def test_always_failing_is_dead_lettered_after_the_last_attempt(
     stack = quick_stack
     await _webhook(stack, receiver.url)
     receiver.statuses = [500] * 10
-    await _create_object(stack)
+    await stack.create_object()
     received = await receiver.wait_for(4)
     [letter] = await _dead_letters(stack.settings, 1)
     assert letter["reason"].startswith("attempts_exhausted: attempt 4")
@@ -187,7 +178,7 @@ async def test_retry_after_is_honoured_as_a_floor(quick_stack: Stack) -> None:
     runner = await start_site(app, "127.0.0.1", 0)
     try:
         await _webhook(stack, f"http://127.0.0.1:{bound_port(runner)}/limited")
-        await _create_object(stack)
+        await stack.create_object()
         await _eventually(lambda: len(times) == 2, within=15)
     finally:
         await runner.cleanup()
@@ -200,7 +191,7 @@ async def test_410_gone_disables_the_webhook_and_audits_why(
     stack = quick_stack
     webhook = await _webhook(stack, receiver.url)
     receiver.statuses = [410]
-    await _create_object(stack)
+    await stack.create_object()
     await receiver.wait_for(1)
 
     await _eventually(lambda: _is_disabled(stack, webhook["id"]))
@@ -213,7 +204,7 @@ async def test_410_gone_disables_the_webhook_and_audits_why(
     assert "410" in record["details"]["reason"]
     [letter] = await _dead_letters(stack.settings, 1)
     assert letter["reason"].startswith("gone")
-    await _create_object(stack)
+    await stack.create_object()
     await asyncio.sleep(0.6)
     assert len(receiver.received) == 1, "nothing is sent to a disabled webhook"
 
@@ -230,7 +221,7 @@ async def test_a_slow_endpoint_does_not_delay_a_healthy_one(
         await _webhook(stack, receiver.url)
         started = time.monotonic()
         for _ in range(30):
-            await _create_object(stack)
+            await stack.create_object()
         await receiver.wait_for(30, within=10)
         healthy_done = time.monotonic() - started
         assert slow.received, "the slow endpoint was being called meanwhile"
@@ -253,7 +244,7 @@ async def test_an_open_circuit_defers_without_calling(
     async with running_stack(tripping, with_dispatcher=True) as stack:
         await _webhook(stack, receiver.url)
         receiver.statuses = [500, 500]
-        await _create_object(stack)
+        await stack.create_object()
         await receiver.wait_for(2)
         opened = time.monotonic()
         registry = stack.dispatcher.metrics.registry
@@ -286,7 +277,7 @@ async def test_private_addresses_are_refused_without_the_allow_flag(
         port = receiver.url.split(":")[2].split("/")[0]
         for url in (receiver.url, f"http://localhost:{port}/hook"):
             webhook = await _webhook_for(stack, dispatcher, url)
-            await _create_object(stack)
+            await stack.create_object()
 
             async def refused(webhook_id: str = webhook["id"]) -> dict[str, Any] | None:
                 async with stack.session.get(
@@ -338,7 +329,7 @@ async def test_no_success_for_the_configured_period_disables_the_webhook(
     async with running_stack(impatient, with_dispatcher=True) as stack:
         webhook = await _webhook(stack, receiver.url)
         receiver.statuses = [500] * 100
-        await _create_object(stack)
+        await stack.create_object()
 
         await _eventually(lambda: _is_disabled(stack, webhook["id"]))
         attempts = len(receiver.received)
@@ -357,7 +348,7 @@ async def test_sigterm_drains_a_delivery_in_flight(stack: Stack, receiver: Recei
     send it again."""
     await _webhook(stack, receiver.url)
     receiver.delay_seconds = 1.0
-    await _create_object(stack)
+    await stack.create_object()
     [request] = await receiver.wait_for(1)
     started = time.monotonic()
     await stack.dispatcher.stop()
@@ -386,7 +377,7 @@ async def test_per_endpoint_rate_limit_spaces_requests(
     async with running_stack(paced, with_dispatcher=True) as stack:
         await _webhook(stack, receiver.url)
         for _ in range(10):
-            await _create_object(stack)
+            await stack.create_object()
         await receiver.wait_for(10, within=15)
         times = [r.at for r in receiver.received]
         assert times[-1] - times[0] >= 0.8, "10 requests at 10/s span about a second"
@@ -433,7 +424,7 @@ async def test_a_dropped_connection_gets_one_quick_retry_within_the_attempt(
     port = server.sockets[0].getsockname()[1]
     try:
         await _webhook(stack, f"http://127.0.0.1:{port}/hook")
-        await _create_object(stack)
+        await stack.create_object()
         await _eventually(lambda: len(requests) >= 2)
         ids = {
             line.split(b":", 1)[1].strip()
@@ -473,8 +464,8 @@ async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_
 
     monkeypatch.setattr(Sender, "send", faulty)
     await _webhook(stack, receiver.url)
-    await _create_object(stack)
-    await _create_object(stack)
+    await stack.create_object()
+    await stack.create_object()
     await receiver.wait_for(1)
     [letter] = await _dead_letters(stack.settings, 1)
     assert letter["reason"] == "handler_failed: RuntimeError: a bug"

@@ -36,15 +36,6 @@ async def _create(stack: Stack, url: str) -> dict[str, Any]:
     return dict(webhook)
 
 
-async def _object(stack: Stack) -> None:
-    async with stack.session.post(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/objects/contact",
-        headers=stack.headers(),
-        json={"n": 1},
-    ) as response:
-        assert response.status == 201
-
-
 async def _until(check: Any, within: float = 1.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not check():
@@ -58,11 +49,11 @@ async def test_edits_reach_the_dispatcher_within_a_second(stack: Stack, receiver
     status, edited = await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"url": receiver.url})
     assert (status, edited["url"]) == (200, receiver.url)
     await _until(lambda: stack.dispatcher.table.get(webhook["id"]).url == receiver.url)
-    await _object(stack)
+    await stack.create_object()
     await receiver.wait_for(1)
     assert (await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"active": False}))[0] == 200
     await _until(lambda: not stack.dispatcher.table.get(webhook["id"]).active)
-    await _object(stack)
+    await stack.create_object()
     registry = stack.dispatcher.metrics.registry
     await _until(
         lambda: registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 2, within=5
@@ -70,7 +61,7 @@ async def test_edits_reach_the_dispatcher_within_a_second(stack: Stack, receiver
     assert len(receiver.received) == 1
     assert (await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"active": True}))[0] == 200
     await _until(lambda: stack.dispatcher.table.get(webhook["id"]).active)
-    await _object(stack)
+    await stack.create_object()
     await receiver.wait_for(2)
 
 
@@ -88,7 +79,7 @@ async def test_rotation_signs_with_both_secrets_during_the_grace(
     assert new != old
     assert rotated["previous_secret_expires_at"] is not None
     await _until(lambda: len(stack.dispatcher.table.get(webhook["id"]).signing_keys) == 2)
-    await _object(stack)
+    await stack.create_object()
     [delivery] = await receiver.wait_for(1)
     signatures = delivery.headers["webhook-signature"].split(" ")
     assert len(signatures) == 2
@@ -99,7 +90,7 @@ async def test_rotation_signs_with_both_secrets_during_the_grace(
     )
     assert status == 200
     await _until(lambda: len(stack.dispatcher.table.get(webhook["id"]).signing_keys) == 1)
-    await _object(stack)
+    await stack.create_object()
     latest = (await receiver.wait_for(2))[1]
     assert len(latest.headers["webhook-signature"].split(" ")) == 1
     assert standard_webhooks_verify(again["secret"], latest.headers, latest.body)
