@@ -164,18 +164,25 @@ class Stack:
         )
         return token
 
-    async def subscribe(self, url: str, topics: list[str] | None = None) -> str:
-        """Create a webhook to ``url`` (all event types by default) and wait until the
-        dispatcher routes to it; returns its id."""
+    async def create_webhook(
+        self, url: str, topics: list[str] | None = None, *, routed: bool = True, **fields: Any
+    ) -> dict[str, Any]:
+        """Create a webhook to ``url`` (all event types by default); with ``routed``, wait
+        until the in-process dispatcher routes to it. Returns the api's answer."""
         async with self.session.post(
             f"{self.api_url}/v1/teams/{self.team_id}/webhooks",
             headers=self.headers(),
-            json={"name": "test", "url": url, "topics": topics or list(EVENT_TYPES)},
+            json={"name": "test", "url": url, "topics": topics or list(EVENT_TYPES), **fields},
         ) as response:
-            assert response.status == 201
-            webhook_id: str = (await response.json())["id"]
-        await self.wait_for_webhook(webhook_id)
-        return webhook_id
+            webhook: dict[str, Any] = await response.json()
+            assert response.status == 201, webhook
+        if routed:
+            await self.wait_for_webhook(webhook["id"])
+        return webhook
+
+    async def subscribe(self, url: str, topics: list[str] | None = None) -> str:
+        """Create a webhook and wait until the dispatcher routes to it; returns its id."""
+        return str((await self.create_webhook(url, topics))["id"])
 
     async def create_object(self, data: dict[str, Any] | None = None, kind: str = "contact") -> str:
         """Create an object through the api (publishing ``object.created``); returns its id."""

@@ -35,7 +35,6 @@ from services.shared import (
     cancel_and_wait,
     check_ready,
     consume_forever,
-    dead_letter_record,
     decode,
     get_logger,
     make_consumer,
@@ -48,7 +47,7 @@ from services.shared import (
     utcnow,
 )
 
-from .handler import DeliveryHandler, DeliveryMetrics
+from .handler import DeliveryHandler, DeliveryMetrics, invalid_record
 from .lanes import Lanes
 from .retry_timer import RetryTimer
 from .routing import fan_out
@@ -189,15 +188,12 @@ class DispatcherService:
         if self._lanes is not None:
             for partition, behind in self._lanes.lag().items():
                 self._lag.labels(partition.topic, str(partition.partition)).set(behind)
-        if self._lanes is not None:
             self._backlog.set(self._lanes.backlog)
         if self._timer is not None:
             self._retry_pending.set(self._timer.pending)
 
     def _dead_letter(self, record: ConsumerRecord, reason: str) -> OutRecord:
-        self.delivery_metrics.dead_letters.labels("invalid_record").inc()
-        self._log.warning("record_dead_lettered", topic=record.topic, reason=reason)
-        return dead_letter_record(self.topics, record, reason)
+        return invalid_record(self.delivery_metrics, self.topics, record, reason)
 
     async def _route_batch(self, records: list[ConsumerRecord]) -> None:
         assert self._producer is not None

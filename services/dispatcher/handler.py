@@ -59,6 +59,15 @@ class DeliveryMetrics:
         )
 
 
+def invalid_record(
+    metrics: DeliveryMetrics, topics: Topics, record: ConsumerRecord, reason: str
+) -> OutRecord:
+    """A record outside its contract: counted, logged, and kept on the dead-letter topic."""
+    metrics.dead_letters.labels("invalid_record").inc()
+    get_logger("dispatcher").warning("record_dead_lettered", topic=record.topic, reason=reason)
+    return dead_letter_record(topics, record, reason)
+
+
 class DeliveryHandler:
     def __init__(
         self,
@@ -118,9 +127,7 @@ class DeliveryHandler:
         try:
             delivery = decode(Delivery, record.value)
         except InvalidRecord as exc:
-            self._metrics.dead_letters.labels("invalid_record").inc()
-            self._log.warning("record_dead_lettered", topic=record.topic, reason=exc.message)
-            return [dead_letter_record(self._topics, record, exc.message)]
+            return [invalid_record(self._metrics, self._topics, record, exc.message)]
         route = self._table.get(delivery.webhook_id)
         about: dict[str, Any] = {
             "delivery_id": delivery.id,

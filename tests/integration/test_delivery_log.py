@@ -37,18 +37,6 @@ async def _call(
         return response.status, body
 
 
-async def _webhook(stack: Stack, url: str, **extra: Any) -> dict[str, Any]:
-    status, webhook = await _call(
-        stack,
-        "POST",
-        "/webhooks",
-        json={"name": "log", "url": url, "topics": ["object.created"], **extra},
-    )
-    assert status == 201, webhook
-    await stack.wait_for_webhook(webhook["id"])
-    return dict(webhook)
-
-
 async def _logged(
     stack: Stack, delivery_id: str, ready: Callable[[dict[str, Any]], bool], within: float = 10.0
 ) -> dict[str, Any]:
@@ -78,8 +66,10 @@ async def test_a_failed_attempt_is_logged_and_a_retry_delivers_it(
 ) -> None:
     """The log shows the failure (status, error class, redacted headers, response body);
     a retry re-sends the same webhook-id with the next attempt number and succeeds."""
-    webhook = await _webhook(
-        stack, receiver.url, headers={"X-Api-Key": "receiver-credential", "X-Team": "acme"}
+    webhook = await stack.create_webhook(
+        receiver.url,
+        ["object.created"],
+        headers={"X-Api-Key": "receiver-credential", "X-Team": "acme"},
     )
     receiver.statuses = [500]
     await stack.create_object()
@@ -120,7 +110,7 @@ async def test_a_failed_attempt_is_logged_and_a_retry_delivers_it(
 async def test_listing_filters_by_state_and_time_and_pages(
     stack: Stack, receiver: Receiver
 ) -> None:
-    webhook = await _webhook(stack, receiver.url)
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
     receiver.statuses = [200, 503, 200]
     for n in range(3):
         await stack.create_object({"n": n})
@@ -167,7 +157,7 @@ async def test_listing_filters_by_state_and_time_and_pages(
 async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
     stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    webhook = await _webhook(stack, receiver.url)
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
     before = utcnow() - timedelta(seconds=1)
     receiver.statuses = [200, 500, 200]
     for n in range(3):
@@ -225,8 +215,8 @@ async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
 
 
 async def test_a_test_event_goes_to_that_webhook_only(stack: Stack, receiver: Receiver) -> None:
-    tested = await _webhook(stack, receiver.url + "/tested")
-    await _webhook(stack, receiver.url + "/other")
+    tested = await stack.create_webhook(receiver.url + "/tested", ["object.created"])
+    await stack.create_webhook(receiver.url + "/other", ["object.created"])
     status, answer = await _call(stack, "POST", f"/webhooks/{tested['id']}/test")
     assert status == 202
     [got] = await receiver.wait_for(1)
@@ -249,7 +239,7 @@ async def test_a_test_event_goes_to_that_webhook_only(stack: Stack, receiver: Re
 
 
 async def test_bad_requests_to_the_log_are_refused(stack: Stack, receiver: Receiver) -> None:
-    webhook = await _webhook(stack, receiver.url)
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
     path = f"/webhooks/{webhook['id']}"
     naive = "2026-01-01T00:00:00"
     refused = [
@@ -293,7 +283,7 @@ async def test_bad_requests_to_the_log_are_refused(stack: Stack, receiver: Recei
 async def test_force_delete_takes_the_log_and_trash_keeps_it(
     stack: Stack, receiver: Receiver
 ) -> None:
-    webhook = await _webhook(stack, receiver.url)
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
     await stack.create_object()
     [got] = await receiver.wait_for(1)
     delivery_id = got.headers["webhook-id"]
@@ -385,7 +375,7 @@ async def _bad_attempts_are_dead_lettered(stack: Stack) -> None:
 async def test_a_test_event_written_to_the_events_topic_is_dead_lettered(
     stack: Stack, receiver: Receiver
 ) -> None:
-    await _webhook(stack, receiver.url)
+    await stack.create_webhook(receiver.url, ["object.created"])
     event = Event(
         id="evt_forged_test",
         type="webhook.test",

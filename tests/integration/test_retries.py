@@ -39,16 +39,7 @@ async def quick_stack(settings: Settings) -> AsyncIterator[Stack]:
         yield running
 
 
-async def _webhook(stack: Stack, url: str) -> dict[str, Any]:
-    async with stack.session.post(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks",
-        headers=stack.headers(),
-        json={"name": "r", "url": url, "topics": ["object.created"]},
-    ) as response:
-        assert response.status == 201
-        webhook: dict[str, Any] = await response.json()
-    await stack.wait_for_webhook(webhook["id"])
-    return webhook
+CREATED = ["object.created"]
 
 
 async def _eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
@@ -97,7 +88,7 @@ async def test_fails_twice_then_delivered_with_the_same_webhook_id(
     quick_stack: Stack, receiver: Receiver
 ) -> None:
     stack = quick_stack
-    webhook = await _webhook(stack, receiver.url)
+    webhook = await stack.create_webhook(receiver.url, CREATED)
     receiver.statuses = [500, 503]
     await stack.create_object()
     received = await receiver.wait_for(3)
@@ -136,7 +127,7 @@ async def test_always_failing_is_dead_lettered_after_the_last_attempt(
     quick_stack: Stack, receiver: Receiver
 ) -> None:
     stack = quick_stack
-    await _webhook(stack, receiver.url)
+    await stack.create_webhook(receiver.url, CREATED)
     receiver.statuses = [500] * 10
     await stack.create_object()
     received = await receiver.wait_for(4)
@@ -177,7 +168,7 @@ async def test_retry_after_is_honoured_as_a_floor(quick_stack: Stack) -> None:
     app.router.add_post("/{tail:.*}", limited)
     runner = await start_site(app, "127.0.0.1", 0)
     try:
-        await _webhook(stack, f"http://127.0.0.1:{bound_port(runner)}/limited")
+        await stack.create_webhook(f"http://127.0.0.1:{bound_port(runner)}/limited", CREATED)
         await stack.create_object()
         await _eventually(lambda: len(times) == 2, within=15)
     finally:
@@ -189,7 +180,7 @@ async def test_410_gone_disables_the_webhook_and_audits_why(
     quick_stack: Stack, receiver: Receiver
 ) -> None:
     stack = quick_stack
-    webhook = await _webhook(stack, receiver.url)
+    webhook = await stack.create_webhook(receiver.url, CREATED)
     receiver.statuses = [410]
     await stack.create_object()
     await receiver.wait_for(1)
@@ -217,8 +208,8 @@ async def test_a_slow_endpoint_does_not_delay_a_healthy_one(
     app.router.add_post("/{tail:.*}", slow.handle)
     runner = await start_site(app, "127.0.0.1", 0)
     try:
-        await _webhook(stack, f"http://127.0.0.1:{bound_port(runner)}/slow")
-        await _webhook(stack, receiver.url)
+        await stack.create_webhook(f"http://127.0.0.1:{bound_port(runner)}/slow", CREATED)
+        await stack.create_webhook(receiver.url, CREATED)
         started = time.monotonic()
         for _ in range(30):
             await stack.create_object()
@@ -242,7 +233,7 @@ async def test_an_open_circuit_defers_without_calling(
         }
     )
     async with running_stack(tripping, with_dispatcher=True) as stack:
-        await _webhook(stack, receiver.url)
+        await stack.create_webhook(receiver.url, CREATED)
         receiver.statuses = [500, 500]
         await stack.create_object()
         await receiver.wait_for(2)
@@ -304,13 +295,7 @@ async def test_private_addresses_are_refused_without_the_allow_flag(
 
 
 async def _webhook_for(stack: Stack, dispatcher: DispatcherService, url: str) -> dict[str, Any]:
-    async with stack.session.post(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks",
-        headers=stack.headers(),
-        json={"name": "p", "url": url, "topics": ["object.created"]},
-    ) as response:
-        assert response.status == 201
-        webhook: dict[str, Any] = await response.json()
+    webhook = await stack.create_webhook(url, CREATED, routed=False)
     await _eventually(lambda: dispatcher.table.get(webhook["id"]))
     return webhook
 
@@ -327,7 +312,7 @@ async def test_no_success_for_the_configured_period_disables_the_webhook(
         }
     )
     async with running_stack(impatient, with_dispatcher=True) as stack:
-        webhook = await _webhook(stack, receiver.url)
+        webhook = await stack.create_webhook(receiver.url, CREATED)
         receiver.statuses = [500] * 100
         await stack.create_object()
 
@@ -346,7 +331,7 @@ async def test_no_success_for_the_configured_period_disables_the_webhook(
 async def test_sigterm_drains_a_delivery_in_flight(stack: Stack, receiver: Receiver) -> None:
     """Stopping waits for the request in flight and records it; a new dispatcher does not
     send it again."""
-    await _webhook(stack, receiver.url)
+    await stack.create_webhook(receiver.url, CREATED)
     receiver.delay_seconds = 1.0
     await stack.create_object()
     [request] = await receiver.wait_for(1)
@@ -375,7 +360,7 @@ async def test_per_endpoint_rate_limit_spaces_requests(
 ) -> None:
     paced = settings.model_copy(update={"delivery_rate_per_endpoint": 10.0})
     async with running_stack(paced, with_dispatcher=True) as stack:
-        await _webhook(stack, receiver.url)
+        await stack.create_webhook(receiver.url, CREATED)
         for _ in range(10):
             await stack.create_object()
         await receiver.wait_for(10, within=15)
@@ -423,7 +408,7 @@ async def test_a_dropped_connection_gets_one_quick_retry_within_the_attempt(
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        await _webhook(stack, f"http://127.0.0.1:{port}/hook")
+        await stack.create_webhook(f"http://127.0.0.1:{port}/hook", CREATED)
         await stack.create_object()
         await _eventually(lambda: len(requests) >= 2)
         ids = {
@@ -463,7 +448,7 @@ async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_
         return await original(self, route, delivery)
 
     monkeypatch.setattr(Sender, "send", faulty)
-    await _webhook(stack, receiver.url)
+    await stack.create_webhook(receiver.url, CREATED)
     await stack.create_object()
     await stack.create_object()
     await receiver.wait_for(1)
