@@ -38,6 +38,7 @@ from services.shared import (
     decode,
     get_logger,
     make_consumer,
+    make_patient_consumer,
     make_producer,
     send_all,
     start_client,
@@ -104,7 +105,7 @@ class DispatcherService:
         deliverer = make_consumer(
             self.settings, self.topics.deliveries, group_id=f"{group}.delivery"
         )
-        retries = make_consumer(
+        retries = make_patient_consumer(
             self.settings,
             *(self.topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
             group_id=f"{group}.retry",

@@ -13,7 +13,7 @@ from aiokafka.errors import KafkaError
 from ._contracts import Change, Topics, decode
 from ._errors import InvalidRecord
 from ._ids import utcnow
-from ._kafka import make_consumer, start_client, stop_client
+from ._kafka import make_patient_consumer, start_client, stop_client
 from ._lifecycle import cancel_and_wait
 from ._settings import Settings
 
@@ -107,7 +107,7 @@ class ChangeFollower:
         return self._task is not None and not self._task.done()
 
     async def start(self, *, newer_than_ms: int = 0) -> None:
-        self._consumer = make_consumer(
+        self._consumer = make_patient_consumer(
             self._settings, Topics(self._settings.topic_prefix).changes, group_id=None
         )
         await start_client(self._consumer, self._settings)

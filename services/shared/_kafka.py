@@ -89,6 +89,20 @@ def make_consumer(
     return AIOKafkaConsumer(*topics, **options)
 
 
+# Retries wait seconds to hours and a changed webhook has a second to take effect, so their
+# consumers can ask less often: a broker that does not answer a waiting fetch early when
+# records arrive is otherwise asked 50 times a second per idle consumer.
+_PATIENT_FETCH_MAX_WAIT_MS = 250
+
+
+def make_patient_consumer(
+    settings: Settings, *topics: str, group_id: str | None, **overrides: Any
+) -> AIOKafkaConsumer:
+    """A consumer for records that can wait a quarter of a second (retries, changes)."""
+    wait = max(settings.kafka_fetch_max_wait_ms, _PATIENT_FETCH_MAX_WAIT_MS)
+    return make_consumer(settings, *topics, group_id=group_id, fetch_max_wait_ms=wait, **overrides)
+
+
 def _unreachable(settings: Settings, exc: Exception) -> DependencyUnavailable:
     return DependencyUnavailable(f"Kafka is unreachable at {settings.kafka_bootstrap}: {exc}")
 
@@ -146,7 +160,7 @@ async def send_all(
         if topic not in partitions:
             partitions[topic] = sorted(await producer.partitions_for(topic))
         every = partitions[topic]
-        partition = _partition_of(key, len(every)) if key is not None else random.choice(every)  # noqa: S311
+        partition = partition_of(key, len(every)) if key is not None else random.choice(every)  # noqa: S311
         batch = open_batches.get((topic, partition))
         if batch is None or batch.append(key=key, value=value, timestamp=None) is None:
             if batch is not None:
@@ -162,7 +176,8 @@ async def send_all(
 
 
 @functools.lru_cache(maxsize=65_536)
-def _partition_of(key: bytes, partitions: int) -> int:
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` among ``partitions``."""
     # aiokafka's murmur2 is pure Python; keys (webhook ids, objects) repeat a lot.
     every = list(range(partitions))
     return int(_PARTITIONER(key, every, every))
