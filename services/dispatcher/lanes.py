@@ -91,7 +91,10 @@ class Lanes:
                         continue
                     self._tracker.add(partition, record.offset)
                     key = record.key or b""
-                    self._lanes.setdefault(key, _Lane()).waiting.append(record)
+                    lane = self._lanes.get(key)
+                    if lane is None:
+                        lane = self._lanes[key] = _Lane()
+                    lane.waiting.append(record)
                     self._pump(key)
             self._forget_idle_lanes()
             # Under load the loop turns per fetched batch; a commit (a broker round trip)

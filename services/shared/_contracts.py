@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._errors import InvalidRecord
@@ -69,7 +68,8 @@ class Record(BaseModel):
 
     def to_bytes(self) -> bytes:
         # Absent optional fields stay absent on the wire rather than arriving as nulls.
-        return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+        # Straight to JSON bytes: building the Python dict first costs a quarter more.
+        return self.__pydantic_serializer__.to_json(self, by_alias=True, exclude_none=True)
 
 
 class Event(Record):
@@ -91,9 +91,10 @@ class Event(Record):
 class Delivery(Record):
     """One event owed to one webhook; its ``id`` is the stable ``webhook-id`` header."""
 
-    id: str
-    webhook_id: str
-    attempt: int = Field(ge=1)
+    # Bounded like the attempt that reports it, so a delivery that decodes can be reported.
+    id: str = Field(pattern=_ID, max_length=64)
+    webhook_id: str = Field(pattern=_ID, max_length=64)
+    attempt: int = Field(ge=1, le=1_000_000)
     event: Event
     # "manual" (a retry or replay asked for through the api) and "test" deliveries get one
     # attempt: a failure is reported in the delivery log, not rescheduled.

@@ -73,3 +73,40 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
         "hookwire_dispatcher_dead_letters_total", {"reason": "invalid_record"}
     )
     assert value == 3
+
+
+async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A delivery whose id the delivery log could not store is refused when read, rather
+    than sent and then left without an attempt record."""
+    webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
+    event = {**GOOD, "team_id": stack.team_id}
+    delivery = {"schema": 1, "webhook_id": webhook_id, "attempt": 1, "event": event}
+    topics = stack.dispatcher.topics
+    producer = make_producer(stack.settings)
+    await producer.start()
+    try:
+        for delivery_id in ("msg_" + "x" * 80, "msg_within_contract"):
+            await producer.send_and_wait(
+                topics.deliveries,
+                value=orjson.dumps({**delivery, "id": delivery_id}),
+                key=webhook_id.encode(),
+            )
+    finally:
+        await producer.stop()
+
+    [delivered] = await receiver.wait_for(1)
+    assert delivered.headers["webhook-id"] == "msg_within_contract"
+    consumer = make_consumer(stack.settings, topics.dead_letter, group_id=None)
+    await consumer.start()
+    try:
+        letters: list[dict[str, object]] = []
+        while not letters:
+            batches = await consumer.getmany(timeout_ms=1000)
+            letters.extend(orjson.loads(r.value) for b in batches.values() for r in b)
+    finally:
+        await consumer.stop()
+    [letter] = letters
+    assert letter["source_topic"] == topics.deliveries
+    assert str(letter["reason"]).startswith("id: String should have at most 64 characters")

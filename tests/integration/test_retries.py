@@ -217,6 +217,15 @@ async def test_a_slow_endpoint_does_not_delay_a_healthy_one(
         healthy_done = time.monotonic() - started
         assert slow.received, "the slow endpoint was being called meanwhile"
         assert healthy_done < 3.0, f"healthy deliveries took {healthy_done:.1f} s"
+        # The slow endpoint's calls are still open; once the healthy ones have all been
+        # answered, the gauge counts exactly those.
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value("hookwire_dispatcher_inflight_deliveries")
+                == len(slow.received)
+            )
+        )
     finally:
         await runner.cleanup()
 
