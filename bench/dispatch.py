@@ -5,13 +5,15 @@ Starts the embedded broker, a fast receiver in its own process (`bench/receiver.
 api. Events are written straight onto the events topic, as an external producer would. Then:
 
 - ceiling: a bare aiohttp client loop posting the same ~1 KB body to the receiver with the
-  dispatcher's per-endpoint concurrency;
-- one dispatcher, one webhook: deliveries/s measured at the receiver (first to last arrival);
-- one and two dispatchers, one webhook per partition of the deliveries topic: deliveries/s
-  and their ratio. A webhook's deliveries share one partition (its id is the key), so only
-  several webhooks spread over processes; the benchmark keeps one webhook per partition so
-  that both processes get the same share, rather than whatever split a handful of hashed
-  ids happens to give (eight random ids over six partitions are often 5:3 or 6:2);
+  dispatcher's per-endpoint concurrency, measured before and after the next phase;
+- one dispatcher, one webhook: deliveries/s measured at the receiver (first to last
+  arrival), over the mean of the two ceilings around it;
+- one, two, then one dispatcher again, one webhook per partition of the deliveries topic:
+  deliveries/s, and two over the mean of the ones around it. A webhook's deliveries share
+  one partition (its id is the key), so only several webhooks spread over processes; one
+  webhook per partition gives both processes the same share, rather than whatever split a
+  handful of hashed ids happens to give (eight random ids over six partitions are often
+  5:3 or 6:2);
 - publish→receive latency p50/p99 at a fixed rate (default 200 events/s);
 - dispatcher RSS with 10,000 deliveries pending retry (the endpoint answers 500; the retry
   schedule's first delay is an hour, so every one waits in the retry timer).
@@ -183,6 +185,10 @@ def _event(team: str, object_type: str, number: int, stamped: bool = False) -> E
         occurred_at=datetime.now(UTC),
         data=data,
     )
+
+
+def _mean_rate(runs: list[dict[str, Any]]) -> float:
+    return round(sum(run["deliveries_per_second"] for run in runs) / len(runs), 1)
 
 
 def _key(event: Event) -> bytes:
@@ -440,11 +446,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await producer.start()
                 dispatchers = Dispatchers(env, args.log_dir)
                 try:
+                    bare_url = f"{receiver_url}/ok/bare"
                     _log("bare client ceiling")
-                    await bare_ceiling(session, f"{receiver_url}/ok/bare", team, 1.0)
-                    ceiling = await bare_ceiling(
-                        session, f"{receiver_url}/ok/bare", team, args.seconds
-                    )
+                    await bare_ceiling(session, bare_url, team, 1.0)
+                    ceiling_before = await bare_ceiling(session, bare_url, team, args.seconds)
                     topic = await dispatchers.start(session, 1)
                     _log("one dispatcher, one webhook")
                     await delivered_rate(receiver, dispatchers, producer, topic, team, ["t0"], 500)
@@ -457,18 +462,18 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     rss_after = dispatchers.rss_mb()
                     await dispatchers.stop()
-                    _log(f"one dispatcher, {len(spread)} webhooks")
-                    topic = await dispatchers.start(session, 1)
-                    one_spread = await delivered_rate(
-                        receiver, dispatchers, producer, topic, team, spread, args.events
-                    )
-                    await dispatchers.stop()
-                    _log(f"two dispatchers, {len(spread)} webhooks")
-                    topic = await dispatchers.start(session, 2)
-                    two_spread = await delivered_rate(
-                        receiver, dispatchers, producer, topic, team, spread, args.events
-                    )
-                    await dispatchers.stop()
+                    _log("bare client ceiling again")
+                    ceiling_after = await bare_ceiling(session, bare_url, team, args.seconds)
+                    spread_runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+                    for count in (1, 2, 1):
+                        _log(f"{count} dispatcher(s), {len(spread)} webhooks")
+                        topic = await dispatchers.start(session, count)
+                        spread_runs[count].append(
+                            await delivered_rate(
+                                receiver, dispatchers, producer, topic, team, spread, args.events
+                            )
+                        )
+                        await dispatchers.stop()
                     _log("10,000 deliveries pending retry")
                     topic = await dispatchers.start(session, 1)
                     pending = await rss_with_pending_retries(
@@ -479,17 +484,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     await producer.stop()
     finally:
         broker.stop()
-    ratio = one["deliveries_per_second"] / ceiling["deliveries_per_second"]
-    scale = two_spread["deliveries_per_second"] / one_spread["deliveries_per_second"]
+    # The machine's speed drifts (it is shared): each figure is compared with the mean of
+    # its reference measured just before and just after it.
+    ceiling = _mean_rate([ceiling_before, ceiling_after])
+    one_spread = _mean_rate(spread_runs[1])
+    (two_spread,) = spread_runs[2]
     results.update(
         concurrency_per_endpoint=CONCURRENCY,
-        bare_client=ceiling,
+        bare_client={"deliveries_per_second": ceiling, "runs": [ceiling_before, ceiling_after]},
         one_dispatcher=one,
-        ratio_to_bare=round(ratio, 2),
+        ratio_to_bare=round(one["deliveries_per_second"] / ceiling, 2),
         webhooks_spread=len(spread),
-        one_dispatcher_spread=one_spread,
+        one_dispatcher_spread={"deliveries_per_second": one_spread, "runs": spread_runs[1]},
         two_dispatchers_spread=two_spread,
-        two_to_one=round(scale, 2),
+        two_to_one=round(two_spread["deliveries_per_second"] / one_spread, 2),
         latency=latency,
         rss_mb_after_throughput=rss_after[0],
         stop_seconds=dispatchers.stop_seconds,
