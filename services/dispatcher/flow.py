@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer
+from collections.abc import Mapping
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 
 class FetchGate:
-    """Pauses every assigned partition while the holder is full, resumes once it is not.
+    """Pauses the partitions that hold too much, resumes them once they do not.
 
-    A paused consumer keeps its group membership and heartbeats; it only stops fetching.
+    A paused consumer keeps its group membership and heartbeats; it only stops fetching
+    the paused partitions.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
-        self._paused = False
+        self._held: set[TopicPartition] = set()
 
     def hold(self, full: bool) -> None:
+        """Pause every partition while ``full``."""
+        self._hold_only(self._consumer.assignment() if full else set())
+
+    def hold_shares(self, waiting: Mapping[TopicPartition, int], limit: int) -> None:
+        """Split ``limit`` evenly between the assigned partitions; pause those holding their
+        share. One partition's slow records then stop only that partition."""
         assignment = self._consumer.assignment()
-        if full:
+        share = max(1, limit // max(1, len(assignment)))
+        self._hold_only({p for p in assignment if waiting.get(p, 0) >= share})
+
+    def _hold_only(self, partitions: set[TopicPartition]) -> None:
+        assignment = self._consumer.assignment()
+        held = partitions & assignment
+        if held:
             # Every time, not once: a rebalance hands partitions back unpaused, even the
-            # same ones, and a held consumer must not read its whole topic into memory.
-            self._consumer.pause(*assignment)
-            self._paused = True
-        elif self._paused:
-            self._consumer.resume(*assignment)
-            self._paused = False
+            # same ones, and a held partition must not be read into memory.
+            self._consumer.pause(*held)
+        released = (self._held - held) & assignment
+        if released:
+            self._consumer.resume(*released)
+        self._held = held

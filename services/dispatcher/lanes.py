@@ -1,10 +1,11 @@
 """Per-endpoint lanes over one consumer: no endpoint holds up another.
 
 Fetched records wait as raw bytes in their webhook's lane (a queued HTTP request costs ~15
-times a raw record); each lane starts at most ``per_lane`` at a time, in arrival order, and
-optionally no faster than ``rate`` per second. A lane's slot is held while the endpoint is
-being called, not while the outcome is written to Kafka, so the broker's acknowledgement
-time does not cap an endpoint's throughput. A record is finished only once its outcome is
+times a raw record), at most ``backlog_max`` in all, split evenly between the partitions;
+each lane starts at most ``per_lane`` at a time, in arrival order, and optionally no faster
+than ``rate`` per second. A lane's slot is held while the endpoint is being called, not
+while the outcome is written to Kafka, so the broker's acknowledgement time does not cap an
+endpoint's throughput. A record is finished only once its outcome is
 durable; offsets are committed up to the lowest unfinished one per partition.
 """
 
@@ -112,7 +113,9 @@ class Lanes:
             )
 
     def _apply_backpressure(self) -> None:
-        self._gate.hold(len(self._tracker) >= self._backlog_max)
+        # Each partition gets its share of the backlog: an endpoint slow enough to fill its
+        # partition's share stops fetching that partition only, not every webhook's.
+        self._gate.hold_shares(self._tracker.open_counts(), self._backlog_max)
 
     def _pump(self, key: bytes) -> None:
         lane = self._lanes[key]

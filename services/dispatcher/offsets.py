@@ -21,6 +21,10 @@ class OffsetTracker:
     def __len__(self) -> int:
         return sum(len(offsets) for offsets in self._open.values())
 
+    def open_counts(self) -> dict[TopicPartition, int]:
+        """Unfinished records per partition."""
+        return {partition: len(offsets) for partition, offsets in self._open.items()}
+
     def add(self, partition: TopicPartition, offset: int) -> None:
         self._open.setdefault(partition, set()).add(offset)
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)

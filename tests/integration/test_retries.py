@@ -22,6 +22,7 @@ from services.shared import (
     Settings,
     bound_port,
     make_consumer,
+    partition_of,
     start_site,
     topics_for,
 )
@@ -226,6 +227,51 @@ async def test_a_slow_endpoint_does_not_delay_a_healthy_one(
                 == len(slow.received)
             )
         )
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_endpoint_filling_its_partitions_share_holds_back_only_that_partition(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The backlog bound is split between the partitions: a slow endpoint whose deliveries
+    fill its partition's share stops fetching that partition, not the other one."""
+    bounded = settings.model_copy(
+        update={"delivery_backlog_max": 10, "delivery_concurrency_per_endpoint": 1}
+    )
+    slow = Receiver(delay_seconds=5.0)
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", slow.handle)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        async with running_stack(bounded, with_dispatcher=True) as stack:
+            slow_url = f"http://127.0.0.1:{bound_port(runner)}/slow"
+            held = await stack.create_webhook(slow_url, CREATED, object_types=["slow"])
+            held_partition = partition_of(held["id"].encode(), bounded.kafka_partitions)
+            for number in range(20):
+                healthy_type = f"fast{number}"
+                healthy = await stack.create_webhook(
+                    receiver.url, CREATED, object_types=[healthy_type]
+                )
+                if partition_of(healthy["id"].encode(), bounded.kafka_partitions) != (
+                    held_partition
+                ):
+                    break
+            else:
+                pytest.fail("no webhook landed on the other partition")
+            for _ in range(30):
+                await stack.create_object(kind="slow")
+            registry = stack.dispatcher.metrics.registry
+            await _eventually(
+                lambda: (
+                    (registry.get_sample_value("hookwire_dispatcher_delivery_backlog") or 0) >= 5
+                )
+            )
+            await asyncio.sleep(0.5)
+            for _ in range(3):
+                await stack.create_object(kind=healthy_type)
+            await receiver.wait_for(3, within=4)
+            assert len(slow.received) == 1, "the slow endpoint gets one call at a time"
     finally:
         await runner.cleanup()
 
