@@ -5,8 +5,8 @@ times a raw record), at most ``backlog_max`` in all, split evenly between the pa
 each lane starts at most ``per_lane`` at a time, in arrival order, and optionally no faster
 than ``rate`` per second. A lane's slot is held while the endpoint is being called, not
 while the outcome is written to Kafka, so the broker's acknowledgement time does not cap an
-endpoint's throughput. A record is finished only once its outcome is
-durable; offsets are committed up to the lowest unfinished one per partition.
+endpoint's throughput. A record is finished only once its outcome is durable; offsets are
+committed up to the lowest unfinished one per partition.
 """
 
 from __future__ import annotations
