@@ -237,9 +237,14 @@ async def test_an_endpoint_filling_its_partitions_share_holds_back_only_that_par
     """The backlog bound is split between the partitions: a slow endpoint whose deliveries
     fill its partition's share stops fetching that partition, not the other one."""
     bounded = settings.model_copy(
-        update={"delivery_backlog_max": 10, "delivery_concurrency_per_endpoint": 1}
+        update={
+            "delivery_backlog_max": 10,
+            "delivery_concurrency_per_endpoint": 1,
+            # The slow call still open at the end is not waited for.
+            "shutdown_grace_seconds": 0.5,
+        }
     )
-    slow = Receiver(delay_seconds=5.0)
+    slow = Receiver(delay_seconds=10.0)
     app = web.Application()
     app.router.add_post("/{tail:.*}", slow.handle)
     runner = await start_site(app, "127.0.0.1", 0)
