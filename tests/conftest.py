@@ -281,6 +281,8 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     delay_seconds: float = 0.0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # Requests received and not yet answered.
+    open_calls: int = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -288,8 +290,12 @@ class Receiver:
             Received(request.path, {k.lower(): v for k, v in request.headers.items()}, body)
         )
         self.arrived.set()
-        if self.delay_seconds:
-            await asyncio.sleep(self.delay_seconds)
+        self.open_calls += 1
+        try:
+            if self.delay_seconds:
+                await asyncio.sleep(self.delay_seconds)
+        finally:
+            self.open_calls -= 1
         status = self.statuses.pop(0) if self.statuses else 200
         return web.Response(status=status, text="ok")
 

@@ -22,12 +22,24 @@ class FetchGate:
         """Pause every partition while ``full``."""
         self._hold_only(self._consumer.assignment() if full else set())
 
-    def hold_shares(self, waiting: Mapping[TopicPartition, int], limit: int) -> None:
-        """Split ``limit`` evenly between the assigned partitions; pause those holding their
-        share. One partition's slow records then stop only that partition."""
+    def hold_shares(self, waiting: Mapping[TopicPartition, int], limit: int) -> int:
+        """Keep what waits within ``limit``, split evenly between the assigned partitions.
+
+        Pauses the partitions holding their share (one partition's slow records then stop
+        only that partition), or every partition once the total reaches ``limit``. Returns
+        how many records the next fetch may bring: no more than the room left, so the total
+        never passes ``limit``, and no more than a share, so no partition below its share
+        can take the whole room in one fetch.
+        """
         assignment = self._consumer.assignment()
         share = max(1, limit // max(1, len(assignment)))
-        self._hold_only({p for p in assignment if waiting.get(p, 0) >= share})
+        total = sum(waiting.values())
+        if total >= limit:
+            self._hold_only(set(assignment))
+        else:
+            self._hold_only({p for p in assignment if waiting.get(p, 0) >= share})
+        # At least one: with everything held the fetch returns nothing anyway.
+        return max(1, min(limit - total, share))
 
     def _hold_only(self, partitions: set[TopicPartition]) -> None:
         assignment = self._consumer.assignment()

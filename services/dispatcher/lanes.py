@@ -27,6 +27,7 @@ from .offsets import OffsetTracker
 _SWEEP_SECONDS = 5.0
 _COMMIT_INTERVAL_SECONDS = 0.1
 _FETCH_RETRY_SECONDS = 1.0
+_FETCH_RECORDS = 500
 
 # Calls the endpoint and says what to write; the write makes the outcome durable.
 Attempt = Callable[[ConsumerRecord], Awaitable[list[OutRecord]]]
@@ -74,9 +75,9 @@ class Lanes:
 
     async def run(self) -> None:
         while not self._stopping:
-            self._apply_backpressure()
+            fetch_size = min(_FETCH_RECORDS, self._apply_backpressure())
             try:
-                batches = await self._consumer.getmany(timeout_ms=200, max_records=500)
+                batches = await self._consumer.getmany(timeout_ms=200, max_records=fetch_size)
             except KafkaError as exc:
                 self._log.warning("delivery_fetch_failed", error=str(exc))
                 await asyncio.sleep(_FETCH_RETRY_SECONDS)
@@ -112,10 +113,10 @@ class Lanes:
                 r for r in lane.waiting if TopicPartition(r.topic, r.partition) not in partitions
             )
 
-    def _apply_backpressure(self) -> None:
+    def _apply_backpressure(self) -> int:
         # Each partition gets its share of the backlog: an endpoint slow enough to fill its
         # partition's share stops fetching that partition only, not every webhook's.
-        self._gate.hold_shares(self._tracker.open_counts(), self._backlog_max)
+        return self._gate.hold_shares(self._tracker.open_counts(), self._backlog_max)
 
     def _pump(self, key: bytes) -> None:
         lane = self._lanes[key]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._errors import InvalidRecord
 
@@ -72,6 +72,21 @@ class Record(BaseModel):
         return self.__pydantic_serializer__.to_json(self, by_alias=True, exclude_none=True)
 
 
+# What every JSON reader on the way handles as an integer (the delivery log's, receivers');
+# a larger one would be delivered and then break the log's view of it.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _integers_fit(value: Any) -> bool:
+    if isinstance(value, int):
+        return _INT_MIN <= value <= _INT_MAX
+    if isinstance(value, dict):
+        return all(_integers_fit(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_integers_fit(item) for item in value)
+    return True
+
+
 class Event(Record):
     """An object changed; the envelope every webhook receives."""
 
@@ -86,6 +101,13 @@ class Event(Record):
     previous: dict[str, Any] | None = None
     # object.send: what was sent, to whom.
     sent: dict[str, Any] | None = None
+
+    @field_validator("data", "previous", "sent")
+    @classmethod
+    def _integers_within_64_bits(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and not _integers_fit(value):
+            raise ValueError("integers must fit in 64 bits")
+        return value
 
 
 class Delivery(Record):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 
 from services.shared import make_consumer, make_producer
@@ -36,6 +38,10 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
         b"\x00not json at all",
         orjson.dumps({**GOOD, "team_id": stack.team_id, "schema": 99}),
         orjson.dumps({k: v for k, v in GOOD.items() if k != "object_id"} | {"team_id": "t"}),
+        # orjson writes no integer past 64 bits; the text is what an outside producer sends.
+        orjson.dumps({**GOOD, "team_id": stack.team_id}).replace(
+            b'"n":1', b'"n":1180591620717411303424'
+        ),
     ]
     producer = make_producer(stack.settings)
     await producer.start()
@@ -57,22 +63,24 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
     await consumer.start()
     try:
         letters: list[dict[str, object]] = []
-        while len(letters) < len(bad):
-            batches = await consumer.getmany(timeout_ms=1000)
-            letters.extend(orjson.loads(r.value) for b in batches.values() for r in b)
+        async with asyncio.timeout(10):
+            while len(letters) < len(bad):
+                batches = await consumer.getmany(timeout_ms=1000)
+                letters.extend(orjson.loads(r.value) for b in batches.values() for r in b)
     finally:
         await consumer.stop()
-    assert [letter["source_topic"] for letter in letters] == [topics.events] * 3
+    assert [letter["source_topic"] for letter in letters] == [topics.events] * 4
     reasons = [str(letter["reason"]) for letter in letters]
     assert "json" in reasons[0].lower()
     assert "schema" in reasons[1]
     assert "object_id" in reasons[2]
+    assert reasons[3] == "data: Value error, integers must fit in 64 bits"
     assert letters[0]["payload"] == "\x00not json at all"
     registry = stack.dispatcher.metrics.registry
     value = registry.get_sample_value(
         "hookwire_dispatcher_dead_letters_total", {"reason": "invalid_record"}
     )
-    assert value == 3
+    assert value == 4
 
 
 async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(
@@ -102,9 +110,10 @@ async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(
     await consumer.start()
     try:
         letters: list[dict[str, object]] = []
-        while not letters:
-            batches = await consumer.getmany(timeout_ms=1000)
-            letters.extend(orjson.loads(r.value) for b in batches.values() for r in b)
+        async with asyncio.timeout(10):
+            while not letters:
+                batches = await consumer.getmany(timeout_ms=1000)
+                letters.extend(orjson.loads(r.value) for b in batches.values() for r in b)
     finally:
         await consumer.stop()
     [letter] = letters

@@ -1,0 +1,72 @@
+"""The fetch gate's bookkeeping on a real (unconnected) consumer with two partitions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.dispatcher.flow import FetchGate
+
+FIRST, SECOND = TopicPartition("deliveries", 0), TopicPartition("deliveries", 1)
+
+
+@pytest.fixture
+async def consumer() -> AsyncIterator[AIOKafkaConsumer]:
+    # Assignment, pause and resume are bookkeeping in the client: no broker is needed.
+    client = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", enable_auto_commit=False)
+    client.assign([FIRST, SECOND])
+    yield client
+    await client.stop()
+
+
+async def test_only_the_partition_holding_its_share_is_paused(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    gate = FetchGate(consumer)
+    room = gate.hold_shares({FIRST: 5, SECOND: 1}, limit=10)
+    assert consumer.paused() == {FIRST}
+    # Room left is 4, and no fetch may bring more than a share (5).
+    assert room == 4
+
+
+async def test_a_partition_is_resumed_once_below_its_share(consumer: AIOKafkaConsumer) -> None:
+    gate = FetchGate(consumer)
+    gate.hold_shares({FIRST: 5}, limit=10)
+    assert gate.hold_shares({FIRST: 4}, limit=10) == 5
+    assert consumer.paused() == set()
+
+
+async def test_everything_is_paused_once_the_total_reaches_the_limit(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    gate = FetchGate(consumer)
+    # Neither partition holds its share of 50, but together they hold the whole limit.
+    room = gate.hold_shares({FIRST: 49, SECOND: 51}, limit=100)
+    assert consumer.paused() == {FIRST, SECOND}
+    assert room == 1, "a fetch asks for at least one record; paused, it brings none"
+
+
+async def test_a_fetch_never_brings_more_than_a_share(consumer: AIOKafkaConsumer) -> None:
+    gate = FetchGate(consumer)
+    assert gate.hold_shares({}, limit=10_000) == 5_000
+
+
+async def test_a_partition_handed_back_unpaused_by_a_rebalance_is_paused_again(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    gate = FetchGate(consumer)
+    gate.hold_shares({FIRST: 5}, limit=10)
+    consumer.assign([FIRST, SECOND])  # a rebalance: the same partitions, unpaused
+    assert consumer.paused() == set()
+    gate.hold_shares({FIRST: 5}, limit=10)
+    assert consumer.paused() == {FIRST}
+
+
+async def test_hold_pauses_and_resumes_every_partition(consumer: AIOKafkaConsumer) -> None:
+    gate = FetchGate(consumer)
+    gate.hold(full=True)
+    assert consumer.paused() == {FIRST, SECOND}
+    gate.hold(full=False)
+    assert consumer.paused() == set()
