@@ -187,12 +187,15 @@ class BatchingSender:
     """Sends the records of many concurrent callers together, as ``send_all`` batches.
 
     Each caller waits until its own records are acknowledged. While one round is on its way
-    to the broker the next one gathers, so a busy producer sends fewer, larger requests.
+    to the broker the next one gathers, so a busy producer sends fewer, larger requests;
+    ``linger_seconds`` holds each round back that long, so a moderate flow is sent in
+    several records a request rather than one.
     The sending task starts with the first record; ``close()`` ends it.
     """
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, *, linger_seconds: float = 0.0) -> None:
         self._producer = producer
+        self._linger = linger_seconds
         self._waiting: list[tuple[list[OutRecord], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -216,6 +219,9 @@ class BatchingSender:
         try:
             while True:
                 await self._wake.wait()
+                if self._linger:
+                    # Callers that can wait a little share a request with those just behind.
+                    await asyncio.sleep(self._linger)
                 self._wake.clear()
                 sending, self._waiting = self._waiting, []
                 if sending:
@@ -290,33 +296,62 @@ async def consume_forever(
     *,
     max_records: int = 500,
     retry_delay_seconds: float = 1.0,
+    commit_interval_seconds: float = 0.1,
 ) -> None:
-    """Hand batches to ``handle`` and commit a batch only after ``handle`` returned.
+    """Hand batches to ``handle``; commit what ``handle`` returned from, never more.
 
     ``handle`` makes each record's outcome durable first (records acknowledged, rows
-    committed). When it fails nothing is committed and the consumer goes back to the last
-    committed offsets, so the batch is processed again: at-least-once, never a silent skip.
+    committed). When it fails nothing of that batch is committed and the consumer goes back
+    to the last commit, so the batch is processed again: at-least-once, never a silent skip.
+
+    Commits name the offsets of handled batches and go out at most every
+    ``commit_interval_seconds``: at a moderate rate a batch is one record, and a commit per
+    batch was a broker round trip per record. A crash or a rebalance re-reads at most that
+    interval's records more; a clean stop commits what was handled.
     """
     log = structlog.get_logger()
-    while True:
-        batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
-        records = [record for batch in batches.values() for record in batch]
-        if not records:
-            continue
-        try:
-            await handle(records)
-            async with asyncio.timeout(_COMMIT_TIMEOUT_SECONDS):
-                await consumer.commit()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("batch_failed", topic=records[0].topic, records=len(records))
-            try:
-                await rewind(consumer)
-            except KafkaError as exc:
-                # A partition revoked meanwhile: its new owner starts from the last commit.
-                log.warning("rewind_failed", error=str(exc))
-            await asyncio.sleep(retry_delay_seconds)
+    handled: dict[TopicPartition, int] = {}
+    loop = asyncio.get_running_loop()
+    committed_at = loop.time()
+
+    async def commit_handled() -> None:
+        nonlocal committed_at
+        committed_at = loop.time()
+        owned = consumer.assignment()
+        # A partition taken by a rebalance is its new owner's to commit.
+        points = {partition: o for partition, o in handled.items() if partition in owned}
+        handled.clear()
+        if points:
+            await commit_offsets(consumer, points)
+
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
+            records = [record for batch in batches.values() for record in batch]
+            if records:
+                try:
+                    await handle(records)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("batch_failed", topic=records[0].topic, records=len(records))
+                    # What came before the failed batch is done: kept, not re-read.
+                    await commit_handled()
+                    try:
+                        await rewind(consumer)
+                    except KafkaError as exc:
+                        # A partition revoked meanwhile: its new owner starts from the last
+                        # commit.
+                        log.warning("rewind_failed", error=str(exc))
+                    await asyncio.sleep(retry_delay_seconds)
+                    continue
+                for partition, batch in batches.items():
+                    handled[partition] = batch[-1].offset + 1
+            if handled and loop.time() - committed_at >= commit_interval_seconds:
+                await commit_handled()
+    finally:
+        if handled:
+            await commit_handled()
 
 
 async def rewind(consumer: AIOKafkaConsumer) -> None:

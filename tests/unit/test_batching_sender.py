@@ -1,4 +1,4 @@
-"""Stopping the batching sender while callers wait on it."""
+"""The batching sender: rounds, lingering, and stopping while callers wait on it."""
 
 from __future__ import annotations
 
@@ -35,3 +35,46 @@ async def test_callers_waiting_when_the_sender_closes_get_an_error() -> None:
     for caller in (in_flight, queued):
         with pytest.raises(DependencyUnavailable, match="stopped"):
             await asyncio.wait_for(caller, 5)
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.values: list[bytes] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object:
+        self.values.append(value)
+        return object()
+
+
+class _CountingProducer:
+    """Records each batch it is asked to send and acknowledges it at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0}
+
+    def create_batch(self) -> _Batch:
+        return _Batch()
+
+    async def send_batch(
+        self, batch: _Batch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        self.sent.append(batch.values)
+        acknowledged = asyncio.get_running_loop().create_future()
+        acknowledged.set_result(None)
+        return acknowledged
+
+
+@pytest.mark.parametrize(("linger", "requests"), [(0.0, [[b"1"], [b"2"]]), (0.3, [[b"1", b"2"]])])
+async def test_a_lingering_sender_sends_callers_close_together_in_one_request(
+    linger: float, requests: list[list[bytes]]
+) -> None:
+    producer = _CountingProducer()
+    sender = BatchingSender(cast(Any, producer), linger_seconds=linger)
+    first = asyncio.create_task(sender.send([("attempts", b"k", b"1")]))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(asyncio.gather(first, sender.send([("attempts", b"k", b"2")])), 5)
+    await sender.close()
+    assert producer.sent == requests

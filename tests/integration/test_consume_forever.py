@@ -1,0 +1,124 @@
+"""The batch loop every service consumes with: what it commits, and when."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from services.shared import (
+    EmbeddedBroker,
+    Settings,
+    cancel_and_wait,
+    consume_forever,
+    ensure_topics,
+    load_settings,
+    make_consumer,
+    make_producer,
+    send_all,
+    start_client,
+    stop_client,
+)
+
+
+@pytest.fixture
+def kafka_settings(broker: EmbeddedBroker) -> Settings:
+    return load_settings(
+        kafka_bootstrap=broker.bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+        kafka_partitions=1,
+        kafka_session_timeout_ms=3000,
+        kafka_heartbeat_interval_ms=300,
+    )
+
+
+@pytest.fixture
+async def topic(kafka_settings: Settings) -> str:
+    await ensure_topics(kafka_settings)
+    return f"{kafka_settings.topic_prefix}events"
+
+
+@pytest.fixture
+async def consumer(kafka_settings: Settings, topic: str) -> AsyncIterator[AIOKafkaConsumer]:
+    client = make_consumer(kafka_settings, topic, group_id=f"{kafka_settings.topic_prefix}g")
+    await start_client(client, kafka_settings)
+    yield client
+    await stop_client(client)
+
+
+async def _publish(settings: Settings, topic: str, values: list[bytes]) -> None:
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    try:
+        await send_all(producer, [(topic, b"k", value) for value in values])
+    finally:
+        await stop_client(producer)
+
+
+async def _until(condition: asyncio.Event) -> None:
+    await asyncio.wait_for(condition.wait(), 15)
+
+
+async def test_handled_batches_are_committed_together_and_on_stop(
+    kafka_settings: Settings, topic: str, consumer: AIOKafkaConsumer
+) -> None:
+    """No commit per batch within the interval; stopping commits everything handled."""
+    seen: list[bytes] = []
+    all_seen = asyncio.Event()
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        seen.extend(record.value for record in records)
+        if len(seen) >= 6:
+            all_seen.set()
+
+    loop = asyncio.create_task(
+        consume_forever(consumer, handle, max_records=2, commit_interval_seconds=3600)
+    )
+    await _publish(kafka_settings, topic, [b"%d" % n for n in range(6)])
+    await _until(all_seen)
+    partition = TopicPartition(topic, 0)
+    # Three batches of two handled, none committed yet: the interval has not passed.
+    assert await consumer.committed(partition) is None
+    await cancel_and_wait(loop)
+    assert await consumer.committed(partition) == 6
+    assert seen == [b"%d" % n for n in range(6)]
+
+
+async def test_a_failed_batch_is_handed_again_and_the_ones_before_it_are_kept(
+    kafka_settings: Settings, topic: str, consumer: AIOKafkaConsumer
+) -> None:
+    handed: list[list[bytes]] = []
+    failed_once = False
+    done = asyncio.Event()
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        nonlocal failed_once
+        values = [record.value for record in records]
+        handed.append(values)
+        if values == [b"2", b"3"] and not failed_once:
+            failed_once = True
+            raise RuntimeError("the database is away")
+        if values[-1] == b"5":
+            done.set()
+
+    loop = asyncio.create_task(
+        consume_forever(
+            consumer,
+            handle,
+            max_records=2,
+            retry_delay_seconds=0.05,
+            commit_interval_seconds=3600,
+        )
+    )
+    await _publish(kafka_settings, topic, [b"%d" % n for n in range(6)])
+    await _until(done)
+    partition = TopicPartition(topic, 0)
+    committed_while_running = await consumer.committed(partition)
+    await cancel_and_wait(loop)
+    # The batch before the failure was committed when it failed, so it is not handed again.
+    assert committed_while_running == 2
+    assert handed == [[b"0", b"1"], [b"2", b"3"], [b"2", b"3"], [b"4", b"5"]]
+    assert await consumer.committed(partition) == 6
