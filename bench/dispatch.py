@@ -14,7 +14,8 @@ api. Events are written straight onto the events topic, as an external producer 
   webhook per partition gives both processes the same share, rather than whatever split a
   handful of hashed ids happens to give (eight random ids over six partitions are often
   5:3 or 6:2);
-- publish→receive latency p50/p99 at a fixed rate (default 200 events/s);
+- publish→receive latency p50/p99 at a fixed rate (default 200 events/s), and the CPU the
+  dispatcher and the broker use meanwhile;
 - dispatcher RSS with 10,000 deliveries pending retry (the endpoint answers 500; the retry
   schedule's first delay is an hour, so every one waits in the retry timer).
 
@@ -301,12 +302,24 @@ async def delivered_rate(
 
 
 async def latency_at_rate(
-    receiver: Receiver, producer: Any, topic: str, team: str, rate: float, seconds: float
+    receiver: Receiver,
+    dispatchers: Dispatchers,
+    broker: EmbeddedBroker,
+    producer: Any,
+    topic: str,
+    team: str,
+    rate: float,
+    seconds: float,
 ) -> dict[str, Any]:
-    """Open loop: events stamped at their scheduled send time, latency taken on arrival."""
+    """Open loop: events stamped at their scheduled send time, latency taken on arrival.
+
+    Also what a moderate flow costs: the dispatcher's and the broker's CPU meanwhile.
+    """
     settle_heap()
     await receiver.reset()
     count = int(rate * seconds)
+    assert broker.pid is not None
+    dispatcher_cpu, broker_cpu = dispatchers.cpu_seconds(), _cpu_seconds(broker.pid)
     start = time.perf_counter()
     futures = []
     for number in range(count):
@@ -317,10 +330,15 @@ async def latency_at_rate(
         futures.append(await _send(producer, topic, event))
     await asyncio.gather(*futures)
     stats = await receiver.until(count, within=60)
+    elapsed = time.perf_counter() - start
+    dispatcher_cpu = dispatchers.cpu_seconds() - dispatcher_cpu
+    broker_cpu = _cpu_seconds(broker.pid) - broker_cpu
     latencies = sorted(stats["latencies_ms"])
     return {
         "rate": rate,
         "events": count,
+        "dispatcher_cpu_percent": round(dispatcher_cpu / elapsed * 100),
+        "broker_cpu_percent": round(broker_cpu / elapsed * 100),
         "p50_ms": round(_percentile(latencies, 0.50), 1),
         "p99_ms": round(_percentile(latencies, 0.99), 1),
         "max_ms": round(latencies[-1], 1),
@@ -458,7 +476,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     _log(f"latency at {args.rate:.0f}/s")
                     latency = await latency_at_rate(
-                        receiver, producer, topic, team, args.rate, args.seconds
+                        receiver,
+                        dispatchers,
+                        broker,
+                        producer,
+                        topic,
+                        team,
+                        args.rate,
+                        args.seconds,
                     )
                     rss_after = dispatchers.rss_mb()
                     await dispatchers.stop()

