@@ -326,7 +326,12 @@ async def consume_forever(
 
     try:
         while True:
-            batches = await consumer.getmany(timeout_ms=500, max_records=max_records)
+            # Handled offsets wait no longer than the interval: not a whole idle fetch wait.
+            wait_ms = 500
+            if handled:
+                due = committed_at + commit_interval_seconds - loop.time()
+                wait_ms = max(0, min(wait_ms, int(due * 1000)))
+            batches = await consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
             records = [record for batch in batches.values() for record in batch]
             if records:
                 try:
