@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -302,12 +303,14 @@ async def consume_forever(
 
     ``handle`` makes each record's outcome durable first (records acknowledged, rows
     committed). When it fails nothing of that batch is committed and the consumer goes back
-    to the last commit, so the batch is processed again: at-least-once, never a silent skip.
+    to the batch's first records, so it is processed again: at-least-once, never a silent
+    skip.
 
     Commits name the offsets of handled batches and go out at most every
     ``commit_interval_seconds``: at a moderate rate a batch is one record, and a commit per
     batch was a broker round trip per record. A crash or a rebalance re-reads at most that
-    interval's records more; a clean stop commits what was handled.
+    interval's records more; a clean stop tries to commit what was handled (a failed
+    commit only means records handled twice).
     """
     log = structlog.get_logger()
     handled: dict[TopicPartition, int] = {}
@@ -321,8 +324,10 @@ async def consume_forever(
         # A partition taken by a rebalance is its new owner's to commit.
         points = {partition: o for partition, o in handled.items() if partition in owned}
         handled.clear()
-        if points:
-            await commit_offsets(consumer, points)
+        if points and not await commit_offsets(consumer, points):
+            # Tried again at the next turn, unless a later batch has moved past them.
+            for partition, offset in points.items():
+                handled.setdefault(partition, offset)
 
     try:
         while True:
@@ -330,7 +335,7 @@ async def consume_forever(
             wait_ms = 500
             if handled:
                 due = committed_at + commit_interval_seconds - loop.time()
-                wait_ms = max(0, min(wait_ms, int(due * 1000)))
+                wait_ms = max(0, min(wait_ms, math.ceil(due * 1000)))
             batches = await consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
             records = [record for batch in batches.values() for record in batch]
             if records:
@@ -340,14 +345,14 @@ async def consume_forever(
                     raise
                 except Exception:
                     log.exception("batch_failed", topic=records[0].topic, records=len(records))
-                    # What came before the failed batch is done: kept, not re-read.
+                    # Back to the batch's first records, without asking the broker: a rewind
+                    # that needed it could fail and leave positions past unhandled records.
+                    owned = consumer.assignment()
+                    for partition, batch in batches.items():
+                        if partition in owned:
+                            consumer.seek(partition, batch[0].offset)
+                    # What came before the failed batch is done: kept.
                     await commit_handled()
-                    try:
-                        await rewind(consumer)
-                    except KafkaError as exc:
-                        # A partition revoked meanwhile: its new owner starts from the last
-                        # commit.
-                        log.warning("rewind_failed", error=str(exc))
                     await asyncio.sleep(retry_delay_seconds)
                     continue
                 for partition, batch in batches.items():
@@ -357,15 +362,6 @@ async def consume_forever(
     finally:
         if handled:
             await commit_handled()
-
-
-async def rewind(consumer: AIOKafkaConsumer) -> None:
-    for partition in consumer.assignment():
-        committed = await consumer.committed(partition)
-        if committed is None:
-            await consumer.seek_to_beginning(partition)
-        else:
-            consumer.seek(partition, committed)
 
 
 def dead_letter_record(topics: Topics, record: ConsumerRecord, reason: str) -> OutRecord:

@@ -87,6 +87,26 @@ async def test_handled_batches_are_committed_together_and_on_stop(
     assert seen == [b"%d" % n for n in range(6)]
 
 
+async def test_handled_offsets_are_committed_once_the_interval_passes(
+    kafka_settings: Settings, topic: str, consumer: AIOKafkaConsumer
+) -> None:
+    """Without more records and without a stop, what was handled is committed."""
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        return None
+
+    loop = asyncio.create_task(consume_forever(consumer, handle, commit_interval_seconds=0.2))
+    try:
+        await _publish(kafka_settings, topic, [b"0", b"1", b"2"])
+        partition = TopicPartition(topic, 0)
+        async with asyncio.timeout(15):
+            # The broker is asked: no event marks a commit reaching it.
+            while await consumer.committed(partition) != 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        await cancel_and_wait(loop)
+
+
 async def test_a_failed_batch_is_handed_again_and_the_ones_before_it_are_kept(
     kafka_settings: Settings, topic: str, consumer: AIOKafkaConsumer
 ) -> None:
