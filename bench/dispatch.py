@@ -319,7 +319,7 @@ async def latency_at_rate(
     await receiver.reset()
     count = int(rate * seconds)
     assert broker.pid is not None
-    dispatcher_cpu, broker_cpu = dispatchers.cpu_seconds(), _cpu_seconds(broker.pid)
+    dispatcher_cpu_before, broker_cpu_before = dispatchers.cpu_seconds(), _cpu_seconds(broker.pid)
     start = time.perf_counter()
     futures = []
     for number in range(count):
@@ -331,8 +331,8 @@ async def latency_at_rate(
     await asyncio.gather(*futures)
     stats = await receiver.until(count, within=60)
     elapsed = time.perf_counter() - start
-    dispatcher_cpu = dispatchers.cpu_seconds() - dispatcher_cpu
-    broker_cpu = _cpu_seconds(broker.pid) - broker_cpu
+    dispatcher_cpu = dispatchers.cpu_seconds() - dispatcher_cpu_before
+    broker_cpu = _cpu_seconds(broker.pid) - broker_cpu_before
     latencies = sorted(stats["latencies_ms"])
     return {
         "rate": rate,
