@@ -227,10 +227,11 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def _process(*args: str, env: dict[str, str]) -> AsyncIterator[None]:
+async def _process(*args: str, env: dict[str, str]) -> AsyncIterator[int]:
+    """The process runs while the block does; yields its pid."""
     process = await asyncio.create_subprocess_exec(*args, env=env, stderr=subprocess.DEVNULL)
     try:
-        yield
+        yield process.pid
     finally:
         if process.returncode is None:
             process.terminate()
@@ -273,12 +274,14 @@ async def delivered_rate(
     team: str,
     types: list[str],
     count: int,
+    others: dict[str, int],
 ) -> dict[str, Any]:
     """Publish ``count`` events at once; rate measured at the receiver.
 
     The events are encoded before the clock starts and written in whole batches: the load
     generator shares the machine with the dispatchers, and the less it takes the more the
-    figure describes them.
+    figure describes them. What each process (``others``: the broker, the receiver, by pid)
+    spent per delivery shows how the two cores were shared.
     """
     records = [
         (topic, _key(event), event.to_bytes())
@@ -286,14 +289,20 @@ async def delivered_rate(
     ]
     settle_heap()
     await receiver.reset()
+    others_before = {name: _cpu_seconds(pid) for name, pid in others.items()}
     cpu_before, started = dispatchers.cpu_seconds(), time.monotonic()
     await send_all(producer, records)
     stats = await receiver.until(count, within=max(120.0, count / 50))
     cpu_seconds = dispatchers.cpu_seconds() - cpu_before
+    others_cpu = {name: _cpu_seconds(pid) - others_before[name] for name, pid in others.items()}
     window = stats["last"] - stats["first"]
+    per_delivery = {"dispatchers": cpu_seconds, **others_cpu}
     return {
         "dispatcher_cpu_percent": round(cpu_seconds / (time.monotonic() - started) * 100),
         "deliveries_per_dispatcher_cpu_second": round(stats["count"] / cpu_seconds),
+        "cpu_us_per_delivery": {
+            name: round(seconds / stats["count"] * 1e6) for name, seconds in per_delivery.items()
+        },
         "deliveries": stats["count"],
         "distinct": stats["distinct"],
         "seconds": round(window, 2),
@@ -442,7 +451,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             connector = aiohttp.TCPConnector(limit=0)
             async with (
                 aiohttp.ClientSession(connector=connector) as session,
-                _process(sys.executable, "-m", "bench.receiver", str(receiver_port), env=env),
+                _process(
+                    sys.executable, "-m", "bench.receiver", str(receiver_port), env=env
+                ) as receiver_pid,
             ):
                 await _wait_healthy(session, receiver_url)
                 async with (
@@ -463,6 +474,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 producer = make_producer(settings, linger_ms=5, max_batch_size=262_144)
                 await producer.start()
                 dispatchers = Dispatchers(env, args.log_dir)
+                assert broker.pid is not None
+                others = {"broker": broker.pid, "receiver": receiver_pid, "load": os.getpid()}
                 try:
                     bare_url = f"{receiver_url}/ok/bare"
                     _log("bare client ceiling")
@@ -470,9 +483,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     ceiling_before = await bare_ceiling(session, bare_url, team, args.seconds)
                     topic = await dispatchers.start(session, 1)
                     _log("one dispatcher, one webhook")
-                    await delivered_rate(receiver, dispatchers, producer, topic, team, ["t0"], 500)
+                    await delivered_rate(
+                        receiver, dispatchers, producer, topic, team, ["t0"], 500, others
+                    )
                     one = await delivered_rate(
-                        receiver, dispatchers, producer, topic, team, ["t0"], args.events
+                        receiver, dispatchers, producer, topic, team, ["t0"], args.events, others
                     )
                     _log(f"latency at {args.rate:.0f}/s")
                     latency = await latency_at_rate(
@@ -495,7 +510,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         topic = await dispatchers.start(session, count)
                         spread_runs[count].append(
                             await delivered_rate(
-                                receiver, dispatchers, producer, topic, team, spread, args.events
+                                receiver,
+                                dispatchers,
+                                producer,
+                                topic,
+                                team,
+                                spread,
+                                args.events,
+                                others,
                             )
                         )
                         await dispatchers.stop()
