@@ -82,6 +82,11 @@ class EmbeddedBroker:
                 raise DependencyUnavailable(
                     f"embedded broker exited with code {self._process.returncode}"
                 )
+            if not await self._listening():
+                # Asking the Kafka client before the port is open would log its refused
+                # connection as an error on every start of ``hookwire dev``.
+                await asyncio.sleep(0.05)
+                continue
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
             try:
                 await admin.start()
@@ -96,6 +101,16 @@ class EmbeddedBroker:
             f"embedded broker on {self.bootstrap} did not answer "
             f"within {within_seconds}s: {last_error}"
         )
+
+    async def _listening(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     def stop(self) -> None:
         # The data lives in memory and is discarded anyway; SIGKILL is instant, SIGTERM is not.

@@ -26,14 +26,16 @@ def _children(pid: int) -> list[int]:
 
 
 def _start(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [HOOKWIRE, "dev"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    # The banner goes to stdout, the services' log lines to stderr.
+    with (tmp_path / "dev.log").open("w") as log:
+        return subprocess.Popen(
+            [HOOKWIRE, "dev"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
 
 
 def _wait_for_banner(process: subprocess.Popen[str]) -> str:
@@ -65,7 +67,8 @@ def _stop(process: subprocess.Popen[str]) -> float:
 
 def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
     """The banner's example, run verbatim by a shell, produces a signed delivery; SIGTERM
-    stops everything within seconds with no child left; a second start works."""
+    stops everything within seconds with no child left; a second start works. A healthy
+    start logs no error (a first run should not look broken)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKWIRE_")}
     env.update(
         HOOKWIRE_API_PORT=str(free_port()),
@@ -78,6 +81,9 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
         process = _start(tmp_path, env)
         try:
             banner = _wait_for_banner(process)
+            log = (tmp_path / "dev.log").read_text()
+            assert "service_started" in log
+            assert [line for line in log.splitlines() if '"level":"error"' in line] == []
             dev_file = tmp_path / ".hookwire" / "dev.json"
             assert stat.S_IMODE(dev_file.stat().st_mode) == 0o600
             info = orjson.loads(dev_file.read_bytes())
