@@ -9,6 +9,7 @@ point re-processes what was not committed; stable delivery ids make that harmles
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 from aiohttp import web
@@ -56,6 +57,8 @@ from .sender import Sender
 from .table import WebhookTable
 
 _RESYNC_SECONDS = 60.0
+_RESYNC_RETRY_SECONDS = 1.0
+_CATCH_UP_SECONDS = 10.0
 _LAG_SECONDS = 1.0
 _CHANGE_REPLAY_MARGIN_MS = 5_000
 _OUTCOME_LINGER_SECONDS = 0.02
@@ -92,12 +95,15 @@ class DispatcherService:
         self._follower = ChangeFollower(settings, self._apply_change)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
+        self._resync_wanted = asyncio.Event()
         self.port: int | None = None
 
     async def start(self) -> None:
         await check_ready(self.engine)
-        await self.table.load_all()
+        # Taken before the read: a change committed while the load reads may be missing
+        # from it, so its record must not count as already reflected.
         self._loaded_at_ms = int(utcnow().timestamp() * 1000)
+        await self.table.load_all()
         self._webhooks.set(len(self.table))
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
@@ -149,6 +155,12 @@ class DispatcherService:
         self._timer = RetryTimer(
             retries, self._producer, self.topics, pending_max=self.settings.retry_pending_max
         )
+        # Changes older than the table load (less a margin for clock skew between producers)
+        # are already reflected in it. The newer ones are applied before the first event is
+        # routed: a webhook created while the table loaded must not miss those events.
+        await self._follower.start(newer_than_ms=self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS)
+        if not await self._follower.wait_caught_up(_CATCH_UP_SECONDS):
+            self._log.warning("changes_not_caught_up", within_seconds=_CATCH_UP_SECONDS)
         self._tasks = [
             asyncio.create_task(consume_forever(router, self._route_batch), name="router"),
             asyncio.create_task(self._lanes.run(), name="deliverer"),
@@ -156,9 +168,6 @@ class DispatcherService:
             asyncio.create_task(self._resync_forever(), name="resync"),
             asyncio.create_task(self._measure_lag_forever(router, retries), name="lag"),
         ]
-        # Changes older than the table load (less a margin for clock skew between producers)
-        # are already reflected in it.
-        await self._follower.start(newer_than_ms=self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS)
         app = build_app("dispatcher", self.metrics)
         app[READINESS_KEY].append(self._ready)
         self._runner = await start_site(app, self.settings.host, self.settings.dispatcher_port)
@@ -232,6 +241,8 @@ class DispatcherService:
             await self.table.refresh(webhook_id)
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_id=webhook_id)
+            # The change record is behind the follower now; a whole load soon takes its place.
+            self._resync_wanted.set()
         self._webhooks.set(len(self.table))
 
     async def _measure_lag_forever(self, *consumers: AIOKafkaConsumer) -> None:
@@ -251,11 +262,18 @@ class DispatcherService:
                         )
 
     async def _resync_forever(self) -> None:
-        # A safety net for a change record that was never published.
+        # A safety net for a change record that was never published, and the stand-in for
+        # a refresh that failed: that one is tried again every second until a load succeeds.
         while True:
-            await asyncio.sleep(_RESYNC_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resync_wanted.wait(), _RESYNC_SECONDS)
+            wanted = self._resync_wanted.is_set()
+            self._resync_wanted.clear()
             try:
                 await self.table.load_all()
                 self._webhooks.set(len(self.table))
-            except Exception:
-                self._log.exception("webhook_resync_failed")
+            except Exception as exc:
+                self._log.warning("webhook_resync_failed", error=f"{type(exc).__name__}: {exc}")
+                if wanted:
+                    await asyncio.sleep(_RESYNC_RETRY_SECONDS)
+                    self._resync_wanted.set()

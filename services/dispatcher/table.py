@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -47,6 +48,11 @@ class WebhookTable:
         self._engine = engine
         self._by_id: dict[str, WebhookRoute] = {}
         self._by_team: dict[str, list[WebhookRoute]] = defaultdict(list)
+        # A whole load and a one-webhook refresh each read and then swap in what they read;
+        # interleaved, a load that read before a change and swapped after the change's
+        # refresh would bring the old webhook back until the next load. One at a time, the
+        # later reader always reads the later state.
+        self._reading = asyncio.Lock()
         self._log = get_logger("dispatcher")
 
     def __len__(self) -> int:
@@ -79,24 +85,35 @@ class WebhookTable:
             self._log.error("webhook_secret_invalid", webhook_id=row.id, error=exc.message)
             return None
 
-    async def load_all(self) -> None:
+    async def _read_all(self) -> list[Any]:
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(select(tables.webhooks))).all()
-        loaded = {}
-        for row in rows:
-            route = self._load_row(row)
-            if route is not None:
-                loaded[route.id] = route
-        self._by_id = loaded
-        self._reindex()
+            return list((await conn.execute(select(tables.webhooks))).all())
 
-    async def refresh(self, webhook_id: str) -> None:
+    async def _read_one(self, webhook_id: str) -> Any:
         async with self._engine.connect() as conn:
-            row = (
+            return (
                 await conn.execute(
                     select(tables.webhooks).where(tables.webhooks.c.id == webhook_id)
                 )
             ).first()
+
+    async def load_all(self) -> None:
+        async with self._reading:
+            rows = await self._read_all()
+            loaded = {}
+            for row in rows:
+                route = self._load_row(row)
+                if route is not None:
+                    loaded[route.id] = route
+            self._by_id = loaded
+            self._reindex()
+
+    async def refresh(self, webhook_id: str) -> None:
+        async with self._reading:
+            row = await self._read_one(webhook_id)
+            self._apply_row(webhook_id, row)
+
+    def _apply_row(self, webhook_id: str, row: Any) -> None:
         route = self._load_row(row) if row is not None else None
         if route is None:
             self._by_id.pop(webhook_id, None)

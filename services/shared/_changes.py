@@ -17,6 +17,8 @@ from ._kafka import make_patient_consumer, start_client, stop_client
 from ._lifecycle import cancel_and_wait
 from ._settings import Settings
 
+_FETCH_RETRY_SECONDS = 1.0
+
 Entity = Literal["webhook", "token", "user", "team", "membership", "permission_group"]
 Action = Literal["created", "updated", "deleted"]
 
@@ -66,17 +68,43 @@ class ChangeNotifier:
 ChangeHandler = Callable[[Change], Awaitable[None] | None]
 
 
+async def _at_end(consumer: AIOKafkaConsumer) -> bool:
+    """Every assigned partition read up to its end as of the last fetch."""
+    partitions = consumer.assignment()
+    if not partitions:
+        return False
+    for partition in partitions:
+        end = consumer.highwater(partition)
+        if end is None or await consumer.position(partition) < end:
+            return False
+    return True
+
+
 async def follow_changes(
-    consumer: AIOKafkaConsumer, handle: ChangeHandler, *, newer_than_ms: int = 0
+    consumer: AIOKafkaConsumer,
+    handle: ChangeHandler,
+    *,
+    newer_than_ms: int = 0,
+    caught_up: asyncio.Event | None = None,
 ) -> None:
     """Feed every change record to ``handle``; every process reads all of them (no group).
 
     Records older than ``newer_than_ms`` are skipped: a cache loaded after them already
-    reflects them. Invalid records are logged and skipped; a cache never stops following.
+    reflects them. Invalid records are logged and skipped, a failed fetch is tried again;
+    a cache never stops following. ``caught_up`` is set once every record that was there
+    when following began has been handled.
     """
     log = structlog.get_logger()
     while True:
-        batches = await consumer.getmany(timeout_ms=500)
+        try:
+            # Short waits until caught up: an empty topic answers only when the wait ends,
+            # and a process waiting to catch up waits on that.
+            catching_up = caught_up is not None and not caught_up.is_set()
+            batches = await consumer.getmany(timeout_ms=50 if catching_up else 500)
+        except KafkaError as exc:
+            log.warning("changes_fetch_failed", error=str(exc))
+            await asyncio.sleep(_FETCH_RETRY_SECONDS)
+            continue
         for record in (r for batch in batches.values() for r in batch):
             if record.timestamp < newer_than_ms:
                 continue
@@ -91,6 +119,12 @@ async def follow_changes(
                     await outcome
             except Exception:
                 log.exception("change_handler_failed", entity=change.entity, id=change.entity_id)
+        if caught_up is not None and not caught_up.is_set():
+            try:
+                if await _at_end(consumer):
+                    caught_up.set()
+            except KafkaError as exc:
+                log.warning("changes_position_failed", error=str(exc))
 
 
 class ChangeFollower:
@@ -101,6 +135,7 @@ class ChangeFollower:
         self._handle = handle
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -112,9 +147,22 @@ class ChangeFollower:
         )
         await start_client(self._consumer, self._settings)
         self._task = asyncio.create_task(
-            follow_changes(self._consumer, self._handle, newer_than_ms=newer_than_ms),
+            follow_changes(
+                self._consumer,
+                self._handle,
+                newer_than_ms=newer_than_ms,
+                caught_up=self._caught_up,
+            ),
             name="changes",
         )
+
+    async def wait_caught_up(self, within_seconds: float) -> bool:
+        """Until the records there at the start are handled; False if that took too long."""
+        try:
+            await asyncio.wait_for(self._caught_up.wait(), within_seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
+from services.dispatcher.table import WebhookTable
 from services.shared import Settings, tables
 from tests.conftest import Receiver, Stack, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
@@ -259,3 +261,60 @@ async def test_concurrent_rotations_never_lose_a_secret_they_returned(
             )
         ).scalar_one()
     assert returned <= {entry["secret"] for entry in stored}
+
+
+class _PausedLoad(WebhookTable):
+    """A table whose whole loads stop between reading the rows and taking them in."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.read = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def _read_all(self) -> list[Any]:
+        rows = await super()._read_all()
+        self.read.set()
+        await self.go_on.wait()
+        return rows
+
+
+async def test_a_refresh_during_a_whole_load_is_not_undone_by_it(api_stack: Stack) -> None:
+    """The periodic load read the webhook active; it was deactivated and refreshed before
+    the load took its rows in. The table must end with the later state, not the load's."""
+    webhook = await api_stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+    table = _PausedLoad(api_stack.api.engine)
+    loading = asyncio.create_task(table.load_all())
+    await asyncio.wait_for(table.read.wait(), 10)
+    async with api_stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(tables.webhooks)
+            .where(tables.webhooks.c.id == webhook["id"])
+            .values(active=False)
+        )
+    refreshing = asyncio.create_task(table.refresh(webhook["id"]))
+    await asyncio.sleep(0.2)  # room for the refresh to finish first, if it may
+    table.go_on.set()
+    await asyncio.wait_for(asyncio.gather(loading, refreshing), 10)
+    route = table.get(webhook["id"])
+    assert route is not None
+    assert not route.active
+    assert table.for_team(api_stack.team_id) == []
+
+
+async def test_a_failed_refresh_is_made_good_within_seconds(stack: Stack) -> None:
+    """A change whose webhook could not be read (the database away for a moment) is not
+    left to the periodic load a minute later."""
+    table = stack.dispatcher.table
+    real_refresh = table.refresh
+    failures: list[str] = []
+
+    async def failing_once(webhook_id: str) -> None:
+        if not failures:
+            failures.append(webhook_id)
+            raise OperationalError("select", {}, Exception("database is away"))
+        await real_refresh(webhook_id)
+
+    table.refresh = failing_once  # type: ignore[method-assign]
+    webhook = await stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+    await stack.wait_for_webhook(webhook["id"], within=5)
+    assert failures == [webhook["id"]]

@@ -1,0 +1,136 @@
+"""Following the changes topic: every record handled, a failed fetch survived, and knowing
+when everything there at the start has been handled."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
+
+from services.shared import (
+    Change,
+    ChangeFollower,
+    EmbeddedBroker,
+    Settings,
+    Topics,
+    cancel_and_wait,
+    ensure_topics,
+    load_settings,
+    make_patient_consumer,
+    make_producer,
+    send_all,
+    start_client,
+    stop_client,
+    utcnow,
+)
+from services.shared._changes import follow_changes
+
+
+@pytest.fixture
+async def kafka_settings(broker: EmbeddedBroker) -> Settings:
+    settings = load_settings(
+        kafka_bootstrap=broker.bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+        kafka_partitions=3,
+        kafka_session_timeout_ms=3000,
+        kafka_heartbeat_interval_ms=300,
+    )
+    await ensure_topics(settings)
+    return settings
+
+
+async def _publish_changes(settings: Settings, ids: list[str]) -> None:
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    topic = Topics(settings.topic_prefix).changes
+    try:
+        await send_all(
+            producer,
+            [
+                (
+                    topic,
+                    entity_id.encode(),
+                    Change(
+                        entity="webhook", entity_id=entity_id, action="updated", at=utcnow()
+                    ).to_bytes(),
+                )
+                for entity_id in ids
+            ],
+        )
+    finally:
+        await stop_client(producer)
+
+
+class _FailingOnce:
+    """The consumer, whose first fetch fails as when the broker connection drops."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+    async def getmany(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise KafkaConnectionError("connection reset")
+        return await self._consumer.getmany(*args, **kwargs)
+
+
+async def test_a_failed_fetch_does_not_end_following(kafka_settings: Settings) -> None:
+    consumer = make_patient_consumer(
+        kafka_settings, Topics(kafka_settings.topic_prefix).changes, group_id=None
+    )
+    await start_client(consumer, kafka_settings)
+    flaky = _FailingOnce(consumer)
+    handled: list[str] = []
+    following = asyncio.create_task(
+        follow_changes(flaky, lambda change: handled.append(change.entity_id))  # type: ignore[arg-type]
+    )
+    try:
+        await _publish_changes(kafka_settings, ["wh_after_failure"])
+        deadline = asyncio.get_running_loop().time() + 10
+        while handled != ["wh_after_failure"]:
+            assert not following.done(), following.exception()
+            assert asyncio.get_running_loop().time() < deadline, handled
+            await asyncio.sleep(0.05)
+        assert flaky.failed
+    finally:
+        await cancel_and_wait(following)
+        await stop_client(consumer)
+
+
+async def test_caught_up_only_once_every_earlier_record_is_handled(
+    kafka_settings: Settings,
+) -> None:
+    ids = [f"wh_{n}" for n in range(60)]
+    await _publish_changes(kafka_settings, ids)
+    handled: list[str] = []
+
+    async def slowly(change: Change) -> None:
+        await asyncio.sleep(0.005)
+        handled.append(change.entity_id)
+
+    follower = ChangeFollower(kafka_settings, slowly)
+    await follower.start()
+    try:
+        assert await follower.wait_caught_up(20)
+        assert sorted(handled) == sorted(ids)
+    finally:
+        await follower.stop()
+
+
+async def test_an_empty_topic_is_caught_up_at_once(kafka_settings: Settings) -> None:
+    follower = ChangeFollower(kafka_settings, lambda change: None)
+    await follower.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        assert await follower.wait_caught_up(10)
+        assert asyncio.get_running_loop().time() - started < 2
+    finally:
+        await follower.stop()
