@@ -18,10 +18,6 @@ class FetchGate:
         self._consumer = consumer
         self._held: set[TopicPartition] = set()
 
-    def hold(self, full: bool) -> None:
-        """Pause every partition while ``full``."""
-        self._hold_only(self._consumer.assignment() if full else set())
-
     def hold_shares(self, waiting: Mapping[TopicPartition, int], limit: int) -> int:
         """Keep what waits within ``limit``, split evenly between the assigned partitions.
 
@@ -40,6 +36,27 @@ class FetchGate:
             self._hold_only({p for p in assignment if waiting.get(p, 0) >= share})
         # At least one: with everything held the fetch returns nothing anyway.
         return max(1, min(limit - total, share))
+
+    def hold_with_reserve(self, waiting: Mapping[TopicPartition, int], limit: int) -> int:
+        """Keep what waits within ``limit``, half of it a reserve split between the partitions.
+
+        Each partition may always hold its part of the reserve. Room the others are not
+        using goes to whichever partition reads it, so one busy partition can hold about
+        half of ``limit``; once the room left is what the others are owed, the partitions
+        past their part are paused and the others still read theirs. Every partition is
+        paused at ``limit``. Returns how many records the next fetch may bring.
+        """
+        assignment = self._consumer.assignment()
+        part = max(1, limit // (2 * max(1, len(assignment))))
+        total = sum(waiting.values())
+        owed = sum(max(0, part - waiting.get(p, 0)) for p in assignment)
+        if total >= limit:
+            self._hold_only(set(assignment))
+        elif limit - total <= owed:
+            self._hold_only({p for p in assignment if waiting.get(p, 0) >= part})
+        else:
+            self._hold_only(set())
+        return max(1, min(limit - total, part))
 
     def _hold_only(self, partitions: set[TopicPartition]) -> None:
         assignment = self._consumer.assignment()

@@ -25,6 +25,7 @@ from .flow import FetchGate
 from .offsets import OffsetTracker
 
 _IDLE_WAIT_MS = 500
+_FETCH_RECORDS = 1000
 
 
 def due_at_ms(record: ConsumerRecord) -> int:
@@ -62,12 +63,14 @@ class RetryTimer:
         while True:
             await self._forward_due()
             await self._commit()
-            self._apply_backpressure()
+            fetch_size = self._apply_backpressure()
             wait_ms = _IDLE_WAIT_MS
             if self._heap:
                 wait_ms = max(0, min(wait_ms, self._heap[0][0] - _wall_ms()))
             try:
-                batches = await self._consumer.getmany(timeout_ms=wait_ms, max_records=1000)
+                batches = await self._consumer.getmany(
+                    timeout_ms=wait_ms, max_records=min(_FETCH_RECORDS, fetch_size)
+                )
             except KafkaError as exc:
                 self._log.warning("retry_fetch_failed", error=str(exc))
                 await asyncio.sleep(1.0)
@@ -125,8 +128,11 @@ class RetryTimer:
         if await commit_offsets(self._consumer, points):
             self._tracker.committed(points)
 
-    def _apply_backpressure(self) -> None:
-        self._gate.hold(len(self._heap) >= self._pending_max)
+    def _apply_backpressure(self) -> int:
+        # Far-off retries of one failing endpoint (a circuit open for minutes, the 10-hour
+        # tiers) could fill the heap; with every partition paused then, another endpoint's
+        # 5-second retry would wait unread for hours. A reserve keeps room for the others.
+        return self._gate.hold_with_reserve(self._tracker.open_counts(), self._pending_max)
 
 
 def _wall_ms() -> int:

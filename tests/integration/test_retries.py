@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -15,16 +16,27 @@ import pytest
 from aiohttp import web
 
 from services.dispatcher.app import DispatcherService
+from services.dispatcher.retry_timer import RetryTimer
 from services.dispatcher.routing import WebhookRoute
 from services.dispatcher.sender import Outcome, Sender
 from services.shared import (
+    RETRY_TIERS,
     Delivery,
+    Event,
     Settings,
     bound_port,
+    cancel_and_wait,
+    ensure_topics,
     make_consumer,
+    make_patient_consumer,
+    make_producer,
     partition_of,
+    send_all,
+    start_client,
     start_site,
+    stop_client,
     topics_for,
+    utcnow,
 )
 from tests.conftest import Receiver, Stack, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
@@ -534,3 +546,67 @@ async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_
     lanes = stack.dispatcher._lanes
     assert lanes is not None
     await _eventually(lambda: lanes.backlog == 0)  # nothing left unfinished, so committed
+
+
+async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
+    settings: Settings,
+) -> None:
+    """One endpoint's retries, due in an hour, fill the timer's memory; another endpoint's
+    retry on another tier, due now, is still read and sent on."""
+    quick = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}timer.", "kafka_partitions": 1}
+    )
+    await ensure_topics(quick)
+    topics = topics_for(quick)
+    event = Event(
+        id="evt_timer",
+        type="object.created",
+        team_id="team_timer",
+        object_type="contact",
+        object_id="obj_1",
+        occurred_at=utcnow(),
+        data={},
+    )
+
+    def retry(delivery_id: str, webhook_id: str, due: datetime) -> bytes:
+        return Delivery(
+            id=delivery_id, webhook_id=webhook_id, attempt=2, event=event, not_before=due
+        ).to_bytes()
+
+    producer = make_producer(quick)
+    await start_client(producer, quick)
+    later = utcnow() + timedelta(hours=1)
+    await send_all(
+        producer,
+        [(topics.retry(7), b"wh_busy", retry(f"msg_far_{n}", "wh_busy", later)) for n in range(60)],
+    )
+    retries = make_patient_consumer(
+        quick,
+        *(topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
+        group_id=f"{quick.topic_prefix}retry",
+    )
+    await start_client(retries, quick)
+    timer = RetryTimer(retries, producer, topics, pending_max=20)
+    running = asyncio.create_task(timer.run())
+    deliveries = make_consumer(quick, topics.deliveries, group_id=None)
+    await start_client(deliveries, quick)
+    try:
+        await _eventually(lambda: timer.pending >= 10)
+        await send_all(
+            producer, [(topics.retry(1), b"wh_calm", retry("msg_due", "wh_calm", utcnow()))]
+        )
+        forwarded: list[str] = []
+
+        async def forwarded_due() -> bool:
+            batches = await deliveries.getmany(timeout_ms=200)
+            forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+            return "msg_due" in forwarded
+
+        await _eventually(forwarded_due)
+        assert forwarded == ["msg_due"]
+        assert timer.pending <= 20
+    finally:
+        await cancel_and_wait(running)
+        await stop_client(deliveries)
+        await stop_client(retries)
+        await stop_client(producer)

@@ -64,9 +64,31 @@ async def test_a_partition_handed_back_unpaused_by_a_rebalance_is_paused_again(
     assert consumer.paused() == {FIRST}
 
 
-async def test_hold_pauses_and_resumes_every_partition(consumer: AIOKafkaConsumer) -> None:
+async def test_one_busy_partition_may_take_the_room_the_others_do_not_use(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    """With a reserve: each partition's part of it is 100 // 4 = 25. FIRST is past its
+    part, but the room left (70) is more than SECOND is owed (25): nothing is paused."""
     gate = FetchGate(consumer)
-    gate.hold(full=True)
-    assert consumer.paused() == {FIRST, SECOND}
-    gate.hold(full=False)
+    assert gate.hold_with_reserve({FIRST: 30}, limit=100) == 25
     assert consumer.paused() == set()
+
+
+async def test_the_reserve_left_is_kept_for_the_partitions_below_their_part(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    gate = FetchGate(consumer)
+    # Room left 15, SECOND owed 20: FIRST stops, SECOND reads on.
+    assert gate.hold_with_reserve({FIRST: 80, SECOND: 5}, limit=100) == 15
+    assert consumer.paused() == {FIRST}
+    # FIRST's records were forwarded: room again, and it reads on.
+    gate.hold_with_reserve({FIRST: 10, SECOND: 5}, limit=100)
+    assert consumer.paused() == set()
+
+
+async def test_with_a_reserve_everything_is_paused_at_the_limit(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    gate = FetchGate(consumer)
+    assert gate.hold_with_reserve({FIRST: 90, SECOND: 10}, limit=100) == 1
+    assert consumer.paused() == {FIRST, SECOND}
