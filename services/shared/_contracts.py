@@ -8,10 +8,9 @@ match is dead-lettered with the reason, never half-processed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._errors import InvalidRecord
 
@@ -95,7 +94,9 @@ class Event(Record):
     team_id: str = Field(pattern=_ID)
     object_type: str = Field(pattern=_ID)
     object_id: str = Field(pattern=_ID)
-    occurred_at: datetime
+    # RFC 3339: with its offset. A time without one means nothing definite, and the delivery
+    # log could not order it against the times it keeps.
+    occurred_at: AwareDatetime
     data: dict[str, Any]
     # object.updated: the previous values of the fields that changed (new values are in data).
     previous: dict[str, Any] | None = None
@@ -122,7 +123,7 @@ class Delivery(Record):
     # attempt: a failure is reported in the delivery log, not rescheduled.
     kind: DeliveryKind = "event"
     # A retry waits on a retry topic until this time.
-    not_before: datetime | None = None
+    not_before: AwareDatetime | None = None
 
 
 class Attempt(Record):
@@ -135,7 +136,7 @@ class Attempt(Record):
     webhook_id: str = Field(pattern=_ID, max_length=64)
     team_id: str = Field(pattern=_ID, max_length=64)
     attempt: int = Field(ge=1, le=1_000_000)
-    attempted_at: datetime
+    attempted_at: AwareDatetime
     outcome: AttemptOutcome
     status_code: int | None = Field(default=None, ge=100, le=999)
     latency_ms: float | None = None
@@ -145,7 +146,7 @@ class Attempt(Record):
     error_class: str | None = Field(default=None, max_length=32)
     # No further automatic attempt follows this one.
     final: bool
-    next_retry_at: datetime | None = None
+    next_retry_at: AwareDatetime | None = None
     kind: DeliveryKind = "event"
     # The delivery's event, so the log can show and re-send it.
     event: Event
@@ -177,7 +178,7 @@ class Change(Record):
     # A token's state after the change (active, inactive, expired, revoked); verifiers of
     # access tokens keep a revocation set from it.
     state: str | None = None
-    at: datetime
+    at: AwareDatetime
 
 
 class DeadLetter(Record):
@@ -186,7 +187,7 @@ class DeadLetter(Record):
     source_partition: int | None = None
     source_offset: int | None = None
     payload: str
-    at: datetime
+    at: AwareDatetime
 
 
 R = TypeVar("R", bound=Record)

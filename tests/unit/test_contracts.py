@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from services.shared import Event, InvalidRecord, decode
+from services.shared import Attempt, Event, InvalidRecord, decode
 
 VALID = {
     "schema": 1,
@@ -36,6 +36,8 @@ def test_valid_event_round_trips() -> None:
         (orjson.dumps({k: v for k, v in VALID.items() if k != "team_id"}), "team_id"),
         (orjson.dumps({**VALID, "surprise": True}), "surprise"),
         (orjson.dumps({**VALID, "occurred_at": "yesterday"}), "occurred_at"),
+        # RFC 3339 times carry their offset; without one the time is not definite.
+        (orjson.dumps({**VALID, "occurred_at": "2026-01-01T00:00:00"}), "timezone"),
         (orjson.dumps({**VALID, "data": [1, 2]}), "data"),
     ],
 )
@@ -44,3 +46,24 @@ def test_invalid_records_say_why(raw: bytes | None, fragment: str) -> None:
     with pytest.raises(InvalidRecord) as caught:
         decode(Event, raw)
     assert fragment in caught.value.message.lower()
+
+
+def test_an_attempt_time_without_an_offset_is_refused() -> None:
+    """The delivery log orders attempts by time: one without an offset cannot be compared
+    with the others (it would stop the log's writer at the first comparison)."""
+    event = decode(Event, orjson.dumps(VALID))
+    attempt = {
+        "delivery_id": "msg_1",
+        "event_id": event.id,
+        "webhook_id": "wh_1",
+        "team_id": "team_1",
+        "attempt": 1,
+        "attempted_at": "2026-01-01T00:00:00Z",
+        "outcome": "delivered",
+        "final": True,
+        "event": orjson.loads(event.to_bytes()),
+    }
+    assert decode(Attempt, orjson.dumps(attempt)).attempted_at.tzinfo is not None
+    with pytest.raises(InvalidRecord) as caught:
+        decode(Attempt, orjson.dumps({**attempt, "attempted_at": "2026-01-01T00:00:00"}))
+    assert caught.value.message.startswith("attempted_at: Input should have timezone info")
