@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
@@ -36,6 +37,26 @@ from . import delivery_log
 
 _RECONNECT_SECONDS = 2.0
 _START_WAIT_SECONDS = 3.0
+_BAD_VALUE = (TypeError, ValueError, ArithmeticError)
+
+
+def _refused_by_store(exc: BaseException) -> bool:
+    """A record the store will refuse on every try (a value it cannot hold), as opposed to
+    the store being away or a fault in the statements themselves."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    if isinstance(exc, DBAPIError):
+        # Some drivers report a value they could not send as a generic error of their own;
+        # the error beneath it says what it was.
+        cause: BaseException | None = exc.orig
+        while cause is not None:
+            if isinstance(cause, _BAD_VALUE):
+                return True
+            cause = cause.__cause__
+        return False
+    if isinstance(exc, StatementError):
+        return True  # a value the driver could not take
+    return isinstance(exc, _BAD_VALUE)
 
 
 class AttemptRecorder:
@@ -92,24 +113,55 @@ class AttemptRecorder:
             await stop_client(self._consumer)
 
     async def record(self, records: list[ConsumerRecord]) -> None:
-        attempts: list[Attempt] = []
+        decoded: list[tuple[ConsumerRecord, Attempt]] = []
         rejected: list[OutRecord] = []
         for record in records:
             try:
-                attempts.append(decode(Attempt, record.value))
+                decoded.append((record, decode(Attempt, record.value)))
             except InvalidRecord as exc:
                 self._log.warning("attempt_record_invalid", reason=exc.message)
                 rejected.append(dead_letter_record(self._topics, record, exc.message))
         # Dead letters first: once the rows commit, only the offset commit remains.
         await send_all(self._producer, rejected)
-        # A cancelled transaction on SQLite can keep its write lock until the engine closes,
-        # so a stop lets the write finish (close() waits for it) instead of cutting it.
-        self._writing = asyncio.ensure_future(self._write(attempts))
-        await asyncio.shield(self._writing)
+        attempts = [attempt for _, attempt in decoded]
+        try:
+            await self._write_through(attempts)
+        except Exception as exc:
+            if not _refused_by_store(exc):
+                raise
+            # One record the store refuses would fail its batch on every try and stop
+            # the log for every team: the records go in one at a time instead, and the
+            # refused one goes to the dead-letter topic with the reason.
+            attempts = await self._write_one_by_one(decoded)
         for attempt in attempts:
             self._consumed.labels(attempt.outcome).inc()
         if rejected:
             self._consumed.labels("invalid").inc(len(rejected))
+
+    async def _write_through(self, attempts: list[Attempt]) -> None:
+        # A cancelled transaction on SQLite can keep its write lock until the engine closes,
+        # so a stop lets the write finish (close() waits for it) instead of cutting it.
+        self._writing = asyncio.ensure_future(self._write(attempts))
+        await asyncio.shield(self._writing)
+
+    async def _write_one_by_one(
+        self, decoded: list[tuple[ConsumerRecord, Attempt]]
+    ) -> list[Attempt]:
+        stored: list[Attempt] = []
+        for record, attempt in decoded:
+            try:
+                await self._write_through([attempt])
+            except Exception as exc:
+                if not _refused_by_store(exc):
+                    raise
+                # The first line: drivers append the statement and its values after it.
+                reason = f"not storable: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                self._log.warning("attempt_record_refused", reason=reason, offset=record.offset)
+                await send_all(self._producer, [dead_letter_record(self._topics, record, reason)])
+                self._consumed.labels("refused").inc()
+                continue
+            stored.append(attempt)
+        return stored
 
     async def _write(self, attempts: list[Attempt]) -> None:
         async with self._engine.begin() as conn:
@@ -119,4 +171,10 @@ class AttemptRecorder:
             self._log.warning(
                 "webhook_disabled", webhook_id=attempt.webhook_id, reason=attempt.disable_reason
             )
-            await self._changes.notify("webhook", attempt.webhook_id, "updated", attempt.team_id)
+        # Every request, not only those that changed a row: a record read again after a
+        # crash between the commit and the notice changes nothing the second time, and its
+        # notice would be lost; a repeated notice only makes the dispatchers read the row.
+        for webhook_id, team_id in dict.fromkeys(
+            (a.webhook_id, a.team_id) for a in attempts if a.disable_reason is not None
+        ):
+            await self._changes.notify("webhook", webhook_id, "updated", team_id)

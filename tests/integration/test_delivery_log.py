@@ -17,6 +17,7 @@ from services.shared import (
     Settings,
     make_consumer,
     make_producer,
+    send_all,
     topics_for,
     utcnow,
 )
@@ -445,3 +446,100 @@ async def test_nul_in_an_answer_is_stored_and_a_stale_disable_request_is_ignored
             assert (await _call(stack, "GET", f"/webhooks/{webhook['id']}"))[1]["active"] is False
         finally:
             await producer.stop()
+
+
+async def test_a_disable_request_read_again_still_tells_the_dispatchers(
+    settings: Settings,
+) -> None:
+    """The writer may die after disabling a webhook and before publishing the change; the
+    request read again finds the webhook already inactive and must still publish it, or
+    the other dispatchers go on delivering until their next whole load."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        status, webhook = await _call(
+            stack,
+            "POST",
+            "/webhooks",
+            json={"name": "w", "url": "http://127.0.0.1:9/hook", "topics": ["object.created"]},
+        )
+        assert status == 201
+        request = _attempt(stack, "msg_gone", 1).model_copy(
+            update={
+                "webhook_id": webhook["id"],
+                "disable_reason": "the endpoint answered 410 Gone",
+            }
+        )
+        topics = topics_for(stack.settings)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        changes = make_consumer(stack.settings, topics.changes, group_id=None)
+        await changes.start()
+        updates: list[str] = []
+
+        async def updated(count: int) -> None:
+            async with asyncio.timeout(10):
+                while len(updates) < count:
+                    batches = await changes.getmany(timeout_ms=200)
+                    records = [orjson.loads(r.value) for b in batches.values() for r in b]
+                    updates.extend(
+                        c["entity_id"]
+                        for c in records
+                        if c["entity_id"] == webhook["id"] and c["action"] == "updated"
+                    )
+
+        try:
+            await producer.send_and_wait(topics.attempts, value=request.to_bytes(), key=b"k")
+            await updated(1)
+            assert (await _call(stack, "GET", f"/webhooks/{webhook['id']}"))[1]["active"] is False
+            await producer.send_and_wait(topics.attempts, value=request.to_bytes(), key=b"k")
+            await updated(2)
+            assert updates == [webhook["id"]] * 2
+        finally:
+            await changes.stop()
+            await producer.stop()
+
+
+async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on(
+    settings: Settings,
+) -> None:
+    """A record within the contract that the database cannot hold (a time that leaves the
+    calendar once turned to UTC: PostgreSQL refuses it, SQLite keeps the wall time) would
+    fail its batch on every try and stop the delivery log; it is dead-lettered with the
+    reason and the records around it are stored."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        topics = topics_for(stack.settings)
+        refused = orjson.loads(_attempt(stack, "msg_refused", 1).to_bytes())
+        refused["attempted_at"] = "0001-01-01T00:00:00+14:00"
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            await send_all(
+                producer,
+                [
+                    (topics.attempts, b"k", _attempt(stack, "msg_before", 1).to_bytes()),
+                    (topics.attempts, b"k", orjson.dumps(refused)),
+                    (topics.attempts, b"k", _attempt(stack, "msg_after", 1).to_bytes()),
+                ],
+            )
+        finally:
+            await producer.stop()
+        await _logged(stack, "msg_before", lambda d: len(d["attempts"]) == 1)
+        await _logged(stack, "msg_after", lambda d: len(d["attempts"]) == 1)
+        if not stack.settings.effective_database_url.startswith("postgresql"):
+            await _logged(stack, "msg_refused", lambda d: len(d["attempts"]) == 1)
+            return
+        assert (await _call(stack, "GET", "/deliveries/msg_refused"))[0] == 404
+        consumer = make_consumer(stack.settings, topics.dead_letter, group_id=None)
+        await consumer.start()
+        try:
+            letters: list[dict[str, Any]] = []
+            async with asyncio.timeout(10):
+                while not letters:
+                    batches = await consumer.getmany(timeout_ms=200)
+                    letters += [orjson.loads(r.value) for b in batches.values() for r in b]
+        finally:
+            await consumer.stop()
+        [letter] = letters
+        assert letter["source_topic"] == topics.attempts
+        assert letter["reason"].startswith("not storable: ")
+        assert "out of range" in letter["reason"]
+        assert orjson.loads(letter["payload"])["delivery_id"] == "msg_refused"
