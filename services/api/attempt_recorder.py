@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
@@ -70,6 +71,11 @@ class AttemptRecorder:
         self._changes = ChangeNotifier(producer, self._topics)
         self._consumed = metrics.counter(
             "attempts_consumed_total", "Attempt records stored in the delivery log", ("outcome",)
+        )
+        self._disabled = metrics.counter(
+            "webhooks_disabled_total",
+            "Webhooks disabled on the dispatcher's word (gone) or for failing too long",
+            ("reason",),
         )
         self._log = get_logger("api")
         self._consumer: AIOKafkaConsumer | None = None
@@ -166,11 +172,18 @@ class AttemptRecorder:
     async def _write(self, attempts: list[Attempt]) -> None:
         async with self._engine.begin() as conn:
             await delivery_log.record_attempts(conn, attempts)
+            # The "no success for days" clock lives with the webhook, not in a dispatcher:
+            # it survives restarts and partitions moving between processes.
+            failing_too_long = await delivery_log.track_failing_endpoints(
+                conn, attempts, timedelta(days=self._settings.endpoint_disable_after_days)
+            )
+            attempts = [*attempts, *failing_too_long]
             disabled = await delivery_log.disable_webhooks(conn, attempts)
         for attempt in disabled:
             self._log.warning(
                 "webhook_disabled", webhook_id=attempt.webhook_id, reason=attempt.disable_reason
             )
+            self._disabled.labels("failing" if attempt in failing_too_long else "gone").inc()
         # Every request, not only those that changed a row: a record read again after a
         # crash between the commit and the notice changes nothing the second time, and its
         # notice would be lost; a repeated notice only makes the dispatchers read the row.

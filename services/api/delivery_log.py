@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, delete, or_, select, update
@@ -285,6 +285,66 @@ def delivery_view(row: Any, attempts: Sequence[Any], *, detailed: bool = False) 
 
 
 _DISPATCHER = Actor(user_id=None, token_id=None, ip=None)
+
+
+def failing_run(
+    since: datetime | None, not_before: datetime, attempts: Sequence[Attempt]
+) -> tuple[datetime | None, Attempt | None]:
+    """An endpoint's run of failures after ``attempts``: when it began (None once one
+    succeeded) and its latest failure among them.
+
+    ``since`` is the run as stored; a run starts only with a failure made after
+    ``not_before`` (the webhook's last edit: a reactivation or a new URL starts afresh).
+    A success older than the run does not end it.
+    """
+    latest = None
+    for attempt in sorted(attempts, key=lambda a: a.attempted_at):
+        at = as_utc(attempt.attempted_at)
+        if attempt.outcome == "delivered":
+            if since is None or at >= since:
+                since, latest = None, None
+        elif attempt.outcome == "failed" and (since is not None or at >= not_before):
+            since = at if since is None else since
+            latest = attempt
+    return since, latest
+
+
+async def track_failing_endpoints(
+    conn: AsyncConnection, attempts: Sequence[Attempt], disable_after: timedelta
+) -> list[Attempt]:
+    """Keep each webhook's ``failing_since``; returns requests to disable the webhooks that
+    have had no success for ``disable_after``, as the attempts that showed it."""
+    by_webhook: dict[tuple[str, str], list[Attempt]] = {}
+    for attempt in attempts:
+        if attempt.outcome != "skipped":
+            by_webhook.setdefault((attempt.webhook_id, attempt.team_id), []).append(attempt)
+    if not by_webhook:
+        return []
+    hooks = tables.webhooks
+    rows = await conn.execute(
+        select(
+            hooks.c.id, hooks.c.team_id, hooks.c.active, hooks.c.failing_since, hooks.c.updated_at
+        ).where(hooks.c.id.in_(sorted({webhook_id for webhook_id, _ in by_webhook})))
+    )
+    requests = []
+    for row in rows.all():
+        batch = by_webhook.get((row.id, row.team_id))
+        if batch is None:
+            continue  # another team's attempt records name this webhook: not its evidence
+        stored = as_utc(row.failing_since)
+        since, latest = failing_run(stored, as_utc(row.updated_at), batch)
+        if since != stored:
+            # as_utc: SQLite keeps an aware time's wall clock and drops its offset.
+            await conn.execute(
+                update(hooks).where(hooks.c.id == row.id).values(failing_since=since)
+            )
+        if not row.active or since is None or latest is None:
+            continue
+        if as_utc(latest.attempted_at) - since >= disable_after:
+            days = disable_after.total_seconds() / 86400
+            reason = f"no successful delivery for {days:g} days"
+            requests.append(latest.model_copy(update={"disable_reason": reason}))
+    return requests
 
 
 async def disable_webhooks(conn: AsyncConnection, attempts: Sequence[Attempt]) -> list[Attempt]:

@@ -120,7 +120,11 @@ async def update_webhook(request: web.Request) -> web.Response:
     action = "webhook.updated"
     if set(values) == {"active"}:
         action = "webhook.reactivated" if values["active"] else "webhook.deactivated"
-    row = await _change(ctx, request, principal, action, values, details=_redacted(values))
+    details = _redacted(values)
+    if values.get("active") is True or "url" in values:
+        # Reactivated or pointed elsewhere: failures before now say nothing of what follows.
+        values["failing_since"] = None
+    row = await _change(ctx, request, principal, action, values, details=details)
     return json_response(webhook_view(row._mapping))
 
 

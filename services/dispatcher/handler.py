@@ -97,7 +97,6 @@ class DeliveryHandler:
             settings.circuit_open_seconds,
             settings.circuit_open_max_seconds,
         )
-        self._disable_after = settings.endpoint_disable_after_days * 86400
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
         # Bound once: the lazy logger binds anew on every call, six times the cost of a
         # filtered-out call on a bound one, and this one is called for every delivery.
@@ -200,11 +199,10 @@ class DeliveryHandler:
         next_retry_at: datetime | None = None
         disable_reason = None
         if not delivered:
+            # An endpoint failing for days is disabled by the delivery log's writer, which
+            # keeps that clock with the webhook.
             if outcome.status_code == GONE:
                 disable_reason = "the endpoint answered 410 Gone"
-            elif self._circuit.failing_for(route.id, clock) >= self._disable_after:
-                days = self._disable_after / 86400
-                disable_reason = f"no successful delivery for {days:g} days"
             if disable_reason is None and delivery.kind == "event":
                 next_retry_at = self._schedule(delivery, about["attempted_at"], outcome)
             if next_retry_at is not None:

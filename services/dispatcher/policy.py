@@ -72,8 +72,6 @@ class RetryPolicy:
 class _Endpoint:
     failures: int = 0
     open_until: float = 0.0
-    last_success: float | None = None
-    failing_since: float | None = None
 
 
 @dataclass
@@ -112,23 +110,12 @@ class CircuitBreaker:
         state = self._endpoints.setdefault(endpoint, _Endpoint())
         if success:
             state.failures = 0
-            state.last_success = now
-            state.failing_since = None
             return
         state.failures += 1
-        if state.failing_since is None:
-            state.failing_since = now
         if state.failures >= self.threshold:
             failed_probes = min(state.failures - self.threshold, 30)
             wait = min(self.open_for * 2**failed_probes, max(self.open_max, self.open_for))
             state.open_until = now + wait
-
-    def failing_for(self, endpoint: str, now: float) -> float:
-        """Seconds this endpoint has failed without a single success (0 when healthy)."""
-        state = self._endpoints.get(endpoint)
-        if state is None or state.failing_since is None:
-            return 0.0
-        return now - state.failing_since
 
     def forget(self, endpoint: str) -> None:
         self._endpoints.pop(endpoint, None)

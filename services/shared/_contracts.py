@@ -154,8 +154,8 @@ class Attempt(Record):
     request_headers: dict[str, str] = Field(default_factory=dict)
     # The first bytes of the receiver's answer, decoded leniently.
     response_body: str | None = None
-    # Set when the dispatcher stopped delivering to the webhook (a 410, or no success for
-    # too long): the delivery log's writer disables the webhook and audits why.
+    # Set when the dispatcher stopped delivering to the webhook (a 410): the delivery log's
+    # writer disables the webhook and audits why.
     disable_reason: str | None = Field(default=None, max_length=500)
 
     @property

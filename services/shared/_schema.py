@@ -118,6 +118,10 @@ webhooks = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("deleted_at", DateTime(timezone=True)),
+    # The first failed attempt since the last success (or since the webhook was reactivated
+    # or pointed elsewhere); null while it is healthy. The delivery log's writer keeps it,
+    # so the "no success for days" rule outlives any dispatcher process.
+    Column("failing_since", DateTime(timezone=True)),
 )
 
 objects = Table(

@@ -543,3 +543,69 @@ async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on
         assert letter["reason"].startswith("not storable: ")
         assert "out of range" in letter["reason"]
         assert orjson.loads(letter["payload"])["delivery_id"] == "msg_refused"
+
+
+async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
+    settings: Settings,
+) -> None:
+    """The clock lives with the webhook in the database: attempts alone decide, whichever
+    dispatcher made them and however often dispatchers restarted. A success ends a run of
+    failures; a reactivation starts afresh."""
+    a_day = settings.model_copy(update={"endpoint_disable_after_days": 1.0})
+    async with running_stack(a_day, with_dispatcher=False) as stack:
+        status, webhook = await _call(
+            stack,
+            "POST",
+            "/webhooks",
+            json={"name": "w", "url": "http://127.0.0.1:9/hook", "topics": ["object.created"]},
+        )
+        assert status == 201
+        start = utcnow()
+        topics = topics_for(stack.settings)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        sent = 0
+
+        async def attempt(after: timedelta, outcome: str) -> None:
+            nonlocal sent
+            sent += 1
+            record = _attempt(stack, f"msg_day_{sent}", 1).model_copy(
+                update={
+                    "webhook_id": webhook["id"],
+                    "attempted_at": start + after,
+                    "outcome": outcome,
+                    "final": False,
+                }
+            )
+            await producer.send_and_wait(topics.attempts, value=record.to_bytes(), key=b"k")
+            await _logged(stack, record.delivery_id, lambda d: len(d["attempts"]) == 1)
+
+        async def active() -> bool:
+            return bool((await _call(stack, "GET", f"/webhooks/{webhook['id']}"))[1]["active"])
+
+        try:
+            await attempt(timedelta(minutes=1), "failed")
+            await attempt(timedelta(minutes=2), "delivered")
+            await attempt(timedelta(minutes=3), "failed")
+            await attempt(timedelta(hours=23), "failed")
+            assert await active(), "a success ended the first run; the second is 23 h long"
+            await attempt(timedelta(hours=25), "failed")
+            assert not await active()
+            status, audit = await stack.auth_call(
+                "GET", f"/v1/audit-log?team_id={stack.team_id}&action=webhook.disabled"
+            )
+            assert status == 200
+            assert audit["data"][0]["details"]["reason"] == "no successful delivery for 1 days"
+            registry = stack.api.metrics.registry
+            disabled = {"reason": "failing"}
+            assert registry.get_sample_value("hookwire_api_webhooks_disabled_total", disabled) == 1
+
+            status, _ = await _call(
+                stack, "PATCH", f"/webhooks/{webhook['id']}", json={"active": True}
+            )
+            assert status == 200
+            await attempt(timedelta(hours=48), "failed")
+            await attempt(timedelta(hours=49), "failed")
+            assert await active(), "failures before the reactivation do not count"
+        finally:
+            await producer.stop()

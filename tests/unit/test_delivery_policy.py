@@ -73,15 +73,6 @@ def test_circuit_opens_after_the_threshold_and_one_probe_closes_it() -> None:
     assert circuit.allows("other", 0), "endpoints are independent"
 
 
-def test_failing_for_counts_from_the_first_failure_since_a_success() -> None:
-    circuit = CircuitBreaker(threshold=100, open_for=1)
-    circuit.record("wh", success=False, now=100)
-    circuit.record("wh", success=False, now=500)
-    assert circuit.failing_for("wh", 1000) == 900
-    circuit.record("wh", success=True, now=1000)
-    assert circuit.failing_for("wh", 2000) == 0
-
-
 def test_commit_point_is_the_lowest_unfinished_offset() -> None:
     tracker = OffsetTracker()
     tp = TopicPartition("deliveries", 0)
