@@ -263,7 +263,7 @@ class DeliveryHandler:
 
     def _disable(self, route: WebhookRoute, reason: str) -> None:
         self._log.warning("webhook_disable_requested", webhook_id=route.id, reason=reason)
-        self._metrics.disabled.labels("gone" if "410" in reason else "failing").inc()
+        self._metrics.disabled.labels("gone").inc()
         # Stop at once here; the delivery log's writer makes it lasting and audited.
         self._table.deactivate(route.id)
         self._circuit.forget(route.id)
