@@ -283,10 +283,15 @@ async def send_object(request: web.Request) -> web.Response:
         sent=body.model_dump(exclude_none=True),
     )
 
-    async def nothing(_: AsyncConnection) -> None:
+    async def no_change(_: AsyncConnection) -> None:
         return None
 
-    await _publish(ctx, event, nothing, nothing)
+    async def nothing_to_undo(_: AsyncConnection) -> bool:
+        # Nothing builds on a send: a refused one is dropped, so the caller's retry is the
+        # only copy (kept for the relay as well, it would go out twice under two ids).
+        return True
+
+    await _publish(ctx, event, no_change, nothing_to_undo)
     return json_response({"event_id": event.id}, status=202)
 
 

@@ -176,9 +176,15 @@ async def test_kafka_down_means_503_and_nothing_written(
     assert time.monotonic() - started < 10
     status, _, _ = await _call(stack, "PATCH", f"/contact/{created['id']}", json={"v": 3})
     assert status == 503
+    # A refused send is not left for the relay: the caller's retry would be a second send.
+    status, body, _ = await _call(
+        stack, "POST", f"/contact/{created['id']}/send", json={"to": "crm@example.com"}
+    )
+    assert (status, body["error"]["code"]) == (503, "publish_unavailable")
+    assert "will be published" not in body["error"]["message"]
     assert await _object_count(stack) == 1
     failures = stack.api.metrics.registry.get_sample_value("hookwire_api_publish_failures_total")
-    assert failures == 2
+    assert failures == 3
     _, current, _ = await _call(stack, "GET", f"/contact/{created['id']}")
     assert (current["data"], current["version"]) == ({"v": 1}, 1)
     async with stack.api.engine.connect() as conn:
