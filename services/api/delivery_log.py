@@ -335,8 +335,12 @@ async def track_failing_endpoints(
         since, latest = failing_run(stored, as_utc(row.updated_at), batch)
         if since != stored:
             # as_utc: SQLite keeps an aware time's wall clock and drops its offset.
+            # Not over an edit made since the read (a new URL, a reactivation): it cleared
+            # the clock, and failures from before it must not set it again.
             await conn.execute(
-                update(hooks).where(hooks.c.id == row.id).values(failing_since=since)
+                update(hooks)
+                .where(hooks.c.id == row.id, hooks.c.updated_at == row.updated_at)
+                .values(failing_since=since)
             )
         if not row.active or since is None or latest is None:
             continue
