@@ -20,6 +20,7 @@ from services.shared import (
     Conflict,
     Delivery,
     Event,
+    JsonObject,
     NotFound,
     OpenApi,
     as_utc,
@@ -81,7 +82,7 @@ class ReplayRequest(BaseModel):
 class TestEventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: JsonObject = Field(default_factory=dict)
 
 
 async def _list(

@@ -21,6 +21,7 @@ from services.shared import (
     Conflict,
     Event,
     EventType,
+    JsonObject,
     OpenApi,
     ValidationFailed,
     json_response,
@@ -45,7 +46,7 @@ class EventIn(BaseModel):
     type: EventType
     object_type: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")
     object_id: str = Field(pattern=_ID)
-    data: dict[str, Any]
+    data: JsonObject
 
 
 class IdempotencyKeyReused(ValidationFailed):

@@ -8,9 +8,9 @@ match is dead-lettered with the reason, never half-processed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from ._errors import InvalidRecord
 
@@ -86,6 +86,17 @@ def _integers_fit(value: Any) -> bool:
     return True
 
 
+def _within_64_bits(value: dict[str, Any]) -> dict[str, Any]:
+    if not _integers_fit(value):
+        raise ValueError("integers must fit in 64 bits")
+    return value
+
+
+# A JSON object an event may carry; request bodies that become events use it too, so such
+# an integer is refused with the request (422) rather than when the event is built.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_within_64_bits)]
+
+
 class Event(Record):
     """An object changed; the envelope every webhook receives."""
 
@@ -97,18 +108,11 @@ class Event(Record):
     # RFC 3339: with its offset. A time without one means nothing definite, and the delivery
     # log could not order it against the times it keeps.
     occurred_at: AwareDatetime
-    data: dict[str, Any]
+    data: JsonObject
     # object.updated: the previous values of the fields that changed (new values are in data).
-    previous: dict[str, Any] | None = None
+    previous: JsonObject | None = None
     # object.send: what was sent, to whom.
-    sent: dict[str, Any] | None = None
-
-    @field_validator("data", "previous", "sent")
-    @classmethod
-    def _integers_within_64_bits(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and not _integers_fit(value):
-            raise ValueError("integers must fit in 64 bits")
-        return value
+    sent: JsonObject | None = None
 
 
 class Delivery(Record):

@@ -110,6 +110,8 @@ async def test_a_key_claimed_by_a_request_that_died_is_free_again(stack: Stack) 
         ({**EVENT, "object_type": "Invoice"}, "object_type"),
         ({**EVENT, "object_id": "has spaces"}, "object_id"),
         ({**EVENT, "data": [1]}, "data"),
+        # No JSON reader on the way (the delivery log's, receivers') takes a larger one.
+        ({**EVENT, "data": {"n": 2**64}}, "data"),
         ({**EVENT, "id": "evt_mine"}, "id"),
         ({k: v for k, v in EVENT.items() if k != "data"}, "data"),
     ],
@@ -119,6 +121,14 @@ async def test_bad_events_are_refused(api_stack: Stack, body: Any, field: str) -
     status, answer, _ = await _publish(api_stack, body)
     assert status == 422
     assert field in [d["field"] for d in answer["error"]["details"]]
+
+
+async def test_a_refused_event_leaves_its_idempotency_key_free(api_stack: Stack) -> None:
+    status, answer, _ = await _publish(api_stack, {**EVENT, "data": {"n": -(2**63) - 1}}, "k1")
+    assert status == 422
+    assert answer["error"]["details"][0]["reason"].endswith("integers must fit in 64 bits")
+    status, _, _ = await _publish(api_stack, EVENT, key="k1")
+    assert status == 201
 
 
 async def test_publishing_needs_event_publish(api_stack: Stack) -> None:
