@@ -207,9 +207,18 @@ class BatchingSender:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="batching-sender")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((records, done))
+        entry = (records, done)
+        self._waiting.append(entry)
         self._wake.set()
-        await done
+        try:
+            await done
+        except asyncio.CancelledError:
+            # A caller that gave up (a timeout) and undoes what the records announce must
+            # not see them sent after all: withdrawn while they still wait for a round.
+            # Once on their way they cannot be; that caller's outcome is unknown.
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+            raise
 
     async def close(self) -> None:
         """Stop sending; call once nothing more will be sent."""

@@ -78,3 +78,16 @@ async def test_a_lingering_sender_sends_callers_close_together_in_one_request(
     await asyncio.wait_for(asyncio.gather(first, sender.send([("attempts", b"k", b"2")])), 5)
     await sender.close()
     assert producer.sent == requests
+
+
+async def test_a_caller_that_gives_up_before_its_round_is_not_sent() -> None:
+    """The outbox undoes a change whose event it stopped waiting for; the event must not
+    go out after all while it still waited for its round."""
+    producer = _CountingProducer()
+    sender = BatchingSender(cast(Any, producer), linger_seconds=0.3)
+    gave_up = asyncio.create_task(sender.send([("events", b"k", b"undone")]))
+    await asyncio.sleep(0.05)
+    gave_up.cancel()
+    await asyncio.wait_for(sender.send([("events", b"k", b"kept")]), 5)
+    await sender.close()
+    assert producer.sent == [[b"kept"]]
