@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from sqlalchemy import text
@@ -32,8 +33,10 @@ from services.shared import (
     create_engine,
     ensure_topics,
     load_settings,
+    make_consumer,
     migrate,
     start_site,
+    topics_for,
 )
 
 POSTGRES_DSN = os.environ.get("HOOKWIRE_TEST_POSTGRES_DSN")
@@ -318,3 +321,18 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield recorder
     finally:
         await runner.cleanup()
+
+
+async def dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` records of the dead-letter topic, waiting up to 10 s for them."""
+    consumer = make_consumer(settings, topics_for(settings).dead_letter, group_id=None)
+    await consumer.start()
+    letters: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(10):
+            while len(letters) < count:
+                batches = await consumer.getmany(timeout_ms=200)
+                letters += [orjson.loads(r.value) for b in batches.values() for r in b]
+    finally:
+        await consumer.stop()
+    return letters

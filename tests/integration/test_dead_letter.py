@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import orjson
 
-from services.shared import make_consumer, make_producer
-from tests.conftest import Receiver, Stack
+from services.shared import make_producer
+from tests.conftest import Receiver, Stack, dead_letters
 
 GOOD = {
     "schema": 1,
@@ -59,16 +57,7 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
     [delivery] = await receiver.wait_for(1)
     assert orjson.loads(delivery.body)["id"] == "evt_external_1"
 
-    consumer = make_consumer(stack.settings, topics.dead_letter, group_id=None)
-    await consumer.start()
-    try:
-        letters: list[dict[str, object]] = []
-        async with asyncio.timeout(10):
-            while len(letters) < len(bad):
-                batches = await consumer.getmany(timeout_ms=1000)
-                letters.extend(orjson.loads(r.value) for b in batches.values() for r in b)
-    finally:
-        await consumer.stop()
+    letters = await dead_letters(stack.settings, len(bad))
     assert [letter["source_topic"] for letter in letters] == [topics.events] * 4
     reasons = [str(letter["reason"]) for letter in letters]
     assert "json" in reasons[0].lower()
@@ -106,16 +95,6 @@ async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(
 
     [delivered] = await receiver.wait_for(1)
     assert delivered.headers["webhook-id"] == "msg_within_contract"
-    consumer = make_consumer(stack.settings, topics.dead_letter, group_id=None)
-    await consumer.start()
-    try:
-        letters: list[dict[str, object]] = []
-        async with asyncio.timeout(10):
-            while not letters:
-                batches = await consumer.getmany(timeout_ms=1000)
-                letters.extend(orjson.loads(r.value) for b in batches.values() for r in b)
-    finally:
-        await consumer.stop()
-    [letter] = letters
+    [letter] = await dead_letters(stack.settings, 1)
     assert letter["source_topic"] == topics.deliveries
     assert str(letter["reason"]).startswith("id: String should have at most 64 characters")

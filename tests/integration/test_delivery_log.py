@@ -21,7 +21,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, running_stack
+from tests.conftest import Receiver, Stack, dead_letters, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
 
@@ -49,6 +49,18 @@ async def _logged(
             return dict(delivery)
         assert asyncio.get_running_loop().time() < deadline, f"log never showed it: {delivery}"
         await asyncio.sleep(0.05)
+
+
+async def _unreachable_webhook(stack: Stack) -> dict[str, Any]:
+    """A webhook for attempt records written by the test; nothing is ever sent to it."""
+    status, webhook = await _call(
+        stack,
+        "POST",
+        "/webhooks",
+        json={"name": "w", "url": "http://127.0.0.1:9/hook", "topics": ["object.created"]},
+    )
+    assert status == 201
+    return dict(webhook)
 
 
 async def _listed(stack: Stack, path: str, count: int, within: float = 10.0) -> list[Any]:
@@ -353,16 +365,7 @@ async def _bad_attempts_are_dead_lettered(stack: Stack) -> None:
     done = await _logged(stack, "msg_good", lambda d: len(d["attempts"]) == 2)
     assert (done["state"], done["attempt_count"]) == ("delivered", 2), "the repeat of #1 lost"
 
-    consumer = make_consumer(stack.settings, topics.dead_letter, group_id=None)
-    await consumer.start()
-    try:
-        letters: list[dict[str, Any]] = []
-        async with asyncio.timeout(10):
-            while len(letters) < len(bad):
-                batches = await consumer.getmany(timeout_ms=500)
-                letters += [orjson.loads(r.value) for b in batches.values() for r in b]
-    finally:
-        await consumer.stop()
+    letters = await dead_letters(stack.settings, len(bad))
     assert [letter["source_topic"] for letter in letters] == [topics.attempts] * len(bad)
     reasons = [letter["reason"] for letter in letters]
     assert "attempt" in reasons[1]
@@ -411,13 +414,7 @@ async def test_nul_in_an_answer_is_stored_and_a_stale_disable_request_is_ignored
     before the webhook last changed (reactivated since, or the record read again) leaves
     it active, while a current one disables it."""
     async with running_stack(settings, with_dispatcher=False) as stack:
-        status, webhook = await _call(
-            stack,
-            "POST",
-            "/webhooks",
-            json={"name": "w", "url": "http://127.0.0.1:9/hook", "topics": ["object.created"]},
-        )
-        assert status == 201
+        webhook = await _unreachable_webhook(stack)
         base = _attempt(stack, "msg_nul", 1).model_copy(
             update={"webhook_id": webhook["id"], "response_body": "ok\x00", "error": "x\x00"}
         )
@@ -456,13 +453,7 @@ async def test_a_disable_request_read_again_still_tells_the_dispatchers(
     request read again finds the webhook already inactive and must still publish it, or
     the other dispatchers go on delivering until their next whole load."""
     async with running_stack(settings, with_dispatcher=False) as stack:
-        status, webhook = await _call(
-            stack,
-            "POST",
-            "/webhooks",
-            json={"name": "w", "url": "http://127.0.0.1:9/hook", "topics": ["object.created"]},
-        )
-        assert status == 201
+        webhook = await _unreachable_webhook(stack)
         request = _attempt(stack, "msg_gone", 1).model_copy(
             update={
                 "webhook_id": webhook["id"],
@@ -529,17 +520,7 @@ async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on
             await _logged(stack, "msg_refused", lambda d: len(d["attempts"]) == 1)
             return
         assert (await _call(stack, "GET", "/deliveries/msg_refused"))[0] == 404
-        consumer = make_consumer(stack.settings, topics.dead_letter, group_id=None)
-        await consumer.start()
-        try:
-            letters: list[dict[str, Any]] = []
-            async with asyncio.timeout(10):
-                while not letters:
-                    batches = await consumer.getmany(timeout_ms=200)
-                    letters += [orjson.loads(r.value) for b in batches.values() for r in b]
-        finally:
-            await consumer.stop()
-        [letter] = letters
+        [letter] = await dead_letters(stack.settings, 1)
         assert letter["source_topic"] == topics.attempts
         assert letter["reason"].startswith("not storable: ")
         assert "out of range" in letter["reason"]
@@ -554,13 +535,7 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
     failures; a reactivation starts afresh."""
     a_day = settings.model_copy(update={"endpoint_disable_after_days": 1.0})
     async with running_stack(a_day, with_dispatcher=False) as stack:
-        status, webhook = await _call(
-            stack,
-            "POST",
-            "/webhooks",
-            json={"name": "w", "url": "http://127.0.0.1:9/hook", "topics": ["object.created"]},
-        )
-        assert status == 201
+        webhook = await _unreachable_webhook(stack)
         start = utcnow()
         topics = topics_for(stack.settings)
         producer = make_producer(stack.settings)
