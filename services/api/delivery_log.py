@@ -334,7 +334,6 @@ async def track_failing_endpoints(
         stored = as_utc(row.failing_since)
         since, latest = failing_run(stored, as_utc(row.updated_at), batch)
         if since != stored:
-            # as_utc: SQLite keeps an aware time's wall clock and drops its offset.
             # Not over an edit made since the read (a new URL, a reactivation): it cleared
             # the clock, and failures from before it must not set it again.
             await conn.execute(

@@ -38,7 +38,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, running_stack
+from tests.conftest import Receiver, Stack, dead_letters, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
 
@@ -81,20 +81,6 @@ async def _is_disabled(stack: Stack, webhook_id: str) -> bool:
         headers=stack.headers(),
     ) as response:
         return (await response.json())["active"] is False
-
-
-async def _dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
-    consumer = make_consumer(settings, topics_for(settings).dead_letter, group_id=None)
-    await consumer.start()
-    letters: list[dict[str, Any]] = []
-    try:
-        async with asyncio.timeout(10):
-            while len(letters) < count:
-                batches = await consumer.getmany(timeout_ms=300)
-                letters += [orjson.loads(r.value) for b in batches.values() for r in b]
-    finally:
-        await consumer.stop()
-    return letters
 
 
 async def test_fails_twice_then_delivered_with_the_same_webhook_id(
@@ -144,7 +130,7 @@ async def test_always_failing_is_dead_lettered_after_the_last_attempt(
     receiver.statuses = [500] * 10
     await stack.create_object()
     received = await receiver.wait_for(4)
-    [letter] = await _dead_letters(stack.settings, 1)
+    [letter] = await dead_letters(stack.settings, 1)
     assert letter["reason"].startswith("attempts_exhausted: attempt 4")
     assert orjson.loads(letter["payload"])["attempt"] == 4
     delivery_id = received[0].headers["webhook-id"]
@@ -206,7 +192,7 @@ async def test_410_gone_disables_the_webhook_and_audits_why(
     [record] = audit["data"]
     assert record["target_id"] == webhook["id"]
     assert "410" in record["details"]["reason"]
-    [letter] = await _dead_letters(stack.settings, 1)
+    [letter] = await dead_letters(stack.settings, 1)
     assert letter["reason"].startswith("gone")
     await stack.create_object()
     await asyncio.sleep(0.6)
@@ -533,7 +519,7 @@ async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_
     await stack.create_object()
     await stack.create_object()
     await receiver.wait_for(1)
-    [letter] = await _dead_letters(stack.settings, 1)
+    [letter] = await dead_letters(stack.settings, 1)
     assert letter["reason"] == "handler_failed: RuntimeError: a bug"
     assert orjson.loads(letter["payload"])["attempt"] == 1
     registry = stack.dispatcher.metrics.registry
