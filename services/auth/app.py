@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from importlib.metadata import version
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
@@ -44,7 +44,7 @@ from .callers import REFUSALS_AUDITED, audit_refusal
 from .errors import InvalidServiceCredential, MalformedToken
 from .exchange import ExchangeRoutes
 from .group_routes import GroupRoutes
-from .introspection import TokenState, decide, inactive
+from .introspection import TokenState, decide, idle_too_long, inactive
 from .token_routes import TokenRoutes
 from .tokens import check_format, hash_token
 
@@ -152,14 +152,16 @@ class AuthService:
         except MalformedToken:
             answer = inactive("malformed")
         else:
-            token, role = await self._lookup(hash_token(body.token, self._pepper), body.team_id)
+            secret_hash = hash_token(body.token, self._pepper)
             now = utcnow()
-            if token is not None and token.id in self._pending_last_used:
-                # A use not yet flushed still counts against inactivity expiry.
-                token = replace(token, last_used_at=self._pending_last_used[token.id][0])
-            answer = decide(
-                token, team_id=body.team_id, role=role, client_ip=body.client_ip, now=now
-            )
+            token, role = await self._lookup(secret_hash, body.team_id)
+            answer = self._decide(token, role, body, now)
+            if token is not None and not answer["active"] and idle_too_long(token, now):
+                # A cached row knows only the uses made before it was read and those this
+                # process made since; another process's (or a flushed one) may be newer.
+                # Only the database's last use may refuse a key as idle.
+                token, role = await self._lookup(secret_hash, body.team_id, fresh=True)
+                answer = self._decide(token, role, body, now)
             if answer["active"] and token is not None:
                 self._pending_last_used[token.id] = (now, body.client_ip)
             elif token is not None and answer["reason"] in REFUSALS_AUDITED:
@@ -170,24 +172,37 @@ class AuthService:
         ).inc()
         return json_response(answer)
 
+    def _decide(
+        self,
+        token: TokenState | None,
+        role: str | None,
+        body: IntrospectRequest,
+        now: datetime,
+    ) -> dict[str, Any]:
+        if token is not None and token.id in self._pending_last_used:
+            # A use not yet flushed still counts against inactivity expiry.
+            token = replace(token, last_used_at=self._pending_last_used[token.id][0])
+        return decide(token, team_id=body.team_id, role=role, client_ip=body.client_ip, now=now)
+
     async def _lookup(
-        self, secret_hash: str, team_id: str | None
+        self, secret_hash: str, team_id: str | None, *, fresh: bool = False
     ) -> tuple[TokenState | None, str | None]:
         """The token and the user's role in the team, from the cache or one connection."""
-        cached = self.cache.token(secret_hash)
+        cached = MISSING if fresh else self.cache.token(secret_hash)
         self._cache_lookups.labels("miss" if cached is MISSING else "hit").inc()
         token = None if cached is MISSING else cast(TokenState | None, cached)
         roles = self.cache.roles(token.user_id) if token is not None else None
         if cached is MISSING or (token is not None and team_id is not None and roles is None):
+            read_at = self.cache.generation
             async with self.engine.connect() as conn:
                 if cached is MISSING:
                     token = await store.find_token(conn, secret_hash)
-                    self.cache.put_token(secret_hash, token)
+                    self.cache.put_token(secret_hash, token, read_at)
                 if token is not None and team_id is not None:
                     roles = self.cache.roles(token.user_id)
                     if roles is None:
                         roles = await store.memberships_of(conn, token.user_id)
-                        self.cache.put_roles(token.user_id, roles)
+                        self.cache.put_roles(token.user_id, roles, read_at)
         if token is None or team_id is None or roles is None:
             return token, None
         return token, roles.get(team_id)

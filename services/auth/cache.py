@@ -30,6 +30,10 @@ class TokenCache:
         self._unknown: dict[str, float] = {}
         self._hashes_by_token: dict[str, set[str]] = {}
         self._roles: dict[str, tuple[float, dict[str, str]]] = {}
+        # Moves on every drop. A lookup notes it before reading the database and keeps
+        # what it read only if it has not moved: a change applied while the read was on
+        # its way may have found nothing to drop, and the read may predate it.
+        self.generation = 0
 
     def token(self, secret_hash: str) -> TokenState | object | None:
         """The cached lookup, or ``MISSING`` when the database must be asked."""
@@ -42,8 +46,9 @@ class TokenCache:
             return None
         return _MISSING
 
-    def put_token(self, secret_hash: str, state: TokenState | None) -> None:
-        if self._ttl <= 0:
+    def put_token(self, secret_hash: str, state: TokenState | None, read_at: int) -> None:
+        """Keep a lookup made when the generation was ``read_at``, unless it has moved."""
+        if self._ttl <= 0 or read_at != self.generation:
             return
         expires = time.monotonic() + self._ttl
         if state is None:
@@ -63,17 +68,19 @@ class TokenCache:
             return None
         return entry[1]
 
-    def put_roles(self, user_id: str, roles: dict[str, str]) -> None:
-        if self._ttl > 0:
+    def put_roles(self, user_id: str, roles: dict[str, str], read_at: int) -> None:
+        if self._ttl > 0 and read_at == self.generation:
             self._roles[user_id] = (time.monotonic() + self._ttl, roles)
 
     def clear(self) -> None:
+        self.generation += 1
         self._tokens.clear()
         self._hashes_by_token.clear()
         self._unknown.clear()
         self._roles.clear()
 
     def apply(self, change: Change) -> None:
+        self.generation += 1
         if change.entity == "token":
             for secret_hash in self._hashes_by_token.pop(change.entity_id, set()):
                 self._tokens.pop(secret_hash, None)

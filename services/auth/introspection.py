@@ -48,6 +48,14 @@ def _ip_allowed(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
     return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
+def idle_too_long(token: TokenState, now: datetime) -> bool:
+    """Unused for longer than the token's inactivity timeout allows."""
+    if token.inactivity_timeout_seconds is None:
+        return False
+    last_seen = token.last_used_at or token.created_at
+    return now - last_seen > timedelta(seconds=token.inactivity_timeout_seconds)
+
+
 def decide(
     token: TokenState | None,
     *,
@@ -68,10 +76,8 @@ def decide(
         return inactive("inactive")
     if token.expires_at is not None and token.expires_at <= now:
         return inactive("expired")
-    if token.inactivity_timeout_seconds is not None:
-        last_seen = token.last_used_at or token.created_at
-        if now - last_seen > timedelta(seconds=token.inactivity_timeout_seconds):
-            return inactive("expired")
+    if idle_too_long(token, now):
+        return inactive("expired")
     if token.allowed_cidrs and not _ip_allowed(client_ip, token.allowed_cidrs):
         return inactive("ip_not_allowed")
     if team_id is not None and role is None:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from services.auth import app as auth_app
+from services.auth import store
+from services.auth.tokens import hash_token
 from tests.conftest import Stack, corrupt
 
 
@@ -56,3 +63,53 @@ async def test_bad_introspection_bodies_get_422(api_stack: Stack) -> None:
         status, answer = await _introspect(api_stack, payload)
         assert status == 422
         assert answer["error"]["code"] == "validation_failed"
+
+
+async def test_a_revoke_during_a_cache_fill_is_not_undone(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that read the key before it was revoked does not cache it as active."""
+    status, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "held", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    held_hash = hash_token(created["token"], "test-pepper")
+    read_done, release = asyncio.Event(), asyncio.Event()
+    real_find = store.find_token
+
+    async def find_then_wait(conn: Any, secret_hash: str) -> Any:
+        found = await real_find(conn, secret_hash)
+        if secret_hash == held_hash and not release.is_set():
+            read_done.set()
+            await release.wait()
+        return found
+
+    monkeypatch.setattr(store, "find_token", find_then_wait)
+    first = asyncio.create_task(api_stack.introspect(created["token"]))
+    await asyncio.wait_for(read_done.wait(), 5)
+    status, _ = await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}")
+    assert status == 204
+    release.set()
+    assert (await first)["active"] is True  # it was read before the revoke committed
+    assert await api_stack.introspect(created["token"]) == {"active": False, "reason": "revoked"}
+
+
+async def test_a_key_in_steady_use_does_not_expire_as_idle(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uses flushed to the database count, though the cached row was read before them."""
+    status, created = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "idle", "permissions": ["object:read"], "inactivity_timeout_seconds": 60},
+    )
+    assert status == 201
+    start = datetime.now(UTC)
+    clock = [start + timedelta(seconds=50)]
+    monkeypatch.setattr(auth_app, "utcnow", lambda: clock[0])
+    assert (await api_stack.introspect(created["token"]))["active"] is True
+    await api_stack.auth._flush_last_used()
+    clock[0] = start + timedelta(seconds=65)
+    assert (await api_stack.introspect(created["token"]))["active"] is True
+    clock[0] = start + timedelta(seconds=65 + 61)
+    assert await api_stack.introspect(created["token"]) == {"active": False, "reason": "expired"}
