@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.shared import (
     DELIVERY_STATES,
@@ -23,6 +23,7 @@ from services.shared import (
     JsonObject,
     NotFound,
     OpenApi,
+    UtcDatetime,
     as_utc,
     json_response,
     new_id,
@@ -49,8 +50,8 @@ class DeliveryQuery(BaseModel):
         default=None, description="Comma-separated: delivered, retrying, failed, skipped"
     )
     webhook_id: str | None = Field(default=None, max_length=64)
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: UtcDatetime | None = None
+    until: UtcDatetime | None = None
     limit: int = Field(default=50, ge=1, le=MAX_LIMIT)
     cursor: str | None = Field(default=None, max_length=64)
 
@@ -72,8 +73,8 @@ class WebhookDeliveryQuery(DeliveryQuery):
 class ReplayRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: AwareDatetime
-    until: AwareDatetime | None = None
+    since: UtcDatetime
+    until: UtcDatetime | None = None
     only_failed: bool = Field(
         default=False, description="Re-send only deliveries not delivered (failed or retrying)"
     )

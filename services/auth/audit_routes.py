@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -18,6 +18,7 @@ from services.shared import (
     ROLES,
     OpenApi,
     Settings,
+    UtcDatetime,
     as_utc,
     json_response,
     parse_query,
@@ -33,8 +34,8 @@ _audit = tables.audit_log
 class AuditQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: UtcDatetime | None = None
+    until: UtcDatetime | None = None
     actor: str | None = Field(default=None, max_length=64)
     action: str | None = Field(default=None, max_length=64)
     team_id: str | None = Field(default=None, max_length=64)

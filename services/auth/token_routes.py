@@ -8,13 +8,14 @@ from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     ChangeNotifier,
     OpenApi,
     Settings,
+    UtcDatetime,
     ValidationFailed,
     as_utc,
     json_response,
@@ -37,7 +38,7 @@ class TokenCreate(BaseModel):
     description: str = Field(default="", max_length=2000)
     permissions: list[str] = Field(default_factory=list, max_length=100)
     permission_group_id: str | None = Field(default=None, max_length=64)
-    expires_at: AwareDatetime | None = None
+    expires_at: UtcDatetime | None = None
     allowed_cidrs: list[str] | None = Field(default=None, min_length=1, max_length=50)
     inactivity_timeout_seconds: int | None = Field(default=None, ge=60, le=365 * 24 * 3600)
 

@@ -24,6 +24,7 @@ from ._contracts import (
     JsonObject,
     Record,
     Topics,
+    UtcDatetime,
     decode,
 )
 from ._credentials import InvalidToken, MissingToken, QueryKeyRefused, presented_token
@@ -125,6 +126,7 @@ __all__ = [
     "Settings",
     "Topics",
     "Unauthorized",
+    "UtcDatetime",
     "ValidationFailed",
     "access_tokens",
     "as_utc",

@@ -8,6 +8,7 @@ match is dead-lettered with the reason, never half-processed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -95,6 +96,18 @@ def _within_64_bits(value: dict[str, Any]) -> dict[str, Any]:
 # A JSON object an event may carry; request bodies that become events use it too, so such
 # an integer is refused with the request (422) rather than when the event is built.
 JsonObject = Annotated[dict[str, Any], AfterValidator(_within_64_bits)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("must be a time that UTC can express (years 1 to 9999)") from exc
+
+
+# A time a request gives with its offset, taken as the instant it names, in UTC: stored and
+# compared like every other time, and a value past the calendar's ends is a 422, not a 500.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 class Event(Record):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     Boolean,
     Column,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Integer,
@@ -14,8 +18,33 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A point in time, kept and compared in UTC on every database.
+
+    SQLite stores the wall time of what it is given and drops the offset, so an aware time
+    in another zone would be stored hours off, and a comparison with one would be wrong;
+    it also hands back naive values. Converting every bound value (stored or compared) to
+    UTC, and reading every value as UTC, makes both databases agree."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment: datetime = value
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
 
 metadata = MetaData()
 
@@ -25,7 +54,7 @@ users = Table(
     Column("id", String(64), primary_key=True),
     Column("email", String(320), nullable=False, unique=True),
     Column("name", String(200), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 teams = Table(
@@ -33,7 +62,7 @@ teams = Table(
     metadata,
     Column("id", String(64), primary_key=True),
     Column("name", String(200), nullable=False, unique=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 memberships = Table(
@@ -42,7 +71,7 @@ memberships = Table(
     Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
     Column("team_id", String(64), ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True),
     Column("role", String(16), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 tokens = Table(
@@ -56,15 +85,15 @@ tokens = Table(
     Column("display_prefix", String(16), nullable=False),
     Column("permissions", JSON, nullable=False),
     Column("active", Boolean, nullable=False, default=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True)),
-    Column("revoked_at", DateTime(timezone=True)),
-    Column("last_used_at", DateTime(timezone=True)),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("expires_at", UtcDateTime()),
+    Column("revoked_at", UtcDateTime()),
+    Column("last_used_at", UtcDateTime()),
     Column("last_used_ip", String(64)),
     Column("allowed_cidrs", JSON),
     Column("inactivity_timeout_seconds", Integer),
     Column("previous_secret_hash", String(64), unique=True),
-    Column("previous_expires_at", DateTime(timezone=True)),
+    Column("previous_expires_at", UtcDateTime()),
     Column(
         "permission_group_id",
         String(64),
@@ -81,8 +110,8 @@ permission_groups = Table(
     Column("name", String(200), nullable=False),
     Column("description", Text, nullable=False, default=""),
     Column("permissions", JSON, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
     UniqueConstraint("user_id", "name", name="uq_permission_groups_user_name"),
 )
 
@@ -90,7 +119,7 @@ audit_log = Table(
     "audit_log",
     metadata,
     Column("id", String(64), primary_key=True),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
     Column("actor_user_id", String(64)),
     Column("actor_token_id", String(64)),
     Column("action", String(64), nullable=False),
@@ -115,13 +144,13 @@ webhooks = Table(
     Column("headers", JSON, nullable=False),
     Column("secrets", JSON, nullable=False),
     Column("active", Boolean, nullable=False, default=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("deleted_at", DateTime(timezone=True)),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("deleted_at", UtcDateTime()),
     # The first failed attempt since the last success (or since the webhook was reactivated
     # or pointed elsewhere); null while it is healthy. The delivery log's writer keeps it,
     # so the "no success for days" rule outlives any dispatcher process.
-    Column("failing_since", DateTime(timezone=True)),
+    Column("failing_since", UtcDateTime()),
 )
 
 objects = Table(
@@ -132,9 +161,9 @@ objects = Table(
     Column("object_type", String(128), nullable=False),
     Column("data", JSON, nullable=False),
     Column("version", Integer, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    Column("deleted_at", DateTime(timezone=True)),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("deleted_at", UtcDateTime()),
 )
 
 outbox = Table(
@@ -144,7 +173,7 @@ outbox = Table(
     Column("topic", String(255), nullable=False),
     Column("key", String(255), nullable=False),
     Column("value", Text, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 idempotency_keys = Table(
@@ -155,7 +184,7 @@ idempotency_keys = Table(
     Column("request_hash", String(64), nullable=False),
     Column("status", Integer),
     Column("response", JSON),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 
 deliveries = Table(
@@ -172,9 +201,9 @@ deliveries = Table(
     Column("attempts", Integer, nullable=False),
     Column("last_status_code", Integer),
     Column("last_error", Text),
-    Column("next_retry_at", DateTime(timezone=True)),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("next_retry_at", UtcDateTime()),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 delivery_attempts = Table(
@@ -182,14 +211,14 @@ delivery_attempts = Table(
     metadata,
     Column("delivery_id", String(64), primary_key=True),
     Column("attempt", Integer, primary_key=True),
-    Column("attempted_at", DateTime(timezone=True), primary_key=True),
+    Column("attempted_at", UtcDateTime(), primary_key=True),
     Column("outcome", String(16), nullable=False),
     Column("status_code", Integer),
     Column("latency_ms", Float),
     Column("error", Text),
     Column("error_class", String(32)),
     Column("final", Boolean, nullable=False),
-    Column("next_retry_at", DateTime(timezone=True)),
+    Column("next_retry_at", UtcDateTime()),
     Column("request_headers", JSON, nullable=False),
     Column("response_body", Text),
 )

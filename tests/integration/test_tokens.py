@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -60,6 +60,15 @@ async def test_create_shows_the_secret_once(api_stack: Stack) -> None:
         ({"name": "x", "permissions": []}, 422, "permissions"),
         (
             {"name": "x", "permissions": ["object:read"], "expires_at": "2001-01-01T00:00:00Z"},
+            422,
+            "expires_at",
+        ),
+        (
+            {
+                "name": "x",
+                "permissions": ["object:read"],
+                "expires_at": "9999-12-31T23:00:00-05:00",
+            },
             422,
             "expires_at",
         ),
@@ -418,3 +427,20 @@ async def test_a_second_auth_process_drops_its_cache_within_a_second(api_stack: 
         assert (await ask_other())["reason"] == "revoked"
     finally:
         await other.stop()
+
+
+async def test_an_expiry_given_in_another_zone_means_that_instant(api_stack: Stack) -> None:
+    """An hour ahead written as local time eight hours behind UTC: an hour ahead, kept so."""
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    pacific = instant.astimezone(timezone(timedelta(hours=-8)))
+    status, created = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "zoned", "permissions": ["object:read"], "expires_at": pacific.isoformat()},
+    )
+    assert status == 201, created
+    assert created["state"] == "active"
+    assert datetime.fromisoformat(created["expires_at"]) == instant
+    assert (await api_stack.introspect(created["token"]))["active"] is True
+    status, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
+    assert datetime.fromisoformat(shown["expires_at"]) == instant
