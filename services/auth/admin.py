@@ -136,8 +136,9 @@ async def revoke_token(engine: AsyncEngine, token_id: str) -> str:
         ).scalar()
         if owner is None:
             raise UnknownEntity(f"token {token_id} not found")
-        await store.update_token(conn, token_id, revoked_at=utcnow())
-        await record_audit(conn, CLI_ACTOR, "token.revoked", "token", token_id)
+        # Revoking again keeps the first revocation's time and audit record.
+        if await store.update_token(conn, token_id, {"revoked_at": utcnow()}, unrevoked=True):
+            await record_audit(conn, CLI_ACTOR, "token.revoked", "token", token_id)
     return str(owner)
 
 

@@ -23,3 +23,11 @@ class UnknownPermission(ValidationFailed):
 
 class UnknownEntity(NotFound):
     code = "not_found"
+
+
+class ConcurrentChange(Conflict):
+    code = "concurrent_change"
+
+
+class TokenEnded(Conflict):
+    code = "token_ended"

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared import ROLES, as_utc, new_id, tables, unknown_permissions, utcnow
 
-from .errors import DuplicateName, UnknownEntity, UnknownPermission
+from .errors import ConcurrentChange, DuplicateName, UnknownEntity, UnknownPermission
 from .introspection import TokenState
 from .tokens import display_prefix, generate_token, hash_token
 
@@ -222,12 +222,30 @@ async def create_token(
     return token_id, plaintext
 
 
-async def update_token(conn: AsyncConnection, token_id: str, **values: Any) -> None:
+async def update_token(
+    conn: AsyncConnection,
+    token_id: str,
+    values: dict[str, Any],
+    *,
+    unrevoked: bool = False,
+    unexpired_at: datetime | None = None,
+) -> bool:
+    """Change the token, only while it is not revoked (``unrevoked``) or not expired at
+    ``unexpired_at`` when asked; False when it was not changed for that reason. Checked in
+    the statement itself, so two callers racing cannot both pass."""
+    query = update(_tokens).where(_tokens.c.id == token_id)
+    if unrevoked:
+        query = query.where(_tokens.c.revoked_at.is_(None))
+    if unexpired_at is not None:
+        query = query.where(
+            or_(_tokens.c.expires_at.is_(None), _tokens.c.expires_at > unexpired_at)
+        )
     try:
         async with conn.begin_nested():
-            await conn.execute(update(_tokens).where(_tokens.c.id == token_id).values(**values))
+            result = await conn.execute(query.values(**values))
     except IntegrityError as exc:
         raise DuplicateName(f"a token named {values.get('name')!r} already exists") from exc
+    return bool(result.rowcount)
 
 
 async def rotate_token(
@@ -238,9 +256,12 @@ async def rotate_token(
     The old hash is kept even when its grace is already over, so that a caller still using
     it is told "rotated" rather than "unknown"."""
     plaintext = generate_token()
-    await conn.execute(
+    rotated = await conn.execute(
         update(_tokens)
-        .where(_tokens.c.id == row.id)
+        # Only from the secret this rotation read: of two at once, the second would
+        # otherwise keep the first's old secret as "previous" and lose the one the first
+        # handed out.
+        .where(_tokens.c.id == row.id, _tokens.c.secret_hash == row.secret_hash)
         .values(
             secret_hash=hash_token(plaintext, pepper),
             display_prefix=display_prefix(plaintext),
@@ -248,6 +269,8 @@ async def rotate_token(
             previous_expires_at=previous_valid_until,
         )
     )
+    if not rotated.rowcount:
+        raise ConcurrentChange(f"token {row.id} was rotated at the same time; try again")
     return plaintext
 
 

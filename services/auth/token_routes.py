@@ -26,6 +26,7 @@ from services.shared import (
 
 from . import store
 from .callers import Caller, authenticate
+from .errors import TokenEnded
 from .introspection import state_of
 
 MAX_GRACE_SECONDS = 30 * 24 * 3600
@@ -180,11 +181,24 @@ class TokenRoutes:
         action: str,
         values: dict[str, Any],
         details: dict[str, Any] | None = None,
+        *,
+        unrevoked: bool = False,
+        unexpired: bool = False,
     ) -> Any:
+        """Apply the change and audit it; None when the token is revoked (``unrevoked``)
+        or already expired (``unexpired``), and nothing was changed."""
         token_id = request.match_info["token_id"]
         async with self.engine.begin() as conn:
             await store.token_row(conn, caller.user_id, token_id)
-            await store.update_token(conn, token_id, **values)
+            changed = await store.update_token(
+                conn,
+                token_id,
+                values,
+                unrevoked=unrevoked,
+                unexpired_at=utcnow() if unexpired else None,
+            )
+            if not changed:
+                return None
             await record_audit(conn, caller.actor, action, "token", token_id, details=details)
             row = await store.token_row(conn, caller.user_id, token_id)
         await self.changes.notify("token", token_id, "updated", state=_state(row))
@@ -203,17 +217,35 @@ class TokenRoutes:
             action = "token.deactivated"
         elif values.get("active") is True:
             action = "token.reactivated"
-        row = await self._change(request, caller, action, values, details=values)
+        # A revoked token is revoked for good: (de)activating it would only make its
+        # audit trail claim otherwise.
+        row = await self._change(
+            request, caller, action, values, details=values, unrevoked="active" in values
+        )
+        if row is None:
+            raise TokenEnded("a revoked token cannot be activated or deactivated")
         return json_response(token_view(row))
 
     async def revoke(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
-        await self._change(request, caller, "token.revoked", {"revoked_at": utcnow()})
+        # Revoking again changes nothing: the first revocation's time and audit record stand.
+        await self._change(
+            request, caller, "token.revoked", {"revoked_at": utcnow()}, unrevoked=True
+        )
         return web.Response(status=204)
 
     async def expire(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
-        row = await self._change(request, caller, "token.expired", {"expires_at": utcnow()})
+        row = await self._change(
+            request,
+            caller,
+            "token.expired",
+            {"expires_at": utcnow()},
+            unrevoked=True,
+            unexpired=True,
+        )
+        if row is None:
+            raise TokenEnded("the token is already revoked or expired; its record is kept")
         return json_response(token_view(row))
 
     async def rotate(self, request: web.Request) -> web.Response:
@@ -223,6 +255,8 @@ class TokenRoutes:
         grace_until = utcnow() + timedelta(seconds=body.grace_seconds)
         async with self.engine.begin() as conn:
             row = await store.token_row(conn, caller.user_id, token_id)
+            if row.revoked_at is not None:
+                raise TokenEnded("a revoked token cannot be given a new secret")
             caller.require_all(set(row.permissions) | set(row.group_permissions or ()))
             plaintext = await store.rotate_token(
                 conn, pepper=self.pepper, row=row, previous_valid_until=grace_until
@@ -297,7 +331,7 @@ class TokenRoutes:
             self.rotate,
             body=TokenRotate,
             permission=manage,
-            errors=(401, 403, 404, 422),
+            errors=(401, 403, 404, 409, 422),
             summary="Rotate the secret now, or with a grace period for the old one",
         )
         spec.route(
@@ -306,6 +340,6 @@ class TokenRoutes:
             f"{one}/expire",
             self.expire,
             permission=manage,
-            errors=(401, 403, 404),
+            errors=(401, 403, 404, 409),
             summary="Expire a token now",
         )

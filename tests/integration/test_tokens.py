@@ -444,3 +444,60 @@ async def test_an_expiry_given_in_another_zone_means_that_instant(api_stack: Sta
     assert (await api_stack.introspect(created["token"]))["active"] is True
     status, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
     assert datetime.fromisoformat(shown["expires_at"]) == instant
+
+
+async def test_ending_a_token_again_keeps_the_first_record(api_stack: Stack) -> None:
+    """A second revoke or expire changes nothing; a revoked token stays revoked."""
+    _, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "twice", "permissions": ["object:read"]}
+    )
+    path = f"/v1/tokens/{created['id']}"
+    status, expired = await api_stack.auth_call("POST", f"{path}/expire")
+    assert status == 200
+    status, answer = await api_stack.auth_call("POST", f"{path}/expire")
+    assert (status, answer["error"]["code"]) == (409, "token_ended")
+    assert (await api_stack.auth_call("DELETE", path))[0] == 204
+    _, first = await api_stack.auth_call("GET", path)
+    assert (await api_stack.auth_call("DELETE", path))[0] == 204
+    _, second = await api_stack.auth_call("GET", path)
+    assert second["revoked_at"] == first["revoked_at"] is not None
+    assert second["expires_at"] == expired["expires_at"]
+    for method, suffix, body in (
+        ("PATCH", "", {"active": True}),
+        ("PATCH", "", {"active": False}),
+        ("POST", "/rotate", {}),
+    ):
+        status, answer = await api_stack.auth_call(method, f"{path}{suffix}", json=body)
+        assert (status, answer["error"]["code"]) == (409, "token_ended"), (method, suffix)
+    status, renamed = await api_stack.auth_call("PATCH", path, json={"name": "twice-old"})
+    assert (status, renamed["state"]) == (200, "revoked")
+    async with api_stack.api.engine.connect() as conn:
+        revocations = (
+            await conn.execute(
+                select(func.count()).where(
+                    tables.audit_log.c.action == "token.revoked",
+                    tables.audit_log.c.target_id == created["id"],
+                )
+            )
+        ).scalar()
+    assert revocations == 1
+
+
+async def test_rotations_at_once_never_hand_out_a_dead_secret(api_stack: Stack) -> None:
+    """Of two rotations racing, every secret handed out works (the loser gets a 409)."""
+    for round_ in range(5):
+        _, created = await api_stack.auth_call(
+            "POST", "/v1/tokens", json={"name": f"race{round_}", "permissions": ["object:read"]}
+        )
+        path = f"/v1/tokens/{created['id']}/rotate"
+        answers = await asyncio.gather(
+            *(api_stack.auth_call("POST", path, json={"grace_seconds": 3600}) for _ in range(2))
+        )
+        handed_out = [body["token"] for status, body in answers if status == 200]
+        assert handed_out, answers
+        for status, body in answers:
+            assert status in (200, 409), body
+            if status == 409:
+                assert body["error"]["code"] == "concurrent_change"
+        for secret in handed_out:
+            assert (await api_stack.introspect(secret))["active"] is True
