@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from dataclasses import replace
 from datetime import datetime
 from importlib.metadata import version
 from typing import Any, cast
@@ -40,7 +39,7 @@ from services.shared import (
 from . import store
 from .audit_routes import AuditRoutes
 from .cache import MISSING, TokenCache
-from .callers import REFUSALS_AUDITED, audit_refusal
+from .callers import Callers, KeyUsage
 from .errors import InvalidServiceCredential, MalformedToken
 from .exchange import ExchangeRoutes
 from .group_routes import GroupRoutes
@@ -88,7 +87,7 @@ class AuthService:
         )
         self.cache = TokenCache(settings.token_cache_seconds)
         self._log = get_logger("auth")
-        self._pending_last_used: dict[str, tuple[datetime, str | None]] = {}
+        self.usage = KeyUsage(engine)
         self._flusher: asyncio.Task[None] | None = None
         self._follower = ChangeFollower(settings, self.cache.apply)
         self._runner: web.AppRunner | None = None
@@ -110,10 +109,11 @@ class AuthService:
             summary="RFC 7662 introspection of a token (service credential)",
         )
         changes = ChangeNotifier(producer, topics_for(self.settings), local=self.cache.apply)
-        TokenRoutes(self.settings, self.engine, self._pepper, changes).add_to(app, spec)
-        GroupRoutes(self.settings, self.engine, self._pepper, changes).add_to(app, spec)
-        ExchangeRoutes(self.settings, self.engine, self._pepper, self._access_key).add_to(app, spec)
-        AuditRoutes(self.settings, self.engine, self._pepper).add_to(app, spec)
+        callers = Callers(self.engine, self._pepper, self.usage, self.settings.allow_query_keys)
+        TokenRoutes(self.settings, self.engine, self._pepper, callers, changes).add_to(app, spec)
+        GroupRoutes(self.settings, self.engine, callers, changes).add_to(app, spec)
+        ExchangeRoutes(self.settings, self.engine, callers, self._access_key).add_to(app, spec)
+        AuditRoutes(self.settings, self.engine, callers).add_to(app, spec)
         spec.serve(app)
         return app
 
@@ -132,7 +132,7 @@ class AuthService:
             await self._runner.cleanup()
         await cancel_and_wait(self._flusher)
         await self._follower.stop()
-        await self._flush_last_used()
+        await self.usage.flush()
         if self._producer is not None:
             await stop_client(self._producer)
 
@@ -163,9 +163,12 @@ class AuthService:
                 token, role = await self._lookup(secret_hash, body.team_id, fresh=True)
                 answer = self._decide(token, role, body, now)
             if answer["active"] and token is not None:
-                self._pending_last_used[token.id] = (now, body.client_ip)
-            elif token is not None and answer["reason"] in REFUSALS_AUDITED:
-                await audit_refusal(self.engine, token, answer["reason"], body.client_ip)
+                self.usage.used(token.id, now, body.client_ip)
+                if body.permission is not None and body.permission not in answer["permissions"]:
+                    # Active, but not for what the caller wants to do with it.
+                    answer = {**inactive("permission_denied"), "permission": body.permission}
+            elif token is not None:
+                await self.usage.refused(token, answer["reason"], body.client_ip)
         self._latency.observe(time.perf_counter() - started)
         self._introspections.labels(
             "active" if answer["active"] else "inactive", answer.get("reason", "")
@@ -179,9 +182,9 @@ class AuthService:
         body: IntrospectRequest,
         now: datetime,
     ) -> dict[str, Any]:
-        if token is not None and token.id in self._pending_last_used:
-            # A use not yet flushed still counts against inactivity expiry.
-            token = replace(token, last_used_at=self._pending_last_used[token.id][0])
+        if token is not None:
+            # A use not yet written still counts against inactivity expiry.
+            token = self.usage.latest(token)
         return decide(token, team_id=body.team_id, role=role, client_ip=body.client_ip, now=now)
 
     async def _lookup(
@@ -207,14 +210,6 @@ class AuthService:
             return token, None
         return token, roles.get(team_id)
 
-    async def _flush_last_used(self) -> None:
-        # One write per token per second instead of one per request.
-        if not self._pending_last_used:
-            return
-        pending, self._pending_last_used = self._pending_last_used, {}
-        async with self.engine.begin() as conn:
-            await store.record_last_used(conn, pending)
-
     async def _count_tokens(self) -> None:
         async with self.engine.connect() as conn:
             counts = await store.token_counts_by_state(conn, utcnow())
@@ -226,7 +221,7 @@ class AuthService:
         while True:
             await asyncio.sleep(_LAST_USED_FLUSH_SECONDS)
             try:
-                await self._flush_last_used()
+                await self.usage.flush()
                 if ticks % _COUNT_EVERY_TICKS == 0:
                     await self._count_tokens()
             except Exception:

@@ -26,7 +26,7 @@ from services.shared import (
 )
 
 from . import store
-from .callers import authenticate
+from .callers import Callers
 
 _audit = tables.audit_log
 
@@ -63,16 +63,10 @@ def _view(row: Any) -> dict[str, Any]:
 class AuditRoutes:
     settings: Settings
     engine: AsyncEngine
-    pepper: str
+    callers: Callers
 
     async def list(self, request: web.Request) -> web.Response:
-        caller = await authenticate(
-            request,
-            self.engine,
-            self.pepper,
-            allow_query_keys=self.settings.allow_query_keys,
-            permission="audit-log:read",
-        )
+        caller = await self.callers.identify(request, permission="audit-log:read")
         query = parse_query(request, AuditQuery)
         async with self.engine.connect() as conn:
             teams = await store.memberships_of(conn, caller.user_id)

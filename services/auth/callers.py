@@ -1,8 +1,16 @@
-"""Who is calling the auth service's public routes, checked locally against the store."""
+"""Who is calling the auth service's public routes, and what using a key leaves behind.
+
+The routes check keys locally against the store. Every use, on these routes and through
+introspection, counts as the key's last use (written once a second, not once a request);
+a refused use of a revoked, rotated or expired key is audited, at most once a minute per
+key and reason so that a client retrying in a loop cannot turn into a stream of writes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,6 +30,8 @@ from .introspection import TokenState, decide
 from .tokens import check_format, hash_token
 
 REFUSALS_AUDITED = frozenset({"revoked", "expired", "rotated"})
+REFUSAL_AUDIT_EVERY_SECONDS = 60.0
+_REFUSALS_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -47,44 +57,84 @@ class Caller:
             )
 
 
-async def audit_refusal(
-    engine: AsyncEngine, token: TokenState, reason: str, ip: str | None
-) -> None:
-    """A revoked or expired token still in use is worth an operator's attention."""
-    async with engine.begin() as conn:
-        await record_audit(
-            conn,
-            Actor(token.user_id, token.id, ip),
-            "token.refused",
-            "token",
-            token.id,
-            details={"reason": reason},
-        )
+class KeyUsage:
+    """Uses not yet written, and when each refusal was last audited."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._pending: dict[str, tuple[datetime, str | None]] = {}
+        self._refusals_audited: dict[tuple[str, str], float] = {}
+
+    def used(self, token_id: str, at: datetime, ip: str | None) -> None:
+        self._pending[token_id] = (at, ip)
+
+    def latest(self, token: TokenState) -> TokenState:
+        """The token as of its latest use, including one not yet written."""
+        pending = self._pending.get(token.id)
+        return token if pending is None else replace(token, last_used_at=pending[0])
+
+    async def refused(self, token: TokenState, reason: str, ip: str | None) -> None:
+        """A revoked or expired key still in use is worth an operator's attention."""
+        if reason not in REFUSALS_AUDITED:
+            return
+        now = time.monotonic()
+        key = (token.id, reason)
+        last = self._refusals_audited.get(key)
+        if last is not None and now - last < REFUSAL_AUDIT_EVERY_SECONDS:
+            return
+        if len(self._refusals_audited) >= _REFUSALS_REMEMBERED:
+            self._refusals_audited.clear()
+        self._refusals_audited[key] = now
+        async with self._engine.begin() as conn:
+            await record_audit(
+                conn,
+                Actor(token.user_id, token.id, ip),
+                "token.refused",
+                "token",
+                token.id,
+                details={"reason": reason},
+            )
+
+    async def flush(self) -> None:
+        # One write per key per second instead of one per request.
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        async with self._engine.begin() as conn:
+            await store.record_last_used(conn, pending)
 
 
-async def authenticate(
-    request: web.Request,
-    engine: AsyncEngine,
-    pepper: str,
-    *,
-    allow_query_keys: bool,
-    permission: str | None,
-) -> Caller:
-    token_text = presented_token(request, allow_query_keys=allow_query_keys)
-    try:
-        check_format(token_text)
-    except MalformedToken as exc:
-        raise InvalidToken(exc.message, details=exc.details) from exc
-    async with engine.connect() as conn:
-        token = await store.find_token(conn, hash_token(token_text, pepper))
-    answer = decide(token, team_id=None, role=None, client_ip=request.remote, now=utcnow())
-    if not answer["active"] or token is None:
-        reason = str(answer["reason"])
-        if token is not None and reason in REFUSALS_AUDITED:
-            await audit_refusal(engine, token, reason, request.remote)
-        raise InvalidToken(f"token is not valid: {reason}", details={"reason": reason})
-    if permission is not None and permission not in token.permissions:
-        raise Forbidden(
-            f"token lacks the {permission} permission", details={"permission": permission}
-        )
-    return Caller(token=token, ip=request.remote)
+@dataclass(frozen=True)
+class Callers:
+    """Who presents which key to the auth service's own routes."""
+
+    engine: AsyncEngine
+    pepper: str
+    usage: KeyUsage
+    allow_query_keys: bool
+
+    async def identify(self, request: web.Request, *, permission: str | None) -> Caller:
+        token_text = presented_token(request, allow_query_keys=self.allow_query_keys)
+        try:
+            check_format(token_text)
+        except MalformedToken as exc:
+            raise InvalidToken(exc.message, details=exc.details) from exc
+        async with self.engine.connect() as conn:
+            token = await store.find_token(conn, hash_token(token_text, self.pepper))
+        now = utcnow()
+        if token is not None:
+            token = self.usage.latest(token)
+        answer = decide(token, team_id=None, role=None, client_ip=request.remote, now=now)
+        if not answer["active"] or token is None:
+            reason = str(answer["reason"])
+            if token is not None:
+                await self.usage.refused(token, reason, request.remote)
+            raise InvalidToken(f"token is not valid: {reason}", details={"reason": reason})
+        # Managing keys, exchanging one, reading the audit log: all are uses of the key,
+        # which keep it from expiring for inactivity.
+        self.usage.used(token.id, now, request.remote)
+        if permission is not None and permission not in token.permissions:
+            raise Forbidden(
+                f"token lacks the {permission} permission", details={"permission": permission}
+            )
+        return Caller(token=token, ip=request.remote)

@@ -20,7 +20,7 @@ from services.shared import (
 )
 
 from . import store
-from .callers import authenticate
+from .callers import Callers
 
 
 class AccessTokensNotConfigured(DependencyUnavailable):
@@ -34,7 +34,7 @@ class AccessTokensNotConfigured(DependencyUnavailable):
 class ExchangeRoutes:
     settings: Settings
     engine: AsyncEngine
-    pepper: str
+    callers: Callers
     private_key: Ed25519PrivateKey | None
 
     def _key(self) -> Ed25519PrivateKey:
@@ -49,13 +49,7 @@ class ExchangeRoutes:
 
     async def exchange(self, request: web.Request) -> web.Response:
         private_key = self._key()
-        caller = await authenticate(
-            request,
-            self.engine,
-            self.pepper,
-            allow_query_keys=self.settings.allow_query_keys,
-            permission=None,
-        )
+        caller = await self.callers.identify(request, permission=None)
         async with self.engine.connect() as conn:
             teams = await store.memberships_of(conn, caller.user_id)
         issued_at = int(time.time())

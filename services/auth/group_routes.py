@@ -28,7 +28,7 @@ from services.shared import (
 )
 
 from . import store
-from .callers import Caller, authenticate
+from .callers import Caller, Callers
 
 
 class GroupCreate(BaseModel):
@@ -62,17 +62,11 @@ def group_view(row: Any) -> dict[str, Any]:
 class GroupRoutes:
     settings: Settings
     engine: AsyncEngine
-    pepper: str
+    callers: Callers
     changes: ChangeNotifier
 
     async def _caller(self, request: web.Request) -> Caller:
-        return await authenticate(
-            request,
-            self.engine,
-            self.pepper,
-            allow_query_keys=self.settings.allow_query_keys,
-            permission="token:manage",
-        )
+        return await self.callers.identify(request, permission="token:manage")
 
     async def create(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)

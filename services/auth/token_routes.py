@@ -25,7 +25,7 @@ from services.shared import (
 )
 
 from . import store
-from .callers import Caller, authenticate
+from .callers import Caller, Callers
 from .errors import TokenEnded
 from .introspection import state_of
 
@@ -97,16 +97,11 @@ class TokenRoutes:
     settings: Settings
     engine: AsyncEngine
     pepper: str
+    callers: Callers
     changes: ChangeNotifier
 
     async def _caller(self, request: web.Request) -> Caller:
-        return await authenticate(
-            request,
-            self.engine,
-            self.pepper,
-            allow_query_keys=self.settings.allow_query_keys,
-            permission="token:manage",
-        )
+        return await self.callers.identify(request, permission="token:manage")
 
     def _check_expiry(self, body: TokenCreate) -> None:
         now = utcnow()

@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from services.auth import app as auth_app
 from services.auth import store
 from services.auth.tokens import hash_token
+from services.shared import tables
 from tests.conftest import Stack, corrupt
 
 
@@ -108,8 +110,49 @@ async def test_a_key_in_steady_use_does_not_expire_as_idle(
     clock = [start + timedelta(seconds=50)]
     monkeypatch.setattr(auth_app, "utcnow", lambda: clock[0])
     assert (await api_stack.introspect(created["token"]))["active"] is True
-    await api_stack.auth._flush_last_used()
+    await api_stack.auth.usage.flush()
     clock[0] = start + timedelta(seconds=65)
     assert (await api_stack.introspect(created["token"]))["active"] is True
     clock[0] = start + timedelta(seconds=65 + 61)
     assert await api_stack.introspect(created["token"]) == {"active": False, "reason": "expired"}
+
+
+async def test_a_permission_asked_for_must_be_held(api_stack: Stack) -> None:
+    """With ``permission``, a key that lacks it (in that team) is not active for it."""
+    limited = await api_stack.new_token(["object:read"])
+    for permission, active in (("object:read", True), ("webhook:delete", False)):
+        status, answer = await _introspect(
+            api_stack,
+            {"token": limited, "team_id": api_stack.team_id, "permission": permission},
+        )
+        assert status == 200
+        assert answer["active"] is active
+        if not active:
+            assert answer == {
+                "active": False,
+                "reason": "permission_denied",
+                "permission": permission,
+            }
+
+
+async def test_a_refused_key_in_a_loop_is_audited_once_a_minute(api_stack: Stack) -> None:
+    """Repeated uses of a revoked key: one audit record, not one per request."""
+    status, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "looping", "permissions": ["token:manage"]}
+    )
+    assert status == 201
+    assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}"))[0] == 204
+    for _ in range(5):
+        assert (await api_stack.introspect(created["token"]))["reason"] == "revoked"
+        status, _ = await api_stack.auth_call("GET", "/v1/tokens", token=created["token"])
+        assert status == 401
+    async with api_stack.api.engine.connect() as conn:
+        refusals = (
+            await conn.execute(
+                select(func.count()).where(
+                    tables.audit_log.c.action == "token.refused",
+                    tables.audit_log.c.target_id == created["id"],
+                )
+            )
+        ).scalar()
+    assert refusals == 1

@@ -501,3 +501,23 @@ async def test_rotations_at_once_never_hand_out_a_dead_secret(api_stack: Stack) 
                 assert body["error"]["code"] == "concurrent_change"
         for secret in handed_out:
             assert (await api_stack.introspect(secret))["active"] is True
+
+
+async def test_using_a_key_on_the_auth_routes_counts_as_a_use(api_stack: Stack) -> None:
+    """Managing keys with a key is a use of it: its last use is recorded."""
+    status, created = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "manager",
+            "permissions": ["token:manage"],
+            "inactivity_timeout_seconds": 3600,
+        },
+    )
+    assert status == 201
+    assert created["last_used_at"] is None
+    assert (await api_stack.auth_call("GET", "/v1/tokens", token=created["token"]))[0] == 200
+    await api_stack.auth.usage.flush()
+    _, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
+    assert shown["last_used_at"] is not None
+    assert shown["last_used_ip"] == "127.0.0.1"
