@@ -18,6 +18,7 @@ from services.shared import (
     NotFound,
     access_tokens,
     effective_permissions,
+    ip_in_ranges,
 )
 
 from .errors import AuthUnavailable
@@ -120,8 +121,11 @@ class TokenGate:
             )
         return key
 
-    async def _require_access_token(self, token: str, team_id: str, permission: str) -> Principal:
-        """Verified locally: signature, expiry, the key's revocation, the team role."""
+    async def _require_access_token(
+        self, token: str, team_id: str, permission: str, client_ip: str | None
+    ) -> Principal:
+        """Verified locally: signature, expiry, the key's revocation and allowed networks,
+        the team role."""
         claims = self._verified.get(token)
         if claims is None or claims.expires_at <= time.time():
             key = await self._public_key(access_tokens.unverified_key_id(token))
@@ -132,6 +136,10 @@ class TokenGate:
             self._verified[token] = claims
         if claims.token_id in self._revoked:
             raise InvalidToken("token is not valid: revoked", details={"reason": "revoked"})
+        if claims.allowed_cidrs and not ip_in_ranges(client_ip, claims.allowed_cidrs):
+            raise InvalidToken(
+                "token is not valid: ip_not_allowed", details={"reason": "ip_not_allowed"}
+            )
         role = claims.teams.get(team_id)
         if role is None:
             raise NotFound(f"team {team_id} not found")
@@ -147,7 +155,7 @@ class TokenGate:
         self, request: web.Request, token: str, team_id: str, permission: str
     ) -> Principal:
         if access_tokens.looks_like_access_token(token):
-            return await self._require_access_token(token, team_id, permission)
+            return await self._require_access_token(token, team_id, permission, request.remote)
         answer = await self._introspect(token, team_id, request.remote)
         if not answer.get("active"):
             reason = str(answer.get("reason", "unknown"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -56,17 +57,21 @@ class ExchangeRoutes:
         expires_at = issued_at + self.settings.access_token_ttl_seconds
         if caller.token.expires_at is not None:
             expires_at = min(expires_at, int(caller.token.expires_at.timestamp()))
+        claims: dict[str, Any] = {
+            "sub": caller.user_id,
+            "tid": caller.token.id,
+            "jti": new_id("at"),
+            "perms": sorted(caller.token.permissions),
+            "teams": teams,
+            "iat": issued_at,
+            "exp": expires_at,
+        }
+        if caller.token.allowed_cidrs:
+            # A key limited to some networks must not become a token usable from anywhere.
+            claims["cidrs"] = list(caller.token.allowed_cidrs)
         token = access_tokens.issue(
             private_key,
-            {
-                "sub": caller.user_id,
-                "tid": caller.token.id,
-                "jti": new_id("at"),
-                "perms": sorted(caller.token.permissions),
-                "teams": teams,
-                "iat": issued_at,
-                "exp": expires_at,
-            },
+            claims,
         )
         get_logger("auth").info("access_token_issued", token_id=caller.token.id)
         return json_response(

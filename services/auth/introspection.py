@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.shared import effective_permissions
+from services.shared import effective_permissions, ip_in_ranges
 
 
 @dataclass(frozen=True)
@@ -36,16 +35,6 @@ def state_of(token: TokenState, now: datetime) -> str:
 
 def inactive(reason: str) -> dict[str, Any]:
     return {"active": False, "reason": reason}
-
-
-def _ip_allowed(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
-    if client_ip is None:
-        return False
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
 def idle_too_long(token: TokenState, now: datetime) -> bool:
@@ -78,7 +67,7 @@ def decide(
         return inactive("expired")
     if idle_too_long(token, now):
         return inactive("expired")
-    if token.allowed_cidrs and not _ip_allowed(client_ip, token.allowed_cidrs):
+    if token.allowed_cidrs and not ip_in_ranges(client_ip, token.allowed_cidrs):
         return inactive("ip_not_allowed")
     if team_id is not None and role is None:
         return inactive("not_member")

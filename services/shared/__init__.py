@@ -27,7 +27,13 @@ from ._contracts import (
     UtcDatetime,
     decode,
 )
-from ._credentials import InvalidToken, MissingToken, QueryKeyRefused, presented_token
+from ._credentials import (
+    InvalidToken,
+    MissingToken,
+    QueryKeyRefused,
+    ip_in_ranges,
+    presented_token,
+)
 from ._db import as_utc, check_ready, create_engine, head_revision, migrate, upsert
 from ._errors import (
     BadRequest,
@@ -146,6 +152,7 @@ __all__ = [
     "free_port",
     "get_logger",
     "head_revision",
+    "ip_in_ranges",
     "is_public_address",
     "json_response",
     "literal_refusal",

@@ -29,6 +29,8 @@ class AccessClaims:
     permissions: frozenset[str]
     teams: dict[str, str]
     expires_at: int
+    # The key's allowed client ranges: its access tokens are held to them too.
+    allowed_cidrs: tuple[str, ...] | None = None
 
 
 def looks_like_access_token(token: str) -> bool:
@@ -117,4 +119,5 @@ def verify(public_key: Ed25519PublicKey, token: str) -> AccessClaims:
         permissions=frozenset(claims.get("perms", [])),
         teams=dict(claims.get("teams", {})),
         expires_at=int(claims["exp"]),
+        allowed_cidrs=tuple(claims["cidrs"]) if claims.get("cidrs") else None,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import structlog
 from aiohttp import web
 
@@ -9,6 +11,18 @@ from ._errors import BadRequest, Unauthorized
 
 # The opt-in query-string form of a key; routes that validate their query ignore it.
 QUERY_KEY_PARAM = "auth-key"
+
+
+def ip_in_ranges(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
+    """Whether a key limited to these ranges may be used from this address (an unknown
+    address may not)."""
+    if client_ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
 
 
 class MissingToken(Unauthorized):

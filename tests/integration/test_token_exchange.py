@@ -7,6 +7,7 @@ import base64
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import jwt
 import orjson
 import pytest
@@ -143,3 +144,32 @@ async def test_exchange_without_a_signing_key_says_so(no_key_stack: Stack) -> No
     status, body = await _exchange(no_key_stack, no_key_stack.token)
     assert status == 503
     assert "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY" in body["error"]["message"]  # type: ignore[index]
+
+
+async def test_an_access_token_keeps_its_keys_allowed_networks(api_stack: Stack) -> None:
+    """A key limited to one address trades for a token the api refuses from another."""
+    status, created = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "fenced",
+            "permissions": ["webhook:read"],
+            "allowed_cidrs": ["127.0.0.1/32"],
+        },
+    )
+    assert status == 201
+    status, answer = await _exchange(api_stack, created["token"])
+    assert status == 200
+    access = str(answer["access_token"])
+    assert (await _list_webhooks(api_stack, access))[0] == 200
+    # Another loopback address: the same machine, outside the key's range.
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=elsewhere) as session:
+        for token in (access, created["token"]):
+            async with session.get(
+                f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks",
+                headers=api_stack.headers(token),
+            ) as response:
+                body = await response.json()
+                assert response.status == 401, body
+                assert body["error"]["details"]["reason"] == "ip_not_allowed"
