@@ -23,6 +23,7 @@ from services.shared import (
     build_app,
     cancel_and_wait,
     check_ready,
+    get_logger,
     make_producer,
     start_client,
     start_site,
@@ -34,6 +35,7 @@ from . import deliveries, events, objects, webhook_lifecycle, webhooks
 from .attempt_recorder import AttemptRecorder
 from .authn import TokenGate
 from .context import CONTEXT, ApiContext
+from .errors import AuthUnavailable
 from .outbox import Outbox
 
 
@@ -52,6 +54,7 @@ class ApiService:
         self._follower: ChangeFollower | None = None
         self._outbox: Outbox | None = None
         self._relay: asyncio.Task[None] | None = None
+        self._ended_keys: asyncio.Task[None] | None = None
         self.recorder: AttemptRecorder | None = None
         self._recording: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -117,6 +120,7 @@ class ApiService:
         )
         await self._follower.start()
         self._relay = asyncio.create_task(self.outbox_for(self._producer).relay_forever())
+        self._ended_keys = asyncio.create_task(self._sync_ended_keys_forever(gate))
         # Joining a consumer group can take seconds; the api serves requests meanwhile.
         if self.settings.record_attempts:
             self.recorder = AttemptRecorder(
@@ -125,6 +129,14 @@ class ApiService:
             self._recording = asyncio.create_task(self.recorder.run(), name="delivery-log")
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)
+
+    async def _sync_ended_keys_forever(self, gate: TokenGate) -> None:
+        while True:
+            try:
+                await gate.sync_ended_keys()
+            except AuthUnavailable as exc:
+                get_logger("api").warning("ended_keys_sync_failed", error=exc.message)
+            await asyncio.sleep(self.settings.ended_keys_sync_seconds)
 
     @staticmethod
     def _apply_change(gate: TokenGate, change: Change) -> None:
@@ -135,7 +147,7 @@ class ApiService:
             gate.forget_all()
 
     async def stop(self) -> None:
-        for task in (self._relay, self._recording):
+        for task in (self._relay, self._recording, self._ended_keys):
             await cancel_and_wait(task)
         if self.recorder is not None:
             await self.recorder.close()

@@ -53,6 +53,10 @@ class TokenGate:
         self._keys_url = f"{auth_url.rstrip('/')}/v1/keys"
         self._public_keys: dict[str, Ed25519PublicKey] = {}
         self._revoked: dict[str, float] = {}
+        self._ended_keys_url = f"{auth_url.rstrip('/')}/v1/ended-keys"
+        # The auth service's whole list, refreshed periodically: what a lost change
+        # record would otherwise leave out of ``_revoked``.
+        self._ended: frozenset[str] = frozenset()
         self._verified: dict[str, access_tokens.AccessClaims] = {}
         self._access_ttl = access_ttl
         self._hits = metrics.counter("auth_cache_hits_total", "Token checks answered from cache")
@@ -66,12 +70,28 @@ class TokenGate:
             return
         if state == "active":
             self._revoked.pop(token_id, None)
+            self._ended = self._ended - {token_id}
         else:
             self._revoked[token_id] = time.monotonic()
         # An access token outlives its key's revocation by at most its own lifetime.
         horizon = time.monotonic() - self._access_ttl - 300
         for stale in [tid for tid, noted in self._revoked.items() if noted < horizon]:
             del self._revoked[stale]
+
+    async def sync_ended_keys(self) -> None:
+        """Take the auth service's list of ended keys; AuthUnavailable when it cannot be
+        read (the previous list stays)."""
+        try:
+            async with self._session.get(self._ended_keys_url, headers=self._headers) as resp:
+                if resp.status != 200:
+                    raise AuthUnavailable(f"auth service answered {resp.status} for ended keys")
+                document = await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
+        try:
+            self._ended = frozenset(str(token_id) for token_id in document["token_ids"])
+        except (KeyError, TypeError) as exc:
+            raise AuthUnavailable("auth service answered an unreadable ended-keys list") from exc
 
     def forget_token(self, token_id: str) -> None:
         for key in self._keys_by_token.pop(token_id, set()):
@@ -134,7 +154,7 @@ class TokenGate:
                 self._verified.clear()
             # The signature never changes; the revocation check below runs on every use.
             self._verified[token] = claims
-        if claims.token_id in self._revoked:
+        if claims.token_id in self._revoked or claims.token_id in self._ended:
             raise InvalidToken("token is not valid: revoked", details={"reason": "revoked"})
         if claims.allowed_cidrs and not ip_in_ranges(client_ip, claims.allowed_cidrs):
             raise InvalidToken(

@@ -108,6 +108,15 @@ class AuthService:
             errors=(401, 422),
             summary="RFC 7662 introspection of a token (service credential)",
         )
+        spec.route(
+            app,
+            "GET",
+            "/v1/ended-keys",
+            self.ended_keys,
+            auth="service",
+            errors=(401,),
+            summary="Ids of keys whose access tokens must be refused (service credential)",
+        )
         changes = ChangeNotifier(producer, topics_for(self.settings), local=self.cache.apply)
         callers = Callers(self.engine, self._pepper, self.usage, self.settings.allow_query_keys)
         TokenRoutes(self.settings, self.engine, self._pepper, callers, changes).add_to(app, spec)
@@ -186,6 +195,16 @@ class AuthService:
             # A use not yet written still counts against inactivity expiry.
             token = self.usage.latest(token)
         return decide(token, team_id=body.team_id, role=role, client_ip=body.client_ip, now=now)
+
+    async def ended_keys(self, request: web.Request) -> web.Response:
+        """What the change records say one by one, in full: a verifier that missed one
+        (lost on its way, or published while the broker was away) learns it here."""
+        self._check_service_credential(request)
+        # Past the access tokens' lifetime (and some clock skew) no token of the key is left.
+        within = self.settings.access_token_ttl_seconds + 300
+        async with self.engine.connect() as conn:
+            token_ids = await store.ended_token_ids(conn, utcnow(), within)
+        return json_response({"token_ids": token_ids})
 
     async def _lookup(
         self, secret_hash: str, team_id: str | None, *, fresh: bool = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, insert, or_, select, update
@@ -114,6 +114,22 @@ async def record_last_used(
         await conn.execute(
             update(_tokens).where(_tokens.c.id == token_id).values(last_used_at=at, last_used_ip=ip)
         )
+
+
+async def ended_token_ids(conn: AsyncConnection, now: datetime, within_seconds: int) -> list[str]:
+    """Keys whose access tokens must be refused: deactivated, or revoked or expired within
+    the last ``within_seconds`` (access tokens issued before that have expired anyway)."""
+    since = now - timedelta(seconds=within_seconds)
+    rows = await conn.execute(
+        select(_tokens.c.id).where(
+            or_(
+                _tokens.c.active.is_(False),
+                _tokens.c.revoked_at >= since,
+                (_tokens.c.expires_at >= since) & (_tokens.c.expires_at <= now),
+            )
+        )
+    )
+    return [row.id for row in rows]
 
 
 async def get_or_create_user(conn: AsyncConnection, email: str, name: str) -> str:

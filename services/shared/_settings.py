@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=262_144, ge=1024)
     token_max_lifetime_days: int | None = Field(default=None, ge=1, le=3650)
     auth_cache_ttl_seconds: float = Field(default=1.0, ge=0, le=60)
+    # How often an api process asks auth which keys have ended (revoked, deactivated,
+    # expired): the backstop for a change record lost on its way.
+    ended_keys_sync_seconds: float = Field(default=10.0, ge=0.1, le=3600)
     token_cache_seconds: float = Field(default=30.0, ge=0, le=300)
     delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)

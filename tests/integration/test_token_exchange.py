@@ -12,6 +12,7 @@ import jwt
 import orjson
 import pytest
 
+from services.api.context import CONTEXT
 from services.shared import Settings, access_tokens
 from tests.conftest import ACCESS_TOKEN_KEY, Stack, corrupt, running_stack
 
@@ -173,3 +174,57 @@ async def test_an_access_token_keeps_its_keys_allowed_networks(api_stack: Stack)
                 body = await response.json()
                 assert response.status == 401, body
                 assert body["error"]["details"]["reason"] == "ip_not_allowed"
+
+
+@pytest.fixture
+async def quick_sync_stack(settings: Settings) -> AsyncIterator[Stack]:
+    async with running_stack(
+        settings.model_copy(update={"ended_keys_sync_seconds": 0.2}), with_dispatcher=False
+    ) as running:
+        yield running
+
+
+@pytest.mark.parametrize("ending", ["revoke", "deactivate", "expire"])
+async def test_a_lost_change_record_still_ends_access_tokens(
+    quick_sync_stack: Stack, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """The api never hears of the revocation: its periodic list from auth ends the token."""
+    stack = quick_sync_stack
+    gate = stack.api.app[CONTEXT].gate  # type: ignore[index]
+    monkeypatch.setattr(gate, "note_token_state", lambda token_id, state: None)
+    key = await stack.new_token(["webhook:read"])
+    access = str((await _exchange(stack, key))[1]["access_token"])
+    token_id = str(jwt.decode(access, options={"verify_signature": False})["tid"])
+    assert (await _list_webhooks(stack, access))[0] == 200
+    method, suffix, body = {
+        "revoke": ("DELETE", "", None),
+        "deactivate": ("PATCH", "", {"active": False}),
+        "expire": ("POST", "/expire", None),
+    }[ending]
+    status, _ = await stack.auth_call(method, f"/v1/tokens/{token_id}{suffix}", json=body)
+    assert status in (200, 204)
+    deadline = time.monotonic() + 5
+    while (await _list_webhooks(stack, access))[0] == 200:
+        assert time.monotonic() < deadline, "the access token outlived its key"
+        await asyncio.sleep(0.05)
+    status, answer = await _list_webhooks(stack, access)
+    assert status == 401
+    assert answer["error"]["details"] == {"reason": "revoked"}  # type: ignore[index]
+    if ending == "deactivate":
+        assert (await stack.auth_call("PATCH", f"/v1/tokens/{token_id}", json={"active": True}))[
+            0
+        ] == 200
+        deadline = time.monotonic() + 5
+        while (await _list_webhooks(stack, access))[0] != 200:
+            assert time.monotonic() < deadline, "reactivated key's access token stayed refused"
+            await asyncio.sleep(0.05)
+
+
+async def test_the_ended_keys_list_needs_the_service_credential(api_stack: Stack) -> None:
+    """Only services may read which keys ended."""
+    for headers in ({}, {"authorization": "Bearer wrong"}, api_stack.headers()):
+        async with api_stack.session.get(
+            f"{api_stack.auth_url}/v1/ended-keys", headers=headers
+        ) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "invalid_service_credential"
