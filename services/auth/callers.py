@@ -8,6 +8,7 @@ key and reason so that a client retrying in a loop cannot turn into a stream of 
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -34,6 +35,20 @@ REFUSAL_AUDIT_EVERY_SECONDS = 60.0
 _REFUSALS_REMEMBERED = 10_000
 
 
+def _networks_outside(wanted: list[str], allowed: tuple[str, ...]) -> list[str]:
+    """The wanted networks that no allowed network contains."""
+    parents = [ipaddress.ip_network(cidr, strict=False) for cidr in allowed]
+    outside = []
+    for cidr in wanted:
+        network = ipaddress.ip_network(cidr, strict=False)
+        if not any(
+            network.version == parent.version and network.subnet_of(parent)  # type: ignore[arg-type]
+            for parent in parents
+        ):
+            outside.append(cidr)
+    return outside
+
+
 @dataclass(frozen=True)
 class Caller:
     token: TokenState
@@ -55,6 +70,24 @@ class Caller:
                 "a token cannot grant permissions it does not hold",
                 details={"permissions": beyond},
             )
+
+    def require_no_wider(self, expires_at: datetime | None, cidrs: list[str] | None) -> None:
+        """A key can only create a key that ends no later and reaches no further than it:
+        otherwise a short-lived or network-fenced key could mint its own unfenced heir."""
+        own_end = self.token.expires_at
+        if own_end is not None and (expires_at is None or expires_at > own_end):
+            raise Forbidden(
+                "a key cannot create a key that outlives it",
+                details={"expires_at": own_end.isoformat()},
+            )
+        own_networks = self.token.allowed_cidrs
+        if own_networks:
+            outside = _networks_outside(cidrs or ["0.0.0.0/0", "::/0"], own_networks)
+            if outside:
+                raise Forbidden(
+                    "a key cannot create a key usable outside its own allowed_cidrs",
+                    details={"allowed_cidrs": list(own_networks), "outside": outside},
+                )
 
 
 class KeyUsage:

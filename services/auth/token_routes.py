@@ -121,6 +121,7 @@ class TokenRoutes:
         caller = await self._caller(request)
         body = await parse_body(request, TokenCreate)
         self._check_expiry(body)
+        caller.require_no_wider(body.expires_at, body.allowed_cidrs)
         store.check_known(body.permissions)
         if not body.permissions and body.permission_group_id is None:
             raise ValidationFailed.for_field(

@@ -521,3 +521,40 @@ async def test_using_a_key_on_the_auth_routes_counts_as_a_use(api_stack: Stack) 
     _, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
     assert shown["last_used_at"] is not None
     assert shown["last_used_ip"] == "127.0.0.1"
+
+
+async def test_a_key_cannot_create_a_key_that_outlives_or_outreaches_it(api_stack: Stack) -> None:
+    """A fenced, short-lived key mints only keys as fenced and as short-lived as itself."""
+    ends = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    status, creator = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "fenced-creator",
+            "permissions": ["token:manage", "object:read"],
+            "expires_at": ends.isoformat(),
+            "allowed_cidrs": ["127.0.0.0/8"],
+        },
+    )
+    assert status == 201
+    sooner = (ends - timedelta(minutes=30)).isoformat()
+    later = (ends + timedelta(minutes=30)).isoformat()
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({}, 403),
+        ({"expires_at": later, "allowed_cidrs": ["127.0.0.1/32"]}, 403),
+        ({"expires_at": sooner}, 403),
+        ({"expires_at": sooner, "allowed_cidrs": ["10.0.0.0/8"]}, 403),
+        ({"expires_at": sooner, "allowed_cidrs": ["127.0.0.1/32", "::1/128"]}, 403),
+        ({"expires_at": sooner, "allowed_cidrs": ["127.0.0.1/32"]}, 201),
+        ({"expires_at": ends.isoformat(), "allowed_cidrs": ["127.0.0.0/8"]}, 201),
+    ]
+    for number, (fields, expected) in enumerate(cases):
+        status, answer = await api_stack.auth_call(
+            "POST",
+            "/v1/tokens",
+            creator["token"],
+            json={"name": f"heir{number}", "permissions": ["object:read"], **fields},
+        )
+        assert status == expected, (fields, answer)
+        if expected == 403:
+            assert answer["error"]["code"] == "forbidden"
