@@ -11,3 +11,7 @@ class AuthUnavailable(DependencyUnavailable):
 
 class PublishUnavailable(DependencyUnavailable):
     code = "publish_unavailable"
+
+
+class PublishOutcomeUnknown(PublishUnavailable):
+    """The event was sent but not acknowledged in time: it may be in the stream."""

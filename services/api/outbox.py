@@ -17,9 +17,19 @@ from aiokafka.errors import KafkaError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.shared import BatchingSender, Metrics, Record, get_logger, new_id, tables, utcnow
+from services.shared import (
+    BatchingSender,
+    DependencyUnavailable,
+    Metrics,
+    OutcomeUnknown,
+    Record,
+    get_logger,
+    new_id,
+    tables,
+    utcnow,
+)
 
-from .errors import PublishUnavailable
+from .errors import PublishOutcomeUnknown, PublishUnavailable
 
 T = TypeVar("T")
 _outbox = tables.outbox
@@ -44,9 +54,10 @@ class Outbox:
         self._failures = metrics.counter(
             "publish_failures_total", "Publishes Kafka did not acknowledge in time"
         )
-        # The producer gives up on a batch after publish_timeout (its request timeout), so a
-        # request never abandons a record aiokafka might still send; the wait below is only a
-        # backstop. A row older than relay_after was not published by its own request.
+        # The producer gives up on a batch after publish_timeout (its request timeout); the
+        # wait below is a backstop. Should it run out while the record is on its way, the
+        # outcome is unknown and the change is kept for the relay rather than undone. A
+        # row older than relay_after was not published by its own request.
         self._wait = publish_timeout + 5
         self.relay_after = timedelta(seconds=max(30.0, 3 * publish_timeout))
         self._log = get_logger("api")
@@ -91,6 +102,14 @@ class Outbox:
             row_id = await self.stage(conn, topic, key, record)
         try:
             await self.publish(row_id, topic, key, record)
+        except PublishOutcomeUnknown as exc:
+            # The event may be in the stream already: undoing the change could leave an
+            # event for a change that never happened. It stays, with its staged record for
+            # the relay (at worst the event arrives twice, under the same id).
+            raise PublishUnavailable(
+                f"{exc.message}; the change was kept and its event will be published"
+                " (it may already have been)"
+            ) from exc
         except PublishUnavailable as exc:
             async with self._engine.begin() as conn:
                 taken = await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
@@ -110,11 +129,14 @@ class Outbox:
     async def publish_all(self, records: Sequence[tuple[str, str, Record]]) -> None:
         """Publish records no database change depends on; return once Kafka acked all."""
         try:
-            async with asyncio.timeout(self._wait):
-                await self._sender.send(
-                    [(topic, key.encode(), record.to_bytes()) for topic, key, record in records]
-                )
-        except (KafkaError, TimeoutError) as exc:
+            await self._sender.send(
+                [(topic, key.encode(), record.to_bytes()) for topic, key, record in records],
+                within=self._wait,
+            )
+        except OutcomeUnknown as exc:
+            self._failures.inc()
+            raise PublishOutcomeUnknown(f"event stream did not answer in time: {exc}") from exc
+        except (KafkaError, DependencyUnavailable, TimeoutError) as exc:
             self._failures.inc()
             raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc
         for _, _, record in records:

@@ -41,6 +41,12 @@ class DependencyUnavailable(HookwireError):
         return {"Retry-After": "1"}
 
 
+class OutcomeUnknown(DependencyUnavailable):
+    """A request was sent but its answer did not come in time: it may have taken effect."""
+
+    code = "outcome_unknown"
+
+
 class BadRequest(HookwireError):
     status = 400
     code = "bad_request"

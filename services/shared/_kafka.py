@@ -22,7 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ._contracts import DeadLetter, Topics
-from ._errors import DependencyUnavailable
+from ._errors import DependencyUnavailable, OutcomeUnknown
 from ._ids import utcnow
 from ._lifecycle import cancel_and_wait
 from ._settings import Settings
@@ -154,26 +154,77 @@ async def send_all(
     would put their key. Sending record by record costs more: each ``send`` that finds its
     partition's batch in flight waits for it, and every waiter is woken when it drains.
     """
+    batches, refused = await _send_packed(producer, [(*record, 0) for record in records])
+    outcomes = await _outcomes(batches)
+    if refused:
+        raise refused[0]
+    if outcomes:
+        raise next(iter(outcomes.values()))
+
+
+async def _send_packed(
+    producer: AIOKafkaProducer, records: list[tuple[str, bytes | None, bytes, int]]
+) -> tuple[list[tuple[asyncio.Future[Any], set[int]]], dict[int, BaseException]]:
+    """Pack records tagged with their owner into batches and hand them to the producer.
+
+    Returns each batch's acknowledgement with the owners of its records, and the owners
+    already refused (a record that fits no batch, a topic whose partitions are unknown, a
+    batch the producer would not take), so that one owner's fault is only that owner's.
+    """
     partitions: dict[str, list[int]] = {}
-    open_batches: dict[tuple[str, int], BatchBuilder] = {}
-    futures: list[asyncio.Future[Any]] = []
-    for topic, key, value in records:
+    open_batches: dict[tuple[str, int], tuple[BatchBuilder, set[int]]] = {}
+    sent: list[tuple[asyncio.Future[Any], set[int]]] = []
+    refused: dict[int, BaseException] = {}
+
+    async def hand_over(topic: str, partition: int, batch: BatchBuilder, owners: set[int]) -> None:
+        try:
+            sent.append((await producer.send_batch(batch, topic, partition=partition), owners))
+        except (KafkaError, DependencyUnavailable) as exc:
+            for owner in owners:
+                refused.setdefault(owner, exc)
+
+    for topic, key, value, owner in records:
+        if owner in refused:
+            continue
         if topic not in partitions:
-            partitions[topic] = sorted(await producer.partitions_for(topic))
+            try:
+                partitions[topic] = sorted(await producer.partitions_for(topic))
+            except KafkaError as exc:
+                refused[owner] = exc
+                continue
         every = partitions[topic]
         partition = partition_of(key, len(every)) if key is not None else random.choice(every)  # noqa: S311
-        batch = open_batches.get((topic, partition))
-        if batch is None or batch.append(key=key, value=value, timestamp=None) is None:
-            if batch is not None:
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-            batch = producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                raise DependencyUnavailable(f"a record of {len(value)} bytes fits no batch")
-            open_batches[(topic, partition)] = batch
-    for (topic, partition), batch in open_batches.items():
-        futures.append(await producer.send_batch(batch, topic, partition=partition))
-    if futures:
-        await asyncio.gather(*futures)
+        batch, owners = open_batches.get((topic, partition), (None, set()))
+        if batch is not None and batch.append(key=key, value=value, timestamp=None) is not None:
+            owners.add(owner)
+            continue
+        if batch is not None:
+            del open_batches[(topic, partition)]
+            await hand_over(topic, partition, batch, owners)
+        batch = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            refused[owner] = DependencyUnavailable(f"a record of {len(value)} bytes fits no batch")
+            continue
+        open_batches[(topic, partition)] = (batch, {owner})
+    for (topic, partition), (batch, owners) in open_batches.items():
+        if owners - refused.keys():
+            await hand_over(topic, partition, batch, owners)
+    return sent, refused
+
+
+async def _outcomes(
+    batches: list[tuple[asyncio.Future[Any], set[int]]],
+) -> dict[int, BaseException]:
+    """Wait for every batch; the first error of each owner whose batch failed."""
+    results = await asyncio.gather(*(future for future, _ in batches), return_exceptions=True)
+    failed: dict[int, BaseException] = {}
+    for (_, owners), result in zip(batches, results, strict=True):
+        if isinstance(result, asyncio.CancelledError):
+            result = DependencyUnavailable("the Kafka producer stopped before acknowledging")
+        if isinstance(result, BaseException):
+            for owner in owners:
+                failed.setdefault(owner, result)
+    return failed
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -182,6 +233,12 @@ def partition_of(key: bytes, partitions: int) -> int:
     # aiokafka's murmur2 is pure Python; keys (webhook ids, objects) repeat a lot.
     every = list(range(partitions))
     return int(_PARTITIONER(key, every, every))
+
+
+def _unheard(outcome: asyncio.Future[None]) -> None:
+    # Its caller stopped waiting; taking the outcome keeps it from being reported unread.
+    if not outcome.cancelled():
+        outcome.exception()
 
 
 class BatchingSender:
@@ -201,7 +258,13 @@ class BatchingSender:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def send(self, records: list[OutRecord]) -> None:
+    async def send(self, records: list[OutRecord], *, within: float | None = None) -> None:
+        """Return once the broker acknowledged every record; raise if any was refused.
+
+        With ``within``: TimeoutError when the records were still waiting for a round
+        (withdrawn: they will not be sent), ``OutcomeUnknown`` when they were already on
+        their way (they may yet be acknowledged).
+        """
         if not records:
             return
         if self._task is None or self._task.done():
@@ -211,13 +274,18 @@ class BatchingSender:
         self._waiting.append(entry)
         self._wake.set()
         try:
-            await done
-        except asyncio.CancelledError:
-            # A caller that gave up (a timeout) and undoes what the records announce must
-            # not see them sent after all: withdrawn while they still wait for a round.
-            # Once on their way they cannot be; that caller's outcome is unknown.
+            if within is None:
+                await done
+            else:
+                await asyncio.wait_for(asyncio.shield(done), within)
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            # A caller that gives up and undoes what the records announce must not see
+            # them sent after all: withdrawn while they still wait for a round.
             if entry in self._waiting:
                 self._waiting.remove(entry)
+            elif isinstance(exc, TimeoutError):
+                done.add_done_callback(_unheard)
+                raise OutcomeUnknown("records sent, not acknowledged in time") from exc
             raise
 
     async def close(self) -> None:
@@ -238,23 +306,33 @@ class BatchingSender:
                     await self._round(sending)
         finally:
             # Whoever still waits when the sender stops gets an answer, not a wait for ever.
-            stopped = DependencyUnavailable("the Kafka sender has stopped")
-            for _, done in (*sending, *self._waiting):
+            for _, done in sending:
                 if not done.done():
-                    done.set_exception(stopped)
+                    done.set_exception(OutcomeUnknown("the Kafka sender stopped mid-round"))
+            for _, done in self._waiting:
+                if not done.done():
+                    done.set_exception(DependencyUnavailable("the Kafka sender has stopped"))
             self._waiting = []
 
     async def _round(self, waiting: list[tuple[list[OutRecord], asyncio.Future[None]]]) -> None:
-        try:
-            await send_all(self._producer, [r for records, _ in waiting for r in records])
-        except (KafkaError, DependencyUnavailable) as exc:
-            for _, done in waiting:
-                if not done.done():
-                    done.set_exception(exc)
-        else:
-            for _, done in waiting:
-                if not done.done():
-                    done.set_result(None)
+        # Each caller hears about its own records only: a partition's batch refused must
+        # not tell a caller whose records were all acknowledged that they were not (it
+        # would undo a change whose event is in the stream).
+        tagged = [
+            (topic, key, value, owner)
+            for owner, (records, _) in enumerate(waiting)
+            for topic, key, value in records
+        ]
+        batches, refused = await _send_packed(self._producer, tagged)
+        for owner, error in (await _outcomes(batches)).items():
+            refused.setdefault(owner, error)
+        for owner, (_, done) in enumerate(waiting):
+            if done.done():
+                continue
+            if owner in refused:
+                done.set_exception(refused[owner])
+            else:
+                done.set_result(None)
 
 
 async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:

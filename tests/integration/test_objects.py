@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.api import object_store
 from services.api.errors import PublishUnavailable
-from services.shared import EmbeddedBroker, Event, Settings, new_id, tables, utcnow
+from services.api.outbox import Outbox
+from services.shared import (
+    EmbeddedBroker,
+    Event,
+    Metrics,
+    Settings,
+    make_consumer,
+    new_id,
+    tables,
+    topics_for,
+    utcnow,
+)
 from tests.conftest import Receiver, Stack, running_stack
 
 
@@ -266,3 +279,74 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
     [delivery] = await receiver.wait_for(1)
     assert orjson.loads(delivery.body)["id"] == event.id
     await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def patient_producer_stack(settings: Settings) -> AsyncIterator[tuple[Stack, EmbeddedBroker]]:
+    """A stack on a broker of its own whose producer waits 30 s for an answer."""
+    broker = EmbeddedBroker()
+    broker.start()
+    await broker.wait_ready()
+    try:
+        async with running_stack(
+            settings.model_copy(
+                update={"kafka_bootstrap": broker.bootstrap, "publish_timeout_seconds": 30.0}
+            ),
+            with_dispatcher=False,
+        ) as stack:
+            yield stack, broker
+    finally:
+        broker.stop()
+
+
+async def test_a_change_whose_event_may_have_left_is_not_undone(
+    patient_producer_stack: tuple[Stack, EmbeddedBroker],
+) -> None:
+    """The outbox stops waiting while its event is on its way (the broker paused mid-
+    request): the event may reach the stream, so the change stays and the relay keeps it.
+    Undoing it would leave an event for a change that never happened, as happens here."""
+    stack, broker = patient_producer_stack
+    assert broker.pid is not None
+    _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    assert stack.api._producer is not None
+    # Gives up after 5.5 s, long before the producer's own 30 s.
+    outbox = Outbox(stack.api.engine, stack.api._producer, Metrics("test"), publish_timeout=0.5)
+    async with stack.api.engine.connect() as conn:
+        row = await object_store.find(conn, stack.team_id, "contact", created["id"])
+    event = Event(
+        id=new_id("evt"),
+        type="object.updated",
+        team_id=stack.team_id,
+        object_type="contact",
+        object_id=row.id,
+        occurred_at=utcnow(),
+        data={"v": 2},
+    )
+
+    async def change(conn: AsyncConnection) -> None:
+        fields = object_store.now_fields(event.occurred_at, 2)
+        assert await object_store.set_fields(conn, row.id, 1, data={"v": 2}, **fields)
+
+    async def undo(conn: AsyncConnection) -> bool:
+        return await object_store.revert(conn, row, 2)
+
+    events_topic = topics_for(stack.settings).events
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(PublishUnavailable, match="the change was kept"):
+            await outbox.commit_and_publish(change, undo, events_topic, row.id, event)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    _, current, _ = await _call(stack, "GET", f"/contact/{row.id}")
+    assert (current["data"], current["version"]) == ({"v": 2}, 2)
+    assert await outbox.backlog() == 1, "the event stays staged for the relay"
+    consumer = make_consumer(stack.settings, events_topic, group_id=None)
+    await consumer.start()
+    try:
+        ids: list[str] = []
+        async with asyncio.timeout(20):
+            while event.id not in ids:
+                batches = await consumer.getmany(timeout_ms=200)
+                ids += [orjson.loads(r.value)["id"] for b in batches.values() for r in b]
+    finally:
+        await consumer.stop()

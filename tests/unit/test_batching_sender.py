@@ -6,8 +6,9 @@ import asyncio
 from typing import Any, cast
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
-from services.shared import BatchingSender, DependencyUnavailable
+from services.shared import BatchingSender, DependencyUnavailable, OutcomeUnknown, partition_of
 
 
 class _UnansweringProducer:
@@ -91,3 +92,68 @@ async def test_a_caller_that_gives_up_before_its_round_is_not_sent() -> None:
     await asyncio.wait_for(sender.send([("events", b"k", b"kept")]), 5)
     await sender.close()
     assert producer.sent == [[b"kept"]]
+
+
+class _PartlyFailingProducer(_CountingProducer):
+    """Two partitions; the broker refuses partition 1's batch and takes partition 0's. A
+    refusal of one partition in a request cannot be arranged on demand on a real broker."""
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1}
+
+    async def send_batch(
+        self, batch: _Batch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        self.sent.append(batch.values)
+        answered = asyncio.get_running_loop().create_future()
+        if partition == 1:
+            answered.set_exception(KafkaTimeoutError("partition 1 refused"))
+        else:
+            answered.set_result(None)
+        return answered
+
+
+def _key_on(partition: int) -> bytes:
+    return next(
+        key for key in (f"k{n}".encode() for n in range(100)) if partition_of(key, 2) == partition
+    )
+
+
+async def test_each_caller_in_a_round_hears_its_own_outcome() -> None:
+    """A refused partition fails only the callers whose records were in it: a caller whose
+    records were acknowledged must not be told otherwise (it would undo its change)."""
+    producer = _PartlyFailingProducer()
+    sender = BatchingSender(cast(Any, producer), linger_seconds=0.2)
+    taken = asyncio.create_task(sender.send([("events", _key_on(0), b"taken")]))
+    refused = asyncio.create_task(sender.send([("events", _key_on(1), b"refused")]))
+    await asyncio.wait_for(taken, 5)
+    with pytest.raises(KafkaTimeoutError):
+        await asyncio.wait_for(refused, 5)
+    await sender.close()
+    assert sorted(producer.sent) == [[b"refused"], [b"taken"]]  # one round, two batches
+
+
+class _SilentProducer(_CountingProducer):
+    """Takes batches and never answers, like a broker that stopped mid-request."""
+
+    async def send_batch(
+        self, batch: _Batch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        self.sent.append(batch.values)
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_a_caller_out_of_time_learns_whether_its_records_left() -> None:
+    """Out of time on the way: outcome unknown. Out of time in the queue: withdrawn."""
+    producer = _SilentProducer()
+    sender = BatchingSender(cast(Any, producer))
+    on_its_way = asyncio.create_task(sender.send([("events", b"k", b"1")], within=0.3))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(sender.send([("events", b"k", b"2")], within=0.1))
+    with pytest.raises(TimeoutError):
+        await queued
+    assert not isinstance(queued.exception(), OutcomeUnknown)
+    with pytest.raises(OutcomeUnknown):
+        await on_its_way
+    await sender.close()
+    assert producer.sent == [[b"1"]]
