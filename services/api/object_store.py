@@ -111,8 +111,12 @@ async def set_fields(
     return result.rowcount == 1
 
 
-async def remove(conn: AsyncConnection, object_id: str) -> None:
-    await conn.execute(delete(_objects).where(_objects.c.id == object_id))
+async def remove(conn: AsyncConnection, object_id: str, version: int) -> bool:
+    """Delete for good the version that was read; False when it has changed since."""
+    result = await conn.execute(
+        delete(_objects).where(_objects.c.id == object_id, _objects.c.version == version)
+    )
+    return result.rowcount == 1
 
 
 # Undoing a change Kafka refused, only while nothing has been built on it since; each

@@ -230,16 +230,23 @@ async def delete_object(request: web.Request) -> web.Response:
             if not force:
                 raise
             row = await store.find(conn, principal.team_id, object_type, object_id, trashed=True)
-            # Already in the trash: its deletion was announced then; nothing more to publish.
+            # Already in the trash: its deletion was announced then; nothing more to publish
+            # (unless it was restored meanwhile: then it is a live object again).
             async with ctx.engine.begin() as write:
-                await store.remove(write, row.id)
+                if not await store.remove(write, row.id, row.version):
+                    raise PreconditionFailed(
+                        "the object changed while it was being deleted"
+                    ) from None
             return web.Response(status=204)
     now = utcnow()
     event = _event(principal.team_id, object_type, row.id, "object.deleted", row.data, now)
     if force:
 
         async def remove(conn: AsyncConnection) -> None:
-            await store.remove(conn, row.id)
+            # A change committed since the read must not vanish unannounced, its event
+            # reporting the older data.
+            if not await store.remove(conn, row.id, row.version):
+                raise PreconditionFailed("the object changed while it was being deleted")
 
         async def undo(conn: AsyncConnection) -> bool:
             return await store.reinsert(conn, row)

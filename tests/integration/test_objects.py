@@ -350,3 +350,40 @@ async def test_a_change_whose_event_may_have_left_is_not_undone(
                 ids += [orjson.loads(r.value)["id"] for b in batches.values() for r in b]
     finally:
         await consumer.stop()
+
+
+@pytest.mark.parametrize("trashed_first", [False, True])
+async def test_a_force_delete_does_not_take_a_change_made_after_its_read(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, trashed_first: bool
+) -> None:
+    """A PATCH (or a restore) that commits between the force-delete's read and its delete
+    wins: the delete answers 412 and the object stays as changed."""
+    _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    path = f"/contact/{created['id']}"
+    if trashed_first:
+        assert (await _call(stack, "DELETE", path))[0] == 204
+    read, release = asyncio.Event(), asyncio.Event()
+    real_find = object_store.find
+
+    async def first_find_waits(*args: Any, **kwargs: Any) -> Any:
+        row = await real_find(*args, **kwargs)
+        if not read.is_set():
+            read.set()
+            await release.wait()
+        return row
+
+    monkeypatch.setattr(object_store, "find", first_find_waits)
+    deleting = asyncio.create_task(_call(stack, "DELETE", f"{path}?force=true"))
+    await asyncio.wait_for(read.wait(), 5)
+    if trashed_first:
+        status, _, _ = await _call(stack, "POST", f"{path}/restore")
+    else:
+        status, _, _ = await _call(stack, "PATCH", path, json={"v": 2})
+    assert status == 200
+    # The delete read before the change; its write comes after it.
+    release.set()
+    status, body, _ = await deleting
+    assert (status, body["error"]["code"]) == (412, "precondition_failed")
+    status, current, _ = await _call(stack, "GET", path)
+    assert status == 200
+    assert current["data"] == {"v": 1 if trashed_first else 2}
