@@ -20,6 +20,7 @@ from services.shared import (
     HookwireError,
     OpenApi,
     ValidationFailed,
+    json_problem,
     json_response,
     new_id,
     parse_body,
@@ -61,6 +62,9 @@ async def _object_body(request: web.Request) -> dict[str, Any]:
     data = await read_json(request)
     if not isinstance(data, dict):
         raise ValidationFailed.for_field("body", "the object must be a JSON object")
+    problem = json_problem(data)
+    if problem is not None:
+        raise ValidationFailed.for_field("body", problem)
     return data
 
 

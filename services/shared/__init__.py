@@ -26,6 +26,7 @@ from ._contracts import (
     Topics,
     UtcDatetime,
     decode,
+    json_problem,
 )
 from ._credentials import (
     InvalidToken,
@@ -156,6 +157,7 @@ __all__ = [
     "head_revision",
     "ip_in_ranges",
     "is_public_address",
+    "json_problem",
     "json_response",
     "literal_refusal",
     "load_settings",

@@ -75,27 +75,41 @@ class Record(BaseModel):
 # What every JSON reader on the way handles as an integer (the delivery log's, receivers');
 # a larger one would be delivered and then break the log's view of it.
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+# orjson and pydantic refuse to encode past about 255 levels, and a reader's recursion
+# runs out long before Python's does; no object of a real product nests this deep.
+MAX_JSON_DEPTH = 100
 
 
-def _integers_fit(value: Any) -> bool:
-    if isinstance(value, int):
-        return _INT_MIN <= value <= _INT_MAX
-    if isinstance(value, dict):
-        return all(_integers_fit(item) for item in value.values())
-    if isinstance(value, list):
-        return all(_integers_fit(item) for item in value)
-    return True
+def json_problem(value: Any) -> str | None:
+    """Why a decoded JSON value cannot travel as (part of) an event, or None."""
+    # A walk with its own stack: a hostile body must not reach Python's recursion limit.
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            if not _INT_MIN <= item <= _INT_MAX:
+                return "integers must fit in 64 bits"
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                return f"must not nest deeper than {MAX_JSON_DEPTH} levels"
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return None
 
 
-def _within_64_bits(value: dict[str, Any]) -> dict[str, Any]:
-    if not _integers_fit(value):
-        raise ValueError("integers must fit in 64 bits")
+def _travels(value: dict[str, Any]) -> dict[str, Any]:
+    problem = json_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
-# A JSON object an event may carry; request bodies that become events use it too, so such
-# an integer is refused with the request (422) rather than when the event is built.
-JsonObject = Annotated[dict[str, Any], AfterValidator(_within_64_bits)]
+# A JSON object an event may carry; request bodies that become events use it too, so a
+# value that cannot travel is refused with the request (422) rather than when the event is
+# built or, worse, when it is read back.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_travels)]
 
 
 def _in_utc(value: datetime) -> datetime:

@@ -203,3 +203,52 @@ async def test_invalid_webhook_updates_get_422_and_change_nothing(
     async with api_stack.session.get(url, headers=api_stack.headers()) as response:
         unchanged = await response.json()
     assert (unchanged["name"], unchanged["description"]) == (created["name"], "")
+
+
+def _nested(depth: int) -> bytes:
+    """An object whose value nests ``depth`` levels in all (the object itself is one)."""
+    return b'{"a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+async def _object_rows(stack: Stack) -> int:
+    async with stack.api.engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(tables.objects))).scalar())
+
+
+@pytest.mark.parametrize("depth", [101, 253, 300, 950])
+async def test_objects_nested_too_deep_get_422_and_store_nothing(
+    api_stack: Stack, depth: int
+) -> None:
+    """Deeper than 100 levels: refused up front, not stored and then unreadable (500)."""
+    headers = {**api_stack.headers(), "content-type": "application/json"}
+    status, answer = await _post(
+        api_stack, "/objects/contact", data=_nested(depth), headers=headers
+    )
+    assert status == 422, answer
+    assert answer["error"]["details"][0]["field"] == "body"
+    assert "nest" in answer["error"]["details"][0]["reason"]
+    assert await _object_rows(api_stack) == 0
+    status, created = await _post(api_stack, "/objects/contact", json={"a": 1})
+    assert status == 201
+    async with api_stack.session.patch(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/objects/contact/{created['id']}",
+        headers=headers,
+        data=_nested(depth),
+    ) as response:
+        assert response.status == 422
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/objects/contact/{created['id']}",
+        headers=headers,
+    ) as response:
+        assert (response.status, (await response.json())["version"]) == (200, 1)
+
+
+async def test_an_object_nested_100_levels_is_kept_and_read_back(api_stack: Stack) -> None:
+    """The limit itself is fine all the way: stored, listed and shown."""
+    headers = {**api_stack.headers(), "content-type": "application/json"}
+    status, created = await _post(api_stack, "/objects/contact", data=_nested(100), headers=headers)
+    assert status == 201, created
+    base = f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/objects/contact"
+    for url in (base, f"{base}/{created['id']}"):
+        async with api_stack.session.get(url, headers=headers) as response:
+            assert response.status == 200
