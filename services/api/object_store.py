@@ -6,32 +6,51 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared import NotFound, as_utc, tables
 
 _objects = tables.objects
-_ABSENT = object()
+
+
+def _merged(target: Any, patch: Any) -> Any:
+    # RFC 7396: an object patch merges into an object (or replaces anything else), field by
+    # field, and null removes; any other patch value replaces the target.
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for field, value in patch.items():
+        if value is None:
+            result.pop(field, None)
+        else:
+            result[field] = _merged(result.get(field), value)
+    return result
+
+
+def _same_json(left: Any, right: Any) -> bool:
+    # Python holds True == 1 and 1 == 1.0; as JSON they are different values.
+    return orjson.dumps(left, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+        right, option=orjson.OPT_SORT_KEYS
+    )
 
 
 def merge_patch(
     current: dict[str, Any], patch: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Apply a JSON merge patch (RFC 7396) at the top level: ``null`` removes a field.
+    """Apply a JSON merge patch (RFC 7396): nested objects merge, ``null`` removes.
 
-    Returns the new data and the previous values of the fields that changed (absent fields
-    as ``None``).
+    Returns the new data and the previous values of the top-level fields that changed
+    (absent fields as ``None``).
     """
-    merged = dict(current)
-    previous: dict[str, Any] = {}
-    for field, value in patch.items():
-        if value is None:
-            if field in merged:
-                previous[field] = merged.pop(field)
-        elif merged.get(field, _ABSENT) != value:
-            previous[field] = current.get(field)
-            merged[field] = value
+    merged = _merged(current, patch)
+    previous = {
+        field: current.get(field)
+        for field in patch
+        if (field in current) != (field in merged)
+        or (field in merged and not _same_json(current[field], merged[field]))
+    }
     return merged, previous
 
 
