@@ -24,6 +24,7 @@ from services.shared import (
     json_response,
     new_id,
     parse_body,
+    query_flag,
     read_json,
     utcnow,
 )
@@ -140,7 +141,7 @@ async def list_objects(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "object:read")
     limit, cursor = page_params(request)
-    trashed = request.query.get("trashed", "false") == "true"
+    trashed = query_flag(request, "trashed")
     async with ctx.engine.connect() as conn:
         rows = await store.page(
             conn,
@@ -224,7 +225,7 @@ async def delete_object(request: web.Request) -> web.Response:
     """To the trash (``object:delete``), or for good with ``?force=true``
     (``object:force-delete``)."""
     ctx = request.app[CONTEXT]
-    force = request.query.get("force", "false") == "true"
+    force = query_flag(request, "force")
     principal = await ctx.authorize(request, "object:force-delete" if force else "object:delete")
     object_type, object_id = _object_type(request), request.match_info["object_id"]
     async with ctx.engine.connect() as conn:

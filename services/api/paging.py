@@ -11,7 +11,8 @@ MAX_LIMIT = 500
 
 def page_params(request: web.Request, default: int = 50) -> tuple[int, str | None]:
     raw = request.query.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # isdigit() also holds for "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise ValidationFailed(
             "invalid query parameters",
             details=[{"field": "limit", "reason": f"an integer from 1 to {MAX_LIMIT}"}],

@@ -15,12 +15,14 @@ from sqlalchemy import and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared import (
+    REDACTED,
     Conflict,
     NotFound,
     OpenApi,
     ValidationFailed,
     json_response,
     parse_body,
+    query_flag,
     record_audit,
     tables,
     utcnow,
@@ -121,11 +123,35 @@ async def update_webhook(request: web.Request) -> web.Response:
     if set(values) == {"active"}:
         action = "webhook.reactivated" if values["active"] else "webhook.deactivated"
     details = _redacted(values)
+    unchanged_since = None
+    if values.get("headers") and REDACTED in values["headers"].values():
+        # A view shows credential-like values as "[redacted]"; sent back unchanged, that
+        # stands for the value stored.
+        async with ctx.engine.connect() as conn:
+            current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
+        values["headers"] = _kept_secrets(values["headers"], current.headers or {})
+        unchanged_since = current.updated_at
     if values.get("active") is True or "url" in values:
         # Reactivated or pointed elsewhere: failures before now say nothing of what follows.
         values["failing_since"] = None
-    row = await _change(ctx, request, principal, action, values, details=details)
+    row = await _change(
+        ctx, request, principal, action, values, details=details, unchanged_since=unchanged_since
+    )
     return json_response(webhook_view(row._mapping))
+
+
+def _kept_secrets(headers: dict[str, str], stored: dict[str, str]) -> dict[str, str]:
+    stored_by_name = {name.lower(): value for name, value in stored.items()}
+    kept = {}
+    for name, value in headers.items():
+        if value == REDACTED:
+            if name.lower() not in stored_by_name:
+                raise ValidationFailed.for_field(
+                    "headers", f"{name}: {REDACTED} stands for a stored value, and there is none"
+                )
+            value = stored_by_name[name.lower()]
+        kept[name] = value
+    return kept
 
 
 async def _parse_update(request: web.Request) -> WebhookUpdate:
@@ -147,7 +173,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
     """To the trash (``webhook:delete``), or for good with ``?force=true``
     (``webhook:force-delete``, also for a webhook already in the trash)."""
     ctx = request.app[CONTEXT]
-    force = request.query.get("force", "false") == "true"
+    force = query_flag(request, "force")
     principal = await ctx.authorize(request, "webhook:force-delete" if force else "webhook:delete")
     if force:
         try:

@@ -26,6 +26,7 @@ from services.shared import (
     parse_body,
     parse_query,
     record_audit,
+    redacted,
     refused_reason,
     tables,
     utcnow,
@@ -47,13 +48,17 @@ _RESERVED_HEADERS = frozenset(
         "transfer-encoding",
         "upgrade",
         "host",
-        "content-length",
-        "content-type",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
+        "user-agent",
     }
 )
+# The body's framing and the signature are hookwire's: a custom Content-Encoding would
+# label a plain body as compressed, a Webhook-* header would pose as part of the signature.
+_RESERVED_PREFIXES = ("content-", "webhook-")
+# RFC 9110 field values: visible characters, spaces and tabs; receivers refuse the rest.
+_BAD_VALUE_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Whitespace and control characters: urlsplit drops some of them silently, so the URL
+# stored would not be the one called, and PostgreSQL cannot store NUL at all.
+_BAD_URL_CHARACTER = re.compile(r"[\x00-\x20\x7f]")
 
 
 def new_signing_secret() -> str:
@@ -61,6 +66,8 @@ def new_signing_secret() -> str:
 
 
 def check_webhook_url(url: str) -> str:
+    if _BAD_URL_CHARACTER.search(url):
+        raise ValueError("must not contain spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError("must be an http or https URL")
@@ -68,6 +75,16 @@ def check_webhook_url(url: str) -> str:
         raise ValueError("must name a host")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials; use custom headers instead")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ValueError("must name a valid host (labels of 1 to 63 characters)") from None
     return url
 
 
@@ -92,13 +109,20 @@ class _WebhookRules(BaseModel):
     @field_validator("headers", check_fields=False)
     @classmethod
     def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        seen: set[str] = set()
         for name, header_value in (value or {}).items():
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid header name")
-            if name.lower() in _RESERVED_HEADERS:
+            lowered = name.lower()
+            if lowered in _RESERVED_HEADERS or lowered.startswith(_RESERVED_PREFIXES):
                 raise ValueError(f"{name!r} is set by hookwire and cannot be overridden")
-            if any(c in header_value for c in "\r\n\x00") or len(header_value) > 1024:
-                raise ValueError(f"value of {name!r} must be one line of at most 1024 characters")
+            if lowered in seen:
+                raise ValueError(f"{name!r} is given twice (header names ignore case)")
+            seen.add(lowered)
+            if _BAD_VALUE_CHARACTER.search(header_value) or len(header_value) > 1024:
+                raise ValueError(
+                    f"value of {name!r} must be at most 1024 visible characters, spaces or tabs"
+                )
         return value
 
 
@@ -152,6 +176,8 @@ def actor(principal: Principal, request: web.Request) -> Actor:
 
 def webhook_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     view = {name: row[name] for name in _VIEW_FIELDS}
+    # Anyone who may read webhooks sees them; credential-like values are not theirs to see.
+    view["headers"] = redacted(row["headers"]) if row["headers"] else row["headers"]
     view["created_at"] = as_utc(row["created_at"])
     view["updated_at"] = as_utc(row["updated_at"])
     return view

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import re
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -13,25 +11,12 @@ from urllib.parse import urlsplit
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from services.shared import REFUSED, Delivery, Settings, literal_refusal
+from services.shared import REFUSED, Delivery, Settings, literal_refusal, redacted
 
 from .routing import WebhookRoute
 from .signing import signature_header
 
 USER_AGENT = f"hookwire/{version('hookwire')} (+webhooks)"
-# The delivery log shows what was sent; values of headers that look like credentials stay
-# out of it (and out of the attempts topic), as do the signatures.
-_SECRET_HEADER = re.compile(r"auth|cookie|token|secret|key|password|signature", re.IGNORECASE)
-REDACTED = "[redacted]"
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_secret(name: str) -> bool:
-    return _SECRET_HEADER.search(name) is not None
-
-
-def redacted(headers: dict[str, str]) -> dict[str, str]:
-    return {name: REDACTED if _is_secret(name) else value for name, value in headers.items()}
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from ._errors import (
     Unauthorized,
     ValidationFailed,
 )
+from ._headers import REDACTED, redacted
 from ._http import (
     READINESS_KEY,
     bound_port,
@@ -58,6 +59,7 @@ from ._http import (
     json_response,
     parse_body,
     parse_query,
+    query_flag,
     read_json,
     start_site,
 )
@@ -93,6 +95,7 @@ __all__ = [
     "EVENT_TYPES",
     "PERMISSIONS",
     "READINESS_KEY",
+    "REDACTED",
     "REFUSED",
     "RETRY_TIERS",
     "ROLES",
@@ -170,8 +173,10 @@ __all__ = [
     "parse_query",
     "partition_of",
     "presented_token",
+    "query_flag",
     "read_json",
     "record_audit",
+    "redacted",
     "refused_reason",
     "run",
     "run_until_signalled",

@@ -183,6 +183,18 @@ def parse_query(request: web.Request, model: type[M]) -> M:
         raise ValidationFailed(f"invalid query parameters: {fields}", details=problems) from exc
 
 
+def query_flag(request: web.Request, name: str) -> bool:
+    """A yes/no query parameter: ``true`` or ``false`` (absent: false). Anything else is a
+    422, not a quiet "no": ``?force=1`` must not move to the trash what was meant to go."""
+    raw = request.query.get(name, "false")
+    if raw not in ("true", "false"):
+        raise ValidationFailed(
+            f"invalid query parameters: {name}",
+            details=[{"field": name, "reason": "true or false"}],
+        )
+    return raw == "true"
+
+
 def _problems(exc: ValidationError, whole: str) -> list[dict[str, str]]:
     return [
         {"field": ".".join(str(p) for p in err["loc"]) or whole, "reason": err["msg"]}

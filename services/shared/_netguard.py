@@ -14,10 +14,29 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 REFUSED = "refused:"
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it through a
+# translator (RFC 6052's well-known NAT64 prefix and RFC 8215's local-use one).
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to (mapped, 6to4, Teredo, NAT64), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in prefix for prefix in _NAT64):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        # 64:ff9b::a9fe:a9fe is 169.254.169.254 (cloud metadata) through NAT64.
+        ip = _embedded_ipv4(ip) or ip
     return ip.is_global and not ip.is_multicast
 
 
@@ -30,6 +49,9 @@ async def refused_reason(url: str) -> str | None:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError as exc:
         return f"cannot resolve {host}: {exc.strerror}"
+    except UnicodeError:
+        # An empty or over-long label fails the IDNA encoding before any lookup.
+        return f"{host} is not a valid host name"
     for *_, sockaddr in infos:
         if not is_public_address(str(sockaddr[0])):
             return f"{host} resolves to non-public address {sockaddr[0]}"

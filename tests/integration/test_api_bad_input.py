@@ -115,6 +115,18 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "headers": {"Transfer-Encoding": "chunked"}}, "headers"),
         ({**VALID, "headers": {"X-Ok": "a\r\nInjected: 1"}}, "headers"),
         ({**VALID, "headers": {"X-Ok": "a\u0000b"}}, "headers"),
+        ({**VALID, "headers": {"X-Ok": "a\u0001b"}}, "headers"),
+        ({**VALID, "headers": {"X-Ok": "a\u007fb"}}, "headers"),
+        ({**VALID, "headers": {"Content-Encoding": "gzip"}}, "headers"),
+        ({**VALID, "headers": {"Webhook-Foo": "x"}}, "headers"),
+        ({**VALID, "headers": {"User-Agent": "me"}}, "headers"),
+        ({**VALID, "headers": {"X-A": "1", "x-a": "2"}}, "headers"),
+        ({**VALID, "url": "http://example.com:99999/hook"}, "url"),
+        ({**VALID, "url": "http://example.com:abc/hook"}, "url"),
+        ({**VALID, "url": "http://example.com/ho\u0000ok"}, "url"),
+        ({**VALID, "url": "http://example.com/ho\r\nok"}, "url"),
+        ({**VALID, "url": "http://exa mple.com/hook"}, "url"),
+        ({**VALID, "url": "http://" + "a" * 64 + ".com/hook"}, "url"),
         ({**VALID, "name": "a\u0000b"}, "name"),
         ({**VALID, "description": "\u0000"}, "description"),
         ([VALID], "body"),
@@ -252,3 +264,26 @@ async def test_an_object_nested_100_levels_is_kept_and_read_back(api_stack: Stac
     for url in (base, f"{base}/{created['id']}"):
         async with api_stack.session.get(url, headers=headers) as response:
             assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "parameter"),
+    [
+        ("GET", "/objects/contact?limit=%C2%B2", "limit"),
+        ("GET", "/objects/contact?trashed=1", "trashed"),
+        ("DELETE", "/objects/contact/obj_x?force=1", "force"),
+        ("DELETE", "/webhooks/wh_x?force=True", "force"),
+    ],
+)
+async def test_bad_query_parameters_get_422_naming_them(
+    api_stack: Stack, method: str, path: str, parameter: str
+) -> None:
+    """Not a quiet default: ``?force=1`` must not move to the trash what was meant to go."""
+    async with api_stack.session.request(
+        method,
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}{path}",
+        headers=api_stack.headers(),
+    ) as response:
+        assert response.status == 422
+        answer = await response.json()
+    assert answer["error"]["details"][0]["field"] == parameter

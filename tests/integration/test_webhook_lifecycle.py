@@ -177,6 +177,8 @@ async def strict_stack(settings: Settings) -> AsyncIterator[Stack]:
         "http://169.254.169.254/latest",
         "http://[::1]/h",
         "http://10.0.0.7/h",
+        "http://[64:ff9b::a9fe:a9fe]/latest",
+        "http://a..b/h",
     ],
 )
 async def test_private_urls_are_refused_without_the_allow_flag(
@@ -318,3 +320,52 @@ async def test_a_failed_refresh_is_made_good_within_seconds(stack: Stack) -> Non
     webhook = await stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
     await stack.wait_for_webhook(webhook["id"], within=5)
     assert failures == [webhook["id"]]
+
+
+async def test_credential_headers_are_never_shown_and_survive_edits(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """Views show credential-like header values as "[redacted]", also to read-only keys;
+    a view's headers sent back keep the stored value, so deliveries still carry it."""
+    status, created = await _hooks(
+        stack,
+        "POST",
+        "",
+        json={
+            "name": "crm",
+            "url": receiver.url,
+            "topics": ["object.created"],
+            "headers": {"Authorization": "Bearer s3cret", "X-Team": "blue"},
+        },
+    )
+    assert status == 201
+    assert created["headers"] == {"Authorization": "[redacted]", "X-Team": "blue"}
+    reader = await stack.new_token(["webhook:read"])
+    status, shown = await _hooks(stack, "GET", f"/{created['id']}", token=reader)
+    assert status == 200
+    assert shown["headers"] == {"Authorization": "[redacted]", "X-Team": "blue"}
+    status, listed = await _hooks(stack, "GET", "", token=reader)
+    assert [hook["headers"] for hook in listed["data"]] == [shown["headers"]]
+    status, edited = await _hooks(
+        stack,
+        "PATCH",
+        f"/{created['id']}",
+        json={"headers": {**shown["headers"], "X-Team": "green"}},
+    )
+    assert status == 200, edited
+    assert edited["headers"] == {"Authorization": "[redacted]", "X-Team": "green"}
+    status, refused = await _hooks(
+        stack, "PATCH", f"/{created['id']}", json={"headers": {"X-Api-Key": "[redacted]"}}
+    )
+    assert (status, refused["error"]["details"][0]["field"]) == (422, "headers")
+    await stack.wait_for_webhook(created["id"])
+
+    def routed_headers() -> dict[str, str]:
+        route = stack.dispatcher.table.get(created["id"])
+        return dict(route.headers) if route is not None else {}
+
+    await _until(lambda: routed_headers().get("X-Team") == "green")
+    await stack.create_object()
+    [delivery] = await receiver.wait_for(1)
+    assert delivery.headers["authorization"] == "Bearer s3cret"
+    assert delivery.headers["x-team"] == "green"
