@@ -70,7 +70,10 @@ class AttemptRecorder:
         self._topics = topics_for(settings)
         self._changes = ChangeNotifier(producer, self._topics)
         self._consumed = metrics.counter(
-            "attempts_consumed_total", "Attempt records stored in the delivery log", ("outcome",)
+            "attempts_consumed_total",
+            "Attempt records read, by outcome; invalid, refused and webhook_gone ones are not"
+            " stored",
+            ("outcome",),
         )
         self._disabled = metrics.counter(
             "webhooks_disabled_total",
@@ -171,7 +174,7 @@ class AttemptRecorder:
 
     async def _write(self, attempts: list[Attempt]) -> None:
         async with self._engine.begin() as conn:
-            await delivery_log.record_attempts(conn, attempts)
+            orphans = await delivery_log.record_attempts(conn, attempts)
             # The "no success for days" clock lives with the webhook, not in a dispatcher:
             # it survives restarts and partitions moving between processes.
             failing_too_long = await delivery_log.track_failing_endpoints(
@@ -179,6 +182,8 @@ class AttemptRecorder:
             )
             attempts = [*attempts, *failing_too_long]
             disabled = await delivery_log.disable_webhooks(conn, attempts)
+        if orphans:
+            self._consumed.labels("webhook_gone").inc(orphans)
         for attempt in disabled:
             self._log.warning(
                 "webhook_disabled", webhook_id=attempt.webhook_id, reason=attempt.disable_reason

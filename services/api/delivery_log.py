@@ -29,6 +29,7 @@ from services.shared import (
 
 _deliveries = tables.deliveries
 _attempts = tables.delivery_attempts
+_webhooks = tables.webhooks
 
 _DELIVERY_UPDATES = (
     "state",
@@ -93,7 +94,25 @@ def _storable(text: str | None) -> str | None:
     return None if text is None else text.replace("\x00", "\ufffd")
 
 
-async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
+async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> int:
+    """Store the attempts of webhooks that still exist; returns how many were left out.
+
+    A force-deleted webhook took its log with it; retries still waiting and deliveries in
+    flight at that moment report later, and must not bring its log back.
+    """
+    webhook_ids = {attempt.webhook_id for attempt in attempts}
+    existing = set(
+        (
+            await conn.execute(select(_webhooks.c.id).where(_webhooks.c.id.in_(webhook_ids)))
+        ).scalars()
+    )
+    kept = [attempt for attempt in attempts if attempt.webhook_id in existing]
+    if kept:
+        await _store(conn, kept)
+    return len(attempts) - len(kept)
+
+
+async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
     # One row per key per statement: the latest attempt of each delivery wins. "Latest" is
     # by time: a manual re-send and a scheduled retry can share an attempt number.
     latest: dict[str, Attempt] = {}

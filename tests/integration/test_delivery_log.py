@@ -310,7 +310,7 @@ async def test_force_delete_takes_the_log_and_trash_keeps_it(
     assert (await _call(stack, "GET", f"/deliveries/{delivery_id}"))[0] == 404
 
 
-def _attempt(stack: Stack, delivery_id: str, attempt: int) -> Attempt:
+def _attempt(stack: Stack, delivery_id: str, attempt: int, webhook_id: str) -> Attempt:
     event = Event(
         id=f"evt_{delivery_id}",
         type="object.created",
@@ -323,7 +323,7 @@ def _attempt(stack: Stack, delivery_id: str, attempt: int) -> Attempt:
     return Attempt(
         delivery_id=delivery_id,
         event_id=event.id,
-        webhook_id="wh_external",
+        webhook_id=webhook_id,
         team_id=stack.team_id,
         attempt=attempt,
         attempted_at=utcnow(),
@@ -345,7 +345,8 @@ async def test_bad_attempt_records_are_dead_lettered_and_repeats_change_nothing(
 
 async def _bad_attempts_are_dead_lettered(stack: Stack) -> None:
     topics = topics_for(stack.settings)
-    good = _attempt(stack, "msg_good", 1)
+    webhook = await _unreachable_webhook(stack)
+    good = _attempt(stack, "msg_good", 1, webhook["id"])
     bad = [
         b"not json",
         orjson.dumps({**orjson.loads(good.to_bytes()), "attempt": 0}),
@@ -357,7 +358,7 @@ async def _bad_attempts_are_dead_lettered(stack: Stack) -> None:
     try:
         for value in bad:
             await producer.send_and_wait(topics.attempts, value=value, key=b"k")
-        for record in (good, _attempt(stack, "msg_good", 2), good):
+        for record in (good, _attempt(stack, "msg_good", 2, webhook["id"]), good):
             await producer.send_and_wait(topics.attempts, value=record.to_bytes(), key=b"k")
     finally:
         await producer.stop()
@@ -415,7 +416,7 @@ async def test_nul_in_an_answer_is_stored_and_a_stale_disable_request_is_ignored
     it active, while a current one disables it."""
     async with running_stack(settings, with_dispatcher=False) as stack:
         webhook = await _unreachable_webhook(stack)
-        base = _attempt(stack, "msg_nul", 1).model_copy(
+        base = _attempt(stack, "msg_nul", 1, webhook["id"]).model_copy(
             update={"webhook_id": webhook["id"], "response_body": "ok\x00", "error": "x\x00"}
         )
         stale = base.model_copy(
@@ -454,7 +455,7 @@ async def test_a_disable_request_read_again_still_tells_the_dispatchers(
     the other dispatchers go on delivering until their next whole load."""
     async with running_stack(settings, with_dispatcher=False) as stack:
         webhook = await _unreachable_webhook(stack)
-        request = _attempt(stack, "msg_gone", 1).model_copy(
+        request = _attempt(stack, "msg_gone", 1, webhook["id"]).model_copy(
             update={
                 "webhook_id": webhook["id"],
                 "disable_reason": "the endpoint answered 410 Gone",
@@ -499,7 +500,8 @@ async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on
     reason and the records around it are stored."""
     async with running_stack(settings, with_dispatcher=False) as stack:
         topics = topics_for(stack.settings)
-        refused = orjson.loads(_attempt(stack, "msg_refused", 1).to_bytes())
+        webhook = await _unreachable_webhook(stack)
+        refused = orjson.loads(_attempt(stack, "msg_refused", 1, webhook["id"]).to_bytes())
         refused["attempted_at"] = "0001-01-01T00:00:00+14:00"
         producer = make_producer(stack.settings)
         await producer.start()
@@ -507,9 +509,17 @@ async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on
             await send_all(
                 producer,
                 [
-                    (topics.attempts, b"k", _attempt(stack, "msg_before", 1).to_bytes()),
+                    (
+                        topics.attempts,
+                        b"k",
+                        _attempt(stack, "msg_before", 1, webhook["id"]).to_bytes(),
+                    ),
                     (topics.attempts, b"k", orjson.dumps(refused)),
-                    (topics.attempts, b"k", _attempt(stack, "msg_after", 1).to_bytes()),
+                    (
+                        topics.attempts,
+                        b"k",
+                        _attempt(stack, "msg_after", 1, webhook["id"]).to_bytes(),
+                    ),
                 ],
             )
         finally:
@@ -542,7 +552,7 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
         async def attempt(after: timedelta, outcome: str) -> None:
             nonlocal sent
             sent += 1
-            record = _attempt(stack, f"msg_day_{sent}", 1).model_copy(
+            record = _attempt(stack, f"msg_day_{sent}", 1, webhook["id"]).model_copy(
                 update={
                     "webhook_id": webhook["id"],
                     "attempted_at": start + after,
@@ -582,3 +592,44 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
             assert await active(), "failures before the reactivation do not count"
         finally:
             await producer.stop()
+
+
+async def test_a_late_attempt_does_not_bring_back_a_force_deleted_webhooks_log(
+    settings: Settings,
+) -> None:
+    """Retries waiting and deliveries in flight when a webhook is force-deleted report
+    later; the log went with the webhook and stays gone."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = await _unreachable_webhook(stack)
+        kept = await _unreachable_webhook(stack)
+        topics = topics_for(stack.settings)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            early = _attempt(stack, "msg_early", 1, webhook["id"])
+            await send_all(producer, [(topics.attempts, b"k", early.to_bytes())])
+            await _logged(stack, "msg_early", lambda d: len(d["attempts"]) == 1)
+            status, _ = await _call(stack, "DELETE", f"/webhooks/{webhook['id']}?force=true")
+            assert status == 204
+            assert (await _call(stack, "GET", "/deliveries/msg_early"))[0] == 404
+            await send_all(
+                producer,
+                [
+                    (
+                        topics.attempts,
+                        b"k",
+                        _attempt(stack, "msg_early", 2, webhook["id"]).to_bytes(),
+                    ),
+                    (topics.attempts, b"k", _attempt(stack, "msg_kept", 1, kept["id"]).to_bytes()),
+                ],
+            )
+        finally:
+            await producer.stop()
+        await _logged(stack, "msg_kept", lambda d: len(d["attempts"]) == 1)
+        assert (await _call(stack, "GET", "/deliveries/msg_early"))[0] == 404
+        status, listed = await _call(stack, "GET", "/deliveries")
+        assert [d["id"] for d in listed["data"]] == ["msg_kept"]
+        gone = stack.api.metrics.registry.get_sample_value(
+            "hookwire_api_attempts_consumed_total", {"outcome": "webhook_gone"}
+        )
+        assert gone == 1
