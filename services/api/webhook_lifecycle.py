@@ -81,7 +81,12 @@ async def _change(
             await delivery_log.forget_webhook(conn, webhook_id)
             row = None
         else:
-            guarded = where
+            # Still where it was read (live or in the trash): a trash or restore committed
+            # meanwhile makes this change a conflict, not a change to the other state.
+            in_place = (
+                _webhooks.c.deleted_at.is_not(None) if trashed else _webhooks.c.deleted_at.is_(None)
+            )
+            guarded = and_(where, in_place)
             if unchanged_since is not None:
                 guarded = and_(where, _webhooks.c.updated_at == unchanged_since)
             result = await conn.execute(

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
+from services.api import webhook_lifecycle
 from services.dispatcher.table import WebhookTable
 from services.shared import Settings, tables
 from tests.conftest import Receiver, Stack, running_stack
@@ -369,3 +370,40 @@ async def test_credential_headers_are_never_shown_and_survive_edits(
     [delivery] = await receiver.wait_for(1)
     assert delivery.headers["authorization"] == "Bearer s3cret"
     assert delivery.headers["x-team"] == "green"
+
+
+async def test_an_edit_racing_a_trash_is_a_conflict(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PATCH that read the webhook live, then found it trashed by another request before
+    it wrote, answers 409 rather than 200 for a change to a webhook in the trash."""
+    status, created = await _hooks(
+        api_stack,
+        "POST",
+        json={"name": "w", "url": "http://127.0.0.1:9/h", "topics": ["object.created"]},
+    )
+    assert status == 201
+    read, release = asyncio.Event(), asyncio.Event()
+    real_find = webhook_lifecycle.find_webhook
+
+    async def first_find_waits(*args: Any, **kwargs: Any) -> Any:
+        row = await real_find(*args, **kwargs)
+        if not read.is_set():
+            read.set()
+            await release.wait()
+        return row
+
+    monkeypatch.setattr(webhook_lifecycle, "find_webhook", first_find_waits)
+    editing = asyncio.create_task(
+        _hooks(api_stack, "PATCH", f"/{created['id']}", json={"name": "renamed"})
+    )
+    await asyncio.wait_for(read.wait(), 5)
+    assert (await _hooks(api_stack, "DELETE", f"/{created['id']}"))[0] == 204
+    release.set()
+    status, answer = await editing
+    assert (status, answer["error"]["code"]) == (409, "conflict")
+    async with api_stack.api.engine.connect() as conn:
+        row = (
+            await conn.execute(select(tables.webhooks).where(tables.webhooks.c.id == created["id"]))
+        ).one()
+    assert (row.name, row.deleted_at is not None) == ("w", True)
