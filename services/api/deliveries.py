@@ -35,6 +35,7 @@ from services.shared import (
 from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
+from .errors import PublishUnavailable
 from .paging import MAX_LIMIT
 from .webhook_lifecycle import find_webhook
 
@@ -146,7 +147,13 @@ async def get_delivery(request: web.Request) -> web.Response:
 
 async def _sendable_webhook(ctx: ApiContext, team_id: str, webhook_id: str) -> None:
     async with ctx.engine.connect() as conn:
-        webhook = await find_webhook(conn, team_id, webhook_id)
+        try:
+            webhook = await find_webhook(conn, team_id, webhook_id)
+        except NotFound:
+            await find_webhook(conn, team_id, webhook_id, trashed=True)
+            raise Conflict(
+                f"webhook {webhook_id} is in the trash; restore it to send to it"
+            ) from None
     if not webhook.active:
         raise Conflict(f"webhook {webhook_id} is inactive; reactivate it to send to it")
 
@@ -200,7 +207,18 @@ async def replay_webhook(request: web.Request) -> web.Response:
         async with ctx.engine.connect() as conn:
             rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
         chosen = rows[:size]
-        await _publish(ctx, [_resend(row) for row in chosen])
+        try:
+            await _publish(ctx, [_resend(row) for row in chosen])
+        except PublishUnavailable as exc:
+            if not replayed or not chosen:
+                raise
+            # Earlier chunks went out: say where to go on from rather than have the caller
+            # send them all again (this chunk may be partly sent; a receiver sees repeats
+            # under the same webhook-id).
+            raise PublishUnavailable(
+                f"{exc.message}; {replayed} deliveries were re-sent before it",
+                details={"replayed": replayed, "resume_since": as_utc(chosen[0].created_at)},
+            ) from exc
         replayed += len(chosen)
         if len(rows) <= size:
             break

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from services.api import deliveries
+from services.api.errors import PublishUnavailable
 from services.shared import (
     Attempt,
     Event,
@@ -226,6 +227,30 @@ async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
     [last] = (await receiver.wait_for(10))[9:]
     assert last.headers["webhook-id"] == oldest_first[2]
 
+    # The stream fails after a first chunk went out: the 503 says where to go on from.
+    monkeypatch.setattr(deliveries, "MAX_REPLAY", 10)
+    real_publish = deliveries._publish
+    calls = 0
+
+    async def second_chunk_refused(ctx: Any, chosen: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise PublishUnavailable("event stream is unavailable: test")
+        await real_publish(ctx, chosen)
+
+    monkeypatch.setattr(deliveries, "_publish", second_chunk_refused)
+    status, answer = await _call(
+        stack, "POST", f"/webhooks/{webhook['id']}/replay", json={"since": before.isoformat()}
+    )
+    assert status == 503
+    details = answer["error"]["details"]
+    assert details["replayed"] == 1
+    second_created = datetime.fromisoformat(
+        (await _call(stack, "GET", f"/deliveries/{oldest_first[1]}"))[1]["created_at"]
+    )
+    assert datetime.fromisoformat(details["resume_since"]) == second_created
+
 
 async def test_a_test_event_goes_to_that_webhook_only(stack: Stack, receiver: Receiver) -> None:
     tested = await stack.create_webhook(receiver.url + "/tested", ["object.created"])
@@ -290,6 +315,15 @@ async def test_bad_requests_to_the_log_are_refused(stack: Stack, receiver: Recei
     assert (await _call(stack, "PATCH", path, json={"active": False}))[0] == 200
     status, body = await _call(stack, "POST", path + "/test")
     assert (status, body["error"]["code"]) == (409, "conflict")
+    assert (await _call(stack, "PATCH", path, json={"active": True}))[0] == 200
+    assert (await _call(stack, "DELETE", path))[0] == 204
+    for target, kwargs in (
+        ("/test", {}),
+        ("/replay", {"json": {"since": "2026-01-01T00:00:00Z"}}),
+    ):
+        status, body = await _call(stack, "POST", path + target, **kwargs)
+        assert (status, body["error"]["code"]) == (409, "conflict"), target
+        assert "trash" in body["error"]["message"]
     await asyncio.sleep(0.3)
     assert receiver.received == [], "nothing was sent"
 
