@@ -18,10 +18,13 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
+    MAX_RECORD_BYTES,
     BatchingSender,
     DependencyUnavailable,
     Metrics,
     OutcomeUnknown,
+    OutRecord,
+    PayloadTooLarge,
     Record,
     get_logger,
     new_id,
@@ -33,6 +36,16 @@ from .errors import PublishOutcomeUnknown, PublishUnavailable
 
 T = TypeVar("T")
 _outbox = tables.outbox
+
+
+def _check_size(size: int) -> None:
+    # Refused up front: the stream would refuse it on every try, and a 503 would tell the
+    # caller to try again.
+    if size > MAX_RECORD_BYTES:
+        raise PayloadTooLarge(
+            f"the event would be {size} bytes; the event stream takes at most {MAX_RECORD_BYTES}",
+            details={"event_bytes": size, "max_bytes": MAX_RECORD_BYTES},
+        )
 
 
 class Outbox:
@@ -97,6 +110,7 @@ class Outbox:
         has been made on top of this one: undoing would lose that one, so the change stays,
         its record is left to the relay, and the caller's 503 says so.
         """
+        _check_size(len(record.to_bytes()))
         async with self._engine.begin() as conn:
             result = await change(conn)
             row_id = await self.stage(conn, topic, key, record)
@@ -128,11 +142,13 @@ class Outbox:
 
     async def publish_all(self, records: Sequence[tuple[str, str, Record]]) -> None:
         """Publish records no database change depends on; return once Kafka acked all."""
+        encoded: list[OutRecord] = [
+            (topic, key.encode(), record.to_bytes()) for topic, key, record in records
+        ]
+        for _, _, value in encoded:
+            _check_size(len(value))
         try:
-            await self._sender.send(
-                [(topic, key.encode(), record.to_bytes()) for topic, key, record in records],
-                within=self._wait,
-            )
+            await self._sender.send(encoded, within=self._wait)
         except OutcomeUnknown as exc:
             self._failures.inc()
             raise PublishOutcomeUnknown(f"event stream did not answer in time: {exc}") from exc

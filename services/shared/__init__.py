@@ -65,6 +65,7 @@ from ._http import (
 )
 from ._ids import new_id, utcnow
 from ._kafka import (
+    MAX_RECORD_BYTES,
     RETRY_TIERS,
     BatchingSender,
     OutRecord,
@@ -93,6 +94,7 @@ from ._settings import Settings, load_settings
 __all__ = [
     "DELIVERY_STATES",
     "EVENT_TYPES",
+    "MAX_RECORD_BYTES",
     "PERMISSIONS",
     "READINESS_KEY",
     "REDACTED",

@@ -59,6 +59,12 @@ def bootstrap_servers(settings: Settings) -> str:
     return settings.kafka_bootstrap
 
 
+# The largest record value sent: aiokafka refuses a request past 1 MiB (its
+# max_request_size) and Kafka a message past about 1 MB (message.max.bytes); the margin
+# holds the key and the record's own framing.
+MAX_RECORD_BYTES = 1_000_000
+
+
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     options: dict[str, Any] = {
         "bootstrap_servers": bootstrap_servers(settings),

@@ -18,6 +18,7 @@ from services.api import object_store
 from services.api.errors import PublishUnavailable
 from services.api.outbox import Outbox
 from services.shared import (
+    MAX_RECORD_BYTES,
     EmbeddedBroker,
     Event,
     Metrics,
@@ -387,3 +388,22 @@ async def test_a_force_delete_does_not_take_a_change_made_after_its_read(
     status, current, _ = await _call(stack, "GET", path)
     assert status == 200
     assert current["data"] == {"v": 1 if trashed_first else 2}
+
+
+async def test_an_object_grown_past_what_the_stream_takes_is_a_413(stack: Stack) -> None:
+    """Each PATCH fits the body limit, the merged object does not fit one event: 413 (a 503
+    would have the caller retry for ever), and the object stays as it was."""
+    _, created, _ = await _call(stack, "POST", "/contact", json={"n": 0})
+    path = f"/contact/{created['id']}"
+    chunk = "x" * 250_000
+    statuses = []
+    for n in range(5):
+        status, body, _ = await _call(stack, "PATCH", path, json={f"part{n}": chunk})
+        statuses.append(status)
+        if status == 413:
+            assert body["error"]["details"]["max_bytes"] == MAX_RECORD_BYTES
+            break
+    assert statuses == [200, 200, 200, 413]
+    _, current, _ = await _call(stack, "GET", path)
+    assert current["version"] == 4
+    assert sorted(current["data"]) == ["n", "part0", "part1", "part2"]
