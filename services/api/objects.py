@@ -76,6 +76,7 @@ def _event(
     kind: EventType,
     data: dict[str, Any],
     now: datetime,
+    version: int,
     **extra: Any,
 ) -> Event:
     return Event(
@@ -86,6 +87,7 @@ def _event(
         object_id=object_id,
         occurred_at=now,
         data=data,
+        version=version,
         **extra,
     )
 
@@ -106,7 +108,7 @@ async def create_object(request: web.Request) -> web.Response:
     object_type = _object_type(request)
     data = await _object_body(request)
     now, object_id = utcnow(), new_id("obj")
-    event = _event(principal.team_id, object_type, object_id, "object.created", data, now)
+    event = _event(principal.team_id, object_type, object_id, "object.created", data, now, 1)
     values = {
         "id": object_id,
         "team_id": principal.team_id,
@@ -216,7 +218,14 @@ async def update_object(request: web.Request) -> web.Response:
         return _with_etag(store.object_view(row._mapping), row.version)
     now = utcnow()
     event = _event(
-        principal.team_id, object_type, row.id, "object.updated", data, now, previous=previous
+        principal.team_id,
+        object_type,
+        row.id,
+        "object.updated",
+        data,
+        now,
+        row.version + 1,
+        previous=previous,
     )
     return await _change_and_answer(ctx, row, event, {"data": data}, "updated")
 
@@ -244,7 +253,10 @@ async def delete_object(request: web.Request) -> web.Response:
                     ) from None
             return web.Response(status=204)
     now = utcnow()
-    event = _event(principal.team_id, object_type, row.id, "object.deleted", row.data, now)
+    # Trashed or gone for good, the deletion comes after every version before it.
+    event = _event(
+        principal.team_id, object_type, row.id, "object.deleted", row.data, now, row.version + 1
+    )
     if force:
 
         async def remove(conn: AsyncConnection) -> None:
@@ -271,7 +283,15 @@ async def restore_object(request: web.Request) -> web.Response:
         row = await store.find(
             conn, principal.team_id, object_type, request.match_info["object_id"], trashed=True
         )
-    event = _event(principal.team_id, object_type, row.id, "object.created", row.data, utcnow())
+    event = _event(
+        principal.team_id,
+        object_type,
+        row.id,
+        "object.created",
+        row.data,
+        utcnow(),
+        row.version + 1,
+    )
     return await _change_and_answer(ctx, row, event, {"deleted_at": None}, "restored")
 
 
@@ -292,6 +312,8 @@ async def send_object(request: web.Request) -> web.Response:
         "object.send",
         row.data,
         utcnow(),
+        # Sending changes nothing: the version the data is at.
+        row.version,
         sent=body.model_dump(exclude_none=True),
     )
 

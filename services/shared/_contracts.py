@@ -140,6 +140,10 @@ class Event(Record):
     previous: JsonObject | None = None
     # object.send: what was sent, to whom.
     sent: JsonObject | None = None
+    # The object's version once this event's change is made (object.send: the version it
+    # was sent at). Receivers apply an event only past the last version they applied, so a
+    # retried older event cannot undo a newer one. Absent from external producers' events.
+    version: int | None = Field(default=None, ge=1, le=2**63 - 1)
 
 
 class Delivery(Record):

@@ -90,6 +90,8 @@ async def test_object_lifecycle_publishes_each_event(stack: Stack, receiver: Rec
     assert events[4]["id"] == sent["event_id"]
     assert all(e["object_id"] == created["id"] for e in events)
     assert "previous" not in events[0]
+    # Created 1, updated 2, trashed 3, restored 4; sent at 4; deleted for good after it.
+    assert [e["version"] for e in events] == [1, 2, 3, 4, 4, 5]
 
 
 async def test_stale_if_match_and_no_op_patches_publish_nothing(
