@@ -6,6 +6,8 @@ rides along in the logs; ``/healthz``, ``/readyz`` and ``/metrics`` are always t
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -15,6 +17,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from ._contracts import json_problem
 from ._credentials import QUERY_KEY_PARAM
 from ._errors import ConfigurationError, HookwireError, PayloadTooLarge, ValidationFailed
 from ._ids import new_id
@@ -145,14 +148,28 @@ def _malformed(reason: str) -> ValidationFailed:
     )
 
 
+# A run of digits long enough to be an integer past 64 bits (or just digits in a string).
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
 async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     if not raw.strip():
         raise _malformed("the body is empty")
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _malformed(str(exc)) from exc
+    if _LONG_DIGITS.search(raw):
+        # orjson reads an integer past 64 bits as a float, silently: stored, it would not
+        # be the number sent. The standard parser keeps it exact, so it can be refused.
+        try:
+            problem = json_problem(json.loads(raw))
+        except RecursionError:
+            problem = "nests too deep"
+        if problem is not None:
+            raise ValidationFailed.for_field("body", problem)
+    return value
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

@@ -287,3 +287,31 @@ async def test_bad_query_parameters_get_422_naming_them(
         assert response.status == 422
         answer = await response.json()
     assert answer["error"]["details"][0]["field"] == parameter
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"n": 18446744073709551616}',
+        b'{"n": -9223372036854775809}',
+        b'{"deep": {"n": [1, 123456789012345678901234567890]}}',
+    ],
+)
+async def test_integers_past_64_bits_get_422_not_a_changed_number(
+    api_stack: Stack, raw: bytes
+) -> None:
+    """Read as floats, they would be stored as numbers other than those sent."""
+    headers = {**api_stack.headers(), "content-type": "application/json"}
+    status, answer = await _post(api_stack, "/objects/contact", data=raw, headers=headers)
+    assert status == 422, answer
+    assert answer["error"]["details"][0]["field"] == "body"
+    assert "64 bits" in answer["error"]["details"][0]["reason"]
+    assert await _object_rows(api_stack) == 0
+
+
+async def test_long_digit_runs_that_fit_are_kept_exactly(api_stack: Stack) -> None:
+    """The largest integers that fit, and long digit strings, are stored as sent."""
+    body = {"big": 2**64 - 1, "small": -(2**63), "id": "1234567890123456789012345"}
+    status, created = await _post(api_stack, "/objects/contact", json=body)
+    assert status == 201
+    assert created["data"] == body
