@@ -339,7 +339,7 @@ async def test_force_delete_takes_the_log_and_trash_keeps_it(
     assert (await _call(stack, "DELETE", f"/webhooks/{webhook['id']}"))[0] == 204
     listed = await _call(stack, "GET", f"/webhooks/{webhook['id']}/deliveries")
     assert [d["id"] for d in listed[1]["data"]] == [delivery_id]
-    assert (await _call(stack, "POST", f"/deliveries/{delivery_id}/retry"))[0] == 404
+    assert (await _call(stack, "POST", f"/deliveries/{delivery_id}/retry"))[0] == 409
     assert (await _call(stack, "DELETE", f"/webhooks/{webhook['id']}?force=true"))[0] == 204
     assert (await _call(stack, "GET", f"/deliveries/{delivery_id}"))[0] == 404
 
