@@ -430,7 +430,14 @@ async def consume_forever(
             if handled:
                 due = committed_at + commit_interval_seconds - loop.time()
                 wait_ms = max(0, min(wait_ms, math.ceil(due * 1000)))
-            batches = await consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
+            try:
+                batches = await consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
+            except KafkaError as exc:
+                # A coordinator or fetch fault must not end the loop for good: the process
+                # would keep its partitions in the group and never read them again.
+                log.warning("fetch_failed", error=str(exc))
+                await asyncio.sleep(retry_delay_seconds)
+                continue
             records = [record for batch in batches.values() for record in batch]
             if records:
                 try:

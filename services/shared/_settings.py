@@ -49,7 +49,11 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HOOKWIRE_", frozen=True, extra="ignore")
+    # An empty variable is an unset one: deploy files pass optional settings through as
+    # `${VAR:-}`, and an empty private key must mean "no key", not a key that fails.
+    model_config = SettingsConfigDict(
+        env_prefix="HOOKWIRE_", frozen=True, extra="ignore", env_ignore_empty=True
+    )
 
     data_dir: Path = Path(".hookwire")
     database_url: str = ""

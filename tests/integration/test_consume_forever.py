@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CoordinatorNotAvailableError
 
 from services.shared import (
     EmbeddedBroker,
@@ -142,3 +144,40 @@ async def test_a_failed_batch_is_handed_again_and_the_ones_before_it_are_kept(
     assert committed_while_running == 2
     assert handed == [[b"0", b"1"], [b"2", b"3"], [b"2", b"3"], [b"4", b"5"]]
     assert await consumer.committed(partition) == 6
+
+
+async def test_a_failed_fetch_does_not_end_the_loop(
+    kafka_settings: Settings,
+    topic: str,
+    consumer: AIOKafkaConsumer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator fault on a fetch (it cannot be arranged on demand on a real broker, so
+    it is injected once) is waited out; the records are handled after it."""
+    real_getmany = consumer.getmany
+    failures = 0
+
+    async def getmany_failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise CoordinatorNotAvailableError()
+        return await real_getmany(*args, **kwargs)
+
+    monkeypatch.setattr(consumer, "getmany", getmany_failing_once)
+    seen: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        seen.extend(record.value for record in records)
+        if len(seen) >= 2:
+            done.set()
+
+    loop = asyncio.create_task(consume_forever(consumer, handle, retry_delay_seconds=0.05))
+    try:
+        await _publish(kafka_settings, topic, [b"0", b"1"])
+        await _until(done)
+    finally:
+        await cancel_and_wait(loop)
+    assert failures == 1
+    assert seen == [b"0", b"1"]

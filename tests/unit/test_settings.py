@@ -39,7 +39,6 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_TOPIC_PREFIX", "bad prefix!"),
         ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,soon"),
         ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,0"),
-        ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", ""),
         ("HOOKWIRE_RETRY_JITTER", "2"),
     ],
 )
@@ -69,3 +68,12 @@ def test_retry_schedule_reads_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().retry_schedule_seconds == (0.5, 2.0, 60.0)
     monkeypatch.delenv("HOOKWIRE_RETRY_SCHEDULE_SECONDS")
     assert load_settings().retry_schedule_seconds == (5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deploy files pass optional settings as `${VAR:-}`: empty means the default."""
+    monkeypatch.setenv("HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY", "")
+    monkeypatch.setenv("HOOKWIRE_TOKEN_MAX_LIFETIME_DAYS", "")
+    settings = load_settings()
+    assert settings.access_token_private_key is None
+    assert settings.token_max_lifetime_days is None
