@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    READINESS_KEY,
     ChangeFollower,
     ChangeNotifier,
     Metrics,
@@ -124,6 +125,11 @@ class AuthService:
         ExchangeRoutes(self.settings, self.engine, callers, self._access_key).add_to(app, spec)
         AuditRoutes(self.settings, self.engine, callers).add_to(app, spec)
         spec.serve(app)
+
+        async def database_ready() -> None:
+            await check_ready(self.engine)
+
+        app[READINESS_KEY].append(database_ready)
         return app
 
     async def start(self) -> None:

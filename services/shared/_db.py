@@ -12,6 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import ColumnElement, Table, event
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -92,12 +93,30 @@ async def check_ready(engine: AsyncEngine) -> None:
             current = await connection.run_sync(_current_revision)
     except (SQLAlchemyError, OSError) as exc:
         raise DependencyUnavailable(f"database at {url} is unreachable: {exc}") from exc
-    head = head_revision()
-    if current != head:
+    if _behind(current):
         raise ConfigurationError(
-            f"database at {url} is at migration {current or 'none'}, expected {head}: "
-            "run `hookwire migrate`"
+            f"database at {url} is at migration {current or 'none'}, expected"
+            f" {head_revision()}: run `hookwire migrate`"
         )
+
+
+def _behind(current: str | None) -> bool:
+    """Whether the database still lacks a migration this code needs.
+
+    A revision this code does not know is one a newer release applied: migrations only
+    add (decision 43), so this code still works on it. Only a known revision before the
+    head is behind. This lets an upgrade migrate first and roll out after, with the old
+    processes ready throughout."""
+    if current is None:
+        return True
+    scripts = ScriptDirectory.from_config(_alembic_config(""))
+    if current == scripts.get_current_head():
+        return False
+    try:
+        scripts.get_revision(current)
+    except CommandError:
+        return False
+    return True
 
 
 @overload

@@ -10,8 +10,9 @@ import time
 
 import orjson
 from aiohttp import web
+from sqlalchemy import text
 
-from services.shared import bound_port, start_site
+from services.shared import bound_port, head_revision, start_site
 from tests.conftest import Receiver, Stack
 
 
@@ -150,3 +151,29 @@ async def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -
         async with stack.session.get(f"{base}/metrics") as response:
             assert response.status == 200
             assert prefix in await response.text()
+
+
+async def test_readiness_follows_the_databases_migrations(stack: Stack) -> None:
+    """Behind this code's migrations: not ready (auth too). Ahead of them (a newer release
+    migrated first, as an upgrade does): still ready, so old processes keep serving."""
+
+    async def set_revision(revision: str) -> None:
+        async with stack.api.engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+
+    async def readiness() -> list[int]:
+        statuses = []
+        for base in (stack.auth_url, stack.api_url):
+            async with stack.session.get(f"{base}/readyz") as response:
+                statuses.append(response.status)
+        return statuses
+
+    head = head_revision()
+    try:
+        await set_revision("0004")
+        assert await readiness() == [503, 503]
+        await set_revision("9999_from_a_newer_release")
+        assert await readiness() == [200, 200]
+    finally:
+        await set_revision(head)
+    assert await readiness() == [200, 200]
