@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from ._errors import ConfigurationError
 
@@ -48,6 +50,23 @@ SecondsList = Annotated[
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
+_DATABASE_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+def _supported_database(url: str) -> str:
+    if not url:
+        return url
+    try:
+        driver = make_url(url).drivername
+    except ArgumentError:
+        driver = None
+    if driver not in _DATABASE_DRIVERS:
+        raise ValueError(
+            "must be sqlite+aiosqlite:///<path> or postgresql+asyncpg://<user>@<host>/<db>"
+        )
+    return url
+
+
 class Settings(BaseSettings):
     # An empty variable is an unset one: deploy files pass optional settings through as
     # `${VAR:-}`, and an empty private key must mean "no key", not a key that fails.
@@ -56,7 +75,7 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Path(".hookwire")
-    database_url: str = ""
+    database_url: Annotated[str, AfterValidator(_supported_database)] = ""
     kafka_bootstrap: str | None = None
     topic_prefix: str = Field(default="hookwire.", pattern=r"^[A-Za-z0-9._-]*$")
     kafka_partitions: int = Field(default=6, ge=1, le=1024)

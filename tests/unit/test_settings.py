@@ -40,6 +40,9 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,soon"),
         ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,0"),
         ("HOOKWIRE_RETRY_JITTER", "2"),
+        ("HOOKWIRE_DATABASE_URL", "postgresql://hw@db/hw"),
+        ("HOOKWIRE_DATABASE_URL", "mysql:/x"),
+        ("HOOKWIRE_DATABASE_URL", "not a url"),
     ],
 )
 def test_bad_values_name_the_variable(
