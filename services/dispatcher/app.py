@@ -13,7 +13,7 @@ import contextlib
 
 import aiohttp
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -82,6 +82,7 @@ class DispatcherService:
         self._lag = self.metrics.gauge(
             "consumer_lag", "Records not yet processed", ("topic", "partition")
         )
+        self._lag_reported: set[TopicPartition] = set()
         self._backlog = self.metrics.gauge("delivery_backlog", "Deliveries held as raw records")
         self._retry_pending = self.metrics.gauge("retries_pending", "Retries waiting in memory")
         self._webhooks = self.metrics.gauge("webhooks_loaded", "Webhooks in the routing table")
@@ -203,7 +204,7 @@ class DispatcherService:
     def _observe(self) -> None:
         if self._lanes is not None:
             for partition, behind in self._lanes.lag().items():
-                self._lag.labels(partition.topic, str(partition.partition)).set(behind)
+                self._set_lag(partition, behind)
             self._backlog.set(self._lanes.backlog)
         if self._timer is not None:
             self._retry_pending.set(self._timer.pending)
@@ -245,11 +246,17 @@ class DispatcherService:
             self._resync_wanted.set()
         self._webhooks.set(len(self.table))
 
+    def _set_lag(self, partition: TopicPartition, behind: int) -> None:
+        self._lag.labels(partition.topic, str(partition.partition)).set(behind)
+        self._lag_reported.add(partition)
+
     async def _measure_lag_forever(self, *consumers: AIOKafkaConsumer) -> None:
         """Lag of the router and the retry timer; the delivery lanes report their own."""
         while True:
             await asyncio.sleep(_LAG_SECONDS)
+            owned: set[TopicPartition] = set()
             for consumer in consumers:
+                owned |= consumer.assignment()
                 for partition in consumer.assignment():
                     highwater = consumer.highwater(partition)
                     try:
@@ -257,9 +264,14 @@ class DispatcherService:
                     except KafkaError:
                         continue  # revoked meanwhile
                     if highwater is not None:
-                        self._lag.labels(partition.topic, str(partition.partition)).set(
-                            max(0, highwater - position)
-                        )
+                        self._set_lag(partition, max(0, highwater - position))
+            if self._lanes is not None:
+                owned |= set(self._lanes.lag())
+            # A partition another process took is its to report: a frozen value left here
+            # would add phantom lag to every sum.
+            for gone in self._lag_reported - owned:
+                self._lag.remove(gone.topic, str(gone.partition))
+            self._lag_reported &= owned
 
     async def _resync_forever(self) -> None:
         # A safety net for a change record that was never published, and the stand-in for

@@ -127,6 +127,13 @@ async def _delivered_by(session: aiohttp.ClientSession, port: int) -> float:
     return 0.0
 
 
+async def _lag_series(session: aiohttp.ClientSession, port: int) -> set[str]:
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    prefix = "hookwire_dispatcher_consumer_lag{"
+    return {line.split("}")[0] for line in text.splitlines() if line.startswith(prefix)}
+
+
 async def test_sigkill_mid_flight_loses_no_delivery(
     services: Stack, receiver: Receiver, capsys: Any
 ) -> None:
@@ -180,3 +187,44 @@ async def test_two_processes_share_the_partitions(services: Stack, receiver: Rec
             shares = [await _delivered_by(stack.session, port) for port in (one, two)]
     assert sum(shares) >= published * webhooks
     assert len({r.headers["webhook-id"] for r in receiver.received}) == published * webhooks
+
+
+async def test_a_partition_that_moved_away_leaves_no_lag_behind(services: Stack) -> None:
+    """The first process reports every partition's lag; once a second joins and takes
+    some, the first stops reporting those (a frozen series would add phantom lag)."""
+    stack = services
+
+    async def lag_series_until(port: int, check: Any) -> set[str]:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            series = await _lag_series(stack.session, port)
+            if check(series):
+                return series
+            assert asyncio.get_running_loop().time() < deadline, f"lag series: {series}"
+            await asyncio.sleep(0.2)
+
+    events = topics_for(stack.settings).events
+    every = {f'partition="{p}",topic="{events}"' for p in range(stack.settings.kafka_partitions)}
+
+    def events_series(series: set[str]) -> set[str]:
+        return {line for line in series if f'topic="{events}"' in line}
+
+    def covers_every_partition(series: set[str]) -> bool:
+        return {
+            line.removeprefix("hookwire_dispatcher_consumer_lag{") for line in events_series(series)
+        } >= every
+
+    with dispatcher_process(stack.settings) as (_, one):
+        await _ready(stack.session, one)
+        await lag_series_until(one, covers_every_partition)
+        with dispatcher_process(stack.settings) as (_, two):
+            await _ready(stack.session, two)
+            await lag_series_until(two, lambda series: bool(events_series(series)))
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                first = events_series(await _lag_series(stack.session, one))
+                second = events_series(await _lag_series(stack.session, two))
+                if first and not first & second:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (first, second)
+                await asyncio.sleep(0.2)
