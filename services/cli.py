@@ -190,7 +190,12 @@ def revoke_token(token_id: str) -> None:
     settings = _settings()
     _with_engine(settings, lambda e: ops.revoke_token(e, token_id))
     told = _run(ops.notify(settings, "token", token_id, "revoked"))
-    reach = "running services told" if told else "caches drop it within their TTL"
+    reach = (
+        "running services told"
+        if told
+        else "services not told: auth's cache drops it within HOOKWIRE_TOKEN_CACHE_SECONDS,"
+        " the api's access tokens end within HOOKWIRE_ENDED_KEYS_SYNC_SECONDS"
+    )
     click.echo(f"{token_id} revoked ({reach})")
 
 

@@ -143,18 +143,17 @@ async def revoke_token(engine: AsyncEngine, token_id: str) -> str:
 
 
 async def notify(settings: Settings, entity: Entity, entity_id: str, state: str | None) -> bool:
-    """Tell running services about a command-line change; without a broker, caches expire
-    on their own within HOOKWIRE_AUTH_CACHE_TTL_SECONDS."""
+    """Tell running services about a command-line change; False when they could not be
+    told (their caches and the api's ended-keys list catch up on their own)."""
     if not settings.kafka_bootstrap:
         return False
     producer = make_producer(settings)
     try:
         await start_client(producer, settings)
-        await ChangeNotifier(producer, topics_for(settings)).notify(
+        return await ChangeNotifier(producer, topics_for(settings)).notify(
             entity, entity_id, "updated", state=state
         )
     except DependencyUnavailable:
         return False
     finally:
         await stop_client(producer)
-    return True

@@ -147,7 +147,12 @@ class AuthService:
             await self._runner.cleanup()
         await cancel_and_wait(self._flusher)
         await self._follower.stop()
-        await self.usage.flush()
+        try:
+            await self.usage.flush()
+        except Exception:
+            # The last second of uses is lost (the database is away); the producer must
+            # still be closed.
+            self._log.exception("last_use_flush_failed")
         if self._producer is not None:
             await stop_client(self._producer)
 

@@ -42,9 +42,10 @@ class ChangeNotifier:
         action: Action,
         team_id: str | None = None,
         state: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Best effort after the change has committed: a lost notice is covered by cache TTLs
-        and the dispatcher's periodic resync, so it must not fail the caller's request."""
+        and the dispatcher's periodic resync, so it must not fail the caller's request.
+        Returns whether the broker took it."""
         change = Change(
             entity=entity,
             entity_id=entity_id,
@@ -63,6 +64,8 @@ class ChangeNotifier:
             structlog.get_logger().warning(
                 "change_not_published", entity=entity, entity_id=entity_id, error=str(exc)
             )
+            return False
+        return True
 
 
 ChangeHandler = Callable[[Change], Awaitable[None] | None]
