@@ -31,7 +31,12 @@ def _settings(**overrides: object) -> Settings:
     except HookwireError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(2)
-    configure_logging(settings.log_format, settings.log_level)
+    context = click.get_current_context(silent=True)
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        service=context.info_name if context is not None else None,
+    )
     return settings
 
 

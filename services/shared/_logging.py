@@ -14,7 +14,20 @@ def _render_json(_: Any, __: str, event_dict: structlog.types.EventDict) -> str:
     return orjson.dumps(event_dict, default=str).decode()
 
 
-def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+def _tagged(service: str | None) -> structlog.types.Processor:
+    def tag(_: Any, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
+        if service is not None:
+            event_dict.setdefault("service", service)
+        return event_dict
+
+    return tag
+
+
+def configure_logging(
+    log_format: str = "auto", level: str = "info", service: str | None = None
+) -> None:
+    """Every line of the process, ours and the libraries', in one format; ``service``
+    names the process on library lines (ours name it themselves)."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
         _render_json if use_json else structlog.dev.ConsoleRenderer()
@@ -40,13 +53,21 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
             processor=renderer,
             foreign_pre_chain=[
                 structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                _tagged(service),
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                # A library's traceback as text, not the repr of an exc_info tuple.
+                structlog.processors.format_exc_info,
             ],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    # Libraries speak from warning up (aiokafka's info and debug lines are per request),
+    # or from the configured level when that is higher.
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
+    # Python's warnings become log lines too, in the same format.
+    logging.captureWarnings(True)
 
 
 def get_logger(service: str) -> structlog.stdlib.BoundLogger:

@@ -1,0 +1,60 @@
+"""Library log lines come out in the same JSON as ours, tracebacks and all."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import structlog
+
+from services.shared import configure_logging
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    structlog.reset_defaults()
+
+
+def _lines(text: str) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_a_library_exception_is_one_json_line_with_its_traceback(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging("json", "info", service="dispatcher")
+    try:
+        raise ValueError("broken frame")
+    except ValueError:
+        logging.getLogger("aiokafka.consumer").exception("fetch failed")
+    logging.getLogger("aiokafka.conn").info("per-request chatter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a deprecated call", DeprecationWarning, stacklevel=1)
+    [failure, warned] = _lines(capsys.readouterr().err)
+    assert failure["event"] == "fetch failed"
+    assert failure["service"] == "dispatcher"
+    assert failure["logger"] == "aiokafka.consumer"
+    assert failure["level"] == "error"
+    assert "Traceback" in str(failure["exception"])
+    assert "ValueError: broken frame" in str(failure["exception"])
+    assert "a deprecated call" in str(warned["event"])
+    assert warned["service"] == "dispatcher"
+
+
+def test_libraries_follow_a_level_above_warning(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging("json", "error")
+    logging.getLogger("aiohttp.client").warning("retrying")
+    logging.getLogger("aiohttp.client").error("gave up")
+    assert [line["event"] for line in _lines(capsys.readouterr().err)] == ["gave up"]
