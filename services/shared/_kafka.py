@@ -8,6 +8,7 @@ from ``earliest`` (``latest`` is unreliable there), and commits are always expli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import random
@@ -462,7 +463,12 @@ async def consume_forever(
                 await commit_handled()
     finally:
         if handled:
-            await commit_handled()
+            # A stop cancels again and again until the task ends; the last commit must not
+            # be cut short by that (it has its own bound), or a clean stop re-delivers.
+            last = asyncio.ensure_future(commit_handled())
+            while not last.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(last)
 
 
 def dead_letter_record(topics: Topics, record: ConsumerRecord, reason: str) -> OutRecord:

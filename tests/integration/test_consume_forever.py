@@ -181,3 +181,35 @@ async def test_a_failed_fetch_does_not_end_the_loop(
         await cancel_and_wait(loop)
     assert failures == 1
     assert seen == [b"0", b"1"]
+
+
+async def test_a_slow_last_commit_is_not_cut_short_by_the_stop(
+    kafka_settings: Settings,
+    topic: str,
+    consumer: AIOKafkaConsumer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stop cancels repeatedly; a commit slower than that (a busy coordinator, here
+    delayed by a second) still completes, so a clean stop re-delivers nothing."""
+    real_commit = consumer.commit
+
+    async def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.0)
+        return await real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(consumer, "commit", slow_commit)
+    done = asyncio.Event()
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        if records[-1].value == b"2":
+            done.set()
+
+    loop = asyncio.create_task(consume_forever(consumer, handle, commit_interval_seconds=3600))
+    await _publish(kafka_settings, topic, [b"0", b"1", b"2"])
+    await _until(done)
+    await cancel_and_wait(loop)
+    assert await _committed(consumer, topic) == 3
+
+
+async def _committed(consumer: AIOKafkaConsumer, topic: str) -> int | None:
+    return await consumer.committed(TopicPartition(topic, 0))
