@@ -50,6 +50,9 @@ def generate_private_key_pem() -> str:
 
 
 def load_private_key(pem: str) -> Ed25519PrivateKey:
+    if "\n" not in pem and "\\n" in pem:
+        # One line with \n escapes, as an .env file holds it.
+        pem = pem.replace("\\n", "\n")
     try:
         key = serialization.load_pem_private_key(pem.encode(), password=None)
     except ValueError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.shared import ConfigurationError, load_settings
+from services.shared import ConfigurationError, access_tokens, load_settings
 
 
 def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,3 +80,13 @@ def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> N
     settings = load_settings()
     assert settings.access_token_private_key is None
     assert settings.token_max_lifetime_days is None
+
+
+def test_a_private_key_on_one_line_with_escapes_is_read() -> None:
+    """An .env file holds the PEM on one line with \\n escapes; it is the same key."""
+    pem = access_tokens.generate_private_key_pem()
+    one_line = pem.replace("\n", "\\n")
+    assert "\n" not in one_line
+    original = access_tokens.load_private_key(pem)
+    escaped = access_tokens.load_private_key(one_line)
+    assert access_tokens.key_id(escaped.public_key()) == access_tokens.key_id(original.public_key())
