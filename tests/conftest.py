@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from services.api.app import ApiService
 from services.auth.admin import add_member, create_team, create_token, create_user
@@ -36,6 +36,7 @@ from services.shared import (
     make_consumer,
     migrate,
     start_site,
+    tables,
     topics_for,
 )
 
@@ -336,3 +337,65 @@ async def dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
     finally:
         await consumer.stop()
     return letters
+
+
+@dataclass
+class Pause:
+    """Holds the first successful call of a patched lookup after its read: ``read`` is set
+    once it has read, and it returns only after ``release``. Later calls go straight
+    through. This is how a test puts another request's commit between a read and a write."""
+
+    read: asyncio.Event
+    release: asyncio.Event
+
+
+def pause_first_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> Pause:
+    pause = Pause(asyncio.Event(), asyncio.Event())
+    real = getattr(owner, name)
+
+    async def first_call_waits(*args: Any, **kwargs: Any) -> Any:
+        result = await real(*args, **kwargs)
+        if not pause.read.is_set():
+            pause.read.set()
+            await pause.release.wait()
+        return result
+
+    monkeypatch.setattr(owner, name, first_call_waits)
+    return pause
+
+
+@contextlib.asynccontextmanager
+async def stack_on_own_broker(
+    settings: Settings, publish_timeout_seconds: float
+) -> AsyncIterator[tuple[Stack, EmbeddedBroker]]:
+    """A stack (no dispatcher) on a broker of its own, which the test may stop or pause."""
+    broker = EmbeddedBroker()
+    broker.start()
+    await broker.wait_ready()
+    try:
+        async with running_stack(
+            settings.model_copy(
+                update={
+                    "kafka_bootstrap": broker.bootstrap,
+                    "publish_timeout_seconds": publish_timeout_seconds,
+                }
+            ),
+            with_dispatcher=False,
+        ) as stack:
+            yield stack, broker
+    finally:
+        broker.stop()
+
+
+async def audit_count(stack: Stack, action: str, target_id: str) -> int:
+    """How many audit records say ``action`` of ``target_id``."""
+    async with stack.api.engine.connect() as conn:
+        count = (
+            await conn.execute(
+                select(func.count()).where(
+                    tables.audit_log.c.action == action,
+                    tables.audit_log.c.target_id == target_id,
+                )
+            )
+        ).scalar()
+    return int(count or 0)

@@ -7,13 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 
 from services.auth import app as auth_app
 from services.auth import store
 from services.auth.tokens import hash_token
-from services.shared import tables
-from tests.conftest import Stack, corrupt
+from tests.conftest import Stack, audit_count, corrupt
 
 
 async def _introspect(
@@ -146,13 +144,5 @@ async def test_a_refused_key_in_a_loop_is_audited_once_a_minute(api_stack: Stack
         assert (await api_stack.introspect(created["token"]))["reason"] == "revoked"
         status, _ = await api_stack.auth_call("GET", "/v1/tokens", token=created["token"])
         assert status == 401
-    async with api_stack.api.engine.connect() as conn:
-        refusals = (
-            await conn.execute(
-                select(func.count()).where(
-                    tables.audit_log.c.action == "token.refused",
-                    tables.audit_log.c.target_id == created["id"],
-                )
-            )
-        ).scalar()
+    refusals = await audit_count(api_stack, "token.refused", created["id"])
     assert refusals == 1

@@ -29,7 +29,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, running_stack
+from tests.conftest import Receiver, Stack, pause_first_call, stack_on_own_broker
 
 
 async def _call(
@@ -157,19 +157,8 @@ async def test_force_delete_needs_its_own_permission(api_stack: Stack) -> None:
 @pytest.fixture
 async def own_broker_stack(settings: Settings) -> AsyncIterator[tuple[Stack, EmbeddedBroker]]:
     """A stack on a broker of its own, which the test may kill."""
-    broker = EmbeddedBroker()
-    broker.start()
-    await broker.wait_ready()
-    try:
-        async with running_stack(
-            settings.model_copy(
-                update={"kafka_bootstrap": broker.bootstrap, "publish_timeout_seconds": 2.0}
-            ),
-            with_dispatcher=False,
-        ) as stack:
-            yield stack, broker
-    finally:
-        broker.stop()
+    async with stack_on_own_broker(settings, publish_timeout_seconds=2.0) as running:
+        yield running
 
 
 async def _object_count(stack: Stack) -> int:
@@ -287,19 +276,8 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
 @pytest.fixture
 async def patient_producer_stack(settings: Settings) -> AsyncIterator[tuple[Stack, EmbeddedBroker]]:
     """A stack on a broker of its own whose producer waits 30 s for an answer."""
-    broker = EmbeddedBroker()
-    broker.start()
-    await broker.wait_ready()
-    try:
-        async with running_stack(
-            settings.model_copy(
-                update={"kafka_bootstrap": broker.bootstrap, "publish_timeout_seconds": 30.0}
-            ),
-            with_dispatcher=False,
-        ) as stack:
-            yield stack, broker
-    finally:
-        broker.stop()
+    async with stack_on_own_broker(settings, publish_timeout_seconds=30.0) as running:
+        yield running
 
 
 async def test_a_change_whose_event_may_have_left_is_not_undone(
@@ -365,26 +343,16 @@ async def test_a_force_delete_does_not_take_a_change_made_after_its_read(
     path = f"/contact/{created['id']}"
     if trashed_first:
         assert (await _call(stack, "DELETE", path))[0] == 204
-    read, release = asyncio.Event(), asyncio.Event()
-    real_find = object_store.find
-
-    async def first_find_waits(*args: Any, **kwargs: Any) -> Any:
-        row = await real_find(*args, **kwargs)
-        if not read.is_set():
-            read.set()
-            await release.wait()
-        return row
-
-    monkeypatch.setattr(object_store, "find", first_find_waits)
+    pause = pause_first_call(monkeypatch, object_store, "find")
     deleting = asyncio.create_task(_call(stack, "DELETE", f"{path}?force=true"))
-    await asyncio.wait_for(read.wait(), 5)
+    await asyncio.wait_for(pause.read.wait(), 5)
     if trashed_first:
         status, _, _ = await _call(stack, "POST", f"{path}/restore")
     else:
         status, _, _ = await _call(stack, "PATCH", path, json={"v": 2})
     assert status == 200
     # The delete read before the change; its write comes after it.
-    release.set()
+    pause.release.set()
     status, body, _ = await deleting
     assert (status, body["error"]["code"]) == (412, "precondition_failed")
     status, current, _ = await _call(stack, "GET", path)

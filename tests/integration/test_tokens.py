@@ -13,7 +13,7 @@ import structlog
 from sqlalchemy import func, select
 
 from services.shared import Settings, tables
-from tests.conftest import Stack, corrupt, running_stack
+from tests.conftest import Stack, audit_count, corrupt, running_stack
 
 MANAGE = ["token:manage", "object:read", "webhook:read", "webhook:create"]
 
@@ -471,15 +471,7 @@ async def test_ending_a_token_again_keeps_the_first_record(api_stack: Stack) -> 
         assert (status, answer["error"]["code"]) == (409, "token_ended"), (method, suffix)
     status, renamed = await api_stack.auth_call("PATCH", path, json={"name": "twice-old"})
     assert (status, renamed["state"]) == (200, "revoked")
-    async with api_stack.api.engine.connect() as conn:
-        revocations = (
-            await conn.execute(
-                select(func.count()).where(
-                    tables.audit_log.c.action == "token.revoked",
-                    tables.audit_log.c.target_id == created["id"],
-                )
-            )
-        ).scalar()
+    revocations = await audit_count(api_stack, "token.revoked", created["id"])
     assert revocations == 1
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 from services.api import webhook_lifecycle
 from services.dispatcher.table import WebhookTable
 from services.shared import Settings, tables
-from tests.conftest import Receiver, Stack, running_stack
+from tests.conftest import Receiver, Stack, pause_first_call, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
 
@@ -383,23 +383,13 @@ async def test_an_edit_racing_a_trash_is_a_conflict(
         json={"name": "w", "url": "http://127.0.0.1:9/h", "topics": ["object.created"]},
     )
     assert status == 201
-    read, release = asyncio.Event(), asyncio.Event()
-    real_find = webhook_lifecycle.find_webhook
-
-    async def first_find_waits(*args: Any, **kwargs: Any) -> Any:
-        row = await real_find(*args, **kwargs)
-        if not read.is_set():
-            read.set()
-            await release.wait()
-        return row
-
-    monkeypatch.setattr(webhook_lifecycle, "find_webhook", first_find_waits)
+    pause = pause_first_call(monkeypatch, webhook_lifecycle, "find_webhook")
     editing = asyncio.create_task(
         _hooks(api_stack, "PATCH", f"/{created['id']}", json={"name": "renamed"})
     )
-    await asyncio.wait_for(read.wait(), 5)
+    await asyncio.wait_for(pause.read.wait(), 5)
     assert (await _hooks(api_stack, "DELETE", f"/{created['id']}"))[0] == 204
-    release.set()
+    pause.release.set()
     status, answer = await editing
     assert (status, answer["error"]["code"]) == (409, "conflict")
     async with api_stack.api.engine.connect() as conn:
