@@ -91,6 +91,7 @@ class DispatcherService:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._outcomes: BatchingSender | None = None
+        self._handler: DeliveryHandler | None = None
         self._lanes: Lanes | None = None
         self._timer: RetryTimer | None = None
         self._follower = ChangeFollower(settings, self._apply_change)
@@ -144,6 +145,7 @@ class DispatcherService:
             topics=self.topics,
             metrics=self.delivery_metrics,
         )
+        self._handler = handler
         self._lanes = Lanes(
             deliverer,
             handler.outcome_records,
@@ -240,6 +242,10 @@ class DispatcherService:
     async def _refresh(self, webhook_id: str) -> None:
         try:
             await self.table.refresh(webhook_id)
+            route = self.table.get(webhook_id)
+            if (route is None or not route.active) and self._handler is not None:
+                # Its open circuit, if any, would stay counted in circuits_open for ever.
+                self._handler.forget_endpoint(webhook_id)
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_id=webhook_id)
             # The change record is behind the follower now; a whole load soon takes its place.

@@ -32,12 +32,15 @@ from services.shared import (
     utcnow,
 )
 
+from .lanes import Pace
 from .policy import BACK_OFF_STATUSES, GONE, CircuitBreaker, RetryPolicy, parse_retry_after
 from .routing import WebhookRoute
 from .sender import Outcome, Sender
 from .table import WebhookTable
 
 _PUBLISH_BACKOFF_MAX_SECONDS = 10.0
+_CONFIRM_EVERY_SECONDS = 1.0
+_CONFIRMED_REMEMBERED = 10_000
 
 
 class DeliveryMetrics:
@@ -101,11 +104,16 @@ class DeliveryHandler:
         # Bound once: the lazy logger binds anew on every call, six times the cost of a
         # filtered-out call on a bound one, and this one is called for every delivery.
         self._log = get_logger("dispatcher").bind()
+        self._confirmed_at: dict[str, float] = {}
         self._inflight = 0
         # Read when scraped rather than updated for every delivery (counting open circuits
         # walks every endpoint).
         metrics.inflight.set_function(lambda: self._inflight)
         metrics.circuits_open.set_function(lambda: self._circuit.open_count)
+
+    def forget_endpoint(self, webhook_id: str) -> None:
+        """The webhook is gone or inactive: no circuit state is kept for it."""
+        self._circuit.forget(webhook_id)
 
     async def publish(self, records: list[OutRecord]) -> None:
         # Until Kafka takes the outcome the record is not finished; keep trying.
@@ -121,9 +129,11 @@ class DeliveryHandler:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX_SECONDS)
 
-    async def outcome_records(self, record: ConsumerRecord) -> list[OutRecord]:
+    async def outcome_records(
+        self, record: ConsumerRecord, pace: Pace | None = None
+    ) -> list[OutRecord]:
         try:
-            return await self._outcome_records(record)
+            return await self._outcome_records(record, pace)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -135,12 +145,12 @@ class DeliveryHandler:
             reason = f"handler_failed: {type(exc).__name__}: {exc}"
             return [dead_letter_record(self._topics, record, reason)]
 
-    async def _outcome_records(self, record: ConsumerRecord) -> list[OutRecord]:
+    async def _outcome_records(self, record: ConsumerRecord, pace: Pace | None) -> list[OutRecord]:
         try:
             delivery = decode(Delivery, record.value)
         except InvalidRecord as exc:
             return [invalid_record(self._metrics, self._topics, record, exc.message)]
-        route = self._table.get(delivery.webhook_id)
+        route = await self._route_when_due(delivery, pace)
         about: dict[str, Any] = {
             "delivery_id": delivery.id,
             "event_id": delivery.event.id,
@@ -161,15 +171,54 @@ class DeliveryHandler:
                 final=True,
             )
             return [self._attempt_record(skipped)]
+        if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
+            return [self._deferred(delivery, self._circuit.reopens_at(route.id) - time.monotonic())]
         clock = time.monotonic()
-        if delivery.kind == "event" and not self._circuit.allows(route.id, clock):
-            return [self._deferred(delivery, self._circuit.reopens_at(route.id) - clock)]
         self._inflight += 1
         try:
             outcome = await self._sender.send(route, delivery)
         finally:
             self._inflight -= 1
-        return self._after(route, delivery, record, about, outcome)
+        return self._after(route, delivery, record, about, outcome, started=clock)
+
+    async def _route_when_due(self, delivery: Delivery, pace: Pace | None) -> WebhookRoute | None:
+        """The webhook to send to once the endpoint's rate allows; None when it is gone or
+        inactive. A delivery that will not be sent (inactive webhook, open circuit) takes
+        no rate slot: a deactivated webhook's backlog clears at once, not at its rate."""
+        route = self._table.get(delivery.webhook_id)
+        if route is None or not route.active:
+            route = await self._confirmed(delivery.webhook_id)
+        if route is None or not route.active or pace is None:
+            return route
+        if delivery.kind == "event" and not self._circuit.allows(
+            route.id, time.monotonic(), peek=True
+        ):
+            return route  # deferred by the caller, without waiting for a slot
+        await pace()
+        # The wait may have been long: a webhook deactivated meanwhile gets nothing.
+        return self._table.get(delivery.webhook_id)
+
+    async def _confirmed(self, webhook_id: str) -> WebhookRoute | None:
+        """The webhook as the database has it, when the table says it is gone or inactive.
+
+        The table learns of changes a moment after they commit; a delivery written straight
+        to ``deliveries`` (a test event right after creating the webhook, a replay right
+        after reactivating it) or routed by a process that learned sooner can arrive
+        first, and must not be skipped for good. Asked at most once a second per webhook,
+        so a deactivated webhook's backlog does not become a read per delivery."""
+        now = time.monotonic()
+        if (
+            now - self._confirmed_at.get(webhook_id, -_CONFIRM_EVERY_SECONDS)
+            >= _CONFIRM_EVERY_SECONDS
+        ):
+            if len(self._confirmed_at) >= _CONFIRMED_REMEMBERED:
+                self._confirmed_at.clear()
+            self._confirmed_at[webhook_id] = now
+            try:
+                await self._table.refresh(webhook_id)
+            except Exception:
+                self._log.exception("webhook_confirm_failed", webhook_id=webhook_id)
+        return self._table.get(webhook_id)
 
     def _after(
         self,
@@ -178,10 +227,11 @@ class DeliveryHandler:
         record: ConsumerRecord,
         about: dict[str, Any],
         outcome: Outcome,
+        *,
+        started: float,
     ) -> list[OutRecord]:
         delivered = outcome.outcome == "delivered"
-        clock = time.monotonic()
-        self._circuit.record(route.id, delivered, clock)
+        self._circuit.record(route.id, delivered, time.monotonic(), started=started)
         self._metrics.outcomes[outcome.outcome].inc()
         self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
         self._log.info(
@@ -204,7 +254,9 @@ class DeliveryHandler:
             if outcome.status_code == GONE:
                 disable_reason = "the endpoint answered 410 Gone"
             if disable_reason is None and delivery.kind == "event":
-                next_retry_at = self._schedule(delivery, about["attempted_at"], outcome)
+                # From the attempt's end: a 15 s timeout must not eat a 5 s delay, nor a
+                # slow 503 its Retry-After.
+                next_retry_at = self._schedule(delivery, utcnow(), outcome)
             if next_retry_at is not None:
                 retry = delivery.model_copy(
                     update={"attempt": delivery.attempt + 1, "not_before": next_retry_at}

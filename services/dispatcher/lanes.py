@@ -30,7 +30,10 @@ _FETCH_RETRY_SECONDS = 1.0
 _FETCH_RECORDS = 500
 
 # Calls the endpoint and says what to write; the write makes the outcome durable.
-Attempt = Callable[[ConsumerRecord], Awaitable[list[OutRecord]]]
+# Waits for the endpoint's next rate slot; an attempt calls it just before it sends, so a
+# delivery skipped or deferred without a request spends no slot.
+Pace = Callable[[], Awaitable[None]]
+Attempt = Callable[[ConsumerRecord, Pace], Awaitable[list[OutRecord]]]
 Publish = Callable[[list[OutRecord]], Awaitable[None]]
 
 
@@ -128,13 +131,15 @@ class Lanes:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord) -> None:
-        if self._interval:
-            now = asyncio.get_running_loop().time()
-            slot = max(now, lane.next_slot)
-            lane.next_slot = slot + self._interval
-            await asyncio.sleep(slot - now)
+        async def pace() -> None:
+            if self._interval:
+                now = asyncio.get_running_loop().time()
+                slot = max(now, lane.next_slot)
+                lane.next_slot = slot + self._interval
+                await asyncio.sleep(slot - now)
+
         try:
-            outcome = await self._attempt(record)
+            outcome = await self._attempt(record, pace)
         except asyncio.CancelledError:
             raise
         except Exception:

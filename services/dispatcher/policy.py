@@ -22,7 +22,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit() alone also takes "²"
         return float(text)
     try:
         when = parsedate_to_datetime(text)
@@ -72,6 +72,10 @@ class RetryPolicy:
 class _Endpoint:
     failures: int = 0
     open_until: float = 0.0
+    # When the circuit last opened (or a probe failed): requests started before then were
+    # already on their way and say nothing about the probe.
+    opened_at: float | None = None
+    failed_probes: int = 0
 
 
 @dataclass
@@ -81,7 +85,9 @@ class CircuitBreaker:
 
     Each failed probe doubles the wait, up to ``open_max``: deliveries deferred by an open
     circuit wake when it half-opens, and an endpoint down for days should not send its whole
-    backlog round the retry topics every ``open_for`` seconds.
+    backlog round the retry topics every ``open_for`` seconds. Only the probe's outcome
+    moves an open circuit: the other requests in flight when it opened (up to the
+    endpoint's concurrency) are not probes, failing or succeeding late.
     """
 
     threshold: int
@@ -89,12 +95,15 @@ class CircuitBreaker:
     open_max: float = 600.0
     _endpoints: dict[str, _Endpoint] = field(default_factory=dict)
 
-    def allows(self, endpoint: str, now: float) -> bool:
+    def allows(self, endpoint: str, now: float, *, peek: bool = False) -> bool:
+        """Whether a request may go now; ``peek`` asks without taking the probe's turn."""
         state = self._endpoints.get(endpoint)
-        if state is None or state.failures < self.threshold:
+        if state is None or state.opened_at is None:
             return True
         if now < state.open_until:
             return False
+        if peek:
+            return True
         # Half-open: this delivery is the probe. Until its outcome is recorded the circuit
         # stays shut for another ``open_for``, so deliveries behind it wait instead of
         # circling the retry topics, and a probe that never reports back cannot keep the
@@ -106,20 +115,33 @@ class CircuitBreaker:
         state = self._endpoints.get(endpoint)
         return state.open_until if state is not None else 0.0
 
-    def record(self, endpoint: str, success: bool, now: float) -> None:
-        state = self._endpoints.setdefault(endpoint, _Endpoint())
+    def record(
+        self, endpoint: str, success: bool, now: float, started: float | None = None
+    ) -> None:
+        """The outcome, at ``now``, of a request started at ``started`` (default: now)."""
+        started = now if started is None else started
+        state = self._endpoints.get(endpoint)
+        if state is not None and state.opened_at is not None and started < state.opened_at:
+            return  # on its way before the circuit opened: not the probe
         if success:
-            state.failures = 0
+            # A healthy endpoint needs no state: the table holds only failing ones.
+            self._endpoints.pop(endpoint, None)
             return
-        state.failures += 1
-        if state.failures >= self.threshold:
-            failed_probes = min(state.failures - self.threshold, 30)
-            wait = min(self.open_for * 2**failed_probes, max(self.open_max, self.open_for))
-            state.open_until = now + wait
+        if state is None:
+            state = self._endpoints[endpoint] = _Endpoint()
+        if state.opened_at is not None:
+            state.failed_probes = min(state.failed_probes + 1, 30)
+        else:
+            state.failures += 1
+            if state.failures < self.threshold:
+                return
+        wait = min(self.open_for * 2**state.failed_probes, max(self.open_max, self.open_for))
+        state.opened_at = now
+        state.open_until = now + wait
 
     def forget(self, endpoint: str) -> None:
         self._endpoints.pop(endpoint, None)
 
     @property
     def open_count(self) -> int:
-        return sum(1 for s in self._endpoints.values() if s.failures >= self.threshold)
+        return sum(1 for s in self._endpoints.values() if s.opened_at is not None)

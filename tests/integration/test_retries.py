@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from services.api.context import CONTEXT
 from services.dispatcher.app import DispatcherService
 from services.dispatcher.retry_timer import RetryTimer
 from services.dispatcher.routing import WebhookRoute
@@ -596,3 +597,74 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
         await stop_client(deliveries)
         await stop_client(retries)
         await stop_client(producer)
+
+
+async def test_the_retry_delay_runs_from_the_end_of_a_slow_attempt(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """A 1 s delay after an attempt that took 1.5 s: the retry comes 1 s after the answer,
+    not at once (the delay is not spent while the attempt itself was waiting)."""
+    slow = settings.model_copy(update={"retry_schedule_seconds": (1.0,), "retry_jitter": 0.0})
+    async with running_stack(slow, with_dispatcher=True) as stack:
+        await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses, receiver.delay_seconds = [500], 1.5
+        await stack.create_object()
+        await receiver.wait_for(1)
+        first_arrived = time.monotonic()
+        await receiver.wait_for(2, within=15)
+        assert time.monotonic() - first_arrived >= 2.4
+
+
+async def test_a_delivery_for_a_webhook_the_table_has_not_heard_of_is_delivered(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its change record is slow (here: never sent); a test event written straight to the
+    deliveries topic must not be skipped for good: the dispatcher asks the database."""
+    changes = stack.api.app[CONTEXT].changes  # type: ignore[index]
+
+    async def not_told(*args: Any, **kwargs: Any) -> bool:
+        return True
+
+    monkeypatch.setattr(changes, "notify", not_told)
+    webhook = await stack.create_webhook(receiver.url, CREATED, routed=False)
+    assert stack.dispatcher.table.get(webhook["id"]) is None
+    async with stack.session.post(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}/test",
+        headers=stack.headers(),
+    ) as response:
+        assert response.status == 202
+    [got] = await receiver.wait_for(1)
+    assert orjson.loads(got.body)["type"] == "webhook.test"
+
+
+async def test_a_deactivated_webhooks_backlog_takes_no_rate_slots(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """At 1 delivery/s, deliveries queued for a webhook deactivated meanwhile are skipped
+    at once, not one a second: nothing is sent, so no slot is spent."""
+    paced = settings.model_copy(
+        update={"delivery_rate_per_endpoint": 1.0, "delivery_concurrency_per_endpoint": 1}
+    )
+    async with running_stack(paced, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, CREATED)
+        for _ in range(6):
+            await stack.create_object()
+        await receiver.wait_for(1)
+        first_sent = time.monotonic()
+        async with stack.session.patch(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+            headers=stack.headers(),
+            json={"active": False},
+        ) as response:
+            assert response.status == 200
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "skipped"}
+                )
+                == 5
+            )
+        )
+        assert time.monotonic() - first_sent < 2.5, "skipped at the webhook's rate"
+        assert len(receiver.received) == 1

@@ -158,3 +158,33 @@ def test_a_probe_that_never_reports_back_does_not_shut_the_circuit_for_good() ->
     assert circuit.allows("wh", 10), "the probe"
     assert not circuit.allows("wh", 15)
     assert circuit.allows("wh", 20), "its outcome never came: another probe goes"
+
+
+def test_requests_in_flight_when_the_circuit_opened_are_not_probes() -> None:
+    """Ten requests failing together (the endpoint's concurrency) open the circuit once,
+    for ``open_for``; their late outcomes, failed or not, neither stretch nor close it."""
+    circuit = CircuitBreaker(threshold=5, open_for=30, open_max=600)
+    for _ in range(10):
+        circuit.record("wh", success=False, now=5, started=0)
+    assert circuit.reopens_at("wh") - 5 == 30
+    circuit.record("wh", success=True, now=6, started=1)
+    assert not circuit.allows("wh", 7), "a late success of an old request does not close it"
+    assert circuit.allows("wh", 35), "the probe"
+    circuit.record("wh", success=False, now=36, started=35)
+    assert circuit.reopens_at("wh") - 36 == 60, "a failed probe doubles the wait"
+
+
+def test_healthy_endpoints_leave_no_state() -> None:
+    circuit = CircuitBreaker(threshold=3, open_for=30)
+    for n in range(1000):
+        circuit.record(f"wh{n}", success=False, now=0)
+        circuit.record(f"wh{n}", success=True, now=1)
+    assert circuit._endpoints == {}
+
+
+def test_retry_after_in_other_scripts_digits_is_ignored_not_a_crash() -> None:
+    """ "²" passes str.isdigit() and fails float(): it is no delay, not an exception."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_retry_after("²", now) is None
+    assert parse_retry_after("①", now) is None
+    assert parse_retry_after("7", now) == 7.0
