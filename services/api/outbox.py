@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
-    MAX_RECORD_BYTES,
+    MAX_EVENT_BYTES,
     BatchingSender,
     DependencyUnavailable,
     Metrics,
@@ -41,10 +41,10 @@ _outbox = tables.outbox
 def _check_size(size: int) -> None:
     # Refused up front: the stream would refuse it on every try, and a 503 would tell the
     # caller to try again.
-    if size > MAX_RECORD_BYTES:
+    if size > MAX_EVENT_BYTES:
         raise PayloadTooLarge(
-            f"the event would be {size} bytes; the event stream takes at most {MAX_RECORD_BYTES}",
-            details={"event_bytes": size, "max_bytes": MAX_RECORD_BYTES},
+            f"the event would be {size} bytes; the event stream takes at most {MAX_EVENT_BYTES}",
+            details={"event_bytes": size, "max_bytes": MAX_EVENT_BYTES},
         )
 
 

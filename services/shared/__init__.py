@@ -11,6 +11,8 @@ from ._changes import ChangeFollower, ChangeNotifier, Entity
 from ._contracts import (
     DELIVERY_STATES,
     EVENT_TYPES,
+    MAX_EVENT_BYTES,
+    MAX_RECORD_BYTES,
     SCHEMA_VERSION,
     TEST_EVENT_TYPE,
     Attempt,
@@ -65,7 +67,6 @@ from ._http import (
 )
 from ._ids import new_id, utcnow
 from ._kafka import (
-    MAX_RECORD_BYTES,
     RETRY_TIERS,
     BatchingSender,
     OutRecord,
@@ -94,6 +95,7 @@ from ._settings import Settings, load_settings
 __all__ = [
     "DELIVERY_STATES",
     "EVENT_TYPES",
+    "MAX_EVENT_BYTES",
     "MAX_RECORD_BYTES",
     "PERMISSIONS",
     "READINESS_KEY",

@@ -17,6 +17,14 @@ from ._errors import InvalidRecord
 
 SCHEMA_VERSION: Literal[1] = 1
 
+# The largest record value sent: aiokafka refuses a request past 1 MiB (max_request_size)
+# and Kafka a message past about 1 MB (message.max.bytes).
+MAX_RECORD_BYTES = 1_000_000
+# The largest event accepted. An event travels wrapped: in a delivery record (ids, a few
+# hundred bytes), in an attempt record (up to 20 KB of custom headers and 64 KB of the
+# receiver's answer) and in a dead letter (bounded separately); all must fit a record.
+MAX_EVENT_BYTES = 900_000
+
 EventType = Literal["object.created", "object.updated", "object.deleted", "object.send"]
 EVENT_TYPES: tuple[str, ...] = ("object.created", "object.updated", "object.deleted", "object.send")
 # Sent only by the api's "send a test event" route, straight to one webhook; the router
@@ -223,6 +231,24 @@ class DeadLetter(Record):
     source_offset: int | None = None
     payload: str
     at: AwareDatetime
+
+    def to_bytes(self) -> bytes:
+        """At most ``MAX_RECORD_BYTES``: a payload that would not fit (a large record,
+        its JSON escaped once more as a string) is cut, and the reason says so. A dead
+        letter the broker refuses would stop its partition for good."""
+        value = super().to_bytes()
+        letter = self
+        while len(value) > MAX_RECORD_BYTES and letter.payload:
+            keep = max(0, len(letter.payload) * MAX_RECORD_BYTES // len(value) - 4096)
+            letter = self.model_copy(
+                update={
+                    "payload": self.payload[:keep],
+                    "reason": f"{self.reason} (payload cut to its first {keep} of"
+                    f" {len(self.payload)} characters)",
+                }
+            )
+            value = Record.to_bytes(letter)
+        return value
 
 
 R = TypeVar("R", bound=Record)

@@ -60,13 +60,6 @@ def bootstrap_servers(settings: Settings) -> str:
     return settings.kafka_bootstrap
 
 
-# The largest record value sent: aiokafka refuses a request past 1 MiB (its
-# max_request_size) and Kafka a message past about 1 MB (message.max.bytes). The margin
-# of some 48 KB holds what the dispatcher wraps around an event (the delivery and attempt
-# records: ids, at most 20 KB of custom headers, the first 4 KB of a response) and framing.
-MAX_RECORD_BYTES = 1_000_000
-
-
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     options: dict[str, Any] = {
         "bootstrap_servers": bootstrap_servers(settings),

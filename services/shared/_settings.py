@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     token_cache_seconds: float = Field(default=30.0, ge=0, le=300)
     delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)
-    response_body_limit_bytes: int = Field(default=4096, ge=0)
+    response_body_limit_bytes: int = Field(default=4096, ge=0, le=65_536)
     # An api process can leave the delivery log to others (it still serves it).
     record_attempts: StrictBool = True
     delivery_rate_per_endpoint: float | None = Field(default=None, gt=0)

@@ -18,7 +18,7 @@ from services.api import object_store
 from services.api.errors import PublishUnavailable
 from services.api.outbox import Outbox
 from services.shared import (
-    MAX_RECORD_BYTES,
+    MAX_EVENT_BYTES,
     EmbeddedBroker,
     Event,
     Metrics,
@@ -371,7 +371,7 @@ async def test_an_object_grown_past_what_the_stream_takes_is_a_413(stack: Stack)
         status, body, _ = await _call(stack, "PATCH", path, json={f"part{n}": chunk})
         statuses.append(status)
         if status == 413:
-            assert body["error"]["details"]["max_bytes"] == MAX_RECORD_BYTES
+            assert body["error"]["details"]["max_bytes"] == MAX_EVENT_BYTES
             break
     assert statuses == [200, 200, 200, 413]
     _, current, _ = await _call(stack, "GET", path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import orjson
 import pytest
 
-from services.shared import Attempt, Event, InvalidRecord, decode
+from services.shared import MAX_RECORD_BYTES, Attempt, DeadLetter, Event, InvalidRecord, decode
 
 VALID = {
     "schema": 1,
@@ -67,3 +69,23 @@ def test_an_attempt_time_without_an_offset_is_refused() -> None:
     with pytest.raises(InvalidRecord) as caught:
         decode(Attempt, orjson.dumps({**attempt, "attempted_at": "2026-01-01T00:00:00"}))
     assert caught.value.message.startswith("attempted_at: Input should have timezone info")
+
+
+def test_a_dead_letter_always_fits_a_record() -> None:
+    """A near-limit record escaped once more as the payload string would pass the broker's
+    limit (and stop its partition for good): the payload is cut and the reason says so."""
+    payload = '{"data": "' + '\\"' * 600_000 + '"}'  # quotes: each one escapes to two bytes
+    letter = DeadLetter(
+        reason="gone: attempt 1 ended with HTTP 410",
+        source_topic="hookwire.deliveries",
+        payload=payload,
+        at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    value = letter.to_bytes()
+    assert len(value) <= MAX_RECORD_BYTES
+    decoded = orjson.loads(value)
+    assert payload.startswith(decoded["payload"])
+    assert len(decoded["payload"]) > 100_000
+    assert decoded["reason"].startswith("gone: attempt 1 ended with HTTP 410 (payload cut to")
+    small = letter.model_copy(update={"payload": "{}"})
+    assert orjson.loads(small.to_bytes())["reason"] == "gone: attempt 1 ended with HTTP 410"
