@@ -292,8 +292,9 @@ class DeliveryHandler:
         return None if delay is None else now + timedelta(seconds=delay)
 
     def _deferred(self, delivery: Delivery, wait_seconds: float) -> OutRecord:
-        # Not attempted, so the attempt number stays; a little jitter spreads the wake-up.
-        wait = max(wait_seconds, 0.0) * (1 + self._rng.uniform(0, 0.2)) + 0.05
+        # Not attempted, so the attempt number stays. No jitter: deferred in the order they
+        # came, they wake in that order (at concurrency 1, first attempts stay in order).
+        wait = max(wait_seconds, 0.0) + 0.05
         deferred = delivery.model_copy(update={"not_before": utcnow() + timedelta(seconds=wait)})
         self._metrics.outcomes["deferred"].inc()
         tier = self._policy.tier(delivery.attempt)

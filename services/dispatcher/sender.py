@@ -16,6 +16,8 @@ from services.shared import REFUSED, Delivery, Settings, literal_refusal, redact
 from .routing import WebhookRoute
 from .signing import signature_header
 
+# How soon a dropped connection counts as a stale keep-alive socket worth one more try.
+_STALE_SOCKET_SECONDS = 1.0
 USER_AGENT = f"hookwire/{version('hookwire')} (+webhooks)"
 
 
@@ -69,10 +71,18 @@ class Sender:
         self._timeout = aiohttp.ClientTimeout(total=settings.delivery_timeout_seconds)
 
     async def _post_once(
-        self, url: str, body: bytes, headers: dict[str, str]
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        within: aiohttp.ClientTimeout | None = None,
     ) -> tuple[int, bytes, str | None]:
         async with self._session.post(
-            url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=within or self._timeout,
         ) as response:
             answer = await response.content.read(self._settings.response_body_limit_bytes)
             return response.status, answer, response.headers.get("retry-after")
@@ -82,16 +92,23 @@ class Sender:
     ) -> tuple[int, bytes, str | None]:
         # Setting up a tenacity loop costs as much as signing a request, so the first try
         # runs bare and tenacity takes over only after a transient fault.
+        started = time.monotonic()
         try:
             return await self._post_once(url, body, headers)
         except aiohttp.ClientError as exc:
-            if not _transient(exc):
+            # A stale keep-alive socket fails at once. A connection dropped later may have
+            # carried a request the receiver is handling: that is a failed attempt, on the
+            # schedule, rather than an immediate second copy.
+            if not _transient(exc) or time.monotonic() - started > _STALE_SOCKET_SECONDS:
                 raise
+        # The second try gets what is left of the attempt's timeout, not a fresh one.
+        left = self._settings.delivery_timeout_seconds - (time.monotonic() - started)
+        timeout = aiohttp.ClientTimeout(total=max(left, 0.001))
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(1), retry=retry_if_exception(_transient), reraise=True
         ):
             with attempt:
-                return await self._post_once(url, body, headers)
+                return await self._post_once(url, body, headers, timeout)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def send(self, route: WebhookRoute, delivery: Delivery) -> Outcome:

@@ -501,6 +501,39 @@ async def test_a_dropped_connection_gets_one_quick_retry_within_the_attempt(
         await server.wait_closed()
 
 
+async def test_a_connection_dropped_after_a_while_is_not_sent_again_at_once(
+    stack: Stack,
+) -> None:
+    """The receiver reads the request, works on it for a second and a half, then drops
+    the connection: it may have acted on it, so no immediate second copy goes out (the
+    attempt fails and waits for the schedule)."""
+    requests: list[float] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        requests.append(time.monotonic())
+        await asyncio.sleep(1.5)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await stack.create_webhook(f"http://127.0.0.1:{port}/hook", CREATED)
+        await stack.create_object()
+        await _eventually(lambda: len(requests) >= 1)
+        await asyncio.sleep(2.5)
+        assert len(requests) == 1, "sent again at once"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_on(
     stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
