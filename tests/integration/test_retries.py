@@ -323,6 +323,32 @@ async def test_an_open_circuit_defers_without_calling(
         )
 
 
+async def test_first_attempts_deferred_by_an_open_circuit_keep_their_order(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """At concurrency 1, events deferred while the circuit is open reach the receiver in
+    the order they were created once it closes."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (30.0,) * 10,
+            "retry_jitter": 0.0,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 1.0,
+            "delivery_concurrency_per_endpoint": 1,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses = [500]
+        await stack.create_object({"n": -1})
+        await receiver.wait_for(1)
+        for n in range(12):
+            await stack.create_object({"n": n})
+        received = await receiver.wait_for(13, within=30)
+        later = [orjson.loads(r.body)["data"]["n"] for r in received[1:]]
+        assert later == list(range(12))
+
+
 async def test_private_addresses_are_refused_without_the_allow_flag(
     stack: Stack, receiver: Receiver
 ) -> None:
