@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -16,10 +17,12 @@ from services.shared import (
     Settings,
     configure_logging,
     create_engine,
+    get_logger,
     load_settings,
     migrate,
     run,
     run_until_signalled,
+    unknown_variables,
 )
 
 T = TypeVar("T")
@@ -37,6 +40,8 @@ def _settings(**overrides: object) -> Settings:
         settings.log_level,
         service=context.info_name if context is not None else None,
     )
+    for name in unknown_variables(os.environ):
+        get_logger("cli").warning("unknown_setting_ignored", variable=name)
     return settings
 
 

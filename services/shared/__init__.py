@@ -90,7 +90,7 @@ from ._metrics import Metrics
 from ._netguard import REFUSED, GuardedResolver, is_public_address, literal_refusal, refused_reason
 from ._openapi import OpenApi
 from ._permissions import PERMISSIONS, ROLES, effective_permissions, unknown_permissions
-from ._settings import Settings, load_settings
+from ._settings import Settings, load_settings, unknown_variables
 
 __all__ = [
     "DELIVERY_STATES",
@@ -193,6 +193,7 @@ __all__ = [
     "topic_layout",
     "topics_for",
     "unknown_permissions",
+    "unknown_variables",
     "upsert",
     "utcnow",
 ]

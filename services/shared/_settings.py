@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -155,3 +156,20 @@ def load_settings(**overrides: object) -> Settings:
             for err in exc.errors()
         )
         raise ConfigurationError(f"invalid configuration: {problems}") from exc
+
+
+# Read by the test suite, not by the services.
+_TEST_VARIABLES = ("HOOKWIRE_TEST_", "HOOKWIRE_FUZZ_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``HOOKWIRE_*`` names no setting reads: most likely typos, which would otherwise
+    have no effect and no word said."""
+    known = {f"HOOKWIRE_{name.upper()}" for name in Settings.model_fields}
+    return sorted(
+        name
+        for name in environ
+        if name.startswith("HOOKWIRE_")
+        and name not in known
+        and not name.startswith(_TEST_VARIABLES)
+    )

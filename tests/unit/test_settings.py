@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.shared import ConfigurationError, access_tokens, load_settings
+from services.shared import ConfigurationError, access_tokens, load_settings, unknown_variables
 
 
 def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,3 +90,15 @@ def test_a_private_key_on_one_line_with_escapes_is_read() -> None:
     original = access_tokens.load_private_key(pem)
     escaped = access_tokens.load_private_key(one_line)
     assert access_tokens.key_id(escaped.public_key()) == access_tokens.key_id(original.public_key())
+
+
+def test_a_misspelled_variable_is_named() -> None:
+    """A typo has no effect; it is at least reported (test-suite variables are not)."""
+    environ = {
+        "HOOKWIRE_API_PORT": "9000",
+        "HOOKWIRE_API_PROT": "9000",
+        "HOOKWIRE_TEST_POSTGRES_DSN": "postgresql+asyncpg://x",
+        "HOOKWIRE_FUZZ_EXAMPLES": "5",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(environ) == ["HOOKWIRE_API_PROT"]
