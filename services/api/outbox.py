@@ -48,6 +48,10 @@ def _check_size(size: int) -> None:
         )
 
 
+class _KeptForRelay(Exception):
+    """Ends an undo's transaction without its delete: the staged record stays."""
+
+
 class Outbox:
     def __init__(
         self,
@@ -66,6 +70,10 @@ class Outbox:
         )
         self._failures = metrics.counter(
             "publish_failures_total", "Publishes Kafka did not acknowledge in time"
+        )
+        self._kept = metrics.counter(
+            "events_left_for_relay_total",
+            "Changes answered as made while their event waits for the relay",
         )
         # The producer gives up on a batch after publish_timeout (its request timeout); the
         # wait below is a backstop. Should it run out while the record is on its way, the
@@ -106,9 +114,11 @@ class Outbox:
 
         If Kafka refuses, the change is undone and the caller gets 503: nothing is left half
         written. If this process dies first, the relay publishes the staged record, so the
-        committed change still gets its event. ``undo`` returns False when a later change
-        has been made on top of this one: undoing would lose that one, so the change stays,
-        its record is left to the relay, and the caller's 503 says so.
+        committed change still gets its event. When the change has to stay (the record may
+        already be in the stream, or ``undo`` found a later change built on this one), the
+        caller gets the change's own answer, not a 503: a retry would make a second object
+        or a second send. Its record is left to the relay (at worst the event arrives twice,
+        under the same id).
         """
         _check_size(len(record.to_bytes()))
         async with self._engine.begin() as conn:
@@ -117,24 +127,33 @@ class Outbox:
         try:
             await self.publish(row_id, topic, key, record)
         except PublishOutcomeUnknown as exc:
-            # The event may be in the stream already: undoing the change could leave an
-            # event for a change that never happened. It stays, with its staged record for
-            # the relay (at worst the event arrives twice, under the same id).
-            raise PublishUnavailable(
-                f"{exc.message}; the change was kept and its event will be published"
-                " (it may already have been)"
-            ) from exc
+            self._left_for_relay(exc, "the record may already be in the stream")
         except PublishUnavailable as exc:
+            if await self._undone(row_id, undo):
+                raise
+            self._left_for_relay(exc, "the change stays: sent by the relay or built upon")
+        return result
+
+    async def _undone(
+        self, row_id: str, undo: Callable[[AsyncConnection], Awaitable[bool]]
+    ) -> bool:
+        """Take back the staged record and undo its change; False when the change must
+        stay: the relay has sent the record already, or a later change builds on it (then
+        the record stays staged, for the relay)."""
+        try:
             async with self._engine.begin() as conn:
                 taken = await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
-                if taken.rowcount == 1 and not await undo(conn):
-                    # Raised inside the transaction: the staged record is kept for the relay.
-                    raise PublishUnavailable(
-                        f"{exc.message}; the change was kept, as a later change builds on it,"
-                        " and its event will be published once the event stream is back"
-                    ) from exc
-            raise
-        return result
+                if taken.rowcount != 1:
+                    return False
+                if not await undo(conn):
+                    raise _KeptForRelay  # rolls the delete back
+        except _KeptForRelay:
+            return False
+        return True
+
+    def _left_for_relay(self, exc: PublishUnavailable, why: str) -> None:
+        self._kept.inc()
+        self._log.warning("event_left_for_relay", error=exc.message, reason=why)
 
     async def publish_direct(self, topic: str, key: str, record: Record) -> None:
         """Publish a record that no database change depends on (acks=all)."""
