@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from services.shared import (
 )
 
 from .errors import AuthUnavailable
+
+_KEYS_REFRESH_SECONDS = 5.0
+_KEYS_MAX_AGE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,14 @@ class TokenGate:
         self._url = f"{auth_url.rstrip('/')}/v1/introspect"
         self._headers = {"authorization": f"Bearer {credential}"}
         self._ttl = cache_ttl
-        self._cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
-        self._keys_by_token: dict[str, set[tuple[str, str]]] = {}
+        # By token, team and client address: auth's answer depends on all three (a key
+        # limited to some networks is refused from the others).
+        self._cache: dict[tuple[str, str, str | None], tuple[float, dict[str, Any]]] = {}
+        self._keys_by_token: dict[str, set[tuple[str, str, str | None]]] = {}
+        # Moves on every drop; an answer is cached only if no drop happened while it was
+        # being fetched (a revocation applied meanwhile found nothing to drop).
+        self._generation = 0
+        self._keys_fetched_at = -_KEYS_REFRESH_SECONDS
         self._keys_url = f"{auth_url.rstrip('/')}/v1/keys"
         self._public_keys: dict[str, Ed25519PublicKey] = {}
         self._revoked: dict[str, float] = {}
@@ -94,21 +104,27 @@ class TokenGate:
             raise AuthUnavailable("auth service answered an unreadable ended-keys list") from exc
 
     def forget_token(self, token_id: str) -> None:
+        self._generation += 1
         for key in self._keys_by_token.pop(token_id, set()):
             self._cache.pop(key, None)
 
     def forget_all(self) -> None:
+        self._generation += 1
         self._cache.clear()
         self._keys_by_token.clear()
 
+    def _is_ended(self, token_id: str) -> bool:
+        return token_id in self._revoked or token_id in self._ended
+
     async def _introspect(self, token: str, team_id: str, client_ip: str | None) -> dict[str, Any]:
-        key = (hashlib.sha256(token.encode()).hexdigest(), team_id)
+        key = (hashlib.sha256(token.encode()).hexdigest(), team_id, client_ip)
         cached = self._cache.get(key)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             self._hits.inc()
             return cached[1]
         self._misses.inc()
+        asked_at = self._generation
         payload = {"token": token, "team_id": team_id, "client_ip": client_ip}
         try:
             async with self._session.post(self._url, json=payload, headers=self._headers) as resp:
@@ -117,7 +133,7 @@ class TokenGate:
                 answer: dict[str, Any] = await resp.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
-        if answer.get("active") and self._ttl > 0:
+        if answer.get("active") and self._ttl > 0 and asked_at == self._generation:
             if len(self._cache) > 10_000:
                 self.forget_all()
             self._cache[key] = (now + self._ttl, answer)
@@ -125,15 +141,11 @@ class TokenGate:
         return answer
 
     async def _public_key(self, kid: str | None) -> Ed25519PublicKey:
-        if kid not in self._public_keys:
-            try:
-                async with self._session.get(self._keys_url) as response:
-                    if response.status != 200:
-                        raise AuthUnavailable(f"auth service answered {response.status} for keys")
-                    document = await response.json()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
-            self._public_keys.update(access_tokens.public_keys_from_jwk_set(document))
+        # An unknown key id reads the set again, but at most every few seconds, so made-up
+        # ids cannot turn every request into a call to auth.
+        age = time.monotonic() - self._keys_fetched_at
+        if kid not in self._public_keys and (age >= _KEYS_REFRESH_SECONDS or not self._public_keys):
+            await self._fetch_keys()
         key = self._public_keys.get(str(kid))
         if key is None:
             raise InvalidToken(
@@ -141,11 +153,32 @@ class TokenGate:
             )
         return key
 
+    async def _fetch_keys(self) -> None:
+        self._keys_fetched_at = time.monotonic()
+        try:
+            async with self._session.get(self._keys_url) as response:
+                if response.status != 200:
+                    raise AuthUnavailable(f"auth service answered {response.status} for keys")
+                document = await response.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
+        keys = access_tokens.public_keys_from_jwk_set(document)
+        if keys.keys() != self._public_keys.keys():
+            # Tokens verified with a key no longer published are verified again.
+            self._verified.clear()
+        self._public_keys = keys
+
     async def _require_access_token(
         self, token: str, team_id: str, permission: str, client_ip: str | None
     ) -> Principal:
         """Verified locally: signature, expiry, the key's revocation and allowed networks,
         the team role."""
+        if self._public_keys and time.monotonic() - self._keys_fetched_at >= _KEYS_MAX_AGE_SECONDS:
+            # Read again every few minutes, so a key the operator retired (leaked) stops
+            # verifying, cached verifications included. With auth away, the set in hand
+            # serves until the next try.
+            with contextlib.suppress(AuthUnavailable):
+                await self._fetch_keys()
         claims = self._verified.get(token)
         if claims is None or claims.expires_at <= time.time():
             key = await self._public_key(access_tokens.unverified_key_id(token))
@@ -154,7 +187,7 @@ class TokenGate:
                 self._verified.clear()
             # The signature never changes; the revocation check below runs on every use.
             self._verified[token] = claims
-        if claims.token_id in self._revoked or claims.token_id in self._ended:
+        if self._is_ended(claims.token_id):
             raise InvalidToken("token is not valid: revoked", details={"reason": "revoked"})
         if claims.allowed_cidrs and not ip_in_ranges(client_ip, claims.allowed_cidrs):
             raise InvalidToken(
@@ -183,6 +216,10 @@ class TokenGate:
                 # Existence of another team's resources is not revealed.
                 raise NotFound(f"team {team_id} not found")
             raise InvalidToken(f"token is not valid: {reason}", details={"reason": reason})
+        if self._is_ended(str(answer["token_id"])):
+            # A cached answer from before the key ended (its change record is here now, or
+            # auth's list of ended keys says so).
+            raise InvalidToken("token is not valid: revoked", details={"reason": "revoked"})
         permissions = frozenset(answer.get("permissions", ()))
         if permission not in permissions:
             raise Forbidden(

@@ -6,14 +6,19 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import jwt
 import orjson
 import pytest
+from aiohttp import web
 
+from services.api import authn
 from services.api.context import CONTEXT
-from services.shared import Settings, access_tokens
+from services.auth import store
+from services.auth.tokens import hash_token
+from services.shared import InvalidToken, Metrics, Settings, access_tokens, bound_port, start_site
 from tests.conftest import ACCESS_TOKEN_KEY, Stack, corrupt, running_stack
 
 
@@ -163,6 +168,8 @@ async def test_an_access_token_keeps_its_keys_allowed_networks(api_stack: Stack)
     assert status == 200
     access = str(answer["access_token"])
     assert (await _list_webhooks(api_stack, access))[0] == 200
+    # The key itself, from its address: answered by auth and cached by the api.
+    assert (await _list_webhooks(api_stack, created["token"]))[0] == 200
     # Another loopback address: the same machine, outside the key's range.
     elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
     async with aiohttp.ClientSession(connector=elsewhere) as session:
@@ -228,3 +235,87 @@ async def test_the_ended_keys_list_needs_the_service_credential(api_stack: Stack
         ) as response:
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "invalid_service_credential"
+
+
+async def test_a_revocation_during_an_introspection_is_not_undone_by_its_answer(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The api asks auth about a key; auth read it before a revocation committed and
+    answers "active". That answer must not be cached past the revocation's change record."""
+    key = await api_stack.new_token(["webhook:read"])
+    key_hash = hash_token(key, "test-pepper")
+    real_find = store.find_token
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def find_then_wait(conn: Any, secret_hash: str) -> Any:
+        found = await real_find(conn, secret_hash)
+        if secret_hash == key_hash and not read.is_set():
+            read.set()
+            await release.wait()
+        return found
+
+    monkeypatch.setattr(store, "find_token", find_then_wait)
+    first = asyncio.create_task(_list_webhooks(api_stack, key))
+    await asyncio.wait_for(read.wait(), 5)
+    token_id = (await api_stack.introspect(key))["token_id"]
+    assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{token_id}"))[0] == 204
+    gate = api_stack.api.app[CONTEXT].gate  # type: ignore[index]
+    deadline = time.monotonic() + 5
+    while token_id not in gate._revoked:
+        assert time.monotonic() < deadline, "the change record never reached the api"
+        await asyncio.sleep(0.02)
+    release.set()
+    # Auth answers "active" (it read the key first), but the api knows better by then.
+    assert (await first)[0] == 401
+    status, body = await _list_webhooks(api_stack, key)
+    assert status == 401, body
+
+
+async def test_a_retired_signing_key_stops_verifying_and_unknown_ids_are_not_a_flood(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The JWK set is read again after a while: a key the operator retired stops working.
+    Made-up key ids read it at most once per interval, not once per request."""
+    old_key = access_tokens.load_private_key(access_tokens.generate_private_key_pem())
+    new_key = access_tokens.load_private_key(access_tokens.generate_private_key_pem())
+    published = [old_key]
+    fetches = 0
+
+    async def keys(_: web.Request) -> web.Response:
+        nonlocal fetches
+        fetches += 1
+        return web.json_response(access_tokens.jwk_set(published[0].public_key()))
+
+    app = web.Application()
+    app.router.add_get("/v1/keys", keys)
+    runner = await start_site(app, "127.0.0.1", 0)
+    monkeypatch.setattr(authn, "_KEYS_MAX_AGE_SECONDS", 0.3)
+    claims = {"sub": "usr_1", "tid": "tok_1", "perms": ["webhook:read"], "teams": {"t": "owner"}}
+
+    def signed_by(key: Any, **extra: Any) -> str:
+        now = int(time.time())
+        return access_tokens.issue(key, {**claims, "iat": now, "exp": now + 600, **extra})
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            gate = authn.TokenGate(
+                session, f"http://127.0.0.1:{bound_port(runner)}", "x", 1.0, 3600, Metrics("t")
+            )
+            principal = await gate._require_access_token(
+                signed_by(old_key), "t", "webhook:read", None
+            )
+            assert principal.token_id == "tok_1"
+            published[0] = new_key
+            await asyncio.sleep(0.4)
+            with pytest.raises(InvalidToken) as refused:
+                await gate._require_access_token(signed_by(old_key), "t", "webhook:read", None)
+            assert refused.value.details == {"reason": "unknown_key"}
+            assert await gate._require_access_token(signed_by(new_key), "t", "webhook:read", None)
+            before = fetches
+            stranger = access_tokens.load_private_key(access_tokens.generate_private_key_pem())
+            for _ in range(20):
+                with pytest.raises(InvalidToken):
+                    await gate._require_access_token(signed_by(stranger), "t", "webhook:read", None)
+            assert fetches - before <= 1
+    finally:
+        await runner.cleanup()
