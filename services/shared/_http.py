@@ -15,11 +15,19 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from ._contracts import json_problem
 from ._credentials import QUERY_KEY_PARAM
-from ._errors import ConfigurationError, HookwireError, PayloadTooLarge, ValidationFailed
+from ._errors import (
+    BadRequest,
+    ConfigurationError,
+    HookwireError,
+    PayloadTooLarge,
+    ValidationFailed,
+)
 from ._ids import new_id
 from ._metrics import Metrics
 
@@ -45,6 +53,13 @@ def error_response(error: HookwireError) -> web.Response:
     return json_response(error.to_body(), status=error.status, headers=error.headers() or None)
 
 
+def _refuse_nul(request: web.Request) -> None:
+    # PostgreSQL text cannot hold NUL: an id or cursor with one would reach the database
+    # and fail there (500) instead of being refused here.
+    if "\x00" in request.path or any("\x00" in v for v in request.query.values()):
+        raise BadRequest("the path and query must not contain NUL characters")
+
+
 def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
     requests = metrics.counter("http_requests_total", "HTTP requests", ("route", "status"))
     latency = metrics.histogram("http_request_seconds", "HTTP request latency", ("route",))
@@ -58,6 +73,7 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
+                _refuse_nul(request)
                 response = await handler(request)
             except HookwireError as exc:
                 response = error_response(exc)
@@ -70,6 +86,10 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
                         details={"max_bytes": request.app[MAX_BODY_KEY]},
                     )
                 )
+            except (HttpProcessingError, RequestPayloadError) as exc:
+                # A body that cannot be read as sent (gzip that is not gzip, broken chunk
+                # framing) is the client's fault, not ours.
+                response = error_response(BadRequest(f"the request body cannot be read: {exc}"))
             except web.HTTPException as exc:
                 body = {
                     "error": {

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from yarl import URL
 
 from services.auth.tokens import generate_token
 from services.shared import tables
@@ -315,3 +316,26 @@ async def test_long_digit_runs_that_fit_are_kept_exactly(api_stack: Stack) -> No
     status, created = await _post(api_stack, "/objects/contact", json=body)
     assert status == 201
     assert created["data"] == body
+
+
+async def test_a_body_that_cannot_be_read_as_sent_is_a_400(api_stack: Stack) -> None:
+    """Labelled gzip but not gzip: the client's fault, answered in the error shape."""
+    headers = {
+        **api_stack.headers(),
+        "content-type": "application/json",
+        "content-encoding": "gzip",
+    }
+    status, answer = await _post(api_stack, "/objects/contact", data=b'{"a": 1}', headers=headers)
+    assert (status, answer["error"]["code"]) == (400, "bad_request")
+    assert await _object_rows(api_stack) == 0
+
+
+@pytest.mark.parametrize(
+    "target", ["/objects/contact/obj_a%00b", "/objects/contact?cursor=%00", "/webhooks/wh%00"]
+)
+async def test_nul_in_the_path_or_query_is_a_400(api_stack: Stack, target: str) -> None:
+    """PostgreSQL text cannot hold NUL: refused before any query, on every database."""
+    url = URL(f"{api_stack.api_url}/v1/teams/{api_stack.team_id}{target}", encoded=True)
+    async with api_stack.session.get(url, headers=api_stack.headers()) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "bad_request"
