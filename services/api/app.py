@@ -29,6 +29,7 @@ from services.shared import (
     start_site,
     stop_client,
     topics_for,
+    utcnow,
 )
 
 from . import deliveries, events, objects, webhook_lifecycle, webhooks
@@ -37,6 +38,8 @@ from .authn import TokenGate
 from .context import CONTEXT, ApiContext
 from .errors import AuthUnavailable
 from .outbox import Outbox
+
+_PRUNE_SECONDS = 60.0
 
 
 class ApiService:
@@ -55,6 +58,7 @@ class ApiService:
         self._outbox: Outbox | None = None
         self._relay: asyncio.Task[None] | None = None
         self._ended_keys: asyncio.Task[None] | None = None
+        self._pruning: asyncio.Task[None] | None = None
         self.recorder: AttemptRecorder | None = None
         self._recording: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -121,6 +125,7 @@ class ApiService:
         await self._follower.start()
         self._relay = asyncio.create_task(self.outbox_for(self._producer).relay_forever())
         self._ended_keys = asyncio.create_task(self._sync_ended_keys_forever(gate))
+        self._pruning = asyncio.create_task(self._prune_forever())
         # Joining a consumer group can take seconds; the api serves requests meanwhile.
         if self.settings.record_attempts:
             self.recorder = AttemptRecorder(
@@ -129,6 +134,15 @@ class ApiService:
             self._recording = asyncio.create_task(self.recorder.run(), name="delivery-log")
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)
         self.port = bound_port(self._runner)
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_PRUNE_SECONDS)
+            try:
+                async with self.engine.begin() as conn:
+                    await events.prune_idempotency_keys(conn, utcnow())
+            except Exception:
+                get_logger("api").exception("idempotency_prune_failed")
 
     async def _sync_ended_keys_forever(self, gate: TokenGate) -> None:
         while True:
@@ -147,7 +161,7 @@ class ApiService:
             gate.forget_all()
 
     async def stop(self) -> None:
-        for task in (self._relay, self._recording, self._ended_keys):
+        for task in (self._relay, self._recording, self._ended_keys, self._pruning):
             await cancel_and_wait(task)
         if self.recorder is not None:
             await self.recorder.close()

@@ -7,7 +7,7 @@ nothing; the same key with a different body is refused.
 from __future__ import annotations
 
 import hashlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -68,6 +68,13 @@ def _keyed_event_id(team_id: str, key: str, request_hash: str) -> str:
     # webhook gets the same webhook-id twice and de-duplicates it.
     digest = hashlib.sha256(f"{team_id}\x00{key}\x00{request_hash}".encode()).hexdigest()
     return f"evt_{digest[:32]}"
+
+
+async def prune_idempotency_keys(conn: AsyncConnection, now: datetime) -> int:
+    """Drop the keys whose window has passed; returns how many. A key used once and never
+    again would otherwise stay for good, with its answer."""
+    result = await conn.execute(delete(_keys).where(_keys.c.created_at < now - IDEMPOTENCY_WINDOW))
+    return int(result.rowcount or 0)
 
 
 async def _claim(conn: AsyncConnection, team_id: str, key: str, request_hash: str) -> Any:

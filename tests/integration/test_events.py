@@ -7,8 +7,9 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import delete, update
+from sqlalchemy import delete, insert, select, update
 
+from services.api import events
 from services.shared import tables, utcnow
 from tests.conftest import Receiver, Stack
 
@@ -144,3 +145,21 @@ async def test_oversized_event_is_refused(api_stack: Stack) -> None:
     """An event body over the limit is 413."""
     big = {**EVENT, "data": {"blob": "x" * api_stack.settings.max_body_bytes}}
     assert (await _publish(api_stack, big))[0] == 413
+
+
+async def test_idempotency_keys_past_their_window_are_pruned(api_stack: Stack) -> None:
+    """A key used once stays only its window (24 h), not for good."""
+    now = utcnow()
+    keys = tables.idempotency_keys
+    async with api_stack.api.engine.begin() as conn:
+        for key, age in (("old", timedelta(hours=25)), ("fresh", timedelta(hours=1))):
+            await conn.execute(
+                insert(keys).values(
+                    team_id=api_stack.team_id, key=key, request_hash="h", created_at=now - age
+                )
+            )
+    async with api_stack.api.engine.begin() as conn:
+        assert await events.prune_idempotency_keys(conn, now) == 1
+    async with api_stack.api.engine.connect() as conn:
+        left = (await conn.execute(select(keys.c.key))).scalars().all()
+    assert left == ["fresh"]
