@@ -104,7 +104,11 @@ class ApiService:
     def outbox_for(self, producer: AIOKafkaProducer) -> Outbox:
         if self._outbox is None:
             self._outbox = Outbox(
-                self.engine, producer, self.metrics, self.settings.publish_timeout_seconds
+                self.engine,
+                producer,
+                self.metrics,
+                self.settings.publish_timeout_seconds,
+                dead_letter_topic=topics_for(self.settings).dead_letter,
             )
         return self._outbox
 

@@ -10,16 +10,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
     MAX_EVENT_BYTES,
     BatchingSender,
+    DeadLetter,
     DependencyUnavailable,
     Metrics,
     OutcomeUnknown,
@@ -48,6 +54,10 @@ def _check_size(size: int) -> None:
         )
 
 
+# Records no retry will ever get into the stream.
+_NEVER_SENDABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
+
+
 class _KeptForRelay(Exception):
     """Ends an undo's transaction without its delete: the staged record stays."""
 
@@ -59,8 +69,11 @@ class Outbox:
         producer: AIOKafkaProducer,
         metrics: Metrics,
         publish_timeout: float,
+        *,
+        dead_letter_topic: str,
     ) -> None:
         self._engine = engine
+        self._dead_letter_topic = dead_letter_topic
         self._producer = producer
         # Concurrent requests' events go out together.
         self._sender = BatchingSender(producer)
@@ -202,13 +215,32 @@ class Outbox:
                 await self._producer.send_and_wait(
                     row.topic, value=row.value.encode(), key=row.key.encode()
                 )
+            except _NEVER_SENDABLE as exc:
+                # This record will never go; waiting for it would hold back every record
+                # behind it for good. It is kept on the dead-letter topic instead.
+                if not await self._dead_letter(row, exc):
+                    break
             except KafkaError as exc:
                 self._log.warning("outbox_relay_failed", error=str(exc))
                 break
+            else:
+                published += 1
             async with self._engine.begin() as conn:
                 await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))
-            published += 1
         return published
+
+    async def _dead_letter(self, row: Any, exc: KafkaError) -> bool:
+        reason = f"the event stream refuses this record for good: {type(exc).__name__}"
+        self._log.error("outbox_record_dead_lettered", row_id=row.id, reason=reason)
+        letter = DeadLetter(reason=reason, source_topic=row.topic, payload=row.value, at=utcnow())
+        try:
+            await self._producer.send_and_wait(
+                self._dead_letter_topic, value=letter.to_bytes(), key=row.key.encode()
+            )
+        except KafkaError as failed:
+            self._log.warning("outbox_relay_failed", error=str(failed))
+            return False
+        return True
 
     async def relay_forever(self, every_seconds: float = 5.0) -> None:
         while True:

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -28,7 +29,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, pause_first_call, stack_on_own_broker
+from tests.conftest import Receiver, Stack, dead_letters, pause_first_call, stack_on_own_broker
 
 
 async def _call(
@@ -271,6 +272,49 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
     await asyncio.sleep(0)
 
 
+async def test_a_record_the_stream_will_never_take_does_not_block_the_relay(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """An older staged record too large for any request (a broker with a lower limit than
+    ours would refuse others) goes to the dead-letter topic; the records behind it go on."""
+    await stack.subscribe(receiver.url)
+    outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
+    topics = topics_for(stack.settings)
+    event = Event(
+        id=new_id("evt"),
+        type="object.created",
+        team_id=stack.team_id,
+        object_type="contact",
+        object_id="obj_behind",
+        occurred_at=utcnow(),
+        data={"n": 1},
+    )
+    long_ago = utcnow() - outbox.relay_after * 3
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            tables.outbox.insert().values(
+                id="out_poison",
+                topic=topics.events,
+                key="k",
+                value='{"big": "' + "x" * 1_100_000 + '"}',
+                created_at=long_ago,
+            )
+        )
+        row_id = await outbox.stage(conn, topics.events, "k", event)
+        await conn.execute(
+            tables.outbox.update()
+            .where(tables.outbox.c.id == row_id)
+            .values(created_at=long_ago + timedelta(seconds=1))
+        )
+    assert await outbox.relay_once() == 1
+    assert await outbox.backlog() == 0
+    [delivery] = await receiver.wait_for(1)
+    assert orjson.loads(delivery.body)["id"] == event.id
+    [letter] = await dead_letters(stack.settings, 1)
+    assert letter["reason"].startswith("the event stream refuses this record for good")
+    assert letter["source_topic"] == topics.events
+
+
 @pytest.fixture
 async def patient_producer_stack(settings: Settings) -> AsyncIterator[tuple[Stack, EmbeddedBroker]]:
     """A stack on a broker of its own whose producer waits 30 s for an answer."""
@@ -290,7 +334,13 @@ async def test_a_change_whose_event_may_have_left_is_not_undone(
     _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
     assert stack.api._producer is not None
     # Gives up after 5.5 s, long before the producer's own 30 s.
-    outbox = Outbox(stack.api.engine, stack.api._producer, Metrics("test"), publish_timeout=0.5)
+    outbox = Outbox(
+        stack.api.engine,
+        stack.api._producer,
+        Metrics("test"),
+        publish_timeout=0.5,
+        dead_letter_topic=topics_for(stack.settings).dead_letter,
+    )
     async with stack.api.engine.connect() as conn:
         row = await object_store.find(conn, stack.team_id, "contact", created["id"])
     event = Event(
