@@ -105,6 +105,8 @@ class DeliveryHandler:
         # filtered-out call on a bound one, and this one is called for every delivery.
         self._log = get_logger("dispatcher").bind()
         self._confirmed_at: dict[str, float] = {}
+        # Per webhook: the reopening its deliveries are deferred to, and the time they wake.
+        self._deferred_until: dict[str, tuple[float, datetime]] = {}
         self._inflight = 0
         # Read when scraped rather than updated for every delivery (counting open circuits
         # walks every endpoint).
@@ -114,6 +116,7 @@ class DeliveryHandler:
     def forget_endpoint(self, webhook_id: str) -> None:
         """The webhook is gone or inactive: no circuit state is kept for it."""
         self._circuit.forget(webhook_id)
+        self._deferred_until.pop(webhook_id, None)
 
     async def publish(self, records: list[OutRecord]) -> None:
         # Until Kafka takes the outcome the record is not finished; keep trying.
@@ -172,7 +175,7 @@ class DeliveryHandler:
             )
             return [self._attempt_record(skipped)]
         if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
-            return [self._deferred(delivery, self._circuit.reopens_at(route.id) - time.monotonic())]
+            return [self._deferred(delivery, self._circuit.reopens_at(route.id))]
         clock = time.monotonic()
         self._inflight += 1
         try:
@@ -291,11 +294,19 @@ class DeliveryHandler:
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
 
-    def _deferred(self, delivery: Delivery, wait_seconds: float) -> OutRecord:
-        # Not attempted, so the attempt number stays. No jitter: deferred in the order they
-        # came, they wake in that order (at concurrency 1, first attempts stay in order).
-        wait = max(wait_seconds, 0.0) + 0.05
-        deferred = delivery.model_copy(update={"not_before": utcnow() + timedelta(seconds=wait)})
+    def _deferred(self, delivery: Delivery, reopens_at: float) -> OutRecord:
+        # Not attempted, so the attempt number stays. Every delivery deferred until the same
+        # reopening gets the very same time (not one read from the clock each time), so
+        # the retry timer wakes them in their order (at concurrency 1, first attempts
+        # stay in order).
+        until = self._deferred_until.get(delivery.webhook_id)
+        if until is None or until[0] != reopens_at:
+            if len(self._deferred_until) >= _CONFIRMED_REMEMBERED:
+                self._deferred_until.clear()
+            wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
+            until = (reopens_at, utcnow() + timedelta(seconds=wait))
+            self._deferred_until[delivery.webhook_id] = until
+        deferred = delivery.model_copy(update={"not_before": until[1]})
         self._metrics.outcomes["deferred"].inc()
         tier = self._policy.tier(delivery.attempt)
         return (self._topics.retry(tier), delivery.webhook_id.encode(), deferred.to_bytes())

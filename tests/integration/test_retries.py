@@ -333,7 +333,8 @@ async def test_first_attempts_deferred_by_an_open_circuit_keep_their_order(
             "retry_schedule_seconds": (30.0,) * 10,
             "retry_jitter": 0.0,
             "circuit_failure_threshold": 1,
-            "circuit_open_seconds": 1.0,
+            # Long enough for all twelve to be created while it is open, on a busy machine.
+            "circuit_open_seconds": 4.0,
             "delivery_concurrency_per_endpoint": 1,
         }
     )
