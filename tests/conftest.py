@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,13 +349,19 @@ class Pause:
     release: asyncio.Event
 
 
-def pause_first_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> Pause:
+def pause_first_call(
+    monkeypatch: pytest.MonkeyPatch,
+    owner: Any,
+    name: str,
+    only: Callable[..., bool] = lambda *args, **kwargs: True,
+) -> Pause:
+    """``only`` picks the calls that may be held (by their arguments)."""
     pause = Pause(asyncio.Event(), asyncio.Event())
     real = getattr(owner, name)
 
     async def first_call_waits(*args: Any, **kwargs: Any) -> Any:
         result = await real(*args, **kwargs)
-        if not pause.read.is_set():
+        if only(*args, **kwargs) and not pause.read.is_set():
             pause.read.set()
             await pause.release.wait()
         return result

@@ -97,14 +97,14 @@ class Outbox:
         self._log = get_logger("api")
 
     async def stage(self, conn: AsyncConnection, topic: str, key: str, record: Record) -> str:
+        """Write the record beside its change; one the stream would never take is refused
+        here (413), which rolls the change back with it."""
+        value = record.to_bytes()
+        _check_size(len(value))
         row_id = new_id("out")
         await conn.execute(
             insert(_outbox).values(
-                id=row_id,
-                topic=topic,
-                key=key,
-                value=record.to_bytes().decode(),
-                created_at=utcnow(),
+                id=row_id, topic=topic, key=key, value=value.decode(), created_at=utcnow()
             )
         )
         return row_id
@@ -133,7 +133,6 @@ class Outbox:
         or a second send. Its record is left to the relay (at worst the event arrives twice,
         under the same id).
         """
-        _check_size(len(record.to_bytes()))
         async with self._engine.begin() as conn:
             result = await change(conn)
             row_id = await self.stage(conn, topic, key, record)

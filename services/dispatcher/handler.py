@@ -40,7 +40,7 @@ from .table import WebhookTable
 
 _PUBLISH_BACKOFF_MAX_SECONDS = 10.0
 _CONFIRM_EVERY_SECONDS = 1.0
-_CONFIRMED_REMEMBERED = 10_000
+_WEBHOOKS_REMEMBERED = 10_000
 
 
 class DeliveryMetrics:
@@ -214,7 +214,7 @@ class DeliveryHandler:
             now - self._confirmed_at.get(webhook_id, -_CONFIRM_EVERY_SECONDS)
             >= _CONFIRM_EVERY_SECONDS
         ):
-            if len(self._confirmed_at) >= _CONFIRMED_REMEMBERED:
+            if len(self._confirmed_at) >= _WEBHOOKS_REMEMBERED:
                 self._confirmed_at.clear()
             self._confirmed_at[webhook_id] = now
             try:
@@ -301,7 +301,7 @@ class DeliveryHandler:
         # stay in order).
         until = self._deferred_until.get(delivery.webhook_id)
         if until is None or until[0] != reopens_at:
-            if len(self._deferred_until) >= _CONFIRMED_REMEMBERED:
+            if len(self._deferred_until) >= _WEBHOOKS_REMEMBERED:
                 self._deferred_until.clear()
             wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
             until = (reopens_at, utcnow() + timedelta(seconds=wait))

@@ -11,7 +11,7 @@ import pytest
 from services.auth import app as auth_app
 from services.auth import store
 from services.auth.tokens import hash_token
-from tests.conftest import Stack, audit_count, corrupt
+from tests.conftest import Stack, audit_count, corrupt, pause_first_call
 
 
 async def _introspect(
@@ -74,22 +74,14 @@ async def test_a_revoke_during_a_cache_fill_is_not_undone(
     )
     assert status == 201
     held_hash = hash_token(created["token"], "test-pepper")
-    read_done, release = asyncio.Event(), asyncio.Event()
-    real_find = store.find_token
-
-    async def find_then_wait(conn: Any, secret_hash: str) -> Any:
-        found = await real_find(conn, secret_hash)
-        if secret_hash == held_hash and not release.is_set():
-            read_done.set()
-            await release.wait()
-        return found
-
-    monkeypatch.setattr(store, "find_token", find_then_wait)
+    pause = pause_first_call(
+        monkeypatch, store, "find_token", only=lambda conn, secret_hash: secret_hash == held_hash
+    )
     first = asyncio.create_task(api_stack.introspect(created["token"]))
-    await asyncio.wait_for(read_done.wait(), 5)
+    await asyncio.wait_for(pause.read.wait(), 5)
     status, _ = await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}")
     assert status == 204
-    release.set()
+    pause.release.set()
     assert (await first)["active"] is True  # it was read before the revoke committed
     assert await api_stack.introspect(created["token"]) == {"active": False, "reason": "revoked"}
 

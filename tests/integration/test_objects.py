@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -197,6 +197,38 @@ async def test_kafka_down_means_503_and_nothing_written(
     assert staged == 0
 
 
+async def _second_version(
+    stack: Stack, object_id: str, data: dict[str, Any]
+) -> tuple[
+    Any,
+    Event,
+    Callable[[AsyncConnection], Awaitable[None]],
+    Callable[[AsyncConnection], Awaitable[bool]],
+]:
+    """A contact at version 1, and what the api's PATCH would hand the outbox to make it
+    version 2 with ``data``: the row as read, the event, the change and its undo."""
+    async with stack.api.engine.connect() as conn:
+        row = await object_store.find(conn, stack.team_id, "contact", object_id)
+    event = Event(
+        id=new_id("evt"),
+        type="object.updated",
+        team_id=stack.team_id,
+        object_type="contact",
+        object_id=row.id,
+        occurred_at=utcnow(),
+        data=data,
+    )
+
+    async def change(conn: AsyncConnection) -> None:
+        fields = object_store.now_fields(event.occurred_at, 2)
+        assert await object_store.set_fields(conn, row.id, 1, data=data, **fields)
+
+    async def undo(conn: AsyncConnection) -> bool:
+        return await object_store.revert(conn, row, 2)
+
+    return row, event, change, undo
+
+
 async def test_a_refused_change_with_a_later_change_on_top_is_kept_for_the_relay(
     own_broker_stack: tuple[Stack, EmbeddedBroker],
 ) -> None:
@@ -206,24 +238,7 @@ async def test_a_refused_change_with_a_later_change_on_top_is_kept_for_the_relay
     stack, broker = own_broker_stack
     _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
     outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
-    async with stack.api.engine.connect() as conn:
-        row = await object_store.find(conn, stack.team_id, "contact", created["id"])
-    event = Event(
-        id=new_id("evt"),
-        type="object.updated",
-        team_id=stack.team_id,
-        object_type="contact",
-        object_id=row.id,
-        occurred_at=utcnow(),
-        data={"v": "A"},
-    )
-
-    async def change(conn: AsyncConnection) -> None:
-        fields = object_store.now_fields(event.occurred_at, 2)
-        assert await object_store.set_fields(conn, row.id, 1, data={"v": "A"}, **fields)
-
-    async def undo(conn: AsyncConnection) -> bool:
-        return await object_store.revert(conn, row, 2)
+    row, event, change, undo = await _second_version(stack, created["id"], {"v": "A"})
 
     broker.stop()
     request_a = asyncio.create_task(
@@ -341,24 +356,7 @@ async def test_a_change_whose_event_may_have_left_is_not_undone(
         publish_timeout=0.5,
         dead_letter_topic=topics_for(stack.settings).dead_letter,
     )
-    async with stack.api.engine.connect() as conn:
-        row = await object_store.find(conn, stack.team_id, "contact", created["id"])
-    event = Event(
-        id=new_id("evt"),
-        type="object.updated",
-        team_id=stack.team_id,
-        object_type="contact",
-        object_id=row.id,
-        occurred_at=utcnow(),
-        data={"v": 2},
-    )
-
-    async def change(conn: AsyncConnection) -> None:
-        fields = object_store.now_fields(event.occurred_at, 2)
-        assert await object_store.set_fields(conn, row.id, 1, data={"v": 2}, **fields)
-
-    async def undo(conn: AsyncConnection) -> bool:
-        return await object_store.revert(conn, row, 2)
+    row, event, change, undo = await _second_version(stack, created["id"], {"v": 2})
 
     events_topic = topics_for(stack.settings).events
     os.kill(broker.pid, signal.SIGSTOP)

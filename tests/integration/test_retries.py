@@ -478,6 +478,18 @@ async def test_per_endpoint_rate_limit_spaces_requests(
             await _eventually(lambda topic=topic: caught_up(topic))
 
 
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 request off a raw socket, body and all; returns its head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return head
+
+
 async def test_a_dropped_connection_gets_one_quick_retry_within_the_attempt(
     stack: Stack,
 ) -> None:
@@ -487,13 +499,7 @@ async def test_a_dropped_connection_gets_one_quick_retry_within_the_attempt(
     requests: list[bytes] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
+        head = await _read_request(reader)
         requests.append(head)
         if len(requests) > 1:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -537,13 +543,7 @@ async def test_a_connection_dropped_after_a_while_is_not_sent_again_at_once(
     requests: list[float] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
+        await _read_request(reader)
         requests.append(time.monotonic())
         await asyncio.sleep(1.5)
         writer.close()

@@ -19,7 +19,7 @@ from services.api.context import CONTEXT
 from services.auth import store
 from services.auth.tokens import hash_token
 from services.shared import InvalidToken, Metrics, Settings, access_tokens, bound_port, start_site
-from tests.conftest import ACCESS_TOKEN_KEY, Stack, corrupt, running_stack
+from tests.conftest import ACCESS_TOKEN_KEY, Stack, corrupt, pause_first_call, running_stack
 
 
 async def _exchange(stack: Stack, key: str) -> tuple[int, dict[str, object]]:
@@ -244,19 +244,11 @@ async def test_a_revocation_during_an_introspection_is_not_undone_by_its_answer(
     answers "active". That answer must not be cached past the revocation's change record."""
     key = await api_stack.new_token(["webhook:read"])
     key_hash = hash_token(key, "test-pepper")
-    real_find = store.find_token
-    read, release = asyncio.Event(), asyncio.Event()
-
-    async def find_then_wait(conn: Any, secret_hash: str) -> Any:
-        found = await real_find(conn, secret_hash)
-        if secret_hash == key_hash and not read.is_set():
-            read.set()
-            await release.wait()
-        return found
-
-    monkeypatch.setattr(store, "find_token", find_then_wait)
+    pause = pause_first_call(
+        monkeypatch, store, "find_token", only=lambda conn, secret_hash: secret_hash == key_hash
+    )
     first = asyncio.create_task(_list_webhooks(api_stack, key))
-    await asyncio.wait_for(read.wait(), 5)
+    await asyncio.wait_for(pause.read.wait(), 5)
     token_id = (await api_stack.introspect(key))["token_id"]
     assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{token_id}"))[0] == 204
     gate = api_stack.api.app[CONTEXT].gate  # type: ignore[index]
@@ -264,7 +256,7 @@ async def test_a_revocation_during_an_introspection_is_not_undone_by_its_answer(
     while token_id not in gate._revoked:
         assert time.monotonic() < deadline, "the change record never reached the api"
         await asyncio.sleep(0.02)
-    release.set()
+    pause.release.set()
     # Auth answers "active" (it read the key first), but the api knows better by then.
     assert (await first)[0] == 401
     status, body = await _list_webhooks(api_stack, key)
