@@ -339,3 +339,18 @@ async def test_nul_in_the_path_or_query_is_a_400(api_stack: Stack, target: str) 
     async with api_stack.session.get(url, headers=api_stack.headers()) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "bad_request"
+
+
+async def test_a_time_utc_cannot_express_is_a_422_on_time_filters(api_stack: Stack) -> None:
+    """Year 9999 at -05:00 is past the calendar once in UTC: refused, not a 500."""
+    late = "9999-12-31T23:00:00-05:00"
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/deliveries",
+        headers=api_stack.headers(),
+        params={"since": late},
+    ) as response:
+        assert response.status == 422
+        assert (await response.json())["error"]["details"][0]["field"] == "since"
+    status, answer = await api_stack.auth_call("GET", f"/v1/audit-log?until={late}")
+    assert status == 422
+    assert answer["error"]["details"][0]["field"] == "until"
