@@ -28,6 +28,7 @@ from services.shared import (
     start_client,
     start_site,
     stop_client,
+    stop_site,
     topics_for,
     utcnow,
 )
@@ -165,14 +166,16 @@ class ApiService:
             gate.forget_all()
 
     async def stop(self) -> None:
+        # Requests first: the ones still arriving and in flight are served by a whole
+        # process, its change follower and relay included.
+        if self._runner is not None:
+            await stop_site(self._runner, self.settings.stop_delay_seconds)
         for task in (self._relay, self._recording, self._ended_keys, self._pruning):
             await cancel_and_wait(task)
         if self.recorder is not None:
             await self.recorder.close()
         if self._follower is not None:
             await self._follower.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
         if self._outbox is not None:
             await self._outbox.close()
         if self._session is not None:

@@ -33,6 +33,7 @@ from services.shared import (
     start_client,
     start_site,
     stop_client,
+    stop_site,
     topics_for,
     utcnow,
 )
@@ -144,7 +145,7 @@ class AuthService:
 
     async def stop(self) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            await stop_site(self._runner, self.settings.stop_delay_seconds)
         await cancel_and_wait(self._flusher)
         await self._follower.stop()
         try:

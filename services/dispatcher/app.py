@@ -45,6 +45,7 @@ from services.shared import (
     start_client,
     start_site,
     stop_client,
+    stop_site,
     topics_for,
     utcnow,
 )
@@ -187,7 +188,7 @@ class DispatcherService:
     async def stop(self) -> None:
         """Stop fetching, give in-flight deliveries the grace period, commit, close."""
         if self._runner is not None:
-            await self._runner.cleanup()
+            await stop_site(self._runner)
         for task in self._tasks:
             await cancel_and_wait(task)
         if self._lanes is not None:

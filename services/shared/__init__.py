@@ -64,6 +64,7 @@ from ._http import (
     query_flag,
     read_json,
     start_site,
+    stop_site,
 )
 from ._ids import new_id, utcnow
 from ._kafka import (
@@ -189,6 +190,7 @@ __all__ = [
     "start_client",
     "start_site",
     "stop_client",
+    "stop_site",
     "tables",
     "topic_layout",
     "topics_for",

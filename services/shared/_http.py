@@ -6,6 +6,7 @@ rides along in the logs; ``/healthz``, ``/readyz`` and ``/metrics`` are always t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -38,6 +39,12 @@ M = TypeVar("M", bound=BaseModel)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 READINESS_KEY = web.AppKey("readiness", list[ReadinessCheck])
+# Set when a stop begins: readiness fails and every answer closes its connection, so load
+# balancers and pooled clients move to another process while this one still serves.
+STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
+# How long requests in flight when the listener closes may take to finish; below the
+# 30 s a Kubernetes pod is given between SIGTERM and SIGKILL.
+REQUESTS_FINISH_SECONDS = 20.0
 _UNMONITORED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -113,6 +120,8 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
                 )
             elapsed = time.perf_counter() - started
             response.headers["x-request-id"] = request_id
+            if request.app[STOPPING_KEY].is_set():
+                response.force_close()
             if request.path not in _UNMONITORED:
                 requests.labels(route_name, str(response.status)).inc()
                 latency.labels(route_name).observe(elapsed)
@@ -133,6 +142,8 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    if request.app[STOPPING_KEY].is_set():
+        return json_response({"status": "unavailable", "reasons": ["stopping"]}, status=503)
     failures = []
     for check in request.app[READINESS_KEY]:
         try:
@@ -156,6 +167,7 @@ def build_app(service: str, metrics: Metrics, *, max_body_bytes: int = 1 << 20) 
     app[METRICS_KEY] = metrics
     app[MAX_BODY_KEY] = max_body_bytes
     app[READINESS_KEY] = []
+    app[STOPPING_KEY] = asyncio.Event()
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -240,7 +252,9 @@ def _problems(exc: ValidationError, whole: str) -> list[dict[str, str]]:
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=REQUESTS_FINISH_SECONDS
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
@@ -249,6 +263,22 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
         await runner.cleanup()
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     return runner
+
+
+async def stop_site(runner: web.AppRunner, delay_seconds: float = 0.0) -> None:
+    """Stop serving without refusing anyone who was still sent here.
+
+    A load balancer keeps routing to a process for a few seconds after it is told to stop
+    (a Kubernetes endpoint update travels on its own time): for `delay_seconds` the
+    process keeps answering, with readiness failing and connections closed after each
+    answer; then the listener closes and requests in flight get
+    `REQUESTS_FINISH_SECONDS` to finish.
+    """
+    app = runner.app
+    app[STOPPING_KEY].set()
+    if delay_seconds > 0:
+        await asyncio.sleep(delay_seconds)
+    await runner.cleanup()
 
 
 def bound_port(runner: web.AppRunner) -> int:

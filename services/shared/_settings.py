@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     circuit_open_max_seconds: float = Field(default=600.0, gt=0)
     endpoint_disable_after_days: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
+    # How long auth and the api keep answering after SIGTERM, unready, before closing
+    # their listener: the time a load balancer takes to stop sending them requests.
+    stop_delay_seconds: float = Field(default=0.0, ge=0, le=60)
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
