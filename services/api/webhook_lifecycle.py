@@ -203,7 +203,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     """A new signing secret; the old one keeps signing alongside it for ``grace_seconds``."""
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:update")
-    body = await parse_body(request, SecretRotation)
+    body = await parse_body(request, SecretRotation, optional=True)
     async with ctx.engine.connect() as conn:
         current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
     now = utcnow()
@@ -272,6 +272,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         one + "/rotate-secret",
         rotate_secret,
         body=SecretRotation,
+        body_required=False,
         permission="webhook:update",
         errors=(401, 403, 404, 409, 422),
         summary="New signing secret; the old one also signs for grace_seconds (24 h)",

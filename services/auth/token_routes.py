@@ -246,7 +246,7 @@ class TokenRoutes:
 
     async def rotate(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
-        body = await parse_body(request, TokenRotate)
+        body = await parse_body(request, TokenRotate, optional=True)
         token_id = request.match_info["token_id"]
         grace_until = utcnow() + timedelta(seconds=body.grace_seconds)
         async with self.engine.begin() as conn:
@@ -326,6 +326,7 @@ class TokenRoutes:
             f"{one}/rotate",
             self.rotate,
             body=TokenRotate,
+            body_required=False,
             permission=manage,
             errors=(401, 403, 404, 409, 422),
             summary="Rotate the secret now, or with a grace period for the old one",

@@ -204,10 +204,13 @@ async def read_json(request: web.Request) -> Any:
     return value
 
 
-async def parse_body(request: web.Request, model: type[M]) -> M:
-    """Validate a JSON body against a model; every problem names its field."""
+async def parse_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
+    """Validate a JSON body against a model; every problem names its field. An
+    ``optional`` body may be left out, which means every field's default."""
     raw = await request.read()
     if not raw.strip():
+        if optional:
+            return model.model_validate({})
         raise _malformed("the body is empty")
     try:
         return model.model_validate_json(raw)

@@ -140,15 +140,17 @@ async def test_token_manage_is_required(api_stack: Stack) -> None:
         assert answer["error"]["code"] == "invalid_token"
 
 
-async def test_rotate_now_kills_the_old_secret(api_stack: Stack) -> None:
-    """After rotate with no grace, only the new secret works."""
+@pytest.mark.parametrize("body", [{"json": {"grace_seconds": 0}}, {}], ids=["zero", "no_body"])
+async def test_rotate_now_kills_the_old_secret(api_stack: Stack, body: dict[str, Any]) -> None:
+    """After rotate with no grace (the default, so the body may be left out), only the
+    new secret works."""
     _, created = await api_stack.auth_call(
         "POST", "/v1/tokens", json={"name": "r", "permissions": ["object:read"]}
     )
     status, rotated = await api_stack.auth_call(
-        "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 0}
+        "POST", f"/v1/tokens/{created['id']}/rotate", **body
     )
-    assert status == 200
+    assert status == 200, rotated
     assert rotated["token"] != created["token"]
     assert (await api_stack.introspect(created["token"])) == {
         "active": False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from services.api import webhook_lifecycle
 from services.dispatcher.table import WebhookTable
-from services.shared import Settings, tables
+from services.shared import Settings, tables, utcnow
 from tests.conftest import Receiver, Stack, pause_first_call, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
@@ -66,6 +67,16 @@ async def test_edits_reach_the_dispatcher_within_a_second(stack: Stack, receiver
     await _until(lambda: stack.dispatcher.table.get(webhook["id"]).active)
     await stack.create_object()
     await receiver.wait_for(2)
+
+
+async def test_rotation_without_a_body_keeps_the_old_secret_for_a_day(api_stack: Stack) -> None:
+    webhook = await api_stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+    before = utcnow()
+    status, rotated = await _hooks(api_stack, "POST", f"/{webhook['id']}/rotate-secret")
+    assert status == 200, rotated
+    assert rotated["secret"] != webhook["secret"]
+    kept_until = datetime.fromisoformat(rotated["previous_secret_expires_at"])
+    assert before + timedelta(hours=23, minutes=59) < kept_until <= utcnow() + timedelta(days=1)
 
 
 async def test_rotation_signs_with_both_secrets_during_the_grace(
