@@ -151,7 +151,9 @@ class Callers:
         try:
             check_format(token_text)
         except MalformedToken as exc:
-            raise InvalidToken(exc.message, details=exc.details) from exc
+            # The reason every other refusal of a badly formed key gives (the api's,
+            # introspection's); the message says what is wrong with it.
+            raise InvalidToken(exc.message, details={"reason": "malformed"}) from exc
         async with self.engine.connect() as conn:
             token = await store.find_token(conn, hash_token(token_text, self.pepper))
         now = utcnow()

@@ -138,6 +138,7 @@ async def test_token_manage_is_required(api_stack: Stack) -> None:
         status, answer = await api_stack.auth_call("GET", "/v1/tokens", bad)
         assert status == 401
         assert answer["error"]["code"] == "invalid_token"
+        assert answer["error"]["details"] == {"reason": "malformed"}, answer
 
 
 @pytest.mark.parametrize("body", [{"json": {"grace_seconds": 0}}, {}], ids=["zero", "no_body"])
