@@ -99,7 +99,7 @@ class SampleReceiver:
             await self._runner.cleanup()
 
 
-def banner(info: dict[str, str], receiver_url: str) -> str:
+def banner(info: dict[str, str], receiver_url: str, saved_to: Path) -> str:
     token, team, api = info["token"], info["team_id"], info["api_url"]
     return f"""
 hookwire is running (Ctrl-C stops it)
@@ -109,7 +109,7 @@ hookwire is running (Ctrl-C stops it)
   receiver    {receiver_url}/received   (a sample webhook endpoint)
   token       {token}
   team        {team}
-  (saved to .hookwire/dev.json)
+  (saved to {saved_to})
 
 Try it:
   TOKEN={token}
@@ -155,7 +155,8 @@ async def run_dev(settings: Settings) -> None:
             "auth_url": f"http://{host}:{settings.auth_port}",
             "dispatcher_url": f"http://{host}:{settings.dispatcher_port}",
         }
-        _write_private(settings.data_dir / "dev.json", dev_info)
+        saved_to = settings.data_dir / "dev.json"
+        _write_private(saved_to, dev_info)
         try:
             await run_until_signalled(
                 [
@@ -164,7 +165,7 @@ async def run_dev(settings: Settings) -> None:
                     DispatcherService(settings, engine),
                     receiver,
                 ],
-                ready_message=banner(dev_info, f"http://{host}:{receiver.port}"),
+                ready_message=banner(dev_info, f"http://{host}:{receiver.port}", saved_to),
             )
         finally:
             await engine.dispose()

@@ -75,6 +75,7 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
         HOOKWIRE_AUTH_PORT=str(free_port()),
         HOOKWIRE_DISPATCHER_PORT=str(free_port()),
         HOOKWIRE_DEV_RECEIVER_PORT=str(free_port()),
+        HOOKWIRE_DATA_DIR="state",
     )
     tokens = []
     for _ in range(2):
@@ -84,7 +85,8 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
             log = (tmp_path / "dev.log").read_text()
             assert "service_started" in log
             assert [line for line in log.splitlines() if '"level":"error"' in line] == []
-            dev_file = tmp_path / ".hookwire" / "dev.json"
+            dev_file = tmp_path / "state" / "dev.json"
+            assert "(saved to state/dev.json)" in banner
             assert stat.S_IMODE(dev_file.stat().st_mode) == 0o600
             info = orjson.loads(dev_file.read_bytes())
             assert set(info) >= {"token", "team_id", "api_url", "auth_url"}
