@@ -377,7 +377,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         delete_object,
         status=204,
         permission="object:delete",
-        errors=(401, 403, 404, 412, 503),
+        errors=(401, 403, 404, 412, 422, 503),
         summary="Move to the trash; ?force=true deletes for good (object:force-delete)",
     )
     spec.route(
@@ -386,7 +386,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         one + "/restore",
         restore_object,
         permission="object:delete",
-        errors=(401, 403, 404, 412, 503),
+        errors=(401, 403, 404, 412, 422, 503),
         summary="Restore an object from the trash",
     )
     spec.route(

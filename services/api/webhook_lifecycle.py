@@ -244,7 +244,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         update_webhook,
         body=WebhookUpdate,
         permission="webhook:update",
-        errors=(401, 403, 404, 413, 422),
+        errors=(401, 403, 404, 409, 413, 422),
         summary="Edit a webhook (name, url, topics, filters, headers, active)",
     )
     spec.route(
@@ -254,7 +254,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         delete_webhook,
         status=204,
         permission="webhook:delete",
-        errors=(401, 403, 404),
+        errors=(401, 403, 404, 409, 422),
         summary="Move to the trash; ?force=true deletes for good (webhook:force-delete)",
     )
     spec.route(

@@ -26,7 +26,8 @@ _ERROR_SCHEMA = {
     },
 }
 _ERROR_TEXT = {
-    400: "Bad request (for example a token in the query string)",
+    400: "Bad request: a NUL character in the path or query, a body that cannot be read as"
+    " sent, or a token in the query string",
     401: "Missing, malformed, unknown, expired, revoked or inactive token",
     403: "The token lacks the permission",
     404: "Not found, or a team the token's user is not in",
@@ -92,7 +93,8 @@ class OpenApi:
                     }
                 },
             }
-        for code in errors:
+        # Every route refuses a NUL in its path or query and a body it cannot read.
+        for code in sorted({400, *errors}):
             operation["responses"][str(code)] = {
                 "description": _ERROR_TEXT[code],
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
