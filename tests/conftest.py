@@ -284,6 +284,8 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     delay_seconds: float = 0.0
+    # When given, each request is answered only once the test opens it.
+    gate: asyncio.Event | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     # Requests received and not yet answered.
     open_calls: int = 0
@@ -298,6 +300,8 @@ class Receiver:
         try:
             if self.delay_seconds:
                 await asyncio.sleep(self.delay_seconds)
+            if self.gate is not None:
+                await self.gate.wait()
         finally:
             self.open_calls -= 1
         status = self.statuses.pop(0) if self.statuses else 200

@@ -54,6 +54,7 @@ def _wait_for_banner(process: subprocess.Popen[str]) -> str:
 
 def _stop(process: subprocess.Popen[str]) -> float:
     children = _children(process.pid)
+    assert children, "the embedded broker runs as a child"
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=15)

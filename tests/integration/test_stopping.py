@@ -13,7 +13,8 @@ from services.api.authn import TokenGate
 from services.shared import Settings
 from tests.conftest import pause_first_call, running_stack
 
-_DELAY = 1.5
+# Long enough for the checks made within it on a busy machine.
+_DELAY = 3.0
 
 
 async def _get(session: aiohttp.ClientSession, url: str, **kwargs: object) -> tuple[int, str]:

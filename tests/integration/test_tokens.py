@@ -276,19 +276,30 @@ async def test_ip_allowlist_is_enforced_through_the_api(api_stack: Stack) -> Non
         assert (await response.json())["error"]["details"] == {"reason": "ip_not_allowed"}
 
 
+# Well inside every fallback (caches of 30 s and more), well outside a noisy machine's
+# worst change-record delay.
+_CHANGE_DEADLINE = 10.0
+
+
 @pytest.fixture
 async def long_cache_stack(settings: Settings) -> AsyncIterator[Stack]:
-    """The api caches positive answers for a minute: only change records can revoke."""
+    """The api caches positive answers for a minute and asks for ended keys once an hour:
+    within the tests' deadlines only change records can revoke."""
     async with running_stack(
-        settings.model_copy(update={"auth_cache_ttl_seconds": 60.0}), with_dispatcher=False
+        settings.model_copy(
+            update={"auth_cache_ttl_seconds": 60.0, "ended_keys_sync_seconds": 3600.0}
+        ),
+        with_dispatcher=False,
     ) as running:
         yield running
 
 
-async def test_revoked_token_is_refused_by_the_api_within_a_second(
+async def test_revoked_token_is_refused_by_the_api_through_a_change_record(
     long_cache_stack: Stack,
 ) -> None:
-    """Revocation reaches the api's cache through a change record in under one second."""
+    """Revocation reaches the api's cache through a change record, long before the cache
+    or the ended-keys list would end it. How long it takes (under a second) is measured
+    by `bench/changes.py`; a deadline here only keeps a lost record from passing."""
     stack = long_cache_stack
     _, created = await stack.auth_call(
         "POST", "/v1/tokens", json={"name": "soon-gone", "permissions": ["webhook:read"]}
@@ -304,9 +315,8 @@ async def test_revoked_token_is_refused_by_the_api_within_a_second(
         async with stack.session.get(url, headers=headers) as response:
             if response.status == 401:
                 break
-        assert time.monotonic() - revoked_at < 1.0, "revocation took a second or more"
+        assert time.monotonic() - revoked_at < _CHANGE_DEADLINE, "revocation never arrived"
         await asyncio.sleep(0.02)
-    assert time.monotonic() - revoked_at < 1.0
 
 
 async def test_max_lifetime_is_enforced(settings: Settings) -> None:
@@ -391,8 +401,11 @@ async def test_query_keys_work_when_enabled_and_are_logged(query_key_stack: Stac
     assert all(stack.token not in str(e) for e in logs)
 
 
-async def test_a_second_auth_process_drops_its_cache_within_a_second(api_stack: Stack) -> None:
-    """Two auth processes: a revocation made through one reaches the other's cache."""
+async def test_a_second_auth_process_drops_its_cache_on_the_change_record(
+    api_stack: Stack,
+) -> None:
+    """Two auth processes: a revocation made through one reaches the other's cache (whose
+    entries live 30 s) through the change record."""
     from services.auth.app import AuthService
 
     other = AuthService(api_stack.settings, api_stack.api.engine)
@@ -425,7 +438,7 @@ async def test_a_second_auth_process_drops_its_cache_within_a_second(api_stack: 
         await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}")
         revoked_at = time.monotonic()
         while (await ask_other())["active"]:
-            assert time.monotonic() - revoked_at < 1.0
+            assert time.monotonic() - revoked_at < _CHANGE_DEADLINE
             await asyncio.sleep(0.02)
         assert (await ask_other())["reason"] == "revoked"
     finally:
