@@ -7,3 +7,9 @@ from services.shared import HookwireError
 
 class InvalidSecret(HookwireError):
     code = "invalid_secret"
+
+
+class WebhookUnconfirmed(HookwireError):
+    """The database could not say whether a webhook the table lacks exists."""
+
+    code = "webhook_unconfirmed"

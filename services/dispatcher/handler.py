@@ -32,6 +32,7 @@ from services.shared import (
     utcnow,
 )
 
+from .errors import WebhookUnconfirmed
 from .lanes import Pace
 from .policy import BACK_OFF_STATUSES, GONE, CircuitBreaker, RetryPolicy, parse_retry_after
 from .routing import WebhookRoute
@@ -40,6 +41,9 @@ from .table import WebhookTable
 
 _PUBLISH_BACKOFF_MAX_SECONDS = 10.0
 _CONFIRM_EVERY_SECONDS = 1.0
+# A delivery whose webhook could not be looked up (the database is away) waits this long
+# on the retry schedule instead of being skipped for good.
+_UNCONFIRMED_WAIT_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
 
 
@@ -105,6 +109,8 @@ class DeliveryHandler:
         # filtered-out call on a bound one, and this one is called for every delivery.
         self._log = get_logger("dispatcher").bind()
         self._confirmed_at: dict[str, float] = {}
+        # One database read per webhook at a time; deliveries arriving meanwhile share it.
+        self._confirming: dict[str, asyncio.Future[None]] = {}
         # Per webhook: the reopening its deliveries are deferred to, and the time they wake.
         self._deferred_until: dict[str, tuple[float, datetime]] = {}
         self._inflight = 0
@@ -153,7 +159,10 @@ class DeliveryHandler:
             delivery = decode(Delivery, record.value)
         except InvalidRecord as exc:
             return [invalid_record(self._metrics, self._topics, record, exc.message)]
-        route = await self._route_when_due(delivery, pace)
+        try:
+            route = await self._route_when_due(delivery, pace)
+        except WebhookUnconfirmed:
+            return [self._waiting(delivery, _UNCONFIRMED_WAIT_SECONDS)]
         about: dict[str, Any] = {
             "delivery_id": delivery.id,
             "event_id": delivery.event.id,
@@ -208,20 +217,37 @@ class DeliveryHandler:
         to ``deliveries`` (a test event right after creating the webhook, a replay right
         after reactivating it) or routed by a process that learned sooner can arrive
         first, and must not be skipped for good. Asked at most once a second per webhook,
-        so a deactivated webhook's backlog does not become a read per delivery."""
-        now = time.monotonic()
-        if (
-            now - self._confirmed_at.get(webhook_id, -_CONFIRM_EVERY_SECONDS)
-            >= _CONFIRM_EVERY_SECONDS
-        ):
+        so a deactivated webhook's backlog does not become a read per delivery: the
+        deliveries that arrive while a read is on its way wait for that read, and for a
+        second after it the answer stands. Raises ``WebhookUnconfirmed`` when the read fails."""
+        reading = self._confirming.get(webhook_id)
+        if reading is None:
+            last = self._confirmed_at.get(webhook_id, -_CONFIRM_EVERY_SECONDS)
+            if time.monotonic() - last < _CONFIRM_EVERY_SECONDS:
+                return self._table.get(webhook_id)
+            reading = asyncio.ensure_future(self._confirm(webhook_id))
+            self._confirming[webhook_id] = reading
+        try:
+            # Shielded: a waiter cancelled (a stop) must not cancel the others' read.
+            await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise WebhookUnconfirmed(f"webhook {webhook_id} could not be looked up") from exc
+        return self._table.get(webhook_id)
+
+    async def _confirm(self, webhook_id: str) -> None:
+        try:
+            await self._table.refresh(webhook_id)
+        except Exception:
+            self._log.exception("webhook_confirm_failed", webhook_id=webhook_id)
+            raise
+        else:
             if len(self._confirmed_at) >= _WEBHOOKS_REMEMBERED:
                 self._confirmed_at.clear()
-            self._confirmed_at[webhook_id] = now
-            try:
-                await self._table.refresh(webhook_id)
-            except Exception:
-                self._log.exception("webhook_confirm_failed", webhook_id=webhook_id)
-        return self._table.get(webhook_id)
+            self._confirmed_at[webhook_id] = time.monotonic()
+        finally:
+            self._confirming.pop(webhook_id, None)
 
     def _after(
         self,
@@ -271,7 +297,7 @@ class DeliveryHandler:
                 reason = "gone" if outcome.status_code == GONE else "attempts_exhausted"
                 follow_up.append(self._dead_letter(delivery, record, reason, outcome))
             if disable_reason is not None:
-                self._disable(route, disable_reason)
+                self._disable(route, disable_reason, about["attempted_at"])
         attempt = Attempt(
             **about,
             outcome=outcome.outcome,
@@ -294,11 +320,20 @@ class DeliveryHandler:
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
 
+    def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
+        return self._put_off(delivery, utcnow() + timedelta(seconds=seconds))
+
+    def _put_off(self, delivery: Delivery, until: datetime) -> OutRecord:
+        # Not attempted, so the attempt number stays.
+        put_off = delivery.model_copy(update={"not_before": until})
+        self._metrics.outcomes["deferred"].inc()
+        tier = self._policy.tier(delivery.attempt)
+        return (self._topics.retry(tier), delivery.webhook_id.encode(), put_off.to_bytes())
+
     def _deferred(self, delivery: Delivery, reopens_at: float) -> OutRecord:
-        # Not attempted, so the attempt number stays. Every delivery deferred until the same
-        # reopening gets the very same time (not one read from the clock each time), so
-        # the retry timer wakes them in their order (at concurrency 1, first attempts
-        # stay in order).
+        # Every delivery deferred until the same reopening gets the very same time (not
+        # one read from the clock each time), so the retry timer wakes them in their
+        # order (at concurrency 1, first attempts stay in order).
         until = self._deferred_until.get(delivery.webhook_id)
         if until is None or until[0] != reopens_at:
             if len(self._deferred_until) >= _WEBHOOKS_REMEMBERED:
@@ -306,10 +341,7 @@ class DeliveryHandler:
             wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
             until = (reopens_at, utcnow() + timedelta(seconds=wait))
             self._deferred_until[delivery.webhook_id] = until
-        deferred = delivery.model_copy(update={"not_before": until[1]})
-        self._metrics.outcomes["deferred"].inc()
-        tier = self._policy.tier(delivery.attempt)
-        return (self._topics.retry(tier), delivery.webhook_id.encode(), deferred.to_bytes())
+        return self._put_off(delivery, until[1])
 
     def _dead_letter(
         self, delivery: Delivery, record: ConsumerRecord, reason: str, outcome: Outcome
@@ -325,11 +357,11 @@ class DeliveryHandler:
         )
         return (self._topics.dead_letter, delivery.webhook_id.encode(), letter.to_bytes())
 
-    def _disable(self, route: WebhookRoute, reason: str) -> None:
+    def _disable(self, route: WebhookRoute, reason: str, attempted_at: datetime) -> None:
         self._log.warning("webhook_disable_requested", webhook_id=route.id, reason=reason)
         self._metrics.disabled.labels("gone").inc()
         # Stop at once here; the delivery log's writer makes it lasting and audited.
-        self._table.deactivate(route.id)
+        self._table.deactivate(route.id, attempted_at)
         self._circuit.forget(route.id)
 
     def _attempt_record(self, attempt: Attempt) -> OutRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -11,11 +12,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.shared import get_logger, tables, utcnow
+from services.shared import as_utc, get_logger, tables, utcnow
 
 from .errors import InvalidSecret
 from .routing import WebhookRoute
 from .signing import secret_key
+
+# How long a webhook stopped here stays stopped while the database still says active: the
+# delivery log's writer applies the disable within seconds; past this, the database wins.
+_STOPPED_AT_MOST_SECONDS = 600.0
 
 
 def _route_from_row(row: Any) -> WebhookRoute:
@@ -53,6 +58,10 @@ class WebhookTable:
         # refresh would bring the old webhook back until the next load. One at a time, the
         # later reader always reads the later state.
         self._reading = asyncio.Lock()
+        # Webhooks stopped here on a 410: the attempt's start and when to give up holding
+        # it. The database says active until the delivery log's writer applies the
+        # disable; a re-read meanwhile must not start delivering to it again.
+        self._stopped: dict[str, tuple[datetime, float]] = {}
         self._log = get_logger("dispatcher")
 
     def __len__(self) -> int:
@@ -61,8 +70,10 @@ class WebhookTable:
     def get(self, webhook_id: str) -> WebhookRoute | None:
         return self._by_id.get(webhook_id)
 
-    def deactivate(self, webhook_id: str) -> None:
-        """Stop delivering to a webhook now, ahead of the database change that follows."""
+    def deactivate(self, webhook_id: str, attempted_at: datetime) -> None:
+        """Stop delivering to a webhook now, ahead of the database change that follows
+        (the writer disables it unless it was edited after ``attempted_at``)."""
+        self._stopped[webhook_id] = (attempted_at, time.monotonic() + _STOPPED_AT_MOST_SECONDS)
         route = self._by_id.get(webhook_id)
         if route is not None:
             self._by_id[webhook_id] = replace(route, active=False)
@@ -80,10 +91,24 @@ class WebhookTable:
 
     def _load_row(self, row: Any) -> WebhookRoute | None:
         try:
-            return _route_from_row(row)
+            route = _route_from_row(row)
         except InvalidSecret as exc:
             self._log.error("webhook_secret_invalid", webhook_id=row.id, error=exc.message)
             return None
+        if route.active and self._still_stopped(row):
+            return replace(route, active=False)
+        return route
+
+    def _still_stopped(self, row: Any) -> bool:
+        stopped = self._stopped.get(row.id)
+        if stopped is None:
+            return False
+        attempted_at, give_up_at = stopped
+        # The writer's own rule: it disables a webhook last changed before the attempt.
+        if as_utc(row.updated_at) < attempted_at and time.monotonic() < give_up_at:
+            return True
+        del self._stopped[row.id]
+        return False
 
     async def _read_all(self) -> list[Any]:
         async with self._engine.connect() as conn:
@@ -106,6 +131,8 @@ class WebhookTable:
                 if route is not None:
                     loaded[route.id] = route
             self._by_id = loaded
+            for webhook_id in self._stopped.keys() - loaded.keys():
+                del self._stopped[webhook_id]
             self._reindex()
 
     async def refresh(self, webhook_id: str) -> None:
@@ -117,6 +144,7 @@ class WebhookTable:
         route = self._load_row(row) if row is not None else None
         if route is None:
             self._by_id.pop(webhook_id, None)
+            self._stopped.pop(webhook_id, None)
         else:
             self._by_id[webhook_id] = route
         self._reindex()

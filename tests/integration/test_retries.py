@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from sqlalchemy.exc import OperationalError
 
 from services.api.context import CONTEXT
 from services.dispatcher.app import DispatcherService
@@ -700,13 +701,112 @@ async def test_a_delivery_for_a_webhook_the_table_has_not_heard_of_is_delivered(
     monkeypatch.setattr(changes, "notify", not_told)
     webhook = await stack.create_webhook(receiver.url, CREATED, routed=False)
     assert stack.dispatcher.table.get(webhook["id"]) is None
+
+    async def send_test() -> None:
+        async with stack.session.post(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}/test",
+            headers=stack.headers(),
+        ) as response:
+            assert response.status == 202
+
+    # Ten at once: those arriving while the first one's lookup is on its way wait for it
+    # rather than being skipped as unknown.
+    await asyncio.gather(*(send_test() for _ in range(10)))
+    received = await receiver.wait_for(10)
+    assert {orjson.loads(got.body)["type"] for got in received} == {"webhook.test"}
+    registry = stack.dispatcher.metrics.registry
+    assert not registry.get_sample_value(
+        "hookwire_dispatcher_deliveries_total", {"outcome": "skipped"}
+    )
+
+
+async def test_a_delivery_whose_webhook_cannot_be_looked_up_waits_instead_of_being_skipped(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    changes = stack.api.app[CONTEXT].changes  # type: ignore[index]
+
+    async def not_told(*args: Any, **kwargs: Any) -> bool:
+        return True
+
+    monkeypatch.setattr(changes, "notify", not_told)
+    table = stack.dispatcher.table
+    real_refresh = table.refresh
+    failures = [OperationalError("SELECT", {}, Exception("database is away"))]
+
+    async def away_once(webhook_id: str) -> None:
+        if failures:
+            raise failures.pop()
+        await real_refresh(webhook_id)
+
+    monkeypatch.setattr(table, "refresh", away_once)
+    webhook = await stack.create_webhook(receiver.url, CREATED, routed=False)
     async with stack.session.post(
         f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}/test",
         headers=stack.headers(),
     ) as response:
         assert response.status == 202
-    [got] = await receiver.wait_for(1)
+    [got] = await receiver.wait_for(1, within=20)
+    assert not failures, "the first lookup failed"
     assert orjson.loads(got.body)["type"] == "webhook.test"
+    registry = stack.dispatcher.metrics.registry
+    assert (
+        registry.get_sample_value("hookwire_dispatcher_deliveries_total", {"outcome": "deferred"})
+        == 1
+    )
+
+
+async def test_after_a_410_a_webhook_stays_stopped_until_the_database_says_otherwise(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The delivery log's writer (here: switched off) has not applied the disable yet, so
+    the database still says active; the deliveries queued behind the 410 are skipped, not
+    sent after a re-read. An edit after the 410 (a reactivation) is heeded."""
+    unrecorded = settings.model_copy(
+        update={"record_attempts": False, "delivery_concurrency_per_endpoint": 1}
+    )
+    async with running_stack(unrecorded, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses = [410]
+        receiver.delay_seconds = 0.3  # the others queue up behind the first
+        for _ in range(4):
+            await stack.create_object()
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "skipped"}
+                )
+                == 3
+            )
+        )
+        assert len(receiver.received) == 1
+        # Past the once-a-second limit, a later delivery re-reads the webhook: still active
+        # in the database, and still stopped here. (New events are not routed to it; a
+        # test event is written straight to the deliveries.)
+        await asyncio.sleep(1.1)
+        async with stack.session.post(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}/test",
+            headers=stack.headers(),
+        ) as response:
+            assert response.status == 202
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "skipped"}
+                )
+                == 4
+            )
+        )
+        assert len(receiver.received) == 1
+        async with stack.session.patch(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+            headers=stack.headers(),
+            json={"name": "back"},
+        ) as response:
+            assert response.status == 200
+        await _eventually(lambda: stack.dispatcher.table.get(webhook["id"]).active)
+        await stack.create_object()
+        await receiver.wait_for(2)
 
 
 async def test_a_deactivated_webhooks_backlog_takes_no_rate_slots(
