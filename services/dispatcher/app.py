@@ -14,7 +14,7 @@ import contextlib
 import aiohttp
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
@@ -170,7 +170,7 @@ class DispatcherService:
             asyncio.create_task(self._lanes.run(), name="deliverer"),
             asyncio.create_task(self._timer.run(), name="retry-timer"),
             asyncio.create_task(self._resync_forever(), name="resync"),
-            asyncio.create_task(self._measure_lag_forever(router, retries), name="lag"),
+            asyncio.create_task(self._measure_lag_forever(router), name="lag"),
         ]
         app = build_app("dispatcher", self.metrics)
         app[READINESS_KEY].append(self._ready)
@@ -257,23 +257,28 @@ class DispatcherService:
         self._lag.labels(partition.topic, str(partition.partition)).set(behind)
         self._lag_reported.add(partition)
 
-    async def _measure_lag_forever(self, *consumers: AIOKafkaConsumer) -> None:
-        """Lag of the router and the retry timer; the delivery lanes report their own."""
+    async def _measure_lag_forever(self, router: AIOKafkaConsumer) -> None:
+        """Lag of the router; the delivery lanes and the retry timer know their own."""
         while True:
             await asyncio.sleep(_LAG_SECONDS)
             owned: set[TopicPartition] = set()
-            for consumer in consumers:
-                owned |= consumer.assignment()
-                for partition in consumer.assignment():
-                    highwater = consumer.highwater(partition)
-                    try:
-                        position = await consumer.position(partition)
-                    except KafkaError:
-                        continue  # revoked meanwhile
-                    if highwater is not None:
-                        self._set_lag(partition, max(0, highwater - position))
-            if self._lanes is not None:
-                owned |= set(self._lanes.lag())
+            for partition in router.assignment():
+                try:
+                    # A rebalance can finish while position() waits: the partition may be
+                    # another process's by the time highwater() is asked (an assertion
+                    # inside the client), and this loop must outlive that.
+                    position = await router.position(partition)
+                    highwater = router.highwater(partition)
+                except (KafkaError, AssertionError, IllegalStateError):
+                    continue
+                if highwater is not None:
+                    self._set_lag(partition, max(0, highwater - position))
+                    owned.add(partition)
+            for component in (self._lanes, self._timer):
+                if component is not None:
+                    for partition, behind in component.lag().items():
+                        self._set_lag(partition, behind)
+                        owned.add(partition)
             # A partition another process took is its to report: a frozen value left here
             # would add phantom lag to every sum.
             for gone in self._lag_reported - owned:

@@ -180,13 +180,7 @@ class Lanes:
 
     def lag(self) -> dict[TopicPartition, int]:
         """Per owned partition: records in the log not yet finished here."""
-        behind = {}
-        for partition in self._consumer.assignment():
-            highwater = self._consumer.highwater(partition)
-            point = self._tracker.point(partition)
-            if highwater is not None and point is not None:
-                behind[partition] = max(0, highwater - point)
-        return behind
+        return self._tracker.lag(self._consumer)
 
     async def commit(self) -> None:
         assigned = self._consumer.assignment()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 
 class OffsetTracker:
@@ -57,6 +57,19 @@ class OffsetTracker:
             return None
         offsets = self._open.get(partition)
         return min(offsets) if offsets else self._next[partition]
+
+    def lag(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+        """Per partition the consumer owns: records in the log not yet finished here
+        (records read and held, a retry waiting for its time, count as behind)."""
+        behind = {}
+        # No await between reading the assignment and asking about its partitions: a
+        # rebalance cannot slip in between.
+        for partition in consumer.assignment():
+            highwater = consumer.highwater(partition)
+            point = self.point(partition)
+            if highwater is not None and point is not None:
+                behind[partition] = max(0, highwater - point)
+        return behind
 
     def to_commit(self) -> dict[TopicPartition, int]:
         """Commit points that moved since the last call to ``committed``."""

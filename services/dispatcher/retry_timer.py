@@ -55,6 +55,10 @@ class RetryTimer:
         self._gate = FetchGate(consumer)
         self._log = get_logger("dispatcher")
 
+    def lag(self) -> dict[TopicPartition, int]:
+        """Per owned partition: retries in the log not yet forwarded (waiting ones too)."""
+        return self._tracker.lag(self._consumer)
+
     @property
     def pending(self) -> int:
         return len(self._heap)

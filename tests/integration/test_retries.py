@@ -840,3 +840,27 @@ async def test_a_deactivated_webhooks_backlog_takes_no_rate_slots(
             within=12,
         )
         assert len(receiver.received) == 1
+
+
+async def test_a_retry_waiting_for_its_time_counts_as_lag(stack: Stack, receiver: Receiver) -> None:
+    """The retry timer has read the record (its position is past it), but it is not
+    forwarded yet: until then the partition is that far behind."""
+    await stack.create_webhook(receiver.url, CREATED)
+    receiver.statuses = [500]
+    await stack.create_object()
+    await receiver.wait_for(1)
+    registry = stack.dispatcher.metrics.registry
+    retry_topic = stack.dispatcher.topics.retry(1)
+
+    def waiting() -> float:
+        return sum(
+            registry.get_sample_value(
+                "hookwire_dispatcher_consumer_lag",
+                {"topic": retry_topic, "partition": str(partition)},
+            )
+            or 0
+            for partition in range(stack.settings.kafka_partitions)
+        )
+
+    await _eventually(lambda: stack.dispatcher._timer.pending == 1)  # type: ignore[union-attr]
+    await _eventually(lambda: waiting() == 1)
