@@ -183,8 +183,12 @@ class DeliveryHandler:
                 final=True,
             )
             return [self._attempt_record(skipped)]
-        if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
-            return [self._deferred(delivery, self._circuit.reopens_at(route.id))]
+        if delivery.kind == "event":
+            held_until = self._held_until(route.id)
+            if held_until is not None:
+                return [self._put_off(delivery, held_until)]
+            if not self._circuit.allows(route.id, time.monotonic()):
+                return [self._deferred(delivery, self._circuit.reopens_at(route.id))]
         clock = time.monotonic()
         self._inflight += 1
         try:
@@ -202,8 +206,9 @@ class DeliveryHandler:
             route = await self._confirmed(delivery.webhook_id)
         if route is None or not route.active or pace is None:
             return route
-        if delivery.kind == "event" and not self._circuit.allows(
-            route.id, time.monotonic(), peek=True
+        if delivery.kind == "event" and (
+            self._held_until(route.id) is not None
+            or not self._circuit.allows(route.id, time.monotonic(), peek=True)
         ):
             return route  # deferred by the caller, without waiting for a slot
         await pace()
@@ -319,6 +324,16 @@ class DeliveryHandler:
             retry_after = parse_retry_after(outcome.retry_after, now)
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
+
+    def _held_until(self, webhook_id: str) -> datetime | None:
+        """The time first attempts deferred by an open circuit wake up, while it is still
+        ahead. The circuit can close before it (a manual retry that succeeds): a new event
+        sent at once would overtake the deferred ones, so it waits for the same time and
+        wakes behind them."""
+        deferred = self._deferred_until.get(webhook_id)
+        if deferred is None or deferred[1] <= utcnow():
+            return None
+        return deferred[1]
 
     def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
         return self._put_off(delivery, utcnow() + timedelta(seconds=seconds))

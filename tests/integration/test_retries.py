@@ -356,6 +356,55 @@ async def test_first_attempts_deferred_by_an_open_circuit_keep_their_order(
         assert later == list(range(12))
 
 
+async def test_a_circuit_closed_early_does_not_let_new_events_overtake_deferred_ones(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """A manual retry that succeeds closes the circuit before the deferred first attempts
+    wake: an event after it waits for them instead of going first."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (30.0,) * 10,
+            "retry_jitter": 0.0,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 4.0,
+            "delivery_concurrency_per_endpoint": 1,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses = [500]
+        await stack.create_object({"n": 0})
+        [first] = await receiver.wait_for(1)
+        for n in (1, 2):
+            await stack.create_object({"n": n})
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "deferred"}
+                )
+                == 2
+            )
+        )
+        retry = (
+            f"{stack.api_url}/v1/teams/{stack.team_id}/deliveries/"
+            f"{first.headers['webhook-id']}/retry"
+        )
+
+        async def retried() -> bool:
+            async with stack.session.post(retry, headers=stack.headers()) as response:
+                return response.status == 202  # 404 until the delivery log has it
+
+        await _eventually(retried)
+        await receiver.wait_for(2)
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        )
+        await stack.create_object({"n": 3})
+        received = await receiver.wait_for(5, within=20)
+        assert [orjson.loads(r.body)["data"]["n"] for r in received[2:]] == [1, 2, 3]
+
+
 async def test_private_addresses_are_refused_without_the_allow_flag(
     stack: Stack, receiver: Receiver
 ) -> None:
