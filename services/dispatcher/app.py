@@ -18,6 +18,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    MAX_EVENT_BYTES,
     READINESS_KEY,
     RETRY_TIERS,
     TEST_EVENT_TYPE,
@@ -63,6 +64,8 @@ _CATCH_UP_SECONDS = 10.0
 _LAG_SECONDS = 1.0
 _CHANGE_REPLAY_MARGIN_MS = 5_000
 _OUTCOME_LINGER_SECONDS = 0.02
+# Re-encoded, a JSON document grows at most about 4.5 times (numbers in exponent form).
+_MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
 
 
 class DispatcherService:
@@ -218,6 +221,8 @@ class DispatcherService:
     async def _route_batch(self, records: list[ConsumerRecord]) -> None:
         assert self._producer is not None
         out: list[OutRecord] = []
+        routed = 0
+        matched: list[int] = []
         for record in records:
             try:
                 event = decode(Event, record.value)
@@ -228,13 +233,28 @@ class DispatcherService:
                 reason = f"{TEST_EVENT_TYPE} is sent only by the api's test route"
                 out.append(self._dead_letter(record, reason))
                 continue
+            size = len(record.value)
+            if size > _MAY_GROW_PAST_LIMIT:
+                # As the records that carry it will write it (`1e15` becomes
+                # `1000000000000000.0`): only a large event can grow past the limit.
+                size = max(size, len(event.to_bytes()))
+            if size > MAX_EVENT_BYTES:
+                # Its delivery and attempt records must fit the stream too; the api keeps
+                # its own events within this, a producer writing here directly may not.
+                reason = f"the event is {size} bytes, over {MAX_EVENT_BYTES}"
+                out.append(self._dead_letter(record, reason))
+                continue
             deliveries = fan_out(event, self.table.for_team(event.team_id))
-            self._routed.inc()
-            self._matched.observe(len(deliveries))
+            routed += 1
+            matched.append(len(deliveries))
             out.extend(
                 (self.topics.deliveries, d.webhook_id.encode(), d.to_bytes()) for d in deliveries
             )
         await send_all(self._producer, out)
+        # Counted once sent: a batch sent again after a failure is not routed twice.
+        self._routed.inc(routed)
+        for count in matched:
+            self._matched.observe(count)
 
     async def _apply_change(self, change: Change) -> None:
         if change.entity == "webhook":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from ._errors import InvalidRecord
@@ -200,6 +201,21 @@ class Attempt(Record):
     # Set when the dispatcher stopped delivering to the webhook (a 410): the delivery log's
     # writer disables the webhook and audits why.
     disable_reason: str | None = Field(default=None, max_length=500)
+
+    def to_bytes(self) -> bytes:
+        """At most ``MAX_RECORD_BYTES`` for an event within ``MAX_EVENT_BYTES``: the
+        receiver's answer, escaped (a control byte takes six), is cut to fit. An attempt
+        the broker refuses would hold its delivery's partition for good."""
+        value = super().to_bytes()
+        body = self.response_body
+        while len(value) > MAX_RECORD_BYTES and body:
+            # Keep the share of the answer that fits, at the answer's own bytes per
+            # character; an uneven answer may take another round.
+            body_bytes = len(orjson.dumps(body))
+            room = MAX_RECORD_BYTES - (len(value) - body_bytes) - 64
+            body = body[: max(0, min(len(body) - 1, len(body) * room // body_bytes))]
+            value = Record.to_bytes(self.model_copy(update={"response_body": body}))
+        return value
 
     @property
     def state(self) -> DeliveryState:

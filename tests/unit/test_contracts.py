@@ -89,3 +89,32 @@ def test_a_dead_letter_always_fits_a_record() -> None:
     assert decoded["reason"].startswith("gone: attempt 1 ended with HTTP 410 (payload cut to")
     small = letter.model_copy(update={"payload": "{}"})
     assert orjson.loads(small.to_bytes())["reason"] == "gone: attempt 1 ended with HTTP 410"
+
+
+def test_an_attempt_at_the_event_limit_always_fits_a_record() -> None:
+    """The largest event, 20 KB of headers and a 64 KB binary answer (each control byte
+    escaped to six) would pass the broker's limit: the answer is cut to fit."""
+    event = decode(Event, orjson.dumps({**VALID, "data": {"x": "a" * 899_000}}))
+    answer = "\x00" * 65_536
+    attempt = Attempt(
+        delivery_id="msg_1",
+        event_id=event.id,
+        webhook_id="wh_1",
+        team_id="team_1",
+        attempt=1,
+        attempted_at=datetime(2026, 1, 1, tzinfo=UTC),
+        outcome="failed",
+        final=False,
+        event=event,
+        request_headers={f"x-h{n}": "v" * 1000 for n in range(20)},
+        response_body=answer,
+    )
+    value = attempt.to_bytes()
+    assert len(value) <= MAX_RECORD_BYTES
+    decoded = decode(Attempt, value)
+    assert decoded.response_body is not None
+    assert answer.startswith(decoded.response_body)
+    assert len(decoded.response_body) > 10_000
+    assert decoded.event == event
+    small = attempt.model_copy(update={"response_body": "ok"})
+    assert decode(Attempt, small.to_bytes()).response_body == "ok"
