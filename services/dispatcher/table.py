@@ -21,6 +21,9 @@ from .signing import secret_key
 # How long a webhook stopped here stays stopped while the database still says active: the
 # delivery log's writer applies the disable within seconds; past this, the database wins.
 _STOPPED_AT_MOST_SECONDS = 600.0
+# A read holds the table's lock: one that hangs (a database gone silent) would hold every
+# change record behind it. Past this it fails, and the resync stands in for it.
+_READ_AT_MOST_SECONDS = 10.0
 
 
 def _route_from_row(row: Any) -> WebhookRoute:
@@ -124,7 +127,8 @@ class WebhookTable:
 
     async def load_all(self) -> None:
         async with self._reading:
-            rows = await self._read_all()
+            async with asyncio.timeout(_READ_AT_MOST_SECONDS):
+                rows = await self._read_all()
             loaded = {}
             for row in rows:
                 route = self._load_row(row)
@@ -137,7 +141,8 @@ class WebhookTable:
 
     async def refresh(self, webhook_id: str) -> None:
         async with self._reading:
-            row = await self._read_one(webhook_id)
+            async with asyncio.timeout(_READ_AT_MOST_SECONDS):
+                row = await self._read_one(webhook_id)
             self._apply_row(webhook_id, row)
 
     def _apply_row(self, webhook_id: str, row: Any) -> None:
