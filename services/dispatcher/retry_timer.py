@@ -19,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared import OutRecord, Topics, commit_offsets, get_logger, send_all
+from services.shared import OutRecord, Topics, commit_offsets, get_logger, send_each
 
 from .flow import FetchGate
 from .offsets import OffsetTracker
@@ -113,16 +113,19 @@ class RetryTimer:
         if not due:
             return
         out: list[OutRecord] = [(self._topics.deliveries, key, value) for *_, key, value in due]
-        try:
-            await send_all(self._producer, out)
-        except KafkaError as exc:
-            self._log.warning("retry_forward_failed", error=str(exc), records=len(due))
-            for entry in due:
+        failed = await send_each(self._producer, out)
+        for index, entry in enumerate(due):
+            if index in failed:
+                # Only what the broker did not take waits for another try: the rest is
+                # on its way to an endpoint and must not go twice.
                 heapq.heappush(self._heap, entry)
+            else:
+                _, topic, partition, offset, *_ = entry
+                self._tracker.done(TopicPartition(topic, partition), offset)
+        if failed:
+            error = next(iter(failed.values()))
+            self._log.warning("retry_forward_failed", error=str(error), records=len(failed))
             await asyncio.sleep(1.0)
-            return
-        for _, topic, partition, offset, *_ in due:
-            self._tracker.done(TopicPartition(topic, partition), offset)
 
     async def _commit(self) -> None:
         assigned = self._consumer.assignment()

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -161,6 +161,18 @@ async def send_all(
         raise refused[0]
     if outcomes:
         raise next(iter(outcomes.values()))
+
+
+async def send_each(
+    producer: AIOKafkaProducer, records: Sequence[tuple[str, bytes | None, bytes]]
+) -> dict[int, BaseException]:
+    """Like ``send_all``, but a failure is only its own records': returns the error of
+    each record (by its index) that the broker did not take. A caller that sends the
+    failed ones again sends no second copy of the others."""
+    batches, refused = await _send_packed(
+        producer, [(*record, index) for index, record in enumerate(records)]
+    )
+    return {**await _outcomes(batches), **refused}
 
 
 async def _send_packed(

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka.errors import KafkaTimeoutError
 from sqlalchemy.exc import OperationalError
 
 from services.api.context import CONTEXT
@@ -716,6 +717,92 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
         await _eventually(forwarded_due)
         assert forwarded == ["msg_due"]
         assert timer.pending <= 20
+    finally:
+        await cancel_and_wait(running)
+        await stop_client(deliveries)
+        await stop_client(retries)
+        await stop_client(producer)
+
+
+async def test_a_retry_forward_failing_on_one_partition_sends_no_second_copy_elsewhere(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two retries due at once, for webhooks on different deliveries partitions; the
+    broker refuses the first partition's batch twice. The other retry is forwarded once,
+    and the refused one once it is taken."""
+    split = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}split."})
+    await ensure_topics(split)
+    topics = topics_for(split)
+    keys = {}
+    for n in range(100):
+        keys.setdefault(partition_of(f"wh_{n}".encode(), split.kafka_partitions), f"wh_{n}")
+    refused_webhook, other_webhook = keys[0], keys[1]
+    event = Event(
+        id="evt_split",
+        type="object.created",
+        team_id="team_split",
+        object_type="contact",
+        object_id="obj_1",
+        occurred_at=utcnow(),
+        data={},
+    )
+    producer = make_producer(split)
+    await start_client(producer, split)
+    # Due together, once the timer has read both.
+    due = utcnow() + timedelta(seconds=2)
+    await send_all(
+        producer,
+        [
+            (
+                topics.retry(1),
+                webhook.encode(),
+                Delivery(
+                    id=f"msg_{webhook}",
+                    webhook_id=webhook,
+                    attempt=2,
+                    event=event,
+                    not_before=due,
+                ).to_bytes(),
+            )
+            for webhook in (refused_webhook, other_webhook)
+        ],
+    )
+    real_send_batch = producer.send_batch
+    refusals = [KafkaTimeoutError(), KafkaTimeoutError()]
+
+    async def refusing(batch: Any, topic: str, *, partition: int) -> Any:
+        if topic == topics.deliveries and partition == 0 and refusals:
+            # Taken, then never acknowledged (a leader away past the request timeout).
+            unacknowledged: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            unacknowledged.set_exception(refusals.pop())
+            return unacknowledged
+        return await real_send_batch(batch, topic, partition=partition)
+
+    monkeypatch.setattr(producer, "send_batch", refusing)
+    retries = make_patient_consumer(
+        split,
+        *(topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
+        group_id=f"{split.topic_prefix}retry",
+    )
+    await start_client(retries, split)
+    timer = RetryTimer(retries, producer, topics, pending_max=20)
+    running = asyncio.create_task(timer.run())
+    deliveries = make_consumer(split, topics.deliveries, group_id=None)
+    await start_client(deliveries, split)
+    try:
+        forwarded: list[str] = []
+
+        async def both_forwarded() -> bool:
+            batches = await deliveries.getmany(timeout_ms=200)
+            forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+            return f"msg_{refused_webhook}" in forwarded
+
+        await _eventually(both_forwarded)
+        assert not refusals
+        await asyncio.sleep(0.5)  # time enough for a stray copy to arrive, if one was sent
+        batches = await deliveries.getmany(timeout_ms=200)
+        forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+        assert sorted(forwarded) == sorted(f"msg_{w}" for w in (refused_webhook, other_webhook))
     finally:
         await cancel_and_wait(running)
         await stop_client(deliveries)
