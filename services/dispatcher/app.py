@@ -158,6 +158,7 @@ class DispatcherService:
             backlog_max=self.settings.delivery_backlog_max,
             rate=self.settings.delivery_rate_per_endpoint,
             on_commit=self._observe,
+            on_lost=lambda lost: self._forget_partitions(deliverer, lost),
         )
         self._timer = RetryTimer(
             retries, self._producer, self.topics, pending_max=self.settings.retry_pending_max
@@ -206,6 +207,11 @@ class DispatcherService:
             await stop_client(self._producer)
         if self._session is not None:
             await self._session.close()
+
+    def _forget_partitions(self, consumer: AIOKafkaConsumer, lost: set[TopicPartition]) -> None:
+        partitions = consumer.partitions_for_topic(self.topics.deliveries)
+        if self._handler is not None and partitions:
+            self._handler.forget_partitions({p.partition for p in lost}, len(partitions))
 
     def _observe(self) -> None:
         if self._lanes is not None:

@@ -29,6 +29,7 @@ from services.shared import (
     dead_letter_record,
     decode,
     get_logger,
+    partition_of,
     utcnow,
 )
 
@@ -123,6 +124,14 @@ class DeliveryHandler:
         """The webhook is gone or inactive: no circuit state is kept for it."""
         self._circuit.forget(webhook_id)
         self._deferred_until.pop(webhook_id, None)
+
+    def forget_partitions(self, lost: set[int], partitions: int) -> None:
+        """Deliveries of these partitions are another process's now, and so are their
+        endpoints' circuits: kept here, they would be counted open by both processes,
+        and by this one for ever."""
+        for webhook_id in {*self._circuit.endpoints(), *self._deferred_until}:
+            if partition_of(webhook_id.encode(), partitions) in lost:
+                self.forget_endpoint(webhook_id)
 
     async def publish(self, records: list[OutRecord]) -> None:
         # Until Kafka takes the outcome the record is not finished; keep trying.

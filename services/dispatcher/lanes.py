@@ -55,6 +55,7 @@ class Lanes:
         backlog_max: int,
         rate: float | None = None,
         on_commit: Callable[[], None] | None = None,
+        on_lost: Callable[[set[TopicPartition]], None] | None = None,
     ) -> None:
         self._consumer = consumer
         self._attempt = attempt
@@ -63,6 +64,7 @@ class Lanes:
         self._backlog_max = backlog_max
         self._interval = 1.0 / rate if rate else 0.0
         self._on_commit = on_commit
+        self._on_lost = on_lost
         self._lanes: dict[bytes, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tracker = OffsetTracker()
@@ -88,6 +90,8 @@ class Lanes:
             dropped = self._tracker.retain(self._consumer.assignment())
             if dropped:
                 self._drop_waiting(dropped)
+                if self._on_lost is not None:
+                    self._on_lost(dropped)
             for partition, records in batches.items():
                 for record in records:
                     # After a rebalance that gave a partition back, it is read again from

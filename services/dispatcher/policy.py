@@ -142,6 +142,10 @@ class CircuitBreaker:
     def forget(self, endpoint: str) -> None:
         self._endpoints.pop(endpoint, None)
 
+    def endpoints(self) -> list[str]:
+        """The endpoints with state (failing or open)."""
+        return list(self._endpoints)
+
     @property
     def open_count(self) -> int:
         return sum(1 for s in self._endpoints.values() if s.opened_at is not None)

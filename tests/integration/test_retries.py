@@ -406,6 +406,45 @@ async def test_a_circuit_closed_early_does_not_let_new_events_overtake_deferred_
         assert [orjson.loads(r.body)["data"]["n"] for r in received[2:]] == [1, 2, 3]
 
 
+async def test_a_circuit_moves_away_with_its_partition(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """Two failing endpoints on different partitions, both circuits open; a second
+    dispatcher joins and takes one partition: the first counts only the circuit it still
+    owns (the other is the newcomer's to probe)."""
+    tripping = settings.model_copy(
+        update={"circuit_failure_threshold": 1, "circuit_open_seconds": 120.0}
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        receiver.statuses = [500] * 10
+        on_partition: dict[int, str] = {}
+        while len(on_partition) < 2:
+            webhook = await stack.create_webhook(receiver.url, CREATED)
+            partition = partition_of(webhook["id"].encode(), tripping.kafka_partitions)
+            if partition in on_partition:
+                async with stack.session.delete(
+                    f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+                    headers=stack.headers(),
+                ) as response:
+                    assert response.status == 204
+                continue
+            on_partition[partition] = webhook["id"]
+        await stack.create_object()
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 2
+        )
+        second = DispatcherService(tripping, stack.api.engine)
+        await second.start()
+        try:
+            await _eventually(
+                lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1,
+                within=30,
+            )
+        finally:
+            await second.stop()
+
+
 async def test_private_addresses_are_refused_without_the_allow_flag(
     stack: Stack, receiver: Receiver
 ) -> None:
