@@ -9,8 +9,8 @@ from sqlalchemy import func, select
 from yarl import URL
 
 from services.auth.tokens import generate_token
-from services.shared import tables
-from tests.conftest import Stack
+from services.shared import EVENT_TYPES, tables
+from tests.conftest import Stack, corrupt
 
 
 async def _post(
@@ -37,23 +37,34 @@ VALID = {"name": "n", "url": "https://example.com/hook", "topics": ["object.crea
 
 
 @pytest.mark.parametrize(
-    ("headers", "code"),
+    ("headers", "code", "details"),
     [
-        ({}, "missing_token"),
-        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_token"),
-        ({"authorization": "Bearer hwk_short"}, "invalid_token"),
-        ({"authorization": "Bearer " + generate_token()[:-1] + "0"}, "invalid_token"),
-        ({"authorization": "Bearer " + generate_token()}, "invalid_token"),
-        ({"authorization": "Bearer sk_live_somethingelse"}, "invalid_token"),
+        ({}, "missing_token", None),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_token", None),
+        ({"authorization": "Bearer hwk_short"}, "invalid_token", {"reason": "malformed"}),
+        (
+            {"authorization": "Bearer " + corrupt(generate_token())},
+            "invalid_token",
+            {"reason": "malformed"},
+        ),
+        ({"authorization": "Bearer " + generate_token()}, "invalid_token", {"reason": "unknown"}),
+        (
+            {"authorization": "Bearer sk_live_somethingelse"},
+            "invalid_token",
+            {"reason": "malformed"},
+        ),
     ],
+    ids=["none", "basic", "short", "bad_checksum", "unknown", "wrong_prefix"],
 )
 async def test_missing_or_invalid_tokens_get_401(
-    api_stack: Stack, headers: dict[str, str], code: str
+    api_stack: Stack, headers: dict[str, str], code: str, details: dict[str, str] | None
 ) -> None:
-    """No token, another scheme, truncated, bad checksum, unknown, wrong prefix: all 401."""
+    """No token, another scheme, truncated, bad checksum, unknown, wrong prefix: all 401,
+    and the reason tells a malformed key (caught without a lookup) from an unknown one."""
     status, body = await _post(api_stack, "/webhooks", headers=headers, json=VALID)
     assert status == 401
     assert body["error"]["code"] == code
+    assert body["error"]["details"] == details
     assert body["error"]["message"]
     assert await _webhook_count(api_stack) == 0
 
@@ -131,6 +142,20 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "name": "a\u0000b"}, "name"),
         ({**VALID, "description": "\u0000"}, "description"),
         ([VALID], "body"),
+        # One row per limit of WebhookCreate.
+        ({**VALID, "name": "n" * 201}, "name"),
+        ({**VALID, "description": "d" * 2001}, "description"),
+        ({**VALID, "url": "https://example.com/" + "p" * 2048}, "url"),
+        ({**VALID, "url": "http:///hook"}, "url"),
+        ({**VALID, "url": 5}, "url"),
+        ({**VALID, "topics": [*EVENT_TYPES, "object.created"]}, "topics"),
+        ({**VALID, "topics": "object.created"}, "topics"),
+        ({**VALID, "object_types": [f"t{n}" for n in range(101)]}, "object_types"),
+        ({**VALID, "object_types": "contact"}, "object_types"),
+        ({**VALID, "headers": {f"X-H{n}": "v" for n in range(21)}}, "headers"),
+        ({**VALID, "headers": {"X-Long": "v" * 1025}}, "headers"),
+        ({**VALID, "headers": {"X-Num": 5}}, "headers.X-Num"),
+        ({**VALID, "headers": ["X-A"]}, "headers"),
     ],
 )
 async def test_invalid_webhooks_get_422_naming_the_field(
@@ -144,12 +169,14 @@ async def test_invalid_webhooks_get_422_naming_the_field(
     assert await _webhook_count(api_stack) == 0
 
 
-@pytest.mark.parametrize("raw", [b"{", b"", b"nul", b'{"name": "x",}', b"\xff\xfe"])
-async def test_malformed_json_gets_422(api_stack: Stack, raw: bytes) -> None:
-    """Bodies that are not JSON at all are refused with a clear message."""
+@pytest.mark.parametrize("path", ["/webhooks", "/objects/contact"])
+@pytest.mark.parametrize("raw", [b"{", b"", b"  \n", b"nul", b'{"name": "x",}', b"\xff\xfe"])
+async def test_malformed_json_gets_422(api_stack: Stack, path: str, raw: bytes) -> None:
+    """Bodies that are not JSON at all (or empty) are refused with a clear message, on the
+    typed webhook route and the free-form object route alike; nothing is stored."""
     status, answer = await _post(
         api_stack,
-        "/webhooks",
+        path,
         data=raw,
         headers={**api_stack.headers(), "content-type": "application/json"},
     )
@@ -157,6 +184,7 @@ async def test_malformed_json_gets_422(api_stack: Stack, raw: bytes) -> None:
     assert answer["error"]["details"][0]["field"] == "body"
     assert "JSON" in answer["error"]["message"]
     assert await _webhook_count(api_stack) == 0
+    assert await _object_rows(api_stack) == 0
 
 
 async def test_oversized_body_gets_413(api_stack: Stack) -> None:

@@ -62,14 +62,28 @@ async def test_filters_and_pagination(api_stack: Stack) -> None:
 
 
 @pytest.mark.parametrize(
-    "query",
-    ["?limit=0", "?limit=many", "?since=yesterday", "?since=2026-01-01T00:00:00", "?colour=blue"],
+    ("query", "field"),
+    [
+        ("?limit=0", "limit"),
+        ("?limit=501", "limit"),
+        ("?limit=many", "limit"),
+        ("?since=yesterday", "since"),
+        ("?since=2026-01-01T00:00:00", "since"),
+        ("?until=2026-01-01T00:00:00", "until"),
+        ("?colour=blue", "colour"),
+        ("?cursor=" + "c" * 65, "cursor"),
+        ("?actor=" + "a" * 65, "actor"),
+        ("?action=" + "a" * 65, "action"),
+        ("?team_id=" + "t" * 65, "team_id"),
+    ],
 )
-async def test_bad_queries_get_422(api_stack: Stack, query: str) -> None:
-    """Bad limits, unparseable or naive times and unknown parameters are named."""
+async def test_bad_queries_get_422(api_stack: Stack, query: str, field: str) -> None:
+    """Bad limits, unparseable or naive times, over-long filters and cursors, and unknown
+    parameters are refused, each naming its parameter."""
     status, body = await _audit(api_stack, query)
     assert status == 422
-    assert body["error"]["details"][0]["field"]
+    assert body["error"]["code"] == "validation_failed"
+    assert [problem["field"] for problem in body["error"]["details"]] == [field]
 
 
 async def test_reading_needs_the_permission(api_stack: Stack) -> None:

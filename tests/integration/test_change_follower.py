@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
@@ -134,3 +135,47 @@ async def test_an_empty_topic_is_caught_up_at_once(kafka_settings: Settings) -> 
         assert asyncio.get_running_loop().time() - started < 2
     finally:
         await follower.stop()
+
+
+async def test_bad_records_and_a_failing_handler_do_not_end_following(
+    kafka_settings: Settings,
+) -> None:
+    """Garbage, an empty record, a record outside the contract and a change whose handler
+    raises are each passed over; the valid change written after them is still handled."""
+    consumer = make_patient_consumer(
+        kafka_settings, Topics(kafka_settings.topic_prefix).changes, group_id=None
+    )
+    await start_client(consumer, kafka_settings)
+    handled: list[str] = []
+
+    def handle(change: Change) -> None:
+        handled.append(change.entity_id)
+        if change.entity_id == "wh_boom":
+            raise RuntimeError("the cache could not take it")
+
+    following = asyncio.create_task(follow_changes(consumer, handle))
+    topic = Topics(kafka_settings.topic_prefix).changes
+    change = Change(entity="webhook", entity_id="wh_boom", action="updated", at=utcnow())
+    producer = make_producer(kafka_settings)
+    await start_client(producer, kafka_settings)
+    try:
+        # One key: one partition, so the valid change comes after every bad record.
+        for value in (
+            b"garbage",
+            None,
+            orjson.dumps({**orjson.loads(change.to_bytes()), "entity": "planet"}),
+            change.to_bytes(),
+            change.model_copy(update={"entity_id": "wh_after"}).to_bytes(),
+        ):
+            await producer.send_and_wait(topic, value=value, key=b"same-partition")
+        deadline = asyncio.get_running_loop().time() + 10
+        while "wh_after" not in handled:
+            assert not following.done(), following.exception()
+            assert asyncio.get_running_loop().time() < deadline, handled
+            await asyncio.sleep(0.05)
+        assert handled == ["wh_boom", "wh_after"]
+        assert not following.done()
+    finally:
+        await stop_client(producer)
+        await cancel_and_wait(following)
+        await stop_client(consumer)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import orjson
 
-from services.shared import make_producer
+from services.shared import make_producer, utcnow
 from tests.conftest import Receiver, Stack, dead_letters
 
 GOOD = {
@@ -98,3 +101,73 @@ async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(
     [letter] = await dead_letters(stack.settings, 1)
     assert letter["source_topic"] == topics.deliveries
     assert str(letter["reason"]).startswith("id: String should have at most 64 characters")
+
+
+def _delivery(webhook_id: str, team_id: str, delivery_id: str, **fields: Any) -> bytes:
+    event = {**GOOD, "team_id": team_id}
+    record = {"schema": 1, "id": delivery_id, "webhook_id": webhook_id, "attempt": 1}
+    return orjson.dumps({**record, "event": event, **fields})
+
+
+async def _send(stack: Stack, topic: str, key: bytes, values: list[bytes | None]) -> None:
+    producer = make_producer(stack.settings)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value=value, key=key)
+    finally:
+        await producer.stop()
+
+
+def _invalid_records(stack: Stack) -> float | None:
+    return stack.dispatcher.metrics.registry.get_sample_value(
+        "hookwire_dispatcher_dead_letters_total", {"reason": "invalid_record"}
+    )
+
+
+async def test_unreadable_deliveries_are_dead_lettered_and_the_lane_goes_on(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A record that is not JSON, and one with no value at all, on the deliveries topic of
+    a webhook's lane: each dead-lettered as invalid; the delivery behind them is sent."""
+    webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
+    topics = stack.dispatcher.topics
+    await _send(
+        stack,
+        topics.deliveries,
+        webhook_id.encode(),
+        [b"{not json", None, _delivery(webhook_id, stack.team_id, "msg_behind_them")],
+    )
+    [delivered] = await receiver.wait_for(1)
+    assert delivered.headers["webhook-id"] == "msg_behind_them"
+    letters = await dead_letters(stack.settings, 2)
+    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 2
+    assert [letter["payload"] for letter in letters] == ["{not json", ""]
+    assert "json" in str(letters[0]["reason"]).lower()
+    assert letters[1]["reason"] == "record has no value"
+    assert _invalid_records(stack) == 2
+
+
+async def test_garbage_on_a_retry_topic_is_forwarded_then_dead_lettered(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """The retry timer reads no more of a record than its due time: garbage (no readable
+    time: due now) and an empty record are forwarded at once, dead-lettered by the delivery
+    lane, and the due retry written after them still arrives. Nothing stalls the timer."""
+    webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
+    topics = stack.dispatcher.topics
+    due = _delivery(
+        webhook_id, stack.team_id, "msg_due_retry", attempt=2, not_before=utcnow().isoformat()
+    )
+    await _send(stack, topics.retry(1), webhook_id.encode(), [b"garbage", None, due])
+    [delivered] = await receiver.wait_for(1)
+    assert delivered.headers["webhook-id"] == "msg_due_retry"
+    letters = await dead_letters(stack.settings, 2)
+    # Forwarded first, so the delivery lane is where they are found out.
+    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 2
+    assert sorted(letter["payload"] for letter in letters) == ["", "garbage"]
+    assert _invalid_records(stack) == 2
+    deadline = asyncio.get_running_loop().time() + 5
+    while stack.dispatcher._timer is not None and stack.dispatcher._timer.pending:
+        assert asyncio.get_running_loop().time() < deadline, "records left waiting"
+        await asyncio.sleep(0.05)

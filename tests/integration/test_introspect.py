@@ -10,7 +10,7 @@ import pytest
 
 from services.auth import app as auth_app
 from services.auth import store
-from services.auth.tokens import hash_token
+from services.auth.tokens import generate_token, hash_token
 from tests.conftest import Stack, audit_count, corrupt, pause_first_call
 
 
@@ -41,6 +41,7 @@ async def test_inactive_answers_say_why(api_stack: Stack) -> None:
     cases = [
         ({"token": "hwk_nope"}, "malformed"),
         ({"token": corrupt(api_stack.token)}, "malformed"),
+        ({"token": generate_token()}, "unknown"),
         ({"token": api_stack.token, "team_id": "team_unknown"}, "not_member"),
     ]
     for payload, reason in cases:
@@ -57,12 +58,49 @@ async def test_service_credential_is_required(api_stack: Stack) -> None:
         assert answer["error"]["code"] == "invalid_service_credential"
 
 
-async def test_bad_introspection_bodies_get_422(api_stack: Stack) -> None:
-    """Unknown fields and wrong types are refused."""
-    for payload in ({"token": api_stack.token, "extra": 1}, {"token": 5}, {}):
-        status, answer = await _introspect(api_stack, payload)
-        assert status == 422
-        assert answer["error"]["code"] == "validation_failed"
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"extra": 1}, "extra"),
+        ({"token": 5}, "token"),
+        ({"token": None}, "token"),
+        ({"token": "hwk_" + "a" * 253}, "token"),
+        ({"team_id": "t" * 129}, "team_id"),
+        ({"permission": "p" * 65}, "permission"),
+        ({"client_ip": "1" * 65}, "client_ip"),
+        ({"team_id": 5}, "team_id"),
+        ([], "body"),
+    ],
+)
+async def test_bad_introspection_bodies_get_422(api_stack: Stack, payload: Any, field: str) -> None:
+    """Unknown fields, wrong types and values past their limits are refused, naming the
+    field (a token past 256 characters is not looked at, not answered "malformed")."""
+    if isinstance(payload, dict) and "token" not in payload:
+        payload = {"token": api_stack.token, **payload}
+    status, answer = await _introspect(api_stack, payload)
+    assert status == 422
+    assert answer["error"]["code"] == "validation_failed"
+    assert field in [d["field"] for d in answer["error"]["details"]]
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"token=x"])
+async def test_introspection_bodies_that_are_not_json_get_422(api_stack: Stack, raw: bytes) -> None:
+    """An empty or unparseable body is refused naming the body."""
+    async with api_stack.session.post(
+        f"{api_stack.auth_url}/v1/introspect",
+        data=raw,
+        headers={"authorization": "Bearer test-service-credential"},
+    ) as response:
+        assert response.status == 422
+        answer = await response.json()
+    assert [d["field"] for d in answer["error"]["details"]] == ["body"]
+
+
+async def test_a_missing_token_field_is_named(api_stack: Stack) -> None:
+    """``{}``: the token is required."""
+    status, answer = await _introspect(api_stack, {})
+    assert status == 422
+    assert [d["field"] for d in answer["error"]["details"]] == ["token"]
 
 
 async def test_a_revoke_during_a_cache_fill_is_not_undone(

@@ -121,27 +121,62 @@ async def test_stale_if_match_and_no_op_patches_publish_nothing(
     [
         ("PATCH", "/contact/{id}", [1], 422, "body"),
         ("PATCH", "/contact/{id}", "x", 422, "body"),
+        # Raw bytes: sent as they are, not as JSON.
+        ("POST", "/contact", b"", 422, "body"),
+        ("POST", "/contact", b"{", 422, "body"),
+        ("PATCH", "/contact/{id}", b"", 422, "body"),
+        ("PATCH", "/contact/{id}", b"{", 422, "body"),
+        ("POST", "/contact/{id}/send", b"", 422, "body"),
+        ("POST", "/contact/{id}/send", b"{", 422, "body"),
         ("POST", "/contact/{id}/send", {}, 422, "to"),
         ("POST", "/contact/{id}/send", {"to": "a", "cc": "b"}, 422, "cc"),
+        ("POST", "/contact/{id}/send", {"to": 5}, 422, "to"),
+        ("POST", "/contact/{id}/send", {"to": ""}, 422, "to"),
+        ("POST", "/contact/{id}/send", {"to": "a" * 321}, 422, "to"),
+        ("POST", "/contact/{id}/send", {"to": "a", "channel": ""}, 422, "channel"),
+        ("POST", "/contact/{id}/send", {"to": "a", "channel": "c" * 33}, 422, "channel"),
+        ("POST", "/contact/{id}/send", {"to": "a", "subject": "s" * 501}, 422, "subject"),
+        ("POST", "/contact/{id}/send", {"to": "a", "subject": 1}, 422, "subject"),
+        ("POST", "/contact/{id}/send", {"to": "a", "message": "m" * 10_001}, 422, "message"),
+        ("POST", "/contact/{id}/send", [{"to": "a"}], 422, "body"),
         ("PATCH", "/contact/obj_missing", {"a": 1}, 404, None),
         ("POST", "/contact/{id}/restore", None, 404, None),
         ("GET", "/contact?limit=0", None, 422, "limit"),
         ("GET", "/contact?limit=lots", None, 422, "limit"),
+        ("GET", "/contact?cursor=" + "c" * 65, None, 422, "cursor"),
         ("GET", "/Contact/{id}", None, 422, "object_type"),
     ],
 )
 async def test_bad_object_requests(
     api_stack: Stack, method: str, path: str, body: Any, status: int, field: str | None
 ) -> None:
-    """Wrong bodies, missing objects and bad parameters are refused; nothing changes."""
+    """Wrong bodies, missing objects and bad parameters are refused; nothing changes,
+    nothing is stored and no event is published."""
     _, created, _ = await _call(api_stack, "POST", "/contact", json={"a": 1})
-    got, answer, _ = await _call(api_stack, method, path.format(id=created["id"]), json=body)
-    assert got == status
+    sent = {"data": body} if isinstance(body, bytes) else {"json": body}
+    headers = {"content-type": "application/json"} if isinstance(body, bytes) else None
+    got, answer, _ = await _call(
+        api_stack, method, path.format(id=created["id"]), headers=headers, **sent
+    )
+    assert got == status, answer
     if field is not None:
         assert field in [d["field"] for d in answer["error"]["details"]]
     _, current, _ = await _call(api_stack, "GET", f"/contact/{created['id']}")
     assert current["data"] == {"a": 1}
     assert current["version"] == 1
+    assert await _object_count(api_stack) == 1
+    assert _published(api_stack) == {"object.created": 1.0}
+
+
+def _published(stack: Stack) -> dict[str, float]:
+    """Events the api's outbox saw acknowledged, by type."""
+    counts: dict[str, float] = {}
+    for metric in stack.api.metrics.registry.collect():
+        if metric.name == "hookwire_api_events_published":
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    counts[sample.labels["type"]] = sample.value
+    return counts
 
 
 async def test_force_delete_needs_its_own_permission(api_stack: Stack) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, audit_count
 
 
 async def _group(stack: Stack, permissions: list[str], name: str = "crm") -> dict[str, Any]:
@@ -66,23 +66,96 @@ async def test_groups_cannot_escalate(api_stack: Stack) -> None:
     assert answer["error"]["details"] == {"permissions": ["team:billing"]}
 
 
+def _fields(answer: dict[str, Any]) -> list[str]:
+    details = answer["error"]["details"]
+    return [d["field"] for d in details] if isinstance(details, list) else []
+
+
 @pytest.mark.parametrize(
-    ("body", "status"),
+    ("body", "status", "code", "field"),
     [
-        ({"name": "crm", "permissions": ["object:read"]}, 409),
-        ({"name": "x", "permissions": ["object:explode"]}, 422),
-        ({"name": "x", "permissions": []}, 422),
-        ({"name": "x"}, 422),
-        ({"name": "x", "permissions": ["object:read"], "owner": "me"}, 422),
+        ({"name": "crm", "permissions": ["object:read"]}, 409, "duplicate_name", None),
+        (
+            {"name": "x", "permissions": ["object:explode"]},
+            422,
+            "unknown_permission",
+            "permissions",
+        ),
+        ({"name": "x", "permissions": []}, 422, "validation_failed", "permissions"),
+        ({"name": "x"}, 422, "validation_failed", "permissions"),
+        (
+            {"name": "x", "permissions": ["object:read"], "owner": "me"},
+            422,
+            "validation_failed",
+            "owner",
+        ),
+        ({"name": "", "permissions": ["object:read"]}, 422, "validation_failed", "name"),
+        ({"name": "n" * 201, "permissions": ["object:read"]}, 422, "validation_failed", "name"),
+        (
+            {"name": "x", "description": "d" * 2001, "permissions": ["object:read"]},
+            422,
+            "validation_failed",
+            "description",
+        ),
+        (
+            {"name": "x", "permissions": ["object:read"] * 101},
+            422,
+            "validation_failed",
+            "permissions",
+        ),
+        ({"name": "x", "permissions": "object:read"}, 422, "validation_failed", "permissions"),
+        ({"name": 7, "permissions": ["object:read"]}, 422, "validation_failed", "name"),
+        ([{"name": "x", "permissions": ["object:read"]}], 422, "validation_failed", "body"),
     ],
 )
-async def test_bad_groups_are_refused(api_stack: Stack, body: dict[str, Any], status: int) -> None:
-    """Duplicate names, unknown or missing permissions, unknown fields."""
+async def test_bad_groups_are_refused(
+    api_stack: Stack, body: Any, status: int, code: str, field: str | None
+) -> None:
+    """Duplicate names, unknown or missing permissions, over-long or wrong-typed values,
+    unknown fields: each refused with its code and field, and no group is stored."""
     await _group(api_stack, ["object:read"])
-    got, _ = await api_stack.auth_call("POST", "/v1/permission-groups", json=body)
+    got, answer = await api_stack.auth_call("POST", "/v1/permission-groups", json=body)
     assert got == status
+    assert answer["error"]["code"] == code
+    if field is not None:
+        assert field in _fields(answer)
     _, listed = await api_stack.auth_call("GET", "/v1/permission-groups")
     assert [g["name"] for g in listed["data"]] == ["crm"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field"),
+    [
+        ({}, 422, "validation_failed", "body"),
+        (b"", 422, "validation_failed", "body"),
+        (b"{", 422, "validation_failed", "body"),
+        ({"permissions": ["object:explode"]}, 422, "unknown_permission", "permissions"),
+        ({"permissions": []}, 422, "validation_failed", "permissions"),
+        ({"permissions": ["object:read"] * 101}, 422, "validation_failed", "permissions"),
+        ({"colour": "red"}, 422, "validation_failed", "colour"),
+        ({"name": ""}, 422, "validation_failed", "name"),
+        ({"name": "n" * 201}, 422, "validation_failed", "name"),
+        ({"description": "d" * 2001}, 422, "validation_failed", "description"),
+        ({"name": 7}, 422, "validation_failed", "name"),
+        ({"name": "taken"}, 409, "duplicate_name", None),
+    ],
+)
+async def test_bad_group_updates_are_refused(
+    api_stack: Stack, body: Any, status: int, code: str, field: str | None
+) -> None:
+    """An empty change, unknown permissions or fields, over-long or wrong-typed values and
+    a name another group has: refused, the group unchanged and nothing audited."""
+    group = await _group(api_stack, ["object:read"])
+    await _group(api_stack, ["object:read"], name="taken")
+    sent = {"data": body} if isinstance(body, bytes) else {"json": body}
+    got, answer = await api_stack.auth_call("PATCH", f"/v1/permission-groups/{group['id']}", **sent)
+    assert got == status, answer
+    assert answer["error"]["code"] == code
+    if field is not None:
+        assert field in _fields(answer)
+    _, shown = await api_stack.auth_call("GET", f"/v1/permission-groups/{group['id']}")
+    assert shown == group
+    assert await audit_count(api_stack, "permission_group.updated", group["id"]) == 0
 
 
 async def test_a_group_in_use_cannot_be_deleted(api_stack: Stack) -> None:

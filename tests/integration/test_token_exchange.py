@@ -17,7 +17,7 @@ from aiohttp import web
 from services.api import authn
 from services.api.context import CONTEXT
 from services.auth import store
-from services.auth.tokens import hash_token
+from services.auth.tokens import generate_token, hash_token
 from services.shared import InvalidToken, Metrics, Settings, access_tokens, bound_port, start_site
 from tests.conftest import ACCESS_TOKEN_KEY, Stack, corrupt, pause_first_call, running_stack
 
@@ -132,9 +132,34 @@ async def test_tampered_expired_and_foreign_tokens_are_refused(api_stack: Stack)
 
 
 async def test_exchange_refuses_bad_keys(api_stack: Stack) -> None:
-    """Malformed, unknown and revoked keys get no access token."""
-    for key in ("hwk_bad", corrupt(api_stack.token), "nothing"):
-        assert (await _exchange(api_stack, key))[0] == 401
+    """Malformed, unknown, revoked and deactivated keys get no access token, and the
+    answer says which."""
+    _, revoked = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "revoked", "permissions": ["webhook:read"]}
+    )
+    assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{revoked['id']}"))[0] == 204
+    _, paused = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "paused", "permissions": ["webhook:read"]}
+    )
+    status, _ = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{paused['id']}", json={"active": False}
+    )
+    assert status == 200
+    cases = [
+        ("hwk_bad", "malformed"),
+        (corrupt(api_stack.token), "malformed"),
+        ("nothing", "malformed"),
+        ("hwk_" + "a" * 300, "malformed"),
+        (generate_token(), "unknown"),
+        (revoked["token"], "revoked"),
+        (paused["token"], "inactive"),
+    ]
+    for key, reason in cases:
+        status, body = await _exchange(api_stack, key)
+        assert status == 401, (key, body)
+        error: Any = body["error"]
+        assert (error["code"], error["details"]) == ("invalid_token", {"reason": reason}), key
+        assert "access_token" not in body
 
 
 @pytest.fixture

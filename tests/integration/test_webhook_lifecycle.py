@@ -152,8 +152,22 @@ async def test_trash_restore_and_force_delete(api_stack: Stack) -> None:
         ("", {"topics": ["object.nope"]}, 422, "topics.0"),
         ("", {"headers": {"Host": "x"}}, 422, "headers"),
         ("", {"secret": "whsec_mine"}, 422, "secret"),
+        ("", {"active": None}, 422, "active"),
+        ("", {"active": "false"}, 422, "active"),
+        ("", {"name": "n" * 201}, 422, "name"),
+        ("", {"description": "d" * 2001}, 422, "description"),
+        ("", {"url": "https://example.com/" + "p" * 2048}, 422, "url"),
+        ("", {"url": "http:///hook"}, 422, "url"),
+        ("", {"url": None}, 422, "url"),
+        ("", {"topics": []}, 422, "topics"),
+        ("", {"object_types": [f"t{n}" for n in range(101)]}, 422, "object_types"),
+        ("", {"headers": {f"X-H{n}": "v" for n in range(21)}}, 422, "headers"),
+        ("", {"headers": {"X-Long": "v" * 1025}}, 422, "headers"),
+        ("", [{"name": "x"}], 422, "body"),
         ("/rotate-secret", {"grace_seconds": -1}, 422, "grace_seconds"),
         ("/rotate-secret", {"grace_seconds": 10**9}, 422, "grace_seconds"),
+        ("/rotate-secret", {"grace_seconds": "60"}, 422, "grace_seconds"),
+        ("/rotate-secret", {"grace": 60}, 422, "grace"),
     ],
 )
 async def test_bad_webhook_changes_are_refused(
@@ -170,7 +184,16 @@ async def test_bad_webhook_changes_are_refused(
     assert got == status
     assert field in [d["field"] for d in answer["error"]["details"]]
     _, current = await _hooks(api_stack, "GET", f"/{webhook['id']}")
-    assert (current["name"], current["url"]) == ("keep", "https://example.com/h")
+    assert {k: current[k] for k in webhook if k != "secret"} == {
+        k: v for k, v in webhook.items() if k != "secret"
+    }
+    async with api_stack.api.engine.connect() as conn:
+        secrets = (
+            await conn.execute(
+                select(tables.webhooks.c.secrets).where(tables.webhooks.c.id == webhook["id"])
+            )
+        ).scalar_one()
+    assert [entry["secret"] for entry in secrets] == [webhook["secret"]]
 
 
 @pytest.fixture
@@ -181,6 +204,11 @@ async def strict_stack(settings: Settings) -> AsyncIterator[Stack]:
         yield running
 
 
+# A public address needs no DNS: the strict stack can save it offline.
+PUBLIC_URL = "http://1.1.1.1/h"
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
 @pytest.mark.parametrize(
     "url",
     [
@@ -194,15 +222,26 @@ async def strict_stack(settings: Settings) -> AsyncIterator[Stack]:
     ],
 )
 async def test_private_urls_are_refused_without_the_allow_flag(
-    strict_stack: Stack, url: str
+    strict_stack: Stack, url: str, method: str
 ) -> None:
-    """SSRF: a URL resolving to a non-public address is refused when the webhook is saved."""
-    status, answer = await _hooks(
-        strict_stack, "POST", json={"name": "x", "url": url, "topics": ["object.created"]}
-    )
+    """SSRF: a URL resolving to a non-public address is refused when the webhook is saved,
+    created or edited; an edit leaves the stored URL as it was."""
+    if method == "POST":
+        status, answer = await _hooks(
+            strict_stack, "POST", json={"name": "x", "url": url, "topics": ["object.created"]}
+        )
+    else:
+        status, created = await _hooks(
+            strict_stack,
+            "POST",
+            json={"name": "x", "url": PUBLIC_URL, "topics": ["object.created"]},
+        )
+        assert status == 201, created
+        status, answer = await _hooks(strict_stack, "PATCH", f"/{created['id']}", json={"url": url})
     assert status == 422
     assert answer["error"]["details"][0]["field"] == "url"
-    assert (await _hooks(strict_stack, "GET"))[1]["data"] == []
+    listed = (await _hooks(strict_stack, "GET"))[1]["data"]
+    assert [hook["url"] for hook in listed] == ([] if method == "POST" else [PUBLIC_URL])
 
 
 async def test_list_filters_by_active_and_topic_and_pages(api_stack: Stack) -> None:
@@ -246,7 +285,9 @@ async def test_list_filters_by_active_and_topic_and_pages(api_stack: Stack) -> N
         ({"active": "maybe"}, "active"),
         ({"topic": "object.exploded"}, "topic"),
         ({"limit": "501"}, "limit"),
+        ({"limit": "0"}, "limit"),
         ({"sort": "name"}, "sort"),
+        ({"cursor": "c" * 65}, "cursor"),
     ):
         status, body = await _hooks(api_stack, "GET", params=params)
         assert status == 422, params

@@ -1,0 +1,128 @@
+"""Attempt records that name a webhook with another team's id are no evidence about it."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from services.shared import (
+    Attempt,
+    Event,
+    Settings,
+    make_producer,
+    tables,
+    topics_for,
+    utcnow,
+)
+from tests.conftest import Stack, audit_count, running_stack
+
+
+def _attempt(team_id: str, delivery_id: str, webhook_id: str, **fields: Any) -> Attempt:
+    event = Event(
+        id=f"evt_{delivery_id}",
+        type="object.created",
+        team_id=team_id,
+        object_type="contact",
+        object_id="obj_1",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+        data={},
+    )
+    values: dict[str, Any] = {
+        "delivery_id": delivery_id,
+        "event_id": event.id,
+        "webhook_id": webhook_id,
+        "team_id": team_id,
+        "attempt": 1,
+        "attempted_at": utcnow(),
+        "outcome": "failed",
+        "status_code": 410,
+        "final": True,
+        "event": event,
+    }
+    return Attempt(**{**values, **fields})
+
+
+async def _stored(stack: Stack, delivery_id: str, within: float = 10.0) -> None:
+    """Until the delivery log holds the delivery (whatever team it names)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        async with stack.api.engine.connect() as conn:
+            found = (
+                await conn.execute(
+                    select(tables.deliveries.c.id).where(tables.deliveries.c.id == delivery_id)
+                )
+            ).first()
+        if found is not None:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{delivery_id} never stored"
+        await asyncio.sleep(0.05)
+
+
+async def _webhook(stack: Stack, webhook_id: str) -> Any:
+    async with stack.api.engine.connect() as conn:
+        return (
+            await conn.execute(select(tables.webhooks).where(tables.webhooks.c.id == webhook_id))
+        ).one()
+
+
+async def test_another_teams_disable_request_leaves_the_webhook_alone(
+    settings: Settings,
+) -> None:
+    """A request to disable a webhook (a 410, or failing for days) carried by an attempt
+    whose team is not the webhook's: the webhook stays active, unaudited, its failure
+    clock untouched; the same request with the right team, written after it, disables it."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = await stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+        topics = topics_for(stack.settings)
+        foreign = [
+            _attempt(
+                "team_someone_else",
+                "msg_foreign_gone",
+                webhook["id"],
+                disable_reason="the endpoint answered 410 Gone",
+            ),
+            # Failures far enough apart to disable it, were they this webhook's.
+            *(
+                _attempt(
+                    "team_someone_else",
+                    f"msg_foreign_{n}",
+                    webhook["id"],
+                    attempted_at=utcnow() + timedelta(days=30 * n),
+                    status_code=500,
+                    final=False,
+                )
+                for n in (0, 1)
+            ),
+        ]
+        # Skipped: no evidence either way, so it cannot clear what the others set.
+        marker = _attempt(
+            stack.team_id, "msg_marker", webhook["id"], outcome="skipped", status_code=None
+        )
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            # One key: one partition, so the marker is written after the foreign records.
+            for record in (*foreign, marker):
+                await producer.send_and_wait(topics.attempts, value=record.to_bytes(), key=b"k")
+            await _stored(stack, "msg_marker")
+            row = await _webhook(stack, webhook["id"])
+            assert row.active is True
+            assert row.failing_since is None
+            assert await audit_count(stack, "webhook.disabled", webhook["id"]) == 0
+
+            own = foreign[0].model_copy(
+                update={
+                    "team_id": stack.team_id,
+                    "delivery_id": "msg_own",
+                    "attempted_at": utcnow(),
+                }
+            )
+            await producer.send_and_wait(topics.attempts, value=own.to_bytes(), key=b"k")
+            await _stored(stack, "msg_own")
+            assert (await _webhook(stack, webhook["id"])).active is False
+            assert await audit_count(stack, "webhook.disabled", webhook["id"]) == 1
+        finally:
+            await producer.stop()
