@@ -36,7 +36,7 @@ from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
 from .errors import PublishUnavailable
-from .paging import MAX_LIMIT
+from .paging import PageQuery
 from .webhook_lifecycle import find_webhook
 
 MAX_REPLAY = 10_000
@@ -44,17 +44,13 @@ _REPLAY_CHUNK = 500
 _TEST_MESSAGE = "This is a test event from hookwire; it changes nothing."
 
 
-class DeliveryQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeliveryQuery(PageQuery):
     state: str | None = Field(
         default=None, description="Comma-separated: delivered, retrying, failed, skipped"
     )
     webhook_id: str | None = Field(default=None, max_length=64)
     since: UtcDatetime | None = None
     until: UtcDatetime | None = None
-    limit: int = Field(default=50, ge=1, le=MAX_LIMIT)
-    cursor: str | None = Field(default=None, max_length=64)
 
     @field_validator("state")
     @classmethod
@@ -72,7 +68,7 @@ class WebhookDeliveryQuery(DeliveryQuery):
 
 
 class ReplayRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     since: UtcDatetime
     until: UtcDatetime | None = None

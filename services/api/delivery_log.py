@@ -95,18 +95,22 @@ def _storable(text: str | None) -> str | None:
 
 
 async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> int:
-    """Store the attempts of webhooks that still exist; returns how many were left out.
+    """Store the attempts of webhooks that still exist, under their own team; returns how
+    many were left out.
 
     A force-deleted webhook took its log with it; retries still waiting and deliveries in
-    flight at that moment report later, and must not bring its log back.
+    flight at that moment report later, and must not bring its log back. An attempt that
+    names another team than its webhook's (written to the stream by hand) would show in
+    that team's log: it is left out too.
     """
     webhook_ids = {attempt.webhook_id for attempt in attempts}
-    existing = set(
-        (
-            await conn.execute(select(_webhooks.c.id).where(_webhooks.c.id.in_(webhook_ids)))
-        ).scalars()
-    )
-    kept = [attempt for attempt in attempts if attempt.webhook_id in existing]
+    existing = {
+        (row.id, row.team_id)
+        for row in await conn.execute(
+            select(_webhooks.c.id, _webhooks.c.team_id).where(_webhooks.c.id.in_(webhook_ids))
+        )
+    }
+    kept = [attempt for attempt in attempts if (attempt.webhook_id, attempt.team_id) in existing]
     if kept:
         await _store(conn, kept)
     return len(attempts) - len(kept)

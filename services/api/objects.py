@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +24,7 @@ from services.shared import (
     json_response,
     new_id,
     parse_body,
+    parse_query,
     query_flag,
     read_json,
     utcnow,
@@ -31,7 +32,7 @@ from services.shared import (
 
 from . import object_store as store
 from .context import CONTEXT, ApiContext
-from .paging import page_params
+from .paging import PageQuery
 
 _OBJECT_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
@@ -39,6 +40,10 @@ _OBJECT_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 class PreconditionFailed(HookwireError):
     status = 412
     code = "precondition_failed"
+
+
+class ObjectQuery(PageQuery):
+    trashed: Literal["true", "false"] = "false"
 
 
 class SendRequest(BaseModel):
@@ -142,22 +147,21 @@ async def get_object(request: web.Request) -> web.Response:
 async def list_objects(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "object:read")
-    limit, cursor = page_params(request)
-    trashed = query_flag(request, "trashed")
+    query = parse_query(request, ObjectQuery)
     async with ctx.engine.connect() as conn:
         rows = await store.page(
             conn,
             principal.team_id,
             _object_type(request),
-            trashed=trashed,
-            limit=limit,
-            cursor=cursor,
+            trashed=query.trashed == "true",
+            limit=query.limit,
+            cursor=query.cursor,
         )
-    items = rows[:limit]
+    items = rows[: query.limit]
     return json_response(
         {
             "data": [store.object_view(row._mapping) for row in items],
-            "next_cursor": items[-1].id if len(rows) > limit else None,
+            "next_cursor": items[-1].id if len(rows) > query.limit else None,
         }
     )
 
@@ -348,6 +352,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         "GET",
         base,
         list_objects,
+        query=ObjectQuery,
         permission="object:read",
         errors=(401, 403, 404, 422),
         summary="List objects of a type (limit, cursor; trashed=true for the trash)",

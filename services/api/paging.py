@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
-from services.shared import ValidationFailed
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_LIMIT = 500
 
 
-def page_params(request: web.Request, default: int = 50) -> tuple[int, str | None]:
-    raw = request.query.get("limit", str(default))
-    # isdigit() also holds for "²", which int() refuses.
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ValidationFailed(
-            "invalid query parameters",
-            details=[{"field": "limit", "reason": f"an integer from 1 to {MAX_LIMIT}"}],
-        )
-    cursor = request.query.get("cursor") or None
-    if cursor is not None and len(cursor) > 64:
-        raise ValidationFailed(
-            "invalid query parameters", details=[{"field": "cursor", "reason": "too long"}]
-        )
-    return int(raw), cursor
+class PageQuery(BaseModel):
+    """A list route's query: a page size and where to resume; a parameter the route does
+    not know is refused rather than silently ignored (a misspelt filter would otherwise
+    return everything)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=50, ge=1, le=MAX_LIMIT)
+    cursor: str | None = Field(default=None, max_length=64)

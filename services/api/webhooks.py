@@ -17,8 +17,10 @@ from services.shared import (
     Actor,
     EventType,
     NotFound,
+    ObjectType,
     OpenApi,
     Settings,
+    StoredText,
     ValidationFailed,
     as_utc,
     json_response,
@@ -34,7 +36,7 @@ from services.shared import (
 
 from .authn import Principal
 from .context import CONTEXT
-from .paging import MAX_LIMIT
+from .paging import PageQuery
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = frozenset(
@@ -98,14 +100,6 @@ class _WebhookRules(BaseModel):
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else check_webhook_url(value)
 
-    @field_validator("name", "description", check_fields=False)
-    @classmethod
-    def _text(cls, value: str | None) -> str | None:
-        # PostgreSQL cannot store U+0000 in text; refused on every database alike.
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain the NUL character (U+0000)")
-        return value
-
     @field_validator("headers", check_fields=False)
     @classmethod
     def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
@@ -127,21 +121,21 @@ class _WebhookRules(BaseModel):
 
 
 class WebhookCreate(_WebhookRules):
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=2000)
+    name: StoredText = Field(min_length=1, max_length=200)
+    description: StoredText = Field(default="", max_length=2000)
     url: str = Field(max_length=2048)
     topics: list[EventType] = Field(min_length=1, max_length=4)
-    object_types: list[str] | None = Field(default=None, max_length=100)
+    object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     active: bool = True
 
 
 class WebhookUpdate(_WebhookRules):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=2000)
+    name: StoredText | None = Field(default=None, min_length=1, max_length=200)
+    description: StoredText | None = Field(default=None, max_length=2000)
     url: str | None = Field(default=None, max_length=2048)
     topics: list[EventType] | None = Field(default=None, min_length=1, max_length=4)
-    object_types: list[str] | None = Field(default=None, max_length=100)
+    object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] | None = Field(default=None, max_length=20)
     active: bool | None = None
 
@@ -220,13 +214,9 @@ async def create_webhook(request: web.Request) -> web.Response:
     return json_response({**webhook_view(values), "secret": secret}, status=201)
 
 
-class WebhookQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookQuery(PageQuery):
     active: bool | None = None
     topic: EventType | None = None
-    limit: int = Field(default=50, ge=1, le=MAX_LIMIT)
-    cursor: str | None = Field(default=None, max_length=64)
 
 
 async def list_webhooks(request: web.Request) -> web.Response:

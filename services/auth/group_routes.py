@@ -18,6 +18,7 @@ from services.shared import (
     Conflict,
     OpenApi,
     Settings,
+    StoredText,
     ValidationFailed,
     as_utc,
     json_response,
@@ -34,16 +35,16 @@ from .callers import Caller, Callers
 class GroupCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=2000)
+    name: StoredText = Field(min_length=1, max_length=200)
+    description: StoredText = Field(default="", max_length=2000)
     permissions: list[str] = Field(min_length=1, max_length=100)
 
 
 class GroupUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=2000)
+    name: StoredText | None = Field(default=None, min_length=1, max_length=200)
+    description: StoredText | None = Field(default=None, max_length=2000)
     permissions: list[str] | None = Field(default=None, min_length=1, max_length=100)
 
 

@@ -15,6 +15,7 @@ from services.shared import (
     ChangeNotifier,
     OpenApi,
     Settings,
+    StoredText,
     UtcDatetime,
     ValidationFailed,
     as_utc,
@@ -35,8 +36,8 @@ MAX_GRACE_SECONDS = 30 * 24 * 3600
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=2000)
+    name: StoredText = Field(min_length=1, max_length=200)
+    description: StoredText = Field(default="", max_length=2000)
     permissions: list[str] = Field(default_factory=list, max_length=100)
     permission_group_id: str | None = Field(default=None, max_length=64)
     expires_at: UtcDatetime | None = None
@@ -54,8 +55,8 @@ class TokenCreate(BaseModel):
 class TokenUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=2000)
+    name: StoredText | None = Field(default=None, min_length=1, max_length=200)
+    description: StoredText | None = Field(default=None, max_length=2000)
     active: bool | None = None
 
 

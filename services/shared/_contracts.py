@@ -121,6 +121,17 @@ def _travels(value: dict[str, Any]) -> dict[str, Any]:
 JsonObject = Annotated[dict[str, Any], AfterValidator(_travels)]
 
 
+def _storable(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+# Names and descriptions a client gives: PostgreSQL cannot store U+0000 in text, so it is
+# refused on every database alike (a 422, not a 500 on one database and stored on another).
+StoredText = Annotated[str, AfterValidator(_storable)]
+
+
 def _in_utc(value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
@@ -133,13 +144,17 @@ def _in_utc(value: datetime) -> datetime:
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
+# What an event's object_type may be, and so what a webhook may filter on.
+ObjectType = Annotated[str, Field(pattern=_ID)]
+
+
 class Event(Record):
     """An object changed; the envelope every webhook receives."""
 
     id: str = Field(pattern=_ID)
     type: EventType | Literal["webhook.test"]
     team_id: str = Field(pattern=_ID)
-    object_type: str = Field(pattern=_ID)
+    object_type: ObjectType
     object_id: str = Field(pattern=_ID)
     # RFC 3339: with its offset. A time without one means nothing definite, and the delivery
     # log could not order it against the times it keeps.

@@ -152,6 +152,10 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "topics": "object.created"}, "topics"),
         ({**VALID, "object_types": [f"t{n}" for n in range(101)]}, "object_types"),
         ({**VALID, "object_types": "contact"}, "object_types"),
+        # Types no event can have, and an empty list (which read as "every type").
+        ({**VALID, "object_types": ["Contact!"]}, "object_types.0"),
+        ({**VALID, "object_types": ["contact", ""]}, "object_types.1"),
+        ({**VALID, "object_types": []}, "object_types"),
         ({**VALID, "headers": {f"X-H{n}": "v" for n in range(21)}}, "headers"),
         ({**VALID, "headers": {"X-Long": "v" * 1025}}, "headers"),
         ({**VALID, "headers": {"X-Num": 5}}, "headers.X-Num"),

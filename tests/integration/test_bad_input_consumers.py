@@ -108,6 +108,16 @@ async def test_another_teams_disable_request_leaves_the_webhook_alone(
             for record in (*foreign, marker):
                 await producer.send_and_wait(topics.attempts, value=record.to_bytes(), key=b"k")
             await _stored(stack, "msg_marker")
+            # Nor do they show in either team's delivery log.
+            async with stack.api.engine.connect() as conn:
+                logged = (
+                    await conn.execute(
+                        select(tables.deliveries.c.id).where(
+                            tables.deliveries.c.id.in_([a.delivery_id for a in foreign])
+                        )
+                    )
+                ).all()
+            assert logged == []
             row = await _webhook(stack, webhook["id"])
             assert row.active is True
             assert row.failing_since is None

@@ -63,6 +63,9 @@ async def test_bad_delivery_queries_get_422_naming_them(
         ({"since": AWARE, "until": "tomorrow"}, "until"),
         ({"since": AWARE, "until": "9999-12-31T23:00:00-05:00"}, "until"),
         ({"since": AWARE, "only_failed": []}, "only_failed"),
+        # Not read as "true", nor as seconds since 1970.
+        ({"since": AWARE, "only_failed": "yes"}, "only_failed"),
+        ({"since": 1767225600}, "since"),
         ([{"since": AWARE}], "body"),
     ],
 )

@@ -29,6 +29,8 @@ async def _tokens(stack: Stack) -> list[dict[str, Any]]:
         ({"name": "x", "permissions": [5]}, "permissions.0"),
         ({"name": "x", "permission_group_id": "g" * 65}, "permission_group_id"),
         ({"name": "x", "permissions": READ, "allowed_cidrs": []}, "allowed_cidrs"),
+        ({"name": "a\u0000b", "permissions": READ}, "name"),
+        ({"name": "x", "description": "\u0000", "permissions": READ}, "description"),
         (
             {"name": "x", "permissions": READ, "allowed_cidrs": ["10.0.0.1/32"] * 51},
             "allowed_cidrs",

@@ -144,6 +144,9 @@ async def test_stale_if_match_and_no_op_patches_publish_nothing(
         ("GET", "/contact?limit=0", None, 422, "limit"),
         ("GET", "/contact?limit=lots", None, 422, "limit"),
         ("GET", "/contact?cursor=" + "c" * 65, None, 422, "cursor"),
+        # A misspelt filter must not quietly list everything.
+        ("GET", "/contact?colour=red", None, 422, "colour"),
+        ("GET", "/contact?trashed=1", None, 422, "trashed"),
         ("GET", "/Contact/{id}", None, 422, "object_type"),
     ],
 )

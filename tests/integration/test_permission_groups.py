@@ -90,6 +90,7 @@ def _fields(answer: dict[str, Any]) -> list[str]:
             "owner",
         ),
         ({"name": "", "permissions": ["object:read"]}, 422, "validation_failed", "name"),
+        ({"name": "g\u0000", "permissions": ["object:read"]}, 422, "validation_failed", "name"),
         ({"name": "n" * 201, "permissions": ["object:read"]}, 422, "validation_failed", "name"),
         (
             {"name": "x", "description": "d" * 2001, "permissions": ["object:read"]},
@@ -134,6 +135,7 @@ async def test_bad_groups_are_refused(
         ({"permissions": ["object:read"] * 101}, 422, "validation_failed", "permissions"),
         ({"colour": "red"}, 422, "validation_failed", "colour"),
         ({"name": ""}, 422, "validation_failed", "name"),
+        ({"name": "n\u0000"}, 422, "validation_failed", "name"),
         ({"name": "n" * 201}, 422, "validation_failed", "name"),
         ({"description": "d" * 2001}, 422, "validation_failed", "description"),
         ({"name": 7}, 422, "validation_failed", "name"),
