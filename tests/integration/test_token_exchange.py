@@ -77,8 +77,16 @@ async def test_access_token_permissions_follow_the_key_and_role(api_stack: Stack
         assert response.status == 404
 
 
-async def test_revoking_the_key_stops_its_access_tokens(api_stack: Stack) -> None:
-    """The api learns of the revocation from a change record, within a second."""
+async def test_revoking_the_key_stops_its_access_tokens(settings: Settings) -> None:
+    """The api learns of the revocation from a change record (its hourly look at the
+    ended keys could not make the deadline)."""
+    async with running_stack(
+        settings.model_copy(update={"ended_keys_sync_seconds": 3600.0}), with_dispatcher=False
+    ) as api_stack:
+        await _revoking_stops_access_tokens(api_stack)
+
+
+async def _revoking_stops_access_tokens(api_stack: Stack) -> None:
     _, created = await api_stack.auth_call(
         "POST", "/v1/tokens", json={"name": "k", "permissions": ["webhook:read"]}
     )
@@ -88,7 +96,7 @@ async def test_revoking_the_key_stops_its_access_tokens(api_stack: Stack) -> Non
     assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}"))[0] == 204
     revoked_at = time.monotonic()
     while (await _list_webhooks(api_stack, access))[0] != 401:
-        assert time.monotonic() - revoked_at < 1.0
+        assert time.monotonic() - revoked_at < 10.0, "the change record never arrived"
         await asyncio.sleep(0.02)
     _, body = await _list_webhooks(api_stack, access)
     assert body["error"]["details"] == {"reason": "revoked"}  # type: ignore[index]

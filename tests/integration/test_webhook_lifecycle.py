@@ -40,14 +40,19 @@ async def _create(stack: Stack, url: str) -> dict[str, Any]:
     return dict(webhook)
 
 
-async def _until(check: Any, within: float = 1.0) -> None:
+async def _until(check: Any, within: float = 10.0) -> None:
+    """Change records reach the table in well under a second (measured by
+    `bench/changes.py`); the deadline only catches one that never arrives, and stays far
+    inside the whole reload that would otherwise bring the change (every 60 s)."""
     deadline = asyncio.get_running_loop().time() + within
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "not reached in time"
         await asyncio.sleep(0.01)
 
 
-async def test_edits_reach_the_dispatcher_within_a_second(stack: Stack, receiver: Receiver) -> None:
+async def test_edits_reach_the_dispatcher_through_change_records(
+    stack: Stack, receiver: Receiver
+) -> None:
     """A new URL, deactivation and reactivation take effect for the next event."""
     webhook = await _create(stack, "http://127.0.0.1:9/nowhere")
     status, edited = await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"url": receiver.url})
