@@ -30,6 +30,7 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.introspect
 	$(BIN)/python -m bench.api_auth_check
+	$(BIN)/python -m bench.changes
 	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.dispatch
 

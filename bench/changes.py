@@ -1,0 +1,182 @@
+"""How long a change takes to reach the processes that act on it.
+
+The spec gives every change to a key one second to take effect everywhere; webhook edits
+the same for the dispatcher. Runs auth, the api and a dispatcher in this process on
+SQLite and an embedded broker, with every fallback out of the way (the api's cache holds
+answers for a minute and asks for ended keys once an hour; the dispatcher reloads its
+table every minute), so only the change records can carry the change. Measures, each
+many times:
+
+- a key revoked through auth until the api refuses it (its cached answer dropped);
+- a webhook deactivated through the api until the dispatcher's table has it inactive.
+
+    python -m bench.changes [--samples 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from services.api.app import ApiService
+from services.auth.admin import add_member, create_team, create_token, create_user
+from services.auth.app import AuthService
+from services.dispatcher.app import DispatcherService
+from services.shared import (
+    PERMISSIONS,
+    EmbeddedBroker,
+    configure_logging,
+    create_engine,
+    ensure_topics,
+    load_settings,
+    migrate,
+)
+
+_POLL_SECONDS = 0.002
+_TARGET_MS = 1000.0
+
+
+async def _until(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> float:
+    """Seconds until ``check`` holds, polled every few milliseconds."""
+    started = time.perf_counter()
+    while not await check():
+        if time.perf_counter() - started > within:
+            raise TimeoutError("the change never arrived")
+        await asyncio.sleep(_POLL_SECONDS)
+    return time.perf_counter() - started
+
+
+def _summary(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(ms * 1000 for ms in seconds)
+    return {
+        "p50_ms": round(ordered[len(ordered) // 2], 1),
+        "p95_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 1),
+        "max_ms": round(ordered[-1], 1),
+    }
+
+
+async def main(samples: int) -> dict[str, Any]:
+    configure_logging("json", "warning")
+    broker = EmbeddedBroker()
+    broker.start()
+    data_dir = tempfile.mkdtemp()
+    try:
+        await broker.wait_ready()
+        settings = load_settings(
+            database_url=f"sqlite+aiosqlite:///{data_dir}/bench.db",
+            kafka_bootstrap=broker.bootstrap,
+            api_port=0,
+            auth_port=0,
+            dispatcher_port=0,
+            service_credential="bench",
+            token_pepper="bench",
+            auth_cache_ttl_seconds=60,
+            ended_keys_sync_seconds=3600,
+            allow_private_urls=True,
+            log_level="warning",
+            log_format="json",
+        )
+        await migrate(settings.effective_database_url)
+        await ensure_topics(settings)
+        engine = create_engine(settings.effective_database_url)
+        user = await create_user(engine, "bench@example.com", "Bench")
+        team = await create_team(engine, "bench")
+        await add_member(engine, user, team, "owner")
+        _, owner_key = await create_token(
+            engine, pepper="bench", user_id=user, name="owner", permissions=sorted(PERMISSIONS)
+        )
+        auth = AuthService(settings, engine)
+        await auth.start()
+        api = ApiService(
+            settings.model_copy(update={"auth_url": f"http://127.0.0.1:{auth.port}"}), engine
+        )
+        await api.start()
+        dispatcher = DispatcherService(settings, engine)
+        await dispatcher.start()
+        owner = {"authorization": f"Bearer {owner_key}"}
+        webhooks = f"http://127.0.0.1:{api.port}/v1/teams/{team}/webhooks"
+        revocations: list[float] = []
+        deactivations: list[float] = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                for n in range(samples):
+                    async with session.post(
+                        f"http://127.0.0.1:{auth.port}/v1/tokens",
+                        headers=owner,
+                        json={"name": f"k{n}", "permissions": ["webhook:read"]},
+                    ) as response:
+                        created = await response.json()
+                    doomed = {"authorization": f"Bearer {created['token']}"}
+                    async with session.get(webhooks, headers=doomed) as response:
+                        assert response.status == 200, "the key works and its answer is cached"
+                    async with session.delete(
+                        f"http://127.0.0.1:{auth.port}/v1/tokens/{created['id']}", headers=owner
+                    ) as response:
+                        assert response.status == 204
+
+                    async def refused(headers: dict[str, str] = doomed) -> bool:
+                        async with session.get(webhooks, headers=headers) as response:
+                            return response.status == 401
+
+                    revocations.append(await _until(refused))
+
+                    async with session.post(
+                        webhooks,
+                        headers=owner,
+                        json={
+                            "name": f"w{n}",
+                            "url": "http://127.0.0.1:9/hook",
+                            "topics": ["object.created"],
+                        },
+                    ) as response:
+                        webhook_id = (await response.json())["id"]
+
+                    async def known(webhook_id: str = webhook_id) -> bool:
+                        route = dispatcher.table.get(webhook_id)
+                        return route is not None and route.active
+
+                    await _until(known)
+                    async with session.patch(
+                        f"{webhooks}/{webhook_id}", headers=owner, json={"active": False}
+                    ) as response:
+                        assert response.status == 200
+                        # Timed from the answer: the change has committed by then.
+                        answered = time.perf_counter()
+
+                    async def inactive(webhook_id: str = webhook_id) -> bool:
+                        route = dispatcher.table.get(webhook_id)
+                        return route is not None and not route.active
+
+                    await _until(inactive)
+                    deactivations.append(time.perf_counter() - answered)
+        finally:
+            await dispatcher.stop()
+            await api.stop()
+            await auth.stop()
+            await engine.dispose()
+    finally:
+        broker.stop()
+    return {
+        "benchmark": "changes",
+        "samples": samples,
+        "key_revoked_to_api_refusal": _summary(revocations),
+        "webhook_deactivated_to_dispatcher_table": _summary(deactivations),
+        "target_ms": _TARGET_MS,
+        "python": platform.python_version(),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=40)
+    result = asyncio.run(main(parser.parse_args().samples))
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode(), file=sys.stdout)
