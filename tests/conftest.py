@@ -328,19 +328,24 @@ async def receiver() -> AsyncIterator[Receiver]:
         await runner.cleanup()
 
 
-async def dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` records of the dead-letter topic, waiting up to 10 s for them."""
-    consumer = make_consumer(settings, topics_for(settings).dead_letter, group_id=None)
+async def topic_records(settings: Settings, topic: str, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` records of a topic, waiting up to 10 s for them."""
+    consumer = make_consumer(settings, topic, group_id=None)
     await consumer.start()
-    letters: list[dict[str, Any]] = []
+    found: list[dict[str, Any]] = []
     try:
         async with asyncio.timeout(10):
-            while len(letters) < count:
+            while len(found) < count:
                 batches = await consumer.getmany(timeout_ms=200)
-                letters += [orjson.loads(r.value) for b in batches.values() for r in b]
+                found += [orjson.loads(r.value) for b in batches.values() for r in b]
     finally:
         await consumer.stop()
-    return letters
+    return found
+
+
+async def dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` records of the dead-letter topic, waiting up to 10 s for them."""
+    return await topic_records(settings, topics_for(settings).dead_letter, count)
 
 
 @dataclass

@@ -134,7 +134,11 @@ class ApiService:
         # Joining a consumer group can take seconds; the api serves requests meanwhile.
         if self.settings.record_attempts:
             self.recorder = AttemptRecorder(
-                self.settings, self.engine, self._producer, self.metrics
+                self.settings,
+                self.engine,
+                self._producer,
+                self.metrics,
+                self.outbox_for(self._producer),
             )
             self._recording = asyncio.create_task(self.recorder.run(), name="delivery-log")
         self._runner = await start_site(app, self.settings.host, self.settings.api_port)

@@ -35,6 +35,8 @@ from services.shared import (
 )
 
 from . import delivery_log
+from .errors import PublishUnavailable
+from .outbox import Outbox
 
 _RECONNECT_SECONDS = 2.0
 _START_WAIT_SECONDS = 3.0
@@ -62,11 +64,17 @@ def _refused_by_store(exc: BaseException) -> bool:
 
 class AttemptRecorder:
     def __init__(
-        self, settings: Settings, engine: AsyncEngine, producer: AIOKafkaProducer, metrics: Metrics
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        producer: AIOKafkaProducer,
+        metrics: Metrics,
+        outbox: Outbox,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._producer = producer
+        self._outbox = outbox
         self._topics = topics_for(settings)
         self._changes = ChangeNotifier(producer, self._topics)
         self._consumed = metrics.counter(
@@ -182,9 +190,25 @@ class AttemptRecorder:
             )
             attempts = [*attempts, *failing_too_long]
             disabled = await delivery_log.disable_webhooks(conn, attempts)
+            # The owner hears of it on the audit topic: staged with the change, so a crash
+            # after the commit leaves the notice to the relay rather than losing it.
+            notices = [
+                (
+                    await self._outbox.stage(
+                        conn, self._topics.audit, notice.team_id or "", notice
+                    ),
+                    notice,
+                )
+                for _, notice in disabled
+            ]
+        for row_id, notice in notices:
+            try:
+                await self._outbox.publish(row_id, self._topics.audit, notice.team_id or "", notice)
+            except PublishUnavailable as exc:
+                self._log.warning("audit_notice_left_for_relay", error=exc.message)
         if orphans:
             self._consumed.labels("webhook_gone").inc(orphans)
-        for attempt in disabled:
+        for attempt, _ in disabled:
             self._log.warning(
                 "webhook_disabled", webhook_id=attempt.webhook_id, reason=attempt.disable_reason
             )

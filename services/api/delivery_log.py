@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.shared import (
     Actor,
     Attempt,
+    AuditNotice,
     NotFound,
     ValidationFailed,
     as_utc,
@@ -373,12 +374,15 @@ async def track_failing_endpoints(
     return requests
 
 
-async def disable_webhooks(conn: AsyncConnection, attempts: Sequence[Attempt]) -> list[Attempt]:
-    """Apply the dispatcher's requests to disable webhooks; returns those that changed.
+async def disable_webhooks(
+    conn: AsyncConnection, attempts: Sequence[Attempt]
+) -> list[tuple[Attempt, AuditNotice]]:
+    """Apply the dispatcher's requests to disable webhooks; returns those that changed,
+    each with the audit record that says why.
 
     Only an active webhook is disabled, so a repeated request audits nothing twice.
     """
-    applied = []
+    applied: list[tuple[Attempt, AuditNotice]] = []
     for attempt in attempts:
         if attempt.disable_reason is None:
             continue
@@ -396,7 +400,7 @@ async def disable_webhooks(conn: AsyncConnection, attempts: Sequence[Attempt]) -
             .values(active=False, updated_at=utcnow())
         )
         if result.rowcount == 1:
-            await record_audit(
+            notice = await record_audit(
                 conn,
                 _DISPATCHER,
                 "webhook.disabled",
@@ -405,5 +409,5 @@ async def disable_webhooks(conn: AsyncConnection, attempts: Sequence[Attempt]) -
                 team_id=attempt.team_id,
                 details={"reason": attempt.disable_reason, "delivery_id": attempt.delivery_id},
             )
-            applied.append(attempt)
+            applied.append((attempt, notice))
     return applied

@@ -10,6 +10,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import _schema as tables
+from ._contracts import AuditNotice
 from ._ids import new_id, utcnow
 
 
@@ -29,12 +30,22 @@ async def record_audit(
     *,
     team_id: str | None = None,
     details: dict[str, Any] | None = None,
-) -> None:
-    """Write one audit record in the caller's transaction, so it commits with the change."""
+) -> AuditNotice:
+    """Write one audit record in the caller's transaction, so it commits with the change;
+    returns it as the notice its owner may be sent."""
+    notice = AuditNotice(
+        id=new_id("aud"),
+        at=utcnow(),
+        action=action,
+        team_id=team_id,
+        target_type=target_type,
+        target_id=target_id,
+        details=details,
+    )
     await conn.execute(
         insert(tables.audit_log).values(
-            id=new_id("aud"),
-            at=utcnow(),
+            id=notice.id,
+            at=notice.at,
             actor_user_id=actor.user_id,
             actor_token_id=actor.token_id,
             action=action,
@@ -46,3 +57,4 @@ async def record_audit(
             details=details,
         )
     )
+    return notice

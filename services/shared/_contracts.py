@@ -255,6 +255,23 @@ class Change(Record):
     at: AwareDatetime
 
 
+class AuditNotice(Record):
+    """An audit record its owner must hear of (a webhook disabled), on the audit topic.
+
+    The audit log keeps every record; this carries the few that ask for action, so a
+    platform can tell a team without polling the log. ``id`` is the audit record's: a
+    notice read twice is the same notice.
+    """
+
+    id: str = Field(pattern=_ID)
+    at: AwareDatetime
+    action: str
+    team_id: str | None = None
+    target_type: str
+    target_id: str
+    details: dict[str, Any] | None = None
+
+
 class DeadLetter(Record):
     reason: str
     source_topic: str

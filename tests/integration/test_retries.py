@@ -41,7 +41,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, dead_letters, running_stack
+from tests.conftest import Receiver, Stack, dead_letters, running_stack, topic_records
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
 
@@ -195,6 +195,15 @@ async def test_410_gone_disables_the_webhook_and_audits_why(
     [record] = audit["data"]
     assert record["target_id"] == webhook["id"]
     assert "410" in record["details"]["reason"]
+    # The owner is told on the audit topic too, with the audit record's own id.
+    [notice] = await topic_records(stack.settings, stack.dispatcher.topics.audit, 1)
+    assert notice["id"] == record["id"]
+    assert (notice["action"], notice["team_id"], notice["target_id"]) == (
+        "webhook.disabled",
+        stack.team_id,
+        webhook["id"],
+    )
+    assert notice["details"] == record["details"]
     [letter] = await dead_letters(stack.settings, 1)
     assert letter["reason"].startswith("gone")
     await stack.create_object()
@@ -515,6 +524,8 @@ async def test_no_success_for_the_configured_period_disables_the_webhook(
         assert status == 200
         [disabled] = audit["data"]
         assert "no successful delivery for" in disabled["details"]["reason"]
+        [notice] = await topic_records(stack.settings, stack.dispatcher.topics.audit, 1)
+        assert (notice["id"], notice["action"]) == (disabled["id"], "webhook.disabled")
         # Once the dispatcher knows, the retry already scheduled is skipped, not sent.
         await _eventually(lambda: not stack.dispatcher.table.get(webhook["id"]).active)
         attempts = len(receiver.received)
