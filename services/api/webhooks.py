@@ -6,7 +6,7 @@ import base64
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -131,8 +131,8 @@ class WebhookCreate(_WebhookRules):
 
 
 class WebhookUpdate(_WebhookRules):
-    name: StoredText | None = Field(default=None, min_length=1, max_length=200)
-    description: StoredText | None = Field(default=None, max_length=2000)
+    name: Annotated[StoredText, Field(min_length=1, max_length=200)] | None = None
+    description: Annotated[StoredText, Field(max_length=2000)] | None = None
     url: str | None = Field(default=None, max_length=2048)
     topics: list[EventType] | None = Field(default=None, min_length=1, max_length=4)
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
@@ -215,7 +215,7 @@ async def create_webhook(request: web.Request) -> web.Response:
 
 
 class WebhookQuery(PageQuery):
-    active: bool | None = None
+    active: Literal["true", "false"] | None = None
     topic: EventType | None = None
 
 
@@ -226,7 +226,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
     _hooks = tables.webhooks
     conditions = [_hooks.c.team_id == principal.team_id, _hooks.c.deleted_at.is_(None)]
     if query.active is not None:
-        conditions.append(_hooks.c.active.is_(query.active))
+        conditions.append(_hooks.c.active.is_(query.active == "true"))
     if query.cursor is not None:
         # Ids are time-ordered: the last id of a page is where the next one starts.
         conditions.append(_hooks.c.id > query.cursor)

@@ -7,7 +7,7 @@ only add permissions the editing token holds itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,8 +43,8 @@ class GroupCreate(BaseModel):
 class GroupUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: StoredText | None = Field(default=None, min_length=1, max_length=200)
-    description: StoredText | None = Field(default=None, max_length=2000)
+    name: Annotated[StoredText, Field(min_length=1, max_length=200)] | None = None
+    description: Annotated[StoredText, Field(max_length=2000)] | None = None
     permissions: list[str] | None = Field(default=None, min_length=1, max_length=100)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,8 +55,8 @@ class TokenCreate(BaseModel):
 class TokenUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: StoredText | None = Field(default=None, min_length=1, max_length=200)
-    description: StoredText | None = Field(default=None, max_length=2000)
+    name: Annotated[StoredText, Field(min_length=1, max_length=200)] | None = None
+    description: Annotated[StoredText, Field(max_length=2000)] | None = None
     active: bool | None = None
 
 

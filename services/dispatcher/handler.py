@@ -112,6 +112,9 @@ class DeliveryHandler:
         self._confirmed_at: dict[str, float] = {}
         # One database read per webhook at a time; deliveries arriving meanwhile share it.
         self._confirming: dict[str, asyncio.Future[None]] = {}
+        # A failed read is not tried again for a second either: a database that refuses
+        # connections is not asked once per delivery.
+        self._unconfirmed_at: dict[str, float] = {}
         # Per webhook: the reopening its deliveries are deferred to, and the time they wake.
         self._deferred_until: dict[str, tuple[float, datetime]] = {}
         self._inflight = 0
@@ -236,8 +239,12 @@ class DeliveryHandler:
         second after it the answer stands. Raises ``WebhookUnconfirmed`` when the read fails."""
         reading = self._confirming.get(webhook_id)
         if reading is None:
+            now = time.monotonic()
+            failed = self._unconfirmed_at.get(webhook_id, -_CONFIRM_EVERY_SECONDS)
+            if now - failed < _CONFIRM_EVERY_SECONDS:
+                raise WebhookUnconfirmed(f"webhook {webhook_id} could not be looked up")
             last = self._confirmed_at.get(webhook_id, -_CONFIRM_EVERY_SECONDS)
-            if time.monotonic() - last < _CONFIRM_EVERY_SECONDS:
+            if now - last < _CONFIRM_EVERY_SECONDS:
                 return self._table.get(webhook_id)
             reading = asyncio.ensure_future(self._confirm(webhook_id))
             self._confirming[webhook_id] = reading
@@ -255,8 +262,12 @@ class DeliveryHandler:
             await self._table.refresh(webhook_id)
         except Exception:
             self._log.exception("webhook_confirm_failed", webhook_id=webhook_id)
+            if len(self._unconfirmed_at) >= _WEBHOOKS_REMEMBERED:
+                self._unconfirmed_at.clear()
+            self._unconfirmed_at[webhook_id] = time.monotonic()
             raise
         else:
+            self._unconfirmed_at.pop(webhook_id, None)
             if len(self._confirmed_at) >= _WEBHOOKS_REMEMBERED:
                 self._confirmed_at.clear()
             self._confirmed_at[webhook_id] = time.monotonic()
@@ -345,7 +356,15 @@ class DeliveryHandler:
         return deferred[1]
 
     def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
-        return self._put_off(delivery, utcnow() + timedelta(seconds=seconds))
+        until = utcnow() + timedelta(seconds=seconds)
+        held = self._deferred_until.get(delivery.webhook_id)
+        if held is None or held[1] < until:
+            # Events arriving before it wakes (the webhook's change record may come in
+            # meanwhile) wait behind it, as behind a circuit's deferrals.
+            if len(self._deferred_until) >= _WEBHOOKS_REMEMBERED:
+                self._deferred_until.clear()
+            self._deferred_until[delivery.webhook_id] = (-1.0, until)
+        return self._put_off(delivery, until)
 
     def _put_off(self, delivery: Delivery, until: datetime) -> OutRecord:
         # Not attempted, so the attempt number stays.

@@ -22,8 +22,10 @@ from .signing import secret_key
 # delivery log's writer applies the disable within seconds; past this, the database wins.
 _STOPPED_AT_MOST_SECONDS = 600.0
 # A read holds the table's lock: one that hangs (a database gone silent) would hold every
-# change record behind it. Past this it fails, and the resync stands in for it.
-_READ_AT_MOST_SECONDS = 10.0
+# change record behind it. Past these it fails, and the resync stands in for it. A whole
+# load of a large table may take a while; one row never should.
+_READ_ONE_AT_MOST_SECONDS = 10.0
+_READ_ALL_AT_MOST_SECONDS = 60.0
 
 
 def _route_from_row(row: Any) -> WebhookRoute:
@@ -98,7 +100,10 @@ class WebhookTable:
         except InvalidSecret as exc:
             self._log.error("webhook_secret_invalid", webhook_id=row.id, error=exc.message)
             return None
-        if route.active and self._still_stopped(row):
+        if not route.active:
+            # The disable has landed (or the webhook was stopped some other way).
+            self._stopped.pop(route.id, None)
+        elif self._still_stopped(row):
             return replace(route, active=False)
         return route
 
@@ -127,7 +132,7 @@ class WebhookTable:
 
     async def load_all(self) -> None:
         async with self._reading:
-            async with asyncio.timeout(_READ_AT_MOST_SECONDS):
+            async with asyncio.timeout(_READ_ALL_AT_MOST_SECONDS):
                 rows = await self._read_all()
             loaded = {}
             for row in rows:
@@ -141,7 +146,7 @@ class WebhookTable:
 
     async def refresh(self, webhook_id: str) -> None:
         async with self._reading:
-            async with asyncio.timeout(_READ_AT_MOST_SECONDS):
+            async with asyncio.timeout(_READ_ONE_AT_MOST_SECONDS):
                 row = await self._read_one(webhook_id)
             self._apply_row(webhook_id, row)
 

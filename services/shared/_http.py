@@ -42,9 +42,10 @@ READINESS_KEY = web.AppKey("readiness", list[ReadinessCheck])
 # Set when a stop begins: readiness fails and every answer closes its connection, so load
 # balancers and pooled clients move to another process while this one still serves.
 STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
-# How long requests in flight when the listener closes may take to finish; below the
-# 30 s a Kubernetes pod is given between SIGTERM and SIGKILL.
-REQUESTS_FINISH_SECONDS = 20.0
+# How long requests in flight when the listener closes may take to finish. With the stop
+# delay (5 s in the manifests) and the closes after it, a stop stays inside the 30 s a
+# Kubernetes pod is given between SIGTERM and SIGKILL.
+REQUESTS_FINISH_SECONDS = 15.0
 _UNMONITORED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 

@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     # How long auth and the api keep answering after SIGTERM, unready, before closing
     # their listener: the time a load balancer takes to stop sending them requests.
-    stop_delay_seconds: float = Field(default=0.0, ge=0, le=60)
+    stop_delay_seconds: float = Field(default=0.0, ge=0, le=30)
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

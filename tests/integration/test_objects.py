@@ -142,6 +142,8 @@ async def test_stale_if_match_and_no_op_patches_publish_nothing(
         ("PATCH", "/contact/obj_missing", {"a": 1}, 404, None),
         ("POST", "/contact/{id}/restore", None, 404, None),
         ("GET", "/contact?limit=0", None, 422, "limit"),
+        ("GET", "/contact?limit=5.0", None, 422, "limit"),
+        ("GET", "/contact?limit=%2B5", None, 422, "limit"),
         ("GET", "/contact?limit=lots", None, 422, "limit"),
         ("GET", "/contact?cursor=" + "c" * 65, None, 422, "cursor"),
         # A misspelt filter must not quietly list everything.

@@ -941,6 +941,108 @@ async def test_a_delivery_whose_webhook_cannot_be_looked_up_waits_instead_of_bei
     )
 
 
+def _suppress_change_records(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher hears of new webhooks only by asking the database."""
+    changes = stack.api.app[CONTEXT].changes  # type: ignore[index]
+
+    async def not_told(*args: Any, **kwargs: Any) -> bool:
+        return True
+
+    monkeypatch.setattr(changes, "notify", not_told)
+
+
+async def test_a_database_that_fails_lookups_is_asked_once_a_second_not_per_delivery(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _suppress_change_records(stack, monkeypatch)
+    table = stack.dispatcher.table
+    real_refresh = table.refresh
+    asked: list[float] = []
+    away = True
+
+    async def refusing(webhook_id: str) -> None:
+        asked.append(time.monotonic())
+        if away:
+            raise OperationalError("SELECT", {}, Exception("connection refused"))
+        await real_refresh(webhook_id)
+
+    monkeypatch.setattr(table, "refresh", refusing)
+    webhook = await stack.create_webhook(receiver.url, CREATED, routed=False)
+    test_route = f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}/test"
+    started = time.monotonic()
+    for _ in range(20):
+        async with stack.session.post(test_route, headers=stack.headers()) as response:
+            assert response.status == 202
+    registry = stack.dispatcher.metrics.registry
+    await _eventually(
+        lambda: (
+            registry.get_sample_value(
+                "hookwire_dispatcher_deliveries_total", {"outcome": "deferred"}
+            )
+            == 20
+        )
+    )
+    window = time.monotonic() - started
+    assert len(asked) <= window + 1, (len(asked), window)
+    away = False
+    await receiver.wait_for(20, within=20)
+
+
+async def test_an_event_does_not_overtake_one_put_off_by_a_failed_lookup(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first event's lookup fails (put off 5 s); the webhook is learnt meanwhile; the
+    second event waits behind the first instead of going first."""
+    _suppress_change_records(stack, monkeypatch)
+    table = stack.dispatcher.table
+    real_refresh = table.refresh
+    failures = [OperationalError("SELECT", {}, Exception("database is away"))]
+
+    async def away_once(webhook_id: str) -> None:
+        if failures:
+            raise failures.pop()
+        await real_refresh(webhook_id)
+
+    monkeypatch.setattr(table, "refresh", away_once)
+    webhook = await stack.create_webhook(receiver.url, CREATED, routed=False)
+    producer = make_producer(stack.settings)
+    await start_client(producer, stack.settings)
+
+    async def deliver(n: int) -> None:
+        event = Event(
+            id=f"evt_order_{n}",
+            type="object.created",
+            team_id=stack.team_id,
+            object_type="contact",
+            object_id="obj_1",
+            occurred_at=utcnow(),
+            data={"n": n},
+        )
+        record = Delivery(id=f"msg_order_{n}", webhook_id=webhook["id"], attempt=1, event=event)
+        await send_all(
+            producer,
+            [(stack.dispatcher.topics.deliveries, webhook["id"].encode(), record.to_bytes())],
+        )
+
+    try:
+        await deliver(1)
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "deferred"}
+                )
+                == 1
+            )
+        )
+        await real_refresh(webhook["id"])  # the change record, late
+        await deliver(2)
+        received = await receiver.wait_for(2, within=20)
+        assert [orjson.loads(r.body)["data"]["n"] for r in received] == [1, 2]
+    finally:
+        await stop_client(producer)
+
+
 async def test_after_a_410_a_webhook_stays_stopped_until_the_database_says_otherwise(
     settings: Settings, receiver: Receiver
 ) -> None:

@@ -288,6 +288,10 @@ async def test_list_filters_by_active_and_topic_and_pages(api_stack: Stack) -> N
 
     for params, field in (
         ({"active": "maybe"}, "active"),
+        # Only true or false, as every yes/no parameter; lax readings took these.
+        ({"active": "yes"}, "active"),
+        ({"active": "1"}, "active"),
+        ({"limit": "+5"}, "limit"),
         ({"topic": "object.exploded"}, "topic"),
         ({"limit": "501"}, "limit"),
         ({"limit": "0"}, "limit"),

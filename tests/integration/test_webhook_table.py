@@ -14,7 +14,7 @@ from tests.conftest import Receiver, Stack
 async def test_a_hung_whole_load_does_not_hold_back_the_changes_behind_it(
     stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(table_module, "_READ_AT_MOST_SECONDS", 1.0)
+    monkeypatch.setattr(table_module, "_READ_ALL_AT_MOST_SECONDS", 1.0)
     webhook = await stack.create_webhook(receiver.url)
     table = stack.dispatcher.table
     real_read_all = table._read_all
