@@ -66,9 +66,11 @@ class OffsetTracker:
         # rebalance cannot slip in between.
         for partition in consumer.assignment():
             highwater = consumer.highwater(partition)
+            if highwater is None:
+                continue  # not fetched yet: nothing known
             point = self.point(partition)
-            if highwater is not None and point is not None:
-                behind[partition] = max(0, highwater - point)
+            # Fetched and nothing read from it: it was read up to its end.
+            behind[partition] = 0 if point is None else max(0, highwater - point)
         return behind
 
     def to_commit(self) -> dict[TopicPartition, int]:
