@@ -273,7 +273,7 @@ async def test_an_endpoint_filling_its_partitions_share_holds_back_only_that_par
             "shutdown_grace_seconds": 0.5,
         }
     )
-    slow = Receiver(delay_seconds=10.0)
+    slow = Receiver(gate=asyncio.Event())
     app = web.Application()
     app.router.add_post("/{tail:.*}", slow.handle)
     runner = await start_site(app, "127.0.0.1", 0)
@@ -304,7 +304,8 @@ async def test_an_endpoint_filling_its_partitions_share_holds_back_only_that_par
             await asyncio.sleep(0.5)
             for _ in range(3):
                 await stack.create_object(kind=healthy_type)
-            await receiver.wait_for(3, within=4)
+            # The slow endpoint answers nothing until the test ends: these arrive anyway.
+            await receiver.wait_for(3, within=30)
             assert len(slow.received) == 1, "the slow endpoint gets one call at a time"
             # Its 30 deliveries were not all read into memory: the backlog stays in bounds.
             await _eventually(
@@ -314,6 +315,8 @@ async def test_an_endpoint_filling_its_partitions_share_holds_back_only_that_par
                 )
             )
     finally:
+        assert slow.gate is not None
+        slow.gate.set()
         await runner.cleanup()
 
 
@@ -388,7 +391,9 @@ async def test_a_circuit_closed_early_does_not_let_new_events_overtake_deferred_
             "retry_schedule_seconds": (30.0,) * 10,
             "retry_jitter": 0.0,
             "circuit_failure_threshold": 1,
-            "circuit_open_seconds": 4.0,
+            # Long enough for the delivery log to record the failure and the manual retry
+            # to go out while the circuit is still open, on a busy machine.
+            "circuit_open_seconds": 20.0,
             "delivery_concurrency_per_endpoint": 1,
         }
     )
@@ -423,7 +428,7 @@ async def test_a_circuit_closed_early_does_not_let_new_events_overtake_deferred_
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
         )
         await _change(stack, object_id, 3)
-        received = await receiver.wait_for(5, within=20)
+        received = await receiver.wait_for(5, within=40)
         assert [orjson.loads(r.body)["data"]["n"] for r in received[2:]] == [1, 2, 3]
 
 
