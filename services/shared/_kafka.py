@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -109,12 +109,33 @@ def _unreachable(settings: Settings, exc: Exception) -> DependencyUnavailable:
     return DependencyUnavailable(f"Kafka is unreachable at {settings.kafka_bootstrap}: {exc}")
 
 
+# A broker busy for a moment, or restarting, refuses a connection or two; that is not
+# "unreachable". Only a failure before anything started is tried again (the client can
+# start afresh then).
+_BOOTSTRAP_TRIES = 3
+_BOOTSTRAP_PAUSE_SECONDS = 1.0
+
+
+def _nothing_started(client: AIOKafkaProducer | AIOKafkaConsumer) -> bool:
+    if isinstance(client, AIOKafkaConsumer):
+        return client._fetcher is None
+    return client._sender.sender_task is None
+
+
 async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
-    try:
-        await client.start()
-    except (KafkaError, OSError) as exc:
-        await stop_client(client)
-        raise _unreachable(settings, exc) from exc
+    for attempt in range(1, _BOOTSTRAP_TRIES + 1):
+        try:
+            await client.start()
+            return
+        except KafkaConnectionError as exc:
+            if attempt < _BOOTSTRAP_TRIES and _nothing_started(client):
+                await asyncio.sleep(_BOOTSTRAP_PAUSE_SECONDS)
+                continue
+            await stop_client(client)
+            raise _unreachable(settings, exc) from exc
+        except (KafkaError, OSError) as exc:
+            await stop_client(client)
+            raise _unreachable(settings, exc) from exc
 
 
 async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:
