@@ -891,17 +891,22 @@ async def test_the_retry_delay_runs_from_the_end_of_a_slow_attempt(
         assert received[1].at - received[0].at >= 2.4
 
 
-async def test_a_delivery_for_a_webhook_the_table_has_not_heard_of_is_delivered(
-    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Its change record is slow (here: never sent); a test event written straight to the
-    deliveries topic must not be skipped for good: the dispatcher asks the database."""
+def _suppress_change_records(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher hears of new webhooks only by asking the database."""
     changes = stack.api.app[CONTEXT].changes  # type: ignore[index]
 
     async def not_told(*args: Any, **kwargs: Any) -> bool:
         return True
 
     monkeypatch.setattr(changes, "notify", not_told)
+
+
+async def test_a_delivery_for_a_webhook_the_table_has_not_heard_of_is_delivered(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its change record is slow (here: never sent); a test event written straight to the
+    deliveries topic must not be skipped for good: the dispatcher asks the database."""
+    _suppress_change_records(stack, monkeypatch)
     webhook = await stack.create_webhook(receiver.url, CREATED, routed=False)
     assert stack.dispatcher.table.get(webhook["id"]) is None
 
@@ -926,12 +931,7 @@ async def test_a_delivery_for_a_webhook_the_table_has_not_heard_of_is_delivered(
 async def test_a_delivery_whose_webhook_cannot_be_looked_up_waits_instead_of_being_skipped(
     stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    changes = stack.api.app[CONTEXT].changes  # type: ignore[index]
-
-    async def not_told(*args: Any, **kwargs: Any) -> bool:
-        return True
-
-    monkeypatch.setattr(changes, "notify", not_told)
+    _suppress_change_records(stack, monkeypatch)
     table = stack.dispatcher.table
     real_refresh = table.refresh
     failures = [OperationalError("SELECT", {}, Exception("database is away"))]
@@ -956,16 +956,6 @@ async def test_a_delivery_whose_webhook_cannot_be_looked_up_waits_instead_of_bei
         registry.get_sample_value("hookwire_dispatcher_deliveries_total", {"outcome": "deferred"})
         == 1
     )
-
-
-def _suppress_change_records(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dispatcher hears of new webhooks only by asking the database."""
-    changes = stack.api.app[CONTEXT].changes  # type: ignore[index]
-
-    async def not_told(*args: Any, **kwargs: Any) -> bool:
-        return True
-
-    monkeypatch.setattr(changes, "notify", not_told)
 
 
 async def test_a_database_that_fails_lookups_is_asked_once_a_second_not_per_delivery(
