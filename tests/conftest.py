@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
+from aiohttp import web, web_app
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import func, select, text
 
 from services.api.app import ApiService
@@ -54,6 +55,32 @@ def broker() -> Iterator[EmbeddedBroker]:
         yield embedded
     finally:
         embedded.stop()
+
+
+@pytest.fixture(autouse=True)
+def _release_finished_apps() -> Iterator[None]:
+    """aiohttp caches each handler's middleware chain in a module-wide LRU of 1,024
+    entries; the bound handlers in it kept every finished test's services alive, with
+    their Kafka clients and the metadata of every topic they had seen (4 GB by the end of
+    the suite, and multi-second garbage collections that broke timing in later tests)."""
+    yield
+    web_app._cached_build_middleware.cache_clear()
+
+
+async def drop_topics(bootstrap: str, prefix: str) -> None:
+    """Delete the topics a test made. The broker keeps every record in memory, and every
+    Kafka client that starts reads the metadata of every topic: left in place, a whole
+    run's topics made each later start slower."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        names = [name for name in await admin.list_topics() if name.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+    except Exception as exc:
+        print(f"could not delete topics {prefix}*: {exc!r}")
+    finally:
+        await admin.close()
 
 
 async def _reset_postgres(dsn: str) -> None:
@@ -98,8 +125,12 @@ def _settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Setti
 
 
 @pytest.fixture
-def settings(broker: EmbeddedBroker, database_url: str, tmp_path: Any) -> Settings:
-    return _settings(broker, database_url, tmp_path)
+async def settings(
+    broker: EmbeddedBroker, database_url: str, tmp_path: Any
+) -> AsyncIterator[Settings]:
+    made = _settings(broker, database_url, tmp_path)
+    yield made
+    await drop_topics(broker.bootstrap, made.topic_prefix)
 
 
 def corrupt(token: str) -> str:

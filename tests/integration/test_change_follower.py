@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -29,10 +30,11 @@ from services.shared import (
     utcnow,
 )
 from services.shared._changes import follow_changes
+from tests.conftest import drop_topics
 
 
 @pytest.fixture
-async def kafka_settings(broker: EmbeddedBroker) -> Settings:
+async def kafka_settings(broker: EmbeddedBroker) -> AsyncIterator[Settings]:
     settings = load_settings(
         kafka_bootstrap=broker.bootstrap,
         topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
@@ -41,7 +43,8 @@ async def kafka_settings(broker: EmbeddedBroker) -> Settings:
         kafka_heartbeat_interval_ms=300,
     )
     await ensure_topics(settings)
-    return settings
+    yield settings
+    await drop_topics(broker.bootstrap, settings.topic_prefix)
 
 
 async def _publish_changes(settings: Settings, ids: list[str]) -> None:

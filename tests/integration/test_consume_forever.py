@@ -24,17 +24,20 @@ from services.shared import (
     start_client,
     stop_client,
 )
+from tests.conftest import drop_topics
 
 
 @pytest.fixture
-def kafka_settings(broker: EmbeddedBroker) -> Settings:
-    return load_settings(
+async def kafka_settings(broker: EmbeddedBroker) -> AsyncIterator[Settings]:
+    settings = load_settings(
         kafka_bootstrap=broker.bootstrap,
         topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
         kafka_partitions=1,
         kafka_session_timeout_ms=3000,
         kafka_heartbeat_interval_ms=300,
     )
+    yield settings
+    await drop_topics(broker.bootstrap, settings.topic_prefix)
 
 
 @pytest.fixture

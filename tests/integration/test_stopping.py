@@ -14,7 +14,7 @@ from services.shared import Settings
 from tests.conftest import pause_first_call, running_stack
 
 # Long enough for the checks made within it on a busy machine.
-_DELAY = 3.0
+_DELAY = 5.0
 
 
 async def _get(session: aiohttp.ClientSession, url: str, **kwargs: object) -> tuple[int, str]:
