@@ -6,6 +6,7 @@ The retry schedule is shortened by configuration so each test takes seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 from sqlalchemy.exc import OperationalError
 
@@ -789,6 +791,105 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
         await stop_client(deliveries)
         await stop_client(retries)
         await stop_client(producer)
+
+
+async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
+    settings: Settings,
+) -> None:
+    """Two retries due in an hour sit among retries due now. Once those are forwarded, the
+    far ones are written again at the end of the partition, in their order, and the commit
+    point passes the forwarded ones: the next reader forwards none of them a second time."""
+    quick = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}move.", "kafka_partitions": 1}
+    )
+    await ensure_topics(quick)
+    topics = topics_for(quick)
+    event = Event(
+        id="evt_move",
+        type="object.created",
+        team_id="team_move",
+        object_type="contact",
+        object_id="obj_1",
+        occurred_at=utcnow(),
+        data={},
+    )
+    now, later = utcnow(), utcnow() + timedelta(hours=1)
+    written = [
+        ("far_1", "wh_far", later),
+        ("near_1", "wh_near", now),
+        ("far_2", "wh_far", later),
+        ("near_2", "wh_near", now),
+        ("near_3", "wh_near", now),
+        ("other", "wh_other", later),
+    ]
+    producer = make_producer(quick)
+    await start_client(producer, quick)
+    await send_all(
+        producer,
+        [
+            (
+                topics.retry(7),
+                webhook.encode(),
+                Delivery(
+                    id=delivery_id, webhook_id=webhook, attempt=8, event=event, not_before=due
+                ).to_bytes(),
+            )
+            for delivery_id, webhook, due in written
+        ],
+    )
+    tier = TopicPartition(topics.retry(7), 0)
+
+    @contextlib.asynccontextmanager
+    async def timer_running() -> AsyncIterator[tuple[RetryTimer, Any]]:
+        retries = make_patient_consumer(
+            quick,
+            *(topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
+            group_id=f"{quick.topic_prefix}retry",
+        )
+        await start_client(retries, quick)
+        timer = RetryTimer(retries, producer, topics, pending_max=1000)
+        running = asyncio.create_task(timer.run())
+        try:
+            yield timer, retries
+        finally:
+            await cancel_and_wait(running)
+            await stop_client(retries)
+
+    try:
+        async with timer_running() as (timer, retries):
+            # far_1 and far_2 (offsets 0 and 2) moved to 6 and 7; "other" (5) was not
+            # behind anything forwarded and stays, holding the commit point.
+            await _eventually(_committed_at(retries, tier, 5), within=20)
+            assert timer.pending == 3
+        in_retry = await topic_records(quick, topics.retry(7), 8)
+        assert [record["id"] for record in in_retry[6:]] == ["far_1", "far_2"]
+
+        async with timer_running() as (timer, _):
+            await _eventually(lambda: timer.pending == 3)
+            await asyncio.sleep(1.0)  # a forward of what was read again would be out by now
+            assert timer.pending == 3
+        forwarded = await topic_records(quick, topics.deliveries, 3)
+        assert sorted(record["id"] for record in forwarded) == ["near_1", "near_2", "near_3"]
+        assert await _records_in(quick, topics.deliveries) == 3
+    finally:
+        await stop_client(producer)
+
+
+def _committed_at(consumer: Any, partition: TopicPartition, offset: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        return bool(await consumer.committed(partition) == offset)
+
+    return check
+
+
+async def _records_in(settings: Settings, topic: str) -> int:
+    consumer = make_consumer(settings, topic, group_id=None)
+    await start_client(consumer, settings)
+    try:
+        await consumer.getmany(timeout_ms=500)
+        return sum(consumer.highwater(p) or 0 for p in consumer.assignment())
+    finally:
+        await stop_client(consumer)
 
 
 async def test_a_retry_forward_failing_on_one_partition_sends_no_second_copy_elsewhere(

@@ -91,6 +91,23 @@ def test_commit_point_is_the_lowest_unfinished_offset() -> None:
     assert len(tracker) == 0
 
 
+def test_records_finished_past_the_commit_point_are_counted() -> None:
+    """They are what a restart would handle a second time."""
+    tracker = OffsetTracker()
+    tp = TopicPartition("retry.7", 0)
+    assert tracker.finished_beyond_point(tp) == 0
+    for offset in range(20, 26):
+        tracker.add(tp, offset)
+    for offset in (21, 23, 24):
+        tracker.done(tp, offset)
+    assert tracker.finished_beyond_point(tp) == 3, "20 waits; 21, 23 and 24 are past it"
+    tracker.done(tp, 20)
+    assert tracker.finished_beyond_point(tp) == 2, "22 waits now: 23 and 24 are past it"
+    for offset in (22, 25):
+        tracker.done(tp, offset)
+    assert tracker.finished_beyond_point(tp) == 0
+
+
 def test_revoked_partitions_are_forgotten() -> None:
     tracker = OffsetTracker()
     kept, lost = TopicPartition("d", 0), TopicPartition("d", 1)
