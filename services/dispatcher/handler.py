@@ -137,18 +137,23 @@ class DeliveryHandler:
                 self.forget_endpoint(webhook_id)
 
     async def publish(self, records: list[OutRecord]) -> None:
-        # Until Kafka takes the outcome the record is not finished; keep trying.
+        """Until Kafka takes the outcome the record is not finished; keep trying, with
+        only the records it did not take: the retry record of an attempt whose own
+        record was taken must not be written twice (two chains of retries)."""
         backoff = 0.5
-        while True:
-            try:
-                await self._sender_of_outcomes.send(records)
-                return
-            except KafkaError as exc:
-                # DependencyUnavailable (the sender has stopped) is not retried: it ends
-                # the delivery unfinished, to be sent again by the partition's next reader.
-                self._log.warning("outcome_publish_failed", error=str(exc))
+        while records:
+            refused = await self._sender_of_outcomes.send_each(records)
+            for error in refused.values():
+                if not isinstance(error, KafkaError):
+                    # The sender has stopped: the delivery ends unfinished, to be sent
+                    # again by the partition's next reader.
+                    raise error
+            if refused:
+                error = refused[min(refused)]
+                self._log.warning("outcome_publish_failed", error=str(error), records=len(refused))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX_SECONDS)
+            records = [records[index] for index in sorted(refused)]
 
     async def outcome_records(
         self, record: ConsumerRecord, pace: Pace | None = None

@@ -269,10 +269,14 @@ def partition_of(key: bytes, partitions: int) -> int:
     return int(_PARTITIONER(key, every, every))
 
 
-def _unheard(outcome: asyncio.Future[None]) -> None:
+def _unheard(outcome: asyncio.Future[Any]) -> None:
     # Its caller stopped waiting; taking the outcome keeps it from being reported unread.
     if not outcome.cancelled():
         outcome.exception()
+
+
+# The error of each record the broker did not take, by its index in what was sent.
+_Refusals = dict[int, BaseException]
 
 
 class BatchingSender:
@@ -288,7 +292,8 @@ class BatchingSender:
     def __init__(self, producer: AIOKafkaProducer, *, linger_seconds: float = 0.0) -> None:
         self._producer = producer
         self._linger = linger_seconds
-        self._waiting: list[tuple[list[OutRecord], asyncio.Future[None]]] = []
+        # Each caller's records, and its answer: the error of each record not taken.
+        self._waiting: list[tuple[list[OutRecord], asyncio.Future[_Refusals]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -299,19 +304,29 @@ class BatchingSender:
         (withdrawn: they will not be sent), ``OutcomeUnknown`` when they were already on
         their way (they may yet be acknowledged).
         """
+        refused = await self.send_each(records, within=within)
+        if refused:
+            raise refused[min(refused)]
+
+    async def send_each(
+        self, records: list[OutRecord], *, within: float | None = None
+    ) -> _Refusals:
+        """Like ``send``, but a record the broker did not take is reported, not raised:
+        returns the error of each such record by its index. A caller that sends those
+        again sends no second copy of the others. Raises as ``send`` does when the
+        sender stops or time runs out."""
         if not records:
-            return
+            return {}
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="batching-sender")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[_Refusals] = asyncio.get_running_loop().create_future()
         entry = (records, done)
         self._waiting.append(entry)
         self._wake.set()
         try:
             if within is None:
-                await done
-            else:
-                await asyncio.wait_for(asyncio.shield(done), within)
+                return await done
+            return await asyncio.wait_for(asyncio.shield(done), within)
         except (asyncio.CancelledError, TimeoutError) as exc:
             # A caller that gives up and undoes what the records announce must not see
             # them sent after all: withdrawn while they still wait for a round.
@@ -327,7 +342,7 @@ class BatchingSender:
         await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
-        sending: list[tuple[list[OutRecord], asyncio.Future[None]]] = []
+        sending: list[tuple[list[OutRecord], asyncio.Future[_Refusals]]] = []
         try:
             while True:
                 await self._wake.wait()
@@ -348,25 +363,26 @@ class BatchingSender:
                     done.set_exception(DependencyUnavailable("the Kafka sender has stopped"))
             self._waiting = []
 
-    async def _round(self, waiting: list[tuple[list[OutRecord], asyncio.Future[None]]]) -> None:
+    async def _round(
+        self, waiting: list[tuple[list[OutRecord], asyncio.Future[_Refusals]]]
+    ) -> None:
         # Each caller hears about its own records only: a partition's batch refused must
         # not tell a caller whose records were all acknowledged that they were not (it
         # would undo a change whose event is in the stream).
-        tagged = [
-            (topic, key, value, owner)
-            for owner, (records, _) in enumerate(waiting)
-            for topic, key, value in records
-        ]
+        tagged: list[tuple[str, bytes | None, bytes, int]] = []
+        places: list[tuple[int, int]] = []
+        for owner, (records, _) in enumerate(waiting):
+            for place, (topic, key, value) in enumerate(records):
+                tagged.append((topic, key, value, len(places)))
+                places.append((owner, place))
         batches, refused = await _send_packed(self._producer, tagged)
-        for owner, error in (await _outcomes(batches)).items():
-            refused.setdefault(owner, error)
-        for owner, (_, done) in enumerate(waiting):
-            if done.done():
-                continue
-            if owner in refused:
-                done.set_exception(refused[owner])
-            else:
-                done.set_result(None)
+        answers: list[_Refusals] = [{} for _ in waiting]
+        for index, error in {**await _outcomes(batches), **refused}.items():
+            owner, place = places[index]
+            answers[owner][place] = error
+        for (_, done), answer in zip(waiting, answers, strict=True):
+            if not done.done():
+                done.set_result(answer)
 
 
 async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:

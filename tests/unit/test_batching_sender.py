@@ -8,7 +8,16 @@ from typing import Any, cast
 import pytest
 from aiokafka.errors import KafkaTimeoutError
 
-from services.shared import BatchingSender, DependencyUnavailable, OutcomeUnknown, partition_of
+from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
+from services.shared import (
+    BatchingSender,
+    DependencyUnavailable,
+    Metrics,
+    OutcomeUnknown,
+    Topics,
+    load_settings,
+    partition_of,
+)
 
 
 class _UnansweringProducer:
@@ -131,6 +140,58 @@ async def test_each_caller_in_a_round_hears_its_own_outcome() -> None:
         await asyncio.wait_for(refused, 5)
     await sender.close()
     assert sorted(producer.sent) == [[b"refused"], [b"taken"]]  # one round, two batches
+
+
+async def test_a_caller_learns_which_of_its_records_were_refused() -> None:
+    producer = _PartlyFailingProducer()
+    sender = BatchingSender(cast(Any, producer))
+    records = [("attempts", _key_on(0), b"a"), ("retry.1", _key_on(1), b"b")]
+    records.append(("attempts", _key_on(0), b"c"))
+    refused = await asyncio.wait_for(sender.send_each(records), 5)
+    await sender.close()
+    assert list(refused) == [1]
+    assert isinstance(refused[1], KafkaTimeoutError)
+
+
+class _RefusingOnceProducer(_PartlyFailingProducer):
+    """Refuses partition 1's first batch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals = 1
+
+    async def send_batch(
+        self, batch: _Batch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        self.sent.append(batch.values)
+        answered = asyncio.get_running_loop().create_future()
+        if partition == 1 and self.refusals:
+            self.refusals -= 1
+            answered.set_exception(KafkaTimeoutError("partition 1 refused"))
+        else:
+            answered.set_result(None)
+        return answered
+
+
+async def test_a_delivery_outcome_partly_refused_is_sent_again_only_in_part() -> None:
+    """The attempt record was taken and the retry record refused: only the retry record
+    goes again. Sent twice, the attempt would be harmless; a retry sent twice starts a
+    second chain of retries."""
+    producer = _RefusingOnceProducer()
+    outcomes = BatchingSender(cast(Any, producer))
+    handler = DeliveryHandler(
+        settings=load_settings(service_credential="x", token_pepper="y"),
+        table=cast(Any, None),
+        sender=cast(Any, None),
+        outcomes=outcomes,
+        topics=Topics("t."),
+        metrics=DeliveryMetrics(Metrics("test_partly_refused")),
+    )
+    records = [("t.attempts", _key_on(0), b"attempt"), ("t.retry.1", _key_on(1), b"retry")]
+    await asyncio.wait_for(handler.publish(records), 10)
+    await outcomes.close()
+    sent = [value for batch in producer.sent for value in batch]
+    assert sorted(sent) == [b"attempt", b"retry", b"retry"]
 
 
 class _SilentProducer(_CountingProducer):
