@@ -58,13 +58,6 @@ class OffsetTracker:
         offsets = self._open.get(partition)
         return min(offsets) if offsets else self._next[partition]
 
-    def finished_beyond_point(self, partition: TopicPartition) -> int:
-        """Records finished past the commit point: what a restart would handle again."""
-        offsets = self._open.get(partition)
-        if not offsets:
-            return 0
-        return self._next[partition] - min(offsets) - len(offsets)
-
     def lag(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
         """Per partition the consumer owns: records in the log not yet finished here
         (records read and held, a retry waiting for its time, count as behind)."""

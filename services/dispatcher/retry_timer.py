@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import time
 from datetime import datetime
+from typing import NamedTuple
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -32,17 +33,68 @@ _FETCH_RECORDS = 1000
 _MOVE_WHEN_DUE_AFTER_MS = 30_000
 _MOVE_CHECK_EVERY_SECONDS = 5.0
 
-# (due at ms, topic, partition, offset, key, value)
-_Waiting = tuple[int, str, int, int, bytes | None, bytes]
+
+class Waiting(NamedTuple):
+    """A retry record held until it is due; ordered by due time, then by its place."""
+
+    due_ms: int
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    # A retry (not a first attempt put off by an open circuit or a failed lookup, whose
+    # order among its webhook's deliveries is kept) with a key to place its copy by.
+    movable: bool
+
+    @classmethod
+    def of(cls, record: ConsumerRecord) -> Waiting:
+        """A record without a readable time is due now."""
+        due_ms, attempt = 0, 1
+        try:
+            delivery = orjson.loads(record.value or b"")
+            due_ms = int(datetime.fromisoformat(delivery["not_before"]).timestamp() * 1000)
+            attempt = int(delivery["attempt"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass
+        return cls(
+            due_ms,
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value or b"",
+            movable=attempt > 1 and record.key is not None,
+        )
 
 
-def due_at_ms(record: ConsumerRecord) -> int:
-    """When a waiting record is due; a record without a readable time is due now."""
-    try:
-        value = orjson.loads(record.value or b"")["not_before"]
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return 0
+def to_move(waiting: list[Waiting], forwarded_upto: int, far_ms: int) -> list[Waiting]:
+    """Of one partition's waiting records, those worth writing again at its end.
+
+    A record waiting below ``forwarded_upto``, the highest offset forwarded, holds the
+    commit point behind records already forwarded. Moved are the movable ones due after
+    ``far_ms`` (a nearer one clears by itself) below the first record that stays, and
+    only when at least as many forwarded records are then passed as are written again.
+    """
+    if not waiting:
+        return []
+    point = min(entry.offset for entry in waiting)
+    candidates = {
+        entry.offset
+        for entry in waiting
+        if entry.offset < forwarded_upto and entry.movable and entry.due_ms > far_ms
+    }
+    # With none staying, none was read past the last forwarded one.
+    new_point = min(
+        (entry.offset for entry in waiting if entry.offset not in candidates),
+        default=forwarded_upto + 1,
+    )
+    moving = sorted(
+        (entry for entry in waiting if entry.offset in candidates and entry.offset < new_point),
+        key=lambda entry: entry.offset,
+    )
+    passed = new_point - point - len(moving)
+    return moving if moving and passed >= len(moving) else []
 
 
 class RetryTimer:
@@ -58,7 +110,7 @@ class RetryTimer:
         self._producer = producer
         self._topics = topics
         self._pending_max = pending_max
-        self._heap: list[_Waiting] = []
+        self._heap: list[Waiting] = []
         self._tracker = OffsetTracker()
         # Per partition, the highest offset forwarded: the waiting records below it hold
         # the commit point back.
@@ -83,7 +135,7 @@ class RetryTimer:
             fetch_size = self._apply_backpressure()
             wait_ms = _IDLE_WAIT_MS
             if self._heap:
-                wait_ms = max(0, min(wait_ms, self._heap[0][0] - _wall_ms()))
+                wait_ms = max(0, min(wait_ms, self._heap[0].due_ms - _wall_ms()))
             try:
                 batches = await self._consumer.getmany(
                     timeout_ms=wait_ms, max_records=min(_FETCH_RECORDS, fetch_size)
@@ -100,15 +152,7 @@ class RetryTimer:
                     if self._tracker.seen(partition, record.offset):
                         continue
                     self._tracker.add(partition, record.offset)
-                    entry = (
-                        due_at_ms(record),
-                        record.topic,
-                        record.partition,
-                        record.offset,
-                        record.key,
-                        record.value or b"",
-                    )
-                    heapq.heappush(self._heap, entry)
+                    heapq.heappush(self._heap, Waiting.of(record))
 
     def _forget_revoked(self) -> None:
         assigned = self._consumer.assignment()
@@ -116,18 +160,18 @@ class RetryTimer:
         for partition in [p for p in self._forwarded_upto if p not in assigned]:
             del self._forwarded_upto[partition]
         owned = {(p.topic, p.partition) for p in assigned}
-        if any((entry[1], entry[2]) not in owned for entry in self._heap):
-            self._heap = [entry for entry in self._heap if (entry[1], entry[2]) in owned]
+        if any((entry.topic, entry.partition) not in owned for entry in self._heap):
+            self._heap = [e for e in self._heap if (e.topic, e.partition) in owned]
             heapq.heapify(self._heap)
 
     async def _forward_due(self) -> None:
         now = _wall_ms()
         due = []
-        while self._heap and self._heap[0][0] <= now:
+        while self._heap and self._heap[0].due_ms <= now:
             due.append(heapq.heappop(self._heap))
         if not due:
             return
-        out: list[OutRecord] = [(self._topics.deliveries, key, value) for *_, key, value in due]
+        out: list[OutRecord] = [(self._topics.deliveries, e.key, e.value) for e in due]
         failed = await send_each(self._producer, out)
         for index, entry in enumerate(due):
             if index in failed:
@@ -135,64 +179,52 @@ class RetryTimer:
                 # on its way to an endpoint and must not go twice.
                 heapq.heappush(self._heap, entry)
             else:
-                _, topic, partition, offset, *_ = entry
-                forwarded = TopicPartition(topic, partition)
-                self._tracker.done(forwarded, offset)
+                forwarded = TopicPartition(entry.topic, entry.partition)
+                self._tracker.done(forwarded, entry.offset)
                 upto = self._forwarded_upto.get(forwarded, -1)
-                self._forwarded_upto[forwarded] = max(upto, offset)
+                self._forwarded_upto[forwarded] = max(upto, entry.offset)
         if failed:
             error = next(iter(failed.values()))
             self._log.warning("retry_forward_failed", error=str(error), records=len(failed))
             await asyncio.sleep(1.0)
 
     async def _move_blockers(self) -> None:
-        """Write again, at the end of their partition, the far-off records that hold its
-        commit point behind records already forwarded.
+        """Write again, at the end of their partition, the far-off retries that hold its
+        commit point behind records already forwarded (``to_move``).
 
         Left there, a restart or a rebalance would forward those records again: each
         would be attempted a second time and, failing, start a second chain of retries
         (a 10-hour retry, its jitter ±2 hours, is overtaken by the retries written in
-        those hours; a circuit's deferrals, by the 5-second retries). A record moves with
-        every waiting record of its key in that partition, in order, so one webhook's
-        deferred first attempts keep their order; and only once the records forwarded
-        past the commit point outnumber those that would move.
+        those hours; an hour-long Retry-After, by the 5-second retries). A copy is
+        placed by its key, like the original; the original then counts as finished.
         """
         now = time.monotonic()
         if now < self._next_move_check:
             return
         self._next_move_check = now + _MOVE_CHECK_EVERY_SECONDS
-        waiting: dict[TopicPartition, list[_Waiting]] = {}
+        waiting: dict[TopicPartition, list[Waiting]] = {}
         for entry in self._heap:
-            waiting.setdefault(TopicPartition(entry[1], entry[2]), []).append(entry)
+            waiting.setdefault(TopicPartition(entry.topic, entry.partition), []).append(entry)
         far = _wall_ms() + _MOVE_WHEN_DUE_AFTER_MS
-        for partition, entries in waiting.items():
+        moving: list[Waiting] = []
+        # Partitions another process has just taken are not written to: it reads them
+        # from the last commit, and would find both copies.
+        for partition in self._consumer.assignment():
             upto = self._forwarded_upto.get(partition)
-            behind = self._tracker.finished_beyond_point(partition)
-            if upto is None or not behind:
-                continue
-            keys = {entry[4] for entry in entries if entry[3] < upto}
-            moving = sorted((entry for entry in entries if entry[4] in keys), key=_offset)
-            if not moving or len(moving) > behind or any(entry[0] < far for entry in moving):
-                continue
-            await self._move(partition, moving)
-
-    async def _move(self, partition: TopicPartition, moving: list[_Waiting]) -> None:
+            if upto is not None and partition in waiting:
+                moving += to_move(waiting[partition], upto, far)
+        if not moving:
+            return
         failed = await send_each(
-            self._producer, [(partition.topic, key, value) for *_, key, value in moving]
+            self._producer, [(entry.topic, entry.key, entry.value) for entry in moving]
         )
-        moved = {entry[3] for index, entry in enumerate(moving) if index not in failed}
-        for offset in moved:
-            # The copy is read back as a new record; the original is finished.
-            self._tracker.done(partition, offset)
-        self._heap = [
-            entry
-            for entry in self._heap
-            if not (entry[3] in moved and (entry[1], entry[2]) == partition)
-        ]
+        moved = [entry for index, entry in enumerate(moving) if index not in failed]
+        for entry in moved:
+            self._tracker.done(TopicPartition(entry.topic, entry.partition), entry.offset)
+        gone = set(moved)
+        self._heap = [entry for entry in self._heap if entry not in gone]
         heapq.heapify(self._heap)
-        self._log.info(
-            "retries_moved", topic=partition.topic, partition=partition.partition, moved=len(moved)
-        )
+        self._log.info("retries_moved", moved=len(moved))
         if failed:
             error = next(iter(failed.values()))
             self._log.warning("retry_move_failed", error=str(error), records=len(failed))
@@ -210,10 +242,6 @@ class RetryTimer:
         # tiers) could fill the heap; with every partition paused then, another endpoint's
         # 5-second retry would wait unread for hours. A reserve keeps room for the others.
         return self._gate.hold_with_reserve(self._tracker.open_counts(), self._pending_max)
-
-
-def _offset(entry: _Waiting) -> int:
-    return entry[3]
 
 
 def _wall_ms() -> int:

@@ -13,7 +13,7 @@ import functools
 import math
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -206,6 +206,7 @@ async def _send_packed(
     batch the producer would not take), so that one owner's fault is only that owner's.
     """
     partitions: dict[str, list[int]] = {}
+    unknown: dict[str, KafkaError] = {}
     open_batches: dict[tuple[str, int], tuple[BatchBuilder, set[int]]] = {}
     sent: list[tuple[asyncio.Future[Any], set[int]]] = []
     refused: dict[int, BaseException] = {}
@@ -220,11 +221,15 @@ async def _send_packed(
     for topic, key, value, owner in records:
         if owner in refused:
             continue
+        if topic in unknown:
+            refused[owner] = unknown[topic]
+            continue
         if topic not in partitions:
             try:
                 partitions[topic] = sorted(await producer.partitions_for(topic))
             except KafkaError as exc:
-                refused[owner] = exc
+                # Asked once: the metadata wait is long, and a round can hold many records.
+                unknown[topic] = refused[owner] = exc
                 continue
         every = partitions[topic]
         partition = partition_of(key, len(every)) if key is not None else random.choice(every)  # noqa: S311
@@ -279,6 +284,13 @@ def _unheard(outcome: asyncio.Future[Any]) -> None:
 _Refusals = dict[int, BaseException]
 
 
+class _Caller(NamedTuple):
+    records: list[OutRecord]
+    answer: asyncio.Future[_Refusals]
+    # Told of each record refused (``send_each``), or of the first (``send``).
+    each: bool
+
+
 class BatchingSender:
     """Sends the records of many concurrent callers together, as ``send_all`` batches.
 
@@ -292,8 +304,7 @@ class BatchingSender:
     def __init__(self, producer: AIOKafkaProducer, *, linger_seconds: float = 0.0) -> None:
         self._producer = producer
         self._linger = linger_seconds
-        # Each caller's records, and its answer: the error of each record not taken.
-        self._waiting: list[tuple[list[OutRecord], asyncio.Future[_Refusals]]] = []
+        self._waiting: list[_Caller] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -304,7 +315,7 @@ class BatchingSender:
         (withdrawn: they will not be sent), ``OutcomeUnknown`` when they were already on
         their way (they may yet be acknowledged).
         """
-        refused = await self.send_each(records, within=within)
+        refused = await self._submit(records, within, each=False)
         if refused:
             raise refused[min(refused)]
 
@@ -315,12 +326,17 @@ class BatchingSender:
         returns the error of each such record by its index. A caller that sends those
         again sends no second copy of the others. Raises as ``send`` does when the
         sender stops or time runs out."""
+        return await self._submit(records, within, each=True)
+
+    async def _submit(
+        self, records: list[OutRecord], within: float | None, *, each: bool
+    ) -> _Refusals:
         if not records:
             return {}
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="batching-sender")
         done: asyncio.Future[_Refusals] = asyncio.get_running_loop().create_future()
-        entry = (records, done)
+        entry = _Caller(records, done, each)
         self._waiting.append(entry)
         self._wake.set()
         try:
@@ -342,7 +358,7 @@ class BatchingSender:
         await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
-        sending: list[tuple[list[OutRecord], asyncio.Future[_Refusals]]] = []
+        sending: list[_Caller] = []
         try:
             while True:
                 await self._wake.wait()
@@ -355,32 +371,33 @@ class BatchingSender:
                     await self._round(sending)
         finally:
             # Whoever still waits when the sender stops gets an answer, not a wait for ever.
-            for _, done in sending:
+            for _, done, _ in sending:
                 if not done.done():
                     done.set_exception(OutcomeUnknown("the Kafka sender stopped mid-round"))
-            for _, done in self._waiting:
+            for _, done, _ in self._waiting:
                 if not done.done():
                     done.set_exception(DependencyUnavailable("the Kafka sender has stopped"))
             self._waiting = []
 
-    async def _round(
-        self, waiting: list[tuple[list[OutRecord], asyncio.Future[_Refusals]]]
-    ) -> None:
+    async def _round(self, waiting: list[_Caller]) -> None:
         # Each caller hears about its own records only: a partition's batch refused must
         # not tell a caller whose records were all acknowledged that they were not (it
-        # would undo a change whose event is in the stream).
+        # would undo a change whose event is in the stream). A caller of ``send`` is one
+        # owner (once one of its records is refused the rest are not sent); each record
+        # of a caller of ``send_each`` is its own.
         tagged: list[tuple[str, bytes | None, bytes, int]] = []
         places: list[tuple[int, int]] = []
-        for owner, (records, _) in enumerate(waiting):
+        for caller, (records, _, each) in enumerate(waiting):
             for place, (topic, key, value) in enumerate(records):
-                tagged.append((topic, key, value, len(places)))
-                places.append((owner, place))
+                if each or place == 0:
+                    places.append((caller, place))
+                tagged.append((topic, key, value, len(places) - 1))
         batches, refused = await _send_packed(self._producer, tagged)
         answers: list[_Refusals] = [{} for _ in waiting]
-        for index, error in {**await _outcomes(batches), **refused}.items():
-            owner, place = places[index]
-            answers[owner][place] = error
-        for (_, done), answer in zip(waiting, answers, strict=True):
+        for owner, error in {**await _outcomes(batches), **refused}.items():
+            caller, place = places[owner]
+            answers[caller][place] = error
+        for (_, done, _), answer in zip(waiting, answers, strict=True):
             if not done.done():
                 done.set_result(answer)
 

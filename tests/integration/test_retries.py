@@ -796,9 +796,11 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
 async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
     settings: Settings,
 ) -> None:
-    """Two retries due in an hour sit among retries due now. Once those are forwarded, the
-    far ones are written again at the end of the partition, in their order, and the commit
-    point passes the forwarded ones: the next reader forwards none of them a second time."""
+    """A retry due in an hour sits before retries due now. Once those are forwarded it is
+    written again at the end of the partition, and the commit point passes what was
+    forwarded behind it: the next reader forwards none of that again. A first attempt
+    put off behind an open circuit is not moved (its place orders its webhook's first
+    attempts), so what was forwarded behind it is forwarded again after a restart."""
     quick = settings.model_copy(
         update={"topic_prefix": f"{settings.topic_prefix}move.", "kafka_partitions": 1}
     )
@@ -814,13 +816,13 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
         data={},
     )
     now, later = utcnow(), utcnow() + timedelta(hours=1)
-    written = [
-        ("far_1", "wh_far", later),
-        ("near_1", "wh_near", now),
-        ("far_2", "wh_far", later),
-        ("near_2", "wh_near", now),
-        ("near_3", "wh_near", now),
-        ("other", "wh_other", later),
+    written = [  # offsets 0 to 5
+        ("far", "wh_far", 8, later),
+        ("near_1", "wh_near", 8, now),
+        ("first", "wh_first", 1, later),
+        ("near_2", "wh_near", 8, now),
+        ("near_3", "wh_near", 8, now),
+        ("other", "wh_other", 8, later),
     ]
     producer = make_producer(quick)
     await start_client(producer, quick)
@@ -831,10 +833,10 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
                 topics.retry(7),
                 webhook.encode(),
                 Delivery(
-                    id=delivery_id, webhook_id=webhook, attempt=8, event=event, not_before=due
+                    id=delivery_id, webhook_id=webhook, attempt=attempt, event=event, not_before=due
                 ).to_bytes(),
             )
-            for delivery_id, webhook, due in written
+            for delivery_id, webhook, attempt, due in written
         ],
     )
     tier = TopicPartition(topics.retry(7), 0)
@@ -857,20 +859,27 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
 
     try:
         async with timer_running() as (timer, retries):
-            # far_1 and far_2 (offsets 0 and 2) moved to 6 and 7; "other" (5) was not
-            # behind anything forwarded and stays, holding the commit point.
-            await _eventually(_committed_at(retries, tier, 5), within=20)
-            assert timer.pending == 3
-        in_retry = await topic_records(quick, topics.retry(7), 8)
-        assert [record["id"] for record in in_retry[6:]] == ["far_1", "far_2"]
+            # "far" (offset 0) moved to 6; the commit point passed near_1 and stops at
+            # "first" (2). "other" (5) was behind nothing forwarded.
+            await _eventually(_committed_at(retries, tier, 2), within=20)
+            await _eventually(lambda: timer.pending == 3)  # first, other, and far's copy
+        in_retry = await topic_records(quick, topics.retry(7), 7)
+        assert in_retry[6]["id"] == "far"
 
         async with timer_running() as (timer, _):
             await _eventually(lambda: timer.pending == 3)
-            await asyncio.sleep(1.0)  # a forward of what was read again would be out by now
+            await asyncio.sleep(1.0)  # a stray forward would be out by now
             assert timer.pending == 3
-        forwarded = await topic_records(quick, topics.deliveries, 3)
-        assert sorted(record["id"] for record in forwarded) == ["near_1", "near_2", "near_3"]
-        assert await _records_in(quick, topics.deliveries) == 3
+        forwarded = await topic_records(quick, topics.deliveries, 5)
+        assert sorted(record["id"] for record in forwarded) == [
+            "near_1",
+            "near_2",
+            "near_2",
+            "near_3",
+            "near_3",
+        ]
+        assert await _records_in(quick, topics.deliveries) == 5
+        assert await _records_in(quick, topics.retry(7)) == 7
     finally:
         await stop_client(producer)
 

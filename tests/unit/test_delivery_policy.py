@@ -10,6 +10,7 @@ from aiokafka import TopicPartition
 
 from services.dispatcher.offsets import OffsetTracker
 from services.dispatcher.policy import CircuitBreaker, RetryPolicy, parse_retry_after
+from services.dispatcher.retry_timer import Waiting, to_move
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 POLICY = RetryPolicy(schedule=(5, 300, 1800), jitter=0.2, retry_after_max=3600)
@@ -91,21 +92,38 @@ def test_commit_point_is_the_lowest_unfinished_offset() -> None:
     assert len(tracker) == 0
 
 
-def test_records_finished_past_the_commit_point_are_counted() -> None:
-    """They are what a restart would handle a second time."""
-    tracker = OffsetTracker()
-    tp = TopicPartition("retry.7", 0)
-    assert tracker.finished_beyond_point(tp) == 0
-    for offset in range(20, 26):
-        tracker.add(tp, offset)
-    for offset in (21, 23, 24):
-        tracker.done(tp, offset)
-    assert tracker.finished_beyond_point(tp) == 3, "20 waits; 21, 23 and 24 are past it"
-    tracker.done(tp, 20)
-    assert tracker.finished_beyond_point(tp) == 2, "22 waits now: 23 and 24 are past it"
-    for offset in (22, 25):
-        tracker.done(tp, offset)
-    assert tracker.finished_beyond_point(tp) == 0
+def _waiting(offset: int, due_ms: int, *, movable: bool = True) -> Waiting:
+    return Waiting(due_ms, "retry.7", 0, offset, b"wh", b"{}", movable)
+
+
+FAR, SOON = 10_000, 10
+
+
+def test_a_far_off_retry_behind_forwarded_ones_moves() -> None:
+    # 0 waits far off; 1 and 2 were forwarded; 3 waits.
+    waiting = [_waiting(0, FAR + 1), _waiting(3, FAR + 1)]
+    assert [w.offset for w in to_move(waiting, forwarded_upto=2, far_ms=FAR)] == [0]
+
+
+def test_what_moves_must_pass_as_many_forwarded_records() -> None:
+    # 0, 1 and 3 wait far off; only 2 was forwarded: two writes to pass one record.
+    waiting = [_waiting(0, FAR + 1), _waiting(1, FAR + 1), _waiting(3, FAR + 1)]
+    assert to_move(waiting, forwarded_upto=2, far_ms=FAR) == []
+    # 0 and 2 wait far off among 1, 3 and 4, forwarded: two writes pass three records.
+    waiting = [_waiting(0, FAR + 1), _waiting(2, FAR + 1), _waiting(5, FAR + 1)]
+    assert [w.offset for w in to_move(waiting, forwarded_upto=4, far_ms=FAR)] == [0, 2]
+
+
+def test_a_retry_due_soon_or_a_put_off_first_attempt_stays() -> None:
+    forwarded_behind = [_waiting(1, SOON)]
+    assert to_move(forwarded_behind, forwarded_upto=3, far_ms=FAR) == []
+    first_attempt = [_waiting(1, FAR + 1, movable=False)]
+    assert to_move(first_attempt, forwarded_upto=3, far_ms=FAR) == []
+    # A retry below a first attempt that stays moves only if that passes enough.
+    both = [_waiting(0, FAR + 1), _waiting(2, FAR + 1, movable=False)]
+    assert [w.offset for w in to_move(both, forwarded_upto=3, far_ms=FAR)] == [0]
+    both = [_waiting(0, FAR + 1), _waiting(1, FAR + 1, movable=False)]
+    assert to_move(both, forwarded_upto=3, far_ms=FAR) == [], "nothing forwarded is passed"
 
 
 def test_revoked_partitions_are_forgotten() -> None:
