@@ -4,7 +4,7 @@ A failed delivery is written to a retry topic with its ``not_before`` time; this
 the raw records in memory, ordered by due time, and forwards each to ``deliveries`` when it
 is due. An offset is committed only once every record before it was forwarded, so a restart
 re-reads what was still waiting (the timer survives restarts; a forwarded record read again
-is forwarded again). A record due long after the ones written behind it is moved to the
+is forwarded again). A retry due long after the ones written behind it is moved to the
 end of its partition once enough of those were forwarded, so the commit point does not stay
 behind it for hours. Records wait apart from the delivery lanes, so a retry never holds up
 any endpoint's first attempts.
@@ -31,7 +31,9 @@ _IDLE_WAIT_MS = 500
 _FETCH_RECORDS = 1000
 # Only a record due further off than this is worth moving: a nearer one clears by itself.
 _MOVE_WHEN_DUE_AFTER_MS = 30_000
-_MOVE_CHECK_EVERY_SECONDS = 5.0
+# A retry overtaken all the time is written again at most this often: what a restart may
+# forward a second time is the last minute's forwards, not the last hours'.
+MOVE_EVERY_SECONDS = 60.0
 
 
 class Waiting(NamedTuple):
@@ -105,6 +107,7 @@ class RetryTimer:
         topics: Topics,
         *,
         pending_max: int,
+        move_every_seconds: float = MOVE_EVERY_SECONDS,
     ) -> None:
         self._consumer = consumer
         self._producer = producer
@@ -115,7 +118,11 @@ class RetryTimer:
         # Per partition, the highest offset forwarded: the waiting records below it hold
         # the commit point back.
         self._forwarded_upto: dict[TopicPartition, int] = {}
-        self._next_move_check = 0.0
+        self._move_every = move_every_seconds
+        self._next_move_check = time.monotonic() + move_every_seconds
+        # The bytes of every waiting record: a moved retry's original and copy both read
+        # (after a crash or a rebalance between the copy and the commit) wait once.
+        self._waiting_values: set[bytes] = set()
         self._gate = FetchGate(consumer)
         self._log = get_logger("dispatcher")
 
@@ -152,7 +159,13 @@ class RetryTimer:
                     if self._tracker.seen(partition, record.offset):
                         continue
                     self._tracker.add(partition, record.offset)
-                    heapq.heappush(self._heap, Waiting.of(record))
+                    entry = Waiting.of(record)
+                    if entry.value in self._waiting_values:
+                        # The same delivery, attempt and time: one copy of a moved retry.
+                        self._tracker.done(partition, record.offset)
+                        continue
+                    self._waiting_values.add(entry.value)
+                    heapq.heappush(self._heap, entry)
 
     def _forget_revoked(self) -> None:
         assigned = self._consumer.assignment()
@@ -163,6 +176,7 @@ class RetryTimer:
         if any((entry.topic, entry.partition) not in owned for entry in self._heap):
             self._heap = [e for e in self._heap if (e.topic, e.partition) in owned]
             heapq.heapify(self._heap)
+            self._waiting_values = {entry.value for entry in self._heap}
 
     async def _forward_due(self) -> None:
         now = _wall_ms()
@@ -179,6 +193,7 @@ class RetryTimer:
                 # on its way to an endpoint and must not go twice.
                 heapq.heappush(self._heap, entry)
             else:
+                self._waiting_values.discard(entry.value)
                 forwarded = TopicPartition(entry.topic, entry.partition)
                 self._tracker.done(forwarded, entry.offset)
                 upto = self._forwarded_upto.get(forwarded, -1)
@@ -201,7 +216,7 @@ class RetryTimer:
         now = time.monotonic()
         if now < self._next_move_check:
             return
-        self._next_move_check = now + _MOVE_CHECK_EVERY_SECONDS
+        self._next_move_check = now + self._move_every
         waiting: dict[TopicPartition, list[Waiting]] = {}
         for entry in self._heap:
             waiting.setdefault(TopicPartition(entry.topic, entry.partition), []).append(entry)
@@ -221,10 +236,17 @@ class RetryTimer:
         moved = [entry for index, entry in enumerate(moving) if index not in failed]
         for entry in moved:
             self._tracker.done(TopicPartition(entry.topic, entry.partition), entry.offset)
-        gone = set(moved)
-        self._heap = [entry for entry in self._heap if entry not in gone]
-        heapq.heapify(self._heap)
-        self._log.info("retries_moved", moved=len(moved))
+            # Its copy, read back, is not a duplicate of it.
+            self._waiting_values.discard(entry.value)
+        if moved:
+            gone = set(moved)
+            self._heap = [entry for entry in self._heap if entry not in gone]
+            heapq.heapify(self._heap)
+            self._log.info(
+                "retries_moved",
+                moved=len(moved),
+                partitions=sorted({f"{e.topic}/{e.partition}" for e in moved}),
+            )
         if failed:
             error = next(iter(failed.values()))
             self._log.warning("retry_move_failed", error=str(error), records=len(failed))

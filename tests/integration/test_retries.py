@@ -840,25 +840,8 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
         ],
     )
     tier = TopicPartition(topics.retry(7), 0)
-
-    @contextlib.asynccontextmanager
-    async def timer_running() -> AsyncIterator[tuple[RetryTimer, Any]]:
-        retries = make_patient_consumer(
-            quick,
-            *(topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
-            group_id=f"{quick.topic_prefix}retry",
-        )
-        await start_client(retries, quick)
-        timer = RetryTimer(retries, producer, topics, pending_max=1000)
-        running = asyncio.create_task(timer.run())
-        try:
-            yield timer, retries
-        finally:
-            await cancel_and_wait(running)
-            await stop_client(retries)
-
     try:
-        async with timer_running() as (timer, retries):
+        async with _timer_running(quick, producer) as (timer, retries):
             # "far" (offset 0) moved to 6; the commit point passed near_1 and stops at
             # "first" (2). "other" (5) was behind nothing forwarded.
             await _eventually(_committed_at(retries, tier, 2), within=20)
@@ -866,7 +849,7 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
         in_retry = await topic_records(quick, topics.retry(7), 7)
         assert in_retry[6]["id"] == "far"
 
-        async with timer_running() as (timer, _):
+        async with _timer_running(quick, producer) as (timer, _):
             await _eventually(lambda: timer.pending == 3)
             await asyncio.sleep(1.0)  # a stray forward would be out by now
             assert timer.pending == 3
@@ -882,6 +865,65 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
         assert await _records_in(quick, topics.retry(7)) == 7
     finally:
         await stop_client(producer)
+
+
+async def test_a_moved_retry_read_with_its_copy_waits_once(settings: Settings) -> None:
+    """A crash between writing a moved retry's copy and the commit leaves both in the
+    partition: whoever reads them holds one, and forwards it once."""
+    quick = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}copy.", "kafka_partitions": 1}
+    )
+    await ensure_topics(quick)
+    topics = topics_for(quick)
+    event = Event(
+        id="evt_copy",
+        type="object.created",
+        team_id="team_copy",
+        object_type="contact",
+        object_id="obj_1",
+        occurred_at=utcnow(),
+        data={},
+    )
+    # Time enough for the consumer to join its group and read both before they are due.
+    soon = utcnow() + timedelta(seconds=8)
+    retry = Delivery(id="moved", webhook_id="wh_1", attempt=8, event=event, not_before=soon)
+    other = retry.model_copy(update={"id": "other"})
+    producer = make_producer(quick)
+    await start_client(producer, quick)
+    await send_all(
+        producer,
+        [(topics.retry(7), b"wh_1", record.to_bytes()) for record in (retry, other, retry)],
+    )
+    try:
+        async with _timer_running(quick, producer) as (timer, retries):
+            await _eventually(lambda: timer.pending == 2)
+            tier = TopicPartition(topics.retry(7), 0)
+            await _eventually(_committed_at(retries, tier, 3))
+        forwarded = await topic_records(quick, topics.deliveries, 2)
+        assert sorted(record["id"] for record in forwarded) == ["moved", "other"]
+        assert await _records_in(quick, topics.deliveries) == 2
+    finally:
+        await stop_client(producer)
+
+
+@contextlib.asynccontextmanager
+async def _timer_running(
+    settings: Settings, producer: Any
+) -> AsyncIterator[tuple[RetryTimer, Any]]:
+    topics = topics_for(settings)
+    retries = make_patient_consumer(
+        settings,
+        *(topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
+        group_id=f"{settings.topic_prefix}retry",
+    )
+    await start_client(retries, settings)
+    timer = RetryTimer(retries, producer, topics, pending_max=1000, move_every_seconds=0.5)
+    running = asyncio.create_task(timer.run())
+    try:
+        yield timer, retries
+    finally:
+        await cancel_and_wait(running)
+        await stop_client(retries)
 
 
 def _committed_at(consumer: Any, partition: TopicPartition, offset: int) -> Callable[[], Any]:

@@ -194,6 +194,37 @@ async def test_a_delivery_outcome_partly_refused_is_sent_again_only_in_part() ->
     assert sorted(sent) == [b"attempt", b"retry", b"retry"]
 
 
+class _MissingTopicProducer(_CountingProducer):
+    """Knows no partitions of the topic "missing" (its metadata never comes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked_for_missing = 0
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        if topic == "missing":
+            self.asked_for_missing += 1
+            raise KafkaTimeoutError("no metadata for missing")
+        return {0}
+
+
+async def test_a_send_caller_is_one_owner_and_a_send_each_caller_many() -> None:
+    """A record of a ``send`` caller refused: its later records are not sent (it is told
+    the whole failed). ``send_each``: only the refused record is missing. The topic's
+    metadata is asked for once per round, not once per record."""
+    records = [("events", b"k", b"a"), ("missing", b"k", b"b"), ("events", b"k", b"c")]
+    producer = _MissingTopicProducer()
+    sender = BatchingSender(cast(Any, producer))
+    with pytest.raises(KafkaTimeoutError):
+        await asyncio.wait_for(sender.send(records), 5)
+    assert producer.sent == []
+    refused = await asyncio.wait_for(sender.send_each([*records, ("missing", b"k", b"d")]), 5)
+    await sender.close()
+    assert sorted(refused) == [1, 3]
+    assert producer.sent == [[b"a", b"c"]]
+    assert producer.asked_for_missing == 2, "once in each round"
+
+
 class _SilentProducer(_CountingProducer):
     """Takes batches and never answers, like a broker that stopped mid-request."""
 

@@ -6,7 +6,7 @@ import random
 from datetime import UTC, datetime
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
 from services.dispatcher.offsets import OffsetTracker
 from services.dispatcher.policy import CircuitBreaker, RetryPolicy, parse_retry_after
@@ -124,6 +124,29 @@ def test_a_retry_due_soon_or_a_put_off_first_attempt_stays() -> None:
     assert [w.offset for w in to_move(both, forwarded_upto=3, far_ms=FAR)] == [0]
     both = [_waiting(0, FAR + 1), _waiting(1, FAR + 1, movable=False)]
     assert to_move(both, forwarded_upto=3, far_ms=FAR) == [], "nothing forwarded is passed"
+
+
+def test_the_last_waiting_retry_moves_past_every_forwarded_one() -> None:
+    # 0 waits far off; 1 and 2 were forwarded; nothing else was read.
+    assert [w.offset for w in to_move([_waiting(0, FAR + 1)], 2, FAR)] == [0]
+    # Only 1 was forwarded past it: one write passes one record.
+    assert [w.offset for w in to_move([_waiting(0, FAR + 1)], 1, FAR)] == [0]
+
+
+def _record(value: bytes, key: bytes | None = b"wh") -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("retry.1", 0, 7, 0, 0, key, value, None, len(key or b""), len(value), [])
+
+
+def test_a_waiting_record_knows_its_time_and_whether_it_may_move() -> None:
+    due = '"not_before":"2026-11-23T12:00:05+00:00"'
+    retry = Waiting.of(_record(f'{{"attempt":2,{due}}}'.encode()))
+    assert retry.due_ms == int(NOW.timestamp() * 1000) + 5000
+    assert retry.movable
+    put_off_first = Waiting.of(_record(f'{{"attempt":1,{due}}}'.encode()))
+    assert not put_off_first.movable
+    assert not Waiting.of(_record(f'{{"attempt":2,{due}}}'.encode(), key=None)).movable
+    unreadable = Waiting.of(_record(b"not json"))
+    assert (unreadable.due_ms, unreadable.movable) == (0, False), "due now, stays"
 
 
 def test_revoked_partitions_are_forgotten() -> None:
