@@ -148,6 +148,7 @@ class DispatcherService:
             outcomes=outcomes,
             topics=self.topics,
             metrics=self.delivery_metrics,
+            assigned=deliverer.assignment,
         )
         self._handler = handler
         self._lanes = Lanes(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.shared import (
@@ -93,6 +94,7 @@ class DeliveryHandler:
         topics: Topics,
         metrics: DeliveryMetrics,
         rng: random.Random | None = None,
+        assigned: Callable[[], Collection[TopicPartition]] | None = None,
     ) -> None:
         self._table = table
         self._sender = sender
@@ -106,6 +108,8 @@ class DeliveryHandler:
             settings.circuit_open_max_seconds,
         )
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
+        # The deliveries partitions this process owns now (None: all it is handed).
+        self._assigned = assigned
         # Bound once: the lazy logger binds anew on every call, six times the cost of a
         # filtered-out call on a bound one, and this one is called for every delivery.
         self._log = get_logger("dispatcher").bind()
@@ -290,7 +294,11 @@ class DeliveryHandler:
         started: float,
     ) -> list[OutRecord]:
         delivered = outcome.outcome == "delivered"
-        self._circuit.record(route.id, delivered, time.monotonic(), started=started)
+        if self._owns(record):
+            # A delivery whose partition moved while it was in flight would leave a circuit
+            # here for an endpoint whose deliveries another process now sends (counted
+            # open by both, and by this one until the webhook next changes).
+            self._circuit.record(route.id, delivered, time.monotonic(), started=started)
         self._metrics.outcomes[outcome.outcome].inc()
         self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
         self._log.info(
@@ -342,6 +350,11 @@ class DeliveryHandler:
             disable_reason=disable_reason,
         )
         return [self._attempt_record(attempt), *follow_up]
+
+    def _owns(self, record: ConsumerRecord) -> bool:
+        if self._assigned is None:
+            return True
+        return TopicPartition(record.topic, record.partition) in self._assigned()
 
     def _schedule(self, delivery: Delivery, now: datetime, outcome: Outcome) -> datetime | None:
         retry_after = None

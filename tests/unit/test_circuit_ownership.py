@@ -1,0 +1,74 @@
+"""A delivery whose partition moved away while it was in flight leaves no circuit behind:
+the endpoint's deliveries, and its circuit, are another process's now."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from aiokafka import ConsumerRecord, TopicPartition
+
+from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
+from services.dispatcher.routing import WebhookRoute
+from services.dispatcher.sender import Outcome
+from services.shared import Delivery, Event, Metrics, Topics, load_settings, utcnow
+
+ROUTE = WebhookRoute(
+    id="wh_1",
+    team_id="team_1",
+    url="http://127.0.0.1:9/hook",
+    topics=frozenset({"object.created"}),
+    object_types=None,
+    headers=(),
+    signing_keys=(b"k",),
+    active=True,
+)
+
+
+class _Table:
+    def get(self, webhook_id: str) -> WebhookRoute:
+        return ROUTE
+
+
+class _FailingSender:
+    async def send(self, route: WebhookRoute, delivery: Delivery) -> Outcome:
+        return Outcome("failed", 500, 1.0, "HTTP 500", "http_status")
+
+
+def _record(partition: int, offset: int) -> ConsumerRecord[bytes, bytes]:
+    event = Event(
+        id=f"evt_{offset}",
+        type="object.created",
+        team_id="team_1",
+        object_type="contact",
+        object_id="obj_1",
+        occurred_at=utcnow(),
+        data={},
+    )
+    value = Delivery(id=f"msg_{offset}", webhook_id="wh_1", attempt=1, event=event).to_bytes()
+    return ConsumerRecord("t.deliveries", partition, offset, 0, 0, b"wh_1", value, None, 4, 0, [])
+
+
+async def test_failures_count_toward_a_circuit_only_from_partitions_still_owned() -> None:
+    settings = load_settings(service_credential="x", token_pepper="y")
+    metrics = Metrics("test_circuit_ownership")
+    owned = {TopicPartition("t.deliveries", 0)}
+    handler = DeliveryHandler(
+        settings=settings,
+        table=cast(Any, _Table()),
+        sender=cast(Any, _FailingSender()),
+        outcomes=cast(Any, None),
+        topics=Topics("t."),
+        metrics=DeliveryMetrics(metrics),
+        assigned=lambda: owned,
+    )
+
+    def circuits_open() -> float | None:
+        return metrics.registry.get_sample_value("hookwire_test_circuit_ownership_circuits_open")
+
+    threshold = settings.circuit_failure_threshold
+    for offset in range(threshold):
+        await handler.outcome_records(_record(1, offset))  # partition 1 moved away
+    assert circuits_open() == 0
+    for offset in range(threshold):
+        await handler.outcome_records(_record(0, offset))
+    assert circuits_open() == 1
