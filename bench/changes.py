@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,19 +26,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from services.api.app import ApiService
-from services.auth.admin import add_member, create_team, create_token, create_user
-from services.auth.app import AuthService
-from services.dispatcher.app import DispatcherService
-from services.shared import (
-    PERMISSIONS,
-    EmbeddedBroker,
-    configure_logging,
-    create_engine,
-    ensure_topics,
-    load_settings,
-    migrate,
-)
+from bench._stack import in_process_stack
 
 _POLL_SECONDS = 0.002
 _TARGET_MS = 1000.0
@@ -65,106 +52,69 @@ def _summary(seconds: list[float]) -> dict[str, float]:
 
 
 async def main(samples: int) -> dict[str, Any]:
-    configure_logging("json", "warning")
-    broker = EmbeddedBroker()
-    broker.start()
-    data_dir = tempfile.mkdtemp()
-    try:
-        await broker.wait_ready()
-        settings = load_settings(
-            database_url=f"sqlite+aiosqlite:///{data_dir}/bench.db",
-            kafka_bootstrap=broker.bootstrap,
-            api_port=0,
-            auth_port=0,
-            dispatcher_port=0,
-            service_credential="bench",
-            token_pepper="bench",
-            auth_cache_ttl_seconds=60,
-            ended_keys_sync_seconds=3600,
-            allow_private_urls=True,
-            log_level="warning",
-            log_format="json",
-        )
-        await migrate(settings.effective_database_url)
-        await ensure_topics(settings)
-        engine = create_engine(settings.effective_database_url)
-        user = await create_user(engine, "bench@example.com", "Bench")
-        team = await create_team(engine, "bench")
-        await add_member(engine, user, team, "owner")
-        _, owner_key = await create_token(
-            engine, pepper="bench", user_id=user, name="owner", permissions=sorted(PERMISSIONS)
-        )
-        auth = AuthService(settings, engine)
-        await auth.start()
-        api = ApiService(
-            settings.model_copy(update={"auth_url": f"http://127.0.0.1:{auth.port}"}), engine
-        )
-        await api.start()
-        dispatcher = DispatcherService(settings, engine)
-        await dispatcher.start()
-        owner = {"authorization": f"Bearer {owner_key}"}
+    revocations: list[float] = []
+    deactivations: list[float] = []
+    async with in_process_stack(
+        with_dispatcher=True,
+        auth_cache_ttl_seconds=60,
+        ended_keys_sync_seconds=3600,
+        allow_private_urls=True,
+    ) as stack:
+        auth, api, team, dispatcher = stack.auth, stack.api, stack.team, stack.dispatcher
+        assert dispatcher is not None
+        owner = {"authorization": f"Bearer {stack.key}"}
         webhooks = f"http://127.0.0.1:{api.port}/v1/teams/{team}/webhooks"
-        revocations: list[float] = []
-        deactivations: list[float] = []
-        try:
-            async with aiohttp.ClientSession() as session:
-                for n in range(samples):
-                    async with session.post(
-                        f"http://127.0.0.1:{auth.port}/v1/tokens",
-                        headers=owner,
-                        json={"name": f"k{n}", "permissions": ["webhook:read"]},
-                    ) as response:
-                        created = await response.json()
-                    doomed = {"authorization": f"Bearer {created['token']}"}
-                    async with session.get(webhooks, headers=doomed) as response:
-                        assert response.status == 200, "the key works and its answer is cached"
-                    async with session.delete(
-                        f"http://127.0.0.1:{auth.port}/v1/tokens/{created['id']}", headers=owner
-                    ) as response:
-                        assert response.status == 204
+        async with aiohttp.ClientSession() as session:
+            for n in range(samples):
+                async with session.post(
+                    f"http://127.0.0.1:{auth.port}/v1/tokens",
+                    headers=owner,
+                    json={"name": f"k{n}", "permissions": ["webhook:read"]},
+                ) as response:
+                    created = await response.json()
+                doomed = {"authorization": f"Bearer {created['token']}"}
+                async with session.get(webhooks, headers=doomed) as response:
+                    assert response.status == 200, "the key works and its answer is cached"
+                async with session.delete(
+                    f"http://127.0.0.1:{auth.port}/v1/tokens/{created['id']}", headers=owner
+                ) as response:
+                    assert response.status == 204
 
-                    async def refused(headers: dict[str, str] = doomed) -> bool:
-                        async with session.get(webhooks, headers=headers) as response:
-                            return response.status == 401
+                async def refused(headers: dict[str, str] = doomed) -> bool:
+                    async with session.get(webhooks, headers=headers) as response:
+                        return response.status == 401
 
-                    revocations.append(await _until(refused))
+                revocations.append(await _until(refused))
 
-                    async with session.post(
-                        webhooks,
-                        headers=owner,
-                        json={
-                            "name": f"w{n}",
-                            "url": "http://127.0.0.1:9/hook",
-                            "topics": ["object.created"],
-                        },
-                    ) as response:
-                        webhook_id = (await response.json())["id"]
+                async with session.post(
+                    webhooks,
+                    headers=owner,
+                    json={
+                        "name": f"w{n}",
+                        "url": "http://127.0.0.1:9/hook",
+                        "topics": ["object.created"],
+                    },
+                ) as response:
+                    webhook_id = (await response.json())["id"]
 
-                    async def known(webhook_id: str = webhook_id) -> bool:
-                        route = dispatcher.table.get(webhook_id)
-                        return route is not None and route.active
+                async def known(webhook_id: str = webhook_id) -> bool:
+                    route = dispatcher.table.get(webhook_id)
+                    return route is not None and route.active
 
-                    await _until(known)
-                    async with session.patch(
-                        f"{webhooks}/{webhook_id}", headers=owner, json={"active": False}
-                    ) as response:
-                        assert response.status == 200
-                        # Timed from the answer: the change has committed by then.
-                        answered = time.perf_counter()
+                await _until(known)
+                async with session.patch(
+                    f"{webhooks}/{webhook_id}", headers=owner, json={"active": False}
+                ) as response:
+                    assert response.status == 200
+                    # Timed from the answer: the change has committed by then.
+                    answered = time.perf_counter()
 
-                    async def inactive(webhook_id: str = webhook_id) -> bool:
-                        route = dispatcher.table.get(webhook_id)
-                        return route is not None and not route.active
+                async def inactive(webhook_id: str = webhook_id) -> bool:
+                    route = dispatcher.table.get(webhook_id)
+                    return route is not None and not route.active
 
-                    await _until(inactive)
-                    deactivations.append(time.perf_counter() - answered)
-        finally:
-            await dispatcher.stop()
-            await api.stop()
-            await auth.stop()
-            await engine.dispose()
-    finally:
-        broker.stop()
+                await _until(inactive)
+                deactivations.append(time.perf_counter() - answered)
     return {
         "benchmark": "changes",
         "samples": samples,
