@@ -29,6 +29,7 @@ from services.shared import (
     Delivery,
     Event,
     Settings,
+    Topics,
     bound_port,
     cancel_and_wait,
     ensure_topics,
@@ -729,25 +730,34 @@ async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_
     await _eventually(lambda: lanes.backlog == 0)  # nothing left unfinished, so committed
 
 
-async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
-    settings: Settings,
-) -> None:
-    """One endpoint's retries, due in an hour, fill the timer's memory; another endpoint's
-    retry on another tier, due now, is still read and sent on."""
-    quick = settings.model_copy(
-        update={"topic_prefix": f"{settings.topic_prefix}timer.", "kafka_partitions": 1}
+async def _own_topics(settings: Settings, name: str, **overrides: Any) -> tuple[Settings, Topics]:
+    """Topics apart from the stack's, for a retry timer driven by the test alone."""
+    own = settings.model_copy(
+        update={"topic_prefix": f"{settings.topic_prefix}{name}.", **overrides}
     )
-    await ensure_topics(quick)
-    topics = topics_for(quick)
-    event = Event(
-        id="evt_timer",
+    await ensure_topics(own)
+    return own, topics_for(own)
+
+
+def _event(name: str) -> Event:
+    return Event(
+        id=f"evt_{name}",
         type="object.created",
-        team_id="team_timer",
+        team_id=f"team_{name}",
         object_type="contact",
         object_id="obj_1",
         occurred_at=utcnow(),
         data={},
     )
+
+
+async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
+    settings: Settings,
+) -> None:
+    """One endpoint's retries, due in an hour, fill the timer's memory; another endpoint's
+    retry on another tier, due now, is still read and sent on."""
+    quick, topics = await _own_topics(settings, "timer", kafka_partitions=1)
+    event = _event("timer")
 
     def retry(delivery_id: str, webhook_id: str, due: datetime) -> bytes:
         return Delivery(
@@ -801,20 +811,8 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
     forwarded behind it: the next reader forwards none of that again. A first attempt
     put off behind an open circuit is not moved (its place orders its webhook's first
     attempts), so what was forwarded behind it is forwarded again after a restart."""
-    quick = settings.model_copy(
-        update={"topic_prefix": f"{settings.topic_prefix}move.", "kafka_partitions": 1}
-    )
-    await ensure_topics(quick)
-    topics = topics_for(quick)
-    event = Event(
-        id="evt_move",
-        type="object.created",
-        team_id="team_move",
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=utcnow(),
-        data={},
-    )
+    quick, topics = await _own_topics(settings, "move", kafka_partitions=1)
+    event = _event("move")
     now, later = utcnow(), utcnow() + timedelta(hours=1)
     written = [  # offsets 0 to 5
         ("far", "wh_far", 8, later),
@@ -870,20 +868,8 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
 async def test_a_moved_retry_read_with_its_copy_waits_once(settings: Settings) -> None:
     """A crash between writing a moved retry's copy and the commit leaves both in the
     partition: whoever reads them holds one, and forwards it once."""
-    quick = settings.model_copy(
-        update={"topic_prefix": f"{settings.topic_prefix}copy.", "kafka_partitions": 1}
-    )
-    await ensure_topics(quick)
-    topics = topics_for(quick)
-    event = Event(
-        id="evt_copy",
-        type="object.created",
-        team_id="team_copy",
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=utcnow(),
-        data={},
-    )
+    quick, topics = await _own_topics(settings, "copy", kafka_partitions=1)
+    event = _event("copy")
     # Time enough for the consumer to join its group and read both before they are due.
     soon = utcnow() + timedelta(seconds=8)
     retry = Delivery(id="moved", webhook_id="wh_1", attempt=8, event=event, not_before=soon)
@@ -949,22 +935,12 @@ async def test_a_retry_forward_failing_on_one_partition_sends_no_second_copy_els
     """Two retries due at once, for webhooks on different deliveries partitions; the
     broker refuses the first partition's batch twice. The other retry is forwarded once,
     and the refused one once it is taken."""
-    split = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}split."})
-    await ensure_topics(split)
-    topics = topics_for(split)
+    split, topics = await _own_topics(settings, "split")
     keys = {}
     for n in range(100):
         keys.setdefault(partition_of(f"wh_{n}".encode(), split.kafka_partitions), f"wh_{n}")
     refused_webhook, other_webhook = keys[0], keys[1]
-    event = Event(
-        id="evt_split",
-        type="object.created",
-        team_id="team_split",
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=utcnow(),
-        data={},
-    )
+    event = _event("split")
     producer = make_producer(split)
     await start_client(producer, split)
     # Due together, once the timer has read both.
