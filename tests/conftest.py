@@ -36,7 +36,9 @@ from services.shared import (
     load_settings,
     make_consumer,
     migrate,
+    start_client,
     start_site,
+    stop_client,
     tables,
     topics_for,
 )
@@ -372,6 +374,17 @@ async def topic_records(settings: Settings, topic: str, count: int) -> list[dict
     finally:
         await consumer.stop()
     return found
+
+
+async def records_in(settings: Settings, topic: str) -> int:
+    """How many records the topic holds (the sum of its partitions' end offsets)."""
+    consumer = make_consumer(settings, topic, group_id=None)
+    await start_client(consumer, settings)
+    try:
+        await consumer.getmany(timeout_ms=500)
+        return sum(consumer.highwater(p) or 0 for p in consumer.assignment())
+    finally:
+        await stop_client(consumer)
 
 
 async def dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:

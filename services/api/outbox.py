@@ -19,7 +19,7 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordTooLargeError,
 )
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
@@ -42,6 +42,7 @@ from .errors import PublishOutcomeUnknown, PublishUnavailable
 
 T = TypeVar("T")
 _outbox = tables.outbox
+_RELAY_BATCH = 500
 
 
 def _check_size(size: int) -> None:
@@ -94,6 +95,9 @@ class Outbox:
         # row older than relay_after was not published by its own request.
         self._wait = publish_timeout + 5
         self.relay_after = timedelta(seconds=max(30.0, 3 * publish_timeout))
+        # Long enough to send a whole claim (each record waits up to publish_timeout only
+        # while the stream is failing, and the round stops at the first failure).
+        self.claim_for = self.relay_after
         self._log = get_logger("api")
 
     async def stage(self, conn: AsyncConnection, topic: str, key: str, record: Record) -> str:
@@ -199,17 +203,8 @@ class Outbox:
 
     async def relay_once(self) -> int:
         """Publish rows their requests left behind; returns how many were published."""
-        async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(_outbox)
-                    .where(_outbox.c.created_at < utcnow() - self.relay_after)
-                    .order_by(_outbox.c.created_at)
-                    .limit(500)
-                )
-            ).all()
         published = 0
-        for row in rows:
+        for row in await self._claim():
             try:
                 await self._producer.send_and_wait(
                     row.topic, value=row.value.encode(), key=row.key.encode()
@@ -220,6 +215,8 @@ class Outbox:
                 if not await self._dead_letter(row, exc):
                     break
             except KafkaError as exc:
+                # The rows not sent stay claimed until the claim runs out: the stream is
+                # failing, and the next round after that takes them again.
                 self._log.warning("outbox_relay_failed", error=str(exc))
                 break
             else:
@@ -227,6 +224,38 @@ class Outbox:
             async with self._engine.begin() as conn:
                 await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))
         return published
+
+    async def _claim(self) -> Sequence[Any]:
+        """Take the oldest rows left behind that no other relay holds, for ``claim_for``.
+
+        Every api process runs a relay over the same table; without a claim each would
+        publish every row left behind. One UPDATE takes them: PostgreSQL re-checks a row
+        another transaction claimed meanwhile and skips it, SQLite runs one writer at a
+        time. A relay that dies holding rows leaves them to the others once its claim ends.
+        """
+        now = utcnow()
+        claim = new_id("rly")
+        free = or_(_outbox.c.claimed_until.is_(None), _outbox.c.claimed_until < now)
+        oldest = (
+            select(_outbox.c.id)
+            .where(_outbox.c.created_at < now - self.relay_after, free)
+            .order_by(_outbox.c.created_at)
+            .limit(_RELAY_BATCH)
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(_outbox)
+                .where(_outbox.c.id.in_(oldest), free)
+                .values(claimed_by=claim, claimed_until=now + self.claim_for)
+            )
+        async with self._engine.connect() as conn:
+            return (
+                await conn.execute(
+                    select(_outbox)
+                    .where(_outbox.c.claimed_by == claim)
+                    .order_by(_outbox.c.created_at)
+                )
+            ).all()
 
     async def _dead_letter(self, row: Any, exc: KafkaError) -> bool:
         reason = f"the event stream refuses this record for good: {type(exc).__name__}"

@@ -174,6 +174,9 @@ outbox = Table(
     Column("key", String(255), nullable=False),
     Column("value", Text, nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
+    # Which relay took the row and until when: several api processes relay the same table.
+    Column("claimed_by", String(64)),
+    Column("claimed_until", UtcDateTime()),
 )
 
 idempotency_keys = Table(

@@ -23,13 +23,23 @@ from services.shared import (
     Event,
     Metrics,
     Settings,
+    create_engine,
+    ensure_topics,
     make_consumer,
     new_id,
     tables,
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, dead_letters, pause_first_call, stack_on_own_broker
+from tests.conftest import (
+    Receiver,
+    Stack,
+    dead_letters,
+    pause_first_call,
+    records_in,
+    stack_on_own_broker,
+    topic_records,
+)
 
 
 async def _call(
@@ -325,6 +335,85 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
     [delivery] = await receiver.wait_for(1)
     assert orjson.loads(delivery.body)["id"] == event.id
     await asyncio.sleep(0)
+
+
+async def _left_behind(stack: Stack, outbox: Outbox, topic: str, count: int) -> list[str]:
+    """Stage ``count`` events as requests that died before publishing would have."""
+    long_ago = utcnow() - outbox.relay_after * 2
+    ids = []
+    async with stack.api.engine.begin() as conn:
+        for n in range(count):
+            event = Event(
+                id=new_id("evt"),
+                type="object.created",
+                team_id=stack.team_id,
+                object_type="contact",
+                object_id=f"obj_left_{n}",
+                occurred_at=utcnow(),
+                data={"n": n},
+            )
+            row_id = await outbox.stage(conn, topic, event.object_id, event)
+            await conn.execute(
+                tables.outbox.update()
+                .where(tables.outbox.c.id == row_id)
+                .values(created_at=long_ago + timedelta(milliseconds=n))
+            )
+            ids.append(event.id)
+    return ids
+
+
+def _second_process_outbox(stack: Stack) -> Outbox:
+    """Another api process's outbox: its own connections to the same database."""
+    assert stack.api._producer is not None
+    return Outbox(
+        create_engine(stack.settings.database_url),
+        stack.api._producer,
+        Metrics("test"),
+        stack.settings.publish_timeout_seconds,
+        dead_letter_topic=topics_for(stack.settings).dead_letter,
+    )
+
+
+async def test_two_api_processes_relay_each_record_left_behind_once(api_stack: Stack) -> None:
+    """Every api process runs a relay over the same table; each row goes out once."""
+    stack = api_stack
+    first = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
+    second = _second_process_outbox(stack)
+    topic = f"{stack.settings.topic_prefix}relayed"
+    await ensure_topics(stack.settings, {topic: 3})
+    ids = await _left_behind(stack, first, topic, 60)
+    try:
+        counts = await asyncio.gather(first.relay_once(), second.relay_once())
+    finally:
+        await second._engine.dispose()
+    assert sum(counts) == 60
+    assert await first.backlog() == 0
+    assert await records_in(stack.settings, topic) == 60
+    relayed = await topic_records(stack.settings, topic, 60)
+    assert sorted(record["id"] for record in relayed) == sorted(ids)
+
+
+async def test_rows_a_dead_relay_claimed_are_relayed_once_its_claim_ends(
+    api_stack: Stack,
+) -> None:
+    """A process that died after claiming rows holds them only until its claim runs out."""
+    stack = api_stack
+    outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
+    topic = f"{stack.settings.topic_prefix}reclaimed"
+    await ensure_topics(stack.settings, {topic: 1})
+    await _left_behind(stack, outbox, topic, 3)
+    dead = _second_process_outbox(stack)
+    try:
+        assert len(await dead._claim()) == 3
+    finally:
+        await dead._engine.dispose()
+    assert await outbox.relay_once() == 0, "claimed by the other process"
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            tables.outbox.update().values(claimed_until=utcnow() - timedelta(seconds=1))
+        )
+    assert await outbox.relay_once() == 3
+    assert await records_in(stack.settings, topic) == 3
 
 
 async def test_a_record_the_stream_will_never_take_does_not_block_the_relay(

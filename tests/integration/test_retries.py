@@ -44,7 +44,14 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, dead_letters, running_stack, topic_records
+from tests.conftest import (
+    Receiver,
+    Stack,
+    dead_letters,
+    records_in,
+    running_stack,
+    topic_records,
+)
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
 
@@ -859,8 +866,8 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
             "near_3",
             "near_3",
         ]
-        assert await _records_in(quick, topics.deliveries) == 5
-        assert await _records_in(quick, topics.retry(7)) == 7
+        assert await records_in(quick, topics.deliveries) == 5
+        assert await records_in(quick, topics.retry(7)) == 7
     finally:
         await stop_client(producer)
 
@@ -887,7 +894,7 @@ async def test_a_moved_retry_read_with_its_copy_waits_once(settings: Settings) -
             await _eventually(_committed_at(retries, tier, 3))
         forwarded = await topic_records(quick, topics.deliveries, 2)
         assert sorted(record["id"] for record in forwarded) == ["moved", "other"]
-        assert await _records_in(quick, topics.deliveries) == 2
+        assert await records_in(quick, topics.deliveries) == 2
     finally:
         await stop_client(producer)
 
@@ -917,16 +924,6 @@ def _committed_at(consumer: Any, partition: TopicPartition, offset: int) -> Call
         return bool(await consumer.committed(partition) == offset)
 
     return check
-
-
-async def _records_in(settings: Settings, topic: str) -> int:
-    consumer = make_consumer(settings, topic, group_id=None)
-    await start_client(consumer, settings)
-    try:
-        await consumer.getmany(timeout_ms=500)
-        return sum(consumer.highwater(p) or 0 for p in consumer.assignment())
-    finally:
-        await stop_client(consumer)
 
 
 async def test_a_retry_forward_failing_on_one_partition_sends_no_second_copy_elsewhere(
