@@ -18,6 +18,10 @@ class FetchGate:
         self._consumer = consumer
         self._held: set[TopicPartition] = set()
 
+    def holds(self, partition: TopicPartition) -> bool:
+        """Whether the partition is paused by this gate."""
+        return partition in self._held
+
     def hold_shares(self, waiting: Mapping[TopicPartition, int], limit: int) -> int:
         """Keep what waits within ``limit``, split evenly between the assigned partitions.
 

@@ -121,6 +121,8 @@ class DeliveryHandler:
         self._unconfirmed_at: dict[str, float] = {}
         # Per webhook: the reopening its deliveries are deferred to, and the time they wake.
         self._deferred_until: dict[str, tuple[float, datetime]] = {}
+        # Per webhook: the time its deliveries are put off to, and how many were.
+        self._put_offs: dict[str, tuple[datetime, int]] = {}
         self._inflight = 0
         # Read when scraped rather than updated for every delivery (counting open circuits
         # walks every endpoint).
@@ -131,6 +133,7 @@ class DeliveryHandler:
         """The webhook is gone or inactive: no circuit state is kept for it."""
         self._circuit.forget(webhook_id)
         self._deferred_until.pop(webhook_id, None)
+        self._put_offs.pop(webhook_id, None)
 
     def forget_partitions(self, lost: set[int], partitions: int) -> None:
         """Deliveries of these partitions are another process's now, and so are their
@@ -385,8 +388,18 @@ class DeliveryHandler:
         return self._put_off(delivery, until)
 
     def _put_off(self, delivery: Delivery, until: datetime) -> OutRecord:
+        # Deliveries put off to the same time wake a microsecond apart, in the order they
+        # were put off: the retry timer wakes records by their time, so the order holds
+        # wherever in the retry partition a record is moved to (decision 53).
+        group, count = self._put_offs.get(delivery.webhook_id, (until, 0))
+        count = count if group == until else 0
+        if delivery.webhook_id not in self._put_offs and (
+            len(self._put_offs) >= _WEBHOOKS_REMEMBERED
+        ):
+            self._put_offs.clear()
+        self._put_offs[delivery.webhook_id] = (until, count + 1)
         # Not attempted, so the attempt number stays.
-        put_off = delivery.model_copy(update={"not_before": until})
+        put_off = delivery.model_copy(update={"not_before": until + timedelta(microseconds=count)})
         self._metrics.outcomes["deferred"].inc()
         tier = self._policy.tier(delivery.attempt)
         return (self._topics.retry(tier), delivery.webhook_id.encode(), put_off.to_bytes())

@@ -41,6 +41,10 @@ class OffsetTracker:
         """Whether this record was read before (finished or not) since the partition came."""
         return offset < self._next.get(partition, 0)
 
+    def read_upto(self, partition: TopicPartition) -> int:
+        """One past the last offset read from the partition (0 when none was)."""
+        return self._next.get(partition, 0)
+
     def retain(self, partitions: Iterable[TopicPartition]) -> set[TopicPartition]:
         """Forget partitions this consumer no longer owns (their new owner re-reads them);
         returns the ones forgotten."""

@@ -4,10 +4,11 @@ A failed delivery is written to a retry topic with its ``not_before`` time; this
 the raw records in memory, ordered by due time, and forwards each to ``deliveries`` when it
 is due. An offset is committed only once every record before it was forwarded, so a restart
 re-reads what was still waiting (the timer survives restarts; a forwarded record read again
-is forwarded again). A retry due long after the ones written behind it is moved to the
+is forwarded again). A record due long after the ones written behind it is moved to the
 end of its partition once enough of those were forwarded, so the commit point does not stay
-behind it for hours. Records wait apart from the delivery lanes, so a retry never holds up
-any endpoint's first attempts.
+behind it for hours (a retry), or for the minutes a circuit stays open (a first attempt put
+off, moved with the rest of its webhook's). Records wait apart from the delivery lanes,
+so a retry never holds up any endpoint's first attempts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import orjson
@@ -30,73 +31,103 @@ from .offsets import OffsetTracker
 _IDLE_WAIT_MS = 500
 _FETCH_RECORDS = 1000
 # Only a record due further off than this is worth moving: a nearer one clears by itself.
-_MOVE_WHEN_DUE_AFTER_MS = 30_000
+_MOVE_WHEN_DUE_AFTER_US = 30_000_000
 # A retry overtaken all the time is written again at most this often: what a restart may
 # forward a second time is the last minute's forwards, not the last hours'.
 MOVE_EVERY_SECONDS = 60.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 class Waiting(NamedTuple):
     """A retry record held until it is due; ordered by due time, then by its place."""
 
-    due_ms: int
+    # Microseconds: first attempts put off to one time are a microsecond apart, in order.
+    due_us: int
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes
-    # A retry (not a first attempt put off by an open circuit or a failed lookup, whose
-    # order among its webhook's deliveries is kept) with a key to place its copy by.
+    # Has a key to place a copy by, at the end of its partition.
     movable: bool
+    # Put off behind an open circuit or a failed lookup: its order among its webhook's
+    # first attempts is kept (retries keep none).
+    first_attempt: bool
 
     @classmethod
     def of(cls, record: ConsumerRecord) -> Waiting:
         """A record without a readable time is due now."""
-        due_ms, attempt = 0, 1
+        due_us, attempt = 0, 1
         try:
             delivery = orjson.loads(record.value or b"")
-            due_ms = int(datetime.fromisoformat(delivery["not_before"]).timestamp() * 1000)
+            due_us = (datetime.fromisoformat(delivery["not_before"]) - _EPOCH) // _MICROSECOND
             attempt = int(delivery["attempt"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             pass
         return cls(
-            due_ms,
+            due_us,
             record.topic,
             record.partition,
             record.offset,
             record.key,
             record.value or b"",
-            movable=attempt > 1 and record.key is not None,
+            movable=record.key is not None,
+            first_attempt=attempt == 1,
         )
 
 
-def to_move(waiting: list[Waiting], forwarded_upto: int, far_ms: int) -> list[Waiting]:
-    """Of one partition's waiting records, those worth writing again at its end.
+def to_move(
+    waiting: list[Waiting], forwarded_upto: int, far_us: int, *, first_attempts: bool = True
+) -> list[Waiting]:
+    """Of one partition's waiting records, those worth writing again at its end, in the
+    order to write them.
 
     A record waiting below ``forwarded_upto``, the highest offset forwarded, holds the
     commit point behind records already forwarded. Moved are the movable ones due after
-    ``far_ms`` (a nearer one clears by itself) below the first record that stays, and
+    ``far_us`` (a nearer one clears by itself) below the first record that stays, and
     only when at least as many forwarded records are then passed as are written again.
+    A webhook's put-off first attempts move all together or not at all (and not at all
+    without ``first_attempts``): one left behind would be read before the others' copies,
+    and could be sent before them should the partition be paused.
     """
     if not waiting:
         return []
     point = min(entry.offset for entry in waiting)
+
+    def may_go(entry: Waiting) -> bool:
+        return (
+            entry.movable and entry.due_us > far_us and (first_attempts or not entry.first_attempt)
+        )
+
+    stuck = {entry.key for entry in waiting if entry.first_attempt and not may_go(entry)}
     candidates = {
         entry.offset
         for entry in waiting
-        if entry.offset < forwarded_upto and entry.movable and entry.due_ms > far_ms
+        if entry.offset < forwarded_upto
+        and may_go(entry)
+        and not (entry.first_attempt and entry.key in stuck)
     }
     # With none staying, none was read past the last forwarded one.
     new_point = min(
         (entry.offset for entry in waiting if entry.offset not in candidates),
         default=forwarded_upto + 1,
     )
-    moving = sorted(
-        (entry for entry in waiting if entry.offset in candidates and entry.offset < new_point),
-        key=lambda entry: entry.offset,
-    )
-    passed = new_point - point - len(moving)
-    return moving if moving and passed >= len(moving) else []
+    passing = [
+        entry for entry in waiting if entry.offset in candidates and entry.offset < new_point
+    ]
+    groups = {entry.key for entry in passing if entry.first_attempt}
+    rest_of_groups = [
+        entry
+        for entry in waiting
+        if entry.first_attempt and entry.key in groups and entry.offset >= new_point
+    ]
+    moving = passing + rest_of_groups
+    passed = new_point - point - len(passing)
+    if not moving or passed < len(moving):
+        return []
+    # Written in the order they wake: copies read back wake in it whatever else is read.
+    return sorted(moving)
 
 
 class RetryTimer:
@@ -142,7 +173,7 @@ class RetryTimer:
             fetch_size = self._apply_backpressure()
             wait_ms = _IDLE_WAIT_MS
             if self._heap:
-                wait_ms = max(0, min(wait_ms, self._heap[0].due_ms - _wall_ms()))
+                wait_ms = max(0, min(wait_ms, (self._heap[0].due_us - _wall_us()) // 1000))
             try:
                 batches = await self._consumer.getmany(
                     timeout_ms=wait_ms, max_records=min(_FETCH_RECORDS, fetch_size)
@@ -179,9 +210,9 @@ class RetryTimer:
             self._waiting_values = {entry.value for entry in self._heap}
 
     async def _forward_due(self) -> None:
-        now = _wall_ms()
+        now = _wall_us()
         due = []
-        while self._heap and self._heap[0].due_ms <= now:
+        while self._heap and self._heap[0].due_us <= now:
             due.append(heapq.heappop(self._heap))
         if not due:
             return
@@ -204,14 +235,19 @@ class RetryTimer:
             await asyncio.sleep(1.0)
 
     async def _move_blockers(self) -> None:
-        """Write again, at the end of their partition, the far-off retries that hold its
+        """Write again, at the end of their partition, the far-off records that hold its
         commit point behind records already forwarded (``to_move``).
 
         Left there, a restart or a rebalance would forward those records again: each
         would be attempted a second time and, failing, start a second chain of retries
         (a 10-hour retry, its jitter ±2 hours, is overtaken by the retries written in
-        those hours; an hour-long Retry-After, by the 5-second retries). A copy is
-        placed by its key, like the original; the original then counts as finished.
+        those hours; an hour-long Retry-After, by the 5-second retries; first attempts
+        put off for 10 minutes behind an open circuit, by everything in those minutes).
+        A copy is placed by its key, like the original; the original then counts as
+        finished. Put-off first attempts keep their order: each wakes at its own
+        microsecond, and a webhook's move together, in that order, and only from a
+        partition read to its end and not paused, so their copies are read back (within
+        a fetch) long before they are due.
         """
         now = time.monotonic()
         if now < self._next_move_check:
@@ -220,14 +256,16 @@ class RetryTimer:
         waiting: dict[TopicPartition, list[Waiting]] = {}
         for entry in self._heap:
             waiting.setdefault(TopicPartition(entry.topic, entry.partition), []).append(entry)
-        far = _wall_ms() + _MOVE_WHEN_DUE_AFTER_MS
+        far = _wall_us() + _MOVE_WHEN_DUE_AFTER_US
         moving: list[Waiting] = []
         # Partitions another process has just taken are not written to: it reads them
         # from the last commit, and would find both copies.
         for partition in self._consumer.assignment():
             upto = self._forwarded_upto.get(partition)
             if upto is not None and partition in waiting:
-                moving += to_move(waiting[partition], upto, far)
+                moving += to_move(
+                    waiting[partition], upto, far, first_attempts=self._read_through(partition)
+                )
         if not moving:
             return
         failed = await send_each(
@@ -251,6 +289,17 @@ class RetryTimer:
             error = next(iter(failed.values()))
             self._log.warning("retry_move_failed", error=str(error), records=len(failed))
 
+    def _read_through(self, partition: TopicPartition) -> bool:
+        """Whether every record the partition held at the last fetch is in memory, and it
+        is not paused: put-off first attempts moved now are read back before they are
+        due, never after one of their webhook's later first attempts."""
+        highwater = self._consumer.highwater(partition)
+        return (
+            highwater is not None
+            and self._tracker.read_upto(partition) >= highwater
+            and not self._gate.holds(partition)
+        )
+
     async def _commit(self) -> None:
         assigned = self._consumer.assignment()
         points = {p: o for p, o in self._tracker.to_commit().items() if p in assigned}
@@ -266,5 +315,5 @@ class RetryTimer:
         return self._gate.hold_with_reserve(self._tracker.open_counts(), self._pending_max)
 
 
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
+def _wall_us() -> int:
+    return time.time_ns() // 1000

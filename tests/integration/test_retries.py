@@ -810,24 +810,25 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
         await stop_client(producer)
 
 
-async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
+async def test_far_off_records_move_behind_the_retries_forwarded_past_it(
     settings: Settings,
 ) -> None:
-    """A retry due in an hour sits before retries due now. Once those are forwarded it is
-    written again at the end of the partition, and the commit point passes what was
-    forwarded behind it: the next reader forwards none of that again. A first attempt
-    put off behind an open circuit is not moved (its place orders its webhook's first
-    attempts), so what was forwarded behind it is forwarded again after a restart."""
+    """A retry due in an hour and a webhook's first attempts put off behind an open circuit
+    sit before retries due now. Once those are forwarded, the far-off ones are written
+    again at the end of the partition (the webhook's first attempts all together, in the
+    order they wake), and the commit point passes what was forwarded: the next reader
+    forwards none of it again."""
     quick, topics = await _own_topics(settings, "move", kafka_partitions=1)
     event = _event("move")
     now, later = utcnow(), utcnow() + timedelta(hours=1)
-    written = [  # offsets 0 to 5
+    written = [  # offsets 0 to 6
         ("far", "wh_far", 8, later),
         ("near_1", "wh_near", 8, now),
         ("first", "wh_first", 1, later),
         ("near_2", "wh_near", 8, now),
         ("near_3", "wh_near", 8, now),
         ("other", "wh_other", 8, later),
+        ("first_2", "wh_first", 1, later + timedelta(microseconds=1)),
     ]
     producer = make_producer(quick)
     await start_client(producer, quick)
@@ -847,27 +848,23 @@ async def test_a_far_off_retry_moves_behind_the_retries_forwarded_past_it(
     tier = TopicPartition(topics.retry(7), 0)
     try:
         async with _timer_running(quick, producer) as (timer, retries):
-            # "far" (offset 0) moved to 6; the commit point passed near_1 and stops at
-            # "first" (2). "other" (5) was behind nothing forwarded.
-            await _eventually(_committed_at(retries, tier, 2), within=20)
-            await _eventually(lambda: timer.pending == 3)  # first, other, and far's copy
-        in_retry = await topic_records(quick, topics.retry(7), 7)
-        assert in_retry[6]["id"] == "far"
+            # far (0), first (2) and first_2 (6), which must not be read before first's
+            # copy, are written again at 7 to 9; the commit point passes the forwarded
+            # near ones and stops at "other" (5), which was behind nothing forwarded.
+            await _eventually(_committed_at(retries, tier, 5), within=20)
+            await _eventually(lambda: timer.pending == 4)  # other and the three copies
+        in_retry = await topic_records(quick, topics.retry(7), 10)
+        assert [record["id"] for record in in_retry[7:]] == ["far", "first", "first_2"]
 
         async with _timer_running(quick, producer) as (timer, _):
-            await _eventually(lambda: timer.pending == 3)
+            # first_2's original (6) and its copy are the same record: held once.
+            await _eventually(lambda: timer.pending == 4)
             await asyncio.sleep(1.0)  # a stray forward would be out by now
-            assert timer.pending == 3
-        forwarded = await topic_records(quick, topics.deliveries, 5)
-        assert sorted(record["id"] for record in forwarded) == [
-            "near_1",
-            "near_2",
-            "near_2",
-            "near_3",
-            "near_3",
-        ]
-        assert await records_in(quick, topics.deliveries) == 5
-        assert await records_in(quick, topics.retry(7)) == 7
+            assert timer.pending == 4
+        forwarded = await topic_records(quick, topics.deliveries, 3)
+        assert sorted(record["id"] for record in forwarded) == ["near_1", "near_2", "near_3"]
+        assert await records_in(quick, topics.deliveries) == 3
+        assert await records_in(quick, topics.retry(7)) == 10
     finally:
         await stop_client(producer)
 

@@ -1,8 +1,10 @@
-"""A delivery whose partition moved away while it was in flight leaves no circuit behind:
-the endpoint's deliveries, and its circuit, are another process's now."""
+"""The delivery handler's circuits: a delivery whose partition moved away while it was in
+flight leaves no circuit behind (the endpoint's deliveries, and its circuit, are another
+process's now), and the first attempts an open circuit puts off wake in their order."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from aiokafka import ConsumerRecord, TopicPartition
@@ -10,7 +12,15 @@ from aiokafka import ConsumerRecord, TopicPartition
 from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
 from services.dispatcher.routing import WebhookRoute
 from services.dispatcher.sender import Outcome
-from services.shared import Delivery, Event, Metrics, Topics, load_settings, utcnow
+from services.shared import (
+    Delivery,
+    Event,
+    Metrics,
+    Settings,
+    Topics,
+    load_settings,
+    utcnow,
+)
 
 ROUTE = WebhookRoute(
     id="wh_1",
@@ -48,11 +58,9 @@ def _record(partition: int, offset: int) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord("t.deliveries", partition, offset, 0, 0, b"wh_1", value, None, 4, 0, [])
 
 
-async def test_failures_count_toward_a_circuit_only_from_partitions_still_owned() -> None:
-    settings = load_settings(service_credential="x", token_pepper="y")
-    metrics = Metrics("test_circuit_ownership")
+def _handler(settings: Settings, metrics: Metrics) -> DeliveryHandler:
     owned = {TopicPartition("t.deliveries", 0)}
-    handler = DeliveryHandler(
+    return DeliveryHandler(
         settings=settings,
         table=cast(Any, _Table()),
         sender=cast(Any, _FailingSender()),
@@ -61,6 +69,12 @@ async def test_failures_count_toward_a_circuit_only_from_partitions_still_owned(
         metrics=DeliveryMetrics(metrics),
         assigned=lambda: owned,
     )
+
+
+async def test_failures_count_toward_a_circuit_only_from_partitions_still_owned() -> None:
+    settings = load_settings(service_credential="x", token_pepper="y")
+    metrics = Metrics("test_circuit_ownership")
+    handler = _handler(settings, metrics)
 
     def circuits_open() -> float | None:
         return metrics.registry.get_sample_value("hookwire_test_circuit_ownership_circuits_open")
@@ -72,3 +86,24 @@ async def test_failures_count_toward_a_circuit_only_from_partitions_still_owned(
     for offset in range(threshold):
         await handler.outcome_records(_record(0, offset))
     assert circuits_open() == 1
+
+
+async def test_first_attempts_put_off_to_one_reopening_wake_a_microsecond_apart() -> None:
+    """The retry timer wakes records by their time, so their order holds wherever in the
+    retry partition one is moved to."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_put_off_order"))
+    threshold = settings.circuit_failure_threshold
+    for offset in range(threshold):
+        await handler.outcome_records(_record(0, offset))
+    put_off = [
+        Delivery.model_validate_json(value)
+        for offset in range(threshold, threshold + 4)
+        for topic, _, value in await handler.outcome_records(_record(0, offset))
+        if topic.startswith("t.retry.")
+    ]
+    assert [d.id for d in put_off] == [f"msg_{n}" for n in range(threshold, threshold + 4)]
+    times = [d.not_before for d in put_off]
+    assert all(time is not None for time in times)
+    first = cast(datetime, times[0])
+    assert times == [first + timedelta(microseconds=n) for n in range(4)]

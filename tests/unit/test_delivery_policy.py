@@ -92,8 +92,14 @@ def test_commit_point_is_the_lowest_unfinished_offset() -> None:
     assert len(tracker) == 0
 
 
-def _waiting(offset: int, due_ms: int, *, movable: bool = True) -> Waiting:
-    return Waiting(due_ms, "retry.7", 0, offset, b"wh", b"{}", movable)
+def _waiting(
+    offset: int, due_us: int, *, key: bytes = b"wh", first_attempt: bool = False
+) -> Waiting:
+    return Waiting(due_us, "retry.7", 0, offset, key, b"{}", True, first_attempt)
+
+
+def _put_off(offset: int, due_us: int, key: bytes = b"wh") -> Waiting:
+    return _waiting(offset, due_us, key=key, first_attempt=True)
 
 
 FAR, SOON = 10_000, 10
@@ -102,28 +108,71 @@ FAR, SOON = 10_000, 10
 def test_a_far_off_retry_behind_forwarded_ones_moves() -> None:
     # 0 waits far off; 1 and 2 were forwarded; 3 waits.
     waiting = [_waiting(0, FAR + 1), _waiting(3, FAR + 1)]
-    assert [w.offset for w in to_move(waiting, forwarded_upto=2, far_ms=FAR)] == [0]
+    assert [w.offset for w in to_move(waiting, forwarded_upto=2, far_us=FAR)] == [0]
 
 
 def test_what_moves_must_pass_as_many_forwarded_records() -> None:
     # 0, 1 and 3 wait far off; only 2 was forwarded: two writes to pass one record.
     waiting = [_waiting(0, FAR + 1), _waiting(1, FAR + 1), _waiting(3, FAR + 1)]
-    assert to_move(waiting, forwarded_upto=2, far_ms=FAR) == []
+    assert to_move(waiting, forwarded_upto=2, far_us=FAR) == []
     # 0 and 2 wait far off among 1, 3 and 4, forwarded: two writes pass three records.
     waiting = [_waiting(0, FAR + 1), _waiting(2, FAR + 1), _waiting(5, FAR + 1)]
-    assert [w.offset for w in to_move(waiting, forwarded_upto=4, far_ms=FAR)] == [0, 2]
+    assert [w.offset for w in to_move(waiting, forwarded_upto=4, far_us=FAR)] == [0, 2]
 
 
-def test_a_retry_due_soon_or_a_put_off_first_attempt_stays() -> None:
+def test_a_record_due_soon_or_without_a_key_stays() -> None:
     forwarded_behind = [_waiting(1, SOON)]
-    assert to_move(forwarded_behind, forwarded_upto=3, far_ms=FAR) == []
-    first_attempt = [_waiting(1, FAR + 1, movable=False)]
-    assert to_move(first_attempt, forwarded_upto=3, far_ms=FAR) == []
-    # A retry below a first attempt that stays moves only if that passes enough.
-    both = [_waiting(0, FAR + 1), _waiting(2, FAR + 1, movable=False)]
-    assert [w.offset for w in to_move(both, forwarded_upto=3, far_ms=FAR)] == [0]
-    both = [_waiting(0, FAR + 1), _waiting(1, FAR + 1, movable=False)]
-    assert to_move(both, forwarded_upto=3, far_ms=FAR) == [], "nothing forwarded is passed"
+    assert to_move(forwarded_behind, forwarded_upto=3, far_us=FAR) == []
+    keyless = [Waiting(FAR + 1, "retry.7", 0, 1, None, b"{}", False, False)]
+    assert to_move(keyless, forwarded_upto=3, far_us=FAR) == []
+    # A retry below one that stays moves only if that passes enough.
+    both = [_waiting(0, FAR + 1), _waiting(2, SOON)]
+    assert [w.offset for w in to_move(both, forwarded_upto=3, far_us=FAR)] == [0]
+    both = [_waiting(0, FAR + 1), _waiting(1, SOON)]
+    assert to_move(both, forwarded_upto=3, far_us=FAR) == [], "nothing forwarded is passed"
+
+
+def test_a_webhooks_put_off_first_attempts_move_together_in_the_order_they_wake() -> None:
+    # wh_a's first attempts at 0 and 6 wake a microsecond apart; 1 to 5 were forwarded
+    # except 3, a retry due soon, which stays. Moving 0 alone would leave 6 to be read,
+    # and perhaps sent, before 0's copy: 6 moves too, behind it.
+    waiting = [
+        _put_off(0, FAR + 1, b"wh_a"),
+        _waiting(3, SOON),
+        _put_off(6, FAR + 2, b"wh_a"),
+    ]
+    moving = to_move(waiting, forwarded_upto=5, far_us=FAR)
+    assert [w.offset for w in moving] == [0, 6]
+    # Written in the order they wake, whatever their offsets.
+    swapped = [_put_off(0, FAR + 2, b"wh_a"), _put_off(1, FAR + 1, b"wh_a")]
+    assert [w.offset for w in to_move(swapped, forwarded_upto=5, far_us=FAR)] == [1, 0]
+
+
+def test_a_put_off_group_with_a_member_due_soon_stays_whole() -> None:
+    # wh_a's 4 wakes soon, so its 0 stays too, and wh_b's retry at 1 would pass nothing.
+    waiting = [
+        _put_off(0, FAR + 1, b"wh_a"),
+        _waiting(1, FAR + 1, key=b"wh_b"),
+        _put_off(4, SOON, b"wh_a"),
+    ]
+    assert to_move(waiting, forwarded_upto=3, far_us=FAR) == []
+    # Below wh_a's, wh_b's retry moves alone.
+    lone = [
+        _waiting(0, FAR + 1, key=b"wh_b"),
+        _put_off(2, FAR + 1, b"wh_a"),
+        _put_off(5, SOON, b"wh_a"),
+    ]
+    assert [w.offset for w in to_move(lone, forwarded_upto=4, far_us=FAR)] == [0]
+
+
+def test_put_off_first_attempts_stay_in_a_partition_not_read_to_its_end() -> None:
+    waiting = [_put_off(0, FAR + 1), _waiting(1, FAR + 1, key=b"wh_b")]
+    assert [w.offset for w in to_move(waiting, forwarded_upto=4, far_us=FAR)] == [0, 1]
+    held = to_move(waiting, forwarded_upto=4, far_us=FAR, first_attempts=False)
+    assert held == [], "the retry alone would pass nothing: the first attempt stays below"
+    retry_first = [_waiting(0, FAR + 1, key=b"wh_b"), _put_off(3, FAR + 1)]
+    held = to_move(retry_first, forwarded_upto=2, far_us=FAR, first_attempts=False)
+    assert [w.offset for w in held] == [0]
 
 
 def test_the_last_waiting_retry_moves_past_every_forwarded_one() -> None:
@@ -138,15 +187,25 @@ def _record(value: bytes, key: bytes | None = b"wh") -> ConsumerRecord[bytes, by
 
 
 def test_a_waiting_record_knows_its_time_and_whether_it_may_move() -> None:
-    due = '"not_before":"2026-11-23T12:00:05+00:00"'
+    due = '"not_before":"2026-11-23T12:00:05.000007+00:00"'
     retry = Waiting.of(_record(f'{{"attempt":2,{due}}}'.encode()))
-    assert retry.due_ms == int(NOW.timestamp() * 1000) + 5000
-    assert retry.movable
+    assert retry.due_us == int(NOW.timestamp()) * 1_000_000 + 5_000_007
+    assert (retry.movable, retry.first_attempt) == (True, False)
     put_off_first = Waiting.of(_record(f'{{"attempt":1,{due}}}'.encode()))
-    assert not put_off_first.movable
+    assert (put_off_first.movable, put_off_first.first_attempt) == (True, True)
     assert not Waiting.of(_record(f'{{"attempt":2,{due}}}'.encode(), key=None)).movable
     unreadable = Waiting.of(_record(b"not json"))
-    assert (unreadable.due_ms, unreadable.movable) == (0, False), "due now, stays"
+    assert (unreadable.due_us, unreadable.movable) == (0, True), "due now"
+    naive = Waiting.of(_record(b'{"attempt":2,"not_before":"2026-11-23T12:00:05"}'))
+    assert naive.due_us == 0, "a time without a zone is unreadable: due now"
+
+
+def test_records_due_within_one_millisecond_wake_in_microsecond_order() -> None:
+    first = '{"attempt":1,"not_before":"2026-11-23T12:00:05.000002+00:00"}'
+    second = '{"attempt":1,"not_before":"2026-11-23T12:00:05.000003+00:00"}'
+    later_offset = Waiting.of(_record(first.encode()))._replace(offset=9)
+    earlier_offset = Waiting.of(_record(second.encode()))._replace(offset=1)
+    assert sorted([earlier_offset, later_offset]) == [later_offset, earlier_offset]
 
 
 def test_revoked_partitions_are_forgotten() -> None:
