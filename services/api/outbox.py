@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
@@ -95,8 +95,7 @@ class Outbox:
         # row older than relay_after was not published by its own request.
         self._wait = publish_timeout + 5
         self.relay_after = timedelta(seconds=max(30.0, 3 * publish_timeout))
-        # Long enough to send a whole claim (each record waits up to publish_timeout only
-        # while the stream is failing, and the round stops at the first failure).
+        # A round sends while more than one publish wait of its claim is left.
         self.claim_for = self.relay_after
         self._log = get_logger("api")
 
@@ -154,11 +153,14 @@ class Outbox:
         self, row_id: str, undo: Callable[[AsyncConnection], Awaitable[bool]]
     ) -> bool:
         """Take back the staged record and undo its change; False when the change must
-        stay: the relay has sent the record already, or a later change builds on it (then
-        the record stays staged, for the relay)."""
+        stay: the relay has taken the record (sent, or on its way), or a later change
+        builds on it (then the record stays staged, for the relay)."""
         try:
             async with self._engine.begin() as conn:
-                taken = await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
+                # A row the relay has claimed may be on its way: the change stays.
+                taken = await conn.execute(
+                    delete(_outbox).where(_outbox.c.id == row_id, _outbox.c.claimed_by.is_(None))
+                )
                 if taken.rowcount != 1:
                     return False
                 if not await undo(conn):
@@ -203,8 +205,13 @@ class Outbox:
 
     async def relay_once(self) -> int:
         """Publish rows their requests left behind; returns how many were published."""
+        claim, until, rows = await self._claim()
         published = 0
-        for row in await self._claim():
+        for row in rows:
+            if utcnow() + timedelta(seconds=self._wait) > until:
+                # Another relay may take these rows once the claim ends: one more send,
+                # if the stream were slow, could still be on its way then.
+                break
             try:
                 await self._producer.send_and_wait(
                     row.topic, value=row.value.encode(), key=row.key.encode()
@@ -215,18 +222,26 @@ class Outbox:
                 if not await self._dead_letter(row, exc):
                     break
             except KafkaError as exc:
-                # The rows not sent stay claimed until the claim runs out: the stream is
-                # failing, and the next round after that takes them again.
                 self._log.warning("outbox_relay_failed", error=str(exc))
                 break
             else:
                 published += 1
             async with self._engine.begin() as conn:
                 await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))
+        if published < len(rows):
+            # What this round did not send is free again at once, so the next round
+            # starts from the oldest row again, whichever process runs it.
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    update(_outbox)
+                    .where(_outbox.c.claimed_by == claim)
+                    .values(claimed_by=None, claimed_until=None)
+                )
         return published
 
-    async def _claim(self) -> Sequence[Any]:
-        """Take the oldest rows left behind that no other relay holds, for ``claim_for``.
+    async def _claim(self) -> tuple[str, datetime, Sequence[Any]]:
+        """Take the oldest rows left behind that no other relay holds, until ``claim_for``
+        from now; returns the claim, its end and its rows.
 
         Every api process runs a relay over the same table; without a claim each would
         publish every row left behind. One UPDATE takes them: PostgreSQL re-checks a row
@@ -234,7 +249,7 @@ class Outbox:
         time. A relay that dies holding rows leaves them to the others once its claim ends.
         """
         now = utcnow()
-        claim = new_id("rly")
+        claim, until = new_id("rly"), now + self.claim_for
         free = or_(_outbox.c.claimed_until.is_(None), _outbox.c.claimed_until < now)
         oldest = (
             select(_outbox.c.id)
@@ -246,16 +261,17 @@ class Outbox:
             await conn.execute(
                 update(_outbox)
                 .where(_outbox.c.id.in_(oldest), free)
-                .values(claimed_by=claim, claimed_until=now + self.claim_for)
+                .values(claimed_by=claim, claimed_until=until)
             )
         async with self._engine.connect() as conn:
-            return (
+            rows = (
                 await conn.execute(
                     select(_outbox)
                     .where(_outbox.c.claimed_by == claim)
                     .order_by(_outbox.c.created_at)
                 )
             ).all()
+        return claim, until, rows
 
     async def _dead_letter(self, row: Any, exc: KafkaError) -> bool:
         reason = f"the event stream refuses this record for good: {type(exc).__name__}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,6 +25,7 @@ from services.shared import (
     Event,
     Metrics,
     Settings,
+    cancel_and_wait,
     create_engine,
     ensure_topics,
     make_consumer,
@@ -337,6 +340,16 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
     await asyncio.sleep(0)
 
 
+@pytest.fixture
+async def relay_stack(api_stack: Stack) -> tuple[Stack, Outbox, str]:
+    """The stack's outbox, with the stack's own relay loop stopped (it would take rows
+    from under the test every 5 s), and a topic of the test's own."""
+    await cancel_and_wait(api_stack.api._relay)
+    topic = f"{api_stack.settings.topic_prefix}relayed"
+    await ensure_topics(api_stack.settings, {topic: 3})
+    return api_stack, api_stack.api.outbox_for(api_stack.api._producer), topic  # type: ignore[arg-type]
+
+
 async def _left_behind(stack: Stack, outbox: Outbox, topic: str, count: int) -> list[str]:
     """Stage ``count`` events as requests that died before publishing would have."""
     long_ago = utcnow() - outbox.relay_after * 2
@@ -362,58 +375,128 @@ async def _left_behind(stack: Stack, outbox: Outbox, topic: str, count: int) -> 
     return ids
 
 
-def _second_process_outbox(stack: Stack) -> Outbox:
+@contextlib.asynccontextmanager
+async def _second_process_outbox(stack: Stack) -> AsyncIterator[Outbox]:
     """Another api process's outbox: its own connections to the same database."""
     assert stack.api._producer is not None
-    return Outbox(
-        create_engine(stack.settings.database_url),
-        stack.api._producer,
-        Metrics("test"),
-        stack.settings.publish_timeout_seconds,
-        dead_letter_topic=topics_for(stack.settings).dead_letter,
-    )
-
-
-async def test_two_api_processes_relay_each_record_left_behind_once(api_stack: Stack) -> None:
-    """Every api process runs a relay over the same table; each row goes out once."""
-    stack = api_stack
-    first = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
-    second = _second_process_outbox(stack)
-    topic = f"{stack.settings.topic_prefix}relayed"
-    await ensure_topics(stack.settings, {topic: 3})
-    ids = await _left_behind(stack, first, topic, 60)
+    engine = create_engine(stack.settings.database_url)
     try:
-        counts = await asyncio.gather(first.relay_once(), second.relay_once())
+        yield Outbox(
+            engine,
+            stack.api._producer,
+            Metrics("test"),
+            stack.settings.publish_timeout_seconds,
+            dead_letter_topic=topics_for(stack.settings).dead_letter,
+        )
     finally:
-        await second._engine.dispose()
-    assert sum(counts) == 60
-    assert await first.backlog() == 0
-    assert await records_in(stack.settings, topic) == 60
-    relayed = await topic_records(stack.settings, topic, 60)
+        await engine.dispose()
+
+
+async def _relayed_once(stack: Stack, topic: str, ids: list[str]) -> None:
+    assert await records_in(stack.settings, topic) == len(ids)
+    relayed = await topic_records(stack.settings, topic, len(ids))
     assert sorted(record["id"] for record in relayed) == sorted(ids)
 
 
+async def test_two_api_processes_relay_each_record_left_behind_once(
+    relay_stack: tuple[Stack, Outbox, str],
+) -> None:
+    """Every api process runs a relay over the same table: each row goes out once, and a
+    backlog larger than one round is shared (500 rows a round)."""
+    stack, first, topic = relay_stack
+    ids = await _left_behind(stack, first, topic, 600)
+    async with _second_process_outbox(stack) as second:
+        counts = await asyncio.gather(first.relay_once(), second.relay_once())
+    assert sorted(counts) == [100, 500]
+    assert await first.backlog() == 0
+    await _relayed_once(stack, topic, ids)
+
+
+async def test_a_relay_claiming_while_another_commits_its_claim_takes_none_of_it(
+    relay_stack: tuple[Stack, Outbox, str],
+) -> None:
+    """Relay B's claim starts while relay A's claim of the same rows is not yet committed:
+    B waits for A (a row lock on PostgreSQL, the write lock on SQLite), then finds every
+    row claimed and takes none."""
+    stack, outbox, topic = relay_stack
+    await _left_behind(stack, outbox, topic, 5)
+    async with _second_process_outbox(stack) as other, other._engine.connect() as conn:
+        claiming = await conn.begin()
+        await conn.execute(
+            tables.outbox.update().values(
+                claimed_by="rly_a", claimed_until=utcnow() + timedelta(minutes=1)
+            )
+        )
+        second = asyncio.create_task(outbox._claim())
+        await asyncio.sleep(0.5)
+        assert not second.done(), "B's claim waits for A's transaction"
+        await claiming.commit()
+        _, _, rows = await second
+    assert rows == []
+    assert await outbox.relay_once() == 0
+
+
 async def test_rows_a_dead_relay_claimed_are_relayed_once_its_claim_ends(
-    api_stack: Stack,
+    relay_stack: tuple[Stack, Outbox, str],
 ) -> None:
     """A process that died after claiming rows holds them only until its claim runs out."""
-    stack = api_stack
-    outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
-    topic = f"{stack.settings.topic_prefix}reclaimed"
-    await ensure_topics(stack.settings, {topic: 1})
-    await _left_behind(stack, outbox, topic, 3)
-    dead = _second_process_outbox(stack)
-    try:
-        assert len(await dead._claim()) == 3
-    finally:
-        await dead._engine.dispose()
+    stack, outbox, topic = relay_stack
+    ids = await _left_behind(stack, outbox, topic, 3)
+    async with _second_process_outbox(stack) as dead:
+        assert len((await dead._claim())[2]) == 3
     assert await outbox.relay_once() == 0, "claimed by the other process"
     async with stack.api.engine.begin() as conn:
         await conn.execute(
             tables.outbox.update().values(claimed_until=utcnow() - timedelta(seconds=1))
         )
     assert await outbox.relay_once() == 3
-    assert await records_in(stack.settings, topic) == 3
+    await _relayed_once(stack, topic, ids)
+
+
+async def test_a_round_stopped_by_the_stream_frees_the_rows_it_did_not_send(
+    relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next round, here or in another process, starts again from the oldest row
+    rather than waiting for the claim to end."""
+    stack, outbox, topic = relay_stack
+    ids = await _left_behind(stack, outbox, topic, 4)
+    producer = stack.api._producer
+    assert producer is not None
+    send = producer.send_and_wait
+    calls = 0
+
+    async def fails_second(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KafkaConnectionError("the broker went away")
+        return await send(*args, **kwargs)
+
+    monkeypatch.setattr(producer, "send_and_wait", fails_second)
+    assert await outbox.relay_once() == 1
+    async with _second_process_outbox(stack) as other:
+        assert await other.relay_once() == 3
+    await _relayed_once(stack, topic, ids)
+
+
+async def test_a_request_does_not_undo_a_change_whose_row_the_relay_has_taken(
+    relay_stack: tuple[Stack, Outbox, str],
+) -> None:
+    """A request stalled past the relay's wait: its publish failed, but the relay has
+    claimed the row and may be sending it, so the change stays."""
+    stack, outbox, topic = relay_stack
+    await _left_behind(stack, outbox, topic, 1)
+    async with _second_process_outbox(stack) as relay:
+        [row] = (await relay._claim())[2]
+    undone = []
+
+    async def undo(conn: AsyncConnection) -> bool:
+        undone.append(True)
+        return True
+
+    assert not await outbox._undone(row.id, undo)
+    assert undone == []
+    assert await outbox.backlog() == 1
 
 
 async def test_a_record_the_stream_will_never_take_does_not_block_the_relay(

@@ -14,7 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # batch mode: SQLite alters a table by copying it.
+    # batch mode: SQLite takes ALTER TABLE ADD COLUMN as is; other changes copy the table.
     with op.batch_alter_table("outbox") as batch:
         batch.add_column(sa.Column("claimed_by", sa.String(64)))
         batch.add_column(sa.Column("claimed_until", sa.DateTime(timezone=True)))
