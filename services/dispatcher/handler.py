@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -47,6 +48,18 @@ _CONFIRM_EVERY_SECONDS = 1.0
 # on the retry schedule instead of being skipped for good.
 _UNCONFIRMED_WAIT_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
+
+
+@dataclass
+class _Hold:
+    """The time a webhook's first attempts are put off to. Each wakes a microsecond after
+    the one put off before it (``count`` so far): the retry timer wakes records by their
+    time, so their order holds wherever in a retry partition one is moved (decision 53)."""
+
+    # The circuit reopening it waits for; -1 for a failed lookup's wait.
+    reopening: float
+    until: datetime
+    count: int = 0
 
 
 class DeliveryMetrics:
@@ -120,9 +133,7 @@ class DeliveryHandler:
         # connections is not asked once per delivery.
         self._unconfirmed_at: dict[str, float] = {}
         # Per webhook: the reopening its deliveries are deferred to, and the time they wake.
-        self._deferred_until: dict[str, tuple[float, datetime]] = {}
-        # Per webhook: the time its deliveries are put off to, and how many were.
-        self._put_offs: dict[str, tuple[datetime, int]] = {}
+        self._holds: dict[str, _Hold] = {}
         self._inflight = 0
         # Read when scraped rather than updated for every delivery (counting open circuits
         # walks every endpoint).
@@ -132,14 +143,13 @@ class DeliveryHandler:
     def forget_endpoint(self, webhook_id: str) -> None:
         """The webhook is gone or inactive: no circuit state is kept for it."""
         self._circuit.forget(webhook_id)
-        self._deferred_until.pop(webhook_id, None)
-        self._put_offs.pop(webhook_id, None)
+        self._holds.pop(webhook_id, None)
 
     def forget_partitions(self, lost: set[int], partitions: int) -> None:
         """Deliveries of these partitions are another process's now, and so are their
         endpoints' circuits: kept here, they would be counted open by both processes,
         and by this one for ever."""
-        for webhook_id in {*self._circuit.endpoints(), *self._deferred_until}:
+        for webhook_id in {*self._circuit.endpoints(), *self._holds}:
             if partition_of(webhook_id.encode(), partitions) in lost:
                 self.forget_endpoint(webhook_id)
 
@@ -208,9 +218,9 @@ class DeliveryHandler:
             )
             return [self._attempt_record(skipped)]
         if delivery.kind == "event":
-            held_until = self._held_until(route.id)
-            if held_until is not None:
-                return [self._put_off(delivery, held_until)]
+            hold = self._held(route.id)
+            if hold is not None:
+                return [self._put_off(delivery, hold)]
             if not self._circuit.allows(route.id, time.monotonic()):
                 return [self._deferred(delivery, self._circuit.reopens_at(route.id))]
         clock = time.monotonic()
@@ -231,7 +241,7 @@ class DeliveryHandler:
         if route is None or not route.active or pace is None:
             return route
         if delivery.kind == "event" and (
-            self._held_until(route.id) is not None
+            self._held(route.id) is not None
             or not self._circuit.allows(route.id, time.monotonic(), peek=True)
         ):
             return route  # deferred by the caller, without waiting for a slot
@@ -366,56 +376,57 @@ class DeliveryHandler:
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
 
-    def _held_until(self, webhook_id: str) -> datetime | None:
+    def _held(self, webhook_id: str) -> _Hold | None:
         """The time first attempts deferred by an open circuit wake up, while it is still
         ahead. The circuit can close before it (a manual retry that succeeds): a new event
         sent at once would overtake the deferred ones, so it waits for the same time and
         wakes behind them."""
-        deferred = self._deferred_until.get(webhook_id)
-        if deferred is None or deferred[1] <= utcnow():
+        hold = self._holds.get(webhook_id)
+        if hold is None or hold.until <= utcnow():
             return None
-        return deferred[1]
+        return hold
+
+    def _hold(self, webhook_id: str, reopening: float, until: datetime) -> _Hold:
+        """The hold to put a delivery off to: the webhook's current one, while ahead, for
+        the same reopening or a later time (a delivery never wakes before those put off
+        before it), else a new one from ``until``."""
+        hold = self._holds.get(webhook_id)
+        now = utcnow()
+        if (
+            hold is not None
+            and hold.until > now
+            and (hold.reopening == reopening or hold.until >= until)
+        ):
+            return hold
+        if hold is None and len(self._holds) >= _WEBHOOKS_REMEMBERED:
+            # Holds whose time has passed order nothing any more.
+            self._holds = {w: h for w, h in self._holds.items() if h.until > now}
+            if len(self._holds) >= _WEBHOOKS_REMEMBERED:
+                self._holds.clear()
+        hold = self._holds[webhook_id] = _Hold(reopening, until)
+        return hold
 
     def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
+        # Events arriving before it wakes (the webhook's change record may come in
+        # meanwhile) wait behind it, as behind a circuit's deferrals.
         until = utcnow() + timedelta(seconds=seconds)
-        held = self._deferred_until.get(delivery.webhook_id)
-        if held is None or held[1] < until:
-            # Events arriving before it wakes (the webhook's change record may come in
-            # meanwhile) wait behind it, as behind a circuit's deferrals.
-            if len(self._deferred_until) >= _WEBHOOKS_REMEMBERED:
-                self._deferred_until.clear()
-            self._deferred_until[delivery.webhook_id] = (-1.0, until)
-        return self._put_off(delivery, until)
+        return self._put_off(delivery, self._hold(delivery.webhook_id, -1.0, until))
 
-    def _put_off(self, delivery: Delivery, until: datetime) -> OutRecord:
-        # Deliveries put off to the same time wake a microsecond apart, in the order they
-        # were put off: the retry timer wakes records by their time, so the order holds
-        # wherever in the retry partition a record is moved to (decision 53).
-        group, count = self._put_offs.get(delivery.webhook_id, (until, 0))
-        count = count if group == until else 0
-        if delivery.webhook_id not in self._put_offs and (
-            len(self._put_offs) >= _WEBHOOKS_REMEMBERED
-        ):
-            self._put_offs.clear()
-        self._put_offs[delivery.webhook_id] = (until, count + 1)
+    def _deferred(self, delivery: Delivery, reopens_at: float) -> OutRecord:
+        # Every delivery deferred until the same reopening is put off to the same time
+        # (not one read from the clock each time), so they wake in their order.
+        wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
+        until = utcnow() + timedelta(seconds=wait)
+        return self._put_off(delivery, self._hold(delivery.webhook_id, reopens_at, until))
+
+    def _put_off(self, delivery: Delivery, hold: _Hold) -> OutRecord:
+        wakes = hold.until + timedelta(microseconds=hold.count)
+        hold.count += 1
         # Not attempted, so the attempt number stays.
-        put_off = delivery.model_copy(update={"not_before": until + timedelta(microseconds=count)})
+        put_off = delivery.model_copy(update={"not_before": wakes})
         self._metrics.outcomes["deferred"].inc()
         tier = self._policy.tier(delivery.attempt)
         return (self._topics.retry(tier), delivery.webhook_id.encode(), put_off.to_bytes())
-
-    def _deferred(self, delivery: Delivery, reopens_at: float) -> OutRecord:
-        # Every delivery deferred until the same reopening gets the very same time (not
-        # one read from the clock each time), so the retry timer wakes them in their
-        # order (at concurrency 1, first attempts stay in order).
-        until = self._deferred_until.get(delivery.webhook_id)
-        if until is None or until[0] != reopens_at:
-            if len(self._deferred_until) >= _WEBHOOKS_REMEMBERED:
-                self._deferred_until.clear()
-            wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
-            until = (reopens_at, utcnow() + timedelta(seconds=wait))
-            self._deferred_until[delivery.webhook_id] = until
-        return self._put_off(delivery, until[1])
 
     def _dead_letter(
         self, delivery: Delivery, record: ConsumerRecord, reason: str, outcome: Outcome

@@ -87,9 +87,10 @@ def to_move(
     commit point behind records already forwarded. Moved are the movable ones due after
     ``far_us`` (a nearer one clears by itself) below the first record that stays, and
     only when at least as many forwarded records are then passed as are written again.
-    A webhook's put-off first attempts move all together or not at all (and not at all
-    without ``first_attempts``): one left behind would be read before the others' copies,
-    and could be sent before them should the partition be paused.
+    A webhook's put-off first attempts move all together or not at all, and only when the
+    commit point then passes every one of them (and not at all without
+    ``first_attempts``): an original left above it would be read again, after a restart,
+    before the others' copies.
     """
     if not waiting:
         return []
@@ -100,30 +101,38 @@ def to_move(
             entry.movable and entry.due_us > far_us and (first_attempts or not entry.first_attempt)
         )
 
-    stuck = {entry.key for entry in waiting if entry.first_attempt and not may_go(entry)}
-    candidates = {
-        entry.offset
-        for entry in waiting
-        if entry.offset < forwarded_upto
-        and may_go(entry)
-        and not (entry.first_attempt and entry.key in stuck)
+    groups: dict[bytes | None, list[Waiting]] = {}
+    for entry in waiting:
+        if entry.first_attempt:
+            groups.setdefault(entry.key, []).append(entry)
+    going = {
+        key
+        for key, members in groups.items()
+        if all(may_go(member) for member in members)
+        and min(member.offset for member in members) < forwarded_upto
     }
-    # With none staying, none was read past the last forwarded one.
-    new_point = min(
-        (entry.offset for entry in waiting if entry.offset not in candidates),
-        default=forwarded_upto + 1,
-    )
-    passing = [
-        entry for entry in waiting if entry.offset in candidates and entry.offset < new_point
-    ]
-    groups = {entry.key for entry in passing if entry.first_attempt}
-    rest_of_groups = [
-        entry
-        for entry in waiting
-        if entry.first_attempt and entry.key in groups and entry.offset >= new_point
-    ]
-    moving = passing + rest_of_groups
-    passed = new_point - point - len(passing)
+    # With none staying, none was read past the last waiting or forwarded one.
+    past_all = max(forwarded_upto, max(entry.offset for entry in waiting)) + 1
+    while True:
+        candidates = {
+            entry.offset
+            for entry in waiting
+            if (
+                entry.key in going
+                if entry.first_attempt
+                else entry.offset < forwarded_upto and may_go(entry)
+            )
+        }
+        new_point = min(
+            (entry.offset for entry in waiting if entry.offset not in candidates),
+            default=past_all,
+        )
+        split = {key for key in going if max(m.offset for m in groups[key]) >= new_point}
+        if not split:
+            break
+        going -= split
+    moving = [entry for entry in waiting if entry.offset in candidates and entry.offset < new_point]
+    passed = new_point - point - len(moving)
     if not moving or passed < len(moving):
         return []
     # Written in the order they wake: copies read back wake in it whatever else is read.

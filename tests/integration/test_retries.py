@@ -826,9 +826,9 @@ async def test_far_off_records_move_behind_the_retries_forwarded_past_it(
         ("near_1", "wh_near", 8, now),
         ("first", "wh_first", 1, later),
         ("near_2", "wh_near", 8, now),
+        ("first_2", "wh_first", 1, later + timedelta(microseconds=1)),
         ("near_3", "wh_near", 8, now),
         ("other", "wh_other", 8, later),
-        ("first_2", "wh_first", 1, later + timedelta(microseconds=1)),
     ]
     producer = make_producer(quick)
     await start_client(producer, quick)
@@ -848,16 +848,15 @@ async def test_far_off_records_move_behind_the_retries_forwarded_past_it(
     tier = TopicPartition(topics.retry(7), 0)
     try:
         async with _timer_running(quick, producer) as (timer, retries):
-            # far (0), first (2) and first_2 (6), which must not be read before first's
-            # copy, are written again at 7 to 9; the commit point passes the forwarded
-            # near ones and stops at "other" (5), which was behind nothing forwarded.
-            await _eventually(_committed_at(retries, tier, 5), within=20)
+            # far (0), first (2) and first_2 (4) are written again at 7 to 9; the commit
+            # point passes the forwarded near ones and stops at "other" (6), which was
+            # behind nothing forwarded.
+            await _eventually(_committed_at(retries, tier, 6), within=20)
             await _eventually(lambda: timer.pending == 4)  # other and the three copies
         in_retry = await topic_records(quick, topics.retry(7), 10)
         assert [record["id"] for record in in_retry[7:]] == ["far", "first", "first_2"]
 
         async with _timer_running(quick, producer) as (timer, _):
-            # first_2's original (6) and its copy are the same record: held once.
             await _eventually(lambda: timer.pending == 4)
             await asyncio.sleep(1.0)  # a stray forward would be out by now
             assert timer.pending == 4

@@ -7,8 +7,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
+from services.dispatcher import handler as handler_module
 from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
 from services.dispatcher.routing import WebhookRoute
 from services.dispatcher.sender import Outcome
@@ -107,3 +109,43 @@ async def test_first_attempts_put_off_to_one_reopening_wake_a_microsecond_apart(
     assert all(time is not None for time in times)
     first = cast(datetime, times[0])
     assert times == [first + timedelta(microseconds=n) for n in range(4)]
+
+
+async def _circuit_opened(handler: DeliveryHandler, threshold: int) -> list[datetime]:
+    """Open wh_1's circuit; the times two deliveries behind it are put off to."""
+    for offset in range(threshold):
+        await handler.outcome_records(_record(0, offset))
+    return [await _put_off_time(handler, offset) for offset in (100, 101)]
+
+
+async def _put_off_time(handler: DeliveryHandler, offset: int) -> datetime:
+    [(topic, _, value)] = await handler.outcome_records(_record(0, offset))
+    assert topic.startswith("t.retry.")
+    return cast(datetime, Delivery.model_validate_json(value).not_before)
+
+
+async def test_other_webhooks_put_off_long_ago_do_not_restart_the_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Remembering at most so many webhooks drops those whose time has passed, not a
+    webhook whose deliveries still wait: its next one still wakes behind them."""
+    monkeypatch.setattr(handler_module, "_WEBHOOKS_REMEMBERED", 3)
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_put_off_prune"))
+    _, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
+    long_ago = utcnow() - timedelta(minutes=1)
+    for n in range(2):
+        handler._holds[f"wh_gone_{n}"] = handler_module._Hold(-1.0, long_ago)
+    handler._hold("wh_new", -1.0, utcnow() + timedelta(seconds=5))  # a fourth webhook
+    assert set(handler._holds) == {"wh_1", "wh_new"}
+    assert await _put_off_time(handler, 102) == second + timedelta(microseconds=1)
+
+
+async def test_a_delivery_waiting_for_a_lookup_wakes_behind_those_held_longer() -> None:
+    """A failed lookup's short wait joins a later hold already there, at its end."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_put_off_lookup"))
+    _, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
+    event = Delivery.model_validate_json(_record(0, 103).value)
+    _, _, value = handler._waiting(event, 0.001)
+    assert Delivery.model_validate_json(value).not_before == second + timedelta(microseconds=1)

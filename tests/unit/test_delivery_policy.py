@@ -11,6 +11,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from services.dispatcher.offsets import OffsetTracker
 from services.dispatcher.policy import CircuitBreaker, RetryPolicy, parse_retry_after
 from services.dispatcher.retry_timer import Waiting, to_move
+from services.shared import Delivery
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 POLICY = RetryPolicy(schedule=(5, 300, 1800), jitter=0.2, retry_after_max=3600)
@@ -133,22 +134,21 @@ def test_a_record_due_soon_or_without_a_key_stays() -> None:
 
 
 def test_a_webhooks_put_off_first_attempts_move_together_in_the_order_they_wake() -> None:
-    # wh_a's first attempts at 0 and 6 wake a microsecond apart; 1 to 5 were forwarded
-    # except 3, a retry due soon, which stays. Moving 0 alone would leave 6 to be read,
-    # and perhaps sent, before 0's copy: 6 moves too, behind it.
-    waiting = [
-        _put_off(0, FAR + 1, b"wh_a"),
-        _waiting(3, SOON),
-        _put_off(6, FAR + 2, b"wh_a"),
-    ]
-    moving = to_move(waiting, forwarded_upto=5, far_us=FAR)
-    assert [w.offset for w in moving] == [0, 6]
+    # wh_a's first attempts at 0 and 2 wake a microsecond apart; 1 and 3 were forwarded.
+    waiting = [_put_off(0, FAR + 1, b"wh_a"), _put_off(2, FAR + 2, b"wh_a")]
+    assert [w.offset for w in to_move(waiting, forwarded_upto=3, far_us=FAR)] == [0, 2]
+    # One above the last forwarded record goes along, so the commit point passes them all.
+    waiting = [_put_off(0, FAR + 1, b"wh_a"), _put_off(3, FAR + 2, b"wh_a")]
+    assert [w.offset for w in to_move(waiting, forwarded_upto=2, far_us=FAR)] == [0, 3]
+    # Two writes to pass the one forwarded record at 1: none.
+    waiting = [_put_off(0, FAR + 1, b"wh_a"), _put_off(2, FAR + 2, b"wh_a")]
+    assert to_move(waiting, forwarded_upto=1, far_us=FAR) == []
     # Written in the order they wake, whatever their offsets.
     swapped = [_put_off(0, FAR + 2, b"wh_a"), _put_off(1, FAR + 1, b"wh_a")]
     assert [w.offset for w in to_move(swapped, forwarded_upto=5, far_us=FAR)] == [1, 0]
 
 
-def test_a_put_off_group_with_a_member_due_soon_stays_whole() -> None:
+def test_a_put_off_group_stays_whole_unless_the_commit_point_passes_it() -> None:
     # wh_a's 4 wakes soon, so its 0 stays too, and wh_b's retry at 1 would pass nothing.
     waiting = [
         _put_off(0, FAR + 1, b"wh_a"),
@@ -163,6 +163,19 @@ def test_a_put_off_group_with_a_member_due_soon_stays_whole() -> None:
         _put_off(5, SOON, b"wh_a"),
     ]
     assert [w.offset for w in to_move(lone, forwarded_upto=4, far_us=FAR)] == [0]
+    # A retry due soon at 3 stays: wh_a's 4 would be left above the commit point (read
+    # again after a restart before 0's copy), so neither moves, nor wh_b's retry behind 0.
+    split = [
+        _put_off(0, FAR + 1, b"wh_a"),
+        _waiting(2, FAR + 1, key=b"wh_b"),
+        _waiting(3, SOON, key=b"wh_c"),
+        _put_off(4, FAR + 2, b"wh_a"),
+    ]
+    assert to_move(split, forwarded_upto=5, far_us=FAR) == []
+    # With the retry due soon above them, the group is passed whole (the commit point
+    # stops at 6).
+    passed = [*split[:2], _put_off(3, FAR + 2, b"wh_a"), _waiting(6, SOON, key=b"wh_c")]
+    assert [w.offset for w in to_move(passed, forwarded_upto=5, far_us=FAR)] == [0, 2, 3]
 
 
 def test_put_off_first_attempts_stay_in_a_partition_not_read_to_its_end() -> None:
@@ -196,6 +209,13 @@ def test_a_waiting_record_knows_its_time_and_whether_it_may_move() -> None:
     assert not Waiting.of(_record(f'{{"attempt":2,{due}}}'.encode(), key=None)).movable
     unreadable = Waiting.of(_record(b"not json"))
     assert (unreadable.due_us, unreadable.movable) == (0, True), "due now"
+    # As pydantic writes it: "Z", and no fraction when there is none.
+    written = Delivery.model_validate_json(
+        b'{"id":"d","webhook_id":"wh","attempt":2,"not_before":"2026-11-23T12:00:05Z",'
+        + b'"event":{"id":"e","type":"object.created","team_id":"t","object_type":"c",'
+        + b'"object_id":"o","occurred_at":"2026-11-23T12:00:00Z","data":{}}}'
+    ).to_bytes()
+    assert Waiting.of(_record(written)).due_us == int(NOW.timestamp()) * 1_000_000 + 5_000_000
     naive = Waiting.of(_record(b'{"attempt":2,"not_before":"2026-11-23T12:00:05"}'))
     assert naive.due_us == 0, "a time without a zone is unreadable: due now"
 

@@ -1,13 +1,17 @@
-"""The fetch gate's bookkeeping on a real (unconnected) consumer with two partitions."""
+"""The fetch gate's bookkeeping on a real (unconnected) consumer with two partitions, and
+the retry timer's view of a partition read to its end."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.dispatcher.flow import FetchGate
+from services.dispatcher.retry_timer import RetryTimer
+from services.shared import Topics
 
 FIRST, SECOND = TopicPartition("deliveries", 0), TopicPartition("deliveries", 1)
 
@@ -92,3 +96,19 @@ async def test_with_a_reserve_everything_is_paused_at_the_limit(
     gate = FetchGate(consumer)
     assert gate.hold_with_reserve({FIRST: 90, SECOND: 10}, limit=100) == 1
     assert consumer.paused() == {FIRST, SECOND}
+
+
+async def test_the_retry_timer_knows_a_partition_read_to_its_end_and_not_paused(
+    consumer: AIOKafkaConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Put-off first attempts move only from such a partition: their copies are then read
+    back within a fetch, never after one of their webhook's later first attempts."""
+    timer = RetryTimer(consumer, cast(Any, None), Topics("t."), pending_max=10)
+    assert not timer._read_through(FIRST), "never fetched: nothing is known"
+    monkeypatch.setattr(consumer, "highwater", lambda partition: 5)
+    timer._tracker.add(FIRST, 3)
+    assert not timer._read_through(FIRST), "offset 4 is in the log and not read"
+    timer._tracker.add(FIRST, 4)
+    assert timer._read_through(FIRST)
+    timer._gate.hold_shares({FIRST: 5}, limit=10)
+    assert not timer._read_through(FIRST), "paused: what is written next stays unread"
