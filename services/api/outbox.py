@@ -157,7 +157,8 @@ class Outbox:
         builds on it (then the record stays staged, for the relay)."""
         try:
             async with self._engine.begin() as conn:
-                # A row the relay has claimed may be on its way: the change stays.
+                # A row a relay has claimed may be on its way, or in the stream: the
+                # change stays.
                 taken = await conn.execute(
                     delete(_outbox).where(_outbox.c.id == row_id, _outbox.c.claimed_by.is_(None))
                 )
@@ -230,12 +231,12 @@ class Outbox:
                 await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))
         if published < len(rows):
             # What this round did not send is free again at once, so the next round
-            # starts from the oldest row again, whichever process runs it.
+            # starts from the oldest row again, whichever process runs it. The claim's
+            # name stays: a failed send may still have written its record, so the
+            # request that staged it must not undo its change.
             async with self._engine.begin() as conn:
                 await conn.execute(
-                    update(_outbox)
-                    .where(_outbox.c.claimed_by == claim)
-                    .values(claimed_by=None, claimed_until=None)
+                    update(_outbox).where(_outbox.c.claimed_by == claim).values(claimed_until=None)
                 )
         return published
 
@@ -244,9 +245,11 @@ class Outbox:
         from now; returns the claim, its end and its rows.
 
         Every api process runs a relay over the same table; without a claim each would
-        publish every row left behind. One UPDATE takes them: PostgreSQL re-checks a row
-        another transaction claimed meanwhile and skips it, SQLite runs one writer at a
-        time. A relay that dies holding rows leaves them to the others once its claim ends.
+        publish every row left behind. One UPDATE takes them: PostgreSQL passes over rows
+        another transaction is claiming (and re-checks one claimed meanwhile), SQLite runs
+        one writer at a time. A relay that dies holding rows leaves them to the others once
+        its claim ends. A row keeps the name of the last claim on it: ``_undone`` leaves
+        such a row, and its change, alone.
         """
         now = utcnow()
         claim, until = new_id("rly"), now + self.claim_for
@@ -256,6 +259,9 @@ class Outbox:
             .where(_outbox.c.created_at < now - self.relay_after, free)
             .order_by(_outbox.c.created_at)
             .limit(_RELAY_BATCH)
+            # PostgreSQL: rows another relay is claiming right now are passed over, so
+            # two rounds at once take two batches rather than one waiting for the other.
+            .with_for_update(skip_locked=True)
         )
         async with self._engine.begin() as conn:
             await conn.execute(

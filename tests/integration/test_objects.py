@@ -416,8 +416,8 @@ async def test_a_relay_claiming_while_another_commits_its_claim_takes_none_of_it
     relay_stack: tuple[Stack, Outbox, str],
 ) -> None:
     """Relay B's claim starts while relay A's claim of the same rows is not yet committed:
-    B waits for A (a row lock on PostgreSQL, the write lock on SQLite), then finds every
-    row claimed and takes none."""
+    B takes none of them (PostgreSQL passes over rows locked by A's claim; SQLite makes B
+    wait for A's write and then finds them claimed)."""
     stack, outbox, topic = relay_stack
     await _left_behind(stack, outbox, topic, 5)
     async with _second_process_outbox(stack) as other, other._engine.connect() as conn:
@@ -429,7 +429,6 @@ async def test_a_relay_claiming_while_another_commits_its_claim_takes_none_of_it
         )
         second = asyncio.create_task(outbox._claim())
         await asyncio.sleep(0.5)
-        assert not second.done(), "B's claim waits for A's transaction"
         await claiming.commit()
         _, _, rows = await second
     assert rows == []
@@ -474,8 +473,44 @@ async def test_a_round_stopped_by_the_stream_frees_the_rows_it_did_not_send(
 
     monkeypatch.setattr(producer, "send_and_wait", fails_second)
     assert await outbox.relay_once() == 1
+    # The failed send may have written its record: its request must not undo the change.
+    async with stack.api.engine.connect() as conn:
+        failed = (
+            await conn.execute(
+                select(tables.outbox.c.id).order_by(tables.outbox.c.created_at).limit(1)
+            )
+        ).scalar_one()
+    assert not await outbox._undone(failed, _never_undone)
     async with _second_process_outbox(stack) as other:
         assert await other.relay_once() == 3
+    await _relayed_once(stack, topic, ids)
+
+
+async def _never_undone(conn: AsyncConnection) -> bool:
+    raise AssertionError("a change whose record may be in the stream was undone")
+
+
+async def test_a_round_short_of_claim_time_stops_and_frees_the_rest(
+    relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round sends only while more than one publish wait of its claim is left: a send
+    still on its way when the claim ends would race another relay's copy."""
+    stack, outbox, topic = relay_stack
+    ids = await _left_behind(stack, outbox, topic, 3)
+    outbox.claim_for = timedelta(seconds=outbox._wait + 0.5)
+    producer = stack.api._producer
+    assert producer is not None
+    send = producer.send_and_wait
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.7)
+        return await send(*args, **kwargs)
+
+    monkeypatch.setattr(producer, "send_and_wait", slow)
+    assert await outbox.relay_once() == 1
+    monkeypatch.setattr(producer, "send_and_wait", send)
+    async with _second_process_outbox(stack) as other:
+        assert await other.relay_once() == 2, "freed at once, not when the claim ends"
     await _relayed_once(stack, topic, ids)
 
 
