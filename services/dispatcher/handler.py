@@ -398,6 +398,9 @@ class DeliveryHandler:
             and (hold.reopening == reopening or hold.until >= until)
         ):
             return hold
+        if hold is not None and hold.until > now:
+            # A later hold starts after every delivery of this one has woken.
+            until = max(until, hold.until + timedelta(microseconds=hold.count))
         if hold is None and len(self._holds) >= _WEBHOOKS_REMEMBERED:
             # Holds whose time has passed order nothing any more.
             self._holds = {w: h for w, h in self._holds.items() if h.until > now}

@@ -149,3 +149,11 @@ async def test_a_delivery_waiting_for_a_lookup_wakes_behind_those_held_longer() 
     event = Delivery.model_validate_json(_record(0, 103).value)
     _, _, value = handler._waiting(event, 0.001)
     assert Delivery.model_validate_json(value).not_before == second + timedelta(microseconds=1)
+
+
+async def test_a_later_hold_starts_after_the_last_delivery_of_the_current_one() -> None:
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_put_off_next_hold"))
+    first, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
+    later = handler._hold("wh_1", -1.0, first + timedelta(microseconds=1))
+    assert later.until == second + timedelta(microseconds=1)

@@ -178,6 +178,19 @@ def test_a_put_off_group_stays_whole_unless_the_commit_point_passes_it() -> None
     assert [w.offset for w in to_move(passed, forwarded_upto=5, far_us=FAR)] == [0, 2, 3]
 
 
+def test_dropping_one_group_can_leave_another_above_the_commit_point() -> None:
+    # wh_a at 5 and 10, wh_b at 1 and 7, a retry due soon at 8. wh_a is split by 8; once
+    # it stays, the commit point stops at 5, which splits wh_b: nothing moves.
+    waiting = [
+        _put_off(1, FAR + 1, b"wh_b"),
+        _put_off(5, FAR + 1, b"wh_a"),
+        _put_off(7, FAR + 2, b"wh_b"),
+        _waiting(8, SOON, key=b"wh_c"),
+        _put_off(10, FAR + 2, b"wh_a"),
+    ]
+    assert to_move(waiting, forwarded_upto=11, far_us=FAR) == []
+
+
 def test_put_off_first_attempts_stay_in_a_partition_not_read_to_its_end() -> None:
     waiting = [_put_off(0, FAR + 1), _waiting(1, FAR + 1, key=b"wh_b")]
     assert [w.offset for w in to_move(waiting, forwarded_upto=4, far_us=FAR)] == [0, 1]
