@@ -209,21 +209,17 @@ class Outbox:
         claim, until, rows = await self._claim()
         published = 0
         for row in rows:
-            if utcnow() + timedelta(seconds=self._wait) > until:
-                # Another relay may take these rows once the claim ends: one more send,
-                # if the stream were slow, could still be on its way then.
+            if not self._time_for_a_send(until):
                 break
             try:
-                await self._producer.send_and_wait(
-                    row.topic, value=row.value.encode(), key=row.key.encode()
-                )
+                await self._send_within(row.topic, row.value.encode(), row.key.encode())
             except _NEVER_SENDABLE as exc:
                 # This record will never go; waiting for it would hold back every record
                 # behind it for good. It is kept on the dead-letter topic instead.
-                if not await self._dead_letter(row, exc):
+                if not self._time_for_a_send(until) or not await self._dead_letter(row, exc):
                     break
-            except KafkaError as exc:
-                self._log.warning("outbox_relay_failed", error=str(exc))
+            except (KafkaError, TimeoutError) as exc:
+                self._log.warning("outbox_relay_failed", error=str(exc) or type(exc).__name__)
                 break
             else:
                 published += 1
@@ -239,6 +235,17 @@ class Outbox:
                     update(_outbox).where(_outbox.c.claimed_by == claim).values(claimed_until=None)
                 )
         return published
+
+    def _time_for_a_send(self, until: datetime) -> bool:
+        # Another relay may take the rows once the claim ends: a send must be over by then.
+        return utcnow() + timedelta(seconds=self._wait) <= until
+
+    async def _send_within(self, topic: str, value: bytes, key: bytes) -> None:
+        """Send one record, waiting at most one publish wait (the producer's own waits for
+        metadata and retries can add up to more); out of time, it may still arrive."""
+        await asyncio.wait_for(
+            self._producer.send_and_wait(topic, value=value, key=key), self._wait
+        )
 
     async def _claim(self) -> tuple[str, datetime, Sequence[Any]]:
         """Take the oldest rows left behind that no other relay holds, until ``claim_for``
@@ -284,11 +291,9 @@ class Outbox:
         self._log.error("outbox_record_dead_lettered", row_id=row.id, reason=reason)
         letter = DeadLetter(reason=reason, source_topic=row.topic, payload=row.value, at=utcnow())
         try:
-            await self._producer.send_and_wait(
-                self._dead_letter_topic, value=letter.to_bytes(), key=row.key.encode()
-            )
-        except KafkaError as failed:
-            self._log.warning("outbox_relay_failed", error=str(failed))
+            await self._send_within(self._dead_letter_topic, letter.to_bytes(), row.key.encode())
+        except (KafkaError, TimeoutError) as failed:
+            self._log.warning("outbox_relay_failed", error=str(failed) or type(failed).__name__)
             return False
         return True
 

@@ -486,6 +486,30 @@ async def test_a_round_stopped_by_the_stream_frees_the_rows_it_did_not_send(
     await _relayed_once(stack, topic, ids)
 
 
+async def test_a_send_hanging_past_the_publish_wait_ends_the_round(
+    relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The producer's own waits (metadata, retries) can outlast a publish wait; the relay
+    stops waiting then, so its claim's time check holds, and frees the rows."""
+    stack, outbox, topic = relay_stack
+    ids = await _left_behind(stack, outbox, topic, 2)
+    outbox._wait = 0.3
+    producer = stack.api._producer
+    assert producer is not None
+    send = producer.send_and_wait
+
+    async def hangs(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(producer, "send_and_wait", hangs)
+    async with asyncio.timeout(5):
+        assert await outbox.relay_once() == 0
+    monkeypatch.setattr(producer, "send_and_wait", send)
+    async with _second_process_outbox(stack) as other:
+        assert await other.relay_once() == 2
+    await _relayed_once(stack, topic, ids)
+
+
 async def _never_undone(conn: AsyncConnection) -> bool:
     raise AssertionError("a change whose record may be in the stream was undone")
 
