@@ -407,7 +407,8 @@ async def test_two_api_processes_relay_each_record_left_behind_once(
     ids = await _left_behind(stack, first, topic, 600)
     async with _second_process_outbox(stack) as second:
         counts = await asyncio.gather(first.relay_once(), second.relay_once())
-    assert sorted(counts) == [100, 500]
+    # A round takes at most 500; concurrent rounds on PostgreSQL may split them otherwise.
+    assert sum(counts) == 600 and min(counts) >= 100
     assert await first.backlog() == 0
     await _relayed_once(stack, topic, ids)
 
@@ -521,13 +522,13 @@ async def test_a_round_short_of_claim_time_stops_and_frees_the_rest(
     still on its way when the claim ends would race another relay's copy."""
     stack, outbox, topic = relay_stack
     ids = await _left_behind(stack, outbox, topic, 3)
-    outbox.claim_for = timedelta(seconds=outbox._wait + 0.5)
+    outbox.claim_for = timedelta(seconds=outbox._wait + 2.0)
     producer = stack.api._producer
     assert producer is not None
     send = producer.send_and_wait
 
     async def slow(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(2.5)
         return await send(*args, **kwargs)
 
     monkeypatch.setattr(producer, "send_and_wait", slow)
