@@ -32,6 +32,7 @@ from services.shared import (
     OutRecord,
     PayloadTooLarge,
     Record,
+    as_utc,
     get_logger,
     new_id,
     tables,
@@ -79,11 +80,17 @@ class Outbox:
         # Concurrent requests' events go out together.
         self._sender = BatchingSender(producer)
         self._backlog = metrics.gauge("outbox_backlog", "Staged records not yet acknowledged")
+        self._oldest = metrics.gauge(
+            "outbox_oldest_seconds", "Age of the oldest staged record not yet acknowledged"
+        )
         self._published = metrics.counter(
             "events_published_total", "Events acknowledged by Kafka", ("type",)
         )
         self._failures = metrics.counter(
             "publish_failures_total", "Publishes Kafka did not acknowledge in time"
+        )
+        self._relayed = metrics.counter(
+            "events_relayed_total", "Records their request left behind, published by the relay"
         )
         self._kept = metrics.counter(
             "events_left_for_relay_total",
@@ -204,6 +211,15 @@ class Outbox:
             count = (await conn.execute(select(func.count()).select_from(_outbox))).scalar()
         return int(count or 0)
 
+    async def _backlog_and_age(self) -> tuple[int, float]:
+        """Staged records, and how long the oldest has waited (0 with none)."""
+        async with self._engine.connect() as conn:
+            count, first = (
+                await conn.execute(select(func.count(), func.min(_outbox.c.created_at)))
+            ).one()
+        age = 0.0 if first is None else (utcnow() - as_utc(first)).total_seconds()
+        return int(count or 0), max(age, 0.0)
+
     async def relay_once(self) -> int:
         """Publish rows their requests left behind; returns how many were published."""
         claim, until, rows = await self._claim()
@@ -223,6 +239,7 @@ class Outbox:
                 break
             else:
                 published += 1
+                self._relayed.inc()
             async with self._engine.begin() as conn:
                 await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))
         if published < len(rows):
@@ -304,6 +321,8 @@ class Outbox:
                 relayed = await self.relay_once()
                 if relayed:
                     self._log.info("outbox_relayed", records=relayed)
-                self._backlog.set(await self.backlog())
+                backlog, oldest = await self._backlog_and_age()
+                self._backlog.set(backlog)
+                self._oldest.set(oldest)
             except Exception:
                 self._log.exception("outbox_relay_crashed")

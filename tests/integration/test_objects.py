@@ -333,8 +333,14 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
             .where(tables.outbox.c.id == row_id)
             .values(created_at=utcnow() - ctx_outbox.relay_after * 2)
         )
+    backlog, age = await ctx_outbox._backlog_and_age()
+    assert backlog == 1
+    assert age >= (ctx_outbox.relay_after * 2).total_seconds()
     assert await ctx_outbox.relay_once() == 1
     assert await ctx_outbox.relay_once() == 0
+    registry = stack.api.metrics.registry
+    assert registry.get_sample_value("hookwire_api_events_relayed_total") == 1
+    assert await ctx_outbox._backlog_and_age() == (0, 0.0)
     [delivery] = await receiver.wait_for(1)
     assert orjson.loads(delivery.body)["id"] == event.id
     await asyncio.sleep(0)
