@@ -416,8 +416,8 @@ class DeliveryHandler:
         return self._put_off(delivery, self._hold(delivery.webhook_id, -1.0, until))
 
     def _deferred(self, delivery: Delivery, reopens_at: float) -> OutRecord:
-        # Every delivery deferred until the same reopening is put off to the same time
-        # (not one read from the clock each time), so they wake in their order.
+        # Every delivery deferred until the same reopening joins one hold (not a time read
+        # from the clock each time): they wake a microsecond apart, in their order.
         wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
         until = utcnow() + timedelta(seconds=wait)
         return self._put_off(delivery, self._hold(delivery.webhook_id, reopens_at, until))
