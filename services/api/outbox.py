@@ -207,9 +207,7 @@ class Outbox:
         await self._sender.close()
 
     async def backlog(self) -> int:
-        async with self._engine.connect() as conn:
-            count = (await conn.execute(select(func.count()).select_from(_outbox))).scalar()
-        return int(count or 0)
+        return (await self._backlog_and_age())[0]
 
     async def _backlog_and_age(self) -> tuple[int, float]:
         """Staged records, and how long the oldest has waited (0 with none)."""

@@ -392,16 +392,12 @@ class DeliveryHandler:
         before it), else a new one from ``until``."""
         hold = self._holds.get(webhook_id)
         now = utcnow()
-        if (
-            hold is not None
-            and hold.until > now
-            and (hold.reopening == reopening or hold.until >= until)
-        ):
-            return hold
         if hold is not None and hold.until > now:
+            if hold.reopening == reopening or hold.until >= until:
+                return hold
             # A later hold starts after every delivery of this one has woken.
             until = max(until, hold.until + timedelta(microseconds=hold.count))
-        if hold is None and len(self._holds) >= _WEBHOOKS_REMEMBERED:
+        elif hold is None and len(self._holds) >= _WEBHOOKS_REMEMBERED:
             # Holds whose time has passed order nothing any more.
             self._holds = {w: h for w, h in self._holds.items() if h.until > now}
             if len(self._holds) >= _WEBHOOKS_REMEMBERED:

@@ -49,11 +49,14 @@ class Waiting(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes
-    # Has a key to place a copy by, at the end of its partition.
-    movable: bool
     # Put off behind an open circuit or a failed lookup: its order among its webhook's
     # first attempts is kept (retries keep none).
     first_attempt: bool
+
+    @property
+    def movable(self) -> bool:
+        """Has a key to place a copy by, at the end of its partition."""
+        return self.key is not None
 
     @classmethod
     def of(cls, record: ConsumerRecord) -> Waiting:
@@ -72,7 +75,6 @@ class Waiting(NamedTuple):
             record.offset,
             record.key,
             record.value or b"",
-            movable=record.key is not None,
             first_attempt=attempt == 1,
         )
 

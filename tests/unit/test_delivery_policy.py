@@ -96,7 +96,7 @@ def test_commit_point_is_the_lowest_unfinished_offset() -> None:
 def _waiting(
     offset: int, due_us: int, *, key: bytes = b"wh", first_attempt: bool = False
 ) -> Waiting:
-    return Waiting(due_us, "retry.7", 0, offset, key, b"{}", True, first_attempt)
+    return Waiting(due_us, "retry.7", 0, offset, key, b"{}", first_attempt)
 
 
 def _put_off(offset: int, due_us: int, key: bytes = b"wh") -> Waiting:
@@ -124,7 +124,7 @@ def test_what_moves_must_pass_as_many_forwarded_records() -> None:
 def test_a_record_due_soon_or_without_a_key_stays() -> None:
     forwarded_behind = [_waiting(1, SOON)]
     assert to_move(forwarded_behind, forwarded_upto=3, far_us=FAR) == []
-    keyless = [Waiting(FAR + 1, "retry.7", 0, 1, None, b"{}", False, False)]
+    keyless = [Waiting(FAR + 1, "retry.7", 0, 1, None, b"{}", False)]
     assert to_move(keyless, forwarded_upto=3, far_us=FAR) == []
     # A retry below one that stays moves only if that passes enough.
     both = [_waiting(0, FAR + 1), _waiting(2, SOON)]
