@@ -53,6 +53,7 @@ from services.shared import (
 
 from .handler import DeliveryHandler, DeliveryMetrics, invalid_record
 from .lanes import Lanes
+from .put_offs import read_put_offs
 from .retry_timer import RetryTimer
 from .routing import fan_out
 from .sender import Sender
@@ -64,6 +65,8 @@ _CATCH_UP_SECONDS = 10.0
 _LAG_SECONDS = 1.0
 _CHANGE_REPLAY_MARGIN_MS = 5_000
 _OUTCOME_LINGER_SECONDS = 0.02
+# Partitions gained wait this long at most for the put-offs of their last owner to be read.
+_TAKE_OVER_SECONDS = 10.0
 # Re-encoded, a JSON document grows at most about 4.5 times (numbers in exponent form).
 _MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
 
@@ -160,6 +163,7 @@ class DispatcherService:
             rate=self.settings.delivery_rate_per_endpoint,
             on_commit=self._observe,
             on_lost=lambda lost: self._forget_partitions(deliverer, lost),
+            on_gained=lambda gained: self._take_over(deliverer, retries, gained),
         )
         self._timer = RetryTimer(
             retries, self._producer, self.topics, pending_max=self.settings.retry_pending_max
@@ -208,6 +212,29 @@ class DispatcherService:
             await stop_client(self._producer)
         if self._session is not None:
             await self._session.close()
+
+    async def _take_over(
+        self,
+        consumer: AIOKafkaConsumer,
+        retries: AIOKafkaConsumer,
+        gained: set[TopicPartition],
+    ) -> None:
+        """New events for webhooks whose first attempts the partitions' last owner put off
+        wait behind them here too (decision 54)."""
+        partitions = consumer.partitions_for_topic(self.topics.deliveries)
+        if self._handler is None or not partitions:
+            return
+        last_put_off = await read_put_offs(
+            self.settings,
+            retries,
+            self.topics.retry(1),
+            {p.partition for p in gained},
+            len(partitions),
+            within=_TAKE_OVER_SECONDS,
+        )
+        self._handler.take_over_holds(last_put_off)
+        if last_put_off:
+            self._log.info("put_offs_taken_over", webhooks=len(last_put_off))
 
     def _forget_partitions(self, consumer: AIOKafkaConsumer, lost: set[TopicPartition]) -> None:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)

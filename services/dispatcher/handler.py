@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -48,6 +48,13 @@ _CONFIRM_EVERY_SECONDS = 1.0
 # on the retry schedule instead of being skipped for good.
 _UNCONFIRMED_WAIT_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
+# Woken put-offs come back through the retry timer and ``deliveries``; a new event arriving
+# meanwhile still waits behind them. At a takeover the retry partitions may be changing
+# hands too, and are read again from their last commit.
+_WOKEN_RETURN = timedelta(seconds=10)
+_MICROSECOND = timedelta(microseconds=1)
+# The reopening of a hold taken over from another process: none of this process's.
+_TAKEN_OVER = -2.0
 
 
 @dataclass
@@ -60,6 +67,18 @@ class _Hold:
     reopening: float
     until: datetime
     count: int = 0
+    # A hold taken over may be past already while its put-offs wait to be forwarded.
+    made: datetime = field(default_factory=utcnow)
+
+    @property
+    def ends(self) -> datetime:
+        """When a delivery put off to it now would wake: after every one so far."""
+        return self.until + self.count * _MICROSECOND
+
+    def in_force(self, now: datetime) -> bool:
+        """Whether a new event still waits behind it: until its put-offs can have woken
+        and come back."""
+        return max(self.ends, self.made) + _WOKEN_RETURN > now
 
 
 class DeliveryMetrics:
@@ -153,6 +172,15 @@ class DeliveryHandler:
             if partition_of(webhook_id.encode(), partitions) in lost:
                 self.forget_endpoint(webhook_id)
 
+    def take_over_holds(self, last_put_off: Mapping[str, datetime]) -> None:
+        """First attempts another process put off, read back from the retry topic when
+        their partition came here (``last_put_off``: per webhook, when the last of them
+        wakes): new events for those webhooks wait behind them, as they would have there."""
+        for webhook_id, wakes in last_put_off.items():
+            current = self._holds.get(webhook_id)
+            if current is None or current.ends <= wakes:
+                self._holds[webhook_id] = _Hold(_TAKEN_OVER, wakes + _MICROSECOND)
+
     async def publish(self, records: list[OutRecord]) -> None:
         """Until Kafka takes the outcome the record is not finished; keep trying, with
         only the records it did not take: the retry record of an attempt whose own
@@ -217,12 +245,11 @@ class DeliveryHandler:
                 final=True,
             )
             return [self._attempt_record(skipped)]
-        if delivery.kind == "event":
-            hold = self._held(route.id)
-            if hold is not None:
-                return [self._put_off(delivery, hold)]
-            if not self._circuit.allows(route.id, time.monotonic()):
-                return [self._deferred(delivery, self._circuit.reopens_at(route.id))]
+        hold = self._held(delivery)
+        if hold is not None:
+            return [self._put_off(delivery, hold)]
+        if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
+            return [self._deferred(delivery, self._circuit.reopens_at(route.id))]
         clock = time.monotonic()
         self._inflight += 1
         try:
@@ -240,9 +267,9 @@ class DeliveryHandler:
             route = await self._confirmed(delivery.webhook_id)
         if route is None or not route.active or pace is None:
             return route
-        if delivery.kind == "event" and (
-            self._held(route.id) is not None
-            or not self._circuit.allows(route.id, time.monotonic(), peek=True)
+        if self._held(delivery) is not None or (
+            delivery.kind == "event"
+            and not self._circuit.allows(route.id, time.monotonic(), peek=True)
         ):
             return route  # deferred by the caller, without waiting for a slot
         await pace()
@@ -376,13 +403,17 @@ class DeliveryHandler:
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
 
-    def _held(self, webhook_id: str) -> _Hold | None:
-        """The time first attempts deferred by an open circuit wake up, while it is still
-        ahead. The circuit can close before it (a manual retry that succeeds): a new event
-        sent at once would overtake the deferred ones, so it waits for the same time and
-        wakes behind them."""
-        hold = self._holds.get(webhook_id)
-        if hold is None or hold.until <= utcnow():
+    def _held(self, delivery: Delivery) -> _Hold | None:
+        """The hold a newly routed event waits behind, while the first attempts put off
+        to it may not have come back yet. The circuit can close before they do (a manual
+        retry that succeeds, a probe that does): a new event sent at once would overtake
+        them, so it is put off behind them. A delivery coming back from a retry topic
+        answers to the circuit alone: a woken put-off is one of those the hold orders,
+        and a retry keeps no order."""
+        if delivery.kind != "event" or delivery.not_before is not None:
+            return None
+        hold = self._holds.get(delivery.webhook_id)
+        if hold is None or not hold.in_force(utcnow()):
             return None
         return hold
 
@@ -392,14 +423,14 @@ class DeliveryHandler:
         before it), else a new one from ``until``."""
         hold = self._holds.get(webhook_id)
         now = utcnow()
-        if hold is not None and hold.until > now:
-            if hold.reopening == reopening or hold.until >= until:
+        if hold is not None:
+            if hold.until > now and (hold.reopening == reopening or hold.until >= until):
                 return hold
             # A later hold starts after every delivery of this one has woken.
-            until = max(until, hold.until + timedelta(microseconds=hold.count))
-        elif hold is None and len(self._holds) >= _WEBHOOKS_REMEMBERED:
-            # Holds whose time has passed order nothing any more.
-            self._holds = {w: h for w, h in self._holds.items() if h.until > now}
+            until = max(until, hold.ends)
+        elif len(self._holds) >= _WEBHOOKS_REMEMBERED:
+            # Holds no longer in force order nothing any more.
+            self._holds = {w: h for w, h in self._holds.items() if h.in_force(now)}
             if len(self._holds) >= _WEBHOOKS_REMEMBERED:
                 self._holds.clear()
         hold = self._holds[webhook_id] = _Hold(reopening, until)
@@ -419,7 +450,7 @@ class DeliveryHandler:
         return self._put_off(delivery, self._hold(delivery.webhook_id, reopens_at, until))
 
     def _put_off(self, delivery: Delivery, hold: _Hold) -> OutRecord:
-        wakes = hold.until + timedelta(microseconds=hold.count)
+        wakes = hold.ends
         hold.count += 1
         # Not attempted, so the attempt number stays.
         put_off = delivery.model_copy(update={"not_before": wakes})

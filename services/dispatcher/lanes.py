@@ -56,6 +56,7 @@ class Lanes:
         rate: float | None = None,
         on_commit: Callable[[], None] | None = None,
         on_lost: Callable[[set[TopicPartition]], None] | None = None,
+        on_gained: Callable[[set[TopicPartition]], Awaitable[None]] | None = None,
     ) -> None:
         self._consumer = consumer
         self._attempt = attempt
@@ -65,6 +66,8 @@ class Lanes:
         self._interval = 1.0 / rate if rate else 0.0
         self._on_commit = on_commit
         self._on_lost = on_lost
+        self._on_gained = on_gained
+        self._owned: set[TopicPartition] = set()
         self._lanes: dict[bytes, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tracker = OffsetTracker()
@@ -92,6 +95,13 @@ class Lanes:
                 self._drop_waiting(dropped)
                 if self._on_lost is not None:
                     self._on_lost(dropped)
+            assigned = self._consumer.assignment()
+            gained = assigned - self._owned
+            self._owned = set(assigned)
+            if gained and self._on_gained is not None:
+                # Before any of their records is handled: what their last owner knew about
+                # them (put-off first attempts) must order the first one.
+                await self._on_gained(gained)
             for partition, records in batches.items():
                 for record in records:
                     # After a rebalance that gave a partition back, it is read again from

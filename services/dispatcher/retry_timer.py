@@ -35,7 +35,7 @@ _MOVE_WHEN_DUE_AFTER_US = 30_000_000
 # A retry overtaken all the time is written again at most this often: what a restart may
 # forward a second time is the last minute's forwards, not the last hours'.
 MOVE_EVERY_SECONDS = 60.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
@@ -64,7 +64,7 @@ class Waiting(NamedTuple):
         due_us, attempt = 0, 1
         try:
             delivery = orjson.loads(record.value or b"")
-            due_us = (datetime.fromisoformat(delivery["not_before"]) - _EPOCH) // _MICROSECOND
+            due_us = (datetime.fromisoformat(delivery["not_before"]) - EPOCH) // _MICROSECOND
             attempt = int(delivery["attempt"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             pass

@@ -442,6 +442,49 @@ async def test_a_circuit_closed_early_does_not_let_new_events_overtake_deferred_
         assert [orjson.loads(r.body)["data"]["n"] for r in received[2:]] == [1, 2, 3]
 
 
+async def test_a_dispatcher_taking_over_keeps_new_events_behind_first_attempts_put_off(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The first attempts one dispatcher put off behind an open circuit are read back by
+    the one that takes their partition over (here, as in a deploy, a replacement): an event
+    arriving once the endpoint is back waits behind them instead of going first."""
+    open_seconds = 20.0
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (120.0,) * 10,
+            "retry_jitter": 0.0,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": open_seconds,
+            "delivery_concurrency_per_endpoint": 1,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        await stack.create_webhook(receiver.url, CHANGES)
+        receiver.statuses = [500]  # then 200: the endpoint is back at once
+        object_id = await stack.create_object({"n": 0})
+        await receiver.wait_for(1)
+        wakes = time.monotonic() + open_seconds
+        for n in (1, 2):
+            await _change(stack, object_id, n)
+        deferred = ("hookwire_dispatcher_deliveries_total", {"outcome": "deferred"})
+        first = stack.dispatcher
+        await _eventually(lambda: first.metrics.registry.get_sample_value(*deferred) == 2)
+        await first.stop()
+        second = DispatcherService(tripping, stack.api.engine)
+        await second.start()
+        stack.dispatcher_or_none = second
+        try:
+            await _change(stack, object_id, 3)
+            await _eventually(lambda: second.metrics.registry.get_sample_value(*deferred) == 1)
+            # Put off while the first two still waited: without the takeover it would have
+            # been sent at once, before them.
+            assert time.monotonic() < wakes, "the put-offs woke before the test could check"
+            received = await receiver.wait_for(4, within=60)
+            assert [orjson.loads(r.body)["data"]["n"] for r in received[1:]] == [1, 2, 3]
+        finally:
+            await second.stop()
+
+
 async def test_a_circuit_moves_away_with_its_partition(
     settings: Settings, receiver: Receiver
 ) -> None:

@@ -4,6 +4,7 @@ process's now), and the first attempts an open circuit puts off wake in their or
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -135,7 +136,7 @@ async def test_other_webhooks_put_off_long_ago_do_not_restart_the_count(
     _, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
     long_ago = utcnow() - timedelta(minutes=1)
     for n in range(2):
-        handler._holds[f"wh_gone_{n}"] = handler_module._Hold(-1.0, long_ago)
+        handler._holds[f"wh_gone_{n}"] = handler_module._Hold(-1.0, long_ago, made=long_ago)
     handler._hold("wh_new", -1.0, utcnow() + timedelta(seconds=5))  # a fourth webhook
     assert set(handler._holds) == {"wh_1", "wh_new"}
     assert await _put_off_time(handler, 102) == second + timedelta(microseconds=1)
@@ -157,3 +158,42 @@ async def test_a_later_hold_starts_after_the_last_delivery_of_the_current_one() 
     first, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
     later = handler._hold("wh_1", -1.0, first + timedelta(microseconds=1))
     assert later.until == second + timedelta(microseconds=1)
+
+
+async def test_past_its_time_a_hold_keeps_new_events_behind_it_while_its_put_offs_return() -> None:
+    """Woken put-offs come back through the retry timer and the deliveries topic; a new
+    event arriving meanwhile, with the circuit closed, is put off behind them. The woken
+    ones are not held again (they answer to the circuit), and once they can have come
+    back, new events go straight out."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_hold_return"))
+    first, _ = await _circuit_opened(handler, settings.circuit_failure_threshold)
+    handler._circuit.forget("wh_1")  # closed early, say by a probe that succeeded
+    hold = handler._holds["wh_1"]
+    now = utcnow()
+    hold.until, hold.made = now - timedelta(seconds=5), now - timedelta(minutes=1)
+    assert await _put_off_time(handler, 102) == hold.until + timedelta(microseconds=2)
+
+    woken = Delivery.model_validate_json(_record(0, 100).value).model_copy(
+        update={"not_before": first}
+    )
+    record = dataclasses.replace(_record(0, 100), value=woken.to_bytes())
+    [(topic, _, _), *_] = await handler.outcome_records(record)
+    assert topic == "t.attempts"
+
+    hold.until = now - timedelta(seconds=20)
+    [(topic, _, _), *_] = await handler.outcome_records(_record(0, 103))
+    assert topic == "t.attempts"
+
+
+async def test_holds_taken_over_keep_new_events_behind_the_last_put_off() -> None:
+    """A hold read back from the retry topic (its put-offs may be due already, not yet
+    forwarded) orders new events behind its last put-off, and does not replace a hold
+    of this process's that ends later."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_hold_taken_over"))
+    last = utcnow() - timedelta(seconds=2)
+    handler.take_over_holds({"wh_1": last})
+    assert await _put_off_time(handler, 0) == last + timedelta(microseconds=1)
+    handler.take_over_holds({"wh_1": last - timedelta(seconds=1)})
+    assert await _put_off_time(handler, 1) == last + timedelta(microseconds=2)

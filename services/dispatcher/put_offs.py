@@ -1,0 +1,115 @@
+"""Reading back the first attempts put off in a retry topic when deliveries partitions
+change hands (a rebalance, a restart): new events for their webhooks then wait behind
+them here, as they would have in the process that put them off (decision 54).
+
+A put-off first attempt waits in the first retry topic, keyed by its webhook like its
+delivery, until the retry timer forwards it. Whatever the retry group has not committed
+past may still be waiting, so that is what is read: from the group's commit point to the
+end of each partition that can hold the keys of the partitions taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from services.shared import (
+    DependencyUnavailable,
+    Settings,
+    get_logger,
+    make_consumer,
+    partition_of,
+    start_client,
+    stop_client,
+)
+
+from .retry_timer import EPOCH, Waiting
+
+_FETCH_WAIT_MS = 100
+_FETCH_RECORDS = 2000
+
+
+def note_put_offs(
+    last: dict[str, int],
+    records: Iterable[ConsumerRecord],
+    partitions: Collection[int],
+    of: int,
+) -> None:
+    """Into ``last``: per webhook whose deliveries are in ``partitions`` (of ``of``), the
+    time in microseconds its last put-off first attempt among ``records`` wakes. Retries
+    keep no order and are left out; so is a record without a readable time (forwarded at
+    once, it orders nothing)."""
+    for record in records:
+        entry = Waiting.of(record)
+        if not entry.first_attempt or entry.key is None or entry.due_us == 0:
+            continue
+        if partition_of(entry.key, of) not in partitions:
+            continue
+        try:
+            webhook_id = entry.key.decode()
+        except UnicodeDecodeError:
+            continue
+        last[webhook_id] = max(last.get(webhook_id, 0), entry.due_us)
+
+
+async def read_put_offs(
+    settings: Settings,
+    retries: AIOKafkaConsumer,
+    topic: str,
+    partitions: Collection[int],
+    of: int,
+    *,
+    within: float,
+) -> dict[str, datetime]:
+    """Per webhook whose deliveries are in ``partitions`` of ``of``, when its last put-off
+    first attempt in ``topic`` wakes. What was read is returned even when the broker
+    fails the read or it takes longer than ``within`` seconds: the partitions must not
+    wait for ever, and every webhook found still orders its new events.
+
+    ``retries`` is a consumer of the retry group, asked for its commit points."""
+    last: dict[str, int] = {}
+    reader = make_consumer(settings, group_id=None)
+    try:
+        async with asyncio.timeout(within):
+            await start_client(reader, settings)
+            await reader.topics()
+            every = reader.partitions_for_topic(topic) or set()
+            # Placed by its key, a webhook's records share a partition number across
+            # topics with as many partitions; otherwise any partition may hold them.
+            numbers = set(partitions) & every if len(every) == of else every
+            wanted = [TopicPartition(topic, number) for number in sorted(numbers)]
+            if wanted:
+                reader.assign(wanted)
+                for partition in wanted:
+                    committed = await retries.committed(partition)
+                    if committed is None:
+                        await reader.seek_to_beginning(partition)
+                    else:
+                        reader.seek(partition, committed)
+                while not await _at_end(reader, wanted):
+                    batches = await reader.getmany(
+                        timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_RECORDS
+                    )
+                    for records in batches.values():
+                        note_put_offs(last, records, partitions, of)
+    except TimeoutError:
+        get_logger("dispatcher").warning("put_offs_not_read", within_seconds=within)
+    except (KafkaError, DependencyUnavailable) as exc:
+        get_logger("dispatcher").warning("put_offs_not_read", error=str(exc))
+    finally:
+        await stop_client(reader)
+    return {webhook: EPOCH + timedelta(microseconds=us) for webhook, us in last.items()}
+
+
+async def _at_end(reader: AIOKafkaConsumer, partitions: list[TopicPartition]) -> bool:
+    # The high-water mark of the last fetch: the embedded broker's end_offsets() is wrong
+    # after a batch.
+    for partition in partitions:
+        end = reader.highwater(partition)
+        if end is None or await reader.position(partition) < end:
+            return False
+    return True
