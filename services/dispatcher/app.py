@@ -224,14 +224,20 @@ class DispatcherService:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)
         if self._handler is None or not partitions:
             return
-        last_put_off = await read_put_offs(
-            self.settings,
-            retries,
-            self.topics.retry(1),
-            {p.partition for p in gained},
-            len(partitions),
-            within=_TAKE_OVER_SECONDS,
-        )
+        try:
+            last_put_off = await read_put_offs(
+                self.settings,
+                retries,
+                self.topics.retry(1),
+                {p.partition for p in gained},
+                len(partitions),
+                within=_TAKE_OVER_SECONDS,
+            )
+        except Exception:
+            # A bug, not the broker (that is logged and read around): the partitions
+            # must still be delivered, as before any of this was read.
+            self._log.exception("put_offs_not_read")
+            return
         self._handler.take_over_holds(last_put_off)
         if last_put_off:
             self._log.info("put_offs_taken_over", webhooks=len(last_put_off))

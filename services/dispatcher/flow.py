@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -22,14 +22,19 @@ class FetchGate:
         """Whether the partition is paused by this gate."""
         return partition in self._held
 
-    def hold_shares(self, waiting: Mapping[TopicPartition, int], limit: int) -> int:
+    def hold_shares(
+        self,
+        waiting: Mapping[TopicPartition, int],
+        limit: int,
+        also: Collection[TopicPartition] = (),
+    ) -> int:
         """Keep what waits within ``limit``, split evenly between the assigned partitions.
 
         Pauses the partitions holding their share (one partition's slow records then stop
         only that partition), or every partition once the total reaches ``limit``. Returns
         how many records the next fetch may bring: no more than the room left, so the total
         never passes ``limit``, and no more than a share, so no partition below its share
-        can take the whole room in one fetch.
+        can take the whole room in one fetch. The partitions in ``also`` are paused too.
         """
         assignment = self._consumer.assignment()
         share = max(1, limit // max(1, len(assignment)))
@@ -37,7 +42,7 @@ class FetchGate:
         if total >= limit:
             self._hold_only(set(assignment))
         else:
-            self._hold_only({p for p in assignment if waiting.get(p, 0) >= share})
+            self._hold_only({p for p in assignment if waiting.get(p, 0) >= share} | set(also))
         # At least one: with everything held the fetch returns nothing anyway.
         return max(1, min(limit - total, share))
 

@@ -11,8 +11,8 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
@@ -48,10 +48,13 @@ _CONFIRM_EVERY_SECONDS = 1.0
 # on the retry schedule instead of being skipped for good.
 _UNCONFIRMED_WAIT_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
-# Woken put-offs come back through the retry timer and ``deliveries``; a new event arriving
-# meanwhile still waits behind them. At a takeover the retry partitions may be changing
-# hands too, and are read again from their last commit.
+# Woken put-offs come back through the retry timer and ``deliveries``; a new event routed
+# meanwhile still waits behind them.
 _WOKEN_RETURN = timedelta(seconds=10)
+# A hold taken over is kept at least this long after it was read, however past its time:
+# at a deploy or a crash the retry partitions change hands too, and their put-offs wait
+# unforwarded until the retry group has rebalanced.
+_TAKEN_OVER_KEPT = timedelta(seconds=30)
 _MICROSECOND = timedelta(microseconds=1)
 # The reopening of a hold taken over from another process: none of this process's.
 _TAKEN_OVER = -2.0
@@ -67,18 +70,22 @@ class _Hold:
     reopening: float
     until: datetime
     count: int = 0
-    # A hold taken over may be past already while its put-offs wait to be forwarded.
-    made: datetime = field(default_factory=utcnow)
+    # In force at least until then, however past its time (a hold taken over).
+    floor: datetime | None = None
 
     @property
     def ends(self) -> datetime:
         """When a delivery put off to it now would wake: after every one so far."""
         return self.until + self.count * _MICROSECOND
 
-    def in_force(self, now: datetime) -> bool:
-        """Whether a new event still waits behind it: until its put-offs can have woken
-        and come back."""
-        return max(self.ends, self.made) + _WOKEN_RETURN > now
+    def in_force(self, routed_at: datetime) -> bool:
+        """Whether a delivery routed at ``routed_at`` waits behind it: routed before its
+        put-offs could have woken and come back, it may be ahead of them in
+        ``deliveries``, however late it is handled."""
+        kept = self.ends + _WOKEN_RETURN
+        if self.floor is not None:
+            kept = max(kept, self.floor)
+        return kept > routed_at
 
 
 class DeliveryMetrics:
@@ -104,6 +111,14 @@ class DeliveryMetrics:
             outcome: self.deliveries.labels(outcome)
             for outcome in ("delivered", "failed", "skipped", "deferred")
         }
+
+
+def _written_at(record: ConsumerRecord) -> datetime:
+    """When the record was written, by its Kafka timestamp (now when it has none)."""
+    written_ms: int = record.timestamp
+    if written_ms > 0:
+        return datetime.fromtimestamp(written_ms / 1000, UTC)
+    return utcnow()
 
 
 def invalid_record(
@@ -176,10 +191,13 @@ class DeliveryHandler:
         """First attempts another process put off, read back from the retry topic when
         their partition came here (``last_put_off``: per webhook, when the last of them
         wakes): new events for those webhooks wait behind them, as they would have there."""
+        floor = utcnow() + _TAKEN_OVER_KEPT
         for webhook_id, wakes in last_put_off.items():
             current = self._holds.get(webhook_id)
             if current is None or current.ends <= wakes:
-                self._holds[webhook_id] = _Hold(_TAKEN_OVER, wakes + _MICROSECOND)
+                self._holds[webhook_id] = _Hold(_TAKEN_OVER, wakes + _MICROSECOND, floor=floor)
+        if len(self._holds) > _WEBHOOKS_REMEMBERED:
+            self._prune_holds()
 
     async def publish(self, records: list[OutRecord]) -> None:
         """Until Kafka takes the outcome the record is not finished; keep trying, with
@@ -222,7 +240,7 @@ class DeliveryHandler:
         except InvalidRecord as exc:
             return [invalid_record(self._metrics, self._topics, record, exc.message)]
         try:
-            route = await self._route_when_due(delivery, pace)
+            route = await self._route_when_due(delivery, record, pace)
         except WebhookUnconfirmed:
             return [self._waiting(delivery, _UNCONFIRMED_WAIT_SECONDS)]
         about: dict[str, Any] = {
@@ -245,7 +263,7 @@ class DeliveryHandler:
                 final=True,
             )
             return [self._attempt_record(skipped)]
-        hold = self._held(delivery)
+        hold = self._held(delivery, record)
         if hold is not None:
             return [self._put_off(delivery, hold)]
         if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
@@ -258,7 +276,9 @@ class DeliveryHandler:
             self._inflight -= 1
         return self._after(route, delivery, record, about, outcome, started=clock)
 
-    async def _route_when_due(self, delivery: Delivery, pace: Pace | None) -> WebhookRoute | None:
+    async def _route_when_due(
+        self, delivery: Delivery, record: ConsumerRecord, pace: Pace | None
+    ) -> WebhookRoute | None:
         """The webhook to send to once the endpoint's rate allows; None when it is gone or
         inactive. A delivery that will not be sent (inactive webhook, open circuit) takes
         no rate slot: a deactivated webhook's backlog clears at once, not at its rate."""
@@ -267,7 +287,7 @@ class DeliveryHandler:
             route = await self._confirmed(delivery.webhook_id)
         if route is None or not route.active or pace is None:
             return route
-        if self._held(delivery) is not None or (
+        if self._held(delivery, record) is not None or (
             delivery.kind == "event"
             and not self._circuit.allows(route.id, time.monotonic(), peek=True)
         ):
@@ -403,19 +423,25 @@ class DeliveryHandler:
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
 
-    def _held(self, delivery: Delivery) -> _Hold | None:
-        """The hold a newly routed event waits behind, while the first attempts put off
-        to it may not have come back yet. The circuit can close before they do (a manual
-        retry that succeeds, a probe that does): a new event sent at once would overtake
-        them, so it is put off behind them. A delivery coming back from a retry topic
-        answers to the circuit alone: a woken put-off is one of those the hold orders,
-        and a retry keeps no order."""
-        if delivery.kind != "event" or delivery.not_before is not None:
+    def _held(self, delivery: Delivery, record: ConsumerRecord) -> _Hold | None:
+        """The hold a delivery is put off to whatever its circuit says.
+
+        A newly routed event waits behind a hold while the first attempts put off to it
+        may not have come back: the circuit can close before they do (a manual retry
+        that succeeds, a probe), and the event sent at once would overtake them. A
+        delivery coming back from a retry topic waits only behind a hold made after it
+        woke and still ahead (the circuit opened again, a lookup failed), which those
+        woken before it may have joined; a woken put-off is never held by its own hold."""
+        if delivery.kind != "event":
             return None
         hold = self._holds.get(delivery.webhook_id)
-        if hold is None or not hold.in_force(utcnow()):
+        if hold is None:
             return None
-        return hold
+        if delivery.not_before is None:
+            return hold if hold.in_force(_written_at(record)) else None
+        if hold.until > delivery.not_before and hold.until > utcnow():
+            return hold
+        return None
 
     def _hold(self, webhook_id: str, reopening: float, until: datetime) -> _Hold:
         """The hold to put a delivery off to: the webhook's current one, while ahead, for
@@ -429,12 +455,16 @@ class DeliveryHandler:
             # A later hold starts after every delivery of this one has woken.
             until = max(until, hold.ends)
         elif len(self._holds) >= _WEBHOOKS_REMEMBERED:
-            # Holds no longer in force order nothing any more.
-            self._holds = {w: h for w, h in self._holds.items() if h.in_force(now)}
-            if len(self._holds) >= _WEBHOOKS_REMEMBERED:
-                self._holds.clear()
+            self._prune_holds()
         hold = self._holds[webhook_id] = _Hold(reopening, until)
         return hold
+
+    def _prune_holds(self) -> None:
+        # Holds no longer in force order nothing new any more.
+        now = utcnow()
+        self._holds = {w: h for w, h in self._holds.items() if h.in_force(now)}
+        if len(self._holds) >= _WEBHOOKS_REMEMBERED:
+            self._holds.clear()
 
     def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
         # Events arriving before it wakes (the webhook's change record may come in

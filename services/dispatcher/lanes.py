@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -56,7 +57,7 @@ class Lanes:
         rate: float | None = None,
         on_commit: Callable[[], None] | None = None,
         on_lost: Callable[[set[TopicPartition]], None] | None = None,
-        on_gained: Callable[[set[TopicPartition]], Awaitable[None]] | None = None,
+        on_gained: Callable[[set[TopicPartition]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._consumer = consumer
         self._attempt = attempt
@@ -68,6 +69,11 @@ class Lanes:
         self._on_lost = on_lost
         self._on_gained = on_gained
         self._owned: set[TopicPartition] = set()
+        # Partitions just gained whose last owner's state is being read (``on_gained``):
+        # they are not fetched meanwhile, and the records a fetch had already brought
+        # wait here, in order, unhandled.
+        self._taking_over: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._parked: dict[TopicPartition, list[ConsumerRecord]] = {}
         self._lanes: dict[bytes, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tracker = OffsetTracker()
@@ -82,7 +88,15 @@ class Lanes:
         return len(self._tracker)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            for task in self._taking_over.values():
+                task.cancel()
+
+    async def _run(self) -> None:
         while not self._stopping:
+            self._release_taken_over()
             fetch_size = min(_FETCH_RECORDS, self._apply_backpressure())
             try:
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=fetch_size)
@@ -95,26 +109,19 @@ class Lanes:
                 self._drop_waiting(dropped)
                 if self._on_lost is not None:
                     self._on_lost(dropped)
-            assigned = self._consumer.assignment()
-            gained = assigned - self._owned
-            self._owned = set(assigned)
-            if gained and self._on_gained is not None:
-                # Before any of their records is handled: what their last owner knew about
-                # them (put-off first attempts) must order the first one.
-                await self._on_gained(gained)
+            self._take_over_gained()
             for partition, records in batches.items():
+                parked = self._parked.get(partition)
                 for record in records:
                     # After a rebalance that gave a partition back, it is read again from
                     # the last commit; what already waits or was delivered is not taken twice.
                     if self._tracker.seen(partition, record.offset):
                         continue
                     self._tracker.add(partition, record.offset)
-                    key = record.key or b""
-                    lane = self._lanes.get(key)
-                    if lane is None:
-                        lane = self._lanes[key] = _Lane()
-                    lane.waiting.append(record)
-                    self._pump(key)
+                    if parked is not None:
+                        parked.append(record)
+                    else:
+                        self._enqueue(record)
             self._forget_idle_lanes()
             # Under load the loop turns per fetched batch; a commit (a broker round trip)
             # each time would cost more than the deliveries it records.
@@ -123,8 +130,40 @@ class Lanes:
                 self._committed_at = now
                 await self.commit()
 
+    def _enqueue(self, record: ConsumerRecord) -> None:
+        key = record.key or b""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.waiting.append(record)
+        self._pump(key)
+
+    def _take_over_gained(self) -> None:
+        """Start reading what the last owner of each partition just gained knew about it
+        (``on_gained``), in the background: the partitions owned already go on meanwhile,
+        and the gained ones wait until it is read, so it orders their first record."""
+        assigned = self._consumer.assignment()
+        gained = assigned - self._owned
+        self._owned = set(assigned)
+        if not gained or self._on_gained is None:
+            return
+        task = asyncio.create_task(self._on_gained(gained), name="take-over")
+        for partition in gained:
+            self._taking_over[partition] = task
+            self._parked[partition] = []
+
+    def _release_taken_over(self) -> None:
+        for partition, task in list(self._taking_over.items()):
+            if task.done():
+                del self._taking_over[partition]
+                for record in self._parked.pop(partition, []):
+                    self._enqueue(record)
+
     def _drop_waiting(self, partitions: set[TopicPartition]) -> None:
         # Their new owner delivers them; sending them here as well would only duplicate.
+        for partition in partitions:
+            self._parked.pop(partition, None)
+            self._taking_over.pop(partition, None)
         for lane in self._lanes.values():
             lane.waiting = deque(
                 r for r in lane.waiting if TopicPartition(r.topic, r.partition) not in partitions
@@ -133,7 +172,9 @@ class Lanes:
     def _apply_backpressure(self) -> int:
         # Each partition gets its share of the backlog: an endpoint slow enough to fill its
         # partition's share stops fetching that partition only, not every webhook's.
-        return self._gate.hold_shares(self._tracker.open_counts(), self._backlog_max)
+        return self._gate.hold_shares(
+            self._tracker.open_counts(), self._backlog_max, also=set(self._taking_over)
+        )
 
     def _pump(self, key: bytes) -> None:
         lane = self._lanes[key]
@@ -207,6 +248,8 @@ class Lanes:
     async def drain(self, grace_seconds: float) -> None:
         """Stop starting deliveries, let those in flight finish, commit what finished."""
         self._stopping = True
+        for task in set(self._taking_over.values()):
+            await cancel_and_wait(task)
         running = set(self._tasks)
         if running:
             _, late = await asyncio.wait(running, timeout=grace_seconds)

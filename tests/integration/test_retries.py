@@ -470,11 +470,12 @@ async def test_a_dispatcher_taking_over_keeps_new_events_behind_first_attempts_p
         first = stack.dispatcher
         await _eventually(lambda: first.metrics.registry.get_sample_value(*deferred) == 2)
         await first.stop()
+        # Already waiting when the next dispatcher takes the partitions over.
+        await _change(stack, object_id, 3)
         second = DispatcherService(tripping, stack.api.engine)
         await second.start()
         stack.dispatcher_or_none = second
         try:
-            await _change(stack, object_id, 3)
             await _eventually(lambda: second.metrics.registry.get_sample_value(*deferred) == 1)
             # Put off while the first two still waited: without the takeover it would have
             # been sent at once, before them.

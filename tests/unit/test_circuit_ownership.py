@@ -47,7 +47,7 @@ class _FailingSender:
         return Outcome("failed", 500, 1.0, "HTTP 500", "http_status")
 
 
-def _record(partition: int, offset: int) -> ConsumerRecord[bytes, bytes]:
+def _record(partition: int, offset: int, written_ms: int = 0) -> ConsumerRecord[bytes, bytes]:
     event = Event(
         id=f"evt_{offset}",
         type="object.created",
@@ -58,7 +58,9 @@ def _record(partition: int, offset: int) -> ConsumerRecord[bytes, bytes]:
         data={},
     )
     value = Delivery(id=f"msg_{offset}", webhook_id="wh_1", attempt=1, event=event).to_bytes()
-    return ConsumerRecord("t.deliveries", partition, offset, 0, 0, b"wh_1", value, None, 4, 0, [])
+    return ConsumerRecord(
+        "t.deliveries", partition, offset, written_ms, 0, b"wh_1", value, None, 4, 0, []
+    )
 
 
 def _handler(settings: Settings, metrics: Metrics) -> DeliveryHandler:
@@ -119,8 +121,8 @@ async def _circuit_opened(handler: DeliveryHandler, threshold: int) -> list[date
     return [await _put_off_time(handler, offset) for offset in (100, 101)]
 
 
-async def _put_off_time(handler: DeliveryHandler, offset: int) -> datetime:
-    [(topic, _, value)] = await handler.outcome_records(_record(0, offset))
+async def _put_off_time(handler: DeliveryHandler, offset: int, written_ms: int = 0) -> datetime:
+    [(topic, _, value)] = await handler.outcome_records(_record(0, offset, written_ms))
     assert topic.startswith("t.retry.")
     return cast(datetime, Delivery.model_validate_json(value).not_before)
 
@@ -136,7 +138,7 @@ async def test_other_webhooks_put_off_long_ago_do_not_restart_the_count(
     _, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
     long_ago = utcnow() - timedelta(minutes=1)
     for n in range(2):
-        handler._holds[f"wh_gone_{n}"] = handler_module._Hold(-1.0, long_ago, made=long_ago)
+        handler._holds[f"wh_gone_{n}"] = handler_module._Hold(-1.0, long_ago)
     handler._hold("wh_new", -1.0, utcnow() + timedelta(seconds=5))  # a fourth webhook
     assert set(handler._holds) == {"wh_1", "wh_new"}
     assert await _put_off_time(handler, 102) == second + timedelta(microseconds=1)
@@ -171,18 +173,46 @@ async def test_past_its_time_a_hold_keeps_new_events_behind_it_while_its_put_off
     handler._circuit.forget("wh_1")  # closed early, say by a probe that succeeded
     hold = handler._holds["wh_1"]
     now = utcnow()
-    hold.until, hold.made = now - timedelta(seconds=5), now - timedelta(minutes=1)
+    hold.until = now - timedelta(seconds=5)
     assert await _put_off_time(handler, 102) == hold.until + timedelta(microseconds=2)
 
-    woken = Delivery.model_validate_json(_record(0, 100).value).model_copy(
-        update={"not_before": first}
-    )
-    record = dataclasses.replace(_record(0, 100), value=woken.to_bytes())
-    [(topic, _, _), *_] = await handler.outcome_records(record)
+    [(topic, _, _), *_] = await handler.outcome_records(_woken(100, first))
     assert topic == "t.attempts"
 
     hold.until = now - timedelta(seconds=20)
     [(topic, _, _), *_] = await handler.outcome_records(_record(0, 103))
+    assert topic == "t.attempts"
+    # Routed before they could have come back, and only handled now (a backlog): it may
+    # be ahead of them in the partition, and waits behind them.
+    routed_ms = int((hold.until - timedelta(seconds=1)).timestamp() * 1000)
+    assert await _put_off_time(handler, 104, routed_ms) == hold.until + timedelta(microseconds=3)
+
+
+def _woken(offset: int, wakes: datetime, attempt: int = 1) -> ConsumerRecord[bytes, bytes]:
+    """The delivery at ``offset`` back from a retry topic, due at ``wakes``."""
+    woken = Delivery.model_validate_json(_record(0, offset).value).model_copy(
+        update={"not_before": wakes, "attempt": attempt}
+    )
+    return dataclasses.replace(_record(0, offset), value=woken.to_bytes())
+
+
+async def test_a_woken_put_off_waits_only_behind_a_hold_made_after_it_woke() -> None:
+    """Its circuit opened again or a lookup failed, and the ones woken with it were put
+    off to a later hold: it joins them there, even with the circuit closed meanwhile,
+    rather than going before them."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_hold_woken"))
+    await _circuit_opened(handler, settings.circuit_failure_threshold)
+    woken = handler._holds["wh_1"]
+    woken.until = utcnow() - timedelta(seconds=1)
+    later = handler._hold("wh_1", -1.0, utcnow() + timedelta(seconds=5))
+    handler._circuit.forget("wh_1")
+    second = woken.until + timedelta(microseconds=1)
+    [(topic, _, value)] = await handler.outcome_records(_woken(101, second))
+    assert topic.startswith("t.retry.")
+    assert Delivery.model_validate_json(value).not_before == later.until
+    # Woken from the later hold itself: answers to the circuit alone.
+    [(topic, _, _), *_] = await handler.outcome_records(_woken(101, later.until))
     assert topic == "t.attempts"
 
 
@@ -192,7 +222,8 @@ async def test_holds_taken_over_keep_new_events_behind_the_last_put_off() -> Non
     of this process's that ends later."""
     settings = load_settings(service_credential="x", token_pepper="y")
     handler = _handler(settings, Metrics("test_hold_taken_over"))
-    last = utcnow() - timedelta(seconds=2)
+    # Long past, yet perhaps not forwarded: the retry partitions may be changing hands.
+    last = utcnow() - timedelta(minutes=2)
     handler.take_over_holds({"wh_1": last})
     assert await _put_off_time(handler, 0) == last + timedelta(microseconds=1)
     handler.take_over_holds({"wh_1": last - timedelta(seconds=1)})

@@ -1,0 +1,100 @@
+"""A partition the delivery lanes gain waits, unread and unhandled, until what its last
+owner knew about it is read (decision 54); the partitions owned already go on meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from aiokafka import ConsumerRecord, TopicPartition
+
+from services.dispatcher.lanes import Lanes, Pace
+from services.shared import OutRecord
+
+OWNED, GAINED = TopicPartition("t.deliveries", 0), TopicPartition("t.deliveries", 1)
+
+
+class _Consumer:
+    """Just what the lanes ask of a consumer: batches, an assignment, pauses, commits."""
+
+    def __init__(self) -> None:
+        self.assigned = {OWNED}
+        self.paused: set[TopicPartition] = set()
+        self.batches: asyncio.Queue[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]
+        self.batches = asyncio.Queue()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    async def getmany(
+        self, *, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        try:
+            return await asyncio.wait_for(self.batches.get(), timeout_ms / 1000)
+        except TimeoutError:
+            return {}
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused |= set(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused -= set(partitions)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        pass
+
+
+def _record(partition: TopicPartition, offset: int) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        partition.topic, partition.partition, offset, 0, 0, b"wh", b"{}", None, 2, 2, []
+    )
+
+
+async def _until(check: Any) -> None:
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        if check():
+            return
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_gained_partition_waits_for_its_last_owners_put_offs() -> None:
+    consumer = _Consumer()
+    handled: list[tuple[int, int]] = []
+    read: list[set[TopicPartition]] = []
+    release = asyncio.Event()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        handled.append((record.partition, record.offset))
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    async def gained(partitions: set[TopicPartition]) -> None:
+        read.append(partitions)
+        if GAINED in partitions:
+            await release.wait()
+
+    lanes = Lanes(
+        cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100, on_gained=gained
+    )
+    running = asyncio.create_task(lanes.run())
+    try:
+        await _until(lambda: read == [{OWNED}] and OWNED not in consumer.paused)
+        consumer.assigned.add(GAINED)
+        # Fetched in the same turn as the partition was found gained.
+        await consumer.batches.put({OWNED: [_record(OWNED, 0)], GAINED: [_record(GAINED, 0)]})
+        await _until(lambda: (0, 0) in handled)
+        await consumer.batches.put({OWNED: [_record(OWNED, 1)]})
+        await _until(lambda: (0, 1) in handled)
+        assert read == [{OWNED}, {GAINED}]
+        assert GAINED in consumer.paused
+        assert (1, 0) not in handled
+        release.set()
+        await _until(lambda: (1, 0) in handled)
+        await _until(lambda: GAINED not in consumer.paused)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
