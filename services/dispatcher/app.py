@@ -42,6 +42,7 @@ from services.shared import (
     make_consumer,
     make_patient_consumer,
     make_producer,
+    partition_of,
     send_all,
     start_client,
     start_site,
@@ -233,12 +234,20 @@ class DispatcherService:
                 len(partitions),
                 within=_TAKE_OVER_SECONDS,
             )
+            # A partition lost while it was read is another process's to hold.
+            owned = {p.partition for p in consumer.assignment() & gained}
+            self._handler.take_over_holds(
+                {
+                    webhook_id: wakes
+                    for webhook_id, wakes in last_put_off.items()
+                    if partition_of(webhook_id.encode(), len(partitions)) in owned
+                }
+            )
         except Exception:
             # A bug, not the broker (that is logged and read around): the partitions
             # must still be delivered, as before any of this was read.
             self._log.exception("put_offs_not_read")
             return
-        self._handler.take_over_holds(last_put_off)
         if last_put_off:
             self._log.info("put_offs_taken_over", webhooks=len(last_put_off))
 

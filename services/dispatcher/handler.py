@@ -78,14 +78,15 @@ class _Hold:
         """When a delivery put off to it now would wake: after every one so far."""
         return self.until + self.count * _MICROSECOND
 
-    def in_force(self, routed_at: datetime) -> bool:
-        """Whether a delivery routed at ``routed_at`` waits behind it: routed before its
-        put-offs could have woken and come back, it may be ahead of them in
-        ``deliveries``, however late it is handled."""
+    @property
+    def kept_until(self) -> datetime:
+        """Deliveries routed before then wait behind it: they may be ahead of its woken
+        put-offs in ``deliveries``, however late they are handled."""
         kept = self.ends + _WOKEN_RETURN
-        if self.floor is not None:
-            kept = max(kept, self.floor)
-        return kept > routed_at
+        return kept if self.floor is None else max(kept, self.floor)
+
+    def in_force(self, routed_at: datetime) -> bool:
+        return self.kept_until > routed_at
 
 
 class DeliveryMetrics:
@@ -439,7 +440,11 @@ class DeliveryHandler:
             return None
         if delivery.not_before is None:
             return hold if hold.in_force(_written_at(record)) else None
-        if hold.until > delivery.not_before and hold.until > utcnow():
+        if (
+            hold.reopening != _TAKEN_OVER
+            and hold.until > delivery.not_before
+            and hold.until > utcnow()
+        ):
             return hold
         return None
 
@@ -456,15 +461,20 @@ class DeliveryHandler:
             until = max(until, hold.ends)
         elif len(self._holds) >= _WEBHOOKS_REMEMBERED:
             self._prune_holds()
-        hold = self._holds[webhook_id] = _Hold(reopening, until)
+        # A floor carries over: the put-offs taken over may still be unforwarded.
+        floor = None if hold is None else hold.floor
+        hold = self._holds[webhook_id] = _Hold(reopening, until, floor=floor)
         return hold
 
     def _prune_holds(self) -> None:
-        # Holds no longer in force order nothing new any more.
+        # Holds no longer in force order nothing new any more; past the bound, those kept
+        # longest are worth most.
         now = utcnow()
-        self._holds = {w: h for w, h in self._holds.items() if h.in_force(now)}
-        if len(self._holds) >= _WEBHOOKS_REMEMBERED:
-            self._holds.clear()
+        kept = [(w, h) for w, h in self._holds.items() if h.in_force(now)]
+        if len(kept) >= _WEBHOOKS_REMEMBERED:
+            kept.sort(key=lambda held: held[1].kept_until)
+            kept = kept[-(_WEBHOOKS_REMEMBERED // 2) :]
+        self._holds = dict(kept)
 
     def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
         # Events arriving before it wakes (the webhook's change record may come in

@@ -155,6 +155,9 @@ class Lanes:
     def _release_taken_over(self) -> None:
         for partition, task in list(self._taking_over.items()):
             if task.done():
+                if not task.cancelled() and task.exception() is not None:
+                    # The partition is delivered all the same, as before any was read.
+                    self._log.error("take_over_failed", error=repr(task.exception()))
                 del self._taking_over[partition]
                 for record in self._parked.pop(partition, []):
                     self._enqueue(record)

@@ -180,7 +180,8 @@ async def test_past_its_time_a_hold_keeps_new_events_behind_it_while_its_put_off
     assert topic == "t.attempts"
 
     hold.until = now - timedelta(seconds=20)
-    [(topic, _, _), *_] = await handler.outcome_records(_record(0, 103))
+    now_ms = int(now.timestamp() * 1000)
+    [(topic, _, _), *_] = await handler.outcome_records(_record(0, 103, now_ms))
     assert topic == "t.attempts"
     # Routed before they could have come back, and only handled now (a backlog): it may
     # be ahead of them in the partition, and waits behind them.
@@ -228,3 +229,37 @@ async def test_holds_taken_over_keep_new_events_behind_the_last_put_off() -> Non
     assert await _put_off_time(handler, 0) == last + timedelta(microseconds=1)
     handler.take_over_holds({"wh_1": last - timedelta(seconds=1)})
     assert await _put_off_time(handler, 1) == last + timedelta(microseconds=2)
+
+
+async def test_the_put_offs_a_hold_was_taken_over_from_are_not_held_by_it() -> None:
+    """Woken by another host whose clock runs ahead, they arrive before the hold's time;
+    they go out (the circuit allowing), while new events still wait behind them."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_hold_taken_over_own"))
+    last = utcnow() + timedelta(seconds=5)
+    handler.take_over_holds({"wh_1": last})
+    [(topic, _, _), *_] = await handler.outcome_records(_woken(100, last))
+    assert topic == "t.attempts"
+    assert await _put_off_time(handler, 101) == last + timedelta(microseconds=1)
+
+
+async def test_a_hold_made_after_one_taken_over_keeps_its_floor() -> None:
+    """The put-offs read may still wait unforwarded: a failed lookup's hold, made on top,
+    keeps new events behind them as long."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_hold_floor"))
+    handler.take_over_holds({"wh_1": utcnow() - timedelta(minutes=2)})
+    taken = handler._holds["wh_1"]
+    later = handler._hold("wh_1", -1.0, utcnow() + timedelta(milliseconds=1))
+    assert later is not taken
+    assert later.floor == taken.floor
+    assert later.in_force(utcnow() + timedelta(seconds=20))
+
+
+async def test_past_the_bound_the_holds_kept_longest_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handler_module, "_WEBHOOKS_REMEMBERED", 4)
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_hold_bound"))
+    now = utcnow()
+    handler.take_over_holds({f"wh_{n}": now + timedelta(minutes=n) for n in range(5)})
+    assert set(handler._holds) == {"wh_3", "wh_4"}

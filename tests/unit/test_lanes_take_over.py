@@ -93,8 +93,36 @@ async def test_a_gained_partition_waits_for_its_last_owners_put_offs() -> None:
         assert GAINED in consumer.paused
         assert (1, 0) not in handled
         release.set()
-        await _until(lambda: (1, 0) in handled)
         await _until(lambda: GAINED not in consumer.paused)
+        await consumer.batches.put({GAINED: [_record(GAINED, 1)]})
+        await _until(lambda: (1, 1) in handled)
+        assert handled == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_read_that_fails_still_lets_the_partition_go_on() -> None:
+    consumer = _Consumer()
+    handled: list[int] = []
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        handled.append(record.offset)
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    async def gained(partitions: set[TopicPartition]) -> None:
+        raise RuntimeError("a bug")
+
+    lanes = Lanes(
+        cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100, on_gained=gained
+    )
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, 0)]})
+        await _until(lambda: handled == [0] and OWNED not in consumer.paused)
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
