@@ -55,6 +55,11 @@ _WOKEN_RETURN = timedelta(seconds=10)
 # at a deploy or a crash the retry partitions change hands too, and their put-offs wait
 # unforwarded until the retry group has rebalanced.
 _TAKEN_OVER_KEPT = timedelta(seconds=30)
+# A put-off read back that was due longer ago than this was forwarded long since (the retry
+# timer forwards what is due within a second); taken over, it would only send its webhook's
+# new events round the retry topic after every takeover, for as long as a dead endpoint
+# holds the retry partition's commit point (decision 53).
+_TAKEN_OVER_STALE = timedelta(minutes=5)
 _MICROSECOND = timedelta(microseconds=1)
 # The reopening of a hold taken over from another process: none of this process's.
 _TAKEN_OVER = -2.0
@@ -192,8 +197,11 @@ class DeliveryHandler:
         """First attempts another process put off, read back from the retry topic when
         their partition came here (``last_put_off``: per webhook, when the last of them
         wakes): new events for those webhooks wait behind them, as they would have there."""
-        floor = utcnow() + _TAKEN_OVER_KEPT
+        now = utcnow()
+        floor = now + _TAKEN_OVER_KEPT
         for webhook_id, wakes in last_put_off.items():
+            if wakes < now - _TAKEN_OVER_STALE:
+                continue
             current = self._holds.get(webhook_id)
             if current is None or current.ends <= wakes:
                 self._holds[webhook_id] = _Hold(_TAKEN_OVER, wakes + _MICROSECOND, floor=floor)

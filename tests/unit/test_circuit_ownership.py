@@ -263,3 +263,13 @@ async def test_past_the_bound_the_holds_kept_longest_stay(monkeypatch: pytest.Mo
     now = utcnow()
     handler.take_over_holds({f"wh_{n}": now + timedelta(minutes=n) for n in range(5)})
     assert set(handler._holds) == {"wh_3", "wh_4"}
+
+
+async def test_put_offs_due_long_ago_are_not_taken_over() -> None:
+    """Forwarded long since (a dead endpoint can hold the retry partition's commit point
+    for hours): new events for their webhook go straight out."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_hold_stale"))
+    handler.take_over_holds({"wh_1": utcnow() - timedelta(minutes=10)})
+    [(topic, _, _), *_] = await handler.outcome_records(_record(0, 0))
+    assert topic == "t.attempts"
