@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import IllegalStateError, KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -72,6 +79,21 @@ _TAKE_OVER_SECONDS = 10.0
 _MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
 
 
+class _HandOver(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Lets the deliveries in flight finish and commits before a rebalance hands their
+    partitions on (decision 55)."""
+
+    def __init__(self, before_revoke: Callable[[], Awaitable[None]]) -> None:
+        self._before_revoke = before_revoke
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            await self._before_revoke()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        pass
+
+
 class DispatcherService:
     name = "dispatcher"
 
@@ -103,6 +125,7 @@ class DispatcherService:
         self._lanes: Lanes | None = None
         self._timer: RetryTimer | None = None
         self._follower = ChangeFollower(settings, self._apply_change)
+        self._hand_over = _HandOver(self._hand_over_in_flight)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
         self._resync_wanted = asyncio.Event()
@@ -119,9 +142,8 @@ class DispatcherService:
         await start_client(self._producer, self.settings)
         group = f"{self.settings.topic_prefix}dispatcher"
         router = make_consumer(self.settings, self.topics.events, group_id=f"{group}.router")
-        deliverer = make_consumer(
-            self.settings, self.topics.deliveries, group_id=f"{group}.delivery"
-        )
+        deliverer = make_consumer(self.settings, group_id=f"{group}.delivery")
+        deliverer.subscribe([self.topics.deliveries], listener=self._hand_over)
         retries = make_patient_consumer(
             self.settings,
             *(self.topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
@@ -250,6 +272,11 @@ class DispatcherService:
             return
         if last_put_off:
             self._log.info("put_offs_taken_over", webhooks=len(last_put_off))
+
+    async def _hand_over_in_flight(self) -> None:
+        if self._lanes is not None:
+            # Half the session: a member slower than that to rejoin is put out of the group.
+            await self._lanes.hand_over(self.settings.kafka_session_timeout_ms / 2000)
 
     def _forget_partitions(self, consumer: AIOKafkaConsumer, lost: set[TopicPartition]) -> None:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)

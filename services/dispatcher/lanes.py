@@ -79,6 +79,8 @@ class Lanes:
         self._tracker = OffsetTracker()
         self._gate = FetchGate(consumer)
         self._stopping = False
+        # While a rebalance waits for the deliveries in flight, none is started.
+        self._handing_over = False
         self._swept_at = 0.0
         self._committed_at = 0.0
         self._log = get_logger("dispatcher")
@@ -181,7 +183,12 @@ class Lanes:
 
     def _pump(self, key: bytes) -> None:
         lane = self._lanes[key]
-        while lane.running < self._per_lane and lane.waiting and not self._stopping:
+        while (
+            lane.running < self._per_lane
+            and lane.waiting
+            and not self._stopping
+            and not self._handing_over
+        ):
             record = lane.waiting.popleft()
             lane.running += 1
             task = asyncio.create_task(self._run_one(key, lane, record))
@@ -247,6 +254,23 @@ class Lanes:
             self._tracker.committed(points)
         if self._on_commit is not None:
             self._on_commit()
+
+    async def hand_over(self, within: float) -> None:
+        """Before a rebalance moves partitions: let the deliveries in flight finish (for
+        ``within`` seconds at most), starting no more, and commit. Their next owner then
+        starts where this process stopped, rather than sending them again, and sees the
+        first attempts they put off (decision 55)."""
+        self._handing_over = True
+        try:
+            running = set(self._tasks)
+            if running:
+                await asyncio.wait(running, timeout=within)
+            await self.commit()
+        finally:
+            self._handing_over = False
+            for key in list(self._lanes):
+                if key in self._lanes:
+                    self._pump(key)
 
     async def drain(self, grace_seconds: float) -> None:
         """Stop starting deliveries, let those in flight finish, commit what finished."""

@@ -486,6 +486,57 @@ async def test_a_dispatcher_taking_over_keeps_new_events_behind_first_attempts_p
             await second.stop()
 
 
+async def test_a_rebalance_waits_for_the_deliveries_in_flight_instead_of_sending_them_twice(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A second dispatcher joins while a delivery to each partition is in flight: the
+    first lets them finish and commits before the partitions move, so the one that moves
+    is not sent again by its new owner."""
+    first = stack.dispatcher
+    webhooks = await _one_webhook_per_partition(stack, receiver.url)
+    receiver.gate = asyncio.Event()
+    await stack.create_object()
+    await receiver.wait_for(len(webhooks))
+    gate = receiver.gate
+    revoke = first._hand_over._before_revoke
+
+    async def answered_while_revoking() -> None:
+        # The endpoint answers a moment into the rebalance, well within its wait.
+        asyncio.get_running_loop().call_later(0.2, gate.set)
+        await revoke()
+
+    first._hand_over._before_revoke = answered_while_revoking
+    second = DispatcherService(stack.settings, stack.api.engine)
+    joining = asyncio.create_task(second.start())
+    try:
+        await joining
+        deliverer = second._consumers[1]
+        # One partition moved to the newcomer.
+        await _eventually(lambda: len(deliverer.assignment()) == 1)
+        await asyncio.sleep(2)  # time enough for a second copy to arrive
+        ids = [r.headers["webhook-id"] for r in receiver.received]
+        assert len(ids) == len(webhooks) == len(set(ids)), ids
+    finally:
+        await joining
+        await second.stop()
+
+
+async def _one_webhook_per_partition(stack: Stack, url: str) -> list[str]:
+    on_partition: dict[int, str] = {}
+    while len(on_partition) < stack.settings.kafka_partitions:
+        webhook = await stack.create_webhook(url, CREATED)
+        partition = partition_of(webhook["id"].encode(), stack.settings.kafka_partitions)
+        if partition in on_partition:
+            async with stack.session.delete(
+                f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+                headers=stack.headers(),
+            ) as response:
+                assert response.status == 204
+            continue
+        on_partition[partition] = webhook["id"]
+    return list(on_partition.values())
+
+
 async def test_a_circuit_moves_away_with_its_partition(
     settings: Settings, receiver: Receiver
 ) -> None:
