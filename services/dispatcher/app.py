@@ -75,6 +75,7 @@ _CHANGE_REPLAY_MARGIN_MS = 5_000
 _OUTCOME_LINGER_SECONDS = 0.02
 # Partitions gained wait this long at most for the put-offs of their last owner to be read.
 _TAKE_OVER_SECONDS = 10.0
+_HAND_OVER_MIN_SECONDS = 0.5
 # Re-encoded, a JSON document grows at most about 4.5 times (numbers in exponent form).
 _MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
 
@@ -83,15 +84,18 @@ class _HandOver(ConsumerRebalanceListener):  # type: ignore[misc]
     """Lets the deliveries in flight finish and commits before a rebalance hands their
     partitions on (decision 55)."""
 
-    def __init__(self, before_revoke: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, before_revoke: Callable[[], Awaitable[None]], after_assign: Callable[[], None]
+    ) -> None:
         self._before_revoke = before_revoke
+        self._after_assign = after_assign
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked:
             await self._before_revoke()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        pass
+        self._after_assign()
 
 
 class DispatcherService:
@@ -125,7 +129,7 @@ class DispatcherService:
         self._lanes: Lanes | None = None
         self._timer: RetryTimer | None = None
         self._follower = ChangeFollower(settings, self._apply_change)
-        self._hand_over = _HandOver(self._hand_over_in_flight)
+        self._hand_over = _HandOver(self._hand_over_in_flight, self._reassigned)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
         self._resync_wanted = asyncio.Event()
@@ -275,8 +279,16 @@ class DispatcherService:
 
     async def _hand_over_in_flight(self) -> None:
         if self._lanes is not None:
-            # Half the session: a member slower than that to rejoin is put out of the group.
-            await self._lanes.hand_over(self.settings.kafka_session_timeout_ms / 2000)
+            # A member that takes longer than the rebalance timeout (the session timeout,
+            # as the client sets it) to rejoin is put out of the group; it may have learnt
+            # of the rebalance a heartbeat late.
+            session = self.settings.kafka_session_timeout_ms / 1000
+            heartbeat = self.settings.kafka_heartbeat_interval_ms / 1000
+            await self._lanes.hand_over(max(_HAND_OVER_MIN_SECONDS, session / 2 - heartbeat))
+
+    def _reassigned(self) -> None:
+        if self._lanes is not None:
+            self._lanes.reassigned()
 
     def _forget_partitions(self, consumer: AIOKafkaConsumer, lost: set[TopicPartition]) -> None:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)

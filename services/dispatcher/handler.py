@@ -35,7 +35,7 @@ from services.shared import (
     utcnow,
 )
 
-from .errors import WebhookUnconfirmed
+from .errors import WebhookUnconfirmed, Withdrawn
 from .lanes import Pace
 from .policy import BACK_OFF_STATUSES, GONE, CircuitBreaker, RetryPolicy, parse_retry_after
 from .routing import WebhookRoute
@@ -232,7 +232,7 @@ class DeliveryHandler:
     ) -> list[OutRecord]:
         try:
             return await self._outcome_records(record, pace)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Withdrawn):
             raise
         except Exception as exc:
             # A bug, not bad input. Kept unfinished, the record would hold its partition's

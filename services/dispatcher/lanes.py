@@ -12,6 +12,7 @@ committed up to the lowest unfinished one per partition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from aiokafka.errors import KafkaError
 
 from services.shared import OutRecord, cancel_and_wait, commit_offsets, get_logger
 
+from .errors import Withdrawn
 from .flow import FetchGate
 from .offsets import OffsetTracker
 
@@ -36,6 +38,10 @@ _FETCH_RECORDS = 500
 Pace = Callable[[], Awaitable[None]]
 Attempt = Callable[[ConsumerRecord, Pace], Awaitable[list[OutRecord]]]
 Publish = Callable[[list[OutRecord]], Awaitable[None]]
+
+
+def _place(record: ConsumerRecord) -> tuple[int, int]:
+    return record.partition, record.offset
 
 
 @dataclass
@@ -79,8 +85,11 @@ class Lanes:
         self._tracker = OffsetTracker()
         self._gate = FetchGate(consumer)
         self._stopping = False
-        # While a rebalance waits for the deliveries in flight, none is started.
+        # From the moment a rebalance begins until its new assignment is in, no delivery
+        # is started or sent: the partitions' next owner starts where this process stops.
         self._handing_over = False
+        self._hand_over_begun = asyncio.Event()
+        self._reassigned = False
         self._swept_at = 0.0
         self._committed_at = 0.0
         self._log = get_logger("dispatcher")
@@ -112,6 +121,7 @@ class Lanes:
                 if self._on_lost is not None:
                     self._on_lost(dropped)
             self._take_over_gained()
+            self._resume_after_rebalance()
             for partition, records in batches.items():
                 parked = self._parked.get(partition)
                 for record in records:
@@ -201,12 +211,25 @@ class Lanes:
                 now = asyncio.get_running_loop().time()
                 slot = max(now, lane.next_slot)
                 lane.next_slot = slot + self._interval
-                await asyncio.sleep(slot - now)
+                # A rebalance beginning wakes it: the slot may be seconds away.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hand_over_begun.wait(), slot - now)
+                if self._handing_over:
+                    # Unused, the slot is the next one's again.
+                    lane.next_slot = min(lane.next_slot, slot)
+            if self._handing_over:
+                raise Withdrawn("the partition may be about to move")
 
         try:
             outcome = await self._attempt(record, pace)
         except asyncio.CancelledError:
             raise
+        except Withdrawn:
+            # Unfinished, back in its place: sent here once the rebalance leaves the
+            # partition here, else by its next owner.
+            lane.waiting = deque(sorted([record, *lane.waiting], key=_place))
+            self._release(key, lane)
+            return
         except Exception:
             # A bug, not bad input (handlers dead-letter that): keep the record unfinished
             # so it is read again after a restart, and let the lane go on.
@@ -256,21 +279,34 @@ class Lanes:
             self._on_commit()
 
     async def hand_over(self, within: float) -> None:
-        """Before a rebalance moves partitions: let the deliveries in flight finish (for
-        ``within`` seconds at most), starting no more, and commit. Their next owner then
-        starts where this process stopped, rather than sending them again, and sees the
-        first attempts they put off (decision 55)."""
+        """Before a rebalance moves partitions: start and send no more deliveries until
+        the new assignment is in, let those being sent finish, and commit, all within
+        ``within`` seconds. Their next owner then starts where this process stopped,
+        rather than sending them again, and sees the first attempts they put off
+        (decision 55)."""
         self._handing_over = True
-        try:
-            running = set(self._tasks)
-            if running:
-                await asyncio.wait(running, timeout=within)
-            await self.commit()
-        finally:
-            self._handing_over = False
-            for key in list(self._lanes):
-                if key in self._lanes:
-                    self._pump(key)
+        self._hand_over_begun.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                running = set(self._tasks)
+                if running:
+                    await asyncio.wait(running)
+                await self.commit()
+
+    def reassigned(self) -> None:
+        """The rebalance is over: the loop resumes the lanes once it has dropped the
+        records of the partitions that moved."""
+        self._reassigned = True
+
+    def _resume_after_rebalance(self) -> None:
+        if not self._reassigned:
+            return
+        self._reassigned = False
+        self._handing_over = False
+        self._hand_over_begun.clear()
+        for key in list(self._lanes):
+            if key in self._lanes:
+                self._pump(key)
 
     async def drain(self, grace_seconds: float) -> None:
         """Stop starting deliveries, let those in flight finish, commit what finished."""

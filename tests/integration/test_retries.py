@@ -487,38 +487,40 @@ async def test_a_dispatcher_taking_over_keeps_new_events_behind_first_attempts_p
 
 
 async def test_a_rebalance_waits_for_the_deliveries_in_flight_instead_of_sending_them_twice(
-    stack: Stack, receiver: Receiver
+    settings: Settings, receiver: Receiver
 ) -> None:
-    """A second dispatcher joins while a delivery to each partition is in flight: the
-    first lets them finish and commits before the partitions move, so the one that moves
-    is not sent again by its new owner."""
-    first = stack.dispatcher
-    webhooks = await _one_webhook_per_partition(stack, receiver.url)
-    receiver.gate = asyncio.Event()
-    await stack.create_object()
-    await receiver.wait_for(len(webhooks))
-    gate = receiver.gate
-    revoke = first._hand_over._before_revoke
+    """A second dispatcher joins while a delivery to each partition is in flight and more
+    wait behind them: the first lets those in flight finish, starts no other until the
+    partitions have moved, and commits, so the new owner sends none of them again."""
+    one_at_a_time = settings.model_copy(update={"delivery_concurrency_per_endpoint": 1})
+    async with running_stack(one_at_a_time, with_dispatcher=True) as stack:
+        first = stack.dispatcher
+        webhooks = await _one_webhook_per_partition(stack, receiver.url)
+        gate = receiver.gate = asyncio.Event()
+        events = 3
+        for _ in range(events):
+            await stack.create_object()
+        await receiver.wait_for(len(webhooks))  # one in flight per webhook, two waiting
+        revoke = first._hand_over._before_revoke
 
-    async def answered_while_revoking() -> None:
-        # The endpoint answers a moment into the rebalance, well within its wait.
-        asyncio.get_running_loop().call_later(0.2, gate.set)
-        await revoke()
+        async def answered_while_revoking() -> None:
+            # The endpoint answers a moment into the rebalance, well within its wait.
+            asyncio.get_running_loop().call_later(0.2, gate.set)
+            await revoke()
 
-    first._hand_over._before_revoke = answered_while_revoking
-    second = DispatcherService(stack.settings, stack.api.engine)
-    joining = asyncio.create_task(second.start())
-    try:
-        await joining
-        deliverer = second._consumers[1]
-        # One partition moved to the newcomer.
-        await _eventually(lambda: len(deliverer.assignment()) == 1)
-        await asyncio.sleep(2)  # time enough for a second copy to arrive
-        ids = [r.headers["webhook-id"] for r in receiver.received]
-        assert len(ids) == len(webhooks) == len(set(ids)), ids
-    finally:
-        await joining
-        await second.stop()
+        first._hand_over._before_revoke = answered_while_revoking
+        second = DispatcherService(one_at_a_time, stack.api.engine)
+        await second.start()
+        try:
+            deliverer = second._consumers[1]
+            # One partition moved to the newcomer.
+            await _eventually(lambda: len(deliverer.assignment()) == 1)
+            await receiver.wait_for(events * len(webhooks))
+            await asyncio.sleep(2)  # time enough for a second copy to arrive
+            ids = [r.headers["webhook-id"] for r in receiver.received]
+            assert len(ids) == events * len(webhooks) == len(set(ids)), ids
+        finally:
+            await second.stop()
 
 
 async def _one_webhook_per_partition(stack: Stack, url: str) -> list[str]:

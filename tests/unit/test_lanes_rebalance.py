@@ -1,5 +1,7 @@
-"""A partition the delivery lanes gain waits, unread and unhandled, until what its last
-owner knew about it is read (decision 54); the partitions owned already go on meanwhile."""
+"""The delivery lanes around a rebalance. A partition gained waits, unread and unhandled,
+until what its last owner knew about it is read (decision 54), while the partitions owned
+already go on; before partitions move, nothing more is sent until the new assignment is
+in (decision 55)."""
 
 from __future__ import annotations
 
@@ -123,6 +125,38 @@ async def test_a_read_that_fails_still_lets_the_partition_go_on() -> None:
     try:
         await consumer.batches.put({OWNED: [_record(OWNED, 0)]})
         await _until(lambda: handled == [0] and OWNED not in consumer.paused)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_rebalance_takes_back_deliveries_waiting_for_their_rate_slot() -> None:
+    """Their slots may be seconds away: waiting for them would use up the rebalance, and
+    sending them after it would send them twice. They go back, in order, and are sent
+    once the rebalance leaves their partition here."""
+    consumer = _Consumer()
+    sent: list[int] = []
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        await pace()
+        sent.append(record.offset)
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100, rate=0.5)
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(4)]})
+        await _until(lambda: sent == [0])
+        started = asyncio.get_running_loop().time()
+        await lanes.hand_over(within=10)
+        assert asyncio.get_running_loop().time() - started < 1
+        await asyncio.sleep(0.3)
+        assert sent == [0]
+        lanes.reassigned()
+        await _until(lambda: sent[:2] == [0, 1])
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
