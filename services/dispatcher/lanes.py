@@ -286,6 +286,9 @@ class Lanes:
         (decision 55)."""
         self._handing_over = True
         self._hand_over_begun.set()
+        # Only the assignment that ends this rebalance resumes the lanes, not one the loop
+        # has not yet seen from a rebalance before it.
+        self._reassigned = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 running = set(self._tasks)
