@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 from services.shared import (
     DependencyUnavailable,
     Settings,
+    all_read,
     get_logger,
     make_consumer,
     partition_of,
@@ -90,7 +91,7 @@ async def read_put_offs(
                         await reader.seek_to_beginning(partition)
                     else:
                         reader.seek(partition, committed)
-                while not await _at_end(reader, wanted):
+                while not await all_read(reader):
                     batches = await reader.getmany(
                         timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_RECORDS
                     )
@@ -103,13 +104,3 @@ async def read_put_offs(
     finally:
         await stop_client(reader)
     return {webhook: EPOCH + timedelta(microseconds=us) for webhook, us in last.items()}
-
-
-async def _at_end(reader: AIOKafkaConsumer, partitions: list[TopicPartition]) -> bool:
-    # The high-water mark of the last fetch: the embedded broker's end_offsets() is wrong
-    # after a batch.
-    for partition in partitions:
-        end = reader.highwater(partition)
-        if end is None or await reader.position(partition) < end:
-            return False
-    return True

@@ -13,7 +13,7 @@ from aiokafka.errors import KafkaError
 from ._contracts import Change, Topics, decode
 from ._errors import InvalidRecord
 from ._ids import utcnow
-from ._kafka import make_patient_consumer, start_client, stop_client
+from ._kafka import all_read, make_patient_consumer, start_client, stop_client
 from ._lifecycle import cancel_and_wait
 from ._settings import Settings
 
@@ -71,18 +71,6 @@ class ChangeNotifier:
 ChangeHandler = Callable[[Change], Awaitable[None] | None]
 
 
-async def _at_end(consumer: AIOKafkaConsumer) -> bool:
-    """Every assigned partition read up to its end as of the last fetch."""
-    partitions = consumer.assignment()
-    if not partitions:
-        return False
-    for partition in partitions:
-        end = consumer.highwater(partition)
-        if end is None or await consumer.position(partition) < end:
-            return False
-    return True
-
-
 async def follow_changes(
     consumer: AIOKafkaConsumer,
     handle: ChangeHandler,
@@ -124,7 +112,7 @@ async def follow_changes(
                 log.exception("change_handler_failed", entity=change.entity, id=change.entity_id)
         if caught_up is not None and not caught_up.is_set():
             try:
-                if await _at_end(consumer):
+                if await all_read(consumer):
                     caught_up.set()
             except KafkaError as exc:
                 log.warning("changes_position_failed", error=str(exc))

@@ -424,6 +424,19 @@ async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
         structlog.get_logger().warning("kafka_client_stop_failed", error=str(exc))
 
 
+async def all_read(consumer: AIOKafkaConsumer) -> bool:
+    """Every assigned partition read up to its end as of the last fetch (its high-water
+    mark: the embedded broker's end_offsets() is wrong after a batch)."""
+    partitions = consumer.assignment()
+    if not partitions:
+        return False
+    for partition in partitions:
+        end = consumer.highwater(partition)
+        if end is None or await consumer.position(partition) < end:
+            return False
+    return True
+
+
 _COMMIT_TIMEOUT_SECONDS = 10.0
 
 

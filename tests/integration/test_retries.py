@@ -550,18 +550,7 @@ async def test_a_circuit_moves_away_with_its_partition(
     )
     async with running_stack(tripping, with_dispatcher=True) as stack:
         receiver.statuses = [500] * 10
-        on_partition: dict[int, str] = {}
-        while len(on_partition) < 2:
-            webhook = await stack.create_webhook(receiver.url, CREATED)
-            partition = partition_of(webhook["id"].encode(), tripping.kafka_partitions)
-            if partition in on_partition:
-                async with stack.session.delete(
-                    f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-                    headers=stack.headers(),
-                ) as response:
-                    assert response.status == 204
-                continue
-            on_partition[partition] = webhook["id"]
+        await _one_webhook_per_partition(stack, receiver.url)
         await stack.create_object()
         registry = stack.dispatcher.metrics.registry
         await _eventually(
