@@ -10,7 +10,6 @@ from sqlalchemy import select
 
 from services.shared import (
     Attempt,
-    Event,
     Settings,
     make_producer,
     tables,
@@ -18,17 +17,12 @@ from services.shared import (
     utcnow,
 )
 from tests.conftest import Stack, audit_count, running_stack
+from tests.samples import sample_event
 
 
 def _attempt(team_id: str, delivery_id: str, webhook_id: str, **fields: Any) -> Attempt:
-    event = Event(
-        id=f"evt_{delivery_id}",
-        type="object.created",
-        team_id=team_id,
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
-        data={},
+    event = sample_event(
+        id=f"evt_{delivery_id}", team_id=team_id, occurred_at=datetime(2026, 1, 1, tzinfo=UTC)
     )
     values: dict[str, Any] = {
         "delivery_id": delivery_id,

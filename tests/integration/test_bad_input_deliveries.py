@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from services.api import delivery_log
-from services.shared import Attempt, Event, utcnow
+from services.shared import Attempt, utcnow
 from tests.conftest import Stack
+from tests.samples import sample_event
 
 NAIVE = "2026-01-01T00:00:00"
 AWARE = "2026-01-01T00:00:00Z"
@@ -88,15 +89,7 @@ async def test_bad_replays_get_422_and_send_nothing(
 
 async def _log_a_delivery(stack: Stack, webhook_id: str) -> None:
     """A failed delivery in the log, as the attempt recorder would store it."""
-    event = Event(
-        id="evt_logged",
-        type="object.created",
-        team_id=stack.team_id,
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=utcnow(),
-        data={},
-    )
+    event = sample_event(id="evt_logged", team_id=stack.team_id)
     attempt = Attempt(
         delivery_id="msg_logged",
         event_id=event.id,

@@ -14,7 +14,6 @@ from services.api import deliveries
 from services.api.errors import PublishUnavailable
 from services.shared import (
     Attempt,
-    Event,
     Settings,
     make_consumer,
     make_producer,
@@ -24,6 +23,7 @@ from services.shared import (
 )
 from tests.conftest import Receiver, Stack, dead_letters, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
+from tests.samples import sample_event
 
 
 async def _call(
@@ -345,14 +345,8 @@ async def test_force_delete_takes_the_log_and_trash_keeps_it(
 
 
 def _attempt(stack: Stack, delivery_id: str, attempt: int, webhook_id: str) -> Attempt:
-    event = Event(
-        id=f"evt_{delivery_id}",
-        type="object.created",
-        team_id=stack.team_id,
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
-        data={},
+    event = sample_event(
+        id=f"evt_{delivery_id}", team_id=stack.team_id, occurred_at=datetime(2026, 1, 1, tzinfo=UTC)
     )
     return Attempt(
         delivery_id=delivery_id,
@@ -416,14 +410,12 @@ async def test_a_test_event_written_to_the_events_topic_is_dead_lettered(
     stack: Stack, receiver: Receiver
 ) -> None:
     await stack.create_webhook(receiver.url, ["object.created"])
-    event = Event(
+    event = sample_event(
         id="evt_forged_test",
         type="webhook.test",
         team_id=stack.team_id,
         object_type="webhook",
         object_id="wh_x",
-        occurred_at=utcnow(),
-        data={},
     )
     producer = make_producer(stack.settings)
     await producer.start()

@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from services.shared import Event, Settings, free_port, make_producer, send_all, topics_for
+from services.shared import Settings, free_port, make_producer, send_all, topics_for
 from tests.conftest import Receiver, Stack, running_stack
+from tests.samples import sample_event
 
 HOOKWIRE = str(Path(sys.executable).parent / "hookwire")
 
@@ -91,11 +92,9 @@ async def _publish_events(stack: Stack, count: int, first: int = 0) -> None:
     try:
         records = []
         for n in range(first, first + count):
-            event = Event(
+            event = sample_event(
                 id=f"evt_bulk_{n}",
-                type="object.created",
                 team_id=stack.team_id,
-                object_type="contact",
                 object_id=f"c{n}",
                 occurred_at=datetime.now(UTC),
                 data={"n": n},

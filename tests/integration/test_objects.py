@@ -43,6 +43,7 @@ from tests.conftest import (
     stack_on_own_broker,
     topic_records,
 )
+from tests.samples import sample_event
 
 
 async def _call(
@@ -262,14 +263,8 @@ async def _second_version(
     version 2 with ``data``: the row as read, the event, the change and its undo."""
     async with stack.api.engine.connect() as conn:
         row = await object_store.find(conn, stack.team_id, "contact", object_id)
-    event = Event(
-        id=new_id("evt"),
-        type="object.updated",
-        team_id=stack.team_id,
-        object_type="contact",
-        object_id=row.id,
-        occurred_at=utcnow(),
-        data=data,
+    event = sample_event(
+        id=new_id("evt"), type="object.updated", team_id=stack.team_id, object_id=row.id, data=data
     )
 
     async def change(conn: AsyncConnection) -> None:
@@ -317,14 +312,8 @@ async def test_the_relay_publishes_what_a_crashed_request_left(
     """A committed change whose request died before publishing still gets its event."""
     await stack.subscribe(receiver.url)
     ctx_outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
-    event = Event(
-        id=new_id("evt"),
-        type="object.created",
-        team_id=stack.team_id,
-        object_type="contact",
-        object_id="obj_orphan",
-        occurred_at=utcnow(),
-        data={"from": "a crash"},
+    event = sample_event(
+        id=new_id("evt"), team_id=stack.team_id, object_id="obj_orphan", data={"from": "a crash"}
     )
     async with stack.api.engine.begin() as conn:
         row_id = await ctx_outbox.stage(conn, stack.dispatcher.topics.events, "k", event)
@@ -362,14 +351,8 @@ async def _left_behind(stack: Stack, outbox: Outbox, topic: str, count: int) -> 
     ids = []
     async with stack.api.engine.begin() as conn:
         for n in range(count):
-            event = Event(
-                id=new_id("evt"),
-                type="object.created",
-                team_id=stack.team_id,
-                object_type="contact",
-                object_id=f"obj_left_{n}",
-                occurred_at=utcnow(),
-                data={"n": n},
+            event = sample_event(
+                id=new_id("evt"), team_id=stack.team_id, object_id=f"obj_left_{n}", data={"n": n}
             )
             row_id = await outbox.stage(conn, topic, event.object_id, event)
             await conn.execute(
@@ -574,14 +557,8 @@ async def test_a_record_the_stream_will_never_take_does_not_block_the_relay(
     await stack.subscribe(receiver.url)
     outbox = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
     topics = topics_for(stack.settings)
-    event = Event(
-        id=new_id("evt"),
-        type="object.created",
-        team_id=stack.team_id,
-        object_type="contact",
-        object_id="obj_behind",
-        occurred_at=utcnow(),
-        data={"n": 1},
+    event = sample_event(
+        id=new_id("evt"), team_id=stack.team_id, object_id="obj_behind", data={"n": 1}
     )
     long_ago = utcnow() - outbox.relay_after * 3
     async with stack.api.engine.begin() as conn:

@@ -16,7 +16,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from services.dispatcher.put_offs import read_put_offs
 from services.shared import (
     Delivery,
-    Event,
     Settings,
     ensure_topics,
     make_consumer,
@@ -27,6 +26,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
+from tests.samples import sample_event
 
 
 def _webhooks_on(partition: int, of: int, count: int) -> list[str]:
@@ -37,15 +37,7 @@ def _webhooks_on(partition: int, of: int, count: int) -> list[str]:
 
 
 def _put_off(webhook_id: str, attempt: int, wakes: datetime) -> bytes:
-    event = Event(
-        id="evt_1",
-        type="object.created",
-        team_id="team_1",
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=utcnow(),
-        data={},
-    )
+    event = sample_event()
     delivery = Delivery(id=f"msg_{webhook_id}", webhook_id=webhook_id, attempt=attempt, event=event)
     return delivery.model_copy(update={"not_before": wakes}).to_bytes()
 

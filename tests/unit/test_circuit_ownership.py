@@ -17,13 +17,13 @@ from services.dispatcher.routing import WebhookRoute
 from services.dispatcher.sender import Outcome
 from services.shared import (
     Delivery,
-    Event,
     Metrics,
     Settings,
     Topics,
     load_settings,
     utcnow,
 )
+from tests.samples import sample_event
 
 ROUTE = WebhookRoute(
     id="wh_1",
@@ -48,15 +48,7 @@ class _FailingSender:
 
 
 def _record(partition: int, offset: int, written_ms: int = 0) -> ConsumerRecord[bytes, bytes]:
-    event = Event(
-        id=f"evt_{offset}",
-        type="object.created",
-        team_id="team_1",
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=utcnow(),
-        data={},
-    )
+    event = sample_event(id=f"evt_{offset}")
     value = Delivery(id=f"msg_{offset}", webhook_id="wh_1", attempt=1, event=event).to_bytes()
     return ConsumerRecord(
         "t.deliveries", partition, offset, written_ms, 0, b"wh_1", value, None, 4, 0, []

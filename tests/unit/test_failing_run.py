@@ -6,18 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from services.api.delivery_log import failing_run
-from services.shared import Attempt, Event
+from services.shared import Attempt
+from tests.samples import sample_event
 
 EDITED = datetime(2026, 11, 1, tzinfo=UTC)
-_EVENT = Event(
-    id="evt_1",
-    type="object.created",
-    team_id="team_1",
-    object_type="contact",
-    object_id="obj_1",
-    occurred_at=EDITED,
-    data={},
-)
+_EVENT = sample_event(occurred_at=EDITED)
 
 
 def _attempt(hours: float, outcome: Literal["delivered", "failed", "skipped"]) -> Attempt:

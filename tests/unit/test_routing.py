@@ -6,20 +6,15 @@ from datetime import UTC, datetime
 
 from services.dispatcher.routing import WebhookRoute, delivery_id, fan_out
 from services.shared import Event
+from tests.samples import sample_event
 
 
 def _event(**overrides: object) -> Event:
     fields: dict[str, object] = {
-        "id": "evt_1",
-        "type": "object.created",
         "team_id": "team_a",
-        "object_type": "contact",
-        "object_id": "obj_1",
         "occurred_at": datetime(2026, 1, 1, tzinfo=UTC),
-        "data": {},
     }
-    fields.update(overrides)
-    return Event.model_validate(fields)
+    return sample_event(**(fields | overrides))
 
 
 def _route(webhook_id: str, **overrides: object) -> WebhookRoute:
