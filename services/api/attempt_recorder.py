@@ -31,6 +31,7 @@ from services.shared import (
     send_all,
     start_client,
     stop_client,
+    subscribe_handing_over,
     topics_for,
 )
 
@@ -97,9 +98,12 @@ class AttemptRecorder:
         """Join the group (retrying while the broker is away), then record forever."""
         while True:
             self._consumer = make_consumer(
-                self._settings,
-                self._topics.attempts,
-                group_id=f"{self._settings.topic_prefix}api.delivery-log",
+                self._settings, group_id=f"{self._settings.topic_prefix}api.delivery-log"
+            )
+            # A rebalance (another api process starting or stopping) lets the batch being
+            # written finish and commits, so the next owner does not write it again.
+            hand_over = subscribe_handing_over(
+                self._consumer, self._settings, self._topics.attempts
             )
             # A start cut off half-way can leave aiokafka's bootstrap connection open, so a
             # stop that comes meanwhile lets the start finish first (see close()).
@@ -111,7 +115,7 @@ class AttemptRecorder:
                 self._log.warning("delivery_log_consumer_waiting", error=exc.message)
                 await stop_client(self._consumer)
                 await asyncio.sleep(_RECONNECT_SECONDS)
-        await consume_forever(self._consumer, self.record)
+        await consume_forever(self._consumer, self.record, hand_over=hand_over)
 
     async def close(self) -> None:
         """Stop the consumer; call after the task running ``run`` was cancelled."""

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from aiokafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
-    ConsumerRebalanceListener,
     ConsumerRecord,
     TopicPartition,
 )
@@ -55,6 +53,7 @@ from services.shared import (
     start_site,
     stop_client,
     stop_site,
+    subscribe_handing_over,
     topics_for,
     utcnow,
 )
@@ -75,27 +74,8 @@ _CHANGE_REPLAY_MARGIN_MS = 5_000
 _OUTCOME_LINGER_SECONDS = 0.02
 # Partitions gained wait this long at most for the put-offs of their last owner to be read.
 _TAKE_OVER_SECONDS = 10.0
-_HAND_OVER_MIN_SECONDS = 0.5
 # Re-encoded, a JSON document grows at most about 4.5 times (numbers in exponent form).
 _MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
-
-
-class _HandOver(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Lets the deliveries in flight finish and commits before a rebalance hands their
-    partitions on (decision 55)."""
-
-    def __init__(
-        self, before_revoke: Callable[[], Awaitable[None]], after_assign: Callable[[], None]
-    ) -> None:
-        self._before_revoke = before_revoke
-        self._after_assign = after_assign
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        if revoked:
-            await self._before_revoke()
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._after_assign()
 
 
 class DispatcherService:
@@ -129,7 +109,6 @@ class DispatcherService:
         self._lanes: Lanes | None = None
         self._timer: RetryTimer | None = None
         self._follower = ChangeFollower(settings, self._apply_change)
-        self._hand_over = _HandOver(self._hand_over_in_flight, self._reassigned)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
         self._resync_wanted = asyncio.Event()
@@ -145,13 +124,19 @@ class DispatcherService:
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
         group = f"{self.settings.topic_prefix}dispatcher"
-        router = make_consumer(self.settings, self.topics.events, group_id=f"{group}.router")
+        # Each group's loop finishes what it has in hand and commits before a rebalance
+        # moves its partitions (decisions 55 and 56).
+        router = make_consumer(self.settings, group_id=f"{group}.router")
+        router_hand_over = subscribe_handing_over(router, self.settings, self.topics.events)
         deliverer = make_consumer(self.settings, group_id=f"{group}.delivery")
-        deliverer.subscribe([self.topics.deliveries], listener=self._hand_over)
-        retries = make_patient_consumer(
+        deliverer_hand_over = subscribe_handing_over(
+            deliverer, self.settings, self.topics.deliveries
+        )
+        retries = make_patient_consumer(self.settings, group_id=f"{group}.retry")
+        retries_hand_over = subscribe_handing_over(
+            retries,
             self.settings,
             *(self.topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
-            group_id=f"{group}.retry",
         )
         self._consumers = [router, deliverer, retries]
         # Group joins are slow on some brokers; joining all groups at once cuts start-up.
@@ -192,9 +177,12 @@ class DispatcherService:
             on_lost=lambda lost: self._forget_partitions(deliverer, lost),
             on_gained=lambda gained: self._take_over(deliverer, retries, gained),
         )
+        deliverer_hand_over.before_revoke = self._lanes.hand_over
+        deliverer_hand_over.after_assign = self._lanes.reassigned
         self._timer = RetryTimer(
             retries, self._producer, self.topics, pending_max=self.settings.retry_pending_max
         )
+        retries_hand_over.before_revoke = self._timer.hand_over
         # Changes older than the table load (less a margin for clock skew between producers)
         # are already reflected in it. The newer ones are applied before the first event is
         # routed: a webhook created while the table loaded must not miss those events.
@@ -202,7 +190,10 @@ class DispatcherService:
         if not await self._follower.wait_caught_up(_CATCH_UP_SECONDS):
             self._log.warning("changes_not_caught_up", within_seconds=_CATCH_UP_SECONDS)
         self._tasks = [
-            asyncio.create_task(consume_forever(router, self._route_batch), name="router"),
+            asyncio.create_task(
+                consume_forever(router, self._route_batch, hand_over=router_hand_over),
+                name="router",
+            ),
             asyncio.create_task(self._lanes.run(), name="deliverer"),
             asyncio.create_task(self._timer.run(), name="retry-timer"),
             asyncio.create_task(self._resync_forever(), name="resync"),
@@ -276,19 +267,6 @@ class DispatcherService:
             return
         if last_put_off:
             self._log.info("put_offs_taken_over", webhooks=len(last_put_off))
-
-    async def _hand_over_in_flight(self) -> None:
-        if self._lanes is not None:
-            # A member that takes longer than the rebalance timeout (the session timeout,
-            # as the client sets it) to rejoin is put out of the group; it may have learnt
-            # of the rebalance a heartbeat late.
-            session = self.settings.kafka_session_timeout_ms / 1000
-            heartbeat = self.settings.kafka_heartbeat_interval_ms / 1000
-            await self._lanes.hand_over(max(_HAND_OVER_MIN_SECONDS, session / 2 - heartbeat))
-
-    def _reassigned(self) -> None:
-        if self._lanes is not None:
-            self._lanes.reassigned()
 
     def _forget_partitions(self, consumer: AIOKafkaConsumer, lost: set[TopicPartition]) -> None:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)

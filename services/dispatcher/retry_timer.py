@@ -166,6 +166,9 @@ class RetryTimer:
         # (after a crash or a rebalance between the copy and the commit) wait once.
         self._waiting_values: set[bytes] = set()
         self._gate = FetchGate(consumer)
+        # Held while records are forwarded or moved and until the commit that follows: a
+        # rebalance waits for it, then commits (``hand_over``).
+        self._turn = asyncio.Lock()
         self._log = get_logger("dispatcher")
 
     def lag(self) -> dict[TopicPartition, int]:
@@ -178,9 +181,10 @@ class RetryTimer:
 
     async def run(self) -> None:
         while True:
-            await self._forward_due()
-            await self._move_blockers()
-            await self._commit()
+            async with self._turn:
+                await self._forward_due()
+                await self._move_blockers()
+                await self._commit()
             fetch_size = self._apply_backpressure()
             wait_ms = _IDLE_WAIT_MS
             if self._heap:
@@ -208,6 +212,17 @@ class RetryTimer:
                         continue
                     self._waiting_values.add(entry.value)
                     heapq.heappush(self._heap, entry)
+
+    async def hand_over(self, within: float) -> None:
+        """Before a rebalance moves partitions: let the records being forwarded or moved
+        go, then commit everything forwarded, within ``within`` seconds, so their next
+        owner does not forward them again (decision 56)."""
+        try:
+            async with asyncio.timeout(within):
+                async with self._turn:
+                    await self._commit()
+        except TimeoutError:
+            self._log.warning("hand_over_cut_short", within_seconds=within)
 
     def _forget_revoked(self) -> None:
         assigned = self._consumer.assignment()

@@ -16,7 +16,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
@@ -458,10 +464,56 @@ async def commit_offsets(consumer: AIOKafkaConsumer, offsets: dict[TopicPartitio
 _STOP_TIMEOUT_SECONDS = 10.0
 
 
+# Below this a hand-over could not finish even a short batch; above half the session less a
+# heartbeat, a member told of the rebalance a heartbeat late may rejoin too late.
+_HAND_OVER_MIN_SECONDS = 0.5
+
+
+def hand_over_seconds(settings: Settings) -> float:
+    """How long a consumer may take, once a rebalance begins, to finish what it has in hand
+    and commit: the member must rejoin within the rebalance timeout (the session timeout,
+    as aiokafka sets it), and may learn of the rebalance a heartbeat late."""
+    session = settings.kafka_session_timeout_ms / 1000
+    heartbeat = settings.kafka_heartbeat_interval_ms / 1000
+    return max(_HAND_OVER_MIN_SECONDS, session / 2 - heartbeat)
+
+
+class HandOver(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A group consumer's rebalance listener: before partitions move, the loop reading them
+    finishes what it has in hand and commits it, so their next owner does not handle it
+    again; when the new assignment is in, the loop may go on.
+
+    Given to ``subscribe`` before the consumer starts; the loop sets ``before_revoke``
+    (called with the seconds it has) and ``after_assign``."""
+
+    def __init__(self, within: float) -> None:
+        self.within = within
+        self.before_revoke: Callable[[float], Awaitable[None]] | None = None
+        self.after_assign: Callable[[], None] | None = None
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked and self.before_revoke is not None:
+            await self.before_revoke(self.within)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.after_assign is not None:
+            self.after_assign()
+
+
+def subscribe_handing_over(
+    consumer: AIOKafkaConsumer, settings: Settings, *topics: str
+) -> HandOver:
+    """Subscribe a group consumer (before it starts) with a ``HandOver`` listener."""
+    hand_over = HandOver(hand_over_seconds(settings))
+    consumer.subscribe(list(topics), listener=hand_over)
+    return hand_over
+
+
 async def consume_forever(
     consumer: AIOKafkaConsumer,
     handle: Callable[[list[ConsumerRecord]], Awaitable[None]],
     *,
+    hand_over: HandOver | None = None,
     max_records: int = 500,
     retry_delay_seconds: float = 1.0,
     commit_interval_seconds: float = 0.1,
@@ -477,12 +529,15 @@ async def consume_forever(
     ``commit_interval_seconds``: at a moderate rate a batch is one record, and a commit per
     batch was a broker round trip per record. A crash or a rebalance re-reads at most that
     interval's records more; a clean stop tries to commit what was handled (a failed
-    commit only means records handled twice).
+    commit only means records handled twice). With ``hand_over`` (the consumer's
+    listener) a rebalance does not re-read them either: the batch in hand is finished and
+    everything handled committed before the partitions move.
     """
     log = structlog.get_logger()
     handled: dict[TopicPartition, int] = {}
     loop = asyncio.get_running_loop()
     committed_at = loop.time()
+    in_hand = asyncio.Lock()
 
     async def commit_handled() -> None:
         nonlocal committed_at
@@ -496,6 +551,17 @@ async def consume_forever(
             for partition, offset in points.items():
                 handled.setdefault(partition, offset)
 
+    async def commit_before_revoke(within: float) -> None:
+        try:
+            async with asyncio.timeout(within):
+                async with in_hand:
+                    await commit_handled()
+        except TimeoutError:
+            # Its next owner reads again what was handled since the last commit.
+            log.warning("hand_over_cut_short", within_seconds=within)
+
+    if hand_over is not None:
+        hand_over.before_revoke = commit_before_revoke
     try:
         while True:
             # Handled offsets wait no longer than the interval: not a whole idle fetch wait.
@@ -513,26 +579,29 @@ async def consume_forever(
                 continue
             records = [record for batch in batches.values() for record in batch]
             if records:
-                try:
-                    await handle(records)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("batch_failed", topic=records[0].topic, records=len(records))
-                    # Back to the batch's first records, without asking the broker: a rewind
-                    # that needed it could fail and leave positions past unhandled records.
-                    owned = consumer.assignment()
-                    for partition, batch in batches.items():
-                        if partition in owned:
-                            consumer.seek(partition, batch[0].offset)
-                    # What came before the failed batch is done: kept.
-                    await commit_handled()
+                async with in_hand:
+                    failed = await _handled(handle, records)
+                    if failed:
+                        # Back to the batch's first records, without asking the broker: a
+                        # rewind that needed it could fail and leave positions past
+                        # unhandled records.
+                        owned = consumer.assignment()
+                        for partition, batch in batches.items():
+                            if partition in owned:
+                                consumer.seek(partition, batch[0].offset)
+                        # What came before the failed batch is done: kept.
+                        await commit_handled()
+                    else:
+                        for partition, batch in batches.items():
+                            handled[partition] = batch[-1].offset + 1
+                if failed:
                     await asyncio.sleep(retry_delay_seconds)
                     continue
-                for partition, batch in batches.items():
-                    handled[partition] = batch[-1].offset + 1
             if handled and loop.time() - committed_at >= commit_interval_seconds:
-                await commit_handled()
+                # Under the lock: a hand-over finding nothing left to commit must not
+                # return before this commit is in.
+                async with in_hand:
+                    await commit_handled()
     finally:
         if handled:
             # A stop cancels again and again until the task ends; the last commit must not
@@ -541,6 +610,22 @@ async def consume_forever(
             while not last.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(last)
+
+
+async def _handled(
+    handle: Callable[[list[ConsumerRecord]], Awaitable[None]], records: list[ConsumerRecord]
+) -> bool:
+    """Whether ``handle`` failed on the batch (logged)."""
+    try:
+        await handle(records)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        structlog.get_logger().exception(
+            "batch_failed", topic=records[0].topic, records=len(records)
+        )
+        return True
+    return False
 
 
 def dead_letter_record(topics: Topics, record: ConsumerRecord, reason: str) -> OutRecord:

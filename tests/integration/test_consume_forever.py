@@ -20,9 +20,11 @@ from services.shared import (
     load_settings,
     make_consumer,
     make_producer,
+    partition_of,
     send_all,
     start_client,
     stop_client,
+    subscribe_handing_over,
 )
 from tests.conftest import drop_topics
 
@@ -216,3 +218,67 @@ async def test_a_slow_last_commit_is_not_cut_short_by_the_stop(
 
 async def _committed(consumer: AIOKafkaConsumer, topic: str) -> int | None:
     return await consumer.committed(TopicPartition(topic, 0))
+
+
+async def test_a_rebalance_commits_what_was_handled_and_the_batch_in_hand(
+    kafka_settings: Settings,
+) -> None:
+    """A second member joins while the last batch is being handled: the loop finishes it
+    and commits everything handled before the partitions move (the commit interval has not
+    passed), so the member taking one over handles none of it again (decision 56)."""
+    settings = kafka_settings.model_copy(update={"kafka_partitions": 2})
+    await ensure_topics(settings)
+    topic = f"{settings.topic_prefix}events"
+    group = f"{settings.topic_prefix}g"
+    keys = [
+        next(k for k in (b"%d" % n for n in range(100)) if partition_of(k, 2) == p) for p in (0, 1)
+    ]
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    try:
+        await send_all(producer, [(topic, key, b"v") for key in keys for _ in range(2)])
+    finally:
+        await stop_client(producer)
+    first = make_consumer(settings, group_id=group)
+    hand_over = subscribe_handing_over(first, settings, topic)
+    await start_client(first, settings)
+    handled: list[int] = []
+    in_hand, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        handled.extend(record.partition for record in records)
+        # The batch with the last record is held (an earlier one is handled, not committed).
+        if len(handled) == 4:
+            in_hand.set()
+            await release.wait()
+
+    loop = asyncio.create_task(
+        consume_forever(first, handle, hand_over=hand_over, commit_interval_seconds=3600)
+    )
+    second = make_consumer(settings, topic, group_id=group)
+    try:
+        await _until(in_hand)
+        commit_before_revoke = hand_over.before_revoke
+        assert commit_before_revoke is not None
+        revoking = asyncio.Event()
+
+        async def noting_the_revoke(within: float) -> None:
+            revoking.set()
+            await commit_before_revoke(within)
+
+        hand_over.before_revoke = noting_the_revoke
+        joining = asyncio.create_task(start_client(second, settings))
+        await _until(revoking)
+        release.set()
+        await asyncio.wait_for(joining, 30)
+        assert sorted(handled) == [0, 0, 1, 1]
+        partitions = [TopicPartition(topic, p) for p in (0, 1)]
+        assert [await second.committed(p) for p in partitions] == [2, 2]
+        assert len(second.assignment()) == 1, "the partitions were shared"
+        batches = await second.getmany(timeout_ms=1000)
+        assert [r for b in batches.values() for r in b] == [], "handled again"
+    finally:
+        release.set()
+        await cancel_and_wait(loop)
+        await stop_client(second)
+        await stop_client(first)

@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaTimeoutError
 from sqlalchemy.exc import OperationalError
 
 from services.api.context import CONTEXT
+from services.dispatcher import retry_timer
 from services.dispatcher.app import DispatcherService
 from services.dispatcher.retry_timer import RetryTimer
 from services.dispatcher.routing import WebhookRoute
@@ -41,6 +42,7 @@ from services.shared import (
     start_client,
     start_site,
     stop_client,
+    subscribe_handing_over,
     topics_for,
     utcnow,
 )
@@ -53,6 +55,7 @@ from tests.conftest import (
     topic_records,
 )
 from tests.integration.test_end_to_end import standard_webhooks_verify
+from tests.samples import sample_event
 
 
 @pytest.fixture
@@ -833,15 +836,7 @@ async def _own_topics(settings: Settings, name: str, **overrides: Any) -> tuple[
 
 
 def _event(name: str) -> Event:
-    return Event(
-        id=f"evt_{name}",
-        type="object.created",
-        team_id=f"team_{name}",
-        object_type="contact",
-        object_id="obj_1",
-        occurred_at=utcnow(),
-        data={},
-    )
+    return sample_event(id=f"evt_{name}", team_id=f"team_{name}")
 
 
 async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
@@ -892,6 +887,84 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
     finally:
         await cancel_and_wait(running)
         await stop_client(deliveries)
+        await stop_client(retries)
+        await stop_client(producer)
+
+
+async def test_a_rebalance_commits_the_retries_being_forwarded_before_they_move(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry in each partition of the first tier is being forwarded (the send held) when
+    a second member joins the retry group: the timer lets the send finish and commits
+    before the partitions move, so the member taking one over forwards neither again
+    (decision 56)."""
+    quick, topics = await _own_topics(settings, "handover", kafka_partitions=2)
+    event = _event("handover")
+    # Due a moment from now: both are read before either is due, and go in one send.
+    due = utcnow() + timedelta(seconds=1.5)
+    keys = [
+        next(f"wh_{n}" for n in range(100) if partition_of(f"wh_{n}".encode(), 2) == p)
+        for p in (0, 1)
+    ]
+    producer = make_producer(quick)
+    await start_client(producer, quick)
+    await send_all(
+        producer,
+        [
+            (
+                topics.retry(1),
+                key.encode(),
+                Delivery(
+                    id=f"msg_{key}", webhook_id=key, attempt=2, event=event, not_before=due
+                ).to_bytes(),
+            )
+            for key in keys
+        ],
+    )
+    every_tier = [topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)]
+    group = f"{quick.topic_prefix}retry"
+    retries = make_patient_consumer(quick, group_id=group)
+    hand_over = subscribe_handing_over(retries, quick, *every_tier)
+    await start_client(retries, quick)
+    timer = RetryTimer(retries, producer, topics, pending_max=100)
+    revoking, handed_over = asyncio.Event(), asyncio.Event()
+
+    async def noting_the_revoke(within: float) -> None:
+        revoking.set()
+        await timer.hand_over(within)
+        handed_over.set()
+
+    hand_over.before_revoke = noting_the_revoke
+    sending, release = asyncio.Event(), asyncio.Event()
+    real_send_each = retry_timer.send_each
+
+    async def held_send_each(to: Any, records: list[Any]) -> Any:
+        if len(records) == 2 and not release.is_set():
+            sending.set()
+            await release.wait()
+        return await real_send_each(to, records)
+
+    monkeypatch.setattr(retry_timer, "send_each", held_send_each)
+    running = asyncio.create_task(timer.run())
+    other = make_patient_consumer(quick, *every_tier, group_id=group)
+    try:
+        await asyncio.wait_for(sending.wait(), 15)
+        joining = asyncio.create_task(start_client(other, quick))
+        await asyncio.wait_for(revoking.wait(), 15)
+        # Within the hand-over's 1.2 s (half the session less a heartbeat). The embedded
+        # broker itself holds a join about half the session, so only this shows the wait.
+        await asyncio.sleep(0.5)
+        assert not handed_over.is_set(), "the revoke did not wait for the send in hand"
+        release.set()
+        await asyncio.wait_for(joining, 30)
+        first_tier = [TopicPartition(topics.retry(1), p) for p in (0, 1)]
+        assert [await other.committed(p) for p in first_tier] == [1, 1]
+        assert len(other.assignment()) == RETRY_TIERS, "the partitions were shared"
+        batches = await other.getmany(timeout_ms=1000)
+        assert [r for b in batches.values() for r in b] == [], "forwarded again"
+    finally:
+        await cancel_and_wait(running)
+        await stop_client(other)
         await stop_client(retries)
         await stop_client(producer)
 
@@ -1223,15 +1296,7 @@ async def test_an_event_does_not_overtake_one_put_off_by_a_failed_lookup(
     await start_client(producer, stack.settings)
 
     async def deliver(n: int) -> None:
-        event = Event(
-            id=f"evt_order_{n}",
-            type="object.created",
-            team_id=stack.team_id,
-            object_type="contact",
-            object_id="obj_1",
-            occurred_at=utcnow(),
-            data={"n": n},
-        )
+        event = sample_event(id=f"evt_order_{n}", team_id=stack.team_id, data={"n": n})
         record = Delivery(id=f"msg_order_{n}", webhook_id=webhook["id"], attempt=1, event=event)
         await send_all(
             producer,
