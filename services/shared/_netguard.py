@@ -37,7 +37,13 @@ def is_public_address(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         # 64:ff9b::a9fe:a9fe is 169.254.169.254 (cloud metadata) through NAT64.
         ip = _embedded_ipv4(ip) or ip
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        # Deprecated (fec0::/10) but still routed inside some networks; Python counts it
+        # as global.
+        return False
+    # Python counts some reserved IPv6 ranges as global (the IPv4-compatible ::/96, which
+    # can reach 127.0.0.1 as ::7f00:1, and the unassigned 4000::/2 and beyond).
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
 async def refused_reason(url: str) -> str | None:

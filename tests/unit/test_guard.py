@@ -27,16 +27,21 @@ from services.shared import is_public_address, refused_reason
         "64:ff9b:1::a00:1",
         "2002:7f00:1::1",
         "2002:a9fe:a9fe::1",
+        "fec0::1",
+        "::7f00:1",
+        "4000::1",
+        "240.0.0.1",
     ],
 )
 def test_non_public_addresses_are_refused(address: str) -> None:
-    """Loopback, private, link-local (cloud metadata), CGNAT, multicast, mapped v4, and
-    v4 reached through NAT64 or 6to4."""
+    """Loopback, private, link-local (cloud metadata), CGNAT, multicast, mapped v4, v4
+    reached through NAT64 or 6to4, site-local, IPv4-compatible and other reserved ranges."""
     assert not is_public_address(address)
 
 
 @pytest.mark.parametrize(
-    "address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "64:ff9b::808:808"]
+    "address",
+    ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "64:ff9b::808:808", "2a00:1450:4001::1"],
 )
 def test_public_addresses_pass(address: str) -> None:
     """Ordinary internet addresses are allowed."""
