@@ -211,14 +211,14 @@ class Lanes:
                 now = asyncio.get_running_loop().time()
                 slot = max(now, lane.next_slot)
                 lane.next_slot = slot + self._interval
-                # A rebalance beginning wakes it: the slot may be seconds away.
+                # A rebalance or a stop beginning wakes it: the slot may be seconds away.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._hand_over_begun.wait(), slot - now)
-                if self._handing_over:
+                if self._handing_over or self._stopping:
                     # Unused, the slot is the next one's again.
                     lane.next_slot = min(lane.next_slot, slot)
-            if self._handing_over:
-                raise Withdrawn("the partition may be about to move")
+            if self._handing_over or self._stopping:
+                raise Withdrawn("the partition may be about to move, or the process to stop")
 
         try:
             outcome = await self._attempt(record, pace)
@@ -312,8 +312,12 @@ class Lanes:
                 self._pump(key)
 
     async def drain(self, grace_seconds: float) -> None:
-        """Stop starting deliveries, let those in flight finish, commit what finished."""
+        """Stop starting deliveries, let those in flight finish, commit what finished.
+
+        One still waiting for its rate slot is not sent: the slot may be further off than
+        the grace, and it is left uncommitted for the next process to send."""
         self._stopping = True
+        self._hand_over_begun.set()
         for task in set(self._taking_over.values()):
             await cancel_and_wait(task)
         running = set(self._tasks)

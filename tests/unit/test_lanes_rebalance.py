@@ -22,6 +22,7 @@ class _Consumer:
     def __init__(self) -> None:
         self.assigned = {OWNED}
         self.paused: set[TopicPartition] = set()
+        self.committed: dict[TopicPartition, int] = {}
         self.batches: asyncio.Queue[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]
         self.batches = asyncio.Queue()
 
@@ -43,7 +44,7 @@ class _Consumer:
         self.paused -= set(partitions)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        pass
+        self.committed.update(offsets)
 
 
 def _record(partition: TopicPartition, offset: int) -> ConsumerRecord[bytes, bytes]:
@@ -157,6 +158,35 @@ async def test_a_rebalance_takes_back_deliveries_waiting_for_their_rate_slot() -
         assert sent == [0]
         lanes.reassigned()
         await _until(lambda: sent[:2] == [0, 1])
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_stop_neither_waits_for_rate_slots_nor_sends_their_deliveries() -> None:
+    """Their slots may be further off than the stop's grace: rather than hold the stop up
+    and go out during it, they are left uncommitted for the next process to send."""
+    consumer = _Consumer()
+    sent: list[int] = []
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        await pace()
+        sent.append(record.offset)
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100, rate=0.5)
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(4)]})
+        await _until(lambda: sent == [0])
+        started = asyncio.get_running_loop().time()
+        await lanes.drain(grace_seconds=10)
+        assert asyncio.get_running_loop().time() - started < 1
+        assert sent == [0]
+        assert consumer.committed == {OWNED: 1}
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
