@@ -23,7 +23,14 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared import OutRecord, Topics, commit_offsets, get_logger, send_each
+from services.shared import (
+    OutRecord,
+    Topics,
+    commit_offsets,
+    finish_despite_cancel,
+    get_logger,
+    send_each,
+)
 
 from .flow import FetchGate
 from .offsets import OffsetTracker
@@ -180,6 +187,14 @@ class RetryTimer:
         return len(self._heap)
 
     async def run(self) -> None:
+        try:
+            await self._forward_forever()
+        finally:
+            # What was forwarded is committed, even when the stop cut the turn's commit
+            # short: a restart would forward it again.
+            await finish_despite_cancel(self._commit())
+
+    async def _forward_forever(self) -> None:
         while True:
             async with self._turn:
                 await self._forward_due()

@@ -93,7 +93,14 @@ from ._kafka import (
     topic_layout,
     topics_for,
 )
-from ._lifecycle import Service, cancel_and_wait, run, run_until_signalled, settle_heap
+from ._lifecycle import (
+    Service,
+    cancel_and_wait,
+    finish_despite_cancel,
+    run,
+    run_until_signalled,
+    settle_heap,
+)
 from ._logging import configure_logging, get_logger
 from ._metrics import Metrics
 from ._netguard import REFUSED, GuardedResolver, is_public_address, literal_refusal, refused_reason
@@ -173,6 +180,7 @@ __all__ = [
     "effective_permissions",
     "ensure_topics",
     "error_response",
+    "finish_despite_cancel",
     "free_port",
     "get_logger",
     "hand_over_seconds",

@@ -8,7 +8,6 @@ from ``earliest`` (``latest`` is unreliable there), and commits are always expli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import random
@@ -31,7 +30,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from ._contracts import DeadLetter, Topics
 from ._errors import DependencyUnavailable, OutcomeUnknown
 from ._ids import utcnow
-from ._lifecycle import cancel_and_wait
+from ._lifecycle import cancel_and_wait, finish_despite_cancel
 from ._settings import Settings
 
 RETRY_TIERS = 7
@@ -604,12 +603,7 @@ async def consume_forever(
                     await commit_handled()
     finally:
         if handled:
-            # A stop cancels again and again until the task ends; the last commit must not
-            # be cut short by that (it has its own bound), or a clean stop re-delivers.
-            last = asyncio.ensure_future(commit_handled())
-            while not last.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(last)
+            await finish_despite_cancel(commit_handled())
 
 
 async def _handled(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 from collections.abc import Coroutine, Sequence
@@ -51,6 +52,16 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, within: float = 10.0) 
         await asyncio.wait({task}, timeout=min(_CANCEL_REPEAT_SECONDS, remaining))
     if not task.cancelled() and (failure := task.exception()) is not None:
         structlog.get_logger().error("task_failed", task=task.get_name(), exc_info=failure)
+
+
+async def finish_despite_cancel(step: Coroutine[Any, Any, Any]) -> None:
+    """Run ``step`` to its end even while the calling task is being cancelled (a stop
+    cancels again and again until the task ends): a last commit cut short makes a clean
+    stop handle records twice. ``step`` must bound its own time."""
+    last = asyncio.ensure_future(step)
+    while not last.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(last)
 
 
 class Service(Protocol):

@@ -969,6 +969,40 @@ async def test_a_rebalance_commits_the_retries_being_forwarded_before_they_move(
         await stop_client(producer)
 
 
+async def test_a_stop_during_the_commit_still_commits_what_was_forwarded(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop cancels the timer while it commits a forwarded retry (the commit slowed by
+    a second): the commit is made anyway, so a restart does not forward the retry again."""
+    quick, topics = await _own_topics(settings, "stop", kafka_partitions=1)
+    event = _event("stop")
+    producer = make_producer(quick)
+    await start_client(producer, quick)
+    record = Delivery(id="msg_stop", webhook_id="wh_stop", attempt=2, event=event)
+    await send_all(producer, [(topics.retry(1), b"wh_stop", record.to_bytes())])
+    group = f"{quick.topic_prefix}retry"
+    retries = make_patient_consumer(quick, topics.retry(1), group_id=group)
+    await start_client(retries, quick)
+    committing = asyncio.Event()
+    real_commit = retries.commit
+
+    async def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        committing.set()
+        await asyncio.sleep(1.0)
+        return await real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(retries, "commit", slow_commit)
+    running = asyncio.create_task(RetryTimer(retries, producer, topics, pending_max=10).run())
+    try:
+        await asyncio.wait_for(committing.wait(), 15)
+        await cancel_and_wait(running)
+        assert await retries.committed(TopicPartition(topics.retry(1), 0)) == 1
+    finally:
+        await cancel_and_wait(running)
+        await stop_client(retries)
+        await stop_client(producer)
+
+
 async def test_far_off_records_move_behind_the_retries_forwarded_past_it(
     settings: Settings,
 ) -> None:
