@@ -5,8 +5,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from services.shared import Delivery, Event
+
+
+class SigningKey(NamedTuple):
+    key: bytes
+    # A secret replaced by a rotation signs until its grace ends; the current one, always.
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -17,7 +24,7 @@ class WebhookRoute:
     topics: frozenset[str]
     object_types: frozenset[str] | None
     headers: tuple[tuple[str, str], ...]
-    signing_keys: tuple[bytes, ...]
+    signing_keys: tuple[SigningKey, ...]
     active: bool
 
     def wants(self, event: Event) -> bool:
@@ -28,8 +35,14 @@ class WebhookRoute:
             and (self.object_types is None or event.object_type in self.object_types)
         )
 
-    def signing_keys_at(self, _: datetime) -> tuple[bytes, ...]:
-        return self.signing_keys
+    def signing_keys_at(self, at: datetime) -> tuple[bytes, ...]:
+        """The keys that sign a request made at ``at``: a rotated-out secret stops at the
+        end of its grace, not at the next re-read of the webhook."""
+        return tuple(
+            signing.key
+            for signing in self.signing_keys
+            if signing.expires_at is None or signing.expires_at > at
+        )
 
 
 def delivery_id(event_id: str, webhook_id: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Literal
 from urllib.parse import urlsplit
@@ -44,7 +45,12 @@ def signed_headers(
             "user-agent": USER_AGENT,
             "webhook-id": delivery.id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature_header(route.signing_keys, delivery.id, timestamp, body),
+            "webhook-signature": signature_header(
+                route.signing_keys_at(datetime.fromtimestamp(timestamp, UTC)),
+                delivery.id,
+                timestamp,
+                body,
+            ),
         }
     )
     return headers

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.shared import as_utc, get_logger, tables, utcnow
 
 from .errors import InvalidSecret
-from .routing import WebhookRoute
+from .routing import SigningKey, WebhookRoute
 from .signing import secret_key
 
 # How long a webhook stopped here stays stopped while the database still says active: the
@@ -32,10 +32,11 @@ def _route_from_row(row: Any) -> WebhookRoute:
     now = utcnow()
     keys = []
     for entry in row.secrets:
-        expires_at = entry.get("expires_at")
-        if expires_at is not None and _utc(expires_at) <= now:
+        raw_expiry = entry.get("expires_at")
+        expires_at = _utc(raw_expiry) if raw_expiry is not None else None
+        if expires_at is not None and expires_at <= now:
             continue
-        keys.append(secret_key(entry["secret"]))
+        keys.append(SigningKey(secret_key(entry["secret"]), expires_at))
     return WebhookRoute(
         id=row.id,
         team_id=row.team_id,

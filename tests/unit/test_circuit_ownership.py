@@ -13,7 +13,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from services.dispatcher import handler as handler_module
 from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
-from services.dispatcher.routing import WebhookRoute
+from services.dispatcher.routing import SigningKey, WebhookRoute
 from services.dispatcher.sender import Outcome
 from services.shared import (
     Delivery,
@@ -32,7 +32,7 @@ ROUTE = WebhookRoute(
     topics=frozenset({"object.created"}),
     object_types=None,
     headers=(),
-    signing_keys=(b"k",),
+    signing_keys=(SigningKey(b"k"),),
     active=True,
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from services.dispatcher.routing import WebhookRoute, delivery_id, fan_out
+from services.dispatcher.routing import SigningKey, WebhookRoute, delivery_id, fan_out
 from services.shared import Event
 from tests.samples import sample_event
 
@@ -25,7 +25,7 @@ def _route(webhook_id: str, **overrides: object) -> WebhookRoute:
         "topics": frozenset({"object.created"}),
         "object_types": None,
         "headers": (),
-        "signing_keys": (b"k",),
+        "signing_keys": (SigningKey(b"k"),),
         "active": True,
     }
     fields.update(overrides)

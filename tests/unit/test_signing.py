@@ -5,11 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from datetime import UTC, datetime
 
 import pytest
 
 from services.dispatcher.errors import InvalidSecret
+from services.dispatcher.routing import SigningKey, WebhookRoute
+from services.dispatcher.sender import signed_headers
 from services.dispatcher.signing import secret_key, sign, signature_header
+from services.shared import Delivery
+from tests.samples import sample_event
 
 
 def _reference(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -45,6 +50,32 @@ def test_rotation_sends_one_signature_per_secret() -> None:
         _reference(old, "msg_1", 5, b"{}"),
         _reference(new, "msg_1", 5, b"{}"),
     ]
+
+
+def test_a_rotated_out_secret_stops_signing_when_its_grace_ends() -> None:
+    """Between the end of the grace and the next re-read of the webhook, the old secret
+    no longer signs: the request's own time decides, not when the webhook was read."""
+    old, new = b"o" * 32, b"n" * 32
+    grace_ends = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    route = WebhookRoute(
+        id="wh_1",
+        team_id="team_1",
+        url="https://example.com/hook",
+        topics=frozenset({"object.created"}),
+        object_types=None,
+        headers=(),
+        signing_keys=(SigningKey(old, grace_ends), SigningKey(new)),
+        active=True,
+    )
+    delivery = Delivery(id="msg_1", webhook_id="wh_1", attempt=1, event=sample_event())
+    during = int(grace_ends.timestamp()) - 1
+    after = int(grace_ends.timestamp())
+    assert signed_headers(route, delivery, b"{}", during)["webhook-signature"] == " ".join(
+        [_reference(old, "msg_1", during, b"{}"), _reference(new, "msg_1", during, b"{}")]
+    )
+    assert signed_headers(route, delivery, b"{}", after)["webhook-signature"] == _reference(
+        new, "msg_1", after, b"{}"
+    )
 
 
 @pytest.mark.parametrize("secret", ["sk_abc", "whsec_not*base64", "whsec_"[:-1]])
