@@ -367,7 +367,13 @@ class DeliveryHandler:
             # A delivery whose partition moved while it was in flight would leave a circuit
             # here for an endpoint whose deliveries another process now sends (counted
             # open by both, and by this one until the webhook next changes).
-            self._circuit.record(route.id, delivered, time.monotonic(), started=started)
+            now = time.monotonic()
+            self._circuit.record(route.id, delivered, now, started=started)
+            pause = self._asked_pause(outcome)
+            if pause:
+                # A throttled endpoint is asked nothing more until then, not only this
+                # delivery: the others would each use an attempt on more 429s.
+                self._circuit.pause(route.id, now, pause)
         self._metrics.outcomes[outcome.outcome].inc()
         self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
         self._log.info(
@@ -431,6 +437,13 @@ class DeliveryHandler:
             retry_after = parse_retry_after(outcome.retry_after, now)
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
+
+    def _asked_pause(self, outcome: Outcome) -> float | None:
+        """Seconds a back-off answer's Retry-After asks for, within the bound."""
+        if outcome.status_code not in BACK_OFF_STATUSES:
+            return None
+        seconds = parse_retry_after(outcome.retry_after, utcnow())
+        return None if seconds is None else min(seconds, self._policy.retry_after_max)
 
     def _held(self, delivery: Delivery, record: ConsumerRecord) -> _Hold | None:
         """The hold a delivery is put off to whatever its circuit says.

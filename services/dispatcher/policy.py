@@ -76,6 +76,9 @@ class _Endpoint:
     # already on their way and say nothing about the probe.
     opened_at: float | None = None
     failed_probes: int = 0
+    # Asked for by the endpoint (Retry-After): nothing goes before, everything after, with
+    # no probe (it is not a failing endpoint, only a busy one).
+    paused_until: float = 0.0
 
 
 @dataclass
@@ -98,7 +101,11 @@ class CircuitBreaker:
     def allows(self, endpoint: str, now: float, *, peek: bool = False) -> bool:
         """Whether a request may go now; ``peek`` asks without taking the probe's turn."""
         state = self._endpoints.get(endpoint)
-        if state is None or state.opened_at is None:
+        if state is None:
+            return True
+        if now < state.paused_until:
+            return False
+        if state.opened_at is None:
             return True
         if now < state.open_until:
             return False
@@ -111,9 +118,19 @@ class CircuitBreaker:
         state.open_until = now + self.open_for
         return True
 
+    def pause(self, endpoint: str, now: float, seconds: float) -> None:
+        """The endpoint asked for ``seconds`` of quiet (a Retry-After with a 429 or 503):
+        no request goes to it until then; after, all go again unless the circuit is open."""
+        if seconds <= 0:
+            return
+        state = self._endpoints.setdefault(endpoint, _Endpoint())
+        state.paused_until = max(state.paused_until, now + seconds)
+
     def reopens_at(self, endpoint: str) -> float:
         state = self._endpoints.get(endpoint)
-        return state.open_until if state is not None else 0.0
+        if state is None:
+            return 0.0
+        return max(state.paused_until, state.open_until if state.opened_at is not None else 0.0)
 
     def record(
         self, endpoint: str, success: bool, now: float, started: float | None = None
@@ -124,6 +141,11 @@ class CircuitBreaker:
         if state is not None and state.opened_at is not None and started < state.opened_at:
             return  # on its way before the circuit opened: not the probe
         if success:
+            if state is not None and now < state.paused_until:
+                # Answered before the endpoint asked for quiet: the circuit closes, the
+                # pause stands.
+                self._endpoints[endpoint] = _Endpoint(paused_until=state.paused_until)
+                return
             # A healthy endpoint needs no state: the table holds only failing ones.
             self._endpoints.pop(endpoint, None)
             return

@@ -202,6 +202,39 @@ async def test_retry_after_is_honoured_as_a_floor(quick_stack: Stack) -> None:
     assert times[1] - times[0] >= 1.9, "the 0.2 s schedule was stretched to Retry-After"
 
 
+async def test_retry_after_pauses_the_whole_endpoint(quick_stack: Stack) -> None:
+    """A 429 with Retry-After: 2 pauses the endpoint, not only the delivery it answered:
+    events made meanwhile are not attempted (each would use an attempt on another 429)
+    until the two seconds are over, and then go out in order."""
+    stack = quick_stack
+    arrivals: list[tuple[float, int]] = []
+    throttled = asyncio.Event()
+
+    async def throttling(request: web.Request) -> web.Response:
+        body = await request.json()
+        arrivals.append((time.monotonic(), body["data"]["n"]))
+        if len(arrivals) == 1:
+            throttled.set()
+            return web.Response(status=429, headers={"Retry-After": "2"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", throttling)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        await stack.create_webhook(f"http://127.0.0.1:{bound_port(runner)}/limited", CHANGES)
+        object_id = await stack.create_object({"n": 0})
+        await asyncio.wait_for(throttled.wait(), 15)
+        for n in (1, 2, 3):
+            await _change(stack, object_id, n)
+        await _eventually(lambda: len(arrivals) == 5, within=20)
+    finally:
+        await runner.cleanup()
+    paused_at = arrivals[0][0]
+    assert all(at - paused_at >= 1.9 for at, _ in arrivals[1:]), arrivals
+    assert [n for _, n in arrivals[1:] if n != 0] == [1, 2, 3]
+
+
 async def test_410_gone_disables_the_webhook_and_audits_why(
     quick_stack: Stack, receiver: Receiver
 ) -> None:

@@ -324,6 +324,34 @@ def test_requests_in_flight_when_the_circuit_opened_are_not_probes() -> None:
     assert circuit.reopens_at("wh") - 36 == 60, "a failed probe doubles the wait"
 
 
+def test_a_pause_stops_every_request_until_it_ends_then_lets_all_through() -> None:
+    """A Retry-After pauses the endpoint: nothing goes until then, and after it every
+    request goes (no probe: the endpoint was busy, not failing). An answer to a request
+    sent before the pause does not lift it; one after it clears the endpoint's state."""
+    circuit = CircuitBreaker(threshold=3, open_for=30)
+    circuit.record("wh", success=False, now=100)
+    circuit.pause("wh", now=100, seconds=2)
+    assert not circuit.allows("wh", 101, peek=True)
+    assert not circuit.allows("wh", 101.9)
+    assert circuit.reopens_at("wh") == 102
+    assert circuit.open_count == 0, "a pause is not an open circuit"
+    circuit.record("wh", success=True, now=101, started=99)
+    assert not circuit.allows("wh", 101.5), "a late success does not lift the pause"
+    assert [circuit.allows("wh", 102) for _ in range(3)] == [True] * 3, "no probe"
+    circuit.record("wh", success=True, now=102.5)
+    assert circuit.endpoints() == []
+
+
+def test_a_pause_outlasting_an_open_circuit_holds_the_probe_back() -> None:
+    circuit = CircuitBreaker(threshold=1, open_for=10)
+    circuit.record("wh", success=False, now=0)
+    circuit.pause("wh", now=0, seconds=60)
+    assert circuit.reopens_at("wh") == 60
+    assert not circuit.allows("wh", 30)
+    assert circuit.allows("wh", 60)  # the probe
+    assert not circuit.allows("wh", 61), "one probe at a time"
+
+
 def test_healthy_endpoints_leave_no_state() -> None:
     circuit = CircuitBreaker(threshold=3, open_for=30)
     for n in range(1000):
