@@ -120,6 +120,10 @@ class _WebhookRules(BaseModel):
         return value
 
 
+# Deliveries a second one endpoint may be limited to: more is no limit on one dispatcher.
+_RATE_LIMIT_MAX = 10_000
+
+
 class WebhookCreate(_WebhookRules):
     name: StoredText = Field(min_length=1, max_length=200)
     description: StoredText = Field(default="", max_length=2000)
@@ -128,6 +132,7 @@ class WebhookCreate(_WebhookRules):
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     active: bool = True
+    rate_limit: float | None = Field(default=None, gt=0, le=_RATE_LIMIT_MAX)
 
 
 class WebhookUpdate(_WebhookRules):
@@ -138,6 +143,7 @@ class WebhookUpdate(_WebhookRules):
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] | None = Field(default=None, max_length=20)
     active: bool | None = None
+    rate_limit: float | None = Field(default=None, gt=0, le=_RATE_LIMIT_MAX)
 
 
 _VIEW_FIELDS = (
@@ -150,6 +156,7 @@ _VIEW_FIELDS = (
     "object_types",
     "headers",
     "active",
+    "rate_limit",
     "created_at",
     "updated_at",
 )
@@ -196,6 +203,7 @@ async def create_webhook(request: web.Request) -> web.Response:
         "headers": body.headers,
         "secrets": [{"secret": secret, "expires_at": None}],
         "active": body.active,
+        "rate_limit": body.rate_limit,
         "created_at": now,
         "updated_at": now,
     }

@@ -301,7 +301,7 @@ class DeliveryHandler:
             and not self._circuit.allows(route.id, time.monotonic(), peek=True)
         ):
             return route  # deferred by the caller, without waiting for a slot
-        await pace()
+        await pace(route.rate_limit)
         # The wait may have been long: a webhook deactivated meanwhile gets nothing.
         return self._table.get(delivery.webhook_id)
 

@@ -33,9 +33,10 @@ _FETCH_RETRY_SECONDS = 1.0
 _FETCH_RECORDS = 500
 
 # Calls the endpoint and says what to write; the write makes the outcome durable.
-# Waits for the endpoint's next rate slot; an attempt calls it just before it sends, so a
-# delivery skipped or deferred without a request spends no slot.
-Pace = Callable[[], Awaitable[None]]
+# Waits for the endpoint's next rate slot, at the endpoint's own rate (deliveries a second)
+# or, given None, the default; an attempt calls it just before it sends, so a delivery
+# skipped or deferred without a request spends no slot.
+Pace = Callable[[float | None], Awaitable[None]]
 Attempt = Callable[[ConsumerRecord, Pace], Awaitable[list[OutRecord]]]
 Publish = Callable[[list[OutRecord]], Awaitable[None]]
 
@@ -206,11 +207,12 @@ class Lanes:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord) -> None:
-        async def pace() -> None:
-            if self._interval:
+        async def pace(rate: float | None) -> None:
+            interval = 1.0 / rate if rate else self._interval
+            if interval:
                 now = asyncio.get_running_loop().time()
                 slot = max(now, lane.next_slot)
-                lane.next_slot = slot + self._interval
+                lane.next_slot = slot + interval
                 # A rebalance or a stop beginning wakes it: the slot may be seconds away.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._hand_over_begun.wait(), slot - now)

@@ -26,6 +26,8 @@ class WebhookRoute:
     headers: tuple[tuple[str, str], ...]
     signing_keys: tuple[SigningKey, ...]
     active: bool
+    # Deliveries a second at most; None: the operator's default for every endpoint.
+    rate_limit: float | None = None
 
     def wants(self, event: Event) -> bool:
         return (

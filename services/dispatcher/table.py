@@ -46,6 +46,7 @@ def _route_from_row(row: Any) -> WebhookRoute:
         headers=tuple(sorted(row.headers.items())),
         signing_keys=tuple(keys),
         active=bool(row.active) and row.deleted_at is None,
+        rate_limit=row.rate_limit,
     )
 
 

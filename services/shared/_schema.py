@@ -151,6 +151,8 @@ webhooks = Table(
     # or pointed elsewhere); null while it is healthy. The delivery log's writer keeps it,
     # so the "no success for days" rule outlives any dispatcher process.
     Column("failing_since", UtcDateTime()),
+    # Deliveries a second this endpoint takes at most; null: the dispatcher's default.
+    Column("rate_limit", Float),
 )
 
 objects = Table(

@@ -160,6 +160,11 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "headers": {"X-Long": "v" * 1025}}, "headers"),
         ({**VALID, "headers": {"X-Num": 5}}, "headers.X-Num"),
         ({**VALID, "headers": ["X-A"]}, "headers"),
+        ({**VALID, "rate_limit": 0}, "rate_limit"),
+        ({**VALID, "rate_limit": -1}, "rate_limit"),
+        ({**VALID, "rate_limit": 10_001}, "rate_limit"),
+        ({**VALID, "rate_limit": "5"}, "rate_limit"),
+        ({**VALID, "rate_limit": True}, "rate_limit"),
     ],
 )
 async def test_invalid_webhooks_get_422_naming_the_field(
@@ -233,6 +238,8 @@ async def test_unknown_routes_use_the_error_shape(api_stack: Stack) -> None:
         ({"name": None}, "name"),
         ({"name": "a\u0000b"}, "name"),
         ({"topics": ["object.exploded"]}, "topics.0"),
+        ({"rate_limit": 0}, "rate_limit"),
+        ({"rate_limit": "fast"}, "rate_limit"),
     ],
 )
 async def test_invalid_webhook_updates_get_422_and_change_nothing(

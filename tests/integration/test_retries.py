@@ -742,6 +742,56 @@ async def test_per_endpoint_rate_limit_spaces_requests(
             await _eventually(lambda topic=topic: caught_up(topic))
 
 
+async def test_a_webhooks_own_rate_limit_spaces_its_requests_and_no_others(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """Created with a rate limit of 4 a second, a webhook gets six events spread over at
+    least 1.25 s, while one without a limit (and no default set) gets the same six at once;
+    cleared with PATCH, the limit no longer spaces the next ones."""
+    base = receiver.url.rsplit("/", 1)[0]
+    limited = await stack.create_webhook(f"{base}/limited", CREATED, rate_limit=4)
+    assert limited["rate_limit"] == 4
+    assert (await stack.create_webhook(f"{base}/free", CREATED))["rate_limit"] is None
+    producer = make_producer(stack.settings)
+    await start_client(producer, stack.settings)
+
+    async def six_events(batch: str) -> None:
+        events = [sample_event(id=f"evt_{batch}_{n}", team_id=stack.team_id) for n in range(6)]
+        topic = topics_for(stack.settings).events
+        await send_all(producer, [(topic, b"k", event.to_bytes()) for event in events])
+
+    def span(path: str, since: int) -> float:
+        times = [r.at for r in receiver.received[since:] if r.path == path]
+        assert len(times) == 6
+        return times[-1] - times[0]
+
+    try:
+        await six_events("a")
+        await receiver.wait_for(12, within=15)
+        assert span("/limited", 0) >= 1.2, "six at four a second: 1.25 s from first to last"
+        assert span("/free", 0) < 0.75
+        status, cleared = await _webhook_call(stack, "PATCH", limited["id"], {"rate_limit": None})
+        assert (status, cleared["rate_limit"]) == (200, None)
+        await _eventually(lambda: stack.dispatcher.table.get(limited["id"]).rate_limit is None)
+        await six_events("b")
+        await receiver.wait_for(24, within=15)
+        assert span("/limited", 12) < 0.75
+    finally:
+        await stop_client(producer)
+
+
+async def _webhook_call(
+    stack: Stack, method: str, webhook_id: str, body: dict[str, Any]
+) -> tuple[int, Any]:
+    async with stack.session.request(
+        method,
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook_id}",
+        headers=stack.headers(),
+        json=body,
+    ) as response:
+        return response.status, await response.json()
+
+
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
     """One HTTP/1.1 request off a raw socket, body and all; returns its head."""
     head = await reader.readuntil(b"\r\n\r\n")

@@ -139,7 +139,7 @@ async def test_a_rebalance_takes_back_deliveries_waiting_for_their_rate_slot() -
     sent: list[int] = []
 
     async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        await pace()
+        await pace(None)
         sent.append(record.offset)
         return []
 
@@ -170,7 +170,7 @@ async def test_a_stop_neither_waits_for_rate_slots_nor_sends_their_deliveries() 
     sent: list[int] = []
 
     async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        await pace()
+        await pace(None)
         sent.append(record.offset)
         return []
 
