@@ -120,7 +120,10 @@ class _WebhookRules(BaseModel):
         return value
 
 
-# Deliveries a second one endpoint may be limited to: more is no limit on one dispatcher.
+# Deliveries a second one endpoint may be limited to: more is no limit on one dispatcher;
+# less would let the deliveries waiting for their slots (each takes one as it starts
+# waiting, up to the lane's concurrency) wait minutes after the limit is raised.
+_RATE_LIMIT_MIN = 0.1
 _RATE_LIMIT_MAX = 10_000
 
 
@@ -132,7 +135,7 @@ class WebhookCreate(_WebhookRules):
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     active: bool = True
-    rate_limit: float | None = Field(default=None, gt=0, le=_RATE_LIMIT_MAX)
+    rate_limit: float | None = Field(default=None, ge=_RATE_LIMIT_MIN, le=_RATE_LIMIT_MAX)
 
 
 class WebhookUpdate(_WebhookRules):
@@ -143,7 +146,7 @@ class WebhookUpdate(_WebhookRules):
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] | None = Field(default=None, max_length=20)
     active: bool | None = None
-    rate_limit: float | None = Field(default=None, gt=0, le=_RATE_LIMIT_MAX)
+    rate_limit: float | None = Field(default=None, ge=_RATE_LIMIT_MIN, le=_RATE_LIMIT_MAX)
 
 
 _VIEW_FIELDS = (

@@ -183,6 +183,7 @@ class DispatcherService:
             retries, self._producer, self.topics, pending_max=self.settings.retry_pending_max
         )
         retries_hand_over.before_revoke = self._timer.hand_over
+        retries_hand_over.after_assign = self._timer.reassigned
         # Changes older than the table load (less a margin for clock skew between producers)
         # are already reflected in it. The newer ones are applied before the first event is
         # routed: a webhook created while the table loaded must not miss those events.

@@ -368,12 +368,13 @@ class DeliveryHandler:
             # here for an endpoint whose deliveries another process now sends (counted
             # open by both, and by this one until the webhook next changes).
             now = time.monotonic()
-            self._circuit.record(route.id, delivered, now, started=started)
             pause = self._asked_pause(outcome)
             if pause:
                 # A throttled endpoint is asked nothing more until then, not only this
                 # delivery: the others would each use an attempt on more 429s.
-                self._circuit.pause(route.id, now, pause)
+                self._circuit.pause(route.id, now, pause, started=started)
+            else:
+                self._circuit.record(route.id, delivered, now, started=started)
         self._metrics.outcomes[outcome.outcome].inc()
         self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
         self._log.info(

@@ -308,7 +308,10 @@ class Lanes:
             return
         self._reassigned = False
         self._handing_over = False
-        self._hand_over_begun.clear()
+        if not self._stopping:
+            # A stop's wake-up stands: a delivery reaching its rate wait now must not
+            # sleep through the grace.
+            self._hand_over_begun.clear()
         for key in list(self._lanes):
             if key in self._lanes:
                 self._pump(key)

@@ -118,13 +118,21 @@ class CircuitBreaker:
         state.open_until = now + self.open_for
         return True
 
-    def pause(self, endpoint: str, now: float, seconds: float) -> None:
+    def pause(
+        self, endpoint: str, now: float, seconds: float, started: float | None = None
+    ) -> None:
         """The endpoint asked for ``seconds`` of quiet (a Retry-After with a 429 or 503):
-        no request goes to it until then; after, all go again unless the circuit is open."""
-        if seconds <= 0:
-            return
+        no request goes to it until then; after, all go again unless the circuit is open.
+
+        Such an answer, instead of ``record``, is no failure: a busy endpoint's requests in
+        flight, answered alike, would otherwise open the circuit and turn a pause of
+        seconds into ``open_for``. When it answered the probe, the probe's turn ends, and
+        the first request after the pause probes again."""
         state = self._endpoints.setdefault(endpoint, _Endpoint())
-        state.paused_until = max(state.paused_until, now + seconds)
+        state.paused_until = max(state.paused_until, now + max(seconds, 0.0))
+        started = now if started is None else started
+        if state.opened_at is not None and started >= state.opened_at:
+            state.open_until = min(state.open_until, now)
 
     def reopens_at(self, endpoint: str) -> float:
         state = self._endpoints.get(endpoint)

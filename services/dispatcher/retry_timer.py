@@ -36,6 +36,7 @@ from .flow import FetchGate
 from .offsets import OffsetTracker
 
 _IDLE_WAIT_MS = 500
+_HANDING_OVER_WAIT_MS = 100
 _FETCH_RECORDS = 1000
 # Only a record due further off than this is worth moving: a nearer one clears by itself.
 _MOVE_WHEN_DUE_AFTER_US = 30_000_000
@@ -176,6 +177,9 @@ class RetryTimer:
         # Held while records are forwarded or moved and until the commit that follows: a
         # rebalance waits for it, then commits (``hand_over``).
         self._turn = asyncio.Lock()
+        # From a hand-over until the new assignment: the partitions may be moving, so
+        # nothing is forwarded or moved (their next owner would do it again).
+        self._handing_over = False
         self._log = get_logger("dispatcher")
 
     def lag(self) -> dict[TopicPartition, int]:
@@ -202,7 +206,11 @@ class RetryTimer:
                 await self._commit()
             fetch_size = self._apply_backpressure()
             wait_ms = _IDLE_WAIT_MS
-            if self._heap:
+            if self._handing_over:
+                # Nothing is forwarded until the rebalance ends: a due record must not
+                # make the loop spin meanwhile.
+                wait_ms = _HANDING_OVER_WAIT_MS
+            elif self._heap:
                 wait_ms = max(0, min(wait_ms, (self._heap[0].due_us - _wall_us()) // 1000))
             try:
                 batches = await self._consumer.getmany(
@@ -232,12 +240,18 @@ class RetryTimer:
         """Before a rebalance moves partitions: let the records being forwarded or moved
         go, then commit everything forwarded, within ``within`` seconds, so their next
         owner does not forward them again (decision 56)."""
+        self._handing_over = True
         try:
             async with asyncio.timeout(within):
                 async with self._turn:
                     await self._commit()
         except TimeoutError:
             self._log.warning("hand_over_cut_short", within_seconds=within)
+
+    def reassigned(self) -> None:
+        """The rebalance is over: forwarding goes on (the records of partitions that
+        moved are dropped after the next fetch, before the turn after it)."""
+        self._handing_over = False
 
     def _forget_revoked(self) -> None:
         assigned = self._consumer.assignment()
@@ -251,6 +265,8 @@ class RetryTimer:
             self._waiting_values = {entry.value for entry in self._heap}
 
     async def _forward_due(self) -> None:
+        if self._handing_over:
+            return
         now = _wall_us()
         due = []
         while self._heap and self._heap[0].due_us <= now:
@@ -291,7 +307,7 @@ class RetryTimer:
         a fetch) long before they are due.
         """
         now = time.monotonic()
-        if now < self._next_move_check:
+        if self._handing_over or now < self._next_move_check:
             return
         self._next_move_check = now + self._move_every
         waiting: dict[TopicPartition, list[Waiting]] = {}

@@ -545,10 +545,17 @@ async def consume_forever(
         # A partition taken by a rebalance is its new owner's to commit.
         points = {partition: o for partition, o in handled.items() if partition in owned}
         handled.clear()
-        if points and not await commit_offsets(consumer, points):
-            # Tried again at the next turn, unless a later batch has moved past them.
-            for partition, offset in points.items():
-                handled.setdefault(partition, offset)
+        if not points:
+            return
+        committed = False
+        try:
+            committed = await commit_offsets(consumer, points)
+        finally:
+            if not committed:
+                # Tried again at the next turn (or by the last commit of a stop that cut
+                # this one short), unless a later batch has moved past them.
+                for partition, offset in points.items():
+                    handled.setdefault(partition, offset)
 
     async def commit_before_revoke(within: float) -> None:
         try:

@@ -162,6 +162,7 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "headers": ["X-A"]}, "headers"),
         ({**VALID, "rate_limit": 0}, "rate_limit"),
         ({**VALID, "rate_limit": -1}, "rate_limit"),
+        ({**VALID, "rate_limit": 0.05}, "rate_limit"),
         ({**VALID, "rate_limit": 10_001}, "rate_limit"),
         ({**VALID, "rate_limit": "5"}, "rate_limit"),
         ({**VALID, "rate_limit": True}, "rate_limit"),

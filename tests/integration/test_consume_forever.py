@@ -216,6 +216,34 @@ async def test_a_slow_last_commit_is_not_cut_short_by_the_stop(
     assert await _committed(consumer, topic) == 3
 
 
+async def test_a_stop_during_a_periodic_commit_still_commits(
+    kafka_settings: Settings,
+    topic: str,
+    consumer: AIOKafkaConsumer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stop lands while the interval's commit is on its way (slowed by a second): the
+    offsets it carried are not lost with it, the stop's last commit makes them."""
+    real_commit = consumer.commit
+    committing = asyncio.Event()
+
+    async def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        committing.set()
+        await asyncio.sleep(1.0)
+        return await real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(consumer, "commit", slow_commit)
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        return None
+
+    loop = asyncio.create_task(consume_forever(consumer, handle, commit_interval_seconds=0.1))
+    await _publish(kafka_settings, topic, [b"0", b"1", b"2"])
+    await _until(committing)
+    await cancel_and_wait(loop)
+    assert await _committed(consumer, topic) == 3
+
+
 async def _committed(consumer: AIOKafkaConsumer, topic: str) -> int | None:
     return await consumer.committed(TopicPartition(topic, 0))
 

@@ -1052,6 +1052,44 @@ async def test_a_rebalance_commits_the_retries_being_forwarded_before_they_move(
         await stop_client(producer)
 
 
+async def test_a_timer_handing_over_forwards_nothing_until_the_new_assignment(
+    settings: Settings,
+) -> None:
+    """After its hand-over the partitions may be moving: a retry that comes due meanwhile
+    waits (its next owner would forward it again), and goes once the assignment is in."""
+    quick, topics = await _own_topics(settings, "held", kafka_partitions=1)
+    producer = make_producer(quick)
+    await start_client(producer, quick)
+    retries = make_patient_consumer(quick, topics.retry(1), group_id=f"{quick.topic_prefix}r")
+    await start_client(retries, quick)
+    timer = RetryTimer(retries, producer, topics, pending_max=10)
+    running = asyncio.create_task(timer.run())
+    deliveries = make_consumer(quick, topics.deliveries, group_id=None)
+    await start_client(deliveries, quick)
+    try:
+        await timer.hand_over(1.0)
+        record = Delivery(id="msg_held", webhook_id="wh_held", attempt=2, event=_event("held"))
+        await send_all(producer, [(topics.retry(1), b"wh_held", record.to_bytes())])
+        await _eventually(lambda: timer.pending == 1)
+        batches = await deliveries.getmany(timeout_ms=700)
+        assert [r for b in batches.values() for r in b] == [], "forwarded while handing over"
+        timer.reassigned()
+        forwarded: list[str] = []
+
+        async def was_forwarded() -> bool:
+            batches = await deliveries.getmany(timeout_ms=200)
+            forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+            return bool(forwarded)
+
+        await _eventually(was_forwarded)
+        assert forwarded == ["msg_held"]
+    finally:
+        await cancel_and_wait(running)
+        await stop_client(deliveries)
+        await stop_client(retries)
+        await stop_client(producer)
+
+
 async def test_a_stop_during_the_commit_still_commits_what_was_forwarded(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

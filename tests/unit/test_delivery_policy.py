@@ -329,7 +329,7 @@ def test_a_pause_stops_every_request_until_it_ends_then_lets_all_through() -> No
     request goes (no probe: the endpoint was busy, not failing). An answer to a request
     sent before the pause does not lift it; one after it clears the endpoint's state."""
     circuit = CircuitBreaker(threshold=3, open_for=30)
-    circuit.record("wh", success=False, now=100)
+    circuit.record("wh", success=False, now=99)
     circuit.pause("wh", now=100, seconds=2)
     assert not circuit.allows("wh", 101, peek=True)
     assert not circuit.allows("wh", 101.9)
@@ -342,14 +342,26 @@ def test_a_pause_stops_every_request_until_it_ends_then_lets_all_through() -> No
     assert circuit.endpoints() == []
 
 
-def test_a_pause_outlasting_an_open_circuit_holds_the_probe_back() -> None:
+def test_throttled_answers_in_flight_do_not_open_the_circuit() -> None:
+    """Ten requests in flight all answered 429 with Retry-After: 2 (past the threshold of
+    five): a pause, not five failures, so after two seconds all go again, with no probe."""
+    circuit = CircuitBreaker(threshold=5, open_for=30)
+    for n in range(10):
+        circuit.pause("wh", now=1 + n / 100, seconds=2, started=0)
+    assert circuit.open_count == 0
+    assert not circuit.allows("wh", 3)
+    assert [circuit.allows("wh", 3.1) for _ in range(3)] == [True] * 3
+
+
+def test_a_probe_answered_with_a_pause_probes_again_when_it_ends() -> None:
     circuit = CircuitBreaker(threshold=1, open_for=10)
     circuit.record("wh", success=False, now=0)
-    circuit.pause("wh", now=0, seconds=60)
-    assert circuit.reopens_at("wh") == 60
+    assert circuit.allows("wh", 10)  # the probe, answered 429 with Retry-After: 60
+    circuit.pause("wh", now=11, seconds=60, started=10)
+    assert circuit.reopens_at("wh") == 71
     assert not circuit.allows("wh", 30)
-    assert circuit.allows("wh", 60)  # the probe
-    assert not circuit.allows("wh", 61), "one probe at a time"
+    assert circuit.allows("wh", 71)  # the next probe
+    assert not circuit.allows("wh", 72), "one probe at a time"
 
 
 def test_healthy_endpoints_leave_no_state() -> None:

@@ -14,7 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # batch mode: SQLite alters a table by copying it.
+    # batch mode, like the others: SQLite can add a column but not drop one in place.
     with op.batch_alter_table("webhooks") as batch:
         batch.add_column(sa.Column("rate_limit", sa.Float()))
 
