@@ -33,6 +33,7 @@ from services.shared import (
     DependencyUnavailable,
     Event,
     GuardedResolver,
+    HandOver,
     InvalidRecord,
     Metrics,
     OutRecord,
@@ -108,6 +109,8 @@ class DispatcherService:
         self._handler: DeliveryHandler | None = None
         self._lanes: Lanes | None = None
         self._timer: RetryTimer | None = None
+        # The delivery consumer's rebalance listener (decision 55).
+        self._deliverer_hand_over: HandOver | None = None
         self._follower = ChangeFollower(settings, self._apply_change)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
@@ -129,7 +132,7 @@ class DispatcherService:
         router = make_consumer(self.settings, group_id=f"{group}.router")
         router_hand_over = subscribe_handing_over(router, self.settings, self.topics.events)
         deliverer = make_consumer(self.settings, group_id=f"{group}.delivery")
-        deliverer_hand_over = subscribe_handing_over(
+        self._deliverer_hand_over = deliverer_hand_over = subscribe_handing_over(
             deliverer, self.settings, self.topics.deliveries
         )
         retries = make_patient_consumer(self.settings, group_id=f"{group}.retry")

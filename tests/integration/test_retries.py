@@ -537,14 +537,17 @@ async def test_a_rebalance_waits_for_the_deliveries_in_flight_instead_of_sending
         for _ in range(events):
             await stack.create_object()
         await receiver.wait_for(len(webhooks))  # one in flight per webhook, two waiting
-        revoke = first._hand_over._before_revoke
+        hand_over = first._deliverer_hand_over
+        assert hand_over is not None
+        revoke = hand_over.before_revoke
+        assert revoke is not None
 
-        async def answered_while_revoking() -> None:
+        async def answered_while_revoking(within: float) -> None:
             # The endpoint answers a moment into the rebalance, well within its wait.
             asyncio.get_running_loop().call_later(0.2, gate.set)
-            await revoke()
+            await revoke(within)
 
-        first._hand_over._before_revoke = answered_while_revoking
+        hand_over.before_revoke = answered_while_revoking
         second = DispatcherService(one_at_a_time, stack.api.engine)
         await second.start()
         try:
