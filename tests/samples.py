@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.dispatcher.routing import SigningKey, WebhookRoute
 from services.shared import Event, utcnow
 
 
@@ -20,3 +21,20 @@ def sample_event(**overrides: Any) -> Event:
     }
     fields.update(overrides)
     return Event.model_validate(fields)
+
+
+def sample_route(**overrides: Any) -> WebhookRoute:
+    """An active webhook, as the dispatcher's table holds it, subscribed to
+    ``object.created``; ``overrides`` replace its fields."""
+    fields: dict[str, Any] = {
+        "id": "wh_1",
+        "team_id": "team_1",
+        "url": "https://example.com/hook",
+        "topics": frozenset({"object.created"}),
+        "object_types": None,
+        "headers": (),
+        "signing_keys": (SigningKey(b"k"),),
+        "active": True,
+    }
+    fields.update(overrides)
+    return WebhookRoute(**fields)

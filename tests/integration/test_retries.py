@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 from sqlalchemy.exc import OperationalError
 
@@ -921,6 +921,12 @@ async def _own_topics(settings: Settings, name: str, **overrides: Any) -> tuple[
     return own, topics_for(own)
 
 
+async def _forwarded_ids(deliveries: AIOKafkaConsumer) -> list[str]:
+    """The delivery ids a fetch of the deliveries topic brings."""
+    batches = await deliveries.getmany(timeout_ms=200)
+    return [orjson.loads(r.value)["id"] for b in batches.values() for r in b]
+
+
 def _event(name: str) -> Event:
     return sample_event(id=f"evt_{name}", team_id=f"team_{name}")
 
@@ -963,8 +969,7 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
         forwarded: list[str] = []
 
         async def forwarded_due() -> bool:
-            batches = await deliveries.getmany(timeout_ms=200)
-            forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+            forwarded.extend(await _forwarded_ids(deliveries))
             return "msg_due" in forwarded
 
         await _eventually(forwarded_due)
@@ -1080,8 +1085,7 @@ async def test_a_timer_handing_over_forwards_nothing_until_the_new_assignment(
         forwarded: list[str] = []
 
         async def was_forwarded() -> bool:
-            batches = await deliveries.getmany(timeout_ms=200)
-            forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+            forwarded.extend(await _forwarded_ids(deliveries))
             return bool(forwarded)
 
         await _eventually(was_forwarded)
@@ -1298,15 +1302,13 @@ async def test_a_retry_forward_failing_on_one_partition_sends_no_second_copy_els
         forwarded: list[str] = []
 
         async def both_forwarded() -> bool:
-            batches = await deliveries.getmany(timeout_ms=200)
-            forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+            forwarded.extend(await _forwarded_ids(deliveries))
             return f"msg_{refused_webhook}" in forwarded
 
         await _eventually(both_forwarded)
         assert not refusals
         await asyncio.sleep(0.5)  # time enough for a stray copy to arrive, if one was sent
-        batches = await deliveries.getmany(timeout_ms=200)
-        forwarded.extend(orjson.loads(r.value)["id"] for b in batches.values() for r in b)
+        forwarded.extend(await _forwarded_ids(deliveries))
         assert sorted(forwarded) == sorted(f"msg_{w}" for w in (refused_webhook, other_webhook))
     finally:
         await cancel_and_wait(running)

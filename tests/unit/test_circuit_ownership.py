@@ -13,7 +13,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from services.dispatcher import handler as handler_module
 from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
-from services.dispatcher.routing import SigningKey, WebhookRoute
+from services.dispatcher.routing import WebhookRoute
 from services.dispatcher.sender import Outcome
 from services.shared import (
     Delivery,
@@ -23,18 +23,9 @@ from services.shared import (
     load_settings,
     utcnow,
 )
-from tests.samples import sample_event
+from tests.samples import sample_event, sample_route
 
-ROUTE = WebhookRoute(
-    id="wh_1",
-    team_id="team_1",
-    url="http://127.0.0.1:9/hook",
-    topics=frozenset({"object.created"}),
-    object_types=None,
-    headers=(),
-    signing_keys=(SigningKey(b"k"),),
-    active=True,
-)
+ROUTE = sample_route(url="http://127.0.0.1:9/hook")
 
 
 class _Table:

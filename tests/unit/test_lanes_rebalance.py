@@ -131,10 +131,8 @@ async def test_a_read_that_fails_still_lets_the_partition_go_on() -> None:
         await asyncio.gather(running, return_exceptions=True)
 
 
-async def test_a_rebalance_takes_back_deliveries_waiting_for_their_rate_slot() -> None:
-    """Their slots may be seconds away: waiting for them would use up the rebalance, and
-    sending them after it would send them twice. They go back, in order, and are sent
-    once the rebalance leaves their partition here."""
+def _paced_lanes() -> tuple[_Consumer, Lanes, list[int]]:
+    """Lanes sending one delivery every two seconds, and the offsets they send."""
     consumer = _Consumer()
     sent: list[int] = []
 
@@ -147,6 +145,14 @@ async def test_a_rebalance_takes_back_deliveries_waiting_for_their_rate_slot() -
         pass
 
     lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100, rate=0.5)
+    return consumer, lanes, sent
+
+
+async def test_a_rebalance_takes_back_deliveries_waiting_for_their_rate_slot() -> None:
+    """Their slots may be seconds away: waiting for them would use up the rebalance, and
+    sending them after it would send them twice. They go back, in order, and are sent
+    once the rebalance leaves their partition here."""
+    consumer, lanes, sent = _paced_lanes()
     running = asyncio.create_task(lanes.run())
     try:
         await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(4)]})
@@ -166,18 +172,7 @@ async def test_a_rebalance_takes_back_deliveries_waiting_for_their_rate_slot() -
 async def test_a_stop_neither_waits_for_rate_slots_nor_sends_their_deliveries() -> None:
     """Their slots may be further off than the stop's grace: rather than hold the stop up
     and go out during it, they are left uncommitted for the next process to send."""
-    consumer = _Consumer()
-    sent: list[int] = []
-
-    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        await pace(None)
-        sent.append(record.offset)
-        return []
-
-    async def publish(records: list[OutRecord]) -> None:
-        pass
-
-    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100, rate=0.5)
+    consumer, lanes, sent = _paced_lanes()
     running = asyncio.create_task(lanes.run())
     try:
         await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(4)]})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from services.dispatcher.routing import SigningKey, WebhookRoute, delivery_id, fan_out
+from services.dispatcher.routing import WebhookRoute, delivery_id, fan_out
 from services.shared import Event
-from tests.samples import sample_event
+from tests.samples import sample_event, sample_route
 
 
 def _event(**overrides: object) -> Event:
@@ -18,18 +18,8 @@ def _event(**overrides: object) -> Event:
 
 
 def _route(webhook_id: str, **overrides: object) -> WebhookRoute:
-    fields: dict[str, object] = {
-        "id": webhook_id,
-        "team_id": "team_a",
-        "url": "https://example.com/hook",
-        "topics": frozenset({"object.created"}),
-        "object_types": None,
-        "headers": (),
-        "signing_keys": (SigningKey(b"k"),),
-        "active": True,
-    }
-    fields.update(overrides)
-    return WebhookRoute(**fields)  # type: ignore[arg-type]
+    fields: dict[str, object] = {"id": webhook_id, "team_id": "team_a"}
+    return sample_route(**(fields | overrides))
 
 
 def test_only_matching_webhooks_get_a_delivery() -> None:

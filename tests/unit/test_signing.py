@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 import pytest
 
 from services.dispatcher.errors import InvalidSecret
-from services.dispatcher.routing import SigningKey, WebhookRoute
+from services.dispatcher.routing import SigningKey
 from services.dispatcher.sender import signed_headers
 from services.dispatcher.signing import secret_key, sign, signature_header
 from services.shared import Delivery
-from tests.samples import sample_event
+from tests.samples import sample_event, sample_route
 
 
 def _reference(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -57,16 +57,7 @@ def test_a_rotated_out_secret_stops_signing_when_its_grace_ends() -> None:
     no longer signs: the request's own time decides, not when the webhook was read."""
     old, new = b"o" * 32, b"n" * 32
     grace_ends = datetime(2026, 1, 1, 12, tzinfo=UTC)
-    route = WebhookRoute(
-        id="wh_1",
-        team_id="team_1",
-        url="https://example.com/hook",
-        topics=frozenset({"object.created"}),
-        object_types=None,
-        headers=(),
-        signing_keys=(SigningKey(old, grace_ends), SigningKey(new)),
-        active=True,
-    )
+    route = sample_route(signing_keys=(SigningKey(old, grace_ends), SigningKey(new)))
     delivery = Delivery(id="msg_1", webhook_id="wh_1", attempt=1, event=sample_event())
     during = int(grace_ends.timestamp()) - 1
     after = int(grace_ends.timestamp())
