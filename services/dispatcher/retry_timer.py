@@ -27,6 +27,7 @@ from services.shared import (
     OutRecord,
     Topics,
     commit_offsets,
+    commit_when_free,
     finish_despite_cancel,
     get_logger,
     send_each,
@@ -201,8 +202,9 @@ class RetryTimer:
     async def _forward_forever(self) -> None:
         while True:
             async with self._turn:
-                await self._forward_due()
-                await self._move_blockers()
+                if not self._handing_over:
+                    await self._forward_due()
+                    await self._move_blockers()
                 await self._commit()
             fetch_size = self._apply_backpressure()
             wait_ms = _IDLE_WAIT_MS
@@ -241,12 +243,7 @@ class RetryTimer:
         go, then commit everything forwarded, within ``within`` seconds, so their next
         owner does not forward them again (decision 56)."""
         self._handing_over = True
-        try:
-            async with asyncio.timeout(within):
-                async with self._turn:
-                    await self._commit()
-        except TimeoutError:
-            self._log.warning("hand_over_cut_short", within_seconds=within)
+        await commit_when_free(self._turn, self._commit, within)
 
     def reassigned(self) -> None:
         """The rebalance is over: forwarding goes on (the records of partitions that
@@ -265,8 +262,6 @@ class RetryTimer:
             self._waiting_values = {entry.value for entry in self._heap}
 
     async def _forward_due(self) -> None:
-        if self._handing_over:
-            return
         now = _wall_us()
         due = []
         while self._heap and self._heap[0].due_us <= now:
@@ -307,7 +302,7 @@ class RetryTimer:
         a fetch) long before they are due.
         """
         now = time.monotonic()
-        if self._handing_over or now < self._next_move_check:
+        if now < self._next_move_check:
             return
         self._next_move_check = now + self._move_every
         waiting: dict[TopicPartition, list[Waiting]] = {}

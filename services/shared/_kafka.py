@@ -499,6 +499,20 @@ class HandOver(ConsumerRebalanceListener):  # type: ignore[misc]
             self.after_assign()
 
 
+async def commit_when_free(
+    turn: asyncio.Lock, commit: Callable[[], Awaitable[object]], within: float
+) -> None:
+    """For a hand-over: once the loop's turn is free (what it had in hand is finished),
+    commit, all within ``within`` seconds; past that, the partitions' next owner reads
+    again from the last commit (logged)."""
+    try:
+        async with asyncio.timeout(within):
+            async with turn:
+                await commit()
+    except TimeoutError:
+        structlog.get_logger().warning("hand_over_cut_short", within_seconds=within)
+
+
 def subscribe_handing_over(
     consumer: AIOKafkaConsumer, settings: Settings, *topics: str
 ) -> HandOver:
@@ -557,17 +571,8 @@ async def consume_forever(
                 for partition, offset in points.items():
                     handled.setdefault(partition, offset)
 
-    async def commit_before_revoke(within: float) -> None:
-        try:
-            async with asyncio.timeout(within):
-                async with in_hand:
-                    await commit_handled()
-        except TimeoutError:
-            # Its next owner reads again what was handled since the last commit.
-            log.warning("hand_over_cut_short", within_seconds=within)
-
     if hand_over is not None:
-        hand_over.before_revoke = commit_before_revoke
+        hand_over.before_revoke = functools.partial(commit_when_free, in_hand, commit_handled)
     try:
         while True:
             # Handled offsets wait no longer than the interval: not a whole idle fetch wait.
