@@ -63,7 +63,7 @@ from .handler import DeliveryHandler, DeliveryMetrics, invalid_record
 from .lanes import Lanes
 from .put_offs import read_put_offs
 from .retry_timer import RetryTimer
-from .routing import fan_out
+from .routing import WebhookRoute, fan_out
 from .sender import Sender
 from .table import WebhookTable
 
@@ -77,6 +77,11 @@ _OUTCOME_LINGER_SECONDS = 0.02
 _TAKE_OVER_SECONDS = 10.0
 # Re-encoded, a JSON document grows at most about 4.5 times (numbers in exponent form).
 _MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
+
+
+def _pacing(route: WebhookRoute | None) -> tuple[float | None, bool] | None:
+    """What a webhook's rate slots depend on."""
+    return None if route is None else (route.rate_limit, route.active)
 
 
 class DispatcherService:
@@ -332,11 +337,15 @@ class DispatcherService:
 
     async def _refresh(self, webhook_id: str) -> None:
         try:
+            before = _pacing(self.table.get(webhook_id))
             await self.table.refresh(webhook_id)
             route = self.table.get(webhook_id)
             if (route is None or not route.active) and self._handler is not None:
                 # Its open circuit, if any, would stay counted in circuits_open for ever.
                 self._handler.forget_endpoint(webhook_id)
+            if self._lanes is not None and _pacing(route) != before:
+                # Deliveries waiting for a slot at the old rate take one at the new rate.
+                self._lanes.wake(webhook_id.encode())
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_id=webhook_id)
             # The change record is behind the follower now; a whole load soon takes its place.
@@ -386,6 +395,10 @@ class DispatcherService:
             try:
                 await self.table.load_all()
                 self._webhooks.set(len(self.table))
+                if self._lanes is not None:
+                    # A change missed until now may have been to a rate; the deliveries
+                    # waiting for slots (a few lanes' worth) ask again.
+                    self._lanes.wake()
             except Exception as exc:
                 self._log.warning("webhook_resync_failed", error=f"{type(exc).__name__}: {exc}")
                 if wanted:

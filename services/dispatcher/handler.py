@@ -301,7 +301,12 @@ class DeliveryHandler:
             and not self._circuit.allows(route.id, time.monotonic(), peek=True)
         ):
             return route  # deferred by the caller, without waiting for a slot
-        await pace(route.rate_limit)
+        while not await pace(route.rate_limit):
+            # The webhook changed during the wait: its new rate decides the slot, and a
+            # webhook deactivated meanwhile gets nothing.
+            route = self._table.get(delivery.webhook_id)
+            if route is None or not route.active:
+                return route
         # The wait may have been long: a webhook deactivated meanwhile gets nothing.
         return self._table.get(delivery.webhook_id)
 
@@ -363,12 +368,16 @@ class DeliveryHandler:
         started: float,
     ) -> list[OutRecord]:
         delivered = outcome.outcome == "delivered"
+        # Read once, for the pause it asks of the endpoint and for this delivery's retry.
+        retry_after = None
+        if outcome.status_code in BACK_OFF_STATUSES:
+            retry_after = parse_retry_after(outcome.retry_after, utcnow())
         if self._owns(record):
             # A delivery whose partition moved while it was in flight would leave a circuit
             # here for an endpoint whose deliveries another process now sends (counted
             # open by both, and by this one until the webhook next changes).
             now = time.monotonic()
-            pause = self._asked_pause(outcome)
+            pause = None if retry_after is None else min(retry_after, self._policy.retry_after_max)
             if pause:
                 # A throttled endpoint is asked nothing more until then, not only this
                 # delivery: the others would each use an attempt on more 429s.
@@ -399,7 +408,7 @@ class DeliveryHandler:
             if disable_reason is None and delivery.kind == "event":
                 # From the attempt's end: a 15 s timeout must not eat a 5 s delay, nor a
                 # slow 503 its Retry-After.
-                next_retry_at = self._schedule(delivery, utcnow(), outcome)
+                next_retry_at = self._schedule(delivery, utcnow(), retry_after)
             if next_retry_at is not None:
                 retry = delivery.model_copy(
                     update={"attempt": delivery.attempt + 1, "not_before": next_retry_at}
@@ -432,19 +441,11 @@ class DeliveryHandler:
             return True
         return TopicPartition(record.topic, record.partition) in self._assigned()
 
-    def _schedule(self, delivery: Delivery, now: datetime, outcome: Outcome) -> datetime | None:
-        retry_after = None
-        if outcome.status_code in BACK_OFF_STATUSES:
-            retry_after = parse_retry_after(outcome.retry_after, now)
+    def _schedule(
+        self, delivery: Delivery, now: datetime, retry_after: float | None
+    ) -> datetime | None:
         delay = self._policy.delay_after(delivery.attempt, self._rng, retry_after)
         return None if delay is None else now + timedelta(seconds=delay)
-
-    def _asked_pause(self, outcome: Outcome) -> float | None:
-        """Seconds a back-off answer's Retry-After asks for, within the bound."""
-        if outcome.status_code not in BACK_OFF_STATUSES:
-            return None
-        seconds = parse_retry_after(outcome.retry_after, utcnow())
-        return None if seconds is None else min(seconds, self._policy.retry_after_max)
 
     def _held(self, delivery: Delivery, record: ConsumerRecord) -> _Hold | None:
         """The hold a delivery is put off to whatever its circuit says.

@@ -35,8 +35,9 @@ _FETCH_RECORDS = 500
 # Calls the endpoint and says what to write; the write makes the outcome durable.
 # Waits for the endpoint's next rate slot, at the endpoint's own rate (deliveries a second)
 # or, given None, the default; an attempt calls it just before it sends, so a delivery
-# skipped or deferred without a request spends no slot.
-Pace = Callable[[float | None], Awaitable[None]]
+# skipped or deferred without a request spends no slot. False: the endpoint changed during
+# the wait (``Lanes.wake``), and the slot is given up; ask again with its current rate.
+Pace = Callable[[float | None], Awaitable[bool]]
 Attempt = Callable[[ConsumerRecord, Pace], Awaitable[list[OutRecord]]]
 Publish = Callable[[list[OutRecord]], Awaitable[None]]
 
@@ -50,6 +51,16 @@ class _Lane:
     waiting: deque[ConsumerRecord] = field(default_factory=deque)
     running: int = 0
     next_slot: float = 0.0
+    # The last slot a delivery was sent in: slots handed out anew after a change start
+    # from it, at the new rate.
+    last_slot: float = float("-inf")
+    # Set to wake the deliveries waiting for a slot: a rebalance, a stop, a change to the
+    # endpoint. A fresh one replaces it for the waits that follow.
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wake(self) -> None:
+        self.woken.set()
+        self.woken = asyncio.Event()
 
 
 class Lanes:
@@ -89,7 +100,6 @@ class Lanes:
         # From the moment a rebalance begins until its new assignment is in, no delivery
         # is started or sent: the partitions' next owner starts where this process stops.
         self._handing_over = False
-        self._hand_over_begun = asyncio.Event()
         self._reassigned = False
         self._swept_at = 0.0
         self._committed_at = 0.0
@@ -207,20 +217,28 @@ class Lanes:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord) -> None:
-        async def pace(rate: float | None) -> None:
+        async def pace(rate: float | None) -> bool:
             interval = 1.0 / rate if rate else self._interval
             if interval:
                 now = asyncio.get_running_loop().time()
-                slot = max(now, lane.next_slot)
+                slot = max(now, lane.next_slot, lane.last_slot + interval)
                 lane.next_slot = slot + interval
-                # A rebalance or a stop beginning wakes it: the slot may be seconds away.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hand_over_begun.wait(), slot - now)
+                woken = lane.woken
+                if slot > now and not (self._handing_over or self._stopping):
+                    # The slot may be seconds away, and a rebalance, a stop or a new rate
+                    # wakes it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), slot - now)
                 if self._handing_over or self._stopping:
                     # Unused, the slot is the next one's again.
                     lane.next_slot = min(lane.next_slot, slot)
+                elif woken.is_set():
+                    return False
+                else:
+                    lane.last_slot = slot
             if self._handing_over or self._stopping:
                 raise Withdrawn("the partition may be about to move, or the process to stop")
+            return True
 
         try:
             outcome = await self._attempt(record, pace)
@@ -268,6 +286,20 @@ class Lanes:
             for key in [k for k, lane in self._lanes.items() if self._idle(lane, now)]:
                 del self._lanes[key]
 
+    def wake(self, key: bytes | None = None) -> None:
+        """The endpoint of lane ``key`` (of every lane, given None) changed: its deliveries
+        waiting for a rate slot give it up and ask again, at its rate now. A slot handed
+        out at a rate since lowered (or at a limit since lifted) is not kept, nor is one
+        for a webhook since deactivated."""
+        lanes = self._lanes.values() if key is None else filter(None, [self._lanes.get(key)])
+        for lane in lanes:
+            lane.next_slot = 0.0
+            lane.wake()
+
+    def _wake_everyone(self) -> None:
+        for lane in self._lanes.values():
+            lane.wake()
+
     def lag(self) -> dict[TopicPartition, int]:
         """Per owned partition: records in the log not yet finished here."""
         return self._tracker.lag(self._consumer)
@@ -287,7 +319,7 @@ class Lanes:
         rather than sending them again, and sees the first attempts they put off
         (decision 55)."""
         self._handing_over = True
-        self._hand_over_begun.set()
+        self._wake_everyone()
         # Only the assignment that ends this rebalance resumes the lanes, not one the loop
         # has not yet seen from a rebalance before it.
         self._reassigned = False
@@ -308,10 +340,6 @@ class Lanes:
             return
         self._reassigned = False
         self._handing_over = False
-        if not self._stopping:
-            # A stop's wake-up stands: a delivery reaching its rate wait now must not
-            # sleep through the grace.
-            self._hand_over_begun.clear()
         for key in list(self._lanes):
             if key in self._lanes:
                 self._pump(key)
@@ -322,7 +350,7 @@ class Lanes:
         One still waiting for its rate slot is not sent: the slot may be further off than
         the grace, and it is left uncommitted for the next process to send."""
         self._stopping = True
-        self._hand_over_begun.set()
+        self._wake_everyone()
         for task in set(self._taking_over.values()):
             await cancel_and_wait(task)
         running = set(self._tasks)

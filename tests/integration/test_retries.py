@@ -783,6 +783,31 @@ async def test_a_webhooks_own_rate_limit_spaces_its_requests_and_no_others(
         await stop_client(producer)
 
 
+async def test_a_rate_limit_lifted_reaches_the_deliveries_already_waiting(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """At one delivery every five seconds, the four events after the first hold slots up
+    to 20 s away; the limit lifted with PATCH, they arrive within a few seconds (the
+    change reaches the dispatcher within one), not at the slots taken before."""
+    limited = await stack.create_webhook(receiver.url, CREATED, rate_limit=0.2)
+    producer = make_producer(stack.settings)
+    await start_client(producer, stack.settings)
+    try:
+        events = [sample_event(id=f"evt_lift_{n}", team_id=stack.team_id) for n in range(5)]
+        topic = topics_for(stack.settings).events
+        await send_all(producer, [(topic, b"k", event.to_bytes()) for event in events])
+        await receiver.wait_for(1, within=15)
+        await asyncio.sleep(0.5)  # the next four are waiting for their slots by now
+        assert len(receiver.received) == 1
+        status, lifted = await _webhook_call(stack, "PATCH", limited["id"], {"rate_limit": None})
+        assert (status, lifted["rate_limit"]) == (200, None)
+        lifted_at = time.monotonic()
+        await receiver.wait_for(5, within=10)
+        assert time.monotonic() - lifted_at < 4.0
+    finally:
+        await stop_client(producer)
+
+
 async def _webhook_call(
     stack: Stack, method: str, webhook_id: str, body: dict[str, Any]
 ) -> tuple[int, Any]:

@@ -1,11 +1,13 @@
 """The delivery lanes around a rebalance. A partition gained waits, unread and unhandled,
 until what its last owner knew about it is read (decision 54), while the partitions owned
 already go on; before partitions move, nothing more is sent until the new assignment is
-in (decision 55)."""
+in (decision 55). Deliveries waiting for a rate slot give it up for a rebalance, a stop
+or a change to their endpoint's rate."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any, cast
 
 from aiokafka import ConsumerRecord, TopicPartition
@@ -185,3 +187,62 @@ async def test_a_stop_neither_waits_for_rate_slots_nor_sends_their_deliveries() 
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def _sent_at_rates(change: Any) -> list[float]:
+    """When each of four deliveries to one endpoint went out, with the endpoint's rate (in
+    ``rate``) changed by ``change(lanes, rate)`` once the first was sent."""
+    consumer = _Consumer()
+    rate = [0.2]
+    sent: list[float] = []
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        while not await pace(rate[0]):
+            pass
+        sent.append(asyncio.get_running_loop().time())
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100)
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(4)]})
+        await _until(lambda: len(sent) == 1)
+        change(lanes, rate)
+        await _until(lambda: len(sent) == 4)
+        return [at - sent[0] for at in sent]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_rate_raised_reaches_the_deliveries_already_waiting_for_slots() -> None:
+    """At 0.2 a second the next three deliveries hold slots 5, 10 and 15 s away; raised to
+    50 a second, they go out 20 ms apart, not at the slots taken at the old rate."""
+
+    def raise_rate(lanes: Lanes, rate: list[float]) -> None:
+        rate[0] = 50.0
+        lanes.wake(b"wh")
+
+    offsets = await _sent_at_rates(raise_rate)
+    assert offsets[-1] < 1.0, offsets
+    gaps = [later - earlier for earlier, later in itertools.pairwise(offsets)]
+    assert min(gaps) >= 0.015, "still paced, at the new rate"
+
+
+async def test_a_wake_for_another_endpoint_leaves_the_slots_as_they_were() -> None:
+    """Only the lane of the webhook that changed asks again: the waiting deliveries of
+    another keep their slots (the first of them is 5 s away)."""
+
+    def raise_elsewhere(lanes: Lanes, rate: list[float]) -> None:
+        rate[0] = 50.0
+        lanes.wake(b"another")
+
+    with_timeout = asyncio.wait_for(_sent_at_rates(raise_elsewhere), 1.0)
+    try:
+        await with_timeout
+    except TimeoutError:
+        return
+    raise AssertionError("the deliveries went out before their slots")
