@@ -63,7 +63,7 @@ from .handler import DeliveryHandler, DeliveryMetrics, invalid_record
 from .lanes import Lanes
 from .put_offs import read_put_offs
 from .retry_timer import RetryTimer
-from .routing import WebhookRoute, fan_out
+from .routing import fan_out
 from .sender import Sender
 from .table import WebhookTable
 
@@ -77,11 +77,6 @@ _OUTCOME_LINGER_SECONDS = 0.02
 _TAKE_OVER_SECONDS = 10.0
 # Re-encoded, a JSON document grows at most about 4.5 times (numbers in exponent form).
 _MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
-
-
-def _pacing(route: WebhookRoute | None) -> tuple[float | None, bool] | None:
-    """What a webhook's rate slots depend on."""
-    return None if route is None else (route.rate_limit, route.active)
 
 
 class DispatcherService:
@@ -185,6 +180,8 @@ class DispatcherService:
             on_lost=lambda lost: self._forget_partitions(deliverer, lost),
             on_gained=lambda gained: self._take_over(deliverer, retries, gained),
         )
+        lanes = self._lanes
+        self.table.on_pacing_changed = lambda webhook_id: lanes.wake(webhook_id.encode())
         deliverer_hand_over.before_revoke = self._lanes.hand_over
         deliverer_hand_over.after_assign = self._lanes.reassigned
         self._timer = RetryTimer(
@@ -337,15 +334,11 @@ class DispatcherService:
 
     async def _refresh(self, webhook_id: str) -> None:
         try:
-            before = _pacing(self.table.get(webhook_id))
             await self.table.refresh(webhook_id)
             route = self.table.get(webhook_id)
             if (route is None or not route.active) and self._handler is not None:
                 # Its open circuit, if any, would stay counted in circuits_open for ever.
                 self._handler.forget_endpoint(webhook_id)
-            if self._lanes is not None and _pacing(route) != before:
-                # Deliveries waiting for a slot at the old rate take one at the new rate.
-                self._lanes.wake(webhook_id.encode())
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_id=webhook_id)
             # The change record is behind the follower now; a whole load soon takes its place.
@@ -395,10 +388,6 @@ class DispatcherService:
             try:
                 await self.table.load_all()
                 self._webhooks.set(len(self.table))
-                if self._lanes is not None:
-                    # A change missed until now may have been to a rate; the deliveries
-                    # waiting for slots (a few lanes' worth) ask again.
-                    self._lanes.wake()
             except Exception as exc:
                 self._log.warning("webhook_resync_failed", error=f"{type(exc).__name__}: {exc}")
                 if wanted:

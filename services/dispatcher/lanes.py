@@ -286,13 +286,13 @@ class Lanes:
             for key in [k for k, lane in self._lanes.items() if self._idle(lane, now)]:
                 del self._lanes[key]
 
-    def wake(self, key: bytes | None = None) -> None:
-        """The endpoint of lane ``key`` (of every lane, given None) changed: its deliveries
-        waiting for a rate slot give it up and ask again, at its rate now. A slot handed
-        out at a rate since lowered (or at a limit since lifted) is not kept, nor is one
-        for a webhook since deactivated."""
-        lanes = self._lanes.values() if key is None else filter(None, [self._lanes.get(key)])
-        for lane in lanes:
+    def wake(self, key: bytes) -> None:
+        """The endpoint of lane ``key`` changed: its deliveries waiting for a rate slot
+        give it up and ask again, at its rate now. A slot handed out at a rate since
+        lowered (or at a limit since lifted) is not kept, nor is one for a webhook since
+        deactivated."""
+        lane = self._lanes.get(key)
+        if lane is not None:
             lane.next_slot = 0.0
             lane.wake()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,11 @@ def _route_from_row(row: Any) -> WebhookRoute:
     )
 
 
+def _pacing(route: WebhookRoute | None) -> tuple[float | None, bool] | None:
+    """What the rate slots of a webhook's deliveries depend on."""
+    return None if route is None else (route.rate_limit, route.active)
+
+
 def _utc(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
@@ -69,6 +75,10 @@ class WebhookTable:
         # it. The database says active until the delivery log's writer applies the
         # disable; a re-read meanwhile must not start delivering to it again.
         self._stopped: dict[str, tuple[datetime, float]] = {}
+        # Told the id of a webhook whose rate limit or active flag changed, however it
+        # changed (a change record, a whole load, a 410): the deliveries waiting for its
+        # rate slots ask again.
+        self.on_pacing_changed: Callable[[str], None] | None = None
         self._log = get_logger("dispatcher")
 
     def __len__(self) -> int:
@@ -85,6 +95,11 @@ class WebhookTable:
         if route is not None:
             self._by_id[webhook_id] = replace(route, active=False)
             self._reindex()
+            self._paced_anew(webhook_id)
+
+    def _paced_anew(self, webhook_id: str) -> None:
+        if self.on_pacing_changed is not None:
+            self.on_pacing_changed(webhook_id)
 
     def for_team(self, team_id: str) -> list[WebhookRoute]:
         return self._by_team.get(team_id, [])
@@ -141,10 +156,13 @@ class WebhookTable:
                 route = self._load_row(row)
                 if route is not None:
                     loaded[route.id] = route
-            self._by_id = loaded
+            previous, self._by_id = self._by_id, loaded
             for webhook_id in self._stopped.keys() - loaded.keys():
                 del self._stopped[webhook_id]
             self._reindex()
+            for webhook_id in previous.keys() | loaded.keys():
+                if _pacing(previous.get(webhook_id)) != _pacing(loaded.get(webhook_id)):
+                    self._paced_anew(webhook_id)
 
     async def refresh(self, webhook_id: str) -> None:
         async with self._reading:
@@ -154,9 +172,12 @@ class WebhookTable:
 
     def _apply_row(self, webhook_id: str, row: Any) -> None:
         route = self._load_row(row) if row is not None else None
+        before = self._by_id.get(webhook_id)
         if route is None:
             self._by_id.pop(webhook_id, None)
             self._stopped.pop(webhook_id, None)
         else:
             self._by_id[webhook_id] = route
         self._reindex()
+        if _pacing(before) != _pacing(route):
+            self._paced_anew(webhook_id)

@@ -808,6 +808,34 @@ async def test_a_rate_limit_lifted_reaches_the_deliveries_already_waiting(
         await stop_client(producer)
 
 
+async def test_a_410_skips_the_deliveries_waiting_for_their_rate_slots_at_once(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A 410 stops the webhook here at once; its four deliveries waiting for slots up to
+    20 s away are skipped then, not each at its slot, and none reaches the endpoint."""
+    await stack.create_webhook(receiver.url, CREATED, rate_limit=0.2)
+    receiver.statuses = [410]
+    producer = make_producer(stack.settings)
+    await start_client(producer, stack.settings)
+    registry = stack.dispatcher.metrics.registry
+
+    def skipped() -> float:
+        labels = {"outcome": "skipped"}
+        return registry.get_sample_value("hookwire_dispatcher_deliveries_total", labels) or 0
+
+    try:
+        events = [sample_event(id=f"evt_gone_{n}", team_id=stack.team_id) for n in range(5)]
+        topic = topics_for(stack.settings).events
+        await send_all(producer, [(topic, b"k", event.to_bytes()) for event in events])
+        await receiver.wait_for(1, within=15)
+        gone_at = time.monotonic()
+        await _eventually(lambda: skipped() == 4)
+        assert time.monotonic() - gone_at < 4.0
+        assert len(receiver.received) == 1
+    finally:
+        await stop_client(producer)
+
+
 async def _webhook_call(
     stack: Stack, method: str, webhook_id: str, body: dict[str, Any]
 ) -> tuple[int, Any]:
