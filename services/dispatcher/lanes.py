@@ -101,6 +101,8 @@ class Lanes:
         # is started or sent: the partitions' next owner starts where this process stops.
         self._handing_over = False
         self._reassigned = False
+        # Rebalances ended since the loop last looked at the assignment (``kept``).
+        self._assignments_unseen = 0
         self._swept_at = 0.0
         self._committed_at = 0.0
         self._log = get_logger("dispatcher")
@@ -126,8 +128,9 @@ class Lanes:
                 self._log.warning("delivery_fetch_failed", error=str(exc))
                 await asyncio.sleep(_FETCH_RETRY_SECONDS)
                 continue
-            dropped = self._tracker.retain(self._consumer.assignment())
+            dropped = self._tracker.retain(self._kept())
             if dropped:
+                self._owned -= dropped
                 self._drop_waiting(dropped)
                 if self._on_lost is not None:
                     self._on_lost(dropped)
@@ -160,6 +163,18 @@ class Lanes:
             lane = self._lanes[key] = _Lane()
         lane.waiting.append(record)
         self._pump(key)
+
+    def _kept(self) -> set[TopicPartition]:
+        """The partitions whose records waiting here are still this process's to send."""
+        unseen, self._assignments_unseen = self._assignments_unseen, 0
+        if unseen > 1:
+            # Two rebalances since the loop last looked: a partition owned before and after
+            # may have been another process's in between, which then sent and committed
+            # what waits here and put first attempts off. Each is handled as lost and
+            # gained again: read from its commit point, its put-offs read back.
+            return set()
+        assigned: set[TopicPartition] = self._consumer.assignment()
+        return assigned
 
     def _take_over_gained(self) -> None:
         """Start reading what the last owner of each partition just gained knew about it
@@ -334,6 +349,7 @@ class Lanes:
         """The rebalance is over: the loop resumes the lanes once it has dropped the
         records of the partitions that moved."""
         self._reassigned = True
+        self._assignments_unseen += 1
 
     def _resume_after_rebalance(self) -> None:
         if not self._reassigned:

@@ -181,6 +181,8 @@ class RetryTimer:
         # From a hand-over until the new assignment: the partitions may be moving, so
         # nothing is forwarded or moved (their next owner would do it again).
         self._handing_over = False
+        # Rebalances ended since the loop last looked at the assignment.
+        self._assignments_unseen = 0
         self._log = get_logger("dispatcher")
 
     def lag(self) -> dict[TopicPartition, int]:
@@ -249,9 +251,16 @@ class RetryTimer:
         """The rebalance is over: forwarding goes on (the records of partitions that
         moved are dropped after the next fetch, before the turn after it)."""
         self._handing_over = False
+        self._assignments_unseen += 1
 
     def _forget_revoked(self) -> None:
         assigned = self._consumer.assignment()
+        unseen, self._assignments_unseen = self._assignments_unseen, 0
+        if unseen > 1:
+            # Two rebalances since the loop last looked: a partition owned before and after
+            # may have been another process's in between, which forwarded and committed
+            # what waits here. Every partition is read again from its commit point.
+            assigned = set()
         self._tracker.retain(assigned)
         for partition in [p for p in self._forwarded_upto if p not in assigned]:
             del self._forwarded_upto[partition]

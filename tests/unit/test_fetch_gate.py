@@ -1,8 +1,10 @@
 """The fetch gate's bookkeeping on a real (unconnected) consumer with two partitions, and
-the retry timer's view of a partition read to its end."""
+the retry timer's view of a partition read to its end and of its partitions after
+rebalances."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -10,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.dispatcher.flow import FetchGate
-from services.dispatcher.retry_timer import RetryTimer
+from services.dispatcher.retry_timer import RetryTimer, Waiting
 from services.shared import Topics
 
 FIRST, SECOND = TopicPartition("deliveries", 0), TopicPartition("deliveries", 1)
@@ -112,3 +114,38 @@ async def test_the_retry_timer_knows_a_partition_read_to_its_end_and_not_paused(
     assert timer._read_through(FIRST)
     timer._gate.hold_shares({FIRST: 5}, limit=10)
     assert not timer._read_through(FIRST), "paused: what is written next stays unread"
+
+
+def _waiting_in(timer: RetryTimer, partition: TopicPartition, offset: int) -> None:
+    timer._tracker.add(partition, offset)
+    entry = Waiting(10**18, partition.topic, partition.partition, offset, b"wh", b"{}", False)
+    heapq.heappush(timer._heap, entry)
+    timer._waiting_values.add(entry.value)
+
+
+async def test_the_retry_timer_keeps_what_waits_through_one_rebalance_that_leaves_it(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    timer = RetryTimer(consumer, cast(Any, None), Topics("t."), pending_max=10)
+    _waiting_in(timer, FIRST, 3)
+    timer.reassigned()
+    timer._forget_revoked()
+    assert timer.pending == 1
+    assert timer._tracker.seen(FIRST, 3)
+
+
+async def test_the_retry_timer_reads_again_after_two_rebalances_between_two_turns(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    """The partition may have been another process's in between, which forwarded and
+    committed what waits here: it is dropped, and read again from the commit point."""
+    timer = RetryTimer(consumer, cast(Any, None), Topics("t."), pending_max=10)
+    _waiting_in(timer, FIRST, 3)
+    timer.reassigned()
+    timer.reassigned()
+    timer._forget_revoked()
+    assert timer.pending == 0
+    assert not timer._tracker.seen(FIRST, 3)
+    _waiting_in(timer, FIRST, 3)
+    timer._forget_revoked()
+    assert timer.pending == 1, "counted once: the next turn keeps what it reads"

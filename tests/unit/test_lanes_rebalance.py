@@ -246,3 +246,60 @@ async def test_a_wake_for_another_endpoint_leaves_the_slots_as_they_were() -> No
     except TimeoutError:
         return
     raise AssertionError("the deliveries went out before their slots")
+
+
+async def test_a_partition_moved_away_and_back_between_two_turns_is_read_again() -> None:
+    """Two rebalances end before the loop looks again: the partition kept may have been
+    another process's in between, which sent and committed the records waiting here (0 to
+    2, committed at 2). They are dropped, the partition's last owner's put-offs are read
+    back, and it is read again from its commit point: 1 is not sent twice."""
+    consumer = _Consumer()
+    sent: list[int] = []
+    read: list[set[TopicPartition]] = []
+    gate = asyncio.Event()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        if record.offset == 0:
+            await gate.wait()
+        sent.append(record.offset)
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    async def gained(partitions: set[TopicPartition]) -> None:
+        read.append(partitions)
+
+    turn = asyncio.Event()
+    fetch = consumer.getmany
+
+    async def held_fetch(
+        *, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        # The loop stays in this fetch until the test lets it turn.
+        await turn.wait()
+        return await fetch(timeout_ms=timeout_ms, max_records=max_records)
+
+    lanes = Lanes(
+        cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100, on_gained=gained
+    )
+    running = asyncio.create_task(lanes.run())
+    try:
+        turn.set()
+        await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(3)]})
+        await _until(lambda: read == [{OWNED}] and lanes.backlog == 3)
+        turn.clear()
+        consumer.getmany = held_fetch  # type: ignore[method-assign]
+        await asyncio.sleep(0.3)  # the loop is in its held fetch now
+        for _ in range(2):
+            await lanes.hand_over(within=0.05)  # offset 0 is still being sent
+            lanes.reassigned()
+        await consumer.batches.put({OWNED: [_record(OWNED, 2)]})
+        turn.set()
+        gate.set()
+        await _until(lambda: sent == [0, 2] and read == [{OWNED}, {OWNED}])
+        await asyncio.sleep(0.3)
+        assert sent == [0, 2]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
