@@ -25,12 +25,14 @@ from services.shared import OutRecord, cancel_and_wait, commit_offsets, get_logg
 
 from .errors import Withdrawn
 from .flow import FetchGate
-from .offsets import OffsetTracker
+from .offsets import AssignmentWatch, OffsetTracker
 
 _SWEEP_SECONDS = 5.0
 _COMMIT_INTERVAL_SECONDS = 0.1
 _FETCH_RETRY_SECONDS = 1.0
 _FETCH_RECORDS = 500
+# The longest interval a webhook's own rate limit asks for (its floor is 0.1 a second).
+_WEBHOOK_INTERVAL_MAX = 10.0
 
 # Calls the endpoint and says what to write; the write makes the outcome durable.
 # Waits for the endpoint's next rate slot, at the endpoint's own rate (deliveries a second)
@@ -54,13 +56,17 @@ class _Lane:
     # The last slot a delivery was sent in: slots handed out anew after a change start
     # from it, at the new rate.
     last_slot: float = float("-inf")
-    # Set to wake the deliveries waiting for a slot: a rebalance, a stop, a change to the
-    # endpoint. A fresh one replaces it for the waits that follow.
-    woken: asyncio.Event = field(default_factory=asyncio.Event)
+    # After a change: the lane is kept until then, however idle, so that the next
+    # delivery is still spaced from the last one at whatever rate it asks.
+    kept_until: float = 0.0
+    # Set to wake the deliveries waiting for a slot (a rebalance, a stop, a change to the
+    # endpoint); made when one waits, and a fresh one for the waits that follow.
+    woken: asyncio.Event | None = None
 
     def wake(self) -> None:
-        self.woken.set()
-        self.woken = asyncio.Event()
+        if self.woken is not None:
+            self.woken.set()
+            self.woken = None
 
 
 class Lanes:
@@ -91,6 +97,8 @@ class Lanes:
         # they are not fetched meanwhile, and the records a fetch had already brought
         # wait here, in order, unhandled.
         self._taking_over: dict[TopicPartition, asyncio.Task[None]] = {}
+        # Every take-over read still running, also those of partitions lost meanwhile.
+        self._take_overs: set[asyncio.Task[None]] = set()
         self._parked: dict[TopicPartition, list[ConsumerRecord]] = {}
         self._lanes: dict[bytes, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,8 +109,7 @@ class Lanes:
         # is started or sent: the partitions' next owner starts where this process stops.
         self._handing_over = False
         self._reassigned = False
-        # Rebalances ended since the loop last looked at the assignment (``kept``).
-        self._assignments_unseen = 0
+        self._assignments = AssignmentWatch(consumer)
         self._swept_at = 0.0
         self._committed_at = 0.0
         self._log = get_logger("dispatcher")
@@ -115,7 +122,7 @@ class Lanes:
         try:
             await self._run()
         finally:
-            for task in self._taking_over.values():
+            for task in self._take_overs:
                 task.cancel()
 
     async def _run(self) -> None:
@@ -128,12 +135,15 @@ class Lanes:
                 self._log.warning("delivery_fetch_failed", error=str(exc))
                 await asyncio.sleep(_FETCH_RETRY_SECONDS)
                 continue
-            dropped = self._tracker.retain(self._kept())
-            if dropped:
-                self._owned -= dropped
-                self._drop_waiting(dropped)
+            # A partition moved away and back since the last turn counts as lost here,
+            # and as gained just below: read from its commit point, its put-offs read back.
+            kept = self._assignments.look()
+            lost = self._tracker.retain(kept) | (self._owned - kept)
+            if lost:
+                self._owned -= lost
+                self._drop_waiting(lost)
                 if self._on_lost is not None:
-                    self._on_lost(dropped)
+                    self._on_lost(lost)
             self._take_over_gained()
             self._resume_after_rebalance()
             for partition, records in batches.items():
@@ -164,18 +174,6 @@ class Lanes:
         lane.waiting.append(record)
         self._pump(key)
 
-    def _kept(self) -> set[TopicPartition]:
-        """The partitions whose records waiting here are still this process's to send."""
-        unseen, self._assignments_unseen = self._assignments_unseen, 0
-        if unseen > 1:
-            # Two rebalances since the loop last looked: a partition owned before and after
-            # may have been another process's in between, which then sent and committed
-            # what waits here and put first attempts off. Each is handled as lost and
-            # gained again: read from its commit point, its put-offs read back.
-            return set()
-        assigned: set[TopicPartition] = self._consumer.assignment()
-        return assigned
-
     def _take_over_gained(self) -> None:
         """Start reading what the last owner of each partition just gained knew about it
         (``on_gained``), in the background: the partitions owned already go on meanwhile,
@@ -186,6 +184,8 @@ class Lanes:
         if not gained or self._on_gained is None:
             return
         task = asyncio.create_task(self._on_gained(gained), name="take-over")
+        self._take_overs.add(task)
+        task.add_done_callback(self._take_overs.discard)
         for partition in gained:
             self._taking_over[partition] = task
             self._parked[partition] = []
@@ -238,7 +238,7 @@ class Lanes:
                 now = asyncio.get_running_loop().time()
                 slot = max(now, lane.next_slot, lane.last_slot + interval)
                 lane.next_slot = slot + interval
-                woken = lane.woken
+                woken = lane.woken = lane.woken or asyncio.Event()
                 if slot > now and not (self._handing_over or self._stopping):
                     # The slot may be seconds away, and a rebalance, a stop or a new rate
                     # wakes it.
@@ -292,7 +292,12 @@ class Lanes:
     def _idle(lane: _Lane, now: float) -> bool:
         # A rate-limited lane is kept until its next slot has come, so a delivery arriving
         # to an empty lane still waits its turn.
-        return lane.running == 0 and not lane.waiting and lane.next_slot <= now
+        return (
+            lane.running == 0
+            and not lane.waiting
+            and lane.next_slot <= now
+            and lane.kept_until <= now
+        )
 
     def _forget_idle_lanes(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -308,6 +313,9 @@ class Lanes:
         deactivated."""
         lane = self._lanes.get(key)
         if lane is not None:
+            # The slots handed out at the old rate are given up; the lane stays while the
+            # slowest rate could still space the next delivery from the last one sent.
+            lane.kept_until = lane.last_slot + max(_WEBHOOK_INTERVAL_MAX, self._interval)
             lane.next_slot = 0.0
             lane.wake()
 
@@ -320,7 +328,9 @@ class Lanes:
         return self._tracker.lag(self._consumer)
 
     async def commit(self) -> None:
-        assigned = self._consumer.assignment()
+        # Not a partition that may have had another owner since the loop last looked:
+        # this process's point for it may be behind that owner's.
+        assigned = self._assignments.owned()
         points = {p: o for p, o in self._tracker.to_commit().items() if p in assigned}
         if points and await commit_offsets(self._consumer, points):
             self._tracker.committed(points)
@@ -349,7 +359,7 @@ class Lanes:
         """The rebalance is over: the loop resumes the lanes once it has dropped the
         records of the partitions that moved."""
         self._reassigned = True
-        self._assignments_unseen += 1
+        self._assignments.reassigned()
 
     def _resume_after_rebalance(self) -> None:
         if not self._reassigned:
@@ -367,7 +377,7 @@ class Lanes:
         the grace, and it is left uncommitted for the next process to send."""
         self._stopping = True
         self._wake_everyone()
-        for task in set(self._taking_over.values()):
+        for task in set(self._take_overs):
             await cancel_and_wait(task)
         running = set(self._tasks)
         if running:

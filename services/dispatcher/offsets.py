@@ -1,4 +1,5 @@
-"""Which offsets are safe to commit when records finish out of order.
+"""Which offsets are safe to commit when records finish out of order, and which partitions
+a loop may still commit after rebalances.
 
 A partition's commit point is its lowest unfinished offset (or one past the last record
 seen when all are finished), so a crash re-reads every record whose outcome was not yet
@@ -89,3 +90,43 @@ class OffsetTracker:
 
     def committed(self, points: dict[TopicPartition, int]) -> None:
         self._committed.update(points)
+
+
+class AssignmentWatch:
+    """Which partitions a loop may go on with after rebalances it did not see happen.
+
+    A loop looks at its consumer's assignment once a turn. A partition moved to another
+    process and back by two rebalances between two looks seems never to have left, yet
+    that process may have handled and committed what waits here. So every assignment a
+    rebalance ends with is noted, and a partition missing from any of them since the last
+    look counts as gone: the loop drops what it holds of it and reads it again from its
+    commit point, as for a partition lost and gained."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+        # In every assignment since the last look; None: no rebalance ended since.
+        self._throughout: set[TopicPartition] | None = None
+
+    @property
+    def rebalanced(self) -> bool:
+        """A rebalance has ended since the last look: what the loop holds may be stale."""
+        return self._throughout is not None
+
+    def reassigned(self) -> None:
+        """A rebalance has ended (from the listener's ``on_partitions_assigned``)."""
+        self._throughout = self.owned()
+
+    def owned(self) -> set[TopicPartition]:
+        """The partitions owned now that had no other owner since the last look: the
+        only ones whose commit point this process may move."""
+        assigned: set[TopicPartition] = set(self._consumer.assignment())
+        return assigned if self._throughout is None else assigned & self._throughout
+
+    def look(self) -> set[TopicPartition]:
+        """``owned``, from a turn of the loop, right after a fetch and before its records
+        are taken: what the loop holds of any other partition is dropped (it was fetched
+        before the partition moved, and is read again from the commit point), and the
+        next look starts afresh."""
+        kept = self.owned()
+        self._throughout = None
+        return kept

@@ -34,7 +34,7 @@ from services.shared import (
 )
 
 from .flow import FetchGate
-from .offsets import OffsetTracker
+from .offsets import AssignmentWatch, OffsetTracker
 
 _IDLE_WAIT_MS = 500
 _HANDING_OVER_WAIT_MS = 100
@@ -181,8 +181,7 @@ class RetryTimer:
         # From a hand-over until the new assignment: the partitions may be moving, so
         # nothing is forwarded or moved (their next owner would do it again).
         self._handing_over = False
-        # Rebalances ended since the loop last looked at the assignment.
-        self._assignments_unseen = 0
+        self._assignments = AssignmentWatch(consumer)
         self._log = get_logger("dispatcher")
 
     def lag(self) -> dict[TopicPartition, int]:
@@ -204,7 +203,9 @@ class RetryTimer:
     async def _forward_forever(self) -> None:
         while True:
             async with self._turn:
-                if not self._handing_over:
+                # After a rebalance, not before the next fetch has shown which partitions
+                # stayed: one moved away and back may have been forwarded meanwhile.
+                if not (self._handing_over or self._assignments.rebalanced):
                     await self._forward_due()
                     await self._move_blockers()
                 await self._commit()
@@ -251,16 +252,12 @@ class RetryTimer:
         """The rebalance is over: forwarding goes on (the records of partitions that
         moved are dropped after the next fetch, before the turn after it)."""
         self._handing_over = False
-        self._assignments_unseen += 1
+        self._assignments.reassigned()
 
     def _forget_revoked(self) -> None:
-        assigned = self._consumer.assignment()
-        unseen, self._assignments_unseen = self._assignments_unseen, 0
-        if unseen > 1:
-            # Two rebalances since the loop last looked: a partition owned before and after
-            # may have been another process's in between, which forwarded and committed
-            # what waits here. Every partition is read again from its commit point.
-            assigned = set()
+        # A partition moved away and back since the last look counts as lost too: its
+        # other owner may have forwarded and committed what waits here.
+        assigned = self._assignments.look()
         self._tracker.retain(assigned)
         for partition in [p for p in self._forwarded_upto if p not in assigned]:
             del self._forwarded_upto[partition]
@@ -362,7 +359,7 @@ class RetryTimer:
         )
 
     async def _commit(self) -> None:
-        assigned = self._consumer.assignment()
+        assigned = self._assignments.owned()
         points = {p: o for p, o in self._tracker.to_commit().items() if p in assigned}
         if not points:
             return

@@ -123,14 +123,18 @@ def _waiting_in(timer: RetryTimer, partition: TopicPartition, offset: int) -> No
     timer._waiting_values.add(entry.value)
 
 
-async def test_the_retry_timer_keeps_what_waits_through_one_rebalance_that_leaves_it(
+async def test_the_retry_timer_keeps_what_waits_through_rebalances_that_leave_it(
     consumer: AIOKafkaConsumer,
 ) -> None:
     timer = RetryTimer(consumer, cast(Any, None), Topics("t."), pending_max=10)
     _waiting_in(timer, FIRST, 3)
+    _waiting_in(timer, SECOND, 4)
+    consumer.assign([FIRST])
+    timer.reassigned()
+    consumer.assign([FIRST, SECOND])
     timer.reassigned()
     timer._forget_revoked()
-    assert timer.pending == 1
+    assert [entry.offset for entry in timer._heap] == [3], "SECOND was away in between"
     assert timer._tracker.seen(FIRST, 3)
 
 
@@ -141,11 +145,14 @@ async def test_the_retry_timer_reads_again_after_two_rebalances_between_two_turn
     committed what waits here: it is dropped, and read again from the commit point."""
     timer = RetryTimer(consumer, cast(Any, None), Topics("t."), pending_max=10)
     _waiting_in(timer, FIRST, 3)
+    consumer.assign([SECOND])
     timer.reassigned()
+    consumer.assign([FIRST, SECOND])
     timer.reassigned()
+    assert timer._assignments.owned() == {SECOND}, "nor is its commit point moved"
     timer._forget_revoked()
     assert timer.pending == 0
     assert not timer._tracker.seen(FIRST, 3)
     _waiting_in(timer, FIRST, 3)
     timer._forget_revoked()
-    assert timer.pending == 1, "counted once: the next turn keeps what it reads"
+    assert timer.pending == 1, "once: the next look keeps what it reads"
