@@ -188,30 +188,40 @@ async def test_a_stop_neither_waits_for_rate_slots_nor_sends_their_deliveries() 
         await asyncio.gather(running, return_exceptions=True)
 
 
-async def _sent_at_rates(change: Any) -> list[float]:
-    """When each of four deliveries to one endpoint went out, with the endpoint's rate (in
-    ``rate``) changed by ``change(lanes, rate)`` once the first was sent."""
-    consumer = _Consumer()
-    rate = [0.2]
-    sent: list[float] = []
+class _Paced:
+    """Lanes over a stand-in consumer, their one endpoint paced at ``rate`` a second; a
+    delivery whose slot a wake gave up asks again at the rate then. ``sent``: when each
+    delivery went out."""
 
-    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        while not await pace(rate[0]):
+    def __init__(self, rate: float) -> None:
+        self.consumer = _Consumer()
+        self.rate = rate
+        self.sent: list[float] = []
+        self.lanes = Lanes(
+            cast(Any, self.consumer), self._attempt, self._publish, per_lane=3, backlog_max=100
+        )
+
+    async def _attempt(self, record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        while not await pace(self.rate):
             pass
-        sent.append(asyncio.get_running_loop().time())
+        self.sent.append(asyncio.get_running_loop().time())
         return []
 
-    async def publish(records: list[OutRecord]) -> None:
+    async def _publish(self, records: list[OutRecord]) -> None:
         pass
 
-    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100)
-    running = asyncio.create_task(lanes.run())
+
+async def _sent_at_rates(change: Any) -> list[float]:
+    """When each of four deliveries to one endpoint went out, at 0.2 a second until
+    ``change(paced)`` once the first was sent."""
+    paced = _Paced(0.2)
+    running = asyncio.create_task(paced.lanes.run())
     try:
-        await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(4)]})
-        await _until(lambda: len(sent) == 1)
-        change(lanes, rate)
-        await _until(lambda: len(sent) == 4)
-        return [at - sent[0] for at in sent]
+        await paced.consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(4)]})
+        await _until(lambda: len(paced.sent) == 1)
+        change(paced)
+        await _until(lambda: len(paced.sent) == 4)
+        return [at - paced.sent[0] for at in paced.sent]
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
@@ -221,9 +231,9 @@ async def test_a_rate_raised_reaches_the_deliveries_already_waiting_for_slots() 
     """At 0.2 a second the next three deliveries hold slots 5, 10 and 15 s away; raised to
     10 a second, they go out 100 ms apart, not at the slots taken at the old rate."""
 
-    def raise_rate(lanes: Lanes, rate: list[float]) -> None:
-        rate[0] = 10.0
-        lanes.wake(b"wh")
+    def raise_rate(paced: _Paced) -> None:
+        paced.rate = 10.0
+        paced.lanes.wake(b"wh")
 
     offsets = await _sent_at_rates(raise_rate)
     assert offsets[-1] < 2.0, offsets
@@ -236,9 +246,9 @@ async def test_a_wake_for_another_endpoint_leaves_the_slots_as_they_were() -> No
     """Only the lane of the webhook that changed asks again: the waiting deliveries of
     another keep their slots (the first of them is 5 s away)."""
 
-    def raise_elsewhere(lanes: Lanes, rate: list[float]) -> None:
-        rate[0] = 10.0
-        lanes.wake(b"another")
+    def raise_elsewhere(paced: _Paced) -> None:
+        paced.rate = 10.0
+        paced.lanes.wake(b"another")
 
     with_timeout = asyncio.wait_for(_sent_at_rates(raise_elsewhere), 1.0)
     try:
@@ -328,31 +338,18 @@ async def test_a_rate_lowered_while_none_waits_still_spaces_the_next_delivery() 
     """Lowered from 10 to 1 a second just after a delivery, with nothing waiting: the lane
     is not forgotten as idle (its next slot was given up with the change), so the next
     delivery still goes a second after the last, not at once."""
-    consumer = _Consumer()
-    rate = [10.0]
-    sent: list[float] = []
-
-    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        while not await pace(rate[0]):
-            pass
-        sent.append(asyncio.get_running_loop().time())
-        return []
-
-    async def publish(records: list[OutRecord]) -> None:
-        pass
-
-    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100)
-    running = asyncio.create_task(lanes.run())
+    paced = _Paced(10.0)
+    running = asyncio.create_task(paced.lanes.run())
     try:
-        await consumer.batches.put({OWNED: [_record(OWNED, 0)]})
-        await _until(lambda: len(sent) == 1)
-        rate[0] = 1.0
-        lanes.wake(b"wh")
-        lanes._swept_at = float("-inf")  # the next turn sweeps idle lanes away
+        await paced.consumer.batches.put({OWNED: [_record(OWNED, 0)]})
+        await _until(lambda: len(paced.sent) == 1)
+        paced.rate = 1.0
+        paced.lanes.wake(b"wh")
+        paced.lanes._swept_at = float("-inf")  # the next turn sweeps idle lanes away
         await asyncio.sleep(0.3)
-        await consumer.batches.put({OWNED: [_record(OWNED, 1)]})
-        await _until(lambda: len(sent) == 2)
-        assert sent[1] - sent[0] >= 0.95
+        await paced.consumer.batches.put({OWNED: [_record(OWNED, 1)]})
+        await _until(lambda: len(paced.sent) == 2)
+        assert paced.sent[1] - paced.sent[0] >= 0.95
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
