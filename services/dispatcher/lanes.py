@@ -132,9 +132,11 @@ class Lanes:
             try:
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=fetch_size)
             except KafkaError as exc:
+                # Nothing was taken: the turn goes on, so that a rebalance that ended is
+                # still seen and the lanes resume while fetches fail.
                 self._log.warning("delivery_fetch_failed", error=str(exc))
                 await asyncio.sleep(_FETCH_RETRY_SECONDS)
-                continue
+                batches = {}
             # A partition moved away and back since the last turn counts as lost here,
             # and as gained just below: read from its commit point, its put-offs read back.
             kept = self._assignments.look()

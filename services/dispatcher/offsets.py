@@ -106,6 +106,7 @@ class AssignmentWatch:
         self._consumer = consumer
         # In every assignment since the last look; None: no rebalance ended since.
         self._throughout: set[TopicPartition] | None = None
+        self._generation: int | None = None
 
     @property
     def rebalanced(self) -> bool:
@@ -114,7 +115,16 @@ class AssignmentWatch:
 
     def reassigned(self) -> None:
         """A rebalance has ended (from the listener's ``on_partitions_assigned``)."""
-        self._throughout = self.owned()
+        generation = _generation(self._consumer)
+        skipped = (
+            generation is not None
+            and self._generation is not None
+            and generation > self._generation + 1
+        )
+        self._generation = generation
+        # A generation completed without this process (its join was retried without a
+        # revoke, or it was expelled): any partition may have had another owner in it.
+        self._throughout = set() if skipped else self.owned()
 
     def owned(self) -> set[TopicPartition]:
         """The partitions owned now that had no other owner since the last look: the
@@ -130,3 +140,10 @@ class AssignmentWatch:
         kept = self.owned()
         self._throughout = None
         return kept
+
+
+def _generation(consumer: AIOKafkaConsumer) -> int | None:
+    """The group generation the consumer last joined (None: not a group member). Read
+    from the client's coordinator: the client offers no public view of it."""
+    generation = getattr(getattr(consumer, "_coordinator", None), "generation", None)
+    return generation if isinstance(generation, int) else None

@@ -207,6 +207,8 @@ class RetryTimer:
                 # stayed: one moved away and back may have been forwarded meanwhile.
                 if not (self._handing_over or self._assignments.rebalanced):
                     await self._forward_due()
+                # Again: a rebalance may have ended while the forward was being sent.
+                if not (self._handing_over or self._assignments.rebalanced):
                     await self._move_blockers()
                 await self._commit()
             fetch_size = self._apply_backpressure()
@@ -222,9 +224,11 @@ class RetryTimer:
                     timeout_ms=wait_ms, max_records=min(_FETCH_RECORDS, fetch_size)
                 )
             except KafkaError as exc:
+                # Nothing was taken: the turn goes on, so that a rebalance that ended is
+                # still seen and forwarding resumes while fetches fail.
                 self._log.warning("retry_fetch_failed", error=str(exc))
                 await asyncio.sleep(1.0)
-                continue
+                batches = {}
             self._forget_revoked()
             for partition, records in batches.items():
                 for record in records:

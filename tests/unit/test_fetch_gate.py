@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.dispatcher.flow import FetchGate
+from services.dispatcher.offsets import AssignmentWatch
 from services.dispatcher.retry_timer import RetryTimer, Waiting
 from services.shared import Topics
 
@@ -156,3 +158,27 @@ async def test_the_retry_timer_reads_again_after_two_rebalances_between_two_turn
     _waiting_in(timer, FIRST, 3)
     timer._forget_revoked()
     assert timer.pending == 1, "once: the next look keeps what it reads"
+
+
+async def test_a_generation_completed_without_this_process_counts_as_a_move(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    """Its join was retried without a revoke (or it was expelled) while another member
+    held the partitions for a generation: one revoke and one assignment, the same
+    partitions, and still any of them may have moved."""
+    coordinator = SimpleNamespace(generation=4)
+    consumer._coordinator = coordinator
+    try:
+        watch = AssignmentWatch(consumer)
+        watch.reassigned()
+        assert watch.look() == {FIRST, SECOND}
+        coordinator.generation = 5
+        watch.reassigned()
+        assert watch.look() == {FIRST, SECOND}, "the next generation: nothing moved"
+        coordinator.generation = 7
+        watch.reassigned()
+        assert watch.owned() == set()
+        assert watch.look() == set()
+        assert watch.look() == {FIRST, SECOND}, "once: the next look keeps them"
+    finally:
+        consumer._coordinator = None

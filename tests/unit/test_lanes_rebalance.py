@@ -2,7 +2,9 @@
 until what its last owner knew about it is read (decision 54), while the partitions owned
 already go on; before partitions move, nothing more is sent until the new assignment is
 in (decision 55). Deliveries waiting for a rate slot give it up for a rebalance, a stop
-or a change to their endpoint's rate."""
+or a change to their endpoint's rate. A partition moved away and back between two looks
+is read again (decision 60), and a failing fetch does not keep the lanes, or the retry
+timer, from looking."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import asyncio
 from typing import Any, cast
 
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from services.dispatcher.lanes import Lanes, Pace
-from services.shared import OutRecord
+from services.dispatcher.retry_timer import RetryTimer
+from services.shared import OutRecord, Topics
 
 OWNED, GAINED = TopicPartition("t.deliveries", 0), TopicPartition("t.deliveries", 1)
 
@@ -350,6 +354,71 @@ async def test_a_rate_lowered_while_none_waits_still_spaces_the_next_delivery() 
         await paced.consumer.batches.put({OWNED: [_record(OWNED, 1)]})
         await _until(lambda: len(paced.sent) == 2)
         assert paced.sent[1] - paced.sent[0] >= 0.95
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_the_lanes_resume_after_a_rebalance_while_every_fetch_fails() -> None:
+    """A fetch that fails takes nothing, and the turn still sees the rebalance end: the
+    delivery waiting behind the one in flight goes out, though no fetch succeeds."""
+    consumer = _Consumer()
+    sent: list[int] = []
+    gate = asyncio.Event()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        if record.offset == 0:
+            await gate.wait()
+        sent.append(record.offset)
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    failing = asyncio.Event()
+
+    async def failing_fetch(
+        *, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        failing.set()
+        await asyncio.sleep(0.05)
+        raise KafkaConnectionError("the broker is away")
+
+    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, 0), _record(OWNED, 1)]})
+        await _until(lambda: lanes.backlog == 2)
+        consumer.getmany = failing_fetch  # type: ignore[method-assign]
+        await failing.wait()  # no fetch succeeds from now on
+        await lanes.hand_over(within=0.05)  # offset 0 is still being sent
+        lanes.reassigned()
+        gate.set()
+        await _until(lambda: sent == [0, 1])
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_the_retry_timer_sees_a_rebalance_end_while_every_fetch_fails() -> None:
+    """It forwards nothing between a rebalance's end and its next look at the assignment;
+    a fetch that fails must not keep that look from happening."""
+    consumer = _Consumer()
+
+    async def failing_fetch(
+        *, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        await asyncio.sleep(0.05)
+        raise KafkaConnectionError("the broker is away")
+
+    consumer.getmany = failing_fetch  # type: ignore[method-assign]
+    timer = RetryTimer(cast(Any, consumer), cast(Any, None), Topics("t."), pending_max=10)
+    running = asyncio.create_task(timer.run())
+    try:
+        await asyncio.sleep(0.1)
+        timer.reassigned()
+        assert timer._assignments.rebalanced
+        await _until(lambda: not timer._assignments.rebalanced)
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
