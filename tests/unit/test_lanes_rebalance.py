@@ -30,6 +30,9 @@ class _Consumer:
         self.committed: dict[TopicPartition, int] = {}
         self.batches: asyncio.Queue[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]
         self.batches = asyncio.Queue()
+        # Set: every fetch fails, as with a broker gone away; ``fetch_failed`` once one has.
+        self.broken = False
+        self.fetch_failed = asyncio.Event()
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
@@ -37,6 +40,10 @@ class _Consumer:
     async def getmany(
         self, *, timeout_ms: int, max_records: int
     ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        if self.broken:
+            self.fetch_failed.set()
+            await asyncio.sleep(0.05)
+            raise KafkaConnectionError("the broker is away")
         try:
             return await asyncio.wait_for(self.batches.get(), timeout_ms / 1000)
         except TimeoutError:
@@ -262,27 +269,44 @@ async def test_a_wake_for_another_endpoint_leaves_the_slots_as_they_were() -> No
     raise AssertionError("the deliveries went out before their slots")
 
 
+class _Gated:
+    """Lanes over a stand-in consumer, one delivery at a time, offset 0 held at the
+    endpoint until ``gate`` opens. ``sent``: the offsets sent; ``read``: the partitions
+    each take-over read was for."""
+
+    def __init__(self) -> None:
+        self.consumer = _Consumer()
+        self.sent: list[int] = []
+        self.read: list[set[TopicPartition]] = []
+        self.gate = asyncio.Event()
+        self.lanes = Lanes(
+            cast(Any, self.consumer),
+            self._attempt,
+            self._publish,
+            per_lane=1,
+            backlog_max=100,
+            on_gained=self._gained,
+        )
+
+    async def _attempt(self, record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        if record.offset == 0:
+            await self.gate.wait()
+        self.sent.append(record.offset)
+        return []
+
+    async def _publish(self, records: list[OutRecord]) -> None:
+        pass
+
+    async def _gained(self, partitions: set[TopicPartition]) -> None:
+        self.read.append(partitions)
+
+
 async def _two_rebalances_in_one_turn(*, away: bool) -> tuple[list[int], list[set[TopicPartition]]]:
     """Records 0 to 2 wait (0 being sent) when two rebalances end before the loop looks
     again, the partition away in between or not; then the partition is fetched from 2,
     where its other owner would have committed. What was sent, and the take-over reads."""
-    consumer = _Consumer()
-    sent: list[int] = []
-    read: list[set[TopicPartition]] = []
-    gate = asyncio.Event()
-
-    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        if record.offset == 0:
-            await gate.wait()
-        sent.append(record.offset)
-        return []
-
-    async def publish(records: list[OutRecord]) -> None:
-        pass
-
-    async def gained(partitions: set[TopicPartition]) -> None:
-        read.append(partitions)
-
+    gated = _Gated()
+    consumer, lanes = gated.consumer, gated.lanes
     turn, entered = asyncio.Event(), asyncio.Event()
     fetch = consumer.getmany
 
@@ -294,15 +318,12 @@ async def _two_rebalances_in_one_turn(*, away: bool) -> tuple[list[int], list[se
         await turn.wait()
         return await fetch(timeout_ms=timeout_ms, max_records=max_records)
 
-    lanes = Lanes(
-        cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100, on_gained=gained
-    )
     running = asyncio.create_task(lanes.run())
     try:
         consumer.getmany = held_fetch  # type: ignore[method-assign]
         turn.set()
         await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(3)]})
-        await _until(lambda: read == [{OWNED}] and lanes.backlog == 3)
+        await _until(lambda: gated.read == [{OWNED}] and lanes.backlog == 3)
         turn.clear()
         entered.clear()
         await entered.wait()  # the loop's next fetch holds it now
@@ -312,10 +333,10 @@ async def _two_rebalances_in_one_turn(*, away: bool) -> tuple[list[int], list[se
             lanes.reassigned()
         await consumer.batches.put({OWNED: [_record(OWNED, 2)]})
         turn.set()
-        gate.set()
-        await _until(lambda: 2 in sent)
+        gated.gate.set()
+        await _until(lambda: 2 in gated.sent)
         await asyncio.sleep(0.3)
-        return sent, read
+        return gated.sent, gated.read
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
@@ -362,39 +383,17 @@ async def test_a_rate_lowered_while_none_waits_still_spaces_the_next_delivery() 
 async def test_the_lanes_resume_after_a_rebalance_while_every_fetch_fails() -> None:
     """A fetch that fails takes nothing, and the turn still sees the rebalance end: the
     delivery waiting behind the one in flight goes out, though no fetch succeeds."""
-    consumer = _Consumer()
-    sent: list[int] = []
-    gate = asyncio.Event()
-
-    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        if record.offset == 0:
-            await gate.wait()
-        sent.append(record.offset)
-        return []
-
-    async def publish(records: list[OutRecord]) -> None:
-        pass
-
-    failing = asyncio.Event()
-
-    async def failing_fetch(
-        *, timeout_ms: int, max_records: int
-    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-        failing.set()
-        await asyncio.sleep(0.05)
-        raise KafkaConnectionError("the broker is away")
-
-    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
-    running = asyncio.create_task(lanes.run())
+    gated = _Gated()
+    running = asyncio.create_task(gated.lanes.run())
     try:
-        await consumer.batches.put({OWNED: [_record(OWNED, 0), _record(OWNED, 1)]})
-        await _until(lambda: lanes.backlog == 2)
-        consumer.getmany = failing_fetch  # type: ignore[method-assign]
-        await failing.wait()  # no fetch succeeds from now on
-        await lanes.hand_over(within=0.05)  # offset 0 is still being sent
-        lanes.reassigned()
-        gate.set()
-        await _until(lambda: sent == [0, 1])
+        await gated.consumer.batches.put({OWNED: [_record(OWNED, 0), _record(OWNED, 1)]})
+        await _until(lambda: gated.lanes.backlog == 2)
+        gated.consumer.broken = True
+        await gated.consumer.fetch_failed.wait()  # no fetch succeeds from now on
+        await gated.lanes.hand_over(within=0.05)  # offset 0 is still being sent
+        gated.lanes.reassigned()
+        gated.gate.set()
+        await _until(lambda: gated.sent == [0, 1])
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
@@ -404,18 +403,11 @@ async def test_the_retry_timer_sees_a_rebalance_end_while_every_fetch_fails() ->
     """It forwards nothing between a rebalance's end and its next look at the assignment;
     a fetch that fails must not keep that look from happening."""
     consumer = _Consumer()
-
-    async def failing_fetch(
-        *, timeout_ms: int, max_records: int
-    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-        await asyncio.sleep(0.05)
-        raise KafkaConnectionError("the broker is away")
-
-    consumer.getmany = failing_fetch  # type: ignore[method-assign]
+    consumer.broken = True
     timer = RetryTimer(cast(Any, consumer), cast(Any, None), Topics("t."), pending_max=10)
     running = asyncio.create_task(timer.run())
     try:
-        await asyncio.sleep(0.1)
+        await consumer.fetch_failed.wait()
         timer.reassigned()
         assert timer._assignments.rebalanced
         await _until(lambda: not timer._assignments.rebalanced)
