@@ -23,6 +23,7 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import CloseReason
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -416,17 +417,52 @@ async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     try:
         async with asyncio.timeout(_STOP_TIMEOUT_SECONDS):
             await client.stop()
+        return
     except TimeoutError:
         # A group consumer leaving mid-rebalance has been seen to wait for ever; shutdown
-        # must not. Close its sockets anyway so nothing is left open.
+        # must not.
         structlog.get_logger().warning("kafka_client_stop_timed_out")
-        await client._client.close()
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
+            _close_what_is_left(client)
             raise
     except KafkaError as exc:
         structlog.get_logger().warning("kafka_client_stop_failed", error=str(exc))
+    _close_what_is_left(client)
+
+
+def _close_what_is_left(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """End the background tasks and close the sockets of a client whose ``stop()`` did not
+    finish. ``stop()`` closes its parts one after another and gives up at the first that
+    fails (a coordinator whose task ended in an error, a cancelled fetch): a fetch or
+    metadata task left running would keep reconnecting to the broker for as long as the
+    process lives."""
+    if isinstance(client, AIOKafkaConsumer):
+        inner = client._client
+        parts: list[Any] = [inner, client._fetcher, client._coordinator]
+    else:
+        inner = client.client
+        parts = [inner, client._sender]
+    for part in parts:
+        for name in _BACKGROUND_TASKS:
+            task = getattr(part, name, None)
+            if isinstance(task, asyncio.Task) and not task.done():
+                task.cancel()
+    for connection in list(inner._conns.values()):
+        connection.close(reason=CloseReason.SHUTDOWN)
+
+
+# The tasks aiokafka's client, fetcher, group coordinator and sender run in the background.
+_BACKGROUND_TASKS = (
+    "_sync_task",
+    "_fetch_task",
+    "_coordination_task",
+    "_heartbeat_task",
+    "_commit_refresh_task",
+    "_reset_committed_task",
+    "_sender_task",
+)
 
 
 async def all_read(consumer: AIOKafkaConsumer) -> bool:

@@ -1,0 +1,95 @@
+"""A Kafka client whose ``stop()`` fails part-way (a coordinator ending in an error, a
+cancellation raised from inside, a stop that hangs) still ends every background task and
+closes every connection: nothing keeps reconnecting to the broker afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
+
+import services.shared._kafka as kafka_helpers
+from services.shared import (
+    Settings,
+    make_consumer,
+    make_producer,
+    send_all,
+    start_client,
+    stop_client,
+    topics_for,
+)
+
+
+async def _joined_consumer(settings: Settings) -> AIOKafkaConsumer:
+    topic = topics_for(settings).events
+    consumer = make_consumer(settings, topic, group_id=f"{settings.topic_prefix}stopping")
+    await start_client(consumer, settings)
+    async with asyncio.timeout(30):
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=100)
+    return consumer
+
+
+def _background_tasks(client: AIOKafkaConsumer | AIOKafkaProducer) -> list[asyncio.Task[Any]]:
+    if isinstance(client, AIOKafkaConsumer):
+        parts: list[Any] = [client._client, client._fetcher, client._coordinator]
+    else:
+        parts = [client.client, client._sender]
+    found = [
+        getattr(part, name, None) for part in parts for name in kafka_helpers._BACKGROUND_TASKS
+    ]
+    return [task for task in found if isinstance(task, asyncio.Task)]
+
+
+async def _assert_nothing_left(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    inner = client._client if isinstance(client, AIOKafkaConsumer) else client.client
+    # Long enough for a metadata refresh or a fetch left running to open a connection again.
+    await asyncio.sleep(1.0)
+    assert [task for task in _background_tasks(client) if not task.done()] == []
+    assert [conn for conn in inner._conns.values() if conn.connected()] == []
+
+
+async def test_a_coordinator_failing_to_close_still_closes_the_consumer(
+    settings: Settings,
+) -> None:
+    consumer = await _joined_consumer(settings)
+    assert any(conn.connected() for conn in consumer._client._conns.values())
+
+    async def failing_close() -> None:
+        raise KafkaConnectionError("coordinator went away")
+
+    consumer._coordinator.close = failing_close
+    await stop_client(consumer)
+    await _assert_nothing_left(consumer)
+
+
+async def test_a_cancellation_raised_inside_stop_still_closes_the_consumer(
+    settings: Settings,
+) -> None:
+    consumer = await _joined_consumer(settings)
+
+    async def cancelled_close() -> None:
+        raise asyncio.CancelledError
+
+    consumer._coordinator.close = cancelled_close
+    await stop_client(consumer)  # not this task's cancellation: the stop goes on
+    await _assert_nothing_left(consumer)
+
+
+async def test_a_producer_stop_that_hangs_is_cut_short_and_closed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    await send_all(producer, [(topics_for(settings).changes, b"k", b"{}")])
+
+    async def hanging_close() -> None:
+        await asyncio.Event().wait()
+
+    producer._sender.close = hanging_close
+    monkeypatch.setattr(kafka_helpers, "_STOP_TIMEOUT_SECONDS", 0.5)
+    await stop_client(producer)
+    await _assert_nothing_left(producer)
