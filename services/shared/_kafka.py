@@ -142,6 +142,10 @@ async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Se
         except (KafkaError, OSError) as exc:
             await stop_client(client)
             raise _unreachable(settings, exc) from exc
+        except asyncio.CancelledError:
+            # A stop signal while the broker is slow to answer: what began must not linger.
+            _close_what_is_left(client)
+            raise
 
 
 async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:

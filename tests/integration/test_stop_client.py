@@ -93,3 +93,30 @@ async def test_a_producer_stop_that_hangs_is_cut_short_and_closed(
     monkeypatch.setattr(kafka_helpers, "_STOP_TIMEOUT_SECONDS", 0.5)
     await stop_client(producer)
     await _assert_nothing_left(producer)
+
+
+async def test_a_start_cancelled_while_joining_its_group_leaves_nothing_running(
+    settings: Settings,
+) -> None:
+    topic = topics_for(settings).events
+    consumer = make_consumer(settings, topic, group_id=f"{settings.topic_prefix}joining")
+
+    joining = asyncio.Event()
+
+    async def slow_join() -> None:
+        joining.set()
+        await asyncio.Event().wait()
+
+    # A group join that takes its time (a rebalance elsewhere in the group) holds start().
+    consumer._subscription.wait_for_assignment = slow_join
+    starting = asyncio.create_task(start_client(consumer, settings))
+    try:
+        async with asyncio.timeout(10):
+            await joining.wait()
+        assert any(conn.connected() for conn in consumer._client._conns.values())
+        starting.cancel()  # a stop signal while starting
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await _assert_nothing_left(consumer)
+    finally:
+        await stop_client(consumer)
