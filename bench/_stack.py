@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.api.app import ApiService
-from services.auth.admin import add_member, create_team, create_token, create_user
+from services.auth.admin import bootstrap_dev
 from services.auth.app import AuthService
+from services.devstack import in_process_services
 from services.dispatcher.app import DispatcherService
 from services.shared import (
-    PERMISSIONS,
     EmbeddedBroker,
     configure_logging,
     create_engine,
@@ -65,28 +65,21 @@ async def in_process_stack(
             await migrate(settings.effective_database_url)
             await ensure_topics(settings)
             engine = create_engine(settings.effective_database_url)
-            user = await create_user(engine, "bench@example.com", "Bench")
-            team = await create_team(engine, "bench")
-            await add_member(engine, user, team, "owner")
-            _, key = await create_token(
-                engine, pepper="bench", user_id=user, name="owner", permissions=sorted(PERMISSIONS)
-            )
-            async with contextlib.AsyncExitStack() as running:
-                running.push_async_callback(engine.dispose)
-                auth = AuthService(settings, engine)
-                running.push_async_callback(auth.stop)
-                await auth.start()
-                api_settings = settings.model_copy(
-                    update={"auth_url": f"http://127.0.0.1:{auth.port}"}
+            try:
+                owner = await bootstrap_dev(
+                    engine, "bench", email="bench@example.com", display_name="Bench", team="bench"
                 )
-                api = ApiService(api_settings, engine)
-                running.push_async_callback(api.stop)
-                await api.start()
-                dispatcher = None
-                if with_dispatcher:
-                    dispatcher = DispatcherService(settings, engine)
-                    running.push_async_callback(dispatcher.stop)
-                    await dispatcher.start()
-                yield InProcessStack(team, key, auth, api, dispatcher)
+                async with in_process_services(
+                    settings, engine, with_dispatcher=with_dispatcher
+                ) as services:
+                    yield InProcessStack(
+                        owner["team_id"],
+                        owner["token"],
+                        services.auth,
+                        services.api,
+                        services.dispatcher,
+                    )
+            finally:
+                await engine.dispose()
     finally:
         broker.stop()

@@ -7,15 +7,19 @@ sample receiver that shows what a webhook endpoint gets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.app import ApiService
 from services.auth.admin import bootstrap_dev
@@ -23,6 +27,7 @@ from services.auth.app import AuthService
 from services.dispatcher.app import DispatcherService
 from services.shared import (
     EmbeddedBroker,
+    Service,
     Settings,
     access_tokens,
     bound_port,
@@ -97,6 +102,44 @@ class SampleReceiver:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@dataclass(frozen=True)
+class InProcessServices:
+    auth: AuthService
+    api: ApiService
+    dispatcher: DispatcherService | None
+
+
+async def _stop(service: Service) -> None:
+    await service.stop()
+
+
+@contextlib.asynccontextmanager
+async def in_process_services(
+    settings: Settings,
+    engine: AsyncEngine,
+    *,
+    with_dispatcher: bool,
+    stop: Callable[[Service], Awaitable[None]] = _stop,
+) -> AsyncIterator[InProcessServices]:
+    """Auth, the api asking it, and a dispatcher if wanted, started in this process (on
+    port 0 they take free ports); on exit each started one is stopped through ``stop``, the
+    last started first, also when a later one failed to start."""
+    async with contextlib.AsyncExitStack() as started:
+        auth = AuthService(settings, engine)
+        started.push_async_callback(stop, auth)
+        await auth.start()
+        api_settings = settings.model_copy(update={"auth_url": f"http://127.0.0.1:{auth.port}"})
+        api = ApiService(api_settings, engine)
+        started.push_async_callback(stop, api)
+        await api.start()
+        dispatcher = None
+        if with_dispatcher:
+            dispatcher = DispatcherService(settings, engine)
+            started.push_async_callback(stop, dispatcher)
+            await dispatcher.start()
+        yield InProcessServices(auth, api, dispatcher)
 
 
 def banner(info: dict[str, str], receiver_url: str, saved_to: Path) -> str:

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +21,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import func, select, text
 
 from services.api.app import ApiService
-from services.auth.admin import add_member, create_team, create_token, create_user
+from services.auth.admin import bootstrap_dev, create_token
 from services.auth.app import AuthService
+from services.devstack import in_process_services
 from services.dispatcher.app import DispatcherService
 from services.shared import (
     EVENT_TYPES,
-    PERMISSIONS,
     EmbeddedBroker,
+    Service,
     Settings,
     access_tokens,
     bound_port,
@@ -244,44 +245,47 @@ async def running_stack(settings: Settings, *, with_dispatcher: bool) -> AsyncIt
     await migrate(settings.effective_database_url)
     await ensure_topics(settings)
     engine = create_engine(settings.effective_database_url)
-    user_id = await create_user(engine, "owner@example.com", "Owner")
-    team_id = await create_team(engine, "acme")
-    await add_member(engine, user_id, team_id, "owner")
-    _, token = await create_token(
-        engine, pepper="test-pepper", user_id=user_id, name="all", permissions=sorted(PERMISSIONS)
-    )
-    auth = AuthService(settings, engine)
-    await auth.start()
-    api_settings = settings.model_copy(update={"auth_url": f"http://127.0.0.1:{auth.port}"})
-    api = ApiService(api_settings, engine)
-    await api.start()
-    dispatcher = DispatcherService(settings, engine) if with_dispatcher else None
-    if dispatcher is not None:
-        await dispatcher.start()
-    session = aiohttp.ClientSession()
     try:
-        yield Stack(settings, auth, api, dispatcher, team_id, user_id, token, session)
+        owner = await bootstrap_dev(
+            engine,
+            "test-pepper",
+            email="owner@example.com",
+            display_name="Owner",
+            team="acme",
+            key_name="all",
+        )
+        async with (
+            in_process_services(
+                settings, engine, with_dispatcher=with_dispatcher, stop=_stop_within
+            ) as services,
+            aiohttp.ClientSession() as session,
+        ):
+            yield Stack(
+                settings,
+                services.auth,
+                services.api,
+                services.dispatcher,
+                owner["team_id"],
+                owner["user_id"],
+                owner["token"],
+                session,
+            )
     finally:
-        await session.close()
-        if dispatcher is not None:
-            await _stop_within(dispatcher.name, dispatcher.stop())
-        await _stop_within(api.name, api.stop())
-        await _stop_within(auth.name, auth.stop())
         await engine.dispose()
 
 
 _STOP_LIMIT_SECONDS = 45.0
 
 
-async def _stop_within(name: str, stopping: Coroutine[Any, Any, None]) -> None:
+async def _stop_within(service: Service) -> None:
     """A stop that hangs fails its test naming the service, with every task's stack
     printed: a bare pytest timeout shows only the event loop waiting."""
     try:
-        await asyncio.wait_for(stopping, _STOP_LIMIT_SECONDS)
+        await asyncio.wait_for(service.stop(), _STOP_LIMIT_SECONDS)
     except TimeoutError:
         for task in asyncio.all_tasks():
             task.print_stack(file=sys.stdout)
-        pytest.fail(f"{name} did not stop within {_STOP_LIMIT_SECONDS} s")
+        pytest.fail(f"{service.name} did not stop within {_STOP_LIMIT_SECONDS} s")
 
 
 @pytest.fixture

@@ -92,16 +92,25 @@ async def create_token(
         return token_id, plaintext
 
 
-async def bootstrap_dev(engine: AsyncEngine, pepper: str) -> dict[str, str]:
-    """Idempotent: the same user and team every run, and a fresh all-permissions token."""
-    user_id = await create_user(engine, "dev@hookwire.local", "Dev User")
-    team_id = await create_team(engine, "dev")
+async def bootstrap_dev(
+    engine: AsyncEngine,
+    pepper: str,
+    *,
+    email: str = "dev@hookwire.local",
+    display_name: str = "Dev User",
+    team: str = "dev",
+    key_name: str = "dev",
+) -> dict[str, str]:
+    """Idempotent: the same user and team every run, owning the team, and a fresh
+    all-permissions token (also what the tests and benchmarks run the system as)."""
+    user_id = await create_user(engine, email, display_name)
+    team_id = await create_team(engine, team)
     await add_member(engine, user_id, team_id, "owner")
     token_id, token = await create_token(
         engine,
         pepper=pepper,
         user_id=user_id,
-        name="dev",
+        name=key_name,
         permissions=sorted(PERMISSIONS),
         replace=True,
     )
