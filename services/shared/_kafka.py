@@ -431,7 +431,8 @@ async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
         if task is not None and task.cancelling():
             _close_what_is_left(client)
             raise
-    except KafkaError as exc:
+    except Exception as exc:
+        # A KafkaError mostly; whatever it is, the stop must still close the client.
         structlog.get_logger().warning("kafka_client_stop_failed", error=str(exc))
     _close_what_is_left(client)
 
@@ -445,16 +446,28 @@ def _close_what_is_left(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     if isinstance(client, AIOKafkaConsumer):
         inner = client._client
         parts: list[Any] = [inner, client._fetcher, client._coordinator]
+        # The fetcher's per-request tasks: one still waiting for a connection would open
+        # it after the sockets below are closed.
+        tasks = list(getattr(client._fetcher, "_pending_tasks", ()))
     else:
         inner = client.client
         parts = [inner, client._sender]
-    for part in parts:
-        for name in _BACKGROUND_TASKS:
-            task = getattr(part, name, None)
-            if isinstance(task, asyncio.Task) and not task.done():
-                task.cancel()
+        tasks = []
+        # Callers waiting for records still in the producer's queue get an error rather
+        # than waiting for ever.
+        client._message_accumulator.fail_all(KafkaConnectionError("the producer was closed"))
+    tasks += [getattr(part, name, None) for part in parts for name in _BACKGROUND_TASKS]
+    for task in tasks:
+        if isinstance(task, asyncio.Task) and not task.done():
+            task.cancel()
+    # A produce request that failed waits for the metadata refresh the cancelled metadata
+    # task would have finished; without an answer it, and the sender, would wait for ever.
+    refreshing = inner._md_update_fut
+    if refreshing is not None and not refreshing.done():
+        refreshing.set_result(False)
     for connection in list(inner._conns.values()):
         connection.close(reason=CloseReason.SHUTDOWN)
+    client._closed = True  # what stop() would have set: nothing left for it to close
 
 
 # The tasks aiokafka's client, fetcher, group coordinator and sender run in the background.

@@ -1,5 +1,5 @@
-"""The services run in one process (``hookwire dev``'s wiring, used by the tests and the
-benchmarks) stop every service that started, also when a later one fails to start."""
+"""The services run in one process (as the tests and the in-process benchmarks run them)
+stop every service that started, also when a later one fails to start."""
 
 from __future__ import annotations
 

@@ -33,28 +33,22 @@ async def _joined_consumer(settings: Settings) -> AIOKafkaConsumer:
     return consumer
 
 
-def _background_tasks(client: AIOKafkaConsumer | AIOKafkaProducer) -> list[asyncio.Task[Any]]:
-    if isinstance(client, AIOKafkaConsumer):
-        parts: list[Any] = [client._client, client._fetcher, client._coordinator]
-    else:
-        parts = [client.client, client._sender]
-    found = [
-        getattr(part, name, None) for part in parts for name in kafka_helpers._BACKGROUND_TASKS
-    ]
-    return [task for task in found if isinstance(task, asyncio.Task)]
-
-
-async def _assert_nothing_left(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+async def _assert_nothing_left(
+    client: AIOKafkaConsumer | AIOKafkaProducer, tasks_before: set[asyncio.Task[Any]]
+) -> None:
     inner = client._client if isinstance(client, AIOKafkaConsumer) else client.client
     # Long enough for a metadata refresh or a fetch left running to open a connection again.
     await asyncio.sleep(1.0)
-    assert [task for task in _background_tasks(client) if not task.done()] == []
+    left = {task for task in asyncio.all_tasks() - tasks_before if not task.done()}
+    left.discard(asyncio.current_task())  # type: ignore[arg-type]
+    assert left == set()
     assert [conn for conn in inner._conns.values() if conn.connected()] == []
 
 
 async def test_a_coordinator_failing_to_close_still_closes_the_consumer(
     settings: Settings,
 ) -> None:
+    before = asyncio.all_tasks()
     consumer = await _joined_consumer(settings)
     assert any(conn.connected() for conn in consumer._client._conns.values())
 
@@ -63,12 +57,13 @@ async def test_a_coordinator_failing_to_close_still_closes_the_consumer(
 
     consumer._coordinator.close = failing_close
     await stop_client(consumer)
-    await _assert_nothing_left(consumer)
+    await _assert_nothing_left(consumer, before)
 
 
 async def test_a_cancellation_raised_inside_stop_still_closes_the_consumer(
     settings: Settings,
 ) -> None:
+    before = asyncio.all_tasks()
     consumer = await _joined_consumer(settings)
 
     async def cancelled_close() -> None:
@@ -76,12 +71,13 @@ async def test_a_cancellation_raised_inside_stop_still_closes_the_consumer(
 
     consumer._coordinator.close = cancelled_close
     await stop_client(consumer)  # not this task's cancellation: the stop goes on
-    await _assert_nothing_left(consumer)
+    await _assert_nothing_left(consumer, before)
 
 
 async def test_a_producer_stop_that_hangs_is_cut_short_and_closed(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    before = asyncio.all_tasks()
     producer = make_producer(settings)
     await start_client(producer, settings)
     await send_all(producer, [(topics_for(settings).changes, b"k", b"{}")])
@@ -92,13 +88,14 @@ async def test_a_producer_stop_that_hangs_is_cut_short_and_closed(
     producer._sender.close = hanging_close
     monkeypatch.setattr(kafka_helpers, "_STOP_TIMEOUT_SECONDS", 0.5)
     await stop_client(producer)
-    await _assert_nothing_left(producer)
+    await _assert_nothing_left(producer, before)
 
 
 async def test_a_start_cancelled_while_joining_its_group_leaves_nothing_running(
     settings: Settings,
 ) -> None:
     topic = topics_for(settings).events
+    before = asyncio.all_tasks()
     consumer = make_consumer(settings, topic, group_id=f"{settings.topic_prefix}joining")
 
     joining = asyncio.Event()
@@ -117,6 +114,39 @@ async def test_a_start_cancelled_while_joining_its_group_leaves_nothing_running(
         starting.cancel()  # a stop signal while starting
         with pytest.raises(asyncio.CancelledError):
             await starting
-        await _assert_nothing_left(consumer)
+        await _assert_nothing_left(consumer, before)
     finally:
         await stop_client(consumer)
+
+
+async def test_a_producer_stop_cut_short_with_records_failing_to_send_ends_everything(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = asyncio.all_tasks()
+    producer = make_producer(settings, retry_backoff_ms=50)
+    await start_client(producer, settings)
+    topic = topics_for(settings).changes
+    await send_all(producer, [(topic, b"k", b"{}")])
+    inner = producer.client
+    real_send = inner.send
+
+    async def metadata_never_answered(*_: Any) -> bool:
+        await asyncio.Event().wait()
+        return False
+
+    async def broker_gone(node_id: int, request: Any, **kwargs: Any) -> Any:
+        if type(request).__name__.startswith("ProduceRequest"):
+            # The failed request waits for a metadata refresh that never comes back.
+            inner._metadata_update = metadata_never_answered
+            inner.force_metadata_update()
+            raise KafkaConnectionError("broker gone")
+        return await real_send(node_id, request, **kwargs)
+
+    inner.send = broker_gone
+    sending = asyncio.create_task(send_all(producer, [(topic, b"k", b"{}")]))
+    await asyncio.sleep(0.3)  # the record is retried, again and again
+    monkeypatch.setattr(kafka_helpers, "_STOP_TIMEOUT_SECONDS", 0.5)
+    await stop_client(producer)
+    with pytest.raises(KafkaConnectionError):
+        await asyncio.wait_for(sending, 2)  # the caller is answered, not left waiting
+    await _assert_nothing_left(producer, before)
