@@ -71,6 +71,10 @@ class EmbeddedBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
+            # Out of the terminal's process group: a Ctrl-C must reach the services, which
+            # then stop (leaving their groups, committing) while the broker still answers;
+            # the broker is stopped after them, or dies with its parent.
+            process_group=0,
             env={**os.environ, "RUST_LOG": "error"},
         )
 

@@ -25,7 +25,9 @@ def _children(pid: int) -> list[int]:
     return [int(line) for line in found.stdout.split()]
 
 
-def _start(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def _start(
+    tmp_path: Path, env: dict[str, str], *, own_group: bool = False
+) -> subprocess.Popen[str]:
     # The banner goes to stdout, the services' log lines to stderr.
     with (tmp_path / "dev.log").open("w") as log:
         return subprocess.Popen(
@@ -35,7 +37,25 @@ def _start(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
+            # As a terminal runs it: a Ctrl-C goes to every process of the group.
+            process_group=0 if own_group else None,
         )
+
+
+def _dev_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKWIRE_")}
+    env.update(
+        HOOKWIRE_API_PORT=str(free_port()),
+        HOOKWIRE_AUTH_PORT=str(free_port()),
+        HOOKWIRE_DISPATCHER_PORT=str(free_port()),
+        HOOKWIRE_DEV_RECEIVER_PORT=str(free_port()),
+        HOOKWIRE_DATA_DIR="state",
+    )
+    return env
+
+
+def _errors(log: str) -> list[str]:
+    return [line for line in log.splitlines() if '"level":"error"' in line]
 
 
 def _wait_for_banner(process: subprocess.Popen[str]) -> str:
@@ -70,14 +90,7 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
     """The banner's example, run verbatim by a shell, produces a signed delivery; SIGTERM
     stops everything within seconds with no child left; a second start works. A healthy
     start logs no error (a first run should not look broken)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKWIRE_")}
-    env.update(
-        HOOKWIRE_API_PORT=str(free_port()),
-        HOOKWIRE_AUTH_PORT=str(free_port()),
-        HOOKWIRE_DISPATCHER_PORT=str(free_port()),
-        HOOKWIRE_DEV_RECEIVER_PORT=str(free_port()),
-        HOOKWIRE_DATA_DIR="state",
-    )
+    env = _dev_env()
     tokens = []
     for _ in range(2):
         process = _start(tmp_path, env)
@@ -85,7 +98,7 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
             banner = _wait_for_banner(process)
             log = (tmp_path / "dev.log").read_text()
             assert "service_started" in log
-            assert [line for line in log.splitlines() if '"level":"error"' in line] == []
+            assert _errors(log) == []
             dev_file = tmp_path / "state" / "dev.json"
             assert "(saved to state/dev.json)" in banner
             assert stat.S_IMODE(dev_file.stat().st_mode) == 0o600
@@ -113,3 +126,31 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
             process.stdout.close()
         assert process.returncode == 0
     assert tokens[0] != tokens[1]
+
+
+def test_ctrl_c_stops_the_services_before_the_broker(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches every process of its group. The services must stop
+    while the broker still answers: a broker that died first made every Kafka client log
+    errors on the way out."""
+    process = _start(tmp_path, _dev_env(), own_group=True)
+    try:
+        _wait_for_banner(process)
+        children = _children(process.pid)
+        started = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=15)
+        assert time.monotonic() - started < 10
+        time.sleep(0.2)
+        for child in children:
+            with pytest.raises(ProcessLookupError):
+                os.kill(child, 0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+    assert process.returncode == 0
+    log = (tmp_path / "dev.log").read_text()
+    assert "shutting_down" in log
+    assert _errors(log) == []
