@@ -202,15 +202,19 @@ class RetryTimer:
 
     async def _forward_forever(self) -> None:
         while True:
+            refused = False
             async with self._turn:
                 # After a rebalance, not before the next fetch has shown which partitions
                 # stayed: one moved away and back may have been forwarded meanwhile.
                 if not (self._handing_over or self._assignments.rebalanced):
-                    await self._forward_due()
+                    refused = await self._forward_due()
                 # Again: a rebalance may have ended while the forward was being sent.
                 if not (self._handing_over or self._assignments.rebalanced):
                     await self._move_blockers()
                 await self._commit()
+            if refused:
+                # Outside the turn: a hand-over waiting for it must not wait this out.
+                await asyncio.sleep(1.0)
             fetch_size = self._apply_backpressure()
             wait_ms = _IDLE_WAIT_MS
             if self._handing_over:
@@ -218,7 +222,10 @@ class RetryTimer:
                 # make the loop spin meanwhile.
                 wait_ms = _HANDING_OVER_WAIT_MS
             elif self._heap:
-                wait_ms = max(0, min(wait_ms, (self._heap[0].due_us - _wall_us()) // 1000))
+                # Rounded up: a record due in under a millisecond is not waited for with
+                # fetches that return at once, again and again.
+                due_in_ms = -(-(self._heap[0].due_us - _wall_us()) // 1000)
+                wait_ms = max(0, min(wait_ms, due_in_ms))
             try:
                 batches = await self._consumer.getmany(
                     timeout_ms=wait_ms, max_records=min(_FETCH_RECORDS, fetch_size)
@@ -271,13 +278,14 @@ class RetryTimer:
             heapq.heapify(self._heap)
             self._waiting_values = {entry.value for entry in self._heap}
 
-    async def _forward_due(self) -> None:
+    async def _forward_due(self) -> bool:
+        """Forward what is due; True when the broker refused some of it."""
         now = _wall_us()
         due = []
         while self._heap and self._heap[0].due_us <= now:
             due.append(heapq.heappop(self._heap))
         if not due:
-            return
+            return False
         out: list[OutRecord] = [(self._topics.deliveries, e.key, e.value) for e in due]
         failed = await send_each(self._producer, out)
         for index, entry in enumerate(due):
@@ -294,7 +302,7 @@ class RetryTimer:
         if failed:
             error = next(iter(failed.values()))
             self._log.warning("retry_forward_failed", error=str(error), records=len(failed))
-            await asyncio.sleep(1.0)
+        return bool(failed)
 
     async def _move_blockers(self) -> None:
         """Write again, at the end of their partition, the far-off records that hold its

@@ -4,6 +4,8 @@ rebalances."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -11,7 +13,9 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
+from services.dispatcher import retry_timer
 from services.dispatcher.flow import FetchGate
 from services.dispatcher.offsets import AssignmentWatch
 from services.dispatcher.retry_timer import RetryTimer, Waiting
@@ -182,3 +186,44 @@ async def test_a_generation_completed_without_this_process_counts_as_a_move(
         assert watch.look() == {FIRST, SECOND}, "once: the next look keeps them"
     finally:
         consumer._coordinator = None
+
+
+async def test_a_refused_forward_backs_off_without_holding_up_a_hand_over(
+    consumer: AIOKafkaConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause after the broker refused a forward is taken outside the loop's turn: a
+    rebalance's hand-over (about 2.4 s in all) must not wait it out."""
+    timer = RetryTimer(consumer, cast(Any, None), Topics("t."), pending_max=10)
+    timer.reassigned()
+    timer._forget_revoked()
+    entry = Waiting(0, FIRST.topic, FIRST.partition, 3, b"wh", b"{}", False)
+    timer._tracker.add(FIRST, 3)
+    heapq.heappush(timer._heap, entry)
+    refused = asyncio.Event()
+
+    async def broker_refuses(producer: Any, records: Any) -> dict[int, BaseException]:
+        refused.set()
+        return {0: KafkaConnectionError("broker busy")}
+
+    async def nothing_fetched(**_: Any) -> dict[Any, Any]:
+        await asyncio.sleep(0.01)
+        return {}
+
+    async def nothing_to_commit() -> None:
+        return None
+
+    monkeypatch.setattr(retry_timer, "send_each", broker_refuses)
+    monkeypatch.setattr(timer, "_commit", nothing_to_commit)
+    monkeypatch.setattr(consumer, "getmany", nothing_fetched)
+    running = asyncio.create_task(timer.run())
+    try:
+        await asyncio.wait_for(refused.wait(), 2)
+        await asyncio.sleep(0.05)  # the loop is now backing off
+        handing_over = asyncio.get_running_loop().time()
+        await timer.hand_over(2.4)
+        assert asyncio.get_running_loop().time() - handing_over < 0.5
+        assert timer.pending == 1, "the refused record waits for another try"
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
