@@ -96,7 +96,9 @@ class SampleReceiver:
         app = web.Application()
         app.router.add_get("/received", self._list)
         app.router.add_post("/{tail:.*}", self._receive)
-        self._runner = await start_site(app, self.host, self.port)
+        self._runner = await start_site(
+            app, self.host, self.port, port_setting="HOOKWIRE_DEV_RECEIVER_PORT"
+        )
         self.port = bound_port(self._runner)
 
     async def stop(self) -> None:

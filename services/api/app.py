@@ -141,7 +141,9 @@ class ApiService:
                 self.outbox_for(self._producer),
             )
             self._recording = asyncio.create_task(self.recorder.run(), name="delivery-log")
-        self._runner = await start_site(app, self.settings.host, self.settings.api_port)
+        self._runner = await start_site(
+            app, self.settings.host, self.settings.api_port, port_setting="HOOKWIRE_API_PORT"
+        )
         self.port = bound_port(self._runner)
 
     async def _prune_forever(self) -> None:

@@ -140,7 +140,9 @@ class AuthService:
         await self._follower.start()
         self._flusher = asyncio.create_task(self._flush_last_used_forever())
         self.app = self.build_app(self._producer)
-        self._runner = await start_site(self.app, self.settings.host, self.settings.auth_port)
+        self._runner = await start_site(
+            self.app, self.settings.host, self.settings.auth_port, port_setting="HOOKWIRE_AUTH_PORT"
+        )
         self.port = bound_port(self._runner)
 
     async def stop(self) -> None:

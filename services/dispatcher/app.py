@@ -207,7 +207,12 @@ class DispatcherService:
         ]
         app = build_app("dispatcher", self.metrics)
         app[READINESS_KEY].append(self._ready)
-        self._runner = await start_site(app, self.settings.host, self.settings.dispatcher_port)
+        self._runner = await start_site(
+            app,
+            self.settings.host,
+            self.settings.dispatcher_port,
+            port_setting="HOOKWIRE_DISPATCHER_PORT",
+        )
         self.port = bound_port(self._runner)
 
     async def _ready(self) -> None:

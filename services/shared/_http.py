@@ -255,7 +255,11 @@ def _problems(exc: ValidationError, whole: str) -> list[dict[str, str]]:
     ]
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start_site(
+    app: web.Application, host: str, port: int, *, port_setting: str | None = None
+) -> web.AppRunner:
+    """Serve ``app``; a port that cannot be had names ``port_setting``, the variable
+    that moves it."""
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=REQUESTS_FINISH_SECONDS
     )
@@ -265,7 +269,8 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        hint = f" (set {port_setting} to use another port)" if port_setting else ""
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
     return runner
 
 
