@@ -6,12 +6,16 @@ A put-off first attempt waits in the first retry topic, keyed by its webhook lik
 delivery, until the retry timer forwards it. Whatever the retry group has not committed
 past may still be waiting, so that is what is read: from the group's commit point to the
 end of each partition that can hold the keys of the partitions taken over.
+
+One forwarded already may still wait in ``deliveries`` behind a newer event routed before
+it came back (the partition had a backlog): so the partitions taken over are read too,
+from the delivery group's commit point, for put-offs forwarded and not yet delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -20,7 +24,6 @@ from aiokafka.errors import KafkaError
 from services.shared import (
     DependencyUnavailable,
     Settings,
-    all_read,
     get_logger,
     make_consumer,
     partition_of,
@@ -44,6 +47,27 @@ def note_put_offs(
     time in microseconds its last put-off first attempt among ``records`` wakes. Retries
     keep no order and are left out; so is a record without a readable time (forwarded at
     once, it orders nothing)."""
+    for webhook_id, entry in _put_offs_among(records, partitions, of):
+        last[webhook_id] = max(last.get(webhook_id, 0), entry.due_us)
+
+
+def note_forwarded(
+    last: dict[str, int],
+    records: Iterable[ConsumerRecord],
+    partitions: Collection[int],
+    of: int,
+) -> None:
+    """Into ``last``: per webhook, when (microseconds, by its Kafka timestamp) the last
+    put-off first attempt among these ``deliveries`` records was forwarded there. A newer
+    event written before then may be ahead of it in the partition."""
+    for webhook_id, entry in _put_offs_among(records, partitions, of):
+        written_us = entry.written_ms * 1000
+        last[webhook_id] = max(last.get(webhook_id, 0), written_us)
+
+
+def _put_offs_among(
+    records: Iterable[ConsumerRecord], partitions: Collection[int], of: int
+) -> Iterator[tuple[str, Waiting]]:
     for record in records:
         entry = Waiting.of(record)
         if not entry.first_attempt or entry.key is None or entry.due_us == 0:
@@ -54,24 +78,30 @@ def note_put_offs(
             webhook_id = entry.key.decode()
         except UnicodeDecodeError:
             continue
-        last[webhook_id] = max(last.get(webhook_id, 0), entry.due_us)
+        yield webhook_id, entry
+
+
+Note = Callable[[dict[str, int], Iterable[ConsumerRecord], Collection[int], int], None]
 
 
 async def read_put_offs(
     settings: Settings,
-    retries: AIOKafkaConsumer,
+    group: AIOKafkaConsumer,
     topic: str,
     partitions: Collection[int],
     of: int,
     *,
     within: float,
+    note: Note = note_put_offs,
 ) -> dict[str, datetime]:
-    """Per webhook whose deliveries are in ``partitions`` of ``of``, when its last put-off
-    first attempt in ``topic`` wakes. What was read is returned even when the broker
-    fails the read or it takes longer than ``within`` seconds: the partitions must not
-    wait for ever, and every webhook found still orders its new events.
+    """Per webhook whose deliveries are in ``partitions`` of ``of``, what ``note`` finds
+    of its put-off first attempts in ``topic`` (by default: when the last one wakes),
+    read from ``group``'s commit points to the ends the partitions had when first seen.
+    What was read is returned even when the broker fails the read or it takes longer
+    than ``within`` seconds: the partitions must not wait for ever, and every webhook
+    found still orders its new events.
 
-    ``retries`` is a consumer of the retry group, asked for its commit points."""
+    ``group`` is a consumer of the group whose commit points start the read."""
     last: dict[str, int] = {}
     reader = make_consumer(settings, group_id=None)
     try:
@@ -86,17 +116,18 @@ async def read_put_offs(
             if wanted:
                 reader.assign(wanted)
                 for partition in wanted:
-                    committed = await retries.committed(partition)
+                    committed = await group.committed(partition)
                     if committed is None:
                         await reader.seek_to_beginning(partition)
                     else:
                         reader.seek(partition, committed)
-                while not await all_read(reader):
+                ends: dict[TopicPartition, int] = {}
+                while not await _read_to(reader, wanted, ends):
                     batches = await reader.getmany(
                         timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_RECORDS
                     )
                     for records in batches.values():
-                        note_put_offs(last, records, partitions, of)
+                        note(last, records, partitions, of)
     except TimeoutError:
         get_logger("dispatcher").warning("put_offs_not_read", within_seconds=within)
     except (KafkaError, DependencyUnavailable) as exc:
@@ -104,3 +135,20 @@ async def read_put_offs(
     finally:
         await stop_client(reader)
     return {webhook: EPOCH + timedelta(microseconds=us) for webhook, us in last.items()}
+
+
+async def _read_to(
+    reader: AIOKafkaConsumer, wanted: list[TopicPartition], ends: dict[TopicPartition, int]
+) -> bool:
+    """Every partition read to the end it had when a fetch first showed it (its high-water
+    mark: the embedded broker's end_offsets() is wrong after a batch). Not to its moving
+    end: ``deliveries`` under load grows as fast as it is read."""
+    for partition in wanted:
+        if partition not in ends:
+            end = reader.highwater(partition)
+            if end is None:
+                return False
+            ends[partition] = end
+        if await reader.position(partition) < ends[partition]:
+            return False
+    return True
