@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
 
 import aiohttp
 from aiohttp import web
@@ -62,7 +61,7 @@ from services.shared import (
 
 from .handler import DeliveryHandler, DeliveryMetrics, invalid_record
 from .lanes import Lanes
-from .put_offs import note_forwarded, read_put_offs
+from .put_offs import read_put_offs
 from .retry_timer import RetryTimer
 from .routing import fan_out
 from .sender import Sender
@@ -254,49 +253,31 @@ class DispatcherService:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)
         if self._handler is None or not partitions:
             return
-        numbers = {p.partition for p in gained}
         try:
-            last_put_off, last_forwarded = await asyncio.gather(
-                read_put_offs(
-                    self.settings,
-                    retries,
-                    self.topics.retry(1),
-                    numbers,
-                    len(partitions),
-                    within=_TAKE_OVER_SECONDS,
-                ),
-                read_put_offs(
-                    self.settings,
-                    consumer,
-                    self.topics.deliveries,
-                    numbers,
-                    len(partitions),
-                    within=_TAKE_OVER_SECONDS,
-                    note=note_forwarded,
-                ),
+            last_put_off = await read_put_offs(
+                self.settings,
+                retries,
+                self.topics.retry(1),
+                {p.partition for p in gained},
+                len(partitions),
+                within=_TAKE_OVER_SECONDS,
             )
             # A partition lost while it was read is another process's to hold.
             owned = {p.partition for p in consumer.assignment() & gained}
-
-            def still_owned(found: dict[str, datetime]) -> dict[str, datetime]:
-                return {
-                    webhook_id: at
-                    for webhook_id, at in found.items()
+            self._handler.take_over_holds(
+                {
+                    webhook_id: wakes
+                    for webhook_id, wakes in last_put_off.items()
                     if partition_of(webhook_id.encode(), len(partitions)) in owned
                 }
-
-            self._handler.take_over_holds(still_owned(last_put_off), still_owned(last_forwarded))
+            )
         except Exception:
             # A bug, not the broker (that is logged and read around): the partitions
             # must still be delivered, as before any of this was read.
             self._log.exception("put_offs_not_read")
             return
-        if last_put_off or last_forwarded:
-            self._log.info(
-                "put_offs_taken_over",
-                webhooks=len(last_put_off.keys() | last_forwarded.keys()),
-                forwarded=len(last_forwarded),
-            )
+        if last_put_off:
+            self._log.info("put_offs_taken_over", webhooks=len(last_put_off))
 
     def _forget_partitions(self, consumer: AIOKafkaConsumer, lost: set[TopicPartition]) -> None:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)

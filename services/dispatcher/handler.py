@@ -193,36 +193,18 @@ class DeliveryHandler:
             if partition_of(webhook_id.encode(), partitions) in lost:
                 self.forget_endpoint(webhook_id)
 
-    def take_over_holds(
-        self,
-        last_put_off: Mapping[str, datetime],
-        last_forwarded: Mapping[str, datetime] | None = None,
-    ) -> None:
-        """First attempts another process put off, read back when their partition came
-        here: new events for those webhooks wait behind them, as they would have there.
-
-        ``last_put_off``: per webhook, when the last of them still in the retry topic
-        wakes. ``last_forwarded``: per webhook, when the last of them already forwarded
-        to ``deliveries``, and not delivered yet, was written there; an event routed
-        before then may be ahead of it in the partition, and is put off (behind it)."""
+    def take_over_holds(self, last_put_off: Mapping[str, datetime]) -> None:
+        """First attempts another process put off, read back from the retry topic when
+        their partition came here (``last_put_off``: per webhook, when the last of them
+        wakes): new events for those webhooks wait behind them, as they would have there."""
         now = utcnow()
-        found = {
-            webhook_id: _Hold(_TAKEN_OVER, written, floor=written)
-            for webhook_id, written in (last_forwarded or {}).items()
-        }
         floor = now + _TAKEN_OVER_KEPT
         for webhook_id, wakes in last_put_off.items():
             if wakes < now - _TAKEN_OVER_STALE:
                 continue
-            forwarded = found.get(webhook_id)
-            until = wakes + _MICROSECOND
-            if forwarded is not None:
-                until = max(until, forwarded.until)
-            found[webhook_id] = _Hold(_TAKEN_OVER, until, floor=floor)
-        for webhook_id, hold in found.items():
             current = self._holds.get(webhook_id)
-            if current is None or current.ends <= hold.until:
-                self._holds[webhook_id] = hold
+            if current is None or current.ends <= wakes:
+                self._holds[webhook_id] = _Hold(_TAKEN_OVER, wakes + _MICROSECOND, floor=floor)
         if len(self._holds) > _WEBHOOKS_REMEMBERED:
             self._prune_holds()
 

@@ -6,16 +6,12 @@ A put-off first attempt waits in the first retry topic, keyed by its webhook lik
 delivery, until the retry timer forwards it. Whatever the retry group has not committed
 past may still be waiting, so that is what is read: from the group's commit point to the
 end of each partition that can hold the keys of the partitions taken over.
-
-One forwarded already may still wait in ``deliveries`` behind a newer event routed before
-it came back (the partition had a backlog): so the partitions taken over are read too,
-from the delivery group's commit point, for put-offs forwarded and not yet delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -47,27 +43,6 @@ def note_put_offs(
     time in microseconds its last put-off first attempt among ``records`` wakes. Retries
     keep no order and are left out; so is a record without a readable time (forwarded at
     once, it orders nothing)."""
-    for webhook_id, entry in _put_offs_among(records, partitions, of):
-        last[webhook_id] = max(last.get(webhook_id, 0), entry.due_us)
-
-
-def note_forwarded(
-    last: dict[str, int],
-    records: Iterable[ConsumerRecord],
-    partitions: Collection[int],
-    of: int,
-) -> None:
-    """Into ``last``: per webhook, when (microseconds, by its Kafka timestamp) the last
-    put-off first attempt among these ``deliveries`` records was forwarded there. A newer
-    event written before then may be ahead of it in the partition."""
-    for webhook_id, entry in _put_offs_among(records, partitions, of):
-        written_us = entry.written_ms * 1000
-        last[webhook_id] = max(last.get(webhook_id, 0), written_us)
-
-
-def _put_offs_among(
-    records: Iterable[ConsumerRecord], partitions: Collection[int], of: int
-) -> Iterator[tuple[str, Waiting]]:
     for record in records:
         entry = Waiting.of(record)
         if not entry.first_attempt or entry.key is None or entry.due_us == 0:
@@ -78,30 +53,24 @@ def _put_offs_among(
             webhook_id = entry.key.decode()
         except UnicodeDecodeError:
             continue
-        yield webhook_id, entry
-
-
-Note = Callable[[dict[str, int], Iterable[ConsumerRecord], Collection[int], int], None]
+        last[webhook_id] = max(last.get(webhook_id, 0), entry.due_us)
 
 
 async def read_put_offs(
     settings: Settings,
-    group: AIOKafkaConsumer,
+    retries: AIOKafkaConsumer,
     topic: str,
     partitions: Collection[int],
     of: int,
     *,
     within: float,
-    note: Note = note_put_offs,
 ) -> dict[str, datetime]:
-    """Per webhook whose deliveries are in ``partitions`` of ``of``, what ``note`` finds
-    of its put-off first attempts in ``topic`` (by default: when the last one wakes),
-    read from ``group``'s commit points to the ends the partitions had when first seen.
-    What was read is returned even when the broker fails the read or it takes longer
-    than ``within`` seconds: the partitions must not wait for ever, and every webhook
-    found still orders its new events.
+    """Per webhook whose deliveries are in ``partitions`` of ``of``, when its last put-off
+    first attempt in ``topic`` wakes. What was read is returned even when the broker
+    fails the read or it takes longer than ``within`` seconds: the partitions must not
+    wait for ever, and every webhook found still orders its new events.
 
-    ``group`` is a consumer of the group whose commit points start the read."""
+    ``retries`` is a consumer of the retry group, asked for its commit points."""
     last: dict[str, int] = {}
     reader = make_consumer(settings, group_id=None)
     try:
@@ -116,7 +85,7 @@ async def read_put_offs(
             if wanted:
                 reader.assign(wanted)
                 for partition in wanted:
-                    committed = await group.committed(partition)
+                    committed = await retries.committed(partition)
                     if committed is None:
                         await reader.seek_to_beginning(partition)
                     else:
@@ -127,7 +96,7 @@ async def read_put_offs(
                         timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_RECORDS
                     )
                     for records in batches.values():
-                        note(last, records, partitions, of)
+                        note_put_offs(last, records, partitions, of)
     except TimeoutError:
         get_logger("dispatcher").warning("put_offs_not_read", within_seconds=within)
     except (KafkaError, DependencyUnavailable) as exc:
@@ -142,7 +111,7 @@ async def _read_to(
 ) -> bool:
     """Every partition read to the end it had when a fetch first showed it (its high-water
     mark: the embedded broker's end_offsets() is wrong after a batch). Not to its moving
-    end: ``deliveries`` under load grows as fast as it is read."""
+    end: put off at a high rate, a retry topic can grow as fast as it is read."""
     for partition in wanted:
         if partition not in ends:
             end = reader.highwater(partition)

@@ -61,8 +61,6 @@ class Waiting(NamedTuple):
     # Put off behind an open circuit or a failed lookup: its order among its webhook's
     # first attempts is kept (retries keep none).
     first_attempt: bool
-    # When it was written (its Kafka timestamp, milliseconds).
-    written_ms: int = 0
 
     @property
     def movable(self) -> bool:
@@ -87,7 +85,6 @@ class Waiting(NamedTuple):
             record.key,
             record.value or b"",
             first_attempt=attempt == 1,
-            written_ms=record.timestamp,
         )
 
 

@@ -256,35 +256,3 @@ async def test_put_offs_due_long_ago_are_not_taken_over() -> None:
     handler.take_over_holds({"wh_1": utcnow() - timedelta(minutes=10)})
     [(topic, _, _), *_] = await handler.outcome_records(_record(0, 0))
     assert topic == "t.attempts"
-
-
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
-
-
-async def test_an_event_routed_before_a_put_off_was_forwarded_is_put_off_behind_it() -> None:
-    """The put-off came back to ``deliveries`` after a newer event was written there (the
-    partition had a backlog), and the partition changed hands before either was sent: the
-    event goes round the retry topic, so that it arrives after the put-off. One routed
-    well after the put-off was forwarded is behind it already, and goes straight out."""
-    settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_forwarded"))
-    forwarded = utcnow() - timedelta(minutes=20)  # a backlog older than any stale bound
-    handler.take_over_holds({}, {"wh_1": forwarded})
-    routed_before = forwarded - timedelta(seconds=1)
-    assert await _put_off_time(handler, 0, _ms(routed_before)) == forwarded
-    routed_after = forwarded + timedelta(minutes=1)
-    [(topic, _, _), *_] = await handler.outcome_records(_record(0, 1, _ms(routed_after)))
-    assert topic == "t.attempts"
-
-
-async def test_a_put_off_still_waiting_orders_behind_one_forwarded_too() -> None:
-    """Both read back for one webhook: new events wait behind the one still in the retry
-    topic, as long as for any hold taken over."""
-    settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_both"))
-    forwarded = utcnow() - timedelta(minutes=1)
-    waiting = utcnow() + timedelta(seconds=5)
-    handler.take_over_holds({"wh_1": waiting}, {"wh_1": forwarded})
-    assert await _put_off_time(handler, 0, _ms(utcnow())) == waiting + timedelta(microseconds=1)
-    assert handler._holds["wh_1"].in_force(utcnow() + timedelta(seconds=25))
