@@ -61,7 +61,7 @@ from services.shared import (
 
 from .handler import DeliveryHandler, DeliveryMetrics, invalid_record
 from .lanes import Lanes
-from .put_offs import read_put_offs
+from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
 from .routing import fan_out
 from .sender import Sender
@@ -247,20 +247,35 @@ class DispatcherService:
         consumer: AIOKafkaConsumer,
         retries: AIOKafkaConsumer,
         gained: set[TopicPartition],
-    ) -> None:
+    ) -> dict[TopicPartition, dict[bytes, int]]:
         """New events for webhooks whose first attempts the partitions' last owner put off
-        wait behind them here too (decision 54)."""
+        wait behind them here too (decision 54): those still in the retry topic through
+        holds, and those already forwarded back to the partitions, not yet sent, by
+        waiting in their lane (returned: per partition, per webhook, the offset of the
+        last one; decision 61)."""
         partitions = consumer.partitions_for_topic(self.topics.deliveries)
         if self._handler is None or not partitions:
-            return
+            return {}
+        of = len(partitions)
+        numbers = {p.partition for p in gained}
         try:
-            last_put_off = await read_put_offs(
-                self.settings,
-                retries,
-                self.topics.retry(1),
-                {p.partition for p in gained},
-                len(partitions),
-                within=_TAKE_OVER_SECONDS,
+            last_put_off, last_forwarded = await asyncio.gather(
+                read_put_offs(
+                    self.settings,
+                    retries,
+                    self.topics.retry(1),
+                    numbers,
+                    of,
+                    within=_TAKE_OVER_SECONDS,
+                ),
+                read_forwarded(
+                    self.settings,
+                    consumer,
+                    self.topics.deliveries,
+                    numbers,
+                    of,
+                    within=_TAKE_OVER_SECONDS,
+                ),
             )
             # A partition lost while it was read is another process's to hold.
             owned = {p.partition for p in consumer.assignment() & gained}
@@ -268,16 +283,26 @@ class DispatcherService:
                 {
                     webhook_id: wakes
                     for webhook_id, wakes in last_put_off.items()
-                    if partition_of(webhook_id.encode(), len(partitions)) in owned
+                    if partition_of(webhook_id.encode(), of) in owned
                 }
             )
         except Exception:
             # A bug, not the broker (that is logged and read around): the partitions
             # must still be delivered, as before any of this was read.
             self._log.exception("put_offs_not_read")
-            return
-        if last_put_off:
-            self._log.info("put_offs_taken_over", webhooks=len(last_put_off))
+            return {}
+        ahead: dict[TopicPartition, dict[bytes, int]] = {}
+        for webhook_id, offset in last_forwarded.items():
+            key = webhook_id.encode()
+            place = TopicPartition(self.topics.deliveries, partition_of(key, of))
+            ahead.setdefault(place, {})[key] = offset
+        if last_put_off or last_forwarded:
+            self._log.info(
+                "put_offs_taken_over",
+                webhooks=len(last_put_off.keys() | last_forwarded.keys()),
+                forwarded=len(last_forwarded),
+            )
+        return ahead
 
     def _forget_partitions(self, consumer: AIOKafkaConsumer, lost: set[TopicPartition]) -> None:
         partitions = consumer.partitions_for_topic(self.topics.deliveries)

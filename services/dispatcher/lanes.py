@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,15 +42,29 @@ _WEBHOOK_INTERVAL_MAX = 10.0
 Pace = Callable[[float | None], Awaitable[bool]]
 Attempt = Callable[[ConsumerRecord, Pace], Awaitable[list[OutRecord]]]
 Publish = Callable[[list[OutRecord]], Awaitable[None]]
+# Reads what the last owner of the partitions just gained left behind; returns, per gained
+# partition, per webhook (key), the offset of the last put-off first attempt already
+# forwarded back to the partition and not yet sent (decision 61).
+_Ahead = Mapping[TopicPartition, Mapping[bytes, int]]
+TakeOver = Callable[[set[TopicPartition]], Coroutine[Any, Any, _Ahead]]
 
 
 def _place(record: ConsumerRecord) -> tuple[int, int]:
     return record.partition, record.offset
 
 
+def _put_off(record: ConsumerRecord) -> bool:
+    """A record back from a retry topic (a put-off first attempt or a retry): it carries
+    its wake time. A newly routed delivery has none."""
+    return b'"not_before"' in (record.value or b"")
+
+
 @dataclass
 class _Lane:
     waiting: deque[ConsumerRecord] = field(default_factory=deque)
+    # New first attempts routed before a put-off of this webhook that the partition's last
+    # owner had forwarded back and not yet sent: they wait until it has started.
+    set_aside: deque[ConsumerRecord] = field(default_factory=deque)
     running: int = 0
     next_slot: float = 0.0
     # The last slot a delivery was sent in: slots handed out anew after a change start
@@ -81,7 +95,7 @@ class Lanes:
         rate: float | None = None,
         on_commit: Callable[[], None] | None = None,
         on_lost: Callable[[set[TopicPartition]], None] | None = None,
-        on_gained: Callable[[set[TopicPartition]], Coroutine[Any, Any, None]] | None = None,
+        on_gained: TakeOver | None = None,
     ) -> None:
         self._consumer = consumer
         self._attempt = attempt
@@ -96,10 +110,13 @@ class Lanes:
         # Partitions just gained whose last owner's state is being read (``on_gained``):
         # they are not fetched meanwhile, and the records a fetch had already brought
         # wait here, in order, unhandled.
-        self._taking_over: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._taking_over: dict[TopicPartition, asyncio.Task[_Ahead]] = {}
         # Every take-over read still running, also those of partitions lost meanwhile.
-        self._take_overs: set[asyncio.Task[None]] = set()
+        self._take_overs: set[asyncio.Task[_Ahead]] = set()
         self._parked: dict[TopicPartition, list[ConsumerRecord]] = {}
+        # Per partition taken over, per webhook: the offset of the last put-off forwarded
+        # back ahead of which its new first attempts wait (set aside in their lane).
+        self._put_offs_ahead: dict[TopicPartition, dict[bytes, int]] = {}
         self._lanes: dict[bytes, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tracker = OffsetTracker()
@@ -160,6 +177,7 @@ class Lanes:
                         parked.append(record)
                     else:
                         self._enqueue(record)
+            self._give_up_order_when_full()
             self._forget_idle_lanes()
             # Under load the loop turns per fetched batch; a commit (a broker round trip)
             # each time would cost more than the deliveries it records.
@@ -173,8 +191,58 @@ class Lanes:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
+        if self._put_offs_ahead and self._behind_put_offs(key, record):
+            lane.set_aside.append(record)
+            return
         lane.waiting.append(record)
         self._pump(key)
+
+    def _behind_put_offs(self, key: bytes, record: ConsumerRecord) -> bool:
+        """A new first attempt ahead, in its partition, of a put-off of its webhook that
+        the partition's last owner forwarded back: it must start after that put-off, as
+        it would have there (the last owner held it behind the put-off)."""
+        ahead = self._put_offs_ahead.get(TopicPartition(record.topic, record.partition))
+        if ahead is None:
+            return False
+        last = ahead.get(key)
+        return last is not None and record.offset < last and not _put_off(record)
+
+    def _passes_put_offs(self, key: bytes, record: ConsumerRecord) -> bool:
+        """Whether starting ``record`` passes the last put-off its lane's set-aside first
+        attempts wait for (which is then forgotten)."""
+        partition = TopicPartition(record.topic, record.partition)
+        ahead = self._put_offs_ahead.get(partition)
+        if ahead is None:
+            return False
+        last = ahead.get(key)
+        if last is None or record.offset < last:
+            return False
+        del ahead[key]
+        if not ahead:
+            del self._put_offs_ahead[partition]
+        return True
+
+    def _give_up_order_when_full(self) -> None:
+        """A partition full of records set aside could never fetch the put-off they wait
+        for: once it holds its share of the backlog (or the backlog is full), they go."""
+        if not self._put_offs_ahead:
+            return
+        counts = self._tracker.open_counts()
+        share = max(1, self._backlog_max // max(1, len(self._consumer.assignment())))
+        full = sum(counts.values()) >= self._backlog_max
+        for partition in list(self._put_offs_ahead):
+            if not (full or counts.get(partition, 0) >= share):
+                continue
+            keys = self._put_offs_ahead.pop(partition)
+            self._log.warning(
+                "put_off_order_given_up", partition=partition.partition, webhooks=len(keys)
+            )
+            for key in keys:
+                lane = self._lanes.get(key)
+                if lane is not None and lane.set_aside:
+                    lane.waiting.extendleft(reversed(lane.set_aside))
+                    lane.set_aside.clear()
+                    self._pump(key)
 
     def _take_over_gained(self) -> None:
         """Start reading what the last owner of each partition just gained knew about it
@@ -198,6 +266,10 @@ class Lanes:
                 if not task.cancelled() and task.exception() is not None:
                     # The partition is delivered all the same, as before any was read.
                     self._log.error("take_over_failed", error=repr(task.exception()))
+                elif not task.cancelled():
+                    ahead = (task.result() or {}).get(partition)
+                    if ahead:
+                        self._put_offs_ahead[partition] = dict(ahead)
                 del self._taking_over[partition]
                 for record in self._parked.pop(partition, []):
                     self._enqueue(record)
@@ -207,9 +279,13 @@ class Lanes:
         for partition in partitions:
             self._parked.pop(partition, None)
             self._taking_over.pop(partition, None)
+            self._put_offs_ahead.pop(partition, None)
         for lane in self._lanes.values():
             lane.waiting = deque(
                 r for r in lane.waiting if TopicPartition(r.topic, r.partition) not in partitions
+            )
+            lane.set_aside = deque(
+                r for r in lane.set_aside if TopicPartition(r.topic, r.partition) not in partitions
             )
 
     def _apply_backpressure(self) -> int:
@@ -228,6 +304,10 @@ class Lanes:
             and not self._handing_over
         ):
             record = lane.waiting.popleft()
+            if self._put_offs_ahead and self._passes_put_offs(key, record):
+                # The last put-off ahead of them has started: they go next, in order.
+                lane.waiting.extendleft(reversed(lane.set_aside))
+                lane.set_aside.clear()
             lane.running += 1
             task = asyncio.create_task(self._run_one(key, lane, record))
             self._tasks.add(task)
@@ -297,6 +377,7 @@ class Lanes:
         return (
             lane.running == 0
             and not lane.waiting
+            and not lane.set_aside
             and lane.next_slot <= now
             and lane.kept_until <= now
         )
@@ -379,8 +460,8 @@ class Lanes:
         the grace, and it is left uncommitted for the next process to send."""
         self._stopping = True
         self._wake_everyone()
-        for task in set(self._take_overs):
-            await cancel_and_wait(task)
+        for reading in set(self._take_overs):
+            await cancel_and_wait(reading)
         running = set(self._tasks)
         if running:
             _, late = await asyncio.wait(running, timeout=grace_seconds)

@@ -6,12 +6,17 @@ A put-off first attempt waits in the first retry topic, keyed by its webhook lik
 delivery, until the retry timer forwards it. Whatever the retry group has not committed
 past may still be waiting, so that is what is read: from the group's commit point to the
 end of each partition that can hold the keys of the partitions taken over.
+
+One forwarded back already may still wait in ``deliveries`` behind a newer event routed
+before it came back (the partition had a backlog); so the partitions taken over are read
+too, from the delivery group's commit point, for the last such put-off of each webhook
+(decision 61).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -43,6 +48,25 @@ def note_put_offs(
     time in microseconds its last put-off first attempt among ``records`` wakes. Retries
     keep no order and are left out; so is a record without a readable time (forwarded at
     once, it orders nothing)."""
+    for webhook_id, entry in _put_offs_among(records, partitions, of):
+        last[webhook_id] = max(last.get(webhook_id, 0), entry.due_us)
+
+
+def note_forwarded(
+    last: dict[str, int],
+    records: Iterable[ConsumerRecord],
+    partitions: Collection[int],
+    of: int,
+) -> None:
+    """Into ``last``: per webhook, the offset of its last put-off first attempt among
+    these ``deliveries`` records (forwarded back there by the retry timer)."""
+    for webhook_id, entry in _put_offs_among(records, partitions, of):
+        last[webhook_id] = max(last.get(webhook_id, -1), entry.offset)
+
+
+def _put_offs_among(
+    records: Iterable[ConsumerRecord], partitions: Collection[int], of: int
+) -> Iterator[tuple[str, Waiting]]:
     for record in records:
         entry = Waiting.of(record)
         if not entry.first_attempt or entry.key is None or entry.due_us == 0:
@@ -53,7 +77,10 @@ def note_put_offs(
             webhook_id = entry.key.decode()
         except UnicodeDecodeError:
             continue
-        last[webhook_id] = max(last.get(webhook_id, 0), entry.due_us)
+        yield webhook_id, entry
+
+
+Note = Callable[[dict[str, int], Iterable[ConsumerRecord], Collection[int], int], None]
 
 
 async def read_put_offs(
@@ -71,6 +98,35 @@ async def read_put_offs(
     wait for ever, and every webhook found still orders its new events.
 
     ``retries`` is a consumer of the retry group, asked for its commit points."""
+    last = await _read(settings, retries, topic, partitions, of, within, note_put_offs)
+    return {webhook: EPOCH + timedelta(microseconds=us) for webhook, us in last.items()}
+
+
+async def read_forwarded(
+    settings: Settings,
+    deliverer: AIOKafkaConsumer,
+    topic: str,
+    partitions: Collection[int],
+    of: int,
+    *,
+    within: float,
+) -> dict[str, int]:
+    """Per webhook whose deliveries are in ``partitions`` of ``topic`` (``deliveries``,
+    ``of`` partitions), the offset of its last put-off first attempt forwarded back there
+    and not yet delivered: read from the delivery group's commit points (``deliverer``
+    is a consumer of that group). Bounded and forgiving like ``read_put_offs``."""
+    return await _read(settings, deliverer, topic, partitions, of, within, note_forwarded)
+
+
+async def _read(
+    settings: Settings,
+    group: AIOKafkaConsumer,
+    topic: str,
+    partitions: Collection[int],
+    of: int,
+    within: float,
+    note: Note,
+) -> dict[str, int]:
     last: dict[str, int] = {}
     reader = make_consumer(settings, group_id=None)
     try:
@@ -85,7 +141,7 @@ async def read_put_offs(
             if wanted:
                 reader.assign(wanted)
                 for partition in wanted:
-                    committed = await retries.committed(partition)
+                    committed = await group.committed(partition)
                     if committed is None:
                         await reader.seek_to_beginning(partition)
                     else:
@@ -96,14 +152,14 @@ async def read_put_offs(
                         timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_RECORDS
                     )
                     for records in batches.values():
-                        note_put_offs(last, records, partitions, of)
+                        note(last, records, partitions, of)
     except TimeoutError:
-        get_logger("dispatcher").warning("put_offs_not_read", within_seconds=within)
+        get_logger("dispatcher").warning("put_offs_not_read", topic=topic, within_seconds=within)
     except (KafkaError, DependencyUnavailable) as exc:
-        get_logger("dispatcher").warning("put_offs_not_read", error=str(exc))
+        get_logger("dispatcher").warning("put_offs_not_read", topic=topic, error=str(exc))
     finally:
         await stop_client(reader)
-    return {webhook: EPOCH + timedelta(microseconds=us) for webhook, us in last.items()}
+    return last
 
 
 async def _read_to(
@@ -111,7 +167,8 @@ async def _read_to(
 ) -> bool:
     """Every partition read to the end it had when a fetch first showed it (its high-water
     mark: the embedded broker's end_offsets() is wrong after a batch). Not to its moving
-    end: put off at a high rate, a retry topic can grow as fast as it is read."""
+    end: a topic written at a high rate (``deliveries`` under load) can grow as fast as it
+    is read."""
     for partition in wanted:
         if partition not in ends:
             end = reader.highwater(partition)

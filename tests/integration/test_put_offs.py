@@ -1,6 +1,7 @@
 """Reading back, on the real broker, the first attempts another dispatcher put off
 (decision 54): from the retry group's commit point to the end, for the partitions taken
-over, first attempts only."""
+over, first attempts only; and those already forwarded back to ``deliveries`` but not
+yet sent, ahead of which a newer event may wait in the partition (decision 61)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from datetime import datetime, timedelta
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.dispatcher.put_offs import read_put_offs
+from services.dispatcher.app import DispatcherService
+from services.dispatcher.put_offs import read_forwarded, read_put_offs
 from services.shared import (
     Delivery,
     Settings,
@@ -21,11 +23,13 @@ from services.shared import (
     make_consumer,
     make_producer,
     partition_of,
+    send_all,
     start_client,
     stop_client,
     topics_for,
     utcnow,
 )
+from tests.conftest import Receiver, running_stack
 from tests.samples import sample_event
 
 
@@ -123,3 +127,75 @@ async def test_a_broker_that_does_not_answer_holds_the_partitions_only_so_long(
         server.close()
         await server.wait_closed()
     assert time.monotonic() - started < 15
+
+
+async def test_put_offs_forwarded_back_are_read_from_the_delivery_groups_commit_point(
+    settings: Settings,
+) -> None:
+    await ensure_topics(settings)
+    topic = topics_for(settings).deliveries
+    of = settings.kafka_partitions
+    a, b, c, d = _webhooks_on(0, of, 4)
+    now = utcnow()
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    try:
+        for webhook_id, attempt, wakes in [
+            (d, 1, now),  # below the commit point: sent already
+            (b, 1, None),  # a new event: not a put-off
+            (a, 1, now),
+            (c, 2, now),  # a retry: retries keep no order
+            (a, 1, now),
+        ]:
+            delivery = Delivery(
+                id=f"msg_{webhook_id}", webhook_id=webhook_id, attempt=attempt, event=sample_event()
+            )
+            value = delivery.model_copy(update={"not_before": wakes}).to_bytes()
+            await producer.send_and_wait(topic, value, key=webhook_id.encode())
+    finally:
+        await stop_client(producer)
+    deliverer = make_consumer(settings, group_id=f"{settings.topic_prefix}dispatcher.delivery")
+    await start_client(deliverer, settings)
+    try:
+        taken = TopicPartition(topic, 0)
+        deliverer.assign([taken])
+        await deliverer.commit({taken: 1})
+        assert await read_forwarded(settings, deliverer, topic, {0}, of, within=10) == {a: 4}
+    finally:
+        await stop_client(deliverer)
+
+
+async def test_put_offs_forwarded_behind_a_newer_event_are_still_sent_first(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The old owner's circuit opened and put three first attempts off; they came back to
+    ``deliveries`` after a newer event was routed there (the partition had a backlog),
+    and the partition changed hands before any was sent. The new owner sends them before
+    the newer event, as the old owner would have, and the event after them in turn."""
+    one_at_a_time = settings.model_copy(update={"delivery_concurrency_per_endpoint": 1})
+    async with running_stack(one_at_a_time, with_dispatcher=False) as stack:
+        webhook_id = str((await stack.create_webhook(receiver.url, routed=False))["id"])
+
+        def delivery(name: str, put_off: bool) -> tuple[str, bytes, bytes]:
+            event = sample_event(id=f"evt_{name}", team_id=stack.team_id)
+            made = Delivery(id=f"msg_{name}", webhook_id=webhook_id, attempt=1, event=event)
+            if put_off:
+                made = made.model_copy(update={"not_before": utcnow()})
+            return (topics_for(settings).deliveries, webhook_id.encode(), made.to_bytes())
+
+        producer = make_producer(settings)
+        await start_client(producer, settings)
+        try:
+            await send_all(producer, [delivery("new", False)])
+            await send_all(producer, [delivery(f"old{n}", True) for n in range(3)])
+            await send_all(producer, [delivery("newer", False)])
+        finally:
+            await stop_client(producer)
+        dispatcher = DispatcherService(one_at_a_time, stack.api.engine)
+        await dispatcher.start()
+        try:
+            arrived = await receiver.wait_for(5, within=30)
+        finally:
+            await dispatcher.stop()
+    order = [request.headers["webhook-id"] for request in arrived]
+    assert order == ["msg_old0", "msg_old1", "msg_old2", "msg_new", "msg_newer"]

@@ -1,0 +1,84 @@
+"""A partition taken over whose backlog holds put-offs its last owner had forwarded back
+and not yet sent: a webhook's new first attempts ahead of them wait until the last of
+them has started, as they would have with the last owner (decision 61); a partition that
+fills its share of the backlog with such records lets them go rather than stop for good."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from aiokafka import ConsumerRecord, TopicPartition
+
+from services.dispatcher.lanes import Lanes, Pace
+from services.shared import OutRecord
+from tests.unit.test_lanes_rebalance import OWNED, _Consumer, _until
+
+NEW = b'{"attempt":1}'
+PUT_OFF = b'{"attempt":1,"not_before":"2026-12-06T00:00:00Z"}'
+
+
+def _record(offset: int, value: bytes, key: bytes = b"wh") -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(OWNED.topic, OWNED.partition, offset, 0, 0, key, value, None, 2, 2, [])
+
+
+async def _sent_in_order(
+    records: list[ConsumerRecord[bytes, bytes]],
+    ahead: dict[bytes, int],
+    *,
+    backlog_max: int = 100,
+    expected: int,
+) -> list[int]:
+    consumer = _Consumer()
+    sent: list[int] = []
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        sent.append(record.offset)
+        return []
+
+    async def publish(records: list[OutRecord]) -> None:
+        pass
+
+    async def taken_over(partitions: set[TopicPartition]) -> dict[TopicPartition, Any]:
+        return {OWNED: ahead}
+
+    lanes = Lanes(
+        cast(Any, consumer),
+        attempt,
+        publish,
+        per_lane=1,
+        backlog_max=backlog_max,
+        on_gained=taken_over,
+    )
+    running = asyncio.create_task(lanes.run())
+    try:
+        await _until(lambda: OWNED not in consumer.paused and lanes._owned == {OWNED})
+        await consumer.batches.put({OWNED: records})
+        await _until(lambda: len(sent) == expected)
+        await asyncio.sleep(0.05)
+        return sent
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_new_first_attempts_ahead_of_forwarded_put_offs_start_after_the_last_one() -> None:
+    records = [
+        _record(0, NEW),
+        _record(1, PUT_OFF),
+        _record(2, NEW),
+        _record(3, PUT_OFF),  # the last put-off forwarded back
+        _record(4, NEW),
+        _record(5, NEW, key=b"other"),
+    ]
+    sent = await _sent_in_order(records, {b"wh": 3}, expected=6)
+    assert [offset for offset in sent if offset != 5] == [1, 3, 0, 2, 4]
+    assert 5 in sent, "another webhook's deliveries are not held"
+
+
+async def test_a_partition_full_of_records_set_aside_lets_them_go() -> None:
+    """The put-off they wait for lies beyond the partition's share of the backlog: it
+    could never be fetched, so they go in their own order rather than wait for ever."""
+    records = [_record(offset, NEW) for offset in range(4)]
+    sent = await _sent_in_order(records, {b"wh": 10}, backlog_max=4, expected=4)
+    assert sent == [0, 1, 2, 3]
