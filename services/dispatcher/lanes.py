@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -55,8 +56,13 @@ def _place(record: ConsumerRecord) -> tuple[int, int]:
 
 def _put_off(record: ConsumerRecord) -> bool:
     """A record back from a retry topic (a put-off first attempt or a retry): it carries
-    its wake time. A newly routed delivery has none."""
-    return b'"not_before"' in (record.value or b"")
+    its wake time. A newly routed delivery has none. (Parsed: an event's own data may
+    hold the words; only records of a partition just taken over are asked.)"""
+    try:
+        delivery = orjson.loads(record.value or b"")
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(delivery, dict) and delivery.get("not_before") is not None
 
 
 @dataclass

@@ -82,3 +82,9 @@ async def test_a_partition_full_of_records_set_aside_lets_them_go() -> None:
     records = [_record(offset, NEW) for offset in range(4)]
     sent = await _sent_in_order(records, {b"wh": 10}, backlog_max=4, expected=4)
     assert sent == [0, 1, 2, 3]
+
+
+async def test_an_event_whose_data_holds_the_words_not_before_is_still_a_new_one() -> None:
+    mentions = b'{"attempt":1,"event":{"data":{"not_before":"2026-12-06T00:00:00Z"}}}'
+    sent = await _sent_in_order([_record(0, mentions), _record(1, PUT_OFF)], {b"wh": 1}, expected=2)
+    assert sent == [1, 0]
