@@ -229,26 +229,39 @@ class Lanes:
         return True
 
     def _give_up_order_when_full(self) -> None:
-        """A partition full of records set aside could never fetch the put-off they wait
-        for: once it holds its share of the backlog (or the backlog is full), they go."""
+        """Records set aside fill their partition's share of the backlog (or the whole of
+        it) before the put-off they wait for is fetched: it never would be, so they go,
+        in their partition's order among the put-offs fetched so far. Once it is
+        fetched, starting it releases them; other records waiting finish by themselves."""
         if not self._put_offs_ahead:
             return
-        counts = self._tracker.open_counts()
+        set_aside: dict[TopicPartition, int] = {}
+        for lane in self._lanes.values():
+            for record in lane.set_aside:
+                partition = TopicPartition(record.topic, record.partition)
+                set_aside[partition] = set_aside.get(partition, 0) + 1
         share = max(1, self._backlog_max // max(1, len(self._consumer.assignment())))
-        full = sum(counts.values()) >= self._backlog_max
+        full = sum(set_aside.values()) >= self._backlog_max
         for partition in list(self._put_offs_ahead):
-            if not (full or counts.get(partition, 0) >= share):
+            if not (full or set_aside.get(partition, 0) >= share):
                 continue
-            keys = self._put_offs_ahead.pop(partition)
+            ahead = self._put_offs_ahead[partition]
+            fetched_below = self._tracker.read_upto(partition)
+            unfetched = [key for key, last in ahead.items() if last >= fetched_below]
+            if not unfetched:
+                continue
             self._log.warning(
-                "put_off_order_given_up", partition=partition.partition, webhooks=len(keys)
+                "put_off_order_given_up", partition=partition.partition, webhooks=len(unfetched)
             )
-            for key in keys:
-                lane = self._lanes.get(key)
-                if lane is not None and lane.set_aside:
-                    lane.waiting.extendleft(reversed(lane.set_aside))
-                    lane.set_aside.clear()
+            for key in unfetched:
+                del ahead[key]
+                held = self._lanes.get(key)
+                if held is not None and held.set_aside:
+                    held.waiting = deque(sorted([*held.waiting, *held.set_aside], key=_place))
+                    held.set_aside.clear()
                     self._pump(key)
+            if not ahead:
+                del self._put_offs_ahead[partition]
 
     def _take_over_gained(self) -> None:
         """Start reading what the last owner of each partition just gained knew about it

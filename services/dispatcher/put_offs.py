@@ -61,13 +61,17 @@ def note_forwarded(
     """Into ``last``: per webhook, the offset of its last put-off first attempt among
     these ``deliveries`` records (forwarded back there by the retry timer)."""
     for webhook_id, entry in _put_offs_among(records, partitions, of):
-        last[webhook_id] = max(last.get(webhook_id, -1), entry.offset)
+        # Where its webhook's deliveries are placed: the offset orders only those.
+        if entry.partition == partition_of(entry.key or b"", of):
+            last[webhook_id] = max(last.get(webhook_id, -1), entry.offset)
 
 
 def _put_offs_among(
     records: Iterable[ConsumerRecord], partitions: Collection[int], of: int
 ) -> Iterator[tuple[str, Waiting]]:
     for record in records:
+        if b'"not_before"' not in (record.value or b""):
+            continue  # a new delivery, without parsing it: most of a backlog
         entry = Waiting.of(record)
         if not entry.first_attempt or entry.key is None or entry.due_us == 0:
             continue

@@ -88,3 +88,11 @@ async def test_an_event_whose_data_holds_the_words_not_before_is_still_a_new_one
     mentions = b'{"attempt":1,"event":{"data":{"not_before":"2026-12-06T00:00:00Z"}}}'
     sent = await _sent_in_order([_record(0, mentions), _record(1, PUT_OFF)], {b"wh": 1}, expected=2)
     assert sent == [1, 0]
+
+
+async def test_records_set_aside_keep_waiting_once_the_put_off_is_fetched() -> None:
+    """The partition holds its share, but not with records set aside alone: the put-off
+    they wait for is fetched and releases them when it starts; they do not jump it."""
+    records = [_record(0, NEW), _record(1, PUT_OFF), _record(2, PUT_OFF)]
+    sent = await _sent_in_order(records, {b"wh": 2}, backlog_max=3, expected=3)
+    assert sent == [1, 2, 0]
