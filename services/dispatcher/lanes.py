@@ -58,6 +58,8 @@ def _put_off(record: ConsumerRecord) -> bool:
     """A record back from a retry topic (a put-off first attempt or a retry): it carries
     its wake time. A newly routed delivery has none. (Parsed: an event's own data may
     hold the words; only records of a partition just taken over are asked.)"""
+    if b'"not_before"' not in (record.value or b""):
+        return False
     try:
         delivery = orjson.loads(record.value or b"")
     except orjson.JSONDecodeError:
@@ -123,6 +125,8 @@ class Lanes:
         # Per partition taken over, per webhook: the offset of the last put-off forwarded
         # back ahead of which its new first attempts wait (set aside in their lane).
         self._put_offs_ahead: dict[TopicPartition, dict[bytes, int]] = {}
+        # Those whose put-off (or a later record of the webhook) has reached its lane.
+        self._put_offs_reached: set[tuple[TopicPartition, bytes]] = set()
         self._lanes: dict[bytes, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tracker = OffsetTracker()
@@ -183,7 +187,7 @@ class Lanes:
                         parked.append(record)
                     else:
                         self._enqueue(record)
-            self._give_up_order_when_full()
+            self._let_go_of_set_aside()
             self._forget_idle_lanes()
             # Under load the loop turns per fetched batch; a commit (a broker round trip)
             # each time would cost more than the deliveries it records.
@@ -207,11 +211,17 @@ class Lanes:
         """A new first attempt ahead, in its partition, of a put-off of its webhook that
         the partition's last owner forwarded back: it must start after that put-off, as
         it would have there (the last owner held it behind the put-off)."""
-        ahead = self._put_offs_ahead.get(TopicPartition(record.topic, record.partition))
+        partition = TopicPartition(record.topic, record.partition)
+        ahead = self._put_offs_ahead.get(partition)
         if ahead is None:
             return False
         last = ahead.get(key)
-        return last is not None and record.offset < last and not _put_off(record)
+        if last is None:
+            return False
+        if record.offset >= last:
+            self._put_offs_reached.add((partition, key))
+            return False
+        return not _put_off(record)
 
     def _passes_put_offs(self, key: bytes, record: ConsumerRecord) -> bool:
         """Whether starting ``record`` passes the last put-off its lane's set-aside first
@@ -224,42 +234,43 @@ class Lanes:
         if last is None or record.offset < last:
             return False
         del ahead[key]
+        self._put_offs_reached.discard((partition, key))
         if not ahead:
             del self._put_offs_ahead[partition]
         return True
 
-    def _give_up_order_when_full(self) -> None:
-        """Records set aside fill their partition's share of the backlog (or the whole of
-        it) before the put-off they wait for is fetched: it never would be, so they go,
-        in their partition's order among the put-offs fetched so far. Once it is
-        fetched, starting it releases them; other records waiting finish by themselves."""
+    def _let_go_of_set_aside(self) -> None:
+        """Records set aside go without their put-off when it cannot come: their
+        partition is paused holding its share of the backlog (or the backlog is full)
+        before the put-off was fetched, or the partition was read past its offset without
+        it (no longer in the log). They are merged by offset with what waits. A put-off
+        that reached its lane releases them when it starts."""
         if not self._put_offs_ahead:
             return
-        set_aside: dict[TopicPartition, int] = {}
-        for lane in self._lanes.values():
-            for record in lane.set_aside:
-                partition = TopicPartition(record.topic, record.partition)
-                set_aside[partition] = set_aside.get(partition, 0) + 1
+        counts = self._tracker.open_counts()
         share = max(1, self._backlog_max // max(1, len(self._consumer.assignment())))
-        full = sum(set_aside.values()) >= self._backlog_max
-        for partition in list(self._put_offs_ahead):
-            if not (full or set_aside.get(partition, 0) >= share):
-                continue
-            ahead = self._put_offs_ahead[partition]
-            fetched_below = self._tracker.read_upto(partition)
-            unfetched = [key for key, last in ahead.items() if last >= fetched_below]
-            if not unfetched:
-                continue
-            self._log.warning(
-                "put_off_order_given_up", partition=partition.partition, webhooks=len(unfetched)
-            )
-            for key in unfetched:
+        full = sum(counts.values()) >= self._backlog_max
+        for partition, ahead in list(self._put_offs_ahead.items()):
+            paused = full or counts.get(partition, 0) >= share
+            read_upto = self._tracker.read_upto(partition)
+            given_up = 0
+            for key, last in list(ahead.items()):
+                if (partition, key) in self._put_offs_reached:
+                    continue
+                lane = self._lanes.get(key)
+                waiting = lane is not None and bool(lane.set_aside)
+                if not (read_upto > last or (paused and waiting)):
+                    continue
                 del ahead[key]
-                held = self._lanes.get(key)
-                if held is not None and held.set_aside:
-                    held.waiting = deque(sorted([*held.waiting, *held.set_aside], key=_place))
-                    held.set_aside.clear()
+                if lane is not None and lane.set_aside:
+                    given_up += 1
+                    lane.waiting = deque(sorted([*lane.waiting, *lane.set_aside], key=_place))
+                    lane.set_aside.clear()
                     self._pump(key)
+            if given_up:
+                self._log.warning(
+                    "put_off_order_given_up", partition=partition.partition, webhooks=given_up
+                )
             if not ahead:
                 del self._put_offs_ahead[partition]
 
@@ -299,6 +310,7 @@ class Lanes:
             self._parked.pop(partition, None)
             self._taking_over.pop(partition, None)
             self._put_offs_ahead.pop(partition, None)
+            self._put_offs_reached = {r for r in self._put_offs_reached if r[0] != partition}
         for lane in self._lanes.values():
             lane.waiting = deque(
                 r for r in lane.waiting if TopicPartition(r.topic, r.partition) not in partitions

@@ -96,3 +96,11 @@ async def test_records_set_aside_keep_waiting_once_the_put_off_is_fetched() -> N
     records = [_record(0, NEW), _record(1, PUT_OFF), _record(2, PUT_OFF)]
     sent = await _sent_in_order(records, {b"wh": 2}, backlog_max=3, expected=3)
     assert sent == [1, 2, 0]
+
+
+async def test_records_set_aside_go_when_their_put_off_is_no_longer_in_the_log() -> None:
+    """The partition was read past the put-off's offset without it (retention removed it
+    meanwhile): nothing would ever release them, so they go."""
+    records = [_record(0, NEW), _record(3, NEW, key=b"other")]
+    sent = await _sent_in_order(records, {b"wh": 2}, expected=2)
+    assert sorted(sent) == [0, 3]
