@@ -81,6 +81,8 @@ class _Lane:
     # After a change: the lane is kept until then, however idle, so that the next
     # delivery is still spaced from the last one at whatever rate it asks.
     kept_until: float = 0.0
+    # The partition its records come from (a webhook's deliveries share one).
+    partition: TopicPartition | None = None
     # Set to wake the deliveries waiting for a slot (a rebalance, a stop, a change to the
     # endpoint); made when one waits, and a fresh one for the waits that follow.
     woken: asyncio.Event | None = None
@@ -201,6 +203,7 @@ class Lanes:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
+        lane.partition = TopicPartition(record.topic, record.partition)
         if self._put_offs_ahead and self._behind_put_offs(key, record):
             lane.set_aside.append(record)
             return
@@ -242,16 +245,22 @@ class Lanes:
     def _let_go_of_set_aside(self) -> None:
         """Records set aside go without their put-off when it cannot come: their
         partition is paused holding its share of the backlog (or the backlog is full)
-        before the put-off was fetched, or the partition was read past its offset without
-        it (no longer in the log). They are merged by offset with what waits. A put-off
-        that reached its lane releases them when it starts."""
+        with nothing else of it waiting or being sent, so nothing will free room for the
+        put-off to be fetched; or the partition was read past the put-off's offset
+        without it (no longer in the log). They are merged by offset with what waits. A
+        put-off that reached its lane releases them when it starts."""
         if not self._put_offs_ahead:
             return
         counts = self._tracker.open_counts()
         share = max(1, self._backlog_max // max(1, len(self._consumer.assignment())))
-        full = sum(counts.values()) >= self._backlog_max
+        moving: dict[TopicPartition, int] = {}
+        for each in self._lanes.values():
+            if each.partition is not None and (each.waiting or each.running):
+                moving[each.partition] = moving.get(each.partition, 0) + 1
+        # The whole backlog full: room comes back only if some partition still moves.
+        stalled = sum(counts.values()) >= self._backlog_max and not moving
         for partition, ahead in list(self._put_offs_ahead.items()):
-            paused = full or counts.get(partition, 0) >= share
+            stuck = stalled or (counts.get(partition, 0) >= share and partition not in moving)
             read_upto = self._tracker.read_upto(partition)
             given_up = 0
             for key, last in list(ahead.items()):
@@ -259,7 +268,7 @@ class Lanes:
                     continue
                 lane = self._lanes.get(key)
                 waiting = lane is not None and bool(lane.set_aside)
-                if not (read_upto > last or (paused and waiting)):
+                if not (read_upto > last or (stuck and waiting)):
                     continue
                 del ahead[key]
                 if lane is not None and lane.set_aside:

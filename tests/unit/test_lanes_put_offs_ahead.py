@@ -28,6 +28,7 @@ async def _sent_in_order(
     *,
     backlog_max: int = 100,
     expected: int,
+    then: list[ConsumerRecord[bytes, bytes]] | None = None,
 ) -> list[int]:
     consumer = _Consumer()
     sent: list[int] = []
@@ -54,6 +55,8 @@ async def _sent_in_order(
     try:
         await _until(lambda: OWNED not in consumer.paused and lanes._owned == {OWNED})
         await consumer.batches.put({OWNED: records})
+        if then is not None:
+            await consumer.batches.put({OWNED: then})
         await _until(lambda: len(sent) == expected)
         await asyncio.sleep(0.05)
         return sent
@@ -104,3 +107,12 @@ async def test_records_set_aside_go_when_their_put_off_is_no_longer_in_the_log()
     records = [_record(0, NEW), _record(3, NEW, key=b"other")]
     sent = await _sent_in_order(records, {b"wh": 2}, expected=2)
     assert sorted(sent) == [0, 3]
+
+
+async def test_records_set_aside_keep_waiting_while_the_full_partition_still_moves() -> None:
+    """The put-off lies further than the partition's share: the share fills, but the
+    put-offs fetched so far are being sent and free room for it, so nothing is given up."""
+    first = [_record(0, NEW), _record(1, PUT_OFF), _record(2, PUT_OFF), _record(3, PUT_OFF)]
+    then = [_record(4, PUT_OFF), _record(5, NEW)]
+    sent = await _sent_in_order(first, {b"wh": 4}, backlog_max=4, expected=6, then=then)
+    assert sent == [1, 2, 3, 4, 0, 5]
