@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -27,6 +26,7 @@ from services.shared import OutRecord, cancel_and_wait, commit_offsets, get_logg
 from .errors import Withdrawn
 from .flow import FetchGate
 from .offsets import AssignmentWatch, OffsetTracker
+from .retry_timer import Waiting
 
 _SWEEP_SECONDS = 5.0
 _COMMIT_INTERVAL_SECONDS = 0.1
@@ -58,13 +58,7 @@ def _put_off(record: ConsumerRecord) -> bool:
     """A record back from a retry topic (a put-off first attempt or a retry): it carries
     its wake time. A newly routed delivery has none. (Parsed: an event's own data may
     hold the words; only records of a partition just taken over are asked.)"""
-    if b'"not_before"' not in (record.value or b""):
-        return False
-    try:
-        delivery = orjson.loads(record.value or b"")
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(delivery, dict) and delivery.get("not_before") is not None
+    return b'"not_before"' in (record.value or b"") and Waiting.of(record).due_us != 0
 
 
 @dataclass
@@ -210,32 +204,32 @@ class Lanes:
         lane.waiting.append(record)
         self._pump(key)
 
+    def _last_put_off(self, key: bytes, record: ConsumerRecord) -> int | None:
+        """The offset of the last put-off forwarded back that the webhook's new first
+        attempts in ``record``'s partition wait for, if any."""
+        ahead = self._put_offs_ahead.get(TopicPartition(record.topic, record.partition))
+        return None if ahead is None else ahead.get(key)
+
     def _behind_put_offs(self, key: bytes, record: ConsumerRecord) -> bool:
         """A new first attempt ahead, in its partition, of a put-off of its webhook that
         the partition's last owner forwarded back: it must start after that put-off, as
         it would have there (the last owner held it behind the put-off)."""
-        partition = TopicPartition(record.topic, record.partition)
-        ahead = self._put_offs_ahead.get(partition)
-        if ahead is None:
-            return False
-        last = ahead.get(key)
+        last = self._last_put_off(key, record)
         if last is None:
             return False
         if record.offset >= last:
-            self._put_offs_reached.add((partition, key))
+            self._put_offs_reached.add((TopicPartition(record.topic, record.partition), key))
             return False
         return not _put_off(record)
 
     def _passes_put_offs(self, key: bytes, record: ConsumerRecord) -> bool:
         """Whether starting ``record`` passes the last put-off its lane's set-aside first
         attempts wait for (which is then forgotten)."""
-        partition = TopicPartition(record.topic, record.partition)
-        ahead = self._put_offs_ahead.get(partition)
-        if ahead is None:
-            return False
-        last = ahead.get(key)
+        last = self._last_put_off(key, record)
         if last is None or record.offset < last:
             return False
+        partition = TopicPartition(record.topic, record.partition)
+        ahead = self._put_offs_ahead[partition]
         del ahead[key]
         self._put_offs_reached.discard((partition, key))
         if not ahead:
@@ -253,10 +247,11 @@ class Lanes:
             return
         counts = self._tracker.open_counts()
         share = max(1, self._backlog_max // max(1, len(self._consumer.assignment())))
-        moving: dict[TopicPartition, int] = {}
-        for each in self._lanes.values():
-            if each.partition is not None and (each.waiting or each.running):
-                moving[each.partition] = moving.get(each.partition, 0) + 1
+        moving = {
+            each.partition
+            for each in self._lanes.values()
+            if each.partition is not None and (each.waiting or each.running)
+        }
         # The whole backlog full: room comes back only if some partition still moves.
         stalled = sum(counts.values()) >= self._backlog_max and not moving
         for partition, ahead in list(self._put_offs_ahead.items()):
