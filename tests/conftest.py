@@ -8,7 +8,9 @@ import contextlib
 import os
 import sys
 import time
+import traceback
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,9 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web, web_app
+from aiokafka import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import AIOKafkaConnection
 from sqlalchemy import func, select, text
 
 from services.api.app import ApiService
@@ -47,6 +51,88 @@ from services.shared import (
 POSTGRES_DSN = os.environ.get("HOOKWIRE_TEST_POSTGRES_DSN")
 ACCESS_TOKEN_KEY = access_tokens.generate_private_key_pem()
 DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_DSN else [])
+
+
+class _KafkaConnections:
+    """Every Kafka connection opened during the test running, with where its client was
+    made and where it was opened.
+
+    A connection left open outlives its test's event loop and is found by the garbage
+    collector at some later point, in whichever test happens to run then. Checked when
+    each test ends, on its own loop, it is closed there and named with where it came
+    from."""
+
+    def __init__(self) -> None:
+        self.opened: weakref.WeakKeyDictionary[AIOKafkaConnection, str] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.clients: weakref.WeakKeyDictionary[AIOKafkaClient, str] = weakref.WeakKeyDictionary()
+        # Closed by the broker's end but never by the client: reported at the end of the
+        # run, as pytest reports a socket found unclosed (pyproject.toml).
+        self.half_closed: list[str] = []
+
+    def install(self) -> None:
+        AIOKafkaConnection.__init__ = self._noting(AIOKafkaConnection.__init__, self.opened)  # type: ignore[method-assign]
+        AIOKafkaClient.__init__ = self._noting(AIOKafkaClient.__init__, self.clients)  # type: ignore[method-assign]
+
+    @staticmethod
+    def _noting(real_init: Callable[..., None], notes: Any) -> Callable[..., None]:
+        def init_and_note(made: Any, *args: Any, **kwargs: Any) -> None:
+            real_init(made, *args, **kwargs)
+            notes[made] = _where()
+
+        return init_and_note
+
+    def close_left_open(self, test: str) -> list[str]:
+        """Close what the test left open; describe each that was still connected."""
+        connected = []
+        for conn, opened_at in list(self.opened.items()):
+            if conn._reader is None:  # close() drops it
+                continue
+            # A connection's close callback is its client's; a bootstrap one has none.
+            owner = getattr(conn._on_close_cb, "__self__", None)
+            made_at = self.clients.get(owner, "(none: a bootstrap connection)\n")
+            described = f"{test}: its client made at:\n{made_at}opened at:\n{opened_at}"
+            if conn.connected() or conn._loop.is_closed():
+                connected.append(described)
+            else:
+                self.half_closed.append(described)
+            if not conn._loop.is_closed():
+                conn.close()
+        self.opened.clear()
+        self.clients.clear()
+        return connected
+
+
+def _where() -> str:
+    """The frames of this project and of aiokafka that led here."""
+    frames = [
+        frame
+        for frame in traceback.extract_stack()[:-2]
+        if any(part in frame.filename for part in ("/services/", "/tests/", "/aiokafka/"))
+    ]
+    return "".join(traceback.format_list(frames))
+
+
+_KAFKA_CONNECTIONS = _KafkaConnections()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _KAFKA_CONNECTIONS.install()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for described in _KAFKA_CONNECTIONS.half_closed:
+        terminalreporter.write_line(f"Kafka connection closed by the broker only: {described}")
+
+
+@pytest.fixture(autouse=True)
+async def _no_kafka_connection_left_open(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Torn down after the test's other fixtures, on the test's own event loop."""
+    yield
+    left = _KAFKA_CONNECTIONS.close_left_open(request.node.nodeid)
+    if left:
+        pytest.fail(f"{len(left)} Kafka connection(s) left open; the first, {left[0]}")
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,6 @@ from .errors import PublishUnavailable
 from .outbox import Outbox
 
 _RECONNECT_SECONDS = 2.0
-_START_WAIT_SECONDS = 3.0
 _BAD_VALUE = (TypeError, ValueError, ArithmeticError)
 
 
@@ -92,7 +91,6 @@ class AttemptRecorder:
         self._log = get_logger("api")
         self._consumer: AIOKafkaConsumer | None = None
         self._writing: asyncio.Future[None] | None = None
-        self._starting: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Join the group (retrying while the broker is away), then record forever."""
@@ -105,11 +103,8 @@ class AttemptRecorder:
             hand_over = subscribe_handing_over(
                 self._consumer, self._settings, self._topics.attempts
             )
-            # A start cut off half-way can leave aiokafka's bootstrap connection open, so a
-            # stop that comes meanwhile lets the start finish first (see close()).
-            self._starting = asyncio.create_task(start_client(self._consumer, self._settings))
             try:
-                await asyncio.shield(self._starting)
+                await start_client(self._consumer, self._settings)
                 break
             except DependencyUnavailable as exc:
                 self._log.warning("delivery_log_consumer_waiting", error=exc.message)
@@ -122,14 +117,6 @@ class AttemptRecorder:
         if self._writing is not None:
             with contextlib.suppress(Exception):
                 await self._writing
-        if self._starting is not None and not self._starting.done():
-            # Bounded: with the broker gone a start can wait for ever.
-            _, late = await asyncio.wait({self._starting}, timeout=_START_WAIT_SECONDS)
-            for task in late:
-                task.cancel()
-        if self._starting is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._starting  # its outcome is of no interest any more
         if self._consumer is not None:
             await stop_client(self._consumer)
 

@@ -128,10 +128,14 @@ def _nothing_started(client: AIOKafkaProducer | AIOKafkaConsumer) -> bool:
     return client._sender.sender_task is None
 
 
+# How long a start cut off by a stop signal may go on to reach a point it can be closed from.
+_START_SETTLE_SECONDS = 3.0
+
+
 async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
     for attempt in range(1, _BOOTSTRAP_TRIES + 1):
         try:
-            await client.start()
+            await _start_settling(client)
             return
         except KafkaConnectionError as exc:
             if attempt < _BOOTSTRAP_TRIES and _nothing_started(client):
@@ -142,10 +146,26 @@ async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Se
         except (KafkaError, OSError) as exc:
             await stop_client(client)
             raise _unreachable(settings, exc) from exc
-        except asyncio.CancelledError:
-            # A stop signal while the broker is slow to answer: what began must not linger.
-            _close_what_is_left(client)
+
+
+async def _start_settling(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """``client.start()``, which a cancellation (a stop signal while the broker is slow to
+    answer) does not cut off where nothing could close what it opened: its bootstrap
+    connection is a local of aiokafka's until the first metadata answer. The start gets a
+    few seconds to go on; then whatever began is closed and the cancellation goes on."""
+    starting = asyncio.ensure_future(client.start())
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        if starting.done():
             raise
+        try:
+            await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
+        finally:
+            starting.cancel()
+            starting.add_done_callback(_unheard)
+            _close_what_is_left(client)
+        raise
 
 
 async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:
@@ -421,6 +441,7 @@ async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     try:
         async with asyncio.timeout(_STOP_TIMEOUT_SECONDS):
             await client.stop()
+        _seal(client)
         return
     except TimeoutError:
         # A group consumer leaving mid-rebalance has been seen to wait for ever; shutdown
@@ -465,9 +486,22 @@ def _close_what_is_left(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     refreshing = inner._md_update_fut
     if refreshing is not None and not refreshing.done():
         refreshing.set_result(False)
+    _seal(client)
+    client._closed = True  # what stop() would have set: nothing left for it to close
+
+
+async def _no_connection(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _seal(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """Close every connection of a stopped client and let it open no more. A task still
+    holding the client (a request in flight when the stop began, a caller that has not
+    noticed) would otherwise open a connection nothing closes; it gets "node not ready"."""
+    inner = client._client if isinstance(client, AIOKafkaConsumer) else client.client
+    inner._get_conn = _no_connection
     for connection in list(inner._conns.values()):
         connection.close(reason=CloseReason.SHUTDOWN)
-    client._closed = True  # what stop() would have set: nothing left for it to close
 
 
 # The tasks aiokafka's client, fetcher, group coordinator and sender run in the background.

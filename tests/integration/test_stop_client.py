@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.conn import AIOKafkaConnection
+from aiokafka.errors import KafkaConnectionError, NodeNotReadyError
+from aiokafka.protocol.metadata import MetadataRequest
 
 import services.shared._kafka as kafka_helpers
 from services.shared import (
@@ -150,3 +152,51 @@ async def test_a_producer_stop_cut_short_with_records_failing_to_send_ends_every
     with pytest.raises(KafkaConnectionError):
         await asyncio.wait_for(sending, 2)  # the caller is answered, not left waiting
     await _assert_nothing_left(producer, before)
+
+
+async def test_a_stopped_client_opens_no_connection_for_a_request_still_on_its_way(
+    settings: Settings,
+) -> None:
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    await send_all(producer, [(topics_for(settings).changes, b"k", b"{}")])
+    inner = producer.client
+    node_id = next(iter(inner.cluster.brokers())).nodeId
+    await stop_client(producer)
+    # A task that still held the client when it stopped asks it for the broker.
+    with pytest.raises(NodeNotReadyError):
+        await inner.send(node_id, MetadataRequest([]))
+    assert [conn for conn in inner._conns.values() if conn.connected()] == []
+
+
+async def test_a_start_cancelled_while_the_broker_is_slow_to_answer_leaves_no_connection(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off inside aiokafka's first metadata request, the start would leave that
+    bootstrap connection open with nothing holding it: the start is let go on first."""
+    asked: list[AIOKafkaConnection] = []
+    waiting = asyncio.Event()
+    real_send = AIOKafkaConnection.send
+
+    def slow_metadata(conn: AIOKafkaConnection, request: Any, **kwargs: Any) -> Any:
+        if isinstance(request, MetadataRequest) and not asked:
+            asked.append(conn)
+            waiting.set()
+
+            async def answered_late() -> Any:
+                await asyncio.sleep(0.5)
+                return await real_send(conn, request, **kwargs)
+
+            return answered_late()
+        return real_send(conn, request, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaConnection, "send", slow_metadata)
+    producer = make_producer(settings)
+    starting = asyncio.create_task(start_client(producer, settings))
+    async with asyncio.timeout(10):
+        await waiting.wait()
+    starting.cancel()  # a stop signal while the broker has not answered yet
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert not asked[0].connected()
+    assert [conn for conn in producer.client._conns.values() if conn.connected()] == []
