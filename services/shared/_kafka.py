@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import math
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -476,7 +477,15 @@ def _close_what_is_left(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
         tasks = []
         # Callers waiting for records still in the producer's queue get an error rather
         # than waiting for ever.
-        client._message_accumulator.fail_all(KafkaConnectionError("the producer was closed"))
+        queued = client._message_accumulator
+        batches = [
+            *itertools.chain.from_iterable(queued._batches.values()),
+            *queued._pending_batches,
+        ]
+        queued.fail_all(KafkaConnectionError("the producer was closed"))
+        for batch in batches:
+            # Failed too, for a caller waiting for room in the batch; mostly none is.
+            batch._drain_waiter.add_done_callback(_unheard)
     tasks += [getattr(part, name, None) for part in parts for name in _BACKGROUND_TASKS]
     for task in tasks:
         if isinstance(task, asyncio.Task) and not task.done():

@@ -5,6 +5,7 @@ closes every connection: nothing keeps reconnecting to the broker afterwards."""
 from __future__ import annotations
 
 import asyncio
+from itertools import chain
 from typing import Any
 
 import pytest
@@ -148,10 +149,15 @@ async def test_a_producer_stop_cut_short_with_records_failing_to_send_ends_every
     sending = asyncio.create_task(send_all(producer, [(topic, b"k", b"{}")]))
     await asyncio.sleep(0.3)  # the record is retried, again and again
     monkeypatch.setattr(kafka_helpers, "_STOP_TIMEOUT_SECONDS", 0.5)
+    accumulator = producer._message_accumulator
+    queued = [*chain.from_iterable(accumulator._batches.values()), *accumulator._pending_batches]
     await stop_client(producer)
     with pytest.raises(KafkaConnectionError):
         await asyncio.wait_for(sending, 2)  # the caller is answered, not left waiting
     await _assert_nothing_left(producer, before)
+    # Nor is an error left behind that nobody reads (asyncio logs it when collected).
+    assert queued
+    assert not any(batch._drain_waiter._log_traceback for batch in queued)
 
 
 async def test_a_stopped_client_opens_no_connection_for_a_request_still_on_its_way(
