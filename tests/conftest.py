@@ -86,21 +86,26 @@ class _KafkaConnections:
     def close_left_open(self, test: str) -> list[str]:
         """Close what the test left open; describe each that was still connected."""
         connected = []
-        for conn, opened_at in list(self.opened.items()):
-            if conn._reader is None:  # close() drops it
-                continue
-            # A connection's close callback is its client's; a bootstrap one has none.
-            owner = getattr(conn._on_close_cb, "__self__", None)
-            made_at = self.clients.get(owner, "(none: a bootstrap connection)\n")
-            described = f"{test}: its client made at:\n{made_at}opened at:\n{opened_at}"
-            if conn.connected() or conn._loop.is_closed():
-                connected.append(described)
-            else:
-                self.half_closed.append(described)
-            if not conn._loop.is_closed():
-                conn.close()
-        self.opened.clear()
-        self.clients.clear()
+        try:
+            for conn, opened_at in list(self.opened.items()):
+                if conn._reader is None:  # close() drops it
+                    continue
+                # A connection's close callback is its client's; a bootstrap one has none.
+                owner = getattr(conn._on_close_cb, "__self__", None)
+                made_at = self.clients.get(owner) if owner is not None else None
+                described = (
+                    f"{test}: its client made at:\n{made_at or '(none: a bootstrap connection)'}"
+                    f"\nopened at:\n{opened_at}"
+                )
+                if conn.connected() or conn._loop.is_closed():
+                    connected.append(described)
+                else:
+                    self.half_closed.append(described)
+                if not conn._loop.is_closed():
+                    conn.close()
+        finally:
+            self.opened.clear()
+            self.clients.clear()
         return connected
 
 
@@ -454,7 +459,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 async def topic_records(settings: Settings, topic: str, count: int) -> list[dict[str, Any]]:
     """The first ``count`` records of a topic, waiting up to 10 s for them."""
     consumer = make_consumer(settings, topic, group_id=None)
-    await consumer.start()
+    await start_client(consumer, settings)
     found: list[dict[str, Any]] = []
     try:
         async with asyncio.timeout(10):
@@ -462,7 +467,7 @@ async def topic_records(settings: Settings, topic: str, count: int) -> list[dict
                 batches = await consumer.getmany(timeout_ms=200)
                 found += [orjson.loads(r.value) for b in batches.values() for r in b]
     finally:
-        await consumer.stop()
+        await stop_client(consumer)
     return found
 
 

@@ -50,6 +50,7 @@ from services.shared import (
     make_producer,
     partition_of,
     send_all,
+    start_all,
     start_client,
     start_site,
     stop_client,
@@ -143,7 +144,7 @@ class DispatcherService:
         )
         self._consumers = [router, deliverer, retries]
         # Group joins are slow on some brokers; joining all groups at once cuts start-up.
-        await asyncio.gather(*(start_client(c, self.settings) for c in self._consumers))
+        await start_all(self._consumers, self.settings)
         # The resolver refuses private addresses at connect time (DNS rebinding included).
         resolver = None if self.settings.allow_private_urls else GuardedResolver()
         self._session = aiohttp.ClientSession(

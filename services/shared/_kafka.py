@@ -149,24 +149,54 @@ async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Se
             raise _unreachable(settings, exc) from exc
 
 
+async def start_all(
+    clients: Sequence[AIOKafkaProducer | AIOKafkaConsumer], settings: Settings
+) -> None:
+    """Start clients together; when one fails, the others' starts are ended too (closed,
+    not left running for the caller's stop to race), then the failure is raised."""
+    starts = [asyncio.ensure_future(start_client(client, settings)) for client in clients]
+    try:
+        await asyncio.gather(*starts)
+    except BaseException:
+        for start in starts:
+            start.cancel()
+        await finish_despite_cancel(asyncio.wait(starts))
+        for start in starts:
+            start.add_done_callback(_unheard)
+        raise
+
+
 async def _start_settling(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     """``client.start()``, which a cancellation (a stop signal while the broker is slow to
     answer) does not cut off where nothing could close what it opened: its bootstrap
     connection is a local of aiokafka's until the first metadata answer. The start gets a
-    few seconds to go on; then whatever began is closed and the cancellation goes on."""
+    few seconds to go on, however often the stop cancels again; then what began is closed
+    and the cancellation goes on."""
     starting = asyncio.ensure_future(client.start())
     try:
         await asyncio.shield(starting)
     except asyncio.CancelledError:
-        if starting.done():
-            raise
-        try:
-            await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
-        finally:
-            starting.cancel()
-            starting.add_done_callback(_unheard)
+        task = asyncio.current_task()
+        if task is None or not task.cancelling():
+            # Raised by the start itself, not a stop signal: a failed start.
             _close_what_is_left(client)
+            raise KafkaError("the Kafka client's start was cancelled from within") from None
+        await finish_despite_cancel(_settle_and_close(client, starting))
         raise
+
+
+async def _settle_and_close(
+    client: AIOKafkaProducer | AIOKafkaConsumer, starting: asyncio.Future[None]
+) -> None:
+    await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
+    starting.add_done_callback(_unheard)
+    if starting.done() and not starting.cancelled() and starting.exception() is None:
+        await stop_client(client)  # it started: leave the group as a stop does
+    else:
+        _close_what_is_left(client)
 
 
 async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:
@@ -503,6 +533,15 @@ async def _no_connection(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+class _ClosingConnections(dict[Any, Any]):
+    """A sealed client's connections: one still being opened when the seal came is closed
+    as it is filed."""
+
+    def __setitem__(self, key: Any, connection: Any) -> None:
+        super().__setitem__(key, connection)
+        connection.close(reason=CloseReason.SHUTDOWN)
+
+
 def _seal(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     """Close every connection of a stopped client and let it open no more. A task still
     holding the client (a request in flight when the stop began, a caller that has not
@@ -511,6 +550,7 @@ def _seal(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     inner._get_conn = _no_connection
     for connection in list(inner._conns.values()):
         connection.close(reason=CloseReason.SHUTDOWN)
+    inner._conns = _ClosingConnections()
 
 
 # The tasks aiokafka's client, fetcher, group coordinator and sender run in the background.

@@ -10,16 +10,21 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import client as aiokafka_client
+from aiokafka.client import ConnectionGroup
 from aiokafka.conn import AIOKafkaConnection
-from aiokafka.errors import KafkaConnectionError, NodeNotReadyError
+from aiokafka.errors import KafkaConnectionError, KafkaError, NodeNotReadyError
 from aiokafka.protocol.metadata import MetadataRequest
 
 import services.shared._kafka as kafka_helpers
 from services.shared import (
+    DependencyUnavailable,
     Settings,
+    cancel_and_wait,
     make_consumer,
     make_producer,
     send_all,
+    start_all,
     start_client,
     stop_client,
     topics_for,
@@ -179,7 +184,8 @@ async def test_a_start_cancelled_while_the_broker_is_slow_to_answer_leaves_no_co
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cut off inside aiokafka's first metadata request, the start would leave that
-    bootstrap connection open with nothing holding it: the start is let go on first."""
+    bootstrap connection open with nothing holding it: the start is let go on first, even
+    while a stop cancels again every half second."""
     asked: list[AIOKafkaConnection] = []
     waiting = asyncio.Event()
     real_send = AIOKafkaConnection.send
@@ -190,7 +196,7 @@ async def test_a_start_cancelled_while_the_broker_is_slow_to_answer_leaves_no_co
             waiting.set()
 
             async def answered_late() -> Any:
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(1.2)
                 return await real_send(conn, request, **kwargs)
 
             return answered_late()
@@ -201,8 +207,59 @@ async def test_a_start_cancelled_while_the_broker_is_slow_to_answer_leaves_no_co
     starting = asyncio.create_task(start_client(producer, settings))
     async with asyncio.timeout(10):
         await waiting.wait()
-    starting.cancel()  # a stop signal while the broker has not answered yet
-    with pytest.raises(asyncio.CancelledError):
-        await starting
+    await cancel_and_wait(starting)  # a stop while the broker has not answered yet
+    assert starting.cancelled()
     assert not asked[0].connected()
     assert [conn for conn in producer.client._conns.values() if conn.connected()] == []
+
+
+async def test_a_connection_being_opened_when_the_client_stops_is_closed_as_it_arrives(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    inner = producer.client
+    node_id = next(iter(inner.cluster.brokers())).nodeId
+    opening = asyncio.Event()
+    real_create_conn = aiokafka_client.create_conn
+
+    async def slow_to_connect(*args: Any, **kwargs: Any) -> AIOKafkaConnection:
+        opening.set()
+        await asyncio.sleep(0.3)
+        return await real_create_conn(*args, **kwargs)
+
+    monkeypatch.setattr(aiokafka_client, "create_conn", slow_to_connect)
+    # A request on its way (a coordinator lookup, say) is opening a connection.
+    asking = asyncio.create_task(
+        inner.send(node_id, MetadataRequest([]), group=ConnectionGroup.COORDINATION)
+    )
+    async with asyncio.timeout(10):
+        await opening.wait()
+    await stop_client(producer)
+    with pytest.raises(KafkaConnectionError):
+        await asking
+    assert [conn for conn in inner._conns.values() if conn.connected()] == []
+
+
+async def test_when_one_of_several_starts_fails_the_others_end_and_close(
+    settings: Settings,
+) -> None:
+    before = asyncio.all_tasks()
+    topic = topics_for(settings).events
+    joining = make_consumer(settings, topic, group_id=f"{settings.topic_prefix}joining")
+    failing = make_consumer(settings, topic, group_id=f"{settings.topic_prefix}failing")
+    joined = asyncio.Event()
+
+    async def slow_join() -> None:
+        joined.set()
+        await asyncio.Event().wait()
+
+    async def failing_start() -> None:
+        await joined.wait()
+        raise KafkaError("the broker refused")
+
+    joining._subscription.wait_for_assignment = slow_join
+    failing.start = failing_start  # type: ignore[method-assign]
+    with pytest.raises(DependencyUnavailable):
+        await start_all([joining, failing], settings)
+    await _assert_nothing_left(joining, before)
