@@ -129,8 +129,11 @@ def _nothing_started(client: AIOKafkaProducer | AIOKafkaConsumer) -> bool:
     return client._sender.sender_task is None
 
 
-# How long a start cut off by a stop signal may go on to reach a point it can be closed from.
-_START_SETTLE_SECONDS = 3.0
+# How long a start cut off by a stop signal may go on to reach a point it can be closed from
+# (a broker that answers at all answers a metadata request in milliseconds), and then how
+# long its cancellation may take. A stop while starting waits at most their sum.
+_START_SETTLE_SECONDS = 1.0
+_START_CANCEL_SECONDS = 1.0
 
 
 async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
@@ -170,7 +173,7 @@ async def _start_settling(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
     """``client.start()``, which a cancellation (a stop signal while the broker is slow to
     answer) does not cut off where nothing could close what it opened: its bootstrap
     connection is a local of aiokafka's until the first metadata answer. The start gets a
-    few seconds to go on, however often the stop cancels again; then what began is closed
+    second to go on, however often the stop cancels again; then what began is closed
     and the cancellation goes on."""
     starting = asyncio.ensure_future(client.start())
     try:
@@ -191,7 +194,7 @@ async def _settle_and_close(
     await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
     if not starting.done():
         starting.cancel()
-        await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
+        await asyncio.wait({starting}, timeout=_START_CANCEL_SECONDS)
     starting.add_done_callback(_unheard)
     if starting.done() and not starting.cancelled() and starting.exception() is None:
         await stop_client(client)  # it started: leave the group as a stop does

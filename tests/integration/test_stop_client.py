@@ -196,7 +196,7 @@ async def test_a_start_cancelled_while_the_broker_is_slow_to_answer_leaves_no_co
             waiting.set()
 
             async def answered_late() -> Any:
-                await asyncio.sleep(1.2)
+                await asyncio.sleep(0.8)  # after the stop's second cancel
                 return await real_send(conn, request, **kwargs)
 
             return answered_late()
