@@ -130,10 +130,14 @@ def _nothing_started(client: AIOKafkaProducer | AIOKafkaConsumer) -> bool:
 
 
 # How long a start cut off by a stop signal may go on to reach a point it can be closed from
-# (a broker that answers at all answers a metadata request in milliseconds), and then how
-# long its cancellation may take. A stop while starting waits at most their sum.
+# (a broker that answers at all answers a metadata request in milliseconds), how long its
+# cancellation may take, and how long a start that got there has to leave its group. A
+# stop while starting waits at most their sum.
 _START_SETTLE_SECONDS = 1.0
 _START_CANCEL_SECONDS = 1.0
+_STARTED_STOP_SECONDS = 2.0
+_START_CUT_OFF_SECONDS = _START_SETTLE_SECONDS + _START_CANCEL_SECONDS + _STARTED_STOP_SECONDS
+_CANCEL_REPEAT_SECONDS = 0.25
 
 
 async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
@@ -163,9 +167,11 @@ async def start_all(
     except BaseException:
         for start in starts:
             start.cancel()
-        await finish_despite_cancel(asyncio.wait(starts))
-        for start in starts:
+        await finish_despite_cancel(asyncio.wait(starts, timeout=_START_CUT_OFF_SECONDS + 1))
+        for client, start in zip(clients, starts, strict=True):
             start.add_done_callback(_unheard)
+            if not start.done():
+                _close_what_is_left(client)
         raise
 
 
@@ -191,15 +197,22 @@ async def _start_settling(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
 async def _settle_and_close(
     client: AIOKafkaProducer | AIOKafkaConsumer, starting: asyncio.Future[None]
 ) -> None:
+    loop = asyncio.get_running_loop()
     await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
-    if not starting.done():
+    # Cancelled again and again: aiokafka's waits can swallow one cancellation.
+    deadline = loop.time() + _START_CANCEL_SECONDS
+    while not starting.done() and (left := deadline - loop.time()) > 0:
         starting.cancel()
-        await asyncio.wait({starting}, timeout=_START_CANCEL_SECONDS)
+        await asyncio.wait({starting}, timeout=min(_CANCEL_REPEAT_SECONDS, left))
     starting.add_done_callback(_unheard)
     if starting.done() and not starting.cancelled() and starting.exception() is None:
-        await stop_client(client)  # it started: leave the group as a stop does
-    else:
-        _close_what_is_left(client)
+        # It started: leave the group as a stop does.
+        await stop_client(client, within=_STARTED_STOP_SECONDS)
+        return
+    _close_what_is_left(client)
+    if not starting.done():
+        # Deaf to every cancellation: what it still starts is ended when it ends.
+        starting.add_done_callback(lambda _: _close_what_is_left(client))
 
 
 async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:
@@ -466,14 +479,16 @@ class BatchingSender:
                 done.set_result(answer)
 
 
-async def stop_client(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+async def stop_client(
+    client: AIOKafkaProducer | AIOKafkaConsumer, *, within: float | None = None
+) -> None:
     """Close a client even when the broker is gone.
 
     With the broker down, aiokafka's own fetch tasks can surface a CancelledError out of
     ``stop()``; that must not abort a shutdown, unless this task itself is being cancelled.
     """
     try:
-        async with asyncio.timeout(_STOP_TIMEOUT_SECONDS):
+        async with asyncio.timeout(_STOP_TIMEOUT_SECONDS if within is None else within):
             await client.stop()
         _seal(client)
         return

@@ -203,6 +203,8 @@ async def test_a_start_cancelled_while_the_broker_is_slow_to_answer_leaves_no_co
         return real_send(conn, request, **kwargs)
 
     monkeypatch.setattr(AIOKafkaConnection, "send", slow_metadata)
+    # Wide enough for a loaded machine; the answer still comes after the second cancel.
+    monkeypatch.setattr(kafka_helpers, "_START_SETTLE_SECONDS", 3.0)
     producer = make_producer(settings)
     starting = asyncio.create_task(start_client(producer, settings))
     async with asyncio.timeout(10):
@@ -221,11 +223,12 @@ async def test_a_connection_being_opened_when_the_client_stops_is_closed_as_it_a
     inner = producer.client
     node_id = next(iter(inner.cluster.brokers())).nodeId
     opening = asyncio.Event()
+    stopped = asyncio.Event()
     real_create_conn = aiokafka_client.create_conn
 
     async def slow_to_connect(*args: Any, **kwargs: Any) -> AIOKafkaConnection:
         opening.set()
-        await asyncio.sleep(0.3)
+        await stopped.wait()
         return await real_create_conn(*args, **kwargs)
 
     monkeypatch.setattr(aiokafka_client, "create_conn", slow_to_connect)
@@ -236,6 +239,7 @@ async def test_a_connection_being_opened_when_the_client_stops_is_closed_as_it_a
     async with asyncio.timeout(10):
         await opening.wait()
     await stop_client(producer)
+    stopped.set()
     with pytest.raises(KafkaConnectionError):
         await asking
     assert [conn for conn in inner._conns.values() if conn.connected()] == []
