@@ -13,6 +13,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.shared import (
+    MAX_TEAM_ID_CHARS,
+    MAX_TOKEN_CHARS,
     Forbidden,
     InvalidToken,
     Metrics,
@@ -97,7 +99,7 @@ class TokenGate:
                     raise AuthUnavailable(f"auth service answered {resp.status} for ended keys")
                 document = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
+            raise AuthUnavailable("auth service is unreachable") from exc
         try:
             self._ended = frozenset(str(token_id) for token_id in document["token_ids"])
         except (KeyError, TypeError) as exc:
@@ -132,7 +134,7 @@ class TokenGate:
                     raise AuthUnavailable(f"auth service answered {resp.status}")
                 answer: dict[str, Any] = await resp.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
+            raise AuthUnavailable("auth service is unreachable") from exc
         if answer.get("active") and self._ttl > 0 and asked_at == self._generation:
             if len(self._cache) > 10_000:
                 self.forget_all()
@@ -161,7 +163,7 @@ class TokenGate:
                     raise AuthUnavailable(f"auth service answered {response.status} for keys")
                 document = await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AuthUnavailable(f"auth service is unreachable: {exc}") from exc
+            raise AuthUnavailable("auth service is unreachable") from exc
         keys = access_tokens.public_keys_from_jwk_set(document)
         if keys.keys() != self._public_keys.keys():
             # Tokens verified with a key no longer published are verified again.
@@ -209,6 +211,11 @@ class TokenGate:
     ) -> Principal:
         if access_tokens.looks_like_access_token(token):
             return await self._require_access_token(token, team_id, permission, request.remote)
+        if len(token) > MAX_TOKEN_CHARS:
+            # Auth would refuse to read it (a 422), not say it is unknown.
+            raise InvalidToken("token is not valid: malformed", details={"reason": "malformed"})
+        if len(team_id) > MAX_TEAM_ID_CHARS:
+            raise NotFound(f"team {team_id[:MAX_TEAM_ID_CHARS]}… not found")
         answer = await self._introspect(token, team_id, request.remote)
         if not answer.get("active"):
             reason = str(answer.get("reason", "unknown"))

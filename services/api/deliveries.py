@@ -26,6 +26,7 @@ from services.shared import (
     UtcDatetime,
     as_utc,
     json_response,
+    later_than_since,
     new_id,
     parse_body,
     parse_query,
@@ -52,6 +53,8 @@ class DeliveryQuery(PageQuery):
     since: UtcDatetime | None = None
     until: UtcDatetime | None = None
 
+    _window = field_validator("until")(later_than_since)
+
     @field_validator("state")
     @classmethod
     def _states(cls, value: str | None) -> str | None:
@@ -75,6 +78,8 @@ class ReplayRequest(BaseModel):
     only_failed: bool = Field(
         default=False, description="Re-send only deliveries not delivered (failed or retrying)"
     )
+
+    _window = field_validator("until")(later_than_since)
 
 
 class TestEventRequest(BaseModel):

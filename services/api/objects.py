@@ -32,7 +32,7 @@ from services.shared import (
 
 from . import object_store as store
 from .context import CONTEXT, ApiContext
-from .paging import PageQuery
+from .paging import IdPageQuery
 
 _OBJECT_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
@@ -42,7 +42,9 @@ class PreconditionFailed(HookwireError):
     code = "precondition_failed"
 
 
-class ObjectQuery(PageQuery):
+class ObjectQuery(IdPageQuery):
+    id_prefix = "obj"
+
     trashed: Literal["true", "false"] = "false"
 
 

@@ -199,7 +199,7 @@ class Outbox:
             raise PublishOutcomeUnknown(f"event stream did not answer in time: {exc}") from exc
         except (KafkaError, DependencyUnavailable, TimeoutError) as exc:
             self._failures.inc()
-            raise PublishUnavailable(f"event stream is unavailable: {exc}") from exc
+            raise PublishUnavailable("event stream is unavailable") from exc
         for _, _, record in records:
             self._published.labels(getattr(record, "type", type(record).__name__.lower())).inc()
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,4 +26,19 @@ class PageQuery(BaseModel):
         # Plain digits only: the lax reading takes "+5", "5.0", "1_0" and " 5".
         if isinstance(value, str) and not (value.isascii() and value.isdigit()):
             raise ValueError(f"an integer from 1 to {MAX_LIMIT}")
+        return value
+
+
+class IdPageQuery(PageQuery):
+    """A list paged by id, whose cursor is the last id of the page before. A cursor that is
+    not such an id is refused: one that sorts past every id would answer an empty last
+    page, one that sorts before them would start again from the first."""
+
+    id_prefix: ClassVar[str]
+
+    @field_validator("cursor")
+    @classmethod
+    def _an_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(rf"{cls.id_prefix}_[0-9a-f]{{32}}", value):
+            raise ValueError("not a cursor this api returned")
         return value

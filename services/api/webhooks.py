@@ -36,7 +36,7 @@ from services.shared import (
 
 from .authn import Principal
 from .context import CONTEXT
-from .paging import PageQuery
+from .paging import IdPageQuery
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = frozenset(
@@ -225,7 +225,9 @@ async def create_webhook(request: web.Request) -> web.Response:
     return json_response({**webhook_view(values), "secret": secret}, status=201)
 
 
-class WebhookQuery(PageQuery):
+class WebhookQuery(IdPageQuery):
+    id_prefix = "wh"
+
     active: Literal["true", "false"] | None = None
     topic: EventType | None = None
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    MAX_TEAM_ID_CHARS,
+    MAX_TOKEN_CHARS,
     READINESS_KEY,
     ChangeFollower,
     ChangeNotifier,
@@ -57,8 +59,8 @@ _COUNT_EVERY_TICKS = 15
 class IntrospectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    token: str = Field(max_length=256)
-    team_id: str | None = Field(default=None, max_length=128)
+    token: str = Field(max_length=MAX_TOKEN_CHARS)
+    team_id: str | None = Field(default=None, max_length=MAX_TEAM_ID_CHARS)
     permission: str | None = Field(default=None, max_length=64)
     client_ip: str | None = Field(default=None, max_length=64)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,6 +21,7 @@ from services.shared import (
     UtcDatetime,
     as_utc,
     json_response,
+    later_than_since,
     parse_query,
     tables,
 )
@@ -41,6 +42,8 @@ class AuditQuery(BaseModel):
     team_id: str | None = Field(default=None, max_length=64)
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = Field(default=None, max_length=64)
+
+    _window = field_validator("until")(later_than_since)
 
 
 def _view(row: Any) -> dict[str, Any]:

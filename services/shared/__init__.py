@@ -32,8 +32,11 @@ from ._contracts import (
     UtcDatetime,
     decode,
     json_problem,
+    later_than_since,
 )
 from ._credentials import (
+    MAX_TEAM_ID_CHARS,
+    MAX_TOKEN_CHARS,
     InvalidToken,
     MissingToken,
     QueryKeyRefused,
@@ -115,6 +118,8 @@ __all__ = [
     "EVENT_TYPES",
     "MAX_EVENT_BYTES",
     "MAX_RECORD_BYTES",
+    "MAX_TEAM_ID_CHARS",
+    "MAX_TOKEN_CHARS",
     "PERMISSIONS",
     "READINESS_KEY",
     "REDACTED",
@@ -192,6 +197,7 @@ __all__ = [
     "is_public_address",
     "json_problem",
     "json_response",
+    "later_than_since",
     "literal_refusal",
     "load_settings",
     "make_consumer",

@@ -7,12 +7,21 @@ match is dead-lettered with the reason, never half-processed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+)
 
 from ._errors import InvalidRecord
 
@@ -100,6 +109,11 @@ def json_problem(value: Any) -> str | None:
         if isinstance(item, int):
             if not _INT_MIN <= item <= _INT_MAX:
                 return "integers must fit in 64 bits"
+        elif isinstance(item, float):
+            # pydantic's JSON reader takes NaN, Infinity and 1e999, and its writer turns
+            # them into null: the receiver would get another value than was sent.
+            if not math.isfinite(item):
+                return "numbers must be finite (no NaN, Infinity or out-of-range values)"
         elif isinstance(item, dict | list):
             if depth > MAX_JSON_DEPTH:
                 return f"must not nest deeper than {MAX_JSON_DEPTH} levels"
@@ -142,6 +156,16 @@ def _in_utc(value: datetime) -> datetime:
 # A time a request gives with its offset, taken as the instant it names, in UTC: stored and
 # compared like every other time, and a value past the calendar's ends is a 422, not a 500.
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
+
+def later_than_since(until: datetime | None, info: ValidationInfo) -> datetime | None:
+    """A validator for the ``until`` of a ``since``/``until`` window (``since`` declared
+    first): a window that ends where it starts, or before, holds nothing, and answering
+    "nothing there" would hide the swapped or mistyped bound."""
+    since = info.data.get("since")
+    if until is not None and since is not None and until <= since:
+        raise ValueError("must be later than since")
+    return until
 
 
 # What an event's object_type may be, and so what a webhook may filter on.

@@ -12,6 +12,11 @@ from ._errors import BadRequest, Unauthorized
 # The opt-in query-string form of a key; routes that validate their query ignore it.
 QUERY_KEY_PARAM = "auth-key"
 
+# The longest key and team id the auth service's introspection reads; a service asking it
+# refuses longer ones itself (a key that long is no key, a team id that long no team).
+MAX_TOKEN_CHARS = 256
+MAX_TEAM_ID_CHARS = 128
+
 
 def ip_in_ranges(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
     """Whether a key limited to these ranges may be used from this address (an unknown

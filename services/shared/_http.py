@@ -68,6 +68,30 @@ def _refuse_nul(request: web.Request) -> None:
         raise BadRequest("the path and query must not contain NUL characters")
 
 
+# A client's own id is kept when it can be: it is logged, echoed and stored with audit
+# records (up to 64 characters), so a longer one, or one with spaces or control characters
+# that would break a log line or a header, is replaced rather than refused or cut.
+_CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,64}")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _CLIENT_REQUEST_ID.fullmatch(given) else new_id("req")
+
+
+def _refuse_repeats(request: web.Request) -> None:
+    # Every route reads one value per parameter; which of two it took would be a guess
+    # (``?state=failed&state=retrying`` listing only one state, without a word).
+    query = request.query
+    if len(query) == len(set(query.keys())):
+        return
+    repeated = sorted({name for name in query if len(query.getall(name)) > 1})
+    raise ValidationFailed(
+        f"invalid query parameters: {', '.join(repeated)}",
+        details=[{"field": name, "reason": "given more than once"} for name in repeated],
+    )
+
+
 def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
     requests = metrics.counter("http_requests_total", "HTTP requests", ("route", "status"))
     latency = metrics.histogram("http_request_seconds", "HTTP request latency", ("route",))
@@ -75,18 +99,27 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id") or new_id("req")
+        request_id = _request_id(request)
         route = request.match_info.route.resource
         route_name = route.canonical if route is not None else "unmatched"
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 _refuse_nul(request)
+                _refuse_repeats(request)
                 response = await handler(request)
             except HookwireError as exc:
                 response = error_response(exc)
                 if exc.status >= 500:
-                    log.error("request_failed", error=exc.message, path=request.path)
+                    # What went wrong below (a peer's address, a library's words) is for
+                    # the log; the client's answer says only what is unavailable.
+                    cause = exc.__cause__
+                    log.error(
+                        "request_failed",
+                        error=exc.message,
+                        cause=None if cause is None else f"{type(cause).__name__}: {cause}",
+                        path=request.path,
+                    )
             except web.HTTPRequestEntityTooLarge:
                 response = error_response(
                     PayloadTooLarge(

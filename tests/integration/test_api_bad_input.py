@@ -53,8 +53,10 @@ VALID = {"name": "n", "url": "https://example.com/hook", "topics": ["object.crea
             "invalid_token",
             {"reason": "malformed"},
         ),
+        # Longer than the auth service reads: not "auth is unavailable, try again".
+        ({"authorization": "Bearer hwk_" + "a" * 300}, "invalid_token", {"reason": "malformed"}),
     ],
-    ids=["none", "basic", "short", "bad_checksum", "unknown", "wrong_prefix"],
+    ids=["none", "basic", "short", "bad_checksum", "unknown", "wrong_prefix", "too_long"],
 )
 async def test_missing_or_invalid_tokens_get_401(
     api_stack: Stack, headers: dict[str, str], code: str, details: dict[str, str] | None
@@ -307,6 +309,16 @@ async def test_an_object_nested_100_levels_is_kept_and_read_back(api_stack: Stac
             assert response.status == 200
 
 
+async def test_a_team_id_too_long_to_be_one_is_not_found(api_stack: Stack) -> None:
+    """Longer than any team id the auth service reads: 404 like any missing team, not a
+    503 asking the client to try again."""
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/{'t' * 129}/webhooks", headers=api_stack.headers()
+    ) as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "not_found"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "parameter"),
     [
@@ -314,6 +326,19 @@ async def test_an_object_nested_100_levels_is_kept_and_read_back(api_stack: Stac
         ("GET", "/objects/contact?trashed=1", "trashed"),
         ("DELETE", "/objects/contact/obj_x?force=1", "force"),
         ("DELETE", "/webhooks/wh_x?force=True", "force"),
+        # Given twice: which one a route took would be a guess.
+        ("GET", "/deliveries?state=failed&state=retrying", "state"),
+        ("GET", "/webhooks?limit=10&limit=500", "limit"),
+        ("DELETE", "/webhooks/wh_x?force=false&force=true", "force"),
+        # A cursor that is not an id of the list: it would answer an empty last page
+        # (sorting after every id) or the first page again (before them).
+        ("GET", "/webhooks?cursor=zzz", "cursor"),
+        ("GET", "/webhooks?cursor=abc", "cursor"),
+        ("GET", "/objects/contact?cursor=obj_zzz", "cursor"),
+        ("GET", "/objects/contact?cursor=wh_0000000000000000000000000000000a", "cursor"),
+        # A window that ends where, or before, it starts holds nothing.
+        ("GET", "/deliveries?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z", "until"),
+        ("GET", "/deliveries?since=2026-02-01T00:00:00Z&until=2026-02-01T00:00:00Z", "until"),
     ],
 )
 async def test_bad_query_parameters_get_422_naming_them(

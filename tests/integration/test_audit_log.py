@@ -75,6 +75,8 @@ async def test_filters_and_pagination(api_stack: Stack) -> None:
         ("?actor=" + "a" * 65, "actor"),
         ("?action=" + "a" * 65, "action"),
         ("?team_id=" + "t" * 65, "team_id"),
+        ("?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z", "until"),
+        ("?limit=5&limit=6", "limit"),
     ],
 )
 async def test_bad_queries_get_422(api_stack: Stack, query: str, field: str) -> None:
@@ -102,3 +104,35 @@ async def test_command_line_changes_are_audited(api_stack: Stack) -> None:
     assert membership[0]["details"] == {"role": "owner"}
     assert membership[0]["ip"] == "cli"
     assert membership[0]["actor_user_id"] is None
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("client-trace-" + "a" * 51, True),  # 64 characters: the audit log holds them
+        ("client-trace-" + "a" * 52, False),  # 65: PostgreSQL refused the write (a 500)
+        ("two words", False),
+        ("caf\u00e9", False),
+    ],
+    ids=["64_chars", "65_chars", "space", "non_ascii"],
+)
+async def test_a_client_request_id_is_kept_only_when_it_can_be_stored(
+    api_stack: Stack, given: str, kept: bool
+) -> None:
+    """The client's ``x-request-id`` is echoed and stored with the audit record; one that
+    cannot be stored or logged as given is replaced, and the write goes through."""
+    async with api_stack.session.post(
+        f"{api_stack.auth_url}/v1/tokens",
+        headers={**api_stack.headers(), "x-request-id": given},
+        json={"name": "traced", "permissions": ["object:read"]},
+    ) as response:
+        assert response.status == 201, await response.text()
+        echoed = response.headers["x-request-id"]
+        created = await response.json()
+    if kept:
+        assert echoed == given
+    else:
+        assert echoed.startswith("req_")
+    _, page = await _audit(api_stack, "?action=token.created")
+    [record] = [e for e in page["data"] if e["target_id"] == created["id"]]
+    assert record["request_id"] == echoed

@@ -43,6 +43,8 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
         orjson.dumps({**GOOD, "team_id": stack.team_id}).replace(
             b'"n":1', b'"n":1180591620717411303424'
         ),
+        # Read as infinity, it would be delivered as null.
+        orjson.dumps({**GOOD, "team_id": stack.team_id}).replace(b'"n":1', b'"n":1e999'),
     ]
     producer = make_producer(stack.settings)
     await producer.start()
@@ -61,18 +63,19 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
     assert orjson.loads(delivery.body)["id"] == "evt_external_1"
 
     letters = await dead_letters(stack.settings, len(bad))
-    assert [letter["source_topic"] for letter in letters] == [topics.events] * 4
+    assert [letter["source_topic"] for letter in letters] == [topics.events] * 5
     reasons = [str(letter["reason"]) for letter in letters]
     assert "json" in reasons[0].lower()
     assert "schema" in reasons[1]
     assert "object_id" in reasons[2]
     assert reasons[3] == "data: Value error, integers must fit in 64 bits"
+    assert reasons[4].startswith("data: Value error, numbers must be finite")
     assert letters[0]["payload"] == "\x00not json at all"
     registry = stack.dispatcher.metrics.registry
     value = registry.get_sample_value(
         "hookwire_dispatcher_dead_letters_total", {"reason": "invalid_record"}
     )
-    assert value == 4
+    assert value == 5
 
 
 async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(

@@ -296,8 +296,16 @@ async def test_bad_requests_to_the_log_are_refused(stack: Stack, receiver: Recei
         ("POST", path + "/replay", {"json": {"since": naive}}, 422, "since"),
         ("POST", path + "/replay", {"data": b"{"}, 422, "body"),
         ("POST", path + "/replay", {"json": {"since": "2026-01-01T00:00:00Z", "x": 1}}, 422, "x"),
+        (
+            "POST",
+            path + "/replay",
+            {"json": {"since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}},
+            422,
+            "until",
+        ),
         ("POST", path + "/test", {"json": {"data": [1]}}, 422, "data"),
         ("POST", path + "/test", {"json": {"data": {"n": 2**64}}}, 422, "data"),
+        ("POST", path + "/test", {"json": {"data": {"n": float("inf")}}}, 422, "data"),
         ("POST", path + "/test", {"json": {"other": 1}}, 422, "other"),
         ("POST", "/webhooks/wh_missing/test", {}, 404, None),
     ]

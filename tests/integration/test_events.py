@@ -113,6 +113,9 @@ async def test_a_key_claimed_by_a_request_that_died_is_free_again(stack: Stack) 
         ({**EVENT, "data": [1]}, "data"),
         # No JSON reader on the way (the delivery log's, receivers') takes a larger one.
         ({**EVENT, "data": {"n": 2**64}}, "data"),
+        # Written as NaN and Infinity; read, they would travel on as null.
+        ({**EVENT, "data": {"n": float("nan")}}, "data"),
+        ({**EVENT, "data": {"deep": [{"n": float("-inf")}]}}, "data"),
         ({**EVENT, "id": "evt_mine"}, "id"),
         ({k: v for k, v in EVENT.items() if k != "data"}, "data"),
     ],

@@ -232,6 +232,9 @@ async def test_kafka_down_means_503_and_nothing_written(
     status, body, headers = await _call(stack, "POST", "/contact", json={"v": 2})
     assert (status, body["error"]["code"]) == (503, "publish_unavailable")
     assert headers["Retry-After"] == "1"
+    # The client learns what is unavailable, not the broker's address or the library's
+    # words (they are in the log line).
+    assert body["error"]["message"] == "event stream is unavailable", body
     assert time.monotonic() - started < 10
     status, _, _ = await _call(stack, "PATCH", f"/contact/{created['id']}", json={"v": 3})
     assert status == 503
