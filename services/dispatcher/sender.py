@@ -90,7 +90,13 @@ class Sender:
             allow_redirects=False,
             timeout=within or self._timeout,
         ) as response:
-            answer = await response.content.read(self._settings.response_body_limit_bytes)
+            try:
+                answer = await response.content.read(self._settings.response_body_limit_bytes)
+            except (TimeoutError, aiohttp.ClientError):
+                # The status is the receiver's answer; a body that stalls or breaks off
+                # after it (a wrong Content-Length, a chunk never sent) does not undo a
+                # 2xx, which would otherwise be delivered again.
+                answer = b""
             return response.status, answer, response.headers.get("retry-after")
 
     async def _post(
@@ -144,6 +150,9 @@ class Sender:
         text = answer.decode("utf-8", errors="replace")
         if 200 <= status < 300:
             return Outcome("delivered", status, elapsed(), None, None, shown, text)
+        # aiohttp reads a status line of 000 to 099 too; the attempt record keeps HTTP
+        # statuses (100 to 999), so such an answer is a failure named by its text alone.
+        code = status if 100 <= status <= 999 else None
         return Outcome(
-            "failed", status, elapsed(), f"HTTP {status}", "http_status", shown, text, retry_after
+            "failed", code, elapsed(), f"HTTP {status:03d}", "http_status", shown, text, retry_after
         )

@@ -39,9 +39,14 @@ def _seconds_list(value: object) -> object:
     return value
 
 
+# A bound on every delay and pause the dispatcher works out a time from: far beyond any
+# sensible setting, and far below what a date can hold.
+_MAX_WAIT_SECONDS = 30 * 86400
+
+
 def _positive(values: tuple[float, ...]) -> tuple[float, ...]:
-    if any(value <= 0 for value in values):
-        raise ValueError("every delay must be greater than 0")
+    if any(not 0 < value <= _MAX_WAIT_SECONDS for value in values):
+        raise ValueError(f"every delay must be greater than 0 and at most {_MAX_WAIT_SECONDS}")
     return values
 
 
@@ -72,7 +77,13 @@ class Settings(BaseSettings):
     # An empty variable is an unset one: deploy files pass optional settings through as
     # `${VAR:-}`, and an empty private key must mean "no key", not a key that fails.
     model_config = SettingsConfigDict(
-        env_prefix="HOOKWIRE_", frozen=True, extra="ignore", env_ignore_empty=True
+        env_prefix="HOOKWIRE_",
+        frozen=True,
+        extra="ignore",
+        env_ignore_empty=True,
+        # "inf" and "nan" read as floats; as a delay or a bound they would overflow the
+        # time arithmetic of every delivery that reached them, or never end.
+        allow_inf_nan=False,
     )
 
     data_dir: Path = Path(".hookwire")
@@ -118,12 +129,12 @@ class Settings(BaseSettings):
         default=(5, 300, 1800, 7200, 18000, 36000, 36000), min_length=1, max_length=20
     )
     retry_jitter: float = Field(default=0.2, ge=0, le=1)
-    retry_after_max_seconds: float = Field(default=3600, ge=0)
+    retry_after_max_seconds: float = Field(default=3600, ge=0, le=_MAX_WAIT_SECONDS)
     retry_pending_max: int = Field(default=100_000, ge=10)
     circuit_failure_threshold: int = Field(default=5, ge=1)
-    circuit_open_seconds: float = Field(default=30.0, gt=0)
-    circuit_open_max_seconds: float = Field(default=600.0, gt=0)
-    endpoint_disable_after_days: float = Field(default=5.0, gt=0)
+    circuit_open_seconds: float = Field(default=30.0, gt=0, le=_MAX_WAIT_SECONDS)
+    circuit_open_max_seconds: float = Field(default=600.0, gt=0, le=_MAX_WAIT_SECONDS)
+    endpoint_disable_after_days: float = Field(default=5.0, gt=0, le=3650)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     # How long auth and the api keep answering after SIGTERM, unready, before closing
     # their listener: the time a load balancer takes to stop sending them requests.
