@@ -27,6 +27,7 @@ from services.auth.app import AuthService
 from services.dispatcher.app import DispatcherService
 from services.shared import (
     EmbeddedBroker,
+    Loops,
     Service,
     Settings,
     access_tokens,
@@ -73,6 +74,7 @@ class SampleReceiver:
         self.port = port
         self.received: deque[dict[str, Any]] = deque(maxlen=100)
         self._runner: web.AppRunner | None = None
+        self.loops = Loops(self.name)
 
     async def _receive(self, request: web.Request) -> web.Response:
         body = await request.read()

@@ -16,6 +16,7 @@ from services.shared import (
     ChangeFollower,
     ChangeNotifier,
     DependencyUnavailable,
+    Loops,
     Metrics,
     OpenApi,
     Settings,
@@ -57,6 +58,7 @@ class ApiService:
         self.app: web.Application | None = None
         self._follower: ChangeFollower | None = None
         self._outbox: Outbox | None = None
+        self.loops = Loops(self.name)
         self._relay: asyncio.Task[None] | None = None
         self._ended_keys: asyncio.Task[None] | None = None
         self._pruning: asyncio.Task[None] | None = None
@@ -67,7 +69,9 @@ class ApiService:
     def build_app(
         self, producer: AIOKafkaProducer, session: aiohttp.ClientSession
     ) -> web.Application:
-        app = build_app("api", self.metrics, max_body_bytes=self.settings.max_body_bytes)
+        app = build_app(
+            "api", self.metrics, max_body_bytes=self.settings.max_body_bytes, loops=self.loops
+        )
         app[CONTEXT] = ApiContext(
             settings=self.settings,
             engine=self.engine,
@@ -128,9 +132,10 @@ class ApiService:
             self.settings, lambda change: self._apply_change(gate, change)
         )
         await self._follower.start()
-        self._relay = asyncio.create_task(self.outbox_for(self._producer).relay_forever())
-        self._ended_keys = asyncio.create_task(self._sync_ended_keys_forever(gate))
-        self._pruning = asyncio.create_task(self._prune_forever())
+        start = self.loops.start
+        self._relay = start(self.outbox_for(self._producer).relay_forever(), name="outbox-relay")
+        self._ended_keys = start(self._sync_ended_keys_forever(gate), name="ended-keys")
+        self._pruning = start(self._prune_forever(), name="pruning")
         # Joining a consumer group can take seconds; the api serves requests meanwhile.
         if self.settings.record_attempts:
             self.recorder = AttemptRecorder(
@@ -140,7 +145,7 @@ class ApiService:
                 self.metrics,
                 self.outbox_for(self._producer),
             )
-            self._recording = asyncio.create_task(self.recorder.run(), name="delivery-log")
+            self._recording = start(self.recorder.run(), name="delivery-log")
         self._runner = await start_site(
             app, self.settings.host, self.settings.api_port, port_setting="HOOKWIRE_API_PORT"
         )
@@ -176,6 +181,7 @@ class ApiService:
         # process, its change follower and relay included.
         if self._runner is not None:
             await stop_site(self._runner, self.settings.stop_delay_seconds)
+        self.loops.stopping()
         for task in (self._relay, self._recording, self._ended_keys, self._pruning):
             await cancel_and_wait(task)
         if self.recorder is not None:

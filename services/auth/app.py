@@ -20,6 +20,7 @@ from services.shared import (
     READINESS_KEY,
     ChangeFollower,
     ChangeNotifier,
+    Loops,
     Metrics,
     OpenApi,
     Settings,
@@ -93,6 +94,7 @@ class AuthService:
         self._log = get_logger("auth")
         self.usage = KeyUsage(engine)
         self._flusher: asyncio.Task[None] | None = None
+        self.loops = Loops(self.name)
         self._follower = ChangeFollower(settings, self.cache.apply)
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
@@ -100,7 +102,9 @@ class AuthService:
         self.port: int | None = None
 
     def build_app(self, producer: AIOKafkaProducer) -> web.Application:
-        app = build_app("auth", self.metrics, max_body_bytes=self.settings.max_body_bytes)
+        app = build_app(
+            "auth", self.metrics, max_body_bytes=self.settings.max_body_bytes, loops=self.loops
+        )
         spec = OpenApi("hookwire auth", _VERSION, "Personal access tokens and introspection")
         spec.route(
             app,
@@ -140,7 +144,7 @@ class AuthService:
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
         await self._follower.start()
-        self._flusher = asyncio.create_task(self._flush_last_used_forever())
+        self._flusher = self.loops.start(self._flush_last_used_forever(), name="last-used")
         self.app = self.build_app(self._producer)
         self._runner = await start_site(
             self.app, self.settings.host, self.settings.auth_port, port_setting="HOOKWIRE_AUTH_PORT"
@@ -150,6 +154,7 @@ class AuthService:
     async def stop(self) -> None:
         if self._runner is not None:
             await stop_site(self._runner, self.settings.stop_delay_seconds)
+        self.loops.stopping()
         await cancel_and_wait(self._flusher)
         await self._follower.stop()
         try:

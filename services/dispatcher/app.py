@@ -35,6 +35,7 @@ from services.shared import (
     GuardedResolver,
     HandOver,
     InvalidRecord,
+    Loops,
     Metrics,
     OutRecord,
     Settings,
@@ -106,6 +107,7 @@ class DispatcherService:
         self._consumers: list[AIOKafkaConsumer] = []
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.loops = Loops(self.name)
         self._outcomes: BatchingSender | None = None
         self._handler: DeliveryHandler | None = None
         self._lanes: Lanes | None = None
@@ -196,17 +198,18 @@ class DispatcherService:
         await self._follower.start(newer_than_ms=self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS)
         if not await self._follower.wait_caught_up(_CATCH_UP_SECONDS):
             self._log.warning("changes_not_caught_up", within_seconds=_CATCH_UP_SECONDS)
+        start = self.loops.start
         self._tasks = [
-            asyncio.create_task(
+            start(
                 consume_forever(router, self._route_batch, hand_over=router_hand_over),
                 name="router",
             ),
-            asyncio.create_task(self._lanes.run(), name="deliverer"),
-            asyncio.create_task(self._timer.run(), name="retry-timer"),
-            asyncio.create_task(self._resync_forever(), name="resync"),
-            asyncio.create_task(self._measure_lag_forever(router), name="lag"),
+            start(self._lanes.run(), name="deliverer"),
+            start(self._timer.run(), name="retry-timer"),
+            start(self._resync_forever(), name="resync"),
+            start(self._measure_lag_forever(router), name="lag"),
         ]
-        app = build_app("dispatcher", self.metrics)
+        app = build_app("dispatcher", self.metrics, loops=self.loops)
         app[READINESS_KEY].append(self._ready)
         self._runner = await start_site(
             app,
@@ -228,6 +231,7 @@ class DispatcherService:
         """Stop fetching, give in-flight deliveries the grace period, commit, close."""
         if self._runner is not None:
             await stop_site(self._runner)
+        self.loops.stopping()
         for task in self._tasks:
             await cancel_and_wait(task)
         if self._lanes is not None:

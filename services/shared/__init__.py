@@ -99,7 +99,9 @@ from ._kafka import (
     topics_for,
 )
 from ._lifecycle import (
+    Loops,
     Service,
+    ServiceFailed,
     cancel_and_wait,
     finish_despite_cancel,
     run,
@@ -154,6 +156,7 @@ __all__ = [
     "InvalidRecord",
     "InvalidToken",
     "JsonObject",
+    "Loops",
     "Metrics",
     "MissingToken",
     "NotFound",
@@ -165,6 +168,7 @@ __all__ = [
     "QueryKeyRefused",
     "Record",
     "Service",
+    "ServiceFailed",
     "Settings",
     "StoredText",
     "Topics",

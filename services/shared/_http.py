@@ -30,6 +30,7 @@ from ._errors import (
     ValidationFailed,
 )
 from ._ids import new_id
+from ._lifecycle import Loops
 from ._metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -39,6 +40,7 @@ M = TypeVar("M", bound=BaseModel)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 READINESS_KEY = web.AppKey("readiness", list[ReadinessCheck])
+LOOPS_KEY = web.AppKey("loops", Loops)
 # Set when a stop begins: readiness fails and every answer closes its connection, so load
 # balancers and pooled clients move to another process while this one still serves.
 STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
@@ -171,7 +173,11 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
     return [observe]
 
 
-async def _healthz(_: web.Request) -> web.Response:
+async def _healthz(request: web.Request) -> web.Response:
+    loops = request.app.get(LOOPS_KEY)
+    if loops is not None and loops.failures:
+        # A loop the process needs has died: a liveness probe should restart it.
+        return json_response({"status": "failing", "reasons": loops.failures}, status=503)
     return json_response({"status": "ok"})
 
 
@@ -194,13 +200,21 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"content-type": content_type})
 
 
-def build_app(service: str, metrics: Metrics, *, max_body_bytes: int = 1 << 20) -> web.Application:
+def build_app(
+    service: str,
+    metrics: Metrics,
+    *,
+    max_body_bytes: int = 1 << 20,
+    loops: Loops | None = None,
+) -> web.Application:
     app = web.Application(
         middlewares=_build_middlewares(service, metrics), client_max_size=max_body_bytes
     )
     app[METRICS_KEY] = metrics
     app[MAX_BODY_KEY] = max_body_bytes
     app[READINESS_KEY] = []
+    if loops is not None:
+        app[LOOPS_KEY] = loops
     app[STOPPING_KEY] = asyncio.Event()
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -11,6 +11,8 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from ._errors import HookwireError
+
 T = TypeVar("T")
 
 
@@ -64,8 +66,47 @@ async def finish_despite_cancel(step: Coroutine[Any, Any, Any]) -> None:
             await asyncio.shield(last)
 
 
+class Loops:
+    """A service's background loops, which run until the service stops.
+
+    One that ends on its own (an error, or a return) is logged at once, fails the
+    service's ``/healthz`` and, under ``run_until_signalled``, stops the process with an
+    error: a process whose loop died would otherwise go on holding its work (a
+    dispatcher its partitions) without doing it, until someone noticed.
+    """
+
+    def __init__(self, service: str) -> None:
+        self.failed = asyncio.Event()
+        self.failures: list[str] = []
+        self._stopping = False
+        self._log = structlog.get_logger(service=service)
+
+    def start(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(self._ended)
+        return task
+
+    def stopping(self) -> None:
+        """The loops are about to be cancelled: an ending from now on is expected."""
+        self._stopping = True
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        error = task.exception()
+        reason = "ended" if error is None else f"{type(error).__name__}: {error}"
+        self._log.error("loop_failed", loop=task.get_name(), error=reason, exc_info=error)
+        self.failures.append(f"{task.get_name()}: {reason}")
+        self.failed.set()
+
+
+class ServiceFailed(HookwireError):
+    code = "service_failed"
+
+
 class Service(Protocol):
     name: str
+    loops: Loops
 
     async def start(self) -> None: ...
 
@@ -105,6 +146,7 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
 
     starter = asyncio.create_task(start_all(), name="start")
     signalled = asyncio.create_task(stop.wait(), name="signalled")
+    failing = [asyncio.create_task(s.loops.failed.wait(), name="failed") for s in services]
     try:
         await asyncio.wait({starter, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if not starter.done():
@@ -115,10 +157,16 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
         settle_heap()
         if ready_message:
             print(ready_message, flush=True)  # noqa: T201 - the dev banner is for a human
-        await signalled
+        await asyncio.wait({signalled, *failing}, return_when=asyncio.FIRST_COMPLETED)
+        failures = [f"{s.name}: {failure}" for s in services for failure in s.loops.failures]
+        if failures:
+            log.error("shutting_down_after_loop_failed", failures=failures)
+            raise ServiceFailed(f"a background loop failed ({'; '.join(failures)})")
         log.info("shutting_down")
     finally:
         signalled.cancel()
+        for waiting in failing:
+            waiting.cancel()
         for service in reversed(starting):
             try:
                 await service.stop()

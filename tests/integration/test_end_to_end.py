@@ -10,13 +10,15 @@ import time
 from collections.abc import Mapping
 
 import orjson
+import pytest
 from aiohttp import web
 from sqlalchemy import text
 from standardwebhooks import Webhook
 from standardwebhooks.exceptions import WebhookVerificationError
 
-from services.shared import bound_port, head_revision, start_site
-from tests.conftest import Receiver, Stack
+from services.dispatcher.retry_timer import RetryTimer
+from services.shared import Settings, bound_port, head_revision, start_site
+from tests.conftest import Receiver, Stack, running_stack
 
 
 def standard_webhooks_verify(secret: str, headers: Mapping[str, str], body: bytes) -> bool:
@@ -166,6 +168,36 @@ async def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -
         async with stack.session.get(f"{base}/metrics") as response:
             assert response.status == 200
             assert prefix in await response.text()
+
+
+async def test_a_dead_dispatcher_loop_fails_its_health_check(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop the dispatcher needs (here the retry timer) failing makes ``/healthz`` say so,
+    naming it, so a liveness probe restarts the process instead of leaving its partitions
+    held and unworked; the other services stay healthy."""
+
+    async def breaks(self: RetryTimer) -> None:
+        raise RuntimeError("timer broke")
+
+    monkeypatch.setattr(RetryTimer, "run", breaks)
+    async with running_stack(settings, with_dispatcher=True) as stack:
+        deadline = time.monotonic() + 5
+        while True:
+            async with stack.session.get(f"{stack.dispatcher_url}/healthz") as response:
+                status, answer = response.status, await response.json()
+            if status != 200 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 503
+        assert answer == {
+            "status": "failing",
+            "reasons": ["retry-timer: RuntimeError: timer broke"],
+        }
+        assert stack.dispatcher.loops.failed.is_set()
+        for base in (stack.auth_url, stack.api_url):
+            async with stack.session.get(f"{base}/healthz") as response:
+                assert response.status == 200
 
 
 async def test_readiness_follows_the_databases_migrations(stack: Stack) -> None:

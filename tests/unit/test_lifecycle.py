@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from services.shared import cancel_and_wait, run_until_signalled
+from services.shared import Loops, ServiceFailed, cancel_and_wait, run_until_signalled
 
 
 async def _swallows_first_cancel(swallowed: list[int]) -> None:
@@ -74,6 +74,7 @@ class _SignalsItself:
 
     def __init__(self) -> None:
         self.frozen_at_stop = -1
+        self.loops = Loops(self.name)
 
     async def start(self) -> None:
         asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
@@ -92,3 +93,56 @@ async def test_what_start_up_built_is_kept_out_of_later_collections() -> None:
         assert service.frozen_at_stop > 0
     finally:
         gc.unfreeze()
+
+
+class _LoopDies:
+    """A service whose background loop fails a moment after start."""
+
+    name = "breakable"
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.loops = Loops(self.name)
+        self.error = error
+        self.stopped = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        async def work() -> None:
+            await asyncio.sleep(0.05)
+            if self.error is not None:
+                raise self.error
+
+        self.task = self.loops.start(work(), name="worker")
+
+    async def stop(self) -> None:
+        self.loops.stopping()
+        await cancel_and_wait(self.task)
+        self.stopped = True
+
+
+@pytest.mark.parametrize("error", [RuntimeError("broken"), None], ids=["raised", "returned"])
+async def test_a_loop_that_ends_on_its_own_stops_the_process_with_an_error(
+    capsys: pytest.CaptureFixture[str], error: BaseException | None
+) -> None:
+    """Not a process that looks alive while its work stands still: the failure is logged
+    at once, the services are stopped, and the run ends in an error naming the loop."""
+    service = _LoopDies(error)
+    with pytest.raises(ServiceFailed) as failed:
+        await asyncio.wait_for(run_until_signalled([service]), timeout=5)
+    reason = "RuntimeError: broken" if error is not None else "ended"
+    assert f"breakable: worker: {reason}" in failed.value.message
+    assert service.stopped
+    assert service.loops.failures == [f"worker: {reason}"]
+    assert "loop_failed" in capsys.readouterr().out
+
+
+async def test_loops_cancelled_by_a_stop_are_not_failures() -> None:
+    loops = Loops("quiet")
+    task = loops.start(asyncio.sleep(10), name="sleeper")
+    loops.stopping()
+    await cancel_and_wait(task)
+    also = loops.start(asyncio.sleep(10), name="cancelled")
+    also.cancel()
+    await asyncio.wait({also})
+    assert loops.failures == []
+    assert not loops.failed.is_set()
