@@ -44,13 +44,13 @@ from services.shared import (
     cancel_and_wait,
     check_ready,
     consume_forever,
+    dead_letter_record,
     decode,
     get_logger,
     make_consumer,
     make_patient_consumer,
     make_producer,
     partition_of,
-    send_all,
     start_all,
     start_client,
     start_site,
@@ -61,10 +61,11 @@ from services.shared import (
     utcnow,
 )
 
-from .handler import DeliveryHandler, DeliveryMetrics, invalid_record
+from .handler import DeliveryHandler, DeliveryMetrics, note_invalid_record
 from .lanes import Lanes
 from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
+from .routed import send_routed
 from .routing import fan_out
 from .sender import Sender
 from .table import WebhookTable
@@ -322,23 +323,28 @@ class DispatcherService:
         if self._timer is not None:
             self._retry_pending.set(self._timer.pending)
 
-    def _dead_letter(self, record: ConsumerRecord, reason: str) -> OutRecord:
-        return invalid_record(self.delivery_metrics, self.topics, record, reason)
-
     async def _route_batch(self, records: list[ConsumerRecord]) -> None:
         assert self._producer is not None
         out: list[OutRecord] = []
+        # The event record each of ``out`` came from.
+        sources: list[ConsumerRecord] = []
+        invalid: list[tuple[ConsumerRecord, str]] = []
         routed = 0
         matched: list[int] = []
+
+        def dead_letter(record: ConsumerRecord, reason: str) -> None:
+            out.append(dead_letter_record(self.topics, record, reason))
+            sources.append(record)
+            invalid.append((record, reason))
+
         for record in records:
             try:
                 event = decode(Event, record.value)
             except InvalidRecord as exc:
-                out.append(self._dead_letter(record, exc.message))
+                dead_letter(record, exc.message)
                 continue
             if event.type == TEST_EVENT_TYPE:
-                reason = f"{TEST_EVENT_TYPE} is sent only by the api's test route"
-                out.append(self._dead_letter(record, reason))
+                dead_letter(record, f"{TEST_EVENT_TYPE} is sent only by the api's test route")
                 continue
             size = len(record.value)
             if size > _MAY_GROW_PAST_LIMIT:
@@ -348,8 +354,7 @@ class DispatcherService:
             if size > MAX_EVENT_BYTES:
                 # Its delivery and attempt records must fit the stream too; the api keeps
                 # its own events within this, a producer writing here directly may not.
-                reason = f"the event is {size} bytes, over {MAX_EVENT_BYTES}"
-                out.append(self._dead_letter(record, reason))
+                dead_letter(record, f"the event is {size} bytes, over {MAX_EVENT_BYTES}")
                 continue
             deliveries = fan_out(event, self.table.for_team(event.team_id))
             routed += 1
@@ -357,8 +362,13 @@ class DispatcherService:
             out.extend(
                 (self.topics.deliveries, d.webhook_id.encode(), d.to_bytes()) for d in deliveries
             )
-        await send_all(self._producer, out)
-        # Counted once sent: a batch sent again after a failure is not routed twice.
+            sources.extend(record for _ in deliveries)
+        too_large = await send_routed(self._producer, self.topics, out, sources)
+        # Counted once sent: a batch handled again after a failure is not counted twice.
+        for record, reason in invalid:
+            note_invalid_record(self.delivery_metrics, record, reason)
+        for record, reason in too_large:
+            note_invalid_record(self.delivery_metrics, record, reason, label="too_large")
         self._routed.inc(routed)
         for count in matched:
             self._matched.observe(count)

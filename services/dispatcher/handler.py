@@ -131,9 +131,16 @@ def invalid_record(
     metrics: DeliveryMetrics, topics: Topics, record: ConsumerRecord, reason: str
 ) -> OutRecord:
     """A record outside its contract: counted, logged, and kept on the dead-letter topic."""
-    metrics.dead_letters.labels("invalid_record").inc()
-    get_logger("dispatcher").warning("record_dead_lettered", topic=record.topic, reason=reason)
+    note_invalid_record(metrics, record, reason)
     return dead_letter_record(topics, record, reason)
+
+
+def note_invalid_record(
+    metrics: DeliveryMetrics, record: ConsumerRecord, reason: str, label: str = "invalid_record"
+) -> None:
+    """Count and log a record set aside on the dead-letter topic."""
+    metrics.dead_letters.labels(label).inc()
+    get_logger("dispatcher").warning("record_dead_lettered", topic=record.topic, reason=reason)
 
 
 class DeliveryHandler:

@@ -95,6 +95,7 @@ from ._kafka import (
     start_client,
     stop_client,
     subscribe_handing_over,
+    too_large,
     topic_layout,
     topics_for,
 )
@@ -230,6 +231,7 @@ __all__ = [
     "stop_site",
     "subscribe_handing_over",
     "tables",
+    "too_large",
     "topic_layout",
     "topics_for",
     "unknown_permissions",

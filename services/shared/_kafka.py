@@ -25,7 +25,13 @@ from aiokafka import (
 )
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import CloseReason
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -261,6 +267,19 @@ async def send_all(
         raise next(iter(outcomes.values()))
 
 
+class RecordTooLarge(DependencyUnavailable):
+    """A record larger than the producer's batches can hold."""
+
+
+def too_large(error: BaseException) -> bool:
+    """Whether a send failed on the size of what it carried: sent again as it is, it
+    would fail again for ever (unlike a broker away or a leader moving)."""
+    return isinstance(
+        error,
+        RecordTooLarge | MessageSizeTooLargeError | RecordListTooLargeError | RecordTooLargeError,
+    )
+
+
 async def send_each(
     producer: AIOKafkaProducer, records: Sequence[tuple[str, bytes | None, bytes]]
 ) -> dict[int, BaseException]:
@@ -319,7 +338,7 @@ async def _send_packed(
             await hand_over(topic, partition, batch, owners)
         batch = producer.create_batch()
         if batch.append(key=key, value=value, timestamp=None) is None:
-            refused[owner] = DependencyUnavailable(f"a record of {len(value)} bytes fits no batch")
+            refused[owner] = RecordTooLarge(f"a record of {len(value)} bytes fits no batch")
             continue
         open_batches[(topic, partition)] = (batch, {owner})
     for (topic, partition), (batch, owners) in open_batches.items():
@@ -788,9 +807,22 @@ async def _handled(
     return False
 
 
-def dead_letter_record(topics: Topics, record: ConsumerRecord, reason: str) -> OutRecord:
-    """The dead-letter topic's copy of a record no consumer can use, with the reason."""
-    value = record.value or b""
+# A dead letter keeps its record's key only up to this size: the key and a value of up to
+# MAX_RECORD_BYTES must still fit what the broker takes (an outside producer may have used
+# a key of hundreds of kilobytes).
+_DEAD_LETTER_KEY_MAX_BYTES = 1024
+
+
+def dead_letter_record(
+    topics: Topics, record: ConsumerRecord, reason: str, *, with_payload: bool = True
+) -> OutRecord:
+    """The dead-letter topic's copy of a record no consumer can use, with the reason.
+    Without its payload: for a record whose copy the broker itself refused."""
+    value = (record.value or b"") if with_payload else b""
+    key = record.key
+    if key is not None and len(key) > _DEAD_LETTER_KEY_MAX_BYTES:
+        reason = f"{reason} (its key of {len(key)} bytes left out)"
+        key = None
     letter = DeadLetter(
         reason=reason,
         source_topic=record.topic,
@@ -799,4 +831,4 @@ def dead_letter_record(topics: Topics, record: ConsumerRecord, reason: str) -> O
         payload=value.decode("utf-8", errors="replace"),
         at=utcnow(),
     )
-    return (topics.dead_letter, record.key, letter.to_bytes())
+    return (topics.dead_letter, key, letter.to_bytes())

@@ -6,8 +6,18 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from aiokafka import ConsumerRecord
 
-from services.shared import MAX_RECORD_BYTES, Attempt, DeadLetter, Event, InvalidRecord, decode
+from services.shared import (
+    MAX_RECORD_BYTES,
+    Attempt,
+    DeadLetter,
+    Event,
+    InvalidRecord,
+    Topics,
+    dead_letter_record,
+    decode,
+)
 
 VALID = {
     "schema": 1,
@@ -118,3 +128,19 @@ def test_an_attempt_at_the_event_limit_always_fits_a_record() -> None:
     assert decoded.event == event
     small = attempt.model_copy(update={"response_body": "ok"})
     assert decode(Attempt, small.to_bytes()).response_body == "ok"
+
+
+def test_a_dead_letter_leaves_out_a_key_too_large_to_travel_with_it() -> None:
+    """An outside producer's key of hundreds of kilobytes, next to a payload of up to a
+    megabyte, would make a dead letter the broker refuses for good."""
+    topics = Topics("hw.")
+    value = b"x" * 100
+
+    def record(key: bytes) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord("hw.events", 0, 5, 0, 0, key, value, None, len(key), 100, [])
+
+    topic, key, letter = dead_letter_record(topics, record(b"k" * 200_000), "not json")
+    assert (topic, key) == (topics.dead_letter, None)
+    assert orjson.loads(letter)["reason"] == "not json (its key of 200000 bytes left out)"
+    _, kept, _ = dead_letter_record(topics, record(b"k" * 1024), "not json")
+    assert kept == b"k" * 1024
