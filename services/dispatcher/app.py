@@ -189,7 +189,13 @@ class DispatcherService:
         deliverer_hand_over.before_revoke = self._lanes.hand_over
         deliverer_hand_over.after_assign = self._lanes.reassigned
         self._timer = RetryTimer(
-            retries, self._producer, self.topics, pending_max=self.settings.retry_pending_max
+            retries,
+            self._producer,
+            self.topics,
+            pending_max=self.settings.retry_pending_max,
+            on_set_aside=lambda record, reason: note_invalid_record(
+                self.delivery_metrics, record, reason, label="too_large"
+            ),
         )
         retries_hand_over.before_revoke = self._timer.hand_over
         retries_hand_over.after_assign = self._timer.reassigned

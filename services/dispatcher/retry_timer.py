@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from services.shared import (
 
 from .flow import FetchGate
 from .offsets import AssignmentWatch, OffsetTracker
+from .routed import SetAside, set_aside_too_large
 
 _IDLE_WAIT_MS = 500
 _HANDING_OVER_WAIT_MS = 100
@@ -61,6 +63,22 @@ class Waiting(NamedTuple):
     # Put off behind an open circuit or a failed lookup: its order among its webhook's
     # first attempts is kept (retries keep none).
     first_attempt: bool
+
+    def record(self) -> ConsumerRecord:
+        """As read, for a dead letter of it."""
+        return ConsumerRecord(
+            self.topic,
+            self.partition,
+            self.offset,
+            0,
+            0,
+            self.key,
+            self.value,
+            None,
+            -1 if self.key is None else len(self.key),
+            len(self.value),
+            [],
+        )
 
     @property
     def movable(self) -> bool:
@@ -159,8 +177,10 @@ class RetryTimer:
         *,
         pending_max: int,
         move_every_seconds: float = MOVE_EVERY_SECONDS,
+        on_set_aside: Callable[[ConsumerRecord, str], None] = lambda record, reason: None,
     ) -> None:
         self._consumer = consumer
+        self._on_set_aside = on_set_aside
         self._producer = producer
         self._topics = topics
         self._pending_max = pending_max
@@ -288,6 +308,16 @@ class RetryTimer:
             return False
         out: list[OutRecord] = [(self._topics.deliveries, e.key, e.value) for e in due]
         failed = await send_each(self._producer, out)
+        if failed:
+            # One the broker will never take would hold its partition's commit point, and
+            # be tried every second, for ever: it goes to the dead letters instead.
+            set_aside: list[SetAside] = []
+            sources = [entry.record() for entry in due]
+            failed = await set_aside_too_large(
+                self._producer, self._topics, out, sources, failed, set_aside
+            )
+            for record, reason in set_aside:
+                self._on_set_aside(record, reason)
         for index, entry in enumerate(due):
             if index in failed:
                 # Only what the broker did not take waits for another try: the rest is

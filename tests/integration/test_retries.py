@@ -16,11 +16,11 @@ import orjson
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from sqlalchemy.exc import OperationalError
 
 from services.api.context import CONTEXT
-from services.dispatcher import retry_timer
+from services.dispatcher import retry_timer, routed
 from services.dispatcher.app import DispatcherService
 from services.dispatcher.retry_timer import RetryTimer
 from services.dispatcher.routing import WebhookRoute
@@ -1117,6 +1117,77 @@ async def test_far_off_retries_filling_the_timer_leave_room_for_a_due_one(
     finally:
         await cancel_and_wait(running)
         await stop_client(deliveries)
+        await stop_client(retries)
+        await stop_client(producer)
+
+
+async def test_a_retry_the_broker_will_never_take_is_dead_lettered_not_tried_for_ever(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A due retry refused for its size, even sent alone, would hold its partition's
+    commit point and be tried every second for ever: it becomes a dead letter (counted
+    through the callback), and the retry beside it is forwarded once."""
+    quick, topics = await _own_topics(settings, "too-large", kafka_partitions=1)
+    event = _event("large")
+    now = utcnow()
+    producer = make_producer(quick)
+    await start_client(producer, quick)
+    await send_all(
+        producer,
+        [
+            (
+                topics.retry(1),
+                b"wh_x",
+                Delivery(
+                    id=f"msg_{name}", webhook_id="wh_x", attempt=2, event=event, not_before=now
+                ).to_bytes(),
+            )
+            for name in ("big", "small")
+        ],
+    )
+
+    def refusing(real: Any) -> Any:
+        async def send_each(to: Any, records: list[Any]) -> dict[int, BaseException]:
+            refused: dict[int, BaseException] = {
+                index: MessageSizeTooLargeError()
+                for index, (topic, _, value) in enumerate(records)
+                if topic == topics.deliveries and b"msg_big" in value
+            }
+            taken = [r for i, r in enumerate(records) if i not in refused]
+            assert not await real(to, taken)
+            return refused
+
+        return send_each
+
+    monkeypatch.setattr(retry_timer, "send_each", refusing(retry_timer.send_each))
+    monkeypatch.setattr(routed, "send_each", refusing(routed.send_each))
+    retries = make_patient_consumer(
+        quick,
+        *(topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
+        group_id=f"{quick.topic_prefix}retry",
+    )
+    await start_client(retries, quick)
+    set_aside: list[tuple[int, str]] = []
+    timer = RetryTimer(
+        retries,
+        producer,
+        topics,
+        pending_max=100,
+        on_set_aside=lambda record, reason: set_aside.append((record.offset, reason)),
+    )
+    running = asyncio.create_task(timer.run())
+    try:
+        [letter] = await topic_records(quick, topics.dead_letter, 1)
+        assert letter["source_topic"] == topics.retry(1)
+        assert orjson.loads(letter["payload"])["id"] == "msg_big"
+        assert letter["reason"].startswith("what it became is refused by the broker")
+        assert set_aside == [(0, letter["reason"])]
+        [forwarded] = await topic_records(quick, topics.deliveries, 1)
+        assert forwarded["id"] == "msg_small"
+        await _eventually(lambda: timer.pending == 0 and not any(timer.lag().values()))
+        assert await records_in(quick, topics.deliveries) == 1
+    finally:
+        await cancel_and_wait(running)
         await stop_client(retries)
         await stop_client(producer)
 

@@ -67,15 +67,15 @@ async def test_only_what_the_broker_refused_is_sent_again(
         await stop_client(producer)
 
     assert [(record.offset, reason.split(":")[0]) for record, reason in letters] == [
-        (2, "what it routes to is refused by the broker")
+        (2, "what it became is refused by the broker")
     ]
     assert await records_in(settings, topics.deliveries) == 2
     delivered = await topic_records(settings, topics.deliveries, 2)
     assert sorted(record["delivery"] for record in delivered) == [0, 1]
     [letter] = await topic_records(settings, topics.dead_letter, 1)
     assert (letter["source_offset"], orjson.loads(letter["payload"])) == (2, {"event": 2})
-    # Round 1 all three; then 1 again with 2 (alone: its batch might have been the
-    # trouble); then 2's dead letter. Record 0 never twice.
+    # All three; 2 alone (its batch might have been the trouble), then its dead letter;
+    # a second later 1 again. Record 0 never twice.
     assert sum(orjson.dumps({"delivery": 0}) in sent for sent in calls) == 1
     assert sum(orjson.dumps({"delivery": 1}) in sent for sent in calls) == 2
 
