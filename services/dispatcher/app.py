@@ -386,8 +386,7 @@ class DispatcherService:
     async def _refresh(self, webhook_id: str) -> None:
         try:
             await self.table.refresh(webhook_id)
-            route = self.table.get(webhook_id)
-            if (route is None or not route.active) and self._handler is not None:
+            if not self._is_active(webhook_id) and self._handler is not None:
                 # Its open circuit, if any, would stay counted in circuits_open for ever.
                 self._handler.forget_endpoint(webhook_id)
         except Exception:
@@ -395,6 +394,10 @@ class DispatcherService:
             # The change record is behind the follower now; a whole load soon takes its place.
             self._resync_wanted.set()
         self._webhooks.set(len(self.table))
+
+    def _is_active(self, webhook_id: str) -> bool:
+        route = self.table.get(webhook_id)
+        return route is not None and route.active
 
     def _set_lag(self, partition: TopicPartition, behind: int) -> None:
         self._lag.labels(partition.topic, str(partition.partition)).set(behind)
@@ -439,6 +442,8 @@ class DispatcherService:
             try:
                 await self.table.load_all()
                 self._webhooks.set(len(self.table))
+                if self._handler is not None:
+                    self._handler.forget_endpoints_not(self._is_active)
             except Exception as exc:
                 self._log.warning("webhook_resync_failed", error=f"{type(exc).__name__}: {exc}")
                 if wanted:

@@ -192,6 +192,13 @@ class DeliveryHandler:
         self._circuit.forget(webhook_id)
         self._holds.pop(webhook_id, None)
 
+    def forget_endpoints_not(self, active: Callable[[str], bool]) -> None:
+        """Forget the endpoints of webhooks no longer ``active`` (a whole reload found them
+        gone or inactive, their change record lost on the way)."""
+        for webhook_id in {*self._circuit.endpoints(), *self._holds}:
+            if not active(webhook_id):
+                self.forget_endpoint(webhook_id)
+
     def forget_partitions(self, lost: set[int], partitions: int) -> None:
         """Deliveries of these partitions are another process's now, and so are their
         endpoints' circuits: kept here, they would be counted open by both processes,

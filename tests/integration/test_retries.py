@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from services.api.context import CONTEXT
@@ -43,6 +44,7 @@ from services.shared import (
     start_site,
     stop_client,
     subscribe_handing_over,
+    tables,
     topics_for,
     utcnow,
 )
@@ -394,6 +396,40 @@ async def test_an_open_circuit_defers_without_calling(
         assert (
             receiver.received[2].headers["webhook-id"] == receiver.received[0].headers["webhook-id"]
         )
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        )
+
+
+async def test_a_reload_forgets_the_circuit_of_a_webhook_whose_change_was_lost(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """A webhook deactivated without its change record reaching the dispatcher is found by
+    the next whole reload; its open circuit goes with it, not counted open for ever."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (30.0,) * 10,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 600.0,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses = [500]
+        await stack.create_object()
+        await receiver.wait_for(1)
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
+        )
+        # Straight in the database: no change record is written.
+        async with stack.api.engine.begin() as conn:
+            await conn.execute(
+                update(tables.webhooks)
+                .where(tables.webhooks.c.id == webhook["id"])
+                .values(active=False)
+            )
+        stack.dispatcher._resync_wanted.set()
         await _eventually(
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
         )
