@@ -27,6 +27,18 @@ from services.shared import (
 from .errors import AuthUnavailable
 
 _KEYS_REFRESH_SECONDS = 5.0
+
+
+async def _error_code(response: aiohttp.ClientResponse) -> str | None:
+    """The ``code`` of a hookwire error answer, if it is one."""
+    try:
+        body = await response.json()
+    except (aiohttp.ContentTypeError, ValueError):
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
+
+
 _KEYS_MAX_AGE_SECONDS = 300.0
 
 
@@ -64,6 +76,9 @@ class TokenGate:
         self._keys_fetched_at = -_KEYS_REFRESH_SECONDS
         self._keys_url = f"{auth_url.rstrip('/')}/v1/keys"
         self._public_keys: dict[str, Ed25519PublicKey] = {}
+        # Whether auth has answered with its key set (possibly empty) at least once: until
+        # then every unknown key id asks again, rather than being refused for 5 s.
+        self._keys_read = False
         self._revoked: dict[str, float] = {}
         self._ended_keys_url = f"{auth_url.rstrip('/')}/v1/ended-keys"
         # The auth service's whole list, refreshed periodically: what a lost change
@@ -146,7 +161,7 @@ class TokenGate:
         # An unknown key id reads the set again, but at most every few seconds, so made-up
         # ids cannot turn every request into a call to auth.
         age = time.monotonic() - self._keys_fetched_at
-        if kid not in self._public_keys and (age >= _KEYS_REFRESH_SECONDS or not self._public_keys):
+        if kid not in self._public_keys and (age >= _KEYS_REFRESH_SECONDS or not self._keys_read):
             await self._fetch_keys()
         key = self._public_keys.get(str(kid))
         if key is None:
@@ -159,9 +174,14 @@ class TokenGate:
         self._keys_fetched_at = time.monotonic()
         try:
             async with self._session.get(self._keys_url) as response:
-                if response.status != 200:
+                if response.status == 200:
+                    document = await response.json()
+                elif await _error_code(response) == "access_tokens_not_configured":
+                    # No key signs access tokens: every one presented is signed by a key
+                    # auth does not know (401), not a reason to try again later (503).
+                    document = {"keys": []}
+                else:
                     raise AuthUnavailable(f"auth service answered {response.status} for keys")
-                document = await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AuthUnavailable("auth service is unreachable") from exc
         keys = access_tokens.public_keys_from_jwk_set(document)
@@ -169,6 +189,7 @@ class TokenGate:
             # Tokens verified with a key no longer published are verified again.
             self._verified.clear()
         self._public_keys = keys
+        self._keys_read = True
 
     async def _require_access_token(
         self, token: str, team_id: str, permission: str, client_ip: str | None

@@ -13,6 +13,7 @@ import jwt
 import orjson
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.api import authn
 from services.api.context import CONTEXT
@@ -183,6 +184,37 @@ async def test_exchange_without_a_signing_key_says_so(no_key_stack: Stack) -> No
     status, body = await _exchange(no_key_stack, no_key_stack.token)
     assert status == 503
     assert "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY" in body["error"]["message"]  # type: ignore[index]
+
+
+async def test_an_access_token_where_none_are_issued_is_refused_not_unavailable(
+    no_key_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no signing key, auth issues no access tokens, so one presented is signed by a
+    key it does not know: 401 (not 503, "try again"), and auth is asked once, not on every
+    request."""
+    stranger = Ed25519PrivateKey.generate()
+    token = access_tokens.issue(
+        stranger, {"sub": "usr_x", "jti": "tok_x", "exp": int(time.time()) + 600}
+    )
+    asked = 0
+    real_get = aiohttp.ClientSession.get
+
+    def counting_get(self: aiohttp.ClientSession, url: Any, **kwargs: Any) -> Any:
+        nonlocal asked
+        if str(url).endswith("/v1/keys"):
+            asked += 1
+        return real_get(self, url, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "get", counting_get)
+    for _ in range(3):
+        async with no_key_stack.session.get(
+            f"{no_key_stack.api_url}/v1/teams/{no_key_stack.team_id}/webhooks",
+            headers={"authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 401
+            error = (await response.json())["error"]
+        assert (error["code"], error["details"]) == ("invalid_token", {"reason": "unknown_key"})
+    assert asked == 1
 
 
 async def test_an_access_token_keeps_its_keys_allowed_networks(api_stack: Stack) -> None:
