@@ -111,6 +111,10 @@ class Lanes:
         self._on_lost = on_lost
         self._on_gained = on_gained
         self._owned: set[TopicPartition] = set()
+        # How many times each partition was lost: a delivery that began before its
+        # partition moved must not send, or write what it would have, after (its new
+        # owner does).
+        self._moves: dict[TopicPartition, int] = {}
         # Partitions just gained whose last owner's state is being read (``on_gained``):
         # they are not fetched meanwhile, and the records a fetch had already brought
         # wait here, in order, unhandled.
@@ -311,6 +315,7 @@ class Lanes:
     def _drop_waiting(self, partitions: set[TopicPartition]) -> None:
         # Their new owner delivers them; sending them here as well would only duplicate.
         for partition in partitions:
+            self._moves[partition] = self._moves.get(partition, 0) + 1
             self._parked.pop(partition, None)
             self._taking_over.pop(partition, None)
             self._put_offs_ahead.pop(partition, None)
@@ -349,7 +354,17 @@ class Lanes:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord) -> None:
+        partition = TopicPartition(record.topic, record.partition)
+        moves = self._moves.get(partition, 0)
+        sending = False
+
+        def moved() -> bool:
+            # Lost since this delivery began (a wait for the database can outlast the
+            # rebalance's bound): its partition's new owner has it.
+            return self._moves.get(partition, 0) != moves
+
         async def pace(rate: float | None) -> bool:
+            nonlocal sending
             interval = 1.0 / rate if rate else self._interval
             if interval:
                 now = asyncio.get_running_loop().time()
@@ -368,8 +383,9 @@ class Lanes:
                     return False
                 else:
                     lane.last_slot = slot
-            if self._handing_over or self._stopping:
+            if self._handing_over or self._stopping or moved():
                 raise Withdrawn("the partition may be about to move, or the process to stop")
+            sending = True
             return True
 
         try:
@@ -379,7 +395,8 @@ class Lanes:
         except Withdrawn:
             # Unfinished, back in its place: sent here once the rebalance leaves the
             # partition here, else by its next owner.
-            lane.waiting = deque(sorted([record, *lane.waiting], key=_place))
+            if not moved():
+                lane.waiting = deque(sorted([record, *lane.waiting], key=_place))
             self._release(key, lane)
             return
         except Exception:
@@ -389,6 +406,10 @@ class Lanes:
             self._release(key, lane)
             return
         self._release(key, lane)
+        if moved() and not sending:
+            # Nothing was sent: what it would write (put off, deferred, skipped) is its
+            # partition's new owner's to decide.
+            return
         try:
             await self._publish(outcome)
         except Exception as exc:

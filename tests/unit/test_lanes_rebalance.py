@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
@@ -411,6 +412,49 @@ async def test_the_retry_timer_sees_a_rebalance_end_while_every_fetch_fails() ->
         timer.reassigned()
         assert timer._assignments.rebalanced
         await _until(lambda: not timer._assignments.rebalanced)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+@pytest.mark.parametrize("sends", [True, False], ids=["would_send", "would_put_off"])
+async def test_a_delivery_whose_partition_moved_while_it_waited_neither_sends_nor_writes(
+    sends: bool,
+) -> None:
+    """A delivery held past the rebalance's bound before it sends (a database read that
+    took long) finds its partition gone when it goes on: it sends nothing and writes
+    nothing (not even a put-off), and is not put back in its lane; the partition's new
+    owner has it."""
+    consumer = _Consumer()
+    waiting, go = asyncio.Event(), asyncio.Event()
+    sent: list[int] = []
+    published: list[OutRecord] = []
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        waiting.set()
+        await go.wait()
+        if not sends:
+            return [("t.retry.1", b"wh", b"put off")]
+        await pace(None)
+        sent.append(record.offset)
+        return [("t.attempts", None, b"attempt")]
+
+    async def publish(records: list[OutRecord]) -> None:
+        published.extend(records)
+
+    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, 0)]})
+        await waiting.wait()
+        await lanes.hand_over(within=0.05)  # the delivery is still waiting
+        consumer.assigned = set()
+        lanes.reassigned()
+        await _until(lambda: not lanes._handing_over)  # the loop saw the partition go
+        go.set()
+        await asyncio.sleep(0.2)
+        assert (sent, published) == ([], [])
+        assert not any(lane.waiting for lane in lanes._lanes.values())
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
