@@ -235,14 +235,15 @@ class TokenGate:
         if len(token) > MAX_TOKEN_CHARS:
             # Auth would refuse to read it (a 422), not say it is unknown.
             raise InvalidToken("token is not valid: malformed", details={"reason": "malformed"})
-        if len(team_id) > MAX_TEAM_ID_CHARS:
-            raise NotFound(f"team {team_id[:MAX_TEAM_ID_CHARS]}… not found")
-        answer = await self._introspect(token, team_id, request.remote)
+        # A team id longer than auth reads is no team; the key is still checked first
+        # (a bad key is a 401 whatever the team), as the team "" no one belongs to.
+        asked = team_id if len(team_id) <= MAX_TEAM_ID_CHARS else ""
+        answer = await self._introspect(token, asked, request.remote)
         if not answer.get("active"):
             reason = str(answer.get("reason", "unknown"))
             if reason == "not_member":
                 # Existence of another team's resources is not revealed.
-                raise NotFound(f"team {team_id} not found")
+                raise NotFound(f"team {team_id[:MAX_TEAM_ID_CHARS]} not found")
             raise InvalidToken(f"token is not valid: {reason}", details={"reason": reason})
         if self._is_ended(str(answer["token_id"])):
             # A cached answer from before the key ended (its change record is here now, or

@@ -65,7 +65,7 @@ from .handler import DeliveryHandler, DeliveryMetrics, note_invalid_record
 from .lanes import Lanes
 from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
-from .routed import send_routed
+from .routed import Refused, SetAside, send_routed
 from .routing import fan_out
 from .sender import Sender
 from .table import WebhookTable
@@ -108,6 +108,9 @@ class DispatcherService:
         self._consumers: list[AIOKafkaConsumer] = []
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # The records the broker took from the batch being routed, when it refused others:
+        # (source topic, partition, offset, destination topic, key).
+        self._routed_before: set[tuple[str, int, int, str, bytes | None]] = set()
         self.loops = Loops(self.name)
         self._outcomes: BatchingSender | None = None
         self._handler: DeliveryHandler | None = None
@@ -369,15 +372,39 @@ class DispatcherService:
                 (self.topics.deliveries, d.webhook_id.encode(), d.to_bytes()) for d in deliveries
             )
             sources.extend(record for _ in deliveries)
-        too_large = await send_routed(self._producer, self.topics, out, sources)
+        # What the broker took in an earlier try of this batch is not sent again: the
+        # batch is handled again after a refusal (which lets the loop poll and a rebalance
+        # take the batch lock), and its other records were delivered already.
+        made = [
+            (source.topic, source.partition, source.offset, topic, key)
+            for (topic, key, _), source in zip(out, sources, strict=True)
+        ]
+        todo = [index for index, record in enumerate(made) if record not in self._routed_before]
+        try:
+            set_aside = await send_routed(
+                self._producer,
+                self.topics,
+                [out[index] for index in todo],
+                [sources[index] for index in todo],
+            )
+        except Refused as refused:
+            self._routed_before.update(
+                made[index] for j, index in enumerate(todo) if j not in refused.failed
+            )
+            self._note_set_aside(refused.set_aside)
+            raise
+        self._routed_before.clear()
+        self._note_set_aside(set_aside)
         # Counted once sent: a batch handled again after a failure is not counted twice.
         for record, reason in invalid:
             note_invalid_record(self.delivery_metrics, record, reason)
-        for record, reason in too_large:
-            note_invalid_record(self.delivery_metrics, record, reason, label="too_large")
         self._routed.inc(routed)
         for count in matched:
             self._matched.observe(count)
+
+    def _note_set_aside(self, set_aside: list[SetAside]) -> None:
+        for record, reason in set_aside:
+            note_invalid_record(self.delivery_metrics, record, reason, label="too_large")
 
     async def _apply_change(self, change: Change) -> None:
         if change.entity == "webhook":

@@ -1,25 +1,32 @@
-"""Writing records the broker may refuse in part: each taken once, whatever fails.
+"""Writing records the broker may refuse in part, and the ones it will never take.
 
-A batch fans out to many partitions. When the broker refuses some of its records, only
-those are sent again: sending the whole batch again (what a failed batch handler does)
-would deliver every record the broker had already taken once more, on every round of an
-outage. A record the broker will never take (too large for it) is sent alone once, in
-case only its batch was too large, then replaced by a dead letter of the record it came
-from; a dead letter it will not take either is replaced by one without the payload.
+A batch fans out to many partitions. When the broker refuses some of its records, the
+caller sends only those again: sending the whole batch again would deliver every record
+the broker had already taken once more, on every round of an outage. A record the broker
+will never take (too large for it) is sent alone once, in case only its batch was too
+large, then replaced by a dead letter of the record it came from; a dead letter it will
+not take either is replaced by one without the payload.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from services.shared import OutRecord, Topics, dead_letter_record, get_logger, send_each, too_large
-
-_SEND_AGAIN_SECONDS = 1.0
+from services.shared import OutRecord, Topics, dead_letter_record, send_each, too_large
 
 # A record set aside on the dead-letter topic instead, with the reason.
 SetAside = tuple[ConsumerRecord, str]
+
+
+class Refused(Exception):
+    """Some records were not taken; ``failed`` has their errors by index, ``set_aside``
+    the records dead-lettered instead of theirs (taken)."""
+
+    def __init__(self, failed: dict[int, BaseException], set_aside: list[SetAside]) -> None:
+        first = next(iter(failed.values()))
+        super().__init__(f"{len(failed)} records refused by the broker: {first}")
+        self.failed = failed
+        self.set_aside = set_aside
 
 
 async def send_routed(
@@ -28,23 +35,14 @@ async def send_routed(
     out: list[OutRecord],
     sources: list[ConsumerRecord],
 ) -> list[SetAside]:
-    """Send ``out`` (``sources[i]`` is the record ``out[i]`` came from) until the broker
-    has taken every record; returns the records dead-lettered on the way instead."""
-    log = get_logger("dispatcher")
-    out = list(out)
+    """Send ``out`` (``sources[i]`` is the record ``out[i]`` came from) once; returns the
+    records dead-lettered instead, or raises ``Refused`` naming those not taken."""
     set_aside: list[SetAside] = []
-    pending = list(range(len(out)))
-    while True:
-        errors = await send_each(producer, [out[index] for index in pending])
-        failed = {pending[j]: error for j, error in errors.items()}
-        failed = await set_aside_too_large(producer, topics, out, sources, failed, set_aside)
-        if not failed:
-            return set_aside
-        log.warning(
-            "routed_records_refused", records=len(failed), error=str(next(iter(failed.values())))
-        )
-        await asyncio.sleep(_SEND_AGAIN_SECONDS)
-        pending = sorted(failed)
+    errors = await send_each(producer, out)
+    failed = await set_aside_too_large(producer, topics, list(out), sources, errors, set_aside)
+    if failed:
+        raise Refused(failed, set_aside)
+    return set_aside
 
 
 async def set_aside_too_large(
@@ -57,33 +55,37 @@ async def set_aside_too_large(
 ) -> dict[int, BaseException]:
     """Of the records of ``out`` a packed send failed on (by index), send those refused for
     their size alone, then, refused again, as a dead letter of their source (noted in
-    ``set_aside``). Returns the failures left, to be sent again; a record whose stand-in
-    was refused for another reason is replaced in ``out`` by it."""
+    ``set_aside``). Returns the failures left."""
     left: dict[int, BaseException] = {}
     for index, error in failed.items():
         if not too_large(error):
             left[index] = error
             continue
         source = sources[index]
+        topic, key, _ = out[index]
         stand_ins: list[tuple[OutRecord, str | None]] = [(out[index], None)]
-        if out[index][0] != topics.dead_letter:
-            reason = f"what it became is refused by the broker: {error}"
-            stand_ins.append((dead_letter_record(topics, source, reason), reason))
-        reason = f"its dead letter is refused by the broker: {error}"
-        stand_ins.append((dead_letter_record(topics, source, reason, with_payload=False), reason))
-        for record, noted in stand_ins:
+        # A dead letter already is counted as one; its stand-in without the payload is not
+        # a second.
+        noted: str | None = None
+        if topic != topics.dead_letter:
+            for_key = "" if key is None else f" for {key.decode(errors='replace')}"
+            noted = f"its record{for_key} on {topic} is refused by the broker: {error}"
+            stand_ins.append((dead_letter_record(topics, source, noted), noted))
+        bare_reason = f"{noted or 'its dead letter is refused by the broker'} (payload left out)"
+        stand_ins.append(
+            (dead_letter_record(topics, source, bare_reason, with_payload=False), noted)
+        )
+        for record, note in stand_ins:
             [*refused] = (await send_each(producer, [record])).values()
             if not refused:
-                if noted is not None:
-                    set_aside.append((source, noted))
+                if note is not None:
+                    set_aside.append((source, note))
                 break
             if not too_large(refused[0]):
-                out[index] = record
                 left[index] = refused[0]
                 break
         else:
             # Not even a dead letter without its payload: the topic itself is wrong, which
             # the operator must mend; the record waits for it.
-            out[index] = stand_ins[-1][0]
             left[index] = error
     return left

@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 import orjson
@@ -81,13 +81,24 @@ def _request_id(request: web.Request) -> str:
     return given if _CLIENT_REQUEST_ID.fullmatch(given) else new_id("req")
 
 
-def _refuse_repeats(request: web.Request) -> None:
-    # Every route reads one value per parameter; which of two it took would be a guess
-    # (``?state=failed&state=retrying`` listing only one state, without a word).
+def _refuse_repeats(request: web.Request, names: Collection[str] | None = None) -> None:
+    # A route reads one value per parameter; which of two it took would be a guess
+    # (``?state=failed&state=retrying`` listing only one state, without a word). Checked
+    # where a route reads its query, after the route and the credential were found.
     query = request.query
     if len(query) == len(set(query.keys())):
         return
-    repeated = sorted({name for name in query if len(query.getall(name)) > 1})
+    repeated = sorted(
+        {
+            name
+            for name in query
+            if (names is None or name in names)
+            and name != QUERY_KEY_PARAM
+            and len(query.getall(name)) > 1
+        }
+    )
+    if not repeated:
+        return
     raise ValidationFailed(
         f"invalid query parameters: {', '.join(repeated)}",
         details=[{"field": name, "reason": "given more than once"} for name in repeated],
@@ -108,7 +119,6 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 _refuse_nul(request)
-                _refuse_repeats(request)
                 response = await handler(request)
             except HookwireError as exc:
                 response = error_response(exc)
@@ -273,6 +283,7 @@ async def parse_body(request: web.Request, model: type[M], *, optional: bool = F
 
 def parse_query(request: web.Request, model: type[M]) -> M:
     """Validate query parameters against a model (lax: they arrive as strings)."""
+    _refuse_repeats(request)
     # The token, when sent in the query, is the authentication layer's business.
     params = {k: v for k, v in request.query.items() if k != QUERY_KEY_PARAM}
     try:
@@ -286,6 +297,7 @@ def parse_query(request: web.Request, model: type[M]) -> M:
 def query_flag(request: web.Request, name: str) -> bool:
     """A yes/no query parameter: ``true`` or ``false`` (absent: false). Anything else is a
     422, not a quiet "no": ``?force=1`` must not move to the trash what was meant to go."""
+    _refuse_repeats(request, (name,))
     raw = request.query.get(name, "false")
     if raw not in ("true", "false"):
         raise ValidationFailed(

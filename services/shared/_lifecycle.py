@@ -91,12 +91,22 @@ class Loops:
         self._stopping = True
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
-        if self._stopping or task.cancelled():
+        if self._stopping:
             return
-        error = task.exception()
-        reason = "ended" if error is None else f"{type(error).__name__}: {error}"
-        self._log.error("loop_failed", loop=task.get_name(), error=reason, exc_info=error)
-        self.failures.append(f"{task.get_name()}: {reason}")
+        # Cancelled by something other than the stop (a library future it awaited) is
+        # ended all the same.
+        error = None if task.cancelled() else task.exception()
+        kind = "cancelled" if task.cancelled() else "ended"
+        self._log.error(
+            "loop_failed",
+            loop=task.get_name(),
+            error=kind if error is None else f"{type(error).__name__}: {error}",
+            exc_info=error,
+        )
+        # The error's words stay in the log: /healthz may be reachable by more than staff.
+        self.failures.append(
+            f"{task.get_name()}: {kind if error is None else type(error).__name__}"
+        )
         self.failed.set()
 
 
@@ -152,17 +162,16 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
         if not starter.done():
             log.warning("stopped_while_starting")
             await cancel_and_wait(starter)
-            return
-        starter.result()
-        settle_heap()
-        if ready_message:
-            print(ready_message, flush=True)  # noqa: T201 - the dev banner is for a human
-        await asyncio.wait({signalled, *failing}, return_when=asyncio.FIRST_COMPLETED)
-        failures = [f"{s.name}: {failure}" for s in services for failure in s.loops.failures]
-        if failures:
-            log.error("shutting_down_after_loop_failed", failures=failures)
-            raise ServiceFailed(f"a background loop failed ({'; '.join(failures)})")
-        log.info("shutting_down")
+        else:
+            starter.result()
+            settle_heap()
+            if ready_message:
+                print(ready_message, flush=True)  # noqa: T201 - the dev banner is for a human
+            await asyncio.wait({signalled, *failing}, return_when=asyncio.FIRST_COMPLETED)
+            if any(s.loops.failures for s in services):
+                log.error("shutting_down_after_loop_failed")
+            else:
+                log.info("shutting_down")
     finally:
         signalled.cancel()
         for waiting in failing:
@@ -174,3 +183,7 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
                 log.exception("service_stop_failed", name=service.name)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    # Also a loop that died while the services started or stopped: the exit status says so.
+    failures = [f"{s.name}: {failure}" for s in services for failure in s.loops.failures]
+    if failures:
+        raise ServiceFailed(f"a background loop failed ({'; '.join(failures)})")

@@ -311,12 +311,28 @@ async def test_an_object_nested_100_levels_is_kept_and_read_back(api_stack: Stac
 
 async def test_a_team_id_too_long_to_be_one_is_not_found(api_stack: Stack) -> None:
     """Longer than any team id the auth service reads: 404 like any missing team, not a
-    503 asking the client to try again."""
-    async with api_stack.session.get(
-        f"{api_stack.api_url}/v1/teams/{'t' * 129}/webhooks", headers=api_stack.headers()
-    ) as response:
+    503 asking the client to try again; the key is still checked first."""
+    url = f"{api_stack.api_url}/v1/teams/{'t' * 129}/webhooks"
+    async with api_stack.session.get(url, headers=api_stack.headers()) as response:
         assert response.status == 404
         assert (await response.json())["error"]["code"] == "not_found"
+    unknown = {"authorization": f"Bearer {generate_token()}"}
+    async with api_stack.session.get(url, headers=unknown) as response:
+        assert response.status == 401
+
+
+async def test_a_repeated_parameter_hides_neither_a_missing_route_nor_a_credential(
+    api_stack: Stack,
+) -> None:
+    """Checked where a route reads its query: a route that is not there is a 404 and a
+    request without a key a 401, whatever the query."""
+    base = f"{api_stack.api_url}/v1/teams/{api_stack.team_id}"
+    async with api_stack.session.get(
+        f"{base}/nowhere?a=1&a=2", headers=api_stack.headers()
+    ) as response:
+        assert response.status == 404
+    async with api_stack.session.get(f"{base}/webhooks?limit=1&limit=2") as response:
+        assert response.status == 401
 
 
 @pytest.mark.parametrize(

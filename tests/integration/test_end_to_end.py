@@ -192,7 +192,7 @@ async def test_a_dead_dispatcher_loop_fails_its_health_check(
         assert status == 503
         assert answer == {
             "status": "failing",
-            "reasons": ["retry-timer: RuntimeError: timer broke"],
+            "reasons": ["retry-timer: RuntimeError"],
         }
         assert stack.dispatcher.loops.failed.is_set()
         for base in (stack.auth_url, stack.api_url):

@@ -129,7 +129,7 @@ async def test_a_loop_that_ends_on_its_own_stops_the_process_with_an_error(
     service = _LoopDies(error)
     with pytest.raises(ServiceFailed) as failed:
         await asyncio.wait_for(run_until_signalled([service]), timeout=5)
-    reason = "RuntimeError: broken" if error is not None else "ended"
+    reason = "RuntimeError" if error is not None else "ended"
     assert f"breakable: worker: {reason}" in failed.value.message
     assert service.stopped
     assert service.loops.failures == [f"worker: {reason}"]
@@ -141,8 +141,41 @@ async def test_loops_cancelled_by_a_stop_are_not_failures() -> None:
     task = loops.start(asyncio.sleep(10), name="sleeper")
     loops.stopping()
     await cancel_and_wait(task)
-    also = loops.start(asyncio.sleep(10), name="cancelled")
-    also.cancel()
-    await asyncio.wait({also})
     assert loops.failures == []
     assert not loops.failed.is_set()
+
+
+async def test_a_loop_cancelled_by_anything_but_the_stop_is_a_failure() -> None:
+    """A loop awaiting a library future that was cancelled ends cancelled on its own."""
+    loops = Loops("quiet")
+    task = loops.start(asyncio.sleep(10), name="sleeper")
+    task.cancel()
+    await asyncio.wait({task})
+    assert loops.failures == ["sleeper: cancelled"]
+    assert loops.failed.is_set()
+
+
+class _DiesWhileStopping(_LoopDies):
+    """Its loop fails while the service stops, before the loops are told."""
+
+    async def stop(self) -> None:
+        assert self.task is not None
+        await asyncio.wait({self.task})
+        await super().stop()
+
+
+async def test_a_loop_that_dies_while_the_process_stops_still_fails_the_run() -> None:
+    service = _DiesWhileStopping(None)
+
+    async def long_work() -> None:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("late")
+
+    async def start() -> None:
+        service.task = service.loops.start(long_work(), name="worker")
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+
+    service.start = start  # type: ignore[method-assign]
+    with pytest.raises(ServiceFailed) as failed:
+        await asyncio.wait_for(run_until_signalled([service]), timeout=5)
+    assert "breakable: worker: RuntimeError" in failed.value.message
