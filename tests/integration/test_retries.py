@@ -978,17 +978,19 @@ def _webhook_ids(heads: list[bytes]) -> set[str]:
     }
 
 
-async def test_a_2xx_whose_body_breaks_off_is_delivered(stack: Stack) -> None:
-    """The receiver answers 200 and then a body that cannot be read (broken chunk framing):
-    the answer was a 2xx, so the delivery is delivered, not failed and sent again."""
+async def _logged_from_raw_receiver(stack: Stack, answer_with: bytes, *, pause: float = 0) -> Any:
+    """The delivery log's entry for an event delivered to a raw socket receiver that
+    answers ``answer_with`` (after ``pause`` seconds, whatever follows its first line
+    break pair) and closes."""
     requests: list[bytes] = []
+    head, _, rest = answer_with.partition(b"\r\n\r\n")
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         requests.append(await _read_request(reader))
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(head + b"\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.2)  # the status is read before the body breaks
-        writer.write(b"not a chunk\r\n")
+        await asyncio.sleep(pause)
+        writer.write(rest)
         await writer.drain()
         writer.close()
 
@@ -1004,53 +1006,40 @@ async def test_a_2xx_whose_body_breaks_off_is_delivered(stack: Stack) -> None:
             found = await _delivery(stack, delivery_id)
             return found if found and found["attempts"] else None
 
-        delivery = await _eventually(logged)
-        assert delivery["state"] == "delivered", delivery
-        assert [(a["outcome"], a["status_code"]) for a in delivery["attempts"]] == [
-            ("delivered", 200)
-        ]
+        return await _eventually(logged)
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_2xx_whose_body_breaks_off_is_delivered(stack: Stack) -> None:
+    """The receiver answers 200 and then a body that cannot be read (broken chunk framing):
+    the answer was a 2xx, so the delivery is delivered, not failed and sent again."""
+    delivery = await _logged_from_raw_receiver(
+        stack,
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nnot a chunk\r\n",
+        pause=0.2,  # the status is read before the body breaks
+    )
+    assert delivery["state"] == "delivered", delivery
+    assert [(a["outcome"], a["status_code"]) for a in delivery["attempts"]] == [("delivered", 200)]
 
 
 async def test_a_status_below_100_is_a_failed_attempt_not_a_dead_letter(stack: Stack) -> None:
     """``HTTP/1.1 099`` reads as a status; it is no HTTP status the attempt record holds, so
     the attempt is logged as failed by its text and scheduled again, not set aside as a
     fault of the dispatcher."""
-    requests: list[bytes] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        requests.append(await _read_request(reader))
-        writer.write(b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        await stack.create_webhook(f"http://127.0.0.1:{port}/hook", CREATED)
-        await stack.create_object()
-        await _eventually(lambda: len(requests) >= 1)
-        [delivery_id] = _webhook_ids(requests)
-
-        async def logged() -> dict[str, Any] | None:
-            found = await _delivery(stack, delivery_id)
-            return found if found and found["attempts"] else None
-
-        delivery = await _eventually(logged)
-        first = delivery["attempts"][-1]
-        assert (first["attempt"], first["outcome"], first["status_code"]) == (1, "failed", None)
-        assert (first["error"], first["error_class"]) == ("HTTP 099", "http_status")
-        assert delivery["state"] == "retrying"
-        registry = stack.dispatcher.metrics.registry
-        faults = registry.get_sample_value(
-            "hookwire_dispatcher_dead_letters_total", {"reason": "handler_failed"}
-        )
-        assert not faults
-    finally:
-        server.close()
-        await server.wait_closed()
+    delivery = await _logged_from_raw_receiver(
+        stack, b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    first = delivery["attempts"][-1]
+    assert (first["attempt"], first["outcome"], first["status_code"]) == (1, "failed", None)
+    assert (first["error"], first["error_class"]) == ("HTTP 099", "http_status")
+    assert delivery["state"] == "retrying"
+    registry = stack.dispatcher.metrics.registry
+    faults = registry.get_sample_value(
+        "hookwire_dispatcher_dead_letters_total", {"reason": "handler_failed"}
+    )
+    assert not faults
 
 
 async def test_a_fault_while_handling_dead_letters_the_delivery_and_the_rest_go_on(
