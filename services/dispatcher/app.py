@@ -61,11 +61,12 @@ from services.shared import (
     utcnow,
 )
 
+from .errors import Refused, SetAside
 from .handler import DeliveryHandler, DeliveryMetrics, note_invalid_record
 from .lanes import Lanes
 from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
-from .routed import Refused, SetAside, send_routed
+from .routed import send_routed
 from .routing import fan_out
 from .sender import Sender
 from .table import WebhookTable

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from aiokafka import ConsumerRecord
+
 from services.shared import HookwireError
+
+# A record set aside on the dead-letter topic instead, with the reason.
+SetAside = tuple[ConsumerRecord, str]
 
 
 class InvalidSecret(HookwireError):
@@ -14,6 +19,19 @@ class Withdrawn(HookwireError):
     and its next owner sends it."""
 
     code = "withdrawn"
+
+
+class Refused(HookwireError):
+    """Some records were not taken; ``failed`` has their errors by index, ``set_aside``
+    the records dead-lettered instead of theirs (taken)."""
+
+    code = "refused"
+
+    def __init__(self, failed: dict[int, BaseException], set_aside: list[SetAside]) -> None:
+        first = next(iter(failed.values()))
+        super().__init__(f"{len(failed)} records refused by the broker: {first}")
+        self.failed = failed
+        self.set_aside = set_aside
 
 
 class WebhookUnconfirmed(HookwireError):

@@ -34,9 +34,10 @@ from services.shared import (
     send_each,
 )
 
+from .errors import SetAside
 from .flow import FetchGate
 from .offsets import AssignmentWatch, OffsetTracker
-from .routed import SetAside, set_aside_too_large
+from .routed import set_aside_too_large
 
 _IDLE_WAIT_MS = 500
 _HANDING_OVER_WAIT_MS = 100

@@ -14,19 +14,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.shared import OutRecord, Topics, dead_letter_record, send_each, too_large
 
-# A record set aside on the dead-letter topic instead, with the reason.
-SetAside = tuple[ConsumerRecord, str]
-
-
-class Refused(Exception):
-    """Some records were not taken; ``failed`` has their errors by index, ``set_aside``
-    the records dead-lettered instead of theirs (taken)."""
-
-    def __init__(self, failed: dict[int, BaseException], set_aside: list[SetAside]) -> None:
-        first = next(iter(failed.values()))
-        super().__init__(f"{len(failed)} records refused by the broker: {first}")
-        self.failed = failed
-        self.set_aside = set_aside
+from .errors import Refused, SetAside
 
 
 async def send_routed(

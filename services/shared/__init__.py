@@ -55,6 +55,7 @@ from ._errors import (
     NotFound,
     OutcomeUnknown,
     PayloadTooLarge,
+    ServiceFailed,
     Unauthorized,
     ValidationFailed,
 )
@@ -102,7 +103,6 @@ from ._kafka import (
 from ._lifecycle import (
     Loops,
     Service,
-    ServiceFailed,
     cancel_and_wait,
     finish_despite_cancel,
     run,

@@ -41,6 +41,16 @@ class DependencyUnavailable(HookwireError):
         return {"Retry-After": "1"}
 
 
+class RecordTooLarge(DependencyUnavailable):
+    """A record larger than the producer's batches can hold."""
+
+
+class ServiceFailed(HookwireError):
+    """A background loop of a service ended on its own: the process stops with an error."""
+
+    code = "service_failed"
+
+
 class OutcomeUnknown(DependencyUnavailable):
     """A request was sent but its answer did not come in time: it may have taken effect."""
 

@@ -36,7 +36,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ._contracts import DeadLetter, Topics
-from ._errors import DependencyUnavailable, OutcomeUnknown
+from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge
 from ._ids import utcnow
 from ._lifecycle import cancel_and_wait, finish_despite_cancel
 from ._settings import Settings
@@ -265,10 +265,6 @@ async def send_all(
         raise refused[0]
     if outcomes:
         raise next(iter(outcomes.values()))
-
-
-class RecordTooLarge(DependencyUnavailable):
-    """A record larger than the producer's batches can hold."""
 
 
 def too_large(error: BaseException) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from ._errors import HookwireError
+from ._errors import ServiceFailed
 
 T = TypeVar("T")
 
@@ -108,10 +108,6 @@ class Loops:
             f"{task.get_name()}: {kind if error is None else type(error).__name__}"
         )
         self.failed.set()
-
-
-class ServiceFailed(HookwireError):
-    code = "service_failed"
 
 
 class Service(Protocol):
