@@ -13,6 +13,7 @@ import contextlib
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from aiokafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -39,6 +40,7 @@ from services.shared import (
     Metrics,
     OutRecord,
     Settings,
+    asynchronous_resolver,
     bound_port,
     build_app,
     cancel_and_wait,
@@ -108,6 +110,7 @@ class DispatcherService:
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: AbstractResolver | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # The records the broker took from the batch being routed, when it refused others:
         # (source topic, partition, offset, destination topic, key).
@@ -152,8 +155,11 @@ class DispatcherService:
         self._consumers = [router, deliverer, retries]
         # Group joins are slow on some brokers; joining all groups at once cuts start-up.
         await start_all(self._consumers, self.settings)
-        # The resolver refuses private addresses at connect time (DNS rebinding included).
-        resolver = None if self.settings.allow_private_urls else GuardedResolver()
+        # The guarded resolver refuses private addresses at connect time (DNS rebinding
+        # included); either resolver holds no thread while a name server keeps it waiting.
+        self._resolver = resolver = (
+            asynchronous_resolver() if self.settings.allow_private_urls else GuardedResolver()
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver),
             # A cookie one receiver sets must never ride along to the next delivery: two
@@ -257,6 +263,9 @@ class DispatcherService:
             await stop_client(self._producer)
         if self._session is not None:
             await self._session.close()
+        # The connector closes only a resolver it made itself.
+        if self._resolver is not None:
+            await self._resolver.close()
 
     async def _take_over(
         self,

@@ -111,7 +111,14 @@ from ._lifecycle import (
 )
 from ._logging import configure_logging, get_logger
 from ._metrics import Metrics
-from ._netguard import REFUSED, GuardedResolver, is_public_address, literal_refusal, refused_reason
+from ._netguard import (
+    REFUSED,
+    GuardedResolver,
+    asynchronous_resolver,
+    is_public_address,
+    literal_refusal,
+    refused_reason,
+)
 from ._openapi import OpenApi
 from ._permissions import PERMISSIONS, ROLES, effective_permissions, unknown_permissions
 from ._settings import Settings, load_settings, unknown_variables
@@ -179,6 +186,7 @@ __all__ = [
     "access_tokens",
     "all_read",
     "as_utc",
+    "asynchronous_resolver",
     "bound_port",
     "build_app",
     "cancel_and_wait",

@@ -6,12 +6,17 @@ import asyncio
 import errno
 import ipaddress
 import socket
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from aiohttp import ThreadedResolver
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import AsyncResolver
 
 REFUSED = "refused:"
+
+# A webhook is saved by a person waiting on the answer; a name server that does not answer
+# gets this long before the URL is refused as unresolvable.
+LOOKUP_SECONDS = 5.0
 
 
 # IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it through a
@@ -46,21 +51,42 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
-async def refused_reason(url: str) -> str | None:
+def asynchronous_resolver(nameservers: Sequence[str] | None = None) -> AsyncResolver:
+    """A resolver that asks name servers itself (c-ares), holding no thread per lookup.
+
+    The system resolver blocks a thread of the event loop's shared pool for every lookup:
+    a few webhooks whose name server never answers would hold all of them, and every other
+    endpoint's lookups would queue behind. Without `nameservers` the system's are used
+    (resolv.conf, and the hosts file first), through one channel per event loop.
+    """
+    if nameservers:
+        return AsyncResolver(nameservers=list(nameservers))
+    return AsyncResolver()
+
+
+async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> str | None:
     """Why the URL may not be called, or None when every address it resolves to is public."""
     host = urlsplit(url).hostname
     if host is None:
         return "URL has no host"
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        # An empty or over-long label fails the IDNA encoding before any lookup.
+        host.encode("idna")
+    except UnicodeError:
+        return f"{host} is not a valid host name"
+    resolver = asynchronous_resolver(nameservers)
+    try:
+        async with asyncio.timeout(LOOKUP_SECONDS):
+            results = await resolver.resolve(host, 0, socket.AF_UNSPEC)
+    except TimeoutError:
+        return f"cannot resolve {host}: no answer within {LOOKUP_SECONDS:g} s"
     except OSError as exc:
         return f"cannot resolve {host}: {exc.strerror}"
-    except UnicodeError:
-        # An empty or over-long label fails the IDNA encoding before any lookup.
-        return f"{host} is not a valid host name"
-    for *_, sockaddr in infos:
-        if not is_public_address(str(sockaddr[0])):
-            return f"{host} resolves to non-public address {sockaddr[0]}"
+    finally:
+        await resolver.close()
+    for result in results:
+        if not is_public_address(result["host"]):
+            return f"{host} resolves to non-public address {result['host']}"
     return None
 
 
@@ -81,8 +107,8 @@ class GuardedResolver(AbstractResolver):
     private one now (DNS rebinding) is refused.
     """
 
-    def __init__(self) -> None:
-        self._inner = ThreadedResolver()
+    def __init__(self, nameservers: Sequence[str] | None = None) -> None:
+        self._inner = asynchronous_resolver(nameservers)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, cast
+
 import pytest
 
-from services.shared import is_public_address, refused_reason
+from services.shared import GuardedResolver, _netguard, is_public_address, refused_reason
 
 
 @pytest.mark.parametrize(
@@ -53,3 +58,103 @@ async def test_urls_resolving_to_loopback_are_refused() -> None:
     reason = await refused_reason("http://localhost:8080/hook")
     assert reason is not None
     assert "non-public" in reason
+
+
+class _NameServer(asyncio.DatagramProtocol):
+    """A real DNS server on UDP for names under `.test`: `public*` has a public IPv4
+    address, `private*` a private one, `missing*` does not exist, and `silent*` is never
+    answered (a name server that hangs). No name has an IPv6 address."""
+
+    addresses: ClassVar[dict[str, str]] = {"public": "93.184.216.34", "private": "10.0.0.7"}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's datagram transport is not an asyncio.DatagramTransport subclass.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        labels, end = [], 12
+        while data[end]:
+            labels.append(data[end + 1 : end + 1 + data[end]].decode())
+            end += data[end] + 1
+        question = data[12 : end + 5]
+        query_type = int.from_bytes(data[end + 1 : end + 3], "big")
+        kind = labels[0].rstrip("0123456789")
+        if kind == "silent":
+            return
+        answers = b""
+        if kind in self.addresses and query_type == 1:
+            answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(
+                self.addresses[kind]
+            )
+        flags = b"\x81\x83" if kind == "missing" else b"\x81\x80"
+        counts = b"\x00\x01" + (b"\x00\x01" if answers else b"\x00\x00") + b"\x00\x00" * 2
+        self.transport.sendto(data[:2] + flags + counts + question + answers, addr)
+
+
+@pytest.fixture
+async def nameserver() -> AsyncIterator[str]:
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        _NameServer, local_addr=("127.0.0.1", 0)
+    )
+    try:
+        yield f"127.0.0.1:{transport.get_extra_info('sockname')[1]}"
+    finally:
+        transport.close()
+
+
+async def test_the_guard_judges_names_by_what_a_name_server_answers(nameserver: str) -> None:
+    """At connect time a name with a public address resolves, and one a name server
+    points at a private address (DNS rebinding) is refused with the reason."""
+    resolver = GuardedResolver([nameserver])
+    try:
+        [found] = await resolver.resolve("public.test", 443, socket.AF_UNSPEC)
+        assert (found["host"], found["port"]) == ("93.184.216.34", 443)
+        with pytest.raises(OSError, match=r"refused: private\.test resolves to non-public"):
+            await resolver.resolve("private.test", 443, socket.AF_UNSPEC)
+    finally:
+        await resolver.close()
+
+
+async def test_a_name_server_that_never_answers_holds_no_other_lookup_back(
+    nameserver: str,
+) -> None:
+    """Lookups hold no thread: fifty hanging ones (more than the event loop's thread pool
+    has threads) leave a lookup of another name as quick as ever."""
+    resolver = GuardedResolver([nameserver])
+    hanging = [
+        asyncio.create_task(resolver.resolve(f"silent{n}.test", 443, socket.AF_UNSPEC))
+        for n in range(50)
+    ]
+    try:
+        await asyncio.sleep(0.1)
+        async with asyncio.timeout(1):
+            [found] = await resolver.resolve("public2.test", 443, socket.AF_UNSPEC)
+        assert found["host"] == "93.184.216.34"
+        assert not any(task.done() for task in hanging)
+    finally:
+        for task in hanging:
+            task.cancel()
+        await asyncio.gather(*hanging, return_exceptions=True)
+        await resolver.close()
+
+
+async def test_saving_a_webhook_judges_its_url_by_the_name_server_and_waits_a_bounded_time(
+    nameserver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The api's check when a webhook is saved: the reason for a private address, an
+    unknown name, an invalid name and a name server that never answers (bounded)."""
+    monkeypatch.setattr(_netguard, "LOOKUP_SECONDS", 0.3)
+    servers = [nameserver]
+    assert await refused_reason("https://public.test/hook", servers) is None
+    assert await refused_reason("https://private.test/hook", servers) == (
+        "private.test resolves to non-public address 10.0.0.7"
+    )
+    missing = await refused_reason("https://missing.test/hook", servers)
+    assert missing is not None
+    assert missing.startswith("cannot resolve missing.test: ")
+    assert await refused_reason("https://a..test/hook", servers) == (
+        "a..test is not a valid host name"
+    )
+    async with asyncio.timeout(2):
+        silent = await refused_reason("https://silent.test/hook", servers)
+    assert silent == "cannot resolve silent.test: no answer within 0.3 s"
