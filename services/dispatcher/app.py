@@ -122,7 +122,7 @@ class DispatcherService:
         self._timer: RetryTimer | None = None
         # The delivery consumer's rebalance listener (decision 55).
         self._deliverer_hand_over: HandOver | None = None
-        self._follower = ChangeFollower(settings, self._apply_change)
+        self._follower = ChangeFollower(settings, handle_many=self._apply_changes)
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
         self._resync_wanted = asyncio.Event()
@@ -416,19 +416,25 @@ class DispatcherService:
         for record, reason in set_aside:
             note_invalid_record(self.delivery_metrics, record, reason, label="too_large")
 
-    async def _apply_change(self, change: Change) -> None:
-        if change.entity == "webhook":
-            await self._refresh(change.entity_id)
+    async def _apply_changes(self, changes: list[Change]) -> None:
+        webhook_ids = list(
+            dict.fromkeys(change.entity_id for change in changes if change.entity == "webhook")
+        )
+        if webhook_ids:
+            await self._refresh(webhook_ids)
 
-    async def _refresh(self, webhook_id: str) -> None:
+    async def _refresh(self, webhook_ids: list[str]) -> None:
         try:
-            await self.table.refresh(webhook_id)
-            if not self._is_active(webhook_id) and self._handler is not None:
-                # Its open circuit, if any, would stay counted in circuits_open for ever.
-                self._handler.forget_endpoint(webhook_id)
+            await self.table.refresh_many(webhook_ids)
+            if self._handler is not None:
+                for webhook_id in webhook_ids:
+                    if not self._is_active(webhook_id):
+                        # Its open circuit would stay counted in circuits_open for ever.
+                        self._handler.forget_endpoint(webhook_id)
         except Exception:
-            self._log.exception("webhook_refresh_failed", webhook_id=webhook_id)
-            # The change record is behind the follower now; a whole load soon takes its place.
+            self._log.exception("webhook_refresh_failed", webhook_ids=webhook_ids[:20])
+            # The change records are behind the follower now; a whole load soon takes
+            # their place.
             self._resync_wanted.set()
         self._webhooks.set(len(self.table))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +27,8 @@ _STOPPED_AT_MOST_SECONDS = 600.0
 # load of a large table may take a while; one row never should.
 _READ_ONE_AT_MOST_SECONDS = 10.0
 _READ_ALL_AT_MOST_SECONDS = 60.0
+# Webhooks re-read per query: far below any database's limit on bound parameters.
+_READ_AT_ONCE = 500
 
 
 def _route_from_row(row: Any) -> WebhookRoute:
@@ -139,13 +141,15 @@ class WebhookTable:
         async with self._engine.connect() as conn:
             return list((await conn.execute(select(tables.webhooks))).all())
 
-    async def _read_one(self, webhook_id: str) -> Any:
+    async def _read_some(self, webhook_ids: Sequence[str]) -> list[Any]:
         async with self._engine.connect() as conn:
-            return (
-                await conn.execute(
-                    select(tables.webhooks).where(tables.webhooks.c.id == webhook_id)
-                )
-            ).first()
+            return list(
+                (
+                    await conn.execute(
+                        select(tables.webhooks).where(tables.webhooks.c.id.in_(webhook_ids))
+                    )
+                ).all()
+            )
 
     async def load_all(self) -> None:
         async with self._reading:
@@ -165,12 +169,29 @@ class WebhookTable:
                     self._paced_anew(webhook_id)
 
     async def refresh(self, webhook_id: str) -> None:
-        async with self._reading:
-            async with asyncio.timeout(_READ_ONE_AT_MOST_SECONDS):
-                row = await self._read_one(webhook_id)
-            self._apply_row(webhook_id, row)
+        await self.refresh_many([webhook_id])
 
-    def _apply_row(self, webhook_id: str, row: Any) -> None:
+    async def refresh_many(self, webhook_ids: Sequence[str]) -> None:
+        """Re-read these webhooks and index the table once: a burst of change records
+        (a team's webhooks edited together) costs a query per few hundred webhooks and one
+        re-index, not one of each per webhook."""
+        async with self._reading:
+            rows: dict[str, Any] = {}
+            for start in range(0, len(webhook_ids), _READ_AT_ONCE):
+                chunk = webhook_ids[start : start + _READ_AT_ONCE]
+                async with asyncio.timeout(_READ_ONE_AT_MOST_SECONDS):
+                    rows.update((row.id, row) for row in await self._read_some(chunk))
+            paced_anew = [
+                webhook_id
+                for webhook_id in webhook_ids
+                if self._apply_row(webhook_id, rows.get(webhook_id))
+            ]
+            self._reindex()
+            for webhook_id in paced_anew:
+                self._paced_anew(webhook_id)
+
+    def _apply_row(self, webhook_id: str, row: Any) -> bool:
+        """Whether the webhook's pacing changed (the table is re-indexed after)."""
         route = self._load_row(row) if row is not None else None
         before = self._by_id.get(webhook_id)
         if route is None:
@@ -178,6 +199,4 @@ class WebhookTable:
             self._stopped.pop(webhook_id, None)
         else:
             self._by_id[webhook_id] = route
-        self._reindex()
-        if _pacing(before) != _pacing(route):
-            self._paced_anew(webhook_id)
+        return _pacing(before) != _pacing(route)

@@ -69,16 +69,38 @@ class ChangeNotifier:
 
 
 ChangeHandler = Callable[[Change], Awaitable[None] | None]
+# Given every valid change of one fetch, in order: a cache that reads its source per change
+# can read a burst at once.
+ChangesHandler = Callable[[list[Change]], Awaitable[None]]
+
+
+def one_at_a_time(handle: ChangeHandler) -> ChangesHandler:
+    """A handler of single changes, fed a fetch's changes in turn; one that raises is
+    logged and the next change still handled."""
+
+    async def handle_each(changes: list[Change]) -> None:
+        for change in changes:
+            try:
+                outcome = handle(change)
+                if outcome is not None:
+                    await outcome
+            except Exception:
+                structlog.get_logger().exception(
+                    "change_handler_failed", entity=change.entity, id=change.entity_id
+                )
+
+    return handle_each
 
 
 async def follow_changes(
     consumer: AIOKafkaConsumer,
-    handle: ChangeHandler,
+    handle: ChangesHandler,
     *,
     newer_than_ms: int = 0,
     caught_up: asyncio.Event | None = None,
 ) -> None:
-    """Feed every change record to ``handle``; every process reads all of them (no group).
+    """Feed every change record to ``handle``, a fetch at a time; every process reads all
+    of them (no group).
 
     Records older than ``newer_than_ms`` are skipped: a cache loaded after them already
     reflects them. Invalid records are logged and skipped, a failed fetch is tried again;
@@ -96,20 +118,19 @@ async def follow_changes(
             log.warning("changes_fetch_failed", error=str(exc))
             await asyncio.sleep(_FETCH_RETRY_SECONDS)
             continue
+        changes = []
         for record in (r for batch in batches.values() for r in batch):
             if record.timestamp < newer_than_ms:
                 continue
             try:
-                change = decode(Change, record.value)
+                changes.append(decode(Change, record.value))
             except InvalidRecord as exc:
                 log.warning("change_record_invalid", reason=exc.message)
-                continue
+        if changes:
             try:
-                outcome = handle(change)
-                if outcome is not None:
-                    await outcome
+                await handle(changes)
             except Exception:
-                log.exception("change_handler_failed", entity=change.entity, id=change.entity_id)
+                log.exception("change_handler_failed", changes=len(changes))
         if caught_up is not None and not caught_up.is_set():
             try:
                 if await all_read(consumer):
@@ -119,11 +140,24 @@ async def follow_changes(
 
 
 class ChangeFollower:
-    """A process's subscription to ``changes``: its own consumer and the task feeding it."""
+    """A process's subscription to ``changes``: its own consumer and the task feeding it.
 
-    def __init__(self, settings: Settings, handle: ChangeHandler) -> None:
+    ``handle`` takes one change at a time; ``handle_many`` each fetch's changes at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        handle: ChangeHandler | None = None,
+        *,
+        handle_many: ChangesHandler | None = None,
+    ) -> None:
+        if handle is not None and handle_many is None:
+            handle_many = one_at_a_time(handle)
+        elif handle_many is None or handle is not None:
+            raise TypeError("give either handle or handle_many")
         self._settings = settings
-        self._handle = handle
+        self._handle = handle_many
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()

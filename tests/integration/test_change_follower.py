@@ -29,7 +29,7 @@ from services.shared import (
     stop_client,
     utcnow,
 )
-from services.shared._changes import follow_changes
+from services.shared._changes import follow_changes, one_at_a_time
 from tests.conftest import drop_topics
 
 
@@ -94,7 +94,10 @@ async def test_a_failed_fetch_does_not_end_following(kafka_settings: Settings) -
     flaky = _FailingOnce(consumer)
     handled: list[str] = []
     following = asyncio.create_task(
-        follow_changes(flaky, lambda change: handled.append(change.entity_id))  # type: ignore[arg-type]
+        follow_changes(
+            flaky,  # type: ignore[arg-type]
+            one_at_a_time(lambda change: handled.append(change.entity_id)),
+        )
     )
     try:
         await _publish_changes(kafka_settings, ["wh_after_failure"])
@@ -156,7 +159,7 @@ async def test_bad_records_and_a_failing_handler_do_not_end_following(
         if change.entity_id == "wh_boom":
             raise RuntimeError("the cache could not take it")
 
-    following = asyncio.create_task(follow_changes(consumer, handle))
+    following = asyncio.create_task(follow_changes(consumer, one_at_a_time(handle)))
     topic = Topics(kafka_settings.topic_prefix).changes
     change = Change(entity="webhook", entity_id="wh_boom", action="updated", at=utcnow())
     producer = make_producer(kafka_settings)

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from services.api import webhook_lifecycle
 from services.dispatcher.table import WebhookTable
-from services.shared import Settings, tables, utcnow
+from services.shared import (
+    Change,
+    Settings,
+    make_producer,
+    new_id,
+    send_all,
+    start_client,
+    stop_client,
+    tables,
+    utcnow,
+)
 from tests.conftest import Receiver, Stack, pause_first_call, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
@@ -369,19 +379,70 @@ async def test_a_failed_refresh_is_made_good_within_seconds(stack: Stack) -> Non
     """A change whose webhook could not be read (the database away for a moment) is not
     left to the periodic load a minute later."""
     table = stack.dispatcher.table
-    real_refresh = table.refresh
-    failures: list[str] = []
+    real_refresh = table.refresh_many
+    failures: list[Sequence[str]] = []
 
-    async def failing_once(webhook_id: str) -> None:
+    async def failing_once(webhook_ids: Sequence[str]) -> None:
         if not failures:
-            failures.append(webhook_id)
+            failures.append(webhook_ids)
             raise OperationalError("select", {}, Exception("database is away"))
-        await real_refresh(webhook_id)
+        await real_refresh(webhook_ids)
 
-    table.refresh = failing_once  # type: ignore[method-assign]
+    table.refresh_many = failing_once  # type: ignore[method-assign]
     webhook = await stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
     await stack.wait_for_webhook(webhook["id"], within=5)
-    assert failures == [webhook["id"]]
+    assert failures == [[webhook["id"]]]
+
+
+async def test_a_burst_of_change_records_is_read_in_a_few_queries(stack: Stack) -> None:
+    """Two hundred webhooks changed at once (their change records in one burst) reach the
+    dispatcher's table through a query per fetch of records, not one per webhook."""
+    first = await stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+    await stack.wait_for_webhook(first["id"])
+    engine = stack.api.engine
+    async with engine.begin() as conn:
+        row = (
+            await conn.execute(select(tables.webhooks).where(tables.webhooks.c.id == first["id"]))
+        ).one()
+        ids = [new_id("wh") for _ in range(200)]
+        await conn.execute(
+            insert(tables.webhooks), [{**row._asdict(), "id": webhook_id} for webhook_id in ids]
+        )
+    reads: list[str] = []
+
+    def count_webhook_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM webhooks" in statement:
+            reads.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count_webhook_reads)
+    producer = make_producer(stack.settings)
+    await start_client(producer, stack.settings)
+    try:
+        await send_all(
+            producer,
+            [
+                (
+                    stack.dispatcher.topics.changes,
+                    webhook_id.encode(),
+                    Change(
+                        entity="webhook", entity_id=webhook_id, action="created", at=utcnow()
+                    ).to_bytes(),
+                )
+                for webhook_id in ids
+            ],
+        )
+        for webhook_id in ids:
+            await stack.wait_for_webhook(webhook_id, within=10)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count_webhook_reads)
+        await stop_client(producer)
+    assert len(stack.dispatcher.table.for_team(stack.team_id)) == 201
+    assert 1 <= len(reads) <= 10, len(reads)
+    # More than one query's worth, with ids the database does not have among them.
+    unknown = [new_id("wh") for _ in range(400)]
+    await stack.dispatcher.table.refresh_many([*unknown[:200], *ids, *unknown[200:]])
+    assert len(stack.dispatcher.table.for_team(stack.team_id)) == 201
+    assert not any(stack.dispatcher.table.get(webhook_id) for webhook_id in unknown)
 
 
 async def test_credential_headers_are_never_shown_and_survive_edits(
