@@ -68,7 +68,7 @@ from .handler import DeliveryHandler, DeliveryMetrics, note_invalid_record
 from .lanes import Lanes
 from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
-from .routed import send_routed
+from .routed import RoutedIdentity, routed_identity, send_routed
 from .routing import fan_out
 from .sender import Sender
 from .table import WebhookTable
@@ -114,7 +114,7 @@ class DispatcherService:
         self._tasks: list[asyncio.Task[None]] = []
         # The records the broker took from the batch being routed, when it refused others:
         # (source topic, partition, offset, destination topic, key).
-        self._routed_before: set[tuple[str, int, int, str, bytes | None]] = set()
+        self._routed_before: set[RoutedIdentity] = set()
         self.loops = Loops(self.name)
         self._outcomes: BatchingSender | None = None
         self._handler: DeliveryHandler | None = None
@@ -385,21 +385,20 @@ class DispatcherService:
         # What the broker took in an earlier try of this batch is not sent again: the
         # batch is handled again after a refusal (which lets the loop poll and a rebalance
         # take the batch lock), and its other records were delivered already.
-        made = [
-            (source.topic, source.partition, source.offset, topic, key)
-            for (topic, key, _), source in zip(out, sources, strict=True)
-        ]
-        todo = [index for index, record in enumerate(made) if record not in self._routed_before]
+        if self._routed_before:
+            todo = [
+                (record, source)
+                for record, source in zip(out, sources, strict=True)
+                if routed_identity(record, source) not in self._routed_before
+            ]
+            out, sources = [record for record, _ in todo], [source for _, source in todo]
         try:
-            set_aside = await send_routed(
-                self._producer,
-                self.topics,
-                [out[index] for index in todo],
-                [sources[index] for index in todo],
-            )
+            set_aside = await send_routed(self._producer, self.topics, out, sources)
         except Refused as refused:
             self._routed_before.update(
-                made[index] for j, index in enumerate(todo) if j not in refused.failed
+                routed_identity(record, source)
+                for index, (record, source) in enumerate(zip(out, sources, strict=True))
+                if index not in refused.failed
             )
             self._note_set_aside(refused.set_aside)
             raise

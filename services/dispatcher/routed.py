@@ -16,6 +16,15 @@ from services.shared import OutRecord, Topics, dead_letter_record, send_each, to
 
 from .errors import Refused, SetAside
 
+# Which record of a batch, made from which event record: a batch handled again after a
+# refusal skips what the broker took in the earlier try.
+RoutedIdentity = tuple[str, int, int, str, bytes | None]
+
+
+def routed_identity(record: OutRecord, source: ConsumerRecord) -> RoutedIdentity:
+    topic, key, _ = record
+    return (source.topic, source.partition, source.offset, topic, key)
+
 
 async def send_routed(
     producer: AIOKafkaProducer,
