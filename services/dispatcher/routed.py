@@ -10,6 +10,8 @@ not take either is replaced by one without the payload.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.shared import OutRecord, Topics, dead_letter_record, send_each, too_large
@@ -52,37 +54,53 @@ async def set_aside_too_large(
 ) -> dict[int, BaseException]:
     """Of the records of ``out`` a packed send failed on (by index), send those refused for
     their size alone, then, refused again, as a dead letter of their source (noted in
-    ``set_aside``). Returns the failures left."""
-    left: dict[int, BaseException] = {}
-    for index, error in failed.items():
-        if not too_large(error):
-            left[index] = error
-            continue
-        source = sources[index]
-        topic, key, _ = out[index]
-        stand_ins: list[tuple[OutRecord, str | None]] = [(out[index], None)]
-        # A dead letter already is counted as one; its stand-in without the payload is not
-        # a second.
-        noted: str | None = None
-        if topic != topics.dead_letter:
-            for_key = "" if key is None else f" for {key.decode(errors='replace')}"
-            noted = f"its record{for_key} on {topic} is refused by the broker: {error}"
-            stand_ins.append((dead_letter_record(topics, source, noted), noted))
-        bare_reason = f"{noted or 'its dead letter is refused by the broker'} (payload left out)"
-        stand_ins.append(
-            (dead_letter_record(topics, source, bare_reason, with_payload=False), noted)
+    ``set_aside``). Returns the failures left.
+
+    Every such record takes its next step at the same time as the others: a retry timer
+    holding many of them does so in three rounds, not three per record, while its turn is
+    locked (a hand-over waits for the turn)."""
+    left = {index: error for index, error in failed.items() if not too_large(error)}
+    steps = {
+        index: _stand_ins(topics, out[index], sources[index], error)
+        for index, error in failed.items()
+        if too_large(error)
+    }
+    while steps:
+        trying = [(index, stand_ins.pop(0)) for index, stand_ins in steps.items()]
+        answers = await asyncio.gather(
+            *(send_each(producer, [record]) for _, (record, _) in trying)
         )
-        for record, note in stand_ins:
-            [*refused] = (await send_each(producer, [record])).values()
+        for (index, (_, note)), refusals in zip(trying, answers, strict=True):
+            [*refused] = refusals.values()
             if not refused:
                 if note is not None:
-                    set_aside.append((source, note))
-                break
-            if not too_large(refused[0]):
+                    set_aside.append((sources[index], note))
+            elif not too_large(refused[0]):
                 left[index] = refused[0]
-                break
-        else:
-            # Not even a dead letter without its payload: the topic itself is wrong, which
-            # the operator must mend; the record waits for it.
-            left[index] = error
+            elif steps[index]:
+                continue
+            else:
+                # Not even a dead letter without its payload: the topic itself is wrong,
+                # which the operator must mend; the record waits for it.
+                left[index] = failed[index]
+            del steps[index]
     return left
+
+
+def _stand_ins(
+    topics: Topics, record: OutRecord, source: ConsumerRecord, error: BaseException
+) -> list[tuple[OutRecord, str | None]]:
+    """What to send in turn for a record refused for its size, each with the reason its
+    source is noted as set aside (None: not a new dead letter)."""
+    topic, key, _ = record
+    stand_ins: list[tuple[OutRecord, str | None]] = [(record, None)]
+    # A dead letter already is counted as one; its stand-in without the payload is not a
+    # second.
+    noted: str | None = None
+    if topic != topics.dead_letter:
+        for_key = "" if key is None else f" for {key.decode(errors='replace')}"
+        noted = f"its record{for_key} on {topic} is refused by the broker: {error}"
+        stand_ins.append((dead_letter_record(topics, source, noted), noted))
+    bare_reason = f"{noted or 'its dead letter is refused by the broker'} (payload left out)"
+    stand_ins.append((dead_letter_record(topics, source, bare_reason, with_payload=False), noted))
+    return stand_ins

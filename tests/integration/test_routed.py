@@ -86,3 +86,44 @@ async def test_a_dead_letter_the_broker_refuses_goes_without_its_payload(
     assert letter["payload"] == ""
     assert letter["reason"].startswith("its dead letter is refused by the broker")
     assert letter["source_offset"] == 7
+
+
+async def test_records_refused_for_their_size_are_set_aside_together(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thirty deliveries the broker refuses for their size, even alone: each becomes a
+    dead letter of its event, all of them sent at once in each step rather than one
+    record after another (the retry timer does this with its turn locked)."""
+    await ensure_topics(settings)
+    topics = topics_for(settings)
+    sources = [_source(offset) for offset in range(30)]
+    out: list[OutRecord] = [
+        (topics.deliveries, f"wh_{n}".encode(), b"x" * 100) for n in range(len(sources))
+    ]
+    real = routed.send_each
+    in_flight = [0]
+    most_in_flight = [0]
+
+    async def refusing(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
+        in_flight[0] += 1
+        most_in_flight[0] = max(most_in_flight[0], in_flight[0])
+        try:
+            if records[0][0] == topics.deliveries:
+                await asyncio.sleep(0.01)
+                return {index: MessageSizeTooLargeError() for index in range(len(records))}
+            return await real(producer, records)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(routed, "send_each", refusing)
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    try:
+        set_aside = await routed.send_routed(producer, topics, out, sources)
+    finally:
+        await stop_client(producer)
+    assert sorted(source.offset for source, _ in set_aside) == list(range(30))
+    assert all("for wh_" in reason and "refused by the broker" in reason for _, reason in set_aside)
+    letters = await topic_records(settings, topics.dead_letter, 30)
+    assert sorted(letter["source_offset"] for letter in letters) == list(range(30))
+    assert most_in_flight[0] == 30
