@@ -38,7 +38,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from ._contracts import DeadLetter, Topics
 from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge
 from ._ids import utcnow
-from ._lifecycle import cancel_and_wait, finish_despite_cancel
+from ._lifecycle import cancel_and_wait, finish_despite_cancel, keep_cancelling
 from ._settings import Settings
 
 RETRY_TIERS = 7
@@ -203,13 +203,8 @@ async def _start_settling(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
 async def _settle_and_close(
     client: AIOKafkaProducer | AIOKafkaConsumer, starting: asyncio.Future[None]
 ) -> None:
-    loop = asyncio.get_running_loop()
     await asyncio.wait({starting}, timeout=_START_SETTLE_SECONDS)
-    # Cancelled again and again: aiokafka's waits can swallow one cancellation.
-    deadline = loop.time() + _START_CANCEL_SECONDS
-    while not starting.done() and (left := deadline - loop.time()) > 0:
-        starting.cancel()
-        await asyncio.wait({starting}, timeout=min(_CANCEL_REPEAT_SECONDS, left))
+    await keep_cancelling(starting, _START_CANCEL_SECONDS, every=_CANCEL_REPEAT_SECONDS)
     starting.add_done_callback(_unheard)
     if starting.done() and not starting.cancelled() and starting.exception() is None:
         # It started: leave the group as a stop does.

@@ -43,17 +43,28 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, within: float = 10.0) 
     """
     if task is None:
         return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not task.done():
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            structlog.get_logger().error("task_did_not_stop", task=task.get_name())
-            return
-        task.cancel()
-        await asyncio.wait({task}, timeout=min(_CANCEL_REPEAT_SECONDS, remaining))
+    if not await keep_cancelling(task, within):
+        structlog.get_logger().error("task_did_not_stop", task=task.get_name())
+        return
     if not task.cancelled() and (failure := task.exception()) is not None:
         structlog.get_logger().error("task_failed", task=task.get_name(), exc_info=failure)
+
+
+async def keep_cancelling(
+    future: asyncio.Future[Any], within: float, every: float = _CANCEL_REPEAT_SECONDS
+) -> bool:
+    """Cancel ``future`` every ``every`` seconds until it ends (see ``cancel_and_wait`` for
+    why one cancellation is not enough), for at most ``within`` seconds; whether it
+    ended."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not future.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        future.cancel()
+        await asyncio.wait({future}, timeout=min(every, remaining))
+    return True
 
 
 async def finish_despite_cancel(step: Coroutine[Any, Any, Any]) -> None:
