@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.shared import is_id
 
 MAX_LIMIT = 500
 
@@ -39,6 +40,6 @@ class IdPageQuery(PageQuery):
     @field_validator("cursor")
     @classmethod
     def _an_id(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(rf"{cls.id_prefix}_[0-9a-f]{{32}}", value):
+        if value is not None and not is_id(value, cls.id_prefix):
             raise ValueError("not a cursor this api returned")
         return value

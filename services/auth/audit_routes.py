@@ -20,6 +20,7 @@ from services.shared import (
     Settings,
     UtcDatetime,
     as_utc,
+    is_id,
     json_response,
     later_than_since,
     parse_query,
@@ -44,6 +45,14 @@ class AuditQuery(BaseModel):
     cursor: str | None = Field(default=None, max_length=64)
 
     _window = field_validator("until")(later_than_since)
+
+    @field_validator("cursor")
+    @classmethod
+    def _an_audit_id(cls, value: str | None) -> str | None:
+        # A made-up cursor would answer the first page again or an empty last one.
+        if value is not None and not is_id(value, "aud"):
+            raise ValueError("not a cursor this api returned")
+        return value
 
 
 def _view(row: Any) -> dict[str, Any]:

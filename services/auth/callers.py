@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -35,7 +36,7 @@ REFUSAL_AUDIT_EVERY_SECONDS = 60.0
 _REFUSALS_REMEMBERED = 10_000
 
 
-def _networks_outside(wanted: list[str], allowed: tuple[str, ...]) -> list[str]:
+def _networks_outside(wanted: Sequence[str], allowed: tuple[str, ...]) -> list[str]:
     """The wanted networks that no allowed network contains."""
     parents = [ipaddress.ip_network(cidr, strict=False) for cidr in allowed]
     outside = []
@@ -71,13 +72,16 @@ class Caller:
                 details={"permissions": beyond},
             )
 
-    def require_no_wider(self, expires_at: datetime | None, cidrs: list[str] | None) -> None:
-        """A key can only create a key that ends no later and reaches no further than it:
-        otherwise a short-lived or network-fenced key could mint its own unfenced heir."""
-        own_end = self.token.expires_at
+    def require_no_wider(
+        self, expires_at: datetime | None, cidrs: Sequence[str] | None, verb: str = "create"
+    ) -> None:
+        """A key can only create (or rotate, or reactivate) a key that ends no later and
+        reaches no further than it: otherwise a short-lived or network-fenced key could
+        mint its own unfenced heir. An old secret in its grace ends when the grace does."""
+        own_end = self.token.ends_at
         if own_end is not None and (expires_at is None or expires_at > own_end):
             raise Forbidden(
-                "a key cannot create a key that outlives it",
+                f"a key cannot {verb} a key that outlives it",
                 details={"expires_at": own_end.isoformat()},
             )
         own_networks = self.token.allowed_cidrs
@@ -85,7 +89,7 @@ class Caller:
             outside = _networks_outside(cidrs or ["0.0.0.0/0", "::/0"], own_networks)
             if outside:
                 raise Forbidden(
-                    "a key cannot create a key usable outside its own allowed_cidrs",
+                    f"a key cannot {verb} a key usable outside its own allowed_cidrs",
                     details={"allowed_cidrs": list(own_networks), "outside": outside},
                 )
 

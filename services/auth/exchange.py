@@ -55,8 +55,12 @@ class ExchangeRoutes:
             teams = await store.memberships_of(conn, caller.user_id)
         issued_at = int(time.time())
         expires_at = issued_at + self.settings.access_token_ttl_seconds
-        if caller.token.expires_at is not None:
-            expires_at = min(expires_at, int(caller.token.expires_at.timestamp()))
+        if caller.token.ends_at is not None:
+            expires_at = min(expires_at, int(caller.token.ends_at.timestamp()))
+        if caller.token.inactivity_timeout_seconds is not None:
+            # The exchange is the key's last use the auth service sees (the api checks
+            # access tokens itself): past the timeout from now the key has expired idle.
+            expires_at = min(expires_at, issued_at + caller.token.inactivity_timeout_seconds)
         claims: dict[str, Any] = {
             "sub": caller.user_id,
             "tid": caller.token.id,

@@ -145,7 +145,7 @@ class GroupRoutes:
             await store.group_rows(conn, caller.user_id, group_id)
             if await store.group_in_use(conn, group_id):
                 raise Conflict(
-                    f"permission group {group_id} is used by active tokens; "
+                    f"permission group {group_id} is used by tokens that are not revoked; "
                     "revoke them or move them to another group first"
                 )
             await store.delete_group(conn, group_id)

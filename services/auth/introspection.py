@@ -24,6 +24,16 @@ class TokenState:
     previous_secret_expires_at: datetime | None = None
     presented_previous_secret: bool = False
 
+    @property
+    def ends_at(self) -> datetime | None:
+        """When the credential presented stops working by itself: the key's expiry, or
+        for an old secret still in its grace, the grace's end if that comes first."""
+        ends = [self.expires_at]
+        if self.presented_previous_secret:
+            ends.append(self.previous_secret_expires_at)
+        known = [end for end in ends if end is not None]
+        return min(known) if known else None
+
 
 def state_of(token: TokenState, now: datetime) -> str:
     """What a token list shows: revoked, expired, inactive or active."""

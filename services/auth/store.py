@@ -10,7 +10,15 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.shared import ROLES, as_utc, new_id, tables, unknown_permissions, utcnow
+from services.shared import (
+    ROLES,
+    HookwireError,
+    as_utc,
+    new_id,
+    tables,
+    unknown_permissions,
+    utcnow,
+)
 
 from .errors import ConcurrentChange, DuplicateName, UnknownEntity, UnknownPermission
 from .introspection import TokenState
@@ -234,8 +242,29 @@ async def create_token(
                 )
             )
     except IntegrityError as exc:
-        raise DuplicateName(f"a token named {name!r} already exists for this user") from exc
+        why = await _why_not_stored(conn, user_id, name, permission_group_id)
+        if why is None:
+            raise
+        raise why from exc
     return token_id, plaintext
+
+
+async def _why_not_stored(
+    conn: AsyncConnection, user_id: str, name: str, group_id: str | None
+) -> HookwireError | None:
+    """Which constraint a new token broke (the savepoint leaves the transaction usable)."""
+    if await _exists(conn, _tokens, _tokens.c.user_id == user_id, _tokens.c.name == name):
+        return DuplicateName(f"a token named {name!r} already exists for this user")
+    if not await _exists(conn, tables.users, tables.users.c.id == user_id):
+        return UnknownEntity(f"user {user_id} not found")
+    if group_id is not None:
+        # Deleted between the check of its permissions and the insert.
+        return UnknownEntity(f"permission group {group_id} not found")
+    return None
+
+
+async def _exists(conn: AsyncConnection, table: Any, *where: Any) -> bool:
+    return (await conn.execute(select(table.c.id).where(*where).limit(1))).first() is not None
 
 
 async def update_token(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
@@ -93,6 +94,13 @@ def token_view(row: Any) -> dict[str, Any]:
     }
 
 
+def _require_may_hold(caller: Caller, row: Any, verb: str) -> None:
+    """Rotating or reactivating a key hands out its power again: only a key that could
+    have created it may (its permissions, its end, its networks)."""
+    caller.require_all(set(row.permissions) | set(row.group_permissions or ()))
+    caller.require_no_wider(as_utc(row.expires_at), row.allowed_cidrs, verb=verb)
+
+
 @dataclass(frozen=True)
 class TokenRoutes:
     settings: Settings
@@ -181,12 +189,16 @@ class TokenRoutes:
         *,
         unrevoked: bool = False,
         unexpired: bool = False,
+        check: Callable[[Any], None] | None = None,
     ) -> Any:
         """Apply the change and audit it; None when the token is revoked (``unrevoked``)
-        or already expired (``unexpired``), and nothing was changed."""
+        or already expired (``unexpired``), and nothing was changed. ``check`` is given
+        the token's row first and may refuse the change."""
         token_id = request.match_info["token_id"]
         async with self.engine.begin() as conn:
-            await store.token_row(conn, caller.user_id, token_id)
+            before = await store.token_row(conn, caller.user_id, token_id)
+            if check is not None:
+                check(before)
             changed = await store.update_token(
                 conn,
                 token_id,
@@ -210,14 +222,27 @@ class TokenRoutes:
                 "body", "give at least one of name, description, active"
             )
         action = "token.updated"
+        check = None
         if values.get("active") is False:
             action = "token.deactivated"
         elif values.get("active") is True:
             action = "token.reactivated"
+
+            def check(row: Any) -> None:
+                # A key deactivated as suspect comes back only through a key that could
+                # have made it.
+                _require_may_hold(caller, row, "reactivate")
+
         # A revoked token is revoked for good: (de)activating it would only make its
         # audit trail claim otherwise.
         row = await self._change(
-            request, caller, action, values, details=values, unrevoked="active" in values
+            request,
+            caller,
+            action,
+            values,
+            details=values,
+            unrevoked="active" in values,
+            check=check,
         )
         if row is None:
             raise TokenEnded("a revoked token cannot be activated or deactivated")
@@ -254,7 +279,7 @@ class TokenRoutes:
             row = await store.token_row(conn, caller.user_id, token_id)
             if row.revoked_at is not None:
                 raise TokenEnded("a revoked token cannot be given a new secret")
-            caller.require_all(set(row.permissions) | set(row.group_permissions or ()))
+            _require_may_hold(caller, row, "rotate")
             plaintext = await store.rotate_token(
                 conn, pepper=self.pepper, row=row, previous_valid_until=grace_until
             )

@@ -73,7 +73,7 @@ from ._http import (
     start_site,
     stop_site,
 )
-from ._ids import new_id, utcnow
+from ._ids import is_id, new_id, utcnow
 from ._kafka import (
     RETRY_TIERS,
     BatchingSender,
@@ -207,6 +207,7 @@ __all__ = [
     "hand_over_seconds",
     "head_revision",
     "ip_in_ranges",
+    "is_id",
     "is_public_address",
     "json_problem",
     "json_response",

@@ -55,8 +55,14 @@ def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
     header = request.headers.get("authorization", "").strip()
     if not header:
         raise MissingToken("send a token as `Authorization: Bearer <token>`")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    if header[:4].lower() == "key=":
-        return header[4:].strip()
+    scheme, given = header[:7].lower(), header[7:]
+    if scheme[:4] == "key=":
+        scheme, given = "key=", header[4:]
+    elif header.lower() == "bearer":
+        # The trailing space went with the strip: a scheme with no token after it.
+        scheme, given = "bearer ", ""
+    if scheme in ("bearer ", "key="):
+        if not given.strip():
+            raise MissingToken("send a token as `Authorization: Bearer <token>`")
+        return given.strip()
     raise InvalidToken("unsupported authorization scheme; use `Bearer <token>` or `Key=<token>`")

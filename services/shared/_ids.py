@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from datetime import UTC, datetime
@@ -15,3 +16,9 @@ def new_id(prefix: str) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def is_id(value: str, prefix: str) -> bool:
+    """Whether ``value`` has the shape of an id ``new_id(prefix)`` makes (a list's cursor
+    must be one: a made-up one sorts before or after every real id)."""
+    return re.fullmatch(rf"{re.escape(prefix)}_[0-9a-f]{{32}}", value) is not None

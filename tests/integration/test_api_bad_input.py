@@ -40,6 +40,9 @@ VALID = {"name": "n", "url": "https://example.com/hook", "topics": ["object.crea
     ("headers", "code", "details"),
     [
         ({}, "missing_token", None),
+        ({"authorization": "Bearer "}, "missing_token", None),
+        ({"authorization": "Key="}, "missing_token", None),
+        ({"authorization": "Bearerhwk_x"}, "invalid_token", None),
         ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_token", None),
         ({"authorization": "Bearer hwk_short"}, "invalid_token", {"reason": "malformed"}),
         (
@@ -56,7 +59,18 @@ VALID = {"name": "n", "url": "https://example.com/hook", "topics": ["object.crea
         # Longer than the auth service reads: not "auth is unavailable, try again".
         ({"authorization": "Bearer hwk_" + "a" * 300}, "invalid_token", {"reason": "malformed"}),
     ],
-    ids=["none", "basic", "short", "bad_checksum", "unknown", "wrong_prefix", "too_long"],
+    ids=[
+        "none",
+        "bearer_alone",
+        "key_alone",
+        "no_space",
+        "basic",
+        "short",
+        "bad_checksum",
+        "unknown",
+        "wrong_prefix",
+        "too_long",
+    ],
 )
 async def test_missing_or_invalid_tokens_get_401(
     api_stack: Stack, headers: dict[str, str], code: str, details: dict[str, str] | None

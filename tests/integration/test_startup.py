@@ -120,6 +120,8 @@ def test_admin_bootstrap_from_the_command_line(tmp_path: Path) -> None:
         env,
     )
     _assert_clean_failure(unknown, "object:nuke")
+    nobody = _run(["admin", "create-token", "--user", "usr_nobody", "--name", "ci"], env)
+    _assert_clean_failure(nobody, "user usr_nobody not found")
     stranger = _run(["admin", "add-member", "--user", "usr_nobody", "--team", team_id], env)
     _assert_clean_failure(stranger, "usr_nobody")
     listed = _run(["admin", "list-tokens", "--user", user_id], env).stdout

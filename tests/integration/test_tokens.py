@@ -566,3 +566,156 @@ async def test_a_key_cannot_create_a_key_that_outlives_or_outreaches_it(api_stac
         assert status == expected, (fields, answer)
         if expected == 403:
             assert answer["error"]["code"] == "forbidden"
+
+
+async def _fenced_creator(api_stack: Stack, ends: datetime) -> dict[str, Any]:
+    status, creator = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": f"fenced-{ends.timestamp()}",
+            "permissions": ["token:manage", "object:read"],
+            "expires_at": ends.isoformat(),
+            "allowed_cidrs": ["127.0.0.0/8"],
+        },
+    )
+    assert status == 201
+    return creator
+
+
+async def test_a_key_cannot_rotate_or_reactivate_a_key_that_outlives_or_outreaches_it(
+    api_stack: Stack,
+) -> None:
+    """Rotating a key hands out its power anew, as reactivating one the owner switched off
+    does: a short-lived or fenced key may do neither to a key it could not have created."""
+    ends = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    creator = await _fenced_creator(api_stack, ends)
+    status, lasting = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "lasting", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    status, answer = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{lasting['id']}/rotate", creator["token"], json={}
+    )
+    assert status == 403, answer
+    assert answer["error"]["message"] == "a key cannot rotate a key that outlives it"
+    status, _ = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{lasting['id']}", json={"active": False}
+    )
+    assert status == 200
+    status, answer = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{lasting['id']}", creator["token"], json={"active": True}
+    )
+    assert status == 403, answer
+    assert answer["error"]["message"] == "a key cannot reactivate a key that outlives it"
+    # Switching a key off or renaming it hands out nothing: still allowed.
+    status, renamed = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{lasting['id']}", creator["token"], json={"name": "renamed"}
+    )
+    assert (status, renamed["active"]) == (200, False)
+    # Nor a key that works from anywhere, even one ending sooner.
+    status, unfenced = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "unfenced",
+            "permissions": ["object:read"],
+            "expires_at": (ends - timedelta(minutes=5)).isoformat(),
+        },
+    )
+    assert status == 201
+    status, answer = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{unfenced['id']}/rotate", creator["token"], json={}
+    )
+    assert status == 403, answer
+    assert answer["error"]["details"]["outside"] == ["0.0.0.0/0", "::/0"]
+    # One it could have made: rotated, and reactivated.
+    status, heir = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        creator["token"],
+        json={
+            "name": "heir",
+            "permissions": ["object:read"],
+            "expires_at": ends.isoformat(),
+            "allowed_cidrs": ["127.0.0.1/32"],
+        },
+    )
+    assert status == 201
+    status, _ = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{heir['id']}/rotate", creator["token"], json={}
+    )
+    assert status == 200
+    status, _ = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{heir['id']}", creator["token"], json={"active": False}
+    )
+    assert status == 200
+    status, back = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{heir['id']}", creator["token"], json={"active": True}
+    )
+    assert (status, back["active"]) == (200, True)
+
+
+async def test_an_old_secret_in_its_grace_ends_with_the_grace(api_stack: Stack) -> None:
+    """A key rotated because it leaked keeps its old secret working for the grace; that
+    secret cannot mint a key, a new secret or an access token that outlasts the grace."""
+    status, key = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "leaked", "permissions": ["token:manage", "object:read"]},
+    )
+    assert status == 201
+    old = key["token"]
+    status, rotated = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{key['id']}/rotate", old, json={"grace_seconds": 600}
+    )
+    assert status == 200
+    grace_ends = datetime.fromisoformat(rotated["previous_secret_valid_until"])
+    status, answer = await api_stack.auth_call(
+        "POST", "/v1/tokens", old, json={"name": "heir", "permissions": ["object:read"]}
+    )
+    assert status == 403, answer
+    assert answer["error"]["details"]["expires_at"] == grace_ends.isoformat()
+    status, answer = await api_stack.auth_call(
+        "POST", f"/v1/tokens/{key['id']}/rotate", old, json={"grace_seconds": 0}
+    )
+    assert status == 403, answer
+    # The owner's new secret still works: the old one could not end it.
+    status, _ = await api_stack.auth_call("GET", "/v1/tokens", rotated["token"])
+    assert status == 200
+    # Within the grace, a key ending with it may still be made.
+    status, _ = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        old,
+        json={
+            "name": "short",
+            "permissions": ["object:read"],
+            "expires_at": grace_ends.isoformat(),
+        },
+    )
+    assert status == 201
+    status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange", old)
+    assert status == 200
+    assert 590 <= exchanged["expires_in"] <= 600
+    status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange", rotated["token"])
+    assert status == 200
+    assert exchanged["expires_in"] > 3500
+
+
+async def test_an_access_token_ends_when_its_key_would_expire_unused(api_stack: Stack) -> None:
+    """Using an access token is no use of its key that auth sees: one from a key that
+    expires after ten idle minutes lasts ten minutes, not the hour."""
+    status, key = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "idle-bound",
+            "permissions": ["object:read"],
+            "inactivity_timeout_seconds": 600,
+        },
+    )
+    assert status == 201
+    status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange", key["token"])
+    assert status == 200
+    assert 590 <= exchanged["expires_in"] <= 600
