@@ -123,7 +123,12 @@ class ApiService:
             self.settings, request_timeout_ms=int(self.settings.publish_timeout_seconds * 1000)
         )
         await start_client(self._producer, self.settings)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        # The auth service is infrastructure, looked up like the broker and the database:
+        # through the system's resolver (hosts file, NSS), not the webhooks' c-ares one.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=aiohttp.ThreadedResolver()),
+            timeout=aiohttp.ClientTimeout(total=5),
+        )
         app = self.app = self.build_app(self._producer, self._session)
         gate = app[CONTEXT].gate
         # Every api process reads every change, so a revoked token is refused everywhere

@@ -119,6 +119,13 @@ class WebhookTable:
         except InvalidSecret as exc:
             self._log.error("webhook_secret_invalid", webhook_id=row.id, error=exc.message)
             return None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A row the api could not have written (edited by hand, say): one webhook is
+            # left out, not every other one of the load or the burst it came in.
+            self._log.error(
+                "webhook_row_invalid", webhook_id=row.id, error=f"{type(exc).__name__}: {exc}"
+            )
+            return None
         if not route.active:
             # The disable has landed (or the webhook was stopped some other way).
             self._stopped.pop(route.id, None)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import AsyncResolver
+from yarl import URL
 
 REFUSED = "refused:"
 
@@ -56,12 +57,13 @@ def asynchronous_resolver(nameservers: Sequence[str] | None = None) -> AsyncReso
 
     The system resolver blocks a thread of the event loop's shared pool for every lookup:
     a few webhooks whose name server never answers would hold all of them, and every other
-    endpoint's lookups would queue behind. Without `nameservers` the system's are used
-    (resolv.conf, and the hosts file first), through one channel per event loop.
+    endpoint's lookups would queue behind. Without ``nameservers`` the system's are used
+    (resolv.conf, and the hosts file first). Each resolver has its own channel, closed
+    with it: c-ares keeps answers (a "no such name" too) for their TTL, and a channel
+    shared for the life of the process would refuse a webhook whose name was just added.
     """
-    if nameservers:
-        return AsyncResolver(nameservers=list(nameservers))
-    return AsyncResolver()
+    # Any argument gives a resolver of its own rather than aiohttp's one per event loop.
+    return AsyncResolver(nameservers=list(nameservers) if nameservers else None)
 
 
 async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> str | None:
@@ -72,12 +74,17 @@ async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> 
     try:
         # An empty or over-long label fails the IDNA encoding before any lookup.
         host.encode("idna")
-    except UnicodeError:
+        # The name a delivery will look up: an international one in its ASCII form.
+        ascii_host = URL(url).raw_host
+        (ascii_host or "").encode("ascii")
+    except (ValueError, UnicodeError):
         return f"{host} is not a valid host name"
+    if not ascii_host:
+        return "URL has no host"
     resolver = asynchronous_resolver(nameservers)
     try:
         async with asyncio.timeout(LOOKUP_SECONDS):
-            results = await resolver.resolve(host, 0, socket.AF_UNSPEC)
+            results = await resolver.resolve(ascii_host, 0, socket.AF_UNSPEC)
     except TimeoutError:
         return f"cannot resolve {host}: no answer within {LOOKUP_SECONDS:g} s"
     except OSError as exc:

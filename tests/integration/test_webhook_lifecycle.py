@@ -445,6 +445,43 @@ async def test_a_burst_of_change_records_is_read_in_a_few_queries(stack: Stack) 
     assert not any(stack.dispatcher.table.get(webhook_id) for webhook_id in unknown)
 
 
+async def test_a_webhook_row_the_api_could_not_have_written_spoils_no_other(
+    stack: Stack,
+) -> None:
+    """A row edited by hand (a secret entry without its secret, an expiry that is no
+    time) leaves that webhook out; the others read with it, in a burst or a whole load,
+    are in the table and indexed."""
+    webhooks = [
+        await stack.create_webhook(f"http://127.0.0.1:9/hook/{n}", routed=False) for n in range(4)
+    ]
+    ids = [webhook["id"] for webhook in webhooks]
+    for webhook_id in ids:
+        await stack.wait_for_webhook(webhook_id)
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(tables.webhooks)
+            .where(tables.webhooks.c.id == ids[1])
+            .values(secrets=[{"kept": "no secret here"}])
+        )
+        await conn.execute(
+            update(tables.webhooks)
+            .where(tables.webhooks.c.id == ids[2])
+            .values(secrets=[{"secret": webhooks[2]["secret"], "expires_at": "soon"}])
+        )
+    table = stack.dispatcher.table
+    for read in (lambda: table.refresh_many(ids), table.load_all):
+        await read()
+        assert [table.get(webhook_id) is not None for webhook_id in ids] == [
+            True,
+            False,
+            False,
+            True,
+        ]
+        indexed = {route.id for route in table.for_team(stack.team_id)}
+        assert {ids[0], ids[3]} <= indexed
+        assert not {ids[1], ids[2]} & indexed
+
+
 async def test_credential_headers_are_never_shown_and_survive_edits(
     stack: Stack, receiver: Receiver
 ) -> None:

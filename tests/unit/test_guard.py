@@ -158,3 +158,28 @@ async def test_saving_a_webhook_judges_its_url_by_the_name_server_and_waits_a_bo
     async with asyncio.timeout(2):
         silent = await refused_reason("https://silent.test/hook", servers)
     assert silent == "cannot resolve silent.test: no answer within 0.3 s"
+
+
+def _fullwidth(name: str) -> str:
+    """The name in fullwidth letters, which IDNA maps back to the ASCII ones."""
+    return "".join(chr(ord(letter) + 0xFEE0) for letter in name)
+
+
+@pytest.mark.parametrize("host", ["\u2603.test", f"{_fullwidth('missing')}.test", "\ufb01le.test"])
+async def test_international_names_are_looked_up_as_a_delivery_would(
+    nameserver: str, host: str
+) -> None:
+    """A snowman, fullwidth letters, a ligature: names the resolver's own stricter IDNA
+    rules would not encode are looked up in the ASCII form the delivery uses, and answered
+    (here: no such name), never a crash."""
+    reason = await refused_reason(f"https://{host}/hook", [nameserver])
+    assert reason is not None
+    assert reason.startswith(f"cannot resolve {host}: ")
+
+
+async def test_a_fullwidth_name_is_judged_by_the_name_it_stands_for(nameserver: str) -> None:
+    public, private = _fullwidth("public"), _fullwidth("private")
+    assert await refused_reason(f"https://{public}.test/hook", [nameserver]) is None
+    assert await refused_reason(f"https://{private}.test/hook", [nameserver]) == (
+        f"{private}.test resolves to non-public address 10.0.0.7"
+    )
