@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, cast
 
@@ -66,6 +67,9 @@ class _NameServer(asyncio.DatagramProtocol):
     answered (a name server that hangs). No name has an IPv6 address."""
 
     addresses: ClassVar[dict[str, str]] = {"public": "93.184.216.34", "private": "10.0.0.7"}
+    # `added*` names with a public address, once the test has added them; no such name
+    # before (answered with the zone's SOA, as a real server does).
+    added: ClassVar[set[str]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's datagram transport is not an asyncio.DatagramTransport subclass.
@@ -81,6 +85,12 @@ class _NameServer(asyncio.DatagramProtocol):
         kind = labels[0].rstrip("0123456789")
         if kind == "silent":
             return
+        if kind == "added":
+            # No such name until the test adds its record.
+            if labels[0] not in self.added:
+                self._no_such_name(data, end, addr)
+                return
+            kind = "public"
         answers = b""
         if kind in self.addresses and query_type == 1:
             answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(
@@ -89,6 +99,15 @@ class _NameServer(asyncio.DatagramProtocol):
         flags = b"\x81\x83" if kind == "missing" else b"\x81\x80"
         counts = b"\x00\x01" + (b"\x00\x01" if answers else b"\x00\x00") + b"\x00\x00" * 2
         self.transport.sendto(data[:2] + flags + counts + question + answers, addr)
+
+    def _no_such_name(self, data: bytes, end: int, addr: tuple[str | Any, int]) -> None:
+        """NXDOMAIN with the zone's SOA, which lets a resolver keep the answer 5 minutes."""
+        soa = b"\x00\x00" + struct.pack(">5I", 1, 3600, 600, 86400, 300)
+        authority = b"\x00\x00\x06\x00\x01" + struct.pack(">IH", 300, len(soa)) + soa
+        counts = b"\x00\x01\x00\x00\x00\x01\x00\x00"
+        self.transport.sendto(
+            data[:2] + b"\x81\x83" + counts + data[12 : end + 5] + authority, addr
+        )
 
 
 @pytest.fixture
@@ -183,3 +202,13 @@ async def test_a_fullwidth_name_is_judged_by_the_name_it_stands_for(nameserver: 
     assert await refused_reason(f"https://{private}.test/hook", [nameserver]) == (
         f"{private}.test resolves to non-public address 10.0.0.7"
     )
+
+
+async def test_a_name_just_added_is_found_at_the_next_save(nameserver: str) -> None:
+    """The first save finds no such name (its record not yet added); the next one, a
+    moment later, looks again rather than repeating a remembered "no"."""
+    first = await refused_reason("https://added7.test/hook", [nameserver])
+    assert first is not None
+    assert first.startswith("cannot resolve added7.test: ")
+    _NameServer.added.add("added7")
+    assert await refused_reason("https://added7.test/hook", [nameserver]) is None
