@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
@@ -17,7 +18,6 @@ from services.shared import (
     Settings,
     configure_logging,
     create_engine,
-    get_logger,
     load_settings,
     migrate,
     run,
@@ -41,7 +41,7 @@ def _settings(**overrides: object) -> Settings:
         service=context.info_name if context is not None else None,
     )
     for name in unknown_variables(os.environ):
-        get_logger("cli").warning("unknown_setting_ignored", variable=name)
+        structlog.get_logger().warning("unknown_setting_ignored", variable=name)
     return settings
 
 
@@ -54,6 +54,11 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception:
+        # Not foreseen: still one log line (its traceback inside), not a bare traceback
+        # a log shipper would cut into pieces.
+        structlog.get_logger().exception("fatal")
+        sys.exit(1)
 
 
 async def _serve(settings: Settings, build: Callable[[Settings, AsyncEngine], Service]) -> None:

@@ -134,7 +134,7 @@ class ApiService:
         # Every api process reads every change, so a revoked token is refused everywhere
         # within the broker's fetch latency rather than the cache TTL.
         self._follower = ChangeFollower(
-            self.settings, lambda change: self._apply_change(gate, change)
+            self.settings, lambda change: self._apply_change(gate, change), loops=self.loops
         )
         await self._follower.start()
         start = self.loops.start

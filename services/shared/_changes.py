@@ -14,7 +14,7 @@ from ._contracts import Change, Topics, decode
 from ._errors import InvalidRecord
 from ._ids import utcnow
 from ._kafka import all_read, make_patient_consumer, start_client, stop_client
-from ._lifecycle import cancel_and_wait
+from ._lifecycle import Loops, cancel_and_wait
 from ._settings import Settings
 
 _FETCH_RETRY_SECONDS = 1.0
@@ -151,6 +151,7 @@ class ChangeFollower:
         handle: ChangeHandler | None = None,
         *,
         handle_many: ChangesHandler | None = None,
+        loops: Loops | None = None,
     ) -> None:
         if handle is not None and handle_many is None:
             handle_many = one_at_a_time(handle)
@@ -158,6 +159,9 @@ class ChangeFollower:
             raise TypeError("give either handle or handle_many")
         self._settings = settings
         self._handle = handle_many
+        # Started among the service's loops: a follower that died would otherwise leave
+        # every cache of the process stale with /healthz saying all is well.
+        self._loops = loops
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
@@ -171,15 +175,13 @@ class ChangeFollower:
             self._settings, Topics(self._settings.topic_prefix).changes, group_id=None
         )
         await start_client(self._consumer, self._settings)
-        self._task = asyncio.create_task(
-            follow_changes(
-                self._consumer,
-                self._handle,
-                newer_than_ms=newer_than_ms,
-                caught_up=self._caught_up,
-            ),
-            name="changes",
+        following = follow_changes(
+            self._consumer, self._handle, newer_than_ms=newer_than_ms, caught_up=self._caught_up
         )
+        if self._loops is not None:
+            self._task = self._loops.start(following, name="changes")
+        else:
+            self._task = asyncio.create_task(following, name="changes")
 
     async def wait_caught_up(self, within_seconds: float) -> bool:
         """Until the records there at the start are handled; False if that took too long."""

@@ -147,7 +147,7 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
     A signal that arrives while a service is still starting (waiting on a broker, say)
     cancels the start: a stuck start must not make a process deaf to SIGTERM.
     """
-    log = structlog.get_logger(service="hookwire")
+    log = structlog.get_logger()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

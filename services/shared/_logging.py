@@ -27,7 +27,8 @@ def configure_logging(
     log_format: str = "auto", level: str = "info", service: str | None = None
 ) -> None:
     """Every line of the process, ours and the libraries', in one format; ``service``
-    names the process on library lines (ours name it themselves)."""
+    names the process on every line that does not name its service itself (libraries',
+    and the shared code's)."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
         _render_json if use_json else structlog.dev.ConsoleRenderer()
@@ -36,6 +37,8 @@ def configure_logging(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            # Shared code logs without naming a service: the process it runs in does.
+            _tagged(service),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

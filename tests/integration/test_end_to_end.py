@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 import pytest
@@ -17,7 +18,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.exceptions import WebhookVerificationError
 
 from services.dispatcher.retry_timer import RetryTimer
-from services.shared import Settings, bound_port, head_revision, start_site
+from services.shared import Settings, _changes, bound_port, head_revision, start_site
 from tests.conftest import Receiver, Stack, running_stack
 
 
@@ -198,6 +199,31 @@ async def test_a_dead_dispatcher_loop_fails_its_health_check(
         for base in (stack.auth_url, stack.api_url):
             async with stack.session.get(f"{base}/healthz") as response:
                 assert response.status == 200
+
+
+async def test_a_dead_change_follower_fails_every_services_health_check(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change follower is what keeps each process's caches (revoked keys, webhooks)
+    within a second of the database: one that dies fails ``/healthz`` in every service."""
+
+    async def breaks(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("follower broke")
+
+    monkeypatch.setattr(_changes, "follow_changes", breaks)
+    async with running_stack(settings, with_dispatcher=True) as stack:
+        for base in (stack.auth_url, stack.api_url, stack.dispatcher_url):
+            deadline = time.monotonic() + 5
+            while True:
+                async with stack.session.get(f"{base}/healthz") as response:
+                    status, answer = response.status, await response.json()
+                if status != 200 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert (status, answer) == (
+                503,
+                {"status": "failing", "reasons": ["changes: RuntimeError"]},
+            ), base
 
 
 async def test_readiness_follows_the_databases_migrations(stack: Stack) -> None:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 import structlog
 
+from services import cli
 from services.shared import configure_logging
 
 
@@ -58,3 +59,38 @@ def test_libraries_follow_a_level_above_warning(
     logging.getLogger("aiohttp.client").warning("retrying")
     logging.getLogger("aiohttp.client").error("gave up")
     assert [line["event"] for line in _lines(capsys.readouterr().err)] == ["gave up"]
+
+
+def test_every_line_names_its_service(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """Shared code logs without naming a service: the process's name is added; a line that
+    names its own service keeps it."""
+    configure_logging("json", "info", service="api")
+    structlog.get_logger().warning("change_record_invalid")
+    structlog.get_logger(service="dispatcher").info("own_name")
+    lines = _lines(capsys.readouterr().err)
+    assert [(line["event"], line["service"]) for line in lines] == [
+        ("change_record_invalid", "api"),
+        ("own_name", "dispatcher"),
+    ]
+
+
+def test_an_unforeseen_failure_of_a_command_is_one_json_line(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """Something no handler expected (a database error while loading, say) still ends the
+    process with status 1 and one log line carrying the traceback."""
+    configure_logging("json", "info", service="dispatcher")
+
+    async def fails() -> None:
+        raise RuntimeError("table could not be read")
+
+    with pytest.raises(SystemExit) as exited:
+        cli._run(fails())
+    assert exited.value.code == 1
+    captured = capsys.readouterr()
+    [line] = _lines(captured.err)
+    assert (line["event"], line["level"], line["service"]) == ("fatal", "error", "dispatcher")
+    assert "RuntimeError: table could not be read" in str(line["exception"])
+    assert captured.out == ""
