@@ -18,6 +18,7 @@ from services.shared import (
     Settings,
     configure_logging,
     create_engine,
+    ensure_topics,
     load_settings,
     migrate,
     run,
@@ -112,6 +113,14 @@ def migrate_command() -> None:
     settings = _settings()
     _run(migrate(settings.effective_database_url))
     click.echo("database is up to date")
+
+
+@main.command()
+def topics() -> None:
+    """Create the topics hookwire uses that are missing (an existing one is left as it is)."""
+    settings = _settings()
+    _run(ensure_topics(settings))
+    click.echo("topics are in place")
 
 
 @main.group()

@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
-from services.shared import free_port, migrate
+from services.shared import EmbeddedBroker, free_port, load_settings, migrate, topic_layout
+from tests.conftest import drop_topics
 
 HOOKWIRE = str(Path(sys.executable).parent / "hookwire")
 
@@ -162,3 +165,31 @@ def test_sigterm_while_starting_stops_the_service(migrated: Path, service: str) 
         assert "Traceback" not in stderr
     finally:
         silent.close()
+
+
+def test_topics_are_created_from_the_command_line(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """`hookwire topics` creates every topic of the layout, is safe to run again, and
+    names an unreachable broker."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    env = _env(tmp_path, HOOKWIRE_KAFKA_BOOTSTRAP=broker.bootstrap, HOOKWIRE_TOPIC_PREFIX=prefix)
+    try:
+        for _ in range(2):
+            created = _run(["topics"], env)
+            assert created.returncode == 0, created.stderr
+            assert created.stdout.strip() == "topics are in place"
+        wanted = set(topic_layout(load_settings(topic_prefix=prefix)))
+        assert wanted == asyncio.run(_topics_named(broker.bootstrap, prefix))
+    finally:
+        asyncio.run(drop_topics(broker.bootstrap, prefix))
+    address = f"127.0.0.1:{free_port()}"
+    unreachable = _run(["topics"], _env(tmp_path, HOOKWIRE_KAFKA_BOOTSTRAP=address))
+    _assert_clean_failure(unreachable, "Kafka is unreachable", address)
+
+
+async def _topics_named(bootstrap: str, prefix: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        return {name for name in await admin.list_topics() if name.startswith(prefix)}
+    finally:
+        await admin.close()
