@@ -90,7 +90,7 @@ class AttemptRecorder:
         )
         self._log = get_logger("api")
         self._consumer: AIOKafkaConsumer | None = None
-        self._writing: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[list[Attempt]] | None = None
 
     async def run(self) -> None:
         """Join the group (retrying while the broker is away), then record forever."""
@@ -131,26 +131,27 @@ class AttemptRecorder:
                 rejected.append(dead_letter_record(self._topics, record, exc.message))
         # Dead letters first: once the rows commit, only the offset commit remains.
         await send_all(self._producer, rejected)
-        attempts = [attempt for _, attempt in decoded]
         try:
-            await self._write_through(attempts)
+            stored = await self._write_through([attempt for _, attempt in decoded])
         except Exception as exc:
             if not _refused_by_store(exc):
                 raise
             # One record the store refuses would fail its batch on every try and stop
             # the log for every team: the records go in one at a time instead, and the
             # refused one goes to the dead-letter topic with the reason.
-            attempts = await self._write_one_by_one(decoded)
-        for attempt in attempts:
+            stored = await self._write_one_by_one(decoded)
+        # Counted once each: an attempt of a webhook gone is counted as that instead.
+        for attempt in stored:
             self._consumed.labels(attempt.outcome).inc()
         if rejected:
             self._consumed.labels("invalid").inc(len(rejected))
 
-    async def _write_through(self, attempts: list[Attempt]) -> None:
+    async def _write_through(self, attempts: list[Attempt]) -> list[Attempt]:
+        """Store the attempts; returns those stored (not those of a webhook gone)."""
         # A cancelled transaction on SQLite can keep its write lock until the engine closes,
         # so a stop lets the write finish (close() waits for it) instead of cutting it.
-        self._writing = asyncio.ensure_future(self._write(attempts))
-        await asyncio.shield(self._writing)
+        writing = self._writing = asyncio.ensure_future(self._write(attempts))
+        return await asyncio.shield(writing)
 
     async def _write_one_by_one(
         self, decoded: list[tuple[ConsumerRecord, Attempt]]
@@ -158,7 +159,7 @@ class AttemptRecorder:
         stored: list[Attempt] = []
         for record, attempt in decoded:
             try:
-                await self._write_through([attempt])
+                stored.extend(await self._write_through([attempt]))
             except Exception as exc:
                 if not _refused_by_store(exc):
                     raise
@@ -167,13 +168,12 @@ class AttemptRecorder:
                 self._log.warning("attempt_record_refused", reason=reason, offset=record.offset)
                 await send_all(self._producer, [dead_letter_record(self._topics, record, reason)])
                 self._consumed.labels("refused").inc()
-                continue
-            stored.append(attempt)
         return stored
 
-    async def _write(self, attempts: list[Attempt]) -> None:
+    async def _write(self, attempts: list[Attempt]) -> list[Attempt]:
         async with self._engine.begin() as conn:
-            orphans = await delivery_log.record_attempts(conn, attempts)
+            stored = await delivery_log.record_attempts(conn, attempts)
+            orphans = len(attempts) - len(stored)
             # The "no success for days" clock lives with the webhook, not in a dispatcher:
             # it survives restarts and partitions moving between processes.
             failing_too_long = await delivery_log.track_failing_endpoints(
@@ -211,3 +211,4 @@ class AttemptRecorder:
             (a.webhook_id, a.team_id) for a in attempts if a.disable_reason is not None
         ):
             await self._changes.notify("webhook", webhook_id, "updated", team_id)
+        return stored

@@ -95,9 +95,9 @@ def _storable(text: str | None) -> str | None:
     return None if text is None else text.replace("\x00", "\ufffd")
 
 
-async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> int:
-    """Store the attempts of webhooks that still exist, under their own team; returns how
-    many were left out.
+async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> list[Attempt]:
+    """Store the attempts of webhooks that still exist, under their own team; returns
+    those stored (the others were left out).
 
     A force-deleted webhook took its log with it; retries still waiting and deliveries in
     flight at that moment report later, and must not bring its log back. An attempt that
@@ -114,7 +114,7 @@ async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) ->
     kept = [attempt for attempt in attempts if (attempt.webhook_id, attempt.team_id) in existing]
     if kept:
         await _store(conn, kept)
-    return len(attempts) - len(kept)
+    return kept
 
 
 async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:

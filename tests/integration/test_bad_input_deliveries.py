@@ -103,4 +103,4 @@ async def _log_a_delivery(stack: Stack, webhook_id: str) -> None:
         event=event,
     )
     async with stack.api.engine.begin() as conn:
-        assert await delivery_log.record_attempts(conn, [attempt]) == 0
+        assert await delivery_log.record_attempts(conn, [attempt]) == [attempt]
