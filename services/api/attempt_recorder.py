@@ -37,7 +37,7 @@ from services.shared import (
 
 from . import delivery_log
 from .errors import PublishUnavailable
-from .outbox import Outbox
+from .outbox import Outbox, dead_letters_counter
 
 _RECONNECT_SECONDS = 2.0
 _BAD_VALUE = (TypeError, ValueError, ArithmeticError)
@@ -77,6 +77,7 @@ class AttemptRecorder:
         self._outbox = outbox
         self._topics = topics_for(settings)
         self._changes = ChangeNotifier(producer, self._topics)
+        self._dead_letters = dead_letters_counter(metrics)
         self._consumed = metrics.counter(
             "attempts_consumed_total",
             "Attempt records read, by outcome; invalid, refused and webhook_gone ones are not"
@@ -145,6 +146,7 @@ class AttemptRecorder:
             self._consumed.labels(attempt.outcome).inc()
         if rejected:
             self._consumed.labels("invalid").inc(len(rejected))
+            self._dead_letters.labels("invalid_record").inc(len(rejected))
 
     async def _write_through(self, attempts: list[Attempt]) -> list[Attempt]:
         """Store the attempts; returns those stored (not those of a webhook gone)."""
@@ -168,6 +170,7 @@ class AttemptRecorder:
                 self._log.warning("attempt_record_refused", reason=reason, offset=record.offset)
                 await send_all(self._producer, [dead_letter_record(self._topics, record, reason)])
                 self._consumed.labels("refused").inc()
+                self._dead_letters.labels("not_storable").inc()
         return stored
 
     async def _write(self, attempts: list[Attempt]) -> list[Attempt]:

@@ -19,6 +19,7 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordTooLargeError,
 )
+from prometheus_client import Counter
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -92,6 +93,7 @@ class Outbox:
         self._relayed = metrics.counter(
             "events_relayed_total", "Records their request left behind, published by the relay"
         )
+        self._dead_letters = dead_letters_counter(metrics)
         self._kept = metrics.counter(
             "events_left_for_relay_total",
             "Changes answered as made while their event waits for the relay",
@@ -310,6 +312,7 @@ class Outbox:
         except (KafkaError, TimeoutError) as failed:
             self._log.warning("outbox_relay_failed", error=str(failed) or type(failed).__name__)
             return False
+        self._dead_letters.labels("refused_by_broker").inc()
         return True
 
     async def relay_forever(self, every_seconds: float = 5.0) -> None:
@@ -324,3 +327,11 @@ class Outbox:
                 self._oldest.set(oldest)
             except Exception:
                 self._log.exception("outbox_relay_crashed")
+
+
+def dead_letters_counter(metrics: Metrics) -> Counter:
+    """Records the api sends to the dead-letter topic, by why (the alert on dead letters
+    watches the api's as well as the dispatcher's)."""
+    return metrics.counter(
+        "dead_letters_total", "Records sent to the dead-letter topic", ("reason",)
+    )

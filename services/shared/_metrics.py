@@ -16,9 +16,16 @@ class Metrics:
     def __init__(self, service: str) -> None:
         self.prefix = f"hookwire_{service}"
         self.registry = CollectorRegistry()
+        self._counters: dict[str, Counter] = {}
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-        return Counter(f"{self.prefix}_{name}", doc, labels, registry=self.registry)
+        """A counter; asked for again by name (two parts of a service counting the same
+        thing), the same one."""
+        if name not in self._counters:
+            self._counters[name] = Counter(
+                f"{self.prefix}_{name}", doc, labels, registry=self.registry
+            )
+        return self._counters[name]
 
     def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(f"{self.prefix}_{name}", doc, labels, registry=self.registry)

@@ -412,6 +412,9 @@ async def _bad_attempts_are_dead_lettered(stack: Stack) -> None:
     assert registry.get_sample_value(
         "hookwire_api_attempts_consumed_total", {"outcome": "invalid"}
     ) == len(bad)
+    assert registry.get_sample_value(
+        "hookwire_api_dead_letters_total", {"reason": "invalid_record"}
+    ) == len(bad)
 
 
 async def test_a_test_event_written_to_the_events_topic_is_dead_lettered(
@@ -566,6 +569,12 @@ async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on
         assert letter["reason"].startswith("not storable: ")
         assert "out of range" in letter["reason"]
         assert orjson.loads(letter["payload"])["delivery_id"] == "msg_refused"
+        assert (
+            stack.api.metrics.registry.get_sample_value(
+                "hookwire_api_dead_letters_total", {"reason": "not_storable"}
+            )
+            == 1
+        )
 
 
 async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(

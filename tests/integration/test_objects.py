@@ -587,6 +587,12 @@ async def test_a_record_the_stream_will_never_take_does_not_block_the_relay(
     [letter] = await dead_letters(stack.settings, 1)
     assert letter["reason"].startswith("the event stream refuses this record for good")
     assert letter["source_topic"] == topics.events
+    assert (
+        stack.api.metrics.registry.get_sample_value(
+            "hookwire_api_dead_letters_total", {"reason": "refused_by_broker"}
+        )
+        == 1
+    )
 
 
 @pytest.fixture
