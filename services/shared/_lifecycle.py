@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
@@ -31,6 +32,9 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 _CANCEL_REPEAT_SECONDS = 0.5
+# A second stop signal ends the process at once with this status (as a shell reports a
+# process ended by SIGINT).
+FORCED_EXIT_STATUS = 130
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None, within: float = 10.0) -> None:
@@ -150,8 +154,18 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
     log = structlog.get_logger()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            # Asked again while stopping (a second Ctrl-C, an impatient supervisor): stop
+            # now, draining nothing more; what was not committed is handled again by the
+            # next owner.
+            log.warning("stop_forced")
+            os._exit(FORCED_EXIT_STATUS)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     # Each service's stop() copes with a start that did not finish.
     starting: list[Service] = []
 

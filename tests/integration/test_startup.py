@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -193,3 +194,50 @@ async def _topics_named(bootstrap: str, prefix: str) -> set[str]:
         return {name for name in await admin.list_topics() if name.startswith(prefix)}
     finally:
         await admin.close()
+
+
+def test_a_second_stop_signal_ends_the_process_at_once(
+    migrated: Path, broker: EmbeddedBroker
+) -> None:
+    """Auth keeps answering for its stop delay after SIGTERM (30 s here); a second signal
+    ends it at once, saying so, with status 130."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    env = _env(
+        migrated,
+        HOOKWIRE_KAFKA_BOOTSTRAP=broker.bootstrap,
+        HOOKWIRE_TOPIC_PREFIX=prefix,
+        HOOKWIRE_STOP_DELAY_SECONDS="30",
+    )
+    assert _run(["topics"], env).returncode == 0
+    process = None
+    try:
+        process = subprocess.Popen(
+            [HOOKWIRE, "auth"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        health = f"http://127.0.0.1:{env['HOOKWIRE_AUTH_PORT']}/healthz"
+        deadline = time.monotonic() + 30
+        while not _answers(health):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "auth never started"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert process.poll() is None, "still answering through its stop delay"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=10)
+        assert time.monotonic() - signalled < 3
+        assert process.returncode == 130, stderr
+        assert "stop_forced" in stderr
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        asyncio.run(drop_topics(broker.bootstrap, prefix))
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - built here
+            return bool(response.status == 200)
+    except OSError:
+        return False
