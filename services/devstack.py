@@ -207,10 +207,11 @@ async def run_dev(settings: Settings) -> None:
         try:
             await run_until_signalled(
                 [
+                    # Started first, so stopped last: the dispatcher's drain still reaches it.
+                    receiver,
                     AuthService(settings, engine),
                     ApiService(settings, engine),
                     DispatcherService(settings, engine),
-                    receiver,
                 ],
                 ready_message=banner(dev_info, f"http://{host}:{receiver.port}", saved_to),
             )
