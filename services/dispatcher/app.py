@@ -246,8 +246,6 @@ class DispatcherService:
 
     async def stop(self) -> None:
         """Stop fetching, give in-flight deliveries the grace period, commit, close."""
-        if self._runner is not None:
-            await stop_site(self._runner)
         self.loops.stopping()
         for task in self._tasks:
             await cancel_and_wait(task)
@@ -256,6 +254,9 @@ class DispatcherService:
         # Only now: draining deliveries still writes their outcomes.
         if self._outcomes is not None:
             await self._outcomes.close()
+        # Only now too: the drain is watched through /metrics (inflight_deliveries).
+        if self._runner is not None:
+            await stop_site(self._runner)
         await self._follower.stop()
         for consumer in self._consumers:
             await stop_client(consumer)
