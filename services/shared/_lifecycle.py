@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 import signal
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -35,6 +36,9 @@ _CANCEL_REPEAT_SECONDS = 0.5
 # A second stop signal ends the process at once with this status (as a shell reports a
 # process ended by SIGINT).
 FORCED_EXIT_STATUS = 130
+# Copies of one stop arrive together (a signal to the process group and the one `make`
+# passes on to its child): only a signal this long after the first forces the exit.
+_SAME_STOP_SECONDS = 0.5
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None, within: float = 10.0) -> None:
@@ -155,14 +159,18 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    first_signal_at: list[float] = []
+
     def on_signal() -> None:
-        if stop.is_set():
+        if not first_signal_at:
+            first_signal_at.append(time.monotonic())
+            stop.set()
+        elif time.monotonic() - first_signal_at[0] >= _SAME_STOP_SECONDS:
             # Asked again while stopping (a second Ctrl-C, an impatient supervisor): stop
             # now, draining nothing more; what was not committed is handled again by the
             # next owner.
             log.warning("stop_forced")
             os._exit(FORCED_EXIT_STATUS)
-        stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
