@@ -25,7 +25,6 @@ from services.shared import (
     new_id,
     parse_body,
     parse_query,
-    query_flag,
     read_json,
     utcnow,
 )
@@ -240,8 +239,9 @@ async def delete_object(request: web.Request) -> web.Response:
     """To the trash (``object:delete``), or for good with ``?force=true``
     (``object:force-delete``)."""
     ctx = request.app[CONTEXT]
-    force = query_flag(request, "force")
-    principal = await ctx.authorize(request, "object:force-delete" if force else "object:delete")
+    principal, force = await ctx.authorize_by_flag(
+        request, "force", "object:force-delete", "object:delete"
+    )
     object_type, object_id = _object_type(request), request.match_info["object_id"]
     async with ctx.engine.connect() as conn:
         try:

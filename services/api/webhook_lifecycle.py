@@ -22,7 +22,6 @@ from services.shared import (
     ValidationFailed,
     json_response,
     parse_body,
-    query_flag,
     record_audit,
     tables,
     utcnow,
@@ -178,8 +177,9 @@ async def delete_webhook(request: web.Request) -> web.Response:
     """To the trash (``webhook:delete``), or for good with ``?force=true``
     (``webhook:force-delete``, also for a webhook already in the trash)."""
     ctx = request.app[CONTEXT]
-    force = query_flag(request, "force")
-    principal = await ctx.authorize(request, "webhook:force-delete" if force else "webhook:delete")
+    principal, force = await ctx.authorize_by_flag(
+        request, "force", "webhook:force-delete", "webhook:delete"
+    )
     if force:
         try:
             await _change(ctx, request, principal, "webhook.force_deleted", None)

@@ -176,4 +176,11 @@ class Callers:
             raise Forbidden(
                 f"token lacks the {permission} permission", details={"permission": permission}
             )
+        if permission == "token:manage" and token.presented_previous_secret:
+            # The grace lets integrations move to the new secret; a leaked old one must not
+            # revoke, deactivate or rotate the key under its owner, or make keys.
+            raise Forbidden(
+                "a secret replaced by a rotation cannot manage keys: use the new one",
+                details={"reason": "rotated"},
+            )
         return Caller(token=token, ip=request.remote)

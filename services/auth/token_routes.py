@@ -230,8 +230,10 @@ class TokenRoutes:
 
             def check(row: Any) -> None:
                 # A key deactivated as suspect comes back only through a key that could
-                # have made it.
-                _require_may_hold(caller, row, "reactivate")
+                # have made it; one already active (a client sending the whole view back)
+                # gains nothing.
+                if not row.active:
+                    _require_may_hold(caller, row, "reactivate")
 
         # A revoked token is revoked for good: (de)activating it would only make its
         # audit trail claim otherwise.
