@@ -347,6 +347,15 @@ async def test_a_repeated_parameter_hides_neither_a_missing_route_nor_a_credenti
         assert response.status == 404
     async with api_stack.session.get(f"{base}/webhooks?limit=1&limit=2") as response:
         assert response.status == 401
+    # A yes/no flag that decides which permission a route needs: the key is still first.
+    for path in ("/webhooks/wh_x?force=1", "/objects/contact/obj_x?force=yes"):
+        async with api_stack.session.delete(f"{base}{path}") as response:
+            assert response.status == 401, path
+        reader = await api_stack.new_token(["object:read"])
+        async with api_stack.session.delete(
+            f"{base}{path}", headers=api_stack.headers(reader)
+        ) as response:
+            assert response.status == 403, path
 
 
 @pytest.mark.parametrize(
