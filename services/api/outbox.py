@@ -333,5 +333,8 @@ def dead_letters_counter(metrics: Metrics) -> Counter:
     """Records the api sends to the dead-letter topic, by why (the alert on dead letters
     watches the api's as well as the dispatcher's)."""
     return metrics.counter(
-        "dead_letters_total", "Records sent to the dead-letter topic", ("reason",)
+        "dead_letters_total",
+        "Records sent to the dead-letter topic",
+        ("reason",),
+        from_zero=("invalid_record", "not_storable", "refused_by_broker"),
     )

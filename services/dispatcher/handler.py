@@ -94,6 +94,16 @@ class _Hold:
         return self.kept_until > routed_at
 
 
+# Shown at 0 from the start (the alert on dead letters needs a series to rise from).
+DEAD_LETTER_REASONS = (
+    "invalid_record",
+    "attempts_exhausted",
+    "gone",
+    "handler_failed",
+    "too_large",
+)
+
+
 class DeliveryMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.deliveries = metrics.counter("deliveries_total", "Delivery outcomes", ("outcome",))
@@ -104,7 +114,10 @@ class DeliveryMetrics:
             "retries_scheduled_total", "Failed deliveries scheduled again", ("tier",)
         )
         self.dead_letters = metrics.counter(
-            "dead_letters_total", "Records sent to the dead-letter topic", ("reason",)
+            "dead_letters_total",
+            "Records sent to the dead-letter topic",
+            ("reason",),
+            from_zero=DEAD_LETTER_REASONS,
         )
         self.inflight = metrics.gauge("inflight_deliveries", "Deliveries being sent")
         self.circuits_open = metrics.gauge("circuits_open", "Endpoints whose circuit is open")

@@ -18,14 +18,28 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._counters: dict[str, Counter] = {}
 
-    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+    def counter(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...] = (),
+        *,
+        from_zero: tuple[str, ...] = (),
+    ) -> Counter:
         """A counter; asked for again by name (two parts of a service counting the same
-        thing), the same one."""
-        if name not in self._counters:
-            self._counters[name] = Counter(
+        thing), the same one. ``from_zero`` names values of its one label shown at 0 from
+        the start: an alert on ``increase()`` misses the first count of a series that
+        only appears with it."""
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = Counter(
                 f"{self.prefix}_{name}", doc, labels, registry=self.registry
             )
-        return self._counters[name]
+        elif counter._labelnames != labels:
+            raise ValueError(f"counter {name} has labels {counter._labelnames}, not {labels}")
+        for value in from_zero:
+            counter.labels(value)
+        return counter
 
     def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(f"{self.prefix}_{name}", doc, labels, registry=self.registry)

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from standardwebhooks import Webhook
 from standardwebhooks.exceptions import WebhookVerificationError
 
+from services.dispatcher.handler import DEAD_LETTER_REASONS
 from services.dispatcher.retry_timer import RetryTimer
 from services.shared import Settings, _changes, bound_port, head_revision, start_site
 from tests.conftest import Receiver, Stack, running_stack
@@ -169,6 +170,20 @@ async def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -
         async with stack.session.get(f"{base}/metrics") as response:
             assert response.status == 200
             assert prefix in await response.text()
+
+
+async def test_dead_letter_counts_start_at_zero(stack: Stack) -> None:
+    """An alert on ``increase()`` sees the first dead letter only if the series was there
+    before it: every reason is shown at 0 from the start."""
+    expected = {
+        stack.api_url: ("hookwire_api_", ("invalid_record", "not_storable", "refused_by_broker")),
+        stack.dispatcher_url: ("hookwire_dispatcher_", DEAD_LETTER_REASONS),
+    }
+    for base, (prefix, reasons) in expected.items():
+        async with stack.session.get(f"{base}/metrics") as response:
+            text = await response.text()
+        for reason in reasons:
+            assert f'{prefix}dead_letters_total{{reason="{reason}"}} 0.0' in text, reason
 
 
 async def test_a_dead_dispatcher_loop_fails_its_health_check(

@@ -6,6 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+from services.shared import Metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("auth", "api", "dispatcher")
 _DEFINED = re.compile(r'\.(counter|gauge|histogram)\(\s*"([a-z0-9_]+)"')
@@ -61,3 +65,12 @@ def test_every_metric_is_in_the_operations_reference() -> None:
         if name.endswith(_SERIES_SUFFIXES) and name.rsplit("_", 1)[0] in listed:
             continue
         assert name in listed, f"{name} is not in docs/operations.md"
+
+
+def test_a_counter_asked_for_again_is_the_same_one_with_the_same_labels() -> None:
+    metrics = Metrics("api")
+    first = metrics.counter("things_total", "Things", ("kind",), from_zero=("a",))
+    assert metrics.counter("things_total", "Things", ("kind",)) is first
+    assert metrics.registry.get_sample_value("hookwire_api_things_total", {"kind": "a"}) == 0
+    with pytest.raises(ValueError, match="has labels"):
+        metrics.counter("things_total", "Things", ("sort",))
