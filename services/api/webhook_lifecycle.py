@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from yarl import URL
 
 from services.shared import (
     REDACTED,
@@ -20,6 +21,7 @@ from services.shared import (
     NotFound,
     OpenApi,
     ValidationFailed,
+    is_secret_header,
     json_response,
     parse_body,
     record_audit,
@@ -128,13 +130,17 @@ async def update_webhook(request: web.Request) -> web.Response:
         action = "webhook.reactivated" if values["active"] else "webhook.deactivated"
     details = _redacted(values)
     unchanged_since = None
-    if values.get("headers") and REDACTED in values["headers"].values():
-        # A view shows credential-like values as "[redacted]"; sent back unchanged, that
-        # stands for the value stored.
+    keeps_secrets = bool(values.get("headers")) and REDACTED in values["headers"].values()
+    if keeps_secrets or "url" in values:
         async with ctx.engine.connect() as conn:
             current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
-        values["headers"] = _kept_secrets(values["headers"], current.headers or {})
         unchanged_since = current.updated_at
+        if "url" in values:
+            _refuse_carrying_secrets_elsewhere(current, values)
+        if keeps_secrets:
+            # A view shows credential-like values as "[redacted]"; sent back unchanged,
+            # that stands for the value stored.
+            values["headers"] = _kept_secrets(values["headers"], current.headers or {})
     if values.get("active") is True or "url" in values:
         # Reactivated or pointed elsewhere: failures before now say nothing of what follows.
         values["failing_since"] = None
@@ -142,6 +148,24 @@ async def update_webhook(request: web.Request) -> web.Response:
         ctx, request, principal, action, values, details=details, unchanged_since=unchanged_since
     )
     return json_response(webhook_view(row._mapping))
+
+
+def _refuse_carrying_secrets_elsewhere(current: Any, values: dict[str, Any]) -> None:
+    """Stored credential headers go only where they were given for: pointing the webhook
+    at another origin while keeping them would let anyone who may edit webhooks, but may
+    never read those values, have them sent to a server of theirs."""
+    if URL(values["url"]).origin() == URL(current.url).origin():
+        return
+    if "headers" in values:
+        kept = [name for name, value in values["headers"].items() if value == REDACTED]
+    else:
+        kept = [name for name in current.headers or {} if is_secret_header(name)]
+    if kept:
+        raise ValidationFailed.for_field(
+            "headers",
+            f"the url points at another origin: give {', '.join(sorted(kept))} again in full, "
+            "or leave them out",
+        )
 
 
 def _kept_secrets(headers: dict[str, str], stored: dict[str, str]) -> dict[str, str]:
@@ -208,12 +232,13 @@ async def rotate_secret(request: web.Request) -> web.Response:
         current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
     now = utcnow()
     until = (now + timedelta(seconds=body.grace_seconds)).isoformat()
-    # Secrets still signing keep doing so until the grace ends; with no grace they stop now.
+    # The current secret keeps signing until the grace ends; with no grace it stops now.
+    # One previous secret at most (as for keys): rotating again during a grace ends that
+    # grace. Every secret kept signs every delivery, and a signature header grows with each.
     kept = [
-        {**entry, "expires_at": entry.get("expires_at") or until}
+        {**entry, "expires_at": until}
         for entry in current.secrets
-        if body.grace_seconds
-        and (entry.get("expires_at") is None or entry["expires_at"] > now.isoformat())
+        if body.grace_seconds and entry.get("expires_at") is None
     ]
     secret = new_signing_secret()
     row = await _change(

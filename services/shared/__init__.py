@@ -59,7 +59,7 @@ from ._errors import (
     Unauthorized,
     ValidationFailed,
 )
-from ._headers import REDACTED, redacted
+from ._headers import REDACTED, is_secret_header, redacted
 from ._http import (
     READINESS_KEY,
     bound_port,
@@ -209,6 +209,7 @@ __all__ = [
     "ip_in_ranges",
     "is_id",
     "is_public_address",
+    "is_secret_header",
     "json_problem",
     "json_response",
     "later_than_since",

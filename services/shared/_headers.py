@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import re
 
-_SECRET_HEADER = re.compile(r"auth|cookie|token|secret|key|password|signature", re.IGNORECASE)
+_SECRET_HEADER = re.compile(
+    r"auth|cookie|token|secret|key|pass|pwd|credential|signature|jwt|session|bearer|private",
+    re.IGNORECASE,
+)
 REDACTED = "[redacted]"
 
 

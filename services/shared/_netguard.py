@@ -9,6 +9,7 @@ import socket
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import AsyncResolver
 from yarl import URL
@@ -93,8 +94,15 @@ async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> 
         await resolver.close()
     for result in results:
         if not is_public_address(result["host"]):
-            return f"{host} resolves to non-public address {result['host']}"
+            _refusal_logged(host, result["host"])
+            return f"{host} resolves to a non-public address"
     return None
+
+
+def _refusal_logged(host: str, address: str) -> None:
+    # The address is for the operator: told to whoever saved the webhook, it would map
+    # the internal network one name at a time.
+    structlog.get_logger().warning("webhook_address_refused", host=host, address=address)
 
 
 def literal_refusal(host: str) -> str | None:
@@ -123,9 +131,9 @@ class GuardedResolver(AbstractResolver):
         results = await self._inner.resolve(host, port, family)
         for result in results:
             if not is_public_address(result["host"]):
+                _refusal_logged(host, result["host"])
                 # errno and strerror, so aiohttp's connection error carries the reason.
-                reason = f"{REFUSED} {host} resolves to non-public address {result['host']}"
-                raise OSError(errno.EACCES, reason)
+                raise OSError(errno.EACCES, f"{REFUSED} {host} resolves to a non-public address")
         return results
 
     async def close(self) -> None:

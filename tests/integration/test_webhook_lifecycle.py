@@ -316,8 +316,9 @@ async def test_list_filters_by_active_and_topic_and_pages(api_stack: Stack) -> N
 async def test_concurrent_rotations_never_lose_a_secret_they_returned(
     api_stack: Stack, receiver: Receiver
 ) -> None:
-    """Rotations racing each other: each one either answers 409 or its new secret is
-    among those the webhook signs with (none is silently dropped by another)."""
+    """Rotations racing each other: each answers 409 or 200, and the webhook ends signing
+    with a secret one of them returned (not one another rotation silently replaced), and
+    at most one previous secret."""
     status, webhook = await _hooks(
         api_stack, "POST", json={"name": "w", "url": receiver.url, "topics": ["object.created"]}
     )
@@ -328,13 +329,38 @@ async def test_concurrent_rotations_never_lose_a_secret_they_returned(
     assert {status for status, _ in answers} <= {200, 409}
     returned = {answer["secret"] for status, answer in answers if status == 200}
     assert returned
-    async with api_stack.api.engine.connect() as conn:
-        stored = (
+    stored = await _stored_secrets(api_stack, webhook["id"])
+    [current] = [entry["secret"] for entry in stored if entry["expires_at"] is None]
+    assert current in returned
+    assert {entry["secret"] for entry in stored} <= returned | {webhook["secret"]}
+    assert len(stored) <= 2
+
+
+async def _stored_secrets(stack: Stack, webhook_id: str) -> list[dict[str, Any]]:
+    async with stack.api.engine.connect() as conn:
+        stored: list[dict[str, Any]] = (
             await conn.execute(
-                select(tables.webhooks.c.secrets).where(tables.webhooks.c.id == webhook["id"])
+                select(tables.webhooks.c.secrets).where(tables.webhooks.c.id == webhook_id)
             )
         ).scalar_one()
-    assert returned <= {entry["secret"] for entry in stored}
+    return stored
+
+
+async def test_rotating_again_during_a_grace_ends_that_grace(stack: Stack) -> None:
+    """One previous secret at most, as for keys: every secret kept signs every delivery,
+    so rotations with a grace, one after another, must not pile them up."""
+    webhook = await _create(stack, "http://127.0.0.1:9/hook")
+    secrets = [webhook["secret"]]
+    for _ in range(3):
+        status, rotated = await _hooks(
+            stack, "POST", f"/{webhook['id']}/rotate-secret", json={"grace_seconds": 3600}
+        )
+        assert status == 200
+        secrets.append(rotated["secret"])
+    stored = await _stored_secrets(stack, webhook["id"])
+    assert [entry["secret"] for entry in stored] == secrets[-2:]
+    assert stored[0]["expires_at"] is not None
+    assert stored[1]["expires_at"] is None
 
 
 class _PausedLoad(WebhookTable):
@@ -480,6 +506,54 @@ async def test_a_webhook_row_the_api_could_not_have_written_spoils_no_other(
         indexed = {route.id for route in table.for_team(stack.team_id)}
         assert {ids[0], ids[3]} <= indexed
         assert not {ids[1], ids[2]} & indexed
+
+
+async def test_credential_headers_do_not_follow_the_url_to_another_origin(
+    api_stack: Stack,
+) -> None:
+    """Whoever may edit a webhook but never read its stored credentials must not be able
+    to point it at a server of theirs and have them sent there: a new origin needs them
+    given again (or left out); a new path on the same origin keeps them."""
+    status, created = await _hooks(
+        api_stack,
+        "POST",
+        "",
+        json={
+            "name": "crm",
+            "url": "https://crm.example/hooks/a",
+            "topics": ["object.created"],
+            "headers": {"Authorization": "Bearer s3cret", "X-Team": "blue"},
+        },
+    )
+    assert status == 201
+    one = f"/{created['id']}"
+    elsewhere = "https://attacker.example/collect"
+    for body in (
+        {"url": elsewhere},
+        {"url": elsewhere, "headers": created["headers"]},
+        {"url": "http://crm.example/hooks/a"},
+        {"url": "https://crm.example:8443/hooks/a"},
+    ):
+        status, answer = await _hooks(api_stack, "PATCH", one, json=body)
+        assert status == 422, (body, answer)
+        [problem] = answer["error"]["details"]
+        assert problem["field"] == "headers"
+        assert "Authorization" in problem["reason"]
+    status, shown = await _hooks(api_stack, "GET", one)
+    assert shown["url"] == "https://crm.example/hooks/a"
+    status, moved = await _hooks(api_stack, "PATCH", one, json={"url": "https://crm.example/b"})
+    assert (status, moved["headers"]["Authorization"]) == (200, "[redacted]")
+    status, moved = await _hooks(
+        api_stack, "PATCH", one, json={"url": elsewhere, "headers": {"X-Team": "blue"}}
+    )
+    assert (status, moved["headers"]) == (200, {"X-Team": "blue"})
+    status, moved = await _hooks(
+        api_stack,
+        "PATCH",
+        one,
+        json={"url": "https://other.example/", "headers": {"Authorization": "Bearer new"}},
+    )
+    assert (status, moved["headers"]) == (200, {"Authorization": "[redacted]"})
 
 
 async def test_credential_headers_are_never_shown_and_survive_edits(

@@ -275,6 +275,10 @@ def test_redaction_hides_credentials_and_signatures() -> None:
             "X-Api-Key": "k",
             "X-Session-Token": "t",
             "Cookie": "c",
+            "X-Credential": "c",
+            "X-Api-Pass": "p",
+            "X-Pwd": "p",
+            "X-Jwt": "j",
             "X-Tenant": "acme",
             "webhook-id": "msg_1",
         }
@@ -285,6 +289,10 @@ def test_redaction_hides_credentials_and_signatures() -> None:
         "X-Api-Key": "[redacted]",
         "X-Session-Token": "[redacted]",
         "Cookie": "[redacted]",
+        "X-Credential": "[redacted]",
+        "X-Api-Pass": "[redacted]",
+        "X-Pwd": "[redacted]",
+        "X-Jwt": "[redacted]",
         "X-Tenant": "acme",
         "webhook-id": "msg_1",
     }
