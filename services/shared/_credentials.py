@@ -51,6 +51,8 @@ def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
                 "send it as `Authorization: Bearer <token>`"
             )
         structlog.get_logger().warning("query_string_key_used", path=request.path)
+        if not request.query[QUERY_KEY_PARAM].strip():
+            raise MissingToken("send a token as `Authorization: Bearer <token>`")
         return request.query[QUERY_KEY_PARAM]
     header = request.headers.get("authorization", "").strip()
     if not header:

@@ -228,12 +228,18 @@ async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None
         await admin.close()
         raise _unreachable(settings, exc) from exc
     try:
-        response = await admin.create_topics(
-            [
-                NewTopic(name, partitions, settings.kafka_replication_factor)
-                for name, partitions in wanted.items()
-            ]
-        )
+        try:
+            response = await admin.create_topics(
+                [
+                    NewTopic(name, partitions, settings.kafka_replication_factor)
+                    for name, partitions in wanted.items()
+                ]
+            )
+        except (KafkaError, OSError) as exc:
+            # Started, then lost or timed out: a broker problem, said in one line.
+            raise DependencyUnavailable(
+                f"could not create Kafka topics at {settings.kafka_bootstrap}: {exc}"
+            ) from exc
         failed = [
             (topic, code)
             for topic, code, *_ in response.topic_errors

@@ -15,8 +15,17 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaTimeoutError
 
-from services.shared import EmbeddedBroker, free_port, load_settings, migrate, topic_layout
+from services.shared import (
+    DependencyUnavailable,
+    EmbeddedBroker,
+    ensure_topics,
+    free_port,
+    load_settings,
+    migrate,
+    topic_layout,
+)
 from tests.conftest import drop_topics
 
 HOOKWIRE = str(Path(sys.executable).parent / "hookwire")
@@ -248,3 +257,21 @@ def _answers(url: str) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+async def test_a_topic_creation_the_broker_does_not_answer_is_one_clear_error(
+    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker answered the start, then not the creation (a timeout, seen on a busy
+    cluster): a dependency error naming the broker, which the command prints in one line."""
+
+    async def times_out(self: AIOKafkaAdminClient, *args: object, **kwargs: object) -> None:
+        raise KafkaTimeoutError("no answer in 10 s")
+
+    monkeypatch.setattr(AIOKafkaAdminClient, "create_topics", times_out)
+    settings = load_settings(kafka_bootstrap=broker.bootstrap, topic_prefix="t_unused.")
+    with pytest.raises(DependencyUnavailable) as failed:
+        await ensure_topics(settings)
+    assert failed.value.message == (
+        f"could not create Kafka topics at {broker.bootstrap}: KafkaTimeoutError: no answer in 10 s"
+    )

@@ -399,6 +399,12 @@ async def test_query_keys_work_when_enabled_and_are_logged(query_key_stack: Stac
     assert len(warnings) == 2
     assert all(e["log_level"] == "warning" for e in warnings)
     assert all(stack.token not in str(e) for e in logs)
+    # An empty one is no key at all, as an empty Authorization header.
+    async with stack.session.get(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks?auth-key="
+    ) as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "missing_token"
 
 
 async def test_a_second_auth_process_drops_its_cache_on_the_change_record(
