@@ -11,10 +11,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared import (
     Actor,
+    Conflict,
     EventType,
     NotFound,
     ObjectType,
@@ -123,6 +125,8 @@ class _WebhookRules(BaseModel):
 # Deliveries a second one endpoint may be limited to: more is no limit on one dispatcher;
 # less would let the deliveries waiting for their slots (each takes one as it starts
 # waiting, up to the lane's concurrency) wait minutes after the limit is raised.
+# Webhooks read per query when a list is filtered by topic (filtered here, not in SQL).
+_TOPIC_SCAN_ROWS = 500
 _RATE_LIMIT_MIN = 0.1
 _RATE_LIMIT_MAX = 10_000
 
@@ -211,6 +215,7 @@ async def create_webhook(request: web.Request) -> web.Response:
         "updated_at": now,
     }
     async with ctx.engine.begin() as conn:
+        await _refuse_past_the_limit(conn, principal.team_id, ctx.settings.max_webhooks_per_team)
         await conn.execute(insert(tables.webhooks).values(**values))
         await record_audit(
             conn,
@@ -223,6 +228,24 @@ async def create_webhook(request: web.Request) -> web.Response:
         )
     await ctx.changes.notify("webhook", webhook_id, "created", principal.team_id)
     return json_response({**webhook_view(values), "secret": secret}, status=201)
+
+
+async def _refuse_past_the_limit(conn: AsyncConnection, team_id: str, limit: int) -> None:
+    # Those in the trash count too: restoring one must never pass the limit. Two creations
+    # at once may both pass at the last place: a bound on growth, not an exact count.
+    count = (
+        await conn.execute(
+            select(func.count())
+            .select_from(tables.webhooks)
+            .where(tables.webhooks.c.team_id == team_id)
+        )
+    ).scalar_one()
+    if count >= limit:
+        raise Conflict(
+            f"the team has {count} webhooks (the trash included), the most allowed: "
+            "delete some for good first",
+            details={"limit": limit},
+        )
 
 
 class WebhookQuery(IdPageQuery):
@@ -243,14 +266,8 @@ async def list_webhooks(request: web.Request) -> web.Response:
     if query.cursor is not None:
         # Ids are time-ordered: the last id of a page is where the next one starts.
         conditions.append(_hooks.c.id > query.cursor)
-    statement = select(_hooks).where(*conditions).order_by(_hooks.c.id)
-    if query.topic is None:
-        statement = statement.limit(query.limit + 1)
     async with ctx.engine.connect() as conn:
-        rows = (await conn.execute(statement)).all()
-    # Topics are a JSON list; filtering them in Python keeps one query for both databases.
-    if query.topic is not None:
-        rows = [row for row in rows if query.topic in row.topics]
+        rows = await _rows_of_page(conn, conditions, query)
     page = rows[: query.limit]
     return json_response(
         {
@@ -258,6 +275,26 @@ async def list_webhooks(request: web.Request) -> web.Response:
             "next_cursor": page[-1].id if len(rows) > query.limit else None,
         }
     )
+
+
+async def _rows_of_page(
+    conn: AsyncConnection, conditions: list[Any], query: WebhookQuery
+) -> list[Any]:
+    """Up to a page and one more, in id order. Topics are a JSON list, filtered here to
+    keep one query for both databases: read a chunk at a time, never the whole team's."""
+    hooks = tables.webhooks
+    chunk = query.limit + 1 if query.topic is None else _TOPIC_SCAN_ROWS
+    found: list[Any] = []
+    after = None
+    while True:
+        where = conditions if after is None else [*conditions, hooks.c.id > after]
+        rows = (
+            await conn.execute(select(hooks).where(*where).order_by(hooks.c.id).limit(chunk))
+        ).all()
+        found.extend(row for row in rows if query.topic is None or query.topic in row.topics)
+        if len(found) > query.limit or len(rows) < chunk:
+            return found[: query.limit + 1]
+        after = rows[-1].id
 
 
 async def get_webhook(request: web.Request) -> web.Response:

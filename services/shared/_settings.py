@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     allow_query_keys: StrictBool = False
     publish_timeout_seconds: float = Field(default=10.0, ge=1, le=120)
     max_body_bytes: int = Field(default=262_144, ge=1024)
+    # Each webhook is in every dispatcher's memory and is looked at for every event of its
+    # team: one team must not grow that for all.
+    max_webhooks_per_team: int = Field(default=1000, ge=1, le=1_000_000)
     token_max_lifetime_days: int | None = Field(default=None, ge=1, le=3650)
     auth_cache_ttl_seconds: float = Field(default=1.0, ge=0, le=60)
     # How often an api process asks auth which keys have ended (revoked, deactivated,

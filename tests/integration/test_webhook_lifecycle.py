@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import event, insert, select, update
 from sqlalchemy.exc import OperationalError
 
-from services.api import webhook_lifecycle
+from services.api import webhook_lifecycle, webhooks
 from services.dispatcher.table import WebhookTable
 from services.shared import (
     Change,
@@ -311,6 +311,56 @@ async def test_list_filters_by_active_and_topic_and_pages(api_stack: Stack) -> N
         status, body = await _hooks(api_stack, "GET", params=params)
         assert status == 422, params
         assert [d["field"] for d in body["error"]["details"]] == [field]
+
+
+async def test_a_topic_filtered_list_pages_through_a_chunk_at_a_time(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The topic filter reads the team's webhooks a chunk at a time (three here), never
+    all at once: pages still hold exactly the matching webhooks, in order, once each."""
+    monkeypatch.setattr(webhooks, "_TOPIC_SCAN_ROWS", 3)
+    matching = []
+    for n in range(10):
+        topics = ["object.created"] if n % 3 == 0 else ["object.updated"]
+        status, webhook = await _hooks(
+            api_stack,
+            "POST",
+            json={"name": f"w{n}", "url": "http://127.0.0.1:9/", "topics": topics},
+        )
+        assert status == 201
+        if n % 3 == 0:
+            matching.append(webhook["id"])
+    seen: list[str] = []
+    params = {"limit": "2", "topic": "object.created"}
+    while True:
+        status, page = await _hooks(api_stack, "GET", params=params)
+        assert status == 200, page
+        seen += [w["id"] for w in page["data"]]
+        if page["next_cursor"] is None:
+            break
+        params = {**params, "cursor": page["next_cursor"]}
+    assert seen == matching
+
+
+async def test_a_team_has_at_most_the_configured_number_of_webhooks(settings: Settings) -> None:
+    """Every webhook is in every dispatcher's memory and looked at for each of its team's
+    events: past the limit a creation is refused; the trash counts (a restore never passes
+    the limit), a force-delete makes room."""
+    limited = settings.model_copy(update={"max_webhooks_per_team": 2})
+    async with running_stack(limited, with_dispatcher=False) as stack:
+        body = {"name": "w", "url": "http://127.0.0.1:9/", "topics": ["object.created"]}
+        ids = []
+        for _ in range(2):
+            status, webhook = await _hooks(stack, "POST", json=body)
+            assert status == 201
+            ids.append(webhook["id"])
+        status, refused = await _hooks(stack, "POST", json=body)
+        assert (status, refused["error"]["code"]) == (409, "conflict"), refused
+        assert refused["error"]["details"] == {"limit": 2}
+        assert (await _hooks(stack, "DELETE", f"/{ids[0]}"))[0] == 204
+        assert (await _hooks(stack, "POST", json=body))[0] == 409
+        assert (await _hooks(stack, "DELETE", f"/{ids[0]}", params={"force": "true"}))[0] == 204
+        assert (await _hooks(stack, "POST", json=body))[0] == 201
 
 
 async def test_concurrent_rotations_never_lose_a_secret_they_returned(
