@@ -41,7 +41,9 @@ from .paging import PageQuery
 from .webhook_lifecycle import find_webhook
 
 MAX_REPLAY = 10_000
-_REPLAY_CHUNK = 500
+# Deliveries read and sent at a time by a replay: each row carries its event (up to
+# 256 KiB), held a few times over while it is sent; 100 keeps that to tens of megabytes.
+_REPLAY_CHUNK = 100
 _TEST_MESSAGE = "This is a test event from hookwire; it changes nothing."
 
 
