@@ -42,8 +42,9 @@ from .webhook_lifecycle import find_webhook
 
 MAX_REPLAY = 10_000
 # Deliveries read and sent at a time by a replay: each row carries its event (up to
-# 256 KiB), held a few times over while it is sent; 100 keeps that to tens of megabytes.
-_REPLAY_CHUNK = 100
+# 900,000 bytes for an object grown by merges), held a few times over while it is sent;
+# 50 keeps that under about 150 MB at worst, a few megabytes for ordinary events.
+_REPLAY_CHUNK = 50
 _TEST_MESSAGE = "This is a test event from hookwire; it changes nothing."
 
 

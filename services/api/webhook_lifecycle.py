@@ -135,12 +135,15 @@ async def update_webhook(request: web.Request) -> web.Response:
         async with ctx.engine.connect() as conn:
             current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
         unchanged_since = current.updated_at
-        if "url" in values:
-            _refuse_carrying_secrets_elsewhere(current, values)
+        kept = [name for name, value in values.get("headers", {}).items() if value == REDACTED]
         if keeps_secrets:
             # A view shows credential-like values as "[redacted]"; sent back unchanged,
             # that stands for the value stored.
             values["headers"] = _kept_secrets(values["headers"], current.headers or {})
+        if "url" in values:
+            if "headers" not in values:
+                kept = [name for name in current.headers or {} if is_secret_header(name)]
+            _refuse_carrying_secrets_elsewhere(current.url, values["url"], kept)
     if values.get("active") is True or "url" in values:
         # Reactivated or pointed elsewhere: failures before now say nothing of what follows.
         values["failing_since"] = None
@@ -150,22 +153,23 @@ async def update_webhook(request: web.Request) -> web.Response:
     return json_response(webhook_view(row._mapping))
 
 
-def _refuse_carrying_secrets_elsewhere(current: Any, values: dict[str, Any]) -> None:
-    """Stored credential headers go only where they were given for: pointing the webhook
-    at another origin while keeping them would let anyone who may edit webhooks, but may
-    never read those values, have them sent to a server of theirs."""
-    if URL(values["url"]).origin() == URL(current.url).origin():
-        return
-    if "headers" in values:
-        kept = [name for name, value in values["headers"].items() if value == REDACTED]
-    else:
-        kept = [name for name in current.headers or {} if is_secret_header(name)]
-    if kept:
+def _refuse_carrying_secrets_elsewhere(stored_url: str, url: str, kept: list[str]) -> None:
+    """Stored credential headers (``kept``) go only where they were given for: pointing
+    the webhook at another origin while keeping them would let anyone who may edit
+    webhooks, but may never read those values, have them sent to a server of theirs."""
+    if kept and _origin(url) != _origin(stored_url):
         raise ValidationFailed.for_field(
             "headers",
             f"the url points at another origin: give {', '.join(sorted(kept))} again in full, "
             "or leave them out",
         )
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    # Scheme, host and port as a connection sees them: a default port written out, a
+    # host's case or its trailing dot change nothing.
+    parsed = URL(url)
+    return parsed.scheme, (parsed.host or "").rstrip(".").lower(), parsed.port
 
 
 def _kept_secrets(headers: dict[str, str], stored: dict[str, str]) -> dict[str, str]:

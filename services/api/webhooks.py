@@ -231,8 +231,9 @@ async def create_webhook(request: web.Request) -> web.Response:
 
 
 async def _refuse_past_the_limit(conn: AsyncConnection, team_id: str, limit: int) -> None:
-    # Those in the trash count too: restoring one must never pass the limit. Two creations
-    # at once may both pass at the last place: a bound on growth, not an exact count.
+    # Those in the trash count too: restoring one must never pass the limit. Creations at
+    # the same moment may all pass at the last place: a bound on growth, not an exact
+    # count.
     count = (
         await conn.execute(
             select(func.count())

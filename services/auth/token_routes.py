@@ -94,6 +94,14 @@ def token_view(row: Any) -> dict[str, Any]:
     }
 
 
+def _update_action(values: dict[str, Any]) -> str:
+    if values.get("active") is False:
+        return "token.deactivated"
+    if values.get("active") is True:
+        return "token.reactivated"
+    return "token.updated"
+
+
 def _require_may_hold(caller: Caller, row: Any, verb: str) -> None:
     """Rotating or reactivating a key hands out its power again: only a key that could
     have created it may (its permissions, its end, its networks)."""
@@ -189,16 +197,20 @@ class TokenRoutes:
         *,
         unrevoked: bool = False,
         unexpired: bool = False,
-        check: Callable[[Any], None] | None = None,
+        plan: Callable[[Any], tuple[str, dict[str, Any]]] | None = None,
     ) -> Any:
         """Apply the change and audit it; None when the token is revoked (``unrevoked``)
-        or already expired (``unexpired``), and nothing was changed. ``check`` is given
-        the token's row first and may refuse the change."""
+        or already expired (``unexpired``), and nothing was changed. ``plan`` is given the
+        token's row first: it may refuse the change, or say which action and values it
+        comes to (nothing to change: the row as it is, unaudited)."""
         token_id = request.match_info["token_id"]
         async with self.engine.begin() as conn:
             before = await store.token_row(conn, caller.user_id, token_id)
-            if check is not None:
-                check(before)
+            if plan is not None:
+                action, values = plan(before)
+                details = values
+                if not values:
+                    return before
             changed = await store.update_token(
                 conn,
                 token_id,
@@ -221,30 +233,30 @@ class TokenRoutes:
             raise ValidationFailed.for_field(
                 "body", "give at least one of name, description, active"
             )
-        action = "token.updated"
-        check = None
-        if values.get("active") is False:
-            action = "token.deactivated"
-        elif values.get("active") is True:
-            action = "token.reactivated"
 
-            def check(row: Any) -> None:
-                # A key deactivated as suspect comes back only through a key that could
-                # have made it; one already active (a client sending the whole view back)
-                # gains nothing.
-                if not row.active:
+        def plan(row: Any) -> tuple[str, dict[str, Any]]:
+            wanted = dict(values)
+            if wanted.get("active") is True and row.revoked_at is None:
+                if row.active:
+                    # Nothing to reactivate (a client sending a whole view back): only the
+                    # other fields change, so a deactivation landing meanwhile stands.
+                    del wanted["active"]
+                else:
+                    # A key deactivated as suspect comes back only through a key that
+                    # could have made it.
                     _require_may_hold(caller, row, "reactivate")
+            return _update_action(wanted), wanted
 
         # A revoked token is revoked for good: (de)activating it would only make its
         # audit trail claim otherwise.
         row = await self._change(
             request,
             caller,
-            action,
+            _update_action(values),
             values,
             details=values,
             unrevoked="active" in values,
-            check=check,
+            plan=plan,
         )
         if row is None:
             raise TokenEnded("a revoked token cannot be activated or deactivated")

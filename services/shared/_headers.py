@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import re
 
+# "pass" only as a word of the name (X-Api-Pass, not X-Bypass-Cache or X-Passthrough).
 _SECRET_HEADER = re.compile(
-    r"auth|cookie|token|secret|key|pass|pwd|credential|signature|jwt|session|bearer|private",
+    r"auth|cookie|token|secret|key|password|passwd|passphrase|(?:^|[-_])pass(?:$|[-_])|pwd"
+    r"|credential|signature|jwt|session|bearer",
     re.IGNORECASE,
 )
 REDACTED = "[redacted]"

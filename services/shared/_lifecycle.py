@@ -33,9 +33,6 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 _CANCEL_REPEAT_SECONDS = 0.5
-# A second stop signal ends the process at once with this status (as a shell reports a
-# process ended by SIGINT).
-FORCED_EXIT_STATUS = 130
 # Copies of one stop arrive together (a signal to the process group and the one `make`
 # passes on to its child): only a signal this long after the first forces the exit.
 _SAME_STOP_SECONDS = 0.5
@@ -161,19 +158,19 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
 
     first_signal_at: list[float] = []
 
-    def on_signal() -> None:
+    def on_signal(signum: int) -> None:
         if not first_signal_at:
             first_signal_at.append(time.monotonic())
             stop.set()
         elif time.monotonic() - first_signal_at[0] >= _SAME_STOP_SECONDS:
             # Asked again while stopping (a second Ctrl-C, an impatient supervisor): stop
             # now, draining nothing more; what was not committed is handled again by the
-            # next owner.
-            log.warning("stop_forced")
-            os._exit(FORCED_EXIT_STATUS)
+            # next owner. The status a shell gives a process the signal ended.
+            log.warning("stop_forced", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     # Each service's stop() copes with a start that did not finish.
     starting: list[Service] = []
 

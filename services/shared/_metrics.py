@@ -16,7 +16,7 @@ class Metrics:
     def __init__(self, service: str) -> None:
         self.prefix = f"hookwire_{service}"
         self.registry = CollectorRegistry()
-        self._counters: dict[str, Counter] = {}
+        self._counters: dict[str, tuple[Counter, tuple[str, ...]]] = {}
 
     def counter(
         self,
@@ -30,13 +30,14 @@ class Metrics:
         thing), the same one. ``from_zero`` names values of its one label shown at 0 from
         the start: an alert on ``increase()`` misses the first count of a series that
         only appears with it."""
-        counter = self._counters.get(name)
-        if counter is None:
-            counter = self._counters[name] = Counter(
-                f"{self.prefix}_{name}", doc, labels, registry=self.registry
-            )
-        elif counter._labelnames != labels:
-            raise ValueError(f"counter {name} has labels {counter._labelnames}, not {labels}")
+        labels = tuple(labels)
+        made = self._counters.get(name)
+        if made is None:
+            counter = Counter(f"{self.prefix}_{name}", doc, labels, registry=self.registry)
+            made = self._counters[name] = (counter, labels)
+        counter, made_with = made
+        if made_with != labels:
+            raise ValueError(f"counter {name} has labels {made_with}, not {labels}")
         for value in from_zero:
             counter.labels(value)
         return counter

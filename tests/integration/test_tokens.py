@@ -12,6 +12,7 @@ import pytest
 import structlog
 from sqlalchemy import func, select
 
+from services.auth import store
 from services.shared import Settings, tables
 from tests.conftest import Stack, audit_count, corrupt, running_stack
 
@@ -728,3 +729,36 @@ async def test_an_access_token_ends_when_its_key_would_expire_unused(api_stack: 
     status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange", key["token"])
     assert status == 200
     assert 590 <= exchanged["expires_in"] <= 600
+
+
+async def test_active_true_on_an_active_key_writes_no_activation(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole view sent back with a new name: only the name is written (audited as an
+    update), so a deactivation the owner makes in the meantime is not undone by it."""
+    status, key = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "kept", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    written: list[dict[str, Any]] = []
+    real = store.update_token
+
+    async def recording(conn: Any, token_id: str, values: dict[str, Any], **kw: Any) -> bool:
+        written.append(dict(values))
+        return await real(conn, token_id, values, **kw)
+
+    monkeypatch.setattr(store, "update_token", recording)
+    status, renamed = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{key['id']}", json={"name": "renamed", "active": True}
+    )
+    assert (status, renamed["name"], renamed["active"]) == (200, "renamed", True)
+    status, unchanged = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{key['id']}", json={"active": True}
+    )
+    assert (status, unchanged["name"]) == (200, "renamed")
+    assert written == [{"name": "renamed"}]
+    status, audit = await api_stack.auth_call(
+        "GET", f"/v1/audit-log?action=token.reactivated&actor={api_stack.user_id}"
+    )
+    assert status == 200
+    assert [r for r in audit["data"] if r["target_id"] == key["id"]] == []

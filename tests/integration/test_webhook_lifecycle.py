@@ -591,8 +591,16 @@ async def test_credential_headers_do_not_follow_the_url_to_another_origin(
         assert "Authorization" in problem["reason"]
     status, shown = await _hooks(api_stack, "GET", one)
     assert shown["url"] == "https://crm.example/hooks/a"
-    status, moved = await _hooks(api_stack, "PATCH", one, json={"url": "https://crm.example/b"})
-    assert (status, moved["headers"]["Authorization"]) == (200, "[redacted]")
+    # The same origin however written: its default port, another case, a trailing dot.
+    for same in ("https://crm.example/b", "https://CRM.example:443/c", "https://crm.example./d"):
+        status, moved = await _hooks(api_stack, "PATCH", one, json={"url": same})
+        assert (status, moved["headers"]["Authorization"]) == (200, "[redacted]"), same
+    # A header said to be kept that was never stored: that, not the origin, is the error.
+    status, answer = await _hooks(
+        api_stack, "PATCH", one, json={"url": elsewhere, "headers": {"X-New": "[redacted]"}}
+    )
+    assert status == 422
+    assert "there is none" in answer["error"]["details"][0]["reason"]
     status, moved = await _hooks(
         api_stack, "PATCH", one, json={"url": elsewhere, "headers": {"X-Team": "blue"}}
     )

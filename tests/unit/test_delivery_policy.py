@@ -280,6 +280,8 @@ def test_redaction_hides_credentials_and_signatures() -> None:
             "X-Pwd": "p",
             "X-Jwt": "j",
             "X-Tenant": "acme",
+            "X-Bypass-Cache": "1",
+            "X-Passthrough": "yes",
             "webhook-id": "msg_1",
         }
     )
@@ -294,6 +296,8 @@ def test_redaction_hides_credentials_and_signatures() -> None:
         "X-Pwd": "[redacted]",
         "X-Jwt": "[redacted]",
         "X-Tenant": "acme",
+        "X-Bypass-Cache": "1",
+        "X-Passthrough": "yes",
         "webhook-id": "msg_1",
     }
 
