@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import click
@@ -24,6 +25,7 @@ from services.shared import (
     run,
     run_until_signalled,
     unknown_variables,
+    utcnow,
 )
 
 T = TypeVar("T")
@@ -176,17 +178,39 @@ def add_member(user_id: str, team_id: str, role: str) -> None:
 @click.option("--user", "user_id", required=True)
 @click.option("--name", required=True)
 @click.option("--permission", "permissions", multiple=True, help="repeat; default: all")
-def create_token(user_id: str, name: str, permissions: tuple[str, ...]) -> None:
+@click.option(
+    "--expires-in-days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="default: never, or required within HOOKWIRE_TOKEN_MAX_LIFETIME_DAYS when set",
+)
+def create_token(
+    user_id: str, name: str, permissions: tuple[str, ...], expires_in_days: int | None
+) -> None:
     """Create a token and print it once; it cannot be shown again."""
     from services.auth import admin as ops
 
     settings = _settings()
+    limit = settings.token_max_lifetime_days
+    if limit is not None and (expires_in_days is None or expires_in_days > limit):
+        # The rule every key made through the api follows.
+        click.echo(
+            f"error: tokens have a maximum lifetime: give --expires-in-days of at most {limit}",
+            err=True,
+        )
+        sys.exit(2)
+    expires_at = None if expires_in_days is None else utcnow() + timedelta(days=expires_in_days)
     pepper = _run(_secret(settings))
     wanted = list(permissions) or sorted(PERMISSIONS)
     token_id, token = _with_engine(
         settings,
         lambda e: ops.create_token(
-            e, pepper=pepper, user_id=user_id, name=name, permissions=wanted
+            e,
+            pepper=pepper,
+            user_id=user_id,
+            name=name,
+            permissions=wanted,
+            expires_at=expires_at,
         ),
     )
     click.echo(f"{token_id} {token}")

@@ -327,7 +327,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         status=201,
         body=WebhookCreate,
         permission="webhook:create",
-        errors=(401, 403, 404, 413, 422, 503),
+        errors=(401, 403, 404, 409, 413, 422, 503),
         summary="Create a webhook; the response carries its whsec_ signing secret",
     )
     spec.route(

@@ -6,11 +6,13 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,21 @@ def test_admin_bootstrap_from_the_command_line(tmp_path: Path) -> None:
     assert "revoked" in revoked.stdout
     assert "revoked" in _run(["admin", "list-tokens", "--user", user_id], env).stdout
     _assert_clean_failure(_run(["admin", "revoke-token", "--token", "tok_nope"], env), "tok_nope")
+    # A maximum lifetime binds the command line as it binds the api.
+    bounded = {**env, "HOOKWIRE_TOKEN_MAX_LIFETIME_DAYS": "30"}
+    for extra in ([], ["--expires-in-days", "31"]):
+        refused = _run(["admin", "create-token", "--user", user_id, "--name", "b", *extra], bounded)
+        _assert_clean_failure(refused, "--expires-in-days of at most 30")
+    made = _run(
+        ["admin", "create-token", "--user", user_id, "--name", "b", "--expires-in-days", "30"],
+        bounded,
+    )
+    assert made.returncode == 0, made.stderr
+    bounded_id = made.stdout.split()[0]
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        [(expires_at,)] = db.execute("SELECT expires_at FROM tokens WHERE id = ?", (bounded_id,))
+    days_left = (datetime.fromisoformat(expires_at).replace(tzinfo=UTC) - datetime.now(UTC)).days
+    assert days_left in (29, 30), expires_at
 
 
 @pytest.mark.parametrize("service", ["api", "dispatcher"])
