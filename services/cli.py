@@ -180,7 +180,7 @@ def add_member(user_id: str, team_id: str, role: str) -> None:
 @click.option("--permission", "permissions", multiple=True, help="repeat; default: all")
 @click.option(
     "--expires-in-days",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=36_500),
     default=None,
     help="default: never, or required within HOOKWIRE_TOKEN_MAX_LIFETIME_DAYS when set",
 )

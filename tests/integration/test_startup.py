@@ -153,6 +153,10 @@ def test_admin_bootstrap_from_the_command_line(tmp_path: Path) -> None:
     for extra in ([], ["--expires-in-days", "31"]):
         refused = _run(["admin", "create-token", "--user", user_id, "--name", "b", *extra], bounded)
         _assert_clean_failure(refused, "--expires-in-days of at most 30")
+        assert refused.returncode == 2
+    # A date past any calendar: refused as a usage error, not a traceback.
+    absurd = ["admin", "create-token", "--user", user_id, "--name", "c", "--expires-in-days"]
+    _assert_clean_failure(_run([*absurd, "3000000"], env), "--expires-in-days")
     made = _run(
         ["admin", "create-token", "--user", user_id, "--name", "b", "--expires-in-days", "30"],
         bounded,

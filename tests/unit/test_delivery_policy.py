@@ -280,8 +280,9 @@ def test_redaction_hides_credentials_and_signatures() -> None:
             "X-Pwd": "p",
             "X-Jwt": "j",
             "X-Tenant": "acme",
-            "X-Bypass-Cache": "1",
-            "X-Passthrough": "yes",
+            "X-Private": "v",
+            "X-Passcode": "v",
+            "X-ApiPass": "v",
             "webhook-id": "msg_1",
         }
     )
@@ -296,8 +297,9 @@ def test_redaction_hides_credentials_and_signatures() -> None:
         "X-Pwd": "[redacted]",
         "X-Jwt": "[redacted]",
         "X-Tenant": "acme",
-        "X-Bypass-Cache": "1",
-        "X-Passthrough": "yes",
+        "X-Private": "[redacted]",
+        "X-Passcode": "[redacted]",
+        "X-ApiPass": "[redacted]",
         "webhook-id": "msg_1",
     }
 
