@@ -125,13 +125,15 @@ async def record_last_used(
 
 
 async def ended_token_ids(conn: AsyncConnection, now: datetime, within_seconds: int) -> list[str]:
-    """Keys whose access tokens must be refused: deactivated, or revoked or expired within
-    the last ``within_seconds`` (access tokens issued before that have expired anyway)."""
+    """Keys whose access tokens must be refused: deactivated, revoked or expired within
+    the last ``within_seconds`` (access tokens issued before that have expired anyway, and
+    an inactive key gets none: the list does not grow with every key ever switched off)."""
     since = now - timedelta(seconds=within_seconds)
     rows = await conn.execute(
         select(_tokens.c.id).where(
             or_(
-                _tokens.c.active.is_(False),
+                _tokens.c.active.is_(False)
+                & (_tokens.c.deactivated_at.is_(None) | (_tokens.c.deactivated_at >= since)),
                 _tokens.c.revoked_at >= since,
                 (_tokens.c.expires_at >= since) & (_tokens.c.expires_at <= now),
             )

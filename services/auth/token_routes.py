@@ -197,18 +197,17 @@ class TokenRoutes:
         *,
         unrevoked: bool = False,
         unexpired: bool = False,
-        plan: Callable[[Any], tuple[str, dict[str, Any]]] | None = None,
+        plan: Callable[[Any], tuple[str, dict[str, Any], dict[str, Any]]] | None = None,
     ) -> Any:
         """Apply the change and audit it; None when the token is revoked (``unrevoked``)
         or already expired (``unexpired``), and nothing was changed. ``plan`` is given the
-        token's row first: it may refuse the change, or say which action and values it
-        comes to (nothing to change: the row as it is, unaudited)."""
+        token's row first: it may refuse the change, or say which action, values and audit
+        details it comes to (nothing to change: the row as it is, unaudited)."""
         token_id = request.match_info["token_id"]
         async with self.engine.begin() as conn:
             before = await store.token_row(conn, caller.user_id, token_id)
             if plan is not None:
-                action, values = plan(before)
-                details = values
+                action, values, details = plan(before)
                 if not values:
                     return before
             changed = await store.update_token(
@@ -234,7 +233,7 @@ class TokenRoutes:
                 "body", "give at least one of name, description, active"
             )
 
-        def plan(row: Any) -> tuple[str, dict[str, Any]]:
+        def plan(row: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
             wanted = dict(values)
             if wanted.get("active") is True and row.revoked_at is None:
                 if row.active:
@@ -245,7 +244,11 @@ class TokenRoutes:
                     # A key deactivated as suspect comes back only through a key that
                     # could have made it.
                     _require_may_hold(caller, row, "reactivate")
-            return _update_action(wanted), wanted
+            details = dict(wanted)
+            if wanted.get("active") is False:
+                # Its access tokens are refused for one lifetime from now (ended keys).
+                wanted["deactivated_at"] = utcnow()
+            return _update_action(details), wanted, details
 
         # A revoked token is revoked for good: (de)activating it would only make its
         # audit trail claim otherwise.

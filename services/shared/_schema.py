@@ -94,6 +94,8 @@ tokens = Table(
     Column("inactivity_timeout_seconds", Integer),
     Column("previous_secret_hash", String(64), unique=True),
     Column("previous_expires_at", UtcDateTime()),
+    # When it was last switched off: its access tokens are refused for one lifetime after.
+    Column("deactivated_at", UtcDateTime()),
     Column(
         "permission_group_id",
         String(64),

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -14,12 +15,22 @@ import orjson
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select, update
 
 from services.api import authn
 from services.api.context import CONTEXT
 from services.auth import store
 from services.auth.tokens import generate_token, hash_token
-from services.shared import InvalidToken, Metrics, Settings, access_tokens, bound_port, start_site
+from services.shared import (
+    InvalidToken,
+    Metrics,
+    Settings,
+    access_tokens,
+    bound_port,
+    start_site,
+    tables,
+    utcnow,
+)
 from tests.conftest import ACCESS_TOKEN_KEY, Stack, corrupt, pause_first_call, running_stack
 
 
@@ -300,6 +311,46 @@ async def test_the_ended_keys_list_needs_the_service_credential(api_stack: Stack
         ) as response:
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "invalid_service_credential"
+
+
+async def test_the_ended_keys_list_forgets_keys_switched_off_long_ago(api_stack: Stack) -> None:
+    """A key switched off is listed for an access token's lifetime (its tokens were issued
+    before); after that none is left, so the list does not grow with every key ever
+    deactivated. Revoked and expired keys already left it that way."""
+    recent = await api_stack.new_token(["webhook:read"])
+    old = await api_stack.new_token(["webhook:read"])
+    async with api_stack.api.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(tables.tokens.c.id, tables.tokens.c.secret_hash).where(
+                    tables.tokens.c.secret_hash.in_(
+                        [hash_token(key, "test-pepper") for key in (recent, old)]
+                    )
+                )
+            )
+        ).all()
+    by_hash = {row.secret_hash: row.id for row in rows}
+    ids = [by_hash[hash_token(key, "test-pepper")] for key in (recent, old)]
+    for token_id in ids:
+        status, _ = await api_stack.auth_call(
+            "PATCH", f"/v1/tokens/{token_id}", json={"active": False}
+        )
+        assert status == 200
+    lifetime = api_stack.settings.access_token_ttl_seconds
+    async with api_stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(tables.tokens)
+            .where(tables.tokens.c.id == ids[1])
+            .values(deactivated_at=utcnow() - timedelta(seconds=lifetime + 600))
+        )
+    async with api_stack.session.get(
+        f"{api_stack.auth_url}/v1/ended-keys",
+        headers={"authorization": "Bearer test-service-credential"},
+    ) as response:
+        assert response.status == 200
+        ended = (await response.json())["token_ids"]
+    assert ids[0] in ended
+    assert ids[1] not in ended
 
 
 async def test_a_revocation_during_an_introspection_is_not_undone_by_its_answer(
