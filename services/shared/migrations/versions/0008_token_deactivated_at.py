@@ -21,12 +21,13 @@ def upgrade() -> None:
     # Keys already off count from now: their access tokens are refused for one more
     # lifetime, then they leave the ended-keys list like any other.
     tokens = sa.table(
-        "tokens", sa.column("active", sa.Boolean), sa.column("deactivated_at", sa.DateTime)
+        "tokens",
+        sa.column("active", sa.Boolean),
+        sa.column("deactivated_at", sa.DateTime(timezone=True)),
     )
+    # In UTC, as every stored time (SQLite keeps the wall time it is given).
     op.execute(
-        tokens.update()
-        .where(tokens.c.active.is_(False))
-        .values(deactivated_at=datetime.now(UTC).replace(tzinfo=None))
+        tokens.update().where(tokens.c.active.is_(False)).values(deactivated_at=datetime.now(UTC))
     )
 
 
