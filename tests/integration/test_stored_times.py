@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 
-from sqlalchemy import insert, select
+from alembic import command
+from sqlalchemy import insert, select, text
 
 from services.shared import create_engine, migrate, tables
+from services.shared._db import _alembic_config
 
 
 async def test_a_time_in_another_zone_is_stored_and_compared_as_its_instant(
@@ -43,3 +46,46 @@ async def test_a_time_in_another_zone_is_stored_and_compared_as_its_instant(
     assert stored.utcoffset() == timedelta(0)
     assert len(later) == 1
     assert len(earlier) == 1
+
+
+async def test_keys_already_off_when_0008_runs_count_as_switched_off_then(
+    database_url: str,
+) -> None:
+    """Migration 0008 gives keys already inactive the time it ran as their switch-off
+    (they leave the ended-keys list one access-token lifetime later); active keys get none."""
+    await asyncio.to_thread(command.upgrade, _alembic_config(database_url), "0007")
+    engine = create_engine(database_url)
+    now = datetime.now(UTC)
+    common = {
+        "user_id": "usr_m",
+        "description": "",
+        "display_prefix": "hwk_x",
+        "permissions": [],
+        "created_at": now,
+    }
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO users (id, email, name, created_at) "
+                    "VALUES ('usr_m', 'm@example.com', 'm', :at)"
+                ),
+                {"at": now},
+            )
+            for token_id, active in (("tok_off", False), ("tok_on", True)):
+                await conn.execute(
+                    text(
+                        "INSERT INTO tokens (id, user_id, name, description, secret_hash, "
+                        "display_prefix, permissions, active, created_at) VALUES (:id, :user_id,"
+                        " :id, :description, :id, :display_prefix, '[]', :active, :created_at)"
+                    ),
+                    {**common, "id": token_id, "active": active},
+                )
+        await migrate(database_url)
+        async with engine.connect() as conn:
+            found = await conn.execute(select(tables.tokens.c.id, tables.tokens.c.deactivated_at))
+            rows: dict[str, datetime | None] = dict(found.all())
+    finally:
+        await engine.dispose()
+    assert rows["tok_on"] is None
+    assert abs(rows["tok_off"] - datetime.now(UTC)) < timedelta(minutes=1)
