@@ -122,11 +122,11 @@ class _WebhookRules(BaseModel):
         return value
 
 
+# Webhooks read per query when a list is filtered by topic (filtered here, not in SQL).
+_TOPIC_SCAN_ROWS = 500
 # Deliveries a second one endpoint may be limited to: more is no limit on one dispatcher;
 # less would let the deliveries waiting for their slots (each takes one as it starts
 # waiting, up to the lane's concurrency) wait minutes after the limit is raised.
-# Webhooks read per query when a list is filtered by topic (filtered here, not in SQL).
-_TOPIC_SCAN_ROWS = 500
 _RATE_LIMIT_MIN = 0.1
 _RATE_LIMIT_MAX = 10_000
 

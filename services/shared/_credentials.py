@@ -51,9 +51,10 @@ def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
                 "send it as `Authorization: Bearer <token>`"
             )
         structlog.get_logger().warning("query_string_key_used", path=request.path)
-        if not request.query[QUERY_KEY_PARAM].strip():
+        given = request.query[QUERY_KEY_PARAM].strip()
+        if not given:
             raise MissingToken("send a token as `Authorization: Bearer <token>`")
-        return request.query[QUERY_KEY_PARAM]
+        return given
     header = request.headers.get("authorization", "").strip()
     if not header:
         raise MissingToken("send a token as `Authorization: Bearer <token>`")

@@ -733,16 +733,16 @@ async def test_sigterm_drains_a_delivery_in_flight(stack: Stack, receiver: Recei
     """Stopping waits for the request in flight and records it; a new dispatcher does not
     send it again."""
     await stack.create_webhook(receiver.url, CREATED)
-    receiver.delay_seconds = 1.0
+    receiver.delay_seconds = 3.0
     await stack.create_object()
     [request] = await receiver.wait_for(1)
     started = time.monotonic()
     stopping = asyncio.create_task(stack.dispatcher.stop())
-    await asyncio.sleep(0.3)
     # The drain can be watched: /metrics still answers, with the delivery in flight.
     async with stack.session.get(f"{stack.dispatcher_url}/metrics") as response:
         assert response.status == 200
         assert "hookwire_dispatcher_inflight_deliveries 1.0" in await response.text()
+    assert not stopping.done()
     await stopping
     assert time.monotonic() - started >= 0.5, "stop waited for the delivery"
     stack.dispatcher_or_none = None
