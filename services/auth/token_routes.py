@@ -235,6 +235,10 @@ class TokenRoutes:
 
         def plan(row: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
             wanted = dict(values)
+            if wanted.get("active") is False and not row.active and row.revoked_at is None:
+                # Already off: switched off again it would be audited twice and its
+                # access tokens' refusal would start over.
+                del wanted["active"]
             if wanted.get("active") is True and row.revoked_at is None:
                 if row.active:
                     # Nothing to reactivate (a client sending a whole view back): only the

@@ -200,13 +200,7 @@ async def test_a_dead_dispatcher_loop_fails_its_health_check(
 
     monkeypatch.setattr(RetryTimer, "run", breaks)
     async with running_stack(settings, with_dispatcher=True) as stack:
-        deadline = time.monotonic() + 5
-        while True:
-            async with stack.session.get(f"{stack.dispatcher_url}/healthz") as response:
-                status, answer = response.status, await response.json()
-            if status != 200 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        status, answer = await _health_once_failing(stack, stack.dispatcher_url)
         assert status == 503
         assert answer == {
             "status": "failing",
@@ -216,6 +210,17 @@ async def test_a_dead_dispatcher_loop_fails_its_health_check(
         for base in (stack.auth_url, stack.api_url):
             async with stack.session.get(f"{base}/healthz") as response:
                 assert response.status == 200
+
+
+async def _health_once_failing(stack: Stack, base: str) -> tuple[int, Any]:
+    """``/healthz`` as soon as it stops answering 200, or as it is after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        async with stack.session.get(f"{base}/healthz") as response:
+            status, answer = response.status, await response.json()
+        if status != 200 or time.monotonic() > deadline:
+            return status, answer
+        await asyncio.sleep(0.05)
 
 
 async def test_a_dead_change_follower_fails_every_services_health_check(
@@ -230,13 +235,7 @@ async def test_a_dead_change_follower_fails_every_services_health_check(
     monkeypatch.setattr(_changes, "follow_changes", breaks)
     async with running_stack(settings, with_dispatcher=True) as stack:
         for base in (stack.auth_url, stack.api_url, stack.dispatcher_url):
-            deadline = time.monotonic() + 5
-            while True:
-                async with stack.session.get(f"{base}/healthz") as response:
-                    status, answer = response.status, await response.json()
-                if status != 200 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
+            status, answer = await _health_once_failing(stack, base)
             assert (status, answer) == (
                 503,
                 {"status": "failing", "reasons": ["changes: RuntimeError"]},

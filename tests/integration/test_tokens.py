@@ -762,3 +762,19 @@ async def test_active_true_on_an_active_key_writes_no_activation(
     )
     assert status == 200
     assert [r for r in audit["data"] if r["target_id"] == key["id"]] == []
+
+
+async def test_switching_off_a_key_already_off_changes_nothing(api_stack: Stack) -> None:
+    """One deactivation, one audit record: a second one finds nothing to do."""
+    status, key = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "twice-off", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    for _ in range(2):
+        status, shown = await api_stack.auth_call(
+            "PATCH", f"/v1/tokens/{key['id']}", json={"active": False}
+        )
+        assert (status, shown["active"]) == (200, False)
+    status, audit = await api_stack.auth_call("GET", "/v1/audit-log?action=token.deactivated")
+    assert status == 200
+    assert [r["target_id"] for r in audit["data"]].count(key["id"]) == 1
