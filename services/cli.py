@@ -189,17 +189,19 @@ def create_token(
 ) -> None:
     """Create a token and print it once; it cannot be shown again."""
     from services.auth import admin as ops
+    from services.auth.tokens import lifetime_problem
 
     settings = _settings()
+    now = utcnow()
+    expires_at = None if expires_in_days is None else now + timedelta(days=expires_in_days)
     limit = settings.token_max_lifetime_days
-    if limit is not None and (expires_in_days is None or expires_in_days > limit):
+    if lifetime_problem(expires_at, now, limit) is not None:
         # The rule every key made through the api follows.
         click.echo(
             f"error: tokens have a maximum lifetime: give --expires-in-days of at most {limit}",
             err=True,
         )
         sys.exit(2)
-    expires_at = None if expires_in_days is None else utcnow() + timedelta(days=expires_in_days)
     pepper = _run(_secret(settings))
     wanted = list(permissions) or sorted(PERMISSIONS)
     token_id, token = _with_engine(

@@ -30,6 +30,7 @@ from . import store
 from .callers import Caller, Callers
 from .errors import TokenEnded
 from .introspection import state_of
+from .tokens import lifetime_problem
 
 MAX_GRACE_SECONDS = 30 * 24 * 3600
 
@@ -121,18 +122,9 @@ class TokenRoutes:
         return await self.callers.identify(request, permission="token:manage")
 
     def _check_expiry(self, body: TokenCreate) -> None:
-        now = utcnow()
-        if body.expires_at is None:
-            if self.settings.token_max_lifetime_days is not None:
-                raise ValidationFailed.for_field(
-                    "expires_at", "required: tokens have a maximum lifetime"
-                )
-            return
-        if body.expires_at <= now:
-            raise ValidationFailed.for_field("expires_at", "must be in the future")
-        limit = self.settings.token_max_lifetime_days
-        if limit is not None and body.expires_at > now + timedelta(days=limit):
-            raise ValidationFailed.for_field("expires_at", f"must be within {limit} days")
+        problem = lifetime_problem(body.expires_at, utcnow(), self.settings.token_max_lifetime_days)
+        if problem is not None:
+            raise ValidationFailed.for_field("expires_at", problem)
 
     async def create(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)

@@ -12,6 +12,7 @@ import hmac
 import secrets
 import string
 import zlib
+from datetime import datetime, timedelta
 
 from .errors import MalformedToken
 
@@ -60,3 +61,20 @@ def hash_token(token: str, pepper: str) -> str:
 
 def display_prefix(token: str) -> str:
     return token[:DISPLAY_PREFIX_LENGTH]
+
+
+def lifetime_problem(
+    expires_at: datetime | None, now: datetime, max_days: int | None
+) -> str | None:
+    """Why a key ending at ``expires_at`` may not be made, or None when it may.
+
+    One rule for the api and the command line: with ``HOOKWIRE_TOKEN_MAX_LIFETIME_DAYS`` set
+    every key ends, and within that many days.
+    """
+    if expires_at is None:
+        return None if max_days is None else "required: tokens have a maximum lifetime"
+    if expires_at <= now:
+        return "must be in the future"
+    if max_days is not None and expires_at > now + timedelta(days=max_days):
+        return f"must be within {max_days} days"
+    return None

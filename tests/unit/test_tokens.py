@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from services.auth.errors import MalformedToken
@@ -12,6 +14,7 @@ from services.auth.tokens import (
     display_prefix,
     generate_token,
     hash_token,
+    lifetime_problem,
 )
 
 
@@ -59,3 +62,15 @@ def test_display_prefix_is_short_and_not_the_secret() -> None:
     token = generate_token()
     assert display_prefix(token) == token[:12]
     assert len(display_prefix(token)) < len(token) // 4
+
+
+def test_lifetime_rule_bounds_keys_only_when_a_maximum_is_set() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert lifetime_problem(None, now, None) is None
+    assert lifetime_problem(None, now, 30) == "required: tokens have a maximum lifetime"
+    assert lifetime_problem(now, now, None) == "must be in the future"
+    assert lifetime_problem(now + timedelta(days=30), now, 30) is None
+    assert lifetime_problem(now + timedelta(days=30, seconds=1), now, 30) == (
+        "must be within 30 days"
+    )
+    assert lifetime_problem(now + timedelta(days=3000), now, None) is None
