@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
@@ -130,7 +129,7 @@ class Sender:
             return round((time.perf_counter() - started) * 1000, 3)
 
         if not self._settings.allow_private_urls:
-            refusal = literal_refusal(urlsplit(route.url).hostname or "")
+            refusal = literal_refusal(route.url)
             if refusal is not None:
                 return Outcome("failed", None, elapsed(), refusal, "refused")
         body = payload(delivery)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -105,10 +106,14 @@ def _refusal_logged(host: str, address: str) -> None:
     structlog.get_logger().warning("webhook_address_refused", host=host, address=address)
 
 
-def literal_refusal(host: str) -> str | None:
-    """For an IP-literal host (which skips DNS), why it is refused; None otherwise."""
+@functools.lru_cache(maxsize=4096)
+def literal_refusal(url: str) -> str | None:
+    """For a URL whose host is an IP literal (which skips DNS), why it is refused; None
+    otherwise. The host is read as aiohttp will connect to it (yarl), as the api's check
+    reads it; a webhook's URL is checked on every delivery, hence the cache."""
     try:
-        public = is_public_address(host.strip("[]"))
+        host = URL(url).raw_host or ""
+        public = is_public_address(host)
     except ValueError:
         return None
     return None if public else f"{REFUSED} {host} is a non-public address"

@@ -10,7 +10,13 @@ from typing import Any, ClassVar, cast
 
 import pytest
 
-from services.shared import GuardedResolver, _netguard, is_public_address, refused_reason
+from services.shared import (
+    GuardedResolver,
+    _netguard,
+    is_public_address,
+    literal_refusal,
+    refused_reason,
+)
 
 
 @pytest.mark.parametrize(
@@ -218,3 +224,24 @@ async def test_a_name_just_added_is_found_at_the_next_save(nameserver: str) -> N
     assert first.startswith("cannot resolve added7.test: ")
     _NameServer.added.add("added7")
     assert await refused_reason("https://added7.test/hook", [nameserver]) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "refused_host"),
+    [
+        ("http://127.0.0.1:8080/hook", "127.0.0.1"),
+        ("https://[::1]/hook", "::1"),
+        ("http://[::ffff:10.0.0.1]/", "::ffff:a00:1"),
+        ("http://169.254.169.254/latest", "169.254.169.254"),
+        ("http://8.8.8.8/hook", None),
+        ("https://example.com/hook", None),
+    ],
+)
+def test_an_ip_literal_is_judged_without_a_lookup(url: str, refused_host: str | None) -> None:
+    """The dispatcher's check before connecting: a literal host skips the resolver, so it
+    is judged here; a name is left to the guarded resolver."""
+    refusal = literal_refusal(url)
+    if refused_host is None:
+        assert refusal is None
+    else:
+        assert refusal == f"refused: {refused_host} is a non-public address"
