@@ -323,7 +323,7 @@ class Stack:
             assert response.status == 201
             return str((await response.json())["id"])
 
-    async def wait_for_webhook(self, webhook_id: str, within: float = 5.0) -> None:
+    async def wait_for_webhook(self, webhook_id: str, within: float = 15.0) -> None:
         """The dispatcher picks up new webhooks from change records, within a second."""
         deadline = asyncio.get_running_loop().time() + within
         while self.dispatcher.table.get(webhook_id) is None:

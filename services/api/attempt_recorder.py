@@ -195,11 +195,7 @@ class AttemptRecorder:
                 )
                 for _, notice in disabled
             ]
-        for row_id, notice in notices:
-            try:
-                await self._outbox.publish(row_id, self._topics.audit, notice.team_id or "", notice)
-            except PublishUnavailable as exc:
-                self._log.warning("audit_notice_left_for_relay", error=exc.message)
+        # Counted as committed: the notices' publishing may wait on the broker.
         if orphans:
             self._consumed.labels("webhook_gone").inc(orphans)
         for attempt, _ in disabled:
@@ -207,6 +203,11 @@ class AttemptRecorder:
                 "webhook_disabled", webhook_id=attempt.webhook_id, reason=attempt.disable_reason
             )
             self._disabled.labels("failing" if attempt in failing_too_long else "gone").inc()
+        for row_id, notice in notices:
+            try:
+                await self._outbox.publish(row_id, self._topics.audit, notice.team_id or "", notice)
+            except PublishUnavailable as exc:
+                self._log.warning("audit_notice_left_for_relay", error=exc.message)
         # Every request, not only those that changed a row: a record read again after a
         # crash between the commit and the notice changes nothing the second time, and its
         # notice would be lost; a repeated notice only makes the dispatchers read the row.

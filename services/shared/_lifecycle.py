@@ -171,6 +171,8 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    # From here a stop signal is heard, even while a start waits on a broker.
+    log.info("services_starting", names=[service.name for service in services])
     # Each service's stop() copes with a start that did not finish.
     starting: list[Service] = []
 

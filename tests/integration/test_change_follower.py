@@ -138,7 +138,7 @@ async def test_an_empty_topic_is_caught_up_at_once(kafka_settings: Settings) -> 
     try:
         started = asyncio.get_running_loop().time()
         assert await follower.wait_caught_up(10)
-        assert asyncio.get_running_loop().time() - started < 2
+        assert asyncio.get_running_loop().time() - started < 8  # not the wait's 10 s
     finally:
         await follower.stop()
 

@@ -167,12 +167,12 @@ async def test_rotate_with_grace_keeps_both_until_it_ends(api_stack: Stack) -> N
         "POST", "/v1/tokens", json={"name": "g", "permissions": ["object:read"]}
     )
     _, rotated = await api_stack.auth_call(
-        "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 1}
+        "POST", f"/v1/tokens/{created['id']}/rotate", json={"grace_seconds": 4}
     )
     assert rotated["previous_secret_valid_until"] is not None
     assert (await api_stack.introspect(created["token"]))["active"] is True
     assert (await api_stack.introspect(rotated["token"]))["active"] is True
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(4.2)
     assert (await api_stack.introspect(created["token"]))["reason"] == "rotated"
     assert (await api_stack.introspect(rotated["token"]))["active"] is True
 
@@ -438,7 +438,7 @@ async def test_a_second_auth_process_drops_its_cache_on_the_change_record(
             return value or 0.0
 
         # The token's own "created" record may still drop the first entry; wait for a hit.
-        async with asyncio.timeout(2):
+        async with asyncio.timeout(10):
             while hits() == 0:
                 assert (await ask_other())["active"] is True
                 await asyncio.sleep(0.02)

@@ -75,7 +75,7 @@ async def test_edits_reach_the_dispatcher_through_change_records(
     await stack.create_object()
     registry = stack.dispatcher.metrics.registry
     await _until(
-        lambda: registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 2, within=5
+        lambda: registry.get_sample_value("hookwire_dispatcher_events_routed_total") == 2, within=15
     )
     assert len(receiver.received) == 1
     assert (await _hooks(stack, "PATCH", f"/{webhook['id']}", json={"active": True}))[0] == 200
@@ -480,7 +480,7 @@ async def test_a_failed_refresh_is_made_good_within_seconds(stack: Stack) -> Non
 
     table.refresh_many = failing_once  # type: ignore[method-assign]
     webhook = await stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
-    await stack.wait_for_webhook(webhook["id"], within=5)
+    await stack.wait_for_webhook(webhook["id"], within=15)
     assert failures == [[webhook["id"]]]
 
 
