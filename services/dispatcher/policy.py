@@ -26,7 +26,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         return float(text)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a year or an offset past any clock's
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
