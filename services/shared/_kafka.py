@@ -87,6 +87,10 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
+# The client's own default: five minutes between reads before the group drops a member.
+_MAX_POLL_INTERVAL_MS = 300_000
+
+
 def make_consumer(
     settings: Settings, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
@@ -99,6 +103,11 @@ def make_consumer(
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
         "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         "max_poll_records": 500,
+        # A stop's drain reads nothing while it waits for deliveries in flight; the group
+        # must not count the member gone meanwhile (its partitions would be sent again).
+        "max_poll_interval_ms": max(
+            _MAX_POLL_INTERVAL_MS, int((settings.shutdown_grace_seconds + 60) * 1000)
+        ),
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

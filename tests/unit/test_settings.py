@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.shared import ConfigurationError, access_tokens, load_settings, unknown_variables
+from services.shared import (
+    ConfigurationError,
+    access_tokens,
+    load_settings,
+    make_consumer,
+    unknown_variables,
+)
 
 
 def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,3 +116,17 @@ def test_a_misspelled_variable_is_named() -> None:
         "PATH": "/bin",
     }
     assert unknown_variables(environ) == ["HOOKWIRE_API_PROT"]
+
+
+@pytest.mark.parametrize(("grace", "interval_ms"), [(10.0, 300_000), (600.0, 660_000)])
+async def test_a_consumer_outlasts_the_stop_grace_between_reads(
+    grace: float, interval_ms: int
+) -> None:
+    """A drain reads nothing while it waits for deliveries in flight: the group must not
+    drop the member (and hand its partitions on) before the grace is over."""
+    settings = load_settings(shutdown_grace_seconds=grace, kafka_bootstrap="127.0.0.1:9")
+    consumer = make_consumer(settings, "t", group_id="g")
+    try:
+        assert consumer._max_poll_interval_ms == interval_ms
+    finally:
+        await consumer.stop()
