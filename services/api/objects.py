@@ -33,7 +33,8 @@ from . import object_store as store
 from .context import CONTEXT, ApiContext
 from .paging import IdPageQuery
 
-_OBJECT_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# fullmatch: "$" would also take a name ending in a newline.
+_OBJECT_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 
 
 class PreconditionFailed(HookwireError):
@@ -58,7 +59,7 @@ class SendRequest(BaseModel):
 
 def _object_type(request: web.Request) -> str:
     object_type = request.match_info["object_type"]
-    if not _OBJECT_TYPE.match(object_type):
+    if not _OBJECT_TYPE.fullmatch(object_type):
         raise ValidationFailed.for_field(
             "object_type", "lowercase letters, digits, '_' or '-', starting with a letter"
         )

@@ -40,7 +40,8 @@ from .authn import Principal
 from .context import CONTEXT
 from .paging import IdPageQuery
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+# fullmatch: "$" would also take a name ending in a newline.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _RESERVED_HEADERS = frozenset(
     {
         "connection",
@@ -107,7 +108,7 @@ class _WebhookRules(BaseModel):
     def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         seen: set[str] = set()
         for name, header_value in (value or {}).items():
-            if not _HEADER_NAME.match(name):
+            if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
             lowered = name.lower()
             if lowered in _RESERVED_HEADERS or lowered.startswith(_RESERVED_PREFIXES):

@@ -140,6 +140,7 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "surprise": 1}, "surprise"),
         ({k: v for k, v in VALID.items() if k != "url"}, "url"),
         ({**VALID, "headers": {"bad header": "x"}}, "headers"),
+        ({**VALID, "headers": {"X-Foo\n": "x"}}, "headers"),
         ({**VALID, "headers": {"Transfer-Encoding": "chunked"}}, "headers"),
         ({**VALID, "headers": {"X-Ok": "a\r\nInjected: 1"}}, "headers"),
         ({**VALID, "headers": {"X-Ok": "a\u0000b"}}, "headers"),
@@ -226,6 +227,7 @@ async def test_oversized_body_gets_413(api_stack: Stack) -> None:
     [
         ("/objects/Contact", {"a": 1}, "object_type"),
         ("/objects/9lives", {"a": 1}, "object_type"),
+        ("/objects/contact%0A", {"a": 1}, "object_type"),
         ("/objects/contact", [1, 2], "body"),
         ("/objects/contact", "text", "body"),
     ],
