@@ -145,7 +145,7 @@ async def get_delivery(request: web.Request) -> web.Response:
     principal = await ctx.authorize(request, "webhook:read")
     async with ctx.engine.connect() as conn:
         row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
-        attempts = await delivery_log.attempts_of(conn, [row.id])
+        attempts = await delivery_log.attempts_of(conn, [row.id], detailed=True)
     return json_response(delivery_log.delivery_view(row, attempts[row.id], detailed=True))
 
 

@@ -187,6 +187,14 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValidationFailed.for_field("cursor", "not a cursor this api returned") from exc
 
 
+# What a list shows: a page of 500 would otherwise read every delivery's whole event (up
+# to 900 KB each) and every attempt's request headers and response body, and drop them.
+_LISTED_DELIVERY = [column for column in _deliveries.c if column.name != "event"]
+_LISTED_ATTEMPT = [
+    column for column in _attempts.c if column.name not in {"request_headers", "response_body"}
+]
+
+
 async def page(
     conn: AsyncConnection, where: DeliveryFilter, *, limit: int, cursor: str | None
 ) -> list[Any]:
@@ -201,7 +209,7 @@ async def page(
             )
         )
     rows = await conn.execute(
-        select(_deliveries)
+        select(*_LISTED_DELIVERY)
         .where(*conditions)
         .order_by(_deliveries.c.created_at.desc(), _deliveries.c.id.desc())
         .limit(limit + 1)
@@ -235,12 +243,14 @@ async def oldest_first(
     return list(rows.all())
 
 
-async def attempts_of(conn: AsyncConnection, delivery_ids: Sequence[str]) -> dict[str, list[Any]]:
+async def attempts_of(
+    conn: AsyncConnection, delivery_ids: Sequence[str], *, detailed: bool = False
+) -> dict[str, list[Any]]:
     found: dict[str, list[Any]] = {delivery_id: [] for delivery_id in delivery_ids}
     if not delivery_ids:
         return found
     rows = await conn.execute(
-        select(_attempts)
+        select(*(_attempts.c if detailed else _LISTED_ATTEMPT))
         .where(_attempts.c.delivery_id.in_(list(delivery_ids)))
         .order_by(_attempts.c.delivery_id, _attempts.c.attempted_at, _attempts.c.attempt)
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import event as sql_event
 
 from services.api import deliveries
 from services.api.errors import PublishUnavailable
@@ -166,6 +167,48 @@ async def test_listing_filters_by_state_and_time_and_pages(
         "data"
     ]
     assert [d["id"] for d in team_wide] == seen
+
+
+async def test_a_list_reads_no_event_and_no_response_body(stack: Stack, receiver: Receiver) -> None:
+    """A page of 500 deliveries would otherwise read every event (up to 900 KB each) and
+    every attempt's answer to drop them; showing one delivery reads them."""
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
+    await stack.create_object({"n": 1})
+    await receiver.wait_for(1)
+    path = f"/webhooks/{webhook['id']}/deliveries"
+    [listed] = await _listed(stack, path, 1)
+    statements: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    engine = stack.api.engine.sync_engine
+    sql_event.listen(engine, "before_cursor_execute", note)
+    try:
+        status, page = await _call(stack, "GET", path)
+        assert status == 200
+        assert [d["id"] for d in page["data"]] == [listed["id"]]
+        assert "event" not in page["data"][0]
+        listing = [s for s in statements if "FROM deliveries" in s or "FROM delivery_attempts" in s]
+        assert len(listing) == 2, statements
+        assert not any(
+            word in statement
+            for statement in listing
+            for word in (
+                "deliveries.event,",
+                "deliveries.event ",
+                "response_body",
+                "request_headers",
+            )
+        ), listing
+        statements.clear()
+        status, shown = await _call(stack, "GET", f"/deliveries/{listed['id']}")
+        assert status == 200
+        assert shown["event"]["data"] == {"n": 1}
+        assert "response_body" in shown["attempts"][0]
+        assert any("response_body" in statement for statement in statements), statements
+    finally:
+        sql_event.remove(engine, "before_cursor_execute", note)
 
 
 async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
