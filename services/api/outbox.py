@@ -21,6 +21,7 @@ from aiokafka.errors import (
 )
 from prometheus_client import Counter
 from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
@@ -59,6 +60,11 @@ def _check_size(size: int) -> None:
 
 # Records no retry will ever get into the stream.
 _NEVER_SENDABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
+
+
+def _first_line(exc: Exception) -> str:
+    # A driver's message goes on with the statement and its parameters.
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class _KeptForRelay(Exception):
@@ -124,8 +130,14 @@ class Outbox:
     async def publish(self, row_id: str, topic: str, key: str, record: Record) -> None:
         """Publish a staged record now (acks=all); the caller learns if Kafka refused."""
         await self.publish_direct(topic, key, record)
-        async with self._engine.begin() as conn:
-            await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(delete(_outbox).where(_outbox.c.id == row_id))
+        except SQLAlchemyError as exc:
+            # The change is committed and its record in the stream: a 500 now would have
+            # the caller make it again. The row stays; the relay sends it once more, under
+            # the same id.
+            self._log.warning("outbox_row_left", row_id=row_id, error=_first_line(exc))
 
     async def commit_and_publish(
         self,
@@ -176,6 +188,11 @@ class Outbox:
                 if not await undo(conn):
                     raise _KeptForRelay  # rolls the delete back
         except _KeptForRelay:
+            return False
+        except SQLAlchemyError as exc:
+            # Nothing was undone: the change stays committed with its record staged, and
+            # the relay publishes it once the stream is back.
+            self._log.warning("outbox_undo_failed", row_id=row_id, error=_first_line(exc))
             return False
         return True
 

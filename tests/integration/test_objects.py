@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiokafka.errors import KafkaConnectionError
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.api import object_store
@@ -689,3 +690,56 @@ async def test_an_object_grown_past_what_the_stream_takes_is_a_413(stack: Stack)
     _, current, _ = await _call(stack, "GET", path)
     assert current["version"] == 4
     assert sorted(current["data"]) == ["n", "part0", "part1", "part2"]
+
+
+class _DatabaseAwayOnce:
+    """An engine whose ``begin`` fails once, from its ``fail_from``-th call on (a database
+    failing over, a dropped connection); every other call goes to the real engine."""
+
+    def __init__(self, engine: Any, fail_from: int) -> None:
+        self._engine = engine
+        self._calls = 0
+        self._fail_from = fail_from
+        self.failed = False
+
+    def begin(self) -> Any:
+        self._calls += 1
+        if self._calls >= self._fail_from and not self.failed:
+            self.failed = True
+            raise OperationalError("BEGIN", {}, Exception("database is away"))
+        return self._engine.begin()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+@pytest.mark.parametrize("broker_up", [True, False], ids=["published", "refused"])
+async def test_a_database_failing_after_the_change_answers_it_as_made(
+    own_broker_stack: tuple[Stack, EmbeddedBroker], broker_up: bool
+) -> None:
+    """The change is committed; then the database fails while the outbox forgets the
+    published record, or while it would undo the change the stream refused. Either way
+    the change stays with its record staged for the relay, and the caller gets the
+    change's answer: a 500 would have it make the change a second time."""
+    stack, broker = own_broker_stack
+    _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    real = stack.api.outbox_for(stack.api._producer)  # type: ignore[arg-type]
+    outbox = Outbox(
+        _DatabaseAwayOnce(stack.api.engine, fail_from=2),  # type: ignore[arg-type]
+        stack.api._producer,  # type: ignore[arg-type]
+        Metrics("test"),
+        publish_timeout=2.0,
+        dead_letter_topic=topics_for(stack.settings).dead_letter,
+    )
+    row, event, change, undo = await _second_version(stack, created["id"], {"v": 2})
+    events_topic = topics_for(stack.settings).events
+    if not broker_up:
+        broker.stop()
+    await outbox.commit_and_publish(change, undo, events_topic, row.id, event)
+    assert outbox._engine.failed  # type: ignore[attr-defined]
+    _, current, _ = await _call(stack, "GET", f"/contact/{row.id}")
+    assert (current["data"], current["version"]) == ({"v": 2}, 2)
+    assert await real.backlog() == 1, "the record stays staged for the relay"
+    if broker_up:
+        published = await topic_records(stack.settings, events_topic, 2)
+        assert event.id in [record["id"] for record in published]
