@@ -189,9 +189,12 @@ idempotency_keys = Table(
     Column("team_id", String(64), primary_key=True),
     Column("key", String(255), primary_key=True),
     Column("request_hash", String(64), nullable=False),
+    # None while a request holds the key; 0 once its publish failed (free for a retry,
+    # which publishes under the same event id); the answer's status once it answered.
     Column("status", Integer),
     Column("response", JSON),
     Column("created_at", UtcDateTime(), nullable=False),
+    Column("event_id", String(64)),
 )
 
 deliveries = Table(

@@ -7,9 +7,12 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import OperationalError
 
 from services.api import events
+from services.api.context import CONTEXT
+from services.api.errors import PublishUnavailable
 from services.shared import tables, utcnow
 from tests.conftest import Receiver, Stack
 
@@ -72,18 +75,89 @@ async def test_idempotency_key_makes_a_repeat_a_no_op(stack: Stack, receiver: Re
     assert published == 2
 
 
-async def test_a_keyed_event_keeps_its_id_when_its_key_was_released(stack: Stack) -> None:
-    """A failed publish releases its key, yet may have reached Kafka (a timeout proves
+async def test_a_keyed_event_keeps_its_id_when_its_publish_failed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed publish frees its key, yet may have reached Kafka (a timeout proves
     nothing): the retry publishes the same event id, so receivers see one webhook-id."""
-    first = await _publish(stack, EVENT, key="order-9")
-    async with stack.api.engine.begin() as conn:
-        await conn.execute(delete(tables.idempotency_keys))
+    outbox = stack.api.app[CONTEXT].outbox
+    real = outbox.publish_direct
+    sent: list[str] = []
+
+    async def fails_once(topic: str, key: str, record: Any) -> None:
+        sent.append(record.id)
+        if len(sent) == 1:
+            raise PublishUnavailable("event stream is unavailable")
+        await real(topic, key, record)
+
+    monkeypatch.setattr(outbox, "publish_direct", fails_once)
+    status, body, _ = await _publish(stack, EVENT, key="order-9")
+    assert (status, body["error"]["code"]) == (503, "publish_unavailable")
     again = await _publish(stack, EVENT, key="order-9")
-    assert first[0] == again[0] == 201
-    assert again[1]["id"] == first[1]["id"]
+    assert again[0] == 201
+    assert again[1]["id"] == sent[0] == sent[1]
     assert "Idempotent-Replayed" not in again[2]
-    other_body = await _publish(stack, {**EVENT, "data": {"total": 1}}, key="order-10")
-    assert other_body[1]["id"] != first[1]["id"]
+    # A different body after a failure is a new request, with an id of its own.
+    status, body, _ = await _publish(stack, EVENT, key="order-10")
+    assert status == 201
+    other = await _publish(stack, {**EVENT, "data": {"total": 1}}, key="order-10")
+    assert other[0] == 422  # the key answered: another body is refused
+    assert len(set(sent)) == 2
+
+
+async def test_a_key_used_again_after_its_window_publishes_a_new_event(stack: Stack) -> None:
+    """The same key and body a day later (an order shipped again) is a new event: under
+    the old id, receivers that de-duplicate would drop it."""
+    first = await _publish(stack, EVENT, key="order-shipped")
+    keys = tables.idempotency_keys
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(keys)
+            .where(keys.c.key == "order-shipped")
+            .values(created_at=utcnow() - timedelta(hours=25))
+        )
+    later = await _publish(stack, EVENT, key="order-shipped")
+    assert first[0] == later[0] == 201
+    assert "Idempotent-Replayed" not in later[2]
+    assert later[1]["id"] != first[1]["id"]
+
+
+async def test_a_claim_from_before_event_ids_were_stored_keeps_its_derived_id(
+    stack: Stack,
+) -> None:
+    """A key an earlier release claimed and whose publish failed has no stored id: its
+    retry publishes under the id that release derived from the team, key and body."""
+    status, _, _ = await _publish(stack, EVENT, key="legacy")
+    assert status == 201
+    keys = tables.idempotency_keys
+    async with stack.api.engine.begin() as conn:
+        row = (await conn.execute(select(keys).where(keys.c.key == "legacy"))).one()
+        await conn.execute(
+            update(keys)
+            .where(keys.c.key == "legacy")
+            .values(
+                event_id=None,
+                status=None,
+                response=None,
+                created_at=utcnow() - timedelta(minutes=10),
+            )
+        )
+    again = await _publish(stack, EVENT, key="legacy")
+    assert again[0] == 201
+    assert again[1]["id"] == events._keyed_event_id(stack.team_id, "legacy", row.request_hash)
+
+
+async def test_a_database_failing_after_the_publish_answers_the_event(
+    stack: Stack,
+) -> None:
+    """The event is in the stream; the key's answer could not be written. The caller is
+    told the event's fate (no 500 to retry on), and the claim is left in flight."""
+
+    class Away:
+        def begin(self) -> Any:
+            raise OperationalError("BEGIN", {}, Exception("database is away"))
+
+    await events._settle(Away(), stack.team_id, "k", status=201, response={})  # type: ignore[arg-type]
 
 
 async def test_a_key_claimed_by_a_request_that_died_is_free_again(stack: Stack) -> None:
