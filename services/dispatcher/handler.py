@@ -32,12 +32,14 @@ from services.shared import (
     decode,
     get_logger,
     partition_of,
+    too_large,
     utcnow,
 )
 
-from .errors import WebhookUnconfirmed, Withdrawn
+from .errors import SetAside, WebhookUnconfirmed, Withdrawn
 from .lanes import Pace
 from .policy import BACK_OFF_STATUSES, GONE, CircuitBreaker, RetryPolicy, parse_retry_after
+from .routed import set_aside_too_large
 from .routing import WebhookRoute
 from .sender import Outcome, Sender
 from .table import WebhookTable
@@ -235,10 +237,13 @@ class DeliveryHandler:
         if len(self._holds) > _WEBHOOKS_REMEMBERED:
             self._prune_holds()
 
-    async def publish(self, records: list[OutRecord]) -> None:
-        """Until Kafka takes the outcome the record is not finished; keep trying, with
-        only the records it did not take: the retry record of an attempt whose own
-        record was taken must not be written twice (two chains of retries)."""
+    async def publish(self, source: ConsumerRecord, records: list[OutRecord]) -> None:
+        """Until Kafka takes the outcome of ``source`` the record is not finished; keep
+        trying, with only the records it did not take: the retry record of an attempt
+        whose own record was taken must not be written twice (two chains of retries).
+        One the broker will never take (too large for a topic configured smaller) would
+        hold the partition's commit point for good: it is set aside as a dead letter of
+        the delivery, as the router and the retry timer do."""
         backoff = 0.5
         while records:
             refused = await self._sender_of_outcomes.send_each(records)
@@ -247,6 +252,18 @@ class DeliveryHandler:
                     # The sender has stopped: the delivery ends unfinished, to be sent
                     # again by the partition's next reader.
                     raise error
+            if any(too_large(error) for error in refused.values()):
+                set_aside: list[SetAside] = []
+                refused = await set_aside_too_large(
+                    self._sender_of_outcomes.send_each,
+                    self._topics,
+                    records,
+                    [source] * len(records),
+                    refused,
+                    set_aside,
+                )
+                for record, reason in set_aside:
+                    note_invalid_record(self._metrics, record, reason, label="too_large")
             if refused:
                 error = refused[min(refused)]
                 self._log.warning("outcome_publish_failed", error=str(error), records=len(refused))

@@ -42,7 +42,7 @@ _WEBHOOK_INTERVAL_MAX = 10.0
 # the wait (``Lanes.wake``), and the slot is given up; ask again with its current rate.
 Pace = Callable[[float | None], Awaitable[bool]]
 Attempt = Callable[[ConsumerRecord, Pace], Awaitable[list[OutRecord]]]
-Publish = Callable[[list[OutRecord]], Awaitable[None]]
+Publish = Callable[[ConsumerRecord, list[OutRecord]], Awaitable[None]]
 # Reads what the last owner of the partitions just gained left behind; returns, per gained
 # partition, per webhook (key), the offset of the last put-off first attempt already
 # forwarded back to the partition and not yet sent (decision 61).
@@ -411,7 +411,7 @@ class Lanes:
             # partition's new owner's to decide.
             return
         try:
-            await self._publish(outcome)
+            await self._publish(record, outcome)
         except Exception as exc:
             # Only when stopping (the sender has closed): the record stays unfinished and
             # the partition's next reader sends it again.

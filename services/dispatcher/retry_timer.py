@@ -315,7 +315,12 @@ class RetryTimer:
             set_aside: list[SetAside] = []
             sources = [entry.record() for entry in due]
             failed = await set_aside_too_large(
-                self._producer, self._topics, out, sources, failed, set_aside
+                lambda records: send_each(self._producer, records),
+                self._topics,
+                out,
+                sources,
+                failed,
+                set_aside,
             )
             for record, reason in set_aside:
                 self._on_set_aside(record, reason)

@@ -11,6 +11,7 @@ not take either is replaced by one without the payload.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
@@ -38,14 +39,20 @@ async def send_routed(
     records dead-lettered instead, or raises ``Refused`` naming those not taken."""
     set_aside: list[SetAside] = []
     errors = await send_each(producer, out)
-    failed = await set_aside_too_large(producer, topics, list(out), sources, errors, set_aside)
+    failed = await set_aside_too_large(
+        lambda records: send_each(producer, records), topics, list(out), sources, errors, set_aside
+    )
     if failed:
         raise Refused(failed, set_aside)
     return set_aside
 
 
+# Sends records, returning the error of each the broker did not take (by index).
+SendEach = Callable[[list[OutRecord]], Awaitable[dict[int, BaseException]]]
+
+
 async def set_aside_too_large(
-    producer: AIOKafkaProducer,
+    send: SendEach,
     topics: Topics,
     out: list[OutRecord],
     sources: list[ConsumerRecord],
@@ -67,9 +74,7 @@ async def set_aside_too_large(
     }
     while steps:
         trying = [(index, stand_ins.pop(0)) for index, stand_ins in steps.items()]
-        answers = await asyncio.gather(
-            *(send_each(producer, [record]) for _, (record, _) in trying)
-        )
+        answers = await asyncio.gather(*(send([record]) for _, (record, _) in trying))
         for (index, (_, note)), refusals in zip(trying, answers, strict=True):
             [*refused] = refusals.values()
             if not refused:

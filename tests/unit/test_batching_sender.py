@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import orjson
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
 from services.shared import (
@@ -188,10 +190,57 @@ async def test_a_delivery_outcome_partly_refused_is_sent_again_only_in_part() ->
         metrics=DeliveryMetrics(Metrics("test_partly_refused")),
     )
     records = [("t.attempts", _key_on(0), b"attempt"), ("t.retry.1", _key_on(1), b"retry")]
-    await asyncio.wait_for(handler.publish(records), 10)
+    await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
     await outcomes.close()
     sent = [value for batch in producer.sent for value in batch]
     assert sorted(sent) == [b"attempt", b"retry", b"retry"]
+
+
+def _delivery_record() -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("t.deliveries", 0, 41, 0, 0, b"wh_1", b'{"id": "msg_1"}', None, 4, 15, ())
+
+
+class _TooSmallAttemptsTopic(_CountingProducer):
+    """An attempts topic configured with a smaller record limit than the others: it
+    refuses every batch, for its size."""
+
+    async def send_batch(
+        self, batch: _Batch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        answered = asyncio.get_running_loop().create_future()
+        if topic == "t.attempts":
+            answered.set_exception(MessageSizeTooLargeError())
+        else:
+            self.sent.append(batch.values)
+            answered.set_result(None)
+        return answered
+
+
+async def test_an_outcome_the_broker_will_never_take_is_set_aside() -> None:
+    """Tried for ever, the attempt record would hold its partition's commit point, and
+    every webhook behind it, for good: it becomes a dead letter of the delivery (counted),
+    and the retry record the broker took goes once."""
+    producer = _TooSmallAttemptsTopic()
+    outcomes = BatchingSender(cast(Any, producer))
+    metrics = DeliveryMetrics(Metrics("test_never_taken"))
+    handler = DeliveryHandler(
+        settings=load_settings(service_credential="x", token_pepper="y"),
+        table=cast(Any, None),
+        sender=cast(Any, None),
+        outcomes=outcomes,
+        topics=Topics("t."),
+        metrics=metrics,
+    )
+    records = [("t.attempts", b"wh_1", b"attempt"), ("t.retry.1", b"wh_1", b"retry")]
+    await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
+    await outcomes.close()
+    sent = [value for batch in producer.sent for value in batch]
+    assert sent.count(b"retry") == 1
+    [letter] = [orjson.loads(value) for value in sent if value != b"retry"]
+    assert (letter["source_topic"], letter["source_offset"]) == ("t.deliveries", 41)
+    assert letter["reason"].startswith("its record for wh_1 on t.attempts is refused")
+    assert orjson.loads(letter["payload"]) == {"id": "msg_1"}
+    assert metrics.dead_letters.labels("too_large")._value.get() == 1
 
 
 class _MissingTopicProducer(_CountingProducer):

@@ -37,7 +37,7 @@ async def _sent_in_order(
         sent.append(record.offset)
         return []
 
-    async def publish(records: list[OutRecord]) -> None:
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
         pass
 
     async def taken_over(partitions: set[TopicPartition]) -> dict[TopicPartition, Any]:

@@ -85,7 +85,7 @@ async def test_a_gained_partition_waits_for_its_last_owners_put_offs() -> None:
         handled.append((record.partition, record.offset))
         return []
 
-    async def publish(records: list[OutRecord]) -> None:
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
         pass
 
     async def gained(partitions: set[TopicPartition]) -> None:
@@ -126,7 +126,7 @@ async def test_a_read_that_fails_still_lets_the_partition_go_on() -> None:
         handled.append(record.offset)
         return []
 
-    async def publish(records: list[OutRecord]) -> None:
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
         pass
 
     async def gained(partitions: set[TopicPartition]) -> None:
@@ -154,7 +154,7 @@ def _paced_lanes() -> tuple[_Consumer, Lanes, list[int]]:
         sent.append(record.offset)
         return []
 
-    async def publish(records: list[OutRecord]) -> None:
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
         pass
 
     lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100, rate=0.5)
@@ -442,7 +442,7 @@ async def test_a_delivery_whose_partition_moved_while_it_waited_neither_sends_no
         sent.append(record.offset)
         return [("t.attempts", None, b"attempt")]
 
-    async def publish(records: list[OutRecord]) -> None:
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
         published.extend(records)
 
     lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
