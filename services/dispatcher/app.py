@@ -189,6 +189,7 @@ class DispatcherService:
             handler.publish,
             per_lane=self.settings.delivery_concurrency_per_endpoint,
             backlog_max=self.settings.delivery_backlog_max,
+            backlog_max_bytes=self.settings.delivery_backlog_max_bytes,
             rate=self.settings.delivery_rate_per_endpoint,
             on_commit=self._observe,
             on_lost=lambda lost: self._forget_partitions(deliverer, lost),
@@ -203,6 +204,7 @@ class DispatcherService:
             self._producer,
             self.topics,
             pending_max=self.settings.retry_pending_max,
+            pending_max_bytes=self.settings.retry_pending_max_bytes,
             on_set_aside=lambda record, reason: note_invalid_record(
                 self.delivery_metrics, record, reason, label="too_large"
             ),

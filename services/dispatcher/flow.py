@@ -4,7 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+
+def record_bytes(record: ConsumerRecord[bytes, bytes]) -> int:
+    """What a raw record held in memory weighs, near enough: its key and value."""
+    return len(record.value or b"") + len(record.key or b"")
+
+
+def in_records(
+    counts: Mapping[TopicPartition, int],
+    sizes: Mapping[TopicPartition, int],
+    limit: int,
+    byte_limit: int | None,
+) -> dict[TopicPartition, int]:
+    """What waits per partition, in records, a partition's bytes counted as records too:
+    ``byte_limit`` bytes weigh as much as ``limit`` records. Records of a few kilobytes
+    are counted as they are; records near the broker's limit (900 KB) fill the bytes
+    first, and memory stays bounded by both."""
+    if byte_limit is None:
+        return dict(counts)
+    return {
+        partition: max(count, -(-sizes.get(partition, 0) * limit // byte_limit))
+        for partition, count in counts.items()
+    }
 
 
 class FetchGate:

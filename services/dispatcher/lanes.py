@@ -1,7 +1,8 @@
 """Per-endpoint lanes over one consumer: no endpoint holds up another.
 
 Fetched records wait as raw bytes in their webhook's lane (a queued HTTP request costs ~15
-times a raw record), at most ``backlog_max`` in all, split evenly between the partitions;
+times a raw record), at most ``backlog_max`` in all (and ``backlog_max_bytes`` of them),
+split evenly between the partitions;
 each lane starts at most ``per_lane`` at a time, in arrival order, and optionally no faster
 than ``rate`` per second. A lane's slot is held while the endpoint is being called, not
 while the outcome is written to Kafka, so the broker's acknowledgement time does not cap an
@@ -24,7 +25,7 @@ from aiokafka.errors import KafkaError
 from services.shared import OutRecord, cancel_and_wait, commit_offsets, get_logger
 
 from .errors import Withdrawn
-from .flow import FetchGate
+from .flow import FetchGate, in_records, record_bytes
 from .offsets import AssignmentWatch, OffsetTracker
 from .retry_timer import Waiting
 
@@ -96,6 +97,7 @@ class Lanes:
         *,
         per_lane: int,
         backlog_max: int,
+        backlog_max_bytes: int | None = None,
         rate: float | None = None,
         on_commit: Callable[[], None] | None = None,
         on_lost: Callable[[set[TopicPartition]], None] | None = None,
@@ -106,6 +108,7 @@ class Lanes:
         self._publish = publish
         self._per_lane = per_lane
         self._backlog_max = backlog_max
+        self._backlog_max_bytes = backlog_max_bytes
         self._interval = 1.0 / rate if rate else 0.0
         self._on_commit = on_commit
         self._on_lost = on_lost
@@ -182,7 +185,7 @@ class Lanes:
                     # the last commit; what already waits or was delivered is not taken twice.
                     if self._tracker.seen(partition, record.offset):
                         continue
-                    self._tracker.add(partition, record.offset)
+                    self._tracker.add(partition, record.offset, record_bytes(record))
                     if parked is not None:
                         parked.append(record)
                     else:
@@ -249,7 +252,7 @@ class Lanes:
         put-off that reached its lane releases them when it starts."""
         if not self._put_offs_ahead:
             return
-        counts = self._tracker.open_counts()
+        counts = self._waiting()
         share = max(1, self._backlog_max // max(1, len(self._consumer.assignment())))
         moving = {
             each.partition
@@ -332,7 +335,15 @@ class Lanes:
         # Each partition gets its share of the backlog: an endpoint slow enough to fill its
         # partition's share stops fetching that partition only, not every webhook's.
         return self._gate.hold_shares(
-            self._tracker.open_counts(), self._backlog_max, also=set(self._taking_over)
+            self._waiting(), self._backlog_max, also=set(self._taking_over)
+        )
+
+    def _waiting(self) -> dict[TopicPartition, int]:
+        return in_records(
+            self._tracker.open_counts(),
+            self._tracker.open_bytes(),
+            self._backlog_max,
+            self._backlog_max_bytes,
         )
 
     def _pump(self, key: bytes) -> None:

@@ -15,7 +15,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 class OffsetTracker:
     def __init__(self) -> None:
-        self._open: dict[TopicPartition, set[int]] = {}
+        # Per partition, each unfinished offset with the bytes its record holds.
+        self._open: dict[TopicPartition, dict[int, int]] = {}
+        self._bytes: dict[TopicPartition, int] = {}
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
 
@@ -26,14 +28,20 @@ class OffsetTracker:
         """Unfinished records per partition."""
         return {partition: len(offsets) for partition, offsets in self._open.items()}
 
-    def add(self, partition: TopicPartition, offset: int) -> None:
-        self._open.setdefault(partition, set()).add(offset)
+    def open_bytes(self) -> dict[TopicPartition, int]:
+        """The bytes unfinished records hold, per partition."""
+        return dict(self._bytes)
+
+    def add(self, partition: TopicPartition, offset: int, size: int = 0) -> None:
+        offsets = self._open.setdefault(partition, {})
+        self._bytes[partition] = self._bytes.get(partition, 0) + size - offsets.get(offset, 0)
+        offsets[offset] = size
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
 
     def done(self, partition: TopicPartition, offset: int) -> None:
         offsets = self._open.get(partition)
-        if offsets is not None:
-            offsets.discard(offset)
+        if offsets is not None and offset in offsets:
+            self._bytes[partition] -= offsets.pop(offset)
 
     def is_open(self, partition: TopicPartition, offset: int) -> bool:
         return offset in self._open.get(partition, ())
@@ -51,7 +59,7 @@ class OffsetTracker:
         returns the ones forgotten."""
         keep = set(partitions)
         dropped = {p for p in self._next if p not in keep}
-        for table in (self._open, self._next, self._committed):
+        for table in (self._open, self._bytes, self._next, self._committed):
             for partition in [p for p in table if p not in keep]:
                 del table[partition]
         return dropped

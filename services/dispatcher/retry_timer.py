@@ -35,7 +35,7 @@ from services.shared import (
 )
 
 from .errors import SetAside
-from .flow import FetchGate
+from .flow import FetchGate, in_records, record_bytes
 from .offsets import AssignmentWatch, OffsetTracker
 from .routed import set_aside_too_large
 
@@ -177,6 +177,7 @@ class RetryTimer:
         topics: Topics,
         *,
         pending_max: int,
+        pending_max_bytes: int | None = None,
         move_every_seconds: float = MOVE_EVERY_SECONDS,
         on_set_aside: Callable[[ConsumerRecord, str], None] = lambda record, reason: None,
     ) -> None:
@@ -185,6 +186,7 @@ class RetryTimer:
         self._producer = producer
         self._topics = topics
         self._pending_max = pending_max
+        self._pending_max_bytes = pending_max_bytes
         self._heap: list[Waiting] = []
         self._tracker = OffsetTracker()
         # Per partition, the highest offset forwarded: the waiting records below it hold
@@ -264,7 +266,7 @@ class RetryTimer:
                     # rebalance that gave the partition back, and not taken twice.
                     if self._tracker.seen(partition, record.offset):
                         continue
-                    self._tracker.add(partition, record.offset)
+                    self._tracker.add(partition, record.offset, record_bytes(record))
                     entry = Waiting.of(record)
                     if entry.value in self._waiting_values:
                         # The same delivery, attempt and time: one copy of a moved retry.
@@ -418,7 +420,13 @@ class RetryTimer:
         # Far-off retries of one failing endpoint (a circuit open for minutes, the 10-hour
         # tiers) could fill the heap; with every partition paused then, another endpoint's
         # 5-second retry would wait unread for hours. A reserve keeps room for the others.
-        return self._gate.hold_with_reserve(self._tracker.open_counts(), self._pending_max)
+        waiting = in_records(
+            self._tracker.open_counts(),
+            self._tracker.open_bytes(),
+            self._pending_max,
+            self._pending_max_bytes,
+        )
+        return self._gate.hold_with_reserve(waiting, self._pending_max)
 
 
 def _wall_us() -> int:

@@ -128,12 +128,15 @@ class Settings(BaseSettings):
     record_attempts: StrictBool = True
     delivery_rate_per_endpoint: float | None = Field(default=None, gt=0)
     delivery_backlog_max: int = Field(default=10_000, ge=10)
+    # Records reach 900 KB: counted alone, 10,000 of them would be 9 GB.
+    delivery_backlog_max_bytes: int = Field(default=100 * 2**20, ge=2**20)
     retry_schedule_seconds: SecondsList = Field(
         default=(5, 300, 1800, 7200, 18000, 36000, 36000), min_length=1, max_length=20
     )
     retry_jitter: float = Field(default=0.2, ge=0, le=1)
     retry_after_max_seconds: float = Field(default=3600, ge=0, le=_MAX_WAIT_SECONDS)
     retry_pending_max: int = Field(default=100_000, ge=10)
+    retry_pending_max_bytes: int = Field(default=100 * 2**20, ge=2**20)
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_open_seconds: float = Field(default=30.0, gt=0, le=_MAX_WAIT_SECONDS)
     circuit_open_max_seconds: float = Field(default=600.0, gt=0, le=_MAX_WAIT_SECONDS)

@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from services.dispatcher import retry_timer
-from services.dispatcher.flow import FetchGate
-from services.dispatcher.offsets import AssignmentWatch
+from services.dispatcher.flow import FetchGate, in_records
+from services.dispatcher.offsets import AssignmentWatch, OffsetTracker
 from services.dispatcher.retry_timer import RetryTimer, Waiting
 from services.shared import Topics
 
@@ -227,3 +227,40 @@ async def test_a_refused_forward_backs_off_without_holding_up_a_hand_over(
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+
+
+def test_bytes_weigh_as_records_once_they_are_the_larger_share() -> None:
+    """Ten records' limit and 1,000 bytes': 100 bytes weigh as one record."""
+    counts = {FIRST: 2, SECOND: 3}
+    sizes = {FIRST: 950, SECOND: 120}
+    assert in_records(counts, sizes, 10, 1_000) == {FIRST: 10, SECOND: 3}
+    assert in_records(counts, sizes, 10, None) == counts
+
+
+def test_the_tracker_counts_the_bytes_still_open() -> None:
+    tracker = OffsetTracker()
+    tracker.add(FIRST, 0, 100)
+    tracker.add(FIRST, 1, 50)
+    tracker.add(FIRST, 1, 50)  # read again after a rebalance: counted once
+    tracker.add(SECOND, 0, 7)
+    tracker.done(FIRST, 0)
+    tracker.done(FIRST, 0)
+    assert tracker.open_bytes() == {FIRST: 50, SECOND: 7}
+    tracker.retain([SECOND])
+    assert tracker.open_bytes() == {SECOND: 7}
+
+
+async def test_the_retry_timer_holds_a_partition_back_by_its_bytes(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    """One retry of 900 KB weighs as ninety of a hundred records here: the partition
+    holding it is paused while the other may still read its reserve."""
+    timer = RetryTimer(
+        consumer, cast(Any, None), Topics("t."), pending_max=100, pending_max_bytes=1_000_000
+    )
+    timer._tracker.add(FIRST, 0, 900_000)
+    timer._apply_backpressure()
+    assert consumer.paused() == {FIRST}
+    timer._tracker.done(FIRST, 0)
+    timer._apply_backpressure()
+    assert consumer.paused() == set()

@@ -461,3 +461,50 @@ async def test_a_delivery_whose_partition_moved_while_it_waited_neither_sends_no
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_large_records_pause_their_partition_by_their_bytes() -> None:
+    """Counted alone, ten thousand records of 900 KB would be 9 GB in memory: records
+    waiting for a stalled endpoint stop their partition's fetching once they hold its
+    share of the bytes, long before its share of the records."""
+    consumer = _Consumer()
+    consumer.assigned = {OWNED, GAINED}
+    stalled = asyncio.Event()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        await stalled.wait()
+        return []
+
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
+        pass
+
+    lanes = Lanes(
+        cast(Any, consumer),
+        attempt,
+        publish,
+        per_lane=1,
+        backlog_max=10_000,
+        backlog_max_bytes=4_000_000,
+    )
+    big = b"x" * 600_000
+
+    def large(partition: TopicPartition, offset: int) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(
+            partition.topic, partition.partition, offset, 0, 0, b"wh", big, None, 2, len(big), []
+        )
+
+    running = asyncio.create_task(lanes.run())
+    try:
+        # 1.8 MB waits in OWNED: under its 2 MB share, it reads on.
+        await consumer.batches.put({OWNED: [large(OWNED, n) for n in range(3)]})
+        await consumer.batches.put({GAINED: [_record(GAINED, 0)]})
+        await _until(lambda: consumer.batches.empty())
+        await asyncio.sleep(0.1)
+        assert consumer.paused == set()
+        # 2.4 MB: past its share of the bytes with four records of a 5,000 share.
+        await consumer.batches.put({OWNED: [large(OWNED, 3)]})
+        await _until(lambda: consumer.paused == {OWNED})
+    finally:
+        stalled.set()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
