@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from importlib.metadata import version
 
 import aiohttp
@@ -34,7 +35,7 @@ from services.shared import (
     utcnow,
 )
 
-from . import deliveries, events, objects, webhook_lifecycle, webhooks
+from . import deliveries, delivery_log, events, objects, webhook_lifecycle, webhooks
 from .attempt_recorder import AttemptRecorder
 from .authn import TokenGate
 from .context import CONTEXT, ApiContext
@@ -164,6 +165,14 @@ class ApiService:
                     await events.prune_idempotency_keys(conn, utcnow())
             except Exception:
                 get_logger("api").exception("idempotency_prune_failed")
+            retention = timedelta(days=self.settings.delivery_log_retention_days)
+            try:
+                pruned = await delivery_log.prune(self.engine, utcnow() - retention)
+            except Exception:
+                get_logger("api").exception("delivery_log_prune_failed")
+            else:
+                if pruned:
+                    get_logger("api").info("delivery_log_pruned", deliveries=pruned)
 
     async def _sync_ended_keys_forever(self, gate: TokenGate) -> None:
         while True:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, delete, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
     Actor,
@@ -270,6 +270,32 @@ async def find(conn: AsyncConnection, team_id: str, delivery_id: str) -> Any:
     if row is None:
         raise NotFound(f"delivery {delivery_id} not found")
     return row
+
+
+async def prune(engine: AsyncEngine, older_than: datetime, batch: int = 1_000) -> int:
+    """Delete the deliveries (and their attempts) last changed before ``older_than``, a
+    batch per transaction so that no lock is held long; returns how many went."""
+    pruned = 0
+    while True:
+        async with engine.begin() as conn:
+            ids = (
+                (
+                    await conn.execute(
+                        select(_deliveries.c.id)
+                        .where(_deliveries.c.updated_at < as_utc(older_than))
+                        .order_by(_deliveries.c.updated_at)
+                        .limit(batch)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if ids:
+                await conn.execute(delete(_attempts).where(_attempts.c.delivery_id.in_(ids)))
+                await conn.execute(delete(_deliveries).where(_deliveries.c.id.in_(ids)))
+        pruned += len(ids)
+        if len(ids) < batch:
+            return pruned
 
 
 async def forget_webhook(conn: AsyncConnection, webhook_id: str) -> None:

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # How often an api process asks auth which keys have ended (revoked, deactivated,
     # expired): the backstop for a change record lost on its way.
     ended_keys_sync_seconds: float = Field(default=10.0, ge=0.1, le=3600)
+    # A delivery (with its event and attempts) leaves the log this long after its last
+    # change: the log would otherwise grow with every event for good.
+    delivery_log_retention_days: float = Field(default=30.0, gt=0, le=3650)
     token_cache_seconds: float = Field(default=30.0, ge=0, le=300)
     delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)

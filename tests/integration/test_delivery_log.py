@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 import pytest
 from sqlalchemy import event as sql_event
+from sqlalchemy import select, update
 
-from services.api import deliveries
+from services.api import deliveries, delivery_log
 from services.api.errors import PublishUnavailable
 from services.shared import (
     Attempt,
@@ -19,6 +20,7 @@ from services.shared import (
     make_consumer,
     make_producer,
     send_all,
+    tables,
     topics_for,
     utcnow,
 )
@@ -726,3 +728,47 @@ async def test_a_late_attempt_does_not_bring_back_a_force_deleted_webhooks_log(
         # Each attempt counted once: the one of the webhook gone only as that.
         assert sum(consumed.values()) == 3, consumed
         assert consumed["webhook_gone"] == 1
+
+
+async def test_deliveries_past_the_retention_leave_the_log_with_their_attempts(
+    settings: Settings,
+) -> None:
+    """The log keeps a delivery, its event and its attempts for the retention after its
+    last change, then lets them go (a batch at a time), or it would grow for good."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = await _unreachable_webhook(stack)
+        topics = topics_for(stack.settings)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            names = ["msg_old_1", "msg_old_2", "msg_recent"]
+            records = [
+                (topics.attempts, b"k", _attempt(stack, name, n, webhook["id"]).to_bytes())
+                for name in names
+                for n in (1, 2)
+            ]
+            await send_all(producer, records)
+            for name in names:
+                await _logged(stack, name, lambda d: len(d["attempts"]) == 2)
+        finally:
+            await producer.stop()
+        deliveries_table, attempts_table = tables.deliveries, tables.delivery_attempts
+        now = utcnow()
+        async with stack.api.engine.begin() as conn:
+            await conn.execute(
+                update(deliveries_table)
+                .where(deliveries_table.c.id.in_(["msg_old_1", "msg_old_2"]))
+                .values(updated_at=now - timedelta(days=31))
+            )
+            await conn.execute(
+                update(deliveries_table)
+                .where(deliveries_table.c.id == "msg_recent")
+                .values(updated_at=now - timedelta(days=29))
+            )
+        pruned = await delivery_log.prune(stack.api.engine, now - timedelta(days=30), batch=1)
+        assert pruned == 2
+        assert (await _call(stack, "GET", "/deliveries/msg_old_1"))[0] == 404
+        assert (await _call(stack, "GET", "/deliveries/msg_recent"))[0] == 200
+        async with stack.api.engine.connect() as conn:
+            left = (await conn.execute(select(attempts_table.c.delivery_id))).scalars().all()
+        assert sorted(left) == ["msg_recent", "msg_recent"]
