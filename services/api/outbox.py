@@ -58,6 +58,9 @@ def _check_size(size: int) -> None:
         )
 
 
+# A relay round stops after this many failed sends in a row: the stream is away, not one
+# partition (whose keys are held back while the others' records go on).
+_FAILURES_BEFORE_GIVING_UP = 3
 # Records no retry will ever get into the stream.
 _NEVER_SENDABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
 
@@ -241,9 +244,15 @@ class Outbox:
         """Publish rows their requests left behind; returns how many were published."""
         claim, until, rows = await self._claim()
         published = 0
+        # A key whose record failed keeps its later records back (their order is the
+        # key's); the others go on, unless the stream itself seems away.
+        held_keys: set[tuple[str, str]] = set()
+        failed_in_a_row = 0
         for row in rows:
             if not self._time_for_a_send(until):
                 break
+            if (row.topic, row.key) in held_keys:
+                continue
             try:
                 await self._send_within(row.topic, row.value.encode(), row.key.encode())
             except _NEVER_SENDABLE as exc:
@@ -253,9 +262,14 @@ class Outbox:
                     break
             except (KafkaError, TimeoutError) as exc:
                 self._log.warning("outbox_relay_failed", error=str(exc) or type(exc).__name__)
-                break
+                held_keys.add((row.topic, row.key))
+                failed_in_a_row += 1
+                if failed_in_a_row >= _FAILURES_BEFORE_GIVING_UP:
+                    break
+                continue
             else:
                 published += 1
+                failed_in_a_row = 0
                 self._relayed.inc()
             async with self._engine.begin() as conn:
                 await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))

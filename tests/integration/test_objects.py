@@ -349,14 +349,18 @@ async def relay_stack(api_stack: Stack) -> tuple[Stack, Outbox, str]:
     return api_stack, api_stack.api.outbox_for(api_stack.api._producer), topic  # type: ignore[arg-type]
 
 
-async def _left_behind(stack: Stack, outbox: Outbox, topic: str, count: int) -> list[str]:
-    """Stage ``count`` events as requests that died before publishing would have."""
+async def _left_behind(
+    stack: Stack, outbox: Outbox, topic: str, count: int, objects: list[str] | None = None
+) -> list[str]:
+    """Stage ``count`` events as requests that died before publishing would have, each
+    for an object of its own unless ``objects`` names them (the key is the object)."""
     long_ago = utcnow() - outbox.relay_after * 2
     ids = []
     async with stack.api.engine.begin() as conn:
         for n in range(count):
+            object_id = objects[n] if objects else f"obj_left_{n}"
             event = sample_event(
-                id=new_id("evt"), team_id=stack.team_id, object_id=f"obj_left_{n}", data={"n": n}
+                id=new_id("evt"), team_id=stack.team_id, object_id=object_id, data={"n": n}
             )
             row_id = await outbox.stage(conn, topic, event.object_id, event)
             await conn.execute(
@@ -447,13 +451,14 @@ async def test_rows_a_dead_relay_claimed_are_relayed_once_its_claim_ends(
     await _relayed_once(stack, topic, ids)
 
 
-async def test_a_round_stopped_by_the_stream_frees_the_rows_it_did_not_send(
+async def test_a_record_the_stream_refuses_holds_back_only_its_key(
     relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The next round, here or in another process, starts again from the oldest row
-    rather than waiting for the claim to end."""
+    """A record whose partition is away (its leader down) keeps the later records of its
+    key back, in their order, and frees them at once for the next round, here or in
+    another process; the other keys' records go on rather than wait behind it."""
     stack, outbox, topic = relay_stack
-    ids = await _left_behind(stack, outbox, topic, 4)
+    ids = await _left_behind(stack, outbox, topic, 4, objects=["a", "b", "b", "c"])
     producer = stack.api._producer
     assert producer is not None
     send = producer.send_and_wait
@@ -463,11 +468,12 @@ async def test_a_round_stopped_by_the_stream_frees_the_rows_it_did_not_send(
         nonlocal calls
         calls += 1
         if calls == 2:
-            raise KafkaConnectionError("the broker went away")
+            raise KafkaConnectionError("the partition's leader went away")
         return await send(*args, **kwargs)
 
     monkeypatch.setattr(producer, "send_and_wait", fails_second)
-    assert await outbox.relay_once() == 1
+    assert await outbox.relay_once() == 2  # "a" and "c"; the second "b" waits for the first
+    assert calls == 3
     # The failed send may have written its record: its request must not undo the change.
     async with stack.api.engine.connect() as conn:
         failed = (
@@ -477,8 +483,32 @@ async def test_a_round_stopped_by_the_stream_frees_the_rows_it_did_not_send(
         ).scalar_one()
     assert not await outbox._undone(failed, _never_undone)
     async with _second_process_outbox(stack) as other:
-        assert await other.relay_once() == 3
+        assert await other.relay_once() == 2
     await _relayed_once(stack, topic, ids)
+    relayed = await topic_records(stack.settings, topic, 4)
+    assert [r["id"] for r in relayed if r["object_id"] == "b"] == ids[1:3], "in their order"
+
+
+async def test_a_round_stops_once_the_stream_seems_away(
+    relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three failed sends in a row: the stream is away, not one partition, and the round
+    does not wait out a send for every key left."""
+    stack, outbox, topic = relay_stack
+    await _left_behind(stack, outbox, topic, 6)
+    producer = stack.api._producer
+    assert producer is not None
+    calls = 0
+
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise KafkaConnectionError("the broker went away")
+
+    monkeypatch.setattr(producer, "send_and_wait", away)
+    assert await outbox.relay_once() == 0
+    assert calls == 3
+    assert await outbox.backlog() == 6
 
 
 async def test_a_send_hanging_past_the_publish_wait_ends_the_round(
