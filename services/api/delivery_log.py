@@ -105,16 +105,32 @@ async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) ->
     that team's log: it is left out too.
     """
     webhook_ids = {attempt.webhook_id for attempt in attempts}
+    # Shared locks until this commits (PostgreSQL): a force-delete, which deletes the
+    # webhook first and then its log, waits for these rows to be stored and deletes them
+    # too, rather than committing between this read and the writes.
     existing = {
         (row.id, row.team_id)
         for row in await conn.execute(
-            select(_webhooks.c.id, _webhooks.c.team_id).where(_webhooks.c.id.in_(webhook_ids))
+            select(_webhooks.c.id, _webhooks.c.team_id)
+            .where(_webhooks.c.id.in_(webhook_ids))
+            .with_for_update(read=True)
         )
     }
     kept = [attempt for attempt in attempts if (attempt.webhook_id, attempt.team_id) in existing]
-    if kept:
-        await _store(conn, kept)
-    return kept
+    if not kept:
+        return kept
+    await _store(conn, kept)
+    # SQLite takes no lock for a read: a force-delete may have committed since. Writing,
+    # this transaction now sees every commit before it (and holds off the later ones).
+    stored = {attempt.webhook_id for attempt in kept}
+    still = set(
+        (await conn.execute(select(_webhooks.c.id).where(_webhooks.c.id.in_(stored))))
+        .scalars()
+        .all()
+    )
+    for gone in stored - still:
+        await forget_webhook(conn, gone)
+    return [attempt for attempt in kept if attempt.webhook_id in still]
 
 
 async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:

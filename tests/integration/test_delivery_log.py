@@ -11,6 +11,7 @@ import orjson
 import pytest
 from sqlalchemy import event as sql_event
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from services.api import deliveries, delivery_log
 from services.api.errors import PublishUnavailable
@@ -772,3 +773,53 @@ async def test_deliveries_past_the_retention_leave_the_log_with_their_attempts(
         async with stack.api.engine.connect() as conn:
             left = (await conn.execute(select(attempts_table.c.delivery_id))).scalars().all()
         assert sorted(left) == ["msg_recent", "msg_recent"]
+
+
+async def test_a_force_delete_during_a_write_of_the_log_leaves_none_of_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delivery-log writer has read that the webhook exists and not yet written its
+    attempts when the webhook is force-deleted: the delete waits for the writes and takes
+    them too (PostgreSQL), or the writer's stale read fails and its batch is read again
+    (SQLite). No log is left behind for a webhook that is gone."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = await _unreachable_webhook(stack)
+        attempt = _attempt(stack, "msg_racing", 1, webhook["id"])
+        release = asyncio.Event()
+        real_store = delivery_log._store
+
+        async def store_when_released(conn: Any, attempts: Any) -> None:
+            await release.wait()
+            await real_store(conn, attempts)
+
+        monkeypatch.setattr(delivery_log, "_store", store_when_released)
+
+        async def writer() -> None:
+            # As the attempt recorder does: a batch that fails is read again.
+            for _ in range(2):
+                try:
+                    async with stack.api.engine.begin() as conn:
+                        await delivery_log.record_attempts(conn, [attempt])
+                    return
+                except OperationalError:
+                    continue
+
+        writing = asyncio.create_task(writer())
+        await asyncio.sleep(0.3)  # the writer has read the webhook and waits to write
+        deleting = asyncio.create_task(
+            _call(stack, "DELETE", f"/webhooks/{webhook['id']}?force=true")
+        )
+        await asyncio.sleep(0.5)
+        release.set()
+        await asyncio.wait_for(writing, 30)
+        status, _ = await asyncio.wait_for(deleting, 30)
+        assert status == 204
+        async with stack.api.engine.connect() as conn:
+            left = (
+                await conn.execute(
+                    select(tables.deliveries.c.id).where(
+                        tables.deliveries.c.webhook_id == webhook["id"]
+                    )
+                )
+            ).all()
+        assert left == []
