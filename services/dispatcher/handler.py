@@ -8,6 +8,7 @@ then either nothing more (delivered), the next try on a retry topic, or a dead l
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -32,6 +33,7 @@ from services.shared import (
     decode,
     get_logger,
     partition_of,
+    send_each,
     too_large,
     utcnow,
 )
@@ -254,8 +256,10 @@ class DeliveryHandler:
                     raise error
             if any(too_large(error) for error in refused.values()):
                 set_aside: list[SetAside] = []
+                # Each step alone, in a batch of its own: in a round with others, a
+                # batch refused for its size would take their records down with it.
                 refused = await set_aside_too_large(
-                    self._sender_of_outcomes.send_each,
+                    functools.partial(send_each, self._sender_of_outcomes.producer),
                     self._topics,
                     records,
                     [source] * len(records),

@@ -410,6 +410,12 @@ class BatchingSender:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        """The producer under it, for a record that must go in a batch of its own (this
+        sender packs the records of a round together)."""
+        return self._producer
+
     async def send(self, records: list[OutRecord], *, within: float | None = None) -> None:
         """Return once the broker acknowledged every record; raise if any was refused.
 

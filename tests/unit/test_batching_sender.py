@@ -298,3 +298,49 @@ async def test_a_caller_out_of_time_learns_whether_its_records_left() -> None:
         await on_its_way
     await sender.close()
     assert producer.sent == [[b"1"]]
+
+
+class _SmallAttemptsTopic(_CountingProducer):
+    """An attempts topic taking batches of at most 100 bytes."""
+
+    async def send_batch(
+        self, batch: _Batch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        answered = asyncio.get_running_loop().create_future()
+        if topic == "t.attempts" and sum(len(value) for value in batch.values) > 100:
+            answered.set_exception(MessageSizeTooLargeError())
+        else:
+            self.sent.append(batch.values)
+            answered.set_result(None)
+        return answered
+
+
+async def test_a_record_too_large_does_not_take_down_others_sent_with_it() -> None:
+    """Two deliveries' attempts go out in one batch, which the broker refuses for its
+    size: each is then tried alone, so only the one too large on its own is set aside."""
+    producer = _SmallAttemptsTopic()
+    outcomes = BatchingSender(cast(Any, producer), linger_seconds=0.2)
+    metrics = DeliveryMetrics(Metrics("test_taken_down"))
+    handler = DeliveryHandler(
+        settings=load_settings(service_credential="x", token_pepper="y"),
+        table=cast(Any, None),
+        sender=cast(Any, None),
+        outcomes=outcomes,
+        topics=Topics("t."),
+        metrics=metrics,
+    )
+    large = ConsumerRecord("t.deliveries", 0, 7, 0, 0, b"wh_1", b"{}", None, 4, 2, ())
+    small = ConsumerRecord("t.deliveries", 1, 8, 0, 0, b"wh_2", b"{}", None, 4, 2, ())
+    await asyncio.wait_for(
+        asyncio.gather(
+            handler.publish(large, [("t.attempts", b"wh_1", b"L" * 150)]),
+            handler.publish(small, [("t.attempts", b"wh_2", b"s" * 60)]),
+        ),
+        10,
+    )
+    await outcomes.close()
+    sent = [value for batch in producer.sent for value in batch]
+    assert b"s" * 60 in sent
+    [letter] = [orjson.loads(value) for value in sent if value.startswith(b"{")]
+    assert letter["source_offset"] == 7
+    assert metrics.dead_letters.labels("too_large")._value.get() == 1

@@ -219,7 +219,7 @@ class _Paced:
         self.sent.append(asyncio.get_running_loop().time())
         return []
 
-    async def _publish(self, records: list[OutRecord]) -> None:
+    async def _publish(self, _source: ConsumerRecord, records: list[OutRecord]) -> None:
         pass
 
 
@@ -298,7 +298,7 @@ class _Gated:
         self.sent.append(record.offset)
         return []
 
-    async def _publish(self, records: list[OutRecord]) -> None:
+    async def _publish(self, _source: ConsumerRecord, records: list[OutRecord]) -> None:
         pass
 
     async def _gained(self, partitions: set[TopicPartition]) -> None:
