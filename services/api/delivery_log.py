@@ -288,9 +288,14 @@ async def find(conn: AsyncConnection, team_id: str, delivery_id: str) -> Any:
     return row
 
 
-async def prune(engine: AsyncEngine, older_than: datetime, batch: int = 1_000) -> int:
+async def prune(engine: AsyncEngine, older_than: datetime, batch: int = 500) -> int:
     """Delete the deliveries (and their attempts) last changed before ``older_than``, a
-    batch per transaction so that no lock is held long; returns how many went."""
+    batch per transaction so that no lock is held long; returns how many went.
+
+    A delivery changed between the read and the delete (a re-send) stays, with its new
+    attempt. Rows another api process is pruning are passed over (PostgreSQL).
+    """
+    cutoff = as_utc(older_than)
     pruned = 0
     while True:
         async with engine.begin() as conn:
@@ -298,18 +303,31 @@ async def prune(engine: AsyncEngine, older_than: datetime, batch: int = 1_000) -
                 (
                     await conn.execute(
                         select(_deliveries.c.id)
-                        .where(_deliveries.c.updated_at < as_utc(older_than))
+                        .where(_deliveries.c.updated_at < cutoff)
                         .order_by(_deliveries.c.updated_at)
                         .limit(batch)
+                        .with_for_update(skip_locked=True)
                     )
                 )
                 .scalars()
                 .all()
             )
+            gone: list[str] = []
             if ids:
-                await conn.execute(delete(_attempts).where(_attempts.c.delivery_id.in_(ids)))
-                await conn.execute(delete(_deliveries).where(_deliveries.c.id.in_(ids)))
-        pruned += len(ids)
+                gone = list(
+                    (
+                        await conn.execute(
+                            delete(_deliveries)
+                            .where(_deliveries.c.id.in_(ids), _deliveries.c.updated_at < cutoff)
+                            .returning(_deliveries.c.id)
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+            if gone:
+                await conn.execute(delete(_attempts).where(_attempts.c.delivery_id.in_(gone)))
+        pruned += len(gone)
         if len(ids) < batch:
             return pruned
 

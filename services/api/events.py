@@ -181,7 +181,7 @@ async def publish_event(request: web.Request) -> web.Response:
     except Exception:
         if key is not None:
             # Free for a retry, which keeps the event id.
-            await _settle(ctx.engine, principal.team_id, key, status=_RELEASED)
+            await _settle(ctx.engine, principal.team_id, key, event.id, status=_RELEASED)
         raise
     if key is not None:
         # Only once Kafka has the event may a repeat be told it is done.
@@ -189,20 +189,29 @@ async def publish_event(request: web.Request) -> web.Response:
             ctx.engine,
             principal.team_id,
             key,
+            event.id,
             status=201,
             response=orjson.loads(orjson.dumps(answer)),
         )
     return json_response(answer, status=201)
 
 
-async def _settle(engine: AsyncEngine, team_id: str, key: str, **values: Any) -> None:
-    """Record how the key's request ended. A database that fails here leaves the claim
-    in flight: it is taken over after a while, under the same event id, and the request
-    is answered for what happened to its event, not with a 500 for the bookkeeping."""
+async def _settle(
+    engine: AsyncEngine, team_id: str, key: str, event_id: str, **values: Any
+) -> None:
+    """Record how the key's request ended, unless its claim was taken over meanwhile (a
+    request stalled past the abandoned-claim wait: the key is another request's now).
+
+    A database that fails here leaves the claim in flight: it is taken over after a
+    while, under the same event id, and the request is answered for what happened to its
+    event, not with a 500 for the bookkeeping."""
     try:
         async with engine.begin() as conn:
             await conn.execute(
-                update(_keys).where(_keys.c.team_id == team_id, _keys.c.key == key).values(**values)
+                update(_keys)
+                .where(_keys.c.team_id == team_id, _keys.c.key == key)
+                .where(_keys.c.event_id == event_id, _keys.c.status.is_(None))
+                .values(**values)
             )
     except SQLAlchemyError as exc:
         get_logger("api").warning(

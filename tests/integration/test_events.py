@@ -97,11 +97,9 @@ async def test_a_keyed_event_keeps_its_id_when_its_publish_failed(
     assert again[0] == 201
     assert again[1]["id"] == sent[0] == sent[1]
     assert "Idempotent-Replayed" not in again[2]
-    # A different body after a failure is a new request, with an id of its own.
+    # Another key is another event.
     status, body, _ = await _publish(stack, EVENT, key="order-10")
     assert status == 201
-    other = await _publish(stack, {**EVENT, "data": {"total": 1}}, key="order-10")
-    assert other[0] == 422  # the key answered: another body is refused
     assert len(set(sent)) == 2
 
 
@@ -148,34 +146,77 @@ async def test_a_claim_from_before_event_ids_were_stored_keeps_its_derived_id(
 
 
 async def test_a_database_failing_after_the_publish_answers_the_event(
-    stack: Stack,
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The event is in the stream; the key's answer could not be written. The caller is
-    told the event's fate (no 500 to retry on), and the claim is left in flight."""
+    told the event's fate (201, not a 500 it would retry), and the key stays claimed
+    until it is free again, when a retry goes out under the same id."""
 
-    class Away:
-        def begin(self) -> Any:
-            raise OperationalError("BEGIN", {}, Exception("database is away"))
+    def database_away(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("UPDATE", {}, Exception("database is away"))
 
-    await events._settle(Away(), stack.team_id, "k", status=201, response={})  # type: ignore[arg-type]
-
-
-async def test_a_key_claimed_by_a_request_that_died_is_free_again(stack: Stack) -> None:
-    """A claim without an answer is another request still running (409) until it is far
-    older than any request can take; then its process is taken to have died."""
-    keys = tables.idempotency_keys
-    for key, age in (("running", timedelta(seconds=5)), ("died", timedelta(minutes=10))):
-        assert (await _publish(stack, EVENT, key=key))[0] == 201
-        async with stack.api.engine.begin() as conn:
-            await conn.execute(
-                update(keys)
-                .where(keys.c.key == key)
-                .values(status=None, response=None, created_at=utcnow() - age)
-            )
-    status, body, _ = await _publish(stack, EVENT, key="running")
-    assert (status, body["error"]["code"]) == (409, "conflict")
-    status, _, _ = await _publish(stack, EVENT, key="died")
+    monkeypatch.setattr(events, "update", database_away)
+    status, answer, _ = await _publish(stack, EVENT, key="order-11")
     assert status == 201
+    published = stack.api.metrics.registry.get_sample_value(
+        "hookwire_api_events_published_total", {"type": "object.updated"}
+    )
+    assert published == 1
+    monkeypatch.undo()
+    status, body, _ = await _publish(stack, EVENT, key="order-11")
+    assert (status, body["error"]["code"]) == (409, "conflict")
+    keys = tables.idempotency_keys
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(keys)
+            .where(keys.c.key == "order-11")
+            .values(created_at=utcnow() - timedelta(minutes=10))
+        )
+    again = await _publish(stack, EVENT, key="order-11")
+    assert (again[0], again[1]["id"]) == (201, answer["id"])
+
+
+async def test_a_retry_with_another_body_after_a_failed_publish_is_a_new_event(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = stack.api.app[CONTEXT].outbox
+    real = outbox.publish_direct
+    sent: list[str] = []
+
+    async def fails_once(topic: str, key: str, record: Any) -> None:
+        sent.append(record.id)
+        if len(sent) == 1:
+            raise PublishUnavailable("event stream is unavailable")
+        await real(topic, key, record)
+
+    monkeypatch.setattr(outbox, "publish_direct", fails_once)
+    assert (await _publish(stack, EVENT, key="order-12"))[0] == 503
+    status, answer, _ = await _publish(stack, {**EVENT, "data": {"total": 1}}, key="order-12")
+    assert status == 201
+    assert answer["id"] == sent[1] != sent[0]
+    # The key answered for the new body: the first body is now the other one.
+    status, body, _ = await _publish(stack, EVENT, key="order-12")
+    assert (status, body["error"]["code"]) == (422, "idempotency_key_reused")
+
+
+async def test_a_request_whose_claim_was_taken_over_does_not_answer_for_the_key(
+    stack: Stack,
+) -> None:
+    """A request stalled past the abandoned-claim wait: its key went to a retry, and the
+    stalled request's late answer must not overwrite the retry's."""
+    status, _, _ = await _publish(stack, EVENT, key="order-13")
+    assert status == 201
+    keys = tables.idempotency_keys
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(keys).where(keys.c.key == "order-13").values(status=None, response=None)
+        )
+    await events._settle(
+        stack.api.engine, stack.team_id, "order-13", "evt_stalled", status=201, response={}
+    )
+    async with stack.api.engine.connect() as conn:
+        row = (await conn.execute(select(keys).where(keys.c.key == "order-13"))).one()
+    assert (row.status, row.response) == (None, None)
 
 
 @pytest.mark.parametrize(
