@@ -254,7 +254,8 @@ class DeliveryHandler:
                     # The sender has stopped: the delivery ends unfinished, to be sent
                     # again by the partition's next reader.
                     raise error
-            if any(too_large(error) for error in refused.values()):
+            too_big = {index for index, error in refused.items() if too_large(error)}
+            if too_big:
                 set_aside: list[SetAside] = []
                 # Each step alone, in a batch of its own: in a round with others, a
                 # batch refused for its size would take their records down with it.
@@ -273,7 +274,42 @@ class DeliveryHandler:
                 self._log.warning("outcome_publish_failed", error=str(error), records=len(refused))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX_SECONDS)
-            records = [records[index] for index in sorted(refused)]
+            retry_set_aside = any(
+                index not in refused and self._topics.is_retry(records[index][0])
+                for index in too_big
+            )
+            following = [records[index] for index in sorted(refused)]
+            if retry_set_aside:
+                following = self._with_final_attempt(records, refused, following)
+            records = following
+
+    def _with_final_attempt(
+        self,
+        records: list[OutRecord],
+        refused: Mapping[int, BaseException],
+        following: list[OutRecord],
+    ) -> list[OutRecord]:
+        """The delivery's retry was set aside (a dead letter now): its attempt record says
+        a retry is scheduled, and the delivery log would show it retrying for good. The
+        attempt goes again as the last one, in place of the one not yet taken."""
+        for index, (topic, key, value) in enumerate(records):
+            if topic != self._topics.attempts:
+                continue
+            attempt = decode(Attempt, value)
+            final = attempt.model_copy(
+                update={
+                    "final": True,
+                    "next_retry_at": None,
+                    "error": f"{attempt.error or attempt.outcome}; its retry was refused by "
+                    "the broker for its size (see the dead letter)",
+                }
+            )
+            corrected = (topic, key, final.to_bytes())
+            if index in refused:
+                following = [corrected if r is records[index] else r for r in following]
+            else:
+                following.append(corrected)
+        return following
 
     async def outcome_records(
         self, record: ConsumerRecord, pace: Pace | None = None

@@ -78,6 +78,9 @@ class Topics:
     def retry(self, tier: int) -> str:
         return f"{self.prefix}retry.{tier}"
 
+    def is_retry(self, topic: str) -> bool:
+        return topic.startswith(f"{self.prefix}retry.")
+
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

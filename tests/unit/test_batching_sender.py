@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
@@ -12,6 +13,7 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
 from services.shared import (
+    Attempt,
     BatchingSender,
     DependencyUnavailable,
     Metrics,
@@ -20,6 +22,7 @@ from services.shared import (
     load_settings,
     partition_of,
 )
+from tests.samples import sample_event
 
 
 class _UnansweringProducer:
@@ -344,3 +347,63 @@ async def test_a_record_too_large_does_not_take_down_others_sent_with_it() -> No
     [letter] = [orjson.loads(value) for value in sent if value.startswith(b"{")]
     assert letter["source_offset"] == 7
     assert metrics.dead_letters.labels("too_large")._value.get() == 1
+
+
+class _TooSmallRetryTopic(_CountingProducer):
+    """A retry topic configured with a smaller record limit than the others."""
+
+    async def send_batch(
+        self, batch: _Batch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        answered = asyncio.get_running_loop().create_future()
+        if topic == "t.retry.1":
+            answered.set_exception(MessageSizeTooLargeError())
+        else:
+            self.sent.append(batch.values)
+            answered.set_result(None)
+        return answered
+
+
+async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None:
+    """Its record says a retry is scheduled; with the retry a dead letter, the delivery
+    log would show it retrying for good. The attempt goes again, final."""
+    producer = _TooSmallRetryTopic()
+    outcomes = BatchingSender(cast(Any, producer))
+    metrics = DeliveryMetrics(Metrics("test_retry_set_aside"))
+    handler = DeliveryHandler(
+        settings=load_settings(service_credential="x", token_pepper="y"),
+        table=cast(Any, None),
+        sender=cast(Any, None),
+        outcomes=outcomes,
+        topics=Topics("t."),
+        metrics=metrics,
+    )
+    attempt = Attempt(
+        delivery_id="msg_1",
+        event_id="evt_1",
+        webhook_id="wh_1",
+        team_id="team_1",
+        attempt=1,
+        attempted_at=datetime(2026, 1, 1, tzinfo=UTC),
+        outcome="failed",
+        status_code=500,
+        error="HTTP 500",
+        final=False,
+        next_retry_at=datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC),
+        event=sample_event(id="evt_1", team_id="team_1"),
+    )
+    records = [
+        ("t.attempts", b"wh_1", attempt.to_bytes()),
+        ("t.retry.1", b"wh_1", b'{"retry": true}'),
+    ]
+    await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
+    await outcomes.close()
+    sent = [orjson.loads(value) for batch in producer.sent for value in batch]
+    told = [record for record in sent if record.get("delivery_id") == "msg_1"]
+    assert [(r["final"], r.get("next_retry_at")) for r in told] == [
+        (False, "2026-01-01T00:00:05Z"),
+        (True, None),
+    ]
+    assert told[1]["error"].startswith("HTTP 500; its retry was refused by the broker")
+    [letter] = [record for record in sent if "source_topic" in record]
+    assert letter["reason"].startswith("its record for wh_1 on t.retry.1 is refused")
