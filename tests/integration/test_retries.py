@@ -564,7 +564,15 @@ async def test_a_rebalance_waits_for_the_deliveries_in_flight_instead_of_sending
     """A second dispatcher joins while a delivery to each partition is in flight and more
     wait behind them: the first lets those in flight finish, starts no other until the
     partitions have moved, and commits, so the new owner sends none of them again."""
-    one_at_a_time = settings.model_copy(update={"delivery_concurrency_per_endpoint": 1})
+    one_at_a_time = settings.model_copy(
+        update={
+            "delivery_concurrency_per_endpoint": 1,
+            # A hand-over of 4 s rather than 1.2: the answer, its record and the commit
+            # after the gate opens fit in it on a loaded machine too.
+            "kafka_session_timeout_ms": 10_000,
+            "kafka_heartbeat_interval_ms": 1_000,
+        }
+    )
     async with running_stack(one_at_a_time, with_dispatcher=True) as stack:
         first = stack.dispatcher
         webhooks = await _one_webhook_per_partition(stack, receiver.url)
@@ -1244,7 +1252,14 @@ async def test_a_rebalance_commits_the_retries_being_forwarded_before_they_move(
     a second member joins the retry group: the timer lets the send finish and commits
     before the partitions move, so the member taking one over forwards neither again
     (decision 56)."""
-    quick, topics = await _own_topics(settings, "handover", kafka_partitions=2)
+    # A hand-over of 4 s: the half second below stays well inside it on a loaded machine.
+    quick, topics = await _own_topics(
+        settings,
+        "handover",
+        kafka_partitions=2,
+        kafka_session_timeout_ms=10_000,
+        kafka_heartbeat_interval_ms=1_000,
+    )
     event = _event("handover")
     # Due a moment from now: both are read before either is due (joining the group alone
     # takes about 1.5 s), and go in one send.
@@ -1298,7 +1313,7 @@ async def test_a_rebalance_commits_the_retries_being_forwarded_before_they_move(
         await asyncio.wait_for(sending.wait(), 20)
         joining = asyncio.create_task(start_client(other, quick))
         await asyncio.wait_for(revoking.wait(), 15)
-        # Within the hand-over's 1.2 s (half the session less a heartbeat). The embedded
+        # Within the hand-over's 4 s (half the session less a heartbeat). The embedded
         # broker itself holds a join about half the session, so only this shows the wait.
         await asyncio.sleep(0.5)
         assert not handed_over.is_set(), "the revoke did not wait for the send in hand"
