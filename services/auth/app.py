@@ -168,9 +168,9 @@ class AuthService:
 
     def _check_service_credential(self, request: web.Request) -> None:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), self._service_credential
-        ):
+        # Bytes the HTTP parser could not decode arrive as surrogates: kept as they came.
+        given = presented.strip().encode(errors="surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._service_credential):
             raise InvalidServiceCredential("introspection needs the service credential")
 
     async def introspect(self, request: web.Request) -> web.Response:

@@ -44,6 +44,18 @@ class QueryKeyRefused(BadRequest):
 
 def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
     """The token from ``Authorization: Bearer …`` / ``Key=…``, or the opt-in query key."""
+    return _printable(_presented(request, allow_query_keys=allow_query_keys))
+
+
+def _printable(token: str) -> str:
+    # Every token is printable ASCII; the HTTP parser hands other bytes on as surrogates,
+    # which fail wherever the token is hashed or encoded.
+    if not (token.isascii() and token.isprintable()):
+        raise InvalidToken("token is not valid: malformed", details={"reason": "malformed"})
+    return token
+
+
+def _presented(request: web.Request, *, allow_query_keys: bool) -> str:
     if QUERY_KEY_PARAM in request.query:
         if not allow_query_keys:
             raise QueryKeyRefused(

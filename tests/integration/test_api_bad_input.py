@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import func, select
 from yarl import URL
@@ -460,3 +462,40 @@ async def test_a_time_utc_cannot_express_is_a_422_on_time_filters(api_stack: Sta
     status, answer = await api_stack.auth_call("GET", f"/v1/audit-log?until={late}")
     assert status == 422
     assert answer["error"]["details"][0]["field"] == "until"
+
+
+async def _raw(
+    url: str, path: str, authorization: bytes, method: bytes = b"GET"
+) -> tuple[int, dict[str, Any]]:
+    """A request whose Authorization header carries bytes no client library would send."""
+    target = URL(url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        writer.write(
+            method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: 0\r\n"
+            b"Authorization: " + authorization + b"\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(body)
+
+
+@pytest.mark.parametrize(
+    "authorization", [b"Bearer hwk_\xff\xfe", b"Key=eyJ\xc3\x28", b"Bearer \xe2\x82"]
+)
+async def test_a_token_that_is_not_text_is_malformed_not_a_500(
+    api_stack: Stack, authorization: bytes
+) -> None:
+    status, body = await _raw(
+        api_stack.api_url, f"/v1/teams/{api_stack.team_id}/webhooks", authorization
+    )
+    assert status == 401, body
+    assert body["error"]["details"] == {"reason": "malformed"}
+    status, body = await _raw(api_stack.auth_url, "/v1/tokens", authorization)
+    assert status == 401, body
+    status, body = await _raw(api_stack.auth_url, "/v1/introspect", authorization, b"POST")
+    assert status == 401, body
