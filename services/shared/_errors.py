@@ -62,6 +62,13 @@ class BadRequest(HookwireError):
     code = "bad_request"
 
 
+class ClientClosedRequest(HookwireError):
+    """The client went away before its request was read: 499, as proxies name it."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class Unauthorized(HookwireError):
     status = 401
     code = "unauthorized"

@@ -24,6 +24,7 @@ from ._contracts import json_problem
 from ._credentials import QUERY_KEY_PARAM
 from ._errors import (
     BadRequest,
+    ClientClosedRequest,
     ConfigurationError,
     HookwireError,
     PayloadTooLarge,
@@ -105,6 +106,24 @@ def _refuse_repeats(request: web.Request, names: Collection[str] | None = None) 
     )
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _internal_error(request_id: str) -> web.Response:
+    return json_response(
+        {
+            "error": {
+                "code": "internal_error",
+                "message": "internal error",
+                "details": {"request_id": request_id},
+            }
+        },
+        status=500,
+    )
+
+
 def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
     requests = metrics.counter("http_requests_total", "HTTP requests", ("route", "status"))
     latency = metrics.histogram("http_request_seconds", "HTTP request latency", ("route",))
@@ -143,6 +162,17 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
                 # A body that cannot be read as sent (gzip that is not gzip, broken chunk
                 # framing) is the client's fault, not ours.
                 response = error_response(BadRequest(f"the request body cannot be read: {exc}"))
+            except ConnectionResetError:
+                if not _client_gone(request):
+                    # A connection of ours (to a peer) reset: ours to answer for.
+                    log.exception("unhandled_error", path=request.path)
+                    response = _internal_error(request_id)
+                else:
+                    # The client went away mid-request (a timeout while uploading): nothing
+                    # of ours failed, and no one is left to answer. Counted apart from the
+                    # 5xx, as proxies count it.
+                    log.info("client_disconnected", path=request.path)
+                    response = error_response(ClientClosedRequest("the client closed the request"))
             except web.HTTPException as exc:
                 body = {
                     "error": {
@@ -152,18 +182,11 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
                     }
                 }
                 response = json_response(body, status=exc.status)
+                if "Allow" in exc.headers:  # a 405 says which methods the route takes
+                    response.headers["Allow"] = exc.headers["Allow"]
             except Exception:
                 log.exception("unhandled_error", path=request.path)
-                response = json_response(
-                    {
-                        "error": {
-                            "code": "internal_error",
-                            "message": "internal error",
-                            "details": {"request_id": request_id},
-                        }
-                    },
-                    status=500,
-                )
+                response = _internal_error(request_id)
             elapsed = time.perf_counter() - started
             response.headers["x-request-id"] = request_id
             if request.app[STOPPING_KEY].is_set():

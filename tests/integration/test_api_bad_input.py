@@ -499,3 +499,41 @@ async def test_a_token_that_is_not_text_is_malformed_not_a_500(
     assert status == 401, body
     status, body = await _raw(api_stack.auth_url, "/v1/introspect", authorization, b"POST")
     assert status == 401, body
+
+
+async def test_a_client_gone_mid_body_is_not_a_server_error(api_stack: Stack) -> None:
+    """A client that times out while uploading: nothing of ours failed. Counted as 499
+    (as proxies do), not as a 500 that would page someone."""
+    target = URL(api_stack.api_url)
+    _, writer = await asyncio.open_connection(target.host, target.port)
+    token = api_stack.headers()["authorization"]
+    writer.write(
+        f"POST /v1/teams/{api_stack.team_id}/objects/contact HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: {token}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100000\r\n\r\n".encode()
+        + b'{"n": "'
+        + b"x" * 1000
+    )
+    await writer.drain()
+    writer.close()
+    registry = api_stack.api.metrics.registry
+    route = {"route": "/v1/teams/{team}/objects/{object_type}"}
+
+    def counted(status: str) -> float:
+        value = registry.get_sample_value(
+            "hookwire_api_http_requests_total", route | {"status": status}
+        )
+        return value or 0.0
+
+    async with asyncio.timeout(10):
+        while not counted("499"):  # noqa: ASYNC110 - a counter, not an event
+            await asyncio.sleep(0.05)
+    assert counted("500") == 0
+
+
+async def test_a_method_a_route_does_not_take_is_told_which_it_does(api_stack: Stack) -> None:
+    async with api_stack.session.put(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks", headers=api_stack.headers()
+    ) as response:
+        assert response.status == 405
+        assert set(response.headers["Allow"].split(",")) >= {"GET", "POST"}
