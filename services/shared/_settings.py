@@ -6,10 +6,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+from yarl import URL
 
 from ._errors import ConfigurationError
 
@@ -59,6 +68,18 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 _DATABASE_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
+def _http_url(url: str) -> str:
+    if not url:
+        return url
+    try:
+        parsed = URL(url)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("must be an http:// or https:// URL with a host, like http://auth:8081")
+    return url
+
+
 def _supported_database(url: str) -> str:
     if not url:
         return url
@@ -92,16 +113,30 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="hookwire.", pattern=r"^[A-Za-z0-9._-]*$")
     kafka_partitions: int = Field(default=6, ge=1, le=1024)
     kafka_replication_factor: int = Field(default=1, ge=1, le=7)
+    # The broker bounds the session too (Kafka's group.min.session.timeout.ms, 6000 by
+    # default): a shorter one is refused when the group is joined.
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=600, ge=100)
     kafka_fetch_max_wait_ms: int = Field(default=20, ge=1, le=10000)
+
+    @field_validator("kafka_heartbeat_interval_ms")
+    @classmethod
+    def _heartbeat_within_session(cls, heartbeat: int, info: ValidationInfo) -> int:
+        # Three heartbeats a session, as Kafka advises: at or past the session, a member
+        # is taken for dead between two and the group rebalances without end.
+        session = info.data.get("kafka_session_timeout_ms")
+        if isinstance(session, int) and heartbeat * 3 > session:
+            raise ValueError(
+                f"must be at most a third of HOOKWIRE_KAFKA_SESSION_TIMEOUT_MS ({session})"
+            )
+        return heartbeat
 
     host: str = "127.0.0.1"
     api_port: Port = 8080
     auth_port: Port = 8081
     dispatcher_port: Port = 8082
     dev_receiver_port: Port = 8090
-    auth_url: str = ""
+    auth_url: Annotated[str, AfterValidator(_http_url)] = ""
 
     service_credential: SecretStr | None = None
     token_pepper: SecretStr | None = None

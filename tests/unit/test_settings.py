@@ -57,6 +57,12 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_DATABASE_URL", "postgresql://hw@db/hw"),
         ("HOOKWIRE_DATABASE_URL", "mysql:/x"),
         ("HOOKWIRE_DATABASE_URL", "not a url"),
+        # The api would start, say it is ready, and answer every request 503.
+        ("HOOKWIRE_AUTH_URL", "auth:8081"),
+        ("HOOKWIRE_AUTH_URL", "ftp://auth"),
+        ("HOOKWIRE_AUTH_URL", "http://"),
+        # At or past the session, a member is taken for dead between two heartbeats.
+        ("HOOKWIRE_KAFKA_HEARTBEAT_INTERVAL_MS", "5000"),
     ],
 )
 def test_bad_values_name_the_variable(
