@@ -75,11 +75,9 @@ async def test_idempotency_key_makes_a_repeat_a_no_op(stack: Stack, receiver: Re
     assert published == 2
 
 
-async def test_a_keyed_event_keeps_its_id_when_its_publish_failed(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A failed publish frees its key, yet may have reached Kafka (a timeout proves
-    nothing): the retry publishes the same event id, so receivers see one webhook-id."""
+def _first_publish_fails(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The stream refuses the api's next publish, then takes them; returns the ids of the
+    events the api tried to publish."""
     outbox = stack.api.app[CONTEXT].outbox
     real = outbox.publish_direct
     sent: list[str] = []
@@ -91,6 +89,15 @@ async def test_a_keyed_event_keeps_its_id_when_its_publish_failed(
         await real(topic, key, record)
 
     monkeypatch.setattr(outbox, "publish_direct", fails_once)
+    return sent
+
+
+async def test_a_keyed_event_keeps_its_id_when_its_publish_failed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed publish frees its key, yet may have reached Kafka (a timeout proves
+    nothing): the retry publishes the same event id, so receivers see one webhook-id."""
+    sent = _first_publish_fails(stack, monkeypatch)
     status, body, _ = await _publish(stack, EVENT, key="order-9")
     assert (status, body["error"]["code"]) == (503, "publish_unavailable")
     again = await _publish(stack, EVENT, key="order-9")
@@ -179,17 +186,7 @@ async def test_a_database_failing_after_the_publish_answers_the_event(
 async def test_a_retry_with_another_body_after_a_failed_publish_is_a_new_event(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    outbox = stack.api.app[CONTEXT].outbox
-    real = outbox.publish_direct
-    sent: list[str] = []
-
-    async def fails_once(topic: str, key: str, record: Any) -> None:
-        sent.append(record.id)
-        if len(sent) == 1:
-            raise PublishUnavailable("event stream is unavailable")
-        await real(topic, key, record)
-
-    monkeypatch.setattr(outbox, "publish_direct", fails_once)
+    sent = _first_publish_fails(stack, monkeypatch)
     assert (await _publish(stack, EVENT, key="order-12"))[0] == 503
     status, answer, _ = await _publish(stack, {**EVENT, "data": {"total": 1}}, key="order-12")
     assert status == 201

@@ -184,14 +184,7 @@ async def test_a_delivery_outcome_partly_refused_is_sent_again_only_in_part() ->
     second chain of retries."""
     producer = _RefusingOnceProducer()
     outcomes = BatchingSender(cast(Any, producer))
-    handler = DeliveryHandler(
-        settings=load_settings(service_credential="x", token_pepper="y"),
-        table=cast(Any, None),
-        sender=cast(Any, None),
-        outcomes=outcomes,
-        topics=Topics("t."),
-        metrics=DeliveryMetrics(Metrics("test_partly_refused")),
-    )
+    handler = _outcome_writer(outcomes, DeliveryMetrics(Metrics("test_partly_refused")))
     records = [("t.attempts", _key_on(0), b"attempt"), ("t.retry.1", _key_on(1), b"retry")]
     await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
     await outcomes.close()
@@ -203,15 +196,19 @@ def _delivery_record() -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord("t.deliveries", 0, 41, 0, 0, b"wh_1", b'{"id": "msg_1"}', None, 4, 15, ())
 
 
-class _TooSmallAttemptsTopic(_CountingProducer):
-    """An attempts topic configured with a smaller record limit than the others: it
-    refuses every batch, for its size."""
+class _SizeLimitedTopic(_CountingProducer):
+    """One topic configured with a smaller record limit than the others: it refuses every
+    batch of more than ``limit`` bytes, for its size."""
+
+    def __init__(self, topic: str, limit: int = 0) -> None:
+        super().__init__()
+        self.topic, self.limit = topic, limit
 
     async def send_batch(
         self, batch: _Batch, topic: str, *, partition: int
     ) -> asyncio.Future[None]:
         answered = asyncio.get_running_loop().create_future()
-        if topic == "t.attempts":
+        if topic == self.topic and sum(len(value) for value in batch.values) > self.limit:
             answered.set_exception(MessageSizeTooLargeError())
         else:
             self.sent.append(batch.values)
@@ -219,14 +216,9 @@ class _TooSmallAttemptsTopic(_CountingProducer):
         return answered
 
 
-async def test_an_outcome_the_broker_will_never_take_is_set_aside() -> None:
-    """Tried for ever, the attempt record would hold its partition's commit point, and
-    every webhook behind it, for good: it becomes a dead letter of the delivery (counted),
-    and the retry record the broker took goes once."""
-    producer = _TooSmallAttemptsTopic()
-    outcomes = BatchingSender(cast(Any, producer))
-    metrics = DeliveryMetrics(Metrics("test_never_taken"))
-    handler = DeliveryHandler(
+def _outcome_writer(outcomes: BatchingSender, metrics: DeliveryMetrics) -> DeliveryHandler:
+    """A handler that only writes outcomes (its publish), through ``outcomes``."""
+    return DeliveryHandler(
         settings=load_settings(service_credential="x", token_pepper="y"),
         table=cast(Any, None),
         sender=cast(Any, None),
@@ -234,6 +226,16 @@ async def test_an_outcome_the_broker_will_never_take_is_set_aside() -> None:
         topics=Topics("t."),
         metrics=metrics,
     )
+
+
+async def test_an_outcome_the_broker_will_never_take_is_set_aside() -> None:
+    """Tried for ever, the attempt record would hold its partition's commit point, and
+    every webhook behind it, for good: it becomes a dead letter of the delivery (counted),
+    and the retry record the broker took goes once."""
+    producer = _SizeLimitedTopic("t.attempts")
+    outcomes = BatchingSender(cast(Any, producer))
+    metrics = DeliveryMetrics(Metrics("test_never_taken"))
+    handler = _outcome_writer(outcomes, metrics)
     records = [("t.attempts", b"wh_1", b"attempt"), ("t.retry.1", b"wh_1", b"retry")]
     await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
     await outcomes.close()
@@ -303,35 +305,13 @@ async def test_a_caller_out_of_time_learns_whether_its_records_left() -> None:
     assert producer.sent == [[b"1"]]
 
 
-class _SmallAttemptsTopic(_CountingProducer):
-    """An attempts topic taking batches of at most 100 bytes."""
-
-    async def send_batch(
-        self, batch: _Batch, topic: str, *, partition: int
-    ) -> asyncio.Future[None]:
-        answered = asyncio.get_running_loop().create_future()
-        if topic == "t.attempts" and sum(len(value) for value in batch.values) > 100:
-            answered.set_exception(MessageSizeTooLargeError())
-        else:
-            self.sent.append(batch.values)
-            answered.set_result(None)
-        return answered
-
-
 async def test_a_record_too_large_does_not_take_down_others_sent_with_it() -> None:
     """Two deliveries' attempts go out in one batch, which the broker refuses for its
     size: each is then tried alone, so only the one too large on its own is set aside."""
-    producer = _SmallAttemptsTopic()
+    producer = _SizeLimitedTopic("t.attempts", limit=100)
     outcomes = BatchingSender(cast(Any, producer), linger_seconds=0.2)
     metrics = DeliveryMetrics(Metrics("test_taken_down"))
-    handler = DeliveryHandler(
-        settings=load_settings(service_credential="x", token_pepper="y"),
-        table=cast(Any, None),
-        sender=cast(Any, None),
-        outcomes=outcomes,
-        topics=Topics("t."),
-        metrics=metrics,
-    )
+    handler = _outcome_writer(outcomes, metrics)
     large = ConsumerRecord("t.deliveries", 0, 7, 0, 0, b"wh_1", b"{}", None, 4, 2, ())
     small = ConsumerRecord("t.deliveries", 1, 8, 0, 0, b"wh_2", b"{}", None, 4, 2, ())
     await asyncio.wait_for(
@@ -349,35 +329,13 @@ async def test_a_record_too_large_does_not_take_down_others_sent_with_it() -> No
     assert metrics.dead_letters.labels("too_large")._value.get() == 1
 
 
-class _TooSmallRetryTopic(_CountingProducer):
-    """A retry topic configured with a smaller record limit than the others."""
-
-    async def send_batch(
-        self, batch: _Batch, topic: str, *, partition: int
-    ) -> asyncio.Future[None]:
-        answered = asyncio.get_running_loop().create_future()
-        if topic == "t.retry.1":
-            answered.set_exception(MessageSizeTooLargeError())
-        else:
-            self.sent.append(batch.values)
-            answered.set_result(None)
-        return answered
-
-
 async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None:
     """Its record says a retry is scheduled; with the retry a dead letter, the delivery
     log would show it retrying for good. The attempt goes again, final."""
-    producer = _TooSmallRetryTopic()
+    producer = _SizeLimitedTopic("t.retry.1")
     outcomes = BatchingSender(cast(Any, producer))
     metrics = DeliveryMetrics(Metrics("test_retry_set_aside"))
-    handler = DeliveryHandler(
-        settings=load_settings(service_credential="x", token_pepper="y"),
-        table=cast(Any, None),
-        sender=cast(Any, None),
-        outcomes=outcomes,
-        topics=Topics("t."),
-        metrics=metrics,
-    )
+    handler = _outcome_writer(outcomes, metrics)
     attempt = Attempt(
         delivery_id="msg_1",
         event_id="evt_1",
