@@ -71,7 +71,11 @@ class ApiService:
         self, producer: AIOKafkaProducer, session: aiohttp.ClientSession
     ) -> web.Application:
         app = build_app(
-            "api", self.metrics, max_body_bytes=self.settings.max_body_bytes, loops=self.loops
+            "api",
+            self.metrics,
+            max_body_bytes=self.settings.max_body_bytes,
+            loops=self.loops,
+            trusted_proxies=self.settings.trusted_proxies,
         )
         app[CONTEXT] = ApiContext(
             settings=self.settings,

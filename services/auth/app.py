@@ -103,7 +103,11 @@ class AuthService:
 
     def build_app(self, producer: AIOKafkaProducer) -> web.Application:
         app = build_app(
-            "auth", self.metrics, max_body_bytes=self.settings.max_body_bytes, loops=self.loops
+            "auth",
+            self.metrics,
+            max_body_bytes=self.settings.max_body_bytes,
+            loops=self.loops,
+            trusted_proxies=self.settings.trusted_proxies,
         )
         spec = OpenApi("hookwire auth", _VERSION, "Personal access tokens and introspection")
         spec.route(

@@ -7,10 +7,11 @@ rides along in the logs; ``/healthz``, ``/readyz`` and ``/metrics`` are always t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -124,7 +125,41 @@ def _internal_error(request_id: str) -> web.Response:
     )
 
 
-def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _from_client(request: web.Request, trusted: Sequence[Network]) -> web.Request:
+    """The request as the client sent it: when it came through a trusted proxy, with the
+    address ``X-Forwarded-For`` names for the client (the nearest hop not itself trusted).
+    The header is read only from a trusted peer: anyone else could write it."""
+    if not trusted or not _within(request.remote, trusted):
+        return request
+    hops = [
+        hop.strip()
+        for line in request.headers.getall("X-Forwarded-For", ())
+        for hop in line.split(",")
+    ]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                return request  # a hop that is no address: the proxy's own address stands
+            return request.clone(remote=str(address))
+    return request
+
+
+def _within(address: str | None, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def _build_middlewares(
+    service: str, metrics: Metrics, trusted_proxies: Sequence[Network] = ()
+) -> list[Any]:
     requests = metrics.counter("http_requests_total", "HTTP requests", ("route", "status"))
     latency = metrics.histogram("http_request_seconds", "HTTP request latency", ("route",))
     log = structlog.get_logger(service=service)
@@ -138,6 +173,7 @@ def _build_middlewares(service: str, metrics: Metrics) -> list[Any]:
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 _refuse_nul(request)
+                request = _from_client(request, trusted_proxies)
                 response = await handler(request)
             except HookwireError as exc:
                 response = error_response(exc)
@@ -239,9 +275,11 @@ def build_app(
     *,
     max_body_bytes: int = 1 << 20,
     loops: Loops | None = None,
+    trusted_proxies: Sequence[Network] = (),
 ) -> web.Application:
     app = web.Application(
-        middlewares=_build_middlewares(service, metrics), client_max_size=max_body_bytes
+        middlewares=_build_middlewares(service, metrics, trusted_proxies),
+        client_max_size=max_body_bytes,
     )
     app[METRICS_KEY] = metrics
     app[MAX_BODY_KEY] = max_body_bytes

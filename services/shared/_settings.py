@@ -10,6 +10,7 @@ from pydantic import (
     AfterValidator,
     BeforeValidator,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -63,6 +64,15 @@ SecondsList = Annotated[
     tuple[float, ...], NoDecode, BeforeValidator(_seconds_list), AfterValidator(_positive)
 ]
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+Networks = Annotated[tuple[IPvAnyNetwork, ...], NoDecode, BeforeValidator(_comma_list)]
 
 
 _DATABASE_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
@@ -145,6 +155,9 @@ class Settings(BaseSettings):
 
     allow_private_urls: StrictBool = False
     allow_query_keys: StrictBool = False
+    # Proxies (load balancers, ingresses) whose X-Forwarded-For names the client: a key's
+    # allowed_cidrs is checked against that address rather than the proxy's.
+    trusted_proxies: Networks = ()
     publish_timeout_seconds: float = Field(default=10.0, ge=1, le=120)
     max_body_bytes: int = Field(default=262_144, ge=1024)
     # Each webhook is in every dispatcher's memory and is looked at for every event of its

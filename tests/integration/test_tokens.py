@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from ipaddress import ip_network
 from typing import Any
 
 import pytest
@@ -275,6 +276,39 @@ async def test_ip_allowlist_is_enforced_through_the_api(api_stack: Stack) -> Non
     ) as response:
         assert response.status == 401
         assert (await response.json())["error"]["details"] == {"reason": "ip_not_allowed"}
+
+
+async def test_behind_a_trusted_proxy_the_allowlist_sees_the_client(settings: Settings) -> None:
+    """Behind a load balancer every connection comes from the proxy: with it trusted, the
+    client its X-Forwarded-For names is the one checked, on the api and on auth. From
+    a peer not trusted the header is not read (anyone could write it)."""
+    trusting = settings.model_copy(update={"trusted_proxies": (ip_network("127.0.0.1/32"),)})
+    for trusted in (True, False):
+        async with running_stack(trusting if trusted else settings, with_dispatcher=False) as stack:
+            status, created = await stack.auth_call(
+                "POST",
+                "/v1/tokens",
+                json={
+                    "name": f"behind a proxy, trusted: {trusted}",
+                    "permissions": ["webhook:read", "token:manage"],
+                    "allowed_cidrs": ["10.0.0.0/8"],
+                },
+            )
+            assert status == 201, created
+            answers = []
+            for forwarded in ("192.0.2.7, 10.1.2.3", "10.1.2.3, 192.0.2.7", None):
+                headers = stack.headers(created["token"])
+                if forwarded is not None:
+                    headers["X-Forwarded-For"] = forwarded
+                for url in (
+                    f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks",
+                    f"{stack.auth_url}/v1/tokens",
+                ):
+                    async with stack.session.get(url, headers=headers) as response:
+                        answers.append(response.status)
+            # The nearest hop is the client: 10.1.2.3, then 192.0.2.7, then the peer.
+            expected = [200, 200, 401, 401, 401, 401] if trusted else [401] * 6
+            assert answers == expected, (trusted, answers)
 
 
 # Well inside every fallback (caches of 30 s and more), well outside a noisy machine's
