@@ -254,8 +254,9 @@ class DeliveryHandler:
                     # The sender has stopped: the delivery ends unfinished, to be sent
                     # again by the partition's next reader.
                     raise error
-            too_big = {index for index, error in refused.items() if too_large(error)}
-            if too_big:
+            # Those replaced by a dead letter of the delivery (not those taken alone).
+            replaced: set[int] = set()
+            if any(too_large(error) for error in refused.values()):
                 set_aside: list[SetAside] = []
                 # Each step alone, in a batch of its own: in a round with others, a
                 # batch refused for its size would take their records down with it.
@@ -266,6 +267,7 @@ class DeliveryHandler:
                     [source] * len(records),
                     refused,
                     set_aside,
+                    replaced,
                 )
                 for record, reason in set_aside:
                     note_invalid_record(self._metrics, record, reason, label="too_large")
@@ -274,26 +276,24 @@ class DeliveryHandler:
                 self._log.warning("outcome_publish_failed", error=str(error), records=len(refused))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _PUBLISH_BACKOFF_MAX_SECONDS)
-            retry_set_aside = any(
-                index not in refused and self._topics.is_retry(records[index][0])
-                for index in too_big
-            )
             following = [records[index] for index in sorted(refused)]
-            if retry_set_aside:
-                following = self._with_final_attempt(records, refused, following)
+            if any(self._topics.is_retry(records[index][0]) for index in replaced):
+                following = self._with_final_attempt(records, refused, replaced, following)
             records = following
 
     def _with_final_attempt(
         self,
         records: list[OutRecord],
         refused: Mapping[int, BaseException],
+        replaced: set[int],
         following: list[OutRecord],
     ) -> list[OutRecord]:
         """The delivery's retry was set aside (a dead letter now): its attempt record says
         a retry is scheduled, and the delivery log would show it retrying for good. The
-        attempt goes again as the last one, in place of the one not yet taken."""
+        attempt goes again as the last one, in place of the one not yet taken; an attempt
+        set aside with it is named by the same dead letter and would be refused again."""
         for index, (topic, key, value) in enumerate(records):
-            if topic != self._topics.attempts:
+            if topic != self._topics.attempts or index in replaced:
                 continue
             attempt = decode(Attempt, value)
             final = attempt.model_copy(

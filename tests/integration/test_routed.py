@@ -20,7 +20,7 @@ from services.shared import (
     stop_client,
     topics_for,
 )
-from tests.conftest import Receiver, Stack, topic_records
+from tests.conftest import Receiver, Stack, records_in, topic_records
 
 
 def _source(offset: int) -> ConsumerRecord[bytes, bytes]:
@@ -127,3 +127,38 @@ async def test_records_refused_for_their_size_are_set_aside_together(
     letters = await topic_records(settings, topics.dead_letter, 30)
     assert sorted(letter["source_offset"] for letter in letters) == list(range(30))
     assert most_in_flight[0] == 30
+
+
+async def test_an_event_whose_deliveries_are_all_refused_makes_one_dead_letter(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event for two webhooks, each delivery refused for its size even alone: one dead
+    letter of the event names both (one record to look into and to replay), not one per
+    webhook."""
+    await ensure_topics(settings)
+    topics = topics_for(settings)
+    source = _source(9)
+    out: list[OutRecord] = [(topics.deliveries, f"wh_{n}".encode(), b"x" * 100) for n in range(2)]
+    real = routed.send_each
+
+    async def refusing(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
+        if records[0][0] == topics.deliveries:
+            return {index: MessageSizeTooLargeError() for index in range(len(records))}
+        return await real(producer, records)
+
+    monkeypatch.setattr(routed, "send_each", refusing)
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    try:
+        [(noted, reason)] = await routed.send_routed(producer, topics, out, [source, source])
+    finally:
+        await stop_client(producer)
+    assert noted is source
+    deliveries = topics.deliveries
+    assert reason.startswith(
+        f"its records for wh_0 on {deliveries}, for wh_1 on {deliveries} are refused"
+    )
+    [letter] = await topic_records(settings, topics.dead_letter, 1)
+    assert letter["source_offset"] == 9
+    assert letter["reason"] == reason
+    assert await records_in(settings, topics.dead_letter) == 1

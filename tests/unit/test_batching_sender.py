@@ -197,18 +197,18 @@ def _delivery_record() -> ConsumerRecord[bytes, bytes]:
 
 
 class _SizeLimitedTopic(_CountingProducer):
-    """One topic configured with a smaller record limit than the others: it refuses every
+    """Topics configured with a smaller record limit than the others: they refuse every
     batch of more than ``limit`` bytes, for its size."""
 
-    def __init__(self, topic: str, limit: int = 0) -> None:
+    def __init__(self, *topics: str, limit: int = 0) -> None:
         super().__init__()
-        self.topic, self.limit = topic, limit
+        self.topics, self.limit = topics, limit
 
     async def send_batch(
         self, batch: _Batch, topic: str, *, partition: int
     ) -> asyncio.Future[None]:
         answered = asyncio.get_running_loop().create_future()
-        if topic == self.topic and sum(len(value) for value in batch.values) > self.limit:
+        if topic in self.topics and sum(len(value) for value in batch.values) > self.limit:
             answered.set_exception(MessageSizeTooLargeError())
         else:
             self.sent.append(batch.values)
@@ -329,15 +329,10 @@ async def test_a_record_too_large_does_not_take_down_others_sent_with_it() -> No
     assert metrics.dead_letters.labels("too_large")._value.get() == 1
 
 
-async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None:
-    """Its record says a retry is scheduled; with the retry a dead letter, the delivery
-    log would show it retrying for good. The attempt goes again, final."""
-    producer = _SizeLimitedTopic("t.retry.1")
-    outcomes = BatchingSender(cast(Any, producer))
-    metrics = DeliveryMetrics(Metrics("test_retry_set_aside"))
-    handler = _outcome_writer(outcomes, metrics)
-    attempt = Attempt(
-        delivery_id="msg_1",
+def _failed_attempt(delivery_id: str = "msg_1") -> Attempt:
+    """A first attempt that failed, its retry due five seconds later."""
+    return Attempt(
+        delivery_id=delivery_id,
         event_id="evt_1",
         webhook_id="wh_1",
         team_id="team_1",
@@ -350,8 +345,17 @@ async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None
         next_retry_at=datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC),
         event=sample_event(id="evt_1", team_id="team_1"),
     )
+
+
+async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None:
+    """Its record says a retry is scheduled; with the retry a dead letter, the delivery
+    log would show it retrying for good. The attempt goes again, final."""
+    producer = _SizeLimitedTopic("t.retry.1")
+    outcomes = BatchingSender(cast(Any, producer))
+    metrics = DeliveryMetrics(Metrics("test_retry_set_aside"))
+    handler = _outcome_writer(outcomes, metrics)
     records = [
-        ("t.attempts", b"wh_1", attempt.to_bytes()),
+        ("t.attempts", b"wh_1", _failed_attempt().to_bytes()),
         ("t.retry.1", b"wh_1", b'{"retry": true}'),
     ]
     await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
@@ -365,3 +369,61 @@ async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None
     assert told[1]["error"].startswith("HTTP 500; its retry was refused by the broker")
     [letter] = [record for record in sent if "source_topic" in record]
     assert letter["reason"].startswith("its record for wh_1 on t.retry.1 is refused")
+
+
+async def test_an_attempt_and_retry_both_refused_make_one_dead_letter() -> None:
+    """Both of a delivery's records are too large for their topics: one dead letter of the
+    delivery names the two, counted once, and the attempt is not sent again as the last
+    (it would be refused again, and a third dead letter written)."""
+    producer = _SizeLimitedTopic("t.attempts", "t.retry.1")
+    outcomes = BatchingSender(cast(Any, producer))
+    metrics = DeliveryMetrics(Metrics("test_both_set_aside"))
+    handler = _outcome_writer(outcomes, metrics)
+    records = [
+        ("t.attempts", b"wh_1", _failed_attempt().to_bytes()),
+        ("t.retry.1", b"wh_1", b'{"retry": true}'),
+    ]
+    await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
+    await outcomes.close()
+    sent = [orjson.loads(value) for batch in producer.sent for value in batch]
+    [letter] = sent
+    assert letter["source_offset"] == 41
+    assert letter["reason"].startswith(
+        "its records for wh_1 on t.attempts, for wh_1 on t.retry.1 are refused by the broker"
+    )
+    assert metrics.dead_letters.labels("too_large")._value.get() == 1
+
+
+async def test_retries_refused_together_but_taken_alone_keep_their_attempts() -> None:
+    """Two deliveries' retries fill one batch the broker refuses for its size; alone, each
+    is taken. Nothing was set aside: their attempts stand as sent, not told as the last."""
+    retry = b'{"retry": true}'
+    producer = _SizeLimitedTopic("t.retry.1", limit=len(retry))
+    outcomes = BatchingSender(cast(Any, producer), linger_seconds=0.2)
+    metrics = DeliveryMetrics(Metrics("test_taken_alone"))
+    handler = _outcome_writer(outcomes, metrics)
+    sources = [
+        ConsumerRecord("t.deliveries", 0, offset, 0, 0, b"wh_1", b"{}", None, 4, 2, ())
+        for offset in (1, 2)
+    ]
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                handler.publish(
+                    source,
+                    [
+                        ("t.attempts", b"wh_1", _failed_attempt(f"msg_{n}").to_bytes()),
+                        ("t.retry.1", b"wh_1", retry),
+                    ],
+                )
+                for n, source in enumerate(sources)
+            )
+        ),
+        10,
+    )
+    await outcomes.close()
+    sent = [orjson.loads(value) for batch in producer.sent for value in batch]
+    assert sorted(r["final"] for r in sent if "delivery_id" in r) == [False, False]
+    assert sent.count({"retry": True}) == 2
+    assert not [r for r in sent if "source_topic" in r]
+    assert metrics.dead_letters.labels("too_large")._value.get() == 0
