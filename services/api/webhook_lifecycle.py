@@ -221,9 +221,10 @@ async def delete_webhook(request: web.Request) -> web.Response:
 async def restore_webhook(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:delete")
-    row = await _change(
-        ctx, request, principal, "webhook.restored", {"deleted_at": None}, trashed=True
-    )
+    # Failures before it went to the trash say nothing of what follows, as for a
+    # reactivation: kept, the first failure after a week in the trash would disable it.
+    restored = {"deleted_at": None, "failing_since": None}
+    row = await _change(ctx, request, principal, "webhook.restored", restored, trashed=True)
     return json_response(webhook_view(row._mapping))
 
 

@@ -628,7 +628,7 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
 ) -> None:
     """The clock lives with the webhook in the database: attempts alone decide, whichever
     dispatcher made them and however often dispatchers restarted. A success ends a run of
-    failures; a reactivation starts afresh."""
+    failures; a reactivation, or a restore from the trash, starts afresh."""
     a_day = settings.model_copy(update={"endpoint_disable_after_days": 1.0})
     async with running_stack(a_day, with_dispatcher=False) as stack:
         webhook = await _unreachable_webhook(stack)
@@ -679,6 +679,12 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
             await attempt(timedelta(hours=48), "failed")
             await attempt(timedelta(hours=49), "failed")
             assert await active(), "failures before the reactivation do not count"
+
+            assert (await _call(stack, "DELETE", f"/webhooks/{webhook['id']}"))[0] == 204
+            status, _ = await _call(stack, "POST", f"/webhooks/{webhook['id']}/restore")
+            assert status == 200
+            await attempt(timedelta(hours=75), "failed")
+            assert await active(), "failures before the trash and restore do not count"
         finally:
             await producer.stop()
 
