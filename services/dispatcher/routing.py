@@ -28,6 +28,9 @@ class WebhookRoute:
     active: bool
     # Deliveries a second at most; None: the operator's default for every endpoint.
     rate_limit: float | None = None
+    # The database's last change of the webhook: a 410 to an attempt begun before it does
+    # not stop it (the delivery log's writer does not disable it either).
+    updated_at: datetime | None = None
 
     def wants(self, event: Event) -> bool:
         return (

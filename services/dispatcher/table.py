@@ -50,6 +50,7 @@ def _route_from_row(row: Any) -> WebhookRoute:
         signing_keys=tuple(keys),
         active=bool(row.active) and row.deleted_at is None,
         rate_limit=row.rate_limit,
+        updated_at=as_utc(row.updated_at),
     )
 
 
@@ -92,8 +93,13 @@ class WebhookTable:
     def deactivate(self, webhook_id: str, attempted_at: datetime) -> None:
         """Stop delivering to a webhook now, ahead of the database change that follows
         (the writer disables it unless it was edited after ``attempted_at``)."""
-        self._stopped[webhook_id] = (attempted_at, time.monotonic() + _STOPPED_AT_MOST_SECONDS)
         route = self._by_id.get(webhook_id)
+        if route is not None and route.updated_at is not None and route.updated_at >= attempted_at:
+            # Edited while the attempt was on its way (reactivated, pointed elsewhere): the
+            # writer will not disable it, and stopped here meanwhile, the events routed
+            # until its refusal came back would get no delivery at all.
+            return
+        self._stopped[webhook_id] = (attempted_at, time.monotonic() + _STOPPED_AT_MOST_SECONDS)
         if route is not None:
             self._by_id[webhook_id] = replace(route, active=False)
             self._reindex()

@@ -1807,6 +1807,45 @@ async def test_after_a_410_a_webhook_stays_stopped_until_the_database_says_other
         await receiver.wait_for(2)
 
 
+async def test_a_410_to_an_attempt_begun_before_an_edit_does_not_stop_the_webhook(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The webhook is edited while a request is on its way, and the table has heard of the
+    edit when the 410 comes back: the delivery log's writer will not disable it (edited
+    after the attempt began), so the dispatcher does not stop it either. Stopped here, the
+    events routed until the writer's refusal came back would get no delivery at all."""
+    unrecorded = settings.model_copy(update={"record_attempts": False})
+    async with running_stack(unrecorded, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, CREATED)
+        table = stack.dispatcher.table
+        before = table.get(webhook["id"])
+        assert before is not None
+        receiver.statuses = [410]
+        receiver.delay_seconds = 1.5
+        await stack.create_object()
+        await receiver.wait_for(1)
+        async with stack.session.patch(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+            headers=stack.headers(),
+            json={"name": "edited"},
+        ) as response:
+            assert response.status == 200
+        await _eventually(lambda: table.get(webhook["id"]).updated_at != before.updated_at)
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_webhooks_disabled_total", {"reason": "gone"}
+                )
+                == 1
+            )
+        )
+        assert table.get(webhook["id"]).active
+        receiver.delay_seconds = 0.0
+        await stack.create_object()
+        await receiver.wait_for(2)
+
+
 async def test_a_deactivated_webhooks_backlog_takes_no_rate_slots(
     settings: Settings, receiver: Receiver
 ) -> None:
