@@ -139,7 +139,10 @@ class ApiService:
         # Every api process reads every change, so a revoked token is refused everywhere
         # within the broker's fetch latency rather than the cache TTL.
         self._follower = ChangeFollower(
-            self.settings, lambda change: self._apply_change(gate, change), loops=self.loops
+            self.settings,
+            lambda change: self._apply_change(gate, change),
+            loops=self.loops,
+            metrics=self.metrics,
         )
         await self._follower.start()
         start = self.loops.start

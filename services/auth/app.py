@@ -95,7 +95,9 @@ class AuthService:
         self.usage = KeyUsage(engine)
         self._flusher: asyncio.Task[None] | None = None
         self.loops = Loops(self.name)
-        self._follower = ChangeFollower(settings, self.cache.apply, loops=self.loops)
+        self._follower = ChangeFollower(
+            settings, self.cache.apply, loops=self.loops, metrics=self.metrics
+        )
         self._runner: web.AppRunner | None = None
         self.app: web.Application | None = None
         self._producer: AIOKafkaProducer | None = None

@@ -122,7 +122,9 @@ class DispatcherService:
         self._timer: RetryTimer | None = None
         # The delivery consumer's rebalance listener (decision 55).
         self._deliverer_hand_over: HandOver | None = None
-        self._follower = ChangeFollower(settings, handle_many=self._apply_changes, loops=self.loops)
+        self._follower = ChangeFollower(
+            settings, handle_many=self._apply_changes, loops=self.loops, metrics=self.metrics
+        )
         self._runner: web.AppRunner | None = None
         self._loaded_at_ms = 0
         self._resync_wanted = asyncio.Event()

@@ -15,6 +15,7 @@ from ._errors import InvalidRecord
 from ._ids import utcnow
 from ._kafka import all_read, make_patient_consumer, start_client, stop_client
 from ._lifecycle import Loops, cancel_and_wait
+from ._metrics import Metrics
 from ._settings import Settings
 
 _FETCH_RETRY_SECONDS = 1.0
@@ -98,14 +99,16 @@ async def follow_changes(
     *,
     newer_than_ms: int = 0,
     caught_up: asyncio.Event | None = None,
+    on_invalid: Callable[[], None] | None = None,
 ) -> None:
     """Feed every change record to ``handle``, a fetch at a time; every process reads all
     of them (no group).
 
     Records older than ``newer_than_ms`` are skipped: a cache loaded after them already
-    reflects them. Invalid records are logged and skipped, a failed fetch is tried again;
-    a cache never stops following. ``caught_up`` is set once every record that was there
-    when following began has been handled.
+    reflects them. Invalid records are logged, counted (``on_invalid``) and skipped, not
+    dead-lettered (every process reads each one: it would be set aside once per process);
+    a failed fetch is tried again; a cache never stops following. ``caught_up`` is set
+    once every record that was there when following began has been handled.
     """
     log = structlog.get_logger()
     while True:
@@ -125,7 +128,9 @@ async def follow_changes(
             try:
                 changes.append(decode(Change, record.value))
             except InvalidRecord as exc:
-                log.warning("change_record_invalid", reason=exc.message)
+                log.warning("change_record_invalid", reason=exc.message, offset=record.offset)
+                if on_invalid is not None:
+                    on_invalid()
         if changes:
             try:
                 await handle(changes)
@@ -152,6 +157,7 @@ class ChangeFollower:
         *,
         handle_many: ChangesHandler | None = None,
         loops: Loops | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if handle is not None and handle_many is None:
             handle_many = one_at_a_time(handle)
@@ -165,6 +171,13 @@ class ChangeFollower:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
+        self._invalid = (
+            None
+            if metrics is None
+            else metrics.counter(
+                "change_records_invalid_total", "Change records skipped as invalid"
+            )
+        )
 
     @property
     def running(self) -> bool:
@@ -176,7 +189,11 @@ class ChangeFollower:
         )
         await start_client(self._consumer, self._settings)
         following = follow_changes(
-            self._consumer, self._handle, newer_than_ms=newer_than_ms, caught_up=self._caught_up
+            self._consumer,
+            self._handle,
+            newer_than_ms=newer_than_ms,
+            caught_up=self._caught_up,
+            on_invalid=None if self._invalid is None else self._invalid.inc,
         )
         if self._loops is not None:
             self._task = self._loops.start(following, name="changes")

@@ -273,7 +273,9 @@ class Change(Record):
     """An entity changed; caches holding it must drop or reload it."""
 
     entity: Literal["webhook", "token", "user", "team", "membership", "permission_group"]
-    entity_id: str
+    # An id no store holds (one with a NUL, which PostgreSQL refuses) would fail the re-read
+    # of every change fetched with it.
+    entity_id: str = Field(pattern=_ID)
     action: Literal["created", "updated", "deleted"]
     team_id: str | None = None
     # A token's state after the change (active, inactive, expired, revoked); verifiers of

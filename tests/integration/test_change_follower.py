@@ -17,6 +17,7 @@ from services.shared import (
     Change,
     ChangeFollower,
     EmbeddedBroker,
+    Metrics,
     Settings,
     Topics,
     cancel_and_wait,
@@ -146,8 +147,9 @@ async def test_an_empty_topic_is_caught_up_at_once(kafka_settings: Settings) -> 
 async def test_bad_records_and_a_failing_handler_do_not_end_following(
     kafka_settings: Settings,
 ) -> None:
-    """Garbage, an empty record, a record outside the contract and a change whose handler
-    raises are each passed over; the valid change written after them is still handled."""
+    """Garbage, an empty record, a record outside the contract, an id no store holds (a
+    NUL in it) and a change whose handler raises are each passed over, the invalid ones
+    counted; the valid change written after them is still handled."""
     consumer = make_patient_consumer(
         kafka_settings, Topics(kafka_settings.topic_prefix).changes, group_id=None
     )
@@ -159,7 +161,10 @@ async def test_bad_records_and_a_failing_handler_do_not_end_following(
         if change.entity_id == "wh_boom":
             raise RuntimeError("the cache could not take it")
 
-    following = asyncio.create_task(follow_changes(consumer, one_at_a_time(handle)))
+    invalid: list[None] = []
+    following = asyncio.create_task(
+        follow_changes(consumer, one_at_a_time(handle), on_invalid=lambda: invalid.append(None))
+    )
     topic = Topics(kafka_settings.topic_prefix).changes
     change = Change(entity="webhook", entity_id="wh_boom", action="updated", at=utcnow())
     producer = make_producer(kafka_settings)
@@ -170,6 +175,7 @@ async def test_bad_records_and_a_failing_handler_do_not_end_following(
             b"garbage",
             None,
             orjson.dumps({**orjson.loads(change.to_bytes()), "entity": "planet"}),
+            change.model_copy(update={"entity_id": "wh_\x00"}).to_bytes(),
             change.to_bytes(),
             change.model_copy(update={"entity_id": "wh_after"}).to_bytes(),
         ):
@@ -180,8 +186,28 @@ async def test_bad_records_and_a_failing_handler_do_not_end_following(
             assert asyncio.get_running_loop().time() < deadline, handled
             await asyncio.sleep(0.05)
         assert handled == ["wh_boom", "wh_after"]
+        assert len(invalid) == 4
         assert not following.done()
     finally:
         await stop_client(producer)
         await cancel_and_wait(following)
         await stop_client(consumer)
+
+
+async def test_a_follower_counts_the_change_records_it_skips(kafka_settings: Settings) -> None:
+    metrics = Metrics("test_follower")
+    follower = ChangeFollower(kafka_settings, lambda change: None, metrics=metrics)
+    await follower.start()
+    producer = make_producer(kafka_settings)
+    await start_client(producer, kafka_settings)
+    try:
+        topic = Topics(kafka_settings.topic_prefix).changes
+        await producer.send_and_wait(topic, value=b"garbage", key=b"k")
+        name = "hookwire_test_follower_change_records_invalid_total"
+        deadline = asyncio.get_running_loop().time() + 10
+        while metrics.registry.get_sample_value(name) != 1:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await stop_client(producer)
+        await follower.stop()
