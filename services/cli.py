@@ -113,8 +113,7 @@ def dispatcher() -> None:
 def migrate_command() -> None:
     """Apply pending database migrations."""
     settings = _settings()
-    _run(migrate(settings.effective_database_url))
-    click.echo("database is up to date")
+    click.echo(_run(migrate(settings.effective_database_url)))
 
 
 @main.command()

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ._errors import ConfigurationError, DependencyUnavailable
+from ._errors import ConfigurationError, DependencyUnavailable, MigrationFailed
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -76,13 +76,41 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-async def migrate(url: str) -> None:
-    """Apply every pending migration (``hookwire migrate``)."""
-    config = _alembic_config(url)
+async def migrate(url: str) -> str:
+    """Apply every pending migration (``hookwire migrate``); returns what was done.
+
+    A database a newer release migrated (a rollback) is left as it is: this code runs on
+    it (``_behind``), and refusing would keep every service that waits for the migration
+    step down."""
+    engine = create_engine(url)
     try:
-        await asyncio.to_thread(command.upgrade, config, "head")
+        async with engine.connect() as connection:
+            current = await connection.run_sync(_current_revision)
     except (SQLAlchemyError, OSError) as exc:
         raise DependencyUnavailable(f"database at {_describe(url)} is unreachable: {exc}") from exc
+    finally:
+        await engine.dispose()
+    head = head_revision()
+    if current is not None and current != head and not _known(current):
+        return (
+            f"database is at migration {current}, which a newer release applied (this one's"
+            f" newest is {head}): nothing to do"
+        )
+    try:
+        await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
+    except (SQLAlchemyError, OSError, CommandError) as exc:
+        raise MigrationFailed(
+            f"migrating the database at {_describe(url)} from {current or 'none'} failed: {exc}"
+        ) from exc
+    return "database is up to date"
+
+
+def _known(revision: str) -> bool:
+    try:
+        ScriptDirectory.from_config(_alembic_config("")).get_revision(revision)
+    except CommandError:
+        return False
+    return True
 
 
 async def check_ready(engine: AsyncEngine) -> None:
@@ -109,14 +137,7 @@ def _behind(current: str | None) -> bool:
     processes ready throughout."""
     if current is None:
         return True
-    scripts = ScriptDirectory.from_config(_alembic_config(""))
-    if current == scripts.get_current_head():
-        return False
-    try:
-        scripts.get_revision(current)
-    except CommandError:
-        return False
-    return True
+    return current != head_revision() and _known(current)
 
 
 @overload

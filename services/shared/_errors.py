@@ -41,6 +41,12 @@ class DependencyUnavailable(HookwireError):
         return {"Retry-After": "1"}
 
 
+class MigrationFailed(HookwireError):
+    """The database answered, and a migration of it failed (a permission, a conflict)."""
+
+    code = "migration_failed"
+
+
 class RecordTooLarge(DependencyUnavailable):
     """A record larger than the producer's batches can hold."""
 

@@ -94,6 +94,27 @@ def test_unreachable_database_is_named(tmp_path: Path) -> None:
     _assert_clean_failure(migrate_result, "unreachable", f"127.0.0.1:{port}")
 
 
+def test_migrate_leaves_a_database_a_newer_release_migrated(migrated: Path) -> None:
+    """After a rollback the database is at a migration this release does not know: the
+    migration step succeeds and says so (the services run on it), rather than failing
+    and keeping every service that waits for it down."""
+    with sqlite3.connect(migrated / "db.sqlite") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_newer'")
+    result = _run(["migrate"], _env(migrated))
+    assert result.returncode == 0, result.stderr
+    assert "at migration 9999_newer, which a newer release applied" in result.stdout
+
+
+def test_a_failed_migration_is_not_called_unreachable(tmp_path: Path) -> None:
+    """The database answers but a migration fails (here: a table in its way): the line
+    says the migration failed and why, not that the database is unreachable."""
+    with sqlite3.connect(tmp_path / "db.sqlite") as conn:
+        conn.execute("CREATE TABLE users (id TEXT)")
+    result = _run(["migrate"], _env(tmp_path))
+    _assert_clean_failure(result, "migrating the database at", "from none failed", "users")
+    assert "unreachable" not in result.stderr
+
+
 def test_bad_setting_is_named(tmp_path: Path) -> None:
     """A bad value stops the process with the variable's name."""
     result = _run(["api"], _env(tmp_path, HOOKWIRE_API_PORT="eighty"))
