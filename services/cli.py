@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import click
 import structlog
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
@@ -17,6 +19,7 @@ from services.shared import (
     HookwireError,
     Service,
     Settings,
+    StoredText,
     configure_logging,
     create_engine,
     ensure_topics,
@@ -129,6 +132,35 @@ def admin() -> None:
     """Bootstrap users, teams, memberships and tokens from the command line."""
 
 
+# What the api takes for a name, and what the users table holds for an email.
+_NAME = TypeAdapter(Annotated[StoredText, Field(min_length=1, max_length=200)])
+_EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def _email_shaped(value: str) -> str:
+    if not _EMAIL_SHAPE.fullmatch(value):
+        raise ValueError("must be an address like name@example.com")
+    return value
+
+
+_EMAIL = TypeAdapter(Annotated[StoredText, Field(max_length=320), AfterValidator(_email_shaped)])
+
+
+def _checked(adapter: TypeAdapter[str]) -> Callable[[click.Context, click.Parameter, str], str]:
+    """A click callback: surrounding spaces dropped, then the value as the api would take
+    it, or a usage error naming the option (exit 2) rather than a row no request could
+    make, or a database error on PostgreSQL."""
+
+    def check(context: click.Context, parameter: click.Parameter, value: str) -> str:
+        try:
+            return adapter.validate_python(value.strip())
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise click.BadParameter(message) from None
+
+    return check
+
+
 def _with_engine(settings: Settings, action: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     async def run() -> T:
         engine = create_engine(settings.effective_database_url)
@@ -141,8 +173,8 @@ def _with_engine(settings: Settings, action: Callable[[AsyncEngine], Awaitable[T
 
 
 @admin.command("create-user")
-@click.option("--email", required=True)
-@click.option("--name", required=True)
+@click.option("--email", required=True, callback=_checked(_EMAIL))
+@click.option("--name", required=True, callback=_checked(_NAME))
 def create_user(email: str, name: str) -> None:
     """Create a user (or print the existing one's id)."""
     from services.auth import admin as ops
@@ -151,7 +183,7 @@ def create_user(email: str, name: str) -> None:
 
 
 @admin.command("create-team")
-@click.option("--name", required=True)
+@click.option("--name", required=True, callback=_checked(_NAME))
 def create_team(name: str) -> None:
     """Create a team (or print the existing one's id)."""
     from services.auth import admin as ops
@@ -175,7 +207,7 @@ def add_member(user_id: str, team_id: str, role: str) -> None:
 
 @admin.command("create-token")
 @click.option("--user", "user_id", required=True)
-@click.option("--name", required=True)
+@click.option("--name", required=True, callback=_checked(_NAME))
 @click.option("--permission", "permissions", multiple=True, help="repeat; default: all")
 @click.option(
     "--expires-in-days",

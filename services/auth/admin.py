@@ -121,6 +121,15 @@ async def list_tokens(engine: AsyncEngine, user_id: str) -> list[dict[str, Any]]
     await check_ready(engine)
     async with engine.connect() as conn:
         rows = await store.token_rows(conn, user_id)
+        # No tokens, or no such user: a mistyped id must not read as "no tokens".
+        if (
+            not rows
+            and (
+                await conn.execute(select(tables.users.c.id).where(tables.users.c.id == user_id))
+            ).first()
+            is None
+        ):
+            raise UnknownEntity(f"user {user_id} not found")
     now = utcnow()
     return [
         {

@@ -170,6 +170,31 @@ def test_admin_bootstrap_from_the_command_line(tmp_path: Path) -> None:
     assert "revoked" in revoked.stdout
     assert "revoked" in _run(["admin", "list-tokens", "--user", user_id], env).stdout
     _assert_clean_failure(_run(["admin", "revoke-token", "--token", "tok_nope"], env), "tok_nope")
+    _assert_clean_failure(_run(["admin", "list-tokens", "--user", "usr_typo"], env), "usr_typo")
+    # What the api would refuse is refused here too, naming the option (exit 2), rather
+    # than stored (SQLite) or a database error (PostgreSQL).
+    for option, bad in (
+        ("--email", ["create-user", "--email", "", "--name", "B"]),
+        ("--email", ["create-user", "--email", "not-an-email", "--name", "B"]),
+        ("--email", ["create-user", "--email", f"{'b' * 320}@example.com", "--name", "B"]),
+        ("--name", ["create-user", "--email", "b@example.com", "--name", "  "]),
+        ("--name", ["create-team", "--name", "t" * 201]),
+        ("--name", ["create-token", "--user", user_id, "--name", ""]),
+        ("--name", ["create-token", "--user", user_id, "--name", "n" * 201]),
+    ):
+        refused = _run(["admin", *bad], env)
+        _assert_clean_failure(refused, f"Invalid value for '{option}'")
+        assert refused.returncode == 2, bad
+    shape = _run(["admin", "create-user", "--email", "nope", "--name", "B"], env)
+    assert "must be an address like name@example.com" in shape.stderr
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        [(users,)] = db.execute("SELECT count(*) FROM users")
+        [(teams,)] = db.execute("SELECT count(*) FROM teams")
+    assert (users, teams) == (1, 1)
+    spaced = _run(["admin", "create-team", "--name", "  beta  "], env)
+    assert spaced.returncode == 0, spaced.stderr
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        assert db.execute("SELECT 1 FROM teams WHERE name = 'beta'").fetchall() == [(1,)]
     # A maximum lifetime binds the command line as it binds the api.
     bounded = {**env, "HOOKWIRE_TOKEN_MAX_LIFETIME_DAYS": "30"}
     for extra in ([], ["--expires-in-days", "31"]):
