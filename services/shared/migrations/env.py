@@ -11,16 +11,22 @@ from services.shared._db import create_engine
 
 
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, render_as_batch=True)
+    # A transaction per migration: an upgrade over several releases does not hold the
+    # locks of its first migrations while its last one builds an index, and a migration
+    # can step outside a transaction (an index built concurrently).
+    context.configure(connection=connection, render_as_batch=True, transaction_per_migration=True)
     with context.begin_transaction():
         context.run_migrations()
 
 
 async def _main() -> None:
     engine = create_engine(context.config.attributes["database_url"])
-    async with engine.begin() as connection:
-        await connection.run_sync(_run)
-    await engine.dispose()
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run)
+    finally:
+        # A failed migration too: its connection would be left to the garbage collector.
+        await engine.dispose()
 
 
 asyncio.run(_main())

@@ -13,7 +13,16 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_deliveries_updated", "deliveries", ["updated_at"])
+    context = op.get_context()
+    if context.dialect.name != "postgresql":
+        op.create_index("ix_deliveries_updated", "deliveries", ["updated_at"])
+        return
+    # Built without holding the delivery log's writes for as long as a large table takes;
+    # CONCURRENTLY cannot run inside a transaction.
+    with context.autocommit_block():
+        op.create_index(
+            "ix_deliveries_updated", "deliveries", ["updated_at"], postgresql_concurrently=True
+        )
 
 
 def downgrade() -> None:
