@@ -8,11 +8,12 @@ sample receiver that shows what a webhook endpoint gets.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import stat
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from services.auth.admin import bootstrap_dev
 from services.auth.app import AuthService
 from services.dispatcher.app import DispatcherService
 from services.shared import (
+    ConfigurationError,
     EmbeddedBroker,
     Loops,
     Service,
@@ -172,8 +174,29 @@ Try it:
 """
 
 
+@contextlib.contextmanager
+def _only_one_in(data_dir: Path) -> Iterator[None]:
+    """Held while the stack runs: a second one on the same directory would replace the
+    dev token (the first one's printed token would stop working) before failing on the
+    ports the first one holds."""
+    with (data_dir / "dev.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                f"another `hookwire dev` (make run) is using {data_dir}: stop it first, or"
+                " give this one another HOOKWIRE_DATA_DIR"
+            ) from None
+        yield
+
+
 async def run_dev(settings: Settings) -> None:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _only_one_in(settings.data_dir):
+        await _run_dev(settings)
+
+
+async def _run_dev(settings: Settings) -> None:
     overrides: dict[str, Any] = {}
     stored = dev_secrets(settings.data_dir)
     for name in ("service_credential", "token_pepper", "access_token_private_key"):

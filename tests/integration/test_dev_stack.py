@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
@@ -154,3 +155,31 @@ def test_ctrl_c_stops_the_services_before_the_broker(tmp_path: Path) -> None:
     log = (tmp_path / "dev.log").read_text()
     assert "shutting_down" in log
     assert _errors(log) == []
+
+
+def test_a_second_stack_on_the_same_directory_is_refused_before_touching_it(
+    tmp_path: Path,
+) -> None:
+    """One stack holds the directory (here: its lock, held by the test); a second one
+    exits at once naming the directory, and leaves the first one's token file alone (it
+    used to replace the dev token, then fail on the ports)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    saved = state / "dev.json"
+    saved.write_text('{"token": "the first stack\'s"}')
+    with (state / "dev.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = subprocess.run(
+            [HOOKWIRE, "dev"],
+            env=_dev_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert refused.returncode == 1
+    assert "another `hookwire dev` (make run) is using" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert saved.read_text() == '{"token": "the first stack\'s"}'
+    assert not (state / "hookwire.db").exists()
