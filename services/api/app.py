@@ -41,6 +41,7 @@ from .authn import TokenGate
 from .context import CONTEXT, ApiContext
 from .errors import AuthUnavailable
 from .outbox import Outbox
+from .resend_budget import ResendBudget
 
 _PRUNE_SECONDS = 60.0
 
@@ -92,6 +93,7 @@ class ApiService:
             topics=topics_for(self.settings),
             changes=ChangeNotifier(producer, topics_for(self.settings)),
             metrics=self.metrics,
+            resends=ResendBudget(self.settings.resends_per_team_per_hour, deliveries.MAX_REPLAY),
         )
 
         async def database_ready() -> None:

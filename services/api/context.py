@@ -19,6 +19,7 @@ from services.shared import (
 
 from .authn import Principal, TokenGate
 from .outbox import Outbox
+from .resend_budget import ResendBudget
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ApiContext:
     topics: Topics
     changes: ChangeNotifier
     metrics: Metrics
+    resends: ResendBudget
 
     async def authorize(self, request: web.Request, permission: str) -> Principal:
         token = presented_token(request, allow_query_keys=self.settings.allow_query_keys)

@@ -8,6 +8,7 @@ delivery gets one attempt; its outcome lands in the same log.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from services.shared import (
     JsonObject,
     NotFound,
     OpenApi,
+    TooManyRequests,
     UtcDatetime,
     as_utc,
     json_response,
@@ -178,6 +180,27 @@ async def _publish(ctx: ApiContext, deliveries: list[Delivery]) -> None:
     )
 
 
+def _resends(ctx: ApiContext, team_id: str, wanted: int) -> int:
+    """Re-sends the team may make now, at least one; 429 when it has none left."""
+    granted = ctx.resends.take(team_id, wanted)
+    if not granted:
+        raise TooManyRequests(
+            "this team has re-sent its deliveries allowed for now"
+            f" (HOOKWIRE_RESENDS_PER_TEAM_PER_HOUR: {ctx.settings.resends_per_team_per_hour})",
+            retry_after=ctx.resends.seconds_until_one(team_id),
+        )
+    return granted
+
+
+async def _publish_one(ctx: ApiContext, team_id: str, delivery: Delivery) -> None:
+    _resends(ctx, team_id, 1)
+    try:
+        await _publish(ctx, [delivery])
+    except PublishUnavailable:
+        ctx.resends.give_back(team_id, 1)
+        raise
+
+
 async def retry_delivery(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:update")
@@ -185,7 +208,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
         row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
     await _sendable_webhook(ctx, principal.team_id, row.webhook_id)
     delivery = _resend(row)
-    await _publish(ctx, [delivery])
+    await _publish_one(ctx, principal.team_id, delivery)
     return json_response({"delivery_id": delivery.id, "attempt": delivery.attempt}, status=202)
 
 
@@ -202,38 +225,66 @@ async def replay_webhook(request: web.Request) -> web.Response:
         since=body.since,
         until=body.until,
     )
+    allowed = _resends(ctx, principal.team_id, MAX_REPLAY)
+    replayed = _Replayed()
+    try:
+        resume = await _replay(ctx, where, allowed, replayed)
+    finally:
+        ctx.resends.give_back(principal.team_id, allowed - replayed.count)
+    return json_response(
+        {
+            "replayed": replayed.count,
+            "truncated": resume is not None,
+            "resume_since": as_utc(resume),
+            # Stopped by the team's re-send budget rather than the replay's own limit.
+            "retry_after_seconds": (
+                ctx.resends.seconds_until_one(principal.team_id)
+                if resume is not None and allowed < MAX_REPLAY
+                else None
+            ),
+        },
+        status=202,
+    )
+
+
+@dataclass
+class _Replayed:
+    count: int = 0
+
+
+async def _replay(
+    ctx: ApiContext, where: delivery_log.DeliveryFilter, allowed: int, replayed: _Replayed
+) -> datetime | None:
+    """Re-send up to ``allowed`` deliveries, oldest first, counting them in ``replayed``
+    (also when a chunk fails); where the next call goes on from when more were left."""
     # Read and sent a chunk at a time: each row carries its event, up to 256 KiB.
-    replayed = 0
     after: tuple[datetime, str] | None = None
     resume: datetime | None = None
     while True:
-        size = min(_REPLAY_CHUNK, MAX_REPLAY - replayed)
+        size = min(_REPLAY_CHUNK, allowed - replayed.count)
         async with ctx.engine.connect() as conn:
             rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
         chosen = rows[:size]
         try:
             await _publish(ctx, [_resend(row) for row in chosen])
         except PublishUnavailable as exc:
-            if not replayed or not chosen:
+            if not replayed.count or not chosen:
                 raise
             # Earlier chunks went out: say where to go on from rather than have the caller
             # send them all again (this chunk may be partly sent; a receiver sees repeats
             # under the same webhook-id).
             raise PublishUnavailable(
-                f"{exc.message}; {replayed} deliveries were re-sent before it",
-                details={"replayed": replayed, "resume_since": as_utc(chosen[0].created_at)},
+                f"{exc.message}; {replayed.count} deliveries were re-sent before it",
+                details={"replayed": replayed.count, "resume_since": as_utc(chosen[0].created_at)},
             ) from exc
-        replayed += len(chosen)
+        replayed.count += len(chosen)
         if len(rows) <= size:
             break
         after = (chosen[-1].created_at, chosen[-1].id)
-        if replayed >= MAX_REPLAY:
+        if replayed.count >= allowed:
             resume = rows[size].created_at
             break
-    return json_response(
-        {"replayed": replayed, "truncated": resume is not None, "resume_since": as_utc(resume)},
-        status=202,
-    )
+    return resume
 
 
 async def send_test_event(request: web.Request) -> web.Response:
@@ -254,7 +305,7 @@ async def send_test_event(request: web.Request) -> web.Response:
     delivery = Delivery(
         id=new_id("msg"), webhook_id=webhook_id, attempt=1, event=event, kind="test"
     )
-    await _publish(ctx, [delivery])
+    await _publish_one(ctx, principal.team_id, delivery)
     return json_response(
         {"delivery_id": delivery.id, "event": event.model_dump(mode="json", by_alias=True)},
         status=202,
@@ -289,7 +340,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         retry_delivery,
         status=202,
         permission="webhook:update",
-        errors=(401, 403, 404, 409, 503),
+        errors=(401, 403, 404, 409, 429, 503),
         summary="Re-send one delivery now (same webhook-id, next attempt number)",
     )
     spec.route(
@@ -310,7 +361,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         status=202,
         body=ReplayRequest,
         permission="webhook:update",
-        errors=(401, 403, 404, 409, 413, 422, 503),
+        errors=(401, 403, 404, 409, 413, 422, 429, 503),
         summary=f"Re-send every delivery since a time (or only failed ones), up to {MAX_REPLAY}",
     )
     spec.route(
@@ -321,7 +372,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         status=202,
         body=TestEventRequest,
         permission="webhook:update",
-        errors=(401, 403, 404, 409, 413, 422, 503),
+        errors=(401, 403, 404, 409, 413, 422, 429, 503),
         body_required=False,
         summary=f"Send a {TEST_EVENT_TYPE} event to this webhook only",
     )

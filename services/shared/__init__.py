@@ -56,6 +56,7 @@ from ._errors import (
     OutcomeUnknown,
     PayloadTooLarge,
     ServiceFailed,
+    TooManyRequests,
     Unauthorized,
     ValidationFailed,
 )
@@ -179,6 +180,7 @@ __all__ = [
     "ServiceFailed",
     "Settings",
     "StoredText",
+    "TooManyRequests",
     "Topics",
     "Unauthorized",
     "UtcDatetime",

@@ -100,6 +100,21 @@ class PayloadTooLarge(HookwireError):
     code = "payload_too_large"
 
 
+class TooManyRequests(HookwireError):
+    """A limit on how much a caller may ask for in a while; ``retry_after`` in seconds."""
+
+    status = 429
+    code = "rate_limited"
+    retriable = True
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, details={"retry_after_seconds": retry_after})
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class ValidationFailed(HookwireError):
     status = 422
     code = "validation_failed"

@@ -35,6 +35,7 @@ _ERROR_TEXT = {
     412: "If-Match does not match the current ETag: the resource changed since it was read",
     413: "Body larger than HOOKWIRE_MAX_BODY_BYTES",
     422: "Invalid body or parameters; details name each field",
+    429: "The team re-sent too many deliveries this hour; retry after Retry-After",
     503: "A dependency (Kafka, auth) is unavailable; retry after Retry-After",
 }
 

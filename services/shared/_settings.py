@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     # A delivery (with its event and attempts) leaves the log this long after its last
     # change: the log would otherwise grow with every event for good.
     delivery_log_retention_days: float = Field(default=30.0, gt=0, le=3650)
+    # Deliveries a team may re-send (retries, replays, test events) per hour, per api
+    # process; a full bucket holds one whole replay (10,000) or this, if fewer.
+    resends_per_team_per_hour: int = Field(default=20_000, ge=1, le=10_000_000)
     token_cache_seconds: float = Field(default=30.0, ge=0, le=300)
     delivery_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     delivery_concurrency_per_endpoint: int = Field(default=10, ge=1, le=1000)

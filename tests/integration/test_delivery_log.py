@@ -623,6 +623,48 @@ async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on
         )
 
 
+async def test_a_team_resends_no_more_than_its_budget(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """Three re-sends an hour: a replay of four deliveries sends three and says when to go
+    on (where from, and after how long); then a retry, a replay and a test event are each
+    429 with Retry-After, and nothing more is sent. Another team's budget is its own."""
+    limited = settings.model_copy(update={"resends_per_team_per_hour": 3})
+    async with running_stack(limited, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, ["object.created"])
+        before = utcnow() - timedelta(seconds=1)
+        for n in range(4):
+            await stack.create_object({"n": n})
+        await receiver.wait_for(4)
+        path = f"/webhooks/{webhook['id']}/deliveries"
+        listed = await _listed(stack, path, 4)
+        replay = f"/webhooks/{webhook['id']}/replay"
+        status, answer = await _call(stack, "POST", replay, json={"since": before.isoformat()})
+        assert (status, answer["replayed"], answer["truncated"]) == (202, 3, True)
+        assert 1000 < answer["retry_after_seconds"] <= 1200  # one re-send per 20 minutes
+        assert answer["resume_since"] is not None
+        await receiver.wait_for(7)
+        for method, route, body in (
+            ("POST", f"/deliveries/{listed[0]['id']}/retry", None),
+            ("POST", replay, {"since": answer["resume_since"]}),
+            ("POST", f"/webhooks/{webhook['id']}/test", None),
+        ):
+            async with stack.session.request(
+                method,
+                f"{stack.api_url}/v1/teams/{stack.team_id}{route}",
+                headers=stack.headers(),
+                json=body,
+            ) as response:
+                assert response.status == 429, route
+                assert 1000 < int(response.headers["Retry-After"]) <= 1200
+                refused = await response.json()
+            assert refused["error"]["code"] == "rate_limited"
+            assert "HOOKWIRE_RESENDS_PER_TEAM_PER_HOUR" in refused["error"]["message"]
+        await asyncio.sleep(0.5)
+        assert len(receiver.received) == 7
+        assert stack.api.app[deliveries.CONTEXT].resends.take("team_other", 3) == 3
+
+
 async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
     settings: Settings,
 ) -> None:
