@@ -15,6 +15,7 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
+from services.dispatcher import lanes as lanes_module
 from services.dispatcher.lanes import Lanes, Pace
 from services.dispatcher.retry_timer import RetryTimer
 from services.shared import OutRecord, Topics
@@ -60,9 +61,11 @@ class _Consumer:
         self.committed.update(offsets)
 
 
-def _record(partition: TopicPartition, offset: int) -> ConsumerRecord[bytes, bytes]:
+def _record(
+    partition: TopicPartition, offset: int, key: bytes = b"wh"
+) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord(
-        partition.topic, partition.partition, offset, 0, 0, b"wh", b"{}", None, 2, 2, []
+        partition.topic, partition.partition, offset, 0, 0, key, b"{}", None, 2, 2, []
     )
 
 
@@ -506,5 +509,43 @@ async def test_large_records_pause_their_partition_by_their_bytes() -> None:
         await _until(lambda: consumer.paused == {OWNED})
     finally:
         stalled.set()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_hand_over_commits_what_finished_while_a_slow_delivery_is_still_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow endpoint is nearly always in flight somewhere when a rebalance comes: past
+    the hand-over's bound the deliveries that finished are committed anyway, so their next
+    owner does not send them again; only the slow one goes again."""
+    monkeypatch.setattr(lanes_module, "_COMMIT_INTERVAL_SECONDS", 3600.0)
+    consumer = _Consumer()
+    handled: list[int] = []
+    stuck = asyncio.Event()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        if record.key == b"slow":
+            await stuck.wait()
+        handled.append(record.offset)
+        return []
+
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
+        pass
+
+    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
+    running = asyncio.create_task(lanes.run())
+    try:
+        records = [_record(OWNED, 0, b"fast"), _record(OWNED, 1, b"slow")]
+        records += [_record(OWNED, 2, b"fast")]
+        await consumer.batches.put({OWNED: records})
+        await _until(lambda: handled == [0, 2])
+        assert consumer.committed == {}
+        started = asyncio.get_running_loop().time()
+        await lanes.hand_over(within=0.5)
+        assert asyncio.get_running_loop().time() - started < 1.5
+        assert consumer.committed == {OWNED: 1}
+    finally:
+        stuck.set()
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
