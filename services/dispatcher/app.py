@@ -251,6 +251,8 @@ class DispatcherService:
     async def stop(self) -> None:
         """Stop fetching, give in-flight deliveries the grace period, commit, close."""
         self.loops.stopping()
+        if self._lanes is not None:
+            self._lanes.stop_starting()
         for task in self._tasks:
             await cancel_and_wait(task)
         if self._lanes is not None:

@@ -528,13 +528,19 @@ class Lanes:
             if key in self._lanes:
                 self._pump(key)
 
+    def stop_starting(self) -> None:
+        """Start no more deliveries (a stop began): the loops' cancelling before the drain
+        would otherwise let every delivery that finishes meanwhile start the next, each
+        with a whole grace of its own."""
+        self._stopping = True
+        self._wake_everyone()
+
     async def drain(self, grace_seconds: float) -> None:
         """Stop starting deliveries, let those in flight finish, commit what finished.
 
         One still waiting for its rate slot is not sent: the slot may be further off than
         the grace, and it is left uncommitted for the next process to send."""
-        self._stopping = True
-        self._wake_everyone()
+        self.stop_starting()
         for reading in set(self._take_overs):
             await cancel_and_wait(reading)
         running = set(self._tasks)

@@ -549,3 +549,36 @@ async def test_a_hand_over_commits_what_finished_while_a_slow_delivery_is_still_
         stuck.set()
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_once_a_stop_begins_no_delivery_starts_behind_those_being_sent() -> None:
+    """Between the stop signal and the drain the service cancels its other loops; a
+    delivery finishing meanwhile must not start the next one in its lane (each would get
+    a whole grace of its own)."""
+    consumer = _Consumer()
+    started: list[int] = []
+    first_sent = asyncio.Event()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        started.append(record.offset)
+        await first_sent.wait()
+        return []
+
+    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
+        pass
+
+    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(3)]})
+        await _until(lambda: started == [0])
+        lanes.stop_starting()
+        first_sent.set()
+        await asyncio.sleep(0.3)
+        assert started == [0]
+        await lanes.drain(grace_seconds=1)
+        assert started == [0]
+        assert consumer.committed == {OWNED: 1}
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
