@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +135,9 @@ class Lanes:
         self._put_offs_reached: set[tuple[TopicPartition, bytes]] = set()
         self._lanes: dict[bytes, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Per partition: deliveries out of their lane whose outcome is being written; they
+        # free room in the backlog once written, as those being sent do.
+        self._writing: Counter[TopicPartition] = Counter()
         self._tracker = OffsetTracker()
         self._gate = FetchGate(consumer)
         self._stopping = False
@@ -262,6 +265,7 @@ class Lanes:
             for each in self._lanes.values()
             if each.partition is not None and (each.waiting or each.running)
         }
+        moving.update(self._writing)
         # The whole backlog full: room comes back only if some partition still moves.
         stalled = sum(counts.values()) >= self._backlog_max and not moving
         for partition, ahead in list(self._put_offs_ahead.items()):
@@ -424,6 +428,8 @@ class Lanes:
             # Nothing was sent: what it would write (put off, deferred, skipped) is its
             # partition's new owner's to decide.
             return
+        partition = TopicPartition(record.topic, record.partition)
+        self._writing[partition] += 1
         try:
             await self._publish(record, outcome)
         except Exception as exc:
@@ -431,7 +437,11 @@ class Lanes:
             # the partition's next reader sends it again.
             self._log.warning("delivery_outcome_not_written", offset=record.offset, error=str(exc))
             return
-        self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
+        finally:
+            self._writing[partition] -= 1
+            if not self._writing[partition]:
+                del self._writing[partition]
+        self._tracker.done(partition, record.offset)
 
     def _release(self, key: bytes, lane: _Lane) -> None:
         lane.running -= 1

@@ -116,3 +116,43 @@ async def test_records_set_aside_keep_waiting_while_the_full_partition_still_mov
     then = [_record(4, PUT_OFF), _record(5, NEW)]
     sent = await _sent_in_order(first, {b"wh": 4}, backlog_max=4, expected=6, then=then)
     assert sent == [1, 2, 3, 4, 0, 5]
+
+
+async def test_records_set_aside_keep_waiting_while_their_partitions_outcomes_are_written() -> None:
+    """The partition holds its share: the record set aside, and three of another webhook
+    sent and out of their lane, their outcomes still being written (a slow broker). Once
+    written they free room and the put-off is fetched: nothing is given up meanwhile."""
+    consumer = _Consumer()
+    sent: list[int] = []
+    written = asyncio.Event()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        sent.append(record.offset)
+        return []
+
+    async def publish(source: ConsumerRecord, records: list[OutRecord]) -> None:
+        if source.key == b"other":
+            await written.wait()
+
+    async def taken_over(partitions: set[TopicPartition]) -> dict[TopicPartition, Any]:
+        return {OWNED: {b"wh": 4}}
+
+    lanes = Lanes(
+        cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=4, on_gained=taken_over
+    )
+    running = asyncio.create_task(lanes.run())
+    try:
+        await _until(lambda: OWNED not in consumer.paused and lanes._owned == {OWNED})
+        others = [_record(offset, NEW, key=b"other") for offset in (1, 2, 3)]
+        await consumer.batches.put({OWNED: [_record(0, NEW), *others]})
+        await _until(lambda: sent == [1, 2, 3])
+        await asyncio.sleep(0.5)  # a few turns of the loop with the partition full
+        assert sent == [1, 2, 3]
+        written.set()
+        await consumer.batches.put({OWNED: [_record(4, PUT_OFF)]})
+        await _until(lambda: len(sent) == 5)
+        assert sent == [1, 2, 3, 4, 0]
+    finally:
+        written.set()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
