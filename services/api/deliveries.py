@@ -8,7 +8,6 @@ delivery gets one attempt; its outcome lands in the same log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -38,7 +37,7 @@ from services.shared import (
 from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
-from .errors import PublishUnavailable
+from .errors import PublishOutcomeUnknown, PublishUnavailable
 from .paging import PageQuery
 from .webhook_lifecycle import find_webhook
 
@@ -180,25 +179,30 @@ async def _publish(ctx: ApiContext, deliveries: list[Delivery]) -> None:
     )
 
 
-def _resends(ctx: ApiContext, team_id: str, wanted: int) -> int:
-    """Re-sends the team may make now, at least one; 429 when it has none left."""
-    granted = ctx.resends.take(team_id, wanted)
-    if not granted:
-        raise TooManyRequests(
-            "this team has re-sent its deliveries allowed for now"
-            f" (HOOKWIRE_RESENDS_PER_TEAM_PER_HOUR: {ctx.settings.resends_per_team_per_hour})",
-            retry_after=ctx.resends.seconds_until_one(team_id),
-        )
-    return granted
+def _spent(ctx: ApiContext, team_id: str) -> TooManyRequests:
+    return TooManyRequests(
+        "this team has re-sent its deliveries allowed for now"
+        f" (HOOKWIRE_RESENDS_PER_TEAM_PER_HOUR: {ctx.settings.resends_per_team_per_hour})",
+        retry_after=max(1, ctx.resends.seconds_until(team_id, 1)),
+    )
+
+
+async def _publish_resends(ctx: ApiContext, team_id: str, deliveries: list[Delivery]) -> None:
+    """Publish re-sends taken from the team's budget; those not made are given back. One
+    whose outcome is unknown may be in the stream, and counts."""
+    try:
+        await _publish(ctx, deliveries)
+    except PublishOutcomeUnknown:
+        raise
+    except Exception:
+        ctx.resends.give_back(team_id, len(deliveries))
+        raise
 
 
 async def _publish_one(ctx: ApiContext, team_id: str, delivery: Delivery) -> None:
-    _resends(ctx, team_id, 1)
-    try:
-        await _publish(ctx, [delivery])
-    except PublishUnavailable:
-        ctx.resends.give_back(team_id, 1)
-        raise
+    if not ctx.resends.take(team_id, 1):
+        raise _spent(ctx, team_id)
+    await _publish_resends(ctx, team_id, [delivery])
 
 
 async def retry_delivery(request: web.Request) -> web.Response:
@@ -225,66 +229,69 @@ async def replay_webhook(request: web.Request) -> web.Response:
         since=body.since,
         until=body.until,
     )
-    allowed = _resends(ctx, principal.team_id, MAX_REPLAY)
-    replayed = _Replayed()
-    try:
-        resume = await _replay(ctx, where, allowed, replayed)
-    finally:
-        ctx.resends.give_back(principal.team_id, allowed - replayed.count)
+    team_id = principal.team_id
+    replayed, resume = await _replay(ctx, where, team_id)
     return json_response(
         {
-            "replayed": replayed.count,
+            "replayed": replayed,
             "truncated": resume is not None,
             "resume_since": as_utc(resume),
-            # Stopped by the team's re-send budget rather than the replay's own limit.
+            # When the next call can send as much as a replay sends (0: now).
             "retry_after_seconds": (
-                ctx.resends.seconds_until_one(principal.team_id)
-                if resume is not None and allowed < MAX_REPLAY
-                else None
+                None
+                if resume is None
+                else ctx.resends.seconds_until(team_id, min(MAX_REPLAY, ctx.resends.capacity))
             ),
         },
         status=202,
     )
 
 
-@dataclass
-class _Replayed:
-    count: int = 0
-
-
 async def _replay(
-    ctx: ApiContext, where: delivery_log.DeliveryFilter, allowed: int, replayed: _Replayed
-) -> datetime | None:
-    """Re-send up to ``allowed`` deliveries, oldest first, counting them in ``replayed``
-    (also when a chunk fails); where the next call goes on from when more were left."""
+    ctx: ApiContext, where: delivery_log.DeliveryFilter, team_id: str
+) -> tuple[int, datetime | None]:
+    """Re-send up to ``MAX_REPLAY`` deliveries, oldest first, as far as the team's budget
+    allows; how many, and where the next call goes on from when more were left. The
+    budget is taken a chunk at a time, so a long replay does not hold all of it while it
+    reads (the team's other re-sends meanwhile)."""
     # Read and sent a chunk at a time: each row carries its event, up to 256 KiB.
+    replayed = 0
     after: tuple[datetime, str] | None = None
     resume: datetime | None = None
     while True:
-        size = min(_REPLAY_CHUNK, allowed - replayed.count)
+        size = ctx.resends.take(team_id, min(_REPLAY_CHUNK, MAX_REPLAY - replayed))
+        if not size:
+            if not replayed:
+                raise _spent(ctx, team_id)
+            # The budget ran out between chunks: the next call goes on from here.
+            async with ctx.engine.connect() as conn:
+                rows = await delivery_log.oldest_first(conn, where, limit=1, after=after)
+            resume = rows[0].created_at if rows else None
+            break
         async with ctx.engine.connect() as conn:
             rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
         chosen = rows[:size]
+        ctx.resends.give_back(team_id, size - len(chosen))
         try:
-            await _publish(ctx, [_resend(row) for row in chosen])
+            await _publish_resends(ctx, team_id, [_resend(row) for row in chosen])
         except PublishUnavailable as exc:
-            if not replayed.count or not chosen:
+            if not replayed or not chosen:
                 raise
             # Earlier chunks went out: say where to go on from rather than have the caller
             # send them all again (this chunk may be partly sent; a receiver sees repeats
             # under the same webhook-id).
             raise PublishUnavailable(
-                f"{exc.message}; {replayed.count} deliveries were re-sent before it",
-                details={"replayed": replayed.count, "resume_since": as_utc(chosen[0].created_at)},
+                f"{exc.message}; {replayed} deliveries were re-sent before it",
+                details={"replayed": replayed, "resume_since": as_utc(chosen[0].created_at)},
             ) from exc
-        replayed.count += len(chosen)
+        replayed += len(chosen)
         if len(rows) <= size:
             break
         after = (chosen[-1].created_at, chosen[-1].id)
-        if replayed.count >= allowed:
+        if replayed >= MAX_REPLAY:
             resume = rows[size].created_at
             break
-    return resume
+    return replayed, resume
 
 
 async def send_test_event(request: web.Request) -> web.Response:

@@ -50,10 +50,14 @@ class ResendBudget:
             now = self._clock()
             self._buckets[team_id] = (self._left(team_id, now) + unused, now)
 
-    def seconds_until_one(self, team_id: str) -> int:
-        """When the team may re-send again, in whole seconds (for Retry-After)."""
-        missing = 1.0 - self._left(team_id, self._clock())
-        return max(1, math.ceil(missing / self._rate))
+    @property
+    def capacity(self) -> int:
+        return int(self._capacity)
+
+    def seconds_until(self, team_id: str, wanted: int) -> int:
+        """In whole seconds, when the team may re-send ``wanted`` (0: now)."""
+        missing = min(wanted, self._capacity) - self._left(team_id, self._clock())
+        return max(0, math.ceil(missing / self._rate))
 
     def _forget_full(self, now: float) -> None:
         for team_id in [t for t in self._buckets if self._left(t, now) >= self._capacity]:

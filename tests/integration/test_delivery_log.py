@@ -624,11 +624,12 @@ async def test_an_attempt_the_store_refuses_is_dead_lettered_and_the_log_goes_on
 
 
 async def test_a_team_resends_no_more_than_its_budget(
-    settings: Settings, receiver: Receiver
+    settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three re-sends an hour: a replay of four deliveries sends three and says when to go
-    on (where from, and after how long); then a retry, a replay and a test event are each
-    429 with Retry-After, and nothing more is sent. Another team's budget is its own."""
+    """Three re-sends an hour: a replay of four deliveries sends three and says where to
+    go on from and when the budget allows a whole replay again; then a retry, a replay and
+    a test event are each 429 with Retry-After, and nothing more is sent."""
+    monkeypatch.setattr(deliveries, "_REPLAY_CHUNK", 2)
     limited = settings.model_copy(update={"resends_per_team_per_hour": 3})
     async with running_stack(limited, with_dispatcher=True) as stack:
         webhook = await stack.create_webhook(receiver.url, ["object.created"])
@@ -638,19 +639,24 @@ async def test_a_team_resends_no_more_than_its_budget(
         await receiver.wait_for(4)
         path = f"/webhooks/{webhook['id']}/deliveries"
         listed = await _listed(stack, path, 4)
+        oldest_first = [d["id"] for d in reversed(listed)]
         replay = f"/webhooks/{webhook['id']}/replay"
         status, answer = await _call(stack, "POST", replay, json={"since": before.isoformat()})
         assert (status, answer["replayed"], answer["truncated"]) == (202, 3, True)
-        assert 1000 < answer["retry_after_seconds"] <= 1200  # one re-send per 20 minutes
-        assert answer["resume_since"] is not None
-        await receiver.wait_for(7)
-        for method, route, body in (
-            ("POST", f"/deliveries/{listed[0]['id']}/retry", None),
-            ("POST", replay, {"since": answer["resume_since"]}),
-            ("POST", f"/webhooks/{webhook['id']}/test", None),
+        # The budget holds three, refilled one per 20 minutes: full again in an hour.
+        assert 3500 < answer["retry_after_seconds"] <= 3600
+        fourth = (await _call(stack, "GET", f"/deliveries/{oldest_first[3]}"))[1]
+        assert datetime.fromisoformat(answer["resume_since"]) == datetime.fromisoformat(
+            fourth["created_at"]
+        )
+        sent = (await receiver.wait_for(7))[4:]
+        assert [r.headers["webhook-id"] for r in sent] == oldest_first[:3]
+        for route, body in (
+            (f"/deliveries/{listed[0]['id']}/retry", None),
+            (replay, {"since": answer["resume_since"]}),
+            (f"/webhooks/{webhook['id']}/test", None),
         ):
-            async with stack.session.request(
-                method,
+            async with stack.session.post(
                 f"{stack.api_url}/v1/teams/{stack.team_id}{route}",
                 headers=stack.headers(),
                 json=body,
@@ -662,7 +668,37 @@ async def test_a_team_resends_no_more_than_its_budget(
             assert "HOOKWIRE_RESENDS_PER_TEAM_PER_HOUR" in refused["error"]["message"]
         await asyncio.sleep(0.5)
         assert len(receiver.received) == 7
-        assert stack.api.app[deliveries.CONTEXT].resends.take("team_other", 3) == 3
+
+
+async def test_resends_not_made_are_given_back(
+    settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay with fewer deliveries than the budget, and re-sends the stream refused,
+    leave the budget as it was: the team can still re-send all of it."""
+    limited = settings.model_copy(update={"resends_per_team_per_hour": 3})
+    async with running_stack(limited, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, ["object.created"])
+        before = utcnow() - timedelta(seconds=1)
+        await stack.create_object({"n": 0})
+        await receiver.wait_for(1)
+        [listed] = await _listed(stack, f"/webhooks/{webhook['id']}/deliveries", 1)
+
+        async def refused(ctx: Any, chosen: Any) -> None:
+            raise PublishUnavailable("event stream is unavailable: test")
+
+        real_publish = deliveries._publish
+        monkeypatch.setattr(deliveries, "_publish", refused)
+        for route in (f"/deliveries/{listed['id']}/retry", f"/webhooks/{webhook['id']}/test"):
+            assert (await _call(stack, "POST", route))[0] == 503
+        replay = f"/webhooks/{webhook['id']}/replay"
+        since = {"since": before.isoformat()}
+        assert (await _call(stack, "POST", replay, json=since))[0] == 503
+        monkeypatch.setattr(deliveries, "_publish", real_publish)
+        status, answer = await _call(stack, "POST", replay, json=since)
+        assert (status, answer["replayed"], answer["truncated"]) == (202, 1, False)
+        for _ in range(2):
+            assert (await _call(stack, "POST", f"/webhooks/{webhook['id']}/test"))[0] == 202
+        assert (await _call(stack, "POST", f"/webhooks/{webhook['id']}/test"))[0] == 429
 
 
 async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(

@@ -21,7 +21,8 @@ def test_a_full_bucket_holds_the_capacity_and_refills_at_the_hourly_rate() -> No
     budget = ResendBudget(per_hour=3600, capacity=100, clock=clock)
     assert budget.take("team_a", 150) == 100
     assert budget.take("team_a", 1) == 0
-    assert budget.seconds_until_one("team_a") == 1
+    assert budget.seconds_until("team_a", 1) == 1
+    assert budget.seconds_until("team_a", 1000) == 100, "no more than the capacity is awaited"
     clock.now += 10
     assert budget.take("team_a", 50) == 10
     assert budget.take("team_b", 5) == 5, "each team has its own"
@@ -33,9 +34,11 @@ def test_a_small_hourly_rate_is_also_the_capacity() -> None:
     clock = _Clock()
     budget = ResendBudget(per_hour=3, capacity=10_000, clock=clock)
     assert budget.take("team_a", 10_000) == 3
-    assert budget.seconds_until_one("team_a") == 1200
+    assert budget.seconds_until("team_a", 1) == 1200
     clock.now += 600
-    assert budget.seconds_until_one("team_a") == 600
+    assert budget.seconds_until("team_a", 1) == 600
+    clock.now += 600
+    assert budget.seconds_until("team_a", 1) == 0
 
 
 def test_what_is_given_back_can_be_taken_again() -> None:
