@@ -31,8 +31,8 @@ from .retry_timer import Waiting
 
 _SWEEP_SECONDS = 5.0
 _COMMIT_INTERVAL_SECONDS = 0.1
-# Of a hand-over's time, what is kept for its commit (a commit takes milliseconds; a
-# quarter of the 2.4 s default leaves it 0.6 s on a busy broker).
+# Of a hand-over's time, what is kept at least for its commit (a commit takes
+# milliseconds; a quarter of the 2.4 s default leaves it 0.6 s on a busy broker).
 _HAND_OVER_COMMIT_SHARE = 0.25
 _FETCH_RETRY_SECONDS = 1.0
 _FETCH_RECORDS = 500
@@ -511,6 +511,8 @@ class Lanes:
         # Only the assignment that ends this rebalance resumes the lanes, not one the loop
         # has not yet seen from a rebalance before it.
         self._reassigned = False
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + within
         running = set(self._tasks)
         if running:
             # Only the wait is cut short: what has finished is committed whatever is still
@@ -520,7 +522,8 @@ class Lanes:
             if late:
                 self._log.warning("hand_over_cut_short", still_sending=len(late))
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within * _HAND_OVER_COMMIT_SHARE):
+            # Whatever is left of the bound, at least its share.
+            async with asyncio.timeout_at(ends):
                 await self.commit()
 
     def reassigned(self) -> None:

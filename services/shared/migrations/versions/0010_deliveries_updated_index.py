@@ -15,13 +15,18 @@ depends_on = None
 def upgrade() -> None:
     context = op.get_context()
     if context.dialect.name != "postgresql":
-        op.create_index("ix_deliveries_updated", "deliveries", ["updated_at"])
+        op.create_index("ix_deliveries_updated", "deliveries", ["updated_at"], if_not_exists=True)
         return
     # Built without holding the delivery log's writes for as long as a large table takes;
-    # CONCURRENTLY cannot run inside a transaction.
+    # CONCURRENTLY cannot run inside a transaction. Built and committed before the version
+    # is, so a migration stopped in between finds it there when run again.
     with context.autocommit_block():
         op.create_index(
-            "ix_deliveries_updated", "deliveries", ["updated_at"], postgresql_concurrently=True
+            "ix_deliveries_updated",
+            "deliveries",
+            ["updated_at"],
+            postgresql_concurrently=True,
+            if_not_exists=True,
         )
 
 
