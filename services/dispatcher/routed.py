@@ -47,6 +47,9 @@ async def send_routed(
     return set_aside
 
 
+# Records a dead letter names, when many of one source are refused.
+_NAMED_AT_MOST = 10
+
 # Sends records, returning the error of each the broker did not take (by index).
 SendEach = Callable[[list[OutRecord]], Awaitable[dict[int, BaseException]]]
 
@@ -130,10 +133,14 @@ def _stand_ins(
     stand_ins: list[tuple[OutRecord, str | None]] = []
     if named:
         error = refused[0][1]
+        # An event of a team with a thousand webhooks would name them all in 55 KB.
+        listed = ",".join(named[:_NAMED_AT_MOST])
+        if len(named) > _NAMED_AT_MOST:
+            listed += f" and {len(named) - _NAMED_AT_MOST} more"
         noted = (
             f"its record{named[0]} is refused by the broker: {error}"
             if len(named) == 1
-            else f"its records{','.join(named)} are refused by the broker: {error}"
+            else f"its records{listed} are refused by the broker: {error}"
         )
         stand_ins.append((dead_letter_record(topics, source, noted), noted))
     bare_reason = f"{noted or 'its dead letter is refused by the broker'} (payload left out)"

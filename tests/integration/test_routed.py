@@ -132,13 +132,13 @@ async def test_records_refused_for_their_size_are_set_aside_together(
 async def test_an_event_whose_deliveries_are_all_refused_makes_one_dead_letter(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An event for two webhooks, each delivery refused for its size even alone: one dead
-    letter of the event names both (one record to look into and to replay), not one per
-    webhook."""
+    """An event for twelve webhooks, each delivery refused for its size even alone: one
+    dead letter of the event names them (one record to look into and to replay), not one
+    per webhook; ten at most, and how many more."""
     await ensure_topics(settings)
     topics = topics_for(settings)
     source = _source(9)
-    out: list[OutRecord] = [(topics.deliveries, f"wh_{n}".encode(), b"x" * 100) for n in range(2)]
+    out: list[OutRecord] = [(topics.deliveries, f"wh_{n}".encode(), b"x" * 100) for n in range(12)]
     real = routed.send_each
 
     async def refusing(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
@@ -150,14 +150,14 @@ async def test_an_event_whose_deliveries_are_all_refused_makes_one_dead_letter(
     producer = make_producer(settings)
     await start_client(producer, settings)
     try:
-        [(noted, reason)] = await routed.send_routed(producer, topics, out, [source, source])
+        [(noted, reason)] = await routed.send_routed(producer, topics, out, [source] * 12)
     finally:
         await stop_client(producer)
     assert noted is source
     deliveries = topics.deliveries
-    assert reason.startswith(
-        f"its records for wh_0 on {deliveries}, for wh_1 on {deliveries} are refused"
-    )
+    assert reason.startswith(f"its records for wh_0 on {deliveries}, for wh_1 on {deliveries},")
+    assert f"for wh_9 on {deliveries} and 2 more are refused by the broker" in reason
+    assert "wh_10" not in reason
     [letter] = await topic_records(settings, topics.dead_letter, 1)
     assert letter["source_offset"] == 9
     assert letter["reason"] == reason
