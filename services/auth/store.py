@@ -255,7 +255,13 @@ async def _why_not_stored(
     conn: AsyncConnection, user_id: str, name: str, group_id: str | None
 ) -> HookwireError | None:
     """Which constraint a new token broke (the savepoint leaves the transaction usable)."""
-    if await _exists(conn, _tokens, _tokens.c.user_id == user_id, _tokens.c.name == name):
+    if await _exists(
+        conn,
+        _tokens,
+        _tokens.c.user_id == user_id,
+        _tokens.c.name == name,
+        _tokens.c.revoked_at.is_(None),
+    ):
         return DuplicateName(f"a token named {name!r} already exists for this user")
     if not await _exists(conn, tables.users, tables.users.c.id == user_id):
         return UnknownEntity(f"user {user_id} not found")

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 
 
@@ -101,7 +103,15 @@ tokens = Table(
         String(64),
         ForeignKey("permission_groups.id", ondelete="SET NULL"),
     ),
-    UniqueConstraint("user_id", "name", name="uq_tokens_user_name"),
+    # Among a user's keys not revoked: a revoked key's name goes to its replacement.
+    Index(
+        "uq_tokens_user_name_live",
+        "user_id",
+        "name",
+        unique=True,
+        postgresql_where=text("revoked_at IS NULL"),
+        sqlite_where=text("revoked_at IS NULL"),
+    ),
 )
 
 permission_groups = Table(

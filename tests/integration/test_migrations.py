@@ -54,7 +54,7 @@ async def test_an_index_migration_stopped_before_its_version_was_written_runs_ag
     """On PostgreSQL 0010 builds its index outside a transaction: stopped after the build
     and before the version was written, the next run finds the index and goes on (and so
     on SQLite, where that cannot happen, with a version set back by hand)."""
-    await migrate(database_url)
+    await asyncio.to_thread(command.upgrade, _alembic_config(database_url), "0010")
     engine = create_engine(database_url)
     try:
         async with engine.begin() as conn:

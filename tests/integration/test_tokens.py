@@ -240,6 +240,32 @@ async def test_bad_updates_are_refused(api_stack: Stack) -> None:
     assert (status, answer["error"]["code"]) == (409, "duplicate_name")
 
 
+async def test_a_revoked_keys_name_goes_to_its_replacement(api_stack: Stack) -> None:
+    """A key revoked (leaked, say) keeps its row for the audit; its name is free for the
+    key that replaces it, but not while the first is only deactivated or expired, and
+    never for two live keys."""
+    body = {"name": "ci", "permissions": ["object:read"]}
+    status, first = await api_stack.auth_call("POST", "/v1/tokens", json=body)
+    assert status == 201
+    path = f"/v1/tokens/{first['id']}"
+    assert (await api_stack.auth_call("PATCH", path, json={"active": False}))[0] == 200
+    status, answer = await api_stack.auth_call("POST", "/v1/tokens", json=body)
+    assert (status, answer["error"]["code"]) == (409, "duplicate_name")
+    assert (await api_stack.auth_call("DELETE", path))[0] == 204
+    status, second = await api_stack.auth_call("POST", "/v1/tokens", json=body)
+    assert status == 201
+    assert second["id"] != first["id"]
+    status, answer = await api_stack.auth_call("POST", "/v1/tokens", json=body)
+    assert (status, answer["error"]["code"]) == (409, "duplicate_name")
+    _, other = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "other", "permissions": ["object:read"]}
+    )
+    rename = {"name": "ci"}
+    renamed = await api_stack.auth_call("PATCH", f"/v1/tokens/{other['id']}", json=rename)
+    assert (renamed[0], renamed[1]["error"]["code"]) == (409, "duplicate_name")
+    assert (await api_stack.introspect(first["token"]))["reason"] == "revoked"
+
+
 async def test_other_users_tokens_do_not_exist(api_stack: Stack) -> None:
     """Another user's token id answers 404 on every route."""
     from services.auth.admin import create_token, create_user
