@@ -347,12 +347,13 @@ def _failed_attempt(delivery_id: str = "msg_1") -> Attempt:
     )
 
 
-async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None:
-    """Its record says a retry is scheduled; with the retry a dead letter, the delivery
-    log would show it retrying for good. The attempt goes again, final."""
-    producer = _SizeLimitedTopic("t.retry.1")
+async def _attempt_and_retry_through(
+    producer: _SizeLimitedTopic,
+) -> tuple[list[dict[str, Any]], DeliveryMetrics]:
+    """A failed first attempt and its retry, published through ``producer``: what it
+    took, and the handler's metrics."""
     outcomes = BatchingSender(cast(Any, producer))
-    metrics = DeliveryMetrics(Metrics("test_retry_set_aside"))
+    metrics = DeliveryMetrics(Metrics(f"test_outcomes_{len(producer.topics)}"))
     handler = _outcome_writer(outcomes, metrics)
     records = [
         ("t.attempts", b"wh_1", _failed_attempt().to_bytes()),
@@ -360,7 +361,13 @@ async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None
     ]
     await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
     await outcomes.close()
-    sent = [orjson.loads(value) for batch in producer.sent for value in batch]
+    return [orjson.loads(value) for batch in producer.sent for value in batch], metrics
+
+
+async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None:
+    """Its record says a retry is scheduled; with the retry a dead letter, the delivery
+    log would show it retrying for good. The attempt goes again, final."""
+    sent, _ = await _attempt_and_retry_through(_SizeLimitedTopic("t.retry.1"))
     told = [record for record in sent if record.get("delivery_id") == "msg_1"]
     assert [(r["final"], r.get("next_retry_at")) for r in told] == [
         (False, "2026-01-01T00:00:05Z"),
@@ -375,17 +382,7 @@ async def test_an_attempt_and_retry_both_refused_make_one_dead_letter() -> None:
     """Both of a delivery's records are too large for their topics: one dead letter of the
     delivery names the two, counted once, and the attempt is not sent again as the last
     (it would be refused again, and a third dead letter written)."""
-    producer = _SizeLimitedTopic("t.attempts", "t.retry.1")
-    outcomes = BatchingSender(cast(Any, producer))
-    metrics = DeliveryMetrics(Metrics("test_both_set_aside"))
-    handler = _outcome_writer(outcomes, metrics)
-    records = [
-        ("t.attempts", b"wh_1", _failed_attempt().to_bytes()),
-        ("t.retry.1", b"wh_1", b'{"retry": true}'),
-    ]
-    await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
-    await outcomes.close()
-    sent = [orjson.loads(value) for batch in producer.sent for value in batch]
+    sent, metrics = await _attempt_and_retry_through(_SizeLimitedTopic("t.attempts", "t.retry.1"))
     [letter] = sent
     assert letter["source_offset"] == 41
     assert letter["reason"].startswith(

@@ -78,6 +78,10 @@ async def _until(check: Any) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _written(_source: ConsumerRecord, records: list[OutRecord]) -> None:
+    """Outcomes written at once (nowhere)."""
+
+
 async def test_a_gained_partition_waits_for_its_last_owners_put_offs() -> None:
     consumer = _Consumer()
     handled: list[tuple[int, int]] = []
@@ -530,10 +534,7 @@ async def test_a_hand_over_commits_what_finished_while_a_slow_delivery_is_still_
         handled.append(record.offset)
         return []
 
-    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
-        pass
-
-    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
+    lanes = Lanes(cast(Any, consumer), attempt, _written, per_lane=1, backlog_max=100)
     running = asyncio.create_task(lanes.run())
     try:
         records = [_record(OWNED, 0, b"fast"), _record(OWNED, 1, b"slow")]
@@ -564,10 +565,7 @@ async def test_once_a_stop_begins_no_delivery_starts_behind_those_being_sent() -
         await first_sent.wait()
         return []
 
-    async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
-        pass
-
-    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=1, backlog_max=100)
+    lanes = Lanes(cast(Any, consumer), attempt, _written, per_lane=1, backlog_max=100)
     running = asyncio.create_task(lanes.run())
     try:
         await consumer.batches.put({OWNED: [_record(OWNED, n) for n in range(3)]})
