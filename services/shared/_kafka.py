@@ -312,34 +312,13 @@ async def _send_packed(
     open_batches: dict[tuple[str, int], tuple[BatchBuilder, set[int]]] = {}
     sent: list[tuple[asyncio.Future[Any], set[int]]] = []
     refused: dict[int, BaseException] = {}
-    # Per partition: its last batch handed over, and the error that stopped it. A
-    # partition's next batch waits for the one before it: were the first refused (it
-    # expired) after the next was taken, its records, sent again, would land behind
-    # those (a webhook's first attempts out of order). The producer sends one request
-    # at a time to a broker anyway.
-    handed: dict[tuple[str, int], asyncio.Future[Any]] = {}
-    stopped: dict[tuple[str, int], BaseException] = {}
 
     async def hand_over(topic: str, partition: int, batch: BatchBuilder, owners: set[int]) -> None:
-        place = (topic, partition)
-        before = handed.get(place)
-        if before is not None:
-            await asyncio.wait([before])
-            error = None if before.cancelled() else before.exception()
-            if error is not None:
-                stopped[place] = error
-        if place in stopped:
-            for owner in owners:
-                refused.setdefault(owner, stopped[place])
-            return
         try:
-            handed[place] = await producer.send_batch(batch, topic, partition=partition)
+            sent.append((await producer.send_batch(batch, topic, partition=partition), owners))
         except (KafkaError, DependencyUnavailable) as exc:
-            stopped[place] = exc
             for owner in owners:
                 refused.setdefault(owner, exc)
-            return
-        sent.append((handed[place], owners))
 
     for topic, key, value, owner in records:
         if owner in refused:
@@ -356,9 +335,6 @@ async def _send_packed(
                 continue
         every = partitions[topic]
         partition = partition_of(key, len(every)) if key is not None else random.choice(every)  # noqa: S311
-        if (topic, partition) in stopped:
-            refused[owner] = stopped[(topic, partition)]
-            continue
         batch, owners = open_batches.get((topic, partition), (None, set()))
         if batch is not None and batch.append(key=key, value=value, timestamp=None) is not None:
             owners.add(owner)

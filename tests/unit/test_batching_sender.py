@@ -21,7 +21,6 @@ from services.shared import (
     Topics,
     load_settings,
     partition_of,
-    send_each,
 )
 from tests.samples import sample_event
 
@@ -425,49 +424,6 @@ async def test_retries_refused_together_but_taken_alone_keep_their_attempts() ->
     assert sent.count({"retry": True}) == 2
     assert not [r for r in sent if "source_topic" in r]
     assert metrics.dead_letters.labels("too_large")._value.get() == 0
-
-
-class _SmallBatch(_Batch):
-    """Holds two records."""
-
-    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object:
-        return (
-            None
-            if len(self.values) >= 2
-            else super().append(key=key, value=value, timestamp=timestamp)
-        )
-
-
-class _FirstBatchExpires(_CountingProducer):
-    """The first batch is refused after a moment (it expired: the broker may be away);
-    every later one is taken at once."""
-
-    def create_batch(self) -> _Batch:
-        return _SmallBatch()
-
-    async def send_batch(
-        self, batch: _Batch, topic: str, *, partition: int
-    ) -> asyncio.Future[None]:
-        answered = asyncio.get_running_loop().create_future()
-        if not self.sent:
-            self.sent.append([])
-            asyncio.get_running_loop().call_later(0.05, answered.set_exception, KafkaTimeoutError())
-        else:
-            self.sent.append(batch.values)
-            answered.set_result(None)
-        return answered
-
-
-async def test_a_partitions_records_after_a_refused_batch_are_not_written_before_it() -> None:
-    """Five records of one partition fill three batches. The first is refused once the
-    others could have been taken: written, they would come before its records, which the
-    caller sends again. None of the partition's records is written; all are refused."""
-    producer = _FirstBatchExpires()
-    records = [("t.deliveries", b"wh_1", f"r{n}".encode()) for n in range(5)]
-    refused = await asyncio.wait_for(send_each(cast(Any, producer), records), 5)
-    assert sorted(refused) == [0, 1, 2, 3, 4]
-    assert all(isinstance(error, KafkaTimeoutError) for error in refused.values())
-    assert producer.sent == [[]]
 
 
 async def test_a_caller_after_the_sender_closed_is_told_and_starts_nothing() -> None:
