@@ -77,7 +77,6 @@ _RESYNC_SECONDS = 60.0
 _RESYNC_RETRY_SECONDS = 1.0
 _CATCH_UP_SECONDS = 10.0
 _LAG_SECONDS = 1.0
-_CHANGE_REPLAY_MARGIN_MS = 5_000
 _OUTCOME_LINGER_SECONDS = 0.02
 # Partitions gained wait this long at most for the put-offs of their last owner to be read.
 _TAKE_OVER_SECONDS = 10.0
@@ -213,10 +212,10 @@ class DispatcherService:
         )
         retries_hand_over.before_revoke = self._timer.hand_over
         retries_hand_over.after_assign = self._timer.reassigned
-        # Changes older than the table load (less a margin for clock skew between producers)
-        # are already reflected in it. The newer ones are applied before the first event is
-        # routed: a webhook created while the table loaded must not miss those events.
-        await self._follower.start(newer_than_ms=self._loaded_at_ms - _CHANGE_REPLAY_MARGIN_MS)
+        # Changes older than the table load are already reflected in it. The newer ones are
+        # applied before the first event is routed: a webhook created while the table
+        # loaded must not miss those events.
+        await self._follower.start(newer_than_ms=self._loaded_at_ms)
         if not await self._follower.wait_caught_up(_CATCH_UP_SECONDS):
             self._log.warning("changes_not_caught_up", within_seconds=_CATCH_UP_SECONDS)
         start = self.loops.start

@@ -19,6 +19,9 @@ from ._metrics import Metrics
 from ._settings import Settings
 
 _FETCH_RETRY_SECONDS = 1.0
+# A change's record carries its producer's clock: one a little behind this process's
+# still counts as newer than a moment this process took.
+_CLOCK_SKEW_MARGIN_MS = 5_000
 
 Entity = Literal["webhook", "token", "user", "team", "membership", "permission_group"]
 Action = Literal["created", "updated", "deleted"]
@@ -144,6 +147,31 @@ async def follow_changes(
                 log.warning("changes_position_failed", error=str(exc))
 
 
+async def _skip_older(consumer: AIOKafkaConsumer, since_ms: int) -> dict[int, int]:
+    """Move each partition's position to its first record from ``since_ms`` on; returns the
+    positions. Where the broker cannot say, the partition is read from its start (records
+    older than ``since_ms`` are still skipped one by one)."""
+    partitions = sorted(consumer.assignment())
+    try:
+        # The end first: a record written after it is read whatever the lookup by time says.
+        ends = await consumer.end_offsets(partitions)
+        found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+    except KafkaError as exc:
+        structlog.get_logger().warning("changes_start_unknown", error=str(exc))
+        return {}
+    positions: dict[int, int] = {}
+    for partition in partitions:
+        first_newer = found.get(partition)
+        # No record that recent: Kafka answers None, the embedded broker a timestamp of -1.
+        if first_newer is None or first_newer.timestamp < 0:
+            position = ends[partition]
+        else:
+            position = first_newer.offset
+        consumer.seek(partition, position)
+        positions[partition.partition] = await consumer.position(partition)
+    return positions
+
+
 class ChangeFollower:
     """A process's subscription to ``changes``: its own consumer and the task feeding it.
 
@@ -171,6 +199,8 @@ class ChangeFollower:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
+        # Where reading began, per partition of ``changes``.
+        self.started_at: dict[int, int] = {}
         self._invalid = (
             None
             if metrics is None
@@ -183,15 +213,22 @@ class ChangeFollower:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def start(self, *, newer_than_ms: int = 0) -> None:
+    async def start(self, *, newer_than_ms: int | None = None) -> None:
+        """Follow the changes made after ``newer_than_ms`` (by default, this call): what the
+        caches reflect already. The records before it are not read at all: ``changes`` may
+        hold days of them, and a process must not wait on them to start."""
+        since = (
+            int(utcnow().timestamp() * 1000) if newer_than_ms is None else newer_than_ms
+        ) - _CLOCK_SKEW_MARGIN_MS
         self._consumer = make_patient_consumer(
             self._settings, Topics(self._settings.topic_prefix).changes, group_id=None
         )
         await start_client(self._consumer, self._settings)
+        self.started_at = await _skip_older(self._consumer, since)
         following = follow_changes(
             self._consumer,
             self._handle,
-            newer_than_ms=newer_than_ms,
+            newer_than_ms=since,
             caught_up=self._caught_up,
             on_invalid=None if self._invalid is None else self._invalid.inc,
         )

@@ -20,6 +20,7 @@ from services.shared import (
     Metrics,
     Settings,
     Topics,
+    _changes,
     cancel_and_wait,
     ensure_topics,
     load_settings,
@@ -48,7 +49,7 @@ async def kafka_settings(broker: EmbeddedBroker) -> AsyncIterator[Settings]:
     await drop_topics(broker.bootstrap, settings.topic_prefix)
 
 
-async def _publish_changes(settings: Settings, ids: list[str]) -> None:
+async def _publish_changes(settings: Settings, ids: list[str], key: bytes | None = None) -> None:
     producer = make_producer(settings)
     await start_client(producer, settings)
     topic = Topics(settings.topic_prefix).changes
@@ -58,7 +59,7 @@ async def _publish_changes(settings: Settings, ids: list[str]) -> None:
             [
                 (
                     topic,
-                    entity_id.encode(),
+                    key or entity_id.encode(),
                     Change(
                         entity="webhook", entity_id=entity_id, action="updated", at=utcnow()
                     ).to_bytes(),
@@ -211,3 +212,38 @@ async def test_a_follower_counts_the_change_records_it_skips(kafka_settings: Set
     finally:
         await stop_client(producer)
         await follower.stop()
+
+
+async def test_a_follower_starts_after_the_changes_its_caches_reflect(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Days of ``changes`` are not read again at every start: reading begins at the first
+    record from the given moment on, and every partition without one at its end."""
+    monkeypatch.setattr(_changes, "_CLOCK_SKEW_MARGIN_MS", 0)
+    older = [f"wh_old_{n}" for n in range(12)]
+    for entity_id in older:  # one record per batch: the embedded broker's end is then exact
+        await _publish_changes(kafka_settings, [entity_id], key=b"same-partition")
+    await asyncio.sleep(0.3)
+    moment_ms = int(utcnow().timestamp() * 1000)
+    await asyncio.sleep(0.05)
+    for entity_id in ("wh_new_1", "wh_new_2"):
+        await _publish_changes(kafka_settings, [entity_id], key=b"same-partition")
+    handled: list[str] = []
+    follower = ChangeFollower(kafka_settings, lambda change: handled.append(change.entity_id))
+    await follower.start(newer_than_ms=moment_ms)
+    try:
+        assert await follower.wait_caught_up(10)
+        assert handled == ["wh_new_1", "wh_new_2"]
+        # The other partitions, if any, are empty: they start at 0.
+        assert sum(follower.started_at.values()) == max(follower.started_at.values()) == 12
+    finally:
+        await follower.stop()
+
+    quiet = ChangeFollower(kafka_settings, lambda change: handled.append(change.entity_id))
+    await quiet.start()  # nothing since this call: every partition starts at its end
+    try:
+        assert await quiet.wait_caught_up(10)
+        assert sum(quiet.started_at.values()) == max(quiet.started_at.values()) == 14
+        assert handled == ["wh_new_1", "wh_new_2"]
+    finally:
+        await quiet.stop()
