@@ -112,6 +112,10 @@ tokens = Table(
         postgresql_where=text("revoked_at IS NULL"),
         sqlite_where=text("revoked_at IS NULL"),
     ),
+    # The list of ended keys reads each of these by range (store.ended_token_ids).
+    Index("ix_tokens_revoked_at", "revoked_at"),
+    Index("ix_tokens_expires_at", "expires_at"),
+    Index("ix_tokens_deactivated_at", "deactivated_at"),
 )
 
 permission_groups = Table(
@@ -141,6 +145,9 @@ audit_log = Table(
     Column("ip", String(64)),
     Column("request_id", String(64)),
     Column("details", JSON),
+    Index("ix_audit_log_at", "at"),
+    Index("ix_audit_log_actor", "actor_user_id", "at"),
+    Index("ix_audit_log_team", "team_id", "at"),
 )
 
 webhooks = Table(
@@ -165,6 +172,7 @@ webhooks = Table(
     Column("failing_since", UtcDateTime()),
     # Deliveries a second this endpoint takes at most; null: the dispatcher's default.
     Column("rate_limit", Float),
+    Index("ix_webhooks_team", "team_id"),
 )
 
 objects = Table(
@@ -178,6 +186,7 @@ objects = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
     Column("deleted_at", UtcDateTime()),
+    Index("ix_objects_team_type", "team_id", "object_type"),
 )
 
 outbox = Table(
@@ -191,6 +200,7 @@ outbox = Table(
     # Which relay took the row and until when: several api processes relay the same table.
     Column("claimed_by", String(64)),
     Column("claimed_until", UtcDateTime()),
+    Index("ix_outbox_created_at", "created_at"),
 )
 
 idempotency_keys = Table(
@@ -205,6 +215,7 @@ idempotency_keys = Table(
     Column("response", JSON),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("event_id", String(64)),
+    Index("ix_idempotency_keys_created_at", "created_at"),
 )
 
 deliveries = Table(
@@ -224,6 +235,9 @@ deliveries = Table(
     Column("next_retry_at", UtcDateTime()),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
+    Index("ix_deliveries_webhook_created", "webhook_id", "created_at"),
+    Index("ix_deliveries_team_created", "team_id", "created_at"),
+    Index("ix_deliveries_updated", "updated_at"),
 )
 
 delivery_attempts = Table(
