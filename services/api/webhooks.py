@@ -25,6 +25,7 @@ from services.shared import (
     StoredText,
     ValidationFailed,
     as_utc,
+    is_reserved_header,
     json_response,
     new_id,
     parse_body,
@@ -42,25 +43,9 @@ from .paging import IdPageQuery
 
 # fullmatch: "$" would also take a name ending in a newline.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
-_RESERVED_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "user-agent",
-    }
-)
-# The body's framing and the signature are hookwire's: a custom Content-Encoding would
-# label a plain body as compressed, a Webhook-* header would pose as part of the signature.
-_RESERVED_PREFIXES = ("content-", "webhook-")
-# RFC 9110 field values: visible characters, spaces and tabs; receivers refuse the rest.
-_BAD_VALUE_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Visible ASCII, spaces and tabs: receivers refuse control characters, and read a value
+# past ASCII (RFC 9110's obs-text) as Latin-1, UTF-8 or not at all.
+_BAD_VALUE_CHARACTER = re.compile(r"[^\t\x20-\x7e]")
 # Whitespace and control characters: urlsplit drops some of them silently, so the URL
 # stored would not be the one called, and PostgreSQL cannot store NUL at all.
 _BAD_URL_CHARACTER = re.compile(r"[\x00-\x20\x7f]")
@@ -111,14 +96,15 @@ class _WebhookRules(BaseModel):
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
             lowered = name.lower()
-            if lowered in _RESERVED_HEADERS or lowered.startswith(_RESERVED_PREFIXES):
+            if is_reserved_header(name):
                 raise ValueError(f"{name!r} is set by hookwire and cannot be overridden")
             if lowered in seen:
                 raise ValueError(f"{name!r} is given twice (header names ignore case)")
             seen.add(lowered)
             if _BAD_VALUE_CHARACTER.search(header_value) or len(header_value) > 1024:
                 raise ValueError(
-                    f"value of {name!r} must be at most 1024 visible characters, spaces or tabs"
+                    f"value of {name!r} must be at most 1024 visible ASCII characters,"
+                    " spaces or tabs"
                 )
         return value
 

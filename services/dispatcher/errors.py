@@ -14,6 +14,12 @@ class InvalidSecret(HookwireError):
     code = "invalid_secret"
 
 
+class Unsigned(HookwireError):
+    """No signing secret is in force: the delivery is not sent rather than sent unsigned."""
+
+    code = "unsigned"
+
+
 class Withdrawn(HookwireError):
     """A delivery taken back just before it was sent: its partition may be about to move,
     and its next owner sends it."""

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from yarl import URL
 
-from services.shared import REFUSED, Delivery, Settings, literal_refusal, redacted
+from services.shared import (
+    REFUSED,
+    Delivery,
+    Settings,
+    is_reserved_header,
+    literal_refusal,
+    redacted,
+)
 
+from .errors import Unsigned
 from .routing import WebhookRoute
 from .signing import signature_header
 
 # How soon a dropped connection counts as a stale keep-alive socket worth one more try.
 _STALE_SOCKET_SECONDS = 1.0
 USER_AGENT = f"hookwire/{version('hookwire')} (+webhooks)"
+# What aiohttp refuses to write in a header, with a ValueError rather than a ClientError.
+_UNWRITABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,9 @@ class Outcome:
 def signed_headers(
     route: WebhookRoute, delivery: Delivery, body: bytes, timestamp: int
 ) -> dict[str, str]:
-    headers = dict(route.headers)
+    # The api refuses these; a row may hold one anyway, and hookwire's own must win
+    # whatever the case of the stored name.
+    headers = {name: value for name, value in route.headers if not is_reserved_header(name)}
     headers.update(
         {
             "content-type": "application/json",
@@ -57,6 +73,56 @@ def signed_headers(
 
 def payload(delivery: Delivery) -> bytes:
     return delivery.event.to_bytes()
+
+
+def _unwritable(headers: Iterable[tuple[str, str]]) -> str | None:
+    for name, value in headers:
+        if _UNWRITABLE.search(name) or _UNWRITABLE.search(value):
+            return f"not sent: header {name!r} holds a control character (CR, LF, NUL...)"
+    return None
+
+
+def _bare(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "[webhook url]"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def without_url_secrets(text: str, url: str) -> str:
+    """``text`` with the webhook URL's credentials, query and fragment cut out (a
+    receiver's token often rides in the query), wherever the URL appears: as stored, or
+    as aiohttp shows it (normalised, without its credentials or its fragment)."""
+    shown = {url}
+    try:
+        parsed = URL(url)
+    except ValueError:
+        pass
+    else:
+        for parsed_form in (parsed, parsed.with_user(None)):
+            shown |= {str(parsed_form), str(parsed_form.with_fragment(None))}
+    # Longest first: the URL without its fragment is the start of the URL with it.
+    for form in sorted(shown, key=len, reverse=True):
+        text = text.replace(form, _bare(form))
+    return text
+
+
+async def _body_start(content: aiohttp.StreamReader, limit: int) -> bytes:
+    # ``read`` returns what is buffered, often the first chunk of a chunked answer.
+    got = b""
+    try:
+        while len(got) < limit:
+            chunk = await content.read(limit - len(got))
+            if not chunk:
+                break
+            got += chunk
+    except (TimeoutError, aiohttp.ClientError):
+        # The status is the receiver's answer; a body that stalls or breaks off after it
+        # (a wrong Content-Length, a chunk never sent) does not undo a 2xx, which would
+        # otherwise be delivered again.
+        pass
+    return got
 
 
 def _transient(exc: BaseException) -> bool:
@@ -89,13 +155,7 @@ class Sender:
             allow_redirects=False,
             timeout=within or self._timeout,
         ) as response:
-            try:
-                answer = await response.content.read(self._settings.response_body_limit_bytes)
-            except (TimeoutError, aiohttp.ClientError):
-                # The status is the receiver's answer; a body that stalls or breaks off
-                # after it (a wrong Content-Length, a chunk never sent) does not undo a
-                # 2xx, which would otherwise be delivered again.
-                answer = b""
+            answer = await _body_start(response.content, self._settings.response_body_limit_bytes)
             return response.status, answer, response.headers.get("retry-after")
 
     async def _post(
@@ -132,15 +192,23 @@ class Sender:
             refusal = literal_refusal(route.url)
             if refusal is not None:
                 return Outcome("failed", None, elapsed(), refusal, "refused")
+        # Hookwire's own header values are known to be clean: only the stored ones are read.
+        fault = _unwritable(route.headers)
+        if fault is not None:
+            return Outcome("failed", None, elapsed(), fault, "invalid_header")
         body = payload(delivery)
-        headers = signed_headers(route, delivery, body, int(time.time()))
+        try:
+            headers = signed_headers(route, delivery, body, int(time.time()))
+        except Unsigned as exc:
+            return Outcome("failed", None, elapsed(), f"not sent: {exc.message}", "unsigned")
         shown = redacted(headers)
         try:
             status, answer, retry_after = await self._post(route.url, body, headers)
         except TimeoutError:
             return Outcome("failed", None, elapsed(), "timeout", "timeout", shown)
         except aiohttp.ClientError as exc:
-            text = str(exc)
+            # Stored in the delivery log and logged: no receiver's token may ride along.
+            text = without_url_secrets(str(exc), route.url)
             if REFUSED in text:
                 refusal = text[text.index(REFUSED) :].rstrip("]")
                 return Outcome("failed", None, elapsed(), refusal, "refused", shown)

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from .errors import InvalidSecret
+from .errors import InvalidSecret, Unsigned
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a format marker, not a secret
 
@@ -16,9 +16,13 @@ def secret_key(secret: str) -> bytes:
     if not secret.startswith(SECRET_PREFIX):
         raise InvalidSecret("signing secrets start with whsec_")
     try:
-        return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
     except ValueError as exc:
         raise InvalidSecret("signing secret is not valid base64") from exc
+    if not key:
+        # An empty HMAC key signs, but anyone can compute the signature.
+        raise InvalidSecret("signing secret is empty")
+    return key
 
 
 def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -28,5 +32,9 @@ def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
 
 
 def signature_header(keys: Iterable[bytes], message_id: str, timestamp: int, body: bytes) -> str:
-    """One signature per active secret, space-separated, so rotation never breaks receivers."""
-    return " ".join(sign(key, message_id, timestamp, body) for key in keys)
+    """One signature per active secret, space-separated, so rotation never breaks receivers.
+    Raises ``Unsigned`` when there is none: an empty header would send it unsigned."""
+    header = " ".join(sign(key, message_id, timestamp, body) for key in keys)
+    if not header:
+        raise Unsigned("the webhook has no signing secret in force")
+    return header

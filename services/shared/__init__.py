@@ -60,7 +60,7 @@ from ._errors import (
     Unauthorized,
     ValidationFailed,
 )
-from ._headers import REDACTED, is_secret_header, redacted
+from ._headers import REDACTED, is_reserved_header, is_secret_header, redacted
 from ._http import (
     READINESS_KEY,
     bound_port,
@@ -211,6 +211,7 @@ __all__ = [
     "ip_in_ranges",
     "is_id",
     "is_public_address",
+    "is_reserved_header",
     "is_secret_header",
     "json_problem",
     "json_response",

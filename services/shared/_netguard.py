@@ -6,6 +6,7 @@ import asyncio
 import errno
 import functools
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -22,9 +23,42 @@ REFUSED = "refused:"
 LOOKUP_SECONDS = 5.0
 
 
-# IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it through a
-# translator (RFC 6052's well-known NAT64 prefix and RFC 8215's local-use one).
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# Blocks that are not globally reachable (IANA's special-purpose registries), listed here
+# because the running Python's tables differ by patch level: 3.11.7 counts most of
+# 192.0.0.0/24, 3fff::/20 and 6to4 as global.
+_DENIED_IPV4 = tuple(
+    ipaddress.IPv4Network(block)
+    for block in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
+)
+# IPv6 unicast addresses are assigned from 2000::/3 alone. Outside it lie loopback, the
+# IPv4-mapped and -compatible forms, the local-use NAT64 prefix 64:ff9b:1::/48 (whose IPv4
+# address sits where its operator's prefix length puts it), unique-local, link-local,
+# site-local, multicast and unassigned space.
+_IPV6_UNICAST = ipaddress.IPv6Network("2000::/3")
+# Inside it: IETF protocol assignments (Teredo among them), documentation, and 6to4, which
+# reaches whatever IPv4 address it embeds through whichever relay answers.
+_DENIED_IPV6 = tuple(
+    ipaddress.IPv6Network(block)
+    for block in ("2001::/23", "2001:db8::/32", "2002::/16", "3fff::/20")
+)
+# RFC 6052's well-known NAT64 prefix: public itself, it leads to the IPv4 address in its
+# last 32 bits, which decides.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -35,23 +69,57 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if any(ip in prefix for prefix in _NAT64):
+    if ip in _NAT64:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
 
+def _is_public_ipv4(ip: ipaddress.IPv4Address) -> bool:
+    return ip.is_global and not any(ip in block for block in _DENIED_IPV4)
+
+
+def _is_public_ipv6(ip: ipaddress.IPv6Address) -> bool:
+    if ip in _NAT64:
+        return True
+    return ip.is_global and ip in _IPV6_UNICAST and not any(ip in block for block in _DENIED_IPV6)
+
+
 def is_public_address(address: str) -> bool:
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address):
-        # 64:ff9b::a9fe:a9fe is 169.254.169.254 (cloud metadata) through NAT64.
-        ip = _embedded_ipv4(ip) or ip
-    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
-        # Deprecated (fec0::/10) but still routed inside some networks; Python counts it
-        # as global.
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _is_public_ipv4(ip)
+    # Both must be public: 64:ff9b::a9fe:a9fe is 169.254.169.254 (cloud metadata) through
+    # NAT64, and a Teredo address names a public IPv4 server and client.
+    embedded = _embedded_ipv4(ip)
+    return _is_public_ipv6(ip) and (embedded is None or _is_public_ipv4(embedded))
+
+
+# A label read as a number by some parser: decimal, octal (a leading 0) or hexadecimal.
+_NUMBER_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
+
+
+def _is_ambiguous_ipv4(host: str) -> bool:
+    """Whether a host reads as an IPv4 address without being a canonical dotted quad.
+
+    Parsers disagree on such a host: C's inet_aton (the system resolver, older aiohttp)
+    reads 0177.0.0.1 as 127.0.0.1 and takes 127.1 and 2130706433 too, c-ares reads
+    0177.0.0.1 as 177.0.0.1 and looks 0x7f.1 up as a name, and WHATWG URL parsers take any
+    host ending in a number for an address. No top-level domain is a number.
+    """
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        pass
+    else:
         return False
-    # Python counts some reserved IPv6 ranges as global (the IPv4-compatible ::/96, which
-    # can reach 127.0.0.1 as ::7f00:1, and the unassigned 4000::/2 and beyond).
-    return ip.is_global and not ip.is_multicast and not ip.is_reserved
+    if _NUMBER_LABEL.fullmatch(host.removesuffix(".").rpartition(".")[2]):
+        return True
+    try:
+        # glibc's also takes anything after a space: "127.0.0.1 x".
+        socket.inet_aton(host)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def asynchronous_resolver(nameservers: Sequence[str] | None = None) -> AsyncResolver:
@@ -83,6 +151,11 @@ async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> 
         return f"{host} is not a valid host name"
     if not ascii_host:
         return "URL has no host"
+    if _is_ambiguous_ipv4(ascii_host):
+        return (
+            f"{host} is an ambiguous IPv4 address: write it as four decimal numbers without"
+            " leading zeros, like 192.0.2.1"
+        )
     resolver = asynchronous_resolver(nameservers)
     try:
         async with asyncio.timeout(LOOKUP_SECONDS):
@@ -108,11 +181,16 @@ def _refusal_logged(host: str, address: str) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def literal_refusal(url: str) -> str | None:
-    """For a URL whose host is an IP literal (which skips DNS), why it is refused; None
-    otherwise. The host is read as aiohttp will connect to it (yarl), as the api's check
-    reads it; a webhook's URL is checked on every delivery, hence the cache."""
+    """For a URL whose host is an IP literal (which skips DNS) or reads as one, why it is
+    refused; None otherwise. The host is read as aiohttp will connect to it (yarl), as the
+    api's check reads it; a webhook's URL is checked on every delivery, hence the cache."""
     try:
         host = URL(url).raw_host or ""
+    except ValueError:
+        return None
+    if _is_ambiguous_ipv4(host):
+        return f"{REFUSED} {host} is an ambiguous IPv4 address"
+    try:
         public = is_public_address(host)
     except ValueError:
         return None

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.dispatcher.errors import InvalidSecret
+from services.dispatcher.errors import InvalidSecret, Unsigned
 from services.dispatcher.routing import SigningKey
 from services.dispatcher.sender import signed_headers
 from services.dispatcher.signing import secret_key, sign, signature_header
@@ -69,8 +69,15 @@ def test_a_rotated_out_secret_stops_signing_when_its_grace_ends() -> None:
     )
 
 
-@pytest.mark.parametrize("secret", ["sk_abc", "whsec_not*base64", "whsec_"[:-1]])
+@pytest.mark.parametrize("secret", ["sk_abc", "whsec_not*base64", "whsec_"[:-1], "whsec_"])
 def test_malformed_secrets_are_refused(secret: str) -> None:
-    """A secret without the whsec_ prefix or with bad base64 is not used to sign."""
+    """A secret without the whsec_ prefix, with bad base64 or empty (a signature anyone
+    could compute) is not used to sign."""
     with pytest.raises(InvalidSecret):
         secret_key(secret)
+
+
+def test_no_secret_gives_no_signature_header_rather_than_an_empty_one() -> None:
+    """An empty webhook-signature would send a delivery unsigned; none is made."""
+    with pytest.raises(Unsigned):
+        signature_header([], "msg_1", 5, b"{}")
