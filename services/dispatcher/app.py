@@ -429,6 +429,7 @@ class DispatcherService:
             await self._refresh(webhook_ids)
 
     async def _refresh(self, webhook_ids: list[str]) -> None:
+        urls = {webhook_id: self._url(webhook_id) for webhook_id in webhook_ids}
         try:
             await self.table.refresh_many(webhook_ids)
             if self._handler is not None:
@@ -436,12 +437,18 @@ class DispatcherService:
                     if not self._is_active(webhook_id):
                         # Its open circuit would stay counted in circuits_open for ever.
                         self._handler.forget_endpoint(webhook_id)
+                    elif urls[webhook_id] != self._url(webhook_id):
+                        self._handler.endpoint_moved(webhook_id)
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_ids=webhook_ids[:20])
             # The change records are behind the follower now; a whole load soon takes
             # their place.
             self._resync_wanted.set()
         self._webhooks.set(len(self.table))
+
+    def _url(self, webhook_id: str) -> str | None:
+        route = self.table.get(webhook_id)
+        return None if route is None else route.url
 
     def _is_active(self, webhook_id: str) -> bool:
         route = self.table.get(webhook_id)

@@ -209,6 +209,12 @@ class DeliveryHandler:
         self._circuit.forget(webhook_id)
         self._holds.pop(webhook_id, None)
 
+    def endpoint_moved(self, webhook_id: str) -> None:
+        """The webhook points elsewhere now: what the old URL did (an open circuit, a
+        Retry-After pause) says nothing of the new one. Its hold stays: the first attempts
+        put off to it keep their place ahead of the new events."""
+        self._circuit.forget(webhook_id)
+
     def forget_endpoints_not(self, active: Callable[[str], bool]) -> None:
         """Forget the endpoints of webhooks no longer ``active`` (a whole reload found them
         gone or inactive, their change record lost on the way)."""
@@ -367,7 +373,26 @@ class DeliveryHandler:
             outcome = await self._sender.send(route, delivery)
         finally:
             self._inflight -= 1
-        return self._after(route, delivery, record, about, outcome, started=clock)
+        # The table may not have heard yet of an edit that moved the webhook, and the old
+        # receiver answering 410 is just what a move looks like: that stops nothing (the
+        # delivery fails and its retry goes to the new URL).
+        moved = await self._moved_since(route) if outcome.status_code == GONE else None
+        gone = outcome.status_code == GONE and moved is False
+        records = self._after(route, delivery, record, about, outcome, started=clock, gone=gone)
+        if moved:
+            self.endpoint_moved(route.id)
+        return records
+
+    async def _moved_since(self, route: WebhookRoute) -> bool | None:
+        """Whether the webhook points elsewhere than ``route`` now (deleted: it does), as
+        the database has it; None when it could not be read (the next 410 asks again)."""
+        try:
+            await self._table.refresh(route.id)
+        except Exception:
+            self._log.exception("webhook_confirm_failed", webhook_id=route.id)
+            return None
+        current = self._table.get(route.id)
+        return current is None or current.url != route.url
 
     async def _route_when_due(
         self, delivery: Delivery, record: ConsumerRecord, pace: Pace | None
@@ -450,6 +475,7 @@ class DeliveryHandler:
         outcome: Outcome,
         *,
         started: float,
+        gone: bool,
     ) -> list[OutRecord]:
         delivered = outcome.outcome == "delivered"
         # Read once, for the pause it asks of the endpoint and for this delivery's retry.
@@ -466,7 +492,9 @@ class DeliveryHandler:
                 # A throttled endpoint is asked nothing more until then, not only this
                 # delivery: the others would each use an attempt on more 429s.
                 self._circuit.pause(route.id, now, pause, started=started)
-            else:
+            elif delivered or delivery.kind == "event":
+                # A re-send or a test failing says little of the live traffic (a receiver
+                # refusing old or test payloads), and must not end a probe's turn.
                 self._circuit.record(route.id, delivered, now, started=started)
         self._metrics.outcomes[outcome.outcome].inc()
         self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
@@ -487,7 +515,7 @@ class DeliveryHandler:
         if not delivered:
             # An endpoint failing for days is disabled by the delivery log's writer, which
             # keeps that clock with the webhook.
-            if outcome.status_code == GONE:
+            if gone:
                 disable_reason = "the endpoint answered 410 Gone"
             if disable_reason is None and delivery.kind == "event":
                 # From the attempt's end: a 15 s timeout must not eat a 5 s delay, nor a
@@ -501,7 +529,7 @@ class DeliveryHandler:
                 self._metrics.retries.labels(str(tier)).inc()
                 follow_up.append((self._topics.retry(tier), route.id.encode(), retry.to_bytes()))
             elif delivery.kind == "event":
-                reason = "gone" if outcome.status_code == GONE else "attempts_exhausted"
+                reason = "gone" if gone else "attempts_exhausted"
                 follow_up.append(self._dead_letter(delivery, record, reason, outcome))
             if disable_reason is not None:
                 self._disable(route, disable_reason, about["attempted_at"])

@@ -1901,3 +1901,92 @@ async def test_a_retry_waiting_for_its_time_counts_as_lag(stack: Stack, receiver
 
     await _eventually(lambda: stack.dispatcher._timer.pending == 1)  # type: ignore[union-attr]
     await _eventually(lambda: waiting() == 1)
+
+
+async def test_a_410_from_the_url_a_webhook_was_moved_from_does_not_stop_it(
+    quick_stack: Stack, receiver: Receiver
+) -> None:
+    """The webhook is pointed at a new URL and the dispatcher's table has not heard of it
+    yet (here: no change record at all): the old receiver's 410 is what a move looks
+    like. The webhook is not disabled, and the retry goes to the new URL."""
+    stack = quick_stack
+    webhook = await stack.create_webhook(f"{receiver.url}/old", CREATED)
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(tables.webhooks)
+            .where(tables.webhooks.c.id == webhook["id"])
+            .values(url=f"{receiver.url}/new", updated_at=utcnow())
+        )
+    assert stack.dispatcher.table.get(webhook["id"]).url.endswith("/old")
+    receiver.statuses = [410]
+    await stack.create_object()
+    received = await receiver.wait_for(2)
+    assert [r.path for r in received] == ["/hook/old", "/hook/new"]
+    assert received[0].headers["webhook-id"] == received[1].headers["webhook-id"]
+    assert not await _is_disabled(stack, webhook["id"])
+    registry = stack.dispatcher.metrics.registry
+    assert not registry.get_sample_value(
+        "hookwire_dispatcher_webhooks_disabled_total", {"reason": "gone"}
+    )
+
+
+async def test_failed_re_sends_and_tests_do_not_open_the_circuit(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """A receiver refusing test events (or old payloads re-sent) says nothing of the live
+    traffic: with a threshold of one failure, the circuit stays closed."""
+    tripping = settings.model_copy(
+        update={"circuit_failure_threshold": 1, "circuit_open_seconds": 600.0}
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses = [400]
+        async with stack.session.post(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}/test",
+            headers=stack.headers(),
+        ) as response:
+            assert response.status == 202
+        await receiver.wait_for(1)
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "failed"}
+                )
+                == 1
+            )
+        )
+        assert registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        await stack.create_object()
+        await receiver.wait_for(2)  # sent, not deferred
+
+
+async def test_pointing_a_webhook_elsewhere_forgets_the_old_urls_circuit(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The circuit opened by the old URL does not keep the new one waiting."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (30.0,) * 10,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 600.0,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(f"{receiver.url}/old", CREATED)
+        receiver.statuses = [500]
+        await stack.create_object()
+        await receiver.wait_for(1)
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
+        )
+        async with stack.session.patch(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+            headers=stack.headers(),
+            json={"url": f"{receiver.url}/new"},
+        ) as response:
+            assert response.status == 200
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        )
