@@ -104,7 +104,12 @@ class ApiService:
                 raise DependencyUnavailable("the delivery log consumer stopped")
 
         app[READINESS_KEY].extend([database_ready, delivery_log_running])
-        spec = OpenApi("hookwire api", version("hookwire"), "Webhooks, objects and events")
+        spec = OpenApi(
+            "hookwire api",
+            version("hookwire"),
+            "Webhooks, objects and events",
+            tokens_checked_remotely=True,
+        )
         webhooks.add_routes(app, spec)
         objects.add_routes(app, spec)
         events.add_routes(app, spec)

@@ -227,6 +227,10 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         publish_event,
         status=201,
         body=EventIn,
+        headers={
+            "Idempotency-Key": "1 to 255 printable characters; a repeat within 24 h with the"
+            " same body answers as the first did"
+        },
         permission="event:publish",
         errors=(401, 403, 404, 409, 413, 422, 503),
         summary="Publish an event; Idempotency-Key makes a repeat within 24 h a no-op",

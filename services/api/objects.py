@@ -366,7 +366,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         one,
         get_object,
         permission="object:read",
-        errors=(401, 403, 404),
+        errors=(401, 403, 404, 422),
         summary="Read an object; the ETag header carries its version",
     )
     spec.route(
@@ -374,6 +374,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         "PATCH",
         one,
         update_object,
+        headers={"If-Match": "The ETag last read; 412 when the object changed since"},
         permission="object:update",
         errors=writes,
         summary="Merge-patch an object (null removes a field); If-Match optional",
@@ -384,6 +385,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         one,
         delete_object,
         status=204,
+        flags=("force",),
         permission="object:delete",
         errors=(401, 403, 404, 412, 422, 503),
         summary="Move to the trash; ?force=true deletes for good (object:force-delete)",

@@ -283,6 +283,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         one,
         delete_webhook,
         status=204,
+        flags=("force",),
         permission="webhook:delete",
         errors=(401, 403, 404, 409, 422),
         summary="Move to the trash; ?force=true deletes for good (webhook:force-delete)",

@@ -121,6 +121,7 @@ class AuditRoutes:
             "GET",
             "/v1/audit-log",
             self.list,
+            query=AuditQuery,
             permission="audit-log:read",
-            summary="Audit records: since, until, actor, action, team_id, limit, cursor",
+            summary="Audit records the caller may read, newest first",
         )

@@ -77,6 +77,7 @@ def token_view(row: Any) -> dict[str, Any]:
     grace_until = as_utc(row.previous_expires_at)
     return {
         "id": row.id,
+        "user_id": row.user_id,
         "name": row.name,
         "description": row.description,
         "display_prefix": row.display_prefix,

@@ -42,9 +42,13 @@ _ERROR_TEXT = {
 
 @dataclass
 class OpenApi:
+    """``tokens_checked_remotely``: the service asks auth about each token, so every route
+    taking a token may answer 503 ``auth_unavailable``."""
+
     title: str
     version: str
     description: str = ""
+    tokens_checked_remotely: bool = False
     _paths: dict[str, dict[str, Any]] = field(default_factory=dict)
     _models: dict[str, type[BaseModel]] = field(default_factory=dict)
 
@@ -60,6 +64,8 @@ class OpenApi:
         body: type[BaseModel] | None = None,
         body_required: bool = True,
         query: type[BaseModel] | None = None,
+        flags: tuple[str, ...] = (),
+        headers: dict[str, str] | None = None,
         status: int = 200,
         errors: tuple[int, ...] = (401, 403, 422),
         auth: str = "token",
@@ -82,6 +88,17 @@ class OpenApi:
         ]
         if query is not None:
             parameters.extend(_query_parameters(query))
+        parameters.extend(_flag_parameter(name) for name in flags)
+        parameters.extend(
+            {
+                "name": name,
+                "in": "header",
+                "required": False,
+                "description": text,
+                "schema": {"type": "string"},
+            }
+            for name, text in (headers or {}).items()
+        )
         if parameters:
             operation["parameters"] = parameters
         if body is not None:
@@ -95,7 +112,10 @@ class OpenApi:
                 },
             }
         # Every route refuses a NUL in its path or query and a body it cannot read.
-        for code in sorted({400, *errors}):
+        codes = {400, *errors}
+        if auth == "token" and self.tokens_checked_remotely:
+            codes.add(503)
+        for code in sorted(codes):
             operation["responses"][str(code)] = {
                 "description": _ERROR_TEXT[code],
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -146,6 +166,12 @@ class OpenApi:
 
 def _path_parameters(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+
+
+def _flag_parameter(name: str) -> dict[str, Any]:
+    """A yes/no query parameter as ``query_flag`` reads it."""
+    schema = {"type": "string", "enum": ["true", "false"], "default": "false"}
+    return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:

@@ -59,3 +59,52 @@ async def test_routes_document_the_refusals_they_give(api_stack: Stack) -> None:
     assert "409" in webhook["patch"]["responses"]  # an edit racing a trash
     obj = paths["/v1/teams/{team}/objects/{object_type}/{object_id}"]
     assert "422" in obj["delete"]["responses"]
+
+
+def _parameters(operation: dict[str, Any], place: str) -> set[str]:
+    return {p["name"] for p in operation.get("parameters", ()) if p["in"] == place}
+
+
+async def _document(stack: Stack, base: str) -> dict[str, Any]:
+    async with stack.session.get(f"{base}/v1/openapi.json") as response:
+        assert response.status == 200
+        document: dict[str, Any] = await response.json()
+    return document
+
+
+async def test_routes_document_the_parameters_and_headers_they_read(api_stack: Stack) -> None:
+    """Query parameters, yes/no flags and request headers the handlers read are declared."""
+    auth = (await _document(api_stack, api_stack.auth_url))["paths"]
+    audit = auth["/v1/audit-log"]["get"]
+    assert _parameters(audit, "query") == {
+        "since",
+        "until",
+        "actor",
+        "action",
+        "team_id",
+        "limit",
+        "cursor",
+    }
+    paths = (await _document(api_stack, api_stack.api_url))["paths"]
+    webhook = paths["/v1/teams/{team}/webhooks/{webhook_id}"]
+    obj = paths["/v1/teams/{team}/objects/{object_type}/{object_id}"]
+    for delete in (webhook["delete"], obj["delete"]):
+        (force,) = [p for p in delete["parameters"] if p["name"] == "force"]
+        assert force["in"] == "query"
+        assert force["required"] is False
+        assert force["schema"]["enum"] == ["true", "false"]
+    assert "If-Match" in _parameters(obj["patch"], "header")
+    assert "Idempotency-Key" in _parameters(paths["/v1/teams/{team}/events"]["post"], "header")
+
+
+async def test_api_routes_taking_a_token_document_auth_unavailable(api_stack: Stack) -> None:
+    """Every api route checks its token with auth, so each may answer 503; a bad
+    object_type is a 422 on reads too."""
+    paths = (await _document(api_stack, api_stack.api_url))["paths"]
+    for item in paths.values():
+        for operation in item.values():
+            if operation.get("security") == [{"bearer": []}, {"key": []}]:
+                assert "503" in operation["responses"], operation["operationId"]
+    one = paths["/v1/teams/{team}/objects/{object_type}/{object_id}"]["get"]
+    assert {"503", "422"} <= set(one["responses"])
+    assert "503" in paths["/v1/teams/{team}/webhooks"]["get"]["responses"]

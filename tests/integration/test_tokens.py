@@ -54,6 +54,25 @@ async def test_create_shows_the_secret_once(api_stack: Stack) -> None:
     assert "token.created" in await _audit_actions(api_stack)
 
 
+async def test_the_token_view_names_its_user(api_stack: Stack) -> None:
+    """Creating, showing, listing and changing a key each name the user it belongs to."""
+    status, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "owned", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    owner = (await api_stack.introspect(created["token"]))["user_id"]
+    assert owner == api_stack.user_id
+    assert created["user_id"] == owner
+    _, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
+    assert shown["user_id"] == owner
+    _, listed = await api_stack.auth_call("GET", "/v1/tokens")
+    assert {t["user_id"] for t in listed["data"]} == {owner}
+    _, renamed = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{created['id']}", json={"name": "still owned"}
+    )
+    assert renamed["user_id"] == owner
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field_or_code"),
     [
