@@ -3,7 +3,8 @@
 Re-sends go back through the dispatcher as ``manual`` deliveries on the ``deliveries``
 topic, with the same delivery id (so the same ``webhook-id`` header: receivers that
 de-duplicate see a repeat, not a new event) and the next attempt number. A manual
-delivery gets one attempt; its outcome lands in the same log.
+delivery gets one attempt; its outcome lands in the same log. Each call that re-sends
+leaves one audit record on the webhook.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.shared import (
     DELIVERY_STATES,
@@ -26,11 +28,13 @@ from services.shared import (
     TooManyRequests,
     UtcDatetime,
     as_utc,
+    get_logger,
     json_response,
     later_than_since,
     new_id,
     parse_body,
     parse_query,
+    record_audit,
     utcnow,
 )
 
@@ -38,8 +42,10 @@ from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
 from .errors import PublishOutcomeUnknown, PublishUnavailable
+from .outbox import check_event_size
 from .paging import PageQuery
 from .webhook_lifecycle import find_webhook
+from .webhooks import actor
 
 MAX_REPLAY = 10_000
 # Deliveries read and sent at a time by a replay: each row carries its event (up to
@@ -205,6 +211,36 @@ async def _publish_one(ctx: ApiContext, team_id: str, delivery: Delivery) -> Non
     await _publish_resends(ctx, team_id, [delivery])
 
 
+async def _audit(
+    request: web.Request,
+    principal: Principal,
+    action: str,
+    webhook_id: str,
+    details: dict[str, Any],
+) -> None:
+    """One record per call, once its re-sends are in the stream: there is no change to
+    commit it with. Should it not be written, the call still answers what it did (a 5xx
+    would have the caller send it all again); the log line keeps the record."""
+    who = actor(principal, request)
+    try:
+        async with request.app[CONTEXT].engine.begin() as conn:
+            await record_audit(
+                conn, who, action, "webhook", webhook_id, team_id=principal.team_id, details=details
+            )
+    except SQLAlchemyError as exc:
+        get_logger("api").error(
+            "audit_record_lost",
+            action=action,
+            webhook_id=webhook_id,
+            team_id=principal.team_id,
+            user_id=who.user_id,
+            token_id=who.token_id,
+            ip=who.ip,
+            details=details,
+            error=type(exc).__name__,
+        )
+
+
 async def retry_delivery(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:update")
@@ -213,6 +249,13 @@ async def retry_delivery(request: web.Request) -> web.Response:
     await _sendable_webhook(ctx, principal.team_id, row.webhook_id)
     delivery = _resend(row)
     await _publish_one(ctx, principal.team_id, delivery)
+    await _audit(
+        request,
+        principal,
+        "webhook.delivery_retried",
+        delivery.webhook_id,
+        {"delivery_id": delivery.id, "attempt": delivery.attempt},
+    )
     return json_response({"delivery_id": delivery.id, "attempt": delivery.attempt}, status=202)
 
 
@@ -230,7 +273,31 @@ async def replay_webhook(request: web.Request) -> web.Response:
         until=body.until,
     )
     team_id = principal.team_id
-    replayed, resume = await _replay(ctx, where, team_id)
+    asked = {
+        "since": body.since.isoformat(),
+        "until": body.until.isoformat() if body.until else None,
+        "only_failed": body.only_failed,
+    }
+    try:
+        replayed, resume = await _replay(ctx, where, team_id)
+    except PublishUnavailable as exc:
+        # Stopped part-way (the details say how far): the chunks before went out.
+        if isinstance(exc.details, dict) and exc.details.get("replayed"):
+            await _audit(
+                request,
+                principal,
+                "webhook.replayed",
+                webhook_id,
+                {**asked, "replayed": exc.details["replayed"], "truncated": True},
+            )
+        raise
+    await _audit(
+        request,
+        principal,
+        "webhook.replayed",
+        webhook_id,
+        {**asked, "replayed": replayed, "truncated": resume is not None},
+    )
     return json_response(
         {
             "replayed": replayed,
@@ -309,10 +376,18 @@ async def send_test_event(request: web.Request) -> web.Response:
         occurred_at=utcnow(),
         data=body.data or {"message": _TEST_MESSAGE},
     )
+    check_event_size(event)
     delivery = Delivery(
         id=new_id("msg"), webhook_id=webhook_id, attempt=1, event=event, kind="test"
     )
     await _publish_one(ctx, principal.team_id, delivery)
+    await _audit(
+        request,
+        principal,
+        "webhook.test_sent",
+        webhook_id,
+        {"delivery_id": delivery.id, "event_id": event.id},
+    )
     return json_response(
         {"delivery_id": delivery.id, "event": event.model_dump(mode="json", by_alias=True)},
         status=202,
@@ -348,7 +423,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         status=202,
         permission="webhook:update",
         errors=(401, 403, 404, 409, 429, 503),
-        summary="Re-send one delivery now (same webhook-id, next attempt number)",
+        summary="Re-send one delivery now, whatever its state (same webhook-id, next attempt)",
     )
     spec.route(
         app,

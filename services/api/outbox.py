@@ -26,9 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
     MAX_EVENT_BYTES,
+    MAX_RECORD_BYTES,
     BatchingSender,
     DeadLetter,
+    Delivery,
     DependencyUnavailable,
+    Event,
     Metrics,
     OutcomeUnknown,
     OutRecord,
@@ -48,14 +51,27 @@ _outbox = tables.outbox
 _RELAY_BATCH = 500
 
 
-def _check_size(size: int) -> None:
+def _check_size(record: Record, size: int) -> None:
     # Refused up front: the stream would refuse it on every try, and a 503 would tell the
-    # caller to try again.
-    if size > MAX_EVENT_BYTES:
+    # caller to try again. An event leaves room for the records that will carry it (a
+    # delivery, an attempt); a delivery carries an event already held to that, so one
+    # re-sent fits whatever its wrapping adds.
+    what, limit = (
+        ("delivery", MAX_RECORD_BYTES)
+        if isinstance(record, Delivery)
+        else ("event", MAX_EVENT_BYTES)
+    )
+    if size > limit:
         raise PayloadTooLarge(
-            f"the event would be {size} bytes; the event stream takes at most {MAX_EVENT_BYTES}",
-            details={"event_bytes": size, "max_bytes": MAX_EVENT_BYTES},
+            f"the {what} would be {size} bytes; the event stream takes at most {limit}",
+            details={"event_bytes": size, "max_bytes": limit},
         )
+
+
+def check_event_size(event: Event) -> None:
+    """Refuse (413) a new event too large for the records that will carry it, before it
+    goes out inside one (a test event, sent straight in its delivery)."""
+    _check_size(event, len(event.to_bytes()))
 
 
 # A relay round stops after this many failed sends in a row: the stream is away, not one
@@ -121,7 +137,7 @@ class Outbox:
         """Write the record beside its change; one the stream would never take is refused
         here (413), which rolls the change back with it."""
         value = record.to_bytes()
-        _check_size(len(value))
+        _check_size(record, len(value))
         row_id = new_id("out")
         await conn.execute(
             insert(_outbox).values(
@@ -212,8 +228,8 @@ class Outbox:
         encoded: list[OutRecord] = [
             (topic, key.encode(), record.to_bytes()) for topic, key, record in records
         ]
-        for _, _, value in encoded:
-            _check_size(len(value))
+        for (_, _, record), (_, _, value) in zip(records, encoded, strict=True):
+            _check_size(record, len(value))
         try:
             await self._sender.send(encoded, within=self._wait)
         except OutcomeUnknown as exc:
