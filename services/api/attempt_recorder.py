@@ -180,7 +180,10 @@ class AttemptRecorder:
             # The "no success for days" clock lives with the webhook, not in a dispatcher:
             # it survives restarts and partitions moving between processes.
             failing_too_long = await delivery_log.track_failing_endpoints(
-                conn, attempts, timedelta(days=self._settings.endpoint_disable_after_days)
+                conn,
+                attempts,
+                timedelta(days=self._settings.endpoint_disable_after_days),
+                delivery_log.retry_gap(self._settings),
             )
             attempts = [*attempts, *failing_too_long]
             disabled = await delivery_log.disable_webhooks(conn, attempts)

@@ -20,6 +20,7 @@ from services.shared import (
     Attempt,
     AuditNotice,
     NotFound,
+    Settings,
     ValidationFailed,
     as_utc,
     record_audit,
@@ -381,33 +382,62 @@ def delivery_view(row: Any, attempts: Sequence[Any], *, detailed: bool = False) 
 _DISPATCHER = Actor(user_id=None, token_id=None, ip=None)
 
 
-def failing_run(
-    since: datetime | None, not_before: datetime, attempts: Sequence[Attempt]
-) -> tuple[datetime | None, Attempt | None]:
-    """An endpoint's run of failures after ``attempts``: when it began (None once one
-    succeeded) and its latest failure among them.
+def retry_gap(settings: Settings) -> timedelta:
+    """The longest a webhook still being retried can go between two attempts: one
+    attempt's time, the longest retry delay (jittered, or a Retry-After at its cap) and the
+    longest wait of an open circuit."""
+    delay = max(
+        max(settings.retry_schedule_seconds) * (1 + settings.retry_jitter),
+        settings.retry_after_max_seconds,
+    )
+    seconds = settings.delivery_timeout_seconds + delay + settings.circuit_open_max_seconds
+    return timedelta(seconds=seconds)
 
-    ``since`` is the run as stored; a run starts only with a failure made after
-    ``not_before`` (the webhook's last edit: a reactivation or a new URL starts afresh).
+
+def failing_run(
+    since: datetime | None,
+    last_failure: datetime | None,
+    not_before: datetime,
+    attempts: Sequence[Attempt],
+    restart_after: timedelta,
+) -> tuple[datetime | None, datetime | None, Attempt | None]:
+    """An endpoint's run of failures after ``attempts``: when it began and its last failure
+    (both None once one succeeded), and its latest failure among ``attempts``.
+
+    ``since`` and ``last_failure`` are the run as stored; a run starts only with a failure
+    made after ``not_before`` (the webhook's last edit: a reactivation or a new URL starts
+    afresh). A failure more than ``restart_after`` after the one before starts a new run:
+    nothing was being retried in between, so the endpoint was quiet, not failing.
     A success older than the run does not end it.
     """
+    if since is None:
+        last_failure = None
+    elif last_failure is None:
+        last_failure = since  # a run stored before its last failure was
     latest = None
     for attempt in sorted(attempts, key=lambda a: a.attempted_at):
         at = as_utc(attempt.attempted_at)
         if attempt.outcome == "delivered":
             if since is None or at >= since:
-                since, latest = None, None
+                since, last_failure, latest = None, None, None
         elif attempt.outcome == "failed" and (since is not None or at >= not_before):
-            since = at if since is None else since
+            if since is None or last_failure is None or at - last_failure > restart_after:
+                since = at
+            last_failure = at if last_failure is None else max(last_failure, at)
             latest = attempt
-    return since, latest
+    return since, last_failure, latest
 
 
 async def track_failing_endpoints(
-    conn: AsyncConnection, attempts: Sequence[Attempt], disable_after: timedelta
+    conn: AsyncConnection,
+    attempts: Sequence[Attempt],
+    disable_after: timedelta,
+    restart_after: timedelta,
 ) -> list[Attempt]:
-    """Keep each webhook's ``failing_since``; returns requests to disable the webhooks that
-    have had no success for ``disable_after``, as the attempts that showed it."""
+    """Keep each webhook's run of failures (``failing_since``, ``last_failure_at``);
+    returns requests to disable the webhooks that have had no success for
+    ``disable_after``, as the attempts that showed it. A failure more than
+    ``restart_after`` (see ``retry_gap``) after the one before starts a new run."""
     by_webhook: dict[tuple[str, str], list[Attempt]] = {}
     for attempt in attempts:
         if attempt.outcome != "skipped":
@@ -417,7 +447,12 @@ async def track_failing_endpoints(
     hooks = tables.webhooks
     rows = await conn.execute(
         select(
-            hooks.c.id, hooks.c.team_id, hooks.c.active, hooks.c.failing_since, hooks.c.updated_at
+            hooks.c.id,
+            hooks.c.team_id,
+            hooks.c.active,
+            hooks.c.failing_since,
+            hooks.c.last_failure_at,
+            hooks.c.updated_at,
         ).where(hooks.c.id.in_(sorted({webhook_id for webhook_id, _ in by_webhook})))
     )
     requests = []
@@ -426,15 +461,22 @@ async def track_failing_endpoints(
         if batch is None:
             continue  # another team's attempt records name this webhook: not its evidence
         stored = as_utc(row.failing_since)
-        since, latest = failing_run(stored, as_utc(row.updated_at), batch)
-        if since != stored:
+        # A reactivation clears failing_since alone: the last failure then means nothing.
+        stored_last = as_utc(row.last_failure_at) if stored is not None else None
+        since, last_failure, latest = failing_run(
+            stored, stored_last, as_utc(row.updated_at), batch, restart_after
+        )
+        if (since, last_failure) != (stored, stored_last):
+            change = update(hooks).where(hooks.c.id == row.id)
             # Not over an edit made since the read (a new URL, a reactivation): it cleared
             # the clock, and failures from before it must not set it again.
-            await conn.execute(
-                update(hooks)
-                .where(hooks.c.id == row.id, hooks.c.updated_at == row.updated_at)
-                .values(failing_since=since)
-            )
+            guarded = change.where(hooks.c.updated_at == row.updated_at)
+            run = {"failing_since": since, "last_failure_at": last_failure}
+            moved = since is not None and (await conn.execute(guarded.values(run))).rowcount
+            if not moved and stored is not None and since != stored:
+                # A success (or a failure after a gap) ended the stored run whatever was
+                # edited since the read (a rename): a stale start must not outlive it.
+                await conn.execute(change.values(failing_since=None, last_failure_at=None))
         if not row.active or since is None or latest is None:
             continue
         if as_utc(latest.attempted_at) - since >= disable_after:

@@ -170,6 +170,9 @@ webhooks = Table(
     # or pointed elsewhere); null while it is healthy. The delivery log's writer keeps it,
     # so the "no success for days" rule outlives any dispatcher process.
     Column("failing_since", UtcDateTime()),
+    # That run's latest failed attempt, read only while failing_since is set: a failure
+    # long after it starts a run of its own rather than extending a quiet endpoint's.
+    Column("last_failure_at", UtcDateTime()),
     # Deliveries a second this endpoint takes at most; null: the dispatcher's default.
     Column("rate_limit", Float),
     Index("ix_webhooks_team", "team_id"),

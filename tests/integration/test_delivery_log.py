@@ -706,8 +706,11 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
 ) -> None:
     """The clock lives with the webhook in the database: attempts alone decide, whichever
     dispatcher made them and however often dispatchers restarted. A success ends a run of
-    failures; a reactivation, or a restore from the trash, starts afresh."""
-    a_day = settings.model_copy(update={"endpoint_disable_after_days": 1.0})
+    failures; a reactivation, or a restore from the trash, starts afresh. (Retries 12 h
+    apart: failures that far apart are still one run.)"""
+    a_day = settings.model_copy(
+        update={"endpoint_disable_after_days": 1.0, "retry_schedule_seconds": (43200.0,)}
+    )
     async with running_stack(a_day, with_dispatcher=False) as stack:
         webhook = await _unreachable_webhook(stack)
         start = utcnow()
@@ -737,6 +740,7 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
             await attempt(timedelta(minutes=1), "failed")
             await attempt(timedelta(minutes=2), "delivered")
             await attempt(timedelta(minutes=3), "failed")
+            await attempt(timedelta(hours=12), "failed")
             await attempt(timedelta(hours=23), "failed")
             assert await active(), "a success ended the first run; the second is 23 h long"
             await attempt(timedelta(hours=25), "failed")

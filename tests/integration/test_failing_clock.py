@@ -1,0 +1,149 @@
+"""The "no success for days" clock as the delivery log's writer keeps it in the database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import pytest
+from sqlalchemy import Select, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.api.delivery_log import retry_gap, track_failing_endpoints
+from services.shared import Attempt, create_engine, load_settings, migrate, tables
+from tests.samples import sample_event
+
+CREATED = datetime(2026, 11, 1, tzinfo=UTC)
+FIVE_DAYS = timedelta(days=5)
+_HOUR = timedelta(hours=1)
+_SECOND = timedelta(seconds=1)
+GAP = retry_gap(load_settings(service_credential="x", token_pepper="y"))
+_EVENT = sample_event(team_id="team_1", occurred_at=CREATED)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    await migrate(database_url)
+    engine = create_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(insert(tables.teams).values(id="team_1", name="t", created_at=CREATED))
+        await conn.execute(
+            insert(tables.webhooks).values(
+                id="wh_1",
+                team_id="team_1",
+                name="w",
+                url="http://127.0.0.1:9/hook",
+                topics=["object.created"],
+                headers={},
+                secrets=[],
+                active=True,
+                created_at=CREATED,
+                updated_at=CREATED,
+            )
+        )
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _attempt(after: timedelta, outcome: Literal["delivered", "failed"]) -> Attempt:
+    return Attempt(
+        delivery_id=f"msg_{after.total_seconds():g}",
+        event_id=_EVENT.id,
+        webhook_id="wh_1",
+        team_id="team_1",
+        attempt=1,
+        attempted_at=CREATED + after,
+        outcome=outcome,
+        final=False,
+        event=_EVENT,
+    )
+
+
+async def _track(engine: AsyncEngine, *attempts: Attempt) -> list[Attempt]:
+    async with engine.begin() as conn:
+        return await track_failing_endpoints(conn, attempts, FIVE_DAYS, GAP)
+
+
+async def _clock(engine: AsyncEngine) -> tuple[datetime | None, datetime | None]:
+    hooks = tables.webhooks
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(hooks.c.failing_since, hooks.c.last_failure_at))).one()
+    return row.failing_since, row.last_failure_at
+
+
+class _EditedAfterTheRead:
+    """The writer's connection, on which the webhook is edited (``values``) just after
+    the writer read it and before it writes: another request committing in between."""
+
+    def __init__(self, conn: AsyncConnection, **values: Any) -> None:
+        self._conn = conn
+        self._values = values
+
+    async def execute(self, statement: Any, *args: Any) -> Any:
+        result = await self._conn.execute(statement, *args)
+        if isinstance(statement, Select) and self._values:
+            read_at = (await self._conn.execute(select(tables.webhooks.c.updated_at))).scalar()
+            edit = update(tables.webhooks).values(**self._values, updated_at=read_at + _SECOND)
+            await self._conn.execute(edit)
+            self._values = {}
+        return result
+
+
+async def _track_over_an_edit(engine: AsyncEngine, *attempts: Attempt, **values: Any) -> None:
+    async with engine.begin() as conn:
+        edited: Any = _EditedAfterTheRead(conn, **values)
+        assert await track_failing_endpoints(edited, attempts, FIVE_DAYS, GAP) == []
+
+
+async def test_a_quiet_webhook_is_not_disabled_by_one_failure_days_later(
+    engine: AsyncEngine,
+) -> None:
+    """One delivery failing through its retries on day 0, nothing for five days, then one
+    failed first attempt: a new run starts there instead of disabling the webhook."""
+    for minutes in (1, 2, 7, 37, 157, 457, 1057, 1657):  # the schedule's retries
+        assert await _track(engine, _attempt(timedelta(minutes=minutes), "failed")) == []
+    assert await _clock(engine) == (
+        CREATED + timedelta(minutes=1),
+        CREATED + timedelta(minutes=1657),
+    )
+    day_6 = timedelta(days=6)
+    assert await _track(engine, _attempt(day_6, "failed")) == []
+    assert await _clock(engine) == (CREATED + day_6, CREATED + day_6)
+
+
+async def test_a_webhook_failing_all_along_is_disabled_after_five_days(engine: AsyncEngine) -> None:
+    """Failures each within the gap of the one before are one run: five days of them
+    disable the webhook."""
+    every_10_hours = [_attempt(timedelta(hours=1 + 10 * n), "failed") for n in range(12)]
+    for attempt in every_10_hours:
+        assert await _track(engine, attempt) == []
+    [request] = await _track(engine, _attempt(timedelta(hours=121), "failed"))
+    assert request.disable_reason == "no successful delivery for 5 days"
+
+
+async def test_a_success_ends_the_run_over_an_edit_made_meanwhile(engine: AsyncEngine) -> None:
+    """A rename committed between the writer's read and its write does not keep the run a
+    success ended (alone, or followed by a failure in the same batch): a later failure
+    starts a new one rather than disabling the webhook."""
+    assert await _track(engine, _attempt(_HOUR, "failed")) == []
+    await _track_over_an_edit(engine, _attempt(2 * _HOUR, "delivered"), name="renamed")
+    assert await _clock(engine) == (None, None)
+
+    assert await _track(engine, _attempt(3 * _HOUR, "failed")) == []
+    await _track_over_an_edit(
+        engine, _attempt(4 * _HOUR, "delivered"), _attempt(5 * _HOUR, "failed"), name="again"
+    )
+    assert await _clock(engine) == (None, None)
+    assert await _track(engine, _attempt(FIVE_DAYS + 6 * _HOUR, "failed")) == []
+
+
+async def test_failures_read_before_a_reactivation_do_not_start_the_clock(
+    engine: AsyncEngine,
+) -> None:
+    """The guard stays for starting a run: a reactivation committed between the read and
+    the write cleared the clock, and the failures read before it do not set it again."""
+    await _track_over_an_edit(engine, _attempt(_HOUR, "failed"), active=True, failing_since=None)
+    assert await _clock(engine) == (None, None)
