@@ -176,6 +176,10 @@ class CircuitBreaker:
         """The endpoints with state (failing or open)."""
         return list(self._endpoints)
 
-    @property
-    def open_count(self) -> int:
-        return sum(1 for s in self._endpoints.values() if s.opened_at is not None)
+    def open_count(self, now: float) -> int:
+        """The circuits turning requests away now. One whose wait is over counts no longer
+        until its probe goes: an endpoint that gets no more deliveries would otherwise be
+        counted open for as long as the process runs."""
+        return sum(
+            1 for s in self._endpoints.values() if s.opened_at is not None and now < s.open_until
+        )

@@ -64,7 +64,7 @@ def test_circuit_opens_after_the_threshold_and_one_probe_closes_it() -> None:
     for t in range(3):
         assert circuit.allows("wh", t)
         circuit.record("wh", success=False, now=t)
-    assert circuit.open_count == 1
+    assert circuit.open_count(10) == 1
     assert not circuit.allows("wh", 10), "open: deferred without calling"
     assert circuit.reopens_at("wh") == 32
     assert circuit.allows("wh", 33), "half-open: one probe"
@@ -74,7 +74,7 @@ def test_circuit_opens_after_the_threshold_and_one_probe_closes_it() -> None:
     assert not circuit.allows("wh", 93), "a failed probe opens it again, for twice as long"
     assert circuit.allows("wh", 95)
     circuit.record("wh", success=True, now=95)
-    assert circuit.open_count == 0
+    assert circuit.open_count(95) == 0
     assert circuit.allows("wh", 96)
     assert circuit.allows("other", 0), "endpoints are independent"
 
@@ -352,7 +352,7 @@ def test_a_pause_stops_every_request_until_it_ends_then_lets_all_through() -> No
     assert not circuit.allows("wh", 101, peek=True)
     assert not circuit.allows("wh", 101.9)
     assert circuit.reopens_at("wh") == 102
-    assert circuit.open_count == 0, "a pause is not an open circuit"
+    assert circuit.open_count(101.9) == 0, "a pause is not an open circuit"
     circuit.record("wh", success=True, now=101, started=99)
     assert not circuit.allows("wh", 101.5), "a late success does not lift the pause"
     assert [circuit.allows("wh", 102) for _ in range(3)] == [True] * 3, "no probe"
@@ -366,7 +366,7 @@ def test_throttled_answers_in_flight_do_not_open_the_circuit() -> None:
     circuit = CircuitBreaker(threshold=5, open_for=30)
     for n in range(10):
         circuit.pause("wh", now=1 + n / 100, seconds=2, started=0)
-    assert circuit.open_count == 0
+    assert circuit.open_count(2) == 0
     assert not circuit.allows("wh", 3)
     assert [circuit.allows("wh", 3.1) for _ in range(3)] == [True] * 3
 
@@ -396,3 +396,14 @@ def test_retry_after_in_other_scripts_digits_is_ignored_not_a_crash() -> None:
     assert parse_retry_after("²", now) is None
     assert parse_retry_after("①", now) is None
     assert parse_retry_after("7", now) == 7.0
+
+
+def test_a_circuit_whose_wait_is_over_is_not_counted_open_until_its_probe_goes() -> None:
+    """An endpoint that gets no more deliveries keeps its state, but is not counted open for
+    as long as the process runs; its probe going counts it again while it is out."""
+    circuit = CircuitBreaker(threshold=1, open_for=30)
+    circuit.record("wh", success=False, now=0)
+    assert circuit.open_count(29) == 1
+    assert circuit.open_count(31) == 0
+    assert circuit.allows("wh", 40), "the probe"
+    assert circuit.open_count(41) == 1
