@@ -195,7 +195,6 @@ class DispatcherService:
             on_commit=self._observe,
             on_lost=lambda lost: self._forget_partitions(deliverer, lost),
             on_gained=lambda gained: self._take_over(deliverer, retries, gained),
-            put_off=handler.put_off_crowded,
         )
         lanes = self._lanes
         self.table.on_pacing_changed = lambda webhook_id: lanes.wake(webhook_id.encode())

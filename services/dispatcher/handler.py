@@ -67,8 +67,6 @@ _TAKEN_OVER_STALE = timedelta(minutes=5)
 _MICROSECOND = timedelta(microseconds=1)
 # The reopening of a hold taken over from another process: none of this process's.
 _TAKEN_OVER = -2.0
-# The reopening of a hold made for the records of a crowded lane (``put_off_crowded``).
-_CROWDED = -3.0
 
 
 @dataclass
@@ -83,10 +81,6 @@ class _Hold:
     count: int = 0
     # In force at least until then, however past its time (a hold taken over).
     floor: datetime | None = None
-    # Made for a crowded lane from the record at this offset: the webhook's deliveries
-    # before it (its partition's) were being sent then, ahead of those put off to it, and
-    # it does not hold them.
-    first_offset: int | None = None
 
     @property
     def ends(self) -> datetime:
@@ -579,8 +573,6 @@ class DeliveryHandler:
         hold = self._holds.get(delivery.webhook_id)
         if hold is None:
             return None
-        if hold.first_offset is not None and record.offset < hold.first_offset:
-            return None
         if delivery.not_before is None:
             return hold if hold.in_force(_written_at(record)) else None
         if (
@@ -618,28 +610,6 @@ class DeliveryHandler:
             kept.sort(key=lambda held: held[1].kept_until)
             kept = kept[-(_WEBHOOKS_REMEMBERED // 2) :]
         self._holds = dict(kept)
-
-    def put_off_crowded(self, record: ConsumerRecord, seconds: float) -> list[OutRecord] | None:
-        """Put a first attempt waiting in a crowded lane off for about ``seconds``, behind
-        those put off before it; None leaves it in the lane (a retry, a test, a record the
-        attempt itself turns away: a bad one, one for a webhook not active)."""
-        try:
-            delivery = decode(Delivery, record.value)
-        except InvalidRecord:
-            return None
-        route = self._table.get(delivery.webhook_id)
-        if delivery.kind != "event" or route is None or not route.active:
-            return None
-        now = utcnow()
-        current = self._holds.get(delivery.webhook_id)
-        if current is not None and current.reopening != _CROWDED and current.until > now:
-            # An open circuit or a pause is putting them off already, each in its turn.
-            return None
-        until = now + timedelta(seconds=seconds)
-        hold = self._hold(delivery.webhook_id, _CROWDED, until)
-        if hold.count == 0 and hold.reopening == _CROWDED:
-            hold.first_offset = record.offset
-        return [self._put_off(delivery, hold)]
 
     def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
         # Events arriving before it wakes (the webhook's change record may come in

@@ -4,10 +4,7 @@ Fetched records wait as raw bytes in their webhook's lane (a queued HTTP request
 times a raw record), at most ``backlog_max`` in all (and ``backlog_max_bytes`` of them),
 split evenly between the partitions;
 each lane starts at most ``per_lane`` at a time, in arrival order, and optionally no faster
-than ``rate`` per second. A lane whose waiting records would take it more than half a
-minute to get through (a slow endpoint, a low rate limit) puts them off (``put_off``) rather
-than hold its partition's share of the backlog, which would stop the partition's other
-webhooks. A lane's slot is held while the endpoint is being called, not
+than ``rate`` per second. A lane's slot is held while the endpoint is being called, not
 while the outcome is written to Kafka, so the broker's acknowledgement time does not cap an
 endpoint's throughput. A record is finished only once its outcome is durable; offsets are
 committed up to the lowest unfinished one per partition.
@@ -41,20 +38,6 @@ _FETCH_RETRY_SECONDS = 1.0
 _FETCH_RECORDS = 500
 # The longest interval a webhook's own rate limit asks for (its floor is 0.1 a second).
 _WEBHOOK_INTERVAL_MAX = 10.0
-# A lane is crowded when what waits in it would take longer than this to get through: it
-# holds room in its partition's share of the backlog that the other webhooks of the
-# partition then wait for. A fast endpoint gets through a whole share in well under a
-# second.
-_CROWDED_SECONDS = 30.0
-# Fewer than these wait behind a slow endpoint without harm.
-_CROWDED_AT_LEAST = 20
-# How long records put off from a crowded lane wait: about as long as what is left in it
-# takes, within these bounds.
-_CROWD_WAIT_MIN_SECONDS = 5.0
-_CROWD_WAIT_MAX_SECONDS = 300.0
-_CROWD_LOGGED_EVERY_SECONDS = 60.0
-# Weight of the newest delivery in a lane's running mean of its deliveries' time.
-_MEAN_WEIGHT = 0.2
 
 # Calls the endpoint and says what to write; the write makes the outcome durable.
 # Waits for the endpoint's next rate slot, at the endpoint's own rate (deliveries a second)
@@ -64,9 +47,6 @@ _MEAN_WEIGHT = 0.2
 Pace = Callable[[float | None], Awaitable[bool]]
 Attempt = Callable[[ConsumerRecord, Pace], Awaitable[list[OutRecord]]]
 Publish = Callable[[ConsumerRecord, list[OutRecord]], Awaitable[None]]
-# What to write to put a waiting record off for about so many seconds, in its turn; None
-# keeps it waiting (a retry, a record the attempt itself turns away).
-PutOff = Callable[[ConsumerRecord, float], list[OutRecord] | None]
 # Reads what the last owner of the partitions just gained left behind; returns, per gained
 # partition, per webhook (key), the offset of the last put-off first attempt already
 # forwarded back to the partition and not yet sent (decision 61).
@@ -104,11 +84,6 @@ class _Lane:
     # Set to wake the deliveries waiting for a slot (a rebalance, a stop, a change to the
     # endpoint); made when one waits, and a fresh one for the waits that follow.
     woken: asyncio.Event | None = None
-    # A delivery's time in its slot, a running mean (its rate slot's wait included), and
-    # the interval its rate last asked for: how fast what waits gets through.
-    seconds_each: float = 0.0
-    interval: float = 0.0
-    crowd_logged_at: float = float("-inf")
 
     def wake(self) -> None:
         if self.woken is not None:
@@ -130,7 +105,6 @@ class Lanes:
         on_commit: Callable[[], None] | None = None,
         on_lost: Callable[[set[TopicPartition]], None] | None = None,
         on_gained: TakeOver | None = None,
-        put_off: PutOff | None = None,
     ) -> None:
         self._consumer = consumer
         self._attempt = attempt
@@ -142,7 +116,6 @@ class Lanes:
         self._on_commit = on_commit
         self._on_lost = on_lost
         self._on_gained = on_gained
-        self._put_off_crowd = put_off
         self._owned: set[TopicPartition] = set()
         # How many times each partition was lost: a delivery that began before its
         # partition moved must not send, or write what it would have, after (its new
@@ -243,81 +216,6 @@ class Lanes:
             return
         lane.waiting.append(record)
         self._pump(key)
-        if self._put_off_crowd is not None and self._crowded(key, lane):
-            self._move_aside(lane)
-
-    def _crowded(self, key: bytes, lane: _Lane) -> bool:
-        if len(lane.waiting) < _CROWDED_AT_LEAST or self._stopping or self._handing_over:
-            return False
-        if lane.set_aside or (
-            self._put_offs_ahead
-            and lane.partition is not None
-            and key in self._put_offs_ahead.get(lane.partition, {})
-        ):
-            # Waiting for a put-off forwarded back (decision 61): their order is that one's.
-            return False
-        return len(lane.waiting) * self._each(lane) > _CROWDED_SECONDS
-
-    def _each(self, lane: _Lane) -> float:
-        """How long a lane takes per record, as it has gone lately."""
-        return max(lane.seconds_each / self._per_lane, lane.interval)
-
-    def _move_aside(self, lane: _Lane) -> None:
-        """Put off, in their order, the records waiting in a crowded lane (those being sent
-        go on): written to the retry topics, they leave their partition's backlog, and
-        the webhook's later ones wait behind them (the handler holds those). They come
-        back when what is left in the lane should be through."""
-        assert self._put_off_crowd is not None
-        seconds = max(lane.seconds_each, lane.interval * max(1, lane.running))
-        seconds = min(max(seconds, _CROWD_WAIT_MIN_SECONDS), _CROWD_WAIT_MAX_SECONDS)
-        kept: deque[ConsumerRecord] = deque()
-        moved: list[tuple[ConsumerRecord, list[OutRecord]]] = []
-        for record in lane.waiting:
-            put_off = self._put_off_crowd(record, seconds)
-            if put_off is None:
-                kept.append(record)
-            else:
-                moved.append((record, put_off))
-        lane.waiting = kept
-        if not moved:
-            return
-        now = asyncio.get_running_loop().time()
-        if now - lane.crowd_logged_at >= _CROWD_LOGGED_EVERY_SECONDS:
-            lane.crowd_logged_at = now
-            self._log.warning(
-                "lane_crowded",
-                put_off=len(moved),
-                for_seconds=round(seconds, 1),
-                seconds_each=round(lane.seconds_each, 3),
-                sending=lane.running,
-            )
-        task = asyncio.create_task(self._write_moved(moved))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _write_moved(self, moved: list[tuple[ConsumerRecord, list[OutRecord]]]) -> None:
-        first = moved[0][0]
-        partition = TopicPartition(first.topic, first.partition)
-        moves = self._moves.get(partition, 0)
-        self._writing[partition] += 1
-        try:
-            written = await asyncio.gather(
-                *(self._publish(record, out) for record, out in moved), return_exceptions=True
-            )
-        finally:
-            self._writing[partition] -= 1
-            if not self._writing[partition]:
-                del self._writing[partition]
-        if self._moves.get(partition, 0) != moves:
-            return  # its new owner reads them again
-        for (record, _), outcome in zip(moved, written, strict=True):
-            if isinstance(outcome, BaseException):
-                # Only when stopping: the record stays unfinished, sent by the next reader.
-                self._log.warning(
-                    "delivery_outcome_not_written", offset=record.offset, error=str(outcome)
-                )
-                continue
-            self._tracker.done(partition, record.offset)
 
     def _last_put_off(self, key: bytes, record: ConsumerRecord) -> int | None:
         """The offset of the last put-off forwarded back that the webhook's new first
@@ -477,7 +375,6 @@ class Lanes:
         partition = TopicPartition(record.topic, record.partition)
         moves = self._moves.get(partition, 0)
         sending = False
-        started = asyncio.get_running_loop().time()
 
         def moved() -> bool:
             # Lost since this delivery began (a wait for the database can outlast the
@@ -487,7 +384,6 @@ class Lanes:
         async def pace(rate: float | None) -> bool:
             nonlocal sending
             interval = 1.0 / rate if rate else self._interval
-            lane.interval = interval
             if interval:
                 now = asyncio.get_running_loop().time()
                 slot = max(now, lane.next_slot, lane.last_slot + interval)
@@ -527,11 +423,6 @@ class Lanes:
             self._log.exception("delivery_handler_failed", offset=record.offset)
             self._release(key, lane)
             return
-        took = asyncio.get_running_loop().time() - started
-        if lane.seconds_each:
-            lane.seconds_each += _MEAN_WEIGHT * (took - lane.seconds_each)
-        else:
-            lane.seconds_each = took
         self._release(key, lane)
         if moved() and not sending:
             # Nothing was sent: what it would write (put off, deferred, skipped) is its
@@ -556,9 +447,6 @@ class Lanes:
         lane.running -= 1
         if lane.waiting:
             self._pump(key)
-            # A burst that came in at once, before the lane had shown how fast it goes.
-            if self._put_off_crowd is not None and self._crowded(key, lane):
-                self._move_aside(lane)
         elif self._idle(lane, asyncio.get_running_loop().time()) and self._lanes.get(key) is lane:
             del self._lanes[key]
 

@@ -21,7 +21,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
 from services.api.context import CONTEXT
-from services.dispatcher import lanes, retry_timer, routed
+from services.dispatcher import retry_timer, routed
 from services.dispatcher.app import DispatcherService
 from services.dispatcher.retry_timer import RetryTimer
 from services.dispatcher.routing import WebhookRoute
@@ -1989,50 +1989,4 @@ async def test_pointing_a_webhook_elsewhere_forgets_the_old_urls_circuit(
             assert response.status == 200
         await _eventually(
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
-        )
-
-
-async def test_a_webhook_at_a_low_rate_limit_does_not_hold_up_its_partitions_others(
-    settings: Settings, receiver: Receiver
-) -> None:
-    """A webhook at 0.1 deliveries a second and another one share the only partition, whose
-    share of the backlog is 30 records. The slow one's waiting deliveries are put off
-    rather than fill that share (which would stop fetching the partition, and the other
-    webhook's deliveries with it, for as long as the slow one takes)."""
-    one_partition = settings.model_copy(update={"kafka_partitions": 1, "delivery_backlog_max": 30})
-    async with running_stack(one_partition, with_dispatcher=True) as stack:
-        await stack.create_webhook(f"{receiver.url}/slow", CREATED, rate_limit=0.1)
-        await stack.create_webhook(f"{receiver.url}/fast", CREATED)
-        for _ in range(40):
-            await stack.create_object()
-        await _eventually(
-            lambda: sum(r.path == "/hook/fast" for r in receiver.received) == 40, within=20
-        )
-        assert sum(r.path == "/hook/slow" for r in receiver.received) < 5
-        registry = stack.dispatcher.metrics.registry
-        assert registry.get_sample_value(
-            "hookwire_dispatcher_deliveries_total", {"outcome": "deferred"}
-        )
-
-
-async def test_first_attempts_put_off_from_a_crowded_lane_keep_their_order(
-    settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A slow endpoint at concurrency 1 gets changes to one object faster than it answers:
-    those waiting are put off, again and again, and still arrive in the order made."""
-    monkeypatch.setattr(lanes, "_CROWDED_SECONDS", 1.0)
-    monkeypatch.setattr(lanes, "_CROWDED_AT_LEAST", 4)
-    monkeypatch.setattr(lanes, "_CROWD_WAIT_MIN_SECONDS", 0.5)
-    slow = settings.model_copy(update={"delivery_concurrency_per_endpoint": 1})
-    async with running_stack(slow, with_dispatcher=True) as stack:
-        await stack.create_webhook(receiver.url, CHANGES)
-        receiver.delay_seconds = 0.2
-        object_id = await stack.create_object({"n": -1})
-        for n in range(20):
-            await _change(stack, object_id, n)
-        received = await receiver.wait_for(21, within=40)
-        assert [orjson.loads(r.body)["data"]["n"] for r in received] == list(range(-1, 20))
-        registry = stack.dispatcher.metrics.registry
-        assert registry.get_sample_value(
-            "hookwire_dispatcher_deliveries_total", {"outcome": "deferred"}
         )
