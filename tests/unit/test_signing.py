@@ -69,10 +69,9 @@ def test_a_rotated_out_secret_stops_signing_when_its_grace_ends() -> None:
     )
 
 
-@pytest.mark.parametrize("secret", ["sk_abc", "whsec_not*base64", "whsec_"[:-1], "whsec_"])
+@pytest.mark.parametrize("secret", ["sk_abc", "whsec_not*base64", "whsec_"[:-1]])
 def test_malformed_secrets_are_refused(secret: str) -> None:
-    """A secret without the whsec_ prefix, with bad base64 or empty (a signature anyone
-    could compute) is not used to sign."""
+    """A secret without the whsec_ prefix or with bad base64 is not used to sign."""
     with pytest.raises(InvalidSecret):
         secret_key(secret)
 
@@ -81,3 +80,14 @@ def test_no_secret_gives_no_signature_header_rather_than_an_empty_one() -> None:
     """An empty webhook-signature would send a delivery unsigned; none is made."""
     with pytest.raises(Unsigned):
         signature_header([], "msg_1", 5, b"{}")
+
+
+def test_an_empty_secret_signs_nothing() -> None:
+    """A signature with an empty key is one anyone could compute: it is left out, the
+    webhook's other secrets still sign, and with none left nothing is sent."""
+    empty, key = secret_key("whsec_"), secret_key("whsec_" + "a2V5" * 8)
+    assert signature_header([empty, key], "msg_1", 5, b"{}") == signature_header(
+        [key], "msg_1", 5, b"{}"
+    )
+    with pytest.raises(Unsigned):
+        signature_header([empty], "msg_1", 5, b"{}")
