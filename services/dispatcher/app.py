@@ -495,10 +495,15 @@ class DispatcherService:
             wanted = self._resync_wanted.is_set()
             self._resync_wanted.clear()
             try:
+                urls = self.table.urls()
                 await self.table.load_all()
                 self._webhooks.set(len(self.table))
                 if self._handler is not None:
                     self._handler.forget_endpoints_not(self._is_active)
+                    # Change records lost on the way: a URL changed all the same.
+                    for webhook_id, url in urls.items():
+                        if self._url(webhook_id) not in (None, url):
+                            self._handler.endpoint_moved(webhook_id)
             except Exception as exc:
                 self._log.warning("webhook_resync_failed", error=f"{type(exc).__name__}: {exc}")
                 if wanted:

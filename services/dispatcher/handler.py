@@ -193,6 +193,7 @@ class DeliveryHandler:
         self._confirmed_at: dict[str, float] = {}
         # One database read per webhook at a time; deliveries arriving meanwhile share it.
         self._confirming: dict[str, asyncio.Future[None]] = {}
+        self._learning: set[asyncio.Task[None]] = set()
         # A failed read is not tried again for a second either: a database that refuses
         # connections is not asked once per delivery.
         self._unconfirmed_at: dict[str, float] = {}
@@ -381,18 +382,28 @@ class DeliveryHandler:
         records = self._after(route, delivery, record, about, outcome, started=clock, gone=gone)
         if moved:
             self.endpoint_moved(route.id)
+            # The table learns the new URL now, not at the change record (which may be
+            # lost): its retry goes there. In the background: a whole load may hold the
+            # table for a minute, and this delivery's slot with it.
+            learning = asyncio.create_task(self._learn(route.id))
+            self._learning.add(learning)
+            learning.add_done_callback(self._learning.discard)
         return records
+
+    async def _learn(self, webhook_id: str) -> None:
+        try:
+            await self._table.refresh(webhook_id)
+        except Exception:
+            self._log.exception("webhook_refresh_failed", webhook_ids=[webhook_id])
 
     async def _moved_since(self, route: WebhookRoute) -> bool | None:
         """Whether the webhook points elsewhere than ``route`` now (deleted: it does), as
         the database has it; None when it could not be read (the next 410 asks again)."""
         try:
-            await self._table.refresh(route.id)
+            return await self._table.url_now(route.id) != route.url
         except Exception:
             self._log.exception("webhook_confirm_failed", webhook_id=route.id)
             return None
-        current = self._table.get(route.id)
-        return current is None or current.url != route.url
 
     async def _route_when_due(
         self, delivery: Delivery, record: ConsumerRecord, pace: Pace | None
@@ -482,7 +493,9 @@ class DeliveryHandler:
         retry_after = None
         if outcome.status_code in BACK_OFF_STATUSES:
             retry_after = parse_retry_after(outcome.retry_after, utcnow())
-        if self._owns(record):
+        current = self._table.get(route.id)
+        if self._owns(record) and (current is None or current.url == route.url):
+            # An answer from a URL the webhook has left since says nothing of the new one.
             # A delivery whose partition moved while it was in flight would leave a circuit
             # here for an endpoint whose deliveries another process now sends (counted
             # open by both, and by this one until the webhook next changes).

@@ -27,6 +27,7 @@ _STOPPED_AT_MOST_SECONDS = 600.0
 # load of a large table may take a while; one row never should.
 _READ_ONE_AT_MOST_SECONDS = 10.0
 _READ_ALL_AT_MOST_SECONDS = 60.0
+_READ_URL_AT_MOST_SECONDS = 3.0
 # Webhooks re-read per query: far below any database's limit on bound parameters.
 _READ_AT_ONCE = 500
 
@@ -89,6 +90,24 @@ class WebhookTable:
 
     def get(self, webhook_id: str) -> WebhookRoute | None:
         return self._by_id.get(webhook_id)
+
+    def urls(self) -> dict[str, str]:
+        return {webhook_id: route.url for webhook_id, route in self._by_id.items()}
+
+    async def url_now(self, webhook_id: str) -> str | None:
+        """The webhook's URL as the database has it now (None: deleted), read outside the
+        table's lock (a whole load may hold it for a minute) and within a few seconds: a
+        delivery's slot waits on it. Raises when it cannot be read."""
+        hooks = tables.webhooks
+        async with asyncio.timeout(_READ_URL_AT_MOST_SECONDS), self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(hooks.c.url).where(
+                        hooks.c.id == webhook_id, hooks.c.deleted_at.is_(None)
+                    )
+                )
+            ).first()
+        return None if row is None else str(row.url)
 
     def deactivate(self, webhook_id: str, attempted_at: datetime) -> None:
         """Stop delivering to a webhook now, ahead of the database change that follows

@@ -1990,3 +1990,78 @@ async def test_pointing_a_webhook_elsewhere_forgets_the_old_urls_circuit(
         await _eventually(
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
         )
+
+
+async def test_an_answer_from_the_url_a_webhook_left_does_not_count_for_the_new_one(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """A request to the old URL is still out when the webhook moves; its failure, coming
+    back after, neither opens the new URL's circuit nor keeps its deliveries waiting."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (30.0,) * 10,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 600.0,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(f"{receiver.url}/old", CREATED)
+        receiver.gate = asyncio.Event()
+        receiver.statuses = [500]
+        await stack.create_object()
+        await receiver.wait_for(1)
+        async with stack.session.patch(
+            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+            headers=stack.headers(),
+            json={"url": f"{receiver.url}/new"},
+        ) as response:
+            assert response.status == 200
+        table = stack.dispatcher.table
+        await _eventually(lambda: table.get(webhook["id"]).url.endswith("/new"))
+        receiver.gate.set()
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "failed"}
+                )
+                == 1
+            )
+        )
+        assert registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        await stack.create_object()
+        received = await receiver.wait_for(2)
+        assert received[1].path == "/hook/new"
+
+
+async def test_a_reload_forgets_the_circuit_of_a_webhook_moved_without_its_change(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The URL changed and its change record never came: the next whole reload finds the
+    new URL, and the old one's circuit goes."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (30.0,) * 10,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 600.0,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(f"{receiver.url}/old", CREATED)
+        receiver.statuses = [500]
+        await stack.create_object()
+        await receiver.wait_for(1)
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
+        )
+        async with stack.api.engine.begin() as conn:
+            await conn.execute(
+                update(tables.webhooks)
+                .where(tables.webhooks.c.id == webhook["id"])
+                .values(url=f"{receiver.url}/new")
+            )
+        stack.dispatcher._resync_wanted.set()
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        )
