@@ -412,9 +412,10 @@ def failing_run(
     """
     if since is None:
         last_failure = None
-    # A run stored before its last failure was kept (migration 0013) has none: its next
-    # failure goes on with it rather than start afresh (a run failing for days would
-    # otherwise get five more at the upgrade).
+    elif last_failure is None:
+        # Only a run whose last failure could not be written (an edit won the race):
+        # its start stands in, so it may start afresh: a disable comes later, not sooner.
+        last_failure = since
     latest = None
     for attempt in sorted(attempts, key=lambda a: a.attempted_at):
         at = as_utc(attempt.attempted_at)
@@ -422,7 +423,7 @@ def failing_run(
             if since is None or at >= since:
                 since, last_failure, latest = None, None, None
         elif attempt.outcome == "failed" and (since is not None or at >= not_before):
-            if since is None or (last_failure is not None and at - last_failure > restart_after):
+            if since is None or last_failure is None or at - last_failure > restart_after:
                 since = at
             last_failure = at if last_failure is None else max(last_failure, at)
             latest = attempt

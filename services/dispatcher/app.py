@@ -184,6 +184,8 @@ class DispatcherService:
             assigned=deliverer.assignment,
         )
         self._handler = handler
+        # However the table learns a new URL (a change record, the reload, a 410's re-read).
+        self.table.on_url_changed = handler.endpoint_moved
         self._lanes = Lanes(
             deliverer,
             handler.outcome_records,
@@ -256,6 +258,8 @@ class DispatcherService:
             await cancel_and_wait(task)
         if self._lanes is not None:
             await self._lanes.drain(self.settings.shutdown_grace_seconds)
+        if self._handler is not None:
+            await self._handler.close()
         # Only now: draining deliveries still writes their outcomes.
         if self._outcomes is not None:
             await self._outcomes.close()
@@ -429,7 +433,6 @@ class DispatcherService:
             await self._refresh(webhook_ids)
 
     async def _refresh(self, webhook_ids: list[str]) -> None:
-        urls = {webhook_id: self._url(webhook_id) for webhook_id in webhook_ids}
         try:
             await self.table.refresh_many(webhook_ids)
             if self._handler is not None:
@@ -437,18 +440,12 @@ class DispatcherService:
                     if not self._is_active(webhook_id):
                         # Its open circuit would stay counted in circuits_open for ever.
                         self._handler.forget_endpoint(webhook_id)
-                    elif urls[webhook_id] != self._url(webhook_id):
-                        self._handler.endpoint_moved(webhook_id)
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_ids=webhook_ids[:20])
             # The change records are behind the follower now; a whole load soon takes
             # their place.
             self._resync_wanted.set()
         self._webhooks.set(len(self.table))
-
-    def _url(self, webhook_id: str) -> str | None:
-        route = self.table.get(webhook_id)
-        return None if route is None else route.url
 
     def _is_active(self, webhook_id: str) -> bool:
         route = self.table.get(webhook_id)
@@ -495,15 +492,10 @@ class DispatcherService:
             wanted = self._resync_wanted.is_set()
             self._resync_wanted.clear()
             try:
-                urls = self.table.urls()
                 await self.table.load_all()
                 self._webhooks.set(len(self.table))
                 if self._handler is not None:
                     self._handler.forget_endpoints_not(self._is_active)
-                    # Change records lost on the way: a URL changed all the same.
-                    for webhook_id, url in urls.items():
-                        if self._url(webhook_id) not in (None, url):
-                            self._handler.endpoint_moved(webhook_id)
             except Exception as exc:
                 self._log.warning("webhook_resync_failed", error=f"{type(exc).__name__}: {exc}")
                 if wanted:

@@ -29,6 +29,7 @@ from services.shared import (
     OutRecord,
     Settings,
     Topics,
+    cancel_and_wait,
     dead_letter_record,
     decode,
     get_logger,
@@ -193,7 +194,8 @@ class DeliveryHandler:
         self._confirmed_at: dict[str, float] = {}
         # One database read per webhook at a time; deliveries arriving meanwhile share it.
         self._confirming: dict[str, asyncio.Future[None]] = {}
-        self._learning: set[asyncio.Task[None]] = set()
+        self._learning: dict[str, asyncio.Task[None]] = {}
+        self._url_reads: dict[str, asyncio.Task[str | None]] = {}
         # A failed read is not tried again for a second either: a database that refuses
         # connections is not asked once per delivery.
         self._unconfirmed_at: dict[str, float] = {}
@@ -380,14 +382,14 @@ class DeliveryHandler:
         moved = await self._moved_since(route) if outcome.status_code == GONE else None
         gone = outcome.status_code == GONE and moved is False
         records = self._after(route, delivery, record, about, outcome, started=clock, gone=gone)
-        if moved:
-            self.endpoint_moved(route.id)
+        current = self._table.get(route.id)
+        if moved and route.id not in self._learning and current and current.url == route.url:
             # The table learns the new URL now, not at the change record (which may be
-            # lost): its retry goes there. In the background: a whole load may hold the
-            # table for a minute, and this delivery's slot with it.
+            # lost): the retry goes there, and the table tells the circuit (a 410 to a
+            # URL the table has left already changes nothing). In the background: a whole
+            # load may hold the table for a minute, and this delivery's slot with it.
             learning = asyncio.create_task(self._learn(route.id))
-            self._learning.add(learning)
-            learning.add_done_callback(self._learning.discard)
+            self._learning[route.id] = learning
         return records
 
     async def _learn(self, webhook_id: str) -> None:
@@ -395,12 +397,27 @@ class DeliveryHandler:
             await self._table.refresh(webhook_id)
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_ids=[webhook_id])
+        finally:
+            self._learning.pop(webhook_id, None)
+
+    async def close(self) -> None:
+        """The reads still running in the background end before the database goes."""
+        for task in [*self._learning.values(), *self._url_reads.values()]:
+            await cancel_and_wait(task)
 
     async def _moved_since(self, route: WebhookRoute) -> bool | None:
         """Whether the webhook points elsewhere than ``route`` now (deleted: it does), as
         the database has it; None when it could not be read (the next 410 asks again)."""
+        reading = self._url_reads.get(route.id)
+        if reading is None:
+            # One read for all the 410s of a webhook that come back meanwhile.
+            reading = asyncio.create_task(self._table.url_now(route.id))
+            self._url_reads[route.id] = reading
+            reading.add_done_callback(lambda _: self._url_reads.pop(route.id, None))
         try:
-            return await self._table.url_now(route.id) != route.url
+            return await asyncio.shield(reading) != route.url
+        except asyncio.CancelledError:
+            raise
         except Exception:
             self._log.exception("webhook_confirm_failed", webhook_id=route.id)
             return None
@@ -494,7 +511,7 @@ class DeliveryHandler:
         if outcome.status_code in BACK_OFF_STATUSES:
             retry_after = parse_retry_after(outcome.retry_after, utcnow())
         current = self._table.get(route.id)
-        if self._owns(record) and (current is None or current.url == route.url):
+        if self._owns(record) and current and current.active and current.url == route.url:
             # An answer from a URL the webhook has left since says nothing of the new one.
             # A delivery whose partition moved while it was in flight would leave a circuit
             # here for an endpoint whose deliveries another process now sends (counted

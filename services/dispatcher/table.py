@@ -83,6 +83,8 @@ class WebhookTable:
         # changed (a change record, a whole load, a 410): the deliveries waiting for its
         # rate slots ask again.
         self.on_pacing_changed: Callable[[str], None] | None = None
+        # Told of a webhook whose URL the table now holds differently (however it learned).
+        self.on_url_changed: Callable[[str], None] | None = None
         self._log = get_logger("dispatcher")
 
     def __len__(self) -> int:
@@ -90,9 +92,6 @@ class WebhookTable:
 
     def get(self, webhook_id: str) -> WebhookRoute | None:
         return self._by_id.get(webhook_id)
-
-    def urls(self) -> dict[str, str]:
-        return {webhook_id: route.url for webhook_id, route in self._by_id.items()}
 
     async def url_now(self, webhook_id: str) -> str | None:
         """The webhook's URL as the database has it now (None: deleted), read outside the
@@ -199,6 +198,12 @@ class WebhookTable:
             for webhook_id in previous.keys() | loaded.keys():
                 if _pacing(previous.get(webhook_id)) != _pacing(loaded.get(webhook_id)):
                     self._paced_anew(webhook_id)
+                self._note_url(previous.get(webhook_id), loaded.get(webhook_id))
+
+    def _note_url(self, before: WebhookRoute | None, after: WebhookRoute | None) -> None:
+        moved = before is not None and after is not None and before.url != after.url
+        if moved and after is not None and self.on_url_changed is not None:
+            self.on_url_changed(after.id)
 
     async def refresh(self, webhook_id: str) -> None:
         await self.refresh_many([webhook_id])
@@ -231,4 +236,5 @@ class WebhookTable:
             self._stopped.pop(webhook_id, None)
         else:
             self._by_id[webhook_id] = route
+        self._note_url(before, route)
         return _pacing(before) != _pacing(route)

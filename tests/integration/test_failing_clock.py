@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import pytest
-from sqlalchemy import Select, insert, select, update
+from alembic import command
+from sqlalchemy import Select, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.api.delivery_log import retry_gap, track_failing_endpoints
 from services.shared import Attempt, create_engine, load_settings, migrate, tables
+from services.shared._db import _alembic_config
 from tests.samples import sample_event
 
 CREATED = datetime(2026, 11, 1, tzinfo=UTC)
@@ -147,3 +150,75 @@ async def test_failures_read_before_a_reactivation_do_not_start_the_clock(
     the write cleared the clock, and the failures read before it do not set it again."""
     await _track_over_an_edit(engine, _attempt(_HOUR, "failed"), active=True, failing_since=None)
     assert await _clock(engine) == (None, None)
+
+
+async def test_migration_0013_gives_a_run_under_way_its_last_failure_from_the_log(
+    database_url: str,
+) -> None:
+    """Left empty, a webhook quiet since its run began would be disabled by its next
+    failure however far off: the upgrade takes the run's latest failed attempt from the
+    delivery log, or its start where the log holds none."""
+    await asyncio.to_thread(command.upgrade, _alembic_config(database_url), "0012")
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(tables.teams).values(id="team_1", name="t", created_at=CREATED)
+            )
+            for webhook_id, since in (
+                ("wh_logged", CREATED),
+                ("wh_pruned", CREATED),
+                ("wh_ok", None),
+            ):
+                await conn.execute(
+                    text(
+                        "INSERT INTO webhooks (id, team_id, name, description, url, topics,"
+                        " headers, secrets, active, created_at, updated_at, failing_since)"
+                        " VALUES (:id, 'team_1', 'w', '', 'http://127.0.0.1:9/hook',"
+                        " '[]', '{}', '[]', true, :at, :at, :since)"
+                    ),
+                    {"id": webhook_id, "at": CREATED, "since": since},
+                )
+            for n, (after, outcome) in enumerate(
+                (
+                    (-_HOUR, "failed"),
+                    (_HOUR, "failed"),
+                    (2 * _HOUR, "delivered"),
+                    (3 * _HOUR, "failed"),
+                )
+            ):
+                delivery_id = f"msg_{n}"
+                await conn.execute(
+                    insert(tables.deliveries).values(
+                        id=delivery_id,
+                        team_id="team_1",
+                        webhook_id="wh_logged",
+                        event_id=_EVENT.id,
+                        event_type="object.created",
+                        event={},
+                        kind="event",
+                        state="retrying",
+                        attempts=1,
+                        created_at=CREATED + after,
+                        updated_at=CREATED + after,
+                    )
+                )
+                await conn.execute(
+                    insert(tables.delivery_attempts).values(
+                        delivery_id=delivery_id,
+                        attempt=1,
+                        attempted_at=CREATED + after,
+                        outcome=outcome,
+                        final=False,
+                        request_headers={},
+                    )
+                )
+        await migrate(database_url)
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                select(tables.webhooks.c.id, tables.webhooks.c.last_failure_at)
+            )
+            last = dict(rows.all())
+    finally:
+        await engine.dispose()
+    assert last == {"wh_logged": CREATED + 3 * _HOUR, "wh_pruned": CREATED, "wh_ok": None}

@@ -2065,3 +2065,57 @@ async def test_a_reload_forgets_the_circuit_of_a_webhook_moved_without_its_chang
         await _eventually(
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
         )
+
+
+async def test_a_late_410_from_the_url_a_webhook_left_leaves_the_new_urls_circuit(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The old URL answers 410 after the webhook has moved and the new URL has opened its
+    own circuit: that circuit stands (the table already holds the new URL)."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (30.0,) * 10,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 600.0,
+        }
+    )
+    old = Receiver(gate=asyncio.Event(), statuses=[410])
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", old.handle)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        async with running_stack(tripping, with_dispatcher=True) as stack:
+            old_url = f"http://127.0.0.1:{bound_port(runner)}/old"
+            webhook = await stack.create_webhook(old_url, CREATED)
+            await stack.create_object()
+            await old.wait_for(1)
+            async with stack.session.patch(
+                f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+                headers=stack.headers(),
+                json={"url": receiver.url},
+            ) as response:
+                assert response.status == 200
+            table = stack.dispatcher.table
+            await _eventually(lambda: table.get(webhook["id"]).url == receiver.url)
+            receiver.statuses = [500]
+            await stack.create_object()
+            await receiver.wait_for(1)
+            registry = stack.dispatcher.metrics.registry
+            await _eventually(
+                lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
+            )
+            assert old.gate is not None
+            old.gate.set()
+            await _eventually(
+                lambda: (
+                    registry.get_sample_value(
+                        "hookwire_dispatcher_deliveries_total", {"outcome": "failed"}
+                    )
+                    == 2
+                )
+            )
+            await asyncio.sleep(0.3)
+            assert registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
+            assert not await _is_disabled(stack, webhook["id"])
+    finally:
+        await runner.cleanup()

@@ -90,16 +90,14 @@ def test_an_older_failure_neither_moves_the_last_one_back_nor_restarts_the_run()
     assert failing_run(started, last, EDITED, [_attempt(2, "failed")], GAP)[:2] == (started, last)
 
 
-def test_a_run_stored_without_its_last_failure_goes_on_with_its_next_one() -> None:
-    """Runs stored before migration 0013 have no last failure: the next failure goes on
-    with the run (an endpoint failing for days is not given five more at the upgrade), and
-    the gap counts from it on."""
+def test_a_run_stored_without_its_last_failure_counts_from_its_start() -> None:
+    """A run without a last failure (one that could not be written): its start stands in,
+    so a disable may come later, never sooner."""
     started = EDITED + timedelta(hours=1)
-    since, last, _ = failing_run(started, None, EDITED, [_attempt(40, "failed")], GAP)
-    assert (since, last) == (started, EDITED + timedelta(hours=40))
-    assert failing_run(since, last, EDITED, [_attempt(41, "failed")], GAP)[0] == started
-    later = failing_run(since, last, EDITED, [_attempt(60, "failed")], GAP)[0]
-    assert later == EDITED + timedelta(hours=60)
+    assert failing_run(started, None, EDITED, [_attempt(12, "failed")], GAP)[0] == started
+    assert failing_run(started, None, EDITED, [_attempt(14, "failed")], GAP)[0] == (
+        EDITED + timedelta(hours=14)
+    )
 
 
 def test_the_gap_holds_the_longest_wait_between_two_attempts_of_a_retried_delivery() -> None:
