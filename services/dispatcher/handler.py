@@ -193,9 +193,8 @@ class DeliveryHandler:
         self._log = get_logger("dispatcher").bind()
         self._confirmed_at: dict[str, float] = {}
         # One database read per webhook at a time; deliveries arriving meanwhile share it.
-        self._confirming: dict[str, asyncio.Future[None]] = {}
+        self._confirming: dict[str, asyncio.Task[None]] = {}
         self._learning: dict[str, asyncio.Task[None]] = {}
-        self._url_reads: dict[str, asyncio.Task[str | None]] = {}
         # A failed read is not tried again for a second either: a database that refuses
         # connections is not asked once per delivery.
         self._unconfirmed_at: dict[str, float] = {}
@@ -402,22 +401,16 @@ class DeliveryHandler:
 
     async def close(self) -> None:
         """The reads still running in the background end before the database goes."""
-        for task in [*self._learning.values(), *self._url_reads.values()]:
+        for task in [*self._learning.values(), *self._confirming.values()]:
             await cancel_and_wait(task)
 
     async def _moved_since(self, route: WebhookRoute) -> bool | None:
         """Whether the webhook points elsewhere than ``route`` now (deleted: it does), as
         the database has it; None when it could not be read (the next 410 asks again)."""
-        reading = self._url_reads.get(route.id)
-        if reading is None:
-            # One read for all the 410s of a webhook that come back meanwhile.
-            reading = asyncio.create_task(self._table.url_now(route.id))
-            self._url_reads[route.id] = reading
-            reading.add_done_callback(lambda _: self._url_reads.pop(route.id, None))
+        # A read of its own, begun after this answer: one begun before it (for another 410)
+        # may predate an edit that this request, sent after it, went out despite.
         try:
-            return await asyncio.shield(reading) != route.url
-        except asyncio.CancelledError:
-            raise
+            return await self._table.url_now(route.id) != route.url
         except Exception:
             self._log.exception("webhook_confirm_failed", webhook_id=route.id)
             return None
@@ -466,7 +459,7 @@ class DeliveryHandler:
             last = self._confirmed_at.get(webhook_id, -_CONFIRM_EVERY_SECONDS)
             if now - last < _CONFIRM_EVERY_SECONDS:
                 return self._table.get(webhook_id)
-            reading = asyncio.ensure_future(self._confirm(webhook_id))
+            reading = asyncio.create_task(self._confirm(webhook_id))
             self._confirming[webhook_id] = reading
         try:
             # Shielded: a waiter cancelled (a stop) must not cancel the others' read.

@@ -152,7 +152,7 @@ async def test_failures_read_before_a_reactivation_do_not_start_the_clock(
     assert await _clock(engine) == (None, None)
 
 
-async def test_migration_0013_gives_a_run_under_way_its_last_failure_from_the_log(
+async def test_migrations_0013_and_0014_give_a_run_under_way_its_last_failure_from_the_log(
     database_url: str,
 ) -> None:
     """Left empty, a webhook quiet since its run began would be disabled by its next
