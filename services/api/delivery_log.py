@@ -390,7 +390,8 @@ def retry_gap(settings: Settings) -> timedelta:
         max(settings.retry_schedule_seconds) * (1 + settings.retry_jitter),
         settings.retry_after_max_seconds,
     )
-    seconds = settings.delivery_timeout_seconds + delay + settings.circuit_open_max_seconds
+    circuit = max(settings.circuit_open_max_seconds, settings.circuit_open_seconds)
+    seconds = settings.delivery_timeout_seconds + delay + circuit
     return timedelta(seconds=seconds)
 
 

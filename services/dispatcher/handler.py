@@ -380,7 +380,9 @@ class DeliveryHandler:
         # delivery fails and its retry goes to the new URL).
         moved = await self._moved_since(route) if outcome.status_code == GONE else None
         gone = outcome.status_code == GONE and moved is False
-        records = self._after(route, delivery, record, about, outcome, started=clock, gone=gone)
+        records = self._after(
+            route, delivery, record, about, outcome, started=clock, gone=gone, left=moved is True
+        )
         current = self._table.get(route.id)
         if moved and route.id not in self._learning and current and current.url == route.url:
             # The table learns the new URL now, not at the change record (which may be
@@ -396,6 +398,11 @@ class DeliveryHandler:
             await self._table.refresh(webhook_id)
         except Exception:
             self._log.exception("webhook_refresh_failed", webhook_ids=[webhook_id])
+        else:
+            current = self._table.get(webhook_id)
+            if current is None or not current.active:
+                # Deleted rather than moved: no URL change to tell the circuit of.
+                self.forget_endpoint(webhook_id)
         finally:
             self._learning.pop(webhook_id, None)
 
@@ -497,6 +504,7 @@ class DeliveryHandler:
         *,
         started: float,
         gone: bool,
+        left: bool = False,
     ) -> list[OutRecord]:
         delivered = outcome.outcome == "delivered"
         # Read once, for the pause it asks of the endpoint and for this delivery's retry.
@@ -504,8 +512,10 @@ class DeliveryHandler:
         if outcome.status_code in BACK_OFF_STATUSES:
             retry_after = parse_retry_after(outcome.retry_after, utcnow())
         current = self._table.get(route.id)
-        if self._owns(record) and current and current.active and current.url == route.url:
-            # An answer from a URL the webhook has left since says nothing of the new one.
+        fresh = current and current.active and current.url == route.url and not left
+        if self._owns(record) and fresh:
+            # An answer from a URL the webhook has left since (``left``: the table may not
+            # know it yet) says nothing of the new one.
             # A delivery whose partition moved while it was in flight would leave a circuit
             # here for an endpoint whose deliveries another process now sends (counted
             # open by both, and by this one until the webhook next changes).
@@ -514,7 +524,9 @@ class DeliveryHandler:
             if pause:
                 # A throttled endpoint is asked nothing more until then, not only this
                 # delivery: the others would each use an attempt on more 429s.
-                self._circuit.pause(route.id, now, pause, started=started)
+                self._circuit.pause(
+                    route.id, now, pause, started=started, ends_turn=delivery.kind == "event"
+                )
             elif delivered or delivery.kind == "event":
                 # A re-send or a test failing says little of the live traffic (a receiver
                 # refusing old or test payloads), and must not end a probe's turn.

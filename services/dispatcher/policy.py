@@ -119,7 +119,13 @@ class CircuitBreaker:
         return True
 
     def pause(
-        self, endpoint: str, now: float, seconds: float, started: float | None = None
+        self,
+        endpoint: str,
+        now: float,
+        seconds: float,
+        started: float | None = None,
+        *,
+        ends_turn: bool = True,
     ) -> None:
         """The endpoint asked for ``seconds`` of quiet (a Retry-After with a 429 or 503):
         no request goes to it until then; after, all go again unless the circuit is open.
@@ -127,11 +133,12 @@ class CircuitBreaker:
         Such an answer, instead of ``record``, is no failure: a busy endpoint's requests in
         flight, answered alike, would otherwise open the circuit and turn a pause of
         seconds into ``open_for``. When it answered the probe, the probe's turn ends, and
-        the first request after the pause probes again."""
+        the first request after the pause probes again; not ``ends_turn`` (a re-send or a
+        test, which is no probe), the circuit's wait stands."""
         state = self._endpoints.setdefault(endpoint, _Endpoint())
         state.paused_until = max(state.paused_until, now + max(seconds, 0.0))
         started = now if started is None else started
-        if state.opened_at is not None and started >= state.opened_at:
+        if ends_turn and state.opened_at is not None and started >= state.opened_at:
             state.open_until = min(state.open_until, now)
 
     def reopens_at(self, endpoint: str) -> float:

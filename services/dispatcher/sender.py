@@ -193,7 +193,7 @@ class Sender:
             if refusal is not None:
                 return Outcome("failed", None, elapsed(), refusal, "refused")
         # Hookwire's own header values are known to be clean: only the stored ones are read.
-        fault = _unwritable(route.headers)
+        fault = _unwritable((n, v) for n, v in route.headers if not is_reserved_header(n))
         if fault is not None:
             return Outcome("failed", None, elapsed(), fault, "invalid_header")
         body = payload(delivery)

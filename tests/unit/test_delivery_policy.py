@@ -407,3 +407,15 @@ def test_a_circuit_whose_wait_is_over_is_not_counted_open_until_its_probe_goes()
     assert circuit.open_count(31) == 0
     assert circuit.allows("wh", 40), "the probe"
     assert circuit.open_count(41) == 1
+
+
+def test_a_pause_asked_by_a_re_send_leaves_an_open_circuits_wait() -> None:
+    """A re-send or a test answered with a Retry-After pauses the webhook but is no probe:
+    the open circuit's wait stands (a probe's answer would end its turn)."""
+    circuit = CircuitBreaker(threshold=1, open_for=30)
+    circuit.record("wh", success=False, now=0)
+    circuit.pause("wh", now=5, seconds=1, started=4, ends_turn=False)
+    assert not circuit.allows("wh", 10, peek=True), "still open until 30"
+    assert circuit.reopens_at("wh") == 30
+    circuit.pause("wh", now=6, seconds=1, started=5)
+    assert circuit.reopens_at("wh") == 7, "a probe's answer ends the wait"
