@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from ._contracts import Change, Topics, decode
@@ -103,6 +103,7 @@ async def follow_changes(
     newer_than_ms: int = 0,
     caught_up: asyncio.Event | None = None,
     on_invalid: Callable[[], None] | None = None,
+    assigned_from: str | None = None,
 ) -> None:
     """Feed every change record to ``handle``, a fetch at a time; every process reads all
     of them (no group).
@@ -112,6 +113,9 @@ async def follow_changes(
     dead-lettered (every process reads each one: it would be set aside once per process);
     a failed fetch is tried again; a cache never stops following. ``caught_up`` is set
     once every record that was there when following began has been handled.
+
+    A consumer assigned by hand the partitions of ``assigned_from`` also takes the ones
+    added to that topic later (a subscription would be given them).
     """
     log = structlog.get_logger()
     while True:
@@ -120,6 +124,8 @@ async def follow_changes(
             # and a process waiting to catch up waits on that.
             catching_up = caught_up is not None and not caught_up.is_set()
             batches = await consumer.getmany(timeout_ms=50 if catching_up else 500)
+            if assigned_from is not None:
+                await _take_new_partitions(consumer, assigned_from)
         except KafkaError as exc:
             log.warning("changes_fetch_failed", error=str(exc))
             await asyncio.sleep(_FETCH_RETRY_SECONDS)
@@ -147,29 +153,62 @@ async def follow_changes(
                 log.warning("changes_position_failed", error=str(exc))
 
 
-async def _skip_older(consumer: AIOKafkaConsumer, since_ms: int) -> dict[int, int]:
-    """Move each partition's position to its first record from ``since_ms`` on; returns the
-    positions. Where the broker cannot say, the partition is read from its start (records
-    older than ``since_ms`` are still skipped one by one)."""
-    partitions = sorted(consumer.assignment())
+async def _start_positions(
+    consumer: AIOKafkaConsumer, topic: str, since_ms: int
+) -> tuple[dict[TopicPartition, int | None], bool]:
+    """Each partition's first record from ``since_ms`` on, looked up before the consumer
+    reads anything: a lookup sent behind a fetch waits out the fetch's long poll. A
+    partition with nothing that recent starts at its end; ``None`` where the broker cannot
+    say (read from the start, the older records skipped one by one). Also whether no
+    partition had anything that recent: nothing to catch up on."""
+    # A consumer that follows no topic yet started with the metadata of every topic.
+    numbers = consumer.partitions_for_topic(topic) or set()
+    partitions = [TopicPartition(topic, number) for number in sorted(numbers)]
     try:
         # The end first: a record written after it is read whatever the lookup by time says.
         ends = await consumer.end_offsets(partitions)
         found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
     except KafkaError as exc:
         structlog.get_logger().warning("changes_start_unknown", error=str(exc))
-        return {}
-    positions: dict[int, int] = {}
+        return dict.fromkeys(partitions), False
+    positions: dict[TopicPartition, int | None] = {}
+    nothing_newer = bool(partitions)
     for partition in partitions:
         first_newer = found.get(partition)
         # No record that recent: Kafka answers None, the embedded broker a timestamp of -1.
         if first_newer is None or first_newer.timestamp < 0:
-            position = ends[partition]
+            positions[partition] = ends[partition]
         else:
-            position = first_newer.offset
-        consumer.seek(partition, position)
-        positions[partition.partition] = await consumer.position(partition)
-    return positions
+            positions[partition] = first_newer.offset
+            nothing_newer = False
+    return positions, nothing_newer
+
+
+def _assign(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int | None]) -> None:
+    """Assigned and placed in one step, so the fetcher never starts from anywhere else.
+    Assigning by hand (not subscribing) is what allows it: a subscription is assigned later,
+    by a task, with the first fetch already on its way."""
+    consumer.assign(list(positions))
+    for partition, position in positions.items():
+        if position is not None:
+            consumer.seek(partition, position)
+
+
+async def _take_new_partitions(consumer: AIOKafkaConsumer, topic: str) -> bool:
+    """Partitions added to the topic since the follower started are read from their start
+    (everything in them is newer); the others keep their place. True if there were any."""
+    known = consumer.partitions_for_topic(topic) or set()
+    assigned = consumer.assignment()
+    if known <= {partition.partition for partition in assigned}:
+        return False
+    positions: dict[TopicPartition, int | None] = {
+        partition: await consumer.position(partition) for partition in assigned
+    }
+    for number in sorted(known):
+        positions.setdefault(TopicPartition(topic, number), None)
+    _assign(consumer, positions)
+    structlog.get_logger().info("changes_partitions_added", partitions=len(positions))
+    return True
 
 
 class ChangeFollower:
@@ -199,7 +238,8 @@ class ChangeFollower:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
-        # Where reading began, per partition of ``changes``.
+        # Where reading began, per partition of ``changes`` (none where the broker could not
+        # say: such a partition is read from its start).
         self.started_at: dict[int, int] = {}
         self._invalid = (
             None
@@ -220,22 +260,35 @@ class ChangeFollower:
         since = (
             int(utcnow().timestamp() * 1000) if newer_than_ms is None else newer_than_ms
         ) - _CLOCK_SKEW_MARGIN_MS
-        self._consumer = make_patient_consumer(
-            self._settings, Topics(self._settings.topic_prefix).changes, group_id=None
-        )
+        topic = Topics(self._settings.topic_prefix).changes
+        self._consumer = make_patient_consumer(self._settings, group_id=None)
         await start_client(self._consumer, self._settings)
-        self.started_at = await _skip_older(self._consumer, since)
+        positions, nothing_newer = await _start_positions(self._consumer, topic, since)
+        _assign(self._consumer, positions)
+        if nothing_newer:
+            # Else the first fetch would tell, once its long poll of an empty topic ended.
+            self._caught_up.set()
+        self.started_at = {
+            partition.partition: position
+            for partition, position in positions.items()
+            if position is not None
+        }
         following = follow_changes(
             self._consumer,
             self._handle,
             newer_than_ms=since,
             caught_up=self._caught_up,
             on_invalid=None if self._invalid is None else self._invalid.inc,
+            assigned_from=topic,
         )
         if self._loops is not None:
             self._task = self._loops.start(following, name="changes")
         else:
             self._task = asyncio.create_task(following, name="changes")
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
 
     async def wait_caught_up(self, within_seconds: float) -> bool:
         """Until the records there at the start are handled; False if that took too long."""

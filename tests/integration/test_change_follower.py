@@ -242,8 +242,63 @@ async def test_a_follower_starts_after_the_changes_its_caches_reflect(
     quiet = ChangeFollower(kafka_settings, lambda change: handled.append(change.entity_id))
     await quiet.start()  # nothing since this call: every partition starts at its end
     try:
+        # With nothing to read, not even the first fetch is waited for.
+        assert quiet.caught_up
         assert await quiet.wait_caught_up(10)
         assert sum(quiet.started_at.values()) == max(quiet.started_at.values()) == 14
         assert handled == ["wh_new_1", "wh_new_2"]
     finally:
         await quiet.stop()
+
+
+async def test_a_follower_reads_partitions_added_after_it_started(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower is assigned its partitions by hand (so it can place them before its first
+    fetch), yet a partition added to ``changes`` later is read from its start, and the
+    partitions it had keep their place. The embedded broker cannot add partitions: the
+    topic has two, and the follower's metadata shows only the first until the "adding"."""
+    settings = kafka_settings.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:10]}."})
+    topic = Topics(settings.topic_prefix).changes
+    await ensure_topics(settings, layout={topic: 2})
+    monkeypatch.setattr(_changes, "_CLOCK_SKEW_MARGIN_MS", 0)
+    added = asyncio.Event()
+    every_partition = AIOKafkaConsumer.partitions_for_topic
+
+    def as_before_the_adding(consumer: AIOKafkaConsumer, name: str) -> set[int] | None:
+        known = every_partition(consumer, name)
+        return known if added.is_set() or known is None else {0}
+
+    monkeypatch.setattr(AIOKafkaConsumer, "partitions_for_topic", as_before_the_adding)
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    handled: list[str] = []
+    follower = ChangeFollower(settings, lambda change: handled.append(change.entity_id))
+
+    async def publish(entity_id: str, partition: int) -> None:
+        change = Change(entity="webhook", entity_id=entity_id, action="updated", at=utcnow())
+        await producer.send_and_wait(topic, value=change.to_bytes(), partition=partition)
+
+    async def handled_by_now(entity_id: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while entity_id not in handled:
+            assert asyncio.get_running_loop().time() < deadline, handled
+            await asyncio.sleep(0.05)
+
+    try:
+        await publish("wh_before_start", 0)
+        await asyncio.sleep(0.3)
+        await follower.start()
+        assert follower.started_at == {0: 1}
+        await publish("wh_first_partition", 0)
+        await publish("wh_new_partition", 1)
+        await handled_by_now("wh_first_partition")
+        added.set()
+        await handled_by_now("wh_new_partition")
+        await publish("wh_first_partition_again", 0)
+        await handled_by_now("wh_first_partition_again")
+        assert handled == ["wh_first_partition", "wh_new_partition", "wh_first_partition_again"]
+    finally:
+        await follower.stop()
+        await stop_client(producer)
+        await drop_topics(settings.kafka_bootstrap or "", settings.topic_prefix)
