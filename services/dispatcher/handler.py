@@ -52,6 +52,9 @@ _CONFIRM_EVERY_SECONDS = 1.0
 # A delivery whose webhook could not be looked up (the database is away) waits this long
 # on the retry schedule instead of being skipped for good.
 _UNCONFIRMED_WAIT_SECONDS = 5.0
+# Beyond a probe's timeout, until its outcome is recorded: a 410's read of the webhook's
+# URL (3 s at most) and the loop's own delays.
+_PROBE_MARGIN_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
 # Woken put-offs come back through the retry timer and ``deliveries``; a new event routed
 # meanwhile still waits behind them.
@@ -184,6 +187,8 @@ class DeliveryHandler:
             settings.circuit_failure_threshold,
             settings.circuit_open_seconds,
             settings.circuit_open_max_seconds,
+            # A probe answers within its timeout (a quick second try included), or fails.
+            probe_for=settings.delivery_timeout_seconds + _PROBE_MARGIN_SECONDS,
         )
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
         # The deliveries partitions this process owns now (None: all it is handed).

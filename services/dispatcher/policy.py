@@ -90,12 +90,14 @@ class CircuitBreaker:
     circuit wake when it half-opens, and an endpoint down for days should not send its whole
     backlog round the retry topics every ``open_for`` seconds. Only the probe's outcome
     moves an open circuit: the other requests in flight when it opened (up to the
-    endpoint's concurrency) are not probes, failing or succeeding late.
+    endpoint's concurrency) are not probes, failing or succeeding late. ``probe_for`` is
+    the longest a probe can take to answer: no second probe goes before it.
     """
 
     threshold: int
     open_for: float
     open_max: float = 600.0
+    probe_for: float = 0.0
     _endpoints: dict[str, _Endpoint] = field(default_factory=dict)
 
     def allows(self, endpoint: str, now: float, *, peek: bool = False) -> bool:
@@ -112,10 +114,10 @@ class CircuitBreaker:
         if peek:
             return True
         # Half-open: this delivery is the probe. Until its outcome is recorded the circuit
-        # stays shut for another ``open_for``, so deliveries behind it wait instead of
-        # circling the retry topics, and a probe that never reports back cannot keep the
-        # circuit shut for ever.
-        state.open_until = now + self.open_for
+        # stays shut for another ``open_for``, or as long as the probe may take, so
+        # deliveries behind it wait instead of circling the retry topics, and a probe that
+        # never reports back cannot keep the circuit shut for ever.
+        state.open_until = now + max(self.open_for, self.probe_for)
         return True
 
     def pause(

@@ -328,6 +328,19 @@ def test_a_probe_that_never_reports_back_does_not_shut_the_circuit_for_good() ->
     assert circuit.allows("wh", 20), "its outcome never came: another probe goes"
 
 
+def test_no_second_probe_goes_while_the_first_may_still_answer() -> None:
+    """A delivery timeout longer than the circuit's wait: the probe's turn lasts as long as
+    the probe may, not one ``open_for``."""
+    circuit = CircuitBreaker(threshold=1, open_for=10, probe_for=61)
+    circuit.record("wh", success=False, now=0)
+    assert circuit.allows("wh", 10), "the probe"
+    assert not circuit.allows("wh", 25), "the probe may still answer"
+    assert not circuit.allows("wh", 70)
+    assert circuit.allows("wh", 71), "its outcome never came: another probe goes"
+    circuit.record("wh", success=False, now=72)
+    assert circuit.reopens_at("wh") == 92, "a failed probe's wait is the circuit's own"
+
+
 def test_requests_in_flight_when_the_circuit_opened_are_not_probes() -> None:
     """Ten requests failing together (the endpoint's concurrency) open the circuit once,
     for ``open_for``; their late outcomes, failed or not, neither stretch nor close it."""
