@@ -20,11 +20,14 @@ import orjson
 import pytest
 from aiohttp import web, web_app
 from aiokafka import AIOKafkaClient
+from aiokafka import client as aiokafka_client
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import AIOKafkaConnection
 from sqlalchemy import func, select, text
 
+from services.api import deliveries
 from services.api.app import ApiService
+from services.api.errors import PublishUnavailable
 from services.auth.admin import bootstrap_dev, create_token
 from services.auth.app import AuthService
 from services.devstack import in_process_services
@@ -225,6 +228,35 @@ async def settings(
     made = _settings(broker, database_url, tmp_path)
     yield made
     await drop_topics(broker.bootstrap, made.topic_prefix)
+
+
+def metadata_as_kafka_answers(monkeypatch: pytest.MonkeyPatch, absent_topic: str) -> None:
+    """On Kafka a client's first metadata request (for an empty list of topics) names no
+    topic; the embedded broker's answer names them all. Asking instead for a topic that
+    does not exist, a client starting from now on learns of no topic, as on Kafka."""
+    real_request = aiokafka_client.MetadataRequest
+
+    def as_kafka_answers(topics: list[str] | None = None, *args: Any) -> Any:
+        return real_request([absent_topic] if topics == [] else topics, *args)
+
+    monkeypatch.setattr(aiokafka_client, "MetadataRequest", as_kafka_answers)
+
+
+def refuse_second_replay_chunk(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """The event stream takes a re-send's first chunk and refuses the second (and no
+    other); returns the real publisher, to put back."""
+    real_publish = deliveries._publish
+    calls = 0
+
+    async def second_chunk_refused(ctx: Any, chosen: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise PublishUnavailable("event stream is unavailable: test")
+        await real_publish(ctx, chosen)
+
+    monkeypatch.setattr(deliveries, "_publish", second_chunk_refused)
+    return real_publish
 
 
 def corrupt(token: str) -> str:

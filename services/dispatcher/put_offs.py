@@ -28,6 +28,7 @@ from services.shared import (
     get_logger,
     make_consumer,
     partition_of,
+    partitions_of,
     start_client,
     stop_client,
 )
@@ -136,8 +137,7 @@ async def _read(
     try:
         async with asyncio.timeout(within):
             await start_client(reader, settings)
-            await reader.topics()
-            every = reader.partitions_for_topic(topic) or set()
+            every = {partition.partition for partition in await partitions_of(reader, topic)}
             # Placed by its key, a webhook's records share a partition number across
             # topics with as many partitions; otherwise any partition may hold them.
             numbers = set(partitions) & every if len(every) == of else every

@@ -11,14 +11,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from ._contracts import Change, Topics, decode
-from ._errors import InvalidRecord
+from ._errors import DependencyUnavailable, InvalidRecord
 from ._ids import utcnow
-from ._kafka import all_read, make_patient_consumer, start_client, stop_client
+from ._kafka import all_read, make_patient_consumer, partitions_of, start_client, stop_client
 from ._lifecycle import Loops, cancel_and_wait
 from ._metrics import Metrics
 from ._settings import Settings
 
 _FETCH_RETRY_SECONDS = 1.0
+_POSITION_WAIT_SECONDS = 5.0
 # A change's record carries its producer's clock: one a little behind this process's
 # still counts as newer than a moment this process took.
 _CLOCK_SKEW_MARGIN_MS = 5_000
@@ -161,9 +162,7 @@ async def _start_positions(
     partition with nothing that recent starts at its end; ``None`` where the broker cannot
     say (read from the start, the older records skipped one by one). Also whether no
     partition had anything that recent: nothing to catch up on."""
-    # A consumer that follows no topic yet started with the metadata of every topic.
-    numbers = consumer.partitions_for_topic(topic) or set()
-    partitions = [TopicPartition(topic, number) for number in sorted(numbers)]
+    partitions = await partitions_of(consumer, topic)
     try:
         # The end first: a record written after it is read whatever the lookup by time says.
         ends = await consumer.end_offsets(partitions)
@@ -201,9 +200,15 @@ async def _take_new_partitions(consumer: AIOKafkaConsumer, topic: str) -> bool:
     assigned = consumer.assignment()
     if known <= {partition.partition for partition in assigned}:
         return False
-    positions: dict[TopicPartition, int | None] = {
-        partition: await consumer.position(partition) for partition in assigned
-    }
+    positions: dict[TopicPartition, int | None] = {}
+    for partition in assigned:
+        try:
+            # A partition whose position is still being reset (its leader away) would keep
+            # this waiting for good; it has given nothing yet, so it starts over as new.
+            async with asyncio.timeout(_POSITION_WAIT_SECONDS):
+                positions[partition] = await consumer.position(partition)
+        except TimeoutError:
+            positions[partition] = None
     for number in sorted(known):
         positions.setdefault(TopicPartition(topic, number), None)
     _assign(consumer, positions)
@@ -263,7 +268,14 @@ class ChangeFollower:
         topic = Topics(self._settings.topic_prefix).changes
         self._consumer = make_patient_consumer(self._settings, group_id=None)
         await start_client(self._consumer, self._settings)
-        positions, nothing_newer = await _start_positions(self._consumer, topic, since)
+        try:
+            positions, nothing_newer = await _start_positions(self._consumer, topic, since)
+        except KafkaError as exc:
+            await stop_client(self._consumer)
+            raise DependencyUnavailable(
+                f"the {topic} topic cannot be read (run `hookwire topics` if it is missing):"
+                f" {exc!r}"
+            ) from exc
         _assign(self._consumer, positions)
         if nothing_newer:
             # Else the first fetch would tell, once its long poll of an empty topic ended.

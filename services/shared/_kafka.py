@@ -620,6 +620,16 @@ _BACKGROUND_TASKS = (
 )
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """``topic``'s partitions, its metadata asked for if the client has none yet: on Kafka,
+    a client's first metadata names no topic (the embedded broker's names them all), and
+    a consumer that follows no topic learns of none. Raises a ``KafkaError`` when the topic
+    does not exist (after the client's request timeout)."""
+    # aiokafka offers no public call for it; its producer waits on the same one.
+    numbers = await consumer._client._wait_on_metadata(topic)
+    return [TopicPartition(topic, number) for number in sorted(numbers)]
+
+
 async def all_read(consumer: AIOKafkaConsumer) -> bool:
     """Every assigned partition read up to its end as of the last fetch (its high-water
     mark: the embedded broker's end_offsets() is wrong after a batch)."""

@@ -32,7 +32,7 @@ from services.shared import (
     utcnow,
 )
 from services.shared._changes import follow_changes, one_at_a_time
-from tests.conftest import drop_topics
+from tests.conftest import drop_topics, metadata_as_kafka_answers
 
 
 @pytest.fixture
@@ -270,6 +270,12 @@ async def test_a_follower_reads_partitions_added_after_it_started(
         return known if added.is_set() or known is None else {0}
 
     monkeypatch.setattr(AIOKafkaConsumer, "partitions_for_topic", as_before_the_adding)
+    every_partition_of = _changes.partitions_of
+
+    async def start_before_the_adding(consumer: AIOKafkaConsumer, name: str) -> list[Any]:
+        return (await every_partition_of(consumer, name))[:1]
+
+    monkeypatch.setattr(_changes, "partitions_of", start_before_the_adding)
     producer = make_producer(settings)
     await start_client(producer, settings)
     handled: list[str] = []
@@ -302,3 +308,29 @@ async def test_a_follower_reads_partitions_added_after_it_started(
         await follower.stop()
         await stop_client(producer)
         await drop_topics(settings.kafka_bootstrap or "", settings.topic_prefix)
+
+
+async def test_a_follower_asks_for_its_topics_metadata(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Kafka a client's first metadata (asked for an empty list of topics) names no
+    topic; the embedded broker's names them all. Made to answer like Kafka, the follower
+    still finds the partitions of ``changes`` and places itself in them."""
+    metadata_as_kafka_answers(monkeypatch, f"{kafka_settings.topic_prefix}absent")
+    monkeypatch.setattr(_changes, "_CLOCK_SKEW_MARGIN_MS", 0)
+    await _publish_changes(kafka_settings, ["wh_before_start"])
+    await asyncio.sleep(0.3)
+    handled: list[str] = []
+    follower = ChangeFollower(kafka_settings, lambda change: handled.append(change.entity_id))
+    await follower.start()
+    try:
+        assert follower.started_at == {0: 1}
+        assert follower.caught_up
+        await _publish_changes(kafka_settings, ["wh_after_start"])
+        deadline = asyncio.get_running_loop().time() + 10
+        while not handled:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert handled == ["wh_after_start"]
+    finally:
+        await follower.stop()

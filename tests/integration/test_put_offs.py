@@ -29,7 +29,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, running_stack
+from tests.conftest import Receiver, metadata_as_kafka_answers, running_stack
 from tests.samples import sample_event
 
 
@@ -101,6 +101,24 @@ async def test_put_offs_are_read_from_the_retry_groups_commit_point(
         w: t for w, t in ((b, at(25)), (c, at(40))) if partition_of(w.encode(), wider) == wanted
     }
     assert await read_put_offs(settings, retries, topic, {wanted}, wider, within=10) == expected
+
+
+async def test_put_offs_are_read_when_the_first_metadata_names_no_topic(
+    settings: Settings, retries: AIOKafkaConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on Kafka, where a client learns of a topic only by asking for it."""
+    topic = topics_for(settings).retry(1)
+    of = settings.kafka_partitions
+    [webhook_id] = _webhooks_on(0, of, 1)
+    wakes = utcnow().replace(microsecond=0) + timedelta(seconds=20)
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    try:
+        await producer.send_and_wait(topic, _put_off(webhook_id, 1, wakes), key=webhook_id.encode())
+    finally:
+        await stop_client(producer)
+    metadata_as_kafka_answers(monkeypatch, f"{settings.topic_prefix}absent")
+    assert await read_put_offs(settings, retries, topic, {0}, of, within=10) == {webhook_id: wakes}
 
 
 async def test_a_broker_that_does_not_answer_holds_the_partitions_only_so_long(
