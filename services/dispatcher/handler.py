@@ -509,7 +509,7 @@ class DeliveryHandler:
         *,
         started: float,
         gone: bool,
-        left: bool = False,
+        left: bool,
     ) -> list[OutRecord]:
         delivered = outcome.outcome == "delivered"
         # Read once, for the pause it asks of the endpoint and for this delivery's retry.

@@ -25,7 +25,13 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, dead_letters, running_stack
+from tests.conftest import (
+    Receiver,
+    Stack,
+    dead_letters,
+    refuse_second_replay_chunk,
+    running_stack,
+)
 from tests.integration.test_end_to_end import standard_webhooks_verify
 from tests.samples import sample_event
 
@@ -275,17 +281,7 @@ async def test_replay_resends_every_delivery_since_a_time_or_only_failed_ones(
 
     # The stream fails after a first chunk went out: the 503 says where to go on from.
     monkeypatch.setattr(deliveries, "MAX_REPLAY", 10)
-    real_publish = deliveries._publish
-    calls = 0
-
-    async def second_chunk_refused(ctx: Any, chosen: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise PublishUnavailable("event stream is unavailable: test")
-        await real_publish(ctx, chosen)
-
-    monkeypatch.setattr(deliveries, "_publish", second_chunk_refused)
+    refuse_second_replay_chunk(monkeypatch)
     status, answer = await _call(
         stack, "POST", f"/webhooks/{webhook['id']}/replay", json={"since": before.isoformat()}
     )

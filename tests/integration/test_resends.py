@@ -13,7 +13,6 @@ import structlog.testing
 from sqlalchemy.exc import OperationalError
 
 from services.api import deliveries
-from services.api.errors import PublishUnavailable
 from services.shared import (
     MAX_EVENT_BYTES,
     TEST_EVENT_TYPE,
@@ -23,7 +22,7 @@ from services.shared import (
     new_id,
     utcnow,
 )
-from tests.conftest import Receiver, Stack, running_stack
+from tests.conftest import Receiver, Stack, refuse_second_replay_chunk, running_stack
 from tests.integration.test_delivery_log import _call, _logged
 
 
@@ -123,17 +122,7 @@ async def test_retry_replay_and_test_are_each_audited_once_with_who_asked(
 
     # The stream refuses the second chunk: the first went out, and is audited.
     monkeypatch.setattr(deliveries, "_REPLAY_CHUNK", 1)
-    real_publish = deliveries._publish
-    calls = 0
-
-    async def second_chunk_refused(ctx: Any, chosen: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise PublishUnavailable("event stream is unavailable: test")
-        await real_publish(ctx, chosen)
-
-    monkeypatch.setattr(deliveries, "_publish", second_chunk_refused)
+    real_publish = refuse_second_replay_chunk(monkeypatch)
     status, _ = await _call(stack, "POST", replay, token, json={"since": before.isoformat()})
     assert status == 503
     monkeypatch.setattr(deliveries, "_publish", real_publish)

@@ -104,6 +104,20 @@ async def _delivery(stack: Stack, delivery_id: str) -> dict[str, Any] | None:
         return await response.json() if response.status == 200 else None
 
 
+# The first failure opens a circuit that stays open for the test's length; retries come
+# 30 s apart, after the test.
+_TRIPS_AT_ONCE: dict[str, Any] = {
+    "retry_schedule_seconds": (30.0,) * 10,
+    "circuit_failure_threshold": 1,
+    "circuit_open_seconds": 600.0,
+}
+
+
+async def _edit_webhook(stack: Stack, webhook_id: str, body: dict[str, Any]) -> None:
+    status, answer = await _webhook_call(stack, "PATCH", webhook_id, body)
+    assert status == 200, answer
+
+
 async def _is_disabled(stack: Stack, webhook_id: str) -> bool:
     async with stack.session.get(
         f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook_id}",
@@ -406,13 +420,7 @@ async def test_a_reload_forgets_the_circuit_of_a_webhook_whose_change_was_lost(
 ) -> None:
     """A webhook deactivated without its change record reaching the dispatcher is found by
     the next whole reload; its open circuit goes with it, not counted open for ever."""
-    tripping = settings.model_copy(
-        update={
-            "retry_schedule_seconds": (30.0,) * 10,
-            "circuit_failure_threshold": 1,
-            "circuit_open_seconds": 600.0,
-        }
-    )
+    tripping = settings.model_copy(update=_TRIPS_AT_ONCE)
     async with running_stack(tripping, with_dispatcher=True) as stack:
         webhook = await stack.create_webhook(receiver.url, CREATED)
         receiver.statuses = [500]
@@ -680,12 +688,7 @@ async def test_private_addresses_are_refused_without_the_allow_flag(
             if "localhost" in url:
                 # Whoever reads the delivery log learns nothing of the internal network.
                 assert "127.0.0.1" not in attempt["error"], attempt["error"]
-            async with stack.session.patch(
-                f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-                headers=stack.headers(),
-                json={"active": False},
-            ) as response:
-                assert response.status == 200
+            await _edit_webhook(stack, webhook["id"], {"active": False})
         assert receiver.received == []
     finally:
         await dispatcher.stop()
@@ -1796,12 +1799,7 @@ async def test_after_a_410_a_webhook_stays_stopped_until_the_database_says_other
             )
         )
         assert len(receiver.received) == 1
-        async with stack.session.patch(
-            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-            headers=stack.headers(),
-            json={"name": "back"},
-        ) as response:
-            assert response.status == 200
+        await _edit_webhook(stack, webhook["id"], {"name": "back"})
         await _eventually(lambda: stack.dispatcher.table.get(webhook["id"]).active)
         await stack.create_object()
         await receiver.wait_for(2)
@@ -1824,12 +1822,7 @@ async def test_a_410_to_an_attempt_begun_before_an_edit_does_not_stop_the_webhoo
         receiver.delay_seconds = 1.5
         await stack.create_object()
         await receiver.wait_for(1)
-        async with stack.session.patch(
-            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-            headers=stack.headers(),
-            json={"name": "edited"},
-        ) as response:
-            assert response.status == 200
+        await _edit_webhook(stack, webhook["id"], {"name": "edited"})
         await _eventually(lambda: table.get(webhook["id"]).updated_at != before.updated_at)
         registry = stack.dispatcher.metrics.registry
         await _eventually(
@@ -1859,12 +1852,7 @@ async def test_a_deactivated_webhooks_backlog_takes_no_rate_slots(
         for _ in range(6):
             await stack.create_object()
         await receiver.wait_for(1)
-        async with stack.session.patch(
-            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-            headers=stack.headers(),
-            json={"active": False},
-        ) as response:
-            assert response.status == 200
+        await _edit_webhook(stack, webhook["id"], {"active": False})
         registry = stack.dispatcher.metrics.registry
         # Taking slots, the five would need 20 s at least.
         await _eventually(
@@ -1965,13 +1953,7 @@ async def test_pointing_a_webhook_elsewhere_forgets_the_old_urls_circuit(
     settings: Settings, receiver: Receiver
 ) -> None:
     """The circuit opened by the old URL does not keep the new one waiting."""
-    tripping = settings.model_copy(
-        update={
-            "retry_schedule_seconds": (30.0,) * 10,
-            "circuit_failure_threshold": 1,
-            "circuit_open_seconds": 600.0,
-        }
-    )
+    tripping = settings.model_copy(update=_TRIPS_AT_ONCE)
     async with running_stack(tripping, with_dispatcher=True) as stack:
         webhook = await stack.create_webhook(f"{receiver.url}/old", CREATED)
         receiver.statuses = [500]
@@ -1981,12 +1963,7 @@ async def test_pointing_a_webhook_elsewhere_forgets_the_old_urls_circuit(
         await _eventually(
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
         )
-        async with stack.session.patch(
-            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-            headers=stack.headers(),
-            json={"url": f"{receiver.url}/new"},
-        ) as response:
-            assert response.status == 200
+        await _edit_webhook(stack, webhook["id"], {"url": f"{receiver.url}/new"})
         await _eventually(
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
         )
@@ -1997,25 +1974,14 @@ async def test_an_answer_from_the_url_a_webhook_left_does_not_count_for_the_new_
 ) -> None:
     """A request to the old URL is still out when the webhook moves; its failure, coming
     back after, neither opens the new URL's circuit nor keeps its deliveries waiting."""
-    tripping = settings.model_copy(
-        update={
-            "retry_schedule_seconds": (30.0,) * 10,
-            "circuit_failure_threshold": 1,
-            "circuit_open_seconds": 600.0,
-        }
-    )
+    tripping = settings.model_copy(update=_TRIPS_AT_ONCE)
     async with running_stack(tripping, with_dispatcher=True) as stack:
         webhook = await stack.create_webhook(f"{receiver.url}/old", CREATED)
         receiver.gate = asyncio.Event()
         receiver.statuses = [500]
         await stack.create_object()
         await receiver.wait_for(1)
-        async with stack.session.patch(
-            f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-            headers=stack.headers(),
-            json={"url": f"{receiver.url}/new"},
-        ) as response:
-            assert response.status == 200
+        await _edit_webhook(stack, webhook["id"], {"url": f"{receiver.url}/new"})
         table = stack.dispatcher.table
         await _eventually(lambda: table.get(webhook["id"]).url.endswith("/new"))
         receiver.gate.set()
@@ -2039,13 +2005,7 @@ async def test_a_reload_forgets_the_circuit_of_a_webhook_moved_without_its_chang
 ) -> None:
     """The URL changed and its change record never came: the next whole reload finds the
     new URL, and the old one's circuit goes."""
-    tripping = settings.model_copy(
-        update={
-            "retry_schedule_seconds": (30.0,) * 10,
-            "circuit_failure_threshold": 1,
-            "circuit_open_seconds": 600.0,
-        }
-    )
+    tripping = settings.model_copy(update=_TRIPS_AT_ONCE)
     async with running_stack(tripping, with_dispatcher=True) as stack:
         webhook = await stack.create_webhook(f"{receiver.url}/old", CREATED)
         receiver.statuses = [500]
@@ -2072,13 +2032,7 @@ async def test_a_late_410_from_the_url_a_webhook_left_leaves_the_new_urls_circui
 ) -> None:
     """The old URL answers 410 after the webhook has moved and the new URL has opened its
     own circuit: that circuit stands (the table already holds the new URL)."""
-    tripping = settings.model_copy(
-        update={
-            "retry_schedule_seconds": (30.0,) * 10,
-            "circuit_failure_threshold": 1,
-            "circuit_open_seconds": 600.0,
-        }
-    )
+    tripping = settings.model_copy(update=_TRIPS_AT_ONCE)
     old = Receiver(gate=asyncio.Event(), statuses=[410])
     app = web.Application()
     app.router.add_post("/{tail:.*}", old.handle)
@@ -2089,12 +2043,7 @@ async def test_a_late_410_from_the_url_a_webhook_left_leaves_the_new_urls_circui
             webhook = await stack.create_webhook(old_url, CREATED)
             await stack.create_object()
             await old.wait_for(1)
-            async with stack.session.patch(
-                f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-                headers=stack.headers(),
-                json={"url": receiver.url},
-            ) as response:
-                assert response.status == 200
+            await _edit_webhook(stack, webhook["id"], {"url": receiver.url})
             table = stack.dispatcher.table
             await _eventually(lambda: table.get(webhook["id"]).url == receiver.url)
             receiver.statuses = [500]
