@@ -111,6 +111,7 @@ class DispatcherService:
         self._session: aiohttp.ClientSession | None = None
         self._resolver: AbstractResolver | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._hand_overs: list[HandOver] = []
         # The records the broker took from the batch being routed, when it refused others:
         # (source topic, partition, offset, destination topic, key).
         self._routed_before: set[RoutedIdentity] = set()
@@ -214,6 +215,7 @@ class DispatcherService:
         )
         retries_hand_over.before_revoke = self._timer.hand_over
         retries_hand_over.after_assign = self._timer.reassigned
+        self._hand_overs = [router_hand_over, retries_hand_over]
         # Changes older than the table load are already reflected in it. The newer ones are
         # applied before the first event is routed: a webhook created while the table
         # loaded must not miss those events.
@@ -254,6 +256,10 @@ class DispatcherService:
         self.loops.stopping()
         if self._lanes is not None:
             self._lanes.stop_starting()
+        # The router's batch in hand and the retry timer's forward finish and are
+        # committed first: cut short, they would be routed or forwarded again by the next
+        # owner (a second chain of retries for every forward in hand).
+        await asyncio.gather(*(hand_over.stop() for hand_over in self._hand_overs))
         for task in self._tasks:
             await cancel_and_wait(task)
         if self._lanes is not None:

@@ -367,13 +367,15 @@ class Lanes:
                 lane.waiting.extendleft(reversed(lane.set_aside))
                 lane.set_aside.clear()
             lane.running += 1
-            task = asyncio.create_task(self._run_one(key, lane, record))
+            # Counted now, not when the task first runs: a partition dropped in between
+            # (in this same turn of the loop) has moved under it.
+            moves = self._moves.get(TopicPartition(record.topic, record.partition), 0)
+            task = asyncio.create_task(self._run_one(key, lane, record, moves))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord) -> None:
+    async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord, moves: int) -> None:
         partition = TopicPartition(record.topic, record.partition)
-        moves = self._moves.get(partition, 0)
         sending = False
 
         def moved() -> bool:

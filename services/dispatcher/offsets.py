@@ -114,7 +114,9 @@ class AssignmentWatch:
         self._consumer = consumer
         # In every assignment since the last look; None: no rebalance ended since.
         self._throughout: set[TopicPartition] | None = None
-        self._generation: int | None = None
+        # The generation the consumer joined already: its start ran the first assignment's
+        # listener before any watch existed, and a jump from it must count too.
+        self._generation = _generation(consumer)
 
     @property
     def rebalanced(self) -> bool:

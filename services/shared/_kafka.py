@@ -690,6 +690,15 @@ class HandOver(ConsumerRebalanceListener):  # type: ignore[misc]
         self.within = within
         self.before_revoke: Callable[[float], Awaitable[None]] | None = None
         self.after_assign: Callable[[], None] | None = None
+        self.stopping = False
+
+    async def stop(self) -> None:
+        """Before the loop is cancelled at a stop: as before a rebalance, what it has in
+        hand is finished and committed (cut short, it would be handled again by the
+        partitions' next owner), and it takes nothing more."""
+        self.stopping = True
+        if self.before_revoke is not None:
+            await self.before_revoke(self.within)
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked and self.before_revoke is not None:
@@ -790,6 +799,9 @@ async def consume_forever(
                 await asyncio.sleep(retry_delay_seconds)
                 continue
             records = [record for batch in batches.values() for record in batch]
+            if hand_over is not None and hand_over.stopping:
+                # Fetched after the stop's hand-over: left uncommitted, for the next owner.
+                records = []
             if records:
                 async with in_hand:
                     failed = await _handled(handle, records)

@@ -310,3 +310,43 @@ async def test_a_rebalance_commits_what_was_handled_and_the_batch_in_hand(
         await cancel_and_wait(loop)
         await stop_client(second)
         await stop_client(first)
+
+
+async def test_a_stop_finishes_the_batch_in_hand_and_takes_no_more(
+    kafka_settings: Settings, topic: str
+) -> None:
+    """The stop's hand-over: the batch being handled is finished and committed before the
+    loop is cancelled, and what is fetched after is left for the next owner."""
+    consumer = make_consumer(kafka_settings, group_id=f"{kafka_settings.topic_prefix}g")
+    hand_over = subscribe_handing_over(consumer, kafka_settings, topic)
+    await start_client(consumer, kafka_settings)
+    handled: list[bytes] = []
+    in_hand, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        in_hand.set()
+        await release.wait()
+        handled.extend(record.value for record in records)
+
+    loop = asyncio.create_task(
+        consume_forever(consumer, handle, hand_over=hand_over, commit_interval_seconds=3600)
+    )
+    try:
+        await _publish(kafka_settings, topic, [b"first"])
+        await _until(in_hand)
+        stopping = asyncio.create_task(hand_over.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done(), "the stop did not wait for the batch in hand"
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+        partition = TopicPartition(topic, 0)
+        assert await consumer.committed(partition) == 1
+        await _publish(kafka_settings, topic, [b"after the stop"])
+        await asyncio.sleep(1.0)
+        assert handled == [b"first"]
+        await cancel_and_wait(loop)
+        assert await consumer.committed(partition) == 1, "committed past a record not handled"
+    finally:
+        release.set()
+        await cancel_and_wait(loop)
+        await stop_client(consumer)

@@ -1334,6 +1334,45 @@ async def test_a_rebalance_commits_the_retries_being_forwarded_before_they_move(
         await stop_client(producer)
 
 
+async def test_a_stop_lets_the_retry_forward_in_hand_finish_and_commits_it(
+    quick_stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop while a due retry is being forwarded: the forward is on the broker already,
+    only its acknowledgement is awaited. The stop waits for it and commits it; cut short,
+    the retry would be forwarded again by the next dispatcher (a second attempt)."""
+    stack = quick_stack
+    receiver.statuses = [500] * 10
+    sent, release = asyncio.Event(), asyncio.Event()
+    real_send_each = retry_timer.send_each
+
+    async def acknowledged_late(to: Any, records: list[Any]) -> Any:
+        failed = await real_send_each(to, records)
+        sent.set()
+        await release.wait()
+        return failed
+
+    monkeypatch.setattr(retry_timer, "send_each", acknowledged_late)
+    await stack.create_webhook(receiver.url, CREATED)
+    await stack.create_object()
+    await asyncio.wait_for(sent.wait(), 20)
+    stopping = asyncio.create_task(stack.dispatcher.stop())
+    await asyncio.sleep(0.3)
+    assert not stopping.done(), "the stop did not wait for the forward in hand"
+    release.set()
+    await asyncio.wait_for(stopping, 30)
+    topics = topics_for(stack.settings)
+    group = make_consumer(stack.settings, group_id=f"{stack.settings.topic_prefix}dispatcher.retry")
+    await start_client(group, stack.settings)
+    try:
+        first_tier = [
+            TopicPartition(topics.retry(1), p) for p in range(stack.settings.kafka_partitions)
+        ]
+        committed = [await group.committed(partition) or 0 for partition in first_tier]
+        assert sum(committed) == 1, "the forwarded retry was not committed"
+    finally:
+        await stop_client(group)
+
+
 async def test_a_timer_handing_over_forwards_nothing_until_the_new_assignment(
     settings: Settings,
 ) -> None:

@@ -188,6 +188,22 @@ async def test_a_generation_completed_without_this_process_counts_as_a_move(
         consumer._coordinator = None
 
 
+async def test_a_generation_missed_after_the_start_counts_as_a_move(
+    consumer: AIOKafkaConsumer,
+) -> None:
+    """The consumer's start ran its first assignment before the watch was made; expelled
+    from that generation and back two later, it may have lost its partitions between."""
+    coordinator = SimpleNamespace(generation=1)
+    consumer._coordinator = coordinator
+    try:
+        watch = AssignmentWatch(consumer)
+        coordinator.generation = 3
+        watch.reassigned()
+        assert watch.look() == set()
+    finally:
+        consumer._coordinator = None
+
+
 async def test_a_refused_forward_backs_off_without_holding_up_a_hand_over(
     consumer: AIOKafkaConsumer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -581,3 +581,22 @@ async def test_once_a_stop_begins_no_delivery_starts_behind_those_being_sent() -
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_delivery_whose_partition_moves_before_it_first_runs_is_not_sent() -> None:
+    """Its task is made, and its partition dropped (a rebalance seen without a revoke)
+    before the task's first step: it counts as moved, and its new owner sends it."""
+    consumer = _Consumer()
+    sent: list[int] = []
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        await pace(None)
+        sent.append(record.offset)
+        return []
+
+    lanes = Lanes(cast(Any, consumer), attempt, _written, per_lane=1, backlog_max=100)
+    lanes._enqueue(_record(OWNED, 0))
+    lanes._drop_waiting({OWNED})
+    await asyncio.sleep(0.05)
+    assert sent == []
+    assert not lanes._tasks
