@@ -8,7 +8,9 @@ table every minute), so only the change records can carry the change. Measures, 
 many times:
 
 - a key revoked through auth until the api refuses it (its cached answer dropped);
-- a webhook deactivated through the api until the dispatcher's table has it inactive.
+- a webhook deactivated through the api until the dispatcher's table has it inactive;
+- a process's change follower, from its start until it has read the changes made since its
+  moment (every service starts one, and the dispatcher routes nothing until it is done).
 
     python -m bench.changes [--samples 40]
 """
@@ -27,6 +29,7 @@ import aiohttp
 import orjson
 
 from bench._stack import in_process_stack
+from services.shared import ChangeFollower
 
 _POLL_SECONDS = 0.002
 _TARGET_MS = 1000.0
@@ -115,11 +118,22 @@ async def main(samples: int) -> dict[str, Any]:
 
                 await _until(inactive)
                 deactivations.append(time.perf_counter() - answered)
+        # With the changes just made less than its clock margin ago: they are read.
+        starts: list[float] = []
+        for _ in range(samples):
+            follower = ChangeFollower(api.settings, lambda change: None)
+            began = time.perf_counter()
+            await follower.start()
+            caught_up = await follower.wait_caught_up(10)
+            starts.append(time.perf_counter() - began)
+            await follower.stop()
+            assert caught_up, "the follower never caught up"
     return {
         "benchmark": "changes",
         "samples": samples,
         "key_revoked_to_api_refusal": _summary(revocations),
         "webhook_deactivated_to_dispatcher_table": _summary(deactivations),
+        "change_follower_start_to_caught_up": _summary(starts),
         "target_ms": _TARGET_MS,
         "python": platform.python_version(),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -115,6 +116,7 @@ class DispatcherService:
         # The records the broker took from the batch being routed, when it refused others:
         # (source topic, partition, offset, destination topic, key).
         self._routed_before: set[RoutedIdentity] = set()
+        self._router_assignment: Callable[[], set[TopicPartition]] = set
         self.loops = Loops(self.name)
         self._outcomes: BatchingSender | None = None
         self._handler: DeliveryHandler | None = None
@@ -155,6 +157,7 @@ class DispatcherService:
             *(self.topics.retry(tier) for tier in range(1, RETRY_TIERS + 1)),
         )
         self._consumers = [router, deliverer, retries]
+        self._router_assignment = router.assignment
         # Group joins are slow on some brokers; joining all groups at once cuts start-up.
         await start_all(self._consumers, self.settings)
         # The guarded resolver refuses private addresses at connect time (DNS rebinding
@@ -418,7 +421,14 @@ class DispatcherService:
             )
             self._note_set_aside(refused.set_aside)
             raise
-        self._routed_before.clear()
+        # Only this batch's own: the try after a refusal may bring back only some of the
+        # partitions the refused batch came from, and the others' turn comes later. Those
+        # of a partition gone are its new owner's to route.
+        batch = {(record.topic, record.partition, record.offset) for record in records}
+        owned = {(p.topic, p.partition) for p in self._router_assignment()}
+        self._routed_before = {
+            taken for taken in self._routed_before if taken[:3] not in batch and taken[:2] in owned
+        }
         self._note_set_aside(set_aside)
         # Counted once sent: a batch handled again after a failure is not counted twice.
         for record, reason in invalid:

@@ -8,6 +8,7 @@ match is dead-lettered with the reason, never half-processed.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
@@ -17,10 +18,12 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
 )
 
 from ._errors import InvalidRecord
@@ -86,6 +89,14 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_: Literal[1] = Field(default=SCHEMA_VERSION, alias="schema")
+
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _schema_is_a_number(cls, value: object) -> object:
+        # JSON's true and 1.0 equal 1 to a Literal, strict or not.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("schema must be a whole number such as 1")
+        return value
 
     def to_bytes(self) -> bytes:
         # Absent optional fields stay absent on the wire rather than arriving as nulls.
@@ -171,6 +182,20 @@ def later_than_since(until: datetime | None, info: ValidationInfo) -> datetime |
     return until
 
 
+def _rfc3339_text(value: object) -> object:
+    # A number, or a string of digits, would parse as seconds (or milliseconds) since 1970.
+    if isinstance(value, str):
+        if not _RFC3339_DATE.match(value):
+            raise ValueError("must be an RFC 3339 time, such as 2026-01-01T00:00:00Z")
+    elif not isinstance(value, datetime):
+        raise ValueError("must be an RFC 3339 time (a string), such as 2026-01-01T00:00:00Z")
+    return value
+
+
+_RFC3339_DATE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]")
+# A time on the wire: RFC 3339 text with its offset, not rewritten from anything else.
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+
 # What an event's object_type may be, and so what a webhook may filter on.
 ObjectType = Annotated[str, Field(pattern=_ID)]
 
@@ -185,7 +210,7 @@ class Event(Record):
     object_id: str = Field(pattern=_ID)
     # RFC 3339: with its offset. A time without one means nothing definite, and the delivery
     # log could not order it against the times it keeps.
-    occurred_at: AwareDatetime
+    occurred_at: Rfc3339
     data: JsonObject
     # object.updated: the previous values of the fields that changed (new values are in data).
     previous: JsonObject | None = None
@@ -194,7 +219,8 @@ class Event(Record):
     # The object's version once this event's change is made (object.send: the version it
     # was sent at). Receivers apply an event only past the last version they applied, so a
     # retried older event cannot undo a newer one. Absent from external producers' events.
-    version: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    # Strict: "5", 5.0 or true would be rewritten into a version the producer did not send.
+    version: int | None = Field(default=None, ge=1, le=2**63 - 1, strict=True)
 
 
 class Delivery(Record):
@@ -209,7 +235,7 @@ class Delivery(Record):
     # attempt: a failure is reported in the delivery log, not rescheduled.
     kind: DeliveryKind = "event"
     # A retry waits on a retry topic until this time.
-    not_before: AwareDatetime | None = None
+    not_before: Rfc3339 | None = None
 
 
 class Attempt(Record):
@@ -222,7 +248,7 @@ class Attempt(Record):
     webhook_id: str = Field(pattern=_ID, max_length=64)
     team_id: str = Field(pattern=_ID, max_length=64)
     attempt: int = Field(ge=1, le=1_000_000)
-    attempted_at: AwareDatetime
+    attempted_at: Rfc3339
     outcome: AttemptOutcome
     status_code: int | None = Field(default=None, ge=100, le=999)
     latency_ms: float | None = None
@@ -232,7 +258,7 @@ class Attempt(Record):
     error_class: str | None = Field(default=None, max_length=32)
     # No further automatic attempt follows this one.
     final: bool
-    next_retry_at: AwareDatetime | None = None
+    next_retry_at: Rfc3339 | None = None
     kind: DeliveryKind = "event"
     # The delivery's event, so the log can show and re-send it.
     event: Event
@@ -281,7 +307,7 @@ class Change(Record):
     # A token's state after the change (active, inactive, expired, revoked); verifiers of
     # access tokens keep a revocation set from it.
     state: str | None = None
-    at: AwareDatetime
+    at: Rfc3339
 
 
 class AuditNotice(Record):
@@ -293,7 +319,7 @@ class AuditNotice(Record):
     """
 
     id: str = Field(pattern=_ID)
-    at: AwareDatetime
+    at: Rfc3339
     action: str
     team_id: str | None = None
     target_type: str
@@ -307,7 +333,7 @@ class DeadLetter(Record):
     source_partition: int | None = None
     source_offset: int | None = None
     payload: str
-    at: AwareDatetime
+    at: Rfc3339
 
     def to_bytes(self) -> bytes:
         """At most ``MAX_RECORD_BYTES``: a payload that would not fit (a large record,

@@ -21,6 +21,7 @@ from services.shared import (
     topics_for,
 )
 from tests.conftest import Receiver, Stack, records_in, topic_records
+from tests.samples import sample_event
 
 
 def _source(offset: int) -> ConsumerRecord[bytes, bytes]:
@@ -162,3 +163,43 @@ async def test_an_event_whose_deliveries_are_all_refused_makes_one_dead_letter(
     assert letter["source_offset"] == 9
     assert letter["reason"] == reason
     assert await records_in(settings, topics.dead_letter) == 1
+
+
+async def test_a_retried_batch_back_in_parts_sends_nothing_twice(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch from two partitions is refused in part; the try after it brings back one
+    partition's records only, and the other's come in a later batch: what the broker took
+    of those is still not sent again."""
+    await stack.subscribe(receiver.url)
+    dispatcher = stack.dispatcher
+    events = dispatcher.topics.events
+
+    def event_record(partition: int, event_id: str) -> ConsumerRecord[bytes, bytes]:
+        value = sample_event(id=event_id, team_id=stack.team_id).to_bytes()
+        return ConsumerRecord(events, partition, 7, 0, 0, b"k", value, None, 1, len(value), [])
+
+    first, second = event_record(0, "evt_first"), event_record(1, "evt_second")
+    real = routed.send_each
+    taken: list[str] = []
+
+    async def refusing_the_first_once(
+        producer: Any, records: list[OutRecord]
+    ) -> dict[int, BaseException]:
+        refused: dict[int, BaseException] = {}
+        for index, (_, _, value) in enumerate(records):
+            event_id = orjson.loads(value)["event"]["id"]
+            if event_id == "evt_first" and "refused" not in taken:
+                refused[index] = KafkaTimeoutError()
+                taken.append("refused")
+        sent = [record for index, record in enumerate(records) if index not in refused]
+        taken.extend(orjson.loads(value)["event"]["id"] for _, _, value in sent)
+        assert not await real(producer, sent)
+        return refused
+
+    monkeypatch.setattr(routed, "send_each", refusing_the_first_once)
+    with pytest.raises(routed.Refused):
+        await dispatcher._route_batch([first, second])
+    await dispatcher._route_batch([first])
+    await dispatcher._route_batch([second])
+    assert taken == ["refused", "evt_second", "evt_first"]

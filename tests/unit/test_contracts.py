@@ -51,6 +51,14 @@ def test_valid_event_round_trips() -> None:
         # RFC 3339 times carry their offset; without one the time is not definite.
         (orjson.dumps({**VALID, "occurred_at": "2026-01-01T00:00:00"}), "timezone"),
         (orjson.dumps({**VALID, "data": [1, 2]}), "data"),
+        # Decoding is strict: what a producer sent is refused, not rewritten.
+        (orjson.dumps({**VALID, "occurred_at": 1_700_000_000}), "occurred_at"),
+        (orjson.dumps({**VALID, "occurred_at": "1700000000"}), "occurred_at"),
+        (orjson.dumps({**VALID, "version": "5"}), "version"),
+        (orjson.dumps({**VALID, "version": 5.0}), "version"),
+        (orjson.dumps({**VALID, "version": True}), "version"),
+        (orjson.dumps({**VALID, "schema": True}), "schema"),
+        (orjson.dumps({**VALID, "schema": 1.0}), "schema"),
     ],
 )
 def test_invalid_records_say_why(raw: bytes | None, fragment: str) -> None:
