@@ -537,7 +537,10 @@ class DeliveryHandler:
                 # refusing old or test payloads), and must not end a probe's turn.
                 self._circuit.record(route.id, delivered, now, started=started)
         self._metrics.outcomes[outcome.outcome].inc()
-        self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
+        if outcome.requested:
+            # One refused before any request (a private address, a bad stored header, no
+            # secret) took no time worth the name: it would pull the latency down.
+            self._metrics.attempt_seconds.observe(outcome.latency_ms / 1000)
         self._log.info(
             "delivery_attempted",
             delivery_id=delivery.id,

@@ -47,6 +47,11 @@ class Outcome:
     # The receiver's Retry-After header, as sent.
     retry_after: str | None = None
 
+    @property
+    def requested(self) -> bool:
+        """Whether a request was made (its headers built and sent, or tried)."""
+        return self.request_headers is not None
+
 
 def signed_headers(
     route: WebhookRoute, delivery: Delivery, body: bytes, timestamp: int

@@ -45,6 +45,9 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
         ),
         # Read as infinity, it would be delivered as null.
         orjson.dumps({**GOOD, "team_id": stack.team_id}).replace(b'"n":1', b'"n":1e999'),
+        # Seconds since 1970 and a version as text: refused, not rewritten.
+        orjson.dumps({**GOOD, "team_id": stack.team_id, "occurred_at": 1_700_000_000}),
+        orjson.dumps({**GOOD, "team_id": stack.team_id, "version": "5"}),
     ]
     producer = make_producer(stack.settings)
     await producer.start()
@@ -63,19 +66,21 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
     assert orjson.loads(delivery.body)["id"] == "evt_external_1"
 
     letters = await dead_letters(stack.settings, len(bad))
-    assert [letter["source_topic"] for letter in letters] == [topics.events] * 5
+    assert [letter["source_topic"] for letter in letters] == [topics.events] * 7
     reasons = [str(letter["reason"]) for letter in letters]
     assert "json" in reasons[0].lower()
     assert "schema" in reasons[1]
     assert "object_id" in reasons[2]
     assert reasons[3] == "data: Value error, integers must fit in 64 bits"
     assert reasons[4].startswith("data: Value error, numbers must be finite")
+    assert reasons[5].startswith("occurred_at: Value error, must be an RFC 3339 time")
+    assert reasons[6].startswith("version: Input should be a valid integer")
     assert letters[0]["payload"] == "\x00not json at all"
     registry = stack.dispatcher.metrics.registry
     value = registry.get_sample_value(
         "hookwire_dispatcher_dead_letters_total", {"reason": "invalid_record"}
     )
-    assert value == 5
+    assert value == 7
 
 
 async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(

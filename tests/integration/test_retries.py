@@ -690,6 +690,12 @@ async def test_private_addresses_are_refused_without_the_allow_flag(
                 assert "127.0.0.1" not in attempt["error"], attempt["error"]
             await _edit_webhook(stack, webhook["id"], {"active": False})
         assert receiver.received == []
+        # The literal was refused before any request, so its "attempt" took no time worth
+        # timing; the name was looked up and its connection refused, and is timed.
+        timed = dispatcher.metrics.registry.get_sample_value(
+            "hookwire_dispatcher_delivery_attempt_seconds_count"
+        )
+        assert timed == 1
     finally:
         await dispatcher.stop()
         stack.dispatcher_or_none = None
