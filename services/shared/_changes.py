@@ -125,8 +125,6 @@ async def follow_changes(
             # and a process waiting to catch up waits on that.
             catching_up = caught_up is not None and not caught_up.is_set()
             batches = await consumer.getmany(timeout_ms=50 if catching_up else 500)
-            if assigned_from is not None:
-                await _take_new_partitions(consumer, assigned_from)
         except KafkaError as exc:
             log.warning("changes_fetch_failed", error=str(exc))
             await asyncio.sleep(_FETCH_RETRY_SECONDS)
@@ -152,6 +150,12 @@ async def follow_changes(
                     caught_up.set()
             except KafkaError as exc:
                 log.warning("changes_position_failed", error=str(exc))
+        if assigned_from is not None:
+            # After the fetch's changes are handled: a failure here must not lose them.
+            try:
+                await _take_new_partitions(consumer, assigned_from)
+            except KafkaError as exc:
+                log.warning("changes_partitions_unknown", error=str(exc))
 
 
 async def _start_positions(
@@ -193,6 +197,17 @@ def _assign(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int | No
             consumer.seek(partition, position)
 
 
+async def _position_or_none(consumer: AIOKafkaConsumer, partition: TopicPartition) -> int | None:
+    # A partition whose position is still being reset (its leader away) would keep the
+    # follower waiting for good; it has given nothing yet, so it starts over as new.
+    try:
+        async with asyncio.timeout(_POSITION_WAIT_SECONDS):
+            position: int = await consumer.position(partition)
+    except TimeoutError:
+        return None
+    return position
+
+
 async def _take_new_partitions(consumer: AIOKafkaConsumer, topic: str) -> bool:
     """Partitions added to the topic since the follower started are read from their start
     (everything in them is newer); the others keep their place. True if there were any."""
@@ -200,15 +215,9 @@ async def _take_new_partitions(consumer: AIOKafkaConsumer, topic: str) -> bool:
     assigned = consumer.assignment()
     if known <= {partition.partition for partition in assigned}:
         return False
-    positions: dict[TopicPartition, int | None] = {}
-    for partition in assigned:
-        try:
-            # A partition whose position is still being reset (its leader away) would keep
-            # this waiting for good; it has given nothing yet, so it starts over as new.
-            async with asyncio.timeout(_POSITION_WAIT_SECONDS):
-                positions[partition] = await consumer.position(partition)
-        except TimeoutError:
-            positions[partition] = None
+    kept = sorted(assigned)
+    found = await asyncio.gather(*(_position_or_none(consumer, p) for p in kept))
+    positions: dict[TopicPartition, int | None] = dict(zip(kept, found, strict=True))
     for number in sorted(known):
         positions.setdefault(TopicPartition(topic, number), None)
     _assign(consumer, positions)

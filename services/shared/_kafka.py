@@ -705,7 +705,9 @@ class HandOver(ConsumerRebalanceListener):  # type: ignore[misc]
             await self.before_revoke(self.within)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        if self.after_assign is not None:
+        # Once stopping, the loop stays handed over: it is about to be cancelled, and
+        # anything it began now would be cut short.
+        if self.after_assign is not None and not self.stopping:
             self.after_assign()
 
 

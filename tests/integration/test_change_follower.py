@@ -334,3 +334,28 @@ async def test_a_follower_asks_for_its_topics_metadata(
         assert handled == ["wh_after_start"]
     finally:
         await follower.stop()
+
+
+async def test_a_failed_look_for_new_partitions_loses_no_change(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look for partitions added to the topic comes after the fetch's changes are
+    handled: when it fails, they are not lost with it."""
+
+    async def metadata_unreadable(consumer: AIOKafkaConsumer, topic: str) -> bool:
+        raise KafkaConnectionError("the broker is away")
+
+    monkeypatch.setattr(_changes, "_take_new_partitions", metadata_unreadable)
+    handled: list[str] = []
+    follower = ChangeFollower(kafka_settings, lambda change: handled.append(change.entity_id))
+    await follower.start()
+    try:
+        await _publish_changes(kafka_settings, ["wh_seen"])
+        deadline = asyncio.get_running_loop().time() + 10
+        while not handled:
+            assert asyncio.get_running_loop().time() < deadline, "the change was lost"
+            await asyncio.sleep(0.05)
+        assert handled == ["wh_seen"]
+        assert follower.running
+    finally:
+        await follower.stop()

@@ -19,7 +19,7 @@ from services.dispatcher import retry_timer
 from services.dispatcher.flow import FetchGate, in_records
 from services.dispatcher.offsets import AssignmentWatch, OffsetTracker
 from services.dispatcher.retry_timer import RetryTimer, Waiting
-from services.shared import Topics
+from services.shared import HandOver, Topics
 
 FIRST, SECOND = TopicPartition("deliveries", 0), TopicPartition("deliveries", 1)
 
@@ -280,3 +280,23 @@ async def test_the_retry_timer_holds_a_partition_back_by_its_bytes(
     timer._tracker.done(FIRST, 0)
     timer._apply_backpressure()
     assert consumer.paused() == set()
+
+
+async def test_a_loop_handed_over_for_a_stop_stays_handed_over() -> None:
+    """A rebalance ending while the process stops does not set the loop going again: it is
+    about to be cancelled, and what it began would be cut short."""
+    hand_over = HandOver(1.0)
+    handed_over: list[float] = []
+    resumed: list[bool] = []
+
+    async def before_revoke(within: float) -> None:
+        handed_over.append(within)
+
+    hand_over.before_revoke = before_revoke
+    hand_over.after_assign = lambda: resumed.append(True)
+    await hand_over.on_partitions_assigned({FIRST})
+    assert resumed == [True]
+    await hand_over.stop()
+    assert handed_over == [1.0]
+    await hand_over.on_partitions_assigned({FIRST})
+    assert resumed == [True]
