@@ -10,7 +10,8 @@ many times:
 - a key revoked through auth until the api refuses it (its cached answer dropped);
 - a webhook deactivated through the api until the dispatcher's table has it inactive;
 - a process's change follower, from its start until it has read the changes made since its
-  moment (every service starts one, and the dispatcher routes nothing until it is done).
+  moment (every service starts one, and the dispatcher routes nothing until it is done):
+  with changes made just before, and on an empty topic (a new installation).
 
     python -m bench.changes [--samples 40]
 """
@@ -29,7 +30,7 @@ import aiohttp
 import orjson
 
 from bench._stack import in_process_stack
-from services.shared import ChangeFollower
+from services.shared import ChangeFollower, Settings
 
 _POLL_SECONDS = 0.002
 _TARGET_MS = 1000.0
@@ -52,6 +53,19 @@ def _summary(seconds: list[float]) -> dict[str, float]:
         "p95_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 1),
         "max_ms": round(ordered[-1], 1),
     }
+
+
+async def _follower_starts(settings: Settings, samples: int) -> list[float]:
+    starts: list[float] = []
+    for _ in range(samples):
+        follower = ChangeFollower(settings, lambda change: None)
+        began = time.perf_counter()
+        await follower.start()
+        caught_up = await follower.wait_caught_up(10)
+        starts.append(time.perf_counter() - began)
+        await follower.stop()
+        assert caught_up, "the follower never caught up"
+    return starts
 
 
 async def main(samples: int) -> dict[str, Any]:
@@ -119,21 +133,17 @@ async def main(samples: int) -> dict[str, Any]:
                 await _until(inactive)
                 deactivations.append(time.perf_counter() - answered)
         # With the changes just made less than its clock margin ago: they are read.
-        starts: list[float] = []
-        for _ in range(samples):
-            follower = ChangeFollower(api.settings, lambda change: None)
-            began = time.perf_counter()
-            await follower.start()
-            caught_up = await follower.wait_caught_up(10)
-            starts.append(time.perf_counter() - began)
-            await follower.stop()
-            assert caught_up, "the follower never caught up"
+        starts = await _follower_starts(api.settings, samples)
+        empty = await _follower_starts(
+            api.settings.model_copy(update={"topic_prefix": "empty."}), samples
+        )
     return {
         "benchmark": "changes",
         "samples": samples,
         "key_revoked_to_api_refusal": _summary(revocations),
         "webhook_deactivated_to_dispatcher_table": _summary(deactivations),
         "change_follower_start_to_caught_up": _summary(starts),
+        "change_follower_start_to_caught_up_on_an_empty_topic": _summary(empty),
         "target_ms": _TARGET_MS,
         "python": platform.python_version(),
     }
