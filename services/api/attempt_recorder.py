@@ -51,6 +51,10 @@ def _refused_by_store(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         # Some drivers report a value they could not send as a generic error of their own;
         # the error beneath it says what it was.
+        # A data exception (SQLSTATE class 22: a character the column cannot hold, a number
+        # out of its range) fails on every try, whatever the driver calls it.
+        if str(getattr(exc.orig, "sqlstate", None) or "").startswith("22"):
+            return True
         cause: BaseException | None = exc.orig
         while cause is not None:
             if isinstance(cause, _BAD_VALUE):

@@ -82,7 +82,7 @@ def _attempt_row(attempt: Attempt) -> dict[str, Any]:
         "status_code": attempt.status_code,
         "latency_ms": attempt.latency_ms,
         "error": _storable(attempt.error),
-        "error_class": attempt.error_class,
+        "error_class": _storable(attempt.error_class),
         "final": attempt.final,
         "next_retry_at": attempt.next_retry_at,
         "request_headers": attempt.request_headers,
@@ -118,6 +118,7 @@ async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) ->
         )
     }
     kept = [attempt for attempt in attempts if (attempt.webhook_id, attempt.team_id) in existing]
+    kept = await _of_their_own_delivery(conn, kept)
     if not kept:
         return kept
     await _store(conn, kept)
@@ -132,6 +133,22 @@ async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) ->
     for gone in stored - still:
         await forget_webhook(conn, gone)
     return [attempt for attempt in kept if attempt.webhook_id in still]
+
+
+async def _of_their_own_delivery(conn: AsyncConnection, attempts: list[Attempt]) -> list[Attempt]:
+    """Leaves out an attempt naming a delivery of another webhook (written by hand): it
+    would rewrite that delivery's state and show in its history, maybe another team's."""
+    delivery_ids = {attempt.delivery_id for attempt in attempts}
+    owners: dict[str, str] = {
+        row.id: row.webhook_id
+        for row in await conn.execute(
+            select(_deliveries.c.id, _deliveries.c.webhook_id).where(
+                _deliveries.c.id.in_(delivery_ids)
+            )
+        )
+    }
+    # A delivery new to the log belongs to the first webhook this batch names for it.
+    return [a for a in attempts if owners.setdefault(a.delivery_id, a.webhook_id) == a.webhook_id]
 
 
 async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:

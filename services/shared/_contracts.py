@@ -339,19 +339,33 @@ class DeadLetter(Record):
         """At most ``MAX_RECORD_BYTES``: a payload that would not fit (a large record,
         its JSON escaped once more as a string) is cut, and the reason says so. A dead
         letter the broker refuses would stop its partition for good."""
-        value = super().to_bytes()
         letter = self
+        if len(self.reason) > MAX_REASON_CHARS:
+            letter = self.model_copy(update={"reason": _cut_reason(self.reason)})
+        value = Record.to_bytes(letter)
         while len(value) > MAX_RECORD_BYTES and letter.payload:
             keep = max(0, len(letter.payload) * MAX_RECORD_BYTES // len(value) - 4096)
             letter = self.model_copy(
                 update={
                     "payload": self.payload[:keep],
-                    "reason": f"{self.reason} (payload cut to its first {keep} of"
+                    "reason": f"{_cut_reason(self.reason)} (payload cut to its first {keep} of"
                     f" {len(self.payload)} characters)",
                 }
             )
             value = Record.to_bytes(letter)
         return value
+
+
+# A reason names what was wrong, not every instance of it: a record with a hundred
+# thousand bad values would otherwise make a reason (and a dead letter) of megabytes.
+MAX_REASON_CHARS = 2_000
+_REASONS_NAMED = 10
+
+
+def _cut_reason(reason: str) -> str:
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return f"{reason[:MAX_REASON_CHARS]}… ({len(reason)} characters in all)"
 
 
 R = TypeVar("R", bound=Record)
@@ -363,8 +377,11 @@ def decode(model: type[R], raw: bytes | None) -> R:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
+        errors = exc.errors()
         reasons = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'record'}: {err['msg']}"
-            for err in exc.errors()
+            for err in errors[:_REASONS_NAMED]
         )
-        raise InvalidRecord(reasons) from exc
+        if len(errors) > _REASONS_NAMED:
+            reasons += f"; and {len(errors) - _REASONS_NAMED} more"
+        raise InvalidRecord(_cut_reason(reasons)) from exc

@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import select
 
 from services.shared import (
@@ -16,7 +17,7 @@ from services.shared import (
     topics_for,
     utcnow,
 )
-from tests.conftest import Stack, audit_count, running_stack
+from tests.conftest import Stack, audit_count, dead_letters, running_stack
 from tests.samples import sample_event
 
 
@@ -130,3 +131,70 @@ async def test_another_teams_disable_request_leaves_the_webhook_alone(
             assert await audit_count(stack, "webhook.disabled", webhook["id"]) == 1
         finally:
             await producer.stop()
+
+
+async def test_bad_attempt_records_are_set_aside_and_the_log_goes_on(settings: Settings) -> None:
+    """An attempt record wrong in tens of thousands of places (its reason would be
+    megabytes, and its dead letter refused), one whose error class holds a NUL (which
+    PostgreSQL text cannot hold), and one naming a delivery of another webhook: the
+    first is dead-lettered with a short reason, the second stored, the third left out
+    without touching that delivery, and the good record after them is stored."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        mine = await stack.create_webhook("http://127.0.0.1:9/mine", routed=False)
+        other = await stack.create_webhook("http://127.0.0.1:9/other", routed=False)
+        topics = topics_for(stack.settings)
+        theirs = _attempt(stack.team_id, "msg_theirs", other["id"], status_code=500, final=False)
+        good = _attempt(stack.team_id, "msg_good", mine["id"], status_code=500, final=False)
+        many_wrong = orjson.loads(good.to_bytes())
+        many_wrong["request_headers"] = {f"h{n}": n for n in range(60_000)}
+        nul = _attempt(
+            stack.team_id, "msg_nul", mine["id"], error_class="bad\x00class", final=False
+        )
+        # Delivered, and later than what the other webhook's delivery holds.
+        intruder = _attempt(
+            stack.team_id,
+            "msg_theirs",
+            mine["id"],
+            attempt=2,
+            outcome="delivered",
+            status_code=200,
+            final=True,
+        )
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics.attempts, value=theirs.to_bytes(), key=b"k")
+            await _stored(stack, "msg_theirs")
+            for value in (orjson.dumps(many_wrong), nul.to_bytes(), intruder.to_bytes()):
+                await producer.send_and_wait(topics.attempts, value=value, key=b"k")
+            await producer.send_and_wait(topics.attempts, value=good.to_bytes(), key=b"k")
+            await _stored(stack, "msg_good")
+        finally:
+            await producer.stop()
+        [letter] = await dead_letters(stack.settings, 1)
+        assert len(letter["reason"]) < 2_100
+        assert letter["reason"].startswith("request_headers.h0: Input should be a valid string")
+        assert "more" in letter["reason"]
+        async with stack.api.engine.connect() as conn:
+            [stored_nul] = (
+                await conn.execute(
+                    select(tables.delivery_attempts.c.error_class).where(
+                        tables.delivery_attempts.c.delivery_id == "msg_nul"
+                    )
+                )
+            ).all()
+            delivery = (
+                await conn.execute(
+                    select(tables.deliveries).where(tables.deliveries.c.id == "msg_theirs")
+                )
+            ).one()
+            attempts = (
+                await conn.execute(
+                    select(tables.delivery_attempts.c.attempt).where(
+                        tables.delivery_attempts.c.delivery_id == "msg_theirs"
+                    )
+                )
+            ).all()
+        assert stored_nul.error_class == "bad\ufffdclass"
+        assert (delivery.webhook_id, delivery.state) == (other["id"], "retrying")
+        assert [row.attempt for row in attempts] == [1]

@@ -17,7 +17,9 @@ from services.shared import (
     Topics,
     dead_letter_record,
     decode,
+    utcnow,
 )
+from services.shared._contracts import MAX_REASON_CHARS
 
 VALID = {
     "schema": 1,
@@ -152,3 +154,20 @@ def test_a_dead_letter_leaves_out_a_key_too_large_to_travel_with_it() -> None:
     assert orjson.loads(letter)["reason"] == "not json (its key of 200000 bytes left out)"
     _, kept, _ = dead_letter_record(topics, record(b"k" * 1024), "not json")
     assert kept == b"k" * 1024
+
+
+def test_a_record_wrong_in_many_places_gets_a_short_reason_and_dead_letter() -> None:
+    """Ten errors are named and the rest counted: a reason of megabytes would make a dead
+    letter the broker refuses, and stop the consumer that writes it."""
+    raw = orjson.dumps(
+        {**VALID, "data": {"a": 1}, "id": 5, "type": 6, "team_id": 7}
+        | {f"extra_{n}": n for n in range(50_000)}
+    )
+    with pytest.raises(InvalidRecord) as caught:
+        decode(Event, raw)
+    assert len(caught.value.message) <= MAX_REASON_CHARS
+    assert caught.value.message.endswith("more")
+    letter = DeadLetter(reason="x" * 3_000_000, source_topic="t", payload=raw.decode(), at=utcnow())
+    value = letter.to_bytes()
+    assert len(value) <= MAX_RECORD_BYTES
+    assert len(orjson.loads(value)["reason"]) < MAX_REASON_CHARS + 200
