@@ -222,3 +222,44 @@ async def test_migrations_0013_and_0014_give_a_run_under_way_its_last_failure_fr
     finally:
         await engine.dispose()
     assert last == {"wh_logged": CREATED + 3 * _HOUR, "wh_pruned": CREATED, "wh_ok": None}
+
+
+async def test_migration_0015_restarts_each_run_under_way_at_its_last_failure(
+    database_url: str,
+) -> None:
+    """A run that spanned days of quiet before 0013 (a failure, nothing, a failure) would
+    count from its first failure: one more failure could disable the webhook days early.
+    Each run under way restarts at its last failure; a webhook with no run is left alone."""
+    await asyncio.to_thread(command.upgrade, _alembic_config(database_url), "0014")
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(tables.teams).values(id="team_1", name="t", created_at=CREATED)
+            )
+            for webhook_id, since, last in (
+                ("wh_gap", CREATED, CREATED + timedelta(days=4, hours=19)),
+                ("wh_fresh", CREATED, CREATED),
+                ("wh_ok", None, None),
+            ):
+                await conn.execute(
+                    text(
+                        "INSERT INTO webhooks (id, team_id, name, description, url, topics,"
+                        " headers, secrets, active, created_at, updated_at, failing_since,"
+                        " last_failure_at) VALUES (:id, 'team_1', 'w', '',"
+                        " 'http://127.0.0.1:9/hook', '[]', '{}', '[]', true, :at, :at, :since,"
+                        " :last)"
+                    ),
+                    {"id": webhook_id, "at": CREATED, "since": since, "last": last},
+                )
+        await migrate(database_url)
+        async with engine.connect() as conn:
+            rows = await conn.execute(select(tables.webhooks.c.id, tables.webhooks.c.failing_since))
+            since_now = dict(rows.all())
+    finally:
+        await engine.dispose()
+    assert since_now == {
+        "wh_gap": CREATED + timedelta(days=4, hours=19),
+        "wh_fresh": CREATED,
+        "wh_ok": None,
+    }
