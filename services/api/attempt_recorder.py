@@ -183,14 +183,16 @@ class AttemptRecorder:
             orphans = len(attempts) - len(stored)
             # The "no success for days" clock lives with the webhook, not in a dispatcher:
             # it survives restarts and partitions moving between processes.
+            # Only what was stored counts: an attempt left out (another team's webhook, or
+            # a delivery of another webhook) is no evidence about the webhook it names.
             failing_too_long = await delivery_log.track_failing_endpoints(
                 conn,
-                attempts,
+                stored,
                 timedelta(days=self._settings.endpoint_disable_after_days),
                 delivery_log.retry_gap(self._settings),
             )
-            attempts = [*attempts, *failing_too_long]
-            disabled = await delivery_log.disable_webhooks(conn, attempts)
+            requests = [*stored, *failing_too_long]
+            disabled = await delivery_log.disable_webhooks(conn, requests)
             # The owner hears of it on the audit topic: staged with the change, so a crash
             # after the commit leaves the notice to the relay rather than losing it.
             notices = [
@@ -219,7 +221,7 @@ class AttemptRecorder:
         # crash between the commit and the notice changes nothing the second time, and its
         # notice would be lost; a repeated notice only makes the dispatchers read the row.
         for webhook_id, team_id in dict.fromkeys(
-            (a.webhook_id, a.team_id) for a in attempts if a.disable_reason is not None
+            (a.webhook_id, a.team_id) for a in requests if a.disable_reason is not None
         ):
             await self._changes.notify("webhook", webhook_id, "updated", team_id)
         return stored

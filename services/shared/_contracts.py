@@ -340,15 +340,15 @@ class DeadLetter(Record):
         its JSON escaped once more as a string) is cut, and the reason says so. A dead
         letter the broker refuses would stop its partition for good."""
         letter = self
-        if len(self.reason) > MAX_REASON_CHARS:
-            letter = self.model_copy(update={"reason": _cut_reason(self.reason)})
+        if len(self.reason) > _DEAD_LETTER_REASON_CHARS:
+            letter = self.model_copy(update={"reason": _cut_reason(self.reason, keep_end=True)})
         value = Record.to_bytes(letter)
         while len(value) > MAX_RECORD_BYTES and letter.payload:
             keep = max(0, len(letter.payload) * MAX_RECORD_BYTES // len(value) - 4096)
             letter = self.model_copy(
                 update={
                     "payload": self.payload[:keep],
-                    "reason": f"{_cut_reason(self.reason)} (payload cut to its first {keep} of"
+                    "reason": f"{letter.reason} (payload cut to its first {keep} of"
                     f" {len(self.payload)} characters)",
                 }
             )
@@ -360,12 +360,20 @@ class DeadLetter(Record):
 # thousand bad values would otherwise make a reason (and a dead letter) of megabytes.
 MAX_REASON_CHARS = 2_000
 _REASONS_NAMED = 10
+# Room for a decoding reason and the notes a dead letter adds after it (a key left out).
+_DEAD_LETTER_REASON_CHARS = 2 * MAX_REASON_CHARS
+_REASON_END_KEPT = 300
 
 
-def _cut_reason(reason: str) -> str:
+def _cut_reason(reason: str, *, keep_end: bool = False) -> str:
+    """At most about ``MAX_REASON_CHARS``; ``keep_end`` keeps the notes at its end too."""
     if len(reason) <= MAX_REASON_CHARS:
         return reason
-    return f"{reason[:MAX_REASON_CHARS]}… ({len(reason)} characters in all)"
+    cut = f"… ({len(reason)} characters in all)"
+    if not keep_end:
+        return f"{reason[:MAX_REASON_CHARS]}{cut}"
+    head = MAX_REASON_CHARS - _REASON_END_KEPT
+    return f"{reason[:head]}{cut} …{reason[-_REASON_END_KEPT:]}"
 
 
 R = TypeVar("R", bound=Record)

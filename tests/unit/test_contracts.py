@@ -171,3 +171,15 @@ def test_a_record_wrong_in_many_places_gets_a_short_reason_and_dead_letter() -> 
     value = letter.to_bytes()
     assert len(value) <= MAX_RECORD_BYTES
     assert len(orjson.loads(value)["reason"]) < MAX_REASON_CHARS + 200
+
+
+def test_a_cut_reason_keeps_the_notes_at_its_end() -> None:
+    """A dead letter's own notes (a key left out) come after the reason they follow."""
+    record = ConsumerRecord("t.events", 0, 3, 0, 0, b"k" * 5_000, b"{}", None, 1, 2, [])
+    reason = "x" * 5_000
+    [_, key, value] = dead_letter_record(Topics("t."), record, reason)
+    written = orjson.loads(value)["reason"]
+    assert key is None
+    assert written.endswith("(its key of 5000 bytes left out)")
+    assert "(5033 characters in all)" in written
+    assert len(written) < MAX_REASON_CHARS + 100
