@@ -421,14 +421,17 @@ class DispatcherService:
             )
             self._note_set_aside(refused.set_aside)
             raise
-        # Only this batch's own: the try after a refusal may bring back only some of the
-        # partitions the refused batch came from, and the others' turn comes later. Those
-        # of a partition gone are its new owner's to route.
-        batch = {(record.topic, record.partition, record.offset) for record in records}
-        owned = {(p.topic, p.partition) for p in self._router_assignment()}
-        self._routed_before = {
-            taken for taken in self._routed_before if taken[:3] not in batch and taken[:2] in owned
-        }
+        if self._routed_before:
+            # Only this batch's own: the try after a refusal may bring back only some of
+            # the partitions the refused batch came from, and the others' turn comes later.
+            # Those of a partition gone are its new owner's to route.
+            batch = {(record.topic, record.partition, record.offset) for record in records}
+            owned = {(p.topic, p.partition) for p in self._router_assignment()}
+            self._routed_before = {
+                taken
+                for taken in self._routed_before
+                if taken[:3] not in batch and taken[:2] in owned
+            }
         self._note_set_aside(set_aside)
         # Counted once sent: a batch handled again after a failure is not counted twice.
         for record, reason in invalid:

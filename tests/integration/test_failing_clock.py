@@ -152,6 +152,24 @@ async def test_failures_read_before_a_reactivation_do_not_start_the_clock(
     assert await _clock(engine) == (None, None)
 
 
+async def _webhook_before(
+    conn: AsyncConnection, webhook_id: str, **moments: datetime | None
+) -> None:
+    """A webhook of team_1 as an older migration's table holds it (written in SQL: the
+    declared table has the newer columns); ``moments`` are the run's columns it has."""
+    names = "".join(f", {name}" for name in moments)
+    values = "".join(f", :{name}" for name in moments)
+    # The column names are this module's own keyword arguments, never input.
+    await conn.execute(
+        text(
+            "INSERT INTO webhooks (id, team_id, name, description, url, topics, headers,"  # noqa: S608
+            f" secrets, active, created_at, updated_at{names}) VALUES (:id, 'team_1', 'w',"
+            f" '', 'http://127.0.0.1:9/hook', '[]', '{{}}', '[]', true, :at, :at{values})"
+        ),
+        {"id": webhook_id, "at": CREATED, **moments},
+    )
+
+
 async def test_migrations_0013_and_0014_give_a_run_under_way_its_last_failure_from_the_log(
     database_url: str,
 ) -> None:
@@ -170,15 +188,7 @@ async def test_migrations_0013_and_0014_give_a_run_under_way_its_last_failure_fr
                 ("wh_pruned", CREATED),
                 ("wh_ok", None),
             ):
-                await conn.execute(
-                    text(
-                        "INSERT INTO webhooks (id, team_id, name, description, url, topics,"
-                        " headers, secrets, active, created_at, updated_at, failing_since)"
-                        " VALUES (:id, 'team_1', 'w', '', 'http://127.0.0.1:9/hook',"
-                        " '[]', '{}', '[]', true, :at, :at, :since)"
-                    ),
-                    {"id": webhook_id, "at": CREATED, "since": since},
-                )
+                await _webhook_before(conn, webhook_id, failing_since=since)
             for n, (after, outcome) in enumerate(
                 (
                     (-_HOUR, "failed"),
@@ -242,16 +252,7 @@ async def test_migration_0015_restarts_each_run_under_way_at_its_last_failure(
                 ("wh_fresh", CREATED, CREATED),
                 ("wh_ok", None, None),
             ):
-                await conn.execute(
-                    text(
-                        "INSERT INTO webhooks (id, team_id, name, description, url, topics,"
-                        " headers, secrets, active, created_at, updated_at, failing_since,"
-                        " last_failure_at) VALUES (:id, 'team_1', 'w', '',"
-                        " 'http://127.0.0.1:9/hook', '[]', '{}', '[]', true, :at, :at, :since,"
-                        " :last)"
-                    ),
-                    {"id": webhook_id, "at": CREATED, "since": since, "last": last},
-                )
+                await _webhook_before(conn, webhook_id, failing_since=since, last_failure_at=last)
         await migrate(database_url)
         async with engine.connect() as conn:
             rows = await conn.execute(select(tables.webhooks.c.id, tables.webhooks.c.failing_since))

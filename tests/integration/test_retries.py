@@ -113,6 +113,11 @@ _TRIPS_AT_ONCE: dict[str, Any] = {
 }
 
 
+def _failed(registry: Any) -> float | None:
+    """The dispatcher's failed attempts so far."""
+    return registry.get_sample_value("hookwire_dispatcher_deliveries_total", {"outcome": "failed"})
+
+
 async def _edit_webhook(stack: Stack, webhook_id: str, body: dict[str, Any]) -> None:
     status, answer = await _webhook_call(stack, "PATCH", webhook_id, body)
     assert status == 200, answer
@@ -1981,14 +1986,7 @@ async def test_failed_re_sends_and_tests_do_not_open_the_circuit(
             assert response.status == 202
         await receiver.wait_for(1)
         registry = stack.dispatcher.metrics.registry
-        await _eventually(
-            lambda: (
-                registry.get_sample_value(
-                    "hookwire_dispatcher_deliveries_total", {"outcome": "failed"}
-                )
-                == 1
-            )
-        )
+        await _eventually(lambda: _failed(registry) == 1)
         assert registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
         await stack.create_object()
         await receiver.wait_for(2)  # sent, not deferred
@@ -2031,14 +2029,7 @@ async def test_an_answer_from_the_url_a_webhook_left_does_not_count_for_the_new_
         await _eventually(lambda: table.get(webhook["id"]).url.endswith("/new"))
         receiver.gate.set()
         registry = stack.dispatcher.metrics.registry
-        await _eventually(
-            lambda: (
-                registry.get_sample_value(
-                    "hookwire_dispatcher_deliveries_total", {"outcome": "failed"}
-                )
-                == 1
-            )
-        )
+        await _eventually(lambda: _failed(registry) == 1)
         assert registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
         await stack.create_object()
         received = await receiver.wait_for(2)
@@ -2100,14 +2091,7 @@ async def test_a_late_410_from_the_url_a_webhook_left_leaves_the_new_urls_circui
             )
             assert old.gate is not None
             old.gate.set()
-            await _eventually(
-                lambda: (
-                    registry.get_sample_value(
-                        "hookwire_dispatcher_deliveries_total", {"outcome": "failed"}
-                    )
-                    == 2
-                )
-            )
+            await _eventually(lambda: _failed(registry) == 2)
             await asyncio.sleep(0.3)
             assert registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
             assert not await _is_disabled(stack, webhook["id"])

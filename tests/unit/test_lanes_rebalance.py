@@ -151,8 +151,11 @@ async def test_a_read_that_fails_still_lets_the_partition_go_on() -> None:
         await asyncio.gather(running, return_exceptions=True)
 
 
-def _paced_lanes() -> tuple[_Consumer, Lanes, list[int]]:
-    """Lanes sending one delivery every two seconds, and the offsets they send."""
+def _paced_lanes(
+    *, per_lane: int = 3, rate: float | None = 0.5
+) -> tuple[_Consumer, Lanes, list[int]]:
+    """Lanes sending one delivery every two seconds (by default), and the offsets they
+    send."""
     consumer = _Consumer()
     sent: list[int] = []
 
@@ -164,7 +167,9 @@ def _paced_lanes() -> tuple[_Consumer, Lanes, list[int]]:
     async def publish(_source: ConsumerRecord, records: list[OutRecord]) -> None:
         pass
 
-    lanes = Lanes(cast(Any, consumer), attempt, publish, per_lane=3, backlog_max=100, rate=0.5)
+    lanes = Lanes(
+        cast(Any, consumer), attempt, publish, per_lane=per_lane, backlog_max=100, rate=rate
+    )
     return consumer, lanes, sent
 
 
@@ -586,15 +591,7 @@ async def test_once_a_stop_begins_no_delivery_starts_behind_those_being_sent() -
 async def test_a_delivery_whose_partition_moves_before_it_first_runs_is_not_sent() -> None:
     """Its task is made, and its partition dropped (a rebalance seen without a revoke)
     before the task's first step: it counts as moved, and its new owner sends it."""
-    consumer = _Consumer()
-    sent: list[int] = []
-
-    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
-        await pace(None)
-        sent.append(record.offset)
-        return []
-
-    lanes = Lanes(cast(Any, consumer), attempt, _written, per_lane=1, backlog_max=100)
+    _, lanes, sent = _paced_lanes(per_lane=1, rate=None)
     lanes._enqueue(_record(OWNED, 0))
     lanes._drop_waiting({OWNED})
     await asyncio.sleep(0.05)
