@@ -115,24 +115,44 @@ MAX_JSON_DEPTH = 100
 def json_problem(value: Any) -> str | None:
     """Why a decoded JSON value cannot travel as (part of) an event, or None."""
     # A walk with its own stack: a hostile body must not reach Python's recursion limit.
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, bool):
-            continue
-        if isinstance(item, int):
-            if not _INT_MIN <= item <= _INT_MAX:
-                return "integers must fit in 64 bits"
-        elif isinstance(item, float):
-            # pydantic's JSON reader takes NaN, Infinity and 1e999, and its writer turns
-            # them into null: the receiver would get another value than was sent.
-            if not math.isfinite(item):
-                return "numbers must be finite (no NaN, Infinity or out-of-range values)"
-        elif isinstance(item, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                return f"must not nest deeper than {MAX_JSON_DEPTH} levels"
-            children = item.values() if isinstance(item, dict) else item
-            pending.extend((child, depth + 1) for child in children)
+    pending: list[tuple[Any, int]] = []
+    problem = _problem_of(value, 1, pending)
+    while problem is None and pending:
+        container, depth = pending.pop()
+        for child in container.values() if isinstance(container, dict) else container:
+            # Every consumer walks every event it decodes: the exact types a JSON reader
+            # makes are told apart here without a call, anything else below.
+            kind = type(child)
+            if kind is str or child is None or kind is bool:
+                continue
+            if kind is int:
+                if not _INT_MIN <= child <= _INT_MAX:
+                    return _TOO_LARGE
+            else:
+                problem = _problem_of(child, depth + 1, pending)
+                if problem is not None:
+                    return problem
+    return problem
+
+
+_TOO_LARGE = "integers must fit in 64 bits"
+
+
+def _problem_of(item: Any, depth: int, pending: list[tuple[Any, int]]) -> str | None:
+    """Why ``item`` cannot travel, by itself; a container is left on ``pending``."""
+    if isinstance(item, bool):
+        return None
+    if isinstance(item, int):
+        return None if _INT_MIN <= item <= _INT_MAX else _TOO_LARGE
+    if isinstance(item, float):
+        # pydantic's JSON reader takes NaN, Infinity and 1e999, and its writer turns
+        # them into null: the receiver would get another value than was sent.
+        if not math.isfinite(item):
+            return "numbers must be finite (no NaN, Infinity or out-of-range values)"
+    elif isinstance(item, dict | list):
+        if depth > MAX_JSON_DEPTH:
+            return f"must not nest deeper than {MAX_JSON_DEPTH} levels"
+        pending.append((item, depth))
     return None
 
 
