@@ -86,7 +86,6 @@ class ApiService:
                 self.settings.effective_auth_url,
                 self._credential,
                 self.settings.auth_cache_ttl_seconds,
-                self.settings.access_token_ttl_seconds,
                 self.metrics,
             ),
             outbox=self.outbox_for(producer),

@@ -13,6 +13,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.shared import (
+    ACCESS_TOKEN_TTL_MAX,
     MAX_TEAM_ID_CHARS,
     MAX_TOKEN_CHARS,
     Forbidden,
@@ -59,7 +60,6 @@ class TokenGate:
         auth_url: str,
         credential: str,
         cache_ttl: float,
-        access_ttl: int,
         metrics: Metrics,
     ) -> None:
         self._session = session
@@ -85,7 +85,6 @@ class TokenGate:
         # record would otherwise leave out of ``_revoked``.
         self._ended: frozenset[str] = frozenset()
         self._verified: dict[str, access_tokens.AccessClaims] = {}
-        self._access_ttl = access_ttl
         self._hits = metrics.counter("auth_cache_hits_total", "Token checks answered from cache")
         self._misses = metrics.counter(
             "auth_cache_misses_total", "Token checks that called the auth service"
@@ -100,8 +99,9 @@ class TokenGate:
             self._ended = self._ended - {token_id}
         else:
             self._revoked[token_id] = time.monotonic()
-        # An access token outlives its key's revocation by at most its own lifetime.
-        horizon = time.monotonic() - self._access_ttl - 300
+        # An access token outlives its key's revocation by at most its own lifetime: the
+        # longest one allowed, as auth may have issued it before its setting was lowered.
+        horizon = time.monotonic() - ACCESS_TOKEN_TTL_MAX - 300
         for stale in [tid for tid, noted in self._revoked.items() if noted < horizon]:
             del self._revoked[stale]
 

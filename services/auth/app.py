@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    ACCESS_TOKEN_TTL_MAX,
     MAX_TEAM_ID_CHARS,
     MAX_TOKEN_CHARS,
     READINESS_KEY,
@@ -227,8 +228,10 @@ class AuthService:
         """What the change records say one by one, in full: a verifier that missed one
         (lost on its way, or published while the broker was away) learns it here."""
         self._check_service_credential(request)
-        # Past the access tokens' lifetime (and some clock skew) no token of the key is left.
-        within = self.settings.access_token_ttl_seconds + 300
+        # Past the longest lifetime a token may have been issued with (and some clock skew)
+        # no token of the key is left: not the lifetime in force, which may have been
+        # lowered since a key's tokens were issued.
+        within = ACCESS_TOKEN_TTL_MAX + 300
         async with self.engine.connect() as conn:
             token_ids = await store.ended_token_ids(conn, utcnow(), within)
         return json_response({"token_ids": token_ids})

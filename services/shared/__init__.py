@@ -123,9 +123,10 @@ from ._netguard import (
 )
 from ._openapi import OpenApi
 from ._permissions import PERMISSIONS, ROLES, effective_permissions, unknown_permissions
-from ._settings import Settings, load_settings, unknown_variables
+from ._settings import ACCESS_TOKEN_TTL_MAX, Settings, load_settings, unknown_variables
 
 __all__ = [
+    "ACCESS_TOKEN_TTL_MAX",
     "DELIVERY_STATES",
     "EVENT_TYPES",
     "MAX_EVENT_BYTES",

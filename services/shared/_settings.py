@@ -23,6 +23,11 @@ from yarl import URL
 
 from ._errors import ConfigurationError
 
+# The longest an access token may be issued for. Tokens issued before the setting was
+# lowered keep their lifetime, so whatever must outlive every token left (the list of
+# ended keys) is measured against this, not against the setting in force.
+ACCESS_TOKEN_TTL_MAX = 86400
+
 _TRUE = {"true", "1"}
 _FALSE = {"false", "0"}
 
@@ -151,7 +156,7 @@ class Settings(BaseSettings):
     service_credential: SecretStr | None = None
     token_pepper: SecretStr | None = None
     access_token_private_key: SecretStr | None = None
-    access_token_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
+    access_token_ttl_seconds: int = Field(default=3600, ge=60, le=ACCESS_TOKEN_TTL_MAX)
 
     allow_private_urls: StrictBool = False
     allow_query_keys: StrictBool = False

@@ -22,6 +22,7 @@ from services.api.context import CONTEXT
 from services.auth import store
 from services.auth.tokens import generate_token, hash_token
 from services.shared import (
+    ACCESS_TOKEN_TTL_MAX,
     InvalidToken,
     Metrics,
     Settings,
@@ -314,43 +315,47 @@ async def test_the_ended_keys_list_needs_the_service_credential(api_stack: Stack
 
 
 async def test_the_ended_keys_list_forgets_keys_switched_off_long_ago(api_stack: Stack) -> None:
-    """A key switched off is listed for an access token's lifetime (its tokens were issued
-    before); after that none is left, so the list does not grow with every key ever
-    deactivated. Revoked and expired keys already left it that way."""
-    recent = await api_stack.new_token(["webhook:read"])
-    old = await api_stack.new_token(["webhook:read"])
+    """A key switched off is listed for as long as an access token may live: the longest
+    lifetime allowed, not the one in force, which may have been lowered since the key's
+    tokens were issued. After that none is left, so the list does not grow with every key
+    ever deactivated. Revoked and expired keys already left it that way."""
+    keys = [await api_stack.new_token(["webhook:read"]) for _ in range(3)]
+    hashes = [hash_token(key, "test-pepper") for key in keys]
     async with api_stack.api.engine.connect() as conn:
         rows = (
             await conn.execute(
                 select(tables.tokens.c.id, tables.tokens.c.secret_hash).where(
-                    tables.tokens.c.secret_hash.in_(
-                        [hash_token(key, "test-pepper") for key in (recent, old)]
-                    )
+                    tables.tokens.c.secret_hash.in_(hashes)
                 )
             )
         ).all()
     by_hash = {row.secret_hash: row.id for row in rows}
-    ids = [by_hash[hash_token(key, "test-pepper")] for key in (recent, old)]
-    for token_id in ids:
+    recent, past_setting, past_longest = (by_hash[each] for each in hashes)
+    for token_id in (recent, past_setting, past_longest):
         status, _ = await api_stack.auth_call(
             "PATCH", f"/v1/tokens/{token_id}", json={"active": False}
         )
         assert status == 200
+    # Tokens of a key switched off one setting's lifetime ago may have been issued under
+    # a longer one (the setting lowered since).
     lifetime = api_stack.settings.access_token_ttl_seconds
-    async with api_stack.api.engine.begin() as conn:
-        await conn.execute(
-            update(tables.tokens)
-            .where(tables.tokens.c.id == ids[1])
-            .values(deactivated_at=utcnow() - timedelta(seconds=lifetime + 600))
-        )
+    assert lifetime < ACCESS_TOKEN_TTL_MAX
+    for token_id, seconds in ((past_setting, lifetime), (past_longest, ACCESS_TOKEN_TTL_MAX)):
+        async with api_stack.api.engine.begin() as conn:
+            await conn.execute(
+                update(tables.tokens)
+                .where(tables.tokens.c.id == token_id)
+                .values(deactivated_at=utcnow() - timedelta(seconds=seconds + 600))
+            )
     async with api_stack.session.get(
         f"{api_stack.auth_url}/v1/ended-keys",
         headers={"authorization": "Bearer test-service-credential"},
     ) as response:
         assert response.status == 200
         ended = (await response.json())["token_ids"]
-    assert ids[0] in ended
-    assert ids[1] not in ended
+    assert recent in ended
+    assert past_setting in ended
+    assert past_longest not in ended
 
 
 async def test_a_revocation_during_an_introspection_is_not_undone_by_its_answer(
@@ -407,7 +412,7 @@ async def test_a_retired_signing_key_stops_verifying_and_unknown_ids_are_not_a_f
     try:
         async with aiohttp.ClientSession() as session:
             gate = authn.TokenGate(
-                session, f"http://127.0.0.1:{bound_port(runner)}", "x", 1.0, 3600, Metrics("t")
+                session, f"http://127.0.0.1:{bound_port(runner)}", "x", 1.0, Metrics("t")
             )
             principal = await gate._require_access_token(
                 signed_by(old_key), "t", "webhook:read", None
