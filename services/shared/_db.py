@@ -33,11 +33,13 @@ def _describe(url: str) -> str:
 
 
 def create_engine(url: str) -> AsyncEngine:
+    # A failed statement's error (logged whole) leaves out the values it carried: among
+    # them a webhook's signing secrets and hashes of keys.
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -52,7 +54,9 @@ def create_engine(url: str) -> AsyncEngine:
 
         return engine
     if url.startswith("postgresql"):
-        return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        return create_async_engine(
+            url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+        )
     raise ConfigurationError(
         f"HOOKWIRE_DATABASE_URL must be a sqlite+aiosqlite:// or postgresql+asyncpg:// URL, "
         f"got {_describe(url)}"
