@@ -32,16 +32,27 @@ _READ_URL_AT_MOST_SECONDS = 3.0
 _READ_AT_ONCE = 500
 
 
-def _route_from_row(row: Any) -> WebhookRoute:
+def _route_from_row(row: Any) -> tuple[WebhookRoute, list[str]]:
+    """The webhook's route, and why each of its secrets in force that cannot sign was left
+    out (the reasons name no secret: they are logged)."""
     now = utcnow()
     keys = []
+    unusable = []
     for entry in row.secrets:
         raw_expiry = entry.get("expires_at")
         expires_at = _utc(raw_expiry) if raw_expiry is not None else None
         if expires_at is not None and expires_at <= now:
             continue
-        keys.append(SigningKey(secret_key(entry["secret"]), expires_at))
-    return WebhookRoute(
+        try:
+            key = secret_key(entry["secret"])
+        except InvalidSecret as exc:
+            # One secret written by hand or by an older release must not take the webhook
+            # out of the table: its events would go nowhere, not even to a failed attempt.
+            # Its other secrets sign; with none left, its attempts fail as unsigned.
+            unusable.append(exc.message)
+            continue
+        keys.append(SigningKey(key, expires_at))
+    route = WebhookRoute(
         id=row.id,
         team_id=row.team_id,
         url=row.url,
@@ -53,6 +64,7 @@ def _route_from_row(row: Any) -> WebhookRoute:
         rate_limit=row.rate_limit,
         updated_at=as_utc(row.updated_at),
     )
+    return route, unusable
 
 
 def _pacing(route: WebhookRoute | None) -> tuple[float | None, bool] | None:
@@ -139,10 +151,7 @@ class WebhookTable:
 
     def _load_row(self, row: Any) -> WebhookRoute | None:
         try:
-            route = _route_from_row(row)
-        except InvalidSecret as exc:
-            self._log.error("webhook_secret_invalid", webhook_id=row.id, error=exc.message)
-            return None
+            route, unusable = _route_from_row(row)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # A row the api could not have written (edited by hand, say): one webhook is
             # left out, not every other one of the load or the burst it came in.
@@ -150,6 +159,13 @@ class WebhookTable:
                 "webhook_row_invalid", webhook_id=row.id, error=f"{type(exc).__name__}: {exc}"
             )
             return None
+        if unusable:
+            self._log.error(
+                "webhook_secret_invalid",
+                webhook_id=row.id,
+                error="; ".join(unusable),
+                skipped=len(unusable),
+            )
         if not route.active:
             # The disable has landed (or the webhook was stopped some other way).
             self._stopped.pop(route.id, None)

@@ -1,4 +1,5 @@
-"""The dispatcher's webhook table keeps taking changes when a database read hangs."""
+"""The dispatcher's webhook table: it keeps taking changes when a database read hangs, and
+a secret it cannot read costs that secret, never the webhook's deliveries."""
 
 from __future__ import annotations
 
@@ -6,9 +7,17 @@ import asyncio
 from typing import Any
 
 import pytest
+import structlog
+from sqlalchemy import select, update
 
 from services.dispatcher import table as table_module
+from services.dispatcher.signing import secret_key
+from services.shared import tables, utcnow
 from tests.conftest import Receiver, Stack
+from tests.integration.test_end_to_end import standard_webhooks_verify
+
+# Not base64 of anything: what a hand edit or an older release may have left in a row.
+_UNDECODABLE = "whsec_abc"
 
 
 async def test_a_hung_whole_load_does_not_hold_back_the_changes_behind_it(
@@ -39,3 +48,65 @@ async def test_a_hung_whole_load_does_not_hold_back_the_changes_behind_it(
     while table.get(webhook["id"]).active:  # type: ignore[union-attr]
         assert asyncio.get_running_loop().time() < deadline, "the change never applied"
         await asyncio.sleep(0.05)
+
+
+async def _hand_write_secrets(stack: Stack, webhook_id: str, secrets: list[str]) -> None:
+    """Store these secrets (all in force) behind the api's back and have the table re-read."""
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(tables.webhooks)
+            .where(tables.webhooks.c.id == webhook_id)
+            .values(secrets=[{"secret": secret, "expires_at": None} for secret in secrets])
+        )
+    await stack.dispatcher.table.refresh(webhook_id)
+
+
+async def test_an_undecodable_secret_is_skipped_and_the_others_still_sign(
+    stack: Stack, receiver: Receiver
+) -> None:
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
+    with structlog.testing.capture_logs() as logs:
+        await _hand_write_secrets(stack, webhook["id"], [_UNDECODABLE, webhook["secret"]])
+    route = stack.dispatcher.table.get(webhook["id"])
+    assert route is not None
+    assert route.active
+    assert route.signing_keys_at(utcnow()) == (secret_key(webhook["secret"]),)
+    [logged] = [entry for entry in logs if entry["event"] == "webhook_secret_invalid"]
+    assert (logged["webhook_id"], logged["skipped"]) == (webhook["id"], 1)
+    assert _UNDECODABLE not in repr(logged)
+
+    await stack.create_object()
+    [delivery] = await receiver.wait_for(1)
+    assert len(delivery.headers["webhook-signature"].split()) == 1
+    assert standard_webhooks_verify(webhook["secret"], delivery.headers, delivery.body)
+
+
+async def test_a_webhook_left_with_no_readable_secret_fails_as_unsigned(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """Still routed, so its events leave failed attempts to see and retry, not nothing."""
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
+    await _hand_write_secrets(stack, webhook["id"], [_UNDECODABLE])
+    route = stack.dispatcher.table.get(webhook["id"])
+    assert route is not None
+    assert route.active
+    assert route.signing_keys == ()
+
+    await stack.create_object()
+    attempts = tables.delivery_attempts
+    deliveries = tables.deliveries
+    query = (
+        select(attempts.c.outcome, attempts.c.error_class)
+        .join(deliveries, deliveries.c.id == attempts.c.delivery_id)
+        .where(deliveries.c.webhook_id == webhook["id"])
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        async with stack.api.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if rows:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "no attempt was ever recorded"
+        await asyncio.sleep(0.05)
+    assert {tuple(row) for row in rows} == {("failed", "unsigned")}
+    assert receiver.received == []

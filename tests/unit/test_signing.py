@@ -5,7 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -91,3 +95,41 @@ def test_an_empty_secret_signs_nothing() -> None:
     )
     with pytest.raises(Unsigned):
         signature_header([empty], "msg_1", 5, b"{}")
+
+
+def _documented_verify() -> Callable[[str, dict[str, str], bytes], bool]:
+    """The receiver's check docs/delivery.md offers, as written there."""
+    text = (Path(__file__).parents[2] / "docs" / "delivery.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # noqa: S102 -- the documentation's own example
+    return cast(Callable[[str, dict[str, str], bytes], bool], namespace["verify"])
+
+
+def test_the_documented_check_accepts_hookwires_signatures_and_refuses_anything_else() -> None:
+    """Copied by receivers, it must answer a forged request with False, never raise."""
+    verify = _documented_verify()
+    secrets = ["whsec_" + base64.b64encode(bytes([n]) * 32).decode() for n in (1, 2)]
+    body = b'{"type":"object.created"}'
+    now = int(time.time())
+    signatures = " ".join(sign(secret_key(s), "msg_1", now, body) for s in secrets)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(now)}
+    signed = {**headers, "webhook-signature": signatures}
+    assert verify(secrets[0], signed, body)
+    assert verify(secrets[1], signed, body)
+    other = "whsec_" + base64.b64encode(b"\x03" * 32).decode()
+    refused = [
+        (other, signed, body),
+        (secrets[0], signed, body + b" "),
+        (secrets[0], {**signed, "webhook-id": "msg_2"}, body),
+        (secrets[0], {**signed, "webhook-timestamp": str(now - 3600)}, body),
+        # Forged requests: a signature that is not ASCII, a timestamp that is not a number
+        # (or digits from another script), headers left out.
+        (secrets[0], {**headers, "webhook-signature": "v1,é"}, body),
+        (secrets[0], {**signed, "webhook-timestamp": "soon"}, body),
+        (secrets[0], {**signed, "webhook-timestamp": "\uff11\uff17\uff10\uff10"}, body),
+        (secrets[0], {"webhook-signature": signatures}, body),
+        (secrets[0], headers, body),
+    ]
+    for secret, given, sent in refused:
+        assert verify(secret, given, sent) is False
