@@ -214,7 +214,12 @@ class Settings(BaseSettings):
 
     @property
     def effective_auth_url(self) -> str:
-        return self.auth_url or f"http://{self.host}:{self.auth_port}"
+        if self.auth_url:
+            return self.auth_url
+        # Auth on this host: a wildcard listens on every address but is none to dial, and an
+        # IPv6 address needs its brackets in a URL.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return str(URL.build(scheme="http", host=host, port=self.auth_port))
 
     def require_secret(
         self, name: Literal["service_credential", "token_pepper", "access_token_private_key"]

@@ -136,3 +136,22 @@ async def test_a_consumer_outlasts_the_stop_grace_between_reads(
         assert consumer._max_poll_interval_ms == interval_ms
     finally:
         await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    ("host", "auth_url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8081"),
+        # A wildcard listens everywhere but is no address to dial.
+        ("0.0.0.0", "http://127.0.0.1:8081"),
+        ("::", "http://[::1]:8081"),
+        ("::1", "http://[::1]:8081"),
+        ("auth.internal", "http://auth.internal:8081"),
+    ],
+)
+def test_the_default_auth_url_is_one_the_api_can_dial(host: str, auth_url: str) -> None:
+    settings = load_settings(host=host, auth_port=8081)
+    assert settings.effective_auth_url == auth_url
+    assert load_settings(host=host, auth_url="https://auth:9").effective_auth_url == (
+        "https://auth:9"
+    )
