@@ -49,6 +49,8 @@ from .errors import PublishOutcomeUnknown, PublishUnavailable
 T = TypeVar("T")
 _outbox = tables.outbox
 _RELAY_BATCH = 500
+# The finest step both databases keep in a stored time.
+_TICK = timedelta(microseconds=1)
 
 
 def _check_size(record: Record, size: int) -> None:
@@ -133,18 +135,67 @@ class Outbox:
         self.claim_for = self.relay_after
         self._log = get_logger("api")
 
-    async def stage(self, conn: AsyncConnection, topic: str, key: str, record: Record) -> str:
+    async def stage(
+        self,
+        conn: AsyncConnection,
+        topic: str,
+        key: str,
+        record: Record,
+        *,
+        after: datetime | None = None,
+    ) -> str:
         """Write the record beside its change; one the stream would never take is refused
-        here (413), which rolls the change back with it."""
+        here (413), which rolls the change back with it. Staged ``after`` a record of its
+        key still waiting, it is dated after it: the relay sends in that order, and another
+        process's clock may run behind."""
         value = record.to_bytes()
         _check_size(record, len(value))
         row_id = new_id("out")
+        created_at = utcnow() if after is None else max(utcnow(), after + _TICK)
         await conn.execute(
             insert(_outbox).values(
-                id=row_id, topic=topic, key=key, value=value.decode(), created_at=utcnow()
+                id=row_id, topic=topic, key=key, value=value.decode(), created_at=created_at
             )
         )
         return row_id
+
+    async def _waiting(self, conn: AsyncConnection, topic: str, key: str) -> datetime | None:
+        """When the newest record of the key still waiting to be published was staged; None
+        when none waits."""
+        newest = select(func.max(_outbox.c.created_at)).where(
+            _outbox.c.topic == topic, _outbox.c.key == key
+        )
+        staged: datetime | None = (await conn.execute(newest)).scalar()
+        return staged
+
+    async def _sent_meanwhile(self, topic: str, key: str, staged_at: datetime) -> bool:
+        """Whether the records of the key staged up to ``staged_at`` leave the outbox
+        while their own requests may still be publishing them (a publish's wait from the
+        last one's staging). Two changes to one object a moment apart are the common case:
+        the first one's event is on its way, and the second goes straight after it rather
+        than by the relay, half a minute later."""
+        loop = asyncio.get_running_loop()
+        # Staged by another process, the time is that process's clock: bounded either way.
+        age = min(max((utcnow() - staged_at).total_seconds(), 0.0), self._wait)
+        deadline = loop.time() + self._wait - age
+        older = (
+            select(func.count())
+            .select_from(_outbox)
+            .where(
+                _outbox.c.topic == topic, _outbox.c.key == key, _outbox.c.created_at <= staged_at
+            )
+        )
+        pause = 0.005
+        while loop.time() < deadline:
+            await asyncio.sleep(min(pause, deadline - loop.time()))
+            pause = min(pause * 2, 0.2)
+            try:
+                async with self._engine.connect() as conn:
+                    if not (await conn.execute(older)).scalar():
+                        return True
+            except SQLAlchemyError:
+                return False
+        return False
 
     async def publish(self, row_id: str, topic: str, key: str, record: Record) -> None:
         """Publish a staged record now (acks=all); the caller learns if Kafka refused."""
@@ -174,11 +225,22 @@ class Outbox:
         already be in the stream, or ``undo`` found a later change built on this one), the
         caller gets the change's own answer, not a 503: a retry would make a second object
         or a second send. Its record is left to the relay (at worst the event arrives twice,
-        under the same id).
+        under the same id). So is a record staged while an older one of its key waits:
+        published at once, it would overtake that one in the stream.
         """
         async with self._engine.begin() as conn:
             result = await change(conn)
-            row_id = await self.stage(conn, topic, key, record)
+            # Read after the change: a change to the object waits for the one before it
+            # to commit (its row lock on PostgreSQL, the one writer on SQLite), so that
+            # one's record is seen here unless already published.
+            waiting = await self._waiting(conn, topic, key)
+            row_id = await self.stage(conn, topic, key, record, after=waiting)
+        if waiting is not None and not await self._sent_meanwhile(topic, key, waiting):
+            # Published now, this record would go ahead of an older one of its key (a
+            # failed publish, a request that died): the relay sends them in their order.
+            self._kept.inc()
+            self._log.warning("event_left_for_relay", reason="an older record of its key waits")
+            return result
         try:
             await self.publish(row_id, topic, key, record)
         except PublishOutcomeUnknown as exc:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.api import object_store
+from services.api.errors import PublishOutcomeUnknown
 from services.api.outbox import Outbox
 from services.shared import (
     MAX_EVENT_BYTES,
@@ -581,6 +582,67 @@ async def test_a_request_does_not_undo_a_change_whose_row_the_relay_has_taken(
     assert not await outbox._undone(row.id, undo)
     assert undone == []
     assert await outbox.backlog() == 1
+
+
+async def test_a_change_made_while_an_older_event_waits_for_the_relay_goes_after_it(
+    relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2's publish timed out, so its event waits for the relay; version 3 is made
+    with the stream back. Published at once it would reach the events topic before
+    version 2 (same key, same partition): it waits behind it, and the relay sends both in
+    their order."""
+    stack, outbox, _ = relay_stack
+    _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    path = f"/contact/{created['id']}"
+    publish = outbox.publish_direct
+
+    async def times_out(topic: str, key: str, record: Any) -> None:
+        raise PublishOutcomeUnknown("event stream did not answer in time")
+
+    monkeypatch.setattr(outbox, "publish_direct", times_out)
+    assert (await _call(stack, "PATCH", path, json={"v": 2}))[0] == 200
+    monkeypatch.setattr(outbox, "publish_direct", publish)
+    # Version 3 waits for version 2's record a publish's wait at most (shortened here):
+    # its request might still have been sending it.
+    monkeypatch.setattr(outbox, "_wait", 1.0)
+    assert (await _call(stack, "PATCH", path, json={"v": 3}))[0] == 200
+    assert await outbox.backlog() == 2, "both wait for the relay"
+    monkeypatch.setattr(outbox, "relay_after", timedelta(0))
+    await outbox.relay_once()
+    events = await topic_records(stack.settings, topics_for(stack.settings).events, 3)
+    assert [e["version"] for e in events if e["object_id"] == created["id"]] == [1, 2, 3]
+    assert await outbox.backlog() == 0
+
+
+async def test_a_change_made_while_the_one_before_is_being_published_goes_straight_after_it(
+    relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two changes to one object a moment apart: the second's event waits for the first's
+    to be published by its own request, then goes at once, behind it, not by the relay."""
+    stack, outbox, _ = relay_stack
+    _, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    path = f"/contact/{created['id']}"
+    publish = outbox.publish_direct
+    sending, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_for_version_2(topic: str, key: str, record: Any) -> None:
+        if getattr(record, "version", None) == 2:
+            sending.set()
+            await go_on.wait()
+        await publish(topic, key, record)
+
+    monkeypatch.setattr(outbox, "publish_direct", slow_for_version_2)
+    second = asyncio.create_task(_call(stack, "PATCH", path, json={"v": 2}))
+    await asyncio.wait_for(sending.wait(), 10)
+    third = asyncio.create_task(_call(stack, "PATCH", path, json={"v": 3}))
+    await asyncio.sleep(0.5)
+    assert not third.done(), "version 3 waits while version 2 is on its way"
+    go_on.set()
+    assert (await second)[0] == 200
+    assert (await third)[0] == 200
+    events = await topic_records(stack.settings, topics_for(stack.settings).events, 3)
+    assert [e["version"] for e in events if e["object_id"] == created["id"]] == [1, 2, 3]
+    assert await outbox.backlog() == 0, "nothing was left for the relay"
 
 
 async def test_a_record_the_stream_will_never_take_does_not_block_the_relay(
