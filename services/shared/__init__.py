@@ -76,6 +76,7 @@ from ._http import (
 )
 from ._ids import is_id, new_id, utcnow
 from ._kafka import (
+    RETRY_RETENTION_MS,
     RETRY_TIERS,
     BatchingSender,
     HandOver,
@@ -137,6 +138,7 @@ __all__ = [
     "READINESS_KEY",
     "REDACTED",
     "REFUSED",
+    "RETRY_RETENTION_MS",
     "RETRY_TIERS",
     "ROLES",
     "SCHEMA_VERSION",

@@ -39,7 +39,7 @@ from ._contracts import DeadLetter, Topics
 from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge
 from ._ids import utcnow
 from ._lifecycle import cancel_and_wait, finish_despite_cancel, keep_cancelling
-from ._settings import Settings
+from ._settings import LONGEST_WAIT_SECONDS, Settings
 
 RETRY_TIERS = 7
 OutRecord = tuple[str, bytes | None, bytes]
@@ -225,9 +225,17 @@ async def _settle_and_close(
         starting.add_done_callback(lambda _: _close_what_is_left(client))
 
 
+# A retry waits on its topic for as long as its delay, a broker's default retention (7 days
+# on Kafka) would delete one set further off, with no dead letter to show for it: kept for
+# the longest wait allowed and a week besides.
+RETRY_RETENTION_MS = (LONGEST_WAIT_SECONDS + 7 * 86400) * 1000
+_RETRY_TOPIC_CONFIG = {"retention.ms": str(RETRY_RETENTION_MS)}
+
+
 async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:
     """Create missing topics; an existing topic is not an error."""
     wanted = layout if layout is not None else topic_layout(settings)
+    topics = topics_for(settings)
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers(settings), request_timeout_ms=10_000
     )
@@ -240,7 +248,12 @@ async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None
         try:
             response = await admin.create_topics(
                 [
-                    NewTopic(name, partitions, settings.kafka_replication_factor)
+                    NewTopic(
+                        name,
+                        partitions,
+                        settings.kafka_replication_factor,
+                        topic_configs=_RETRY_TOPIC_CONFIG if topics.is_retry(name) else None,
+                    )
                     for name, partitions in wanted.items()
                 ]
             )

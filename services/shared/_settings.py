@@ -57,6 +57,9 @@ def _seconds_list(value: object) -> object:
 # A bound on every delay and pause the dispatcher works out a time from: far beyond any
 # sensible setting, and far below what a date can hold.
 _MAX_WAIT_SECONDS = 30 * 86400
+# The longest a record may wait on a retry topic: a retry delay, a Retry-After or a
+# circuit's wait, each bounded by the longest wait a setting allows.
+LONGEST_WAIT_SECONDS = _MAX_WAIT_SECONDS
 
 
 def _positive(values: tuple[float, ...]) -> tuple[float, ...]:

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaTimeoutError
 
 from services.shared import (
+    RETRY_RETENTION_MS,
+    RETRY_TIERS,
     DependencyUnavailable,
     EmbeddedBroker,
     ensure_topics,
@@ -282,11 +285,37 @@ def test_topics_are_created_from_the_command_line(tmp_path: Path, broker: Embedd
             assert created.stdout.strip() == "topics are in place"
         wanted = set(topic_layout(load_settings(topic_prefix=prefix)))
         assert wanted == asyncio.run(_topics_named(broker.bootstrap, prefix))
+        # A retry may wait up to 30 days: its topic keeps it past that, whatever the
+        # broker's default (7 days on Kafka); the others keep the broker's.
+        retention = asyncio.run(_retention_ms(broker.bootstrap, sorted(wanted)))
+        retry_topics = {name for name in wanted if ".retry." in name}
+        assert len(retry_topics) == RETRY_TIERS
+        for name in retry_topics:
+            assert retention[name] == RETRY_RETENTION_MS > 30 * 86400 * 1000
+        assert retention[f"{prefix}events"] != RETRY_RETENTION_MS
     finally:
         asyncio.run(drop_topics(broker.bootstrap, prefix))
     address = f"127.0.0.1:{free_port()}"
     unreachable = _run(["topics"], _env(tmp_path, HOOKWIRE_KAFKA_BOOTSTRAP=address))
     _assert_clean_failure(unreachable, "Kafka is unreachable", address)
+
+
+async def _retention_ms(bootstrap: str, names: list[str]) -> dict[str, int | None]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        answers = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+        )
+    finally:
+        await admin.close()
+    retention: dict[str, int | None] = {}
+    for answer in answers:
+        for _, _, _, name, entries in answer.resources:
+            values = {entry[0]: entry[1] for entry in entries}
+            value = values.get("retention.ms")
+            retention[name] = None if value is None else int(value)
+    return retention
 
 
 async def _topics_named(bootstrap: str, prefix: str) -> set[str]:
