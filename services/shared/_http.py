@@ -51,6 +51,8 @@ STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
 # Kubernetes pod is given between SIGTERM and SIGKILL.
 REQUESTS_FINISH_SECONDS = 15.0
 _UNMONITORED = frozenset({"/healthz", "/readyz", "/metrics"})
+# How long one readiness check may take before it counts as failed.
+READY_CHECK_SECONDS = 2.0
 
 
 def json_response(
@@ -256,7 +258,12 @@ async def _readyz(request: web.Request) -> web.Response:
     failures = []
     for check in request.app[READINESS_KEY]:
         try:
-            await check()
+            # A database that does not answer would hold a pooled connection per probe for
+            # its whole connect timeout, a minute, and probes come every few seconds.
+            async with asyncio.timeout(READY_CHECK_SECONDS):
+                await check()
+        except TimeoutError:
+            failures.append(f"no answer within {READY_CHECK_SECONDS:g} s")
         except Exception as exc:
             failures.append(str(exc))
     if failures:

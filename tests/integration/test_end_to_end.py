@@ -17,8 +17,10 @@ from sqlalchemy import text
 from standardwebhooks import Webhook
 from standardwebhooks.exceptions import WebhookVerificationError
 
+from services.auth import app as auth_app_module
 from services.dispatcher.retry_timer import RetryTimer
 from services.shared import Settings, _changes, bound_port, head_revision, start_site
+from services.shared import _http as http_module
 from tests.conftest import Receiver, Stack, running_stack
 
 
@@ -266,3 +268,25 @@ async def test_readiness_follows_the_databases_migrations(stack: Stack) -> None:
     finally:
         await set_revision(head)
     assert await readiness() == [200, 200]
+
+
+async def test_a_readiness_check_that_hangs_is_a_failure_within_its_bound(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that does not answer makes /readyz answer 503 at once, not after the
+    database driver's own connect timeout."""
+    monkeypatch.setattr(http_module, "READY_CHECK_SECONDS", 0.3)
+    hang = asyncio.Event()
+
+    async def never_answers(*_: Any) -> None:
+        await hang.wait()
+
+    monkeypatch.setattr(auth_app_module, "check_ready", never_answers)
+    started = time.monotonic()
+    async with stack.session.get(f"{stack.auth_url}/readyz") as response:
+        assert response.status == 503
+        assert await response.json() == {
+            "status": "unavailable",
+            "reasons": ["no answer within 0.3 s"],
+        }
+    assert time.monotonic() - started < 5
