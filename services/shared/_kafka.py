@@ -91,6 +91,11 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
 _MAX_POLL_INTERVAL_MS = 300_000
 
 
+# aiokafka's own default, and what a join needs beyond the broker's wait.
+_REQUEST_TIMEOUT_MS = 40_000
+_JOIN_MARGIN_MS = 5_000
+
+
 def make_consumer(
     settings: Settings, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
@@ -101,6 +106,11 @@ def make_consumer(
         "auto_offset_reset": "earliest",
         "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+        # A join waits at the broker for up to the rebalance timeout (the session's): the
+        # request must not give up first, or a long session could never be joined.
+        "request_timeout_ms": max(
+            _REQUEST_TIMEOUT_MS, settings.kafka_session_timeout_ms + _JOIN_MARGIN_MS
+        ),
         "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         "max_poll_records": 500,
         # A stop's drain reads nothing while it waits for deliveries in flight; the group

@@ -133,7 +133,9 @@ class Settings(BaseSettings):
     kafka_replication_factor: int = Field(default=1, ge=1, le=7)
     # The broker bounds the session too (Kafka's group.min.session.timeout.ms, 6000 by
     # default): a shorter one is refused when the group is joined.
-    kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+    # Kafka refuses a session past its group.max.session.timeout.ms (30 min by default) at
+    # every join; five minutes is far beyond any use a dispatcher has for one.
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000)
     kafka_heartbeat_interval_ms: int = Field(default=600, ge=100)
     kafka_fetch_max_wait_ms: int = Field(default=20, ge=1, le=10000)
 

@@ -63,6 +63,8 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_AUTH_URL", "http://"),
         # At or past the session, a member is taken for dead between two heartbeats.
         ("HOOKWIRE_KAFKA_HEARTBEAT_INTERVAL_MS", "5000"),
+        # Past what Kafka allows (30 min by default): every join would be refused.
+        ("HOOKWIRE_KAFKA_SESSION_TIMEOUT_MS", "99999999"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -134,6 +136,23 @@ async def test_a_consumer_outlasts_the_stop_grace_between_reads(
     consumer = make_consumer(settings, "t", group_id="g")
     try:
         assert consumer._max_poll_interval_ms == interval_ms
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize(("session_ms", "request_ms"), [(6000, 40_000), (120_000, 125_000)])
+async def test_a_consumers_requests_outlast_a_join(session_ms: int, request_ms: int) -> None:
+    """A join may wait at the broker for the whole session (the rebalance timeout): the
+    request waiting for it must not time out first."""
+    settings = load_settings(
+        kafka_session_timeout_ms=session_ms,
+        kafka_heartbeat_interval_ms=session_ms // 10,
+        kafka_bootstrap="127.0.0.1:9",
+    )
+    consumer = make_consumer(settings, "t", group_id="g")
+    try:
+        assert consumer._rebalance_timeout_ms == session_ms
+        assert consumer._client._request_timeout_ms == request_ms
     finally:
         await consumer.stop()
 
