@@ -20,7 +20,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 from prometheus_client import Counter
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -325,6 +325,7 @@ class Outbox:
         # A key whose record failed keeps its later records back (their order is the
         # key's); the others go on, unless the stream itself seems away.
         held_keys: set[tuple[str, str]] = set()
+        failed: list[str] = []
         failed_in_a_row = 0
         for row in rows:
             if not self._time_for_a_send(until):
@@ -336,11 +337,15 @@ class Outbox:
             except _NEVER_SENDABLE as exc:
                 # This record will never go; waiting for it would hold back every record
                 # behind it for good. It is kept on the dead-letter topic instead.
-                if not self._time_for_a_send(until) or not await self._dead_letter(row, exc):
+                if not self._time_for_a_send(until):
+                    break
+                if not await self._dead_letter(row, exc):
+                    failed.append(row.id)
                     break
             except (KafkaError, TimeoutError) as exc:
                 self._log.warning("outbox_relay_failed", error=str(exc) or type(exc).__name__)
                 held_keys.add((row.topic, row.key))
+                failed.append(row.id)
                 failed_in_a_row += 1
                 if failed_in_a_row >= _FAILURES_BEFORE_GIVING_UP:
                     break
@@ -352,14 +357,22 @@ class Outbox:
             async with self._engine.begin() as conn:
                 await conn.execute(delete(_outbox).where(_outbox.c.id == row.id))
         if published < len(rows):
-            # What this round did not send is free again at once, so the next round
-            # starts from the oldest row again, whichever process runs it. The claim's
-            # name stays: a failed send may still have written its record, so the
-            # request that staged it must not undo its change.
+            # What this round did not try is free again at once, whichever process runs
+            # the next round. What failed is held back a claim's length, and its key's
+            # later records with it (``_claim``): tried first again, a few records whose
+            # topic or partition is away would end every round before the others. The
+            # claim's name stays: a failed send may still have written its record, so
+            # the request that staged it must not undo its change.
             async with self._engine.begin() as conn:
                 await conn.execute(
                     update(_outbox).where(_outbox.c.claimed_by == claim).values(claimed_until=None)
                 )
+                if failed:
+                    await conn.execute(
+                        update(_outbox)
+                        .where(_outbox.c.id.in_(failed))
+                        .values(claimed_until=utcnow() + self.claim_for)
+                    )
         return published
 
     def _time_for_a_send(self, until: datetime) -> bool:
@@ -387,16 +400,27 @@ class Outbox:
         now = utcnow()
         claim, until = new_id("rly"), now + self.claim_for
         free = or_(_outbox.c.claimed_until.is_(None), _outbox.c.claimed_until < now)
-        oldest = (
-            select(_outbox.c.id)
-            .where(_outbox.c.created_at < now - self.relay_after, free)
-            .order_by(_outbox.c.created_at)
-            .limit(_RELAY_BATCH)
-            # PostgreSQL: rows another relay is claiming right now are passed over, so
-            # two rounds at once take two batches rather than one waiting for the other.
-            .with_for_update(skip_locked=True)
-        )
         async with self._engine.begin() as conn:
+            # A key with a record held elsewhere (another relay's claim, or held back after
+            # a failed send) keeps its later records back: sent meanwhile, they would
+            # overtake it. (Two claims at the very same moment on PostgreSQL may each miss
+            # the other's.)
+            held = (
+                await conn.execute(select(_outbox.c.topic, _outbox.c.key).where(~free).distinct())
+            ).all()
+            oldest = (
+                select(_outbox.c.id)
+                .where(
+                    _outbox.c.created_at < now - self.relay_after,
+                    free,
+                    ~tuple_(_outbox.c.topic, _outbox.c.key).in_([tuple(k) for k in held]),
+                )
+                .order_by(_outbox.c.created_at)
+                .limit(_RELAY_BATCH)
+                # PostgreSQL: rows another relay is claiming right now are passed over, so
+                # two rounds at once take two batches rather than one waiting for the other.
+                .with_for_update(skip_locked=True)
+            )
             await conn.execute(
                 update(_outbox)
                 .where(_outbox.c.id.in_(oldest), free)

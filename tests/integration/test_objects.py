@@ -456,8 +456,8 @@ async def test_a_record_the_stream_refuses_holds_back_only_its_key(
     relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A record whose partition is away (its leader down) keeps the later records of its
-    key back, in their order, and frees them at once for the next round, here or in
-    another process; the other keys' records go on rather than wait behind it."""
+    key back, in their order, for a claim's length, here and in another process; the
+    other keys' records go on rather than wait behind it."""
     stack, outbox, topic = relay_stack
     ids = await _left_behind(stack, outbox, topic, 4, objects=["a", "b", "b", "c"])
     producer = stack.api._producer
@@ -484,6 +484,8 @@ async def test_a_record_the_stream_refuses_holds_back_only_its_key(
         ).scalar_one()
     assert not await outbox._undone(failed, _never_undone)
     async with _second_process_outbox(stack) as other:
+        assert await other.relay_once() == 0, "the failed one and the one behind it wait"
+        await _hold_ends(stack)
         assert await other.relay_once() == 2
     await _relayed_once(stack, topic, ids)
     relayed = await topic_records(stack.settings, topic, 4)
@@ -531,9 +533,76 @@ async def test_a_send_hanging_past_the_publish_wait_ends_the_round(
     async with asyncio.timeout(5):
         assert await outbox.relay_once() == 0
     monkeypatch.setattr(producer, "send_and_wait", send)
+    await _hold_ends(stack)
     async with _second_process_outbox(stack) as other:
         assert await other.relay_once() == 2
     await _relayed_once(stack, topic, ids)
+
+
+async def _hold_ends(stack: Stack) -> None:
+    """Records held back after a failed send are free again (their hold has run out)."""
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            tables.outbox.update()
+            .where(tables.outbox.c.claimed_until.is_not(None))
+            .values(claimed_until=utcnow() - timedelta(seconds=1))
+        )
+
+
+async def test_records_failing_at_the_head_of_the_outbox_do_not_hold_back_the_rest(
+    relay_stack: tuple[Stack, Outbox, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three records whose topic is away (an audit topic missing, say) end a round; held
+    back a while, they do not end the next one too before the events behind them go."""
+    stack, outbox, topic = relay_stack
+    away = f"{topic}-away"
+    await _left_behind(stack, outbox, away, 3)
+    ids = await _left_behind(stack, outbox, topic, 5, objects=[f"obj_{n}" for n in range(5)])
+    async with stack.api.engine.begin() as conn:
+        # Behind the three that fail.
+        await conn.execute(
+            tables.outbox.update()
+            .where(tables.outbox.c.topic == topic)
+            .values(created_at=utcnow() - outbox.relay_after - timedelta(seconds=1))
+        )
+    producer = stack.api._producer
+    assert producer is not None
+    send = producer.send_and_wait
+
+    async def topic_away(topic_name: str, *args: Any, **kwargs: Any) -> Any:
+        if topic_name == away:
+            raise KafkaConnectionError("the topic's leader is away")
+        return await send(topic_name, *args, **kwargs)
+
+    monkeypatch.setattr(producer, "send_and_wait", topic_away)
+    assert await outbox.relay_once() == 0, "three failures in a row end the round"
+    assert await outbox.relay_once() == 5
+    await _relayed_once(stack, topic, ids)
+    assert await outbox.backlog() == 3, "kept, for a later round"
+
+
+async def test_a_relay_leaves_a_key_alone_while_another_holds_its_earlier_record(
+    relay_stack: tuple[Stack, Outbox, str],
+) -> None:
+    """Relay A's claim took an object's first record (its batch ended there); relay B's
+    round must not send that object's next record ahead of it, and sends the others."""
+    stack, outbox, topic = relay_stack
+    ids = await _left_behind(stack, outbox, topic, 3, objects=["x", "x", "y"])
+    async with stack.api.engine.begin() as conn:
+        first = (
+            await conn.execute(
+                select(tables.outbox.c.id).order_by(tables.outbox.c.created_at).limit(1)
+            )
+        ).scalar_one()
+        await conn.execute(
+            tables.outbox.update()
+            .where(tables.outbox.c.id == first)
+            .values(claimed_by="rly_a", claimed_until=utcnow() + timedelta(minutes=1))
+        )
+    async with _second_process_outbox(stack) as other:
+        assert await other.relay_once() == 1, "y only"
+    relayed = await topic_records(stack.settings, topic, 1)
+    assert [r["id"] for r in relayed] == [ids[2]]
 
 
 async def _never_undone(conn: AsyncConnection) -> bool:
