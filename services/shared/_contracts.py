@@ -21,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -187,11 +188,6 @@ def _in_utc(value: datetime) -> datetime:
         raise ValueError("must be a time that UTC can express (years 1 to 9999)") from exc
 
 
-# A time a request gives with its offset, taken as the instant it names, in UTC: stored and
-# compared like every other time, and a value past the calendar's ends is a 422, not a 500.
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
-
-
 def later_than_since(until: datetime | None, info: ValidationInfo) -> datetime | None:
     """A validator for the ``until`` of a ``since``/``until`` window (``since`` declared
     first): a window that ends where it starts, or before, holds nothing, and answering
@@ -212,9 +208,26 @@ def _rfc3339_text(value: object) -> object:
     return value
 
 
+def _rfc3339_time(value: object) -> object:
+    """RFC 3339 text, read: a request model is strict, and strict validation refuses the
+    text a check before it hands on (it takes a time from JSON, not from Python)."""
+    if isinstance(_rfc3339_text(value), str):
+        try:
+            return _ANY_TIME.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from None
+    return value
+
+
+_ANY_TIME: TypeAdapter[datetime] = TypeAdapter(datetime)
 _RFC3339_DATE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]")
 # A time on the wire: RFC 3339 text with its offset, not rewritten from anything else.
 Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+
+# A time a request gives with its offset, taken as the instant it names, in UTC: stored and
+# compared like every other time, and a value past the calendar's ends is a 422, not a 500.
+# RFC 3339 text too: "2026" or "20261122" would otherwise be read as seconds since 1970.
+UtcDatetime = Annotated[AwareDatetime, BeforeValidator(_rfc3339_time), AfterValidator(_in_utc)]
 
 # What an event's object_type may be, and so what a webhook may filter on.
 ObjectType = Annotated[str, Field(pattern=_ID)]

@@ -39,6 +39,7 @@ def _deliveries_published(stack: Stack) -> float:
         ("/deliveries", {"webhook_id": "w" * 65}, "webhook_id"),
         ("/deliveries", {"until": NAIVE}, "until"),
         ("/deliveries", {"until": "soon"}, "until"),
+        ("/deliveries", {"since": "1700000000"}, "since"),
         ("/deliveries", {"limit": "501"}, "limit"),
         ("/deliveries", {"state": ""}, "state"),
         ("/webhooks/{id}/deliveries", {"cursor": "1." + "m" * 63}, "cursor"),
@@ -67,6 +68,11 @@ async def test_bad_delivery_queries_get_422_naming_them(
         # Not read as "true", nor as seconds since 1970.
         ({"since": AWARE, "only_failed": "yes"}, "only_failed"),
         ({"since": 1767225600}, "since"),
+        # Digits in a string were read as seconds too: "2026" is 1970's first half hour,
+        # and the whole log would have been sent again.
+        ({"since": "2026"}, "since"),
+        ({"since": "20261122"}, "since"),
+        ({"since": AWARE, "until": "1767225600000"}, "until"),
         ([{"since": AWARE}], "body"),
     ],
 )

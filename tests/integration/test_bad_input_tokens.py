@@ -48,6 +48,7 @@ async def _tokens(stack: Stack) -> list[dict[str, Any]]:
         ),
         ({"name": "x", "permissions": READ, "expires_at": "next week"}, "expires_at"),
         ({"name": "x", "permissions": READ, "expires_at": 4102444800}, "expires_at"),
+        ({"name": "x", "permissions": READ, "expires_at": "4102444800"}, "expires_at"),
         ({"name": "x"}, "permissions"),
         ([{"name": "x", "permissions": READ}], "body"),
         ({}, "name"),
