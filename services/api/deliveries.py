@@ -41,7 +41,7 @@ from services.shared import (
 from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
-from .errors import PublishOutcomeUnknown, PublishUnavailable
+from .errors import PublishOutcomeUnknown, PublishUnavailable, ReplayInterrupted
 from .outbox import check_event_size
 from .paging import PageQuery
 from .webhook_lifecycle import find_webhook
@@ -265,22 +265,26 @@ async def replay_webhook(request: web.Request) -> web.Response:
     body = await parse_body(request, ReplayRequest)
     webhook_id = request.match_info["webhook_id"]
     await _sendable_webhook(ctx, principal.team_id, webhook_id)
+    # The window ends when the call came at the latest: a replay of a busy webhook reads
+    # chunk after chunk, and would otherwise send again the deliveries first made while it
+    # runs, moments after their first attempt.
+    until = utcnow() if body.until is None else min(body.until, utcnow())
     where = delivery_log.DeliveryFilter(
         team_id=principal.team_id,
         webhook_id=webhook_id,
         states=("failed", "retrying") if body.only_failed else (),
         since=body.since,
-        until=body.until,
+        until=until,
     )
     team_id = principal.team_id
     asked = {
         "since": body.since.isoformat(),
-        "until": body.until.isoformat() if body.until else None,
+        "until": until.isoformat(),
         "only_failed": body.only_failed,
     }
     try:
         replayed, resume = await _replay(ctx, where, team_id)
-    except PublishUnavailable as exc:
+    except (PublishUnavailable, ReplayInterrupted) as exc:
         # Stopped part-way (the details say how far): the chunks before went out.
         if isinstance(exc.details, dict) and exc.details.get("replayed"):
             await _audit(
@@ -335,8 +339,18 @@ async def _replay(
                 rows = await delivery_log.oldest_first(conn, where, limit=1, after=after)
             resume = rows[0].created_at if rows else None
             break
-        async with ctx.engine.connect() as conn:
-            rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
+        try:
+            async with ctx.engine.connect() as conn:
+                rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
+        except SQLAlchemyError as exc:
+            ctx.resends.give_back(team_id, size)
+            if not replayed or after is None:
+                raise
+            # Earlier chunks went out: a 500 would have the caller send them all again.
+            raise ReplayInterrupted(
+                f"the delivery log could not be read; {replayed} deliveries were re-sent before it",
+                details={"replayed": replayed, "resume_since": as_utc(after[0])},
+            ) from exc
         chosen = rows[:size]
         ctx.resends.give_back(team_id, size - len(chosen))
         try:

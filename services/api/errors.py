@@ -15,3 +15,9 @@ class PublishUnavailable(DependencyUnavailable):
 
 class PublishOutcomeUnknown(PublishUnavailable):
     """The event was sent but not acknowledged in time: it may be in the stream."""
+
+
+class ReplayInterrupted(DependencyUnavailable):
+    """A replay stopped part-way by the database: its details say how far it went."""
+
+    code = "replay_interrupted"

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
-from services.api import delivery_log
-from services.shared import Attempt, utcnow
+from services.api import deliveries, delivery_log
+from services.api.context import CONTEXT
+from services.shared import Attempt, tables, utcnow
 from tests.conftest import Stack
 from tests.samples import sample_event
 
@@ -93,11 +96,89 @@ async def test_bad_replays_get_422_and_send_nothing(
     assert _deliveries_published(api_stack) == 1
 
 
-async def _log_a_delivery(stack: Stack, webhook_id: str) -> None:
+async def test_a_replay_sends_nothing_first_made_while_it_runs(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no ``until``, the window ends when the call came: a delivery first made while
+    the replay goes through its chunks is not sent again moments after its first attempt;
+    the audit record names the end used."""
+    webhook = await api_stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+    for name in ("msg_first", "msg_second"):
+        await _log_a_delivery(api_stack, webhook["id"], name)
+    monkeypatch.setattr(deliveries, "_REPLAY_CHUNK", 1)
+    publish = deliveries._publish
+    chunks = 0
+
+    async def meanwhile_a_new_delivery(ctx: Any, chosen: Any) -> None:
+        nonlocal chunks
+        chunks += 1
+        await publish(ctx, chosen)
+        if chunks <= 3:
+            await _log_a_delivery(api_stack, webhook["id"], f"msg_during_{chunks}")
+
+    monkeypatch.setattr(deliveries, "_publish", meanwhile_a_new_delivery)
+    replay = f"/webhooks/{webhook['id']}/replay"
+    status, answer = await _call(api_stack, "POST", replay, json={"since": AWARE})
+    assert (status, answer["replayed"]) == (202, 2)
+    assert chunks == 2
+    async with api_stack.api.engine.connect() as conn:
+        [window] = (
+            await conn.execute(
+                select(tables.audit_log.c.details).where(
+                    tables.audit_log.c.action == "webhook.replayed"
+                )
+            )
+        ).scalars()
+    assert window["until"] is not None
+
+
+async def test_a_replay_the_database_stops_part_way_says_how_far_it_went(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first chunk went out, the log's next read failed: a 503 saying how many were
+    re-sent and where to go on from (a 500 would have the caller send them again), the
+    unread chunk's budget given back, and the replay audited as cut short."""
+    webhook = await api_stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+    for name in ("msg_one", "msg_two"):
+        await _log_a_delivery(api_stack, webhook["id"], name)
+    monkeypatch.setattr(deliveries, "_REPLAY_CHUNK", 1)
+    read = delivery_log.oldest_first
+    reads = 0
+
+    async def second_read_fails(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise OperationalError("SELECT", {}, Exception("the database went away"))
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(delivery_log, "oldest_first", second_read_fails)
+    budget = api_stack.api.app[CONTEXT].resends  # type: ignore[index]
+    replay = f"/webhooks/{webhook['id']}/replay"
+    status, answer = await _call(api_stack, "POST", replay, json={"since": AWARE})
+    assert status == 503, answer
+    assert answer["error"]["code"] == "replay_interrupted"
+    assert answer["error"]["details"]["replayed"] == 1
+    assert answer["error"]["details"]["resume_since"] is not None
+    assert _deliveries_published(api_stack) == 1
+    # One re-send spent, not two: the unread chunk's was given back.
+    assert budget.seconds_until(api_stack.team_id, budget.capacity - 1) == 0
+    async with api_stack.api.engine.connect() as conn:
+        [audited] = (
+            await conn.execute(
+                select(tables.audit_log.c.details).where(
+                    tables.audit_log.c.action == "webhook.replayed"
+                )
+            )
+        ).scalars()
+    assert (audited["replayed"], audited["truncated"]) == (1, True)
+
+
+async def _log_a_delivery(stack: Stack, webhook_id: str, delivery_id: str = "msg_logged") -> None:
     """A failed delivery in the log, as the attempt recorder would store it."""
-    event = sample_event(id="evt_logged", team_id=stack.team_id)
+    event = sample_event(id=f"evt_{delivery_id}", team_id=stack.team_id)
     attempt = Attempt(
-        delivery_id="msg_logged",
+        delivery_id=delivery_id,
         event_id=event.id,
         webhook_id=webhook_id,
         team_id=stack.team_id,

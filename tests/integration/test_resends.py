@@ -4,7 +4,7 @@ each call leaves one audit record naming who made it."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -143,7 +143,10 @@ async def test_retry_replay_and_test_are_each_audited_once_with_who_asked(
         assert record["ip"] == "127.0.0.1"
         assert record["request_id"].startswith("req_")
     assert retried["details"] == {"delivery_id": delivery_id, "attempt": 2}
-    window = {"since": before.isoformat(), "until": None, "only_failed": False}
+    # With no until given, the window ends when the call came.
+    for record in (replayed, stopped):
+        assert before < datetime.fromisoformat(record["details"].pop("until")) <= utcnow()
+    window = {"since": before.isoformat(), "only_failed": False}
     assert replayed["details"] == {**window, "replayed": 2, "truncated": False}
     assert stopped["details"] == {**window, "replayed": 1, "truncated": True}
     assert test_sent["details"] == {
