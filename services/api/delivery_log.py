@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
@@ -277,16 +277,33 @@ async def oldest_first(
     return list(rows.all())
 
 
+# A delivery's attempts shown with it, the latest (``attempt_count`` gives them all): each
+# re-send adds one, and a delivery re-sent a hundred thousand times, each attempt with its
+# answer's body, must not be read into memory whole to be shown.
+ATTEMPTS_SHOWN = 100
+
+
 async def attempts_of(
     conn: AsyncConnection, delivery_ids: Sequence[str], *, detailed: bool = False
 ) -> dict[str, list[Any]]:
+    """Per delivery, its latest ``ATTEMPTS_SHOWN`` attempts, oldest first."""
     found: dict[str, list[Any]] = {delivery_id: [] for delivery_id in delivery_ids}
     if not delivery_ids:
         return found
-    rows = await conn.execute(
-        select(*(_attempts.c if detailed else _LISTED_ATTEMPT))
+    newest_first = func.row_number().over(
+        partition_by=_attempts.c.delivery_id,
+        order_by=(_attempts.c.attempted_at.desc(), _attempts.c.attempt.desc()),
+    )
+    ranked = (
+        select(*(_attempts.c if detailed else _LISTED_ATTEMPT), newest_first.label("newest"))
         .where(_attempts.c.delivery_id.in_(list(delivery_ids)))
-        .order_by(_attempts.c.delivery_id, _attempts.c.attempted_at, _attempts.c.attempt)
+        .subquery()
+    )
+    shown = [column for column in ranked.c if column.name != "newest"]
+    rows = await conn.execute(
+        select(*shown)
+        .where(ranked.c.newest <= ATTEMPTS_SHOWN)
+        .order_by(ranked.c.delivery_id, ranked.c.attempted_at, ranked.c.attempt)
     )
     for row in rows:
         found[row.delivery_id].append(row)

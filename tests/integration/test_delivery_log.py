@@ -907,3 +907,23 @@ async def test_a_force_delete_during_a_write_of_the_log_leaves_none_of_it(
                 )
             ).all()
         assert left == []
+
+
+async def test_a_delivery_re_sent_many_times_shows_its_latest_attempts(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each re-send adds an attempt: shown with its delivery (one or in a list), only the
+    latest are read, oldest first, and ``attempt_count`` gives them all."""
+    monkeypatch.setattr(delivery_log, "ATTEMPTS_SHOWN", 3)
+    webhook = await _unreachable_webhook(stack)
+    attempts = [_attempt(stack, "msg_resent", n, webhook["id"]) for n in range(1, 6)]
+    async with stack.api.engine.begin() as conn:
+        await delivery_log.record_attempts(conn, attempts)
+    status, shown = await _call(stack, "GET", "/deliveries/msg_resent")
+    assert status == 200, shown
+    assert shown["attempt_count"] == 5
+    assert [a["attempt"] for a in shown["attempts"]] == [3, 4, 5]
+    status, listed = await _call(stack, "GET", f"/webhooks/{webhook['id']}/deliveries")
+    assert status == 200, listed
+    [delivery] = listed["data"]
+    assert [a["attempt"] for a in delivery["attempts"]] == [3, 4, 5]
