@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, case, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from yarl import URL
 
@@ -144,9 +144,21 @@ async def update_webhook(request: web.Request) -> web.Response:
             if "headers" not in values:
                 kept = [name for name in current.headers or {} if is_secret_header(name)]
             _refuse_carrying_secrets_elsewhere(current.url, values["url"], kept)
-    if values.get("active") is True or "url" in values:
-        # Reactivated or pointed elsewhere: failures before now say nothing of what follows.
-        values["failing_since"] = None
+    # Reactivated or pointed elsewhere: failures before now say nothing of what follows.
+    # Only then: a client sending the whole state on every edit (its "active": true, its
+    # url unchanged) must not keep a dead endpoint from ever being disabled. Decided in
+    # the UPDATE, against the row as it is then.
+    restarts = []
+    if values.get("active") is True:
+        restarts.append(_webhooks.c.active.is_(False))
+    if "url" in values:
+        restarts.append(_webhooks.c.url != values["url"])
+    if restarts:
+        # A copy: the audit details may be this very dict.
+        values = {
+            **values,
+            "failing_since": case((or_(*restarts), None), else_=_webhooks.c.failing_since),
+        }
     row = await _change(
         ctx, request, principal, action, values, details=details, unchanged_since=unchanged_since
     )

@@ -706,3 +706,40 @@ async def test_an_edit_racing_a_trash_is_a_conflict(
             await conn.execute(select(tables.webhooks).where(tables.webhooks.c.id == created["id"]))
         ).one()
     assert (row.name, row.deleted_at is not None) == ("w", True)
+
+
+async def test_only_a_real_reactivation_or_move_restarts_the_no_success_clock(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A client sending the whole state on every edit ("active": true, its url as it is)
+    must not keep a failing endpoint from ever being disabled; turning it back on, or
+    pointing it elsewhere, starts the clock again."""
+    webhook = await _create(stack, receiver.url)
+    hooks = tables.webhooks
+    since = utcnow() - timedelta(days=1)
+
+    async def failing_since() -> datetime | None:
+        async with stack.api.engine.connect() as conn:
+            return (
+                await conn.execute(select(hooks.c.failing_since).where(hooks.c.id == webhook["id"]))
+            ).scalar_one()
+
+    async def failing_for_a_day() -> None:
+        async with stack.api.engine.begin() as conn:
+            await conn.execute(
+                update(hooks).where(hooks.c.id == webhook["id"]).values(failing_since=since)
+            )
+
+    await failing_for_a_day()
+    path = f"/{webhook['id']}"
+    unchanged = {"active": True, "url": receiver.url, "name": "renamed"}
+    assert (await _hooks(stack, "PATCH", path, json=unchanged))[0] == 200
+    assert await failing_since() == since
+    assert (await _hooks(stack, "PATCH", path, json={"active": False}))[0] == 200
+    assert (await _hooks(stack, "PATCH", path, json={"active": True}))[0] == 200
+    assert await failing_since() is None
+    await failing_for_a_day()
+    moved = {"url": receiver.url.replace("/hook", "/elsewhere"), "active": True}
+    assert moved["url"] != receiver.url
+    assert (await _hooks(stack, "PATCH", path, json=moved))[0] == 200
+    assert await failing_since() is None
