@@ -20,7 +20,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 from prometheus_client import Counter
-from sqlalchemy import delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -49,6 +49,8 @@ from .errors import PublishOutcomeUnknown, PublishUnavailable
 T = TypeVar("T")
 _outbox = tables.outbox
 _RELAY_BATCH = 500
+# The advisory lock relay claims take on PostgreSQL (any number no other lock uses).
+_CLAIM_LOCK = 0x686F6F6B
 # The finest step both databases keep in a stored time.
 _TICK = timedelta(microseconds=1)
 
@@ -130,7 +132,10 @@ class Outbox:
         # outcome is unknown and the change is kept for the relay rather than undone. A
         # row older than relay_after was not published by its own request.
         self._wait = publish_timeout + 5
-        self.relay_after = timedelta(seconds=max(30.0, 3 * publish_timeout))
+        # A request may wait one publish wait for an earlier record of its key
+        # (``_sent_meanwhile``) and then one more for its own publish: its row is not
+        # the relay's before both are over.
+        self.relay_after = timedelta(seconds=max(30.0, 3 * publish_timeout, 2 * self._wait + 10))
         # A round sends while more than one publish wait of its claim is left.
         self.claim_for = self.relay_after
         self._log = get_logger("api")
@@ -400,27 +405,34 @@ class Outbox:
         now = utcnow()
         claim, until = new_id("rly"), now + self.claim_for
         free = or_(_outbox.c.claimed_until.is_(None), _outbox.c.claimed_until < now)
-        async with self._engine.begin() as conn:
-            # A key with a record held elsewhere (another relay's claim, or held back after
-            # a failed send) keeps its later records back: sent meanwhile, they would
-            # overtake it. (Two claims at the very same moment on PostgreSQL may each miss
-            # the other's.)
-            held = (
-                await conn.execute(select(_outbox.c.topic, _outbox.c.key).where(~free).distinct())
-            ).all()
-            oldest = (
-                select(_outbox.c.id)
-                .where(
-                    _outbox.c.created_at < now - self.relay_after,
-                    free,
-                    ~tuple_(_outbox.c.topic, _outbox.c.key).in_([tuple(k) for k in held]),
-                )
-                .order_by(_outbox.c.created_at)
-                .limit(_RELAY_BATCH)
-                # PostgreSQL: rows another relay is claiming right now are passed over, so
-                # two rounds at once take two batches rather than one waiting for the other.
-                .with_for_update(skip_locked=True)
+        # A key with a record held elsewhere (another relay's claim, or held back after a
+        # failed send) keeps its later records back: sent meanwhile, they would overtake
+        # it. Checked in the claiming statement itself, under the claims' lock.
+        other = _outbox.alias("other")
+        held_elsewhere = (
+            select(other.c.id)
+            .where(
+                other.c.topic == _outbox.c.topic,
+                other.c.key == _outbox.c.key,
+                other.c.claimed_until >= now,
             )
+            .exists()
+        )
+        oldest = (
+            select(_outbox.c.id)
+            .where(_outbox.c.created_at < now - self.relay_after, free, ~held_elsewhere)
+            .order_by(_outbox.c.created_at)
+            .limit(_RELAY_BATCH)
+            # PostgreSQL: rows another relay is claiming right now are passed over, so
+            # two rounds at once take two batches rather than one waiting for the other.
+            .with_for_update(skip_locked=True)
+        )
+        async with self._engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # One claim at a time, each seeing the claims committed before it: two at
+                # once could each take one record of a key the other was taking. (SQLite
+                # writes one transaction at a time already.)
+                await conn.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK)))
             await conn.execute(
                 update(_outbox)
                 .where(_outbox.c.id.in_(oldest), free)

@@ -204,6 +204,7 @@ outbox = Table(
     Column("claimed_by", String(64)),
     Column("claimed_until", UtcDateTime()),
     Index("ix_outbox_created_at", "created_at"),
+    Index("ix_outbox_key", "topic", "key", "created_at"),
 )
 
 idempotency_keys = Table(
