@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -12,6 +13,30 @@ import structlog
 
 def _render_json(_: Any, __: str, event_dict: structlog.types.EventDict) -> str:
     return orjson.dumps(event_dict, default=str).decode()
+
+
+# What a database's error text may quote from the row it refused: PostgreSQL's "Failing
+# row contains (...)" and "Key (...)=(...)" carry a webhook's signing secrets or a key's
+# hash, and a traceback carries that text.
+_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
+_FAILING_ROW = re.compile(r"(Failing row contains )\(.*\)")
+_KEY_VALUE = re.compile(r"(Key \([^)]*\)=)\(.*?\)( already exists| is not present)")
+
+
+def _scrubbed(text: str) -> str:
+    text = _SECRET.sub("whsec_[redacted]", text)
+    text = _FAILING_ROW.sub(r"\1(…)", text)
+    return _KEY_VALUE.sub(r"\1(…)\2", text)
+
+
+def _scrub_exception(
+    _: Any, __: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    # Only lines with a traceback: the others, a delivery's among them, pay nothing.
+    exception = event_dict.get("exception")
+    if isinstance(exception, str):
+        event_dict["exception"] = _scrubbed(exception)
+    return event_dict
 
 
 def _tagged(service: str | None) -> structlog.types.Processor:
@@ -41,6 +66,7 @@ def configure_logging(
             _tagged(service),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _scrub_exception,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -61,6 +87,7 @@ def configure_logging(
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 # A library's traceback as text, not the repr of an exc_info tuple.
                 structlog.processors.format_exc_info,
+                _scrub_exception,
             ],
         )
     )

@@ -94,3 +94,30 @@ def test_an_unforeseen_failure_of_a_command_is_one_json_line(
     assert (line["event"], line["level"], line["service"]) == ("fatal", "error", "dispatcher")
     assert "RuntimeError: table could not be read" in str(line["exception"])
     assert captured.out == ""
+
+
+def test_a_traceback_leaves_out_the_row_a_database_quoted(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """PostgreSQL's error text quotes the row it refused ("Failing row contains", "Key
+    (...)=(...)"): a webhook's signing secrets, a key's hash. Logged with the traceback,
+    they are left out; what failed is still said."""
+    configure_logging("json", "info", service="api")
+    secret = "whsec_c2VjcmV0LXRoYXQtbXVzdC1uZXZlci1iZS1sb2dnZWQ="
+    refusals = [
+        'null value in column "team_id" violates not-null constraint\n'
+        f'DETAIL:  Failing row contains (wh_1, null, [{{"secret": "{secret}"}}]).',
+        'duplicate key value violates unique constraint "tokens_secret_hash_key"\n'
+        "DETAIL:  Key (secret_hash)=(9f86d081884c7d659a2feaa0c55ad015) already exists.",
+    ]
+    for text in refusals:
+        try:
+            raise RuntimeError(text)
+        except RuntimeError:
+            structlog.get_logger().exception("unhandled_error")
+    first, second = (str(line["exception"]) for line in _lines(capsys.readouterr().err))
+    assert secret not in first
+    assert "wh_1" not in first
+    assert "violates not-null constraint" in first
+    assert "9f86d081884c7d659a2feaa0c55ad015" not in second
+    assert "Key (secret_hash)=" in second
