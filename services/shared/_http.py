@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._ids import new_id
 from ._lifecycle import Loops
+from ._logging import scrubbed
 from ._metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -186,7 +187,9 @@ def _build_middlewares(
                     log.error(
                         "request_failed",
                         error=exc.message,
-                        cause=None if cause is None else f"{type(cause).__name__}: {cause}",
+                        cause=None
+                        if cause is None
+                        else scrubbed(f"{type(cause).__name__}: {cause}"),
                         path=request.path,
                     )
             except web.HTTPRequestEntityTooLarge:

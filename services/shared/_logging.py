@@ -23,7 +23,8 @@ _FAILING_ROW = re.compile(r"(Failing row contains )\(.*\)")
 _KEY_VALUE = re.compile(r"(Key \([^)]*\)=)\(.*?\)( already exists| is not present)")
 
 
-def _scrubbed(text: str) -> str:
+def scrubbed(text: str) -> str:
+    """``text`` without what a database quoted from the row it refused."""
     text = _SECRET.sub("whsec_[redacted]", text)
     text = _FAILING_ROW.sub(r"\1(…)", text)
     return _KEY_VALUE.sub(r"\1(…)\2", text)
@@ -35,7 +36,7 @@ def _scrub_exception(
     # Only lines with a traceback: the others, a delivery's among them, pay nothing.
     exception = event_dict.get("exception")
     if isinstance(exception, str):
-        event_dict["exception"] = _scrubbed(exception)
+        event_dict["exception"] = scrubbed(exception)
     return event_dict
 
 
