@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -222,8 +223,14 @@ class Settings(BaseSettings):
         if self.auth_url:
             return self.auth_url
         # Auth on this host: a wildcard listens on every address but is none to dial, and an
-        # IPv6 address needs its brackets in a URL.
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        # IPv6 address needs its brackets in a URL (yarl adds them, and escapes a zone).
+        host = self.host.strip("[]")
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            address = None
+        if not host or (address is not None and address.is_unspecified):
+            host = "::1" if address is not None and address.version == 6 else "127.0.0.1"
         return str(URL.build(scheme="http", host=host, port=self.auth_port))
 
     def require_secret(

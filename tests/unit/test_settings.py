@@ -164,6 +164,8 @@ async def test_a_consumers_requests_outlast_a_join(session_ms: int, request_ms: 
         # A wildcard listens everywhere but is no address to dial.
         ("0.0.0.0", "http://127.0.0.1:8081"),
         ("::", "http://[::1]:8081"),
+        ("::0", "http://[::1]:8081"),
+        ("[::]", "http://[::1]:8081"),
         ("::1", "http://[::1]:8081"),
         ("auth.internal", "http://auth.internal:8081"),
     ],

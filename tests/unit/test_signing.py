@@ -127,6 +127,8 @@ def test_the_documented_check_accepts_hookwires_signatures_and_refuses_anything_
         # (or digits from another script), headers left out.
         (secrets[0], {**headers, "webhook-signature": "v1,é"}, body),
         (secrets[0], {**signed, "webhook-timestamp": "soon"}, body),
+        # Too long for int() to read at all.
+        (secrets[0], {**signed, "webhook-timestamp": "9" * 5000}, body),
         (secrets[0], {**signed, "webhook-timestamp": "\uff11\uff17\uff10\uff10"}, body),
         (secrets[0], {"webhook-signature": signatures}, body),
         (secrets[0], headers, body),
