@@ -78,7 +78,10 @@ async def _change(
         await find_webhook(conn, principal.team_id, webhook_id, trashed=trashed)
         where = _webhooks.c.id == webhook_id
         if values is None:
-            await conn.execute(delete(_webhooks).where(where))
+            deleted = await conn.execute(delete(_webhooks).where(where))
+            if deleted.rowcount != 1:
+                # Another request deleted it since it was read: that one is audited.
+                raise NotFound(f"webhook {webhook_id} not found")
             await delivery_log.forget_webhook(conn, webhook_id)
             row = None
         else:

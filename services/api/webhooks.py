@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
+from yarl import URL
 
 from services.shared import (
     Actor,
@@ -75,6 +76,14 @@ def check_webhook_url(url: str) -> str:
         parts.hostname.encode("idna")
     except UnicodeError:
         raise ValueError("must name a valid host (labels of 1 to 63 characters)") from None
+    try:
+        # The parser the dispatcher's requests use: a URL only this check reads (a
+        # backslash in the host, say) would be stored and then fail every delivery.
+        URL(url)
+    except ValueError as exc:
+        raise ValueError(f"is not a URL a request can be sent to: {exc}") from None
+    if parts.fragment or url.endswith("#"):
+        raise ValueError("must not have a fragment (#...): it is never sent")
     return url
 
 

@@ -743,3 +743,33 @@ async def test_only_a_real_reactivation_or_move_restarts_the_no_success_clock(
     assert moved["url"] != receiver.url
     assert (await _hooks(stack, "PATCH", path, json=moved))[0] == 200
     assert await failing_since() is None
+
+
+async def test_a_force_delete_that_lost_a_race_answers_404_and_is_not_audited(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two force-deletes at once both read the webhook; the one whose delete finds it gone
+    answers 404 and writes no second audit record."""
+    status, webhook = await _hooks(
+        api_stack,
+        "POST",
+        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
+    )
+    assert status == 201
+    path = f"/{webhook['id']}?force=true"
+    assert (await _hooks(api_stack, "DELETE", path))[0] == 204
+    found = webhook_lifecycle.find_webhook
+
+    async def read_before_the_other_deleted(
+        conn: Any, team_id: str, webhook_id: str, **_: Any
+    ) -> Any:
+        return webhook
+
+    monkeypatch.setattr(webhook_lifecycle, "find_webhook", read_before_the_other_deleted)
+    assert (await _hooks(api_stack, "DELETE", path))[0] == 404
+    monkeypatch.setattr(webhook_lifecycle, "find_webhook", found)
+    status, audit = await api_stack.auth_call(
+        "GET", f"/v1/audit-log?team_id={api_stack.team_id}&action=webhook.force_deleted"
+    )
+    assert status == 200
+    assert [e["target_id"] for e in audit["data"]] == [webhook["id"]]
