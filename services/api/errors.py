@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.shared import DependencyUnavailable
+from services.shared import DependencyUnavailable, HookwireError
 
 
 class AuthUnavailable(DependencyUnavailable):
@@ -21,3 +21,10 @@ class ReplayInterrupted(DependencyUnavailable):
     """A replay stopped part-way by the database: its details say how far it went."""
 
     code = "replay_interrupted"
+
+
+class PreconditionFailed(HookwireError):
+    """An If-Match naming a version the resource has left."""
+
+    status = 412
+    code = "precondition_failed"

@@ -31,15 +31,11 @@ from services.shared import (
 
 from . import object_store as store
 from .context import CONTEXT, ApiContext
+from .errors import PreconditionFailed
 from .paging import IdPageQuery
 
 # fullmatch: "$" would also take a name ending in a newline.
 _OBJECT_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-
-
-class PreconditionFailed(HookwireError):
-    status = 412
-    code = "precondition_failed"
 
 
 class ObjectQuery(IdPageQuery):

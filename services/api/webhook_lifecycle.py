@@ -32,7 +32,15 @@ from services.shared import (
 from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
-from .webhooks import WebhookUpdate, actor, check_reachable, new_signing_secret, webhook_view
+from .errors import PreconditionFailed
+from .webhooks import (
+    WebhookUpdate,
+    actor,
+    check_reachable,
+    new_signing_secret,
+    webhook_etag,
+    webhook_view,
+)
 
 _webhooks = tables.webhooks
 DEFAULT_GRACE_SECONDS = 24 * 3600
@@ -134,10 +142,18 @@ async def update_webhook(request: web.Request) -> web.Response:
     details = _redacted(values)
     unchanged_since = None
     keeps_secrets = bool(values.get("headers")) and REDACTED in values["headers"].values()
-    if keeps_secrets or "url" in values:
+    wanted = request.headers.get("If-Match")
+    if keeps_secrets or "url" in values or wanted is not None:
         async with ctx.engine.connect() as conn:
             current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
         unchanged_since = current.updated_at
+        etag = webhook_etag(current.updated_at)["ETag"]
+        if wanted is not None and wanted.strip() not in (etag, "*"):
+            # A view's headers sent back with one changed would otherwise undo whatever
+            # another client changed since that view was read.
+            raise PreconditionFailed(
+                "the webhook changed since you read it", details={"current_etag": etag}
+            )
         kept = [name for name, value in values.get("headers", {}).items() if value == REDACTED]
         if keeps_secrets:
             # A view shows credential-like values as "[redacted]"; sent back unchanged,
@@ -165,7 +181,7 @@ async def update_webhook(request: web.Request) -> web.Response:
     row = await _change(
         ctx, request, principal, action, values, details=details, unchanged_since=unchanged_since
     )
-    return json_response(webhook_view(row._mapping))
+    return json_response(webhook_view(row._mapping), headers=webhook_etag(row.updated_at))
 
 
 def _refuse_carrying_secrets_elsewhere(stored_url: str, url: str, kept: list[str]) -> None:
@@ -288,9 +304,10 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         one,
         update_webhook,
         body=WebhookUpdate,
+        headers={"If-Match": "The ETag last read; 412 when the webhook changed since"},
         permission="webhook:update",
-        errors=(401, 403, 404, 409, 413, 422),
-        summary="Edit a webhook (name, url, topics, filters, headers, active)",
+        errors=(401, 403, 404, 409, 412, 413, 422),
+        summary="Edit a webhook (name, url, topics, filters, headers, active); If-Match optional",
     )
     spec.route(
         app,

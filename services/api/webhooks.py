@@ -6,6 +6,7 @@ import base64
 import re
 import secrets
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -310,7 +311,16 @@ async def get_webhook(request: web.Request) -> web.Response:
         ).first()
     if row is None:
         raise NotFound(f"webhook {webhook_id} not found")
-    return json_response(webhook_view(row._mapping))
+    return json_response(webhook_view(row._mapping), headers=webhook_etag(row.updated_at))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def webhook_etag(updated_at: datetime) -> dict[str, str]:
+    """The ETag header of a webhook as of its last change (every change sets the time, to
+    the microsecond)."""
+    return {"ETag": f'"{(as_utc(updated_at) - _EPOCH) // timedelta(microseconds=1)}"'}
 
 
 def add_routes(app: web.Application, spec: OpenApi) -> None:

@@ -773,3 +773,47 @@ async def test_a_force_delete_that_lost_a_race_answers_404_and_is_not_audited(
     )
     assert status == 200
     assert [e["target_id"] for e in audit["data"]] == [webhook["id"]]
+
+
+async def test_an_edit_made_from_a_stale_read_is_refused_with_if_match(api_stack: Stack) -> None:
+    """Two clients read the webhook; one changes its headers; the other sends back what it
+    read with another header changed: with If-Match it gets 412, not the first client's
+    change undone. A fresh ETag (from the GET, or the PATCH's answer) goes through."""
+    status, webhook = await _hooks(
+        api_stack,
+        "POST",
+        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
+    )
+    assert status == 201
+    path = f"/{webhook['id']}"
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
+        headers=api_stack.headers(),
+    ) as response:
+        read_etag = response.headers["ETag"]
+    first = {"headers": {"X-Region": "eu"}}
+    async with api_stack.session.patch(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
+        headers={**api_stack.headers(), "If-Match": read_etag},
+        json=first,
+    ) as response:
+        assert response.status == 200
+        fresh_etag = response.headers["ETag"]
+    assert fresh_etag != read_etag
+    stale = {"headers": {"X-Tenant": "b"}}
+    async with api_stack.session.patch(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
+        headers={**api_stack.headers(), "If-Match": read_etag},
+        json=stale,
+    ) as response:
+        assert response.status == 412
+        refused = await response.json()
+    assert refused["error"]["code"] == "precondition_failed"
+    assert refused["error"]["details"]["current_etag"] == fresh_etag
+    assert (await _hooks(api_stack, "GET", path))[1]["headers"] == {"X-Region": "eu"}
+    async with api_stack.session.patch(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
+        headers={**api_stack.headers(), "If-Match": fresh_etag},
+        json={"headers": {"X-Region": "eu", "X-Tenant": "b"}},
+    ) as response:
+        assert response.status == 200
