@@ -328,6 +328,9 @@ async def _replay(
     # Read and sent a chunk at a time: each row carries its event, up to 256 KiB.
     replayed = 0
     after: tuple[datetime, str] | None = None
+    # The first delivery not yet sent, read with the chunk before (one row past it): where
+    # the next call goes on from.
+    following: datetime | None = None
     resume: datetime | None = None
     while True:
         size = ctx.resends.take(team_id, min(_REPLAY_CHUNK, MAX_REPLAY - replayed))
@@ -335,21 +338,19 @@ async def _replay(
             if not replayed:
                 raise _spent(ctx, team_id)
             # The budget ran out between chunks: the next call goes on from here.
-            async with ctx.engine.connect() as conn:
-                rows = await delivery_log.oldest_first(conn, where, limit=1, after=after)
-            resume = rows[0].created_at if rows else None
+            resume = following
             break
         try:
             async with ctx.engine.connect() as conn:
                 rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
         except SQLAlchemyError as exc:
             ctx.resends.give_back(team_id, size)
-            if not replayed or after is None:
+            if not replayed:
                 raise
             # Earlier chunks went out: a 500 would have the caller send them all again.
             raise ReplayInterrupted(
                 f"the delivery log could not be read; {replayed} deliveries were re-sent before it",
-                details={"replayed": replayed, "resume_since": as_utc(after[0])},
+                details={"replayed": replayed, "resume_since": as_utc(following)},
             ) from exc
         chosen = rows[:size]
         ctx.resends.give_back(team_id, size - len(chosen))
@@ -369,8 +370,9 @@ async def _replay(
         if len(rows) <= size:
             break
         after = (chosen[-1].created_at, chosen[-1].id)
+        following = rows[size].created_at
         if replayed >= MAX_REPLAY:
-            resume = rows[size].created_at
+            resume = following
             break
     return replayed, resume
 

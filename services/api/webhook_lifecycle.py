@@ -148,7 +148,7 @@ async def update_webhook(request: web.Request) -> web.Response:
             current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
         unchanged_since = current.updated_at
         etag = webhook_etag(current.updated_at)["ETag"]
-        if wanted is not None and wanted.strip() not in (etag, "*"):
+        if wanted is not None and not {tag.strip() for tag in wanted.split(",")} & {etag, "*"}:
             # A view's headers sent back with one changed would otherwise undo whatever
             # another client changed since that view was read.
             raise PreconditionFailed(
@@ -178,9 +178,21 @@ async def update_webhook(request: web.Request) -> web.Response:
             **values,
             "failing_since": case((or_(*restarts), None), else_=_webhooks.c.failing_since),
         }
-    row = await _change(
-        ctx, request, principal, action, values, details=details, unchanged_since=unchanged_since
-    )
+    try:
+        row = await _change(
+            ctx,
+            request,
+            principal,
+            action,
+            values,
+            details=details,
+            unchanged_since=unchanged_since,
+        )
+    except Conflict:
+        if wanted is None:
+            raise
+        # Changed between the If-Match check and the write: the same answer as before it.
+        raise PreconditionFailed("the webhook changed since you read it") from None
     return json_response(webhook_view(row._mapping), headers=webhook_etag(row.updated_at))
 
 

@@ -19,14 +19,21 @@ def _render_json(_: Any, __: str, event_dict: structlog.types.EventDict) -> str:
 # row contains (...)" and "Key (...)=(...)" carry a webhook's signing secrets or a key's
 # hash, and a traceback carries that text.
 _SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
-_FAILING_ROW = re.compile(r"(Failing row contains )\(.*\)")
-_KEY_VALUE = re.compile(r"(Key \([^)]*\)=)\(.*?\)( already exists| is not present)")
+# A quoted row runs over lines when a value holds a line break: cut up to what follows
+# the database's own text, or the end.
+_FAILING_ROW = re.compile(
+    r"(Failing row contains ).*?(?=\n\[SQL|\n\(Background|\n\nThe above|\n\nDuring|\Z)",
+    re.DOTALL,
+)
+_KEY_VALUE = re.compile(
+    r"(Key \([^)]*\)=)\(.*?\)( already exists| is not present| is still referenced)", re.DOTALL
+)
 
 
 def scrubbed(text: str) -> str:
     """``text`` without what a database quoted from the row it refused."""
     text = _SECRET.sub("whsec_[redacted]", text)
-    text = _FAILING_ROW.sub(r"\1(…)", text)
+    text = _FAILING_ROW.sub(r"\1(…).", text)
     return _KEY_VALUE.sub(r"\1(…)\2", text)
 
 

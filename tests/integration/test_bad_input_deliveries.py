@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from services.api import deliveries, delivery_log
 from services.api.context import CONTEXT
-from services.shared import Attempt, tables, utcnow
+from services.shared import Attempt, as_utc, tables, utcnow
 from tests.conftest import Stack
 from tests.samples import sample_event
 
@@ -159,7 +160,14 @@ async def test_a_replay_the_database_stops_part_way_says_how_far_it_went(
     assert status == 503, answer
     assert answer["error"]["code"] == "replay_interrupted"
     assert answer["error"]["details"]["replayed"] == 1
-    assert answer["error"]["details"]["resume_since"] is not None
+    async with api_stack.api.engine.connect() as conn:
+        second = (
+            await conn.execute(
+                select(tables.deliveries.c.created_at).where(tables.deliveries.c.id == "msg_two")
+            )
+        ).scalar_one()
+    # From the first one not sent (since is inclusive: the one sent is not sent again).
+    assert datetime.fromisoformat(answer["error"]["details"]["resume_since"]) == as_utc(second)
     assert _deliveries_published(api_stack) == 1
     # One re-send spent, not two: the unread chunk's was given back.
     assert budget.seconds_until(api_stack.team_id, budget.capacity - 1) == 0

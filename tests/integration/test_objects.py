@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.api import object_store
+from services.api import outbox as outbox_module
 from services.api.errors import PublishOutcomeUnknown
 from services.api.outbox import Outbox
 from services.shared import (
@@ -904,3 +905,33 @@ async def test_a_database_failing_after_the_change_answers_it_as_made(
     if broker_up:
         published = await topic_records(stack.settings, events_topic, 2)
         assert event.id in [record["id"] for record in published]
+
+
+async def test_a_claim_waits_for_one_being_made_and_leaves_its_keys_alone(
+    relay_stack: tuple[Stack, Outbox, str],
+) -> None:
+    """Relay A's claim of an object's first record is made but not yet committed when relay
+    B claims: B must not take that object's next record (it would send it ahead of the
+    first), and takes the other object's."""
+    stack, outbox, topic = relay_stack
+    ids = await _left_behind(stack, outbox, topic, 3, objects=["x", "x", "y"])
+    async with _second_process_outbox(stack) as other, other._engine.connect() as conn:
+        claiming = await conn.begin()
+        if conn.dialect.name == "postgresql":
+            await conn.execute(select(func.pg_advisory_xact_lock(outbox_module._CLAIM_LOCK)))
+        first = (
+            await conn.execute(
+                select(tables.outbox.c.id).order_by(tables.outbox.c.created_at).limit(1)
+            )
+        ).scalar_one()
+        await conn.execute(
+            tables.outbox.update()
+            .where(tables.outbox.c.id == first)
+            .values(claimed_by="rly_a", claimed_until=utcnow() + timedelta(minutes=1))
+        )
+        second = asyncio.create_task(outbox._claim())
+        await asyncio.sleep(0.5)
+        await claiming.commit()
+        _, _, rows = await second
+    assert [row.key for row in rows] == ["y"], "x's second record waits for its first"
+    assert ids[2] in rows[0].value

@@ -811,9 +811,46 @@ async def test_an_edit_made_from_a_stale_read_is_refused_with_if_match(api_stack
     assert refused["error"]["code"] == "precondition_failed"
     assert refused["error"]["details"]["current_etag"] == fresh_etag
     assert (await _hooks(api_stack, "GET", path))[1]["headers"] == {"X-Region": "eu"}
+    # A list of ETags matches when one of them does.
     async with api_stack.session.patch(
         f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
-        headers={**api_stack.headers(), "If-Match": fresh_etag},
+        headers={**api_stack.headers(), "If-Match": f"{read_etag}, {fresh_etag}"},
         json={"headers": {"X-Region": "eu", "X-Tenant": "b"}},
     ) as response:
         assert response.status == 200
+
+
+async def test_a_change_between_the_if_match_check_and_the_write_is_a_412(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status, webhook = await _hooks(
+        api_stack,
+        "POST",
+        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
+    )
+    assert status == 201
+    path = f"/{webhook['id']}"
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
+        headers=api_stack.headers(),
+    ) as response:
+        etag = response.headers["ETag"]
+    change = webhook_lifecycle._change
+    landed = False
+
+    async def another_change_lands_first(*args: Any, **kwargs: Any) -> Any:
+        nonlocal landed
+        if not landed:
+            landed = True
+            # The other client's edit, made through the route itself.
+            assert (await _hooks(api_stack, "PATCH", path, json={"name": "meanwhile"}))[0] == 200
+        return await change(*args, **kwargs)
+
+    monkeypatch.setattr(webhook_lifecycle, "_change", another_change_lands_first)
+    async with api_stack.session.patch(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
+        headers={**api_stack.headers(), "If-Match": etag},
+        json={"name": "mine"},
+    ) as response:
+        assert response.status == 412
+        assert (await response.json())["error"]["code"] == "precondition_failed"

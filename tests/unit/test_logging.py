@@ -105,8 +105,10 @@ def test_a_traceback_leaves_out_the_row_a_database_quoted(
     configure_logging("json", "info", service="api")
     secret = "whsec_c2VjcmV0LXRoYXQtbXVzdC1uZXZlci1iZS1sb2dnZWQ="
     refusals = [
+        # A value with a line break spreads the quoted row over lines.
         'null value in column "team_id" violates not-null constraint\n'
-        f'DETAIL:  Failing row contains (wh_1, null, [{{"secret": "{secret}"}}]).',
+        f'DETAIL:  Failing row contains (wh_1, first\nsecond, {{"Authorization": "Bearer '
+        f'sk_live_1"}}, [{{"secret": "{secret}"}}]).\n[SQL: INSERT INTO webhooks]',
         'duplicate key value violates unique constraint "tokens_secret_hash_key"\n'
         "DETAIL:  Key (secret_hash)=(9f86d081884c7d659a2feaa0c55ad015) already exists.",
     ]
@@ -118,6 +120,8 @@ def test_a_traceback_leaves_out_the_row_a_database_quoted(
     first, second = (str(line["exception"]) for line in _lines(capsys.readouterr().err))
     assert secret not in first
     assert "wh_1" not in first
+    assert "sk_live_1" not in first
+    assert "[SQL: INSERT INTO webhooks]" in first
     assert "violates not-null constraint" in first
     assert "9f86d081884c7d659a2feaa0c55ad015" not in second
     assert "Key (secret_hash)=" in second
