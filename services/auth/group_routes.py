@@ -124,7 +124,15 @@ class GroupRoutes:
             values["permissions"] = sorted(set(body.permissions))
         group_id = request.match_info["group_id"]
         async with self.engine.begin() as conn:
-            await store.group_rows(conn, caller.user_id, group_id)
+            [current] = await store.group_rows(conn, caller.user_id, group_id)
+            if body.permissions is not None and not set(body.permissions) <= set(
+                current.permissions
+            ):
+                # Widening a group widens every key that uses it: as for creating such a
+                # key, a short-lived or network-fenced caller must not hand a key that
+                # outlives it, or reaches further, more than it had.
+                for key in await store.group_keys(conn, group_id):
+                    caller.require_no_wider(as_utc(key.expires_at), key.allowed_cidrs, verb="widen")
             await store.save_group(conn, group_id, {**values, "updated_at": utcnow()}, create=False)
             await record_audit(
                 conn,

@@ -367,6 +367,16 @@ async def group_in_use(conn: AsyncConnection, group_id: str) -> bool:
     return found is not None
 
 
+async def group_keys(conn: AsyncConnection, group_id: str) -> list[Any]:
+    """The keys, not revoked, that take their permissions from the group."""
+    rows = await conn.execute(
+        select(_tokens.c.id, _tokens.c.expires_at, _tokens.c.allowed_cidrs).where(
+            _tokens.c.permission_group_id == group_id, _tokens.c.revoked_at.is_(None)
+        )
+    )
+    return list(rows.all())
+
+
 async def delete_group(conn: AsyncConnection, group_id: str) -> None:
     await conn.execute(delete(_groups).where(_groups.c.id == group_id))
 

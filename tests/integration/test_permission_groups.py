@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from services.shared import utcnow
 from tests.conftest import Stack, audit_count
 
 
@@ -171,3 +173,41 @@ async def test_a_group_in_use_cannot_be_deleted(api_stack: Stack) -> None:
     assert (await api_stack.auth_call("DELETE", f"/v1/tokens/{created['id']}"))[0] == 204
     assert (await api_stack.auth_call("DELETE", path))[0] == 204
     assert (await api_stack.auth_call("GET", path))[0] == 404
+
+
+async def test_a_short_lived_key_cannot_widen_a_group_used_by_a_key_outliving_it(
+    api_stack: Stack,
+) -> None:
+    """Widening a group widens every key that uses it: a key that expires in an hour must
+    not give a key with no expiry permissions it did not have (its unfenced heir, as when
+    creating one). Narrowing stays allowed, and a key that outlives them may widen."""
+    group = await _group(api_stack, ["object:read"])
+    status, _ = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "lasting", "permission_group_id": group["id"]},
+    )
+    assert status == 201
+    soon = (utcnow() + timedelta(hours=1)).isoformat()
+    status, short = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "short",
+            "permissions": ["token:manage", "object:read", "webhook:read"],
+            "expires_at": soon,
+        },
+    )
+    assert status == 201, short
+    path = f"/v1/permission-groups/{group['id']}"
+    wider = {"permissions": ["object:read", "webhook:read"]}
+    status, refused = await api_stack.auth_call("PATCH", path, short["token"], json=wider)
+    assert status == 403, refused
+    assert "outlives" in refused["error"]["message"]
+    _, shown = await api_stack.auth_call("GET", path)
+    assert shown["permissions"] == ["object:read"]
+    status, _ = await api_stack.auth_call("PATCH", path, short["token"], json={"name": "crm2"})
+    assert status == 200, "a rename widens nothing"
+    assert (await api_stack.auth_call("PATCH", path, json=wider))[0] == 200
+    narrower = {"permissions": ["object:read"]}
+    assert (await api_stack.auth_call("PATCH", path, short["token"], json=narrower))[0] == 200
