@@ -86,7 +86,8 @@ class ReplayRequest(BaseModel):
     since: UtcDatetime
     until: UtcDatetime | None = None
     only_failed: bool = Field(
-        default=False, description="Re-send only deliveries not delivered (failed or retrying)"
+        default=False,
+        description="Re-send only deliveries not delivered (failed, retrying or skipped)",
     )
 
     _window = field_validator("until")(later_than_since)
@@ -272,7 +273,9 @@ async def replay_webhook(request: web.Request) -> web.Response:
     where = delivery_log.DeliveryFilter(
         team_id=principal.team_id,
         webhook_id=webhook_id,
-        states=("failed", "retrying") if body.only_failed else (),
+        # Skipped too: the webhook was off when their turn came (a disable after days of
+        # failures, a 410), and turning it back on is when they are wanted again.
+        states=("failed", "retrying", "skipped") if body.only_failed else (),
         since=body.since,
         until=until,
     )

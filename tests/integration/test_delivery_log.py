@@ -927,3 +927,35 @@ async def test_a_delivery_re_sent_many_times_shows_its_latest_attempts(
     assert status == 200, listed
     [delivery] = listed["data"]
     assert [a["attempt"] for a in delivery["attempts"]] == [3, 4, 5]
+
+
+async def test_a_replay_of_failed_ones_includes_those_skipped_while_the_webhook_was_off(
+    stack: Stack,
+) -> None:
+    """Deliveries retrying when their webhook was disabled (days of failures, a 410) are
+    skipped at their turn; turned back on, the webhook's owner re-sends what was not
+    delivered, and those are among it. Delivered ones are not."""
+    webhook = await _unreachable_webhook(stack)
+    outcomes = {"msg_was_off": "skipped", "msg_went": "delivered", "msg_broke": "failed"}
+    attempts = []
+    for delivery_id, outcome in outcomes.items():
+        attempt = _attempt(stack, delivery_id, 1, webhook["id"])
+        attempts.append(attempt.model_copy(update={"outcome": outcome, "final": True}))
+    async with stack.api.engine.begin() as conn:
+        await delivery_log.record_attempts(conn, attempts)
+    published = deliveries._publish
+    sent: list[str] = []
+
+    async def noted(ctx: Any, chosen: Any) -> None:
+        sent.extend(delivery.id for delivery in chosen)
+        await published(ctx, chosen)
+
+    replay = f"/webhooks/{webhook['id']}/replay"
+    before = (utcnow() - timedelta(minutes=1)).isoformat()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(deliveries, "_publish", noted)
+        status, answer = await _call(
+            stack, "POST", replay, json={"since": before, "only_failed": True}
+        )
+    assert (status, answer["replayed"]) == (202, 2), answer
+    assert sorted(sent) == ["msg_broke", "msg_was_off"]
