@@ -242,20 +242,38 @@ def metadata_as_kafka_answers(monkeypatch: pytest.MonkeyPatch, absent_topic: str
     monkeypatch.setattr(aiokafka_client, "MetadataRequest", as_kafka_answers)
 
 
+@dataclass
+class Calls:
+    """How many times a patched call has been made so far."""
+
+    count: int = 0
+
+
+def fail_nth_call(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, nth: int, error: Exception
+) -> Calls:
+    """The ``nth`` call of the coroutine ``owner.name`` raises ``error``; every other call
+    goes through to it. This is how a test stages a fault part-way through a sequence."""
+    calls = Calls()
+    real = getattr(owner, name)
+
+    async def nth_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.count += 1
+        if calls.count == nth:
+            raise error
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, nth_fails)
+    return calls
+
+
 def refuse_second_replay_chunk(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """The event stream takes a re-send's first chunk and refuses the second (and no
     other); returns the real publisher, to put back."""
     real_publish = deliveries._publish
-    calls = 0
-
-    async def second_chunk_refused(ctx: Any, chosen: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise PublishUnavailable("event stream is unavailable: test")
-        await real_publish(ctx, chosen)
-
-    monkeypatch.setattr(deliveries, "_publish", second_chunk_refused)
+    fail_nth_call(
+        monkeypatch, deliveries, "_publish", 2, PublishUnavailable("event stream is unavailable")
+    )
     return real_publish
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from services.api import deliveries, delivery_log
 from services.api.context import CONTEXT
 from services.shared import Attempt, as_utc, tables, utcnow
-from tests.conftest import Stack
+from tests.conftest import Stack, fail_nth_call
 from tests.samples import sample_event
 
 NAIVE = "2026-01-01T00:00:00"
@@ -122,14 +122,7 @@ async def test_a_replay_sends_nothing_first_made_while_it_runs(
     status, answer = await _call(api_stack, "POST", replay, json={"since": AWARE})
     assert (status, answer["replayed"]) == (202, 2)
     assert chunks == 2
-    async with api_stack.api.engine.connect() as conn:
-        [window] = (
-            await conn.execute(
-                select(tables.audit_log.c.details).where(
-                    tables.audit_log.c.action == "webhook.replayed"
-                )
-            )
-        ).scalars()
+    [window] = await _replay_audits(api_stack)
     assert window["until"] is not None
 
 
@@ -143,17 +136,13 @@ async def test_a_replay_the_database_stops_part_way_says_how_far_it_went(
     for name in ("msg_one", "msg_two"):
         await _log_a_delivery(api_stack, webhook["id"], name)
     monkeypatch.setattr(deliveries, "_REPLAY_CHUNK", 1)
-    read = delivery_log.oldest_first
-    reads = 0
-
-    async def second_read_fails(*args: Any, **kwargs: Any) -> Any:
-        nonlocal reads
-        reads += 1
-        if reads == 2:
-            raise OperationalError("SELECT", {}, Exception("the database went away"))
-        return await read(*args, **kwargs)
-
-    monkeypatch.setattr(delivery_log, "oldest_first", second_read_fails)
+    fail_nth_call(
+        monkeypatch,
+        delivery_log,
+        "oldest_first",
+        2,
+        OperationalError("SELECT", {}, Exception("the database went away")),
+    )
     budget = api_stack.api.app[CONTEXT].resends  # type: ignore[index]
     replay = f"/webhooks/{webhook['id']}/replay"
     status, answer = await _call(api_stack, "POST", replay, json={"since": AWARE})
@@ -171,15 +160,22 @@ async def test_a_replay_the_database_stops_part_way_says_how_far_it_went(
     assert _deliveries_published(api_stack) == 1
     # One re-send spent, not two: the unread chunk's was given back.
     assert budget.seconds_until(api_stack.team_id, budget.capacity - 1) == 0
-    async with api_stack.api.engine.connect() as conn:
-        [audited] = (
-            await conn.execute(
-                select(tables.audit_log.c.details).where(
-                    tables.audit_log.c.action == "webhook.replayed"
-                )
-            )
-        ).scalars()
+    [audited] = await _replay_audits(api_stack)
     assert (audited["replayed"], audited["truncated"]) == (1, True)
+
+
+async def _replay_audits(stack: Stack) -> list[Any]:
+    """The details of every `webhook.replayed` audit record."""
+    async with stack.api.engine.connect() as conn:
+        return list(
+            (
+                await conn.execute(
+                    select(tables.audit_log.c.details).where(
+                        tables.audit_log.c.action == "webhook.replayed"
+                    )
+                )
+            ).scalars()
+        )
 
 
 async def _log_a_delivery(stack: Stack, webhook_id: str, delivery_id: str = "msg_logged") -> None:

@@ -41,6 +41,7 @@ from tests.conftest import (
     Receiver,
     Stack,
     dead_letters,
+    fail_nth_call,
     pause_first_call,
     records_in,
     stack_on_own_broker,
@@ -463,19 +464,15 @@ async def test_a_record_the_stream_refuses_holds_back_only_its_key(
     ids = await _left_behind(stack, outbox, topic, 4, objects=["a", "b", "b", "c"])
     producer = stack.api._producer
     assert producer is not None
-    send = producer.send_and_wait
-    calls = 0
-
-    async def fails_second(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise KafkaConnectionError("the partition's leader went away")
-        return await send(*args, **kwargs)
-
-    monkeypatch.setattr(producer, "send_and_wait", fails_second)
+    sends = fail_nth_call(
+        monkeypatch,
+        producer,
+        "send_and_wait",
+        2,
+        KafkaConnectionError("the partition's leader went away"),
+    )
     assert await outbox.relay_once() == 2  # "a" and "c"; the second "b" waits for the first
-    assert calls == 3
+    assert sends.count == 3
     # The failed send may have written its record: its request must not undo the change.
     async with stack.api.engine.connect() as conn:
         failed = (
@@ -582,6 +579,18 @@ async def test_records_failing_at_the_head_of_the_outbox_do_not_hold_back_the_re
     assert await outbox.backlog() == 3, "kept, for a later round"
 
 
+async def _claim_the_first_record_elsewhere(conn: AsyncConnection) -> None:
+    """Relay A's claim that ended at the outbox's first record (its batch's last)."""
+    first = (
+        await conn.execute(select(tables.outbox.c.id).order_by(tables.outbox.c.created_at).limit(1))
+    ).scalar_one()
+    await conn.execute(
+        tables.outbox.update()
+        .where(tables.outbox.c.id == first)
+        .values(claimed_by="rly_a", claimed_until=utcnow() + timedelta(minutes=1))
+    )
+
+
 async def test_a_relay_leaves_a_key_alone_while_another_holds_its_earlier_record(
     relay_stack: tuple[Stack, Outbox, str],
 ) -> None:
@@ -590,16 +599,7 @@ async def test_a_relay_leaves_a_key_alone_while_another_holds_its_earlier_record
     stack, outbox, topic = relay_stack
     ids = await _left_behind(stack, outbox, topic, 3, objects=["x", "x", "y"])
     async with stack.api.engine.begin() as conn:
-        first = (
-            await conn.execute(
-                select(tables.outbox.c.id).order_by(tables.outbox.c.created_at).limit(1)
-            )
-        ).scalar_one()
-        await conn.execute(
-            tables.outbox.update()
-            .where(tables.outbox.c.id == first)
-            .values(claimed_by="rly_a", claimed_until=utcnow() + timedelta(minutes=1))
-        )
+        await _claim_the_first_record_elsewhere(conn)
     async with _second_process_outbox(stack) as other:
         assert await other.relay_once() == 1, "y only"
     relayed = await topic_records(stack.settings, topic, 1)
@@ -919,16 +919,7 @@ async def test_a_claim_waits_for_one_being_made_and_leaves_its_keys_alone(
         claiming = await conn.begin()
         if conn.dialect.name == "postgresql":
             await conn.execute(select(func.pg_advisory_xact_lock(outbox_module._CLAIM_LOCK)))
-        first = (
-            await conn.execute(
-                select(tables.outbox.c.id).order_by(tables.outbox.c.created_at).limit(1)
-            )
-        ).scalar_one()
-        await conn.execute(
-            tables.outbox.update()
-            .where(tables.outbox.c.id == first)
-            .values(claimed_by="rly_a", claimed_until=utcnow() + timedelta(minutes=1))
-        )
+        await _claim_the_first_record_elsewhere(conn)
         second = asyncio.create_task(outbox._claim())
         await asyncio.sleep(0.5)
         await claiming.commit()

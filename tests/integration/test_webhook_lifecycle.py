@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,17 +28,46 @@ from tests.conftest import Receiver, Stack, pause_first_call, running_stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
 
-async def _hooks(
-    stack: Stack, method: str, path: str = "", token: str | None = None, **kwargs: Any
-) -> tuple[int, Any]:
+async def _answer(
+    stack: Stack,
+    method: str,
+    path: str = "",
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> tuple[int, Any, Mapping[str, str]]:
     async with stack.session.request(
         method,
         f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks{path}",
-        headers=stack.headers(token),
+        headers={**stack.headers(token), **(headers or {})},
         **kwargs,
     ) as response:
         body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body
+        return response.status, body, response.headers
+
+
+async def _hooks(
+    stack: Stack, method: str, path: str = "", token: str | None = None, **kwargs: Any
+) -> tuple[int, Any]:
+    status, body, _ = await _answer(stack, method, path, token, **kwargs)
+    return status, body
+
+
+async def _etag(stack: Stack, path: str) -> str:
+    status, _, headers = await _answer(stack, "GET", path)
+    assert status == 200
+    return headers["ETag"]
+
+
+async def _create_elsewhere(stack: Stack) -> str:
+    """A webhook no receiver listens for: the path of its own resource."""
+    status, webhook = await _hooks(
+        stack,
+        "POST",
+        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
+    )
+    assert status == 201
+    return f"/{webhook['id']}"
 
 
 async def _create(stack: Stack, url: str) -> dict[str, Any]:
@@ -128,13 +157,7 @@ async def test_rotation_signs_with_both_secrets_during_the_grace(
 
 async def test_trash_restore_and_force_delete(api_stack: Stack) -> None:
     """Trash hides a webhook, restore brings it back, force-delete needs its permission."""
-    status, webhook = await _hooks(
-        api_stack,
-        "POST",
-        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
-    )
-    assert status == 201
-    path = f"/{webhook['id']}"
+    path = await _create_elsewhere(api_stack)
     assert (await _hooks(api_stack, "DELETE", path))[0] == 204
     assert (await _hooks(api_stack, "GET", path))[0] == 404
     assert (await _hooks(api_stack, "GET"))[1]["data"] == []
@@ -148,7 +171,8 @@ async def test_trash_restore_and_force_delete(api_stack: Stack) -> None:
     status, audit = await api_stack.auth_call(
         "GET", f"/v1/audit-log?team_id={api_stack.team_id}&limit=20"
     )
-    actions = [e["action"] for e in audit["data"] if e["target_id"] == webhook["id"]]
+    assert status == 200
+    actions = [e["action"] for e in audit["data"] if f"/{e['target_id']}" == path]
     assert actions == [
         "webhook.force_deleted",
         "webhook.deleted",
@@ -779,62 +803,45 @@ async def test_an_edit_made_from_a_stale_read_is_refused_with_if_match(api_stack
     """Two clients read the webhook; one changes its headers; the other sends back what it
     read with another header changed: with If-Match it gets 412, not the first client's
     change undone. A fresh ETag (from the GET, or the PATCH's answer) goes through."""
-    status, webhook = await _hooks(
+    path = await _create_elsewhere(api_stack)
+    read_etag = await _etag(api_stack, path)
+    status, _, headers = await _answer(
         api_stack,
-        "POST",
-        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
+        "PATCH",
+        path,
+        headers={"If-Match": read_etag},
+        json={"headers": {"X-Region": "eu"}},
     )
-    assert status == 201
-    path = f"/{webhook['id']}"
-    async with api_stack.session.get(
-        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
-        headers=api_stack.headers(),
-    ) as response:
-        read_etag = response.headers["ETag"]
-    first = {"headers": {"X-Region": "eu"}}
-    async with api_stack.session.patch(
-        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
-        headers={**api_stack.headers(), "If-Match": read_etag},
-        json=first,
-    ) as response:
-        assert response.status == 200
-        fresh_etag = response.headers["ETag"]
+    assert status == 200
+    fresh_etag = headers["ETag"]
     assert fresh_etag != read_etag
-    stale = {"headers": {"X-Tenant": "b"}}
-    async with api_stack.session.patch(
-        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
-        headers={**api_stack.headers(), "If-Match": read_etag},
-        json=stale,
-    ) as response:
-        assert response.status == 412
-        refused = await response.json()
+    status, refused, _ = await _answer(
+        api_stack,
+        "PATCH",
+        path,
+        headers={"If-Match": read_etag},
+        json={"headers": {"X-Tenant": "b"}},
+    )
+    assert status == 412
     assert refused["error"]["code"] == "precondition_failed"
     assert refused["error"]["details"]["current_etag"] == fresh_etag
     assert (await _hooks(api_stack, "GET", path))[1]["headers"] == {"X-Region": "eu"}
     # A list of ETags matches when one of them does.
-    async with api_stack.session.patch(
-        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
-        headers={**api_stack.headers(), "If-Match": f"{read_etag}, {fresh_etag}"},
+    status, _, _ = await _answer(
+        api_stack,
+        "PATCH",
+        path,
+        headers={"If-Match": f"{read_etag}, {fresh_etag}"},
         json={"headers": {"X-Region": "eu", "X-Tenant": "b"}},
-    ) as response:
-        assert response.status == 200
+    )
+    assert status == 200
 
 
 async def test_a_change_between_the_if_match_check_and_the_write_is_a_412(
     api_stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    status, webhook = await _hooks(
-        api_stack,
-        "POST",
-        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
-    )
-    assert status == 201
-    path = f"/{webhook['id']}"
-    async with api_stack.session.get(
-        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
-        headers=api_stack.headers(),
-    ) as response:
-        etag = response.headers["ETag"]
+    path = await _create_elsewhere(api_stack)
+    etag = await _etag(api_stack, path)
     change = webhook_lifecycle._change
     landed = False
 
@@ -847,10 +854,8 @@ async def test_a_change_between_the_if_match_check_and_the_write_is_a_412(
         return await change(*args, **kwargs)
 
     monkeypatch.setattr(webhook_lifecycle, "_change", another_change_lands_first)
-    async with api_stack.session.patch(
-        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks{path}",
-        headers={**api_stack.headers(), "If-Match": etag},
-        json={"name": "mine"},
-    ) as response:
-        assert response.status == 412
-        assert (await response.json())["error"]["code"] == "precondition_failed"
+    status, refused, _ = await _answer(
+        api_stack, "PATCH", path, headers={"If-Match": etag}, json={"name": "mine"}
+    )
+    assert status == 412
+    assert refused["error"]["code"] == "precondition_failed"
