@@ -33,6 +33,7 @@ from . import object_store as store
 from .context import CONTEXT, ApiContext
 from .errors import PreconditionFailed
 from .paging import IdPageQuery
+from .preconditions import require_match
 
 # fullmatch: "$" would also take a name ending in a newline.
 _OBJECT_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
@@ -165,11 +166,7 @@ async def list_objects(request: web.Request) -> web.Response:
 
 
 def _check_if_match(request: web.Request, version: int) -> None:
-    wanted = request.headers.get("If-Match")
-    if wanted is not None and wanted.strip() not in (store.etag(version), "*"):
-        raise PreconditionFailed(
-            "the object changed since you read it", details={"current_etag": store.etag(version)}
-        )
+    require_match(request.headers.get("If-Match"), store.etag(version), "object")
 
 
 async def _versioned_change(

@@ -33,6 +33,7 @@ from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
 from .errors import PreconditionFailed
+from .preconditions import require_match
 from .webhooks import (
     WebhookUpdate,
     actor,
@@ -147,13 +148,9 @@ async def update_webhook(request: web.Request) -> web.Response:
         async with ctx.engine.connect() as conn:
             current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
         unchanged_since = current.updated_at
-        etag = webhook_etag(current.updated_at)["ETag"]
-        if wanted is not None and not {tag.strip() for tag in wanted.split(",")} & {etag, "*"}:
-            # A view's headers sent back with one changed would otherwise undo whatever
-            # another client changed since that view was read.
-            raise PreconditionFailed(
-                "the webhook changed since you read it", details={"current_etag": etag}
-            )
+        # A view's headers sent back with one changed would otherwise undo whatever
+        # another client changed since that view was read.
+        require_match(wanted, webhook_etag(current.updated_at)["ETag"], "webhook")
         kept = [name for name, value in values.get("headers", {}).items() if value == REDACTED]
         if keeps_secrets:
             # A view shows credential-like values as "[redacted]"; sent back unchanged,
