@@ -316,7 +316,10 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         headers={"If-Match": "The ETag last read; 412 when the webhook changed since"},
         permission="webhook:update",
         errors=(401, 403, 404, 409, 412, 413, 422),
-        summary="Edit a webhook (name, url, topics, filters, headers, active); If-Match optional",
+        summary=(
+            "Edit a webhook (name, description, url, topics, filters, headers, active,"
+            " rate_limit); If-Match optional"
+        ),
     )
     spec.route(
         app,

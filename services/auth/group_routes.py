@@ -215,5 +215,5 @@ class GroupRoutes:
             status=204,
             permission=manage,
             errors=(401, 403, 404, 409),
-            summary="Delete a group no active token uses",
+            summary="Delete a group no unrevoked token uses",
         )
