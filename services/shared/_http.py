@@ -10,7 +10,9 @@ import asyncio
 import ipaddress
 import json
 import re
+import socket
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -20,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import exc as sql_errors
 
 from ._contracts import json_problem
 from ._credentials import QUERY_KEY_PARAM
@@ -27,6 +30,7 @@ from ._errors import (
     BadRequest,
     ClientClosedRequest,
     ConfigurationError,
+    DependencyUnavailable,
     HookwireError,
     PayloadTooLarge,
     ValidationFailed,
@@ -152,6 +156,29 @@ def _from_client(request: web.Request, trusted: Sequence[Network]) -> web.Reques
     return request
 
 
+_DATABASE_MODULES = ("sqlalchemy", "asyncpg", "aiosqlite")
+
+
+def _as_unavailable(exc: Exception) -> DependencyUnavailable | None:
+    """What a request that failed on a dependency answers: 503 with Retry-After (the
+    caller may try again), not a 500 for a fault of ours. A database that refused the
+    connection, went away mid-request, timed out its pool or is locked is unavailable;
+    an integrity or data error is not. A driver's own connection errors (asyncpg raises
+    the socket's, unwrapped) are told from a peer's by where they were raised."""
+    if isinstance(
+        exc, sql_errors.OperationalError | sql_errors.InterfaceError | sql_errors.TimeoutError
+    ) or (isinstance(exc, sql_errors.DBAPIError) and exc.connection_invalidated):
+        return DependencyUnavailable("the database is unavailable")
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+        if any(
+            str(frame.f_globals.get("__name__", "")).startswith(_DATABASE_MODULES)
+            for frame, _ in traceback.walk_tb(exc.__traceback__)
+        ):
+            return DependencyUnavailable("the database is unavailable")
+        return DependencyUnavailable("a service this request needs is unavailable")
+    return None
+
+
 def _within(address: str | None, networks: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address or "")
@@ -173,6 +200,20 @@ def _build_middlewares(
         route = request.match_info.route.resource
         route_name = route.canonical if route is not None else "unmatched"
         started = time.perf_counter()
+
+        def failed(exc: Exception) -> web.Response:
+            unavailable = _as_unavailable(exc)
+            if unavailable is None:
+                log.exception("unhandled_error", path=request.path)
+                return _internal_error(request_id)
+            log.error(
+                "request_failed",
+                error=unavailable.message,
+                cause=scrubbed(f"{type(exc).__name__}: {exc}"),
+                path=request.path,
+            )
+            return error_response(unavailable)
+
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 _refuse_nul(request)
@@ -203,11 +244,10 @@ def _build_middlewares(
                 # A body that cannot be read as sent (gzip that is not gzip, broken chunk
                 # framing) is the client's fault, not ours.
                 response = error_response(BadRequest(f"the request body cannot be read: {exc}"))
-            except ConnectionResetError:
+            except ConnectionResetError as exc:
                 if not _client_gone(request):
-                    # A connection of ours (to a peer) reset: ours to answer for.
-                    log.exception("unhandled_error", path=request.path)
-                    response = _internal_error(request_id)
+                    # A connection of ours (to a peer, the database) reset.
+                    response = failed(exc)
                 else:
                     # The client went away mid-request (a timeout while uploading): nothing
                     # of ours failed, and no one is left to answer. Counted apart from the
@@ -225,9 +265,8 @@ def _build_middlewares(
                 response = json_response(body, status=exc.status)
                 if "Allow" in exc.headers:  # a 405 says which methods the route takes
                     response.headers["Allow"] = exc.headers["Allow"]
-            except Exception:
-                log.exception("unhandled_error", path=request.path)
-                response = _internal_error(request_id)
+            except Exception as exc:
+                response = failed(exc)
             elapsed = time.perf_counter() - started
             response.headers["x-request-id"] = request_id
             if request.app[STOPPING_KEY].is_set():
