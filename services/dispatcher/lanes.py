@@ -22,7 +22,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.shared import OutRecord, cancel_and_wait, commit_offsets, get_logger
+from services.shared import (
+    FATAL_KAFKA_ERRORS,
+    OutRecord,
+    cancel_and_wait,
+    commit_offsets,
+    get_logger,
+)
 
 from .errors import Withdrawn
 from .flow import FetchGate, in_records, record_bytes
@@ -167,6 +173,8 @@ class Lanes:
             fetch_size = min(_FETCH_RECORDS, self._apply_backpressure())
             try:
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=fetch_size)
+            except FATAL_KAFKA_ERRORS:
+                raise
             except KafkaError as exc:
                 # Nothing was taken: the turn goes on, so that a rebalance that ended is
                 # still seen and the lanes resume while fetches fail.

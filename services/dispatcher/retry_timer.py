@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 
 from services.shared import (
+    FATAL_KAFKA_ERRORS,
     OutRecord,
     Topics,
     commit_offsets,
@@ -253,6 +254,8 @@ class RetryTimer:
                 batches = await self._consumer.getmany(
                     timeout_ms=wait_ms, max_records=min(_FETCH_RECORDS, fetch_size)
                 )
+            except FATAL_KAFKA_ERRORS:
+                raise
             except KafkaError as exc:
                 # Nothing was taken: the turn goes on, so that a rebalance that ended is
                 # still seen and forwarding resumes while fetches fail.

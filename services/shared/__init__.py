@@ -76,6 +76,7 @@ from ._http import (
 )
 from ._ids import is_id, new_id, utcnow
 from ._kafka import (
+    FATAL_KAFKA_ERRORS,
     RETRY_RETENTION_MS,
     RETRY_TIERS,
     BatchingSender,
@@ -130,6 +131,7 @@ __all__ = [
     "ACCESS_TOKEN_TTL_MAX",
     "DELIVERY_STATES",
     "EVENT_TYPES",
+    "FATAL_KAFKA_ERRORS",
     "MAX_EVENT_BYTES",
     "MAX_RECORD_BYTES",
     "MAX_TEAM_ID_CHARS",

@@ -13,7 +13,14 @@ from aiokafka.errors import KafkaError
 from ._contracts import Change, Topics, decode
 from ._errors import DependencyUnavailable, InvalidRecord
 from ._ids import utcnow
-from ._kafka import all_read, make_patient_consumer, partitions_of, start_client, stop_client
+from ._kafka import (
+    FATAL_KAFKA_ERRORS,
+    all_read,
+    make_patient_consumer,
+    partitions_of,
+    start_client,
+    stop_client,
+)
 from ._lifecycle import Loops, cancel_and_wait
 from ._metrics import Metrics
 from ._settings import Settings
@@ -125,6 +132,8 @@ async def follow_changes(
             # and a process waiting to catch up waits on that.
             catching_up = caught_up is not None and not caught_up.is_set()
             batches = await consumer.getmany(timeout_ms=50 if catching_up else 500)
+        except FATAL_KAFKA_ERRORS:
+            raise
         except KafkaError as exc:
             log.warning("changes_fetch_failed", error=str(exc))
             await asyncio.sleep(_FETCH_RETRY_SECONDS)

@@ -26,11 +26,18 @@ from aiokafka import (
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import CloseReason
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    InconsistentGroupProtocolError,
+    InvalidGroupIdError,
+    InvalidSessionTimeoutError,
     KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnsupportedVersionError,
 )
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -40,6 +47,20 @@ from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge
 from ._ids import utcnow
 from ._lifecycle import cancel_and_wait, finish_despite_cancel, keep_cancelling
 from ._settings import LONGEST_WAIT_SECONDS, Settings
+
+# Broker answers no retry can change: a setting the broker refuses (a session timeout out
+# of its bounds) or a permission the cluster does not grant. A consumer loop that met one
+# would warn every second for ever while its process looked healthy; it ends instead, so
+# /healthz fails and the process stops with the broker's reason (decision 62).
+FATAL_KAFKA_ERRORS: tuple[type[KafkaError], ...] = (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    InconsistentGroupProtocolError,
+    InvalidGroupIdError,
+    InvalidSessionTimeoutError,
+    TopicAuthorizationFailedError,
+    UnsupportedVersionError,
+)
 
 RETRY_TIERS = 7
 OutRecord = tuple[str, bytes | None, bytes]
@@ -817,6 +838,8 @@ async def consume_forever(
                 wait_ms = max(0, min(wait_ms, math.ceil(due * 1000)))
             try:
                 batches = await consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
+            except FATAL_KAFKA_ERRORS:
+                raise
             except KafkaError as exc:
                 # A coordinator or fetch fault must not end the loop for good: the process
                 # would keep its partitions in the group and never read them again.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CoordinatorNotAvailableError
+from aiokafka.errors import CoordinatorNotAvailableError, GroupAuthorizationFailedError
 
 from services.shared import (
     EmbeddedBroker,
@@ -186,6 +186,24 @@ async def test_a_failed_fetch_does_not_end_the_loop(
         await cancel_and_wait(loop)
     assert failures == 1
     assert seen == [b"0", b"1"]
+
+
+async def test_a_refusal_no_retry_can_change_ends_the_loop(
+    consumer: AIOKafkaConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group the cluster does not let this process join (the embedded broker has no
+    ACLs, so Kafka's answer is injected) ends the loop with that refusal, for the process
+    to fail its health check; a fault that a retry can mend does not (test above)."""
+
+    async def refused(*_: Any, **__: Any) -> Any:
+        raise GroupAuthorizationFailedError()
+
+    async def handle(records: list[ConsumerRecord]) -> None:
+        raise AssertionError("nothing is fetched")
+
+    monkeypatch.setattr(consumer, "getmany", refused)
+    with pytest.raises(GroupAuthorizationFailedError):
+        await asyncio.wait_for(consume_forever(consumer, handle, retry_delay_seconds=0.05), 5)
 
 
 async def test_a_slow_last_commit_is_not_cut_short_by_the_stop(

@@ -13,6 +13,11 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka.errors import (
+    GroupAuthorizationFailedError,
+    InvalidSessionTimeoutError,
+    TopicAuthorizationFailedError,
+)
 from sqlalchemy import text
 from standardwebhooks import Webhook
 from standardwebhooks.exceptions import WebhookVerificationError
@@ -212,6 +217,40 @@ async def test_a_dead_dispatcher_loop_fails_its_health_check(
         for base in (stack.auth_url, stack.api_url):
             async with stack.session.get(f"{base}/healthz") as response:
                 assert response.status == 200
+
+
+async def test_a_broker_refusal_no_retry_can_change_fails_the_health_check(
+    stack: Stack,
+) -> None:
+    """A permission the cluster does not grant, or a setting it refuses, ends the consumer
+    loop that met it: ``/healthz`` names the loop and the refusal, rather than the loop
+    warning every second for ever while the process looks healthy. The embedded broker
+    has no ACLs, so each loop's fetch is made to answer as Kafka's would."""
+
+    def refusing(error: Exception) -> Any:
+        async def getmany(*_: Any, **__: Any) -> Any:
+            raise error
+
+        return getmany
+
+    dispatcher = stack.dispatcher
+    dispatcher._lanes._consumer.getmany = refusing(GroupAuthorizationFailedError())  # type: ignore[method-assign]
+    dispatcher._timer._consumer.getmany = refusing(InvalidSessionTimeoutError())  # type: ignore[method-assign]
+    follower = stack.api._follower
+    assert follower is not None
+    assert follower._consumer is not None
+    follower._consumer.getmany = refusing(TopicAuthorizationFailedError())  # type: ignore[method-assign]
+    status, answer = await _health_once_failing(stack, stack.dispatcher_url)
+    deadline = time.monotonic() + 5
+    while status == 503 and len(answer["reasons"]) < 2 and time.monotonic() < deadline:
+        status, answer = await _health_once_failing(stack, stack.dispatcher_url)
+    assert status == 503
+    assert sorted(answer["reasons"]) == [
+        "deliverer: GroupAuthorizationFailedError",
+        "retry-timer: InvalidSessionTimeoutError",
+    ]
+    status, answer = await _health_once_failing(stack, stack.api_url)
+    assert (status, answer["reasons"]) == (503, ["changes: TopicAuthorizationFailedError"])
 
 
 async def _health_once_failing(stack: Stack, base: str) -> tuple[int, Any]:
