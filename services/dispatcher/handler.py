@@ -212,9 +212,10 @@ class DeliveryHandler:
         metrics.circuits_open.set_function(lambda: self._circuit.open_count(time.monotonic()))
 
     def forget_endpoint(self, webhook_id: str) -> None:
-        """The webhook is gone or inactive: no circuit state is kept for it."""
+        """The webhook is gone or inactive: no circuit state is kept for it. Its hold
+        stays until it lapses (pruned once no longer in force): reactivated, its new
+        events still wait behind the first attempts put off before."""
         self._circuit.forget(webhook_id)
-        self._holds.pop(webhook_id, None)
 
     def endpoint_moved(self, webhook_id: str) -> None:
         """The webhook points elsewhere now: what the old URL did (an open circuit, a
@@ -225,7 +226,7 @@ class DeliveryHandler:
     def forget_endpoints_not(self, active: Callable[[str], bool]) -> None:
         """Forget the endpoints of webhooks no longer ``active`` (a whole reload found them
         gone or inactive, their change record lost on the way)."""
-        for webhook_id in {*self._circuit.endpoints(), *self._holds}:
+        for webhook_id in self._circuit.endpoints():
             if not active(webhook_id):
                 self.forget_endpoint(webhook_id)
 
@@ -235,7 +236,8 @@ class DeliveryHandler:
         and by this one for ever."""
         for webhook_id in {*self._circuit.endpoints(), *self._holds}:
             if partition_of(webhook_id.encode(), partitions) in lost:
-                self.forget_endpoint(webhook_id)
+                self._circuit.forget(webhook_id)
+                self._holds.pop(webhook_id, None)
 
     def take_over_holds(self, last_put_off: Mapping[str, datetime]) -> None:
         """First attempts another process put off, read back from the retry topic when
@@ -627,13 +629,16 @@ class DeliveryHandler:
         return None
 
     def _hold(self, webhook_id: str, reopening: float, until: datetime) -> _Hold:
-        """The hold to put a delivery off to: the webhook's current one, while ahead, for
-        the same reopening or a later time (a delivery never wakes before those put off
-        before it), else a new one from ``until``."""
+        """The hold to put a delivery off to: the webhook's current one while ahead, even
+        when ``until`` is later, else a new one from ``until``. A new hold made while the
+        current one is ahead would order its put-offs behind those put off to it since:
+        the current one's, woken, are held by it (or deferred to it) after them. Joining
+        wakes a delivery before the circuit reopens or the lookup is tried again; it is
+        put off once more, and the first of the current hold's back makes the next one."""
         hold = self._holds.get(webhook_id)
         now = utcnow()
         if hold is not None:
-            if hold.until > now and (hold.reopening == reopening or hold.until >= until):
+            if hold.until > now:
                 return hold
             # A later hold starts after every delivery of this one has woken.
             until = max(until, hold.ends)

@@ -137,12 +137,27 @@ async def test_a_delivery_waiting_for_a_lookup_wakes_behind_those_held_longer() 
     assert Delivery.model_validate_json(value).not_before == second + timedelta(microseconds=1)
 
 
+async def test_a_later_time_asked_while_a_hold_is_ahead_joins_it() -> None:
+    """A new hold made while the current one is ahead would wake its put-offs before
+    those of the current one, held or deferred again behind them: the later time joins
+    the current hold instead (woken early, such a delivery is put off once more)."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    handler = _handler(settings, Metrics("test_put_off_join_hold"))
+    first, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
+    joined = handler._hold("wh_1", -1.0, first + timedelta(minutes=5))
+    assert joined is handler._holds["wh_1"]
+    assert joined.ends == second + timedelta(microseconds=1)
+
+
 async def test_a_later_hold_starts_after_the_last_delivery_of_the_current_one() -> None:
     settings = load_settings(service_credential="x", token_pepper="y")
     handler = _handler(settings, Metrics("test_put_off_next_hold"))
-    first, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
-    later = handler._hold("wh_1", -1.0, first + timedelta(microseconds=1))
-    assert later.until == second + timedelta(microseconds=1)
+    await _circuit_opened(handler, settings.circuit_failure_threshold)
+    current = handler._holds["wh_1"]
+    current.until = utcnow() - timedelta(microseconds=10)  # its time has come
+    later = handler._hold("wh_1", -1.0, current.until - timedelta(seconds=1))
+    assert later is not current
+    assert later.until == current.ends
 
 
 async def test_past_its_time_a_hold_keeps_new_events_behind_it_while_its_put_offs_return() -> None:
