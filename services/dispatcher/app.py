@@ -53,6 +53,7 @@ from services.shared import (
     make_consumer,
     make_patient_consumer,
     make_producer,
+    open_files_limit,
     partition_of,
     start_all,
     start_client,
@@ -66,7 +67,7 @@ from services.shared import (
 
 from .errors import Refused, SetAside
 from .handler import DeliveryHandler, DeliveryMetrics, note_invalid_record
-from .lanes import Lanes
+from .lanes import Lanes, sending_slots
 from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
 from .routed import RoutedIdentity, routed_identity, send_routed
@@ -198,6 +199,7 @@ class DispatcherService:
             backlog_max=self.settings.delivery_backlog_max,
             backlog_max_bytes=self.settings.delivery_backlog_max_bytes,
             rate=self.settings.delivery_rate_per_endpoint,
+            sending_max=sending_slots(open_files_limit()),
             on_commit=self._observe,
             on_lost=lambda lost: self._forget_partitions(deliverer, lost),
             on_gained=lambda gained: self._take_over(deliverer, retries, gained),

@@ -97,6 +97,20 @@ class _Lane:
             self.woken = None
 
 
+# Files kept for what is not a delivery: Kafka's and the database's connections, the
+# listener and the log.
+_FILES_KEPT = 256
+
+
+def sending_slots(open_files: int | None) -> int | None:
+    """How many requests the process may have out at once, for its limit on open files
+    (None: no limit). A request holds a socket, and so can its keep-alive socket after
+    it, idle in the pool for as long again: half of what is left each."""
+    if open_files is None:
+        return None
+    return max(16, (open_files - _FILES_KEPT) // 2)
+
+
 class Lanes:
     def __init__(
         self,
@@ -108,6 +122,7 @@ class Lanes:
         backlog_max: int,
         backlog_max_bytes: int | None = None,
         rate: float | None = None,
+        sending_max: int | None = None,
         on_commit: Callable[[], None] | None = None,
         on_lost: Callable[[set[TopicPartition]], None] | None = None,
         on_gained: TakeOver | None = None,
@@ -119,6 +134,13 @@ class Lanes:
         self._backlog_max = backlog_max
         self._backlog_max_bytes = backlog_max_bytes
         self._interval = 1.0 / rate if rate else 0.0
+        # Across every lane: each request holds a socket, a file of the process's limited
+        # number (Kafka's and the database's connections are files too). None: no bound.
+        self._sending_max = sending_max
+        self._sending = 0
+        # Deliveries due to send, waiting for a slot, first come first served: a slot freed
+        # passes to the first of them (True), or all are woken to give up (False).
+        self._slot_waiters: deque[asyncio.Future[bool]] = deque()
         self._on_commit = on_commit
         self._on_lost = on_lost
         self._on_gained = on_gained
@@ -385,6 +407,8 @@ class Lanes:
     async def _run_one(self, key: bytes, lane: _Lane, record: ConsumerRecord, moves: int) -> None:
         partition = TopicPartition(record.topic, record.partition)
         sending = False
+        # One of the process's sending slots, taken when the delivery is due to send.
+        holds_slot = False
 
         def moved() -> bool:
             # Lost since this delivery began (a wait for the database can outlast the
@@ -392,7 +416,7 @@ class Lanes:
             return self._moves.get(partition, 0) != moves
 
         async def pace(rate: float | None) -> bool:
-            nonlocal sending
+            nonlocal sending, holds_slot
             interval = 1.0 / rate if rate else self._interval
             if interval:
                 now = asyncio.get_running_loop().time()
@@ -411,6 +435,10 @@ class Lanes:
                     return False
                 else:
                     lane.last_slot = slot
+            if not holds_slot:
+                # After the rate's wait: a delivery waiting for its slot holds no socket.
+                await self._sending_slot()
+                holds_slot = True
             if self._handing_over or self._stopping or moved():
                 raise Withdrawn("the partition may be about to move, or the process to stop")
             sending = True
@@ -419,8 +447,12 @@ class Lanes:
         try:
             outcome = await self._attempt(record, pace)
         except asyncio.CancelledError:
+            if holds_slot:
+                self._free_sending_slot()
             raise
         except Withdrawn:
+            if holds_slot:
+                self._free_sending_slot()
             # Unfinished, back in its place: sent here once the rebalance leaves the
             # partition here, else by its next owner.
             if not moved():
@@ -428,11 +460,15 @@ class Lanes:
             self._release(key, lane)
             return
         except Exception:
+            if holds_slot:
+                self._free_sending_slot()
             # A bug, not bad input (handlers dead-letter that): keep the record unfinished
             # so it is read again after a restart, and let the lane go on.
             self._log.exception("delivery_handler_failed", offset=record.offset)
             self._release(key, lane)
             return
+        if holds_slot:
+            self._free_sending_slot()
         self._release(key, lane)
         if moved() and not sending:
             # Nothing was sent: what it would write (put off, deferred, skipped) is its
@@ -452,6 +488,34 @@ class Lanes:
             if not self._writing[partition]:
                 del self._writing[partition]
         self._tracker.done(partition, record.offset)
+
+    async def _sending_slot(self) -> None:
+        """Take one of the process's sending slots, waiting (none of the attempt's timeout
+        spent) while all are held. Woken by a rebalance or a stop, it counts as taken
+        anyway, for its caller to give back as it withdraws."""
+        if self._sending_max is None or (
+            self._sending < self._sending_max and not self._slot_waiters
+        ):
+            self._sending += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            handed_over = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._free_sending_slot()
+            raise
+        if not handed_over:
+            self._sending += 1
+
+    def _free_sending_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)  # the slot passes to it, still counted
+                return
+        self._sending -= 1
 
     def _release(self, key: bytes, lane: _Lane) -> None:
         lane.running -= 1
@@ -495,6 +559,10 @@ class Lanes:
     def _wake_everyone(self) -> None:
         for lane in self._lanes.values():
             lane.wake()
+        waiting, self._slot_waiters = self._slot_waiters, deque()
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(False)
 
     def lag(self) -> dict[TopicPartition, int]:
         """Per owned partition: records in the log not yet finished here."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import resource
 import signal
 import time
 from collections.abc import Coroutine, Sequence
@@ -18,12 +19,33 @@ from ._errors import ServiceFailed
 T = TypeVar("T")
 
 
+def open_files_limit() -> int | None:
+    """Raise the process's soft limit on open files to its hard limit; the limit now in
+    force (None: unlimited).
+
+    Every request in flight, pooled keep-alive socket, Kafka and database connection is a
+    file. The soft limit containers often start with (1,024) is reached by a burst of
+    events to a thousand webhooks, and every connect then fails (EMFILE), healthy
+    receivers' and the database's too; the hard limit is usually far higher.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # refused (a hard limit the kernel caps lower): the soft one stands
+        else:
+            soft = hard
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run`` on uvloop's event loop when it is installed.
 
     The dispatcher spends most of its time in socket I/O (HTTP out, Kafka in and out), where
     uvloop's loop costs markedly less per request than the default one.
     """
+    open_files_limit()
     try:
         import uvloop
     except ImportError:

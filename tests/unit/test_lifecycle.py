@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import resource
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -179,3 +182,28 @@ async def test_a_loop_that_dies_while_the_process_stops_still_fails_the_run() ->
     with pytest.raises(ServiceFailed) as failed:
         await asyncio.wait_for(run_until_signalled([service]), timeout=5)
     assert "breakable: worker: RuntimeError" in failed.value.message
+
+
+def test_a_service_process_raises_its_open_files_limit_to_the_hard_one() -> None:
+    """Started with the 1,024 (here 256) files a container often gives, a burst to many
+    webhooks would fail every connect; the process takes what the hard limit allows."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+
+    def lowered() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    script = (
+        "import resource; from services.shared import open_files_limit;"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0]);"
+        "print(open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", script],
+        preexec_fn=lowered,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    expected = "None" if hard == resource.RLIM_INFINITY else str(hard)
+    assert shown == [str(low), expected, str(hard)]
