@@ -8,15 +8,25 @@ durable and never skips one.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
+# Finished offsets a partition's heap may hold beyond as many as are open, before it is
+# rebuilt from the open ones.
+_COMPACT_SLACK = 64
 
 
 class OffsetTracker:
     def __init__(self) -> None:
         # Per partition, each unfinished offset with the bytes its record holds.
         self._open: dict[TopicPartition, dict[int, int]] = {}
+        # Per partition, a min-heap of its unfinished offsets, in which finished ones stay
+        # until they come to the top or the heap is rebuilt: the commit point is read off
+        # it without looking at every offset (a retry partition may hold 100,000 of them,
+        # and its commit point is asked for at every turn of the loop).
+        self._lowest: dict[TopicPartition, list[int]] = {}
         self._bytes: dict[TopicPartition, int] = {}
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -34,6 +44,8 @@ class OffsetTracker:
 
     def add(self, partition: TopicPartition, offset: int, size: int = 0) -> None:
         offsets = self._open.setdefault(partition, {})
+        if offset not in offsets:
+            heapq.heappush(self._lowest.setdefault(partition, []), offset)
         self._bytes[partition] = self._bytes.get(partition, 0) + size - offsets.get(offset, 0)
         offsets[offset] = size
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
@@ -42,6 +54,15 @@ class OffsetTracker:
         offsets = self._open.get(partition)
         if offsets is not None and offset in offsets:
             self._bytes[partition] -= offsets.pop(offset)
+            lowest = self._lowest[partition]
+            if not offsets:
+                lowest.clear()
+            elif len(lowest) > 2 * len(offsets) + _COMPACT_SLACK:
+                # Finished offsets above one that stays (a far-off retry) would pile up:
+                # rebuilt once they outnumber the open ones, at a cost the ``done`` calls
+                # since the last rebuild pay for.
+                lowest[:] = offsets
+                heapq.heapify(lowest)
 
     def is_open(self, partition: TopicPartition, offset: int) -> bool:
         return offset in self._open.get(partition, ())
@@ -59,7 +80,7 @@ class OffsetTracker:
         returns the ones forgotten."""
         keep = set(partitions)
         dropped = {p for p in self._next if p not in keep}
-        for table in (self._open, self._bytes, self._next, self._committed):
+        for table in (self._open, self._lowest, self._bytes, self._next, self._committed):
             for partition in [p for p in table if p not in keep]:
                 del table[partition]
         return dropped
@@ -68,8 +89,7 @@ class OffsetTracker:
         """Where a restart would resume this partition now."""
         if partition not in self._next:
             return None
-        offsets = self._open.get(partition)
-        return min(offsets) if offsets else self._next[partition]
+        return self._point(partition, self._next[partition])
 
     def lag(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
         """Per partition the consumer owns: records in the log not yet finished here
@@ -90,14 +110,24 @@ class OffsetTracker:
         """Commit points that moved since the last call to ``committed``."""
         points = {}
         for partition, following in self._next.items():
-            offsets = self._open.get(partition)
-            point = min(offsets) if offsets else following
+            point = self._point(partition, following)
             if self._committed.get(partition) != point:
                 points[partition] = point
         return points
 
     def committed(self, points: dict[TopicPartition, int]) -> None:
         self._committed.update(points)
+
+    def _point(self, partition: TopicPartition, following: int) -> int:
+        """The lowest unfinished offset, else ``following``; finished offsets at the top of
+        the heap are let go on the way (each once)."""
+        offsets = self._open.get(partition)
+        if not offsets:
+            return following
+        lowest = self._lowest[partition]
+        while lowest[0] not in offsets:
+            heapq.heappop(lowest)
+        return lowest[0]
 
 
 class AssignmentWatch:

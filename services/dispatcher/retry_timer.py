@@ -295,13 +295,18 @@ class RetryTimer:
         # A partition moved away and back since the last look counts as lost too: its
         # other owner may have forwarded and committed what waits here.
         assigned = self._assignments.look()
-        self._tracker.retain(assigned)
         for partition in [p for p in self._forwarded_upto if p not in assigned]:
             del self._forwarded_upto[partition]
+        # Every waiting record was added to the tracker first: only a partition it forgets
+        # now can have records to drop, and the heap is looked through only then, not at
+        # every turn (it holds up to ``pending_max`` records).
+        if not self._tracker.retain(assigned):
+            return
         owned = {(p.topic, p.partition) for p in assigned}
-        if any((entry.topic, entry.partition) not in owned for entry in self._heap):
-            self._heap = [e for e in self._heap if (e.topic, e.partition) in owned]
-            heapq.heapify(self._heap)
+        kept = [e for e in self._heap if (e.topic, e.partition) in owned]
+        if len(kept) < len(self._heap):
+            heapq.heapify(kept)
+            self._heap = kept
             self._waiting_values = {entry.value for entry in self._heap}
 
     async def _forward_due(self) -> bool:
