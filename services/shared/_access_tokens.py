@@ -7,10 +7,12 @@ was issued is caught by the revocation set that ``changes`` records keep.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from jwt.algorithms import OKPAlgorithm
@@ -20,6 +22,9 @@ from ._errors import ConfigurationError
 
 ISSUER = "hookwire"
 ALGORITHM = "EdDSA"
+# How far ahead of a verifier's clock the signer's may run: a token is refused as "not yet
+# valid" (``iat``, ``nbf``) only past it. Expiry gets no such margin.
+CLOCK_LEEWAY_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ def load_private_key(pem: str) -> Ed25519PrivateKey:
         pem = pem.replace("\\n", "\n")
     try:
         key = serialization.load_pem_private_key(pem.encode(), password=None)
-    except ValueError as exc:
+    # An encrypted key raises TypeError (no password given), a curve or cipher the library
+    # does not support UnsupportedAlgorithm: neither is a key this service can sign with.
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigurationError(
             "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY is not a PEM private key"
         ) from exc
@@ -101,6 +108,10 @@ def unverified_key_id(token: str) -> str | None:
     return str(kid) if kid is not None else None
 
 
+def _expired() -> InvalidToken:
+    return InvalidToken("access token has expired", details={"reason": "expired"})
+
+
 def verify(public_key: Ed25519PublicKey, token: str) -> AccessClaims:
     try:
         claims = jwt.decode(
@@ -109,13 +120,18 @@ def verify(public_key: Ed25519PublicKey, token: str) -> AccessClaims:
             algorithms=[ALGORITHM],
             issuer=ISSUER,
             options={"require": ["exp", "iat", "sub", "tid", "iss"]},
+            # PyJWT's one leeway widens exp too: the expiry is checked again, strictly, below.
+            leeway=CLOCK_LEEWAY_SECONDS,
         )
     except jwt.ExpiredSignatureError as exc:
-        raise InvalidToken("access token has expired", details={"reason": "expired"}) from exc
+        raise _expired() from exc
     except jwt.PyJWTError as exc:
         raise InvalidToken(
             f"access token is not valid: {exc}", details={"reason": "malformed"}
         ) from exc
+    # PyJWT has read exp as an integer by now (int() of it passed).
+    if int(claims["exp"]) <= time.time():
+        raise _expired()
     return AccessClaims(
         user_id=str(claims["sub"]),
         token_id=str(claims["tid"]),

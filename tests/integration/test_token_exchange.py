@@ -152,6 +152,21 @@ async def test_tampered_expired_and_foreign_tokens_are_refused(api_stack: Stack)
         assert body["error"]["code"] == "invalid_token"  # type: ignore[index]
 
 
+async def test_a_token_from_an_auth_clock_a_little_ahead_is_accepted(api_stack: Stack) -> None:
+    """Right after an exchange, an api host whose clock is behind auth's sees a token
+    issued "in the future": within the leeway it is valid (it was refused as malformed);
+    its expiry gets no such margin."""
+    _, answer = await _exchange(api_stack, api_stack.token)
+    claims = jwt.decode(str(answer["access_token"]), options={"verify_signature": False})
+    key = access_tokens.load_private_key(ACCESS_TOKEN_KEY)
+    now = int(time.time())
+    ahead = access_tokens.issue(key, {**claims, "iat": now + 5, "exp": now + 3605})
+    assert (await _list_webhooks(api_stack, ahead))[0] == 200
+    just_over = access_tokens.issue(key, {**claims, "iat": now - 3600, "exp": now - 1})
+    status, body = await _list_webhooks(api_stack, just_over)
+    assert (status, body["error"]["details"]) == (401, {"reason": "expired"})  # type: ignore[index]
+
+
 async def test_exchange_refuses_bad_keys(api_stack: Stack) -> None:
     """Malformed, unknown, revoked and deactivated keys get no access token, and the
     answer says which."""

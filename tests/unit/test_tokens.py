@@ -1,10 +1,12 @@
-"""Token format, checksum and hashing."""
+"""Token format, checksum and hashing; the clock margins of access tokens."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.auth.errors import MalformedToken
 from services.auth.tokens import (
@@ -16,6 +18,7 @@ from services.auth.tokens import (
     hash_token,
     lifetime_problem,
 )
+from services.shared import InvalidToken, access_tokens
 
 
 def test_generated_tokens_have_the_documented_shape() -> None:
@@ -74,3 +77,39 @@ def test_lifetime_rule_bounds_keys_only_when_a_maximum_is_set() -> None:
         "must be within 30 days"
     )
     assert lifetime_problem(now + timedelta(days=3000), now, None) is None
+
+
+def _access_token(**claims: int) -> tuple[Ed25519PublicKey, str]:
+    key = access_tokens.load_private_key(access_tokens.generate_private_key_pem())
+    now = int(time.time())
+    token = access_tokens.issue(
+        key, {"sub": "usr_1", "tid": "tok_1", "iat": now, "exp": now + 600, **claims}
+    )
+    return key.public_key(), token
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+def test_an_access_token_from_a_clock_a_little_ahead_verifies(claim: str) -> None:
+    """Auth's clock a few seconds ahead of the api's: a token it just issued is valid."""
+    public_key, token = _access_token(**{claim: int(time.time()) + 5})
+    assert access_tokens.verify(public_key, token).user_id == "usr_1"
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+def test_an_access_token_from_far_in_the_future_is_refused(claim: str) -> None:
+    ahead = int(time.time()) + access_tokens.CLOCK_LEEWAY_SECONDS + 60
+    public_key, token = _access_token(**{claim: ahead})
+    with pytest.raises(InvalidToken) as caught:
+        access_tokens.verify(public_key, token)
+    assert caught.value.details == {"reason": "malformed"}
+
+
+@pytest.mark.parametrize("ago", [1, 20, 7200])
+def test_an_expired_access_token_gets_no_leeway(ago: int) -> None:
+    """The margin for a clock ahead is no margin for expiry: a token is over when its exp
+    has passed, however recently."""
+    now = int(time.time())
+    public_key, token = _access_token(iat=now - 7200, exp=now - ago)
+    with pytest.raises(InvalidToken) as caught:
+        access_tokens.verify(public_key, token)
+    assert caught.value.details == {"reason": "expired"}
