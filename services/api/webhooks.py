@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from yarl import URL
 
 from services.shared import (
+    DELIVERY_RATE_MAX,
+    DELIVERY_RATE_MIN,
     Actor,
     Conflict,
     EventType,
@@ -119,11 +121,6 @@ class _WebhookRules(BaseModel):
 
 # Webhooks read per query when a list is filtered by topic (filtered here, not in SQL).
 _TOPIC_SCAN_ROWS = 500
-# Deliveries a second one endpoint may be limited to: more is no limit on one dispatcher;
-# less would let the deliveries waiting for their slots (each takes one as it starts
-# waiting, up to the lane's concurrency) wait minutes after the limit is raised.
-_RATE_LIMIT_MIN = 0.1
-_RATE_LIMIT_MAX = 10_000
 
 
 class WebhookCreate(_WebhookRules):
@@ -134,7 +131,7 @@ class WebhookCreate(_WebhookRules):
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     active: bool = True
-    rate_limit: float | None = Field(default=None, ge=_RATE_LIMIT_MIN, le=_RATE_LIMIT_MAX)
+    rate_limit: float | None = Field(default=None, ge=DELIVERY_RATE_MIN, le=DELIVERY_RATE_MAX)
 
 
 class WebhookUpdate(_WebhookRules):
@@ -145,7 +142,7 @@ class WebhookUpdate(_WebhookRules):
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
     headers: dict[str, str] | None = Field(default=None, max_length=20)
     active: bool | None = None
-    rate_limit: float | None = Field(default=None, ge=_RATE_LIMIT_MIN, le=_RATE_LIMIT_MAX)
+    rate_limit: float | None = Field(default=None, ge=DELIVERY_RATE_MIN, le=DELIVERY_RATE_MAX)
 
 
 _VIEW_FIELDS = (

@@ -126,10 +126,19 @@ from ._netguard import (
 )
 from ._openapi import OpenApi
 from ._permissions import PERMISSIONS, ROLES, effective_permissions, unknown_permissions
-from ._settings import ACCESS_TOKEN_TTL_MAX, Settings, load_settings, unknown_variables
+from ._settings import (
+    ACCESS_TOKEN_TTL_MAX,
+    DELIVERY_RATE_MAX,
+    DELIVERY_RATE_MIN,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
 
 __all__ = [
     "ACCESS_TOKEN_TTL_MAX",
+    "DELIVERY_RATE_MAX",
+    "DELIVERY_RATE_MIN",
     "DELIVERY_STATES",
     "EVENT_TYPES",
     "FATAL_KAFKA_ERRORS",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -84,6 +85,14 @@ def _comma_list(value: object) -> object:
 Networks = Annotated[tuple[IPvAnyNetwork, ...], NoDecode, BeforeValidator(_comma_list)]
 
 
+# Deliveries a second one endpoint may be limited to, by HOOKWIRE_DELIVERY_RATE_PER_ENDPOINT
+# or a webhook's own rate_limit. More is no limit on one dispatcher; less would keep the
+# deliveries waiting for their slots (each takes one as it starts waiting, up to the lane's
+# concurrency) waiting minutes after the limit is raised, or years (1e-9: 31 years).
+DELIVERY_RATE_MIN = 0.1
+DELIVERY_RATE_MAX = 10_000
+
+
 _DATABASE_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
@@ -97,6 +106,59 @@ def _http_url(url: str) -> str:
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError("must be an http:// or https:// URL with a host, like http://auth:8081")
     return url
+
+
+_BOOTSTRAP_FORM = (
+    "must be host[:port] entries separated by commas, port 1-65535 (9092 if left out),"
+    " an IPv6 address in brackets: like kafka1:9092,kafka2:9092 or [2001:db8::1]:9092"
+)
+# A host name or an IPv4 address: dot-separated labels (underscores occur in container names).
+_BOOTSTRAP_HOST = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?", re.ASCII)
+_BOOTSTRAP_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
+
+
+def _bootstrap_entry_problem(entry: str) -> str | None:
+    port: str
+    if any(separator in entry for separator in "; \t"):
+        return f"{entry!r} holds a ';' or a space (entries are separated by commas)"
+    if entry.startswith("["):
+        address, bracket, rest = entry[1:].partition("]")
+        if not bracket:
+            return f"{entry!r} has no closing bracket"
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return f"{entry!r} has no IPv6 address in its brackets"
+        if not rest:
+            return None  # the port defaults to 9092
+        if not rest.startswith(":"):
+            return f"{entry!r} has something other than :port after its brackets"
+        port = rest[1:]
+    elif entry.count(":") > 1:
+        # Read whole as an address, "::1:9092" would be ::0.1:9092 with the default port.
+        return f"{entry!r} is an IPv6 address without brackets"
+    else:
+        host, colon, port = entry.partition(":")
+        if not _BOOTSTRAP_HOST.fullmatch(host):
+            return f"{entry!r} has no host name or address"
+        if not colon:
+            return None
+    if not _BOOTSTRAP_PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        return f"{entry!r} has a port that is not a number from 1 to 65535"
+    return None
+
+
+def _kafka_bootstrap(value: str | None) -> str | None:
+    # Unchecked, a bad entry fails the first Kafka client's start with a traceback from deep
+    # in aiokafka ("invalid literal for int()") that names no variable.
+    if not value:
+        return value
+    for entry in value.split(","):
+        entry = entry.strip()
+        problem = _bootstrap_entry_problem(entry) if entry else "an empty entry"
+        if problem is not None:
+            raise ValueError(f"{problem}: {_BOOTSTRAP_FORM}")
+    return value
 
 
 def _supported_database(url: str) -> str:
@@ -128,7 +190,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".hookwire")
     database_url: Annotated[str, AfterValidator(_supported_database)] = ""
-    kafka_bootstrap: str | None = None
+    kafka_bootstrap: Annotated[str | None, AfterValidator(_kafka_bootstrap)] = None
     topic_prefix: str = Field(default="hookwire.", pattern=r"^[A-Za-z0-9._-]*$")
     kafka_partitions: int = Field(default=6, ge=1, le=1024)
     kafka_replication_factor: int = Field(default=1, ge=1, le=7)
@@ -191,7 +253,9 @@ class Settings(BaseSettings):
     response_body_limit_bytes: int = Field(default=4096, ge=0, le=65_536)
     # An api process can leave the delivery log to others (it still serves it).
     record_attempts: StrictBool = True
-    delivery_rate_per_endpoint: float | None = Field(default=None, gt=0)
+    delivery_rate_per_endpoint: float | None = Field(
+        default=None, ge=DELIVERY_RATE_MIN, le=DELIVERY_RATE_MAX
+    )
     delivery_backlog_max: int = Field(default=10_000, ge=10)
     # Records reach 900 KB: counted alone, 10,000 of them would be 9 GB.
     delivery_backlog_max_bytes: int = Field(default=100 * 2**20, ge=2**20)

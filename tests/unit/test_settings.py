@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.shared import (
     ConfigurationError,
@@ -52,6 +54,11 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_CIRCUIT_OPEN_SECONDS", "inf"),
         ("HOOKWIRE_RETRY_AFTER_MAX_SECONDS", "1e300"),
         ("HOOKWIRE_DELIVERY_RATE_PER_ENDPOINT", "nan"),
+        # A webhook's own rate_limit is bounded 0.1-10,000: 1e-9 a second is a delivery
+        # every 31 years.
+        ("HOOKWIRE_DELIVERY_RATE_PER_ENDPOINT", "1e-9"),
+        ("HOOKWIRE_DELIVERY_RATE_PER_ENDPOINT", "0.09"),
+        ("HOOKWIRE_DELIVERY_RATE_PER_ENDPOINT", "10001"),
         ("HOOKWIRE_ENDPOINT_DISABLE_AFTER_DAYS", "1e20"),
         ("HOOKWIRE_RETRY_JITTER", "2"),
         ("HOOKWIRE_DATABASE_URL", "postgresql://hw@db/hw"),
@@ -65,6 +72,21 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_KAFKA_HEARTBEAT_INTERVAL_MS", "5000"),
         # Past what Kafka allows (30 min by default): every join would be refused.
         ("HOOKWIRE_KAFKA_SESSION_TIMEOUT_MS", "99999999"),
+        # Else the first Kafka client fails to start, on "invalid literal for int()".
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka1:9092;kafka2:9092"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka:abc"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka:"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka:0"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka:65536"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka:9092,,kafka2:9092"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka:9092,"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", ":9092"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "kafka 2:9092"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "[::1:9092"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "[kafka]:9092"),
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "[::1]9092"),
+        # Read whole as an address by the client: the "port" would be part of it.
+        ("HOOKWIRE_KAFKA_BOOTSTRAP", "::1:9092"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -75,6 +97,52 @@ def test_bad_values_name_the_variable(
     with pytest.raises(ConfigurationError) as caught:
         load_settings()
     assert variable in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "bootstrap",
+    [
+        "kafka:9092",
+        "kafka",
+        "kafka1:9092,kafka2:9093, kafka3.internal:1",
+        "10.0.0.5:65535",
+        "kafka_1.example.com.:9092",
+        "[::1]:9092",
+        "[2001:db8::1]",
+        "[fe80::1%eth0]:9092,kafka:9092",
+    ],
+)
+def test_kafka_bootstrap_takes_host_and_port_lists(
+    monkeypatch: pytest.MonkeyPatch, bootstrap: str
+) -> None:
+    monkeypatch.setenv("HOOKWIRE_KAFKA_BOOTSTRAP", bootstrap)
+    assert load_settings().kafka_bootstrap == bootstrap
+
+
+@pytest.mark.parametrize(
+    ("bootstrap", "said"),
+    [
+        ("kafka1:9092;kafka2:9092", "'kafka1:9092;kafka2:9092' holds a ';'"),
+        ("kafka:abc", "'kafka:abc' has a port that is not a number from 1 to 65535"),
+        ("kafka:9092,,kafka2:9092", "an empty entry"),
+    ],
+)
+def test_a_bad_kafka_bootstrap_says_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, bootstrap: str, said: str
+) -> None:
+    monkeypatch.setenv("HOOKWIRE_KAFKA_BOOTSTRAP", bootstrap)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert f"HOOKWIRE_KAFKA_BOOTSTRAP: Value error, {said}" in caught.value.message
+    assert "host[:port] entries separated by commas" in caught.value.message
+
+
+@pytest.mark.parametrize("rate", ["0.1", "2.5", "10000"])
+def test_the_delivery_rate_takes_what_a_webhooks_rate_limit_takes(
+    monkeypatch: pytest.MonkeyPatch, rate: str
+) -> None:
+    monkeypatch.setenv("HOOKWIRE_DELIVERY_RATE_PER_ENDPOINT", rate)
+    assert load_settings().delivery_rate_per_endpoint == float(rate)
 
 
 def test_secrets_have_no_default_and_never_print(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,6 +180,46 @@ def test_a_private_key_on_one_line_with_escapes_is_read() -> None:
     original = access_tokens.load_private_key(pem)
     escaped = access_tokens.load_private_key(one_line)
     assert access_tokens.key_id(escaped.public_key()) == access_tokens.key_id(original.public_key())
+
+
+# An EC key on secp112r1, a curve the cryptography library does not load (generated for
+# this test and used for nothing else).
+_UNSUPPORTED_CURVE_KEY = """-----BEGIN EC PRIVATE KEY-----
+MD4CAQEEDqPmh5KwFnHgP8v0prMRoAcGBSuBBAAGoSADHgAEHmwghyTT4YEl9ac8
+lUvMSyTAtscS26xh7yEyOA==
+-----END EC PRIVATE KEY-----
+"""
+
+
+def _encrypted_key() -> str:
+    return (
+        Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+        .decode()
+    )
+
+
+@pytest.mark.parametrize(
+    "pem",
+    [
+        # Raised TypeError ("Password was not given but private key is encrypted").
+        pytest.param(_encrypted_key(), id="encrypted"),
+        pytest.param(_encrypted_key().replace("\n", "\\n"), id="encrypted-one-line"),
+        # Raised cryptography's UnsupportedAlgorithm.
+        pytest.param(_UNSUPPORTED_CURVE_KEY, id="unsupported-curve"),
+        pytest.param("not a key", id="garbage"),
+    ],
+)
+def test_an_unusable_private_key_is_a_configuration_error(pem: str) -> None:
+    """An encrypted PEM or one the library cannot load fails as every bad key does: a
+    message naming the variable, not a traceback."""
+    with pytest.raises(ConfigurationError) as caught:
+        access_tokens.load_private_key(pem)
+    assert caught.value.message == "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY is not a PEM private key"
 
 
 def test_a_misspelled_variable_is_named() -> None:
