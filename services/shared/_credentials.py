@@ -27,7 +27,13 @@ def ip_in_ranges(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
         address = ipaddress.ip_address(client_ip)
     except ValueError:
         return False
-    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+    # A dual-stack proxy or listener writes an IPv4 client as ::ffff:a.b.c.d: it is that
+    # IPv4 address, in the IPv4 ranges (and still in any IPv6 range naming it so).
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    networks = (ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+    return any(
+        address in network or (mapped is not None and mapped in network) for network in networks
+    )
 
 
 class MissingToken(Unauthorized):

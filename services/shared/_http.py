@@ -184,7 +184,9 @@ def _within(address: str | None, networks: Sequence[Network]) -> bool:
         ip = ipaddress.ip_address(address or "")
     except ValueError:
         return False
-    return any(ip in network for network in networks)
+    # A dual-stack proxy writes an IPv4 client as ::ffff:a.b.c.d: it is in the IPv4 ranges.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(ip in network or (mapped is not None and mapped in network) for network in networks)
 
 
 def _build_middlewares(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from unittest import mock
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from services.shared import ip_in_ranges
 from services.shared._http import _from_client
 
 PROXIES = (ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
@@ -39,12 +40,20 @@ def _from(peer: str, *forwarded: str) -> str | None:
         ("127.0.0.1", ["10.9.9.9, 10.1.1.1"], "127.0.0.1"),
         ("127.0.0.1", ["unknown"], "127.0.0.1"),
         ("127.0.0.1", ["203.0.113.5:4711"], "127.0.0.1"),
+        # A dual-stack proxy writes IPv4 addresses IPv4-mapped: a mapped proxy is still
+        # one, as a peer and as a hop (the address is kept as written).
+        ("::ffff:127.0.0.1", ["203.0.113.5"], "203.0.113.5"),
+        ("::ffff:10.0.0.7", ["::ffff:203.0.113.5, ::ffff:10.2.3.4"], "::ffff:203.0.113.5"),
+        ("127.0.0.1", ["::ffff:10.9.9.9, ::ffff:10.1.1.1"], "127.0.0.1"),
+        ("::ffff:192.0.2.1", ["203.0.113.5"], "::ffff:192.0.2.1"),
     ],
 )
 def test_the_client_is_the_nearest_hop_not_a_trusted_proxy(
     peer: str, forwarded: list[str], client: str
 ) -> None:
-    assert _from(peer, *forwarded) == client
+    taken = _from(peer, *forwarded)
+    assert taken is not None
+    assert ip_address(taken) == ip_address(client)
 
 
 def test_without_trusted_proxies_the_header_is_never_read() -> None:
@@ -54,3 +63,26 @@ def test_without_trusted_proxies_the_header_is_never_read() -> None:
         "GET", "/", headers={"X-Forwarded-For": "203.0.113.5"}, transport=transport
     )
     assert _from_client(request, ()).remote == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("client", "cidrs", "allowed"),
+    [
+        ("203.0.113.5", ("203.0.113.0/24",), True),
+        # The same client through a dual-stack proxy: IPv4-mapped, in the same range.
+        ("::ffff:203.0.113.5", ("203.0.113.0/24",), True),
+        ("::ffff:203.0.113.5", ("203.0.113.5/32",), True),
+        ("::ffff:203.0.113.5", ("198.51.100.0/24",), False),
+        # A range written as mapped addresses holds them too; other IPv6 ranges do not.
+        ("::ffff:203.0.113.5", ("::ffff:203.0.113.0/120",), True),
+        ("::ffff:203.0.113.5", ("2001:db8::/32",), False),
+        ("2001:db8::7", ("2001:db8::/32", "203.0.113.0/24"), True),
+        ("2001:db8::7", ("203.0.113.0/24",), False),
+        (None, ("0.0.0.0/0",), False),
+        ("unknown", ("0.0.0.0/0",), False),
+    ],
+)
+def test_a_keys_ranges_hold_ipv4_mapped_clients(
+    client: str | None, cidrs: tuple[str, ...], allowed: bool
+) -> None:
+    assert ip_in_ranges(client, cidrs) is allowed
