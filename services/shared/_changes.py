@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
 import structlog
@@ -28,7 +28,8 @@ from ._settings import Settings
 _FETCH_RETRY_SECONDS = 1.0
 _POSITION_WAIT_SECONDS = 5.0
 # A change's record carries its producer's clock: one a little behind this process's
-# still counts as newer than a moment this process took.
+# still counts as newer than a moment this process took. (Only records written before the
+# follower started are judged by it: any later one is read whatever its clock says.)
 _CLOCK_SKEW_MARGIN_MS = 5_000
 
 Entity = Literal["webhook", "token", "user", "team", "membership", "permission_group"]
@@ -109,6 +110,7 @@ async def follow_changes(
     handle: ChangesHandler,
     *,
     newer_than_ms: int = 0,
+    ends_at_start: Mapping[TopicPartition, int] | None = None,
     caught_up: asyncio.Event | None = None,
     on_invalid: Callable[[], None] | None = None,
     assigned_from: str | None = None,
@@ -117,10 +119,19 @@ async def follow_changes(
     of them (no group).
 
     Records older than ``newer_than_ms`` are skipped: a cache loaded after them already
-    reflects them. Invalid records are logged, counted (``on_invalid``) and skipped, not
-    dead-lettered (every process reads each one: it would be set aside once per process);
-    a failed fetch is tried again; a cache never stops following. ``caught_up`` is set
-    once every record that was there when following began has been handled.
+    reflects them. A record's time is its producer's clock, so only the records written
+    before following began are judged by it: those below their partition's end in
+    ``ends_at_start``. Placed by time, a follower skips most of them unread, not all (the
+    first record from a moment on may be followed by older ones: a producer whose clock is
+    behind, or a broker answering the start of a batch). A record at or past the end was
+    written since, and is handled even from a producer whose clock is behind; so is every
+    record of a partition added since (not in ``ends_at_start``). Without the ends (the
+    broker could not say) every record is judged by its time.
+
+    Invalid records are logged, counted (``on_invalid``) and skipped, not dead-lettered
+    (every process reads each one: it would be set aside once per process); a failed fetch
+    is tried again; a cache never stops following. ``caught_up`` is set once every record
+    that was there when following began has been handled.
 
     A consumer assigned by hand the partitions of ``assigned_from`` also takes the ones
     added to that topic later (a subscription would be given them).
@@ -139,15 +150,19 @@ async def follow_changes(
             await asyncio.sleep(_FETCH_RETRY_SECONDS)
             continue
         changes = []
-        for record in (r for batch in batches.values() for r in batch):
-            if record.timestamp < newer_than_ms:
-                continue
-            try:
-                changes.append(decode(Change, record.value))
-            except InvalidRecord as exc:
-                log.warning("change_record_invalid", reason=exc.message, offset=record.offset)
-                if on_invalid is not None:
-                    on_invalid()
+        for partition, batch in batches.items():
+            # Written after following began: the records from this offset on (a partition
+            # added since, all of them).
+            end = None if ends_at_start is None else ends_at_start.get(partition, 0)
+            for record in batch:
+                if (end is None or record.offset < end) and record.timestamp < newer_than_ms:
+                    continue
+                try:
+                    changes.append(decode(Change, record.value))
+                except InvalidRecord as exc:
+                    log.warning("change_record_invalid", reason=exc.message, offset=record.offset)
+                    if on_invalid is not None:
+                        on_invalid()
         if changes:
             try:
                 await handle(changes)
@@ -169,12 +184,13 @@ async def follow_changes(
 
 async def _start_positions(
     consumer: AIOKafkaConsumer, topic: str, since_ms: int
-) -> tuple[dict[TopicPartition, int | None], bool]:
+) -> tuple[dict[TopicPartition, int | None], bool, dict[TopicPartition, int] | None]:
     """Each partition's first record from ``since_ms`` on, looked up before the consumer
     reads anything: a lookup sent behind a fetch waits out the fetch's long poll. A
     partition with nothing that recent starts at its end; ``None`` where the broker cannot
     say (read from the start, the older records skipped one by one). Also whether no
-    partition had anything that recent: nothing to catch up on."""
+    partition had anything that recent: nothing to catch up on; and each partition's end
+    (``None`` if unknown): the records from it on are newer, whatever their time says."""
     partitions = await partitions_of(consumer, topic)
     try:
         # The end first: a record written after it is read whatever the lookup by time says.
@@ -182,7 +198,7 @@ async def _start_positions(
         found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
     except KafkaError as exc:
         structlog.get_logger().warning("changes_start_unknown", error=str(exc))
-        return dict.fromkeys(partitions), False
+        return dict.fromkeys(partitions), False, None
     positions: dict[TopicPartition, int | None] = {}
     nothing_newer = bool(partitions)
     for partition in partitions:
@@ -193,7 +209,7 @@ async def _start_positions(
         else:
             positions[partition] = first_newer.offset
             nothing_newer = False
-    return positions, nothing_newer
+    return positions, nothing_newer, dict(ends)
 
 
 def _assign(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int | None]) -> None:
@@ -287,7 +303,7 @@ class ChangeFollower:
         self._consumer = make_patient_consumer(self._settings, group_id=None)
         await start_client(self._consumer, self._settings)
         try:
-            positions, nothing_newer = await _start_positions(self._consumer, topic, since)
+            positions, nothing_newer, ends = await _start_positions(self._consumer, topic, since)
         except KafkaError as exc:
             await stop_client(self._consumer)
             raise DependencyUnavailable(
@@ -307,6 +323,7 @@ class ChangeFollower:
             self._consumer,
             self._handle,
             newer_than_ms=since,
+            ends_at_start=ends,
             caught_up=self._caught_up,
             on_invalid=None if self._invalid is None else self._invalid.inc,
             assigned_from=topic,

@@ -359,3 +359,42 @@ async def test_a_failed_look_for_new_partitions_loses_no_change(
         assert follower.running
     finally:
         await follower.stop()
+
+
+async def test_a_change_written_after_the_start_is_handled_whatever_its_clock(
+    kafka_settings: Settings,
+) -> None:
+    """A record's time is its producer's clock: one written after the follower started is
+    handled even when that clock is a minute behind. One written before the start and
+    older than it is still skipped, though it follows a newer record the start was placed
+    at by time."""
+    topic = Topics(kafka_settings.topic_prefix).changes
+    producer = make_producer(kafka_settings)
+    await start_client(producer, kafka_settings)
+    handled: list[str] = []
+    follower = ChangeFollower(kafka_settings, lambda change: handled.append(change.entity_id))
+
+    async def publish(entity_id: str, *, minutes_behind: int = 0) -> None:
+        change = Change(entity="webhook", entity_id=entity_id, action="updated", at=utcnow())
+        timestamp_ms = int(utcnow().timestamp() * 1000) - minutes_behind * 60_000
+        # One key: one partition, the records in the order sent, one batch each (the
+        # embedded broker's end is then exact).
+        await producer.send_and_wait(
+            topic, value=change.to_bytes(), key=b"same-partition", timestamp_ms=timestamp_ms
+        )
+
+    try:
+        await publish("wh_before_start")
+        await publish("wh_before_start_clock_behind", minutes_behind=1)
+        await follower.start()
+        assert await follower.wait_caught_up(10)
+        await publish("wh_after_start_clock_behind", minutes_behind=1)
+        await publish("wh_after_start")
+        deadline = asyncio.get_running_loop().time() + 10
+        while "wh_after_start" not in handled:
+            assert asyncio.get_running_loop().time() < deadline, handled
+            await asyncio.sleep(0.05)
+        assert handled == ["wh_before_start", "wh_after_start_clock_behind", "wh_after_start"]
+    finally:
+        await follower.stop()
+        await stop_client(producer)
