@@ -137,8 +137,15 @@ class KeyUsage:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        async with self._engine.begin() as conn:
-            await store.record_last_used(conn, pending)
+        try:
+            async with self._engine.begin() as conn:
+                await store.record_last_used(conn, pending)
+        except BaseException:
+            # Written at the next flush, a use made since winning: lost, a key in use could
+            # end for inactivity (its inactivity timeout counts from its last use).
+            for token_id, use in pending.items():
+                self._pending.setdefault(token_id, use)
+            raise
 
 
 @dataclass(frozen=True)

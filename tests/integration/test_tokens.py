@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import structlog
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from services.auth import store
 from services.shared import Settings, tables
-from tests.conftest import Stack, audit_count, corrupt, running_stack
+from tests.conftest import Stack, audit_count, corrupt, fail_nth_call, running_stack
 
 MANAGE = ["token:manage", "object:read", "webhook:read", "webhook:create"]
 
@@ -611,6 +612,30 @@ async def test_using_a_key_on_the_auth_routes_counts_as_a_use(api_stack: Stack) 
     assert status == 201
     assert created["last_used_at"] is None
     assert (await api_stack.auth_call("GET", "/v1/tokens", token=created["token"]))[0] == 200
+    await api_stack.auth.usage.flush()
+    _, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
+    assert shown["last_used_at"] is not None
+    assert shown["last_used_ip"] == "127.0.0.1"
+
+
+async def test_a_use_whose_write_failed_is_written_at_the_next_flush(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lost, a key in use could end for inactivity: it counts from the last use."""
+    status, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "used", "permissions": ["token:manage"]}
+    )
+    assert status == 201
+    assert (await api_stack.auth_call("GET", "/v1/tokens", token=created["token"]))[0] == 200
+    fail_nth_call(
+        monkeypatch,
+        store,
+        "record_last_used",
+        1,
+        OperationalError("UPDATE", {}, Exception("the database went away")),
+    )
+    with pytest.raises(OperationalError):
+        await api_stack.auth.usage.flush()
     await api_stack.auth.usage.flush()
     _, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
     assert shown["last_used_at"] is not None
