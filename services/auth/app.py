@@ -80,6 +80,12 @@ class AuthService:
             if settings.access_token_private_key is not None
             else None
         )
+        previous = settings.access_token_previous_keys
+        self._previous_keys = tuple(
+            access_tokens.load_previous_keys(previous.get_secret_value())
+            if previous is not None and previous.get_secret_value()
+            else ()
+        )
         self.metrics = Metrics("auth")
         self._introspections = self.metrics.counter(
             "introspections_total", "Introspection answers", ("result", "reason")
@@ -136,7 +142,9 @@ class AuthService:
         callers = Callers(self.engine, self._pepper, self.usage, self.settings.allow_query_keys)
         TokenRoutes(self.settings, self.engine, self._pepper, callers, changes).add_to(app, spec)
         GroupRoutes(self.settings, self.engine, callers, changes).add_to(app, spec)
-        ExchangeRoutes(self.settings, self.engine, callers, self._access_key).add_to(app, spec)
+        ExchangeRoutes(
+            self.settings, self.engine, callers, self._access_key, self._previous_keys
+        ).add_to(app, spec)
         AuditRoutes(self.settings, self.engine, callers).add_to(app, spec)
         spec.serve(app)
 

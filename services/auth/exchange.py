@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
@@ -37,6 +37,9 @@ class ExchangeRoutes:
     engine: AsyncEngine
     callers: Callers
     private_key: Ed25519PrivateKey | None
+    # Keys that signed before this one: published too, so that their access tokens verify
+    # until they expire after a planned replacement.
+    previous_keys: tuple[Ed25519PublicKey, ...] = ()
 
     def _key(self) -> Ed25519PrivateKey:
         if self.private_key is None:
@@ -46,7 +49,7 @@ class ExchangeRoutes:
         return self.private_key
 
     async def keys(self, _: web.Request) -> web.Response:
-        return json_response(access_tokens.jwk_set(self._key().public_key()))
+        return json_response(access_tokens.jwk_set(self._key().public_key(), *self.previous_keys))
 
     async def exchange(self, request: web.Request) -> web.Response:
         private_key = self._key()

@@ -7,6 +7,7 @@ was issued is caught by the revocation set that ``changes`` records keep.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,15 @@ def generate_private_key_pem() -> str:
     )
 
 
-def load_private_key(pem: str) -> Ed25519PrivateKey:
+def _unescaped(pem: str) -> str:
     if "\n" not in pem and "\\n" in pem:
         # One line with \n escapes, as an .env file holds it.
-        pem = pem.replace("\\n", "\n")
+        return pem.replace("\\n", "\n")
+    return pem
+
+
+def load_private_key(pem: str) -> Ed25519PrivateKey:
+    pem = _unescaped(pem)
     try:
         key = serialization.load_pem_private_key(pem.encode(), password=None)
     # An encrypted key raises TypeError (no password given), a curve or cipher the library
@@ -71,15 +77,50 @@ def load_private_key(pem: str) -> Ed25519PrivateKey:
     return key
 
 
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTALL)
+
+
+def load_previous_keys(pems: str) -> list[Ed25519PublicKey]:
+    """The keys that signed access tokens before the current one: PEM blocks, private or
+    public, one after another. Only their public halves are kept, to verify with."""
+    blocks = [match.group(0) for match in _PEM_BLOCK.finditer(_unescaped(pems))]
+    if not blocks:
+        raise ConfigurationError("HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS holds no PEM key")
+    keys = []
+    for block in blocks:
+        try:
+            if "PRIVATE" in block.partition("\n")[0]:
+                key: object = serialization.load_pem_private_key(block.encode(), password=None)
+            else:
+                key = serialization.load_pem_public_key(block.encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise ConfigurationError(
+                "HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS holds a block that is not a PEM key"
+            ) from exc
+        if isinstance(key, Ed25519PrivateKey):
+            key = key.public_key()
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigurationError(
+                "HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS must hold Ed25519 keys only"
+            )
+        keys.append(key)
+    return keys
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return raw.hex()[:16]
 
 
-def jwk_set(public_key: Ed25519PublicKey) -> dict[str, Any]:
-    jwk: dict[str, Any] = OKPAlgorithm.to_jwk(public_key, as_dict=True)
-    jwk.update({"kid": key_id(public_key), "alg": ALGORITHM, "use": "sig"})
-    return {"keys": [jwk]}
+def jwk_set(*public_keys: Ed25519PublicKey) -> dict[str, Any]:
+    """The keys access tokens may be verified with: the signing key's first."""
+    jwks: list[dict[str, Any]] = []
+    for public_key in public_keys:
+        jwk: dict[str, Any] = OKPAlgorithm.to_jwk(public_key, as_dict=True)
+        jwk.update({"kid": key_id(public_key), "alg": ALGORITHM, "use": "sig"})
+        if all(other["kid"] != jwk["kid"] for other in jwks):
+            jwks.append(jwk)
+    return {"keys": jwks}
 
 
 def public_keys_from_jwk_set(document: dict[str, Any]) -> dict[str, Ed25519PublicKey]:

@@ -224,6 +224,9 @@ class Settings(BaseSettings):
     service_credential: SecretStr | None = None
     token_pepper: SecretStr | None = None
     access_token_private_key: SecretStr | None = None
+    # Keys that signed before the current one (a planned replacement): still published, so
+    # their access tokens verify until they expire.
+    access_token_previous_keys: SecretStr | None = None
     access_token_ttl_seconds: int = Field(default=3600, ge=60, le=ACCESS_TOKEN_TTL_MAX)
 
     allow_private_urls: StrictBool = False

@@ -14,7 +14,9 @@ import jwt
 import orjson
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import SecretStr
 from sqlalchemy import select, update
 
 from services.api import authn
@@ -165,6 +167,37 @@ async def test_a_token_from_an_auth_clock_a_little_ahead_is_accepted(api_stack: 
     just_over = access_tokens.issue(key, {**claims, "iat": now - 3600, "exp": now - 1})
     status, body = await _list_webhooks(api_stack, just_over)
     assert (status, body["error"]["details"]) == (401, {"reason": "expired"})  # type: ignore[index]
+
+
+async def test_a_planned_key_replacement_keeps_the_old_keys_tokens_verifying(
+    settings: Settings,
+) -> None:
+    """The old key in HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS (its public half): published
+    after the new one, its tokens verify until they expire; new ones are signed with the
+    new key. Without it, replacing the key ends every access token at once."""
+    old_key = access_tokens.load_private_key(access_tokens.generate_private_key_pem())
+    old_public = old_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    replaced = settings.model_copy(
+        update={"access_token_previous_keys": SecretStr(old_public.decode())}
+    )
+    async with running_stack(replaced, with_dispatcher=False) as stack:
+        async with stack.session.get(f"{stack.auth_url}/v1/keys") as response:
+            published = [key["kid"] for key in (await response.json())["keys"]]
+        current = access_tokens.load_private_key(ACCESS_TOKEN_KEY).public_key()
+        assert published == [
+            access_tokens.key_id(current),
+            access_tokens.key_id(old_key.public_key()),
+        ]
+        _, answer = await _exchange(stack, stack.token)
+        claims = jwt.decode(str(answer["access_token"]), options={"verify_signature": False})
+        assert jwt.get_unverified_header(str(answer["access_token"]))["kid"] == published[0]
+        from_before = access_tokens.issue(old_key, claims)
+        assert (await _list_webhooks(stack, from_before))[0] == 200
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        status, body = await _list_webhooks(stack, from_before)
+        assert (status, body["error"]["details"]) == (401, {"reason": "unknown_key"})  # type: ignore[index]
 
 
 async def test_exchange_refuses_bad_keys(api_stack: Stack) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.shared import (
@@ -220,6 +221,62 @@ def test_an_unusable_private_key_is_a_configuration_error(pem: str) -> None:
     with pytest.raises(ConfigurationError) as caught:
         access_tokens.load_private_key(pem)
     assert caught.value.message == "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY is not a PEM private key"
+
+
+def _public_pem(key: Ed25519PrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def test_previous_signing_keys_are_read_private_or_public_one_after_another() -> None:
+    first = access_tokens.load_private_key(access_tokens.generate_private_key_pem())
+    second = Ed25519PrivateKey.generate()
+    pems = first.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode() + _public_pem(second)
+    for text in (pems, pems.replace("\n", "\\n")):
+        keys = access_tokens.load_previous_keys(text)
+        assert [access_tokens.key_id(key) for key in keys] == [
+            access_tokens.key_id(first.public_key()),
+            access_tokens.key_id(second.public_key()),
+        ]
+    # The current key given again as a previous one is published once.
+    assert len(access_tokens.jwk_set(first.public_key(), *keys)["keys"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("pems", "message"),
+    [
+        ("not a key", "HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS holds no PEM key"),
+        (
+            "-----BEGIN PUBLIC KEY-----\nbm90IGEga2V5\n-----END PUBLIC KEY-----\n",
+            "HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS holds a block that is not a PEM key",
+        ),
+        (
+            _UNSUPPORTED_CURVE_KEY,
+            "HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS holds a block that is not a PEM key",
+        ),
+        (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode(),
+            "HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS must hold Ed25519 keys only",
+        ),
+    ],
+)
+def test_a_bad_previous_signing_key_is_a_configuration_error(pems: str, message: str) -> None:
+    """Each names the variable; none is a traceback."""
+    with pytest.raises(ConfigurationError) as caught:
+        access_tokens.load_previous_keys(pems)
+    assert caught.value.message == message
 
 
 def test_a_misspelled_variable_is_named() -> None:
