@@ -82,6 +82,9 @@ class _Lane:
     # The last slot a delivery was sent in: slots handed out anew after a change start
     # from it, at the new rate.
     last_slot: float = float("-inf")
+    # When the last of its deliveries was let go to send: the rate holds between requests
+    # even when a wait for a sending slot bunched them.
+    last_sent: float = float("-inf")
     # After a change: the lane is kept until then, however idle, so that the next
     # delivery is still spaced from the last one at whatever rate it asks.
     kept_until: float = 0.0
@@ -104,8 +107,9 @@ _FILES_KEPT = 256
 
 def sending_slots(open_files: int | None) -> int | None:
     """How many requests the process may have out at once, for its limit on open files
-    (None: no limit). A request holds a socket, and so can its keep-alive socket after
-    it, idle in the pool for as long again: half of what is left each."""
+    (None: no limit). A request holds a socket; the other half of what is left is for the
+    keep-alive sockets idle in the pool after them (kept 15 s each, and not bounded by
+    the pool: deliveries to more hosts than that within 15 s can still run out)."""
     if open_files is None:
         return None
     return max(16, (open_files - _FILES_KEPT) // 2)
@@ -420,7 +424,9 @@ class Lanes:
             interval = 1.0 / rate if rate else self._interval
             if interval:
                 now = asyncio.get_running_loop().time()
-                slot = max(now, lane.next_slot, lane.last_slot + interval)
+                slot = max(
+                    now, lane.next_slot, lane.last_slot + interval, lane.last_sent + interval
+                )
                 lane.next_slot = slot + interval
                 woken = lane.woken = lane.woken or asyncio.Event()
                 if slot > now and not (self._handing_over or self._stopping):
@@ -437,10 +443,24 @@ class Lanes:
                     lane.last_slot = slot
             if not holds_slot:
                 # After the rate's wait: a delivery waiting for its slot holds no socket.
-                await self._sending_slot()
+                waited = await self._sending_slot()
                 holds_slot = True
+                loop_time = asyncio.get_running_loop().time()
+                if (
+                    waited
+                    and interval
+                    and loop_time < lane.last_sent + interval
+                    and not (self._handing_over or self._stopping)
+                ):
+                    # Sending slots freed together would send the lane's deliveries that
+                    # waited for them at once: the rate holds between the requests
+                    # themselves, so this one takes a new rate slot (its caller asks again).
+                    self._free_sending_slot()
+                    holds_slot = False
+                    return False
             if self._handing_over or self._stopping or moved():
                 raise Withdrawn("the partition may be about to move, or the process to stop")
+            lane.last_sent = asyncio.get_running_loop().time()
             sending = True
             return True
 
@@ -489,15 +509,15 @@ class Lanes:
                 del self._writing[partition]
         self._tracker.done(partition, record.offset)
 
-    async def _sending_slot(self) -> None:
+    async def _sending_slot(self) -> bool:
         """Take one of the process's sending slots, waiting (none of the attempt's timeout
-        spent) while all are held. Woken by a rebalance or a stop, it counts as taken
-        anyway, for its caller to give back as it withdraws."""
+        spent) while all are held; whether it waited. Woken by a rebalance or a stop, it
+        counts as taken anyway, for its caller to give back as it withdraws."""
         if self._sending_max is None or (
             self._sending < self._sending_max and not self._slot_waiters
         ):
             self._sending += 1
-            return
+            return False
         waiter = asyncio.get_running_loop().create_future()
         self._slot_waiters.append(waiter)
         try:
@@ -508,6 +528,7 @@ class Lanes:
             raise
         if not handed_over:
             self._sending += 1
+        return True
 
     def _free_sending_slot(self) -> None:
         while self._slot_waiters:

@@ -6,6 +6,7 @@ their timeout spent; a rebalance wakes the waiting ones to give their records ba
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any, cast
 
 from aiokafka import ConsumerRecord
@@ -105,3 +106,44 @@ def test_the_sending_slots_leave_room_for_the_pool_and_the_process_own_files() -
     assert sending_slots(1024) == (1024 - 256) // 2
     assert sending_slots(20_000) == (20_000 - 256) // 2
     assert sending_slots(100) == 16, "a few, however low the limit"
+
+
+async def test_a_webhooks_rate_holds_when_sending_slots_free_up_together() -> None:
+    """Deliveries of a rate-limited webhook that took their rate slots while every sending
+    slot was held would otherwise all go the moment slots free up: the rate holds between
+    the requests themselves."""
+    consumer = _Consumer()
+    release = asyncio.Event()
+    sent_at: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def attempt(record: ConsumerRecord[bytes, bytes], pace: Pace) -> list[OutRecord]:
+        if record.key == b"slow":
+            await pace(None)
+            await release.wait()
+            return []
+        while not await pace(10.0):  # as the handler asks again, after a new rate
+            pass
+        sent_at.append(loop.time())
+        return []
+
+    lanes = Lanes(
+        cast(Any, consumer), attempt, _written, per_lane=10, backlog_max=100, sending_max=1
+    )
+    running = asyncio.create_task(lanes.run())
+    try:
+        await consumer.batches.put({OWNED: [_record(OWNED, 0, b"slow")]})
+        await _until(lambda: lanes._sending == 1)
+        rated = [_record(OWNED, offset, b"rated") for offset in range(1, 5)]
+        await consumer.batches.put({OWNED: rated})
+        await asyncio.sleep(0.5)  # past every rate slot they took meanwhile
+        assert sent_at == []
+        release.set()
+        await _until(lambda: len(sent_at) == 4)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(sent_at)]
+        # 0.1 s apart by their slots; one woken late leaves the next a little less, not the
+        # microseconds of a bunch.
+        assert min(gaps) >= 0.05, gaps
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
