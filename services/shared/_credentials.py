@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 import structlog
 from aiohttp import web
@@ -18,22 +19,28 @@ MAX_TOKEN_CHARS = 256
 MAX_TEAM_ID_CHARS = 128
 
 
-def ip_in_ranges(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
-    """Whether a key limited to these ranges may be used from this address (an unknown
-    address may not)."""
-    if client_ip is None:
-        return False
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def in_networks(client_ip: str | None, networks: Iterable[Network]) -> bool:
+    """Whether the address (text, as a peer or a forwarded header gives it) falls in any
+    of the networks; not an address is in none."""
     try:
-        address = ipaddress.ip_address(client_ip)
+        address = ipaddress.ip_address(client_ip or "")
     except ValueError:
         return False
     # A dual-stack proxy or listener writes an IPv4 client as ::ffff:a.b.c.d: it is that
     # IPv4 address, in the IPv4 ranges (and still in any IPv6 range naming it so).
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    networks = (ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
     return any(
         address in network or (mapped is not None and mapped in network) for network in networks
     )
+
+
+def ip_in_ranges(client_ip: str | None, cidrs: tuple[str, ...]) -> bool:
+    """Whether a key limited to these ranges may be used from this address (an unknown
+    address may not)."""
+    return in_networks(client_ip, (ipaddress.ip_network(cidr, strict=False) for cidr in cidrs))
 
 
 class MissingToken(Unauthorized):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import exc as sql_errors
 
 from ._contracts import json_problem
-from ._credentials import QUERY_KEY_PARAM
+from ._credentials import QUERY_KEY_PARAM, Network, in_networks
 from ._errors import (
     BadRequest,
     ClientClosedRequest,
@@ -132,14 +132,11 @@ def _internal_error(request_id: str) -> web.Response:
     )
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 def _from_client(request: web.Request, trusted: Sequence[Network]) -> web.Request:
     """The request as the client sent it: when it came through a trusted proxy, with the
     address ``X-Forwarded-For`` names for the client (the nearest hop not itself trusted).
     The header is read only from a trusted peer: anyone else could write it."""
-    if not trusted or not _within(request.remote, trusted):
+    if not trusted or not in_networks(request.remote, trusted):
         return request
     hops = [
         hop.strip()
@@ -147,7 +144,7 @@ def _from_client(request: web.Request, trusted: Sequence[Network]) -> web.Reques
         for hop in line.split(",")
     ]
     for hop in reversed(hops):
-        if not _within(hop, trusted):
+        if not in_networks(hop, trusted):
             try:
                 address = ipaddress.ip_address(hop)
             except ValueError:
@@ -157,36 +154,69 @@ def _from_client(request: web.Request, trusted: Sequence[Network]) -> web.Reques
 
 
 _DATABASE_MODULES = ("sqlalchemy", "asyncpg", "aiosqlite")
+# PostgreSQL's answers that say "not now" rather than "not this": a connection exception
+# (08), insufficient resources (53: too many connections, disk full), the server shutting
+# down or starting up (57P01-57P03), a statement cancelled (57014: a statement timeout), a
+# serialization failure or deadlock (40001, 40P01), a lock not available (55P03).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P0", "57014", "40001", "40P01", "55P03")
+# SQLite's: busy or locked past the busy timeout, a file it cannot open, read or grow.
+_UNAVAILABLE_SQLITE = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_CANTOPEN",
+    "SQLITE_IOERR",
+    "SQLITE_FULL",
+)
+
+
+def _raised_in(exc: BaseException, modules: tuple[str, ...]) -> bool:
+    return any(
+        str(frame.f_globals.get("__name__", "")).startswith(modules)
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+def _committing(exc: BaseException) -> bool:
+    """Raised while a COMMIT was on its way: it may have taken effect."""
+    return any(
+        frame.f_code.co_name in ("commit", "_commit_impl", "do_commit")
+        and str(frame.f_globals.get("__name__", "")).startswith(_DATABASE_MODULES)
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, sql_errors.TimeoutError):  # no pooled connection came free
+        return True
+    if isinstance(exc, OSError):
+        # asyncpg raises the socket's own errors, unwrapped (refused, unreachable, several
+        # addresses each refused); told from a peer's by where they were raised.
+        return _raised_in(exc, _DATABASE_MODULES)
+    if not isinstance(exc, sql_errors.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    return str(getattr(exc.orig, "sqlite_errorname", "")).startswith(_UNAVAILABLE_SQLITE)
 
 
 def _as_unavailable(exc: Exception) -> DependencyUnavailable | None:
     """What a request that failed on a dependency answers: 503 with Retry-After (the
     caller may try again), not a 500 for a fault of ours. A database that refused the
-    connection, went away mid-request, timed out its pool or is locked is unavailable;
-    an integrity or data error is not. A driver's own connection errors (asyncpg raises
-    the socket's, unwrapped) are told from a peer's by where they were raised."""
-    if isinstance(
-        exc, sql_errors.OperationalError | sql_errors.InterfaceError | sql_errors.TimeoutError
-    ) or (isinstance(exc, sql_errors.DBAPIError) and exc.connection_invalidated):
+    connection, went away, timed out its pool, or answered "not now" (busy, locked,
+    starting up, out of connections) is unavailable. One that refused the statement
+    (a missing table, a constraint, a value it cannot take) is a fault of ours: a retry
+    would fail the same way. So is a COMMIT whose answer was lost: it may have taken
+    effect, and a retry could make the change twice."""
+    if _committing(exc):
+        return None
+    if _database_unavailable(exc):
         return DependencyUnavailable("the database is unavailable")
     if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
-        if any(
-            str(frame.f_globals.get("__name__", "")).startswith(_DATABASE_MODULES)
-            for frame, _ in traceback.walk_tb(exc.__traceback__)
-        ):
-            return DependencyUnavailable("the database is unavailable")
         return DependencyUnavailable("a service this request needs is unavailable")
     return None
-
-
-def _within(address: str | None, networks: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address or "")
-    except ValueError:
-        return False
-    # A dual-stack proxy writes an IPv4 client as ::ffff:a.b.c.d: it is in the IPv4 ranges.
-    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-    return any(ip in network or (mapped is not None and mapped in network) for network in networks)
 
 
 def _build_middlewares(

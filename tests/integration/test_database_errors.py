@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.shared import Metrics, build_app, create_engine
@@ -106,3 +106,53 @@ async def test_a_statement_the_database_refuses_is_still_a_500(tmp_path: Any) ->
 
     status, body, _ = await _answer_of(breaks_a_constraint)
     assert (status, body["error"]["code"]) == (500, "internal_error")
+
+
+async def test_a_statement_the_database_cannot_run_is_a_500_not_a_retry(tmp_path: Any) -> None:
+    """SQLite names a missing table an OperationalError too: a fault of ours that a retry
+    every second would only repeat."""
+
+    async def reads_a_missing_table() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT * FROM no_such_table"))
+        finally:
+            await engine.dispose()
+
+    status, body, retry_after = await _answer_of(reads_a_missing_table)
+    assert (status, body["error"]["code"], retry_after) == (500, "internal_error", None)
+
+
+async def test_a_commit_whose_answer_was_lost_is_a_500_not_a_retry(database_url: str) -> None:
+    """The change may have taken effect: a 503 inviting a retry could make it twice. On
+    PostgreSQL the session is really ended before its COMMIT; SQLite cannot lose a COMMIT's
+    answer, so there the connection resets as the COMMIT is sent."""
+    engine = create_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE commit_lost (id INTEGER)"))
+
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine.sync_engine, "commit")
+        def _reset(_: Any) -> None:
+            raise ConnectionResetError("the connection reset as the COMMIT went")
+
+    async def changes_and_commits() -> None:
+        async with engine.connect() as conn:
+            pid = (
+                (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                if (engine.dialect.name == "postgresql")
+                else None
+            )
+            await conn.execute(text("INSERT INTO commit_lost VALUES (1)"))
+            if pid is not None:
+                async with engine.connect() as other:
+                    await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            await conn.commit()
+
+    try:
+        status, body, retry_after = await _answer_of(changes_and_commits)
+    finally:
+        await engine.dispose()
+    assert (status, body["error"]["code"], retry_after) == (500, "internal_error", None)
