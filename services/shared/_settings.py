@@ -135,8 +135,13 @@ def _bootstrap_entry_problem(entry: str) -> str | None:
             return f"{entry!r} has something other than :port after its brackets"
         port = rest[1:]
     elif entry.count(":") > 1:
-        # Read whole as an address, "::1:9092" would be ::0.1:9092 with the default port.
-        return f"{entry!r} is an IPv6 address without brackets"
+        # A bare IPv6 address is read whole, on port 9092 (so "::1:9092" is the address
+        # ::1:9092): a port needs the brackets.
+        try:
+            ipaddress.IPv6Address(entry)
+        except ValueError:
+            return f"{entry!r} is neither host[:port] nor an IPv6 address"
+        return None
     else:
         host, colon, port = entry.partition(":")
         if not _BOOTSTRAP_HOST.fullmatch(host):
@@ -153,9 +158,12 @@ def _kafka_bootstrap(value: str | None) -> str | None:
     # in aiokafka ("invalid literal for int()") that names no variable.
     if not value:
         return value
-    for entry in value.split(","):
-        entry = entry.strip()
-        problem = _bootstrap_entry_problem(entry) if entry else "an empty entry"
+    # Empty entries (a trailing comma) are passed over, as the Kafka client does.
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    if not entries:
+        raise ValueError(f"no server in it: {_BOOTSTRAP_FORM}")
+    for entry in entries:
+        problem = _bootstrap_entry_problem(entry)
         if problem is not None:
             raise ValueError(f"{problem}: {_BOOTSTRAP_FORM}")
     return value
