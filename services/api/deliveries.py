@@ -9,12 +9,15 @@ leaves one audit record on the webhook.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.shared import (
     DELIVERY_STATES,
@@ -35,6 +38,7 @@ from services.shared import (
     parse_body,
     parse_query,
     record_audit,
+    tables,
     utcnow,
 )
 
@@ -170,14 +174,32 @@ async def _sendable_webhook(ctx: ApiContext, team_id: str, webhook_id: str) -> N
         raise Conflict(f"webhook {webhook_id} is inactive; reactivate it to send to it")
 
 
-def _resend(row: Any) -> Delivery:
-    return Delivery(
-        id=row.id,
-        webhook_id=row.webhook_id,
-        attempt=row.attempts + 1,
-        event=Event.model_validate(row.event),
-        kind="manual",
+async def _resends(conn: AsyncConnection, rows: Sequence[Any]) -> list[Delivery]:
+    """Each row's re-send, numbered after every attempt made or asked for. The number is
+    taken in the log itself: two re-sends a moment apart (the first one's attempt not yet
+    recorded) would otherwise share one. A re-send whose publish then fails leaves its
+    number unused. A delivery pruned meanwhile is not re-sent."""
+    if not rows:
+        return []
+    deliveries = tables.deliveries
+    numbered = await conn.execute(
+        update(deliveries)
+        .where(deliveries.c.id.in_([row.id for row in rows]))
+        .values(attempts=deliveries.c.attempts + 1)
+        .returning(deliveries.c.id, deliveries.c.attempts)
     )
+    taken: dict[str, int] = {row.id: row.attempts for row in numbered}
+    return [
+        Delivery(
+            id=row.id,
+            webhook_id=row.webhook_id,
+            attempt=taken[row.id],
+            event=Event.model_validate(row.event),
+            kind="manual",
+        )
+        for row in rows
+        if row.id in taken
+    ]
 
 
 async def _publish(ctx: ApiContext, deliveries: list[Delivery]) -> None:
@@ -248,7 +270,11 @@ async def retry_delivery(request: web.Request) -> web.Response:
     async with ctx.engine.connect() as conn:
         row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
     await _sendable_webhook(ctx, principal.team_id, row.webhook_id)
-    delivery = _resend(row)
+    async with ctx.engine.begin() as conn:
+        numbered = await _resends(conn, [row])
+    if not numbered:
+        raise NotFound(f"delivery {row.id} not found")
+    [delivery] = numbered
     await _publish_one(ctx, principal.team_id, delivery)
     await _audit(
         request,
@@ -344,8 +370,9 @@ async def _replay(
             resume = following
             break
         try:
-            async with ctx.engine.connect() as conn:
+            async with ctx.engine.begin() as conn:
                 rows = await delivery_log.oldest_first(conn, where, limit=size + 1, after=after)
+                resends = await _resends(conn, rows[:size])
         except SQLAlchemyError as exc:
             ctx.resends.give_back(team_id, size)
             if not replayed:
@@ -356,9 +383,9 @@ async def _replay(
                 details={"replayed": replayed, "resume_since": as_utc(following)},
             ) from exc
         chosen = rows[:size]
-        ctx.resends.give_back(team_id, size - len(chosen))
+        ctx.resends.give_back(team_id, size - len(resends))
         try:
-            await _publish_resends(ctx, team_id, [_resend(row) for row in chosen])
+            await _publish_resends(ctx, team_id, resends)
         except PublishUnavailable as exc:
             if not replayed or not chosen:
                 raise
@@ -369,7 +396,7 @@ async def _replay(
                 f"{exc.message}; {replayed} deliveries were re-sent before it",
                 details={"replayed": replayed, "resume_since": as_utc(chosen[0].created_at)},
             ) from exc
-        replayed += len(chosen)
+        replayed += len(resends)
         if len(rows) <= size:
             break
         after = (chosen[-1].created_at, chosen[-1].id)

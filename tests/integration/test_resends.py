@@ -181,3 +181,28 @@ async def test_a_retry_whose_audit_record_cannot_be_written_still_answers_202(
     )
     assert lost["details"] == {"delivery_id": delivery_id, "attempt": 2}
     assert lost["ip"] == "127.0.0.1"
+
+
+async def test_re_sends_a_moment_apart_each_take_their_own_attempt_number(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """The second re-send is asked for before the first one's attempt is in the log: it
+    takes the next number all the same, and so does a replay right after."""
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
+    since = utcnow() - timedelta(seconds=1)
+    await stack.create_object()
+    delivery_id = (await receiver.wait_for(1))[0].headers["webhook-id"]
+    await _logged(stack, delivery_id, lambda d: d["state"] == "delivered", within=15.0)
+    retry = f"/deliveries/{delivery_id}/retry"
+    answers = [await _call(stack, "POST", retry), await _call(stack, "POST", retry)]
+    assert [answer for _, answer in answers] == [
+        {"delivery_id": delivery_id, "attempt": 2},
+        {"delivery_id": delivery_id, "attempt": 3},
+    ]
+    replay = f"/webhooks/{webhook['id']}/replay"
+    status, replayed = await _call(stack, "POST", replay, json={"since": since.isoformat()})
+    assert (status, replayed["replayed"]) == (202, 1)
+    await receiver.wait_for(4)
+    shown = await _logged(stack, delivery_id, lambda d: len(d["attempts"]) == 4, within=15.0)
+    # Sent side by side, they may be answered in any order.
+    assert sorted(attempt["attempt"] for attempt in shown["attempts"]) == [1, 2, 3, 4]
