@@ -180,6 +180,8 @@ def webhook_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     view["headers"] = redacted(row["headers"]) if row["headers"] else row["headers"]
     view["created_at"] = as_utc(row["created_at"])
     view["updated_at"] = as_utc(row["updated_at"])
+    # When it went to the trash (null for a live webhook), as an object's view says.
+    view["deleted_at"] = as_utc(row.get("deleted_at"))
     return view
 
 
@@ -246,6 +248,8 @@ class WebhookQuery(IdPageQuery):
 
     active: Literal["true", "false"] | None = None
     topic: EventType | None = None
+    # The trash, whose webhooks can be restored (or deleted for good) by their id.
+    trashed: Literal["true", "false"] = "false"
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
@@ -253,7 +257,11 @@ async def list_webhooks(request: web.Request) -> web.Response:
     principal = await ctx.authorize(request, "webhook:read")
     query = parse_query(request, WebhookQuery)
     _hooks = tables.webhooks
-    conditions = [_hooks.c.team_id == principal.team_id, _hooks.c.deleted_at.is_(None)]
+    trashed = query.trashed == "true"
+    conditions = [
+        _hooks.c.team_id == principal.team_id,
+        _hooks.c.deleted_at.is_not(None) if trashed else _hooks.c.deleted_at.is_(None),
+    ]
     if query.active is not None:
         conditions.append(_hooks.c.active.is_(query.active == "true"))
     if query.cursor is not None:
@@ -339,7 +347,10 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         permission="webhook:read",
         query=WebhookQuery,
         errors=(401, 403, 404, 422),
-        summary="List the team's webhooks (active, topic filters; cursor paging)",
+        summary=(
+            "List the team's webhooks (active, topic filters; trashed=true for the trash;"
+            " cursor paging)"
+        ),
     )
     spec.route(
         app,
