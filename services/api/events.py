@@ -63,7 +63,9 @@ def _idempotency_key(request: web.Request) -> str | None:
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise ValidationFailed.for_field("Idempotency-Key", "1 to 255 printable characters")
+        raise ValidationFailed.for_field(
+            "Idempotency-Key", "1 to 255 printable characters", part="header"
+        )
     return key
 
 

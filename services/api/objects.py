@@ -58,7 +58,9 @@ def _object_type(request: web.Request) -> str:
     object_type = request.match_info["object_type"]
     if not _OBJECT_TYPE.fullmatch(object_type):
         raise ValidationFailed.for_field(
-            "object_type", "lowercase letters, digits, '_' or '-', starting with a letter"
+            "object_type",
+            "lowercase letters, digits, '_' or '-', starting with a letter",
+            part="path",
         )
     return object_type
 

@@ -120,8 +120,10 @@ class ValidationFailed(HookwireError):
     code = "validation_failed"
 
     @classmethod
-    def for_field(cls, field: str, reason: str) -> ValidationFailed:
-        return cls(f"invalid request body: {field}", details=[{"field": field, "reason": reason}])
+    def for_field(cls, field: str, reason: str, *, part: str = "request body") -> ValidationFailed:
+        """``part``: where the field was given (the request body, query parameters, the
+        path, a header), for the message to send the caller to the right place."""
+        return cls(f"invalid {part}: {field}", details=[{"field": field, "reason": reason}])
 
 
 class InvalidRecord(HookwireError):

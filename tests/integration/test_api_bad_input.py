@@ -243,6 +243,9 @@ async def test_invalid_objects_get_422_and_publish_nothing(
     status, answer = await _post(api_stack, path, json=body)
     assert status == 422
     assert answer["error"]["details"][0]["field"] == field
+    # The message sends the caller to where the field was given.
+    where = "path" if field == "object_type" else "request body"
+    assert answer["error"]["message"] == f"invalid {where}: {field}"
     async with api_stack.api.engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(tables.objects))).scalar() == 0
 

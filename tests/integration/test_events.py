@@ -254,6 +254,7 @@ async def test_publishing_needs_event_publish(api_stack: Stack) -> None:
     status, answer, _ = await _publish(api_stack, EVENT, key="x" * 300)
     assert status == 422
     assert answer["error"]["details"][0]["field"] == "Idempotency-Key"
+    assert answer["error"]["message"] == "invalid header: Idempotency-Key"
 
 
 async def test_oversized_event_is_refused(api_stack: Stack) -> None:
