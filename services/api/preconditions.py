@@ -9,8 +9,14 @@ def require_match(if_match: str | None, etag: str, resource: str) -> None:
     """Refuse a change made from a stale read: ``if_match`` is a list of entity tags, or
     ``*`` for any. Tags compare strongly, so a weak one (``W/"…"``) never matches; no
     header asks for no check."""
-    if if_match is None or {tag.strip() for tag in if_match.split(",")} & {etag, "*"}:
+    tags = {tag.strip() for tag in if_match.split(",")} if if_match is not None else set()
+    if if_match is None or tags & {etag, "*"}:
         return
+    if any(tag.startswith("W/") for tag in tags):
+        raise PreconditionFailed(
+            "If-Match takes the ETag as given: a weak tag (W/...) never matches",
+            details={"current_etag": etag},
+        )
     raise PreconditionFailed(
         f"the {resource} changed since you read it", details={"current_etag": etag}
     )

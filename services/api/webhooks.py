@@ -221,7 +221,12 @@ async def create_webhook(request: web.Request) -> web.Response:
             details={"url": body.url, "topics": values["topics"]},
         )
     await ctx.changes.notify("webhook", webhook_id, "created", principal.team_id)
-    return json_response({**webhook_view(values), "secret": secret}, status=201)
+    # Its ETag too: a first edit with If-Match needs no read before it.
+    return json_response(
+        {**webhook_view(values), "secret": secret},
+        status=201,
+        headers=webhook_etag(now),
+    )
 
 
 async def _refuse_past_the_limit(conn: AsyncConnection, team_id: str, limit: int) -> None:

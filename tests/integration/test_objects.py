@@ -126,7 +126,11 @@ async def test_stale_if_match_and_no_op_patches_publish_nothing(
     assert (status, body["error"]["code"]) == (412, "precondition_failed")
     assert body["error"]["details"] == {"current_etag": '"2"'}
     # A weak tag never matches (If-Match compares strongly); a list matches when one does.
-    assert (await _call(stack, "PATCH", path, headers={"If-Match": 'W/"2"'}, json={}))[0] == 412
+    status, weak, _ = await _call(stack, "PATCH", path, headers={"If-Match": 'W/"2"'}, json={})
+    assert (status, weak["error"]["message"]) == (
+        412,
+        "If-Match takes the ETag as given: a weak tag (W/...) never matches",
+    )
     status, same, headers = await _call(
         stack, "PATCH", path, headers={"If-Match": '"1", "2"'}, json={"amount": 20}
     )

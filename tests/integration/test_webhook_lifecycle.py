@@ -803,8 +803,15 @@ async def test_an_edit_made_from_a_stale_read_is_refused_with_if_match(api_stack
     """Two clients read the webhook; one changes its headers; the other sends back what it
     read with another header changed: with If-Match it gets 412, not the first client's
     change undone. A fresh ETag (from the GET, or the PATCH's answer) goes through."""
-    path = await _create_elsewhere(api_stack)
+    status, created, created_headers = await _answer(
+        api_stack,
+        "POST",
+        json={"name": "t", "url": "https://example.com/h", "topics": ["object.created"]},
+    )
+    assert status == 201
+    path = f"/{created['id']}"
     read_etag = await _etag(api_stack, path)
+    assert created_headers["ETag"] == read_etag, "the create answers the ETag a read would"
     status, _, headers = await _answer(
         api_stack,
         "PATCH",
