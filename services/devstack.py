@@ -83,12 +83,10 @@ class SampleReceiver:
         self.received.append(
             {
                 "path": request.path,
-                "headers": {
-                    k.lower(): v
-                    for k, v in request.headers.items()
-                    if k.lower().startswith("webhook-") or k.lower() == "user-agent"
-                },
+                "headers": {k.lower(): v for k, v in request.headers.items()},
                 "body": orjson.loads(body) if body else None,
+                # As it came: what the signature covers (the parsed body is for reading).
+                "raw_body": body.decode("utf-8", errors="replace"),
             }
         )
         return web.Response(status=204)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import stat
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from services.shared import free_port
+from tests.integration.test_end_to_end import standard_webhooks_verify
 
 HOOKWIRE = str(Path(sys.executable).parent / "hookwire")
 
@@ -118,6 +120,13 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
             assert shell.returncode == 0, shell.stderr
             received = orjson.loads(shell.stdout[shell.stdout.rindex("[{") :])
             assert received[-1]["headers"]["webhook-signature"].startswith("v1,")
+            # What came is shown whole: the signature checks out with the webhook's secret.
+            created, _ = json.JSONDecoder().raw_decode(shell.stdout)
+            assert standard_webhooks_verify(
+                created["secret"],
+                received[-1]["headers"],
+                received[-1]["raw_body"].encode(),
+            )
             assert received[-1]["body"]["type"] == "object.created"
             assert received[-1]["body"]["data"] == {"email": "ada@example.com"}
         finally:
