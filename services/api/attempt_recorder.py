@@ -2,7 +2,8 @@
 
 Every api process joins one consumer group, so the log is written once per attempt no
 matter how many api processes run. A batch's rows commit before its offsets do; a record
-that is not an attempt goes to the dead-letter topic and the consumer keeps going.
+that is not an attempt goes to the dead-letter topic, once the rows are in, and the
+consumer keeps going.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
@@ -21,17 +23,17 @@ from services.shared import (
     DependencyUnavailable,
     InvalidRecord,
     Metrics,
-    OutRecord,
     Settings,
     consume_forever,
     dead_letter_record,
     decode,
     get_logger,
     make_consumer,
-    send_all,
+    send_each,
     start_client,
     stop_client,
     subscribe_handing_over,
+    too_large,
     topics_for,
 )
 
@@ -66,6 +68,18 @@ def _refused_by_store(exc: BaseException) -> bool:
     return isinstance(exc, _BAD_VALUE)
 
 
+class _Letter(NamedTuple):
+    """A record for the dead-letter topic, why, and how it counts among those consumed."""
+
+    record: ConsumerRecord
+    reason: str
+    outcome: str  # "invalid" (not an attempt) or "refused" (by the store)
+
+
+def _where(record: ConsumerRecord) -> tuple[str, int, int]:
+    return (record.topic, record.partition, record.offset)
+
+
 class AttemptRecorder:
     def __init__(
         self,
@@ -96,6 +110,9 @@ class AttemptRecorder:
         self._log = get_logger("api")
         self._consumer: AIOKafkaConsumer | None = None
         self._writing: asyncio.Future[list[Attempt]] | None = None
+        # The records of the batch in hand already dead-lettered: a batch tried again
+        # (a dead letter refused, or the database away) does not send them twice.
+        self._lettered: set[tuple[str, int, int]] = set()
 
     async def run(self) -> None:
         """Join the group (retrying while the broker is away), then record forever."""
@@ -127,15 +144,12 @@ class AttemptRecorder:
 
     async def record(self, records: list[ConsumerRecord]) -> None:
         decoded: list[tuple[ConsumerRecord, Attempt]] = []
-        rejected: list[OutRecord] = []
+        letters: list[_Letter] = []
         for record in records:
             try:
                 decoded.append((record, decode(Attempt, record.value)))
             except InvalidRecord as exc:
-                self._log.warning("attempt_record_invalid", reason=exc.message)
-                rejected.append(dead_letter_record(self._topics, record, exc.message))
-        # Dead letters first: once the rows commit, only the offset commit remains.
-        await send_all(self._producer, rejected)
+                letters.append(_Letter(record, exc.message, "invalid"))
         try:
             stored = await self._write_through([attempt for _, attempt in decoded])
         except Exception as exc:
@@ -144,13 +158,58 @@ class AttemptRecorder:
             # One record the store refuses would fail its batch on every try and stop
             # the log for every team: the records go in one at a time instead, and the
             # refused one goes to the dead-letter topic with the reason.
-            stored = await self._write_one_by_one(decoded)
+            stored, refused = await self._write_one_by_one(decoded)
+            letters += refused
+        # Dead letters once the rows are in: a batch tried again while the database is
+        # away would send them again every second. Rows written twice change nothing.
+        await self._dead_letter(letters)
         # Counted once each: an attempt of a webhook gone is counted as that instead.
         for attempt in stored:
             self._consumed.labels(attempt.outcome).inc()
-        if rejected:
-            self._consumed.labels("invalid").inc(len(rejected))
-            self._dead_letters.labels("invalid_record").inc(len(rejected))
+        self._lettered.clear()
+
+    async def _dead_letter(self, letters: list[_Letter]) -> None:
+        """Send the dead letters not yet sent (a batch tried again after only some went)."""
+        fresh = [letter for letter in letters if _where(letter.record) not in self._lettered]
+        if not fresh:
+            return
+        out = [dead_letter_record(self._topics, f.record, f.reason) for f in fresh]
+        failed = await send_each(self._producer, out)
+        for index in [index for index, error in failed.items() if too_large(error)]:
+            # The broker will never take it (a dead-letter topic configured with a smaller
+            # record limit than the attempts topic): sent again as it is, it would stop the
+            # log for every team. Alone first (only its batch may have been too large), then
+            # without its payload, as the dispatcher's router and retry timer do.
+            letter = fresh[index]
+            refused = list((await send_each(self._producer, [out[index]])).values())
+            if refused and too_large(refused[0]):
+                bare = dead_letter_record(
+                    self._topics,
+                    letter.record,
+                    f"{letter.reason} (payload left out: the broker refused it: {refused[0]})",
+                    with_payload=False,
+                )
+                refused = list((await send_each(self._producer, [bare])).values())
+            if refused:
+                failed[index] = refused[0]
+            else:
+                del failed[index]
+        for index, letter in enumerate(fresh):
+            if index in failed:
+                continue
+            self._lettered.add(_where(letter.record))
+            self._consumed.labels(letter.outcome).inc()
+            if letter.outcome == "invalid":
+                self._log.warning("attempt_record_invalid", reason=letter.reason)
+                self._dead_letters.labels("invalid_record").inc()
+            else:
+                offset = letter.record.offset
+                self._log.warning("attempt_record_refused", reason=letter.reason, offset=offset)
+                self._dead_letters.labels("not_storable").inc()
+        if failed:
+            # Not even without its payload (a topic it will not write to), or the broker
+            # away: the batch is tried again, and only these are sent then.
+            raise next(iter(failed.values()))
 
     async def _write_through(self, attempts: list[Attempt]) -> list[Attempt]:
         """Store the attempts; returns those stored (not those of a webhook gone)."""
@@ -161,8 +220,10 @@ class AttemptRecorder:
 
     async def _write_one_by_one(
         self, decoded: list[tuple[ConsumerRecord, Attempt]]
-    ) -> list[Attempt]:
+    ) -> tuple[list[Attempt], list[_Letter]]:
+        """The attempts stored, and a dead letter for each the store refused."""
         stored: list[Attempt] = []
+        refused: list[_Letter] = []
         for record, attempt in decoded:
             try:
                 stored.extend(await self._write_through([attempt]))
@@ -171,11 +232,8 @@ class AttemptRecorder:
                     raise
                 # The first line: drivers append the statement and its values after it.
                 reason = f"not storable: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                self._log.warning("attempt_record_refused", reason=reason, offset=record.offset)
-                await send_all(self._producer, [dead_letter_record(self._topics, record, reason)])
-                self._consumed.labels("refused").inc()
-                self._dead_letters.labels("not_storable").inc()
-        return stored
+                refused.append(_Letter(record, reason, "refused"))
+        return stored, refused
 
     async def _write(self, attempts: list[Attempt]) -> list[Attempt]:
         async with self._engine.begin() as conn:

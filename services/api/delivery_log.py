@@ -3,6 +3,8 @@
 Attempt records can arrive twice (a dispatcher re-processing a batch after a crash, or this
 consumer re-reading one): a delivery row only moves forward to a later attempt, and an
 attempt row is keyed by (delivery, attempt number), so a repeat rewrites the same row.
+A delivered delivery stays delivered when a later automatic attempt does not deliver (see
+``_held``).
 """
 
 from __future__ import annotations
@@ -151,29 +153,82 @@ async def _of_their_own_delivery(conn: AsyncConnection, attempts: list[Attempt])
     return [a for a in attempts if owners.setdefault(a.delivery_id, a.webhook_id) == a.webhook_id]
 
 
+def _held(state: str, attempt: Attempt) -> bool:
+    """Whether ``attempt`` leaves a delivery in ``state`` as it was: an automatic attempt
+    (kind ``event``) that did not deliver does not undo a delivery already made. One still
+    goes out when a manual re-send delivered before a scheduled retry came due, or when a
+    second dispatcher sends again after a rebalance, and a receiver de-duplicating on
+    ``webhook-id`` may refuse it (409): the event was delivered all the same. A re-send or
+    a test (asked for through the api) records its own outcome."""
+    return state == "delivered" and attempt.kind == "event" and attempt.outcome != "delivered"
+
+
+def _folded(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
+    """Each delivery's row after its attempts of the batch, taken in the order they were
+    made (PostgreSQL refuses to update one row twice in a statement). The state and what
+    goes with it come from the latest attempt that counts (``_held``); the row's last
+    change is the latest attempt, whichever. "Latest" is by time: a manual re-send and a
+    scheduled retry can share an attempt number."""
+    rows: dict[str, dict[str, Any]] = {}
+    for attempt in sorted(attempts, key=lambda a: a.attempted_at):
+        row = rows.get(attempt.delivery_id)
+        if row is None:
+            rows[attempt.delivery_id] = _delivery_row(attempt)
+            continue
+        if not _held(row["state"], attempt):
+            made = _delivery_row(attempt)
+            row.update({column: made[column] for column in _DELIVERY_UPDATES})
+        row["updated_at"] = attempt.attempted_at
+        row["attempts"] = max(row["attempts"], attempt.attempt)
+    return list(rows.values())
+
+
 async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
-    # One row per key per statement: the latest attempt of each delivery wins. "Latest" is
-    # by time: a manual re-send and a scheduled retry can share an attempt number.
-    latest: dict[str, Attempt] = {}
-    for attempt in attempts:
-        seen = latest.get(attempt.delivery_id)
-        if seen is None or attempt.attempted_at >= seen.attempted_at:
-            latest[attempt.delivery_id] = attempt
-    by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in attempts}
+    stored = _deliveries.c
+
+    def columns(proposed: Any) -> dict[str, Any]:
+        # The stored row is delivered and the batch's latest attempt that counts is an
+        # automatic one that did not deliver: the state, and what goes with it, stay.
+        held = and_(
+            stored.state == "delivered", proposed.kind == "event", proposed.state != "delivered"
+        )
+        kept = {
+            column: case((held, stored[column]), else_=proposed[column])
+            for column in _DELIVERY_UPDATES
+            if column != "updated_at"
+        }
+        return {
+            **kept,
+            "updated_at": case(
+                (proposed.updated_at > stored.updated_at, proposed.updated_at),
+                else_=stored.updated_at,
+            ),
+            "attempts": case(
+                (proposed.attempts > stored.attempts, proposed.attempts),
+                else_=stored.attempts,
+            ),
+        }
+
     await upsert(
         conn,
         _deliveries,
-        [_delivery_row(a) for a in latest.values()],
+        _folded(attempts),
         key=("id",),
-        update=_DELIVERY_UPDATES,
-        when=lambda proposed: _deliveries.c.updated_at <= proposed.updated_at,
-        computed=lambda proposed: {
-            "attempts": case(
-                (proposed.attempts > _deliveries.c.attempts, proposed.attempts),
-                else_=_deliveries.c.attempts,
-            )
-        },
+        update=(),
+        # Only forward, but for a success read after an automatic attempt made later (its
+        # record came first: a slow answer to the dispatcher that lost the partition, while
+        # its successor sent again and was refused): that attempt does not count after it.
+        when=lambda proposed: or_(
+            stored.updated_at <= proposed.updated_at,
+            and_(
+                proposed.state == "delivered",
+                stored.state != "delivered",
+                stored.kind == "event",
+            ),
+        ),
+        computed=columns,
     )
+    by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in attempts}
     await upsert(
         conn,
         _attempts,
@@ -429,6 +484,10 @@ def retry_gap(settings: Settings) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _fails_a_run(attempt: Attempt) -> bool:
+    return attempt.outcome == "failed" and attempt.kind == "event"
+
+
 def failing_run(
     since: datetime | None,
     last_failure: datetime | None,
@@ -443,7 +502,9 @@ def failing_run(
     made after ``not_before`` (the webhook's last edit: a reactivation or a new URL starts
     afresh). A failure more than ``restart_after`` after the one before starts a new run:
     nothing was being retried in between, so the endpoint was quiet, not failing.
-    A success older than the run does not end it.
+    A success older than the run does not end it. Only automatic attempts (kind ``event``)
+    fail a run, as only they count towards the circuit: a receiver refusing test events or
+    old payloads re-sent says nothing of the live traffic. A success of any kind ends it.
     """
     if since is None:
         last_failure = None
@@ -457,7 +518,7 @@ def failing_run(
         if attempt.outcome == "delivered":
             if since is None or at >= since:
                 since, last_failure, latest = None, None, None
-        elif attempt.outcome == "failed" and (since is not None or at >= not_before):
+        elif _fails_a_run(attempt) and (since is not None or at >= not_before):
             if since is None or last_failure is None or at - last_failure > restart_after:
                 since = at
             last_failure = at if last_failure is None else max(last_failure, at)
@@ -477,7 +538,7 @@ async def track_failing_endpoints(
     ``restart_after`` (see ``retry_gap``) after the one before starts a new run."""
     by_webhook: dict[tuple[str, str], list[Attempt]] = {}
     for attempt in attempts:
-        if attempt.outcome != "skipped":
+        if attempt.outcome == "delivered" or _fails_a_run(attempt):
             by_webhook.setdefault((attempt.webhook_id, attempt.team_id), []).append(attempt)
     if not by_webhook:
         return []

@@ -51,8 +51,13 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-def _attempt(after: timedelta, outcome: Literal["delivered", "failed"]) -> Attempt:
+def _attempt(
+    after: timedelta,
+    outcome: Literal["delivered", "failed"],
+    kind: Literal["event", "manual", "test"] = "event",
+) -> Attempt:
     return Attempt(
+        kind=kind,
         delivery_id=f"msg_{after.total_seconds():g}",
         event_id=_EVENT.id,
         webhook_id="wh_1",
@@ -125,6 +130,27 @@ async def test_a_webhook_failing_all_along_is_disabled_after_five_days(engine: A
         assert await _track(engine, attempt) == []
     [request] = await _track(engine, _attempt(timedelta(hours=121), "failed"))
     assert request.disable_reason == "no successful delivery for 5 days"
+
+
+async def test_failed_tests_and_re_sends_do_not_disable_a_webhook_whose_events_go_through(
+    engine: AsyncEngine,
+) -> None:
+    """A webhook for a rare event: its one event was delivered, and for six days the
+    receiver answers 400 to the hourly `webhook.test` and to an old payload re-sent. No
+    run starts: like the circuit, they say nothing of the live traffic. A failed event
+    starts one, a re-send failing meanwhile does not extend it, and one delivering ends it."""
+    assert await _track(engine, _attempt(timedelta(0), "delivered")) == []
+    for hour in range(1, 6 * 24):
+        kind: Literal["manual", "test"] = "manual" if hour % 24 == 0 else "test"
+        assert await _track(engine, _attempt(timedelta(hours=hour), "failed", kind)) == []
+    assert await _clock(engine) == (None, None)
+    day_6 = timedelta(days=6)
+    assert await _track(engine, _attempt(day_6, "failed")) == []
+    assert await _clock(engine) == (CREATED + day_6, CREATED + day_6)
+    assert await _track(engine, _attempt(day_6 + _HOUR, "failed", "manual")) == []
+    assert await _clock(engine) == (CREATED + day_6, CREATED + day_6)
+    assert await _track(engine, _attempt(day_6 + 2 * _HOUR, "delivered", "manual")) == []
+    assert await _clock(engine) == (None, None)
 
 
 async def test_a_success_ends_the_run_over_an_edit_made_meanwhile(engine: AsyncEngine) -> None:

@@ -1,0 +1,268 @@
+"""The delivery log's writer: which attempt decides a delivery's state, and its dead
+letters (sent once, and sent even when the broker will not take them whole)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import pytest
+from aiokafka.errors import MessageSizeTooLargeError
+from sqlalchemy.exc import OperationalError
+
+from services.api import delivery_log
+from services.shared import (
+    Attempt,
+    DeliveryKind,
+    Settings,
+    _kafka,
+    make_producer,
+    send_all,
+    topics_for,
+    utcnow,
+)
+from tests.conftest import Stack, dead_letters, records_in, running_stack
+from tests.integration.test_delivery_log import _call, _logged, _unreachable_webhook
+from tests.samples import sample_event
+
+
+def _try(
+    stack: Stack,
+    webhook_id: str,
+    number: int,
+    at: datetime,
+    outcome: Literal["delivered", "failed", "skipped"],
+    kind: DeliveryKind = "event",
+    *,
+    final: bool = False,
+    status: int | None = None,
+) -> Attempt:
+    event = sample_event(id="evt_twice", team_id=stack.team_id, occurred_at=at)
+    return Attempt(
+        delivery_id="msg_twice",
+        event_id=event.id,
+        webhook_id=webhook_id,
+        team_id=stack.team_id,
+        attempt=number,
+        attempted_at=at,
+        outcome=outcome,
+        status_code=status or (200 if outcome == "delivered" else 409),
+        # A re-send gets one attempt.
+        final=final or kind != "event",
+        next_retry_at=None if final or outcome != "failed" else at + timedelta(minutes=5),
+        kind=kind,
+        event=event,
+    )
+
+
+async def _one_by_one(
+    stack: Stack, attempts: list[Attempt], already: int = 0
+) -> list[dict[str, Any]]:
+    """Each attempt in a batch of its own: the delivery as the log shows it after each
+    (``already``: how many attempts it had)."""
+    topics = topics_for(stack.settings)
+    producer = make_producer(stack.settings)
+    await producer.start()
+    shown = []
+    try:
+        for n, attempt in enumerate(attempts, already + 1):
+            await producer.send_and_wait(topics.attempts, value=attempt.to_bytes(), key=b"k")
+            shown.append(await _logged(stack, "msg_twice", lambda d, n=n: len(d["attempts"]) == n))
+    finally:
+        await producer.stop()
+    return shown
+
+
+async def test_a_scheduled_retry_failing_after_a_manual_re_send_delivered_leaves_it_delivered(
+    settings: Settings,
+) -> None:
+    """Attempt 1 fails and a retry is scheduled; the user's re-send delivers it; the
+    scheduled retry still goes out and the receiver refuses the repeated webhook-id (409),
+    to the last automatic attempt. The delivery stays delivered (not listed as failed, not
+    re-sent by a replay of failed ones); a re-send asked for after it records its own
+    outcome."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        shown = await _one_by_one(
+            stack,
+            [
+                _try(stack, webhook, 1, start, "failed", status=500),
+                _try(stack, webhook, 2, start + timedelta(minutes=1), "delivered", "manual"),
+                _try(stack, webhook, 2, start + timedelta(minutes=5), "failed"),
+                _try(stack, webhook, 3, start + timedelta(minutes=35), "failed", final=True),
+            ],
+        )
+        assert [d["state"] for d in shown] == ["retrying", "delivered", "delivered", "delivered"]
+        done = shown[-1]
+        assert (done["kind"], done["last_status_code"], done["next_retry_at"]) == (
+            "manual",
+            200,
+            None,
+        )
+        assert done["attempt_count"] == 3
+        assert [a["outcome"] for a in done["attempts"]] == [
+            "failed",
+            "delivered",
+            "failed",
+            "failed",
+        ]
+        status, failed = await _call(stack, "GET", "/deliveries?state=failed,retrying")
+        assert (status, failed["data"]) == (200, [])
+        status, replayed = await _call(
+            stack,
+            "POST",
+            f"/webhooks/{webhook}/replay",
+            json={"since": (start - timedelta(minutes=1)).isoformat(), "only_failed": True},
+        )
+        assert (status, replayed["replayed"]) == (202, 0), replayed
+
+        # Asked for now, a re-send that fails says so: the delivery is failed again.
+        [again] = await _one_by_one(
+            stack,
+            [_try(stack, webhook, 4, start + timedelta(minutes=40), "failed", "manual")],
+            already=4,
+        )
+        assert (again["state"], again["kind"], again["last_status_code"]) == (
+            "failed",
+            "manual",
+            409,
+        )
+
+
+async def test_in_one_batch_too_an_automatic_failure_after_a_success_leaves_it_delivered(
+    settings: Settings,
+) -> None:
+    """The same attempts read in one batch (the writer behind), and a second dispatcher's
+    sending again after a rebalance finding the webhook switched off (skipped)."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        attempts = [
+            _try(stack, webhook, 1, start, "failed", status=500),
+            _try(stack, webhook, 2, start + timedelta(minutes=1), "delivered", "manual"),
+            _try(stack, webhook, 2, start + timedelta(minutes=5), "failed"),
+            _try(stack, webhook, 2, start + timedelta(minutes=6), "skipped"),
+        ]
+        topics = topics_for(stack.settings)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            await send_all(producer, [(topics.attempts, b"k", a.to_bytes()) for a in attempts])
+        finally:
+            await producer.stop()
+        done = await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == 4)
+        assert (done["state"], done["kind"], done["attempt_count"]) == ("delivered", "manual", 2)
+        assert done["created_at"] == start.isoformat()
+
+
+async def test_a_success_recorded_after_a_later_automatic_failure_still_counts(
+    settings: Settings,
+) -> None:
+    """A rebalance: the dispatcher losing the partition is still waiting for a slow 2xx
+    when its successor sends the delivery again and the receiver refuses the repeat (409).
+    The successor's failure is recorded first; the success, made earlier, still makes the
+    delivery delivered, and the successor's later retries leave it so."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        shown = await _one_by_one(
+            stack,
+            [
+                _try(stack, webhook, 1, start + timedelta(seconds=3), "failed"),
+                _try(stack, webhook, 1, start, "delivered"),
+                _try(stack, webhook, 2, start + timedelta(minutes=5), "failed", final=True),
+            ],
+        )
+        assert [d["state"] for d in shown] == ["retrying", "delivered", "delivered"]
+        assert shown[-1]["updated_at"] == (start + timedelta(minutes=5)).isoformat()
+
+
+async def test_dead_letters_go_once_while_the_database_is_away(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record that is no attempt, in a batch the database refuses three times (away for
+    a few seconds): its dead letter is sent once, after the rows are in, not once per try."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        real = delivery_log.record_attempts
+        tries = [0]
+
+        async def away_three_times(conn: Any, attempts: Any) -> Any:
+            tries[0] += 1
+            if tries[0] <= 3:
+                raise OperationalError("INSERT", {}, Exception("the database went away"))
+            return await real(conn, attempts)
+
+        monkeypatch.setattr(delivery_log, "record_attempts", away_three_times)
+        good = _try(stack, webhook, 1, utcnow(), "failed")
+        topics = topics_for(stack.settings)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            await send_all(
+                producer,
+                [(topics.attempts, b"k", b"not json"), (topics.attempts, b"k", good.to_bytes())],
+            )
+        finally:
+            await producer.stop()
+        await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == 1)
+        assert tries[0] >= 4
+        await asyncio.sleep(0.5)
+        assert await records_in(stack.settings, topics.dead_letter) == 1, "one per try"
+        [letter] = await dead_letters(stack.settings, 1)
+        assert letter["payload"] == "not json"
+        registry = stack.api.metrics.registry
+        labels = {"reason": "invalid_record"}
+        assert registry.get_sample_value("hookwire_api_dead_letters_total", labels) == 1
+        consumed = {"outcome": "invalid"}
+        assert registry.get_sample_value("hookwire_api_attempts_consumed_total", consumed) == 1
+
+
+# A dead-letter topic configured with a smaller record limit than the others (the
+# embedded broker enforces none).
+_DEAD_LETTER_LIMIT = 100_000
+
+
+async def test_a_dead_letter_too_large_for_the_broker_goes_without_its_payload(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record that is no attempt, which the dead-letter topic will not take whole (its
+    limit is smaller than the attempts topic's): its dead letter goes without the payload,
+    and the attempts behind it are stored, rather than the log stopping for every team."""
+    real = _kafka._send_packed
+    dead_letter = topics_for(settings).dead_letter
+
+    async def as_kafka_would(producer: Any, records: list[Any]) -> Any:
+        big = {
+            owner: MessageSizeTooLargeError()
+            for topic, _, value, owner in records
+            if topic == dead_letter and len(value) > _DEAD_LETTER_LIMIT
+        }
+        sent, refused = await real(producer, [r for r in records if r[3] not in big])
+        return sent, {**refused, **big}
+
+    monkeypatch.setattr(_kafka, "_send_packed", as_kafka_would)
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        topics = topics_for(stack.settings)
+        good = _try(stack, webhook, 1, utcnow(), "failed")
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics.attempts, value=b"x" * 200_000, key=b"k")
+            await producer.send_and_wait(topics.attempts, value=good.to_bytes(), key=b"k")
+        finally:
+            await producer.stop()
+        await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == 1, within=15)
+        [letter] = await dead_letters(stack.settings, 1)
+        assert letter["payload"] == ""
+        assert letter["source_topic"] == topics.attempts
+        assert "payload left out" in letter["reason"]
+        assert (
+            stack.api.metrics.registry.get_sample_value(
+                "hookwire_api_dead_letters_total", {"reason": "invalid_record"}
+            )
+            == 1
+        )
