@@ -269,11 +269,15 @@ def encode_cursor(row: Any) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     micros, _, delivery_id = cursor.partition(".")
     if not (micros.isascii() and micros.isdigit()) or not delivery_id:
-        raise ValidationFailed.for_field("cursor", "not a cursor this api returned")
+        raise ValidationFailed.for_field(
+            "cursor", "not a cursor this api returned", part="query parameters"
+        )
     try:
         return datetime.fromtimestamp(int(micros) / 1_000_000, UTC), delivery_id
     except (ValueError, OverflowError, OSError) as exc:
-        raise ValidationFailed.for_field("cursor", "not a cursor this api returned") from exc
+        raise ValidationFailed.for_field(
+            "cursor", "not a cursor this api returned", part="query parameters"
+        ) from exc
 
 
 # What a list shows: a page of 500 would otherwise read every delivery's whole event (up

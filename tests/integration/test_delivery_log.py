@@ -304,6 +304,8 @@ async def test_a_test_event_goes_to_that_webhook_only(stack: Stack, receiver: Re
     body = orjson.loads(got.body)
     assert (body["type"], body["object_id"]) == ("webhook.test", tested["id"])
     assert got.headers["webhook-id"] == answer["delivery_id"]
+    # The answer shows the event as the receiver got it: absent fields absent, not null.
+    assert answer["event"] == body
     assert standard_webhooks_verify(tested["secret"], got.headers, got.body)
     logged = await _logged(stack, answer["delivery_id"], lambda d: d["state"] == "delivered")
     assert (logged["kind"], logged["event_type"]) == ("test", "webhook.test")
@@ -357,6 +359,9 @@ async def test_bad_requests_to_the_log_are_refused(stack: Stack, receiver: Recei
         assert set(body) == {"error"}
         if field is not None:
             assert field in {d["field"] for d in body["error"]["details"]}, body
+        if field == "cursor":
+            # A query parameter, and named so.
+            assert body["error"]["message"] == "invalid query parameters: cursor", body
 
     reader = await stack.new_token(["webhook:read"])
     status, body = await _call(stack, "POST", path + "/test", token=reader)
