@@ -4,7 +4,7 @@ Attempt records can arrive twice (a dispatcher re-processing a batch after a cra
 consumer re-reading one): a delivery row only moves forward to a later attempt, and an
 attempt row is keyed by (delivery, attempt number), so a repeat rewrites the same row.
 A delivered delivery stays delivered when a later automatic attempt does not deliver (see
-``_held``).
+``_store``).
 """
 
 from __future__ import annotations
@@ -153,42 +153,39 @@ async def _of_their_own_delivery(conn: AsyncConnection, attempts: list[Attempt])
     return [a for a in attempts if owners.setdefault(a.delivery_id, a.webhook_id) == a.webhook_id]
 
 
-def _held(state: str, attempt: Attempt) -> bool:
-    """Whether ``attempt`` leaves a delivery in ``state`` as it was: an automatic attempt
-    (kind ``event``) that did not deliver does not undo a delivery already made. One still
-    goes out when a manual re-send delivered before a scheduled retry came due, or when a
-    second dispatcher sends again after a rebalance, and a receiver de-duplicating on
-    ``webhook-id`` may refuse it (409): the event was delivered all the same. A re-send or
-    a test (asked for through the api) records its own outcome."""
-    return state == "delivered" and attempt.kind == "event" and attempt.outcome != "delivered"
-
-
-def _folded(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
-    """Each delivery's row after its attempts of the batch, taken in the order they were
-    made (PostgreSQL refuses to update one row twice in a statement). The state and what
-    goes with it come from the latest attempt that counts (``_held``); the row's last
-    change is the latest attempt, whichever. "Latest" is by time: a manual re-send and a
-    scheduled retry can share an attempt number."""
-    rows: dict[str, dict[str, Any]] = {}
+def _rounds(attempts: Sequence[Attempt]) -> list[list[dict[str, Any]]]:
+    """The batch's delivery rows, written in rounds of at most one attempt per delivery
+    (PostgreSQL refuses to update one row twice in a statement), each delivery's in the
+    order they were made: whether an attempt counts (see ``_store``) depends on the state the
+    ones before it left, which the database judges one attempt at a time. Folded into one
+    row, a manual re-send that failed followed by an automatic retry would be judged by
+    the retry alone. "In order" is by time: a manual re-send and a scheduled retry can share
+    an attempt number. Each round in id order, the order every writer locks rows in."""
+    rounds: list[list[Attempt]] = []
+    taken: dict[str, int] = {}
     for attempt in sorted(attempts, key=lambda a: a.attempted_at):
-        row = rows.get(attempt.delivery_id)
-        if row is None:
-            rows[attempt.delivery_id] = _delivery_row(attempt)
-            continue
-        if not _held(row["state"], attempt):
-            made = _delivery_row(attempt)
-            row.update({column: made[column] for column in _DELIVERY_UPDATES})
-        row["updated_at"] = attempt.attempted_at
-        row["attempts"] = max(row["attempts"], attempt.attempt)
-    return list(rows.values())
+        turn = taken.get(attempt.delivery_id, 0)
+        taken[attempt.delivery_id] = turn + 1
+        if turn == len(rounds):
+            rounds.append([])
+        rounds[turn].append(attempt)
+    return [
+        [_delivery_row(a) for a in sorted(round_, key=lambda a: a.delivery_id)] for round_ in rounds
+    ]
 
 
 async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
+    """An automatic attempt (kind ``event``) that did not deliver does not undo a delivery
+    already made: one still goes out when a manual re-send delivered before a scheduled
+    retry came due, or when a second dispatcher sends again after a rebalance, and a
+    receiver de-duplicating on ``webhook-id`` may refuse it (409); the event was delivered
+    all the same. A re-send or a test (asked for through the api) records its own outcome.
+    The attempt is listed either way."""
     stored = _deliveries.c
 
     def columns(proposed: Any) -> dict[str, Any]:
-        # The stored row is delivered and the batch's latest attempt that counts is an
-        # automatic one that did not deliver: the state, and what goes with it, stay.
+        # The stored row is delivered and the attempt is an automatic one that did not
+        # deliver: the state, and what goes with it, stay.
         held = and_(
             stored.state == "delivered", proposed.kind == "event", proposed.state != "delivered"
         )
@@ -209,25 +206,27 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
             ),
         }
 
-    await upsert(
-        conn,
-        _deliveries,
-        _folded(attempts),
-        key=("id",),
-        update=(),
-        # Only forward, but for a success read after an automatic attempt made later (its
-        # record came first: a slow answer to the dispatcher that lost the partition, while
-        # its successor sent again and was refused): that attempt does not count after it.
-        when=lambda proposed: or_(
-            stored.updated_at <= proposed.updated_at,
-            and_(
-                proposed.state == "delivered",
-                stored.state != "delivered",
-                stored.kind == "event",
+    for rows in _rounds(attempts):
+        await upsert(
+            conn,
+            _deliveries,
+            rows,
+            key=("id",),
+            update=(),
+            # Only forward, but for a success read after an automatic attempt made later
+            # (its record came first: a slow answer to the dispatcher that lost the
+            # partition, while its successor sent again and was refused): that attempt
+            # does not count after it.
+            when=lambda proposed: or_(
+                stored.updated_at <= proposed.updated_at,
+                and_(
+                    proposed.state == "delivered",
+                    stored.state != "delivered",
+                    stored.kind == "event",
+                ),
             ),
-        ),
-        computed=columns,
-    )
+            computed=columns,
+        )
     by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in attempts}
     await upsert(
         conn,

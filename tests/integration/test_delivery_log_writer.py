@@ -56,6 +56,14 @@ def _try(
     )
 
 
+async def _with_attempts(stack: Stack, count: int) -> dict[str, Any]:
+    """The delivery once it shows ``count`` attempts, read again: the view reads the
+    delivery and its attempts in two statements, so the read that first saw the last
+    attempt may have read the row from before it."""
+    await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == count)
+    return await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == count)
+
+
 async def _one_by_one(
     stack: Stack, attempts: list[Attempt], already: int = 0
 ) -> list[dict[str, Any]]:
@@ -68,7 +76,7 @@ async def _one_by_one(
     try:
         for n, attempt in enumerate(attempts, already + 1):
             await producer.send_and_wait(topics.attempts, value=attempt.to_bytes(), key=b"k")
-            shown.append(await _logged(stack, "msg_twice", lambda d, n=n: len(d["attempts"]) == n))
+            shown.append(await _with_attempts(stack, n))
     finally:
         await producer.stop()
     return shown
@@ -152,9 +160,35 @@ async def test_in_one_batch_too_an_automatic_failure_after_a_success_leaves_it_d
             await send_all(producer, [(topics.attempts, b"k", a.to_bytes()) for a in attempts])
         finally:
             await producer.stop()
-        done = await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == 4)
+        done = await _with_attempts(stack, 4)
         assert (done["state"], done["kind"], done["attempt_count"]) == ("delivered", "manual", 2)
         assert done["created_at"] == start.isoformat()
+
+
+async def test_a_batch_is_judged_attempt_by_attempt_as_records_read_one_by_one(
+    settings: Settings,
+) -> None:
+    """Delivered; then, read in one batch, a manual re-send that failed and an automatic
+    retry that failed after it: the re-send's failure ended the delivered state, so the
+    retry counts, as it would read on its own (judged by the batch's last attempt alone,
+    the delivery stayed delivered)."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        await _one_by_one(stack, [_try(stack, webhook, 1, start, "delivered")])
+        later = [
+            _try(stack, webhook, 2, start + timedelta(minutes=1), "failed", "manual", status=500),
+            _try(stack, webhook, 2, start + timedelta(minutes=5), "failed", final=True),
+        ]
+        topics = topics_for(stack.settings)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            await send_all(producer, [(topics.attempts, b"k", a.to_bytes()) for a in later])
+        finally:
+            await producer.stop()
+        done = await _with_attempts(stack, 3)
+        assert (done["state"], done["kind"], done["last_status_code"]) == ("failed", "event", 409)
 
 
 async def test_a_success_recorded_after_a_later_automatic_failure_still_counts(
