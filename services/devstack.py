@@ -27,6 +27,7 @@ from services.auth.admin import bootstrap_dev
 from services.auth.app import AuthService
 from services.dispatcher.app import DispatcherService
 from services.shared import (
+    REDACTED,
     ConfigurationError,
     EmbeddedBroker,
     Loops,
@@ -36,6 +37,8 @@ from services.shared import (
     bound_port,
     create_engine,
     ensure_topics,
+    is_reserved_header,
+    is_secret_header,
     json_response,
     migrate,
     run_until_signalled,
@@ -80,11 +83,23 @@ class SampleReceiver:
 
     async def _receive(self, request: web.Request) -> web.Response:
         body = await request.read()
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None  # shown as it came, below
         self.received.append(
             {
                 "path": request.path,
-                "headers": {k.lower(): v for k, v in request.headers.items()},
-                "body": orjson.loads(body) if body else None,
+                # A webhook's own credential headers are masked, as the api shows them:
+                # this page answers anyone who can reach it.
+                "headers": {
+                    name: REDACTED
+                    if is_secret_header(name) and not is_reserved_header(name)
+                    # hookwire's own (the signature included) are what the example shows.
+                    else value
+                    for name, value in ((k.lower(), v) for k, v in request.headers.items())
+                },
+                "body": parsed,
                 # As it came: what the signature covers (the parsed body is for reading).
                 "raw_body": body.decode("utf-8", errors="replace"),
             }

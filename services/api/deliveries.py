@@ -271,12 +271,20 @@ async def retry_delivery(request: web.Request) -> web.Response:
     async with ctx.engine.connect() as conn:
         row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
     await _sendable_webhook(ctx, principal.team_id, row.webhook_id)
-    async with ctx.engine.begin() as conn:
-        numbered = await _resends(conn, [row])
-    if not numbered:
-        raise NotFound(f"delivery {row.id} not found")
+    # The budget before the number: a caller out of budget takes no attempt number (one
+    # retrying in a loop would otherwise push it toward the last one allowed).
+    if not ctx.resends.take(principal.team_id, 1):
+        raise _spent(ctx, principal.team_id)
+    try:
+        async with ctx.engine.begin() as conn:
+            numbered = await _resends(conn, [row])
+        if not numbered:
+            raise NotFound(f"delivery {row.id} not found")
+    except BaseException:
+        ctx.resends.give_back(principal.team_id, 1)
+        raise
     [delivery] = numbered
-    await _publish_one(ctx, principal.team_id, delivery)
+    await _publish_resends(ctx, principal.team_id, [delivery])
     await _audit(
         request,
         principal,

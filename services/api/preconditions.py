@@ -12,7 +12,7 @@ def require_match(if_match: str | None, etag: str, resource: str) -> None:
     tags = {tag.strip() for tag in if_match.split(",")} if if_match is not None else set()
     if if_match is None or tags & {etag, "*"}:
         return
-    if any(tag.startswith("W/") for tag in tags):
+    if all(tag.startswith("W/") for tag in tags):
         raise PreconditionFailed(
             "If-Match takes the ETag as given: a weak tag (W/...) never matches",
             details={"current_etag": etag},

@@ -669,6 +669,9 @@ async def test_a_team_resends_no_more_than_its_budget(
             assert "HOOKWIRE_RESENDS_PER_TEAM_PER_HOUR" in refused["error"]["message"]
         await asyncio.sleep(0.5)
         assert len(receiver.received) == 7
+        # A refused retry took no attempt number.
+        shown = (await _call(stack, "GET", f"/deliveries/{listed[0]['id']}"))[1]
+        assert shown["attempt_count"] == 1
 
 
 async def test_resends_not_made_are_given_back(

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
+from services.devstack import SampleReceiver
 from services.shared import free_port
 from tests.integration.test_end_to_end import standard_webhooks_verify
 
@@ -192,3 +194,27 @@ def test_a_second_stack_on_the_same_directory_is_refused_before_touching_it(
     assert "Traceback" not in refused.stderr
     assert saved.read_text() == '{"token": "the first stack\'s"}'
     assert not (state / "hookwire.db").exists()
+
+
+async def test_the_sample_receiver_masks_credentials_and_keeps_any_body() -> None:
+    """Its page answers anyone who can reach it: a webhook's own credential headers are
+    masked as the api shows them, hookwire's (the signature) are not; a body that is not
+    JSON is kept as it came rather than failing the request."""
+    receiver = SampleReceiver("127.0.0.1", free_port())
+    await receiver.start()
+    try:
+        base = f"http://127.0.0.1:{receiver.port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{base}/hook",
+                data=b"not json",
+                headers={"Authorization": "Bearer s3cret", "webhook-signature": "v1,abc"},
+            ) as response:
+                assert response.status == 204
+            async with session.get(f"{base}/received") as response:
+                [got] = await response.json()
+    finally:
+        await receiver.stop()
+    assert got["headers"]["authorization"] == "[redacted]"
+    assert got["headers"]["webhook-signature"] == "v1,abc"
+    assert (got["body"], got["raw_body"]) == (None, "not json")
