@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -183,9 +183,18 @@ async def _resends(conn: AsyncConnection, rows: Sequence[Any]) -> list[Delivery]
     if not rows:
         return []
     deliveries = tables.deliveries
+    ids = sorted(row.id for row in rows)
+    # Locked in id order first, the order the log's writer takes them in too: in the
+    # order an UPDATE happens to scan them, the two could deadlock on PostgreSQL.
+    await conn.execute(
+        select(deliveries.c.id)
+        .where(deliveries.c.id.in_(ids))
+        .order_by(deliveries.c.id)
+        .with_for_update()
+    )
     numbered = await conn.execute(
         update(deliveries)
-        .where(deliveries.c.id.in_([row.id for row in rows]))
+        .where(deliveries.c.id.in_(ids))
         .values(attempts=deliveries.c.attempts + 1)
         .returning(deliveries.c.id, deliveries.c.attempts)
     )

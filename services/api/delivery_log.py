@@ -385,8 +385,11 @@ async def prune(engine: AsyncEngine, older_than: datetime, batch: int = 500) -> 
     """Delete the deliveries (and their attempts) last changed before ``older_than``, a
     batch per transaction so that no lock is held long; returns how many went.
 
-    A delivery changed between the read and the delete (a re-send) stays, with its new
-    attempt. Rows another api process is pruning are passed over (PostgreSQL).
+    A delivery changed between the read and the delete (a re-send's attempt recorded)
+    stays, with its new attempt. One re-sent but whose attempt is not recorded yet can
+    still go (taking its number does not change it): its attempt then comes back as a
+    delivery of its own, with that one attempt. Rows another api process is pruning are
+    passed over (PostgreSQL).
     """
     cutoff = as_utc(older_than)
     pruned = 0
