@@ -26,6 +26,10 @@ ALGORITHM = "EdDSA"
 # How far ahead of a verifier's clock the signer's may run: a token is refused as "not yet
 # valid" (``iat``, ``nbf``) only past it. Expiry gets no such margin.
 CLOCK_LEEWAY_SECONDS = 30
+# What loading a PEM key raises for one this service cannot use: not a key (ValueError), an
+# encrypted one (TypeError: no password given), a curve or cipher the library does not
+# support (UnsupportedAlgorithm).
+_UNLOADABLE = (ValueError, TypeError, UnsupportedAlgorithm)
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,7 @@ def load_private_key(pem: str) -> Ed25519PrivateKey:
     pem = _unescaped(pem)
     try:
         key = serialization.load_pem_private_key(pem.encode(), password=None)
-    # An encrypted key raises TypeError (no password given), a curve or cipher the library
-    # does not support UnsupportedAlgorithm: neither is a key this service can sign with.
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except _UNLOADABLE as exc:
         raise ConfigurationError(
             "HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY is not a PEM private key"
         ) from exc
@@ -93,7 +95,7 @@ def load_previous_keys(pems: str) -> list[Ed25519PublicKey]:
                 key: object = serialization.load_pem_private_key(block.encode(), password=None)
             else:
                 key = serialization.load_pem_public_key(block.encode())
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except _UNLOADABLE as exc:
             raise ConfigurationError(
                 "HOOKWIRE_ACCESS_TOKEN_PREVIOUS_KEYS holds a block that is not a PEM key"
             ) from exc

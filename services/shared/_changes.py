@@ -130,7 +130,8 @@ async def follow_changes(
 
     Invalid records are logged, counted (``on_invalid``) and skipped, not dead-lettered
     (every process reads each one: it would be set aside once per process); a failed fetch
-    is tried again; a cache never stops following. ``caught_up`` is set once every record
+    is tried again; a cache stops following only on a refusal no retry changes
+    (``FATAL_KAFKA_ERRORS``), which fails the process. ``caught_up`` is set once every record
     that was there when following began has been handled.
 
     A consumer assigned by hand the partitions of ``assigned_from`` also takes the ones

@@ -169,20 +169,20 @@ _UNAVAILABLE_SQLITE = (
 )
 
 
-def _raised_in(exc: BaseException, modules: tuple[str, ...]) -> bool:
+def _raised_in(
+    exc: BaseException, modules: tuple[str, ...], functions: Collection[str] | None = None
+) -> bool:
+    """Whether ``exc`` was raised through one of ``modules`` (in one of ``functions``)."""
     return any(
         str(frame.f_globals.get("__name__", "")).startswith(modules)
+        and (functions is None or frame.f_code.co_name in functions)
         for frame, _ in traceback.walk_tb(exc.__traceback__)
     )
 
 
 def _committing(exc: BaseException) -> bool:
     """Raised while a COMMIT was on its way: it may have taken effect."""
-    return any(
-        frame.f_code.co_name in ("commit", "_commit_impl", "do_commit")
-        and str(frame.f_globals.get("__name__", "")).startswith(_DATABASE_MODULES)
-        for frame, _ in traceback.walk_tb(exc.__traceback__)
-    )
+    return _raised_in(exc, _DATABASE_MODULES, ("commit", "_commit_impl", "do_commit"))
 
 
 def _database_unavailable(exc: Exception) -> bool:

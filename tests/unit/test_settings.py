@@ -86,7 +86,6 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_KAFKA_BOOTSTRAP", "[::1:9092"),
         ("HOOKWIRE_KAFKA_BOOTSTRAP", "[kafka]:9092"),
         ("HOOKWIRE_KAFKA_BOOTSTRAP", "[::1]9092"),
-        # Read whole as an address by the client: the "port" would be part of it.
     ],
 )
 def test_bad_values_name_the_variable(
