@@ -842,14 +842,16 @@ async def test_a_webhooks_own_rate_limit_spaces_its_requests_and_no_others(
         await send_all(producer, [(topic, b"k", event.to_bytes()) for event in events])
 
     def span(path: str, since: int) -> float:
+        """From the second arrival to the last: the first may come late by its connection's
+        setup (a fraction of a second on a loaded machine), the others reuse it."""
         times = [r.at for r in receiver.received[since:] if r.path == path]
         assert len(times) == 6
-        return times[-1] - times[0]
+        return times[-1] - times[1]
 
     try:
         await six_events("a")
         await receiver.wait_for(12, within=15)
-        assert span("/limited", 0) >= 2.4, "six at two a second: 2.5 s from first to last"
+        assert span("/limited", 0) >= 1.9, "six at two a second: 2 s from second to last"
         assert span("/free", 0) < 1.5
         status, cleared = await _webhook_call(stack, "PATCH", limited["id"], {"rate_limit": None})
         assert (status, cleared["rate_limit"]) == (200, None)
