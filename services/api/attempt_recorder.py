@@ -247,7 +247,7 @@ class AttemptRecorder:
                 conn,
                 stored,
                 timedelta(days=self._settings.endpoint_disable_after_days),
-                delivery_log.retry_gap(self._settings),
+                delivery_log.run_gap(self._settings),
             )
             requests = [*stored, *failing_too_long]
             disabled = await delivery_log.disable_webhooks(conn, requests)

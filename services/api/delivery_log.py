@@ -490,6 +490,17 @@ def retry_gap(settings: Settings) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def run_gap(settings: Settings) -> timedelta:
+    """How long an endpoint may go between two failures and still be in one run of them:
+    the longest wait between two attempts of a delivery being retried, or half the
+    period that disables it, whichever is longer. A webhook with an event every two days
+    that fails each through its retries is failing, not quiet (its retries end a day
+    before the next event); one that failed on day 0 and again on day 6, with nothing
+    tried in between, showed nothing of the days between."""
+    half_the_period = timedelta(days=settings.endpoint_disable_after_days) / 2
+    return max(retry_gap(settings), half_the_period)
+
+
 def _fails_a_run(attempt: Attempt) -> bool:
     return attempt.outcome == "failed" and attempt.kind == "event"
 
@@ -507,7 +518,7 @@ def failing_run(
     ``since`` and ``last_failure`` are the run as stored; a run starts only with a failure
     made after ``not_before`` (the webhook's last edit: a reactivation or a new URL starts
     afresh). A failure more than ``restart_after`` after the one before starts a new run:
-    nothing was being retried in between, so the endpoint was quiet, not failing.
+    the endpoint was quiet for that long, not shown to be failing.
     A success older than the run does not end it. Only automatic attempts (kind ``event``)
     fail a run, as only they count towards the circuit: a receiver refusing test events or
     old payloads re-sent says nothing of the live traffic. A success of any kind ends it.
@@ -541,7 +552,7 @@ async def track_failing_endpoints(
     """Keep each webhook's run of failures (``failing_since``, ``last_failure_at``);
     returns requests to disable the webhooks that have had no success for
     ``disable_after``, as the attempts that showed it. A failure more than
-    ``restart_after`` (see ``retry_gap``) after the one before starts a new run."""
+    ``restart_after`` (see ``run_gap``) after the one before starts a new run."""
     by_webhook: dict[tuple[str, str], list[Attempt]] = {}
     for attempt in attempts:
         if attempt.outcome == "delivered" or _fails_a_run(attempt):

@@ -12,7 +12,7 @@ from alembic import command
 from sqlalchemy import Select, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.api.delivery_log import retry_gap, track_failing_endpoints
+from services.api.delivery_log import run_gap, track_failing_endpoints
 from services.shared import Attempt, create_engine, load_settings, migrate, tables
 from services.shared._db import _alembic_config
 from tests.samples import sample_event
@@ -21,7 +21,7 @@ CREATED = datetime(2026, 11, 1, tzinfo=UTC)
 FIVE_DAYS = timedelta(days=5)
 _HOUR = timedelta(hours=1)
 _SECOND = timedelta(seconds=1)
-GAP = retry_gap(load_settings(service_credential="x", token_pepper="y"))
+GAP = run_gap(load_settings(service_credential="x", token_pepper="y"))
 _EVENT = sample_event(team_id="team_1", occurred_at=CREATED)
 
 
@@ -130,6 +130,24 @@ async def test_a_webhook_failing_all_along_is_disabled_after_five_days(engine: A
         assert await _track(engine, attempt) == []
     [request] = await _track(engine, _attempt(timedelta(hours=121), "failed"))
     assert request.disable_reason == "no successful delivery for 5 days"
+
+
+async def test_a_webhook_with_an_event_every_two_days_failing_each_is_disabled(
+    engine: AsyncEngine,
+) -> None:
+    """Each delivery fails through its retries (about 28 h of them) and the next event
+    comes two days after the one before: the quiet between two deliveries is shorter than
+    half the period, so the failures are one run and the first failure five days after the
+    first one disables the webhook (the third delivery's last retry)."""
+    schedule_minutes = (0, 1, 6, 36, 156, 456, 1056, 1656)  # the default schedule's waits
+    disabled_at = []
+    for day in (0, 2, 4):
+        for minutes in schedule_minutes:
+            after = timedelta(days=day, minutes=minutes)
+            requests = await _track(engine, _attempt(after, "failed"))
+            disabled_at += [after for request in requests if request.disable_reason]
+    assert disabled_at == [timedelta(days=4, minutes=1656)]
+    assert await _clock(engine) == (CREATED, CREATED + timedelta(days=4, minutes=1656))
 
 
 async def test_failed_tests_and_re_sends_do_not_disable_a_webhook_whose_events_go_through(

@@ -6,7 +6,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from services.api.delivery_log import failing_run, retry_gap
+from services.api.delivery_log import failing_run, retry_gap, run_gap
 from services.dispatcher.policy import RetryPolicy
 from services.shared import Attempt, load_settings
 from tests.samples import sample_event
@@ -118,3 +118,12 @@ def test_the_gap_holds_the_longest_wait_between_two_attempts_of_a_retried_delive
     )
     waited = settings.delivery_timeout_seconds + (longest or 0) + settings.circuit_open_max_seconds
     assert timedelta(seconds=waited) <= retry_gap(settings) < timedelta(hours=13)
+
+
+def test_a_run_spans_quiet_of_up_to_half_the_disabling_period() -> None:
+    """Half of five days by default; the longest wait between two attempts of a delivery
+    when that is longer (a short period set for a test, a long retry schedule)."""
+    settings = load_settings(service_credential="x", token_pepper="y")
+    assert run_gap(settings) == timedelta(days=2.5)
+    short = load_settings(service_credential="x", token_pepper="y", endpoint_disable_after_days=0.1)
+    assert run_gap(short) == retry_gap(short) > timedelta(days=0.05)
