@@ -185,6 +185,22 @@ def _committing(exc: BaseException) -> bool:
     return _raised_in(exc, _DATABASE_MODULES, ("commit", "_commit_impl", "do_commit"))
 
 
+# A COMMIT the database answered with a refusal that leaves nothing done: a
+# serialization failure or deadlock found at commit (PostgreSQL rolls the transaction
+# back), SQLite busy or locked (the transaction stays open, to be rolled back).
+_COMMIT_REFUSED_SQLSTATES = ("40001", "40P01")
+_COMMIT_REFUSED_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED")
+
+
+def _commit_refused(exc: Exception) -> bool:
+    if not isinstance(exc, sql_errors.DBAPIError) or exc.connection_invalidated:
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate in _COMMIT_REFUSED_SQLSTATES
+    return str(getattr(exc.orig, "sqlite_errorname", "")).startswith(_COMMIT_REFUSED_SQLITE)
+
+
 def _database_unavailable(exc: Exception) -> bool:
     if isinstance(exc, sql_errors.TimeoutError):  # no pooled connection came free
         return True
@@ -209,8 +225,9 @@ def _as_unavailable(exc: Exception) -> DependencyUnavailable | None:
     starting up, out of connections) is unavailable. One that refused the statement
     (a missing table, a constraint, a value it cannot take) is a fault of ours: a retry
     would fail the same way. So is a COMMIT whose answer was lost: it may have taken
-    effect, and a retry could make the change twice."""
-    if _committing(exc):
+    effect, and a retry could make the change twice; one the database refused as busy
+    or as a serialization failure did not, and is unavailable."""
+    if _committing(exc) and not _commit_refused(exc):
         return None
     if _database_unavailable(exc):
         return DependencyUnavailable("the database is unavailable")

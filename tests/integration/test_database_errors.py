@@ -5,6 +5,7 @@ logged whole. A database that does not answer is a 503 the caller may retry."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -156,3 +157,50 @@ async def test_a_commit_whose_answer_was_lost_is_a_500_not_a_retry(database_url:
     finally:
         await engine.dispose()
     assert (status, body["error"]["code"], retry_after) == (500, "internal_error", None)
+
+
+async def test_a_commit_the_database_refused_is_a_503_the_caller_may_retry(
+    database_url: str,
+) -> None:
+    """A COMMIT answered "could not serialize" (PostgreSQL rolled the transaction back)
+    or "database is locked" (SQLite: nothing written) took no effect: a retry is safe,
+    unlike a COMMIT whose answer was lost. On PostgreSQL a deferred trigger refuses the
+    COMMIT itself; on SQLite the driver answers the COMMIT "locked"."""
+    engine = create_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE commit_refused (id INTEGER)"))
+        if engine.dialect.name == "postgresql":
+            await conn.execute(
+                text(
+                    "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
+                    " BEGIN RAISE EXCEPTION 'could not serialize' USING ERRCODE = '40001';"
+                    " END $$"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON commit_refused"
+                    " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit()"
+                )
+            )
+
+    if engine.dialect.name == "sqlite":
+        # Under WAL a COMMIT waits out readers; the driver's answer stands in for a
+        # writer that held the lock past the busy timeout (what SQLite answers then).
+        def _locked(_: Any) -> None:
+            locked = sqlite3.OperationalError("database is locked")
+            locked.sqlite_errorname = "SQLITE_BUSY"
+            raise locked
+
+        engine.dialect.do_commit = _locked  # type: ignore[method-assign]
+
+    async def changes_and_commits() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO commit_refused VALUES (1)"))
+
+    try:
+        status, body, retry_after = await _answer_of(changes_and_commits)
+    finally:
+        await engine.dispose()
+    assert (status, retry_after) == (503, "1")
+    assert body["error"]["message"] == "the database is unavailable"
