@@ -4,10 +4,13 @@ letters (sent once, and sent even when the broker will not take them whole)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 from sqlalchemy.exc import OperationalError
 
@@ -64,21 +67,34 @@ async def _with_attempts(stack: Stack, count: int) -> dict[str, Any]:
     return await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == count)
 
 
+@contextlib.asynccontextmanager
+async def _producer(stack: Stack) -> AsyncIterator[AIOKafkaProducer]:
+    producer = make_producer(stack.settings)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+async def _send_together(stack: Stack, values: list[bytes]) -> None:
+    """``values`` to the attempts topic in one batch, as a dispatcher sends its outcomes."""
+    attempts_topic = topics_for(stack.settings).attempts
+    async with _producer(stack) as producer:
+        await send_all(producer, [(attempts_topic, b"k", value) for value in values])
+
+
 async def _one_by_one(
     stack: Stack, attempts: list[Attempt], already: int = 0
 ) -> list[dict[str, Any]]:
     """Each attempt in a batch of its own: the delivery as the log shows it after each
     (``already``: how many attempts it had)."""
     topics = topics_for(stack.settings)
-    producer = make_producer(stack.settings)
-    await producer.start()
     shown = []
-    try:
+    async with _producer(stack) as producer:
         for n, attempt in enumerate(attempts, already + 1):
             await producer.send_and_wait(topics.attempts, value=attempt.to_bytes(), key=b"k")
             shown.append(await _with_attempts(stack, n))
-    finally:
-        await producer.stop()
     return shown
 
 
@@ -153,13 +169,7 @@ async def test_in_one_batch_too_an_automatic_failure_after_a_success_leaves_it_d
             _try(stack, webhook, 2, start + timedelta(minutes=5), "failed"),
             _try(stack, webhook, 2, start + timedelta(minutes=6), "skipped"),
         ]
-        topics = topics_for(stack.settings)
-        producer = make_producer(stack.settings)
-        await producer.start()
-        try:
-            await send_all(producer, [(topics.attempts, b"k", a.to_bytes()) for a in attempts])
-        finally:
-            await producer.stop()
+        await _send_together(stack, [a.to_bytes() for a in attempts])
         done = await _with_attempts(stack, 4)
         assert (done["state"], done["kind"], done["attempt_count"]) == ("delivered", "manual", 2)
         assert done["created_at"] == start.isoformat()
@@ -180,13 +190,7 @@ async def test_a_batch_is_judged_attempt_by_attempt_as_records_read_one_by_one(
             _try(stack, webhook, 2, start + timedelta(minutes=1), "failed", "manual", status=500),
             _try(stack, webhook, 2, start + timedelta(minutes=5), "failed", final=True),
         ]
-        topics = topics_for(stack.settings)
-        producer = make_producer(stack.settings)
-        await producer.start()
-        try:
-            await send_all(producer, [(topics.attempts, b"k", a.to_bytes()) for a in later])
-        finally:
-            await producer.stop()
+        await _send_together(stack, [a.to_bytes() for a in later])
         done = await _with_attempts(stack, 3)
         assert (done["state"], done["kind"], done["last_status_code"]) == ("failed", "event", 409)
 
@@ -231,20 +235,12 @@ async def test_dead_letters_go_once_while_the_database_is_away(
 
         monkeypatch.setattr(delivery_log, "record_attempts", away_three_times)
         good = _try(stack, webhook, 1, utcnow(), "failed")
-        topics = topics_for(stack.settings)
-        producer = make_producer(stack.settings)
-        await producer.start()
-        try:
-            await send_all(
-                producer,
-                [(topics.attempts, b"k", b"not json"), (topics.attempts, b"k", good.to_bytes())],
-            )
-        finally:
-            await producer.stop()
+        await _send_together(stack, [b"not json", good.to_bytes()])
         await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == 1)
         assert tries[0] >= 4
         await asyncio.sleep(0.5)
-        assert await records_in(stack.settings, topics.dead_letter) == 1, "one per try"
+        dead_letter = topics_for(stack.settings).dead_letter
+        assert await records_in(stack.settings, dead_letter) == 1, "one per try"
         [letter] = await dead_letters(stack.settings, 1)
         assert letter["payload"] == "not json"
         registry = stack.api.metrics.registry
@@ -282,13 +278,10 @@ async def test_a_dead_letter_too_large_for_the_broker_goes_without_its_payload(
         webhook = (await _unreachable_webhook(stack))["id"]
         topics = topics_for(stack.settings)
         good = _try(stack, webhook, 1, utcnow(), "failed")
-        producer = make_producer(stack.settings)
-        await producer.start()
-        try:
+        # Not ``_send_together``: its ``send_all`` would go through the stand-in above too.
+        async with _producer(stack) as producer:
             await producer.send_and_wait(topics.attempts, value=b"x" * 200_000, key=b"k")
             await producer.send_and_wait(topics.attempts, value=good.to_bytes(), key=b"k")
-        finally:
-            await producer.stop()
         await _logged(stack, "msg_twice", lambda d: len(d["attempts"]) == 1, within=15)
         [letter] = await dead_letters(stack.settings, 1)
         assert letter["payload"] == ""

@@ -6,63 +6,32 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import cast
 
 import pytest
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 
 from services.dispatcher import handler as handler_module
-from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
-from services.dispatcher.routing import WebhookRoute
-from services.dispatcher.sender import Outcome
-from services.shared import (
-    Delivery,
-    Metrics,
-    Settings,
-    Topics,
-    load_settings,
-    utcnow,
+from services.dispatcher.handler import DeliveryHandler
+from services.shared import Delivery, Metrics, load_settings, utcnow
+from tests.unit._dispatch_doubles import (
+    deliveries_record,
+    delivery_to_wh_1,
+    failing_webhook_handler,
 )
-from tests.samples import sample_event, sample_route
-
-ROUTE = sample_route(url="http://127.0.0.1:9/hook")
-
-
-class _Table:
-    def get(self, webhook_id: str) -> WebhookRoute:
-        return ROUTE
-
-
-class _FailingSender:
-    async def send(self, route: WebhookRoute, delivery: Delivery) -> Outcome:
-        return Outcome("failed", 500, 1.0, "HTTP 500", "http_status")
 
 
 def _record(partition: int, offset: int, written_ms: int = 0) -> ConsumerRecord[bytes, bytes]:
-    event = sample_event(id=f"evt_{offset}")
-    value = Delivery(id=f"msg_{offset}", webhook_id="wh_1", attempt=1, event=event).to_bytes()
-    return ConsumerRecord(
-        "t.deliveries", partition, offset, written_ms, 0, b"wh_1", value, None, 4, 0, []
-    )
-
-
-def _handler(settings: Settings, metrics: Metrics) -> DeliveryHandler:
-    owned = {TopicPartition("t.deliveries", 0)}
-    return DeliveryHandler(
-        settings=settings,
-        table=cast(Any, _Table()),
-        sender=cast(Any, _FailingSender()),
-        outcomes=cast(Any, None),
-        topics=Topics("t."),
-        metrics=DeliveryMetrics(metrics),
-        assigned=lambda: owned,
+    """The first attempt of delivery ``msg_<offset>``, at that offset."""
+    return deliveries_record(
+        delivery_to_wh_1(str(offset)), partition=partition, offset=offset, written_ms=written_ms
     )
 
 
 async def test_failures_count_toward_a_circuit_only_from_partitions_still_owned() -> None:
     settings = load_settings(service_credential="x", token_pepper="y")
     metrics = Metrics("test_circuit_ownership")
-    handler = _handler(settings, metrics)
+    handler = failing_webhook_handler(settings, metrics)
 
     def circuits_open() -> float | None:
         return metrics.registry.get_sample_value("hookwire_test_circuit_ownership_circuits_open")
@@ -80,7 +49,7 @@ async def test_first_attempts_put_off_to_one_reopening_wake_a_microsecond_apart(
     """The retry timer wakes records by their time, so their order holds wherever in the
     retry partition one is moved to."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_put_off_order"))
+    handler = failing_webhook_handler(settings, Metrics("test_put_off_order"))
     threshold = settings.circuit_failure_threshold
     for offset in range(threshold):
         await handler.outcome_records(_record(0, offset))
@@ -117,7 +86,7 @@ async def test_other_webhooks_put_off_long_ago_do_not_restart_the_count(
     webhook whose deliveries still wait: its next one still wakes behind them."""
     monkeypatch.setattr(handler_module, "_WEBHOOKS_REMEMBERED", 3)
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_put_off_prune"))
+    handler = failing_webhook_handler(settings, Metrics("test_put_off_prune"))
     _, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
     long_ago = utcnow() - timedelta(minutes=1)
     for n in range(2):
@@ -130,7 +99,7 @@ async def test_other_webhooks_put_off_long_ago_do_not_restart_the_count(
 async def test_a_delivery_waiting_for_a_lookup_wakes_behind_those_held_longer() -> None:
     """A failed lookup's short wait joins a later hold already there, at its end."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_put_off_lookup"))
+    handler = failing_webhook_handler(settings, Metrics("test_put_off_lookup"))
     _, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
     event = Delivery.model_validate_json(_record(0, 103).value)
     _, _, value = handler._waiting(event, 0.001)
@@ -142,7 +111,7 @@ async def test_a_later_time_asked_while_a_hold_is_ahead_joins_it() -> None:
     those of the current one, held or deferred again behind them: the later time joins
     the current hold instead (woken early, such a delivery is put off once more)."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_put_off_join_hold"))
+    handler = failing_webhook_handler(settings, Metrics("test_put_off_join_hold"))
     first, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
     joined = handler._hold("wh_1", -1.0, first + timedelta(minutes=5))
     assert joined is handler._holds["wh_1"]
@@ -151,7 +120,7 @@ async def test_a_later_time_asked_while_a_hold_is_ahead_joins_it() -> None:
 
 async def test_a_later_hold_starts_after_the_last_delivery_of_the_current_one() -> None:
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_put_off_next_hold"))
+    handler = failing_webhook_handler(settings, Metrics("test_put_off_next_hold"))
     await _circuit_opened(handler, settings.circuit_failure_threshold)
     current = handler._holds["wh_1"]
     current.until = utcnow() - timedelta(microseconds=10)  # its time has come
@@ -166,7 +135,7 @@ async def test_past_its_time_a_hold_keeps_new_events_behind_it_while_its_put_off
     ones are not held again (they answer to the circuit), and once they can have come
     back, new events go straight out."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_return"))
+    handler = failing_webhook_handler(settings, Metrics("test_hold_return"))
     first, _ = await _circuit_opened(handler, settings.circuit_failure_threshold)
     handler._circuit.forget("wh_1")  # closed early, say by a probe that succeeded
     hold = handler._holds["wh_1"]
@@ -200,7 +169,7 @@ async def test_a_woken_put_off_waits_only_behind_a_hold_made_after_it_woke() -> 
     off to a later hold: it joins them there, even with the circuit closed meanwhile,
     rather than going before them."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_woken"))
+    handler = failing_webhook_handler(settings, Metrics("test_hold_woken"))
     await _circuit_opened(handler, settings.circuit_failure_threshold)
     woken = handler._holds["wh_1"]
     woken.until = utcnow() - timedelta(seconds=1)
@@ -220,7 +189,7 @@ async def test_holds_taken_over_keep_new_events_behind_the_last_put_off() -> Non
     forwarded) orders new events behind its last put-off, and does not replace a hold
     of this process's that ends later."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_taken_over"))
+    handler = failing_webhook_handler(settings, Metrics("test_hold_taken_over"))
     # Long past, yet perhaps not forwarded: the retry partitions may be changing hands.
     last = utcnow() - timedelta(minutes=2)
     handler.take_over_holds({"wh_1": last})
@@ -233,7 +202,7 @@ async def test_the_put_offs_a_hold_was_taken_over_from_are_not_held_by_it() -> N
     """Woken by another host whose clock runs ahead, they arrive before the hold's time;
     they go out (the circuit allowing), while new events still wait behind them."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_taken_over_own"))
+    handler = failing_webhook_handler(settings, Metrics("test_hold_taken_over_own"))
     last = utcnow() + timedelta(seconds=5)
     handler.take_over_holds({"wh_1": last})
     [(topic, _, _), *_] = await handler.outcome_records(_woken(100, last))
@@ -245,7 +214,7 @@ async def test_a_hold_made_after_one_taken_over_keeps_its_floor() -> None:
     """The put-offs read may still wait unforwarded: a failed lookup's hold, made on top,
     keeps new events behind them as long."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_floor"))
+    handler = failing_webhook_handler(settings, Metrics("test_hold_floor"))
     handler.take_over_holds({"wh_1": utcnow() - timedelta(minutes=2)})
     taken = handler._holds["wh_1"]
     later = handler._hold("wh_1", -1.0, utcnow() + timedelta(milliseconds=1))
@@ -257,7 +226,7 @@ async def test_a_hold_made_after_one_taken_over_keeps_its_floor() -> None:
 async def test_past_the_bound_the_holds_kept_longest_stay(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handler_module, "_WEBHOOKS_REMEMBERED", 4)
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_bound"))
+    handler = failing_webhook_handler(settings, Metrics("test_hold_bound"))
     now = utcnow()
     handler.take_over_holds({f"wh_{n}": now + timedelta(minutes=n) for n in range(5)})
     assert set(handler._holds) == {"wh_3", "wh_4"}
@@ -267,7 +236,7 @@ async def test_put_offs_due_long_ago_are_not_taken_over() -> None:
     """Forwarded long since (a dead endpoint can hold the retry partition's commit point
     for hours): new events for their webhook go straight out."""
     settings = load_settings(service_credential="x", token_pepper="y")
-    handler = _handler(settings, Metrics("test_hold_stale"))
+    handler = failing_webhook_handler(settings, Metrics("test_hold_stale"))
     handler.take_over_holds({"wh_1": utcnow() - timedelta(minutes=10)})
     [(topic, _, _), *_] = await handler.outcome_records(_record(0, 0))
     assert topic == "t.attempts"

@@ -6,39 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import cast
 
 import pytest
-from aiokafka import ConsumerRecord, TopicPartition
 
 from services.dispatcher import handler as handler_module
-from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
-from services.dispatcher.routing import WebhookRoute
-from services.dispatcher.sender import Outcome
-from services.shared import Delivery, Metrics, Settings, Topics, load_settings, utcnow
-from tests.samples import sample_event, sample_route
+from services.dispatcher.handler import DeliveryHandler
+from services.shared import Delivery, Metrics, Settings, load_settings, utcnow
+from tests.unit._dispatch_doubles import (
+    OneWebhookTable,
+    deliveries_record,
+    delivery_to_wh_1,
+    failing_webhook_handler,
+)
 
 _MICROSECOND = timedelta(microseconds=1)
-
-
-class _Table:
-    """wh_1, active unless told otherwise; ``away``: the database cannot be read."""
-
-    def __init__(self) -> None:
-        self.route = sample_route(url="http://127.0.0.1:9/hook")
-        self.away = False
-
-    def get(self, webhook_id: str) -> WebhookRoute | None:
-        return None if self.away else self.route
-
-    async def refresh(self, webhook_id: str) -> None:
-        if self.away:
-            raise ConnectionError("database is away")
-
-
-class _FailingSender:
-    async def send(self, route: WebhookRoute, delivery: Delivery) -> Outcome:
-        return Outcome("failed", 500, 1.0, "HTTP 500", "http_status")
 
 
 class _Clock:
@@ -51,39 +33,17 @@ class _Clock:
         return utcnow() + self.ahead
 
 
-def _handler(settings: Settings, name: str) -> tuple[DeliveryHandler, _Table]:
-    owned = {TopicPartition("t.deliveries", 0)}
-    table = _Table()
-    handler = DeliveryHandler(
-        settings=settings,
-        table=cast(Any, table),
-        sender=cast(Any, _FailingSender()),
-        outcomes=cast(Any, None),
-        topics=Topics("t."),
-        metrics=DeliveryMetrics(Metrics(name)),
-        assigned=lambda: owned,
-    )
-    return handler, table
-
-
-def _delivery(name: str, attempt: int = 1, not_before: datetime | None = None) -> Delivery:
-    event = sample_event(id=f"evt_{name}")
-    return Delivery(
-        id=f"msg_{name}", webhook_id="wh_1", attempt=attempt, event=event, not_before=not_before
-    )
-
-
-def _record(delivery: Delivery, routed_at: datetime | None = None) -> ConsumerRecord[bytes, bytes]:
-    written_ms = int((routed_at or utcnow()).timestamp() * 1000)
-    value = delivery.to_bytes()
-    return ConsumerRecord(
-        "t.deliveries", 0, 0, written_ms, 0, b"wh_1", value, None, 4, len(value), []
-    )
+def _handler(settings: Settings, name: str) -> tuple[DeliveryHandler, OneWebhookTable]:
+    table = OneWebhookTable()
+    return failing_webhook_handler(settings, Metrics(name), table), table
 
 
 async def _handle(handler: DeliveryHandler, delivery: Delivery) -> tuple[str, Delivery | None]:
     """("sent", None), or ("put_off", the copy written to a retry topic)."""
-    [(topic, _, value), *_] = await handler.outcome_records(_record(delivery))
+    # Routed now by the real clock, whatever the handler's ``_Clock`` has been moved to.
+    routed_ms = int(utcnow().timestamp() * 1000)
+    record = deliveries_record(delivery, written_ms=routed_ms)
+    [(topic, _, value), *_] = await handler.outcome_records(record)
     if topic.startswith("t.retry."):
         return "put_off", Delivery.model_validate_json(value)
     assert topic == "t.attempts"
@@ -122,13 +82,15 @@ async def test_a_later_circuit_hold_does_not_put_new_events_before_the_put_offs_
     handler, _ = _handler(settings, "test_holds_taken_over_later")
     last = clock() + timedelta(seconds=20)
     handler.take_over_holds({"wh_1": last})
-    taken_over = [_delivery(f"p{n}", not_before=last - (4 - n) * _MICROSECOND) for n in range(5)]
+    taken_over = [
+        delivery_to_wh_1(f"p{n}", not_before=last - (4 - n) * _MICROSECOND) for n in range(5)
+    ]
 
     due_retry = clock() - timedelta(seconds=1)
     for n in range(settings.circuit_failure_threshold):
-        assert await _handle(handler, _delivery(f"r{n}", 2, due_retry)) == ("sent", None)
+        assert await _handle(handler, delivery_to_wh_1(f"r{n}", 2, due_retry)) == ("sent", None)
     waiting: list[Delivery] = []
-    for delivery in (_delivery("r_deferred", 2, due_retry), _delivery("e6")):
+    for delivery in (delivery_to_wh_1("r_deferred", 2, due_retry), delivery_to_wh_1("e6")):
         what, put_off = await _handle(handler, delivery)
         assert what == "put_off"
         waiting.append(cast(Delivery, put_off))
@@ -151,11 +113,11 @@ async def test_a_failed_lookups_longer_wait_does_not_put_new_events_before_the_p
     )
     handler, table = _handler(settings, "test_holds_lookup_later")
     for n in range(settings.circuit_failure_threshold):
-        assert await _handle(handler, _delivery(f"f{n}")) == ("sent", None)
+        assert await _handle(handler, delivery_to_wh_1(f"f{n}")) == ("sent", None)
     waiting: list[Delivery] = []
     for name in ("p0", "p1", "e_lookup", "e_next"):
         table.away = name == "e_lookup"
-        what, put_off = await _handle(handler, _delivery(name))
+        what, put_off = await _handle(handler, delivery_to_wh_1(name))
         assert what == "put_off"
         waiting.append(cast(Delivery, put_off))
 
@@ -168,10 +130,10 @@ async def test_a_failed_lookups_longer_wait_does_not_put_new_events_before_the_p
 async def _put_off_behind_open_circuit(handler: DeliveryHandler, threshold: int) -> datetime:
     """Open wh_1's circuit and put three first attempts off; when the last one wakes."""
     for n in range(threshold):
-        assert await _handle(handler, _delivery(f"f{n}")) == ("sent", None)
+        assert await _handle(handler, delivery_to_wh_1(f"f{n}")) == ("sent", None)
     wakes: list[datetime] = []
     for n in range(3):
-        what, put_off = await _handle(handler, _delivery(f"p{n}"))
+        what, put_off = await _handle(handler, delivery_to_wh_1(f"p{n}"))
         assert what == "put_off"
         wakes.append(cast(datetime, cast(Delivery, put_off).not_before))
     return wakes[-1]
@@ -197,7 +159,7 @@ async def test_a_webhook_reactivated_keeps_new_events_behind_its_put_offs(
     assert handler._circuit.endpoints() == []
     table.route = active
 
-    what, put_off = await _handle(handler, _delivery("e_new"))
+    what, put_off = await _handle(handler, delivery_to_wh_1("e_new"))
     assert what == "put_off"
     assert cast(Delivery, put_off).not_before == last + _MICROSECOND
 

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from aiokafka import ConsumerRecord
 
-from services.dispatcher.lanes import Lanes, Pace, sending_slots
+from services.dispatcher.lanes import Attempt, Lanes, Pace, sending_slots
 from services.shared import OutRecord
 from tests.unit.test_lanes_rebalance import OWNED, _Consumer, _record, _until, _written
 
@@ -42,17 +42,23 @@ class _Endpoints:
         return []
 
 
-async def test_no_more_requests_than_the_sending_slots_go_out_at_once() -> None:
-    consumer = _Consumer()
-    endpoints = _Endpoints()
-    lanes = Lanes(
+def _lanes(consumer: _Consumer, attempt: Attempt, *, sending_max: int) -> Lanes:
+    """Lanes with room for every delivery these tests send: only the sending slots hold
+    any back."""
+    return Lanes(
         cast(Any, consumer),
-        endpoints.attempt,
+        attempt,
         _written,
         per_lane=10,
         backlog_max=100,
-        sending_max=2,
+        sending_max=sending_max,
     )
+
+
+async def test_no_more_requests_than_the_sending_slots_go_out_at_once() -> None:
+    consumer = _Consumer()
+    endpoints = _Endpoints()
+    lanes = _lanes(consumer, endpoints.attempt, sending_max=2)
     running = asyncio.create_task(lanes.run())
     try:
         # Three webhooks, two deliveries each, all due at once.
@@ -77,14 +83,7 @@ async def test_a_rebalance_wakes_the_deliveries_waiting_for_a_slot() -> None:
     the assignment is in, sends them) instead of holding the hand-over up."""
     consumer = _Consumer()
     endpoints = _Endpoints()
-    lanes = Lanes(
-        cast(Any, consumer),
-        endpoints.attempt,
-        _written,
-        per_lane=10,
-        backlog_max=100,
-        sending_max=1,
-    )
+    lanes = _lanes(consumer, endpoints.attempt, sending_max=1)
     running = asyncio.create_task(lanes.run())
     try:
         await consumer.batches.put({OWNED: [_record(OWNED, 0, b"a"), _record(OWNED, 1, b"b")]})
@@ -127,9 +126,7 @@ async def test_a_webhooks_rate_holds_when_sending_slots_free_up_together() -> No
         sent_at.append(loop.time())
         return []
 
-    lanes = Lanes(
-        cast(Any, consumer), attempt, _written, per_lane=10, backlog_max=100, sending_max=1
-    )
+    lanes = _lanes(consumer, attempt, sending_max=1)
     running = asyncio.create_task(lanes.run())
     try:
         await consumer.batches.put({OWNED: [_record(OWNED, 0, b"slow")]})
