@@ -30,10 +30,10 @@ from services.shared import (
     get_logger,
     make_consumer,
     send_each,
+    set_aside_too_large,
     start_client,
     stop_client,
     subscribe_handing_over,
-    too_large,
     topics_for,
 )
 
@@ -175,25 +175,20 @@ class AttemptRecorder:
             return
         out = [dead_letter_record(self._topics, f.record, f.reason) for f in fresh]
         failed = await send_each(self._producer, out)
-        for index in [index for index, error in failed.items() if too_large(error)]:
-            # The broker will never take it (a dead-letter topic configured with a smaller
-            # record limit than the attempts topic): sent again as it is, it would stop the
-            # log for every team. Alone first (only its batch may have been too large), then
-            # without its payload, as the dispatcher's router and retry timer do.
-            letter = fresh[index]
-            refused = list((await send_each(self._producer, [out[index]])).values())
-            if refused and too_large(refused[0]):
-                bare = dead_letter_record(
-                    self._topics,
-                    letter.record,
-                    f"{letter.reason} (payload left out: the broker refused it: {refused[0]})",
-                    with_payload=False,
-                )
-                refused = list((await send_each(self._producer, [bare])).values())
-            if refused:
-                failed[index] = refused[0]
-            else:
-                del failed[index]
+        # One the broker will never take (a dead-letter topic configured with a smaller
+        # record limit than the attempts topic), sent again as it is, would stop the log for
+        # every team: it goes alone, then without its payload, as the dispatcher's do. Its
+        # reason goes with it, for the operator has nothing else to go on; already a dead
+        # letter, none is set aside anew.
+        failed = await set_aside_too_large(
+            lambda records: send_each(self._producer, records),
+            self._topics,
+            out,
+            [letter.record for letter in fresh],
+            failed,
+            [],
+            reasons=[letter.reason for letter in fresh],
+        )
         for index, letter in enumerate(fresh):
             if index in failed:
                 continue

@@ -40,6 +40,7 @@ from services.shared import (
     Loops,
     Metrics,
     OutRecord,
+    SetAside,
     Settings,
     asynchronous_resolver,
     bound_port,
@@ -65,7 +66,7 @@ from services.shared import (
     utcnow,
 )
 
-from .errors import Refused, SetAside
+from .errors import Refused
 from .handler import DeliveryHandler, DeliveryMetrics, note_invalid_record
 from .lanes import Lanes, sending_slots
 from .put_offs import read_forwarded, read_put_offs

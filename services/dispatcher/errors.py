@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from aiokafka import ConsumerRecord
-
-from services.shared import HookwireError
-
-# A record set aside on the dead-letter topic instead, with the reason.
-SetAside = tuple[ConsumerRecord, str]
+from services.shared import HookwireError, SetAside
 
 
 class InvalidSecret(HookwireError):

@@ -27,6 +27,7 @@ from services.shared import (
     InvalidRecord,
     Metrics,
     OutRecord,
+    SetAside,
     Settings,
     Topics,
     cancel_and_wait,
@@ -35,14 +36,14 @@ from services.shared import (
     get_logger,
     partition_of,
     send_each,
+    set_aside_too_large,
     too_large,
     utcnow,
 )
 
-from .errors import SetAside, WebhookUnconfirmed, Withdrawn
+from .errors import WebhookUnconfirmed, Withdrawn
 from .lanes import Pace
 from .policy import BACK_OFF_STATUSES, GONE, CircuitBreaker, RetryPolicy, parse_retry_after
-from .routed import set_aside_too_large
 from .routing import WebhookRoute
 from .sender import Outcome, Sender
 from .table import WebhookTable

@@ -27,18 +27,18 @@ from aiokafka.errors import KafkaError
 from services.shared import (
     FATAL_KAFKA_ERRORS,
     OutRecord,
+    SetAside,
     Topics,
     commit_offsets,
     commit_when_free,
     finish_despite_cancel,
     get_logger,
     send_each,
+    set_aside_too_large,
 )
 
-from .errors import SetAside
 from .flow import FetchGate, in_records, record_bytes
 from .offsets import AssignmentWatch, OffsetTracker
-from .routed import set_aside_too_large
 
 _IDLE_WAIT_MS = 500
 _HANDING_OVER_WAIT_MS = 100

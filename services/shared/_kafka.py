@@ -920,3 +920,130 @@ def dead_letter_record(
         at=utcnow(),
     )
     return (topics.dead_letter, key, letter.to_bytes())
+
+
+# A record set aside on the dead-letter topic instead, with the reason.
+SetAside = tuple[ConsumerRecord, str]
+
+# Sends records, returning the error of each the broker did not take (by index).
+SendEach = Callable[[list[OutRecord]], Awaitable[dict[int, BaseException]]]
+
+# Records a dead letter names, when many of one source are refused.
+_NAMED_AT_MOST = 10
+
+
+async def set_aside_too_large(
+    send: SendEach,
+    topics: Topics,
+    out: list[OutRecord],
+    sources: list[ConsumerRecord],
+    failed: dict[int, BaseException],
+    set_aside: list[SetAside],
+    replaced: set[int] | None = None,
+    *,
+    reasons: Sequence[str] | None = None,
+) -> dict[int, BaseException]:
+    """Of the records of ``out`` (``sources[i]`` is the record ``out[i]`` came from) a
+    packed send failed on (by index), send those refused for their size alone, then,
+    refused again, replace them by a dead letter of their source (noted in ``set_aside``;
+    their indices added to ``replaced``), and that one, refused too, by one without the
+    payload. Returns the failures left.
+
+    A record of ``out`` that is a dead letter already is not noted again; its copy without
+    the payload keeps its reason when ``reasons`` gives it (``reasons[i]`` for ``out[i]``).
+
+    A source whose records are refused together gets one dead letter naming them all: a
+    delivery's attempt and retry, an event's deliveries to several webhooks, are one record
+    to look into and to replay. Every source takes its next step at the same time as the
+    others: a caller holding many of them (a retry timer, its turn locked, a hand-over
+    waiting for the turn) does so in three rounds, not three per record."""
+    left = {index: error for index, error in failed.items() if not too_large(error)}
+    big = [index for index, error in failed.items() if too_large(error)]
+    # Alone first: only the batch they were packed in may have been too large.
+    answers = await asyncio.gather(*(send([out[index]]) for index in big))
+    refused_alone: dict[int, BaseException] = {}
+    for index, refusals in zip(big, answers, strict=True):
+        [*refused] = refusals.values()
+        if refused and too_large(refused[0]):
+            refused_alone[index] = refused[0]
+        elif refused:
+            left[index] = refused[0]
+    by_source: dict[tuple[str, int, int], list[int]] = {}
+    for index in refused_alone:
+        source = sources[index]
+        by_source.setdefault((source.topic, source.partition, source.offset), []).append(index)
+    steps = {
+        tuple(indices): _stand_ins(
+            topics,
+            [(out[index], refused_alone[index]) for index in indices],
+            sources[indices[0]],
+            None if reasons is None else reasons[indices[0]],
+        )
+        for indices in by_source.values()
+    }
+    while steps:
+        trying = [(group, stand_ins.pop(0)) for group, stand_ins in steps.items()]
+        answers = await asyncio.gather(*(send([record]) for _, (record, _) in trying))
+        for (group, (_, note)), refusals in zip(trying, answers, strict=True):
+            [*refused] = refusals.values()
+            if not refused:
+                if note is not None:
+                    set_aside.append((sources[group[0]], note))
+                if replaced is not None:
+                    replaced.update(group)
+            elif not too_large(refused[0]):
+                left.update(dict.fromkeys(group, refused[0]))
+            elif steps[group]:
+                continue
+            else:
+                # Not even a dead letter without its payload: the topic itself is wrong,
+                # which the operator must mend; the records wait for it.
+                left.update({index: failed[index] for index in group})
+            del steps[group]
+    return left
+
+
+def _stand_ins(
+    topics: Topics,
+    refused: list[tuple[OutRecord, BaseException]],
+    source: ConsumerRecord,
+    reason: str | None,
+) -> list[tuple[OutRecord, str | None]]:
+    """What to send in turn for a source whose ``refused`` records the broker will not
+    take even alone, each with the reason the source is noted as set aside (None: not a
+    new dead letter). ``reason``: the first refused record's, when it is a dead letter
+    whose caller knows why."""
+    # A dead letter already is counted as one; its stand-in without the payload is not a
+    # second.
+    noted: str | None = None
+    named = [
+        f"{_for_key(key)} on {topic}"
+        for (topic, key, _), _ in refused
+        if topic != topics.dead_letter
+    ]
+    stand_ins: list[tuple[OutRecord, str | None]] = []
+    error = refused[0][1]
+    if named:
+        # An event of a team with a thousand webhooks would name them all in 55 KB.
+        listed = ",".join(named[:_NAMED_AT_MOST])
+        if len(named) > _NAMED_AT_MOST:
+            listed += f" and {len(named) - _NAMED_AT_MOST} more"
+        noted = (
+            f"its record{named[0]} is refused by the broker: {error}"
+            if len(named) == 1
+            else f"its records{listed} are refused by the broker: {error}"
+        )
+        stand_ins.append((dead_letter_record(topics, source, noted), noted))
+        bare_reason = f"{noted} (payload left out)"
+    elif reason is not None:
+        # Why the record is a dead letter at all is what its reader needs most: an
+        # operator looking at a bare letter has nothing else to go on.
+        bare_reason = f"{reason} (payload left out: the broker refused it: {error})"
+    else:
+        bare_reason = "its dead letter is refused by the broker (payload left out)"
+    stand_ins.append((dead_letter_record(topics, source, bare_reason, with_payload=False), noted))
+    return stand_ins
+
+
+def _for_key(key: bytes | None) -> str:
+    return "" if key is None else f" for {key.decode(errors='replace')}"

@@ -14,6 +14,7 @@ from services.dispatcher import routed
 from services.shared import (
     OutRecord,
     Settings,
+    dead_letter_record,
     ensure_topics,
     make_producer,
     start_client,
@@ -67,7 +68,7 @@ async def test_a_dead_letter_the_broker_refuses_goes_without_its_payload(
     await ensure_topics(settings)
     topics = topics_for(settings)
     source = _source(7)
-    out: list[OutRecord] = [routed.dead_letter_record(topics, source, "not an event")]
+    out: list[OutRecord] = [dead_letter_record(topics, source, "not an event")]
     real = routed.send_each
 
     async def refusing(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
