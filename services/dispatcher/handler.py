@@ -57,6 +57,10 @@ _UNCONFIRMED_WAIT_SECONDS = 5.0
 # URL (3 s at most) and the loop's own delays.
 _PROBE_MARGIN_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
+# Deliveries a manual re-send delivered, kept so that their retries still to come are not
+# sent again; re-sends are few (a budget per team an hour), and one forgotten is sent
+# twice, which at-least-once delivery allows.
+_RESENDS_REMEMBERED = 10_000
 # Woken put-offs come back through the retry timer and ``deliveries``; a new event routed
 # meanwhile still waits behind them.
 _WOKEN_RETURN = timedelta(seconds=10)
@@ -149,6 +153,20 @@ def _written_at(record: ConsumerRecord) -> datetime:
     return utcnow()
 
 
+def _about(delivery: Delivery) -> dict[str, Any]:
+    """What an attempt of ``delivery`` made now says of it, whatever its outcome."""
+    return {
+        "delivery_id": delivery.id,
+        "event_id": delivery.event.id,
+        "webhook_id": delivery.webhook_id,
+        "team_id": delivery.event.team_id,
+        "attempt": delivery.attempt,
+        "attempted_at": utcnow(),
+        "kind": delivery.kind,
+        "event": delivery.event,
+    }
+
+
 def invalid_record(
     metrics: DeliveryMetrics, topics: Topics, record: ConsumerRecord, reason: str
 ) -> OutRecord:
@@ -206,6 +224,8 @@ class DeliveryHandler:
         self._unconfirmed_at: dict[str, float] = {}
         # Per webhook: the reopening its deliveries are deferred to, and the time they wake.
         self._holds: dict[str, _Hold] = {}
+        # Oldest first: the first one goes when the bound is reached.
+        self._resent_delivered: dict[str, None] = {}
         self._inflight = 0
         # Read when scraped rather than updated for every delivery (counting open circuits
         # walks every endpoint).
@@ -348,30 +368,21 @@ class DeliveryHandler:
             delivery = decode(Delivery, record.value)
         except InvalidRecord as exc:
             return [invalid_record(self._metrics, self._topics, record, exc.message)]
+        if delivery.kind == "event" and delivery.id in self._resent_delivered:
+            # A retry (or a put-off first attempt) of an event a re-send delivered since.
+            return [self._skipped(delivery, "delivered by a manual re-send", "resent")]
         try:
             route = await self._route_when_due(delivery, record, pace)
         except WebhookUnconfirmed:
             return [self._waiting(delivery, _UNCONFIRMED_WAIT_SECONDS)]
-        about: dict[str, Any] = {
-            "delivery_id": delivery.id,
-            "event_id": delivery.event.id,
-            "webhook_id": delivery.webhook_id,
-            "team_id": delivery.event.team_id,
-            "attempt": delivery.attempt,
-            "attempted_at": utcnow(),
-            "kind": delivery.kind,
-            "event": delivery.event,
-        }
+        if route is not None and route.team_id != delivery.event.team_id:
+            # Written by hand: the router only pairs an event with its own team's webhooks.
+            # Sent, one team's event would reach another team's endpoint.
+            reason = f"the event is team {delivery.event.team_id}'s, its webhook another team's"
+            return [invalid_record(self._metrics, self._topics, record, reason)]
         if route is None or not route.active:
-            self._metrics.outcomes["skipped"].inc()
-            skipped = Attempt(
-                **about,
-                outcome="skipped",
-                error="webhook is inactive or deleted",
-                error_class="inactive",
-                final=True,
-            )
-            return [self._attempt_record(skipped)]
+            return [self._skipped(delivery, "webhook is inactive or deleted", "inactive")]
+        about = _about(delivery)
         hold = self._held(delivery, record)
         if hold is not None:
             return [self._put_off(delivery, hold)]
@@ -400,6 +411,20 @@ class DeliveryHandler:
             learning = asyncio.create_task(self._learn(route.id))
             self._learning[route.id] = learning
         return records
+
+    def _skipped(self, delivery: Delivery, why: str, error_class: str) -> OutRecord:
+        self._metrics.outcomes["skipped"].inc()
+        about = _about(delivery)
+        skipped = Attempt(
+            **about, outcome="skipped", error=why, error_class=error_class, final=True
+        )
+        return self._attempt_record(skipped)
+
+    def _note_resent(self, delivery_id: str) -> None:
+        self._resent_delivered.pop(delivery_id, None)
+        if len(self._resent_delivered) >= _RESENDS_REMEMBERED:
+            del self._resent_delivered[next(iter(self._resent_delivered))]
+        self._resent_delivered[delivery_id] = None
 
     async def _learn(self, webhook_id: str) -> None:
         try:
@@ -515,6 +540,8 @@ class DeliveryHandler:
         left: bool,
     ) -> list[OutRecord]:
         delivered = outcome.outcome == "delivered"
+        if delivered and delivery.kind == "manual":
+            self._note_resent(delivery.id)
         # Read once, for the pause it asks of the endpoint and for this delivery's retry.
         retry_after = None
         if outcome.status_code in BACK_OFF_STATUSES:

@@ -133,6 +133,32 @@ def _invalid_records(stack: Stack) -> float | None:
     )
 
 
+async def test_a_delivery_pairing_one_teams_event_with_anothers_webhook_is_not_sent(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """Written by hand to the deliveries topic: one team's event named for another team's
+    webhook. The router never pairs them; sent, the event would reach the other team's
+    endpoint. It is dead-lettered, and the delivery behind it still goes."""
+    webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
+    topics = stack.dispatcher.topics
+    await _send(
+        stack,
+        topics.deliveries,
+        webhook_id.encode(),
+        [
+            _delivery(webhook_id, "team_someone_else", "msg_other_team"),
+            _delivery(webhook_id, stack.team_id, "msg_own_team"),
+        ],
+    )
+    [delivered] = await receiver.wait_for(1)
+    assert delivered.headers["webhook-id"] == "msg_own_team"
+    [letter] = await dead_letters(stack.settings, 1)
+    assert letter["source_topic"] == topics.deliveries
+    assert letter["reason"] == ("the event is team team_someone_else's, its webhook another team's")
+    assert _invalid_records(stack) == 1
+    assert len(receiver.received) == 1
+
+
 async def test_unreadable_deliveries_are_dead_lettered_and_the_lane_goes_on(
     stack: Stack, receiver: Receiver
 ) -> None:

@@ -206,3 +206,29 @@ async def test_re_sends_a_moment_apart_each_take_their_own_attempt_number(
     shown = await _logged(stack, delivery_id, lambda d: len(d["attempts"]) == 4, within=15.0)
     # Sent side by side, they may be answered in any order.
     assert sorted(attempt["attempt"] for attempt in shown["attempts"]) == [1, 2, 3, 4]
+
+
+async def test_a_retry_due_after_a_manual_re_send_delivered_is_not_sent(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The first attempt fails and its retry is put off; a manual re-send delivers the
+    event before the retry is due. The retry, come back to the dispatcher that sent the
+    re-send, is recorded as skipped instead of posting the event a third time, and the
+    delivery stays delivered."""
+    quick = settings.model_copy(update={"retry_schedule_seconds": (5.0,), "retry_jitter": 0.0})
+    receiver.statuses = [500]
+    async with running_stack(quick, with_dispatcher=True) as stack:
+        await stack.create_webhook(receiver.url, ["object.created"])
+        await stack.create_object()
+        delivery_id = (await receiver.wait_for(1))[0].headers["webhook-id"]
+        await _logged(stack, delivery_id, lambda d: len(d["attempts"]) == 1)
+        status, _ = await _call(stack, "POST", f"/deliveries/{delivery_id}/retry")
+        assert status == 202
+        await receiver.wait_for(2)
+        shown = await _logged(stack, delivery_id, lambda d: len(d["attempts"]) == 3, within=20.0)
+        by_time = sorted(shown["attempts"], key=lambda attempt: attempt["attempted_at"])
+        assert [attempt["outcome"] for attempt in by_time] == ["failed", "delivered", "skipped"]
+        assert by_time[2]["error"] == "delivered by a manual re-send"
+        assert by_time[2]["final"] is True
+        assert shown["state"] == "delivered"
+        assert [r.headers["webhook-id"] for r in receiver.received] == [delivery_id] * 2
