@@ -20,6 +20,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.shared import (
+    NOT_BEFORE_AHEAD_MAX,
     Attempt,
     BatchingSender,
     DeadLetter,
@@ -368,6 +369,14 @@ class DeliveryHandler:
             delivery = decode(Delivery, record.value)
         except InvalidRecord as exc:
             return [invalid_record(self._metrics, self._topics, record, exc.message)]
+        if (
+            delivery.not_before is not None
+            and delivery.not_before > utcnow() + NOT_BEFORE_AHEAD_MAX
+        ):
+            # Written by hand (the retry timer forwards it at once rather than hold it
+            # for years): sent now, it would skip the wait it asks for.
+            reason = f"not_before {delivery.not_before.isoformat()} is further ahead than any wait"
+            return [invalid_record(self._metrics, self._topics, record, reason)]
         if delivery.kind == "event" and delivery.id in self._resent_delivered:
             # A retry (or a put-off first attempt) of an event a re-send delivered since.
             return [self._skipped(delivery, "delivered by a manual re-send", "resent")]

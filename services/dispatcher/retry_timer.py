@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 
 from services.shared import (
     FATAL_KAFKA_ERRORS,
+    NOT_BEFORE_AHEAD_MAX,
     OutRecord,
     SetAside,
     Topics,
@@ -50,6 +51,7 @@ _MOVE_WHEN_DUE_AFTER_US = 30_000_000
 MOVE_EVERY_SECONDS = 60.0
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_AHEAD_MAX_US = NOT_BEFORE_AHEAD_MAX // _MICROSECOND
 
 
 class Waiting(NamedTuple):
@@ -271,6 +273,10 @@ class RetryTimer:
                         continue
                     self._tracker.add(partition, record.offset, record_bytes(record))
                     entry = Waiting.of(record)
+                    if entry.due_us > _wall_us() + _AHEAD_MAX_US:
+                        # Written by hand: no wait of ours is that long. Forwarded now,
+                        # for the delivery handler to dead-letter with the reason.
+                        entry = entry._replace(due_us=0)
                     if entry.value in self._waiting_values:
                         # The same delivery, attempt and time: one copy of a moved retry.
                         self._tracker.done(partition, record.offset)

@@ -77,6 +77,7 @@ from ._http import (
 from ._ids import is_id, new_id, utcnow
 from ._kafka import (
     FATAL_KAFKA_ERRORS,
+    NOT_BEFORE_AHEAD_MAX,
     RETRY_RETENTION_MS,
     RETRY_TIERS,
     BatchingSender,
@@ -148,6 +149,7 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "MAX_TEAM_ID_CHARS",
     "MAX_TOKEN_CHARS",
+    "NOT_BEFORE_AHEAD_MAX",
     "PERMISSIONS",
     "READINESS_KEY",
     "REDACTED",

@@ -13,6 +13,7 @@ import itertools
 import math
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 import structlog
@@ -256,10 +257,16 @@ async def _settle_and_close(
         starting.add_done_callback(lambda _: _close_what_is_left(client))
 
 
+# The furthest ahead the dispatcher puts a delivery off: the longest wait a setting
+# allows, at the largest jitter (which can double a delay).
+_FURTHEST_AHEAD_SECONDS = 2 * LONGEST_WAIT_SECONDS
 # A retry waits on its topic for as long as its delay, a broker's default retention (7 days
 # on Kafka) would delete one set further off, with no dead letter to show for it: kept for
-# the longest wait allowed and a week besides.
-RETRY_RETENTION_MS = (LONGEST_WAIT_SECONDS + 7 * 86400) * 1000
+# the furthest wait and a week besides.
+RETRY_RETENTION_MS = (_FURTHEST_AHEAD_SECONDS + 7 * 86400) * 1000
+# A delivery's not_before further ahead than that (and a day for clocks apart) was not
+# written by a dispatcher: it is refused, rather than kept waiting for years.
+NOT_BEFORE_AHEAD_MAX = timedelta(seconds=_FURTHEST_AHEAD_SECONDS + 86400)
 _RETRY_TOPIC_CONFIG = {"retention.ms": str(RETRY_RETENTION_MS)}
 
 
