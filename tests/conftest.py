@@ -609,3 +609,16 @@ async def audit_count(stack: Stack, action: str, target_id: str) -> int:
             )
         ).scalar()
     return int(count or 0)
+
+
+def published_events(stack: Stack) -> dict[str, float]:
+    """Events Kafka acknowledged to the api, by type (re-sends and test events are
+    ``delivery``): counted before the answer goes out, so the count is final once a
+    refused request has answered."""
+    counts: dict[str, float] = {}
+    for metric in stack.api.metrics.registry.collect():
+        if metric.name == "hookwire_api_events_published":
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    counts[sample.labels["type"]] = sample.value
+    return counts

@@ -166,8 +166,11 @@ async def _sendable_webhook(ctx: ApiContext, team_id: str, webhook_id: str) -> N
     async with ctx.engine.connect() as conn:
         try:
             webhook = await find_webhook(conn, team_id, webhook_id)
-        except NotFound:
-            await find_webhook(conn, team_id, webhook_id, trashed=True)
+        except NotFound as missing:
+            try:
+                await find_webhook(conn, team_id, webhook_id, trashed=True)
+            except NotFound:
+                raise missing from None  # neither live nor trashed: plainly not found
             raise Conflict(
                 f"webhook {webhook_id} is in the trash; restore it to send to it"
             ) from None

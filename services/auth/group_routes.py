@@ -24,12 +24,14 @@ from services.shared import (
     json_response,
     new_id,
     parse_body,
+    parse_query,
     record_audit,
     utcnow,
 )
 
 from . import store
 from .callers import Caller, Callers
+from .lists import NoFilters
 
 
 class GroupCreate(BaseModel):
@@ -100,6 +102,7 @@ class GroupRoutes:
 
     async def list(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
+        parse_query(request, NoFilters)
         async with self.engine.connect() as conn:
             rows = await store.group_rows(conn, caller.user_id)
         return json_response({"data": [group_view(row) for row in rows]})

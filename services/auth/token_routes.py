@@ -22,6 +22,7 @@ from services.shared import (
     as_utc,
     json_response,
     parse_body,
+    parse_query,
     record_audit,
     utcnow,
 )
@@ -30,6 +31,7 @@ from . import store
 from .callers import Caller, Callers
 from .errors import TokenEnded
 from .introspection import state_of
+from .lists import NoFilters
 from .tokens import lifetime_problem
 
 MAX_GRACE_SECONDS = 30 * 24 * 3600
@@ -170,6 +172,7 @@ class TokenRoutes:
 
     async def list(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
+        parse_query(request, NoFilters)
         async with self.engine.connect() as conn:
             rows = await store.token_rows(conn, caller.user_id)
         return json_response({"data": [token_view(row) for row in rows]})

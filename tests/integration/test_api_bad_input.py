@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 from yarl import URL
 
 from services.auth.tokens import generate_token
-from services.shared import EVENT_TYPES, tables
-from tests.conftest import Stack, corrupt
+from services.shared import EVENT_TYPES, new_id, tables
+from tests.conftest import Stack, audit_count, corrupt, published_events
 
 
 async def _post(
@@ -273,14 +273,84 @@ async def test_invalid_webhook_updates_get_422_and_change_nothing(
 ) -> None:
     status, created = await _post(api_stack, "/webhooks", json=VALID)
     assert status == 201
+    before = await _webhook(api_stack, created["id"])
     url = f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks/{created['id']}"
     async with api_stack.session.patch(url, headers=api_stack.headers(), json=patch) as response:
         assert response.status == 422
         answer = await response.json()
     assert field in [problem["field"] for problem in answer["error"]["details"]]
-    async with api_stack.session.get(url, headers=api_stack.headers()) as response:
-        unchanged = await response.json()
-    assert (unchanged["name"], unchanged["description"]) == (created["name"], "")
+    assert await _webhook(api_stack, created["id"]) == before
+    assert await audit_count(api_stack, "webhook.updated", created["id"]) == 0
+
+
+async def _webhook(stack: Stack, webhook_id: str) -> tuple[dict[str, Any], str, list[Any]]:
+    """Everything a change could touch: the webhook as shown, its ETag and its stored
+    secrets (never shown after the create)."""
+    async with stack.session.get(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook_id}",
+        headers=stack.headers(),
+    ) as response:
+        assert response.status == 200
+        shown, etag = await response.json(), response.headers["ETag"]
+    async with stack.api.engine.connect() as conn:
+        secrets = (
+            await conn.execute(
+                select(tables.webhooks.c.secrets).where(tables.webhooks.c.id == webhook_id)
+            )
+        ).scalar_one()
+    return shown, etag, list(secrets)
+
+
+# Bodies no JSON reader takes. An empty one is not among them: on the routes whose body
+# is optional it means "every default".
+NOT_JSON = [b"{", b"nul", b'{"grace_seconds": 0,}', b"\xff\xfe"]
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "raw", "action"),
+    [
+        *[("PATCH", "", raw, "webhook.updated") for raw in [b"", b"  \n", *NOT_JSON]],
+        # Optional bodies: a broken one is refused, not read as "no body, use defaults"
+        # (a rotation with the default grace, a test event with the default data).
+        *[("POST", "/rotate-secret", raw, "webhook.secret_rotated") for raw in NOT_JSON],
+        *[("POST", "/test", raw, "webhook.test_sent") for raw in NOT_JSON],
+    ],
+)
+async def test_webhook_changes_that_are_not_json_get_422_and_change_nothing(
+    api_stack: Stack, method: str, route: str, raw: bytes, action: str
+) -> None:
+    status, created = await _post(api_stack, "/webhooks", json=VALID)
+    assert status == 201
+    before = await _webhook(api_stack, created["id"])
+    async with api_stack.session.request(
+        method,
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks/{created['id']}{route}",
+        headers={**api_stack.headers(), "content-type": "application/json"},
+        data=raw,
+    ) as response:
+        assert response.status == 422
+        answer = await response.json()
+    assert answer["error"]["code"] == "validation_failed"
+    assert [problem["field"] for problem in answer["error"]["details"]] == ["body"]
+    assert "JSON" in answer["error"]["message"]
+    assert await _webhook(api_stack, created["id"]) == before
+    assert await audit_count(api_stack, action, created["id"]) == 0
+    assert published_events(api_stack) == {}
+
+
+async def test_a_replay_of_a_missing_webhook_is_not_found(api_stack: Stack) -> None:
+    """404 in the one error shape, as for any missing webhook; nothing is re-sent or
+    audited."""
+    missing = new_id("wh")
+    status, answer = await _post(
+        api_stack, f"/webhooks/{missing}/replay", json={"since": "2026-01-01T00:00:00Z"}
+    )
+    assert status == 404, answer
+    assert answer["error"]["code"] == "not_found"
+    assert answer["error"]["details"] is None
+    assert answer["error"]["message"] == f"webhook {missing} not found"
+    assert await audit_count(api_stack, "webhook.replayed", missing) == 0
+    assert published_events(api_stack) == {}
 
 
 def _nested(depth: int) -> bytes:

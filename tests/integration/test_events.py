@@ -14,7 +14,7 @@ from services.api import events
 from services.api.context import CONTEXT
 from services.api.errors import PublishUnavailable
 from services.shared import tables, utcnow
-from tests.conftest import Receiver, Stack
+from tests.conftest import Receiver, Stack, published_events
 
 EVENT = {
     "type": "object.updated",
@@ -237,6 +237,31 @@ async def test_bad_events_are_refused(api_stack: Stack, body: Any, field: str) -
     status, answer, _ = await _publish(api_stack, body)
     assert status == 422
     assert field in [d["field"] for d in answer["error"]["details"]]
+    assert published_events(api_stack) == {}
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"  \n", b"{", b"nul", b'{"type": "object.updated",}', b"\xff\xfe"]
+)
+async def test_event_bodies_that_are_not_json_are_refused(api_stack: Stack, raw: bytes) -> None:
+    """422 on ``body``, and no event goes out; the key it came with stays free."""
+    headers = {
+        **api_stack.headers(),
+        "content-type": "application/json",
+        "Idempotency-Key": "raw-1",
+    }
+    async with api_stack.session.post(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/events", headers=headers, data=raw
+    ) as response:
+        assert response.status == 422
+        answer = await response.json()
+    assert answer["error"]["code"] == "validation_failed"
+    assert [d["field"] for d in answer["error"]["details"]] == ["body"]
+    assert "JSON" in answer["error"]["message"]
+    assert published_events(api_stack) == {}
+    status, _, headers = await _publish(api_stack, EVENT, key="raw-1")
+    assert status == 201
+    assert "Idempotent-Replayed" not in headers
 
 
 async def test_a_refused_event_leaves_its_idempotency_key_free(api_stack: Stack) -> None:
@@ -248,19 +273,45 @@ async def test_a_refused_event_leaves_its_idempotency_key_free(api_stack: Stack)
 
 
 async def test_publishing_needs_event_publish(api_stack: Stack) -> None:
-    """Without event:publish the producer is forbidden; a bad key header is 422."""
+    """Without event:publish the producer is forbidden, and nothing goes out."""
     token = await api_stack.new_token(["object:create"])
-    assert (await _publish(api_stack, EVENT, token=token))[0] == 403
-    status, answer, _ = await _publish(api_stack, EVENT, key="x" * 300)
-    assert status == 422
-    assert answer["error"]["details"][0]["field"] == "Idempotency-Key"
-    assert answer["error"]["message"] == "invalid header: Idempotency-Key"
+    status, answer, _ = await _publish(api_stack, EVENT, token=token)
+    assert (status, answer["error"]["details"]) == (403, {"permission": "event:publish"})
+    assert published_events(api_stack) == {}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "x" * 256,
+        "",
+        # Inside a header value a tab reaches the route as sent (the HTTP parser takes it).
+        "order\t1",
+        # A control character outside ASCII (NEL): a check of ASCII controls would pass it.
+        "order\x851",
+    ],
+    ids=["too_long", "empty", "tab", "c1_control"],
+)
+async def test_a_bad_idempotency_key_is_refused(api_stack: Stack, key: str) -> None:
+    """Not 1 to 255 printable characters: 422 naming the header, and nothing goes out."""
+    status, answer, _ = await _publish(api_stack, EVENT, key=key)
+    assert status == 422, answer
+    assert answer["error"] == {
+        "code": "validation_failed",
+        "message": "invalid header: Idempotency-Key",
+        "details": [{"field": "Idempotency-Key", "reason": "1 to 255 printable characters"}],
+    }
+    assert published_events(api_stack) == {}
+    async with api_stack.api.engine.connect() as conn:
+        assert (await conn.execute(select(tables.idempotency_keys.c.key))).all() == []
 
 
 async def test_oversized_event_is_refused(api_stack: Stack) -> None:
-    """An event body over the limit is 413."""
+    """An event body over the limit is 413, and nothing goes out."""
     big = {**EVENT, "data": {"blob": "x" * api_stack.settings.max_body_bytes}}
-    assert (await _publish(api_stack, big))[0] == 413
+    status, answer, _ = await _publish(api_stack, big)
+    assert (status, answer["error"]["code"]) == (413, "payload_too_large")
+    assert published_events(api_stack) == {}
 
 
 async def test_idempotency_keys_past_their_window_are_pruned(api_stack: Stack) -> None:

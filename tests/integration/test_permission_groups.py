@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from services.shared import utcnow
+from services.shared import new_id, utcnow
 from tests.conftest import Stack, audit_count
 
 
@@ -109,6 +109,12 @@ def _fields(answer: dict[str, Any]) -> list[str]:
         ({"name": "x", "permissions": "object:read"}, 422, "validation_failed", "permissions"),
         ({"name": 7, "permissions": ["object:read"]}, 422, "validation_failed", "name"),
         ([{"name": "x", "permissions": ["object:read"]}], 422, "validation_failed", "body"),
+        # Raw bytes: sent as they are, not as JSON.
+        (b"", 422, "validation_failed", "body"),
+        (b"{", 422, "validation_failed", "body"),
+        (b"nul", 422, "validation_failed", "body"),
+        (b'{"name": "x", "permissions": ["object:read"],}', 422, "validation_failed", "body"),
+        (b"\xff\xfe", 422, "validation_failed", "body"),
     ],
 )
 async def test_bad_groups_are_refused(
@@ -117,7 +123,8 @@ async def test_bad_groups_are_refused(
     """Duplicate names, unknown or missing permissions, over-long or wrong-typed values,
     unknown fields: each refused with its code and field, and no group is stored."""
     await _group(api_stack, ["object:read"])
-    got, answer = await api_stack.auth_call("POST", "/v1/permission-groups", json=body)
+    sent = {"data": body} if isinstance(body, bytes) else {"json": body}
+    got, answer = await api_stack.auth_call("POST", "/v1/permission-groups", **sent)
     assert got == status
     assert answer["error"]["code"] == code
     if field is not None:
@@ -160,6 +167,37 @@ async def test_bad_group_updates_are_refused(
     _, shown = await api_stack.auth_call("GET", f"/v1/permission-groups/{group['id']}")
     assert shown == group
     assert await audit_count(api_stack, "permission_group.updated", group["id"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("PATCH", {"name": "renamed"}),
+        ("PATCH", {"permissions": ["webhook:read"]}),
+        ("DELETE", None),
+    ],
+    ids=["rename", "repermission", "delete"],
+)
+async def test_a_missing_group_is_not_found(
+    api_stack: Stack, method: str, body: dict[str, Any] | None
+) -> None:
+    """An id no group of the caller's has: 404 in the one error shape; the caller's
+    groups are as they were and nothing is audited."""
+    group = await _group(api_stack, ["object:read"])
+    missing = new_id("pg")
+    got, answer = await api_stack.auth_call(method, f"/v1/permission-groups/{missing}", json=body)
+    assert got == 404, answer
+    assert answer == {
+        "error": {
+            "code": "not_found",
+            "message": f"permission group {missing} not found",
+            "details": None,
+        }
+    }
+    _, listed = await api_stack.auth_call("GET", "/v1/permission-groups")
+    assert listed["data"] == [group]
+    for action in ("permission_group.updated", "permission_group.deleted"):
+        assert await audit_count(api_stack, action, missing) == 0
 
 
 async def test_a_group_in_use_cannot_be_deleted(api_stack: Stack) -> None:

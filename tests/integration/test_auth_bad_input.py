@@ -1,0 +1,128 @@
+"""The auth service's own routes: bad input on each gets its clear error, and no key or
+group is made, changed or audited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack, audit_count
+
+READ = ["object:read"]
+LISTS = ["/v1/tokens", "/v1/permission-groups"]
+# Bodies no JSON reader takes. An empty body is left out here: where a body is optional
+# it means "every default", and the required-body routes are given it separately.
+NOT_JSON = [b"{", b"nul", b'{"name": "x",}', b"\xff\xfe"]
+
+
+async def _key(stack: Stack) -> dict[str, Any]:
+    """A key as every view shows it (its secret, shown once, set aside)."""
+    status, created = await stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "kept", "permissions": READ}
+    )
+    assert status == 201, created
+    created.pop("token")
+    return dict(created)
+
+
+async def _listed(stack: Stack, path: str) -> list[dict[str, Any]]:
+    status, listed = await stack.auth_call("GET", path)
+    assert status == 200, listed
+    return list(listed["data"])
+
+
+@pytest.mark.parametrize("path", LISTS)
+@pytest.mark.parametrize(
+    ("query", "parameter", "reason"),
+    [
+        # A filter the list does not have: answering every row would read as applied.
+        ("active=false", "active", "Extra inputs are not permitted"),
+        ("limit=1", "limit", "Extra inputs are not permitted"),
+        ("name=a&name=b", "name", "given more than once"),
+    ],
+    ids=["unknown_filter", "unknown_paging", "repeated"],
+)
+async def test_auth_lists_refuse_query_parameters_they_do_not_take(
+    api_stack: Stack, path: str, query: str, parameter: str, reason: str
+) -> None:
+    """As the api's lists do: 422 naming the parameter, not the whole list."""
+    status, answer = await api_stack.auth_call("GET", f"{path}?{query}")
+    assert status == 422, answer
+    assert answer["error"]["code"] == "validation_failed"
+    assert answer["error"]["message"] == f"invalid query parameters: {parameter}"
+    assert answer["error"]["details"] == [{"field": parameter, "reason": reason}]
+
+
+@pytest.mark.parametrize("path", LISTS)
+async def test_an_auth_list_checks_the_key_before_its_query(api_stack: Stack, path: str) -> None:
+    """A bad query hides no missing key: the 401 comes first, as on the api."""
+    async with api_stack.session.get(f"{api_stack.auth_url}{path}?a=1&a=2") as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "missing_token"
+
+
+@pytest.mark.parametrize("with_header", [False, True], ids=["query_only", "header_too"])
+async def test_a_query_string_key_is_refused_by_auth(api_stack: Stack, with_header: bool) -> None:
+    """?auth-key= is refused on the auth service's routes too (HOOKWIRE_ALLOW_QUERY_KEYS
+    is off), even beside a good header: the key is in a URL that gets logged either way.
+    No key is made."""
+    before = await _listed(api_stack, "/v1/tokens")
+    headers = api_stack.headers() if with_header else {}
+    url = f"{api_stack.auth_url}/v1/tokens?auth-key={api_stack.token}"
+    async with api_stack.session.post(
+        url, headers=headers, json={"name": "via-query", "permissions": READ}
+    ) as response:
+        assert response.status == 400
+        answer = await response.json()
+    assert answer["error"]["code"] == "query_key_refused"
+    assert api_stack.token not in str(answer)
+    async with api_stack.session.get(url, headers=headers) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "query_key_refused"
+    assert await _listed(api_stack, "/v1/tokens") == before
+
+
+@pytest.mark.parametrize("raw", [b"", b"  \n", *NOT_JSON])
+async def test_a_key_edit_that_is_not_json_changes_nothing(api_stack: Stack, raw: bytes) -> None:
+    created = await _key(api_stack)
+    path = f"/v1/tokens/{created['id']}"
+    status, answer = await api_stack.auth_call("PATCH", path, data=raw)
+    assert status == 422, answer
+    assert [problem["field"] for problem in answer["error"]["details"]] == ["body"]
+    assert "JSON" in answer["error"]["message"]
+    assert (await api_stack.auth_call("GET", path))[1] == created
+    for action in ("token.updated", "token.deactivated", "token.reactivated"):
+        assert await audit_count(api_stack, action, created["id"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("sent", "field"),
+    [
+        # The body is optional (left out: rotate now); a broken one is no "left out".
+        *[({"data": raw}, "body") for raw in NOT_JSON],
+        ({"json": {"grace": 60}}, "grace"),
+        ({"json": {"grace_seconds": 0, "expires_at": None}}, "expires_at"),
+        ({"json": [{"grace_seconds": 0}]}, "body"),
+    ],
+    ids=["open_brace", "nul", "trailing_comma", "not_utf8", "grace", "extra_field", "array"],
+)
+async def test_a_bad_rotation_keeps_the_secret(
+    api_stack: Stack, sent: dict[str, Any], field: str
+) -> None:
+    """Refused (422 naming the field), not read as "no body, rotate now": the secret
+    still works, none is handed out and nothing is audited."""
+    status, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "rotated", "permissions": READ}
+    )
+    assert status == 201
+    secret = created.pop("token")
+    path = f"/v1/tokens/{created['id']}"
+    status, answer = await api_stack.auth_call("POST", f"{path}/rotate", **sent)
+    assert status == 422, answer
+    assert answer["error"]["code"] == "validation_failed"
+    assert [problem["field"] for problem in answer["error"]["details"]] == [field]
+    assert "token" not in answer
+    assert (await api_stack.introspect(secret))["active"] is True
+    assert (await api_stack.auth_call("GET", path))[1] == created
+    assert await audit_count(api_stack, "token.rotated", created["id"]) == 0
