@@ -265,7 +265,8 @@ def test_sigterm_while_starting_stops_the_service(migrated: Path, service: str) 
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=20)
         stderr = logged + rest
-        assert time.monotonic() - signalled < 5, "stopped promptly"
+        # Against the minute a start waits for a silent broker; interpreter exit included.
+        assert time.monotonic() - signalled < 10, "stopped promptly"
         assert process.returncode == 0, stderr
         assert "stopped_while_starting" in stderr
         assert "Traceback" not in stderr
@@ -361,7 +362,7 @@ def test_a_second_stop_signal_ends_the_process_at_once(
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=20)
         if apart:
-            assert time.monotonic() - signalled < 3
+            assert time.monotonic() - signalled < 10, "forced, not the 30 s stop delay"
             assert process.returncode == 128 + signal.SIGTERM, stderr
             assert "stop_forced" in stderr
         else:

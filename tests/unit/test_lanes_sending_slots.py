@@ -138,9 +138,9 @@ async def test_a_webhooks_rate_holds_when_sending_slots_free_up_together() -> No
         release.set()
         await _until(lambda: len(sent_at) == 4)
         gaps = [later - earlier for earlier, later in itertools.pairwise(sent_at)]
-        # 0.2 s apart by their slots; one woken late (up to 0.15 s on a loaded machine)
+        # 0.2 s apart by their slots; one woken late (up to 0.18 s on a loaded machine)
         # leaves the next a little less, not the microseconds of a bunch.
-        assert min(gaps) >= 0.05, gaps
+        assert min(gaps) >= 0.02, gaps
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
