@@ -877,10 +877,11 @@ async def test_a_force_delete_during_a_write_of_the_log_leaves_none_of_it(
     async with running_stack(settings, with_dispatcher=False) as stack:
         webhook = await _unreachable_webhook(stack)
         attempt = _attempt(stack, "msg_racing", 1, webhook["id"])
-        release = asyncio.Event()
+        release, read = asyncio.Event(), asyncio.Event()
         real_store = delivery_log._store
 
         async def store_when_released(conn: Any, attempts: Any) -> None:
+            read.set()
             await release.wait()
             await real_store(conn, attempts)
 
@@ -897,7 +898,8 @@ async def test_a_force_delete_during_a_write_of_the_log_leaves_none_of_it(
                     continue
 
         writing = asyncio.create_task(writer())
-        await asyncio.sleep(0.3)  # the writer has read the webhook and waits to write
+        # The writer has read that the webhook exists and waits to write.
+        await asyncio.wait_for(read.wait(), 30)
         deleting = asyncio.create_task(
             _call(stack, "DELETE", f"/webhooks/{webhook['id']}?force=true")
         )

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
+from services.auth import cache as cache_module
 from services.auth.cache import MISSING, TokenCache
 from services.auth.introspection import TokenState
 from services.shared import Change
@@ -45,6 +48,21 @@ def test_unknown_and_known_entries_are_cached_and_expire() -> None:
     off = TokenCache(0)
     off.put_token("real", STATE, off.generation)
     assert off.token("real") is MISSING
+
+
+def test_entries_expire_after_their_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answered from the cache until the TTL has passed, looked up again after."""
+    now = [1000.0]
+    monkeypatch.setattr(cache_module.time, "monotonic", lambda: now[0])
+    cache = TokenCache(60)
+    cache.put_token("real", STATE, cache.generation)
+    cache.put_token("nope", None, cache.generation)
+    now[0] += 59.9
+    assert cache.token("real") == STATE
+    assert cache.token("nope") is None
+    now[0] += 0.2
+    assert cache.token("real") is MISSING
+    assert cache.token("nope") is MISSING
 
 
 def test_a_read_overtaken_by_a_change_is_not_kept() -> None:
