@@ -198,3 +198,56 @@ async def test_bad_attempt_records_are_set_aside_and_the_log_goes_on(settings: S
         assert (delivery.webhook_id, delivery.state) == (other["id"], "retrying")
         assert [row.attempt for row in attempts] == [1]
         assert (await _webhook(stack, mine["id"])).active is True
+
+
+async def test_an_empty_attempt_record_and_one_of_another_schema_are_dead_lettered(
+    settings: Settings,
+) -> None:
+    """On the attempts topic, a record with no value and an attempt of a schema version
+    this api does not know: each dead-lettered with the reason and counted as invalid,
+    neither stored; the attempt written after them is stored."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = await stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+        topics = topics_for(stack.settings)
+        other_schema = _attempt(stack.team_id, "msg_schema_99", webhook["id"], final=False)
+        good = _attempt(stack.team_id, "msg_after_them", webhook["id"], final=False)
+        producer = make_producer(stack.settings)
+        await producer.start()
+        try:
+            for value in (
+                None,
+                orjson.dumps({**orjson.loads(other_schema.to_bytes()), "schema": 99}),
+                good.to_bytes(),
+            ):
+                await producer.send_and_wait(topics.attempts, value=value, key=b"k")
+            await _stored(stack, "msg_after_them")
+        finally:
+            await producer.stop()
+        letters = await dead_letters(stack.settings, 2)
+        assert [letter["source_topic"] for letter in letters] == [topics.attempts] * 2
+        assert [letter["reason"] for letter in letters] == [
+            "record has no value",
+            "schema: Input should be 1",
+        ]
+        assert letters[0]["payload"] == ""
+        assert orjson.loads(letters[1]["payload"])["delivery_id"] == "msg_schema_99"
+        registry = stack.api.metrics.registry
+        assert (
+            registry.get_sample_value(
+                "hookwire_api_dead_letters_total", {"reason": "invalid_record"}
+            )
+            == 2
+        )
+        assert (
+            registry.get_sample_value(
+                "hookwire_api_attempts_consumed_total", {"outcome": "invalid"}
+            )
+            == 2
+        )
+        async with stack.api.engine.connect() as conn:
+            stored = (
+                await conn.execute(
+                    select(tables.deliveries.c.id).where(tables.deliveries.c.id == "msg_schema_99")
+                )
+            ).all()
+        assert stored == []

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
 
@@ -32,7 +33,13 @@ from services.shared import (
     utcnow,
 )
 from services.shared._changes import follow_changes, one_at_a_time
-from tests.conftest import drop_topics, metadata_as_kafka_answers
+from tests.conftest import (
+    Receiver,
+    Stack,
+    drop_topics,
+    metadata_as_kafka_answers,
+    records_in,
+)
 
 
 @pytest.fixture
@@ -398,3 +405,58 @@ async def test_a_change_written_after_the_start_is_handled_whatever_its_clock(
     finally:
         await follower.stop()
         await stop_client(producer)
+
+
+async def test_a_change_of_another_schema_is_skipped_by_every_service_and_the_next_applied(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """A change record of a schema version no process knows, on the changes topic every
+    auth, api and dispatcher process reads: each logs it (``change_record_invalid``, with
+    its offset and the reason), counts it and skips it, nothing dead-lettered; the change
+    written after it (a new webhook) is still applied, and the event for it delivered."""
+    topic = Topics(stack.settings.topic_prefix).changes
+    change = Change(entity="webhook", entity_id="wh_schema_99", action="updated", at=utcnow())
+    services: dict[str, Any] = {
+        "auth": stack.auth,
+        "api": stack.api,
+        "dispatcher": stack.dispatcher,
+    }
+    producer = make_producer(stack.settings)
+    await start_client(producer, stack.settings)
+    with structlog.testing.capture_logs() as logs:
+        try:
+            sent = await producer.send_and_wait(
+                topic,
+                value=orjson.dumps({**orjson.loads(change.to_bytes()), "schema": 99}),
+                key=change.entity_id.encode(),
+            )
+        finally:
+            await stop_client(producer)
+        deadline = asyncio.get_running_loop().time() + 10
+        counted: dict[str, float | None] = {}
+        while True:
+            counted = {
+                name: service.metrics.registry.get_sample_value(
+                    f"hookwire_{name}_change_records_invalid_total"
+                )
+                for name, service in services.items()
+            }
+            if all(count == 1 for count in counted.values()):
+                break
+            assert asyncio.get_running_loop().time() < deadline, counted
+            await asyncio.sleep(0.05)
+    skipped = [entry for entry in logs if entry["event"] == "change_record_invalid"]
+    assert len(skipped) == len(services)
+    assert {entry["offset"] for entry in skipped} == {sent.offset}
+    assert {entry["reason"] for entry in skipped} == {"schema: Input should be 1"}
+    assert {entry["log_level"] for entry in skipped} == {"warning"}
+
+    webhook = await stack.create_webhook(receiver.url, ["object.created"])
+    assert stack.dispatcher.table.get(webhook["id"]) is not None
+    for service in services.values():
+        assert service._follower.running
+    await stack.create_object()
+    [delivery] = await receiver.wait_for(1)
+    assert delivery.headers["webhook-id"].startswith("msg_")
+    dead_letter = Topics(stack.settings.topic_prefix).dead_letter
+    assert await records_in(stack.settings, dead_letter) == 0

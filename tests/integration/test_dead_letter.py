@@ -83,6 +83,40 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
     assert value == 7
 
 
+async def test_an_empty_event_record_and_an_unknown_field_are_dead_lettered(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """On the events topic, a record with no value at all and an event with a field the
+    contract does not know (decoding is strict): each dead-lettered with the reason, and
+    the valid event written after them is still delivered."""
+    await stack.create_webhook(receiver.url, ["object.created"])
+    topics = stack.dispatcher.topics
+    event = {**GOOD, "team_id": stack.team_id}
+    await _send(
+        stack,
+        topics.events,
+        b"same-partition",
+        [
+            None,
+            orjson.dumps({**event, "id": "evt_with_colour", "colour": "red"}),
+            orjson.dumps({**event, "id": "evt_after_them"}),
+        ],
+    )
+    [delivery] = await receiver.wait_for(1)
+    assert orjson.loads(delivery.body)["id"] == "evt_after_them"
+    letters = await dead_letters(stack.settings, 2)
+    assert [letter["source_topic"] for letter in letters] == [topics.events] * 2
+    assert [letter["reason"] for letter in letters] == [
+        "record has no value",
+        "colour: Extra inputs are not permitted",
+    ]
+    assert letters[0]["payload"] == ""
+    assert orjson.loads(letters[1]["payload"])["id"] == "evt_with_colour"
+    assert _invalid_records(stack) == 2
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == 1
+
+
 async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(
     stack: Stack, receiver: Receiver
 ) -> None:
@@ -237,3 +271,43 @@ async def test_a_retry_with_no_offset_or_due_in_centuries_is_dead_lettered_at_on
     while stack.dispatcher._timer is not None and stack.dispatcher._timer.pending:
         assert asyncio.get_running_loop().time() < deadline, "records left waiting"
         await asyncio.sleep(0.05)
+
+
+async def test_deliveries_of_another_schema_an_unknown_field_or_attempt_0_are_dead_lettered(
+    stack: Stack, receiver: Receiver
+) -> None:
+    """On the deliveries topic, records outside the contract: a schema version this
+    dispatcher does not know, a field it does not know, and attempt 0 (attempts count
+    from 1). None is sent: each is dead-lettered with the reason naming the field, and
+    the delivery written after them is sent."""
+    webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
+    topics = stack.dispatcher.topics
+    team_id = stack.team_id
+    await _send(
+        stack,
+        topics.deliveries,
+        webhook_id.encode(),
+        [
+            _delivery(webhook_id, team_id, "msg_schema_99", schema=99),
+            _delivery(webhook_id, team_id, "msg_with_colour", colour="red"),
+            _delivery(webhook_id, team_id, "msg_attempt_0", attempt=0),
+            _delivery(webhook_id, team_id, "msg_after_them"),
+        ],
+    )
+    [delivered] = await receiver.wait_for(1)
+    assert delivered.headers["webhook-id"] == "msg_after_them"
+    letters = await dead_letters(stack.settings, 3)
+    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 3
+    assert [orjson.loads(letter["payload"])["id"] for letter in letters] == [
+        "msg_schema_99",
+        "msg_with_colour",
+        "msg_attempt_0",
+    ]
+    assert [letter["reason"] for letter in letters] == [
+        "schema: Input should be 1",
+        "colour: Extra inputs are not permitted",
+        "attempt: Input should be greater than or equal to 1",
+    ]
+    assert _invalid_records(stack) == 3
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == 1
