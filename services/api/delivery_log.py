@@ -53,6 +53,7 @@ _ATTEMPT_UPDATES = (
     "next_retry_at",
     "request_headers",
     "response_body",
+    "kind",
 )
 
 
@@ -89,6 +90,7 @@ def _attempt_row(attempt: Attempt) -> dict[str, Any]:
         "next_retry_at": attempt.next_retry_at,
         "request_headers": attempt.request_headers,
         "response_body": _storable(attempt.response_body),
+        "kind": attempt.kind,
     }
 
 
@@ -446,6 +448,7 @@ def attempt_view(row: Any, *, detailed: bool) -> dict[str, Any]:
         "error_class": row.error_class,
         "final": row.final,
         "next_retry_at": as_utc(row.next_retry_at),
+        "kind": row.kind,
     }
     if detailed:
         view["request_headers"] = row.request_headers

@@ -259,4 +259,6 @@ delivery_attempts = Table(
     Column("next_retry_at", UtcDateTime()),
     Column("request_headers", JSON, nullable=False),
     Column("response_body", Text),
+    # event, manual or test; none for attempts recorded before it was kept (migration 0017).
+    Column("kind", String(16)),
 )

@@ -228,6 +228,7 @@ async def test_a_retry_due_after_a_manual_re_send_delivered_is_not_sent(
         shown = await _logged(stack, delivery_id, lambda d: len(d["attempts"]) == 3, within=20.0)
         by_time = sorted(shown["attempts"], key=lambda attempt: attempt["attempted_at"])
         assert [attempt["outcome"] for attempt in by_time] == ["failed", "delivered", "skipped"]
+        assert [attempt["kind"] for attempt in by_time] == ["event", "manual", "event"]
         assert by_time[2]["error"] == "delivered by a manual re-send"
         assert by_time[2]["final"] is True
         assert shown["state"] == "delivered"
