@@ -43,6 +43,8 @@ _DELIVERY_UPDATES = (
     "next_retry_at",
     "updated_at",
 )
+# What a failed re-send leaves as it was on a delivery whose automatic retry is to come.
+_RETRY_KEEPS = frozenset({"state", "kind", "next_retry_at"})
 _ATTEMPT_UPDATES = (
     "outcome",
     "status_code",
@@ -181,8 +183,9 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
     already made: one still goes out when a manual re-send delivered before a scheduled
     retry came due, or when a second dispatcher sends again after a rebalance, and a
     receiver de-duplicating on ``webhook-id`` may refuse it (409); the event was delivered
-    all the same. A re-send or a test (asked for through the api) records its own outcome.
-    The attempt is listed either way."""
+    all the same. A re-send or a test (asked for through the api) records its own outcome,
+    but for one that failed while an automatic retry is to come: the delivery is still
+    retrying. The attempt is listed either way."""
     stored = _deliveries.c
 
     def columns(proposed: Any) -> dict[str, Any]:
@@ -191,8 +194,19 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
         held = and_(
             stored.state == "delivered", proposed.kind == "event", proposed.state != "delivered"
         )
+        # A re-send or test that failed while the dispatcher's retry is still to come: the
+        # delivery is still retrying, and says when (its last status and error are the
+        # re-send's). Shown failed, with no retry time, it would be re-sent again by hand
+        # and then delivered by the retry as well.
+        still_retrying = and_(
+            stored.state == "retrying", proposed.kind != "event", proposed.state != "delivered"
+        )
         kept = {
-            column: case((held, stored[column]), else_=proposed[column])
+            column: case(
+                (held, stored[column]),
+                *([(still_retrying, stored[column])] if column in _RETRY_KEEPS else []),
+                else_=proposed[column],
+            )
             for column in _DELIVERY_UPDATES
             if column != "updated_at"
         }

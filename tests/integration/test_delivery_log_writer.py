@@ -155,6 +155,34 @@ async def test_a_scheduled_retry_failing_after_a_manual_re_send_delivered_leaves
         )
 
 
+async def test_a_re_send_failing_while_a_retry_is_scheduled_leaves_the_delivery_retrying(
+    settings: Settings,
+) -> None:
+    """Attempt 1 fails and its retry is scheduled; a re-send asked for meanwhile fails
+    too. The delivery is still retrying, with the retry's time: shown failed with none, it
+    would invite another re-send while the retry is still to come. The re-send's status
+    is the last one; the retry's outcome then counts."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        first = _try(stack, webhook, 1, start, "failed", status=500)
+        resent = _try(
+            stack, webhook, 2, start + timedelta(minutes=1), "failed", "manual", status=503
+        )
+        shown = await _one_by_one(stack, [first, resent])
+        assert [d["state"] for d in shown] == ["retrying", "retrying"]
+        waiting = shown[-1]
+        assert first.next_retry_at is not None
+        assert datetime.fromisoformat(waiting["next_retry_at"]) == first.next_retry_at
+        assert (waiting["kind"], waiting["last_status_code"]) == ("event", 503)
+        status, listed = await _call(stack, "GET", "/deliveries?state=retrying")
+        assert (status, [d["id"] for d in listed["data"]]) == (200, ["msg_twice"])
+        [done] = await _one_by_one(
+            stack, [_try(stack, webhook, 2, start + timedelta(minutes=5), "delivered")], already=2
+        )
+        assert (done["state"], done["kind"], done["next_retry_at"]) == ("delivered", "event", None)
+
+
 async def test_in_one_batch_too_an_automatic_failure_after_a_success_leaves_it_delivered(
     settings: Settings,
 ) -> None:
