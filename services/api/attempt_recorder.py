@@ -187,7 +187,6 @@ class AttemptRecorder:
             [letter.record for letter in fresh],
             failed,
             [],
-            reasons=[letter.reason for letter in fresh],
         )
         for index, letter in enumerate(fresh):
             if index in failed:

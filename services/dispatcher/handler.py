@@ -20,7 +20,6 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.shared import (
-    NOT_BEFORE_AHEAD_MAX,
     Attempt,
     BatchingSender,
     DeadLetter,
@@ -59,9 +58,15 @@ _UNCONFIRMED_WAIT_SECONDS = 5.0
 _PROBE_MARGIN_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
 # Deliveries a manual re-send delivered, kept so that their retries still to come are not
-# sent again; re-sends are few (a budget per team an hour), and one forgotten is sent
+# sent again: a replay of a webhook's failed deliveries re-sends up to 10,000 at once, and
+# a team may re-send 20,000 an hour. About 10 MB at the bound; one forgotten is sent
 # twice, which at-least-once delivery allows.
-_RESENDS_REMEMBERED = 10_000
+_RESENDS_REMEMBERED = 100_000
+# A delivery reaches the handler only once due (the retry timer forwards it then), and
+# clocks apart are not a day apart: one due later was written by hand, or forwarded at once
+# by the timer as due further ahead than any wait (NOT_BEFORE_AHEAD_MAX). Sent now, it would
+# skip the wait it asks for.
+_DUE_AHEAD_MAX = timedelta(days=1)
 # Woken put-offs come back through the retry timer and ``deliveries``; a new event routed
 # meanwhile still waits behind them.
 _WOKEN_RETURN = timedelta(seconds=10)
@@ -369,26 +374,27 @@ class DeliveryHandler:
             delivery = decode(Delivery, record.value)
         except InvalidRecord as exc:
             return [invalid_record(self._metrics, self._topics, record, exc.message)]
-        if (
-            delivery.not_before is not None
-            and delivery.not_before > utcnow() + NOT_BEFORE_AHEAD_MAX
-        ):
-            # Written by hand (the retry timer forwards it at once rather than hold it
-            # for years): sent now, it would skip the wait it asks for.
-            reason = f"not_before {delivery.not_before.isoformat()} is further ahead than any wait"
+        if delivery.not_before is not None and delivery.not_before > utcnow() + _DUE_AHEAD_MAX:
+            reason = (
+                f"not_before {delivery.not_before.isoformat()} is more than a day ahead:"
+                " a delivery is read here once due"
+            )
             return [invalid_record(self._metrics, self._topics, record, reason)]
-        if delivery.kind == "event" and delivery.id in self._resent_delivered:
-            # A retry (or a put-off first attempt) of an event a re-send delivered since.
+        if self._resent(delivery):
             return [self._skipped(delivery, "delivered by a manual re-send", "resent")]
+        known = self._table.get(delivery.webhook_id)
+        if known is not None and known.team_id != delivery.event.team_id:
+            # Before the rate wait: a record that will not be sent takes no slot.
+            return [self._another_teams(delivery, record)]
         try:
             route = await self._route_when_due(delivery, record, pace)
         except WebhookUnconfirmed:
             return [self._waiting(delivery, _UNCONFIRMED_WAIT_SECONDS)]
         if route is not None and route.team_id != delivery.event.team_id:
-            # Written by hand: the router only pairs an event with its own team's webhooks.
-            # Sent, one team's event would reach another team's endpoint.
-            reason = f"the event is team {delivery.event.team_id}'s, its webhook another team's"
-            return [invalid_record(self._metrics, self._topics, record, reason)]
+            return [self._another_teams(delivery, record)]
+        if self._resent(delivery):
+            # Delivered by a re-send while this one waited for its rate slot or a lookup.
+            return [self._skipped(delivery, "delivered by a manual re-send", "resent")]
         if route is None or not route.active:
             return [self._skipped(delivery, "webhook is inactive or deleted", "inactive")]
         about = _about(delivery)
@@ -428,6 +434,16 @@ class DeliveryHandler:
             **about, outcome="skipped", error=why, error_class=error_class, final=True
         )
         return self._attempt_record(skipped)
+
+    def _resent(self, delivery: Delivery) -> bool:
+        """A retry (or a put-off first attempt) of an event a re-send delivered since."""
+        return delivery.kind == "event" and delivery.id in self._resent_delivered
+
+    def _another_teams(self, delivery: Delivery, record: ConsumerRecord) -> OutRecord:
+        # Written by hand: the router pairs an event only with its own team's webhooks.
+        # Sent, one team's event would reach another team's endpoint.
+        reason = f"the event is team {delivery.event.team_id}'s, its webhook another team's"
+        return invalid_record(self._metrics, self._topics, record, reason)
 
     def _note_resent(self, delivery_id: str) -> None:
         self._resent_delivered.pop(delivery_id, None)

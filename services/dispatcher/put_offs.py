@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.shared import (
+    NOT_BEFORE_AHEAD_MAX,
     DependencyUnavailable,
     Settings,
     get_logger,
@@ -31,6 +32,7 @@ from services.shared import (
     partitions_of,
     start_client,
     stop_client,
+    utcnow,
 )
 
 from .retry_timer import EPOCH, Waiting
@@ -70,11 +72,14 @@ def note_forwarded(
 def _put_offs_among(
     records: Iterable[ConsumerRecord], partitions: Collection[int], of: int
 ) -> Iterator[tuple[str, Waiting]]:
+    latest_us = (utcnow() + NOT_BEFORE_AHEAD_MAX - EPOCH) // timedelta(microseconds=1)
     for record in records:
         if b'"not_before"' not in (record.value or b""):
             continue  # a new delivery, without parsing it: most of a backlog
         entry = Waiting.of(record)
-        if not entry.first_attempt or entry.key is None or entry.due_us == 0:
+        if not entry.first_attempt or entry.key is None or not 0 < entry.due_us <= latest_us:
+            # Due further ahead than any wait: written by hand, and dead-lettered when
+            # forwarded. A hold until then would put off every new event of the webhook.
             continue
         if partition_of(entry.key, of) not in partitions:
             continue

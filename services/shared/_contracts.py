@@ -287,7 +287,7 @@ class Attempt(Record):
     latency_ms: float | None = None
     error: str | None = None
     # A stable word for dashboards and filters: timeout, connection, http_status, refused,
-    # inactive, invalid_header, unsigned.
+    # inactive, invalid_header, unsigned, resent.
     error_class: str | None = Field(default=None, max_length=32)
     # No further automatic attempt follows this one.
     final: bool

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple
 
+import orjson
 import structlog
 from aiokafka import (
     AIOKafkaConsumer,
@@ -947,8 +948,6 @@ async def set_aside_too_large(
     failed: dict[int, BaseException],
     set_aside: list[SetAside],
     replaced: set[int] | None = None,
-    *,
-    reasons: Sequence[str] | None = None,
 ) -> dict[int, BaseException]:
     """Of the records of ``out`` (``sources[i]`` is the record ``out[i]`` came from) a
     packed send failed on (by index), send those refused for their size alone, then,
@@ -957,7 +956,7 @@ async def set_aside_too_large(
     payload. Returns the failures left.
 
     A record of ``out`` that is a dead letter already is not noted again; its copy without
-    the payload keeps its reason when ``reasons`` gives it (``reasons[i]`` for ``out[i]``).
+    the payload keeps its reason.
 
     A source whose records are refused together gets one dead letter naming them all: a
     delivery's attempt and retry, an event's deliveries to several webhooks, are one record
@@ -984,7 +983,6 @@ async def set_aside_too_large(
             topics,
             [(out[index], refused_alone[index]) for index in indices],
             sources[indices[0]],
-            None if reasons is None else reasons[indices[0]],
         )
         for indices in by_source.values()
     }
@@ -1014,12 +1012,10 @@ def _stand_ins(
     topics: Topics,
     refused: list[tuple[OutRecord, BaseException]],
     source: ConsumerRecord,
-    reason: str | None,
 ) -> list[tuple[OutRecord, str | None]]:
     """What to send in turn for a source whose ``refused`` records the broker will not
     take even alone, each with the reason the source is noted as set aside (None: not a
-    new dead letter). ``reason``: the first refused record's, when it is a dead letter
-    whose caller knows why."""
+    new dead letter)."""
     # A dead letter already is counted as one; its stand-in without the payload is not a
     # second.
     noted: str | None = None
@@ -1042,14 +1038,20 @@ def _stand_ins(
         )
         stand_ins.append((dead_letter_record(topics, source, noted), noted))
         bare_reason = f"{noted} (payload left out)"
-    elif reason is not None:
+    else:
         # Why the record is a dead letter at all is what its reader needs most: an
         # operator looking at a bare letter has nothing else to go on.
+        reason = _reason_of(refused[0][0][2])
         bare_reason = f"{reason} (payload left out: the broker refused it: {error})"
-    else:
-        bare_reason = "its dead letter is refused by the broker (payload left out)"
     stand_ins.append((dead_letter_record(topics, source, bare_reason, with_payload=False), noted))
     return stand_ins
+
+
+def _reason_of(dead_letter: bytes | None) -> str:
+    try:
+        return str(orjson.loads(dead_letter or b"")["reason"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "its dead letter is refused by the broker"
 
 
 def _for_key(key: bytes | None) -> str:

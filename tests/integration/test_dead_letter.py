@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -247,25 +248,30 @@ async def test_a_retry_with_no_offset_or_due_in_centuries_is_dead_lettered_at_on
     """Written by hand to a retry topic: a ``not_before`` without a UTC offset (no time
     it can be compared with) and one further ahead than any wait the dispatcher makes.
     Neither waits in the timer (the second would hold its room for ever): both are
-    forwarded at once and dead-lettered with the reason, and the due retry after them
-    arrives."""
+    forwarded at once and dead-lettered with the reason. Written straight to the
+    deliveries topic, one due in two days is dead-lettered too (a delivery is read there
+    once due: sent, it would skip its wait). The due retry after them arrives."""
     webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
     topics = stack.dispatcher.topics
     retry = {"webhook_id": webhook_id, "team_id": stack.team_id, "attempt": 2}
     naive = _delivery(**retry, delivery_id="msg_naive", not_before="2026-01-01T00:00:00")
     far = _delivery(**retry, delivery_id="msg_far", not_before="2226-01-01T00:00:00Z")
+    in_two_days = (utcnow() + timedelta(days=2)).isoformat()
+    early = _delivery(**retry, delivery_id="msg_early", not_before=in_two_days)
     due = _delivery(**retry, delivery_id="msg_due", not_before=utcnow().isoformat())
+    await _send(stack, topics.deliveries, webhook_id.encode(), [early])
     await _send(stack, topics.retry(1), webhook_id.encode(), [naive, far, due])
     [delivered] = await receiver.wait_for(1)
     assert delivered.headers["webhook-id"] == "msg_due"
-    letters = await dead_letters(stack.settings, 2)
-    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 2
+    letters = await dead_letters(stack.settings, 3)
+    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 3
     by_id = {orjson.loads(letter["payload"])["id"]: letter["reason"] for letter in letters}
     assert "not_before" in by_id["msg_naive"]
-    assert by_id["msg_far"] == (
-        "not_before 2226-01-01T00:00:00+00:00 is further ahead than any wait"
-    )
-    assert _invalid_records(stack) == 2
+    for delivery_id, when in (("msg_far", "2226-01-01T00:00:00+00:00"), ("msg_early", in_two_days)):
+        assert by_id[delivery_id] == (
+            f"not_before {when} is more than a day ahead: a delivery is read here once due"
+        )
+    assert _invalid_records(stack) == 3
     assert len(receiver.received) == 1
     deadline = asyncio.get_running_loop().time() + 5
     while stack.dispatcher._timer is not None and stack.dispatcher._timer.pending:
