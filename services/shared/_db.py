@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,8 +71,16 @@ def _alembic_config(url: str) -> Config:
     return config
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    # Read once: the migrations a process expects are those of the code it runs. Files
+    # replaced under it by the next release (an upgrade in place) must not make a running
+    # process unready; and /readyz, asked every few seconds, reads no directory.
+    return ScriptDirectory.from_config(_alembic_config(""))
+
+
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None
     return head
 
@@ -111,7 +120,7 @@ async def migrate(url: str) -> str:
 
 def _known(revision: str) -> bool:
     try:
-        ScriptDirectory.from_config(_alembic_config("")).get_revision(revision)
+        _scripts().get_revision(revision)
     except CommandError:
         return False
     return True
