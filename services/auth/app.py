@@ -39,6 +39,7 @@ from services.shared import (
     stop_client,
     stop_site,
     topics_for,
+    unknown_permissions,
     utcnow,
 )
 
@@ -46,7 +47,7 @@ from . import store
 from .audit_routes import AuditRoutes
 from .cache import MISSING, TokenCache
 from .callers import Callers, KeyUsage
-from .errors import InvalidServiceCredential, MalformedToken
+from .errors import InvalidServiceCredential, MalformedToken, UnknownPermission
 from .exchange import ExchangeRoutes
 from .group_routes import GroupRoutes
 from .introspection import TokenState, decide, idle_too_long, inactive
@@ -191,6 +192,13 @@ class AuthService:
     async def introspect(self, request: web.Request) -> web.Response:
         self._check_service_credential(request)
         body = await parse_body(request, IntrospectRequest)
+        if body.permission is not None and unknown_permissions([body.permission]):
+            # No key holds a permission the catalog lacks: "permission_denied" would hide
+            # a caller's typo behind an answer that looks like the key's fault.
+            raise UnknownPermission(
+                f"unknown permission: {body.permission}",
+                details=[{"field": "permission", "reason": f"unknown: {body.permission}"}],
+            )
         started = time.perf_counter()
         try:
             check_format(body.token)

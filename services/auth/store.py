@@ -21,7 +21,13 @@ from services.shared import (
     utcnow,
 )
 
-from .errors import ConcurrentChange, DuplicateName, UnknownEntity, UnknownPermission
+from .errors import (
+    ConcurrentChange,
+    DuplicateName,
+    TokenEnded,
+    UnknownEntity,
+    UnknownPermission,
+)
 from .introspection import TokenState
 from .tokens import display_prefix, generate_token, hash_token
 
@@ -304,19 +310,31 @@ async def update_token(
 
 
 async def rotate_token(
-    conn: AsyncConnection, *, pepper: str, row: Any, previous_valid_until: datetime
+    conn: AsyncConnection,
+    *,
+    pepper: str,
+    row: Any,
+    previous_valid_until: datetime,
+    now: datetime,
 ) -> str:
     """Give the token a new secret; the old one keeps working until ``previous_valid_until``.
 
     The old hash is kept even when its grace is already over, so that a caller still using
-    it is told "rotated" rather than "unknown"."""
+    it is told "rotated" rather than "unknown". Only while the token is neither revoked nor
+    expired at ``now``, checked in the statement: a revocation or expiry committed since
+    ``row`` was read does not get a secret handed out that is dead on arrival."""
     plaintext = generate_token()
     rotated = await conn.execute(
         update(_tokens)
         # Only from the secret this rotation read: of two at once, the second would
         # otherwise keep the first's old secret as "previous" and lose the one the first
         # handed out.
-        .where(_tokens.c.id == row.id, _tokens.c.secret_hash == row.secret_hash)
+        .where(
+            _tokens.c.id == row.id,
+            _tokens.c.secret_hash == row.secret_hash,
+            _tokens.c.revoked_at.is_(None),
+            or_(_tokens.c.expires_at.is_(None), _tokens.c.expires_at > now),
+        )
         .values(
             secret_hash=hash_token(plaintext, pepper),
             display_prefix=display_prefix(plaintext),
@@ -325,6 +343,16 @@ async def rotate_token(
         )
     )
     if not rotated.rowcount:
+        if await _exists(
+            conn,
+            _tokens,
+            _tokens.c.id == row.id,
+            _tokens.c.secret_hash == row.secret_hash,
+        ):
+            raise TokenEnded(
+                f"token {row.id} was revoked or expired meanwhile and cannot be given a new "
+                "secret; create a new key instead"
+            )
         raise ConcurrentChange(f"token {row.id} was rotated at the same time; try again")
     return plaintext
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -28,9 +28,9 @@ from services.shared import (
 )
 
 from . import store
-from .callers import Caller, Callers
+from .callers import Caller, Callers, KeyUsage
 from .errors import TokenEnded
-from .introspection import state_of
+from .introspection import idle_too_long, state_of
 from .lists import NoFilters
 from .tokens import lifetime_problem
 
@@ -104,6 +104,31 @@ def _update_action(values: dict[str, Any]) -> str:
     if values.get("active") is True:
         return "token.reactivated"
     return "token.updated"
+
+
+def _why_ended(row: Any, usage: KeyUsage, now: datetime) -> str | None:
+    """Why the key can never be used again (revoked, or expired: its ``expires_at`` has
+    passed, or it went unused past its inactivity timeout), or None while it can. No route
+    moves either back: a secret or a switch-on given to such a key would be dead on
+    arrival."""
+    if row.revoked_at is not None:
+        return "was revoked"
+    # This process's uses not yet written count, as on every other check of idleness.
+    state = usage.latest(store.state_from_row(row))
+    if state.expires_at is not None and state.expires_at <= now:
+        return f"expired at {state.expires_at.isoformat()}"
+    if idle_too_long(state, now):
+        return "expired, unused for longer than its inactivity timeout"
+    return None
+
+
+def _require_not_ended(row: Any, usage: KeyUsage, doing: str) -> None:
+    why = _why_ended(row, usage, utcnow())
+    if why is not None:
+        raise TokenEnded(
+            f"the token cannot be {doing}: it {why}. A revoked or expired key stays ended; "
+            "create a new key instead"
+        )
 
 
 def _require_may_hold(caller: Caller, row: Any, verb: str) -> None:
@@ -231,6 +256,10 @@ class TokenRoutes:
 
         def plan(row: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
             wanted = dict(values)
+            if "active" in wanted:
+                # Checked before the no-op cases below: a whole view sent back to a key
+                # that has ended is told so rather than answered as if it were live.
+                _require_not_ended(row, self.callers.usage, "activated or deactivated")
             if wanted.get("active") is False and not row.active and row.revoked_at is None:
                 # Already off: switched off again it would be audited twice and its
                 # access tokens' refusal would start over.
@@ -250,8 +279,9 @@ class TokenRoutes:
                 wanted["deactivated_at"] = utcnow()
             return _update_action(details), wanted, details
 
-        # A revoked token is revoked for good: (de)activating it would only make its
-        # audit trail claim otherwise.
+        # A revoked or expired token has ended for good: (de)activating it would only make
+        # its audit trail claim otherwise (the plan refuses it; the statement checks again
+        # against a revocation or expiry committed since).
         row = await self._change(
             request,
             caller,
@@ -259,10 +289,14 @@ class TokenRoutes:
             values,
             details=values,
             unrevoked="active" in values,
+            unexpired="active" in values,
             plan=plan,
         )
         if row is None:
-            raise TokenEnded("a revoked token cannot be activated or deactivated")
+            raise TokenEnded(
+                "the token was revoked or expired meanwhile and cannot be activated or "
+                "deactivated; create a new key instead"
+            )
         return json_response(token_view(row))
 
     async def revoke(self, request: web.Request) -> web.Response:
@@ -294,11 +328,14 @@ class TokenRoutes:
         grace_until = utcnow() + timedelta(seconds=body.grace_seconds)
         async with self.engine.begin() as conn:
             row = await store.token_row(conn, caller.user_id, token_id)
-            if row.revoked_at is not None:
-                raise TokenEnded("a revoked token cannot be given a new secret")
+            _require_not_ended(row, self.callers.usage, "given a new secret")
             _require_may_hold(caller, row, "rotate")
             plaintext = await store.rotate_token(
-                conn, pepper=self.pepper, row=row, previous_valid_until=grace_until
+                conn,
+                pepper=self.pepper,
+                row=row,
+                previous_valid_until=grace_until,
+                now=utcnow(),
             )
             await record_audit(
                 conn,

@@ -126,3 +126,73 @@ async def test_a_bad_rotation_keeps_the_secret(
     assert (await api_stack.introspect(secret))["active"] is True
     assert (await api_stack.auth_call("GET", path))[1] == created
     assert await audit_count(api_stack, "token.rotated", created["id"]) == 0
+
+
+# Every kind of auth route a key is presented to: managing keys and groups, exchanging,
+# reading the audit log.
+KEYED_ROUTES = [
+    ("GET", "/v1/tokens"),
+    ("POST", "/v1/tokens"),
+    ("GET", "/v1/permission-groups"),
+    ("POST", "/v1/token-exchange"),
+    ("GET", "/v1/audit-log"),
+]
+
+
+async def _refusal(
+    stack: Stack, method: str, path: str, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    body = {"name": "never", "permissions": READ} if method == "POST" else None
+    async with stack.session.request(
+        method, f"{stack.auth_url}{path}", headers=headers, json=body
+    ) as response:
+        return response.status, await response.json()
+
+
+@pytest.mark.parametrize(("method", "path"), KEYED_ROUTES)
+async def test_an_access_token_on_auth_routes_is_told_to_send_the_key(
+    api_stack: Stack, method: str, path: str
+) -> None:
+    """The access token /v1/token-exchange hands out is for the api: auth's own routes say
+    they take the key, not "does not start with hwk_" as if the key were corrupted."""
+    status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange")
+    assert status == 200, exchanged
+    before = await _listed(api_stack, "/v1/tokens")
+    status, answer = await _refusal(
+        api_stack, method, path, api_stack.headers(exchanged["access_token"])
+    )
+    assert status == 401, answer
+    error = answer["error"]
+    assert (error["code"], error["details"]) == ("invalid_token", {"reason": "malformed"})
+    assert "not an access token" in error["message"], error
+    assert "API key" in error["message"], error
+    assert "does not start with" not in error["message"], error
+    assert "access_token" not in answer
+    assert await _listed(api_stack, "/v1/tokens") == before
+
+
+@pytest.mark.parametrize(("method", "path"), KEYED_ROUTES)
+@pytest.mark.parametrize(
+    "authorization",
+    ["Basic dXNlcjpwYXNz", "Digest username=x", f"Bearerhwk_{'a' * 49}"],
+    ids=["basic", "digest", "no_space"],
+)
+async def test_another_authorization_scheme_gets_the_malformed_reason(
+    api_stack: Stack, method: str, path: str, authorization: str
+) -> None:
+    """Every invalid_token says why (``details.reason``): a scheme auth does not read is a
+    malformed credential, the message saying which forms are taken. No header at all
+    stays ``missing_token``, as documented."""
+    before = await _listed(api_stack, "/v1/tokens")
+    status, answer = await _refusal(api_stack, method, path, {"authorization": authorization})
+    assert status == 401, answer
+    error = answer["error"]
+    assert (error["code"], error["details"]) == ("invalid_token", {"reason": "malformed"})
+    assert "Authorization: Bearer <key>" in error["message"], error
+    status, answer = await _refusal(api_stack, method, path, {})
+    assert (status, answer["error"]["code"], answer["error"]["details"]) == (
+        401,
+        "missing_token",
+        None,
+    )
+    assert await _listed(api_stack, "/v1/tokens") == before

@@ -163,6 +163,30 @@ async def test_a_permission_asked_for_must_be_held(api_stack: Stack) -> None:
             }
 
 
+@pytest.mark.parametrize("token", ["valid", "malformed"])
+async def test_an_unknown_permission_asked_for_is_a_422(api_stack: Stack, token: str) -> None:
+    """A permission the catalog lacks is the caller's mistake, refused as every other
+    route taking permission names refuses one (422 ``unknown_permission`` naming the
+    field), not answered ``permission_denied`` as if the key lacked it. It is checked
+    before the key, and is no use of it."""
+    key = {"valid": api_stack.token, "malformed": "hwk_nope"}[token]
+    used_before = api_stack.auth.usage.latest(await _state_of(api_stack, api_stack.token))
+    status, answer = await _introspect(
+        api_stack, {"token": key, "team_id": api_stack.team_id, "permission": "webhook:fly"}
+    )
+    assert status == 422, answer
+    assert answer["error"]["code"] == "unknown_permission"
+    assert answer["error"]["details"] == [{"field": "permission", "reason": "unknown: webhook:fly"}]
+    assert "webhook:fly" in answer["error"]["message"]
+    used_after = api_stack.auth.usage.latest(await _state_of(api_stack, api_stack.token))
+    assert used_after.last_used_at == used_before.last_used_at
+
+
+async def _state_of(stack: Stack, key: str) -> Any:
+    async with stack.auth.engine.connect() as conn:
+        return await store.find_token(conn, hash_token(key, "test-pepper"))
+
+
 async def test_a_refused_key_in_a_loop_is_audited_once_a_minute(api_stack: Stack) -> None:
     """Repeated uses of a revoked key: one audit record, not one per request."""
     status, created = await api_stack.auth_call(

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from services.auth import store
+from services.auth.errors import TokenEnded
 from services.shared import Settings, tables, utcnow
 from tests.conftest import Stack, audit_count, corrupt, fail_nth_call, running_stack
 
@@ -884,3 +885,111 @@ async def test_switching_off_a_key_already_off_changes_nothing(api_stack: Stack)
     status, audit = await api_stack.auth_call("GET", "/v1/audit-log?action=token.deactivated")
     assert status == 200
     assert [r["target_id"] for r in audit["data"]].count(key["id"]) == 1
+
+
+async def _ended_key_refuses_new_life(
+    api_stack: Stack, key: dict[str, Any], state: str, why: str
+) -> None:
+    """Neither a new secret nor a switch on or off: 409 ``token_ended`` saying why, and
+    the key's row, secret and audit trail stay as they were."""
+    path = f"/v1/tokens/{key['id']}"
+    _, before = await api_stack.auth_call("GET", path)
+    assert before["state"] == state
+    actions = ("token.rotated", "token.reactivated", "token.deactivated", "token.updated")
+    audited = [await audit_count(api_stack, action, key["id"]) for action in actions]
+    for method, suffix, body in (
+        ("POST", "/rotate", {"grace_seconds": 0}),
+        ("POST", "/rotate", {"grace_seconds": 3600}),
+        ("POST", "/rotate", None),
+        ("PATCH", "", {"active": True}),
+        ("PATCH", "", {"active": False}),
+        # A whole view sent back, the name changed: the switch is refused with the rest.
+        ("PATCH", "", {"active": before["active"], "name": "other"}),
+    ):
+        status, answer = await api_stack.auth_call(method, f"{path}{suffix}", json=body)
+        assert (status, answer["error"]["code"]) == (409, "token_ended"), (suffix, body, answer)
+        assert why in answer["error"]["message"], answer
+        assert "create a new key" in answer["error"]["message"], answer
+        assert "token" not in answer
+    assert (await api_stack.auth_call("GET", path))[1] == before
+    assert [await audit_count(api_stack, action, key["id"]) for action in actions] == audited
+    # The secret was not replaced: the api still says why the key no longer works.
+    assert (await api_stack.introspect(key["token"]))["reason"] == before["state"]
+    # Renaming still works, as on a revoked key.
+    status, renamed = await api_stack.auth_call("PATCH", path, json={"name": "kept-name"})
+    assert (status, renamed["name"], renamed["state"]) == (200, "kept-name", state)
+
+
+async def test_an_expired_key_cannot_be_rotated_or_switched_back_on(api_stack: Stack) -> None:
+    """Expired is final like revoked (no route moves ``expires_at``): a rotation would hand
+    out a secret the api refuses as expired, a reactivation would answer 200 for a key
+    that stays expired."""
+    status, key = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "expired", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    status, expired = await api_stack.auth_call("POST", f"/v1/tokens/{key['id']}/expire")
+    assert (status, expired["state"]) == (200, "expired")
+    await _ended_key_refuses_new_life(api_stack, key, "expired", "expired at")
+
+
+async def test_a_deactivated_key_whose_expiry_passed_cannot_come_back(api_stack: Stack) -> None:
+    """Off when its ``expires_at`` passed: listed as inactive (checked first), but switched
+    on it would only be expired."""
+    status, key = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "off-then-due", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    status, _ = await api_stack.auth_call(
+        "PATCH", f"/v1/tokens/{key['id']}", json={"active": False}
+    )
+    assert status == 200
+    async with api_stack.api.engine.begin() as conn:
+        await conn.execute(
+            tables.tokens.update()
+            .where(tables.tokens.c.id == key["id"])
+            .values(expires_at=utcnow() - timedelta(minutes=1))
+        )
+    await _ended_key_refuses_new_life(api_stack, key, "inactive", "expired at")
+
+
+async def test_a_key_expired_for_inactivity_cannot_be_rotated(api_stack: Stack) -> None:
+    """Unused past its inactivity timeout the key is expired, and a new secret for it
+    would be refused as expired from its first use."""
+    status, key = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "idle", "permissions": ["object:read"], "inactivity_timeout_seconds": 60},
+    )
+    assert status == 201
+    async with api_stack.api.engine.begin() as conn:
+        await conn.execute(
+            tables.tokens.update()
+            .where(tables.tokens.c.id == key["id"])
+            .values(created_at=utcnow() - timedelta(hours=1))
+        )
+    await _ended_key_refuses_new_life(api_stack, key, "expired", "inactivity timeout")
+
+
+async def test_a_rotation_racing_an_expiry_hands_out_no_secret(api_stack: Stack) -> None:
+    """The key read live, then expired (or revoked) before the rotation writes: the
+    statement checks again, so no secret dead on arrival is handed out."""
+    status, key = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "racing", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    for ending in ({"expires_at": utcnow() - timedelta(seconds=1)}, {"revoked_at": utcnow()}):
+        async with api_stack.api.engine.begin() as conn:
+            row = await store.token_row(conn, api_stack.user_id, key["id"])
+            await conn.execute(
+                tables.tokens.update().where(tables.tokens.c.id == key["id"]).values(**ending)
+            )
+            with pytest.raises(TokenEnded):
+                await store.rotate_token(
+                    conn,
+                    pepper="test-pepper",
+                    row=row,
+                    previous_valid_until=utcnow(),
+                    now=utcnow(),
+                )
+            await conn.rollback()
