@@ -159,19 +159,7 @@ class Callers:
     allow_query_keys: bool
 
     async def identify(self, request: web.Request, *, permission: str | None) -> Caller:
-        try:
-            token_text = presented_token(request, allow_query_keys=self.allow_query_keys)
-        except InvalidToken as exc:
-            if exc.details is not None:
-                raise
-            # Another scheme (`Basic …`) or none we read: no key of ours was presented in
-            # a form we take, which is a malformed credential like any other, with the
-            # reason every refusal of one gives.
-            raise InvalidToken(
-                "unsupported authorization scheme: send the key as "
-                "`Authorization: Bearer <key>` (or `Key=<key>`)",
-                details={"reason": "malformed"},
-            ) from exc
+        token_text = presented_token(request, allow_query_keys=self.allow_query_keys)
         if access_tokens.looks_like_access_token(token_text):
             # What /v1/token-exchange hands out is for the api: told so, rather than
             # "does not start with hwk_", which reads as a corrupted key.

@@ -93,4 +93,10 @@ def _presented(request: web.Request, *, allow_query_keys: bool) -> str:
         if not given.strip():
             raise MissingToken("send a token as `Authorization: Bearer <token>`")
         return given.strip()
-    raise InvalidToken("unsupported authorization scheme; use `Bearer <token>` or `Key=<token>`")
+    # Another scheme (`Basic …`): no key presented in a form we take, a malformed
+    # credential like any other, with the reason every refusal of one gives.
+    raise InvalidToken(
+        "unsupported authorization scheme: send the key as `Authorization: Bearer <key>`"
+        " (or `Key=<key>`)",
+        details={"reason": "malformed"},
+    )

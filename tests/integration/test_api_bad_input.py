@@ -44,8 +44,8 @@ VALID = {"name": "n", "url": "https://example.com/hook", "topics": ["object.crea
         ({}, "missing_token", None),
         ({"authorization": "Bearer "}, "missing_token", None),
         ({"authorization": "Key="}, "missing_token", None),
-        ({"authorization": "Bearerhwk_x"}, "invalid_token", None),
-        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_token", None),
+        ({"authorization": "Bearerhwk_x"}, "invalid_token", {"reason": "malformed"}),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_token", {"reason": "malformed"}),
         ({"authorization": "Bearer hwk_short"}, "invalid_token", {"reason": "malformed"}),
         (
             {"authorization": "Bearer " + corrupt(generate_token())},
