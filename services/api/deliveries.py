@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -49,6 +50,7 @@ from .context import CONTEXT, ApiContext
 from .errors import PublishOutcomeUnknown, PublishUnavailable, ReplayInterrupted
 from .outbox import check_event_size
 from .paging import PageQuery
+from .trash import live_or_trashed
 from .webhook_lifecycle import find_webhook
 from .webhooks import actor
 
@@ -82,7 +84,17 @@ class DeliveryQuery(PageQuery):
 
 
 class WebhookDeliveryQuery(DeliveryQuery):
+    # The webhook is the one in the path: never given here too.
     webhook_id: None = Field(default=None, exclude=True)
+
+    @field_validator("webhook_id", mode="before")
+    @classmethod
+    def _given_by_the_path(cls, value: object) -> None:
+        raise PydanticCustomError(
+            "given_by_the_path",
+            "the webhook is the one in the path; leave webhook_id out"
+            " (it narrows the team-wide /deliveries list)",
+        )
 
 
 class ReplayRequest(BaseModel):
@@ -96,6 +108,12 @@ class ReplayRequest(BaseModel):
     )
 
     _window = field_validator("until")(later_than_since)
+
+
+class RetryRequest(BaseModel):
+    """A retry takes no field: its body may be left out, or be ``{}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TestEventRequest(BaseModel):
@@ -147,10 +165,9 @@ async def list_webhook_deliveries(request: web.Request) -> web.Response:
 
 async def _existing_webhook(conn: Any, team_id: str, webhook_id: str) -> Any:
     # A trashed webhook's log stays readable until it is deleted for good.
-    try:
-        return await find_webhook(conn, team_id, webhook_id)
-    except NotFound:
-        return await find_webhook(conn, team_id, webhook_id, trashed=True)
+    return await live_or_trashed(
+        lambda trashed: find_webhook(conn, team_id, webhook_id, trashed=trashed)
+    )
 
 
 async def get_delivery(request: web.Request) -> web.Response:
@@ -164,16 +181,9 @@ async def get_delivery(request: web.Request) -> web.Response:
 
 async def _sendable_webhook(ctx: ApiContext, team_id: str, webhook_id: str) -> None:
     async with ctx.engine.connect() as conn:
-        try:
-            webhook = await find_webhook(conn, team_id, webhook_id)
-        except NotFound as missing:
-            try:
-                await find_webhook(conn, team_id, webhook_id, trashed=True)
-            except NotFound:
-                raise missing from None  # neither live nor trashed: plainly not found
-            raise Conflict(
-                f"webhook {webhook_id} is in the trash; restore it to send to it"
-            ) from None
+        webhook = await _existing_webhook(conn, team_id, webhook_id)
+    if webhook.deleted_at is not None:
+        raise Conflict(f"webhook {webhook_id} is in the trash; restore it to send to it")
     if not webhook.active:
         raise Conflict(f"webhook {webhook_id} is inactive; reactivate it to send to it")
 
@@ -280,6 +290,7 @@ async def _audit(
 async def retry_delivery(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:update")
+    await parse_body(request, RetryRequest, optional=True)
     async with ctx.engine.connect() as conn:
         row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
     await _sendable_webhook(ctx, principal.team_id, row.webhook_id)
@@ -488,9 +499,11 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         "POST",
         team + "/deliveries/{delivery_id}/retry",
         retry_delivery,
+        body=RetryRequest,
+        body_required=False,
         status=202,
         permission="webhook:update",
-        errors=(401, 403, 404, 409, 429, 503),
+        errors=(401, 403, 404, 409, 413, 422, 429, 503),
         summary="Re-send one delivery now, whatever its state (same webhook-id, next attempt)",
     )
     spec.route(

@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.shared import (
     Event,
     EventType,
-    HookwireError,
     OpenApi,
     ValidationFailed,
     json_problem,
@@ -34,6 +33,7 @@ from .context import CONTEXT, ApiContext
 from .errors import PreconditionFailed
 from .paging import IdPageQuery
 from .preconditions import require_match
+from .trash import live_or_trashed
 
 # fullmatch: "$" would also take a name ending in a newline.
 _OBJECT_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
@@ -240,19 +240,21 @@ async def delete_object(request: web.Request) -> web.Response:
     )
     object_type, object_id = _object_type(request), request.match_info["object_id"]
     async with ctx.engine.connect() as conn:
-        try:
+        if force:
+            # Live or already in the trash; in neither, plainly not found.
+            row = await live_or_trashed(
+                lambda trashed: store.find(
+                    conn, principal.team_id, object_type, object_id, trashed=trashed
+                )
+            )
+        else:
             row = await store.find(conn, principal.team_id, object_type, object_id)
-        except HookwireError:
-            if not force:
-                raise
-            row = await store.find(conn, principal.team_id, object_type, object_id, trashed=True)
+        if row.deleted_at is not None:
             # Already in the trash: its deletion was announced then; nothing more to publish
             # (unless it was restored meanwhile: then it is a live object again).
             async with ctx.engine.begin() as write:
                 if not await store.remove(write, row.id, row.version):
-                    raise PreconditionFailed(
-                        "the object changed while it was being deleted"
-                    ) from None
+                    raise PreconditionFailed("the object changed while it was being deleted")
             return web.Response(status=204)
     now = utcnow()
     # Trashed or gone for good, the deletion comes after every version before it.

@@ -34,6 +34,7 @@ from .authn import Principal
 from .context import CONTEXT, ApiContext
 from .errors import PreconditionFailed
 from .preconditions import require_match
+from .trash import live_or_trashed
 from .webhooks import (
     WebhookUpdate,
     actor,
@@ -249,10 +250,12 @@ async def delete_webhook(request: web.Request) -> web.Response:
         request, "force", "webhook:force-delete", "webhook:delete"
     )
     if force:
-        try:
-            await _change(ctx, request, principal, "webhook.force_deleted", None)
-        except NotFound:
-            await _change(ctx, request, principal, "webhook.force_deleted", None, trashed=True)
+        # Live or already in the trash; in neither, plainly not found.
+        await live_or_trashed(
+            lambda trashed: _change(
+                ctx, request, principal, "webhook.force_deleted", None, trashed=trashed
+            )
+        )
     else:
         await _change(ctx, request, principal, "webhook.deleted", {"deleted_at": utcnow()})
     return web.Response(status=204)

@@ -29,6 +29,7 @@ from services.shared import (
     StoredText,
     ValidationFailed,
     as_utc,
+    host_problem,
     is_reserved_header,
     json_response,
     new_id,
@@ -162,10 +163,9 @@ _VIEW_FIELDS = (
 
 
 async def check_reachable(settings: Settings, url: str) -> None:
-    """Refuse URLs that resolve to private addresses now, not only at delivery time."""
-    if settings.allow_private_urls:
-        return
-    reason = await refused_reason(url)
+    """Refuse URLs that resolve to private addresses now, not only at delivery time; with
+    private addresses allowed, only a host no delivery could reach."""
+    reason = host_problem(url) if settings.allow_private_urls else await refused_reason(url)
     if reason is not None:
         raise ValidationFailed.for_field("url", reason)
 
@@ -182,7 +182,28 @@ def webhook_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     view["updated_at"] = as_utc(row["updated_at"])
     # When it went to the trash (null for a live webhook), as an object's view says.
     view["deleted_at"] = as_utc(row.get("deleted_at"))
+    view["previous_secret_expires_at"] = previous_secret_expires_at(row["secrets"])
     return view
+
+
+def previous_secret_expires_at(stored: Any) -> datetime | None:
+    """When the secret a rotation replaced stops signing: the latest end of a grace still
+    running (null when none is). Only the time: never a secret."""
+    now = utcnow()
+    ends = []
+    for entry in stored or ():
+        raw = entry.get("expires_at") if isinstance(entry, Mapping) else None
+        if not isinstance(raw, str):
+            continue
+        try:
+            end = datetime.fromisoformat(raw)
+        except ValueError:
+            # Written by hand, no time: the dispatcher signs with no such secret either.
+            continue
+        end = as_utc(end)
+        if end > now:
+            ends.append(end)
+    return max(ends, default=None)
 
 
 async def create_webhook(request: web.Request) -> web.Response:

@@ -193,10 +193,9 @@ class Sender:
         def elapsed() -> float:
             return round((time.perf_counter() - started) * 1000, 3)
 
-        if not self._settings.allow_private_urls:
-            refusal = literal_refusal(route.url)
-            if refusal is not None:
-                return Outcome("failed", None, elapsed(), refusal, "refused")
+        refusal = literal_refusal(route.url, private_allowed=self._settings.allow_private_urls)
+        if refusal is not None:
+            return Outcome("failed", None, elapsed(), refusal, "refused")
         # Hookwire's own header values are known to be clean: only the stored ones are read.
         fault = _unwritable((n, v) for n, v in route.headers if not is_reserved_header(n))
         if fault is not None:

@@ -136,8 +136,10 @@ def asynchronous_resolver(nameservers: Sequence[str] | None = None) -> AsyncReso
     return AsyncResolver(nameservers=list(nameservers) if nameservers else None)
 
 
-async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> str | None:
-    """Why the URL may not be called, or None when every address it resolves to is public."""
+def host_problem(url: str) -> str | None:
+    """Why the URL's host cannot be called whatever it resolves to (none, not a valid name,
+    an IPv4 address written so that readers disagree on it), or None. Checked with private
+    addresses allowed too: the HTTP client refuses such a host at every delivery."""
     host = urlsplit(url).hostname
     if host is None:
         return "URL has no host"
@@ -156,6 +158,17 @@ async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> 
             f"{host} is an ambiguous IPv4 address: write it as four decimal numbers without"
             " leading zeros, like 192.0.2.1"
         )
+    return None
+
+
+async def refused_reason(url: str, nameservers: Sequence[str] | None = None) -> str | None:
+    """Why the URL may not be called, or None when every address it resolves to is public."""
+    problem = host_problem(url)
+    if problem is not None:
+        return problem
+    # Both are there and valid: host_problem found none.
+    host = urlsplit(url).hostname or ""
+    ascii_host = URL(url).raw_host or ""
     resolver = asynchronous_resolver(nameservers)
     try:
         async with asyncio.timeout(LOOKUP_SECONDS):
@@ -180,16 +193,19 @@ def _refusal_logged(host: str, address: str) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def literal_refusal(url: str) -> str | None:
+def literal_refusal(url: str, *, private_allowed: bool = False) -> str | None:
     """For a URL whose host is an IP literal (which skips DNS) or reads as one, why it is
     refused; None otherwise. The host is read as aiohttp will connect to it (yarl), as the
-    api's check reads it; a webhook's URL is checked on every delivery, hence the cache."""
+    api's check reads it; a webhook's URL is checked on every delivery, hence the cache.
+    An ambiguous IPv4 address is refused even with private addresses allowed."""
     try:
         host = URL(url).raw_host or ""
     except ValueError:
         return None
     if _is_ambiguous_ipv4(host):
         return f"{REFUSED} {host} is an ambiguous IPv4 address"
+    if private_allowed:
+        return None
     try:
         public = is_public_address(host)
     except ValueError:

@@ -969,3 +969,68 @@ async def test_a_replay_of_failed_ones_includes_those_skipped_while_the_webhook_
         )
     assert (status, answer["replayed"]) == (202, 2), answer
     assert sorted(sent) == ["msg_broke", "msg_was_off"]
+
+
+async def test_the_log_of_a_webhook_neither_live_nor_trashed_is_plainly_not_found(
+    api_stack: Stack,
+) -> None:
+    """Listing a webhook's log asks nothing of the trash: a webhook never made, or deleted
+    for good, is "not found", not "not found in the trash"."""
+    webhook = await _unreachable_webhook(api_stack)
+    assert (await _call(api_stack, "DELETE", f"/webhooks/{webhook['id']}?force=true"))[0] == 204
+    for webhook_id in ("wh_nope", webhook["id"]):
+        status, body = await _call(api_stack, "GET", f"/webhooks/{webhook_id}/deliveries")
+        assert (status, body["error"]["message"]) == (404, f"webhook {webhook_id} not found")
+
+
+async def test_a_webhooks_own_log_says_why_it_takes_no_webhook_id(api_stack: Stack) -> None:
+    """The webhook is the one in the path: a webhook_id given too is refused with a reason
+    saying so, not pydantic's "Input should be None"."""
+    webhook = await _unreachable_webhook(api_stack)
+    status, body = await _call(
+        api_stack,
+        "GET",
+        f"/webhooks/{webhook['id']}/deliveries",
+        params={"webhook_id": webhook["id"]},
+    )
+    assert status == 422, body
+    assert body["error"]["details"] == [
+        {
+            "field": "webhook_id",
+            "reason": "the webhook is the one in the path; leave webhook_id out"
+            " (it narrows the team-wide /deliveries list)",
+        }
+    ]
+
+
+async def test_a_retry_refuses_fields_it_does_not_take(api_stack: Stack) -> None:
+    """A retry takes no field: a body with one is a 422 naming it, re-sending nothing and
+    taking no attempt number; no body, or {}, re-sends."""
+    webhook = await _unreachable_webhook(api_stack)
+    async with api_stack.api.engine.begin() as conn:
+        await delivery_log.record_attempts(
+            conn, [_attempt(api_stack, "msg_retried", 1, webhook["id"])]
+        )
+    published = deliveries._publish
+    sent: list[str] = []
+
+    async def noted(ctx: Any, chosen: Any) -> None:
+        sent.extend(delivery.id for delivery in chosen)
+        await published(ctx, chosen)
+
+    retry = "/deliveries/msg_retried/retry"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(deliveries, "_publish", noted)
+        for body, field in (({"x": 1}, "x"), ({"attempt": 5}, "attempt"), ([1], "body")):
+            status, answer = await _call(api_stack, "POST", retry, json=body)
+            assert status == 422, (body, answer)
+            assert answer["error"]["code"] == "validation_failed"
+            assert [d["field"] for d in answer["error"]["details"]] == [field], answer
+        assert sent == []
+        status, shown = await _call(api_stack, "GET", "/deliveries/msg_retried")
+        assert (status, shown["attempt_count"]) == (200, 1)
+        status, answer = await _call(api_stack, "POST", retry)
+        assert (status, answer) == (202, {"delivery_id": "msg_retried", "attempt": 2})
+        status, answer = await _call(api_stack, "POST", retry, json={})
+        assert (status, answer) == (202, {"delivery_id": "msg_retried", "attempt": 3})
+    assert sent == ["msg_retried", "msg_retried"]

@@ -211,6 +211,26 @@ async def test_force_delete_needs_its_own_permission(api_stack: Stack) -> None:
     assert (await _call(api_stack, "DELETE", path, headers=auth))[0] == 204
 
 
+async def test_a_force_delete_of_an_object_neither_live_nor_trashed_is_plainly_not_found(
+    api_stack: Stack,
+) -> None:
+    """?force=true takes a live object or one in the trash; in neither (deleted for good
+    already, or never made) it is "not found", not "not found in the trash". A restore
+    looks only in the trash, and says so."""
+    _, created, _ = await _call(api_stack, "POST", "/contact", json={"a": 1})
+    for trashed_first in (False, True):
+        if trashed_first:
+            _, created, _ = await _call(api_stack, "POST", "/contact", json={"a": 2})
+            assert (await _call(api_stack, "DELETE", f"/contact/{created['id']}"))[0] == 204
+        path = f"/contact/{created['id']}?force=true"
+        assert (await _call(api_stack, "DELETE", path))[0] == 204
+        for object_id in (created["id"], "obj_nope"):
+            status, body, _ = await _call(api_stack, "DELETE", f"/contact/{object_id}?force=true")
+            assert (status, body["error"]["message"]) == (404, f"contact {object_id} not found")
+    status, body, _ = await _call(api_stack, "POST", "/contact/obj_nope/restore")
+    assert (status, body["error"]["message"]) == (404, "contact obj_nope not found in the trash")
+
+
 @pytest.fixture
 async def own_broker_stack(settings: Settings) -> AsyncIterator[tuple[Stack, EmbeddedBroker]]:
     """A stack on a broker of its own, which the test may kill."""

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import event, insert, select, update
 from sqlalchemy.exc import OperationalError
@@ -180,6 +181,74 @@ async def test_trash_restore_and_force_delete(api_stack: Stack) -> None:
         "webhook.deleted",
         "webhook.created",
     ]
+
+
+async def test_a_force_delete_of_a_webhook_neither_live_nor_trashed_is_plainly_not_found(
+    api_stack: Stack,
+) -> None:
+    """?force=true takes a live webhook or one in the trash; in neither (deleted for good
+    already, or never made) it is "not found", not "not found in the trash". A restore
+    looks only in the trash, and says so."""
+    path = await _create_elsewhere(api_stack)
+    assert (await _hooks(api_stack, "DELETE", f"{path}?force=true"))[0] == 204
+    for gone in (path, "/wh_nope"):
+        status, body = await _hooks(api_stack, "DELETE", f"{gone}?force=true")
+        assert (status, body["error"]["message"]) == (404, f"webhook {gone[1:]} not found")
+    status, body = await _hooks(api_stack, "POST", "/wh_nope/restore")
+    assert (status, body["error"]["message"]) == (404, "webhook wh_nope not found in the trash")
+
+
+async def test_the_webhook_view_shows_when_a_rotated_out_secret_stops_signing(
+    api_stack: Stack,
+) -> None:
+    """Show and list give previous_secret_expires_at, the rotation's answer's, while the
+    replaced secret still signs; null before any rotation, after one with no grace, and
+    once the grace is over. No secret is ever shown."""
+    webhook = await api_stack.create_webhook("http://127.0.0.1:9/hook", routed=False)
+    path = f"/{webhook['id']}"
+
+    async def shown() -> list[dict[str, Any]]:
+        status, one = await _hooks(api_stack, "GET", path)
+        assert status == 200, one
+        status, page = await _hooks(api_stack, "GET")
+        assert status == 200, page
+        [listed] = [w for w in page["data"] if w["id"] == webhook["id"]]
+        return [one, listed]
+
+    secrets = [webhook["secret"]]
+    assert [v["previous_secret_expires_at"] for v in await shown()] == [None, None]
+    status, rotated = await _hooks(
+        api_stack, "POST", f"{path}/rotate-secret", json={"grace_seconds": 3600}
+    )
+    assert status == 200, rotated
+    secrets.append(rotated["secret"])
+    ends = rotated["previous_secret_expires_at"]
+    assert ends is not None
+    views = await shown()
+    assert [v["previous_secret_expires_at"] for v in views] == [ends, ends]
+    for view in views:
+        assert "secret" not in view
+        assert not any(secret in orjson.dumps(view).decode() for secret in secrets)
+    # The grace over (as though an hour had passed): no replaced secret signs any more.
+    stored = await _stored_secrets(api_stack, webhook["id"])
+    stored[0]["expires_at"] = (utcnow() - timedelta(seconds=1)).isoformat()
+    async with api_stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(tables.webhooks)
+            .where(tables.webhooks.c.id == webhook["id"])
+            .values(secrets=stored)
+        )
+    assert [v["previous_secret_expires_at"] for v in await shown()] == [None, None]
+    status, rotated = await _hooks(
+        api_stack, "POST", f"{path}/rotate-secret", json={"grace_seconds": 3600}
+    )
+    assert status == 200
+    assert rotated["previous_secret_expires_at"] is not None
+    status, rotated = await _hooks(
+        api_stack, "POST", f"{path}/rotate-secret", json={"grace_seconds": 0}
+    )
+    assert (status, rotated["previous_secret_expires_at"]) == (200, None)
+    assert [v["previous_secret_expires_at"] for v in await shown()] == [None, None]
 
 
 @pytest.mark.parametrize(

@@ -50,14 +50,24 @@ async def test_saving_a_webhook_refuses_an_ambiguous_ipv4_spelling(host: str) ->
     )
 
 
-async def test_the_api_answers_an_ambiguous_ipv4_spelling_with_422_on_url() -> None:
-    settings = cast(Settings, SimpleNamespace(allow_private_urls=False))
+@pytest.mark.parametrize("private_allowed", [False, True])
+async def test_the_api_answers_an_ambiguous_ipv4_spelling_with_422_on_url(
+    private_allowed: bool,
+) -> None:
+    """With private addresses allowed too (dev mode): the HTTP client would refuse the
+    host at every delivery, whatever it stands for."""
+    settings = cast(Settings, SimpleNamespace(allow_private_urls=private_allowed))
     with pytest.raises(ValidationFailed) as refused:
         await check_reachable(settings, "http://0177.0.0.1/hook")
     assert refused.value.status == 422
     [problem] = refused.value.details
     assert problem["field"] == "url"
     assert problem["reason"].startswith("0177.0.0.1 is an ambiguous IPv4 address")
+
+
+async def test_with_private_addresses_allowed_a_private_address_is_saved() -> None:
+    settings = cast(Settings, SimpleNamespace(allow_private_urls=True))
+    await check_reachable(settings, "http://127.0.0.1:9/hook")
 
 
 async def test_a_fullwidth_spelling_is_judged_by_the_digits_it_stands_for() -> None:
@@ -70,9 +80,11 @@ async def test_a_fullwidth_spelling_is_judged_by_the_digits_it_stands_for() -> N
 def test_a_delivery_refuses_an_ambiguous_ipv4_spelling(host: str) -> None:
     """The dispatcher's check before connecting refuses it too (a URL saved before the
     api's check existed)."""
-    assert literal_refusal(f"http://{host}/hook") == (
-        f"refused: {host.lower()} is an ambiguous IPv4 address"
-    )
+    for private_allowed in (False, True):
+        assert literal_refusal(f"http://{host}/hook", private_allowed=private_allowed) == (
+            f"refused: {host.lower()} is an ambiguous IPv4 address"
+        )
+    assert literal_refusal("http://127.0.0.1/hook", private_allowed=True) is None
 
 
 @pytest.mark.parametrize("url", ["http://8.8.8.8/hook", "http://example.com/hook"])
