@@ -28,6 +28,7 @@ from services.shared import (
     Delivery,
     Event,
     JsonObject,
+    NoFields,
     NotFound,
     OpenApi,
     TooManyRequests,
@@ -108,12 +109,6 @@ class ReplayRequest(BaseModel):
     )
 
     _window = field_validator("until")(later_than_since)
-
-
-class RetryRequest(BaseModel):
-    """A retry takes no field: its body may be left out, or be ``{}``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TestEventRequest(BaseModel):
@@ -290,7 +285,7 @@ async def _audit(
 async def retry_delivery(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:update")
-    await parse_body(request, RetryRequest, optional=True)
+    await parse_body(request, NoFields, optional=True)
     async with ctx.engine.connect() as conn:
         row = await delivery_log.find(conn, principal.team_id, request.match_info["delivery_id"])
     await _sendable_webhook(ctx, principal.team_id, row.webhook_id)
@@ -499,7 +494,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         "POST",
         team + "/deliveries/{delivery_id}/retry",
         retry_delivery,
-        body=RetryRequest,
+        body=NoFields,
         body_required=False,
         status=202,
         permission="webhook:update",

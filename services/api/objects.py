@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.shared import (
     Event,
     EventType,
+    NoFields,
     OpenApi,
     ValidationFailed,
     json_problem,
@@ -283,6 +284,7 @@ async def restore_object(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "object:delete")
     object_type = _object_type(request)
+    await parse_body(request, NoFields, optional=True)
     async with ctx.engine.connect() as conn:
         row = await store.find(
             conn, principal.team_id, object_type, request.match_info["object_id"], trashed=True
@@ -392,8 +394,10 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         "POST",
         one + "/restore",
         restore_object,
+        body=NoFields,
+        body_required=False,
         permission="object:delete",
-        errors=(401, 403, 404, 412, 422, 503),
+        errors=(401, 403, 404, 412, 413, 422, 503),
         summary="Restore an object from the trash",
     )
     spec.route(

@@ -18,6 +18,7 @@ from yarl import URL
 from services.shared import (
     REDACTED,
     Conflict,
+    NoFields,
     NotFound,
     OpenApi,
     ValidationFailed,
@@ -264,6 +265,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
 async def restore_webhook(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     principal = await ctx.authorize(request, "webhook:delete")
+    await parse_body(request, NoFields, optional=True)
     # Failures before it went to the trash say nothing of what follows, as for a
     # reactivation: kept, the first failure after a week in the trash would disable it.
     restored = {"deleted_at": None, "failing_since": None}
@@ -340,8 +342,10 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         "POST",
         one + "/restore",
         restore_webhook,
+        body=NoFields,
+        body_required=False,
         permission="webhook:delete",
-        errors=(401, 403, 404),
+        errors=(401, 403, 404, 413, 422),
         summary="Restore a webhook from the trash",
     )
     spec.route(

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.shared import (
     ChangeNotifier,
     Conflict,
+    NoFields,
     OpenApi,
     Settings,
     StoredText,
@@ -31,7 +32,6 @@ from services.shared import (
 
 from . import store
 from .callers import Caller, Callers
-from .lists import NoFilters
 
 
 class GroupCreate(BaseModel):
@@ -102,7 +102,7 @@ class GroupRoutes:
 
     async def list(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
-        parse_query(request, NoFilters)
+        parse_query(request, NoFields)
         async with self.engine.connect() as conn:
             rows = await store.group_rows(conn, caller.user_id)
         return json_response({"data": [group_view(row) for row in rows]})

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     ChangeNotifier,
+    NoFields,
     OpenApi,
     Settings,
     StoredText,
@@ -31,7 +32,6 @@ from . import store
 from .callers import Caller, Callers, KeyUsage
 from .errors import TokenEnded
 from .introspection import idle_too_long, state_of
-from .lists import NoFilters
 from .tokens import lifetime_problem
 
 MAX_GRACE_SECONDS = 30 * 24 * 3600
@@ -197,7 +197,7 @@ class TokenRoutes:
 
     async def list(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
-        parse_query(request, NoFilters)
+        parse_query(request, NoFields)
         async with self.engine.connect() as conn:
             rows = await store.token_rows(conn, caller.user_id)
         return json_response({"data": [token_view(row) for row in rows]})

@@ -63,6 +63,7 @@ from ._errors import (
 from ._headers import REDACTED, is_reserved_header, is_secret_header, redacted
 from ._http import (
     READINESS_KEY,
+    NoFields,
     bound_port,
     build_app,
     error_response,
@@ -189,6 +190,7 @@ __all__ = [
     "Loops",
     "Metrics",
     "MissingToken",
+    "NoFields",
     "NotFound",
     "ObjectType",
     "OpenApi",

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import exc as sql_errors
 
 from ._contracts import json_problem
@@ -419,6 +419,14 @@ async def read_json(request: web.Request) -> Any:
         if problem is not None:
             raise ValidationFailed.for_field("body", problem)
     return value
+
+
+class NoFields(BaseModel):
+    """What a route that takes no field reads: a body left out or ``{}``, or no query
+    parameter. Anything given is refused (422 naming it) rather than ignored: a field or
+    filter the caller believes applied would otherwise be silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 async def parse_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:

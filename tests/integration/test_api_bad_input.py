@@ -612,3 +612,28 @@ async def test_a_method_a_route_does_not_take_is_told_which_it_does(api_stack: S
     ) as response:
         assert response.status == 405
         assert set(response.headers["Allow"].split(",")) >= {"GET", "POST"}
+
+
+async def test_a_restore_refuses_fields_it_does_not_take(api_stack: Stack) -> None:
+    """A restore takes no field: a body with one is a 422 naming it, and the webhook or
+    object stays in the trash; no body, or {}, restores."""
+    status, webhook = await _post(api_stack, "/webhooks", json=VALID)
+    assert status == 201
+    object_id = await api_stack.create_object()
+    trashed = [f"/webhooks/{webhook['id']}", f"/objects/contact/{object_id}"]
+    for path in trashed:
+        async with api_stack.session.delete(
+            f"{api_stack.api_url}/v1/teams/{api_stack.team_id}{path}", headers=api_stack.headers()
+        ) as response:
+            assert response.status in (200, 204)
+    for path, body in zip(trashed, ({}, None), strict=True):
+        for bad, field in (({"x": 1}, "x"), ([1], "body")):
+            status, answer = await _post(api_stack, f"{path}/restore", json=bad)
+            assert status == 422, (path, bad, answer)
+            assert [d["field"] for d in answer["error"]["details"]] == [field], answer
+        async with api_stack.session.get(
+            f"{api_stack.api_url}/v1/teams/{api_stack.team_id}{path}", headers=api_stack.headers()
+        ) as response:
+            assert response.status == 404, "still in the trash"
+        status, _ = await _post(api_stack, f"{path}/restore", json=body)
+        assert status == 200, path
