@@ -345,7 +345,7 @@ def add_routes(app: web.Application, spec: OpenApi) -> None:
         body=NoFields,
         body_required=False,
         permission="webhook:delete",
-        errors=(401, 403, 404, 413, 422),
+        errors=(401, 403, 404, 409, 413, 422),
         summary="Restore a webhook from the trash",
     )
     spec.route(

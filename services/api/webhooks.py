@@ -196,11 +196,11 @@ def previous_secret_expires_at(stored: Any) -> datetime | None:
         if not isinstance(raw, str):
             continue
         try:
-            end = datetime.fromisoformat(raw)
-        except ValueError:
-            # Written by hand, no time: the dispatcher signs with no such secret either.
+            end = as_utc(datetime.fromisoformat(raw))
+        except (ValueError, OverflowError):
+            # Written by hand: no time, or one past the calendar's end in UTC. The view
+            # must not fail for it (the dispatcher drops such a webhook from its table).
             continue
-        end = as_utc(end)
         if end > now:
             ends.append(end)
     return max(ends, default=None)

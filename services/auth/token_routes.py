@@ -256,9 +256,11 @@ class TokenRoutes:
 
         def plan(row: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
             wanted = dict(values)
-            if "active" in wanted:
+            if "active" in wanted and (wanted["active"] or row.revoked_at is not None):
                 # Checked before the no-op cases below: a whole view sent back to a key
-                # that has ended is told so rather than answered as if it were live.
+                # that has ended is told so rather than answered as if it were live. An
+                # expired key may still be switched off: that hands out nothing, and
+                # another process may hold a use of it not yet written.
                 _require_not_ended(row, self.callers.usage, "activated or deactivated")
             if wanted.get("active") is False and not row.active and row.revoked_at is None:
                 # Already off: switched off again it would be audited twice and its
@@ -289,7 +291,9 @@ class TokenRoutes:
             values,
             details=values,
             unrevoked="active" in values,
-            unexpired="active" in values,
+            # Only a switch-on is refused for an expiry in between: a switch-off hands out
+            # nothing.
+            unexpired=values.get("active") is True,
             plan=plan,
         )
         if row is None:

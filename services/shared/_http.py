@@ -422,9 +422,11 @@ async def read_json(request: web.Request) -> Any:
 
 
 class NoFields(BaseModel):
-    """What a route that takes no field reads: a body left out or ``{}``, or no query
-    parameter. Anything given is refused (422 naming it) rather than ignored: a field or
-    filter the caller believes applied would otherwise be silently dropped."""
+    """No field: nothing, or an empty object."""
+
+    # Read as a body (left out, or {}) or a query (no parameter): anything given is refused
+    # (422 naming it) rather than ignored, so no field or filter the caller believes
+    # applied is silently dropped.
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

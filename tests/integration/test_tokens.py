@@ -890,8 +890,9 @@ async def test_switching_off_a_key_already_off_changes_nothing(api_stack: Stack)
 async def _ended_key_refuses_new_life(
     api_stack: Stack, key: dict[str, Any], state: str, why: str
 ) -> None:
-    """Neither a new secret nor a switch on or off: 409 ``token_ended`` saying why, and
-    the key's row, secret and audit trail stay as they were."""
+    """Neither a new secret nor a switch on: 409 ``token_ended`` saying why, and the
+    key's row, secret and audit trail stay as they were. It may still be switched off
+    (that hands out nothing)."""
     path = f"/v1/tokens/{key['id']}"
     _, before = await api_stack.auth_call("GET", path)
     assert before["state"] == state
@@ -902,9 +903,8 @@ async def _ended_key_refuses_new_life(
         ("POST", "/rotate", {"grace_seconds": 3600}),
         ("POST", "/rotate", None),
         ("PATCH", "", {"active": True}),
-        ("PATCH", "", {"active": False}),
         # A whole view sent back, the name changed: the switch is refused with the rest.
-        ("PATCH", "", {"active": before["active"], "name": "other"}),
+        ("PATCH", "", {"active": True, "name": "other"}),
     ):
         status, answer = await api_stack.auth_call(method, f"{path}{suffix}", json=body)
         assert (status, answer["error"]["code"]) == (409, "token_ended"), (suffix, body, answer)
@@ -918,6 +918,37 @@ async def _ended_key_refuses_new_life(
     # Renaming still works, as on a revoked key.
     status, renamed = await api_stack.auth_call("PATCH", path, json={"name": "kept-name"})
     assert (status, renamed["name"], renamed["state"]) == (200, "kept-name", state)
+    status, off = await api_stack.auth_call("PATCH", path, json={"active": False})
+    assert status == 200, off
+    assert off["active"] is False
+    assert "token" not in off
+
+
+async def test_a_key_whose_expiry_and_inactivity_timeout_are_ahead_still_rotates_and_switches(
+    api_stack: Stack,
+) -> None:
+    """The ended checks refuse only what has ended: a key expiring next year, used a
+    moment ago, with an hour's inactivity timeout, is rotated, switched off and on."""
+    expires = (utcnow() + timedelta(days=365)).isoformat()
+    status, key = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={
+            "name": "live",
+            "permissions": ["object:read"],
+            "expires_at": expires,
+            "inactivity_timeout_seconds": 3600,
+        },
+    )
+    assert status == 201, key
+    assert (await api_stack.introspect(key["token"]))["active"] is True
+    path = f"/v1/tokens/{key['id']}"
+    status, rotated = await api_stack.auth_call("POST", f"{path}/rotate", json={"grace_seconds": 0})
+    assert status == 200, rotated
+    assert (await api_stack.introspect(rotated["token"]))["active"] is True
+    for active in (False, True):
+        status, switched = await api_stack.auth_call("PATCH", path, json={"active": active})
+        assert (status, switched["active"]) == (200, active), switched
 
 
 async def test_an_expired_key_cannot_be_rotated_or_switched_back_on(api_stack: Stack) -> None:

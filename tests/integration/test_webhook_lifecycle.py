@@ -229,15 +229,22 @@ async def test_the_webhook_view_shows_when_a_rotated_out_secret_stops_signing(
     for view in views:
         assert "secret" not in view
         assert not any(secret in orjson.dumps(view).decode() for secret in secrets)
-    # The grace over (as though an hour had passed): no replaced secret signs any more.
     stored = await _stored_secrets(api_stack, webhook["id"])
-    stored[0]["expires_at"] = (utcnow() - timedelta(seconds=1)).isoformat()
-    async with api_stack.api.engine.begin() as conn:
-        await conn.execute(
-            update(tables.webhooks)
-            .where(tables.webhooks.c.id == webhook["id"])
-            .values(secrets=stored)
-        )
+
+    async def store_expiry(expires_at: str) -> None:
+        stored[0]["expires_at"] = expires_at
+        async with api_stack.api.engine.begin() as conn:
+            await conn.execute(
+                update(tables.webhooks)
+                .where(tables.webhooks.c.id == webhook["id"])
+                .values(secrets=stored)
+            )
+
+    # Written by hand past the calendar's end in UTC: the view does not fail for it.
+    await store_expiry("9999-12-31T23:00:00-05:00")
+    assert [v["previous_secret_expires_at"] for v in await shown()] == [None, None]
+    # The grace over (as though an hour had passed): no replaced secret signs any more.
+    await store_expiry((utcnow() - timedelta(seconds=1)).isoformat())
     assert [v["previous_secret_expires_at"] for v in await shown()] == [None, None]
     status, rotated = await _hooks(
         api_stack, "POST", f"{path}/rotate-secret", json={"grace_seconds": 3600}
