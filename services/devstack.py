@@ -27,7 +27,6 @@ from services.auth.admin import bootstrap_dev
 from services.auth.app import AuthService
 from services.dispatcher.app import DispatcherService
 from services.shared import (
-    REDACTED,
     ConfigurationError,
     EmbeddedBroker,
     Loops,
@@ -37,10 +36,9 @@ from services.shared import (
     bound_port,
     create_engine,
     ensure_topics,
-    is_reserved_header,
-    is_secret_header,
     json_response,
     migrate,
+    redacted,
     run_until_signalled,
     start_site,
 )
@@ -92,13 +90,10 @@ class SampleReceiver:
                 "path": request.path,
                 # A webhook's own credential headers are masked, as the api shows them:
                 # this page answers anyone who can reach it.
-                "headers": {
-                    name: REDACTED
-                    if is_secret_header(name) and not is_reserved_header(name)
-                    # hookwire's own (the signature included) are what the example shows.
-                    else value
-                    for name, value in ((k.lower(), v) for k, v in request.headers.items())
-                },
+                # hookwire's own (the signature included) are what the example shows.
+                "headers": redacted(
+                    {k.lower(): v for k, v in request.headers.items()}, keep_reserved=True
+                ),
                 "body": parsed,
                 # As it came: what the signature covers (the parsed body is for reading).
                 "raw_body": body.decode("utf-8", errors="replace"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 
 # Broad on purpose: a harmless header hidden (X-Bypass-Cache) costs typing it again when
 # the url moves; a credential shown costs the credential.
@@ -52,5 +53,12 @@ def is_secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
 
 
-def redacted(headers: dict[str, str]) -> dict[str, str]:
-    return {name: REDACTED if is_secret_header(name) else value for name, value in headers.items()}
+def redacted(headers: Mapping[str, str], *, keep_reserved: bool = False) -> dict[str, str]:
+    """``headers`` with credential-like values masked; ``keep_reserved``: but for
+    hookwire's own (the signature included), shown to the receiver they were sent to."""
+    return {
+        name: REDACTED
+        if is_secret_header(name) and not (keep_reserved and is_reserved_header(name))
+        else value
+        for name, value in headers.items()
+    }
