@@ -181,11 +181,12 @@ def _rounds(attempts: Sequence[Attempt]) -> list[list[dict[str, Any]]]:
 async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
     """An automatic attempt (kind ``event``) that did not deliver does not undo a delivery
     already made: one still goes out when a manual re-send delivered before a scheduled
-    retry came due and was sent by another dispatcher (or before a restart), or when a second dispatcher sends again after a rebalance, and a
-    receiver de-duplicating on ``webhook-id`` may refuse it (409); the event was delivered
-    all the same. A re-send or a test (asked for through the api) records its own outcome,
-    but for one that failed while an automatic retry is to come: the delivery is still
-    retrying. The attempt is listed either way."""
+    retry came due and was sent by another dispatcher (or before a restart), or when a
+    second dispatcher sends again after a rebalance, and a receiver de-duplicating on
+    ``webhook-id`` may refuse it (409); the event was delivered all the same. A re-send or
+    a test (asked for through the api) records its own outcome, but for one that failed
+    while an automatic retry is to come: the delivery is still retrying. The attempt is
+    listed either way."""
     stored = _deliveries.c
 
     def columns(proposed: Any) -> dict[str, Any]:
