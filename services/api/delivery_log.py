@@ -199,8 +199,14 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
         # delivery is still retrying, and says when (its last status and error are the
         # re-send's). Shown failed, with no retry time, it would be re-sent again by hand
         # and then delivered by the retry as well.
+        # Only while the retry was still ahead when the re-send was made: one already due
+        # (sent, or on its way) may end the delivery before the re-send's record is read,
+        # and its record, older, would then not count.
         still_retrying = and_(
-            stored.state == "retrying", proposed.kind != "event", proposed.state != "delivered"
+            stored.state == "retrying",
+            proposed.kind != "event",
+            proposed.state != "delivered",
+            stored.next_retry_at > proposed.updated_at,
         )
         kept = {
             column: case(

@@ -53,7 +53,9 @@ def _try(
         status_code=status or (200 if outcome == "delivered" else 409),
         # A re-send gets one attempt.
         final=final or kind != "event",
-        next_retry_at=None if final or outcome != "failed" else at + timedelta(minutes=5),
+        next_retry_at=(
+            None if final or kind != "event" or outcome != "failed" else at + timedelta(minutes=5)
+        ),
         kind=kind,
         event=event,
     )
@@ -181,6 +183,25 @@ async def test_a_re_send_failing_while_a_retry_is_scheduled_leaves_the_delivery_
             stack, [_try(stack, webhook, 2, start + timedelta(minutes=5), "delivered")], already=2
         )
         assert (done["state"], done["kind"], done["next_retry_at"]) == ("delivered", "event", None)
+
+
+async def test_a_re_send_failing_after_the_last_retry_was_due_leaves_the_delivery_failed(
+    settings: Settings,
+) -> None:
+    """The last retry was due (and on its way, its answer slow) when a re-send failed
+    fast: the re-send's record comes first, and the retry's final failure, older, does not
+    count after it. Kept retrying, the delivery would stay so for good."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        first = _try(stack, webhook, 1, start, "failed", status=500)
+        assert first.next_retry_at is not None
+        after_due = first.next_retry_at + timedelta(seconds=2)
+        resent = _try(stack, webhook, 2, after_due, "failed", "manual", status=503)
+        last = _try(stack, webhook, 2, first.next_retry_at, "failed", final=True, status=500)
+        shown = await _one_by_one(stack, [first, resent, last])
+        assert [d["state"] for d in shown] == ["retrying", "failed", "failed"]
+        assert (shown[-1]["next_retry_at"], shown[-1]["kind"]) == (None, "manual")
 
 
 async def test_in_one_batch_too_an_automatic_failure_after_a_success_leaves_it_delivered(

@@ -36,15 +36,19 @@ class FailingSender:
 
 
 def failing_webhook_handler(
-    settings: Settings, metrics: Metrics, table: OneWebhookTable | None = None
+    settings: Settings,
+    metrics: Metrics,
+    table: OneWebhookTable | None = None,
+    sender: object | None = None,
 ) -> DeliveryHandler:
-    """A handler owning partition 0 of ``t.deliveries`` alone, whose every send fails. It
-    has no sender of outcomes: tests read the records ``outcome_records`` returns."""
+    """A handler owning partition 0 of ``t.deliveries`` alone, whose every send fails
+    (unless another ``sender`` is given). It has no sender of outcomes: tests read the
+    records ``outcome_records`` returns."""
     owned = {TopicPartition("t.deliveries", 0)}
     return DeliveryHandler(
         settings=settings,
         table=cast(Any, OneWebhookTable() if table is None else table),
-        sender=cast(Any, FailingSender()),
+        sender=cast(Any, FailingSender() if sender is None else sender),
         outcomes=cast(Any, None),
         topics=Topics("t."),
         metrics=DeliveryMetrics(metrics),

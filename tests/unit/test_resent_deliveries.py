@@ -3,13 +3,12 @@ that sent the re-send remembers it, within a bound, and looks again after a wait
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
 
 from services.dispatcher import handler as handler_module
-from services.dispatcher.handler import DeliveryHandler, DeliveryMetrics
+from services.dispatcher.handler import DeliveryHandler
 from services.dispatcher.routing import WebhookRoute
 from services.dispatcher.sender import Outcome
 from services.shared import (
@@ -18,11 +17,14 @@ from services.shared import (
     DeliveryKind,
     Metrics,
     OutRecord,
-    Topics,
     decode,
     load_settings,
 )
-from tests.unit._dispatch_doubles import OneWebhookTable, deliveries_record, delivery_to_wh_1
+from tests.unit._dispatch_doubles import (
+    deliveries_record,
+    delivery_to_wh_1,
+    failing_webhook_handler,
+)
 
 
 class _ScriptedSender:
@@ -40,16 +42,8 @@ class _ScriptedSender:
 
 
 def _handler(sender: _ScriptedSender) -> DeliveryHandler:
-    owned = {TopicPartition("t.deliveries", 0)}
-    return DeliveryHandler(
-        settings=load_settings(service_credential="x", token_pepper="y"),
-        table=cast(Any, OneWebhookTable()),
-        sender=cast(Any, sender),
-        outcomes=cast(Any, None),
-        topics=Topics("t."),
-        metrics=DeliveryMetrics(Metrics("test_resent_deliveries")),
-        assigned=lambda: owned,
-    )
+    settings = load_settings(service_credential="x", token_pepper="y")
+    return failing_webhook_handler(settings, Metrics("test_resent_deliveries"), sender=sender)
 
 
 def _attempt(records: list[OutRecord]) -> Attempt:
