@@ -710,10 +710,10 @@ async def test_no_success_for_the_period_disables_the_webhook_whoever_delivered(
 ) -> None:
     """The clock lives with the webhook in the database: attempts alone decide, whichever
     dispatcher made them and however often dispatchers restarted. A success ends a run of
-    failures; a reactivation, or a restore from the trash, starts afresh. (Retries 12 h
-    apart: failures that far apart are still one run.)"""
+    failures; a reactivation, or a restore from the trash, starts afresh. (Failures up to
+    half the period apart are one run, far longer apart than a minute's retries wait.)"""
     a_day = settings.model_copy(
-        update={"endpoint_disable_after_days": 1.0, "retry_schedule_seconds": (43200.0,)}
+        update={"endpoint_disable_after_days": 1.0, "retry_schedule_seconds": (60.0,)}
     )
     async with running_stack(a_day, with_dispatcher=False) as stack:
         webhook = await _unreachable_webhook(stack)
