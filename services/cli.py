@@ -116,7 +116,15 @@ def dispatcher() -> None:
 def migrate_command() -> None:
     """Apply pending database migrations."""
     settings = _settings()
-    click.echo(_run(migrate(settings.effective_database_url)))
+    click.echo(
+        _run(
+            migrate(
+                settings.effective_database_url,
+                lock_timeout_seconds=settings.migration_lock_timeout_seconds,
+                lock_wait_seconds=settings.migration_lock_wait_seconds,
+            )
+        )
+    )
 
 
 @main.command()

@@ -221,7 +221,11 @@ async def _run_dev(settings: Settings) -> None:
         if broker is not None:
             await broker.wait_ready()
         await ensure_topics(settings)
-        await migrate(settings.effective_database_url)
+        await migrate(
+            settings.effective_database_url,
+            lock_timeout_seconds=settings.migration_lock_timeout_seconds,
+            lock_wait_seconds=settings.migration_lock_wait_seconds,
+        )
         engine = create_engine(settings.effective_database_url)
         info = await bootstrap_dev(engine, settings.require_secret("token_pepper"))
         receiver = SampleReceiver(settings.host, settings.dev_receiver_port)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, overload
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -24,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ._errors import ConfigurationError, DependencyUnavailable, MigrationFailed
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 def _describe(url: str) -> str:
@@ -89,12 +92,19 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-async def migrate(url: str) -> str:
+async def migrate(
+    url: str, *, lock_timeout_seconds: float = 5.0, lock_wait_seconds: float = 300.0
+) -> str:
     """Apply every pending migration (``hookwire migrate``); returns what was done.
 
     A database a newer release migrated (a rollback) is left as it is: this code runs on
     it (``_behind``), and refusing would keep every service that waits for the migration
-    step down."""
+    step down.
+
+    On PostgreSQL a migration waits at most ``lock_timeout_seconds`` for a table's lock:
+    queued behind a long transaction, its ``ALTER TABLE`` would hold up every query on
+    that table meanwhile (an outage of the api). It gives way, and the upgrade is tried
+    again, from the migration that gave way, for up to ``lock_wait_seconds`` in all."""
     engine = create_engine(url)
     try:
         async with engine.connect() as connection:
@@ -109,13 +119,49 @@ async def migrate(url: str) -> str:
             f"database is at migration {current}, which a newer release applied (this one's"
             f" newest is {head}): nothing to do"
         )
-    try:
-        await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
-    except (SQLAlchemyError, OSError, CommandError) as exc:
-        raise MigrationFailed(
-            f"migrating the database at {_describe(url)} from {current or 'none'} failed: {exc}"
-        ) from exc
-    return "database is up to date"
+    config = _alembic_config(url)
+    config.attributes["lock_timeout_ms"] = max(1, round(lock_timeout_seconds * 1000))
+    give_up_at = time.monotonic() + lock_wait_seconds
+    pause = 1.0
+    while True:
+        try:
+            await asyncio.to_thread(command.upgrade, config, "head")
+        except (SQLAlchemyError, OSError, CommandError) as exc:
+            locked = _lock_not_available(exc)
+            if locked and time.monotonic() + pause < give_up_at:
+                structlog.get_logger().warning(
+                    "migration_lock_busy", retry_in_seconds=pause, error=str(exc)
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
+                continue
+            why = (
+                "another transaction held a table's lock past the lock timeout"
+                f" ({lock_timeout_seconds:g} s a try, tried for {lock_wait_seconds:g} s; find"
+                " that transaction in pg_stat_activity, or migrate at a quieter moment): "
+                if locked
+                else ""
+            )
+            raise MigrationFailed(
+                f"migrating the database at {_describe(url)} from {current or 'none'} failed:"
+                f" {why}{exc}"
+            ) from exc
+        return "database is up to date"
+
+
+def database_error_codes(exc: BaseException) -> tuple[str | None, str]:
+    """The driver's own code for a database error: PostgreSQL's SQLSTATE (None from a
+    driver that has none, as SQLite's), and SQLite's error name ("" when it gave none)."""
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    return (
+        sqlstate if isinstance(sqlstate, str) else None,
+        str(getattr(orig, "sqlite_errorname", "")),
+    )
+
+
+def _lock_not_available(exc: BaseException) -> bool:
+    return database_error_codes(exc)[0] == _LOCK_NOT_AVAILABLE
 
 
 def _known(revision: str) -> bool:

@@ -26,6 +26,7 @@ from sqlalchemy import exc as sql_errors
 
 from ._contracts import json_problem
 from ._credentials import QUERY_KEY_PARAM, Network, in_networks
+from ._db import database_error_codes
 from ._errors import (
     BadRequest,
     ClientClosedRequest,
@@ -195,10 +196,10 @@ _COMMIT_REFUSED_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED")
 def _commit_refused(exc: Exception) -> bool:
     if not isinstance(exc, sql_errors.DBAPIError) or exc.connection_invalidated:
         return False
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    if isinstance(sqlstate, str):
+    sqlstate, sqlite_errorname = database_error_codes(exc)
+    if sqlstate is not None:
         return sqlstate in _COMMIT_REFUSED_SQLSTATES
-    return str(getattr(exc.orig, "sqlite_errorname", "")).startswith(_COMMIT_REFUSED_SQLITE)
+    return sqlite_errorname.startswith(_COMMIT_REFUSED_SQLITE)
 
 
 def _database_unavailable(exc: Exception) -> bool:
@@ -212,10 +213,10 @@ def _database_unavailable(exc: Exception) -> bool:
         return False
     if exc.connection_invalidated:
         return True
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    if isinstance(sqlstate, str):
+    sqlstate, sqlite_errorname = database_error_codes(exc)
+    if sqlstate is not None:
         return sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
-    return str(getattr(exc.orig, "sqlite_errorname", "")).startswith(_UNAVAILABLE_SQLITE)
+    return sqlite_errorname.startswith(_UNAVAILABLE_SQLITE)
 
 
 def _as_unavailable(exc: Exception) -> DependencyUnavailable | None:

@@ -198,6 +198,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".hookwire")
     database_url: Annotated[str, AfterValidator(_supported_database)] = ""
+    # PostgreSQL: a migration's table lock waits this long behind another transaction
+    # before giving way (queued, it would hold up every query on the table), and the
+    # migration is tried again for up to the second bound.
+    migration_lock_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    migration_lock_wait_seconds: float = Field(default=300.0, ge=0, le=86_400)
     kafka_bootstrap: Annotated[str | None, AfterValidator(_kafka_bootstrap)] = None
     topic_prefix: str = Field(default="hookwire.", pattern=r"^[A-Za-z0-9._-]*$")
     kafka_partitions: int = Field(default=6, ge=1, le=1024)

@@ -90,3 +90,67 @@ def _type_only(difference: object) -> bool:
         isinstance(c, tuple) and c[0] in ("modify_type", "modify_nullable", "modify_default")
         for c in changes
     )
+
+
+async def test_a_migration_gives_way_to_a_long_transaction_and_tries_again(
+    database_url: str,
+) -> None:
+    """0017's ALTER TABLE needs the delivery log's lock. Queued behind a long transaction
+    on PostgreSQL it would hold up every query on the table after it: it waits only the
+    lock timeout, tries again while the wait lasts, says why when it gives up, and goes
+    through once the transaction ends. SQLite has no such queue: a reader does not stop it."""
+    await asyncio.to_thread(command.upgrade, _alembic_config(database_url), "0016")
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as reader:
+            await reader.execute(text("SELECT count(*) FROM delivery_attempts"))
+            if engine.dialect.name != "postgresql":
+                assert await migrate(database_url, lock_timeout_seconds=0.2) == (
+                    "database is up to date"
+                )
+                return
+            with pytest.raises(MigrationFailed, match="another transaction held a table's lock"):
+                await migrate(database_url, lock_timeout_seconds=0.2, lock_wait_seconds=1.5)
+            assert await _revision(database_url) == "0016"
+            migrating = asyncio.create_task(
+                migrate(database_url, lock_timeout_seconds=0.2, lock_wait_seconds=60)
+            )
+            await asyncio.sleep(1.5)
+            assert not migrating.done()
+            await reader.rollback()
+            assert await asyncio.wait_for(migrating, 30) == "database is up to date"
+    finally:
+        await engine.dispose()
+    assert await _revision(database_url) == head_revision()
+
+
+async def test_a_concurrent_index_build_waits_out_the_lock_timeout(database_url: str) -> None:
+    """On PostgreSQL a concurrent build (0016's) waits for every older transaction that
+    wrote its table; cut short by the migration's lock timeout it would leave an invalid
+    index, which the next try would keep. It waits, and builds a valid one."""
+    await asyncio.to_thread(command.upgrade, _alembic_config(database_url), "0015")
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as writer:
+            if engine.dialect.name == "postgresql":
+                await writer.execute(text("DELETE FROM outbox"))
+            migrating = asyncio.create_task(
+                migrate(database_url, lock_timeout_seconds=0.2, lock_wait_seconds=0)
+            )
+            await asyncio.sleep(1.0)
+            await writer.rollback()
+            assert await asyncio.wait_for(migrating, 30) == "database is up to date"
+        if engine.dialect.name == "postgresql":
+            async with engine.connect() as conn:
+                valid = (
+                    await conn.execute(
+                        text(
+                            "SELECT indisvalid FROM pg_index"
+                            " WHERE indexrelid = 'ix_outbox_key'::regclass"
+                        )
+                    )
+                ).scalar_one()
+            assert valid is True
+    finally:
+        await engine.dispose()
+    assert await _revision(database_url) == head_revision()

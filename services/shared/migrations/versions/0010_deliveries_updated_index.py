@@ -6,6 +6,8 @@ Revises: 0009
 
 from alembic import op
 
+from services.shared.migrations._builds import concurrent_build
+
 revision = "0010"
 down_revision = "0009"
 branch_labels = None
@@ -20,7 +22,7 @@ def upgrade() -> None:
     # Built without holding the delivery log's writes for as long as a large table takes;
     # CONCURRENTLY cannot run inside a transaction. Built and committed before the version
     # is, so a migration stopped in between finds it there when run again.
-    with context.autocommit_block():
+    with concurrent_build():
         op.create_index(
             "ix_deliveries_updated",
             "deliveries",

@@ -7,6 +7,8 @@ Revises: 0011
 
 from alembic import op
 
+from services.shared.migrations._builds import concurrent_build
+
 revision = "0012"
 down_revision = "0011"
 branch_labels = None
@@ -27,7 +29,7 @@ def upgrade() -> None:
         return
     # As 0010: built without holding the tokens table's writes (key creation, last use)
     # for as long as a large table takes, each committed before the version is.
-    with context.autocommit_block():
+    with concurrent_build():
         for name, column in _INDEXES.items():
             op.create_index(
                 name, "tokens", [column], postgresql_concurrently=True, if_not_exists=True

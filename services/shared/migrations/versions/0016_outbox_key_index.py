@@ -8,6 +8,8 @@ Revises: 0015
 
 from alembic import op
 
+from services.shared.migrations._builds import concurrent_build
+
 revision = "0016"
 down_revision = "0015"
 branch_labels = None
@@ -24,7 +26,7 @@ def upgrade() -> None:
         return
     # As 0010: built without holding the outbox's writes (every change to an object writes
     # a row) for as long as a backlog left by an outage takes.
-    with context.autocommit_block():
+    with concurrent_build():
         op.create_index(_NAME, "outbox", _COLUMNS, postgresql_concurrently=True, if_not_exists=True)
 
 
