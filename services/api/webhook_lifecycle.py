@@ -41,6 +41,7 @@ from .webhooks import (
     actor,
     check_reachable,
     new_signing_secret,
+    previous_secret_expires_at,
     webhook_etag,
     webhook_view,
 )
@@ -305,7 +306,9 @@ async def rotate_secret(request: web.Request) -> web.Response:
         {
             **webhook_view(row._mapping),
             "secret": secret,
-            "previous_secret_expires_at": until if kept else None,
+            # Read as the view reads it, but at the rotation's own time: a grace of a
+            # second could otherwise be over by the time the view looks.
+            "previous_secret_expires_at": previous_secret_expires_at(row.secrets, now),
         }
     )
 

@@ -186,10 +186,11 @@ def webhook_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     return view
 
 
-def previous_secret_expires_at(stored: Any) -> datetime | None:
+def previous_secret_expires_at(stored: Any, now: datetime | None = None) -> datetime | None:
     """When the secret a rotation replaced stops signing: the latest end of a grace still
-    running (null when none is). Only the time: never a secret."""
-    now = utcnow()
+    running at ``now`` (null when none is). Only the time: never a secret."""
+    if now is None:
+        now = utcnow()
     ends = []
     for entry in stored or ():
         raw = entry.get("expires_at") if isinstance(entry, Mapping) else None

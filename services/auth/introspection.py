@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from services.shared import effective_permissions, ip_in_ranges
 
@@ -55,6 +55,22 @@ def idle_too_long(token: TokenState, now: datetime) -> bool:
     return now - last_seen > timedelta(seconds=token.inactivity_timeout_seconds)
 
 
+Ended = Literal["revoked", "expired", "idle"]
+
+
+def ended_reason(token: TokenState, now: datetime) -> Ended | None:
+    """Why the key can never be used again, or None while it can: revoked, past its
+    ``expires_at``, or unused past its inactivity timeout. Introspection refuses such a key
+    and the token routes refuse to revive it, so both must read its end the same way."""
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at is not None and token.expires_at <= now:
+        return "expired"
+    if idle_too_long(token, now):
+        return "idle"
+    return None
+
+
 def decide(
     token: TokenState | None,
     *,
@@ -65,17 +81,19 @@ def decide(
 ) -> dict[str, Any]:
     if token is None:
         return inactive("unknown")
-    if token.revoked_at is not None:
+    ended = ended_reason(token, now)
+    if ended == "revoked":
         return inactive("revoked")
+    # A spent old secret or a switched-off key is named ahead of an expiry (but after a
+    # revocation), so the key's end is read once and its answer used at two points.
     if token.presented_previous_secret and (
         token.previous_secret_expires_at is None or token.previous_secret_expires_at <= now
     ):
         return inactive("rotated")
     if not token.active:
         return inactive("inactive")
-    if token.expires_at is not None and token.expires_at <= now:
-        return inactive("expired")
-    if idle_too_long(token, now):
+    if ended is not None:
+        # Clients are told "expired" alike for a date passed and for disuse.
         return inactive("expired")
     if token.allowed_cidrs and not ip_in_ranges(client_ip, token.allowed_cidrs):
         return inactive("ip_not_allowed")

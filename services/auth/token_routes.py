@@ -31,7 +31,7 @@ from services.shared import (
 from . import store
 from .callers import Caller, Callers, KeyUsage
 from .errors import TokenEnded
-from .introspection import idle_too_long, state_of
+from .introspection import ended_reason, state_of
 from .tokens import lifetime_problem
 
 MAX_GRACE_SECONDS = 30 * 24 * 3600
@@ -111,13 +111,15 @@ def _why_ended(row: Any, usage: KeyUsage, now: datetime) -> str | None:
     passed, or it went unused past its inactivity timeout), or None while it can. No route
     moves either back: a secret or a switch-on given to such a key would be dead on
     arrival."""
-    if row.revoked_at is not None:
-        return "was revoked"
     # This process's uses not yet written count, as on every other check of idleness.
     state = usage.latest(store.state_from_row(row))
-    if state.expires_at is not None and state.expires_at <= now:
+    ended = ended_reason(state, now)
+    if ended == "revoked":
+        return "was revoked"
+    if ended == "expired":
+        assert state.expires_at is not None
         return f"expired at {state.expires_at.isoformat()}"
-    if idle_too_long(state, now):
+    if ended == "idle":
         return "expired, unused for longer than its inactivity timeout"
     return None
 
