@@ -387,7 +387,7 @@ class DeliveryHandler:
             # Before the rate wait: a record that will not be sent takes no slot.
             return [self._another_teams(delivery, record)]
         try:
-            route = await self._route_when_due(delivery, record, pace)
+            route = await self._route_when_due(delivery, record, pace, known)
         except WebhookUnconfirmed:
             return [self._waiting(delivery, _UNCONFIRMED_WAIT_SECONDS)]
         if route is not None and route.team_id != delivery.event.team_id:
@@ -481,12 +481,16 @@ class DeliveryHandler:
             return None
 
     async def _route_when_due(
-        self, delivery: Delivery, record: ConsumerRecord, pace: Pace | None
+        self,
+        delivery: Delivery,
+        record: ConsumerRecord,
+        pace: Pace | None,
+        route: WebhookRoute | None,
     ) -> WebhookRoute | None:
-        """The webhook to send to once the endpoint's rate allows; None when it is gone or
-        inactive. A delivery that will not be sent (inactive webhook, open circuit) takes
-        no rate slot: a deactivated webhook's backlog clears at once, not at its rate."""
-        route = self._table.get(delivery.webhook_id)
+        """The webhook to send to once the endpoint's rate allows, from ``route`` as the
+        table has it now; None when it is gone or inactive. A delivery that will not be
+        sent (inactive webhook, open circuit) takes no rate slot: a deactivated webhook's
+        backlog clears at once, not at its rate."""
         if route is None or not route.active:
             route = await self._confirmed(delivery.webhook_id)
         if route is None or not route.active or pace is None:

@@ -265,6 +265,8 @@ class RetryTimer:
                 await asyncio.sleep(1.0)
                 batches = {}
             self._forget_revoked()
+            # Once per fetch: a batch is read in microseconds, and the bound is days.
+            too_far_us = _wall_us() + _AHEAD_MAX_US
             for partition, records in batches.items():
                 for record in records:
                     # Waiting, or forwarded but not yet committed: read again after a
@@ -273,7 +275,7 @@ class RetryTimer:
                         continue
                     self._tracker.add(partition, record.offset, record_bytes(record))
                     entry = Waiting.of(record)
-                    if entry.due_us > _wall_us() + _AHEAD_MAX_US:
+                    if entry.due_us > too_far_us:
                         # Written by hand: no wait of ours is that long. Forwarded now,
                         # for the delivery handler to dead-letter with the reason.
                         entry = entry._replace(due_us=0)
