@@ -11,7 +11,7 @@ import time
 import traceback
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from services.shared import (
     ensure_topics,
     load_settings,
     make_consumer,
+    make_producer,
     migrate,
     start_client,
     start_site,
@@ -323,14 +324,36 @@ class Stack:
             body = await response.json() if response.status != 204 else None
             return response.status, body
 
-    async def introspect(self, token: str) -> dict[str, Any]:
+    async def auth_list(self, path: str = "/v1/tokens") -> list[dict[str, Any]]:
+        """The ``data`` of one of the auth service's lists (the caller's keys by default)."""
+        status, listed = await self.auth_call("GET", path)
+        assert status == 200, listed
+        return list(listed["data"])
+
+    async def create_key(self, name: str, permissions: list[str]) -> dict[str, Any]:
+        """A key made through the auth service, as every view shows it (its secret, shown
+        once, set aside)."""
+        status, created = await self.auth_call(
+            "POST", "/v1/tokens", json={"name": name, "permissions": permissions}
+        )
+        assert status == 201, created
+        created.pop("token")
+        return dict(created)
+
+    async def introspect_call(
+        self, payload: Any, credential: str | None = "test-service-credential"
+    ) -> tuple[int, Any]:
+        """POST ``payload`` to the auth service's introspection endpoint, with the service
+        credential given (none when ``None``); returns (status, JSON body)."""
+        headers = {"authorization": f"Bearer {credential}"} if credential else {}
         async with self.session.post(
-            f"{self.auth_url}/v1/introspect",
-            json={"token": token},
-            headers={"authorization": "Bearer test-service-credential"},
+            f"{self.auth_url}/v1/introspect", json=payload, headers=headers
         ) as response:
-            answer: dict[str, Any] = await response.json()
-            return answer
+            return response.status, await response.json()
+
+    async def introspect(self, token: str) -> dict[str, Any]:
+        _, answer = await self.introspect_call({"token": token})
+        return dict(answer)
 
     async def new_token(self, permissions: list[str], name: str | None = None) -> str:
         engine = self.api.engine
@@ -541,6 +564,20 @@ async def records_in(settings: Settings, topic: str) -> int:
 async def dead_letters(settings: Settings, count: int) -> list[dict[str, Any]]:
     """The first ``count`` records of the dead-letter topic, waiting up to 10 s for them."""
     return await topic_records(settings, topics_for(settings).dead_letter, count)
+
+
+async def send_records(
+    stack: Stack, topic: str, key: bytes, values: Sequence[bytes | None]
+) -> None:
+    """Write ``values`` to ``topic`` in order under one key (one partition), as an outside
+    producer would, with a producer of its own."""
+    producer = make_producer(stack.settings)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value=value, key=key)
+    finally:
+        await producer.stop()
 
 
 @dataclass

@@ -13,6 +13,7 @@ from yarl import URL
 from services.auth.tokens import generate_token
 from services.shared import EVENT_TYPES, new_id, tables
 from tests.conftest import Stack, audit_count, corrupt, published_events
+from tests.integration._inputs import EMPTY_BODIES, NOT_JSON
 
 
 async def _post(
@@ -201,7 +202,7 @@ async def test_invalid_webhooks_get_422_naming_the_field(
 
 
 @pytest.mark.parametrize("path", ["/webhooks", "/objects/contact"])
-@pytest.mark.parametrize("raw", [b"{", b"", b"  \n", b"nul", b'{"name": "x",}', b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [*EMPTY_BODIES, *NOT_JSON])
 async def test_malformed_json_gets_422(api_stack: Stack, path: str, raw: bytes) -> None:
     """Bodies that are not JSON at all (or empty) are refused with a clear message, on the
     typed webhook route and the free-form object route alike; nothing is stored."""
@@ -301,19 +302,19 @@ async def _webhook(stack: Stack, webhook_id: str) -> tuple[dict[str, Any], str, 
     return shown, etag, list(secrets)
 
 
-# Bodies no JSON reader takes. An empty one is not among them: on the routes whose body
-# is optional it means "every default".
-NOT_JSON = [b"{", b"nul", b'{"grace_seconds": 0,}', b"\xff\xfe"]
+# The bodies no JSON reader takes (no empty one: where the body is optional it means
+# "every default"), and one that is a valid rotation but for its trailing comma.
+WEBHOOK_NOT_JSON = [*NOT_JSON, b'{"grace_seconds": 0,}']
 
 
 @pytest.mark.parametrize(
     ("method", "route", "raw", "action"),
     [
-        *[("PATCH", "", raw, "webhook.updated") for raw in [b"", b"  \n", *NOT_JSON]],
+        *[("PATCH", "", raw, "webhook.updated") for raw in [*EMPTY_BODIES, *WEBHOOK_NOT_JSON]],
         # Optional bodies: a broken one is refused, not read as "no body, use defaults"
         # (a rotation with the default grace, a test event with the default data).
-        *[("POST", "/rotate-secret", raw, "webhook.secret_rotated") for raw in NOT_JSON],
-        *[("POST", "/test", raw, "webhook.test_sent") for raw in NOT_JSON],
+        *[("POST", "/rotate-secret", raw, "webhook.secret_rotated") for raw in WEBHOOK_NOT_JSON],
+        *[("POST", "/test", raw, "webhook.test_sent") for raw in WEBHOOK_NOT_JSON],
     ],
 )
 async def test_webhook_changes_that_are_not_json_get_422_and_change_nothing(

@@ -8,28 +8,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import Stack, audit_count
+from tests.integration._inputs import EMPTY_BODIES, NOT_JSON
 
 READ = ["object:read"]
 LISTS = ["/v1/tokens", "/v1/permission-groups"]
-# Bodies no JSON reader takes. An empty body is left out here: where a body is optional
-# it means "every default", and the required-body routes are given it separately.
-NOT_JSON = [b"{", b"nul", b'{"name": "x",}', b"\xff\xfe"]
-
-
-async def _key(stack: Stack) -> dict[str, Any]:
-    """A key as every view shows it (its secret, shown once, set aside)."""
-    status, created = await stack.auth_call(
-        "POST", "/v1/tokens", json={"name": "kept", "permissions": READ}
-    )
-    assert status == 201, created
-    created.pop("token")
-    return dict(created)
-
-
-async def _listed(stack: Stack, path: str) -> list[dict[str, Any]]:
-    status, listed = await stack.auth_call("GET", path)
-    assert status == 200, listed
-    return list(listed["data"])
 
 
 @pytest.mark.parametrize("path", LISTS)
@@ -67,7 +49,7 @@ async def test_a_query_string_key_is_refused_by_auth(api_stack: Stack, with_head
     """?auth-key= is refused on the auth service's routes too (HOOKWIRE_ALLOW_QUERY_KEYS
     is off), even beside a good header: the key is in a URL that gets logged either way.
     No key is made."""
-    before = await _listed(api_stack, "/v1/tokens")
+    before = await api_stack.auth_list()
     headers = api_stack.headers() if with_header else {}
     url = f"{api_stack.auth_url}/v1/tokens?auth-key={api_stack.token}"
     async with api_stack.session.post(
@@ -80,12 +62,12 @@ async def test_a_query_string_key_is_refused_by_auth(api_stack: Stack, with_head
     async with api_stack.session.get(url, headers=headers) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "query_key_refused"
-    assert await _listed(api_stack, "/v1/tokens") == before
+    assert await api_stack.auth_list() == before
 
 
-@pytest.mark.parametrize("raw", [b"", b"  \n", *NOT_JSON])
+@pytest.mark.parametrize("raw", [*EMPTY_BODIES, *NOT_JSON])
 async def test_a_key_edit_that_is_not_json_changes_nothing(api_stack: Stack, raw: bytes) -> None:
-    created = await _key(api_stack)
+    created = await api_stack.create_key("kept", READ)
     path = f"/v1/tokens/{created['id']}"
     status, answer = await api_stack.auth_call("PATCH", path, data=raw)
     assert status == 422, answer
@@ -157,7 +139,7 @@ async def test_an_access_token_on_auth_routes_is_told_to_send_the_key(
     they take the key, not "does not start with hwk_" as if the key were corrupted."""
     status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange")
     assert status == 200, exchanged
-    before = await _listed(api_stack, "/v1/tokens")
+    before = await api_stack.auth_list()
     status, answer = await _refusal(
         api_stack, method, path, api_stack.headers(exchanged["access_token"])
     )
@@ -168,7 +150,7 @@ async def test_an_access_token_on_auth_routes_is_told_to_send_the_key(
     assert "API key" in error["message"], error
     assert "does not start with" not in error["message"], error
     assert "access_token" not in answer
-    assert await _listed(api_stack, "/v1/tokens") == before
+    assert await api_stack.auth_list() == before
 
 
 @pytest.mark.parametrize(("method", "path"), KEYED_ROUTES)
@@ -183,7 +165,7 @@ async def test_another_authorization_scheme_gets_the_malformed_reason(
     """Every invalid_token says why (``details.reason``): a scheme auth does not read is a
     malformed credential, the message saying which forms are taken. No header at all
     stays ``missing_token``, as documented."""
-    before = await _listed(api_stack, "/v1/tokens")
+    before = await api_stack.auth_list()
     status, answer = await _refusal(api_stack, method, path, {"authorization": authorization})
     assert status == 401, answer
     error = answer["error"]
@@ -195,4 +177,4 @@ async def test_another_authorization_scheme_gets_the_malformed_reason(
         "missing_token",
         None,
     )
-    assert await _listed(api_stack, "/v1/tokens") == before
+    assert await api_stack.auth_list() == before

@@ -9,15 +9,8 @@ from typing import Any
 import orjson
 from sqlalchemy import select
 
-from services.shared import (
-    Attempt,
-    Settings,
-    make_producer,
-    tables,
-    topics_for,
-    utcnow,
-)
-from tests.conftest import Stack, audit_count, dead_letters, running_stack
+from services.shared import Attempt, Settings, tables, topics_for, utcnow
+from tests.conftest import Stack, audit_count, dead_letters, running_stack, send_records
 from tests.samples import sample_event
 
 
@@ -96,41 +89,37 @@ async def test_another_teams_disable_request_leaves_the_webhook_alone(
         marker = _attempt(
             stack.team_id, "msg_marker", webhook["id"], outcome="skipped", status_code=None
         )
-        producer = make_producer(stack.settings)
-        await producer.start()
-        try:
-            # One key: one partition, so the marker is written after the foreign records.
-            for record in (*foreign, marker):
-                await producer.send_and_wait(topics.attempts, value=record.to_bytes(), key=b"k")
-            await _stored(stack, "msg_marker")
-            # Nor do they show in either team's delivery log.
-            async with stack.api.engine.connect() as conn:
-                logged = (
-                    await conn.execute(
-                        select(tables.deliveries.c.id).where(
-                            tables.deliveries.c.id.in_([a.delivery_id for a in foreign])
-                        )
+        # One key: one partition, so the marker is written after the foreign records.
+        await send_records(
+            stack, topics.attempts, b"k", [record.to_bytes() for record in (*foreign, marker)]
+        )
+        await _stored(stack, "msg_marker")
+        # Nor do they show in either team's delivery log.
+        async with stack.api.engine.connect() as conn:
+            logged = (
+                await conn.execute(
+                    select(tables.deliveries.c.id).where(
+                        tables.deliveries.c.id.in_([a.delivery_id for a in foreign])
                     )
-                ).all()
-            assert logged == []
-            row = await _webhook(stack, webhook["id"])
-            assert row.active is True
-            assert row.failing_since is None
-            assert await audit_count(stack, "webhook.disabled", webhook["id"]) == 0
+                )
+            ).all()
+        assert logged == []
+        row = await _webhook(stack, webhook["id"])
+        assert row.active is True
+        assert row.failing_since is None
+        assert await audit_count(stack, "webhook.disabled", webhook["id"]) == 0
 
-            own = foreign[0].model_copy(
-                update={
-                    "team_id": stack.team_id,
-                    "delivery_id": "msg_own",
-                    "attempted_at": utcnow(),
-                }
-            )
-            await producer.send_and_wait(topics.attempts, value=own.to_bytes(), key=b"k")
-            await _stored(stack, "msg_own")
-            assert (await _webhook(stack, webhook["id"])).active is False
-            assert await audit_count(stack, "webhook.disabled", webhook["id"]) == 1
-        finally:
-            await producer.stop()
+        own = foreign[0].model_copy(
+            update={
+                "team_id": stack.team_id,
+                "delivery_id": "msg_own",
+                "attempted_at": utcnow(),
+            }
+        )
+        await send_records(stack, topics.attempts, b"k", [own.to_bytes()])
+        await _stored(stack, "msg_own")
+        assert (await _webhook(stack, webhook["id"])).active is False
+        assert await audit_count(stack, "webhook.disabled", webhook["id"]) == 1
 
 
 async def test_bad_attempt_records_are_set_aside_and_the_log_goes_on(settings: Settings) -> None:
@@ -159,17 +148,15 @@ async def test_bad_attempt_records_are_set_aside_and_the_log_goes_on(settings: S
             attempt=2,
             disable_reason="the endpoint answered 410 Gone",
         )
-        producer = make_producer(stack.settings)
-        await producer.start()
-        try:
-            await producer.send_and_wait(topics.attempts, value=theirs.to_bytes(), key=b"k")
-            await _stored(stack, "msg_theirs")
-            for value in (orjson.dumps(many_wrong), nul.to_bytes(), intruder.to_bytes()):
-                await producer.send_and_wait(topics.attempts, value=value, key=b"k")
-            await producer.send_and_wait(topics.attempts, value=good.to_bytes(), key=b"k")
-            await _stored(stack, "msg_good")
-        finally:
-            await producer.stop()
+        await send_records(stack, topics.attempts, b"k", [theirs.to_bytes()])
+        await _stored(stack, "msg_theirs")
+        await send_records(
+            stack,
+            topics.attempts,
+            b"k",
+            [orjson.dumps(many_wrong), nul.to_bytes(), intruder.to_bytes(), good.to_bytes()],
+        )
+        await _stored(stack, "msg_good")
         [letter] = await dead_letters(stack.settings, 1)
         assert len(letter["reason"]) < 2_100
         assert letter["reason"].startswith("request_headers.h0: Input should be a valid string")
@@ -211,18 +198,17 @@ async def test_an_empty_attempt_record_and_one_of_another_schema_are_dead_letter
         topics = topics_for(stack.settings)
         other_schema = _attempt(stack.team_id, "msg_schema_99", webhook["id"], final=False)
         good = _attempt(stack.team_id, "msg_after_them", webhook["id"], final=False)
-        producer = make_producer(stack.settings)
-        await producer.start()
-        try:
-            for value in (
+        await send_records(
+            stack,
+            topics.attempts,
+            b"k",
+            [
                 None,
                 orjson.dumps({**orjson.loads(other_schema.to_bytes()), "schema": 99}),
                 good.to_bytes(),
-            ):
-                await producer.send_and_wait(topics.attempts, value=value, key=b"k")
-            await _stored(stack, "msg_after_them")
-        finally:
-            await producer.stop()
+            ],
+        )
+        await _stored(stack, "msg_after_them")
         letters = await dead_letters(stack.settings, 2)
         assert [letter["source_topic"] for letter in letters] == [topics.attempts] * 2
         assert [letter["reason"] for letter in letters] == [

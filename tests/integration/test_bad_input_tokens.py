@@ -8,14 +8,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import Stack, audit_count
+from tests.integration._inputs import EMPTY_BODIES, NOT_JSON
 
 READ = ["object:read"]
-
-
-async def _tokens(stack: Stack) -> list[dict[str, Any]]:
-    status, listed = await stack.auth_call("GET", "/v1/tokens")
-    assert status == 200
-    return list(listed["data"])
 
 
 @pytest.mark.parametrize(
@@ -57,22 +52,22 @@ async def _tokens(stack: Stack) -> list[dict[str, Any]]:
 async def test_bad_token_creates_are_refused_and_store_nothing(
     api_stack: Stack, body: Any, field: str
 ) -> None:
-    before = await _tokens(api_stack)
+    before = await api_stack.auth_list()
     status, answer = await api_stack.auth_call("POST", "/v1/tokens", json=body)
     assert status == 422, answer
     assert answer["error"]["code"] == "validation_failed"
     assert field in [problem["field"] for problem in answer["error"]["details"]]
-    assert await _tokens(api_stack) == before
+    assert await api_stack.auth_list() == before
 
 
-@pytest.mark.parametrize("raw", [b"", b"  ", b"{", b"nul", b'{"name": "x",}'])
+@pytest.mark.parametrize("raw", [*EMPTY_BODIES, *NOT_JSON])
 async def test_token_bodies_that_are_not_json_are_refused(api_stack: Stack, raw: bytes) -> None:
-    before = await _tokens(api_stack)
+    before = await api_stack.auth_list()
     status, answer = await api_stack.auth_call("POST", "/v1/tokens", data=raw)
     assert status == 422
     assert [problem["field"] for problem in answer["error"]["details"]] == ["body"]
     assert "JSON" in answer["error"]["message"]
-    assert await _tokens(api_stack) == before
+    assert await api_stack.auth_list() == before
 
 
 @pytest.mark.parametrize(
@@ -93,11 +88,7 @@ async def test_bad_token_edits_are_refused_and_change_nothing(
 ) -> None:
     """Permissions and the revocation cannot be edited at all; nothing else past its
     limits; the key is unchanged and no change is audited."""
-    status, created = await api_stack.auth_call(
-        "POST", "/v1/tokens", json={"name": "edited", "permissions": READ}
-    )
-    assert status == 201
-    created.pop("token")
+    created = await api_stack.create_key("edited", READ)
     path = f"/v1/tokens/{created['id']}"
     status, answer = await api_stack.auth_call("PATCH", path, json=body)
     assert status == 422, answer

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from services.shared import make_producer, utcnow
-from tests.conftest import Receiver, Stack, dead_letters
+from services.shared import utcnow
+from tests.conftest import Receiver, Stack, dead_letters, send_records
 
 GOOD = {
     "schema": 1,
@@ -50,18 +50,8 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
         orjson.dumps({**GOOD, "team_id": stack.team_id, "occurred_at": 1_700_000_000}),
         orjson.dumps({**GOOD, "team_id": stack.team_id, "version": "5"}),
     ]
-    producer = make_producer(stack.settings)
-    await producer.start()
-    try:
-        for value in bad:
-            await producer.send_and_wait(topics.events, value=value, key=b"same-partition")
-        await producer.send_and_wait(
-            topics.events,
-            value=orjson.dumps({**GOOD, "team_id": stack.team_id}),
-            key=b"same-partition",
-        )
-    finally:
-        await producer.stop()
+    good = orjson.dumps({**GOOD, "team_id": stack.team_id})
+    await send_records(stack, topics.events, b"same-partition", [*bad, good])
 
     [delivery] = await receiver.wait_for(1)
     assert orjson.loads(delivery.body)["id"] == "evt_external_1"
@@ -93,7 +83,7 @@ async def test_an_empty_event_record_and_an_unknown_field_are_dead_lettered(
     await stack.create_webhook(receiver.url, ["object.created"])
     topics = stack.dispatcher.topics
     event = {**GOOD, "team_id": stack.team_id}
-    await _send(
+    await send_records(
         stack,
         topics.events,
         b"same-partition",
@@ -127,17 +117,15 @@ async def test_a_delivery_outside_its_contract_is_dead_lettered_before_any_post(
     event = {**GOOD, "team_id": stack.team_id}
     delivery = {"schema": 1, "webhook_id": webhook_id, "attempt": 1, "event": event}
     topics = stack.dispatcher.topics
-    producer = make_producer(stack.settings)
-    await producer.start()
-    try:
-        for delivery_id in ("msg_" + "x" * 80, "msg_within_contract"):
-            await producer.send_and_wait(
-                topics.deliveries,
-                value=orjson.dumps({**delivery, "id": delivery_id}),
-                key=webhook_id.encode(),
-            )
-    finally:
-        await producer.stop()
+    await send_records(
+        stack,
+        topics.deliveries,
+        webhook_id.encode(),
+        [
+            orjson.dumps({**delivery, "id": delivery_id})
+            for delivery_id in ("msg_" + "x" * 80, "msg_within_contract")
+        ],
+    )
 
     [delivered] = await receiver.wait_for(1)
     assert delivered.headers["webhook-id"] == "msg_within_contract"
@@ -152,14 +140,13 @@ def _delivery(webhook_id: str, team_id: str, delivery_id: str, **fields: Any) ->
     return orjson.dumps({**record, "event": event, **fields})
 
 
-async def _send(stack: Stack, topic: str, key: bytes, values: list[bytes | None]) -> None:
-    producer = make_producer(stack.settings)
-    await producer.start()
-    try:
-        for value in values:
-            await producer.send_and_wait(topic, value=value, key=key)
-    finally:
-        await producer.stop()
+async def _timer_drained(stack: Stack, within: float = 5.0) -> None:
+    """Until the dispatcher's retry timer holds no record waiting, failing after ``within``
+    seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while stack.dispatcher._timer is not None and stack.dispatcher._timer.pending:
+        assert asyncio.get_running_loop().time() < deadline, "records left waiting"
+        await asyncio.sleep(0.05)
 
 
 def _invalid_records(stack: Stack) -> float | None:
@@ -176,7 +163,7 @@ async def test_a_delivery_pairing_one_teams_event_with_anothers_webhook_is_not_s
     endpoint. It is dead-lettered, and the delivery behind it still goes."""
     webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
     topics = stack.dispatcher.topics
-    await _send(
+    await send_records(
         stack,
         topics.deliveries,
         webhook_id.encode(),
@@ -201,7 +188,7 @@ async def test_unreadable_deliveries_are_dead_lettered_and_the_lane_goes_on(
     a webhook's lane: each dead-lettered as invalid; the delivery behind them is sent."""
     webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
     topics = stack.dispatcher.topics
-    await _send(
+    await send_records(
         stack,
         topics.deliveries,
         webhook_id.encode(),
@@ -228,7 +215,7 @@ async def test_garbage_on_a_retry_topic_is_forwarded_then_dead_lettered(
     due = _delivery(
         webhook_id, stack.team_id, "msg_due_retry", attempt=2, not_before=utcnow().isoformat()
     )
-    await _send(stack, topics.retry(1), webhook_id.encode(), [b"garbage", None, due])
+    await send_records(stack, topics.retry(1), webhook_id.encode(), [b"garbage", None, due])
     [delivered] = await receiver.wait_for(1)
     assert delivered.headers["webhook-id"] == "msg_due_retry"
     letters = await dead_letters(stack.settings, 2)
@@ -236,10 +223,7 @@ async def test_garbage_on_a_retry_topic_is_forwarded_then_dead_lettered(
     assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 2
     assert sorted(letter["payload"] for letter in letters) == ["", "garbage"]
     assert _invalid_records(stack) == 2
-    deadline = asyncio.get_running_loop().time() + 5
-    while stack.dispatcher._timer is not None and stack.dispatcher._timer.pending:
-        assert asyncio.get_running_loop().time() < deadline, "records left waiting"
-        await asyncio.sleep(0.05)
+    await _timer_drained(stack)
 
 
 async def test_a_retry_with_no_offset_or_due_in_centuries_is_dead_lettered_at_once(
@@ -259,8 +243,8 @@ async def test_a_retry_with_no_offset_or_due_in_centuries_is_dead_lettered_at_on
     in_two_days = (utcnow() + timedelta(days=2)).isoformat()
     early = _delivery(**retry, delivery_id="msg_early", not_before=in_two_days)
     due = _delivery(**retry, delivery_id="msg_due", not_before=utcnow().isoformat())
-    await _send(stack, topics.deliveries, webhook_id.encode(), [early])
-    await _send(stack, topics.retry(1), webhook_id.encode(), [naive, far, due])
+    await send_records(stack, topics.deliveries, webhook_id.encode(), [early])
+    await send_records(stack, topics.retry(1), webhook_id.encode(), [naive, far, due])
     [delivered] = await receiver.wait_for(1)
     assert delivered.headers["webhook-id"] == "msg_due"
     letters = await dead_letters(stack.settings, 3)
@@ -273,10 +257,7 @@ async def test_a_retry_with_no_offset_or_due_in_centuries_is_dead_lettered_at_on
         )
     assert _invalid_records(stack) == 3
     assert len(receiver.received) == 1
-    deadline = asyncio.get_running_loop().time() + 5
-    while stack.dispatcher._timer is not None and stack.dispatcher._timer.pending:
-        assert asyncio.get_running_loop().time() < deadline, "records left waiting"
-        await asyncio.sleep(0.05)
+    await _timer_drained(stack)
 
 
 async def test_deliveries_of_another_schema_an_unknown_field_or_attempt_0_are_dead_lettered(
@@ -289,7 +270,7 @@ async def test_deliveries_of_another_schema_an_unknown_field_or_attempt_0_are_de
     webhook_id = (await stack.create_webhook(receiver.url, ["object.created"]))["id"]
     topics = stack.dispatcher.topics
     team_id = stack.team_id
-    await _send(
+    await send_records(
         stack,
         topics.deliveries,
         webhook_id.encode(),

@@ -12,22 +12,13 @@ from services.auth import app as auth_app
 from services.auth import store
 from services.auth.tokens import generate_token, hash_token
 from tests.conftest import Stack, audit_count, corrupt, pause_first_call
-
-
-async def _introspect(
-    stack: Stack, payload: Any, credential: str | None = "test-service-credential"
-) -> tuple[int, dict[str, Any]]:
-    headers = {"authorization": f"Bearer {credential}"} if credential else {}
-    async with stack.session.post(
-        f"{stack.auth_url}/v1/introspect", json=payload, headers=headers
-    ) as response:
-        return response.status, await response.json()
+from tests.integration._inputs import EMPTY_BODIES, NOT_JSON
 
 
 async def test_valid_token_is_active_with_team_permissions(api_stack: Stack) -> None:
     """RFC 7662 shape with the effective permissions in that team."""
-    status, answer = await _introspect(
-        api_stack, {"token": api_stack.token, "team_id": api_stack.team_id}
+    status, answer = await api_stack.introspect_call(
+        {"token": api_stack.token, "team_id": api_stack.team_id}
     )
     assert status == 200
     assert answer["active"] is True
@@ -45,7 +36,7 @@ async def test_inactive_answers_say_why(api_stack: Stack) -> None:
         ({"token": api_stack.token, "team_id": "team_unknown"}, "not_member"),
     ]
     for payload, reason in cases:
-        status, answer = await _introspect(api_stack, payload)
+        status, answer = await api_stack.introspect_call(payload)
         assert status == 200
         assert answer == {"active": False, "reason": reason}
 
@@ -53,7 +44,7 @@ async def test_inactive_answers_say_why(api_stack: Stack) -> None:
 async def test_service_credential_is_required(api_stack: Stack) -> None:
     """Without the right service credential nobody can probe tokens."""
     for credential in (None, "wrong"):
-        status, answer = await _introspect(api_stack, {"token": api_stack.token}, credential)
+        status, answer = await api_stack.introspect_call({"token": api_stack.token}, credential)
         assert status == 401
         assert answer["error"]["code"] == "invalid_service_credential"
 
@@ -77,13 +68,13 @@ async def test_bad_introspection_bodies_get_422(api_stack: Stack, payload: Any, 
     field (a token past 256 characters is not looked at, not answered "malformed")."""
     if isinstance(payload, dict) and "token" not in payload:
         payload = {"token": api_stack.token, **payload}
-    status, answer = await _introspect(api_stack, payload)
+    status, answer = await api_stack.introspect_call(payload)
     assert status == 422
     assert answer["error"]["code"] == "validation_failed"
     assert field in [d["field"] for d in answer["error"]["details"]]
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"token=x"])
+@pytest.mark.parametrize("raw", [*EMPTY_BODIES, *NOT_JSON, b"token=x"])
 async def test_introspection_bodies_that_are_not_json_get_422(api_stack: Stack, raw: bytes) -> None:
     """An empty or unparseable body is refused naming the body."""
     async with api_stack.session.post(
@@ -98,7 +89,7 @@ async def test_introspection_bodies_that_are_not_json_get_422(api_stack: Stack, 
 
 async def test_a_missing_token_field_is_named(api_stack: Stack) -> None:
     """``{}``: the token is required."""
-    status, answer = await _introspect(api_stack, {})
+    status, answer = await api_stack.introspect_call({})
     assert status == 422
     assert [d["field"] for d in answer["error"]["details"]] == ["token"]
 
@@ -149,8 +140,7 @@ async def test_a_permission_asked_for_must_be_held(api_stack: Stack) -> None:
     """With ``permission``, a key that lacks it (in that team) is not active for it."""
     limited = await api_stack.new_token(["object:read"])
     for permission, active in (("object:read", True), ("webhook:delete", False)):
-        status, answer = await _introspect(
-            api_stack,
+        status, answer = await api_stack.introspect_call(
             {"token": limited, "team_id": api_stack.team_id, "permission": permission},
         )
         assert status == 200
@@ -171,8 +161,8 @@ async def test_an_unknown_permission_asked_for_is_a_422(api_stack: Stack, token:
     before the key, and is no use of it."""
     key = {"valid": api_stack.token, "malformed": "hwk_nope"}[token]
     used_before = api_stack.auth.usage.latest(await _state_of(api_stack, api_stack.token))
-    status, answer = await _introspect(
-        api_stack, {"token": key, "team_id": api_stack.team_id, "permission": "webhook:fly"}
+    status, answer = await api_stack.introspect_call(
+        {"token": key, "team_id": api_stack.team_id, "permission": "webhook:fly"}
     )
     assert status == 422, answer
     assert answer["error"]["code"] == "unknown_permission"

@@ -61,14 +61,9 @@ async def _introspect(
     payload = {"token": token, "team_id": team_id}
     if permission is not None:
         payload["permission"] = permission
-    async with stack.session.post(
-        f"{stack.auth_url}/v1/introspect",
-        json=payload,
-        headers={"authorization": "Bearer test-service-credential"},
-    ) as response:
-        assert response.status == 200
-        answer: dict[str, Any] = await response.json()
-        return answer
+    status, answer = await stack.introspect_call(payload)
+    assert status == 200
+    return dict(answer)
 
 
 async def _person(

@@ -13,6 +13,7 @@ import pytest
 import structlog
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.auth import store
 from services.auth.errors import TokenEnded
@@ -26,6 +27,17 @@ async def _token_count(stack: Stack) -> int:
     async with stack.api.engine.connect() as conn:
         count = (await conn.execute(select(func.count()).select_from(tables.tokens))).scalar()
     return int(count or 0)
+
+
+async def _set_token_row(target: Stack | AsyncConnection, key_id: str, **values: Any) -> None:
+    """Write ``values`` into a key's stored row by hand: on ``target`` when it is a
+    connection (inside its transaction), else in a transaction of its own."""
+    statement = tables.tokens.update().where(tables.tokens.c.id == key_id).values(**values)
+    if isinstance(target, AsyncConnection):
+        await target.execute(statement)
+        return
+    async with target.api.engine.begin() as conn:
+        await conn.execute(statement)
 
 
 async def _audit_actions(stack: Stack) -> list[str]:
@@ -975,12 +987,7 @@ async def test_a_deactivated_key_whose_expiry_passed_cannot_come_back(api_stack:
         "PATCH", f"/v1/tokens/{key['id']}", json={"active": False}
     )
     assert status == 200
-    async with api_stack.api.engine.begin() as conn:
-        await conn.execute(
-            tables.tokens.update()
-            .where(tables.tokens.c.id == key["id"])
-            .values(expires_at=utcnow() - timedelta(minutes=1))
-        )
+    await _set_token_row(api_stack, key["id"], expires_at=utcnow() - timedelta(minutes=1))
     await _ended_key_refuses_new_life(api_stack, key, "inactive", "expired at")
 
 
@@ -993,12 +1000,7 @@ async def test_a_key_expired_for_inactivity_cannot_be_rotated(api_stack: Stack) 
         json={"name": "idle", "permissions": ["object:read"], "inactivity_timeout_seconds": 60},
     )
     assert status == 201
-    async with api_stack.api.engine.begin() as conn:
-        await conn.execute(
-            tables.tokens.update()
-            .where(tables.tokens.c.id == key["id"])
-            .values(created_at=utcnow() - timedelta(hours=1))
-        )
+    await _set_token_row(api_stack, key["id"], created_at=utcnow() - timedelta(hours=1))
     await _ended_key_refuses_new_life(api_stack, key, "expired", "inactivity timeout")
 
 
@@ -1012,9 +1014,7 @@ async def test_a_rotation_racing_an_expiry_hands_out_no_secret(api_stack: Stack)
     for ending in ({"expires_at": utcnow() - timedelta(seconds=1)}, {"revoked_at": utcnow()}):
         async with api_stack.api.engine.begin() as conn:
             row = await store.token_row(conn, api_stack.user_id, key["id"])
-            await conn.execute(
-                tables.tokens.update().where(tables.tokens.c.id == key["id"]).values(**ending)
-            )
+            await _set_token_row(conn, key["id"], **ending)
             with pytest.raises(TokenEnded):
                 await store.rotate_token(
                     conn,
