@@ -65,7 +65,7 @@ _TEST_MESSAGE = "This is a test event from hookwire; it changes nothing."
 
 class DeliveryQuery(PageQuery):
     state: str | None = Field(
-        default=None, description="Comma-separated: delivered, retrying, failed, skipped"
+        default=None, description="Comma-separated: pending, delivered, retrying, failed, skipped"
     )
     webhook_id: str | None = Field(default=None, max_length=64)
     since: UtcDatetime | None = None

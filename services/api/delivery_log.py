@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.shared import (
@@ -59,7 +59,15 @@ _ATTEMPT_UPDATES = (
 )
 
 
+def _waiting(stored: Any) -> ColumnElement[bool]:
+    """The stored delivery still has an automatic attempt to come. Spelled without IN:
+    these upserts are run for many rows at once, and an IN list cannot be."""
+    return or_(stored.state == "pending", stored.state == "retrying")
+
+
 def _delivery_row(attempt: Attempt) -> dict[str, Any]:
+    # A put-off made no attempt: the delivery has made those before it.
+    made = attempt.attempt - 1 if attempt.outcome == "deferred" else attempt.attempt
     return {
         "id": attempt.delivery_id,
         "team_id": attempt.team_id,
@@ -69,7 +77,7 @@ def _delivery_row(attempt: Attempt) -> dict[str, Any]:
         "event": attempt.event.model_dump(mode="json", by_alias=True, exclude_none=True),
         "kind": attempt.kind,
         "state": attempt.state,
-        "attempts": attempt.attempt,
+        "attempts": made,
         "last_status_code": attempt.status_code,
         "last_error": _storable(attempt.error),
         "next_retry_at": attempt.next_retry_at,
@@ -195,15 +203,15 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
         held = and_(
             stored.state == "delivered", proposed.kind == "event", proposed.state != "delivered"
         )
-        # A re-send or test that failed while the dispatcher's retry is still to come: the
-        # delivery is still retrying, and says when (its last status and error are the
-        # re-send's). Shown failed, with no retry time, it would be re-sent again by hand
-        # and then delivered by the retry as well.
+        # A re-send or test that failed while the dispatcher's retry (or a first attempt
+        # put off) is still to come: the delivery is still retrying (or pending), and says
+        # when (its last status and error are the re-send's). Shown failed, with no retry
+        # time, it would be re-sent again by hand and then delivered by the retry as well.
         # Only while the retry was still ahead when the re-send was made: one already due
         # (sent, or on its way) may end the delivery before the re-send's record is read,
         # and its record, older, would then not count.
         still_retrying = and_(
-            stored.state == "retrying",
+            _waiting(stored),
             proposed.kind != "event",
             proposed.state != "delivered",
             stored.next_retry_at > proposed.updated_at,
@@ -229,7 +237,9 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
             ),
         }
 
-    for rows in _rounds(attempts):
+    made = [a for a in attempts if a.outcome != "deferred"]
+    await _store_put_offs(conn, [a for a in attempts if a.outcome == "deferred"])
+    for rows in _rounds(made):
         await upsert(
             conn,
             _deliveries,
@@ -250,13 +260,38 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
             ),
             computed=columns,
         )
-    by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in attempts}
+    by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in made}
     await upsert(
         conn,
         _attempts,
         [_attempt_row(a) for a in by_key.values()],
         key=("delivery_id", "attempt", "attempted_at"),
         update=_ATTEMPT_UPDATES,
+    )
+
+
+async def _store_put_offs(conn: AsyncConnection, put_offs: Sequence[Attempt]) -> None:
+    """A delivery put off without a request: listed (``pending`` before its first
+    attempt) with the time it goes next; the log gains no attempt, and the last status and
+    error stay those of the last attempt made. Only a delivery still waiting takes it, and
+    only from a record newer than its last change, so the order records are read in does
+    not matter: an attempt made after the put-off, read before it, stands."""
+    latest: dict[str, Attempt] = {}
+    for put_off in put_offs:
+        kept = latest.get(put_off.delivery_id)
+        if kept is None or kept.attempted_at < put_off.attempted_at:
+            latest[put_off.delivery_id] = put_off
+    stored = _deliveries.c
+    await upsert(
+        conn,
+        _deliveries,
+        [_delivery_row(a) for a in sorted(latest.values(), key=lambda a: a.delivery_id)],
+        key=("id",),
+        update=("next_retry_at", "updated_at"),
+        when=lambda proposed: and_(
+            stored.updated_at < proposed.updated_at,
+            _waiting(stored),
+        ),
     )
 
 

@@ -20,6 +20,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.shared import (
+    RETRY_TIERS,
     Attempt,
     BatchingSender,
     DeadLetter,
@@ -82,6 +83,10 @@ _TAKEN_OVER_STALE = timedelta(minutes=5)
 _MICROSECOND = timedelta(microseconds=1)
 # The reopening of a hold taken over from another process: none of this process's.
 _TAKEN_OVER = -2.0
+# What the delivery log says of a put-off (error, error_class).
+_CIRCUIT_OPEN = ("put off: the endpoint's circuit is open", "circuit_open")
+_HELD = ("put off behind the webhook's paused or earlier put-off deliveries", "held")
+_UNCONFIRMED = ("put off: the webhook could not be looked up", "lookup_failed")
 
 
 @dataclass
@@ -125,12 +130,17 @@ DEAD_LETTER_REASONS = (
 
 class DeliveryMetrics:
     def __init__(self, metrics: Metrics) -> None:
-        self.deliveries = metrics.counter("deliveries_total", "Delivery outcomes", ("outcome",))
+        self.deliveries = metrics.counter(
+            "deliveries_total", "Delivery outcomes, a put-off at each", ("outcome",)
+        )
         self.attempt_seconds = metrics.histogram(
             "delivery_attempt_seconds", "Time from request start to response"
         )
         self.retries = metrics.counter(
-            "retries_scheduled_total", "Failed deliveries scheduled again", ("tier",)
+            "retries_scheduled_total",
+            "Failed deliveries scheduled again",
+            ("tier",),
+            from_zero=tuple(str(tier) for tier in range(1, RETRY_TIERS + 1)),
         )
         self.dead_letters = metrics.counter(
             "dead_letters_total",
@@ -141,7 +151,10 @@ class DeliveryMetrics:
         self.inflight = metrics.gauge("inflight_deliveries", "Deliveries being sent")
         self.circuits_open = metrics.gauge("circuits_open", "Endpoints whose circuit is open")
         self.disabled = metrics.counter(
-            "webhooks_disabled_total", "Webhooks the dispatcher asked to disable", ("reason",)
+            "webhooks_disabled_total",
+            "Webhooks the dispatcher asked to disable",
+            ("reason",),
+            from_zero=("gone",),
         )
         # Every delivery counts one of these; looking a labelled child up each time costs
         # three times the increment.
@@ -389,7 +402,7 @@ class DeliveryHandler:
         try:
             route = await self._route_when_due(delivery, record, pace, known)
         except WebhookUnconfirmed:
-            return [self._waiting(delivery, _UNCONFIRMED_WAIT_SECONDS)]
+            return self._waiting(delivery, _UNCONFIRMED_WAIT_SECONDS)
         if route is not None and route.team_id != delivery.event.team_id:
             return [self._another_teams(delivery, record)]
         if self._resent(delivery):
@@ -400,9 +413,9 @@ class DeliveryHandler:
         about = _about(delivery)
         hold = self._held(delivery, record)
         if hold is not None:
-            return [self._put_off(delivery, hold)]
+            return self._put_off(delivery, hold, _HELD)
         if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
-            return [self._deferred(delivery, self._circuit.reopens_at(route.id))]
+            return self._deferred(delivery, self._circuit.reopens_at(route.id))
         clock = time.monotonic()
         self._inflight += 1
         try:
@@ -716,27 +729,44 @@ class DeliveryHandler:
             kept = kept[-(_WEBHOOKS_REMEMBERED // 2) :]
         self._holds = dict(kept)
 
-    def _waiting(self, delivery: Delivery, seconds: float) -> OutRecord:
+    def _waiting(self, delivery: Delivery, seconds: float) -> list[OutRecord]:
         # Events arriving before it wakes (the webhook's change record may come in
         # meanwhile) wait behind it, as behind a circuit's deferrals.
         until = utcnow() + timedelta(seconds=seconds)
-        return self._put_off(delivery, self._hold(delivery.webhook_id, -1.0, until))
+        hold = self._hold(delivery.webhook_id, -1.0, until)
+        return self._put_off(delivery, hold, _UNCONFIRMED)
 
-    def _deferred(self, delivery: Delivery, reopens_at: float) -> OutRecord:
+    def _deferred(self, delivery: Delivery, reopens_at: float) -> list[OutRecord]:
         # Every delivery deferred until the same reopening joins one hold (not a time read
         # from the clock each time): they wake a microsecond apart, in their order.
         wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
         until = utcnow() + timedelta(seconds=wait)
-        return self._put_off(delivery, self._hold(delivery.webhook_id, reopens_at, until))
+        hold = self._hold(delivery.webhook_id, reopens_at, until)
+        return self._put_off(delivery, hold, _CIRCUIT_OPEN)
 
-    def _put_off(self, delivery: Delivery, hold: _Hold) -> OutRecord:
+    def _put_off(self, delivery: Delivery, hold: _Hold, why: tuple[str, str]) -> list[OutRecord]:
+        """The delivery on a retry topic until the hold wakes it, and a record for the
+        delivery log: without it a first attempt would be missing from the log (and a
+        retry would show a time already past) for as long as the hold lasts."""
         wakes = hold.ends
         hold.count += 1
         # Not attempted, so the attempt number stays.
         put_off = delivery.model_copy(update={"not_before": wakes})
         self._metrics.outcomes["deferred"].inc()
         tier = self._policy.tier(delivery.attempt)
-        return (self._topics.retry(tier), delivery.webhook_id.encode(), put_off.to_bytes())
+        error, error_class = why
+        deferred = Attempt(
+            **_about(delivery),
+            outcome="deferred",
+            error=error,
+            error_class=error_class,
+            final=False,
+            next_retry_at=wakes,
+        )
+        return [
+            (self._topics.retry(tier), delivery.webhook_id.encode(), put_off.to_bytes()),
+            self._attempt_record(deferred),
+        ]
 
     def _dead_letter(
         self, delivery: Delivery, record: ConsumerRecord, reason: str, outcome: Outcome

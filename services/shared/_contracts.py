@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from ._errors import InvalidRecord
@@ -45,9 +46,11 @@ EVENT_TYPES: tuple[str, ...] = ("object.created", "object.updated", "object.dele
 # refuses it on the events topic so no producer can fan it out.
 TEST_EVENT_TYPE: Literal["webhook.test"] = "webhook.test"
 DeliveryKind = Literal["event", "manual", "test"]
-AttemptOutcome = Literal["delivered", "failed", "skipped"]
-DeliveryState = Literal["delivered", "retrying", "failed", "skipped"]
-DELIVERY_STATES: tuple[str, ...] = ("delivered", "retrying", "failed", "skipped")
+# "deferred": put off without a request (an open circuit, a Retry-After pause, a failed
+# lookup): no attempt was made, so the log lists none; it shows when the delivery goes next.
+AttemptOutcome = Literal["delivered", "failed", "skipped", "deferred"]
+DeliveryState = Literal["pending", "delivered", "retrying", "failed", "skipped"]
+DELIVERY_STATES: tuple[str, ...] = ("pending", "delivered", "retrying", "failed", "skipped")
 _ID = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -303,6 +306,14 @@ class Attempt(Record):
     # writer disables the webhook and audits why.
     disable_reason: str | None = Field(default=None, max_length=500)
 
+    @model_validator(mode="after")
+    def _deferred_goes_later(self) -> Attempt:
+        # A put-off is a promise of a later attempt: without its time, or final, the log
+        # would show a delivery waiting for nothing.
+        if self.outcome == "deferred" and (self.final or self.next_retry_at is None):
+            raise ValueError("a deferred attempt has a next_retry_at and is not final")
+        return self
+
     def to_bytes(self) -> bytes:
         """At most ``MAX_RECORD_BYTES`` for an event within ``MAX_EVENT_BYTES``: the
         receiver's answer, escaped (a control byte takes six), is cut to fit. An attempt
@@ -325,6 +336,9 @@ class Attempt(Record):
             return "delivered"
         if self.outcome == "skipped":
             return "skipped"
+        if self.outcome == "deferred":
+            # Put off before its first attempt, it has not failed yet.
+            return "pending" if self.attempt == 1 else "retrying"
         return "failed" if self.final else "retrying"
 
 

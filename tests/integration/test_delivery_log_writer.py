@@ -344,3 +344,95 @@ async def test_a_dead_letter_too_large_for_the_broker_goes_without_its_payload(
             )
             == 1
         )
+
+
+def _put_off(stack: Stack, webhook_id: str, number: int, at: datetime, wakes: datetime) -> Attempt:
+    """Attempt ``number`` of the delivery put off at ``at`` until ``wakes``: no request."""
+    event = sample_event(id="evt_twice", team_id=stack.team_id, occurred_at=at)
+    return Attempt(
+        delivery_id="msg_twice",
+        event_id=event.id,
+        webhook_id=webhook_id,
+        team_id=stack.team_id,
+        attempt=number,
+        attempted_at=at,
+        outcome="deferred",
+        error="put off: the endpoint's circuit is open",
+        error_class="circuit_open",
+        final=False,
+        next_retry_at=wakes,
+        event=event,
+    )
+
+
+async def test_a_put_off_delivery_is_listed_with_the_time_it_goes_next(
+    settings: Settings,
+) -> None:
+    """Put off before its first attempt, a delivery is listed ``pending`` with no attempt;
+    a retry put off keeps the last attempt's status and shows its new time; a put-off older
+    than the delivery's last change, or read after it was delivered, changes nothing."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        attempts_topic = topics_for(stack.settings).attempts
+
+        async def sent(attempt: Attempt, ready: Any) -> dict[str, Any]:
+            async with _producer(stack) as producer:
+                await producer.send_and_wait(attempts_topic, value=attempt.to_bytes(), key=b"k")
+            return await _logged(stack, "msg_twice", ready)
+
+        wakes = start + timedelta(minutes=10)
+        pending = await sent(
+            _put_off(stack, webhook, 1, start, wakes), lambda d: d["state"] == "pending"
+        )
+        assert (pending["attempts"], pending["attempt_count"]) == ([], 0)
+        assert datetime.fromisoformat(pending["next_retry_at"]) == wakes
+        status, listed = await _call(stack, "GET", "/deliveries?state=pending")
+        assert (status, [d["id"] for d in listed["data"]]) == (200, ["msg_twice"])
+
+        failed = _try(stack, webhook, 1, start + timedelta(minutes=10), "failed", status=500)
+        await sent(failed, lambda d: d["state"] == "retrying")
+        later = start + timedelta(minutes=20)
+        moved = await sent(
+            _put_off(stack, webhook, 2, start + timedelta(minutes=15), later),
+            lambda d: (
+                d["next_retry_at"] is not None
+                and datetime.fromisoformat(d["next_retry_at"]) == later
+            ),
+        )
+        assert (moved["state"], moved["last_status_code"], moved["attempt_count"]) == (
+            "retrying",
+            500,
+            1,
+        )
+        assert [a["outcome"] for a in moved["attempts"]] == ["failed"]
+
+        async def after_the_marker(late: Attempt, n: int) -> dict[str, Any]:
+            """The delivery once ``late`` has been read: a record of another delivery sent
+            after it on the same partition is in the log."""
+            marker = _try(stack, webhook, 1, late.attempted_at, "delivered").model_copy(
+                update={"delivery_id": f"msg_marker{n}"}
+            )
+            # With another delivery's put-off in the batch: several rows in one statement.
+            other = late.model_copy(update={"delivery_id": f"msg_other{n}", "attempt": 1})
+            await _send_together(stack, [late.to_bytes(), other.to_bytes(), marker.to_bytes()])
+            await _logged(stack, f"msg_marker{n}", lambda d: d["state"] == "delivered")
+            assert (await _logged(stack, f"msg_other{n}", lambda d: True))["state"] == "pending"
+            return await _logged(stack, "msg_twice", lambda d: True)
+
+        # Older than the last change: read late, it does not move the time back.
+        stale = _put_off(stack, webhook, 2, start + timedelta(minutes=12), wakes)
+        shown = await after_the_marker(stale, 1)
+        assert datetime.fromisoformat(shown["next_retry_at"]) == later
+        done = _try(stack, webhook, 2, start + timedelta(minutes=20), "delivered")
+        await sent(done, lambda d: d["state"] == "delivered")
+        # Read after the delivery was made (written by hand): it stays delivered.
+        shown = await after_the_marker(
+            _put_off(stack, webhook, 2, start + timedelta(minutes=25), later), 2
+        )
+        assert (shown["state"], shown["next_retry_at"], shown["attempt_count"]) == (
+            "delivered",
+            None,
+            2,
+        )
+        assert [a["outcome"] for a in shown["attempts"]] == ["failed", "delivered"]

@@ -420,6 +420,42 @@ async def test_an_open_circuit_defers_without_calling(
         )
 
 
+async def test_deliveries_put_off_behind_an_open_circuit_are_in_the_log(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """The first failure opens the circuit; the events after it are put off without a
+    request. The log lists them ``pending``, with no attempt and the time they go next
+    (the circuit's reopening), beside the failed one ``retrying``."""
+    tripping = settings.model_copy(update=_TRIPS_AT_ONCE)
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        webhook = await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses = [500] * 10
+        await stack.create_object()
+        await receiver.wait_for(1)
+        registry = stack.dispatcher.metrics.registry
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 1
+        )
+        before = utcnow()
+        for _ in range(2):
+            await stack.create_object()
+        path = f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}/deliveries"
+
+        async def listed() -> list[dict[str, Any]] | None:
+            async with stack.session.get(path, headers=stack.headers()) as response:
+                found = (await response.json())["data"]
+            return found if len(found) == 3 and found[0]["state"] == "pending" else None
+
+        newest_first = await _eventually(listed)
+        assert [d["state"] for d in newest_first] == ["pending", "pending", "retrying"]
+        for put_off in newest_first[:2]:
+            assert (put_off["attempt_count"], put_off["attempts"]) == (0, [])
+            wakes = datetime.fromisoformat(put_off["next_retry_at"])
+            # The circuit's 600 s, give or take the test's own time.
+            assert before + timedelta(seconds=590) < wakes < utcnow() + timedelta(seconds=610)
+        assert len(receiver.received) == 1
+
+
 async def test_a_reload_forgets_the_circuit_of_a_webhook_whose_change_was_lost(
     settings: Settings, receiver: Receiver
 ) -> None:

@@ -13,7 +13,7 @@ from aiokafka import ConsumerRecord
 
 from services.dispatcher import handler as handler_module
 from services.dispatcher.handler import DeliveryHandler
-from services.shared import Delivery, Metrics, load_settings, utcnow
+from services.shared import Attempt, Delivery, Metrics, load_settings, utcnow
 from tests.unit._dispatch_doubles import (
     deliveries_record,
     delivery_to_wh_1,
@@ -74,9 +74,20 @@ async def _circuit_opened(handler: DeliveryHandler, threshold: int) -> list[date
 
 
 async def _put_off_time(handler: DeliveryHandler, offset: int, written_ms: int = 0) -> datetime:
-    [(topic, _, value)] = await handler.outcome_records(_record(0, offset, written_ms))
+    [(topic, _, value), (logged_to, _, logged)] = await handler.outcome_records(
+        _record(0, offset, written_ms)
+    )
     assert topic.startswith("t.retry.")
-    return cast(datetime, Delivery.model_validate_json(value).not_before)
+    not_before = Delivery.model_validate_json(value).not_before
+    # The delivery log hears of it, and when the delivery goes next.
+    assert logged_to == "t.attempts"
+    deferred = Attempt.model_validate_json(logged)
+    assert (deferred.outcome, deferred.next_retry_at, deferred.final) == (
+        "deferred",
+        not_before,
+        False,
+    )
+    return cast(datetime, not_before)
 
 
 async def test_other_webhooks_put_off_long_ago_do_not_restart_the_count(
@@ -102,8 +113,9 @@ async def test_a_delivery_waiting_for_a_lookup_wakes_behind_those_held_longer() 
     handler = failing_webhook_handler(settings, Metrics("test_put_off_lookup"))
     _, second = await _circuit_opened(handler, settings.circuit_failure_threshold)
     event = Delivery.model_validate_json(_record(0, 103).value)
-    _, _, value = handler._waiting(event, 0.001)
+    [(_, _, value), (_, _, logged)] = handler._waiting(event, 0.001)
     assert Delivery.model_validate_json(value).not_before == second + timedelta(microseconds=1)
+    assert Attempt.model_validate_json(logged).error_class == "lookup_failed"
 
 
 async def test_a_later_time_asked_while_a_hold_is_ahead_joins_it() -> None:
@@ -176,7 +188,7 @@ async def test_a_woken_put_off_waits_only_behind_a_hold_made_after_it_woke() -> 
     later = handler._hold("wh_1", -1.0, utcnow() + timedelta(seconds=5))
     handler._circuit.forget("wh_1")
     second = woken.until + timedelta(microseconds=1)
-    [(topic, _, value)] = await handler.outcome_records(_woken(101, second))
+    [(topic, _, value), _] = await handler.outcome_records(_woken(101, second))
     assert topic.startswith("t.retry.")
     assert Delivery.model_validate_json(value).not_before == later.until
     # Woken from the later hold itself: answers to the circuit alone.

@@ -91,6 +91,33 @@ def test_an_attempt_time_without_an_offset_is_refused() -> None:
     assert caught.value.message.startswith("attempted_at: Input should have timezone info")
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"final": False}, {"final": True, "next_retry_at": "2026-01-01T00:10:00Z"}],
+    ids=["no next_retry_at", "final"],
+)
+def test_a_put_off_says_when_the_delivery_goes_next(fields: dict[str, object]) -> None:
+    """A deferred record without its time, or final, would list a delivery waiting for
+    nothing: refused (dead-lettered with the reason by the log's writer)."""
+    event = decode(Event, orjson.dumps(VALID))
+    put_off = {
+        "delivery_id": "msg_1",
+        "event_id": event.id,
+        "webhook_id": "wh_1",
+        "team_id": "team_1",
+        "attempt": 1,
+        "attempted_at": "2026-01-01T00:00:00Z",
+        "outcome": "deferred",
+        "event": orjson.loads(event.to_bytes()),
+    }
+    waiting = {**put_off, "final": False, "next_retry_at": "2026-01-01T00:10:00Z"}
+    assert decode(Attempt, orjson.dumps(waiting)).state == "pending"
+    assert decode(Attempt, orjson.dumps({**waiting, "attempt": 2})).state == "retrying"
+    with pytest.raises(InvalidRecord) as caught:
+        decode(Attempt, orjson.dumps({**put_off, **fields}))
+    assert "a deferred attempt has a next_retry_at and is not final" in caught.value.message
+
+
 def test_a_dead_letter_always_fits_a_record() -> None:
     """A near-limit record escaped once more as the payload string would pass the broker's
     limit (and stop its partition for good): the payload is cut and the reason says so."""
