@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     Attempt,
+    AttemptOutcome,
     ChangeNotifier,
     DependencyUnavailable,
     InvalidRecord,
@@ -76,6 +77,11 @@ class _Letter(NamedTuple):
     outcome: str  # "invalid" (not an attempt) or "refused" (by the store)
 
 
+def delivery_log_group(settings: Settings) -> str:
+    """The consumer group every api process's delivery log shares."""
+    return f"{settings.topic_prefix}api.delivery-log"
+
+
 def _where(record: ConsumerRecord) -> tuple[str, int, int]:
     return (record.topic, record.partition, record.offset)
 
@@ -101,11 +107,13 @@ class AttemptRecorder:
             "Attempt records read, by outcome; invalid, refused and webhook_gone ones are not"
             " stored",
             ("outcome",),
+            from_zero=(*get_args(AttemptOutcome), "invalid", "refused", "webhook_gone"),
         )
         self._disabled = metrics.counter(
             "webhooks_disabled_total",
             "Webhooks disabled on the dispatcher's word (gone) or for failing too long",
             ("reason",),
+            from_zero=("gone", "failing"),
         )
         self._log = get_logger("api")
         self._consumer: AIOKafkaConsumer | None = None
@@ -118,7 +126,7 @@ class AttemptRecorder:
         """Join the group (retrying while the broker is away), then record forever."""
         while True:
             self._consumer = make_consumer(
-                self._settings, group_id=f"{self._settings.topic_prefix}api.delivery-log"
+                self._settings, group_id=delivery_log_group(self._settings)
             )
             # A rebalance (another api process starting or stopping) lets the batch being
             # written finish and commits, so the next owner does not write it again.

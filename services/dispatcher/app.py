@@ -237,7 +237,7 @@ class DispatcherService:
             start(self._lanes.run(), name="deliverer"),
             start(self._timer.run(), name="retry-timer"),
             start(self._resync_forever(), name="resync"),
-            start(self._measure_lag_forever(router), name="lag"),
+            start(self._measure_lag_forever(router, deliverer, retries), name="lag"),
         ]
         app = build_app("dispatcher", self.metrics, loops=self.loops)
         app[READINESS_KEY].append(self._ready)
@@ -477,33 +477,48 @@ class DispatcherService:
         self._lag.labels(partition.topic, str(partition.partition)).set(behind)
         self._lag_reported.add(partition)
 
-    async def _measure_lag_forever(self, router: AIOKafkaConsumer) -> None:
-        """Lag of the router; the delivery lanes and the retry timer know their own."""
+    async def _measure_lag_forever(
+        self, router: AIOKafkaConsumer, deliverer: AIOKafkaConsumer, retries: AIOKafkaConsumer
+    ) -> None:
+        """Lag of the router; the delivery lanes and the retry timer know their own, for
+        the partitions they have read from (the others' is the router's kind)."""
         while True:
             await asyncio.sleep(_LAG_SECONDS)
             owned: set[TopicPartition] = set()
-            for partition in router.assignment():
-                try:
-                    # A rebalance can finish while position() waits: the partition may be
-                    # another process's by the time highwater() is asked (an assertion
-                    # inside the client), and this loop must outlive that.
-                    position = await router.position(partition)
-                    highwater = router.highwater(partition)
-                except (KafkaError, AssertionError, IllegalStateError):
-                    continue
-                if highwater is not None:
-                    self._set_lag(partition, max(0, highwater - position))
-                    owned.add(partition)
-            for component in (self._lanes, self._timer):
-                if component is not None:
-                    for partition, behind in component.lag().items():
-                        self._set_lag(partition, behind)
-                        owned.add(partition)
+            for component, consumer in ((self._lanes, deliverer), (self._timer, retries)):
+                known = component.lag() if component is not None else {}
+                for partition, behind in known.items():
+                    self._set_lag(partition, behind)
+                owned |= known.keys()
+                owned |= await self._lag_by_position(consumer, consumer.assignment() - known.keys())
+            owned |= await self._lag_by_position(router, router.assignment())
             # A partition another process took is its to report: a frozen value left here
             # would add phantom lag to every sum.
             for gone in self._lag_reported - owned:
                 self._lag.remove(gone.topic, str(gone.partition))
             self._lag_reported &= owned
+
+    async def _lag_by_position(
+        self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]
+    ) -> set[TopicPartition]:
+        """Sets the lag of ``partitions`` from where their consumer reads next; returns
+        those it could."""
+        measured = set()
+        for partition in partitions:
+            try:
+                # A rebalance can finish while position() waits: the partition may be
+                # another process's by the time highwater() is asked (an assertion
+                # inside the client), and this loop must outlive that.
+                # Bounded: a partition whose position is still being looked up must not
+                # stop every other partition's figure.
+                position = await asyncio.wait_for(consumer.position(partition), _LAG_SECONDS)
+                highwater = consumer.highwater(partition)
+            except (KafkaError, AssertionError, IllegalStateError, TimeoutError):
+                continue
+            if highwater is not None:
+                self._set_lag(partition, max(0, highwater - position))
+                measured.add(partition)
+        return measured
 
     async def _resync_forever(self) -> None:
         # A safety net for a change record that was never published, and the stand-in for

@@ -92,8 +92,9 @@ class OffsetTracker:
         return self._point(partition, self._next[partition])
 
     def lag(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
-        """Per partition the consumer owns: records in the log not yet finished here
-        (records read and held, a retry waiting for its time, count as behind)."""
+        """Per partition the consumer owns and has read from: records in the log not yet
+        finished here (records read and held, a retry waiting for its time, count as
+        behind)."""
         behind = {}
         # No await between reading the assignment and asking about its partitions: a
         # rebalance cannot slip in between.
@@ -102,8 +103,11 @@ class OffsetTracker:
             if highwater is None:
                 continue  # not fetched yet: nothing known
             point = self.point(partition)
-            # Fetched and nothing read from it: it was read up to its end.
-            behind[partition] = 0 if point is None else max(0, highwater - point)
+            # Nothing read from it yet is not nothing behind: a fetch of a partition
+            # paused at once (a full backlog) is dropped, its high-water mark kept. Its
+            # consumer's position says where reading starts; the caller asks it.
+            if point is not None:
+                behind[partition] = max(0, highwater - point)
         return behind
 
     def to_commit(self) -> dict[TopicPartition, int]:

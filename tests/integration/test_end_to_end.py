@@ -178,21 +178,47 @@ async def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -
             assert prefix in await response.text()
 
 
-async def test_dead_letter_counts_start_at_zero(stack: Stack) -> None:
-    """An alert on ``increase()`` sees the first dead letter only if the series was there
-    before it: every reason is shown at 0 from the start."""
-    expected = {
-        stack.api_url: ("hookwire_api_", ("invalid_record", "not_storable", "refused_by_broker")),
+async def test_counts_alerts_watch_start_at_zero(stack: Stack) -> None:
+    """An alert on ``increase()`` sees the first count only if the series was there
+    before it: dead letters by reason, retries by tier, disabled webhooks by reason and
+    attempt records read by outcome are shown at 0 from the start."""
+    dead_letters = {
+        stack.api_url: ("invalid_record", "not_storable", "refused_by_broker"),
         stack.dispatcher_url: (
-            "hookwire_dispatcher_",
-            ("invalid_record", "attempts_exhausted", "gone", "handler_failed", "too_large"),
+            "invalid_record",
+            "attempts_exhausted",
+            "gone",
+            "handler_failed",
+            "too_large",
         ),
     }
-    for base, (prefix, reasons) in expected.items():
+    expected = {
+        stack.api_url: [
+            *(
+                f'hookwire_api_dead_letters_total{{reason="{r}"}}'
+                for r in dead_letters[stack.api_url]
+            ),
+            'hookwire_api_webhooks_disabled_total{reason="gone"}',
+            'hookwire_api_webhooks_disabled_total{reason="failing"}',
+            *(
+                f'hookwire_api_attempts_consumed_total{{outcome="{o}"}}'
+                for o in ("delivered", "failed", "skipped", "deferred", "invalid", "webhook_gone")
+            ),
+        ],
+        stack.dispatcher_url: [
+            *(
+                f'hookwire_dispatcher_dead_letters_total{{reason="{r}"}}'
+                for r in dead_letters[stack.dispatcher_url]
+            ),
+            *(f'hookwire_dispatcher_retries_scheduled_total{{tier="{t}"}}' for t in range(1, 8)),
+            'hookwire_dispatcher_webhooks_disabled_total{reason="gone"}',
+        ],
+    }
+    for base, series in expected.items():
         async with stack.session.get(f"{base}/metrics") as response:
             text = await response.text()
-        for reason in reasons:
-            assert f'{prefix}dead_letters_total{{reason="{reason}"}} 0.0' in text, reason
+        for name in series:
+            assert f"{name} 0.0" in text, name
 
 
 async def test_a_dead_dispatcher_loop_fails_its_health_check(
