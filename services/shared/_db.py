@@ -19,7 +19,7 @@ from alembic.util import CommandError
 from sqlalchemy import ColumnElement, Table, event
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -31,8 +31,6 @@ _LOCK_NOT_AVAILABLE = "55P03"
 
 def _describe(url: str) -> str:
     # Never echo a password into logs or error messages.
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
 
 
@@ -40,9 +38,30 @@ def create_engine(url: str) -> AsyncEngine:
     # A failed statement's error (logged whole) leaves out the values it carried: among
     # them a webhook's signing secrets and hashes of keys.
     if url.startswith("sqlite"):
-        database = url.split("///", 1)[-1]
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # As SQLAlchemy reads it: "sqlite+aiosqlite://" names no file (a database in
+        # memory), and neither does a "file:" URI.
+        database = make_url(url).database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            # It holds webhooks' signing secrets and hashes of keys: this user's alone, as
+            # the dev stack's secrets file is. Made before SQLite opens it, for SQLite gives
+            # its -wal and -shm files the database's mode.
+            path = Path(database)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                path.touch(mode=0o600, exist_ok=False)
+            except FileExistsError:
+                # An operator's own choice, or an older release's file: said, not changed.
+                mode = path.stat().st_mode & 0o777
+                if path.is_file() and mode & 0o044:
+                    structlog.get_logger().warning(
+                        "database_file_readable_by_others", path=str(path), mode=f"{mode:04o}"
+                    )
+            except OSError as exc:
+                # A directory this user may not write to: SQLite fails to open the file too,
+                # and its error is handled where every connection's is (a clear message).
+                structlog.get_logger().debug(
+                    "database_file_not_created", path=str(path), error=str(exc)
+                )
         engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -56,6 +60,66 @@ def _tagged(service: str | None) -> structlog.types.Processor:
     return tag
 
 
+@dataclass
+class _Seen:
+    since: float
+    suppressed: int = 0
+
+
+class RepeatedLines(logging.Filter):
+    """Lets the first of a library's repeated lines through, drops the repeats for
+    ``window`` seconds, and marks the next one through with ``repeated``: how many were
+    dropped. A line's template (``record.msg``, before its arguments), logger and level
+    make a repeat.
+
+    aiokafka logs each failed connection, metadata update and fetch at error level: with
+    its broker gone, some 9,500 lines in the first 8 s, then hundreds a second."""
+
+    def __init__(
+        self,
+        prefix: str = "aiokafka",
+        window: float = 10.0,
+        capacity: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._window = window
+        self._capacity = capacity
+        self._clock = clock
+        # In the order templates were last seen: the first is the one to forget first.
+        self._seen: dict[tuple[str, int, str], _Seen] = {}
+        # Libraries log from threads too (aiokafka's, the default executor's).
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name != self._prefix and not name.startswith(self._prefix + "."):
+            return True
+        suppressed = self._suppressed_before(name, record.levelno, str(record.msg))
+        if suppressed is None:
+            return False
+        if suppressed:
+            record.repeated = suppressed
+        return True
+
+    def _suppressed_before(self, name: str, level: int, template: str) -> int | None:
+        """None to drop the line; else how many repeats were dropped before it."""
+        key = (name, level, template)
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.pop(key, None)
+            if seen is not None and now - seen.since < self._window:
+                seen.suppressed += 1
+                self._seen[key] = seen
+                return None
+            if len(self._seen) >= self._capacity:
+                # A count forgotten with its entry is lost; the memory bound is not.
+                del self._seen[next(iter(self._seen))]
+            self._seen[key] = _Seen(since=now)
+            return seen.suppressed if seen is not None else 0
+
+
 def configure_logging(
     log_format: str = "auto", level: str = "info", service: str | None = None
 ) -> None:
@@ -91,6 +155,8 @@ def configure_logging(
             foreign_pre_chain=[
                 structlog.processors.add_log_level,
                 structlog.stdlib.add_logger_name,
+                # The count of repeats RepeatedLines dropped before this line.
+                structlog.stdlib.ExtraAdder(allow=("repeated",)),
                 _tagged(service),
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 # A library's traceback as text, not the repr of an exc_info tuple.
@@ -99,6 +165,7 @@ def configure_logging(
             ],
         )
     )
+    handler.addFilter(RepeatedLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Libraries speak from warning up (aiokafka's info and debug lines are per request),

@@ -42,11 +42,16 @@ def _strict_bool(value: object) -> object:
             return True
         if lowered in _FALSE:
             return False
-        raise ValueError("must be true or false")
+        raise ValueError("must be true, false, 1 or 0 (in any case)")
     return value
 
 
 StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
+
+
+def _lowered(value: object) -> object:
+    # Level names are usually written as the logging module spells them: DEBUG, INFO.
+    return value.lower() if isinstance(value, str) else value
 
 
 def _seconds_list(value: object) -> object:
@@ -291,8 +296,10 @@ class Settings(BaseSettings):
     # their listener: the time a load balancer takes to stop sending them requests.
     stop_delay_seconds: float = Field(default=0.0, ge=0, le=30)
 
-    log_format: Literal["auto", "json", "console"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lowered)] = "auto"
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"], BeforeValidator(_lowered)
+    ] = "info"
 
     @property
     def effective_database_url(self) -> str:

@@ -12,6 +12,7 @@ import structlog
 
 from services import cli
 from services.shared import configure_logging
+from services.shared._logging import RepeatedLines
 
 
 @pytest.fixture
@@ -125,3 +126,111 @@ def test_a_traceback_leaves_out_the_row_a_database_quoted(
     assert "violates not-null constraint" in first
     assert "9f86d081884c7d659a2feaa0c55ad015" not in second
     assert "Key (secret_hash)=" in second
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(
+    msg: str, *args: object, name: str = "aiokafka.conn", level: int = logging.ERROR
+) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_a_librarys_repeats_are_dropped_and_counted_on_the_next_line() -> None:
+    """Within the window only the first of a template goes through (whatever its
+    arguments); the first after it says how many were dropped, and starts a new window."""
+    clock = _Clock()
+    repeats = RepeatedLines(window=10.0, clock=clock)
+    template = "Unable connect to node with id %s: %s"
+    first = _record(template, 111, "refused")
+    assert repeats.filter(first)
+    assert not hasattr(first, "repeated")
+    for step in range(1, 6):
+        clock.now = step * 1.9
+        assert not repeats.filter(_record(template, 111 + step, "refused"))
+    clock.now = 10.0
+    after = _record(template, 111, "refused")
+    assert repeats.filter(after)
+    assert after.repeated == 5
+    clock.now = 19.9
+    assert not repeats.filter(_record(template, 111, "refused"))
+    clock.now = 20.0
+    next_window = _record(template, 111, "refused")
+    assert repeats.filter(next_window)
+    assert next_window.repeated == 1
+    clock.now = 31.0
+    quiet = _record(template, 111, "refused")
+    assert repeats.filter(quiet)
+    assert not hasattr(quiet, "repeated")
+
+
+def test_templates_loggers_and_levels_are_counted_apart() -> None:
+    clock = _Clock()
+    repeats = RepeatedLines(window=10.0, clock=clock)
+    assert repeats.filter(_record("Unable to update metadata from %s", 1))
+    assert repeats.filter(_record("Failed fetch messages from %s: %s", 1, "x"))
+    assert repeats.filter(_record("Unable to update metadata from %s", 1, level=logging.WARNING))
+    assert repeats.filter(_record("Unable to update metadata from %s", 1, name="aiokafka"))
+    assert not repeats.filter(_record("Unable to update metadata from %s", 2))
+    assert not repeats.filter(_record("Failed fetch messages from %s: %s", 2, "y"))
+    clock.now = 10.0
+    counted = [_record("Unable to update metadata from %s", 3), _record("Failed fetch messages")]
+    assert [repeats.filter(record) for record in counted] == [True, True]
+    assert counted[0].repeated == 1
+    assert not hasattr(counted[1], "repeated")
+
+
+def test_other_loggers_are_left_alone() -> None:
+    repeats = RepeatedLines(window=10.0, clock=_Clock())
+    for name in ("aiohttp.client", "aiokafkaesque", "services.api", "root"):
+        assert all(repeats.filter(_record("same line", name=name)) for _ in range(3))
+
+
+def test_the_templates_remembered_are_capped() -> None:
+    """Past the cap the template seen longest ago is forgotten (its next line goes
+    through); a template repeating still is remembered."""
+    clock = _Clock()
+    repeats = RepeatedLines(window=10.0, capacity=3, clock=clock)
+    for template in ("a", "b", "c"):
+        assert repeats.filter(_record(template))
+    assert not repeats.filter(_record("a"))  # "a" is now the last seen
+    assert repeats.filter(_record("d"))  # forgets "b"
+    assert repeats.filter(_record("b"))  # forgets "c"
+    assert not repeats.filter(_record("a"))
+    assert not repeats.filter(_record("d"))
+    assert repeats.filter(_record("c"))
+    for number in range(1000):
+        repeats.filter(_record(f"template {number}"))
+    assert len(repeats._seen) == 3
+
+
+def test_a_repeat_count_is_a_field_of_the_json_line(
+    capsys: pytest.CaptureFixture[str], restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configure_logging collapses aiokafka's repeats; the count is a field of its own."""
+    configure_logging("json", "info", service="dispatcher")
+    [repeats] = [
+        found
+        for handler in logging.getLogger().handlers
+        for found in handler.filters
+        if isinstance(found, RepeatedLines)
+    ]
+    clock = _Clock()
+    monkeypatch.setattr(repeats, "_clock", clock)
+    logger = logging.getLogger("aiokafka.cluster")
+    for _ in range(4):
+        logger.error("Unable to update metadata from %s", 111)
+    clock.now = 10.0
+    logger.error("Unable to update metadata from %s", 111)
+    lines = _lines(capsys.readouterr().err)
+    assert [(line["event"], line.get("repeated")) for line in lines] == [
+        ("Unable to update metadata from 111", None),
+        ("Unable to update metadata from 111", 3),
+    ]
+    assert lines[1]["logger"] == "aiokafka.cluster"

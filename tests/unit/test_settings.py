@@ -169,6 +169,47 @@ def test_retry_schedule_reads_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().retry_schedule_seconds == (5, 300, 1800, 7200, 18000, 36000, 36000)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "read"),
+    [
+        ("HOOKWIRE_LOG_LEVEL", "DEBUG", "debug"),
+        ("HOOKWIRE_LOG_LEVEL", "Info", "info"),
+        ("HOOKWIRE_LOG_LEVEL", "warning", "warning"),
+        ("HOOKWIRE_LOG_FORMAT", "JSON", "json"),
+        ("HOOKWIRE_LOG_FORMAT", "Console", "console"),
+    ],
+)
+def test_log_settings_are_read_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, read: str
+) -> None:
+    """DEBUG and INFO, as the logging module spells them, are the usual spelling."""
+    monkeypatch.setenv(variable, value)
+    settings = load_settings()
+    assert getattr(settings, variable.removeprefix("HOOKWIRE_").lower()) == read
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "2"])
+def test_a_bad_boolean_says_what_is_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """The message names every spelling taken, 1 and 0 among them."""
+    monkeypatch.setenv("HOOKWIRE_ALLOW_PRIVATE_URLS", value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert caught.value.message == (
+        "invalid configuration: HOOKWIRE_ALLOW_PRIVATE_URLS: Value error,"
+        " must be true, false, 1 or 0 (in any case)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "read"), [("TRUE", True), ("1", True), ("False", False), ("0", False)]
+)
+def test_booleans_take_true_false_1_and_0(
+    monkeypatch: pytest.MonkeyPatch, value: str, read: bool
+) -> None:
+    monkeypatch.setenv("HOOKWIRE_ALLOW_PRIVATE_URLS", value)
+    assert load_settings().allow_private_urls is read
+
+
 def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """Deploy files pass optional settings as `${VAR:-}`: empty means the default."""
     monkeypatch.setenv("HOOKWIRE_ACCESS_TOKEN_PRIVATE_KEY", "")
