@@ -156,9 +156,13 @@ async def _of_their_own_delivery(conn: AsyncConnection, attempts: list[Attempt])
     owners: dict[str, str] = {
         row.id: row.webhook_id
         for row in await conn.execute(
-            select(_deliveries.c.id, _deliveries.c.webhook_id).where(
-                _deliveries.c.id.in_(delivery_ids)
-            )
+            select(_deliveries.c.id, _deliveries.c.webhook_id)
+            .where(_deliveries.c.id.in_(delivery_ids))
+            # Every row the batch will write, locked now in id order, the order the api's
+            # re-sends lock them in: written in rounds and then put-offs, each in id order,
+            # the writes alone would not take them in one order (a deadlock with a replay).
+            .order_by(_deliveries.c.id)
+            .with_for_update()
         )
     }
     # A delivery new to the log belongs to the first webhook this batch names for it.
@@ -211,7 +215,11 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
         # (sent, or on its way) may end the delivery before the re-send's record is read,
         # and its record, older, would then not count.
         still_retrying = and_(
-            _waiting(stored),
+            # Pending: an event's first attempt is still to come. (A test or re-send put
+            # off is pending too, and its own attempt is the one that was to come.)
+            or_(
+                stored.state == "retrying", and_(stored.state == "pending", stored.kind == "event")
+            ),
             proposed.kind != "event",
             proposed.state != "delivered",
             stored.next_retry_at > proposed.updated_at,
@@ -238,7 +246,6 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
         }
 
     made = [a for a in attempts if a.outcome != "deferred"]
-    await _store_put_offs(conn, [a for a in attempts if a.outcome == "deferred"])
     for rows in _rounds(made):
         await upsert(
             conn,
@@ -260,6 +267,9 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
             ),
             computed=columns,
         )
+    # After the attempts made: a put-off moves the delivery's last change forward, and an
+    # attempt older than it in the same batch would then not count.
+    await _store_put_offs(conn, [a for a in attempts if a.outcome == "deferred"])
     by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in made}
     await upsert(
         conn,
@@ -274,8 +284,8 @@ async def _store_put_offs(conn: AsyncConnection, put_offs: Sequence[Attempt]) ->
     """A delivery put off without a request: listed (``pending`` before its first
     attempt) with the time it goes next; the log gains no attempt, and the last status and
     error stay those of the last attempt made. Only a delivery still waiting takes it, and
-    only from a record newer than its last change, so the order records are read in does
-    not matter: an attempt made after the put-off, read before it, stands."""
+    only from a record newer than its last change: an attempt made after the put-off, read
+    before it, stands. Written after the batch's attempts, for the same reason."""
     latest: dict[str, Attempt] = {}
     for put_off in put_offs:
         kept = latest.get(put_off.delivery_id)

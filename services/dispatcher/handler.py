@@ -355,6 +355,8 @@ class DeliveryHandler:
                 update={
                     "final": True,
                     "next_retry_at": None,
+                    # A put-off ends here too, unsent: a deferred record is never final.
+                    "outcome": "failed" if attempt.outcome == "deferred" else attempt.outcome,
                     "error": f"{attempt.error or attempt.outcome}; its retry was refused by "
                     "the broker for its size (see the dead letter)",
                 }

@@ -390,11 +390,15 @@ async def test_a_put_off_delivery_is_listed_with_the_time_it_goes_next(
         status, listed = await _call(stack, "GET", "/deliveries?state=pending")
         assert (status, [d["id"] for d in listed["data"]]) == (200, ["msg_twice"])
 
+        # The attempt and its retry's put-off in one batch (a writer catching up): the
+        # put-off does not keep the older attempt from counting.
         failed = _try(stack, webhook, 1, start + timedelta(minutes=10), "failed", status=500)
-        await sent(failed, lambda d: d["state"] == "retrying")
         later = start + timedelta(minutes=20)
-        moved = await sent(
-            _put_off(stack, webhook, 2, start + timedelta(minutes=15), later),
+        put_off_again = _put_off(stack, webhook, 2, start + timedelta(minutes=15), later)
+        await _send_together(stack, [failed.to_bytes(), put_off_again.to_bytes()])
+        moved = await _logged(
+            stack,
+            "msg_twice",
             lambda d: (
                 d["next_retry_at"] is not None
                 and datetime.fromisoformat(d["next_retry_at"]) == later
@@ -436,3 +440,24 @@ async def test_a_put_off_delivery_is_listed_with_the_time_it_goes_next(
             2,
         )
         assert [a["outcome"] for a in shown["attempts"]] == ["failed", "delivered"]
+
+
+async def test_a_test_delivery_put_off_ends_with_its_one_attempt(settings: Settings) -> None:
+    """A test event put off (its webhook's lookup failed) is pending; its one attempt,
+    failing, ends it: no automatic attempt is to come, so it is not kept pending (as an
+    event's first attempt put off is, when a re-send fails meanwhile)."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+        put_off = _put_off(stack, webhook, 1, start, start + timedelta(minutes=10))
+        put_off = put_off.model_copy(update={"kind": "test"})
+        tried = _try(stack, webhook, 1, start + timedelta(minutes=1), "failed", "test", status=500)
+        await _send_together(stack, [put_off.to_bytes()])
+        await _logged(stack, "msg_twice", lambda d: d["state"] == "pending")
+        await _send_together(stack, [tried.to_bytes()])
+        done = await _logged(stack, "msg_twice", lambda d: d["state"] != "pending")
+        assert (done["state"], done["next_retry_at"], done["last_status_code"]) == (
+            "failed",
+            None,
+            500,
+        )

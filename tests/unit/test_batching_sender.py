@@ -378,6 +378,33 @@ async def test_an_attempt_whose_retry_is_set_aside_is_told_as_the_last() -> None
     assert letter["reason"].startswith("its record for wh_1 on t.retry.1 is refused")
 
 
+async def test_a_put_off_whose_retry_is_set_aside_ends_failed() -> None:
+    """A put-off's record says when the delivery goes next; with its retry record a dead
+    letter, it goes again as a final failure, a record the delivery log takes (a final
+    deferred one it would refuse, and the delivery would stay pending for good)."""
+    producer = _SizeLimitedTopic("t.retry.1")
+    outcomes = BatchingSender(cast(Any, producer))
+    handler = _outcome_writer(outcomes, DeliveryMetrics(Metrics("test_put_off_set_aside")))
+    put_off = _failed_attempt().model_copy(
+        update={"outcome": "deferred", "status_code": None, "error": "put off: circuit open"}
+    )
+    records = [
+        ("t.retry.1", b"wh_1", b'{"retry": true}'),
+        ("t.attempts", b"wh_1", put_off.to_bytes()),
+    ]
+    await asyncio.wait_for(handler.publish(_delivery_record(), records), 10)
+    await outcomes.close()
+    told = [
+        Attempt.model_validate_json(value)
+        for batch in producer.sent
+        for value in batch
+        if b'"delivery_id"' in value
+    ]
+    assert [(a.outcome, a.final, a.next_retry_at) for a in told][-1] == ("failed", True, None)
+    assert told[-1].error is not None
+    assert told[-1].error.startswith("put off: circuit open; its retry was refused")
+
+
 async def test_an_attempt_and_retry_both_refused_make_one_dead_letter() -> None:
     """Both of a delivery's records are too large for their topics: one dead letter of the
     delivery names the two, counted once, and the attempt is not sent again as the last
