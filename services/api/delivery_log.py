@@ -158,9 +158,9 @@ async def _of_their_own_delivery(conn: AsyncConnection, attempts: list[Attempt])
         for row in await conn.execute(
             select(_deliveries.c.id, _deliveries.c.webhook_id)
             .where(_deliveries.c.id.in_(delivery_ids))
-            # Every row the batch will write, locked now in id order, the order the api's
-            # re-sends lock them in: written in rounds and then put-offs, each in id order,
-            # the writes alone would not take them in one order (a deadlock with a replay).
+            # The rows the batch will write that exist, locked now in id order, the order
+            # the api's re-sends lock them in: written in rounds, each in id order, the
+            # writes alone would not take them in one order (a deadlock with a replay).
             .order_by(_deliveries.c.id)
             .with_for_update()
         )
@@ -169,14 +169,15 @@ async def _of_their_own_delivery(conn: AsyncConnection, attempts: list[Attempt])
     return [a for a in attempts if owners.setdefault(a.delivery_id, a.webhook_id) == a.webhook_id]
 
 
-def _rounds(attempts: Sequence[Attempt]) -> list[list[dict[str, Any]]]:
-    """The batch's delivery rows, written in rounds of at most one attempt per delivery
+def _rounds(attempts: Sequence[Attempt]) -> list[list[Attempt]]:
+    """The batch's records, written in rounds of at most one record per delivery
     (PostgreSQL refuses to update one row twice in a statement), each delivery's in the
     order they were made: whether an attempt counts (see ``_store``) depends on the state the
     ones before it left, which the database judges one attempt at a time. Folded into one
     row, a manual re-send that failed followed by an automatic retry would be judged by
     the retry alone. "In order" is by time: a manual re-send and a scheduled retry can share
-    an attempt number. Each round in id order, the order every writer locks rows in."""
+    an attempt number, and a put-off between two attempts counts only between them. Each
+    round in id order, the order every writer locks rows in."""
     rounds: list[list[Attempt]] = []
     taken: dict[str, int] = {}
     for attempt in sorted(attempts, key=lambda a: a.attempted_at):
@@ -185,9 +186,7 @@ def _rounds(attempts: Sequence[Attempt]) -> list[list[dict[str, Any]]]:
         if turn == len(rounds):
             rounds.append([])
         rounds[turn].append(attempt)
-    return [
-        [_delivery_row(a) for a in sorted(round_, key=lambda a: a.delivery_id)] for round_ in rounds
-    ]
+    return [sorted(round_, key=lambda a: a.delivery_id) for round_ in rounds]
 
 
 async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
@@ -246,11 +245,11 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
         }
 
     made = [a for a in attempts if a.outcome != "deferred"]
-    for rows in _rounds(made):
+    for round_ in _rounds(attempts):
         await upsert(
             conn,
             _deliveries,
-            rows,
+            [_delivery_row(a) for a in round_ if a.outcome != "deferred"],
             key=("id",),
             update=(),
             # Only forward, but for a success read after an automatic attempt made later
@@ -267,9 +266,7 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
             ),
             computed=columns,
         )
-    # After the attempts made: a put-off moves the delivery's last change forward, and an
-    # attempt older than it in the same batch would then not count.
-    await _store_put_offs(conn, [a for a in attempts if a.outcome == "deferred"])
+        await _store_put_offs(conn, [a for a in round_ if a.outcome == "deferred"])
     by_key = {(a.delivery_id, a.attempt, a.attempted_at): a for a in made}
     await upsert(
         conn,
@@ -285,22 +282,22 @@ async def _store_put_offs(conn: AsyncConnection, put_offs: Sequence[Attempt]) ->
     attempt) with the time it goes next; the log gains no attempt, and the last status and
     error stay those of the last attempt made. Only a delivery still waiting takes it, and
     only from a record newer than its last change: an attempt made after the put-off, read
-    before it, stands. Written after the batch's attempts, for the same reason."""
-    latest: dict[str, Attempt] = {}
-    for put_off in put_offs:
-        kept = latest.get(put_off.delivery_id)
-        if kept is None or kept.attempted_at < put_off.attempted_at:
-            latest[put_off.delivery_id] = put_off
+    before it, stands. At most one per delivery: a round's.
+
+    A re-send or test put off (its webhook's lookup failed) says when it goes, not when
+    the delivery's automatic attempt does: it is taken only by a delivery of its own kind
+    (a test delivery waiting for its one attempt), never by an event's."""
     stored = _deliveries.c
     await upsert(
         conn,
         _deliveries,
-        [_delivery_row(a) for a in sorted(latest.values(), key=lambda a: a.delivery_id)],
+        [_delivery_row(a) for a in put_offs],
         key=("id",),
         update=("next_retry_at", "updated_at"),
         when=lambda proposed: and_(
             stored.updated_at < proposed.updated_at,
             _waiting(stored),
+            or_(proposed.kind == "event", stored.kind == proposed.kind),
         ),
     )
 
@@ -571,7 +568,13 @@ def run_gap(settings: Settings) -> timedelta:
 
 
 def _fails_a_run(attempt: Attempt) -> bool:
-    return attempt.outcome == "failed" and attempt.kind == "event"
+    # A put-off ended by its refused retry record (``retry_refused``) asked nothing of the
+    # endpoint.
+    return (
+        attempt.outcome == "failed"
+        and attempt.kind == "event"
+        and attempt.error_class != "retry_refused"
+    )
 
 
 def failing_run(

@@ -87,6 +87,8 @@ _TAKEN_OVER = -2.0
 _CIRCUIT_OPEN = ("put off: the endpoint's circuit is open", "circuit_open")
 _HELD = ("put off behind the webhook's paused or earlier put-off deliveries", "held")
 _UNCONFIRMED = ("put off: the webhook could not be looked up", "lookup_failed")
+# A put-off whose retry record the broker refused for its size: it ends, unsent.
+_RETRY_REFUSED = "retry_refused"
 
 
 @dataclass
@@ -351,16 +353,17 @@ class DeliveryHandler:
             if topic != self._topics.attempts or index in replaced:
                 continue
             attempt = decode(Attempt, value)
-            final = attempt.model_copy(
-                update={
-                    "final": True,
-                    "next_retry_at": None,
-                    # A put-off ends here too, unsent: a deferred record is never final.
-                    "outcome": "failed" if attempt.outcome == "deferred" else attempt.outcome,
-                    "error": f"{attempt.error or attempt.outcome}; its retry was refused by "
-                    "the broker for its size (see the dead letter)",
-                }
-            )
+            ends = {
+                "final": True,
+                "next_retry_at": None,
+                "error": f"{attempt.error or attempt.outcome}; its retry was refused by "
+                "the broker for its size (see the dead letter)",
+            }
+            if attempt.outcome == "deferred":
+                # A put-off ends here too, unsent (a deferred record is never final): a
+                # failure of the delivery, not of its endpoint, which was not asked.
+                ends |= {"outcome": "failed", "error_class": _RETRY_REFUSED}
+            final = attempt.model_copy(update=ends)
             corrected = (topic, key, final.to_bytes())
             if index in refused:
                 following = [corrected if r is records[index] else r for r in following]

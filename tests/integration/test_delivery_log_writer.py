@@ -461,3 +461,62 @@ async def test_a_test_delivery_put_off_ends_with_its_one_attempt(settings: Setti
             None,
             500,
         )
+
+
+async def test_put_offs_count_in_the_order_they_were_made_within_a_batch(
+    settings: Settings,
+) -> None:
+    """Written straight through the writer, one batch each: what a put-off does to a
+    delivery does not depend on the attempts read with it."""
+    async with running_stack(settings, with_dispatcher=False) as stack:
+        webhook = (await _unreachable_webhook(stack))["id"]
+        start = utcnow() - timedelta(hours=1)
+
+        def of(delivery_id: str, *records: Attempt) -> list[Attempt]:
+            return [r.model_copy(update={"delivery_id": delivery_id}) for r in records]
+
+        failed = _try(stack, webhook, 1, start, "failed", status=500)
+        assert failed.next_retry_at is not None
+        due = failed.next_retry_at
+        later = due + timedelta(seconds=30)
+        # An attempt and its retry's put-off: both count.
+        together = of("msg_a", failed, _put_off(stack, webhook, 2, due, later))
+        # A retry put off as it came due, then a re-send failing just after: the put-off's
+        # retry is still to come, so the delivery is still retrying, at the put-off's time.
+        resent = _try(stack, webhook, 2, due + timedelta(seconds=1), "failed", "manual", status=503)
+        put_off_then_resent = of("msg_b", _put_off(stack, webhook, 2, due, later), resent)
+        # A first attempt put off, a re-send failing before it goes: still pending.
+        first = _put_off(stack, webhook, 1, start, later)
+        early = _try(stack, webhook, 1, start + timedelta(seconds=1), "failed", "manual")
+        # A re-send put off (its lookup failed) says when it goes, not the retry.
+        manual_put_off = _put_off(stack, webhook, 2, due, due + timedelta(days=1)).model_copy(
+            update={"kind": "manual"}
+        )
+        async with stack.api.engine.begin() as conn:
+            await delivery_log.record_attempts(conn, [*of("msg_b", failed), *of("msg_d", failed)])
+        for batch in (
+            together,
+            put_off_then_resent,
+            of("msg_c", first, early),
+            of("msg_d", manual_put_off),
+        ):
+            async with stack.api.engine.begin() as conn:
+                await delivery_log.record_attempts(conn, batch)
+
+        shown = {
+            d: await _logged(stack, d, lambda _: True) for d in ("msg_a", "msg_b", "msg_c", "msg_d")
+        }
+
+        def when(delivery: dict[str, Any]) -> datetime:
+            return datetime.fromisoformat(delivery["next_retry_at"])
+
+        a, b, c, d = (shown[k] for k in ("msg_a", "msg_b", "msg_c", "msg_d"))
+        assert (a["state"], a["last_status_code"], a["attempt_count"], when(a)) == (
+            "retrying",
+            500,
+            1,
+            later,
+        )
+        assert (b["state"], b["last_status_code"], when(b)) == ("retrying", 503, later)
+        assert (c["state"], c["attempt_count"], when(c)) == ("pending", 1, later)
+        assert (d["state"], when(d)) == ("retrying", due)

@@ -400,7 +400,12 @@ async def test_a_put_off_whose_retry_is_set_aside_ends_failed() -> None:
         for value in batch
         if b'"delivery_id"' in value
     ]
-    assert [(a.outcome, a.final, a.next_retry_at) for a in told][-1] == ("failed", True, None)
+    assert [(a.outcome, a.final, a.next_retry_at, a.error_class) for a in told][-1] == (
+        "failed",
+        True,
+        None,
+        "retry_refused",
+    )
     assert told[-1].error is not None
     assert told[-1].error.startswith("put off: circuit open; its retry was refused")
 

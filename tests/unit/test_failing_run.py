@@ -41,6 +41,13 @@ def test_the_run_starts_at_the_first_failure_and_keeps_its_start() -> None:
     assert failing_run(since, last, EDITED, [_attempt(12, "failed")], GAP)[0] == since
 
 
+def test_a_put_off_ended_by_its_refused_retry_fails_no_run() -> None:
+    """Its endpoint was not asked: the delivery failed, the endpoint did not."""
+    ended = _attempt(1, "failed").model_copy(update={"error_class": "retry_refused"})
+    assert failing_run(None, None, EDITED, [ended], GAP) == (None,) * 3
+    assert failing_run(None, None, EDITED, [_attempt(1, "failed")], GAP)[0] is not None
+
+
 def test_a_success_ends_the_run_and_a_later_failure_starts_another() -> None:
     started = EDITED + timedelta(hours=1)
     assert failing_run(started, started, EDITED, [_attempt(5, "delivered")], GAP) == (None,) * 3
