@@ -263,6 +263,10 @@ async def _store(conn: AsyncConnection, attempts: Sequence[Attempt]) -> None:
                     stored.state != "delivered",
                     stored.kind == "event",
                 ),
+                # The automatic attempts' last word (a final failure, or a put-off whose
+                # retry was refused) ends a delivery still waiting however late it is read:
+                # nothing of theirs follows it, and the delivery would wait for good.
+                and_(proposed.state == "failed", proposed.kind == "event", _waiting(stored)),
             ),
             computed=columns,
         )
@@ -286,8 +290,17 @@ async def _store_put_offs(conn: AsyncConnection, put_offs: Sequence[Attempt]) ->
 
     A re-send or test put off (its webhook's lookup failed) says when it goes, not when
     the delivery's automatic attempt does: it is taken only by a delivery of its own kind
-    (a test delivery waiting for its one attempt), never by an event's."""
+    (a test delivery waiting for its one attempt), never by an event's.
+
+    A re-send that failed after the stored retry time, while that retry was being put off
+    again, left the delivery failed; the put-off, newer, shows the automatic attempts
+    still going: the delivery is waiting again (else re-sent by hand, and then sent by the
+    retry too)."""
     stored = _deliveries.c
+
+    def revived(proposed: Any) -> ColumnElement[bool]:
+        return and_(stored.state == "failed", stored.kind != "event", proposed.kind == "event")
+
     await upsert(
         conn,
         _deliveries,
@@ -296,9 +309,13 @@ async def _store_put_offs(conn: AsyncConnection, put_offs: Sequence[Attempt]) ->
         update=("next_retry_at", "updated_at"),
         when=lambda proposed: and_(
             stored.updated_at < proposed.updated_at,
-            _waiting(stored),
+            or_(_waiting(stored), revived(proposed)),
             or_(proposed.kind == "event", stored.kind == proposed.kind),
         ),
+        computed=lambda proposed: {
+            column: case((revived(proposed), proposed[column]), else_=stored[column])
+            for column in ("state", "kind")
+        },
     )
 
 

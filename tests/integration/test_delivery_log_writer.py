@@ -520,3 +520,39 @@ async def test_put_offs_count_in_the_order_they_were_made_within_a_batch(
         assert (b["state"], b["last_status_code"], when(b)) == ("retrying", 503, later)
         assert (c["state"], c["attempt_count"], when(c)) == ("pending", 1, later)
         assert (d["state"], when(d)) == ("retrying", due)
+
+        # Read one batch at a time: a re-send failing after the retry was due, while the
+        # retry was being put off again; then that put-off. The automatic attempts are
+        # still going, so the delivery waits again.
+        again = _put_off(stack, webhook, 2, due + timedelta(seconds=2), later)
+        # A put-off whose retry was refused ends failed, read after a re-send kept the
+        # delivery waiting: it ends the delivery however late it is read.
+        put_off = _put_off(stack, webhook, 2, due, later)
+        refused = put_off.model_copy(
+            update={
+                "outcome": "failed",
+                "final": True,
+                "next_retry_at": None,
+                "error_class": "retry_refused",
+            }
+        )
+        for batch in (
+            of("msg_e", failed),
+            of("msg_e", resent),
+            of("msg_e", again),
+            of("msg_f", failed),
+            of("msg_f", put_off),
+            of("msg_f", resent),
+            of("msg_f", refused),
+        ):
+            async with stack.api.engine.begin() as conn:
+                await delivery_log.record_attempts(conn, batch)
+        e = await _logged(stack, "msg_e", lambda _: True)
+        assert (e["state"], e["kind"], when(e), e["last_status_code"]) == (
+            "retrying",
+            "event",
+            later,
+            503,
+        )
+        f = await _logged(stack, "msg_f", lambda _: True)
+        assert (f["state"], f["next_retry_at"]) == ("failed", None)
