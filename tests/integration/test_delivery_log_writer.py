@@ -348,20 +348,15 @@ async def test_a_dead_letter_too_large_for_the_broker_goes_without_its_payload(
 
 def _put_off(stack: Stack, webhook_id: str, number: int, at: datetime, wakes: datetime) -> Attempt:
     """Attempt ``number`` of the delivery put off at ``at`` until ``wakes``: no request."""
-    event = sample_event(id="evt_twice", team_id=stack.team_id, occurred_at=at)
-    return Attempt(
-        delivery_id="msg_twice",
-        event_id=event.id,
-        webhook_id=webhook_id,
-        team_id=stack.team_id,
-        attempt=number,
-        attempted_at=at,
-        outcome="deferred",
-        error="put off: the endpoint's circuit is open",
-        error_class="circuit_open",
-        final=False,
-        next_retry_at=wakes,
-        event=event,
+    return _try(stack, webhook_id, number, at, "failed").model_copy(
+        update={
+            "outcome": "deferred",
+            "status_code": None,
+            "error": "put off: the endpoint's circuit is open",
+            "error_class": "circuit_open",
+            "final": False,
+            "next_retry_at": wakes,
+        }
     )
 
 

@@ -152,6 +152,15 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
     assert tokens[0] != tokens[1]
 
 
+def _ended(process: subprocess.Popen[str]) -> None:
+    """A stack a test leaves: killed if it still runs, its output pipe closed."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    assert process.stdout is not None
+    process.stdout.close()
+
+
 @contextlib.contextmanager
 def _slow_receiver(answer_after: float) -> Iterator[tuple[str, threading.Event]]:
     """A webhook endpoint answering 200 ``answer_after`` seconds after a POST came (the
@@ -209,11 +218,7 @@ def test_a_delivery_finishing_during_the_stop_reaches_the_delivery_log(tmp_path:
             assert came.wait(20), "the delivery never reached the receiver"
             assert _stop(process) < 12
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            assert process.stdout is not None
-            process.stdout.close()
+            _ended(process)
     assert process.returncode == 0
     log = (tmp_path / "dev.log").read_text()
     assert _errors(log) == []
@@ -239,11 +244,7 @@ def test_ctrl_c_stops_the_services_before_the_broker(tmp_path: Path) -> None:
             with pytest.raises(ProcessLookupError):
                 os.kill(child, 0)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
+        _ended(process)
     assert process.returncode == 0
     log = (tmp_path / "dev.log").read_text()
     assert "shutting_down" in log
@@ -289,11 +290,7 @@ def test_a_broker_that_dies_stops_the_stack_with_an_error(tmp_path: Path) -> Non
         os.kill(broker, signal.SIGKILL)
         process.wait(timeout=20)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
+        _ended(process)
     assert process.returncode == 1
     log = (tmp_path / "dev.log").read_text()
     exited = [json.loads(line) for line in _errors(log) if "embedded_broker_exited" in line]

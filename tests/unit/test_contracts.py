@@ -70,21 +70,25 @@ def test_invalid_records_say_why(raw: bytes | None, fragment: str) -> None:
     assert fragment in caught.value.message.lower()
 
 
-def test_an_attempt_time_without_an_offset_is_refused() -> None:
-    """The delivery log orders attempts by time: one without an offset cannot be compared
-    with the others (it would stop the log's writer at the first comparison)."""
+def _attempt_fields(**fields: object) -> dict[str, object]:
+    """An attempt record's fields, as JSON has them, around the valid event."""
     event = decode(Event, orjson.dumps(VALID))
-    attempt = {
+    return {
         "delivery_id": "msg_1",
         "event_id": event.id,
         "webhook_id": "wh_1",
         "team_id": "team_1",
         "attempt": 1,
         "attempted_at": "2026-01-01T00:00:00Z",
-        "outcome": "delivered",
-        "final": True,
         "event": orjson.loads(event.to_bytes()),
+        **fields,
     }
+
+
+def test_an_attempt_time_without_an_offset_is_refused() -> None:
+    """The delivery log orders attempts by time: one without an offset cannot be compared
+    with the others (it would stop the log's writer at the first comparison)."""
+    attempt = _attempt_fields(outcome="delivered", final=True)
     assert decode(Attempt, orjson.dumps(attempt)).attempted_at.tzinfo is not None
     with pytest.raises(InvalidRecord) as caught:
         decode(Attempt, orjson.dumps({**attempt, "attempted_at": "2026-01-01T00:00:00"}))
@@ -99,17 +103,7 @@ def test_an_attempt_time_without_an_offset_is_refused() -> None:
 def test_a_put_off_says_when_the_delivery_goes_next(fields: dict[str, object]) -> None:
     """A deferred record without its time, or final, would list a delivery waiting for
     nothing: refused (dead-lettered with the reason by the log's writer)."""
-    event = decode(Event, orjson.dumps(VALID))
-    put_off = {
-        "delivery_id": "msg_1",
-        "event_id": event.id,
-        "webhook_id": "wh_1",
-        "team_id": "team_1",
-        "attempt": 1,
-        "attempted_at": "2026-01-01T00:00:00Z",
-        "outcome": "deferred",
-        "event": orjson.loads(event.to_bytes()),
-    }
+    put_off = _attempt_fields(outcome="deferred")
     waiting = {**put_off, "final": False, "next_retry_at": "2026-01-01T00:10:00Z"}
     assert decode(Attempt, orjson.dumps(waiting)).state == "pending"
     assert decode(Attempt, orjson.dumps({**waiting, "attempt": 2})).state == "retrying"
