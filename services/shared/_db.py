@@ -34,6 +34,15 @@ def _describe(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+@functools.cache
+def _warn_readable(path: str, mode: int) -> None:
+    # Once a process, not once an engine: ``hookwire migrate`` opens the file twice (to
+    # read the revision, then in Alembic's own engine) and said it twice.
+    structlog.get_logger().warning(
+        "database_file_readable_by_others", path=path, mode=f"{mode:04o}"
+    )
+
+
 def create_engine(url: str) -> AsyncEngine:
     # A failed statement's error (logged whole) leaves out the values it carried: among
     # them a webhook's signing secrets and hashes of keys.
@@ -53,9 +62,7 @@ def create_engine(url: str) -> AsyncEngine:
                 # An operator's own choice, or an older release's file: said, not changed.
                 mode = path.stat().st_mode & 0o777
                 if path.is_file() and mode & 0o044:
-                    structlog.get_logger().warning(
-                        "database_file_readable_by_others", path=str(path), mode=f"{mode:04o}"
-                    )
+                    _warn_readable(str(path.resolve()), mode)
             except OSError as exc:
                 # A directory this user may not write to: SQLite fails to open the file too,
                 # and its error is handled where every connection's is (a clear message).

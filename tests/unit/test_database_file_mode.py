@@ -55,6 +55,23 @@ async def test_an_existing_database_readable_by_others_is_said_and_left(tmp_path
     assert logs[0]["path"] == str(database)
 
 
+async def test_a_database_readable_by_others_is_said_once_a_process(tmp_path: Path) -> None:
+    """``hookwire migrate`` opens the file with two engines; the operator reads it once.
+    A mode changed since is said again."""
+    database = tmp_path / "hookwire.db"
+    database.touch()
+    database.chmod(0o644)
+    with structlog.testing.capture_logs() as logs:
+        await _write_through(database)
+        await _write_through(database)
+        database.chmod(0o640)
+        await _write_through(database)
+    assert [(log["event"], log["mode"]) for log in logs] == [
+        ("database_file_readable_by_others", "0644"),
+        ("database_file_readable_by_others", "0640"),
+    ]
+
+
 async def test_an_existing_private_database_is_not_warned_of(tmp_path: Path) -> None:
     database = tmp_path / "hookwire.db"
     database.touch()
