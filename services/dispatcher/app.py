@@ -25,6 +25,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
+    FATAL_KAFKA_ERRORS,
     MAX_EVENT_BYTES,
     READINESS_KEY,
     RETRY_TIERS,
@@ -72,7 +73,7 @@ from .lanes import Lanes, sending_slots
 from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
 from .routed import RoutedIdentity, routed_identity, send_routed
-from .routing import fan_out
+from .routing import first_deliveries
 from .sender import Sender
 from .table import WebhookTable
 
@@ -85,6 +86,9 @@ _OUTCOME_LINGER_SECONDS = 0.02
 _TAKE_OVER_SECONDS = 10.0
 # Re-encoded, a JSON document grows at most about 4.5 times (numbers in exponent form).
 _MAY_GROW_PAST_LIMIT = MAX_EVENT_BYTES // 5
+# A batch's delivery records are sent in parts of about this many bytes (each record's
+# value): the records of one fan-out are copies of its event, and a batch can hold 500.
+_ROUTED_PART_BYTES = 8 * 1024 * 1024
 
 
 class DispatcherService:
@@ -369,6 +373,7 @@ class DispatcherService:
         out: list[OutRecord] = []
         # The event record each of ``out`` came from.
         sources: list[ConsumerRecord] = []
+        out_bytes = 0
         invalid: list[tuple[ConsumerRecord, str]] = []
         routed = 0
         matched: list[int] = []
@@ -397,13 +402,43 @@ class DispatcherService:
                 # its own events within this, a producer writing here directly may not.
                 dead_letter(record, f"the event is {size} bytes, over {MAX_EVENT_BYTES}")
                 continue
-            deliveries = fan_out(event, self.table.for_team(event.team_id))
             routed += 1
-            matched.append(len(deliveries))
-            out.extend(
-                (self.topics.deliveries, d.webhook_id.encode(), d.to_bytes()) for d in deliveries
-            )
-            sources.extend(record for _ in deliveries)
+            matched.append(0)
+            for webhook_id, value in first_deliveries(event, self.table.for_team(event.team_id)):
+                out.append((self.topics.deliveries, webhook_id.encode(), value))
+                sources.append(record)
+                matched[-1] += 1
+                out_bytes += len(value)
+                if out_bytes >= _ROUTED_PART_BYTES:
+                    # Held whole, 500 large events to 20 webhooks took a gigabyte and the
+                    # loop for seconds (past the group's session timeout).
+                    await self._send_routed(out, sources, more=True)
+                    out, sources, out_bytes = [], [], 0
+        await self._send_routed(out, sources, more=False)
+        if self._routed_before:
+            # Only this batch's own: the try after a refusal may bring back only some of
+            # the partitions the refused batch came from, and the others' turn comes later.
+            # Those of a partition gone are its new owner's to route.
+            batch = {(record.topic, record.partition, record.offset) for record in records}
+            owned = {(p.topic, p.partition) for p in self._router_assignment()}
+            self._routed_before = {
+                taken
+                for taken in self._routed_before
+                if taken[:3] not in batch and taken[:2] in owned
+            }
+        # Counted once sent: a batch handled again after a failure is not counted twice.
+        for record, reason in invalid:
+            note_invalid_record(self.delivery_metrics, record, reason)
+        self._routed.inc(routed)
+        for count in matched:
+            self._matched.observe(count)
+
+    async def _send_routed(
+        self, out: list[OutRecord], sources: list[ConsumerRecord], *, more: bool
+    ) -> None:
+        """Send one part of a batch's records; ``more``: other parts of it follow, and a
+        refusal of one of those must not send this one again."""
+        assert self._producer is not None
         # What the broker took in an earlier try of this batch is not sent again: the
         # batch is handled again after a refusal (which lets the loop poll and a rebalance
         # take the batch lock), and its other records were delivered already.
@@ -423,25 +458,17 @@ class DispatcherService:
                 if index not in refused.failed
             )
             self._note_set_aside(refused.set_aside)
+            for error in refused.failed.values():
+                if isinstance(error, FATAL_KAFKA_ERRORS):
+                    # Not to be tried again for ever while the process looks well: the
+                    # loop ends, and the process with it.
+                    raise error from refused
             raise
-        if self._routed_before:
-            # Only this batch's own: the try after a refusal may bring back only some of
-            # the partitions the refused batch came from, and the others' turn comes later.
-            # Those of a partition gone are its new owner's to route.
-            batch = {(record.topic, record.partition, record.offset) for record in records}
-            owned = {(p.topic, p.partition) for p in self._router_assignment()}
-            self._routed_before = {
-                taken
-                for taken in self._routed_before
-                if taken[:3] not in batch and taken[:2] in owned
-            }
+        if more:
+            self._routed_before.update(
+                routed_identity(record, source) for record, source in zip(out, sources, strict=True)
+            )
         self._note_set_aside(set_aside)
-        # Counted once sent: a batch handled again after a failure is not counted twice.
-        for record, reason in invalid:
-            note_invalid_record(self.delivery_metrics, record, reason)
-        self._routed.inc(routed)
-        for count in matched:
-            self._matched.observe(count)
 
     def _note_set_aside(self, set_aside: list[SetAside]) -> None:
         for record, reason in set_aside:

@@ -895,6 +895,10 @@ async def _handled(
         await handle(records)
     except asyncio.CancelledError:
         raise
+    except FATAL_KAFKA_ERRORS:
+        # A refusal the cluster will repeat (no permission to write) ends the loop, as
+        # one met fetching does: handled again for ever, the process would look well.
+        raise
     except Exception:
         structlog.get_logger().exception(
             "batch_failed", topic=records[0].topic, records=len(records)

@@ -8,8 +8,13 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import ConsumerRecord
-from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
+from services.dispatcher import app as dispatcher_app
 from services.dispatcher import routed
 from services.shared import (
     OutRecord,
@@ -205,3 +210,63 @@ async def test_a_retried_batch_back_in_parts_sends_nothing_twice(
     await dispatcher._route_batch([first])
     await dispatcher._route_batch([second])
     assert taken == ["refused", "evt_second", "evt_first"]
+
+
+async def test_a_large_fan_out_is_sent_in_parts_and_a_part_refused_alone_goes_again(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event for six webhooks, parts of about two deliveries' bytes: the batch's
+    records go out in parts, no part holding much more than that (held whole, a batch of
+    large events to many webhooks took a gigabyte). The broker refuses the last part
+    once: the batch is routed again, and only that part is written again; each webhook
+    gets the event once."""
+    hooks = [await stack.subscribe(f"{receiver.url}/{n}") for n in range(6)]
+    event_bytes = 3000
+    monkeypatch.setattr(dispatcher_app, "_ROUTED_PART_BYTES", 2 * event_bytes)
+    real = routed.send_each
+    parts: list[list[bytes | None]] = []
+    refused_once: list[bytes | None] = []
+
+    async def counting(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
+        deliveries = [r for r in records if r[0] == stack.dispatcher.topics.deliveries]
+        if deliveries:
+            parts.append([key for _, key, _ in deliveries])
+            assert sum(len(value) for _, _, value in deliveries) < 3 * (event_bytes + 1000)
+        if len(parts) == 3 and not refused_once:
+            refused_once.extend(key for _, key, _ in records)
+            return {index: KafkaTimeoutError() for index in range(len(records))}
+        return await real(producer, records)
+
+    monkeypatch.setattr(routed, "send_each", counting)
+    await stack.create_object({"notes": "x" * event_bytes})
+    received = await receiver.wait_for(6)
+    await asyncio.sleep(1.5)  # past the router's next try of the batch
+    assert sorted(r.path for r in receiver.received) == sorted(f"/hook/{n}" for n in range(6))
+    assert len({r.headers["webhook-id"] for r in received}) == 6
+    # Three parts, then only the refused one again.
+    assert len(parts) == 4
+    assert parts[3] == parts[2] == refused_once
+    assert sorted(key for part in parts[:3] for key in part) == sorted(h.encode() for h in hooks)
+
+
+async def test_a_write_the_cluster_forbids_ends_the_router(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No permission to write ``deliveries``: the router's loop ends and ``/healthz`` names
+    it, rather than routing the batch again every second for ever while the process looks
+    healthy. The embedded broker has no ACLs, so the write answers as Kafka's would."""
+    await stack.subscribe("http://127.0.0.1:9/hook")
+
+    async def forbidden(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
+        return {index: TopicAuthorizationFailedError() for index in range(len(records))}
+
+    monkeypatch.setattr(routed, "send_each", forbidden)
+    await stack.create_object()
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        async with stack.session.get(f"{stack.dispatcher_url}/healthz") as response:
+            status, answer = response.status, await response.json()
+        if status != 200 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert (status, answer["reasons"]) == (503, ["router: TopicAuthorizationFailedError"])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from services.dispatcher.routing import WebhookRoute, delivery_id, fan_out
-from services.shared import Event
+import pytest
+
+from services.dispatcher.routing import WebhookRoute, delivery_id, first_deliveries
+from services.shared import Delivery, Event, decode
 from tests.samples import sample_event, sample_route
 
 
@@ -32,9 +35,15 @@ def test_only_matching_webhooks_get_a_delivery() -> None:
         _route("wh_filtered_in", object_types=frozenset({"contact", "invoice"})),
         _route("wh_inactive", active=False),
     ]
-    deliveries = fan_out(_event(), routes)
-    assert [d.webhook_id for d in deliveries] == ["wh_match", "wh_filtered_in"]
-    assert all(d.attempt == 1 and d.event.id == "evt_1" for d in deliveries)
+    deliveries = [
+        (webhook_id, decode(Delivery, value))
+        for webhook_id, value in first_deliveries(_event(), routes)
+    ]
+    assert [(webhook_id, d.webhook_id) for webhook_id, d in deliveries] == [
+        ("wh_match", "wh_match"),
+        ("wh_filtered_in", "wh_filtered_in"),
+    ]
+    assert all(d.attempt == 1 and d.event == _event() for _, d in deliveries)
 
 
 def test_delivery_ids_are_stable_per_event_and_webhook() -> None:
@@ -42,6 +51,52 @@ def test_delivery_ids_are_stable_per_event_and_webhook() -> None:
     assert delivery_id("evt_1", "wh_1") == delivery_id("evt_1", "wh_1")
     assert delivery_id("evt_1", "wh_1") != delivery_id("evt_1", "wh_2")
     assert delivery_id("evt_1", "wh_1") != delivery_id("evt_2", "wh_1")
-    first = fan_out(_event(), [_route("wh_1")])
-    again = fan_out(_event(), [_route("wh_1")])
-    assert first[0].id == again[0].id
+    first = list(first_deliveries(_event(), [_route("wh_1")]))
+    again = list(first_deliveries(_event(), [_route("wh_1")]))
+    assert first == again
+    assert decode(Delivery, first[0][1]).id == delivery_id("evt_1", "wh_1")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"version": 7, "type": "object.updated"},
+        {"data": {"name": 'Zoë "quoted" \\ \n\u2028 😀', "n": 1e15, "big": 2**63 - 1}},
+        {"data": {"nested": {"list": [1, 2.5, None, True, {"deep": []}]}, "empty": ""}},
+        {"occurred_at": datetime(2026, 1, 1, 12, 30, 15, 123456, tzinfo=UTC)},
+    ],
+)
+def test_a_delivery_record_is_what_the_delivery_model_writes(overrides: dict[str, Any]) -> None:
+    """Put together around the event's one encoding, each record is byte for byte the
+    record the contract writes for that delivery."""
+    event = _event(**overrides)
+    topics = frozenset({"object.created", "object.updated"})
+    routes = [_route("wh_1", topics=topics), _route("wh_2", topics=topics)]
+    records = list(first_deliveries(event, routes))
+    assert records == [
+        (
+            route.id,
+            Delivery(
+                id=delivery_id(event.id, route.id), webhook_id=route.id, attempt=1, event=event
+            ).to_bytes(),
+        )
+        for route in routes
+    ]
+
+
+def test_the_event_is_encoded_once_for_all_its_webhooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    encodings = 0
+    encode = Event.to_bytes
+
+    def counted(self: Event) -> bytes:
+        nonlocal encodings
+        encodings += 1
+        return encode(self)
+
+    monkeypatch.setattr(Event, "to_bytes", counted)
+    routes = [_route(f"wh_{n}") for n in range(50)]
+    assert len(list(first_deliveries(_event(), routes))) == 50
+    assert encodings == 1
+    assert list(first_deliveries(_event(), [_route("wh_x", active=False)])) == []
+    assert encodings == 1
