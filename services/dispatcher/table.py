@@ -87,6 +87,12 @@ class WebhookTable:
         # refresh would bring the old webhook back until the next load. One at a time, the
         # later reader always reads the later state.
         self._reading = asyncio.Lock()
+        # One whole load at a time; while one reads, the ids change records re-read.
+        self._loading = asyncio.Lock()
+        self._refreshed_meanwhile: set[str] | None = None
+        # Per webhook, the row its route was last built from and that route (before a 410
+        # stop is applied): a load reuses it for a row unchanged since.
+        self._built: dict[str, tuple[Any, WebhookRoute]] = {}
         # Webhooks stopped here on a 410: the attempt's start and when to give up holding
         # it. The database says active until the delivery log's writer applies the
         # disable; a re-read meanwhile must not start delivering to it again.
@@ -150,6 +156,15 @@ class WebhookTable:
         self._by_team = by_team
 
     def _load_row(self, row: Any) -> WebhookRoute | None:
+        base = self._build(row)
+        if base is None:
+            self._built.pop(row.id, None)
+            return None
+        self._built[row.id] = (row, base)
+        return self._adjusted(base, row)
+
+    def _build(self, row: Any) -> WebhookRoute | None:
+        """The route the row describes, or None for a row the api could not have written."""
         try:
             route, unusable = _route_from_row(row)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -166,6 +181,10 @@ class WebhookTable:
                 error="; ".join(unusable),
                 skipped=len(unusable),
             )
+        return route
+
+    def _adjusted(self, route: WebhookRoute, row: Any) -> WebhookRoute:
+        """The route as delivered to now: inactive while a 410 stop holds."""
         if not route.active:
             # The disable has landed (or the webhook was stopped some other way).
             self._stopped.pop(route.id, None)
@@ -199,22 +218,55 @@ class WebhookTable:
             )
 
     async def load_all(self) -> None:
-        async with self._reading:
-            async with asyncio.timeout(_READ_ALL_AT_MOST_SECONDS):
-                rows = await self._read_all()
-            loaded = {}
-            for row in rows:
-                route = self._load_row(row)
-                if route is not None:
-                    loaded[route.id] = route
-            previous, self._by_id = self._by_id, loaded
-            for webhook_id in self._stopped.keys() - loaded.keys():
-                del self._stopped[webhook_id]
-            self._reindex()
-            for webhook_id in previous.keys() | loaded.keys():
-                if _pacing(previous.get(webhook_id)) != _pacing(loaded.get(webhook_id)):
-                    self._paced_anew(webhook_id)
-                self._note_url(previous.get(webhook_id), loaded.get(webhook_id))
+        """Read every webhook and swap the table for what was read.
+
+        The read runs outside the table's lock (of a large table it takes seconds, and
+        every change record would wait behind it, past the second a change may take): a
+        webhook re-read by a change record meanwhile keeps what that read, which is newer.
+        A row unchanged since the last load keeps the route built from it: decoding every
+        secret again held the loop for seconds at a hundred thousand webhooks."""
+        async with self._loading:
+            self._refreshed_meanwhile = set()
+            try:
+                async with asyncio.timeout(_READ_ALL_AT_MOST_SECONDS):
+                    rows = await self._read_all()
+                async with self._reading:
+                    self._swap_in(rows, self._refreshed_meanwhile)
+            finally:
+                self._refreshed_meanwhile = None
+
+    def _swap_in(self, rows: list[Any], refreshed: set[str]) -> None:
+        loaded: dict[str, WebhookRoute] = {}
+        built: dict[str, tuple[Any, WebhookRoute]] = {}
+        for row in rows:
+            if row.id in refreshed:
+                continue
+            before = self._built.get(row.id)
+            if before is not None and tuple(before[0]) == tuple(row):
+                base = before[1]
+            else:
+                made = self._build(row)
+                if made is None:
+                    continue
+                base = made
+            built[row.id] = (row, base)
+            route = self._adjusted(base, row)
+            loaded[route.id] = route
+        for webhook_id in refreshed:
+            # As the change record's read left it, present or gone.
+            if webhook_id in self._by_id:
+                loaded[webhook_id] = self._by_id[webhook_id]
+            if webhook_id in self._built:
+                built[webhook_id] = self._built[webhook_id]
+        self._built = built
+        previous, self._by_id = self._by_id, loaded
+        for webhook_id in self._stopped.keys() - loaded.keys():
+            del self._stopped[webhook_id]
+        self._reindex()
+        for webhook_id in previous.keys() | loaded.keys():
+            if _pacing(previous.get(webhook_id)) != _pacing(loaded.get(webhook_id)):
+                self._paced_anew(webhook_id)
+            self._note_url(previous.get(webhook_id), loaded.get(webhook_id))
 
     def _note_url(self, before: WebhookRoute | None, after: WebhookRoute | None) -> None:
         moved = before is not None and after is not None and before.url != after.url
@@ -229,6 +281,8 @@ class WebhookTable:
         (a team's webhooks edited together) costs a query per few hundred webhooks and one
         re-index, not one of each per webhook."""
         async with self._reading:
+            if self._refreshed_meanwhile is not None:
+                self._refreshed_meanwhile.update(webhook_ids)
             rows: dict[str, Any] = {}
             for start in range(0, len(webhook_ids), _READ_AT_ONCE):
                 chunk = webhook_ids[start : start + _READ_AT_ONCE]
@@ -249,6 +303,7 @@ class WebhookTable:
         before = self._by_id.get(webhook_id)
         if route is None:
             self._by_id.pop(webhook_id, None)
+            self._built.pop(webhook_id, None)
             self._stopped.pop(webhook_id, None)
         else:
             self._by_id[webhook_id] = route

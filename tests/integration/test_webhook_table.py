@@ -110,3 +110,78 @@ async def test_a_webhook_left_with_no_readable_secret_fails_as_unsigned(
         await asyncio.sleep(0.05)
     assert {tuple(row) for row in rows} == {("failed", "unsigned")}
     assert receiver.received == []
+
+
+async def test_a_change_read_while_a_whole_load_reads_applies_at_once_and_stays(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole load reads outside the table's lock: a webhook deactivated while the load's
+    read is still on its way takes effect at once (it waited for the whole load, seconds
+    at a hundred thousand webhooks), and the load, which read it active, does not bring it
+    back."""
+    webhook = await stack.create_webhook(receiver.url)
+    table = stack.dispatcher.table
+    real_read_all = table._read_all
+    read, release, loaded = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def read_then_wait() -> list[Any]:
+        rows = await real_read_all()
+        read.set()
+        await release.wait()
+        return rows
+
+    async def load() -> None:
+        await table.load_all()
+        loaded.set()
+
+    monkeypatch.setattr(table, "_read_all", read_then_wait)
+    loading = asyncio.create_task(load())
+    await asyncio.wait_for(read.wait(), 10)
+    async with stack.session.patch(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+        headers=stack.headers(),
+        json={"active": False},
+    ) as response:
+        assert response.status == 200
+    deadline = asyncio.get_running_loop().time() + 5
+    while table.get(webhook["id"]).active:  # type: ignore[union-attr]
+        assert asyncio.get_running_loop().time() < deadline, "the change waited for the load"
+        await asyncio.sleep(0.05)
+    assert not loaded.is_set()
+    release.set()
+    await asyncio.wait_for(loading, 10)
+    route = table.get(webhook["id"])
+    assert route is not None
+    assert not route.active
+    assert route.id not in {r.id for r in table.for_team(stack.team_id)}
+
+
+async def test_a_whole_load_builds_again_only_the_rows_that_changed(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding every secret of every webhook at each load held the loop for seconds at a
+    hundred thousand webhooks: an unchanged row keeps its route."""
+    hooks = [await stack.create_webhook(f"{receiver.url}/{n}") for n in range(3)]
+    table = stack.dispatcher.table
+    await table.load_all()
+    built: list[str] = []
+    real = table_module._route_from_row
+
+    def counted(row: Any) -> Any:
+        built.append(row.id)
+        return real(row)
+
+    monkeypatch.setattr(table_module, "_route_from_row", counted)
+    async with stack.api.engine.begin() as conn:
+        await conn.execute(
+            update(tables.webhooks)
+            .where(tables.webhooks.c.id == hooks[1]["id"])
+            .values(url=f"{receiver.url}/moved")
+        )
+    await table.load_all()
+    assert built == [hooks[1]["id"]]
+    assert table.get(hooks[1]["id"]).url == f"{receiver.url}/moved"  # type: ignore[union-attr]
+    assert table.get(hooks[0]["id"]) is not None
+    assert table.get(hooks[2]["id"]) is not None
+    await table.load_all()
+    assert built == [hooks[1]["id"]]
