@@ -285,6 +285,7 @@ hookwire is running (Ctrl-C stops it)
   api         {api}
   auth        {info["auth_url"]}
   dispatcher  {info["dispatcher_url"]}/metrics
+  kafka       {info["kafka_bootstrap"]}   (events topic: {info["events_topic"]})
   receiver    {receiver_url}/received   (a sample webhook endpoint)
   token       {token}
   team        {team}
@@ -413,6 +414,9 @@ async def _run_dev(settings: Settings) -> None:
             "api_url": f"http://{host}:{settings.api_port}",
             "auth_url": f"http://{host}:{settings.auth_port}",
             "dispatcher_url": f"http://{host}:{settings.dispatcher_port}",
+            # A producer of the user's writes events straight to the broker (docs/events.md).
+            "kafka_bootstrap": str(settings.kafka_bootstrap),
+            "events_topic": topics_for(settings).events,
         }
         saved_to = settings.data_dir / "dev.json"
         _write_private(saved_to, dev_info)

@@ -233,6 +233,9 @@ async def run_until_signalled(services: Sequence[Service], ready_message: str = 
                 log.exception("service_stop_failed", name=service.name)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        # The last line: without it a log ending at "shutting_down" does not say whether
+        # the stop finished or the process was killed halfway.
+        log.info("services_stopped", names=[service.name for service in starting])
     # Also a loop that died while the services started or stopped: the exit status says so.
     failures = [f"{s.name}: {failure}" for s in services for failure in s.loops.failures]
     if failures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -23,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.devstack import SampleReceiver
 from services.shared import free_port
@@ -118,6 +120,9 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
             info = orjson.loads(dev_file.read_bytes())
             assert set(info) >= {"token", "team_id", "api_url", "auth_url"}
             assert info["token"] in banner
+            # Where a producer of the user's writes events: the embedded broker, reachable.
+            assert f"kafka       {info['kafka_bootstrap']}" in banner
+            assert info["events_topic"] in asyncio.run(_topics_at(info["kafka_bootstrap"]))
             tokens.append(info["token"])
             example = banner.split("Try it:", 1)[1]
             shell = subprocess.run(
@@ -149,7 +154,19 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
             assert process.stdout is not None
             process.stdout.close()
         assert process.returncode == 0
+        # The log says the stop finished, not only that it began.
+        last = orjson.loads((tmp_path / "dev.log").read_text().strip().splitlines()[-1])
+        assert last["event"] == "services_stopped"
     assert tokens[0] != tokens[1]
+
+
+async def _topics_at(bootstrap: str) -> set[str]:
+    client = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await client.start()
+    try:
+        return set(await client.list_topics())
+    finally:
+        await client.close()
 
 
 def _ended(process: subprocess.Popen[str]) -> None:
