@@ -85,7 +85,17 @@ def dev() -> None:
     """Run the whole system on embedded defaults (SQLite and the embedded broker)."""
     from services.devstack import run_dev
 
-    _run(run_dev(_settings(allow_private_urls=True)))
+    # The sample receiver is local, so private addresses are allowed, unless the operator
+    # said otherwise (to try the guard): overridden silently, their setting looked broken.
+    said = "HOOKWIRE_ALLOW_PRIVATE_URLS" in os.environ
+    settings = _settings() if said else _settings(allow_private_urls=True)
+    if not settings.allow_private_urls:
+        structlog.get_logger().warning(
+            "private_urls_refused",
+            detail="HOOKWIRE_ALLOW_PRIVATE_URLS=false: the sample receiver, on this machine,"
+            " gets no deliveries",
+        )
+    _run(run_dev(settings))
 
 
 @main.command()
