@@ -201,7 +201,14 @@ def note_invalid_record(
 ) -> None:
     """Count and log a record set aside on the dead-letter topic."""
     metrics.dead_letters.labels(label).inc()
-    get_logger("dispatcher").warning("record_dead_lettered", topic=record.topic, reason=reason)
+    # Where it came from, as the dead letter records it: an operator finds it from the line.
+    get_logger("dispatcher").warning(
+        "record_dead_lettered",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=reason,
+    )
 
 
 class DeliveryHandler:
