@@ -8,6 +8,7 @@ then either nothing more (delivered), the next try on a retry topic, or a dead l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import time
@@ -58,6 +59,10 @@ _UNCONFIRMED_WAIT_SECONDS = 5.0
 # URL (3 s at most) and the loop's own delays.
 _PROBE_MARGIN_SECONDS = 5.0
 _WEBHOOKS_REMEMBERED = 10_000
+# How long a delivery waits for the answer to its webhook's probe before it is put off
+# for the circuit's whole wait: most endpoints answer within it. Below the share of a
+# rebalance's hand-over (2.4 s) that in-flight deliveries get to finish.
+_PROBE_WAIT_SECONDS = 1.5
 # Deliveries a manual re-send delivered, kept so that their retries still to come are not
 # sent again: a replay of a webhook's failed deliveries re-sends up to 10,000 at once, and
 # a team may re-send 20,000 an hour. About 10 MB at the bound; one forgotten is sent
@@ -255,6 +260,10 @@ class DeliveryHandler:
         # Oldest first: the first one goes when the bound is reached.
         self._resent_delivered: dict[str, None] = {}
         self._inflight = 0
+        # Per webhook whose circuit's probe is on its way: done once its outcome is
+        # recorded. The webhook's deliveries arriving meanwhile wait for it (bounded)
+        # rather than being put off for the circuit's whole wait by a probe that succeeds.
+        self._probes: dict[str, asyncio.Future[None]] = {}
         # Read when scraped rather than updated for every delivery (counting open circuits
         # walks every endpoint).
         metrics.inflight.set_function(lambda: self._inflight)
@@ -411,6 +420,8 @@ class DeliveryHandler:
         if known is not None and known.team_id != delivery.event.team_id:
             # Before the rate wait: a record that will not be sent takes no slot.
             return [self._another_teams(delivery, record)]
+        if delivery.kind == "event":
+            await self._behind_probe(delivery.webhook_id)
         try:
             route = await self._route_when_due(delivery, record, pace, known)
         except WebhookUnconfirmed:
@@ -426,22 +437,35 @@ class DeliveryHandler:
         hold = self._held(delivery, record)
         if hold is not None:
             return self._put_off(delivery, hold, _HELD)
+        probing = delivery.kind == "event" and self._circuit.is_open(route.id)
         if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
             return self._deferred(delivery, self._circuit.reopens_at(route.id))
-        clock = time.monotonic()
-        self._inflight += 1
+        probe = self._probe_starts(route.id) if probing else None
         try:
-            outcome = await self._sender.send(route, delivery)
+            clock = time.monotonic()
+            self._inflight += 1
+            try:
+                outcome = await self._sender.send(route, delivery)
+            finally:
+                self._inflight -= 1
+            # The table may not have heard yet of an edit that moved the webhook, and the
+            # old receiver answering 410 is just what a move looks like: that stops nothing
+            # (the delivery fails and its retry goes to the new URL).
+            moved = await self._moved_since(route) if outcome.status_code == GONE else None
+            gone = outcome.status_code == GONE and moved is False
+            records = self._after(
+                route,
+                delivery,
+                record,
+                about,
+                outcome,
+                started=clock,
+                gone=gone,
+                left=moved is True,
+            )
         finally:
-            self._inflight -= 1
-        # The table may not have heard yet of an edit that moved the webhook, and the old
-        # receiver answering 410 is just what a move looks like: that stops nothing (the
-        # delivery fails and its retry goes to the new URL).
-        moved = await self._moved_since(route) if outcome.status_code == GONE else None
-        gone = outcome.status_code == GONE and moved is False
-        records = self._after(
-            route, delivery, record, about, outcome, started=clock, gone=gone, left=moved is True
-        )
+            if probe is not None:
+                self._probe_ends(route.id, probe)
         current = self._table.get(route.id)
         if moved and route.id not in self._learning and current and current.url == route.url:
             # The table learns the new URL now, not at the change record (which may be
@@ -451,6 +475,28 @@ class DeliveryHandler:
             learning = asyncio.create_task(self._learn(route.id))
             self._learning[route.id] = learning
         return records
+
+    def _probe_starts(self, webhook_id: str) -> asyncio.Future[None]:
+        probe = self._probes[webhook_id] = asyncio.get_running_loop().create_future()
+        return probe
+
+    def _probe_ends(self, webhook_id: str, probe: asyncio.Future[None]) -> None:
+        """The probe's outcome is recorded (or it ended without one): its waiters go on."""
+        if not probe.done():
+            probe.set_result(None)
+        if self._probes.get(webhook_id) is probe:
+            del self._probes[webhook_id]
+
+    async def _behind_probe(self, webhook_id: str) -> None:
+        """Wait, a little, for the answer to the webhook's probe on its way: the deliveries
+        woken with it (put off while the circuit was open) would otherwise be put off
+        again for the circuit's whole wait, even when the probe comes back delivered a
+        moment later. Past the wait they are put off as before."""
+        probe = self._probes.get(webhook_id)
+        if probe is not None and not probe.done():
+            with contextlib.suppress(TimeoutError):
+                # Shielded: one waiter giving up must not end the others' wait.
+                await asyncio.wait_for(asyncio.shield(probe), _PROBE_WAIT_SECONDS)
 
     def _skipped(self, delivery: Delivery, why: str, error_class: str) -> OutRecord:
         self._metrics.outcomes["skipped"].inc()

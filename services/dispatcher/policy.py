@@ -143,6 +143,11 @@ class CircuitBreaker:
         if ends_turn and state.opened_at is not None and started >= state.opened_at:
             state.open_until = min(state.open_until, now)
 
+    def is_open(self, endpoint: str) -> bool:
+        """Whether the circuit is open or half-open: a request it allows now is the probe."""
+        state = self._endpoints.get(endpoint)
+        return state is not None and state.opened_at is not None
+
     def reopens_at(self, endpoint: str) -> float:
         state = self._endpoints.get(endpoint)
         if state is None:

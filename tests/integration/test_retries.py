@@ -420,6 +420,46 @@ async def test_an_open_circuit_defers_without_calling(
         )
 
 
+async def test_deliveries_woken_with_a_probe_go_once_it_succeeds(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """Deliveries put off by an open circuit wake together when it half-opens: one is the
+    probe, and the others wait for its answer. It succeeds, and they go at once rather
+    than being put off again for the circuit's whole wait (they came 30 s after a
+    successful probe)."""
+    tripping = settings.model_copy(
+        update={
+            "retry_schedule_seconds": (60.0,) * 10,
+            "retry_jitter": 0.0,
+            "circuit_failure_threshold": 1,
+            "circuit_open_seconds": 5.0,
+        }
+    )
+    async with running_stack(tripping, with_dispatcher=True) as stack:
+        await stack.create_webhook(receiver.url, CREATED)
+        receiver.statuses = [500]
+        await stack.create_object({"n": 0})
+        await receiver.wait_for(1)
+        registry = stack.dispatcher.metrics.registry
+        for n in range(1, 5):
+            await stack.create_object({"n": n})
+        await _eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "hookwire_dispatcher_deliveries_total", {"outcome": "deferred"}
+                )
+                == 4
+            )
+        )
+        received = await receiver.wait_for(5, within=20)
+        probe, *behind = received[1:]
+        assert sorted(orjson.loads(r.body)["data"]["n"] for r in received[1:]) == [1, 2, 3, 4]
+        assert all(r.at - probe.at < 2.5 for r in behind), [r.at - probe.at for r in behind]
+        await _eventually(
+            lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
+        )
+
+
 async def test_deliveries_put_off_behind_an_open_circuit_are_in_the_log(
     settings: Settings, receiver: Receiver
 ) -> None:
