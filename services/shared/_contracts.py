@@ -380,6 +380,9 @@ class DeadLetter(Record):
     source_partition: int | None = None
     source_offset: int | None = None
     payload: str
+    # "base64": the payload is the record's bytes in base64, for bytes that are not UTF-8
+    # (read as text, their invalid bytes would be replaced, and the original lost).
+    payload_encoding: Literal["base64"] | None = None
     at: Rfc3339
 
     def to_bytes(self) -> bytes:
@@ -392,6 +395,8 @@ class DeadLetter(Record):
         value = Record.to_bytes(letter)
         while len(value) > MAX_RECORD_BYTES and letter.payload:
             keep = max(0, len(letter.payload) * MAX_RECORD_BYTES // len(value) - 4096)
+            if self.payload_encoding == "base64":
+                keep -= keep % 4  # whole groups: what is kept still decodes
             letter = self.model_copy(
                 update={
                     "payload": self.payload[:keep],
@@ -433,6 +438,15 @@ def decode(model: type[R], raw: bytes | None) -> R:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            try:
+                raw.decode()
+            except UnicodeDecodeError as not_text:
+                # JSON is UTF-8: "expected value at line 1 column 1" would not say so.
+                at = not_text.start
+                raise InvalidRecord(
+                    f"record: not UTF-8 text (byte 0x{raw[at]:02x} at offset {at})"
+                ) from exc
         reasons = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'record'}: {err['msg']}"
             for err in errors[:_REASONS_NAMED]

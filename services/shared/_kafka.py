@@ -8,6 +8,7 @@ from ``earliest`` (``latest`` is unreliable there), and commits are always expli
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import itertools
 import math
@@ -923,12 +924,18 @@ def dead_letter_record(
     if key is not None and len(key) > _DEAD_LETTER_KEY_MAX_BYTES:
         reason = f"{reason} (its key of {len(key)} bytes left out)"
         key = None
+    try:
+        payload, encoding = value.decode(), None
+    except UnicodeDecodeError:
+        # Kept whole: the bytes as they came are what an operator needs to find the fault.
+        payload, encoding = base64.b64encode(value).decode("ascii"), "base64"
     letter = DeadLetter(
         reason=reason,
         source_topic=record.topic,
         source_partition=record.partition,
         source_offset=record.offset,
-        payload=value.decode("utf-8", errors="replace"),
+        payload=payload,
+        payload_encoding=encoding,
         at=utcnow(),
     )
     return (topics.dead_letter, key, letter.to_bytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +11,15 @@ import orjson
 
 from services.shared import utcnow
 from tests.conftest import Receiver, Stack, dead_letters, send_records
+
+# Not UTF-8: a dead letter keeps its bytes whole (base64), not read as text.
+NOT_UTF8 = b"\xff\xfe\x00{garbage\x80"
+
+
+def _assert_kept_whole(letter: dict[str, Any], raw: bytes) -> None:
+    assert letter["payload_encoding"] == "base64"
+    assert base64.b64decode(letter["payload"]) == raw
+
 
 GOOD = {
     "schema": 1,
@@ -49,6 +59,12 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
         # Seconds since 1970 and a version as text: refused, not rewritten.
         orjson.dumps({**GOOD, "team_id": stack.team_id, "occurred_at": 1_700_000_000}),
         orjson.dumps({**GOOD, "team_id": stack.team_id, "version": "5"}),
+        # Not text at all, and JSON that is not an object.
+        NOT_UTF8,
+        b"[]",
+        b"42",
+        b"null",
+        b'"an event"',
     ]
     good = orjson.dumps({**GOOD, "team_id": stack.team_id})
     await send_records(stack, topics.events, b"same-partition", [*bad, good])
@@ -57,7 +73,7 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
     assert orjson.loads(delivery.body)["id"] == "evt_external_1"
 
     letters = await dead_letters(stack.settings, len(bad))
-    assert [letter["source_topic"] for letter in letters] == [topics.events] * 7
+    assert [letter["source_topic"] for letter in letters] == [topics.events] * len(bad)
     reasons = [str(letter["reason"]) for letter in letters]
     assert "json" in reasons[0].lower()
     assert "schema" in reasons[1]
@@ -67,11 +83,17 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
     assert reasons[5].startswith("occurred_at: Value error, must be an RFC 3339 time")
     assert reasons[6].startswith("version: Input should be a valid integer")
     assert letters[0]["payload"] == "\x00not json at all"
+    assert "payload_encoding" not in letters[0]
+    _assert_kept_whole(letters[7], NOT_UTF8)
+    assert reasons[7] == "record: not UTF-8 text (byte 0xff at offset 0)"
+    for letter, payload in zip(letters[8:], bad[8:], strict=True):
+        assert letter["payload"] == payload.decode()
+        assert letter["reason"] == "record: Input should be an object", letter
     registry = stack.dispatcher.metrics.registry
     value = registry.get_sample_value(
         "hookwire_dispatcher_dead_letters_total", {"reason": "invalid_record"}
     )
-    assert value == 7
+    assert value == len(bad)
 
 
 async def test_an_empty_event_record_and_an_unknown_field_are_dead_lettered(
@@ -192,16 +214,26 @@ async def test_unreadable_deliveries_are_dead_lettered_and_the_lane_goes_on(
         stack,
         topics.deliveries,
         webhook_id.encode(),
-        [b"{not json", None, _delivery(webhook_id, stack.team_id, "msg_behind_them")],
+        [
+            b"{not json",
+            None,
+            NOT_UTF8,
+            b"[]",
+            _delivery(webhook_id, stack.team_id, "msg_behind_them"),
+        ],
     )
     [delivered] = await receiver.wait_for(1)
     assert delivered.headers["webhook-id"] == "msg_behind_them"
-    letters = await dead_letters(stack.settings, 2)
-    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 2
-    assert [letter["payload"] for letter in letters] == ["{not json", ""]
+    letters = await dead_letters(stack.settings, 4)
+    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 4
+    assert [letter["payload"] for letter in letters[:2]] == ["{not json", ""]
     assert "json" in str(letters[0]["reason"]).lower()
     assert letters[1]["reason"] == "record has no value"
-    assert _invalid_records(stack) == 2
+    _assert_kept_whole(letters[2], NOT_UTF8)
+    assert str(letters[2]["reason"]).startswith("record: not UTF-8 text")
+    assert letters[3]["payload"] == "[]"
+    assert letters[3]["reason"] == "record: Input should be an object"
+    assert _invalid_records(stack) == 4
 
 
 async def test_garbage_on_a_retry_topic_is_forwarded_then_dead_lettered(
@@ -215,14 +247,17 @@ async def test_garbage_on_a_retry_topic_is_forwarded_then_dead_lettered(
     due = _delivery(
         webhook_id, stack.team_id, "msg_due_retry", attempt=2, not_before=utcnow().isoformat()
     )
-    await send_records(stack, topics.retry(1), webhook_id.encode(), [b"garbage", None, due])
+    await send_records(
+        stack, topics.retry(1), webhook_id.encode(), [b"garbage", None, NOT_UTF8, due]
+    )
     [delivered] = await receiver.wait_for(1)
     assert delivered.headers["webhook-id"] == "msg_due_retry"
-    letters = await dead_letters(stack.settings, 2)
+    letters = await dead_letters(stack.settings, 3)
     # Forwarded first, so the delivery lane is where they are found out.
-    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 2
-    assert sorted(letter["payload"] for letter in letters) == ["", "garbage"]
-    assert _invalid_records(stack) == 2
+    assert [letter["source_topic"] for letter in letters] == [topics.deliveries] * 3
+    assert sorted(letter["payload"] for letter in letters[:2]) == ["", "garbage"]
+    _assert_kept_whole(letters[2], NOT_UTF8)
+    assert _invalid_records(stack) == 3
     await _timer_drained(stack)
 
 

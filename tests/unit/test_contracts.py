@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 
 import orjson
@@ -130,6 +131,28 @@ def test_a_dead_letter_always_fits_a_record() -> None:
     assert decoded["reason"].startswith("gone: attempt 1 ended with HTTP 410 (payload cut to")
     small = letter.model_copy(update={"payload": "{}"})
     assert orjson.loads(small.to_bytes())["reason"] == "gone: attempt 1 ended with HTTP 410"
+
+
+def test_a_dead_letter_of_bytes_that_are_not_text_keeps_them_and_still_fits() -> None:
+    """Not UTF-8: the bytes go whole, in base64 (as text, invalid bytes were replaced and
+    the original lost); cut to fit a record, what is kept still decodes to their start."""
+    raw = bytes(range(256)) * 4000  # 1,024,000 bytes, 0xff among them
+    record: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+        "hookwire.events", 0, 9, 0, 0, None, raw, None, 1, len(raw), []
+    )
+    _, _, value = dead_letter_record(Topics(), record, "not an event")
+    assert len(value) <= MAX_RECORD_BYTES
+    letter = orjson.loads(value)
+    assert letter["payload_encoding"] == "base64"
+    kept = base64.b64decode(letter["payload"], validate=True)
+    assert raw.startswith(kept)
+    assert len(kept) > 500_000
+    assert letter["reason"].startswith("not an event (payload cut to")
+    tiny: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+        "hookwire.events", 0, 10, 0, 0, None, b"\xff\x00", None, 1, 2, []
+    )
+    _, _, small = dead_letter_record(Topics(), tiny, "not an event")
+    assert base64.b64decode(orjson.loads(small)["payload"]) == b"\xff\x00"
 
 
 def test_an_attempt_at_the_event_limit_always_fits_a_record() -> None:
