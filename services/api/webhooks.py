@@ -108,7 +108,10 @@ class _WebhookRules(BaseModel):
                 raise ValueError(f"{name!r} is not a valid header name")
             lowered = name.lower()
             if is_reserved_header(name):
-                raise ValueError(f"{name!r} is set by hookwire and cannot be overridden")
+                raise ValueError(
+                    f"{name!r} is hookwire's to set (or not the receiver's: hop-by-hop, for a"
+                    " proxy): a webhook cannot set it"
+                )
             if lowered in seen:
                 raise ValueError(f"{name!r} is given twice (header names ignore case)")
             seen.add(lowered)

@@ -39,7 +39,8 @@ def test_headers_that_change_how_the_request_travels_are_refused(name: str) -> N
     """Expect: 100-continue would hold the body back waiting for a go-ahead; the others are
     hop-by-hop, for a proxy, or hookwire's own."""
     assert _refusal({name: "x"}) == (
-        f"Value error, {name!r} is set by hookwire and cannot be overridden"
+        f"Value error, {name!r} is hookwire's to set (or not the receiver's: hop-by-hop,"
+        " for a proxy): a webhook cannot set it"
     )
 
 
