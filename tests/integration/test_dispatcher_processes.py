@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,9 +18,19 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from services.shared import Settings, free_port, make_producer, send_all, topics_for
+from services.shared import (
+    Settings,
+    free_port,
+    make_consumer,
+    make_producer,
+    send_all,
+    start_client,
+    stop_client,
+    topics_for,
+)
 from tests.conftest import Receiver, Stack, running_stack
 from tests.samples import sample_event
 
@@ -32,8 +44,18 @@ async def services(settings: Settings) -> AsyncIterator[Stack]:
         yield running
 
 
+# Of a child's stderr, what a failing test prints.
+_LOG_TAIL_LINES = 60
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 @contextmanager
 def dispatcher_process(settings: Settings) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A dispatcher process; its stderr goes to a file (a pipe nobody reads would block a
+    chatty child once full), whose tail is printed when the test fails inside the block."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKWIRE_")}
     env.update(
@@ -50,11 +72,21 @@ def dispatcher_process(settings: Settings) -> Iterator[tuple[subprocess.Popen[by
         HOOKWIRE_LOG_FORMAT="json",
         HOOKWIRE_LOG_LEVEL="warning",
     )
-    process = subprocess.Popen(
-        [HOOKWIRE, "dispatcher"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    descriptor, name = tempfile.mkstemp(
+        prefix="dispatcher-", suffix=".stderr", dir=settings.data_dir
     )
+    log = Path(name)
+    # The child holds its own copy of the descriptor; ours is not needed past the start.
+    with os.fdopen(descriptor, "wb") as stderr:
+        process = subprocess.Popen(
+            [HOOKWIRE, "dispatcher"], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    failed = False
     try:
         yield process, port
+    except BaseException:
+        failed = True
+        raise
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -63,8 +95,13 @@ def dispatcher_process(settings: Settings) -> Iterator[tuple[subprocess.Popen[by
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+        if failed:
+            # Read once the process is gone: its last words are in the file by then.
+            # Printed, pytest shows it with the failure.
+            print(
+                f"--- dispatcher pid {process.pid} (exit {process.returncode}), "
+                f"last {_LOG_TAIL_LINES} lines of stderr ---\n{_tail(log)}"
+            )
 
 
 async def _ready(session: aiohttp.ClientSession, port: int, within: float = 30) -> None:
@@ -134,32 +171,91 @@ async def _lag_series(session: aiohttp.ClientSession, port: int) -> set[str]:
     return {line.split("}")[0] for line in text.splitlines() if line.startswith(prefix)}
 
 
+async def _committed(group: AIOKafkaConsumer, topic: str, partitions: int) -> list[int]:
+    """The group's commit point on each of ``topic``'s partitions (0: none yet)."""
+    return [await group.committed(TopicPartition(topic, p)) or 0 for p in range(partitions)]
+
+
+def _dispatcher_group(settings: Settings, loop: str) -> AIOKafkaConsumer:
+    """A consumer that only reads the commit points of one of the dispatcher's groups
+    (``router``, ``delivery``): it never subscribes, so it never joins the group."""
+    return make_consumer(settings, group_id=f"{settings.topic_prefix}dispatcher.{loop}")
+
+
 async def test_sigkill_mid_flight_loses_no_delivery(
     services: Stack, receiver: Receiver, capsys: Any
 ) -> None:
     stack = services
+    settings = stack.settings
+    topics = topics_for(settings)
+    partitions = settings.kafka_partitions
     await _webhook(stack, receiver.url)
-    with dispatcher_process(stack.settings) as (first, port):
-        await _ready(stack.session, port)
-        await _publish_events(stack, 1000)
-        await receiver.wait_for(100, within=60)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        before_kill = len(receiver.received)
+    # Answered at once, the first hundred requests came before the delivery group had
+    # committed anything, and the restart replayed from offset 0. A short wait keeps
+    # deliveries open while commits go on (the lanes commit every 0.1 s).
+    receiver.delay_seconds = 0.02
+    router_group = _dispatcher_group(settings, "router")
+    delivery_group = _dispatcher_group(settings, "delivery")
+    await start_client(router_group, settings)
+    await start_client(delivery_group, settings)
+    try:
+        with dispatcher_process(settings) as (first, port):
+            await _ready(stack.session, port)
+            await _publish_events(stack, 1000)
+            # The kill lands once every event is routed (a replayed routing would make
+            # duplicates that say nothing of the delivery group's resume) and the delivery
+            # group has committed part of the deliveries, with requests still open.
+            deadline = asyncio.get_running_loop().time() + 90
+            while True:
+                routed = sum(await _committed(router_group, topics.events, partitions))
+                committed = await _committed(delivery_group, topics.deliveries, partitions)
+                if routed == 1000 and 0 < sum(committed) < 1000 and receiver.open_calls:
+                    break
+                assert sum(committed) < 1000, "every delivery was committed before the kill"
+                assert asyncio.get_running_loop().time() < deadline, (
+                    f"no kill point: {routed} events routed, deliveries committed {committed}, "
+                    f"{receiver.open_calls} requests open"
+                )
+                await asyncio.sleep(0.02)
+            # Nothing awaited since the check: the requests counted open are still open.
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            before_kill = len(receiver.received)
+    finally:
+        await stop_client(router_group)
+        await stop_client(delivery_group)
+    committed_at_kill = sum(committed)
     assert before_kill < 1000, "the kill came before the end of the run"
-    with dispatcher_process(stack.settings) as (_, port):
+    # Checked inside the block: a failure prints the second process's log.
+    with dispatcher_process(settings) as (_, port):
         await _ready(stack.session, port)
         distinct = await _until_distinct(receiver, 1000, within=90)
-    duplicates = len(receiver.received) - len(distinct)
-    with capsys.disabled():
-        print(
-            f"\nSIGKILL after {before_kill} requests: 1000 of 1000 events delivered, "
-            f"{duplicates} duplicates"
+        duplicates = len(receiver.received) - len(distinct)
+        with capsys.disabled():
+            print(
+                f"\nSIGKILL after {before_kill} requests, {committed_at_kill} deliveries "
+                f"committed: 1000 of 1000 events delivered, {duplicates} duplicates"
+            )
+        # Every event arrived, each under one webhook-id however often it was sent.
+        events = {json.loads(r.body)["id"] for r in receiver.received}
+        assert events == {f"evt_bulk_{n}" for n in range(1000)}
+        assert len(distinct) == 1000
+        # The second process resumed from the commit, not from the start: only what was
+        # sent past the commit point (at least the one read before the kill) is sent again.
+        assert duplicates < before_kill, (duplicates, before_kill)
+        assert duplicates <= before_kill - committed_at_kill, (
+            f"{duplicates} duplicates, {before_kill} sent before the kill, "
+            f"{committed_at_kill} committed"
         )
-    # Every event arrived, each under one webhook-id however often it was sent.
-    events = {json.loads(r.body)["id"] for r in receiver.received}
-    assert events == {f"evt_bulk_{n}" for n in range(1000)}
-    assert len(distinct) == 1000
+
+
+def _owned_deliveries(series: set[str], deliveries: str) -> set[str]:
+    """Of a process's lag series, the deliveries partitions it reports (those it owns)."""
+    return {
+        line.removeprefix("hookwire_dispatcher_consumer_lag{")
+        for line in series
+        if f'topic="{deliveries}"' in line
+    }
 
 
 async def test_two_processes_share_the_partitions(services: Stack, receiver: Receiver) -> None:
@@ -173,23 +269,49 @@ async def test_two_processes_share_the_partitions(services: Stack, receiver: Rec
         webhooks += 1
         partitions.add(DefaultPartitioner()(webhook_id.encode(), every, every))
         assert webhooks < 30, "webhook ids never covered both partitions"
+    deliveries = topics_for(stack.settings).deliveries
+    all_partitions = {f'partition="{p}",topic="{deliveries}"' for p in every}
     with (
         dispatcher_process(stack.settings) as (_, one),
         dispatcher_process(stack.settings) as (_, two),
     ):
         await asyncio.gather(_ready(stack.session, one), _ready(stack.session, two))
-        # Ready is not yet joined: publish in waves until the group has settled and both
-        # processes have delivered, then check that together they delivered everything.
-        published = 0
-        shares = [0.0, 0.0]
-        while not all(shares):
-            assert published < 3000, f"one process did all the work: {shares}"
-            await _publish_events(stack, 100, first=published)
-            published += 100
-            await _until_distinct(receiver, published * webhooks, within=90)
-            shares = [await _delivered_by(stack.session, port) for port in (one, two)]
-    assert sum(shares) >= published * webhooks
-    assert len({r.headers["webhook-id"] for r in receiver.received}) == published * webhooks
+        # Ready is not yet joined: wait until each reports deliveries partitions of its
+        # own. The second to report has joined a generation that counts both, so the group
+        # has settled. (The first may still report a partition it lost, for a second.)
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            owned = [
+                _owned_deliveries(await _lag_series(stack.session, port), deliveries)
+                for port in (one, two)
+            ]
+            if all(owned) and owned[0] | owned[1] == all_partitions:
+                break
+            assert asyncio.get_running_loop().time() < deadline, f"partitions owned: {owned}"
+            await asyncio.sleep(0.2)
+        before = [await _delivered_by(stack.session, port) for port in (one, two)]
+        wave = 100
+        await _publish_events(stack, wave)
+        expected = wave * webhooks
+        await _until_distinct(receiver, expected, within=90)
+        # A delivery is counted once its answer is in, after the receiver has it.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            after = [await _delivered_by(stack.session, port) for port in (one, two)]
+            gains = [a - b for a, b in zip(after, before, strict=True)]
+            if sum(gains) >= expected:
+                break
+            assert asyncio.get_running_loop().time() < deadline, f"delivered counts: {gains}"
+            await asyncio.sleep(0.1)
+        # Checked inside the block: a failure prints both processes' logs.
+        # Each delivery was sent by one process only: with a group of its own, each
+        # process would have sent every one.
+        sent = Counter(r.headers["webhook-id"] for r in receiver.received)
+        assert len(sent) == expected
+        twice = {webhook_id: n for webhook_id, n in sent.items() if n > 1}
+        assert not twice, f"{len(twice)} of {expected} deliveries sent more than once"
+        assert sum(gains) == expected, gains
+        assert all(gain > 0 for gain in gains), f"one process did all the work: {gains}"
 
 
 async def test_a_partition_that_moved_away_leaves_no_lag_behind(services: Stack) -> None:
