@@ -74,7 +74,7 @@ from .put_offs import read_forwarded, read_put_offs
 from .retry_timer import RetryTimer
 from .routed import RoutedIdentity, routed_identity, send_routed
 from .routing import first_deliveries
-from .sender import Sender
+from .sender import DeliveryConnector, Sender
 from .table import WebhookTable
 
 _RESYNC_SECONDS = 60.0
@@ -172,7 +172,7 @@ class DispatcherService:
             asynchronous_resolver() if self.settings.allow_private_urls else GuardedResolver()
         )
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, resolver=resolver),
+            connector=DeliveryConnector(limit=0, limit_per_host=0, resolver=resolver),
             # A cookie one receiver sets must never ride along to the next delivery: two
             # teams' webhooks can share a host.
             cookie_jar=aiohttp.DummyCookieJar(),

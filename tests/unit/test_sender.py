@@ -14,7 +14,13 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from services.dispatcher.routing import SigningKey, WebhookRoute
-from services.dispatcher.sender import USER_AGENT, Outcome, Sender, without_url_secrets
+from services.dispatcher.sender import (
+    USER_AGENT,
+    DeliveryConnector,
+    Outcome,
+    Sender,
+    without_url_secrets,
+)
 from services.shared import Delivery, bound_port, load_settings, start_site
 from tests.samples import sample_event, sample_route
 
@@ -57,7 +63,9 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Endpoint]]]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as made:
+    async with aiohttp.ClientSession(
+        connector=DeliveryConnector(), cookie_jar=aiohttp.DummyCookieJar()
+    ) as made:
         yield made
 
 
