@@ -87,9 +87,11 @@ def dev() -> None:
 
     # The sample receiver is local, so private addresses are allowed, unless the operator
     # said otherwise (to try the guard): overridden silently, their setting looked broken.
-    said = "HOOKWIRE_ALLOW_PRIVATE_URLS" in os.environ
-    settings = _settings() if said else _settings(allow_private_urls=True)
-    if not settings.allow_private_urls:
+    settings = _settings()
+    # As the settings read it: an empty variable is an unset one, and any case is taken.
+    if "allow_private_urls" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"allow_private_urls": True})
+    elif not settings.allow_private_urls:
         structlog.get_logger().warning(
             "private_urls_refused",
             detail="HOOKWIRE_ALLOW_PRIVATE_URLS=false: the sample receiver, on this machine,"

@@ -29,17 +29,26 @@ def _dev_settings(monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, list[dict[
     return settings, logs
 
 
-def test_dev_allows_private_addresses_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HOOKWIRE_ALLOW_PRIVATE_URLS", raising=False)
+@pytest.mark.parametrize("unset", [None, ""])
+def test_dev_allows_private_addresses_by_default(
+    monkeypatch: pytest.MonkeyPatch, unset: str | None
+) -> None:
+    """Unset, or set empty (a deploy file's ``${VAR:-}``: the settings read that as unset)."""
+    if unset is None:
+        monkeypatch.delenv("HOOKWIRE_ALLOW_PRIVATE_URLS", raising=False)
+    else:
+        monkeypatch.setenv("HOOKWIRE_ALLOW_PRIVATE_URLS", unset)
     settings, logs = _dev_settings(monkeypatch)
     assert settings.allow_private_urls is True
     assert [log for log in logs if log["event"] == "private_urls_refused"] == []
 
 
+@pytest.mark.parametrize("name", ["HOOKWIRE_ALLOW_PRIVATE_URLS", "hookwire_allow_private_urls"])
 def test_dev_keeps_an_explicit_refusal_and_says_what_it_costs(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    monkeypatch.setenv("HOOKWIRE_ALLOW_PRIVATE_URLS", "false")
+    monkeypatch.delenv("HOOKWIRE_ALLOW_PRIVATE_URLS", raising=False)
+    monkeypatch.setenv(name, "false")
     settings, logs = _dev_settings(monkeypatch)
     assert settings.allow_private_urls is False
     [warned] = [log for log in logs if log["event"] == "private_urls_refused"]
