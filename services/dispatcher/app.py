@@ -379,11 +379,18 @@ class DispatcherService:
         matched: list[int] = []
 
         def dead_letter(record: ConsumerRecord, reason: str) -> None:
-            out.append(dead_letter_record(self.topics, record, reason))
+            nonlocal out_bytes
+            letter = dead_letter_record(self.topics, record, reason)
+            out.append(letter)
             sources.append(record)
             invalid.append((record, reason))
+            out_bytes += len(letter[2])
 
         for record in records:
+            if out_bytes >= _ROUTED_PART_BYTES:
+                # Dead letters weigh too: a batch of large bad records is as heavy.
+                await self._send_routed(out, sources, more=True)
+                out, sources, out_bytes = [], [], 0
             try:
                 event = decode(Event, record.value)
             except InvalidRecord as exc:
@@ -441,13 +448,21 @@ class DispatcherService:
         assert self._producer is not None
         # What the broker took in an earlier try of this batch is not sent again: the
         # batch is handled again after a refusal (which lets the loop poll and a rebalance
-        # take the batch lock), and its other records were delivered already.
-        if self._routed_before:
-            todo = [
-                (record, source)
-                for record, source in zip(out, sources, strict=True)
-                if routed_identity(record, source) not in self._routed_before
-            ]
+        # take the batch lock), and its other records were delivered already. Nor is what
+        # came from a partition gone since the batch began (a hand-over cut short while
+        # its first parts were sent): its new owner routes it from its last commit, and
+        # sent from here too, late, it would follow that owner's newer deliveries.
+        owned = {(p.topic, p.partition) for p in self._router_assignment()}
+        todo = [
+            (record, source)
+            for record, source in zip(out, sources, strict=True)
+            if (source.topic, source.partition) in owned
+            and (
+                not self._routed_before
+                or routed_identity(record, source) not in self._routed_before
+            )
+        ]
+        if len(todo) != len(out):
             out, sources = [record for record, _ in todo], [source for _, source in todo]
         try:
             set_aside = await send_routed(self._producer, self.topics, out, sources)

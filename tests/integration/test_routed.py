@@ -26,7 +26,7 @@ from services.shared import (
     stop_client,
     topics_for,
 )
-from tests.conftest import Receiver, Stack, records_in, topic_records
+from tests.conftest import Receiver, Stack, dead_letters, records_in, send_records, topic_records
 from tests.samples import sample_event
 
 
@@ -270,3 +270,62 @@ async def test_a_write_the_cluster_forbids_ends_the_router(
             break
         await asyncio.sleep(0.05)
     assert (status, answer["reasons"]) == (503, ["router: TopicAuthorizationFailedError"])
+
+
+async def test_parts_of_a_partition_gone_since_the_batch_began_are_not_sent(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance whose hand-over was cut short moves the events partition while the
+    batch's first part is on its way: its other parts are not sent from here (its new
+    owner routes the batch from its last commit; sent late from here too, they would
+    follow that owner's newer deliveries)."""
+    for n in range(6):
+        await stack.subscribe(f"{receiver.url}/{n}")
+    event_bytes = 3000
+    monkeypatch.setattr(dispatcher_app, "_ROUTED_PART_BYTES", 2 * event_bytes)
+    real = routed.send_each
+    parts: list[int] = []
+    dispatcher = stack.dispatcher
+
+    async def moving(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
+        deliveries = [r for r in records if r[0] == dispatcher.topics.deliveries]
+        if deliveries:
+            parts.append(len(deliveries))
+            # Gone as this part is sent: the rebalance that takes it completes meanwhile.
+            monkeypatch.setattr(dispatcher, "_router_assignment", set)
+        return await real(producer, records)
+
+    monkeypatch.setattr(routed, "send_each", moving)
+    await stack.create_object({"notes": "x" * event_bytes})
+    await receiver.wait_for(2)
+    await asyncio.sleep(1.5)  # time for the other parts, had they gone
+    assert parts == [2]
+    assert len(receiver.received) == 2
+
+
+async def test_dead_letters_weigh_toward_a_part(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad events of a few kilobytes, parts of about two of them: their dead letters go
+    out in parts too (a batch of large bad records was held whole)."""
+    monkeypatch.setattr(dispatcher_app, "_ROUTED_PART_BYTES", 5000)
+    real = routed.send_each
+    parts: list[int] = []
+    topics = stack.dispatcher.topics
+
+    async def counting(producer: Any, records: list[OutRecord]) -> dict[int, BaseException]:
+        letters = [r for r in records if r[0] == topics.dead_letter]
+        if letters:
+            parts.append(len(letters))
+        return await real(producer, records)
+
+    monkeypatch.setattr(routed, "send_each", counting)
+    # Read in one batch: the router is held back until all four are in.
+    router = stack.dispatcher._consumers[0]
+    held = router.assignment()
+    router.pause(*held)
+    await send_records(stack, topics.events, b"k", [b"{" + b"x" * 3000] * 4)
+    router.resume(*held)
+    letters = await dead_letters(stack.settings, 4)
+    assert all(letter["payload"].startswith("{xxx") for letter in letters)
+    assert parts == [2, 2]
