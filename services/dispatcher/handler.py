@@ -437,6 +437,9 @@ class DeliveryHandler:
         hold = self._held(delivery, record)
         if hold is not None:
             return self._put_off(delivery, hold, _HELD)
+        if delivery.kind == "event" and route.id in self._probes:
+            # A probe that began while this one waited for its rate or sending slot.
+            await self._behind_probe(route.id)
         probing = delivery.kind == "event" and self._circuit.is_open(route.id)
         if delivery.kind == "event" and not self._circuit.allows(route.id, time.monotonic()):
             return self._deferred(delivery, self._circuit.reopens_at(route.id))
