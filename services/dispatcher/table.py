@@ -281,13 +281,15 @@ class WebhookTable:
         (a team's webhooks edited together) costs a query per few hundred webhooks and one
         re-index, not one of each per webhook."""
         async with self._reading:
-            if self._refreshed_meanwhile is not None:
-                self._refreshed_meanwhile.update(webhook_ids)
             rows: dict[str, Any] = {}
             for start in range(0, len(webhook_ids), _READ_AT_ONCE):
                 chunk = webhook_ids[start : start + _READ_AT_ONCE]
                 async with asyncio.timeout(_READ_ONE_AT_MOST_SECONDS):
                     rows.update((row.id, row) for row in await self._read_some(chunk))
+            if self._refreshed_meanwhile is not None:
+                # Only once read: a read that failed leaves the load's row, newer than
+                # what the table holds, to stand.
+                self._refreshed_meanwhile.update(webhook_ids)
             paced_anew = [
                 webhook_id
                 for webhook_id in webhook_ids

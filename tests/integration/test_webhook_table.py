@@ -185,3 +185,38 @@ async def test_a_whole_load_builds_again_only_the_rows_that_changed(
     assert table.get(hooks[2]["id"]) is not None
     await table.load_all()
     assert built == [hooks[1]["id"]]
+
+
+async def test_a_failed_re_read_during_a_whole_load_leaves_the_loads_row(
+    stack: Stack, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change record's re-read fails while a whole load reads, and the load read after
+    the change: the load's row stands (it was thrown away for the table's older one)."""
+    webhook = await stack.create_webhook(receiver.url)
+    table = stack.dispatcher.table
+    real_read_all = table._read_all
+    release, refresh_failed = asyncio.Event(), asyncio.Event()
+
+    async def read_when_released() -> list[Any]:
+        await release.wait()  # the change has committed by then
+        return await real_read_all()
+
+    async def failing_read_some(webhook_ids: Any) -> list[Any]:
+        refresh_failed.set()
+        raise TimeoutError("the database is slow")
+
+    monkeypatch.setattr(table, "_read_all", read_when_released)
+    monkeypatch.setattr(table, "_read_some", failing_read_some)
+    loading = asyncio.create_task(table.load_all())
+    async with stack.session.patch(
+        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
+        headers=stack.headers(),
+        json={"active": False},
+    ) as response:
+        assert response.status == 200
+    await asyncio.wait_for(refresh_failed.wait(), 10)
+    release.set()
+    await asyncio.wait_for(loading, 10)
+    route = table.get(webhook["id"])
+    assert route is not None
+    assert not route.active
