@@ -260,6 +260,10 @@ class DispatcherService:
             stopped.append("changes")
         if stopped:
             raise DependencyUnavailable(f"loops stopped: {', '.join(stopped)}")
+        if not self._follower.caught_up:
+            # The start went on without it (after its wait): until then the table may
+            # miss a webhook changed while it loaded, and a rollout should wait for it.
+            raise DependencyUnavailable("changes: not caught up since the start yet")
 
     async def stop(self) -> None:
         """Stop fetching, give in-flight deliveries the grace period, commit, close."""

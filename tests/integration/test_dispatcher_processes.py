@@ -209,7 +209,9 @@ async def test_sigkill_mid_flight_loses_no_delivery(
             while True:
                 routed = sum(await _committed(router_group, topics.events, partitions))
                 committed = await _committed(delivery_group, topics.deliveries, partitions)
-                if routed == 1000 and 0 < sum(committed) < 1000 and receiver.open_calls:
+                # At least twice the requests that can be open at once (10): the resent
+                # ones, past the commit, are then fewer than those sent before the kill.
+                if routed == 1000 and 20 <= sum(committed) < 1000 and receiver.open_calls:
                     break
                 assert sum(committed) < 1000, "every delivery was committed before the kill"
                 assert asyncio.get_running_loop().time() < deadline, (
@@ -241,9 +243,8 @@ async def test_sigkill_mid_flight_loses_no_delivery(
         assert events == {f"evt_bulk_{n}" for n in range(1000)}
         assert len(distinct) == 1000
         # The second process resumed from the commit, not from the start: only what was
-        # sent past the commit point (at least the one read before the kill) is sent again.
-        assert duplicates < before_kill, (duplicates, before_kill)
-        assert duplicates <= before_kill - committed_at_kill, (
+        # sent past the commit point (and what was still open at the kill) is sent again.
+        assert duplicates < before_kill, (
             f"{duplicates} duplicates, {before_kill} sent before the kill, "
             f"{committed_at_kill} committed"
         )

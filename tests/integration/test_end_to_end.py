@@ -178,6 +178,23 @@ async def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -
             assert prefix in await response.text()
 
 
+async def test_a_dispatcher_whose_changes_are_not_caught_up_is_not_ready(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its start goes on after waiting a while for the change follower; until that has
+    caught up, ``/readyz`` says so (a rollout waits), and ``/healthz`` stays well."""
+    follower = stack.dispatcher._follower
+    monkeypatch.setattr(type(follower), "caught_up", property(lambda _: False))
+    async with stack.session.get(f"{stack.dispatcher_url}/readyz") as response:
+        assert response.status == 503
+        assert "changes: not caught up" in str(await response.json())
+    async with stack.session.get(f"{stack.dispatcher_url}/healthz") as response:
+        assert response.status == 200
+    monkeypatch.undo()
+    async with stack.session.get(f"{stack.dispatcher_url}/readyz") as response:
+        assert response.status == 200
+
+
 async def test_counts_alerts_watch_start_at_zero(stack: Stack) -> None:
     """An alert on ``increase()`` sees the first count only if the series was there
     before it: dead letters by reason, retries by tier, disabled webhooks by reason and
