@@ -101,6 +101,9 @@ class KeyUsage:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._pending: dict[str, tuple[datetime, str | None]] = {}
+        # The uses a flush is writing: still the latest a check may read until committed
+        # (read from the database meanwhile, a key in use looked idle).
+        self._flushing: dict[str, tuple[datetime, str | None]] = {}
         self._refusals_audited: dict[tuple[str, str], float] = {}
 
     def used(self, token_id: str, at: datetime, ip: str | None) -> None:
@@ -108,8 +111,10 @@ class KeyUsage:
 
     def latest(self, token: TokenState) -> TokenState:
         """The token as of its latest use, including one not yet written."""
-        pending = self._pending.get(token.id)
-        return token if pending is None else replace(token, last_used_at=pending[0])
+        pending = self._pending.get(token.id) or self._flushing.get(token.id)
+        if pending is None or (token.last_used_at is not None and token.last_used_at >= pending[0]):
+            return token
+        return replace(token, last_used_at=pending[0])
 
     async def refused(self, token: TokenState, reason: str, ip: str | None) -> None:
         """A revoked or expired key still in use is worth an operator's attention."""
@@ -138,6 +143,7 @@ class KeyUsage:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
+        self._flushing = pending
         try:
             async with self._engine.begin() as conn:
                 await store.record_last_used(conn, pending)
@@ -147,6 +153,8 @@ class KeyUsage:
             for token_id, use in pending.items():
                 self._pending.setdefault(token_id, use)
             raise
+        finally:
+            self._flushing = {}
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,14 @@ async def record_last_used(
 ) -> None:
     for token_id, (at, ip) in uses.items():
         await conn.execute(
-            update(_tokens).where(_tokens.c.id == token_id).values(last_used_at=at, last_used_ip=ip)
+            update(_tokens)
+            .where(
+                _tokens.c.id == token_id,
+                # Never back: another auth process (or a flush tried again) may have written
+                # a later use; an older one over it could end a key in use for inactivity.
+                or_(_tokens.c.last_used_at.is_(None), _tokens.c.last_used_at < at),
+            )
+            .values(last_used_at=at, last_used_ip=ip)
         )
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.auth import store
+from services.auth.callers import KeyUsage
 from services.auth.errors import TokenEnded
 from services.shared import Settings, tables, utcnow
 from tests.conftest import Stack, audit_count, corrupt, fail_nth_call, running_stack
@@ -655,6 +656,56 @@ async def test_a_use_whose_write_failed_is_written_at_the_next_flush(
     _, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
     assert shown["last_used_at"] is not None
     assert shown["last_used_ip"] == "203.0.113.9"
+
+
+async def test_a_key_in_use_is_not_idle_while_its_last_use_is_being_written(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its stored last use is past the inactivity timeout, its latest use is being written:
+    a check meanwhile counts that use (it read the database's older one and refused the
+    key as expired)."""
+    status, created = await api_stack.auth_call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "busy", "permissions": ["object:read"], "inactivity_timeout_seconds": 60},
+    )
+    assert status == 201
+    await _set_token_row(api_stack, created["id"], last_used_at=utcnow() - timedelta(seconds=59))
+    usage = api_stack.auth.usage
+    writing, release = asyncio.Event(), asyncio.Event()
+    real = store.record_last_used
+
+    async def slow(conn: Any, uses: Any) -> None:
+        writing.set()
+        await release.wait()
+        await real(conn, uses)
+
+    monkeypatch.setattr(store, "record_last_used", slow)
+    await asyncio.sleep(1.5)  # past the timeout as the database has it, not as used now
+    usage.used(created["id"], utcnow(), "127.0.0.1")
+    flushing = asyncio.create_task(usage.flush())
+    await asyncio.wait_for(writing.wait(), 5)
+    assert (await api_stack.introspect(created["token"]))["active"] is True
+    release.set()
+    await flushing
+
+
+async def test_a_last_use_is_never_written_back_in_time(api_stack: Stack) -> None:
+    """Two auth processes (or a flush tried again) write uses in any order: the later use
+    stays."""
+    status, created = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "twice", "permissions": ["object:read"]}
+    )
+    assert status == 201
+    now = utcnow()
+    one, other = KeyUsage(api_stack.auth.engine), KeyUsage(api_stack.auth.engine)
+    one.used(created["id"], now - timedelta(seconds=30), "10.0.0.1")
+    other.used(created["id"], now, "10.0.0.2")
+    await other.flush()
+    await one.flush()
+    _, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
+    assert datetime.fromisoformat(shown["last_used_at"]) == now
+    assert shown["last_used_ip"] == "10.0.0.2"
 
 
 async def test_a_key_cannot_create_a_key_that_outlives_or_outreaches_it(api_stack: Stack) -> None:
