@@ -12,12 +12,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     DependencyUnavailable,
+    NoFields,
     OpenApi,
     Settings,
     access_tokens,
     get_logger,
     json_response,
     new_id,
+    parse_body,
 )
 
 from . import store
@@ -54,6 +56,8 @@ class ExchangeRoutes:
     async def exchange(self, request: web.Request) -> web.Response:
         private_key = self._key()
         caller = await self.callers.identify(request, permission=None)
+        # It takes no body: a field given (a lifetime, say) is refused, not ignored.
+        await parse_body(request, NoFields, optional=True)
         async with self.engine.connect() as conn:
             teams = await store.memberships_of(conn, caller.user_id)
         issued_at = int(time.time())
@@ -104,6 +108,8 @@ class ExchangeRoutes:
             "POST",
             "/v1/token-exchange",
             self.exchange,
-            errors=(401, 503),
+            body=NoFields,
+            body_required=False,
+            errors=(401, 413, 422, 503),
             summary="Trade a key for a one-hour access token",
         )

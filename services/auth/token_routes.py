@@ -315,6 +315,9 @@ class TokenRoutes:
 
     async def expire(self, request: web.Request) -> web.Response:
         caller = await self._caller(request)
+        # It takes no body: one given (a date for a later expiry, say) is refused, not
+        # ignored while the key ends now.
+        await parse_body(request, NoFields, optional=True)
         row = await self._change(
             request,
             caller,
@@ -422,7 +425,9 @@ class TokenRoutes:
             "POST",
             f"{one}/expire",
             self.expire,
+            body=NoFields,
+            body_required=False,
             permission=manage,
-            errors=(401, 403, 404, 409),
+            errors=(401, 403, 404, 409, 413, 422),
             summary="Expire a token now",
         )

@@ -178,3 +178,39 @@ async def test_another_authorization_scheme_gets_the_malformed_reason(
         None,
     )
     assert await api_stack.auth_list() == before
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        *[{"data": raw} for raw in NOT_JSON],
+        # A later expiry asked for: the route ends the key now, so it is refused, not read.
+        {"json": {"expires_at": "2099-01-01T00:00:00Z"}},
+        {"json": [1]},
+    ],
+    ids=["open_brace", "nul", "trailing_comma", "not_utf8", "expires_at", "array"],
+)
+async def test_a_bad_expire_keeps_the_key(api_stack: Stack, sent: dict[str, Any]) -> None:
+    created = await api_stack.create_key("kept", READ)
+    path = f"/v1/tokens/{created['id']}"
+    status, answer = await api_stack.auth_call("POST", f"{path}/expire", **sent)
+    assert status == 422, answer
+    assert (await api_stack.auth_call("GET", path))[1] == created
+    assert await audit_count(api_stack, "token.expired", created["id"]) == 0
+    # Left out, or an empty object: the key expires now.
+    status, expired = await api_stack.auth_call("POST", f"{path}/expire", json={})
+    assert (status, expired["state"]) == (200, "expired")
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [*[{"data": raw} for raw in NOT_JSON], {"json": {"ttl": 99999}}],
+    ids=["open_brace", "nul", "trailing_comma", "not_utf8", "ttl"],
+)
+async def test_an_exchange_with_a_body_is_refused(api_stack: Stack, sent: dict[str, Any]) -> None:
+    """It takes no body: a lifetime asked for is refused, not ignored."""
+    status, answer = await api_stack.auth_call("POST", "/v1/token-exchange", **sent)
+    assert status == 422, answer
+    assert "access_token" not in answer
+    status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange")
+    assert status == 200, exchanged
