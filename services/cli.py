@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.shared import (
     PERMISSIONS,
     HookwireError,
+    Name,
     Service,
     Settings,
     StoredText,
@@ -153,7 +154,7 @@ def admin() -> None:
 
 
 # What the api takes for a name, and what the users table holds for an email.
-_NAME = TypeAdapter(Annotated[StoredText, Field(min_length=1, max_length=200)])
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
 _EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 

@@ -22,6 +22,7 @@ from services.shared import (
     Actor,
     Conflict,
     EventType,
+    Name,
     NotFound,
     ObjectType,
     OpenApi,
@@ -128,7 +129,7 @@ _TOPIC_SCAN_ROWS = 500
 
 
 class WebhookCreate(_WebhookRules):
-    name: StoredText = Field(min_length=1, max_length=200)
+    name: Name
     description: StoredText = Field(default="", max_length=2000)
     url: str = Field(max_length=2048)
     topics: list[EventType] = Field(min_length=1, max_length=4)
@@ -139,7 +140,7 @@ class WebhookCreate(_WebhookRules):
 
 
 class WebhookUpdate(_WebhookRules):
-    name: Annotated[StoredText, Field(min_length=1, max_length=200)] | None = None
+    name: Name | None = None
     description: Annotated[StoredText, Field(max_length=2000)] | None = None
     url: str | None = Field(default=None, max_length=2048)
     topics: list[EventType] | None = Field(default=None, min_length=1, max_length=4)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.shared import (
     ChangeNotifier,
     Conflict,
+    Name,
     NoFields,
     OpenApi,
     Settings,
@@ -37,7 +38,7 @@ from .callers import Caller, Callers
 class GroupCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: StoredText = Field(min_length=1, max_length=200)
+    name: Name
     description: StoredText = Field(default="", max_length=2000)
     permissions: list[str] = Field(min_length=1, max_length=100)
 
@@ -45,7 +46,7 @@ class GroupCreate(BaseModel):
 class GroupUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: Annotated[StoredText, Field(min_length=1, max_length=200)] | None = None
+    name: Name | None = None
     description: Annotated[StoredText, Field(max_length=2000)] | None = None
     permissions: list[str] | None = Field(default=None, min_length=1, max_length=100)
 

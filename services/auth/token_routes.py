@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     ChangeNotifier,
+    Name,
     NoFields,
     OpenApi,
     Settings,
@@ -40,7 +41,7 @@ MAX_GRACE_SECONDS = 30 * 24 * 3600
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: StoredText = Field(min_length=1, max_length=200)
+    name: Name
     description: StoredText = Field(default="", max_length=2000)
     permissions: list[str] = Field(default_factory=list, max_length=100)
     permission_group_id: str | None = Field(default=None, max_length=64)
@@ -59,7 +60,7 @@ class TokenCreate(BaseModel):
 class TokenUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: Annotated[StoredText, Field(min_length=1, max_length=200)] | None = None
+    name: Name | None = None
     description: Annotated[StoredText, Field(max_length=2000)] | None = None
     active: bool | None = None
 

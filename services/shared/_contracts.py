@@ -184,6 +184,16 @@ def _storable(value: str) -> str:
 StoredText = Annotated[str, AfterValidator(_storable)]
 
 
+def _trimmed(value: object) -> object:
+    return value.strip() if isinstance(value, str) else value
+
+
+# A name people type: surrounding spaces dropped (" ro " and "ro" are one name, "   " is
+# none), then 1 to 200 characters. Keys, permission groups, webhooks and the operator's
+# command line all take names so.
+Name = Annotated[StoredText, BeforeValidator(_trimmed), Field(min_length=1, max_length=200)]
+
+
 def _in_utc(value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
