@@ -108,6 +108,7 @@ class TokenGate:
     async def sync_ended_keys(self) -> None:
         """Take the auth service's list of ended keys; AuthUnavailable when it cannot be
         read (the previous list stays)."""
+        asked_at = time.monotonic()
         try:
             async with self._session.get(self._ended_keys_url, headers=self._headers) as resp:
                 if resp.status != 200:
@@ -119,6 +120,13 @@ class TokenGate:
             self._ended = frozenset(str(token_id) for token_id in document["token_ids"])
         except (KeyError, TypeError) as exc:
             raise AuthUnavailable("auth service answered an unreadable ended-keys list") from exc
+        # The list is the whole truth as of after the ask: a key a change record said
+        # ended before it, and which the list leaves out, was reactivated (and that record
+        # lost): its access tokens were refused for a day. One noted since stays.
+        for token_id in [
+            t for t, noted in self._revoked.items() if noted < asked_at and t not in self._ended
+        ]:
+            del self._revoked[token_id]
 
     def forget_token(self, token_id: str) -> None:
         self._generation += 1

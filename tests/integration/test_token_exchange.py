@@ -352,6 +352,39 @@ async def test_a_lost_change_record_still_ends_access_tokens(
             await asyncio.sleep(0.05)
 
 
+async def test_a_key_reactivated_with_its_change_record_lost_gets_its_access_tokens_back(
+    quick_sync_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The api heard the deactivation, not the reactivation: the periodic list from auth,
+    which no longer names the key, lets its access tokens in again (they were refused for
+    a day)."""
+    stack = quick_sync_stack
+    gate = stack.api.app[CONTEXT].gate  # type: ignore[index]
+    key = await stack.new_token(["webhook:read"])
+    access = str((await _exchange(stack, key))[1]["access_token"])
+    token_id = str(jwt.decode(access, options={"verify_signature": False})["tid"])
+    assert (await stack.auth_call("PATCH", f"/v1/tokens/{token_id}", json={"active": False}))[
+        0
+    ] == 200
+    deadline = time.monotonic() + 15
+    while (await _list_webhooks(stack, access))[0] == 200:
+        assert time.monotonic() < deadline, "the deactivation never reached the api"
+        await asyncio.sleep(0.05)
+    hears = gate.note_token_state
+    monkeypatch.setattr(
+        gate,
+        "note_token_state",
+        lambda token_id, state: None if state == "active" else hears(token_id, state),
+    )
+    assert (await stack.auth_call("PATCH", f"/v1/tokens/{token_id}", json={"active": True}))[
+        0
+    ] == 200
+    deadline = time.monotonic() + 15
+    while (await _list_webhooks(stack, access))[0] != 200:
+        assert time.monotonic() < deadline, "reactivated key's access token stayed refused"
+        await asyncio.sleep(0.05)
+
+
 async def test_the_ended_keys_list_needs_the_service_credential(api_stack: Stack) -> None:
     """Only services may read which keys ended."""
     for headers in ({}, {"authorization": "Bearer wrong"}, api_stack.headers()):
