@@ -158,7 +158,8 @@ class GroupRoutes:
             if await store.group_in_use(conn, group_id):
                 raise Conflict(
                     f"permission group {group_id} is used by tokens that are not revoked; "
-                    "revoke them or move them to another group first"
+                    "revoke them first (a key's group cannot be changed; a replacement key can"
+                    " take another group or its own permissions)"
                 )
             await store.delete_group(conn, group_id)
             await record_audit(
