@@ -33,6 +33,8 @@ from .tokens import display_prefix, generate_token, hash_token
 
 _tokens = tables.tokens
 _groups = tables.permission_groups
+# The shortest inactivity timeout a key may be given.
+INACTIVITY_TIMEOUT_MIN_SECONDS = 60
 
 
 def _token_state(row: Any, *, presented_previous: bool = False) -> TokenState:
@@ -435,6 +437,24 @@ async def token_counts_by_state(conn: AsyncConnection, now: datetime) -> dict[st
         counts[state] = int(
             (await conn.execute(select(func.count()).where(condition))).scalar() or 0
         )
+    # Unused past their inactivity timeout: expired too, as a check would answer. The
+    # timeout is per key, so the candidates are read (only keys unused for at least the
+    # shortest timeout a key may have) and judged as introspection judges them.
+    unused_since = func.coalesce(_tokens.c.last_used_at, _tokens.c.created_at)
+    candidates = await conn.execute(
+        select(_tokens.c.inactivity_timeout_seconds, unused_since.label("unused_since")).where(
+            ~revoked,
+            _tokens.c.active.is_(True),
+            or_(_tokens.c.expires_at.is_(None), _tokens.c.expires_at > now),
+            _tokens.c.inactivity_timeout_seconds.is_not(None),
+            unused_since < now - timedelta(seconds=INACTIVITY_TIMEOUT_MIN_SECONDS),
+        )
+    )
+    counts["expired"] += sum(
+        1
+        for row in candidates
+        if now - as_utc(row.unused_since) > timedelta(seconds=row.inactivity_timeout_seconds)
+    )
     total = int((await conn.execute(select(func.count()).select_from(_tokens))).scalar() or 0)
     counts["active"] = total - sum(counts.values())
     return counts

@@ -47,7 +47,9 @@ class TokenCreate(BaseModel):
     permission_group_id: str | None = Field(default=None, max_length=64)
     expires_at: UtcDatetime | None = None
     allowed_cidrs: list[str] | None = Field(default=None, min_length=1, max_length=50)
-    inactivity_timeout_seconds: int | None = Field(default=None, ge=60, le=365 * 24 * 3600)
+    inactivity_timeout_seconds: int | None = Field(
+        default=None, ge=store.INACTIVITY_TIMEOUT_MIN_SECONDS, le=365 * 24 * 3600
+    )
 
     @field_validator("allowed_cidrs")
     @classmethod

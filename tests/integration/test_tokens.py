@@ -430,6 +430,31 @@ async def test_max_lifetime_is_enforced(settings: Settings) -> None:
             assert status == expected, answer
 
 
+async def test_keys_expired_for_inactivity_count_as_expired(api_stack: Stack) -> None:
+    """As the key list and introspection show them: unused past their inactivity timeout,
+    they are expired; one used within it is active."""
+    made = {}
+    for name in ("idle", "busy", "idle-never-used"):
+        status, made[name] = await api_stack.auth_call(
+            "POST",
+            "/v1/tokens",
+            json={"name": name, "permissions": ["object:read"], "inactivity_timeout_seconds": 60},
+        )
+        assert status == 201
+    long_ago = utcnow() - timedelta(minutes=5)
+    await _set_token_row(api_stack, made["idle"]["id"], last_used_at=long_ago)
+    await _set_token_row(api_stack, made["busy"]["id"], last_used_at=utcnow(), created_at=long_ago)
+    await _set_token_row(api_stack, made["idle-never-used"]["id"], created_at=long_ago)
+    assert (await api_stack.auth_call("GET", f"/v1/tokens/{made['idle']['id']}"))[1][
+        "state"
+    ] == "expired"
+    await api_stack.auth._count_tokens()
+    registry = api_stack.auth.metrics.registry
+    # The stack's own key is active too.
+    assert registry.get_sample_value("hookwire_auth_tokens", {"state": "expired"}) == 2
+    assert registry.get_sample_value("hookwire_auth_tokens", {"state": "active"}) == 2
+
+
 async def test_metrics_count_cache_hits_and_tokens_by_state(api_stack: Stack) -> None:
     """The api counts cache hits and misses; auth reports tokens by state."""
     url = f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks"
