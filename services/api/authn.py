@@ -41,6 +41,9 @@ async def _error_code(response: aiohttp.ClientResponse) -> str | None:
 
 
 _KEYS_MAX_AGE_SECONDS = 300.0
+# How long a key a change record said ended stays refused whatever the ended-keys list
+# says: far more than the clocks of two auth processes differ.
+ENDED_SETTLE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,10 +124,13 @@ class TokenGate:
         except (KeyError, TypeError) as exc:
             raise AuthUnavailable("auth service answered an unreadable ended-keys list") from exc
         # The list is the whole truth as of after the ask: a key a change record said
-        # ended before it, and which the list leaves out, was reactivated (and that record
-        # lost): its access tokens were refused for a day. One noted since stays.
+        # ended well before it, and which the list leaves out, was reactivated (and that
+        # record lost): its access tokens were refused for a day. "Well before": an expiry
+        # is listed once the answering auth process's clock has passed it, and its clock
+        # may be behind the one that expired the key.
+        settled = asked_at - ENDED_SETTLE_SECONDS
         for token_id in [
-            t for t, noted in self._revoked.items() if noted < asked_at and t not in self._ended
+            t for t, noted in self._revoked.items() if noted < settled and t not in self._ended
         ]:
             del self._revoked[token_id]
 

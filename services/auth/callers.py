@@ -101,8 +101,10 @@ class KeyUsage:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._pending: dict[str, tuple[datetime, str | None]] = {}
-        # The uses a flush is writing: still the latest a check may read until committed
-        # (read from the database meanwhile, a key in use looked idle).
+        # The uses the last flush wrote (or is writing): still what a check may take as a
+        # key's latest use, for one that read the database before that write committed
+        # judges by the stored use before them (a key in use looked idle). Replaced by
+        # the next flush.
         self._flushing: dict[str, tuple[datetime, str | None]] = {}
         self._refusals_audited: dict[tuple[str, str], float] = {}
 
@@ -152,9 +154,8 @@ class KeyUsage:
             # end for inactivity (its inactivity timeout counts from its last use).
             for token_id, use in pending.items():
                 self._pending.setdefault(token_id, use)
-            raise
-        finally:
             self._flushing = {}
+            raise
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.auth import store
 from services.auth.callers import KeyUsage
 from services.auth.errors import TokenEnded
+from services.auth.tokens import hash_token
 from services.shared import Settings, tables, utcnow
 from tests.conftest import Stack, audit_count, corrupt, fail_nth_call, running_stack
 
@@ -707,12 +708,21 @@ async def test_a_key_in_use_is_not_idle_while_its_last_use_is_being_written(
 
     monkeypatch.setattr(store, "record_last_used", slow)
     await asyncio.sleep(1.5)  # past the timeout as the database has it, not as used now
-    usage.used(created["id"], utcnow(), "127.0.0.1")
+    used_at = utcnow()
+    usage.used(created["id"], used_at, "127.0.0.1")
     flushing = asyncio.create_task(usage.flush())
     await asyncio.wait_for(writing.wait(), 5)
     assert (await api_stack.introspect(created["token"]))["active"] is True
+    # A check that read the row before the write committed judges after it: the use
+    # written still counts for it.
+    async with api_stack.auth.engine.connect() as conn:
+        read_before = await store.find_token(conn, hash_token(created["token"], "test-pepper"))
+    assert read_before is not None
     release.set()
     await flushing
+    # The check's own use (not written yet) aside: the use the flush wrote still counts.
+    usage._pending.clear()
+    assert usage.latest(read_before).last_used_at == used_at
 
 
 async def test_a_last_use_is_never_written_back_in_time(api_stack: Stack) -> None:
