@@ -49,6 +49,14 @@ async def _list_webhooks(stack: Stack, token: str) -> tuple[int, dict[str, objec
         return response.status, await response.json()
 
 
+async def _until_let_in(stack: Stack, access: str, let_in: bool, why: str) -> None:
+    """Until the api lets the access token in (``let_in``) or refuses it; 15 s at most."""
+    deadline = time.monotonic() + 15
+    while ((await _list_webhooks(stack, access))[0] == 200) != let_in:
+        assert time.monotonic() < deadline, why
+        await asyncio.sleep(0.05)
+
+
 def _introspections(stack: Stack) -> float:
     total = 0.0
     for metric in stack.auth.metrics.registry.collect():
@@ -335,10 +343,7 @@ async def test_a_lost_change_record_still_ends_access_tokens(
     }[ending]
     status, _ = await stack.auth_call(method, f"/v1/tokens/{token_id}{suffix}", json=body)
     assert status in (200, 204)
-    deadline = time.monotonic() + 15
-    while (await _list_webhooks(stack, access))[0] == 200:
-        assert time.monotonic() < deadline, "the access token outlived its key"
-        await asyncio.sleep(0.05)
+    await _until_let_in(stack, access, False, "the access token outlived its key")
     status, answer = await _list_webhooks(stack, access)
     assert status == 401
     assert answer["error"]["details"] == {"reason": "revoked"}  # type: ignore[index]
@@ -346,10 +351,7 @@ async def test_a_lost_change_record_still_ends_access_tokens(
         assert (await stack.auth_call("PATCH", f"/v1/tokens/{token_id}", json={"active": True}))[
             0
         ] == 200
-        deadline = time.monotonic() + 15
-        while (await _list_webhooks(stack, access))[0] != 200:
-            assert time.monotonic() < deadline, "reactivated key's access token stayed refused"
-            await asyncio.sleep(0.05)
+        await _until_let_in(stack, access, True, "reactivated key's access token stayed refused")
 
 
 async def test_a_key_reactivated_with_its_change_record_lost_gets_its_access_tokens_back(
@@ -368,10 +370,7 @@ async def test_a_key_reactivated_with_its_change_record_lost_gets_its_access_tok
     assert (await stack.auth_call("PATCH", f"/v1/tokens/{token_id}", json={"active": False}))[
         0
     ] == 200
-    deadline = time.monotonic() + 15
-    while (await _list_webhooks(stack, access))[0] == 200:
-        assert time.monotonic() < deadline, "the deactivation never reached the api"
-        await asyncio.sleep(0.05)
+    await _until_let_in(stack, access, False, "the deactivation never reached the api")
     hears = gate.note_token_state
     monkeypatch.setattr(
         gate,
@@ -381,10 +380,7 @@ async def test_a_key_reactivated_with_its_change_record_lost_gets_its_access_tok
     assert (await stack.auth_call("PATCH", f"/v1/tokens/{token_id}", json={"active": True}))[
         0
     ] == 200
-    deadline = time.monotonic() + 15
-    while (await _list_webhooks(stack, access))[0] != 200:
-        assert time.monotonic() < deadline, "reactivated key's access token stayed refused"
-        await asyncio.sleep(0.05)
+    await _until_let_in(stack, access, True, "reactivated key's access token stayed refused")
 
 
 async def test_the_ended_keys_list_needs_the_service_credential(api_stack: Stack) -> None:

@@ -15,6 +15,7 @@ from services.dispatcher.signing import secret_key
 from services.shared import tables, utcnow
 from tests.conftest import Receiver, Stack
 from tests.integration.test_end_to_end import standard_webhooks_verify
+from tests.integration.test_retries import _webhook_call
 
 # Not base64 of anything: what a hand edit or an older release may have left in a row.
 _UNDECODABLE = "whsec_abc"
@@ -38,16 +39,17 @@ async def test_a_hung_whole_load_does_not_hold_back_the_changes_behind_it(
     monkeypatch.setattr(table, "_read_all", silent_once)
     stack.dispatcher._resync_wanted.set()
     await asyncio.wait_for(hung.wait(), 10)
-    async with stack.session.patch(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-        headers=stack.headers(),
-        json={"active": False},
-    ) as response:
-        assert response.status == 200
+    await _deactivate(stack, webhook["id"])
     deadline = asyncio.get_running_loop().time() + 10
     while table.get(webhook["id"]).active:  # type: ignore[union-attr]
         assert asyncio.get_running_loop().time() < deadline, "the change never applied"
         await asyncio.sleep(0.05)
+
+
+async def _deactivate(stack: Stack, webhook_id: str) -> None:
+    """Through the api, as a user would: the change record follows."""
+    status, answer = await _webhook_call(stack, "PATCH", webhook_id, {"active": False})
+    assert status == 200, answer
 
 
 async def _hand_write_secrets(stack: Stack, webhook_id: str, secrets: list[str]) -> None:
@@ -137,12 +139,7 @@ async def test_a_change_read_while_a_whole_load_reads_applies_at_once_and_stays(
     monkeypatch.setattr(table, "_read_all", read_then_wait)
     loading = asyncio.create_task(load())
     await asyncio.wait_for(read.wait(), 10)
-    async with stack.session.patch(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-        headers=stack.headers(),
-        json={"active": False},
-    ) as response:
-        assert response.status == 200
+    await _deactivate(stack, webhook["id"])
     deadline = asyncio.get_running_loop().time() + 5
     while table.get(webhook["id"]).active:  # type: ignore[union-attr]
         assert asyncio.get_running_loop().time() < deadline, "the change waited for the load"
@@ -208,12 +205,7 @@ async def test_a_failed_re_read_during_a_whole_load_leaves_the_loads_row(
     monkeypatch.setattr(table, "_read_all", read_when_released)
     monkeypatch.setattr(table, "_read_some", failing_read_some)
     loading = asyncio.create_task(table.load_all())
-    async with stack.session.patch(
-        f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks/{webhook['id']}",
-        headers=stack.headers(),
-        json={"active": False},
-    ) as response:
-        assert response.status == 200
+    await _deactivate(stack, webhook["id"])
     await asyncio.wait_for(refresh_failed.wait(), 10)
     release.set()
     await asyncio.wait_for(loading, 10)
