@@ -1,6 +1,7 @@
 """Reading the audit log: ``GET /v1/audit-log`` with ``audit-log:read``.
 
-A caller sees its own user's actions, and every record of the teams where its role grants
+A caller sees its own user's actions, every record about its own keys (whoever acted: an
+operator's command line too), and every record of the teams where its role grants
 ``audit-log:read`` (owners and admins).
 """
 
@@ -83,7 +84,14 @@ class AuditRoutes:
         async with self.engine.connect() as conn:
             teams = await store.memberships_of(conn, caller.user_id)
             readable = [team for team, role in teams.items() if "audit-log:read" in ROLES[role]]
-            visible = or_(_audit.c.actor_user_id == caller.user_id, _audit.c.team_id.in_(readable))
+            # What an operator's ``hookwire admin`` did to a caller's keys has no user as
+            # its actor: the keys' owner sees it through the keys themselves.
+            own_keys = select(tables.tokens.c.id).where(tables.tokens.c.user_id == caller.user_id)
+            visible = or_(
+                _audit.c.actor_user_id == caller.user_id,
+                _audit.c.team_id.in_(readable),
+                and_(_audit.c.target_type == "token", _audit.c.target_id.in_(own_keys)),
+            )
             conditions = [visible]
             if query.since is not None:
                 conditions.append(_audit.c.at >= as_utc(query.since))

@@ -40,13 +40,15 @@ async def test_token_changes_and_refusals_are_recorded(api_stack: Stack) -> None
 
 async def test_filters_and_pagination(api_stack: Stack) -> None:
     """Filter by action and time; pages follow next_cursor without overlap."""
+    # The stack's own key, made by the operator's command line, is there already.
+    _, before = await _audit(api_stack, "?action=token.created")
     for number in range(5):
         await api_stack.auth_call(
             "POST", "/v1/tokens", json={"name": f"t{number}", "permissions": ["object:read"]}
         )
     status, created = await _audit(api_stack, "?action=token.created")
     assert status == 200
-    assert len(created["data"]) == 5
+    assert len(created["data"]) == len(before["data"]) + 5
     seen: list[str] = []
     cursor = ""
     while True:
@@ -109,6 +111,45 @@ async def test_command_line_changes_are_audited(api_stack: Stack) -> None:
     assert membership[0]["details"] == {"role": "owner"}
     assert membership[0]["ip"] == "cli"
     assert membership[0]["actor_user_id"] is None
+
+
+async def test_an_operators_changes_to_a_key_are_seen_by_its_owner_alone(
+    api_stack: Stack,
+) -> None:
+    """A key an operator made and revoked with `hookwire admin` shows both records to the
+    key's owner (no user acted: the records name no team and no actor user); another user
+    with audit-log:read on no team of the owner's sees neither."""
+    from services.auth.admin import create_token, create_user, revoke_token
+
+    engine = api_stack.api.engine
+    key_id, _ = await create_token(
+        engine,
+        pepper="test-pepper",
+        user_id=api_stack.user_id,
+        name="made-by-operator",
+        permissions=["object:read"],
+    )
+    await revoke_token(engine, key_id)
+    _, page = await _audit(api_stack)
+    records = [e for e in page["data"] if e["target_id"] == key_id]
+    assert [(e["action"], e["actor_user_id"], e["ip"]) for e in records] == [
+        ("token.revoked", None, "cli"),
+        ("token.created", None, "cli"),
+    ]
+
+    stranger = await create_user(engine, "stranger@example.com", "Stranger")
+    stranger_key_id, stranger_key = await create_token(
+        engine,
+        pepper="test-pepper",
+        user_id=stranger,
+        name="stranger",
+        permissions=["audit-log:read"],
+    )
+    status, theirs = await _audit(api_stack, "", stranger_key)
+    assert status == 200
+    assert [(e["action"], e["target_id"]) for e in theirs["data"]] == [
+        ("token.created", stranger_key_id)
+    ]
 
 
 @pytest.mark.parametrize(
