@@ -79,6 +79,9 @@ class _Endpoint:
     # Asked for by the endpoint (Retry-After): nothing goes before, everything after, with
     # no probe (it is not a failing endpoint, only a busy one).
     paused_until: float = 0.0
+    # When it last asked: a request sent since (a re-send or a test) that succeeds shows
+    # the endpoint taking requests again.
+    paused_at: float = 0.0
 
 
 @dataclass
@@ -139,6 +142,7 @@ class CircuitBreaker:
         test, which is no probe), the circuit's wait stands."""
         state = self._endpoints.setdefault(endpoint, _Endpoint())
         state.paused_until = max(state.paused_until, now + max(seconds, 0.0))
+        state.paused_at = now
         started = now if started is None else started
         if ends_turn and state.opened_at is not None and started >= state.opened_at:
             state.open_until = min(state.open_until, now)
@@ -163,10 +167,13 @@ class CircuitBreaker:
         if state is not None and state.opened_at is not None and started < state.opened_at:
             return  # on its way before the circuit opened: not the probe
         if success:
-            if state is not None and now < state.paused_until:
-                # Answered before the endpoint asked for quiet: the circuit closes, the
-                # pause stands.
-                self._endpoints[endpoint] = _Endpoint(paused_until=state.paused_until)
+            if state is not None and now < state.paused_until and started < state.paused_at:
+                # Sent before the endpoint last asked for quiet: the circuit closes, the
+                # pause stands. One sent since (only a re-send or a test goes during a
+                # pause) lifts it too, as it closes a circuit.
+                self._endpoints[endpoint] = _Endpoint(
+                    paused_until=state.paused_until, paused_at=state.paused_at
+                )
                 return
             # A healthy endpoint needs no state: the table holds only failing ones.
             self._endpoints.pop(endpoint, None)

@@ -302,6 +302,42 @@ async def test_retry_after_pauses_the_whole_endpoint(quick_stack: Stack) -> None
     assert [n for _, n in arrivals[1:] if n != 0] == [1, 2, 3]
 
 
+async def test_a_re_send_delivered_during_a_pause_lifts_it(quick_stack: Stack) -> None:
+    """An endpoint asks for an hour of quiet (429, Retry-After: 3600); its operator fixes it
+    and re-sends the delivery by hand, which is delivered: the next event goes at once
+    instead of waiting out the hour."""
+    stack = quick_stack
+    arrivals: list[str] = []
+
+    async def recovering(request: web.Request) -> web.Response:
+        arrivals.append(request.headers["webhook-id"])
+        if len(arrivals) == 1:
+            return web.Response(status=429, headers={"Retry-After": "3600"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", recovering)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        await stack.create_webhook(f"http://127.0.0.1:{bound_port(runner)}/busy", CREATED)
+        await stack.create_object()
+        await _eventually(lambda: len(arrivals) == 1)
+        retry = f"{stack.api_url}/v1/teams/{stack.team_id}/deliveries/{arrivals[0]}/retry"
+
+        async def retried() -> bool:
+            async with stack.session.post(retry, headers=stack.headers()) as response:
+                return response.status == 202  # 404 until the delivery log has it
+
+        await _eventually(retried)
+        await _eventually(lambda: len(arrivals) == 2)
+        await stack.create_object()
+        await _eventually(lambda: len(arrivals) == 3, within=15)
+    finally:
+        await runner.cleanup()
+    assert arrivals[1] == arrivals[0], "the re-send"
+    assert arrivals[2] != arrivals[0], "the next event, not held for the hour"
+
+
 async def test_410_gone_disables_the_webhook_and_audits_why(
     quick_stack: Stack, receiver: Receiver
 ) -> None:

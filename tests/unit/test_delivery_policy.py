@@ -373,6 +373,24 @@ def test_a_pause_stops_every_request_until_it_ends_then_lets_all_through() -> No
     assert circuit.endpoints() == []
 
 
+def test_a_success_sent_during_a_pause_lifts_it() -> None:
+    """A re-send or a test sent after the endpoint asked for quiet, and answered 2xx, shows
+    it taking requests again: the pause ends, as an open circuit closes. A success sent
+    before a later 429 of the same pause does not lift it."""
+    circuit = CircuitBreaker(threshold=3, open_for=30)
+    circuit.pause("wh", now=100, seconds=3600)
+    circuit.record("wh", success=True, now=200, started=150)
+    assert circuit.allows("wh", 201), "lifted"
+    assert circuit.endpoints() == []
+
+    circuit.pause("wh", now=300, seconds=3600)
+    circuit.pause("wh", now=310, seconds=3600)  # asked again, to a request sent at 305
+    circuit.record("wh", success=True, now=320, started=305)
+    assert not circuit.allows("wh", 321), "sent before the endpoint last asked: it stands"
+    circuit.record("wh", success=True, now=330, started=325)
+    assert circuit.allows("wh", 331)
+
+
 def test_throttled_answers_in_flight_do_not_open_the_circuit() -> None:
     """Ten requests in flight all answered 429 with Retry-After: 2 (past the threshold of
     five): a pause, not five failures, so after two seconds all go again, with no probe."""
