@@ -19,6 +19,7 @@ from yarl import URL
 from services.shared import (
     DELIVERY_RATE_MAX,
     DELIVERY_RATE_MIN,
+    REDACTED,
     Actor,
     Conflict,
     EventType,
@@ -137,6 +138,19 @@ class WebhookCreate(_WebhookRules):
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
     active: bool = True
     rate_limit: float | None = Field(default=None, ge=DELIVERY_RATE_MIN, le=DELIVERY_RATE_MAX)
+
+    @field_validator("headers")
+    @classmethod
+    def _no_stand_ins(cls, value: dict[str, str]) -> dict[str, str]:
+        # A view shows stored credentials as the stand-in; a webhook made from a copied
+        # view would store the stand-in and send it instead of the credential.
+        for name, header_value in value.items():
+            if header_value == REDACTED:
+                raise ValueError(
+                    f"{name}: {REDACTED} stands for a stored value, and a new webhook has"
+                    " none: give the value in full"
+                )
+        return value
 
 
 class WebhookUpdate(_WebhookRules):

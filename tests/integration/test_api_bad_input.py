@@ -153,6 +153,8 @@ async def test_other_teams_are_not_revealed(api_stack: Stack) -> None:
         ({**VALID, "headers": {"Webhook-Foo": "x"}}, "headers"),
         ({**VALID, "headers": {"User-Agent": "me"}}, "headers"),
         ({**VALID, "headers": {"X-A": "1", "x-a": "2"}}, "headers"),
+        # A view's stand-in for a stored credential, copied into a new webhook.
+        ({**VALID, "headers": {"X-Token": "[redacted]"}}, "headers"),
         ({**VALID, "url": "http://example.com:99999/hook"}, "url"),
         ({**VALID, "url": "http://example.com:abc/hook"}, "url"),
         ({**VALID, "url": "http://example.com/ho\u0000ok"}, "url"),
