@@ -72,7 +72,18 @@ async def create_token(
     await check_ready(engine)
     async with engine.begin() as conn:
         if replace:
-            await store.delete_token_named(conn, user_id, name)
+            # Revoked, not deleted: a client still holding the old secret is told it was
+            # revoked (not that it never existed), and the audit log says when and why.
+            for replaced in await store.live_token_ids_named(conn, user_id, name):
+                await store.update_token(conn, replaced, {"revoked_at": utcnow()}, unrevoked=True)
+                await record_audit(
+                    conn,
+                    CLI_ACTOR,
+                    "token.revoked",
+                    "token",
+                    replaced,
+                    details={"reason": "replaced by a new key of the same name"},
+                )
         token_id, plaintext = await store.create_token(
             conn,
             pepper=pepper,

@@ -366,8 +366,14 @@ async def rotate_token(
     return plaintext
 
 
-async def delete_token_named(conn: AsyncConnection, user_id: str, name: str) -> None:
-    await conn.execute(delete(_tokens).where(_tokens.c.user_id == user_id, _tokens.c.name == name))
+async def live_token_ids_named(conn: AsyncConnection, user_id: str, name: str) -> list[str]:
+    """The user's keys of that name not revoked (at most one: the name is theirs)."""
+    rows = await conn.execute(
+        select(_tokens.c.id).where(
+            _tokens.c.user_id == user_id, _tokens.c.name == name, _tokens.c.revoked_at.is_(None)
+        )
+    )
+    return [row.id for row in rows]
 
 
 async def group_rows(conn: AsyncConnection, user_id: str, group_id: str | None = None) -> list[Any]:

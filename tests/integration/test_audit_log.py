@@ -152,6 +152,32 @@ async def test_an_operators_changes_to_a_key_are_seen_by_its_owner_alone(
     ]
 
 
+async def test_a_dev_key_issued_again_revokes_the_one_before(api_stack: Stack) -> None:
+    """`hookwire dev` issues a fresh key of the same name each run: the one before is
+    revoked, not deleted, so a client still holding it is told so, and the audit log and
+    the key list keep it."""
+    from services.auth.admin import bootstrap_dev
+
+    engine = api_stack.api.engine
+    first = await bootstrap_dev(engine, "test-pepper", email="dev2@example.com", key_name="dev")
+    second = await bootstrap_dev(engine, "test-pepper", email="dev2@example.com", key_name="dev")
+    assert second["user_id"] == first["user_id"]
+    assert (await api_stack.introspect(first["token"]))["reason"] == "revoked"
+    assert (await api_stack.introspect(second["token"]))["active"] is True
+    status, page = await _audit(api_stack, "", second["token"])
+    assert status == 200
+    about_first = [
+        (e["action"], e["details"]) for e in page["data"] if e["target_id"] == first["token_id"]
+    ]
+    assert ("token.revoked", {"reason": "replaced by a new key of the same name"}) in about_first
+    status, keys = await api_stack.auth_call("GET", "/v1/tokens", second["token"])
+    assert status == 200
+    assert {(k["id"], k["state"]) for k in keys["data"]} == {
+        (first["token_id"], "revoked"),
+        (second["token_id"], "active"),
+    }
+
+
 @pytest.mark.parametrize(
     ("given", "kept"),
     [
