@@ -147,9 +147,16 @@ async def update_webhook(request: web.Request) -> web.Response:
     unchanged_since = None
     keeps_secrets = bool(values.get("headers")) and REDACTED in values["headers"].values()
     wanted = request.headers.get("If-Match")
-    if keeps_secrets or "url" in values or wanted is not None:
+    # Switched off or on along with other changes: the audit log still names it so (a
+    # search for deactivations must find it), when it changes the webhook's state.
+    switches = "active" in values and action == "webhook.updated"
+    checked = keeps_secrets or "url" in values or wanted is not None
+    if checked or switches:
         async with ctx.engine.connect() as conn:
             current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
+        if switches and values["active"] != current.active:
+            action = "webhook.reactivated" if values["active"] else "webhook.deactivated"
+    if checked:
         unchanged_since = current.updated_at
         # A view's headers sent back with one changed would otherwise undo whatever
         # another client changed since that view was read.

@@ -183,6 +183,33 @@ async def test_trash_restore_and_force_delete(api_stack: Stack) -> None:
     ]
 
 
+async def test_switching_a_webhook_off_or_on_with_other_changes_is_audited_as_such(
+    api_stack: Stack,
+) -> None:
+    """`active` sent with other fields is audited as the deactivation or reactivation it
+    is (a search for `webhook.deactivated` must find it), with every change in its
+    details; sent unchanged with the rest of the state, the edit is an update."""
+    path = await _create_elsewhere(api_stack)
+    edits = (
+        {"active": False, "object_types": None},
+        {"active": True, "name": "back on"},
+        {"active": True, "name": "renamed, still on"},
+    )
+    for edit in edits:
+        status, _ = await _hooks(api_stack, "PATCH", path, json=edit)
+        assert status == 200
+    status, audit = await api_stack.auth_call(
+        "GET", f"/v1/audit-log?team_id={api_stack.team_id}&limit=20"
+    )
+    assert status == 200
+    mine = [e for e in audit["data"] if f"/{e['target_id']}" == path]
+    assert [(e["action"], e["details"]) for e in reversed(mine[:3])] == [
+        ("webhook.deactivated", edits[0]),
+        ("webhook.reactivated", edits[1]),
+        ("webhook.updated", edits[2]),
+    ]
+
+
 async def test_a_force_delete_of_a_webhook_neither_live_nor_trashed_is_plainly_not_found(
     api_stack: Stack,
 ) -> None:
