@@ -37,6 +37,7 @@ from services.shared import (
     OutRecord,
     PayloadTooLarge,
     Record,
+    SentUnacknowledged,
     as_utc,
     get_logger,
     new_id,
@@ -299,7 +300,7 @@ class Outbox:
             _check_size(record, len(value))
         try:
             await self._sender.send(encoded, within=self._wait)
-        except OutcomeUnknown as exc:
+        except (OutcomeUnknown, SentUnacknowledged) as exc:
             self._failures.inc()
             raise PublishOutcomeUnknown(f"event stream did not answer in time: {exc}") from exc
         except (KafkaError, DependencyUnavailable, TimeoutError) as exc:

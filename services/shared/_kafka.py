@@ -37,8 +37,10 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
+    NotEnoughReplicasAfterAppendError,
     RecordListTooLargeError,
     RecordTooLargeError,
+    RequestTimedOutError,
     TopicAuthorizationFailedError,
     UnsupportedVersionError,
 )
@@ -406,6 +408,21 @@ async def _send_packed(
     return sent, refused
 
 
+class SentUnacknowledged(KafkaError):  # type: ignore[misc]
+    """A batch that failed after reaching the broker without an answer that refused it (a
+    request timed out, a connection lost while it waited, a write not replicated in time):
+    the broker may have written it, and may yet show it to consumers. Unlike a refusal, it
+    must not be taken back as if it never happened (a change undone whose event is out)."""
+
+    retriable = True
+
+
+# The last try's errors that leave a batch perhaps written. A connection never made
+# (NodeNotReadyError), a leader not known, or a broker's refusal leave it unwritten by
+# that try; earlier tries of a batch are not told apart (aiokafka keeps only the last).
+_MAYBE_WRITTEN = (RequestTimedOutError, KafkaConnectionError, NotEnoughReplicasAfterAppendError)
+
+
 async def _outcomes(
     batches: list[tuple[asyncio.Future[Any], set[int]]],
 ) -> dict[int, BaseException]:
@@ -415,6 +432,10 @@ async def _outcomes(
     for (_, owners), result in zip(batches, results, strict=True):
         if isinstance(result, asyncio.CancelledError):
             result = DependencyUnavailable("the Kafka producer stopped before acknowledging")
+        elif isinstance(result, _MAYBE_WRITTEN):
+            unacknowledged = SentUnacknowledged(f"sent, not acknowledged: {result!r}")
+            unacknowledged.__cause__ = result
+            result = unacknowledged
         if isinstance(result, BaseException):
             for owner in owners:
                 failed.setdefault(owner, result)

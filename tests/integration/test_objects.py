@@ -827,6 +827,35 @@ async def test_a_change_whose_event_may_have_left_is_not_undone(
         await consumer.stop()
 
 
+async def test_a_produce_request_that_timed_out_leaves_its_change_made(
+    own_broker_stack: tuple[Stack, EmbeddedBroker],
+) -> None:
+    """The broker takes the produce request and answers nothing (paused) until the
+    producer's own timeout: the record may be written once the broker goes on, as here.
+    The change stays and the caller gets its answer; undone with a 503, the object would
+    be gone while its `object.created` reached every webhook."""
+    stack, broker = own_broker_stack
+    assert broker.pid is not None
+    await _call(stack, "POST", "/contact", json={"warm": True})  # connected, metadata known
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        status, created, _ = await _call(stack, "POST", "/contact", json={"v": 1})
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    assert status == 201, created
+    assert (await _call(stack, "GET", f"/contact/{created['id']}"))[0] == 200
+    consumer = make_consumer(stack.settings, topics_for(stack.settings).events, group_id=None)
+    await consumer.start()
+    try:
+        seen: list[str] = []
+        async with asyncio.timeout(20):
+            while created["id"] not in seen:
+                batches = await consumer.getmany(timeout_ms=200)
+                seen += [orjson.loads(r.value)["object_id"] for b in batches.values() for r in b]
+    finally:
+        await consumer.stop()
+
+
 @pytest.mark.parametrize("trashed_first", [False, True])
 async def test_a_force_delete_does_not_take_a_change_made_after_its_read(
     stack: Stack, monkeypatch: pytest.MonkeyPatch, trashed_first: bool
