@@ -45,11 +45,13 @@ from services.shared import (
     cancel_and_wait,
     create_engine,
     ensure_topics,
+    error_text,
     get_logger,
     json_response,
     make_consumer,
     migrate,
     partitions_of,
+    port_problem,
     redacted,
     run_until_signalled,
     start_client,
@@ -219,7 +221,7 @@ async def _delivery_log_caught_up(settings: Settings) -> None:
             "delivery_log_not_caught_up", within_seconds=_CATCH_UP_SECONDS, behind=len(behind)
         )
     except (KafkaError, DependencyUnavailable) as exc:
-        log.warning("delivery_log_not_caught_up", error=str(exc))
+        log.warning("delivery_log_not_caught_up", error=error_text(exc))
     finally:
         await stop_client(reader, within=_CATCH_UP_STOP_SECONDS)
 
@@ -321,30 +323,6 @@ def _only_one_in(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def _port_problem(host: str, port: int, held: list[socket.socket]) -> str | None:
-    """Why ``port`` cannot be listened on as the services will (None: it can); the probes
-    stay in ``held``, listening, so a port named by two settings is found taken too."""
-    try:
-        addresses = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror:
-        return None  # the service's own start says what is wrong with the host
-    for family, kind, proto, _, address in addresses:
-        probe = socket.socket(family, kind, proto)
-        held.append(probe)
-        # As aiohttp's site binds: a port left in TIME_WAIT by a last run is not taken.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            probe.bind(address)
-            probe.listen()
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
-
-
 def _check_ports(settings: Settings) -> None:
     """Every port the stack will listen on, checked before anything starts: a second stack
     otherwise failed on the first port taken, and the user found the others one run at a
@@ -361,7 +339,7 @@ def _check_ports(settings: Settings) -> None:
         for setting, port in wanted.items():
             if port == 0:
                 continue  # any free port
-            problem = _port_problem(settings.host, port, held)
+            problem = port_problem(settings.host, port, held)
             if problem is not None:
                 taken[setting] = f"{port} ({setting}: {problem})"
     finally:

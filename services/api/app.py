@@ -24,9 +24,11 @@ from services.shared import (
     bound_port,
     build_app,
     cancel_and_wait,
+    check_listenable,
     check_ready,
     get_logger,
     make_producer,
+    require_topics,
     start_client,
     start_site,
     stop_client,
@@ -130,10 +132,12 @@ class ApiService:
 
     async def start(self) -> None:
         await check_ready(self.engine)
+        check_listenable(self.settings.host, self.settings.api_port, "HOOKWIRE_API_PORT")
         self._producer = make_producer(
             self.settings, request_timeout_ms=int(self.settings.publish_timeout_seconds * 1000)
         )
         await start_client(self._producer, self.settings)
+        await require_topics(self._producer, self.settings)
         # The auth service is infrastructure, looked up like the broker and the database:
         # through the system's resolver (hosts file, NSS), not the webhooks' c-ares one.
         self._session = aiohttp.ClientSession(

@@ -39,6 +39,7 @@ from services.shared import (
     Record,
     SentUnacknowledged,
     as_utc,
+    error_text,
     get_logger,
     new_id,
     tables,
@@ -84,11 +85,6 @@ def check_event_size(event: Event) -> None:
 _FAILURES_BEFORE_GIVING_UP = 3
 # Records no retry will ever get into the stream.
 _NEVER_SENDABLE = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
-
-
-def _first_line(exc: Exception) -> str:
-    # A driver's message goes on with the statement and its parameters.
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class _KeptForRelay(Exception):
@@ -213,7 +209,7 @@ class Outbox:
             # The change is committed and its record in the stream: a 500 now would have
             # the caller make it again. The row stays; the relay sends it once more, under
             # the same id.
-            self._log.warning("outbox_row_left", row_id=row_id, error=_first_line(exc))
+            self._log.warning("outbox_row_left", row_id=row_id, error=error_text(exc))
 
     async def commit_and_publish(
         self,
@@ -279,7 +275,7 @@ class Outbox:
         except SQLAlchemyError as exc:
             # Nothing was undone: the change stays committed with its record staged, and
             # the relay publishes it once the stream is back.
-            self._log.warning("outbox_undo_failed", row_id=row_id, error=_first_line(exc))
+            self._log.warning("outbox_undo_failed", row_id=row_id, error=error_text(exc))
             return False
         return True
 
@@ -349,7 +345,7 @@ class Outbox:
                     failed.append(row.id)
                     break
             except (KafkaError, TimeoutError) as exc:
-                self._log.warning("outbox_relay_failed", error=str(exc) or type(exc).__name__)
+                self._log.warning("outbox_relay_failed", error=error_text(exc))
                 held_keys.add((row.topic, row.key))
                 failed.append(row.id)
                 failed_in_a_row += 1

@@ -29,11 +29,13 @@ from services.shared import (
     bound_port,
     build_app,
     cancel_and_wait,
+    check_listenable,
     check_ready,
     get_logger,
     json_response,
     make_producer,
     parse_body,
+    require_topics,
     start_client,
     start_site,
     stop_client,
@@ -157,8 +159,10 @@ class AuthService:
 
     async def start(self) -> None:
         await check_ready(self.engine)
+        check_listenable(self.settings.host, self.settings.auth_port, "HOOKWIRE_AUTH_PORT")
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
+        await require_topics(self._producer, self.settings)
         await self._follower.start()
         self._flusher = self.loops.start(self._flush_last_used_forever(), name="last-used")
         self.app = self.build_app(self._producer)

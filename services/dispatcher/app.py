@@ -47,16 +47,19 @@ from services.shared import (
     bound_port,
     build_app,
     cancel_and_wait,
+    check_listenable,
     check_ready,
     consume_forever,
     dead_letter_record,
     decode,
+    error_text,
     get_logger,
     make_consumer,
     make_patient_consumer,
     make_producer,
     open_files_limit,
     partition_of,
+    require_topics,
     start_all,
     start_client,
     start_site,
@@ -140,6 +143,9 @@ class DispatcherService:
 
     async def start(self) -> None:
         await check_ready(self.engine)
+        check_listenable(
+            self.settings.host, self.settings.dispatcher_port, "HOOKWIRE_DISPATCHER_PORT"
+        )
         # Taken before the read: a change committed while the load reads may be missing
         # from it, so its record must not count as already reflected.
         self._loaded_at_ms = int(utcnow().timestamp() * 1000)
@@ -147,6 +153,7 @@ class DispatcherService:
         self._webhooks.set(len(self.table))
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
+        await require_topics(self._producer, self.settings)
         group = f"{self.settings.topic_prefix}dispatcher"
         # Each group's loop finishes what it has in hand and commits before a rebalance
         # moves its partitions (decisions 55 and 56).
@@ -580,7 +587,7 @@ class DispatcherService:
                 if self._handler is not None:
                     self._handler.forget_endpoints_not(self._is_active)
             except Exception as exc:
-                self._log.warning("webhook_resync_failed", error=f"{type(exc).__name__}: {exc}")
+                self._log.warning("webhook_resync_failed", error=error_text(exc))
                 if wanted:
                     await asyncio.sleep(_RESYNC_RETRY_SECONDS)
                     self._resync_wanted.set()

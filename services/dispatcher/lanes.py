@@ -27,6 +27,7 @@ from services.shared import (
     OutRecord,
     cancel_and_wait,
     commit_offsets,
+    error_text,
     get_logger,
 )
 
@@ -204,7 +205,7 @@ class Lanes:
             except KafkaError as exc:
                 # Nothing was taken: the turn goes on, so that a rebalance that ended is
                 # still seen and the lanes resume while fetches fail.
-                self._log.warning("delivery_fetch_failed", error=str(exc))
+                self._log.warning("delivery_fetch_failed", error=error_text(exc))
                 await asyncio.sleep(_FETCH_RETRY_SECONDS)
                 batches = {}
             # A partition moved away and back since the last turn counts as lost here,
@@ -501,7 +502,9 @@ class Lanes:
         except Exception as exc:
             # Only when stopping (the sender has closed): the record stays unfinished and
             # the partition's next reader sends it again.
-            self._log.warning("delivery_outcome_not_written", offset=record.offset, error=str(exc))
+            self._log.warning(
+                "delivery_outcome_not_written", offset=record.offset, error=error_text(exc)
+            )
             return
         finally:
             self._writing[partition] -= 1

@@ -26,6 +26,7 @@ from services.shared import (
     NOT_BEFORE_AHEAD_MAX,
     DependencyUnavailable,
     Settings,
+    error_text,
     get_logger,
     make_consumer,
     partition_of,
@@ -165,7 +166,7 @@ async def _read(
     except TimeoutError:
         get_logger("dispatcher").warning("put_offs_not_read", topic=topic, within_seconds=within)
     except (KafkaError, DependencyUnavailable) as exc:
-        get_logger("dispatcher").warning("put_offs_not_read", topic=topic, error=str(exc))
+        get_logger("dispatcher").warning("put_offs_not_read", topic=topic, error=error_text(exc))
     finally:
         await stop_client(reader)
     return last

@@ -32,6 +32,7 @@ from services.shared import (
     Topics,
     commit_offsets,
     commit_when_free,
+    error_text,
     finish_despite_cancel,
     get_logger,
     send_each,
@@ -261,7 +262,7 @@ class RetryTimer:
             except KafkaError as exc:
                 # Nothing was taken: the turn goes on, so that a rebalance that ended is
                 # still seen and forwarding resumes while fetches fail.
-                self._log.warning("retry_fetch_failed", error=str(exc))
+                self._log.warning("retry_fetch_failed", error=error_text(exc))
                 await asyncio.sleep(1.0)
                 batches = {}
             self._forget_revoked()

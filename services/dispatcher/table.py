@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.shared import as_utc, get_logger, tables, utcnow
+from services.shared import as_utc, error_text, get_logger, tables, utcnow
 
 from .errors import InvalidSecret
 from .routing import SigningKey, WebhookRoute
@@ -170,9 +170,7 @@ class WebhookTable:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # A row the api could not have written (edited by hand, say): one webhook is
             # left out, not every other one of the load or the burst it came in.
-            self._log.error(
-                "webhook_row_invalid", webhook_id=row.id, error=f"{type(exc).__name__}: {exc}"
-            )
+            self._log.error("webhook_row_invalid", webhook_id=row.id, error=error_text(exc))
             return None
         if unusable:
             self._log.error(

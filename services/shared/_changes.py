@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from ._contracts import Change, Topics, decode
-from ._errors import DependencyUnavailable, InvalidRecord
+from ._errors import DependencyUnavailable, InvalidRecord, error_text
 from ._ids import utcnow
 from ._kafka import (
     FATAL_KAFKA_ERRORS,
@@ -75,7 +75,7 @@ class ChangeNotifier:
             )
         except KafkaError as exc:
             structlog.get_logger().warning(
-                "change_not_published", entity=entity, entity_id=entity_id, error=str(exc)
+                "change_not_published", entity=entity, entity_id=entity_id, error=error_text(exc)
             )
             return False
         return True
@@ -147,7 +147,7 @@ async def follow_changes(
         except FATAL_KAFKA_ERRORS:
             raise
         except KafkaError as exc:
-            log.warning("changes_fetch_failed", error=str(exc))
+            log.warning("changes_fetch_failed", error=error_text(exc))
             await asyncio.sleep(_FETCH_RETRY_SECONDS)
             continue
         changes = []
@@ -174,13 +174,13 @@ async def follow_changes(
                 if await all_read(consumer):
                     caught_up.set()
             except KafkaError as exc:
-                log.warning("changes_position_failed", error=str(exc))
+                log.warning("changes_position_failed", error=error_text(exc))
         if assigned_from is not None:
             # After the fetch's changes are handled: a failure here must not lose them.
             try:
                 await _take_new_partitions(consumer, assigned_from)
             except KafkaError as exc:
-                log.warning("changes_partitions_unknown", error=str(exc))
+                log.warning("changes_partitions_unknown", error=error_text(exc))
 
 
 async def _start_positions(
@@ -198,7 +198,7 @@ async def _start_positions(
         ends = await consumer.end_offsets(partitions)
         found = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
     except KafkaError as exc:
-        structlog.get_logger().warning("changes_start_unknown", error=str(exc))
+        structlog.get_logger().warning("changes_start_unknown", error=error_text(exc))
         return dict.fromkeys(partitions), False, None
     positions: dict[TopicPartition, int | None] = {}
     nothing_newer = bool(partitions)

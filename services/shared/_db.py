@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ._errors import ConfigurationError, DependencyUnavailable, MigrationFailed
+from ._errors import ConfigurationError, DependencyUnavailable, MigrationFailed, error_text
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -67,7 +67,7 @@ def create_engine(url: str) -> AsyncEngine:
                 # A directory this user may not write to: SQLite fails to open the file too,
                 # and its error is handled where every connection's is (a clear message).
                 structlog.get_logger().debug(
-                    "database_file_not_created", path=str(path), error=str(exc)
+                    "database_file_not_created", path=str(path), error=error_text(exc)
                 )
         engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
@@ -136,7 +136,7 @@ async def migrate(
         async with engine.connect() as connection:
             current = await connection.run_sync(_current_revision)
     except (SQLAlchemyError, OSError) as exc:
-        raise DependencyUnavailable(f"database at {_describe(url)} is unreachable: {exc}") from exc
+        raise _unusable(_describe(url), exc) from exc
     finally:
         await engine.dispose()
     head = head_revision()
@@ -156,7 +156,7 @@ async def migrate(
             locked = _lock_not_available(exc)
             if locked and time.monotonic() + pause < give_up_at:
                 structlog.get_logger().warning(
-                    "migration_lock_busy", retry_in_seconds=pause, error=str(exc)
+                    "migration_lock_busy", retry_in_seconds=pause, error=error_text(exc)
                 )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 30.0)
@@ -172,7 +172,20 @@ async def migrate(
                 f"migrating the database at {_describe(url)} from {current or 'none'} failed:"
                 f" {why}{exc}"
             ) from exc
-        return "database is up to date"
+        if current == head:
+            return "database is up to date"
+        return f"migrated the database from {current or 'none'} to {head}"
+
+
+def _unusable(shown_url: str, exc: BaseException) -> DependencyUnavailable:
+    # A server that answered with a refusal (no such database or role, a password
+    # refused) is not "unreachable"; and SQLAlchemy's message ends in a line pointing at
+    # its own docs, which would break the one line a failed start prints.
+    sqlstate, _ = database_error_codes(exc)
+    what = "refused the connection" if sqlstate is not None else "is unreachable"
+    orig = getattr(exc, "orig", None)
+    reason = str(orig).splitlines()[0] if orig is not None and str(orig) else error_text(exc)
+    return DependencyUnavailable(f"database at {shown_url} {what}: {reason}")
 
 
 def database_error_codes(exc: BaseException) -> tuple[str | None, str]:
@@ -205,7 +218,7 @@ async def check_ready(engine: AsyncEngine) -> None:
         async with engine.connect() as connection:
             current = await connection.run_sync(_current_revision)
     except (SQLAlchemyError, OSError) as exc:
-        raise DependencyUnavailable(f"database at {url} is unreachable: {exc}") from exc
+        raise _unusable(url, exc) from exc
     if _behind(current):
         raise ConfigurationError(
             f"database at {url} is at migration {current or 'none'}, expected"

@@ -9,6 +9,15 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 
+def error_text(exc: BaseException) -> str:
+    """An error as one log field: its kind and the first line of its message. Many say
+    nothing of themselves (a ``TimeoutError`` is an empty string), and a driver's message
+    goes on with the statement and its parameters."""
+    message = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {message.splitlines()[0]}" if message.strip() else name
+
+
 class HookwireError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"

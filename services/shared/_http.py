@@ -7,6 +7,7 @@ rides along in the logs; ``/healthz``, ``/readyz`` and ``/metrics`` are always t
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import re
@@ -484,6 +485,55 @@ def _problems(exc: ValidationError, whole: str) -> list[dict[str, str]]:
     ]
 
 
+def port_problem(host: str, port: int, held: list[socket.socket]) -> str | None:
+    """Why ``port`` cannot be listened on as the services will (None: it can); the probes
+    stay in ``held``, listening, so a port named by two settings is found taken too."""
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return None  # the service's own start says what is wrong with the host
+    for family, kind, proto, _, address in addresses:
+        probe = socket.socket(family, kind, proto)
+        held.append(probe)
+        # As aiohttp's site binds: a port left in TIME_WAIT by a last run is not taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind(address)
+            probe.listen()
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_listenable(host: str, port: int, port_setting: str) -> None:
+    """End a start at once on a port (or host) the service could not listen on: found
+    only when the site starts, after the Kafka clients, a process doomed to exit would
+    first join its consumer groups and make them rebalance (a crash-looping replica would
+    pause deliveries for the whole group each time)."""
+    if port == 0:
+        return  # any free port
+    try:
+        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port}: {exc.strerror} (check HOOKWIRE_HOST)"
+        ) from exc
+    held: list[socket.socket] = []
+    try:
+        problem = port_problem(host, port, held)
+    finally:
+        for probe in held:
+            probe.close()
+    if problem is not None:
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port}: {problem} (set {port_setting} to use another port)"
+        )
+
+
 async def start_site(
     app: web.Application, host: str, port: int, *, port_setting: str | None = None
 ) -> web.AppRunner:
@@ -498,7 +548,10 @@ async def start_site(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        hint = f" (set {port_setting} to use another port)" if port_setting else ""
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            hint = f" (set {port_setting} to use another port)" if port_setting else ""
+        else:
+            hint = " (check HOOKWIRE_HOST)"
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
     return runner
 

@@ -48,7 +48,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ._contracts import DeadLetter, Topics
-from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge
+from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge, error_text
 from ._ids import utcnow
 from ._lifecycle import cancel_and_wait, finish_despite_cancel, keep_cancelling
 from ._settings import LONGEST_WAIT_SECONDS, Settings
@@ -274,8 +274,40 @@ NOT_BEFORE_AHEAD_MAX = timedelta(seconds=_FURTHEST_AHEAD_SECONDS + 86400)
 _RETRY_TOPIC_CONFIG = {"retention.ms": str(RETRY_RETENTION_MS)}
 
 
-async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> None:
-    """Create missing topics; an existing topic is not an error."""
+async def require_topics(producer: AIOKafkaProducer, settings: Settings) -> None:
+    """Refuse to start on a cluster without hookwire's topics, before any client asks for
+    one by name: a broker asked for a missing topic creates it with its own defaults
+    (aiokafka always allows that, and Kafka's ``auto.create.topics.enable`` is on unless
+    turned off), so the topic would get the broker's partition count and the retry topics
+    no retention of their own. Reads every topic's metadata, which creates none."""
+    try:
+        cluster = await producer.client.fetch_all_metadata()
+    except KafkaError as exc:
+        raise _unreachable(settings, exc) from exc
+    layout = topic_layout(settings)
+    missing = sorted(set(layout) - cluster.topics())
+    if missing:
+        raise DependencyUnavailable(
+            f"Kafka at {settings.kafka_bootstrap} has no topic {', '.join(missing)}: "
+            "run `hookwire topics` first"
+        )
+    for name, wanted in layout.items():
+        partitions = len(cluster.partitions_for_topic(name) or ())
+        if partitions != wanted:
+            structlog.get_logger().warning(
+                "topic_partitions_differ", topic=name, partitions=partitions, expected=wanted
+            )
+
+
+class TopicsChecked(NamedTuple):
+    created: list[str]
+    # An existing topic whose partitions are not the layout's: (topic, has, expected).
+    differing: list[tuple[str, int, int]]
+
+
+async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None) -> TopicsChecked:
+    """Create missing topics; an existing topic is not an error, and is left as it is
+    (its partitions are told, when they differ from the layout)."""
     wanted = layout if layout is not None else topic_layout(settings)
     topics = topics_for(settings)
     admin = AIOKafkaAdminClient(
@@ -311,6 +343,21 @@ async def ensure_topics(settings: Settings, layout: dict[str, int] | None = None
         ]
         if failed:
             raise DependencyUnavailable(f"could not create Kafka topics: {failed}")
+        created = sorted(topic for topic, code, *_ in response.topic_errors if code == 0)
+        existing = sorted(set(wanted) - set(created))
+        differing = []
+        if existing:
+            try:
+                described = await admin.describe_topics(existing)
+            except (KafkaError, OSError) as exc:
+                raise DependencyUnavailable(
+                    f"could not read Kafka topics at {settings.kafka_bootstrap}: {exc}"
+                ) from exc
+            for topic in described:
+                has = len(topic["partitions"])
+                if topic["topic"] in wanted and has != wanted[topic["topic"]]:
+                    differing.append((topic["topic"], has, wanted[topic["topic"]]))
+        return TopicsChecked(created, sorted(differing))
     finally:
         await admin.close()
 
@@ -614,7 +661,7 @@ async def stop_client(
             raise
     except Exception as exc:
         # A KafkaError mostly; whatever it is, the stop must still close the client.
-        structlog.get_logger().warning("kafka_client_stop_failed", error=str(exc))
+        structlog.get_logger().warning("kafka_client_stop_failed", error=error_text(exc))
     _close_what_is_left(client)
 
 
@@ -730,7 +777,7 @@ async def commit_offsets(consumer: AIOKafkaConsumer, offsets: dict[TopicPartitio
         async with asyncio.timeout(_COMMIT_TIMEOUT_SECONDS):
             await consumer.commit(offsets)
     except (KafkaError, TimeoutError) as exc:
-        structlog.get_logger().warning("commit_failed", error=str(exc))
+        structlog.get_logger().warning("commit_failed", error=error_text(exc))
         return False
     return True
 
@@ -873,7 +920,7 @@ async def consume_forever(
             except KafkaError as exc:
                 # A coordinator or fetch fault must not end the loop for good: the process
                 # would keep its partitions in the group and never read them again.
-                log.warning("fetch_failed", error=str(exc))
+                log.warning("fetch_failed", error=error_text(exc))
                 await asyncio.sleep(retry_delay_seconds)
                 continue
             records = [record for batch in batches.values() for record in batch]

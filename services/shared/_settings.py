@@ -57,7 +57,12 @@ def _lowered(value: object) -> object:
 def _seconds_list(value: object) -> object:
     # "5,300,1800" reads better in an environment file than a JSON list.
     if isinstance(value, str):
-        return tuple(float(part) for part in value.split(",") if part.strip())
+        parts = value.split(",")
+        if any(not part.strip() for part in parts):
+            # "5,,30" is more likely a delay left out than two meant: refused, not read
+            # as one retry fewer.
+            raise ValueError("an item between its commas is empty (write them like 5,300,1800)")
+        return tuple(float(part) for part in parts)
     return value
 
 
@@ -171,7 +176,8 @@ def _kafka_bootstrap(value: str | None) -> str | None:
         problem = _bootstrap_entry_problem(entry)
         if problem is not None:
             raise ValueError(f"{problem}: {_BOOTSTRAP_FORM}")
-    return value
+    # Given to the client without the empty entries: it would read "a,," as a host "" too.
+    return ",".join(entries)
 
 
 def _supported_database(url: str) -> str:

@@ -45,8 +45,9 @@ async def test_a_failed_migration_keeps_the_ones_before_it(database_url: str) ->
 
 async def test_every_migration_can_be_undone_and_redone(database_url: str) -> None:
     await migrate(database_url)
+    assert await migrate(database_url) == "database is up to date", "nothing left to do"
     await asyncio.to_thread(command.downgrade, _alembic_config(database_url), "base")
-    assert await migrate(database_url) == "database is up to date"
+    assert await migrate(database_url) == f"migrated the database from none to {head_revision()}"
     assert await _revision(database_url) == head_revision()
 
 
@@ -63,7 +64,7 @@ async def test_an_index_migration_stopped_before_its_version_was_written_runs_ag
             await conn.execute(text("UPDATE alembic_version SET version_num = '0009'"))
     finally:
         await engine.dispose()
-    assert await migrate(database_url) == "database is up to date"
+    assert await migrate(database_url) == f"migrated the database from 0009 to {head_revision()}"
     assert await _revision(database_url) == head_revision()
 
 
@@ -106,7 +107,7 @@ async def test_a_migration_gives_way_to_a_long_transaction_and_tries_again(
             await reader.execute(text("SELECT count(*) FROM delivery_attempts"))
             if engine.dialect.name != "postgresql":
                 assert await migrate(database_url, lock_timeout_seconds=0.2) == (
-                    "database is up to date"
+                    f"migrated the database from 0016 to {head_revision()}"
                 )
                 return
             with pytest.raises(MigrationFailed, match="another transaction held a table's lock"):
@@ -118,7 +119,9 @@ async def test_a_migration_gives_way_to_a_long_transaction_and_tries_again(
             await asyncio.sleep(1.5)
             assert not migrating.done()
             await reader.rollback()
-            assert await asyncio.wait_for(migrating, 30) == "database is up to date"
+            assert await asyncio.wait_for(migrating, 30) == (
+                f"migrated the database from 0016 to {head_revision()}"
+            )
     finally:
         await engine.dispose()
     assert await _revision(database_url) == head_revision()
@@ -139,7 +142,9 @@ async def test_a_concurrent_index_build_waits_out_the_lock_timeout(database_url:
             )
             await asyncio.sleep(1.0)
             await writer.rollback()
-            assert await asyncio.wait_for(migrating, 30) == "database is up to date"
+            assert await asyncio.wait_for(migrating, 30) == (
+                f"migrated the database from 0015 to {head_revision()}"
+            )
         if engine.dialect.name == "postgresql":
             async with engine.connect() as conn:
                 valid = (

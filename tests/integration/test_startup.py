@@ -20,6 +20,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaTimeoutError
+from sqlalchemy.engine import make_url
 
 from services.shared import (
     RETRY_RETENTION_MS,
@@ -32,7 +33,7 @@ from services.shared import (
     migrate,
     topic_layout,
 )
-from tests.conftest import drop_topics
+from tests.conftest import POSTGRES_DSN, drop_topics
 
 HOOKWIRE = str(Path(sys.executable).parent / "hookwire")
 
@@ -95,6 +96,57 @@ def test_unreachable_database_is_named(tmp_path: Path) -> None:
     assert "topsecret" not in result.stderr
     migrate_result = _run(["migrate"], _env(tmp_path, HOOKWIRE_DATABASE_URL=url))
     _assert_clean_failure(migrate_result, "unreachable", f"127.0.0.1:{port}")
+
+
+if POSTGRES_DSN:
+    # Only a server can refuse: SQLite has none.
+
+    def test_a_database_that_refuses_the_connection_is_not_called_unreachable(
+        tmp_path: Path,
+    ) -> None:
+        """A server that answers with a refusal (here: no such database) is named as
+        such, in one line: not "unreachable", and without SQLAlchemy's pointer to its
+        own docs."""
+        assert POSTGRES_DSN is not None
+        url = str(make_url(POSTGRES_DSN).set(database=f"no_such_{uuid.uuid4().hex[:8]}"))
+        for command in (["auth"], ["migrate"]):
+            result = _run(command, _env(tmp_path, HOOKWIRE_DATABASE_URL=url))
+            _assert_clean_failure(result, "refused the connection", "does not exist")
+            assert "unreachable" not in result.stderr
+            assert "sqlalche.me" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "setting"),
+    [
+        ("auth", "HOOKWIRE_AUTH_PORT"),
+        ("api", "HOOKWIRE_API_PORT"),
+        ("dispatcher", "HOOKWIRE_DISPATCHER_PORT"),
+    ],
+)
+def test_a_port_taken_ends_the_start_before_kafka(
+    migrated: Path, service: str, setting: str
+) -> None:
+    """Found before any Kafka client starts (a process about to exit would join its
+    consumer groups and make them rebalance): with the broker unreachable too, the port
+    is what the start names."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = str(taken.getsockname()[1])
+        env = _env(migrated, HOOKWIRE_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", **{setting: port})
+        result = _run([service], env)
+    finally:
+        taken.close()
+    _assert_clean_failure(result, f"cannot listen on 127.0.0.1:{port}", f"set {setting}")
+    assert "Kafka" not in result.stderr
+
+
+def test_a_host_that_cannot_be_listened_on_names_the_host_setting(migrated: Path) -> None:
+    result = _run(["auth"], _env(migrated, HOOKWIRE_HOST="999.1.1.1"))
+    _assert_clean_failure(result, "cannot listen on 999.1.1.1", "check HOOKWIRE_HOST")
+    assert "_PORT" not in result.stderr
 
 
 def test_migrate_leaves_a_database_a_newer_release_migrated(migrated: Path) -> None:
@@ -280,11 +332,15 @@ def test_topics_are_created_from_the_command_line(tmp_path: Path, broker: Embedd
     prefix = f"t{uuid.uuid4().hex[:10]}."
     env = _env(tmp_path, HOOKWIRE_KAFKA_BOOTSTRAP=broker.bootstrap, HOOKWIRE_TOPIC_PREFIX=prefix)
     try:
-        for _ in range(2):
-            created = _run(["topics"], env)
-            assert created.returncode == 0, created.stderr
-            assert created.stdout.strip() == "topics are in place"
         wanted = set(topic_layout(load_settings(topic_prefix=prefix)))
+        created = _run(["topics"], env)
+        assert created.returncode == 0, created.stderr
+        assert created.stdout.strip() == (
+            f"created {len(wanted)} topics: {', '.join(sorted(wanted))}"
+        )
+        again = _run(["topics"], env)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == "topics are in place: none was missing"
         assert wanted == asyncio.run(_topics_named(broker.bootstrap, prefix))
         # A retry may wait up to 30 days, doubled by the largest jitter: its topic keeps it
         # past that, whatever the broker's default (7 days on Kafka); the others keep the
@@ -300,6 +356,39 @@ def test_topics_are_created_from_the_command_line(tmp_path: Path, broker: Embedd
     address = f"127.0.0.1:{free_port()}"
     unreachable = _run(["topics"], _env(tmp_path, HOOKWIRE_KAFKA_BOOTSTRAP=address))
     _assert_clean_failure(unreachable, "Kafka is unreachable", address)
+
+
+@pytest.mark.parametrize("service", ["auth", "api", "dispatcher"])
+def test_a_service_refuses_a_cluster_without_its_topics_and_creates_none(
+    migrated: Path, broker: EmbeddedBroker, service: str
+) -> None:
+    """Started before `hookwire topics`, a service says what to run and exits. Asking
+    for a missing topic by name would have the broker create it with its own defaults
+    (the wrong partitions, no retention for the retry topics), which `hookwire topics`
+    then leaves as it is."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    env = _env(migrated, HOOKWIRE_KAFKA_BOOTSTRAP=broker.bootstrap, HOOKWIRE_TOPIC_PREFIX=prefix)
+    try:
+        result = _run([service], env)
+        _assert_clean_failure(result, f"has no topic {prefix}", "run `hookwire topics` first")
+        assert asyncio.run(_topics_named(broker.bootstrap, prefix)) == set()
+    finally:
+        asyncio.run(drop_topics(broker.bootstrap, prefix))
+
+
+def test_topics_with_other_partitions_are_named(tmp_path: Path, broker: EmbeddedBroker) -> None:
+    """`hookwire topics` leaves an existing topic as it is, and warns when its partitions
+    are not what the settings ask for."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    env = _env(tmp_path, HOOKWIRE_KAFKA_BOOTSTRAP=broker.bootstrap, HOOKWIRE_TOPIC_PREFIX=prefix)
+    try:
+        assert _run(["topics"], env).returncode == 0
+        wider = _run(["topics"], {**env, "HOOKWIRE_KAFKA_PARTITIONS": "8"})
+        assert wider.returncode == 0, wider.stderr
+        assert f"warning: {prefix}events has 6 partitions, not 8" in wider.stderr
+        assert f"{prefix}changes" not in wider.stderr, "one partition whatever the setting"
+    finally:
+        asyncio.run(drop_topics(broker.bootstrap, prefix))
 
 
 async def _retention_ms(bootstrap: str, names: list[str]) -> dict[str, int | None]:

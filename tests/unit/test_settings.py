@@ -62,6 +62,9 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HOOKWIRE_DELIVERY_RATE_PER_ENDPOINT", "10001"),
         ("HOOKWIRE_ENDPOINT_DISABLE_AFTER_DAYS", "1e20"),
         ("HOOKWIRE_RETRY_JITTER", "2"),
+        # A delay left out between two commas is not one retry fewer.
+        ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,,30"),
+        ("HOOKWIRE_RETRY_SCHEDULE_SECONDS", "5,30,"),
         ("HOOKWIRE_DATABASE_URL", "postgresql://hw@db/hw"),
         ("HOOKWIRE_DATABASE_URL", "mysql:/x"),
         ("HOOKWIRE_DATABASE_URL", "not a url"),
@@ -121,7 +124,9 @@ def test_kafka_bootstrap_takes_host_and_port_lists(
     monkeypatch: pytest.MonkeyPatch, bootstrap: str
 ) -> None:
     monkeypatch.setenv("HOOKWIRE_KAFKA_BOOTSTRAP", bootstrap)
-    assert load_settings().kafka_bootstrap == bootstrap
+    # Handed to the client without its empty entries, which it would read as a host "".
+    given = [entry.strip() for entry in bootstrap.split(",") if entry.strip()]
+    assert load_settings().kafka_bootstrap == ",".join(given)
 
 
 @pytest.mark.parametrize(
