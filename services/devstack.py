@@ -341,7 +341,7 @@ def _check_ports(settings: Settings) -> None:
                 continue  # any free port
             problem = port_problem(settings.host, port, held)
             if problem is not None:
-                taken[setting] = f"{port} ({setting}: {problem})"
+                taken[setting] = f"{port} ({setting}: {problem.strerror or problem})"
     finally:
         for probe in held:
             probe.close()

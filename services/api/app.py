@@ -137,7 +137,19 @@ class ApiService:
             self.settings, request_timeout_ms=int(self.settings.publish_timeout_seconds * 1000)
         )
         await start_client(self._producer, self.settings)
-        await require_topics(self._producer, self.settings)
+        topics = topics_for(self.settings)
+        await require_topics(
+            self._producer,
+            self.settings,
+            [
+                topics.events,
+                topics.changes,
+                topics.attempts,
+                topics.deliveries,
+                topics.audit,
+                topics.dead_letter,
+            ],
+        )
         # The auth service is infrastructure, looked up like the broker and the database:
         # through the system's resolver (hosts file, NSS), not the webhooks' c-ares one.
         self._session = aiohttp.ClientSession(

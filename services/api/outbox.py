@@ -281,7 +281,9 @@ class Outbox:
 
     def _left_for_relay(self, exc: PublishUnavailable, why: str) -> None:
         self._kept.inc()
-        self._log.warning("event_left_for_relay", error=exc.message, reason=why)
+        cause = exc.__cause__
+        error = exc.message if cause is None else f"{exc.message} ({error_text(cause)})"
+        self._log.warning("event_left_for_relay", error=error, reason=why)
 
     async def publish_direct(self, topic: str, key: str, record: Record) -> None:
         """Publish a record that no database change depends on (acks=all)."""
@@ -298,7 +300,11 @@ class Outbox:
             await self._sender.send(encoded, within=self._wait)
         except (OutcomeUnknown, SentUnacknowledged) as exc:
             self._failures.inc()
-            raise PublishOutcomeUnknown(f"event stream did not answer in time: {exc}") from exc
+            # The client learns what happened, not the broker's address (the cause is
+            # logged with the answer).
+            raise PublishOutcomeUnknown(
+                "event stream did not acknowledge in time; the record may have been written"
+            ) from exc
         except (KafkaError, DependencyUnavailable, TimeoutError) as exc:
             self._failures.inc()
             raise PublishUnavailable("event stream is unavailable") from exc

@@ -79,15 +79,20 @@ async def _change(
     trashed: bool = False,
     details: dict[str, Any] | None = None,
     unchanged_since: datetime | None = None,
+    switching: bool | None = None,
 ) -> Any:
     """Apply ``values`` (or delete the row when None), audit, announce; returns the new row.
 
     With ``unchanged_since`` (the ``updated_at`` the values were computed from), a change
-    made meanwhile by another request is a 409 rather than silently overwritten.
+    made meanwhile by another request is a 409 rather than silently overwritten. With
+    ``switching`` (the ``active`` an update sets among other changes), an update that
+    switches the webhook off or on is audited as that, judged by the row as read here.
     """
     webhook_id = request.match_info["webhook_id"]
     async with ctx.engine.begin() as conn:
-        await find_webhook(conn, principal.team_id, webhook_id, trashed=trashed)
+        current = await find_webhook(conn, principal.team_id, webhook_id, trashed=trashed)
+        if switching is not None and switching != current.active:
+            action = "webhook.reactivated" if switching else "webhook.deactivated"
         where = _webhooks.c.id == webhook_id
         if values is None:
             deleted = await conn.execute(delete(_webhooks).where(where))
@@ -149,14 +154,10 @@ async def update_webhook(request: web.Request) -> web.Response:
     wanted = request.headers.get("If-Match")
     # Switched off or on along with other changes: the audit log still names it so (a
     # search for deactivations must find it), when it changes the webhook's state.
-    switches = "active" in values and action == "webhook.updated"
-    checked = keeps_secrets or "url" in values or wanted is not None
-    if checked or switches:
+    switching = values["active"] if "active" in values and action == "webhook.updated" else None
+    if keeps_secrets or "url" in values or wanted is not None:
         async with ctx.engine.connect() as conn:
             current = await find_webhook(conn, principal.team_id, request.match_info["webhook_id"])
-        if switches and values["active"] != current.active:
-            action = "webhook.reactivated" if values["active"] else "webhook.deactivated"
-    if checked:
         unchanged_since = current.updated_at
         # A view's headers sent back with one changed would otherwise undo whatever
         # another client changed since that view was read.
@@ -194,6 +195,7 @@ async def update_webhook(request: web.Request) -> web.Response:
             values,
             details=details,
             unchanged_since=unchanged_since,
+            switching=switching,
         )
     except Conflict:
         if wanted is None:

@@ -75,7 +75,9 @@ async def create_token(
             # Revoked, not deleted: a client still holding the old secret is told it was
             # revoked (not that it never existed), and the audit log says when and why.
             for replaced in await store.live_token_ids_named(conn, user_id, name):
-                await store.update_token(conn, replaced, {"revoked_at": utcnow()}, unrevoked=True)
+                revoked = {"revoked_at": utcnow()}
+                if not await store.update_token(conn, replaced, revoked, unrevoked=True):
+                    continue  # revoked meanwhile: that revocation is audited
                 await record_audit(
                     conn,
                     CLI_ACTOR,

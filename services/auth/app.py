@@ -162,7 +162,7 @@ class AuthService:
         check_listenable(self.settings.host, self.settings.auth_port, "HOOKWIRE_AUTH_PORT")
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
-        await require_topics(self._producer, self.settings)
+        await require_topics(self._producer, self.settings, [topics_for(self.settings).changes])
         await self._follower.start()
         self._flusher = self.loops.start(self._flush_last_used_forever(), name="last-used")
         self.app = self.build_app(self._producer)

@@ -366,6 +366,12 @@ async def rotate_token(
     return plaintext
 
 
+async def token_ids_of(conn: AsyncConnection, user_id: str) -> list[str]:
+    """Every key of the user's, revoked ones too."""
+    rows = await conn.execute(select(_tokens.c.id).where(_tokens.c.user_id == user_id))
+    return [row.id for row in rows]
+
+
 async def live_token_ids_named(conn: AsyncConnection, user_id: str, name: str) -> list[str]:
     """The user's keys of that name not revoked (at most one: the name is theirs)."""
     rows = await conn.execute(

@@ -66,6 +66,7 @@ from services.shared import (
     stop_client,
     stop_site,
     subscribe_handing_over,
+    topic_layout,
     topics_for,
     utcnow,
 )
@@ -153,7 +154,11 @@ class DispatcherService:
         self._webhooks.set(len(self.table))
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
-        await require_topics(self._producer, self.settings)
+        # Every topic but audit (the api writes the notices of webhooks it disables).
+        layout = topic_layout(self.settings)
+        await require_topics(
+            self._producer, self.settings, [name for name in layout if name != self.topics.audit]
+        )
         group = f"{self.settings.topic_prefix}dispatcher"
         # Each group's loop finishes what it has in hand and commits before a rebalance
         # moves its partitions (decisions 55 and 56).

@@ -444,6 +444,9 @@ R = TypeVar("R", bound=Record)
 def decode(model: type[R], raw: bytes | None) -> R:
     if raw is None:
         raise InvalidRecord("record has no value")
+    if not raw:
+        # Not "EOF while parsing": the producer wrote a value of no bytes.
+        raise InvalidRecord("record value is empty (0 bytes)")
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

@@ -15,7 +15,11 @@ def error_text(exc: BaseException) -> str:
     goes on with the statement and its parameters."""
     message = str(exc)
     name = type(exc).__name__
-    return f"{name}: {message.splitlines()[0]}" if message.strip() else name
+    if not message.strip():
+        return name
+    first = message.splitlines()[0]
+    # Some name themselves already (aiokafka's: "KafkaConnectionError: Connection at …").
+    return first if first.startswith(name) else f"{name}: {first}"
 
 
 class HookwireError(Exception):

@@ -485,7 +485,7 @@ def _problems(exc: ValidationError, whole: str) -> list[dict[str, str]]:
     ]
 
 
-def port_problem(host: str, port: int, held: list[socket.socket]) -> str | None:
+def port_problem(host: str, port: int, held: list[socket.socket]) -> OSError | None:
     """Why ``port`` cannot be listened on as the services will (None: it can); the probes
     stay in ``held``, listening, so a port named by two settings is found taken too."""
     try:
@@ -495,7 +495,10 @@ def port_problem(host: str, port: int, held: list[socket.socket]) -> str | None:
     except socket.gaierror:
         return None  # the service's own start says what is wrong with the host
     for family, kind, proto, _, address in addresses:
-        probe = socket.socket(family, kind, proto)
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this host has not (IPv6 off): the site passes it over too
         held.append(probe)
         # As aiohttp's site binds: a port left in TIME_WAIT by a last run is not taken.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -505,8 +508,16 @@ def port_problem(host: str, port: int, held: list[socket.socket]) -> str | None:
             probe.bind(address)
             probe.listen()
         except OSError as exc:
-            return exc.strerror or str(exc)
+            return exc
     return None
+
+
+def _listen_hint(problem: OSError, port_setting: str | None) -> str:
+    # Only a port in use (or one below 1024 without the right) is the port's fault; an
+    # address this host does not have is the host's.
+    if problem.errno in (errno.EADDRINUSE, errno.EACCES):
+        return f" (set {port_setting} to use another port)" if port_setting else ""
+    return " (check HOOKWIRE_HOST)"
 
 
 def check_listenable(host: str, port: int, port_setting: str) -> None:
@@ -530,7 +541,8 @@ def check_listenable(host: str, port: int, port_setting: str) -> None:
             probe.close()
     if problem is not None:
         raise ConfigurationError(
-            f"cannot listen on {host}:{port}: {problem} (set {port_setting} to use another port)"
+            f"cannot listen on {host}:{port}: {problem.strerror or problem}"
+            f"{_listen_hint(problem, port_setting)}"
         )
 
 
@@ -548,10 +560,7 @@ async def start_site(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-            hint = f" (set {port_setting} to use another port)" if port_setting else ""
-        else:
-            hint = " (check HOOKWIRE_HOST)"
+        hint = _listen_hint(exc, port_setting)
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
     return runner
 

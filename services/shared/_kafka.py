@@ -274,28 +274,32 @@ NOT_BEFORE_AHEAD_MAX = timedelta(seconds=_FURTHEST_AHEAD_SECONDS + 86400)
 _RETRY_TOPIC_CONFIG = {"retention.ms": str(RETRY_RETENTION_MS)}
 
 
-async def require_topics(producer: AIOKafkaProducer, settings: Settings) -> None:
-    """Refuse to start on a cluster without hookwire's topics, before any client asks for
-    one by name: a broker asked for a missing topic creates it with its own defaults
+async def require_topics(
+    producer: AIOKafkaProducer, settings: Settings, needed: Iterable[str]
+) -> None:
+    """Refuse to start on a cluster without the topics ``needed``, before any client asks
+    for one by name: a broker asked for a missing topic creates it with its own defaults
     (aiokafka always allows that, and Kafka's ``auto.create.topics.enable`` is on unless
     turned off), so the topic would get the broker's partition count and the retry topics
-    no retention of their own. Reads every topic's metadata, which creates none."""
+    no retention of their own. Reads every topic's metadata, which creates none. Only the
+    service's own topics: under least-privilege ACLs it sees no others."""
     try:
         cluster = await producer.client.fetch_all_metadata()
     except KafkaError as exc:
         raise _unreachable(settings, exc) from exc
     layout = topic_layout(settings)
-    missing = sorted(set(layout) - cluster.topics())
+    wanted = sorted(set(needed))
+    missing = [name for name in wanted if name not in cluster.topics()]
     if missing:
         raise DependencyUnavailable(
-            f"Kafka at {settings.kafka_bootstrap} has no topic {', '.join(missing)}: "
-            "run `hookwire topics` first"
+            f"Kafka at {settings.kafka_bootstrap} has no topic {', '.join(missing)} (or does"
+            " not let this service see it): run `hookwire topics` first"
         )
-    for name, wanted in layout.items():
+    for name in wanted:
         partitions = len(cluster.partitions_for_topic(name) or ())
-        if partitions != wanted:
+        if name in layout and partitions != layout[name]:
             structlog.get_logger().warning(
-                "topic_partitions_differ", topic=name, partitions=partitions, expected=wanted
+                "topic_partitions_differ", topic=name, partitions=partitions, expected=layout[name]
             )
 
 
@@ -485,7 +489,10 @@ async def _outcomes(
             result = unacknowledged
         if isinstance(result, BaseException):
             for owner in owners:
-                failed.setdefault(owner, result)
+                # An owner with records in several batches hears of one that may have
+                # been written before one refused: it must not be taken back.
+                if owner not in failed or isinstance(result, SentUnacknowledged):
+                    failed[owner] = result
     return failed
 
 

@@ -148,6 +148,8 @@ audit_log = Table(
     Index("ix_audit_log_at", "at"),
     Index("ix_audit_log_actor", "actor_user_id", "at"),
     Index("ix_audit_log_team", "team_id", "at"),
+    # What was done to a user's keys, whoever did it (migration 0018).
+    Index("ix_audit_log_target", "target_id", "at"),
 )
 
 webhooks = Table(

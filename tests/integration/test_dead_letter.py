@@ -99,9 +99,9 @@ async def test_bad_events_go_to_dead_letter_and_good_ones_still_flow(
 async def test_an_empty_event_record_and_an_unknown_field_are_dead_lettered(
     stack: Stack, receiver: Receiver
 ) -> None:
-    """On the events topic, a record with no value at all and an event with a field the
-    contract does not know (decoding is strict): each dead-lettered with the reason, and
-    the valid event written after them is still delivered."""
+    """On the events topic, a record with no value at all, one of no bytes, and an event
+    with a field the contract does not know (decoding is strict): each dead-lettered with
+    the reason, and the valid event written after them is still delivered."""
     await stack.create_webhook(receiver.url, ["object.created"])
     topics = stack.dispatcher.topics
     event = {**GOOD, "team_id": stack.team_id}
@@ -111,21 +111,23 @@ async def test_an_empty_event_record_and_an_unknown_field_are_dead_lettered(
         b"same-partition",
         [
             None,
+            b"",
             orjson.dumps({**event, "id": "evt_with_colour", "colour": "red"}),
             orjson.dumps({**event, "id": "evt_after_them"}),
         ],
     )
     [delivery] = await receiver.wait_for(1)
     assert orjson.loads(delivery.body)["id"] == "evt_after_them"
-    letters = await dead_letters(stack.settings, 2)
-    assert [letter["source_topic"] for letter in letters] == [topics.events] * 2
+    letters = await dead_letters(stack.settings, 3)
+    assert [letter["source_topic"] for letter in letters] == [topics.events] * 3
     assert [letter["reason"] for letter in letters] == [
         "record has no value",
+        "record value is empty (0 bytes)",
         "colour: Extra inputs are not permitted",
     ]
-    assert letters[0]["payload"] == ""
-    assert orjson.loads(letters[1]["payload"])["id"] == "evt_with_colour"
-    assert _invalid_records(stack) == 2
+    assert letters[0]["payload"] == letters[1]["payload"] == ""
+    assert orjson.loads(letters[2]["payload"])["id"] == "evt_with_colour"
+    assert _invalid_records(stack) == 3
     await asyncio.sleep(0.3)
     assert len(receiver.received) == 1
 

@@ -1,11 +1,17 @@
-"""Errors as one line: in a log field, and in the line a failed start prints."""
+"""Errors as one line (in a log field, and in the line a failed start prints), and the
+error the owner of a failed send hears."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+from aiokafka.errors import KafkaConnectionError, NodeNotReadyError, RequestTimedOutError
 from sqlalchemy.exc import DBAPIError
 
-from services.shared import error_text
+from services.shared import SentUnacknowledged, error_text
 from services.shared._db import _unusable
+from services.shared._kafka import _outcomes
 
 
 class _ServerRefusal(Exception):
@@ -38,3 +44,28 @@ def test_a_server_not_answering_is_unreachable() -> None:
         "database at postgresql+asyncpg://db/hw is unreachable:"
         " ConnectionRefusedError: [Errno 111] Connect call failed"
     )
+
+
+def test_an_error_that_names_itself_is_not_named_twice() -> None:
+    lost = KafkaConnectionError("Connection at kafka:9092 closed")
+    assert error_text(lost) == str(lost) == "KafkaConnectionError: Connection at kafka:9092 closed"
+
+
+@pytest.mark.parametrize("maybe_written_first", [True, False])
+async def test_a_batch_that_may_have_been_written_is_what_its_owner_hears(
+    maybe_written_first: bool,
+) -> None:
+    """An owner whose records went in two batches, one refused before it was sent and one
+    sent without an answer, hears of the second whatever their order: its change must not
+    be undone as if nothing had been written."""
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future[None] = loop.create_future()
+    refused.set_exception(NodeNotReadyError("no connection"))
+    unanswered: asyncio.Future[None] = loop.create_future()
+    unanswered.set_exception(RequestTimedOutError())
+    batches = [(unanswered, {0}), (refused, {0})]
+    if not maybe_written_first:
+        batches.reverse()
+    failed = await _outcomes(batches)
+    assert isinstance(failed[0], SentUnacknowledged)
+    assert isinstance(failed[0].__cause__, RequestTimedOutError)
