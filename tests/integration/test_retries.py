@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -94,6 +94,31 @@ async def _eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
             return result
         assert asyncio.get_running_loop().time() < deadline, "condition never held"
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _answering(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> AsyncIterator[str]:
+    """A receiver answering every POST with ``handler``; yields its base URL."""
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    runner = await start_site(app, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{bound_port(runner)}"
+    finally:
+        await runner.cleanup()
+
+
+async def _retry_by_hand(stack: Stack, delivery_id: str) -> None:
+    """Ask the api to send the delivery again, once its log has it (404 until then)."""
+    retry = f"{stack.api_url}/v1/teams/{stack.team_id}/deliveries/{delivery_id}/retry"
+
+    async def retried() -> bool:
+        async with stack.session.post(retry, headers=stack.headers()) as response:
+            return response.status == 202
+
+    await _eventually(retried)
 
 
 async def _delivery(stack: Stack, delivery_id: str) -> dict[str, Any] | None:
@@ -257,15 +282,10 @@ async def test_retry_after_is_honoured_as_a_floor(quick_stack: Stack) -> None:
         arrived.set()
         return answers.pop(0)
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", limited)
-    runner = await start_site(app, "127.0.0.1", 0)
-    try:
-        await stack.create_webhook(f"http://127.0.0.1:{bound_port(runner)}/limited", CREATED)
+    async with _answering(limited) as base:
+        await stack.create_webhook(f"{base}/limited", CREATED)
         await stack.create_object()
         await _eventually(lambda: len(times) == 2, within=15)
-    finally:
-        await runner.cleanup()
     assert times[1] - times[0] >= 1.9, "the 0.2 s schedule was stretched to Retry-After"
 
 
@@ -285,18 +305,13 @@ async def test_retry_after_pauses_the_whole_endpoint(quick_stack: Stack) -> None
             return web.Response(status=429, headers={"Retry-After": "2"})
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", throttling)
-    runner = await start_site(app, "127.0.0.1", 0)
-    try:
-        await stack.create_webhook(f"http://127.0.0.1:{bound_port(runner)}/limited", CHANGES)
+    async with _answering(throttling) as base:
+        await stack.create_webhook(f"{base}/limited", CHANGES)
         object_id = await stack.create_object({"n": 0})
         await asyncio.wait_for(throttled.wait(), 15)
         for n in (1, 2, 3):
             await _change(stack, object_id, n)
         await _eventually(lambda: len(arrivals) == 5, within=20)
-    finally:
-        await runner.cleanup()
     paused_at = arrivals[0][0]
     assert all(at - paused_at >= 1.9 for at, _ in arrivals[1:]), arrivals
     assert [n for _, n in arrivals[1:] if n != 0] == [1, 2, 3]
@@ -315,25 +330,14 @@ async def test_a_re_send_delivered_during_a_pause_lifts_it(quick_stack: Stack) -
             return web.Response(status=429, headers={"Retry-After": "3600"})
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", recovering)
-    runner = await start_site(app, "127.0.0.1", 0)
-    try:
-        await stack.create_webhook(f"http://127.0.0.1:{bound_port(runner)}/busy", CREATED)
+    async with _answering(recovering) as base:
+        await stack.create_webhook(f"{base}/busy", CREATED)
         await stack.create_object()
         await _eventually(lambda: len(arrivals) == 1)
-        retry = f"{stack.api_url}/v1/teams/{stack.team_id}/deliveries/{arrivals[0]}/retry"
-
-        async def retried() -> bool:
-            async with stack.session.post(retry, headers=stack.headers()) as response:
-                return response.status == 202  # 404 until the delivery log has it
-
-        await _eventually(retried)
+        await _retry_by_hand(stack, arrivals[0])
         await _eventually(lambda: len(arrivals) == 2)
         await stack.create_object()
         await _eventually(lambda: len(arrivals) == 3, within=15)
-    finally:
-        await runner.cleanup()
     assert arrivals[1] == arrivals[0], "the re-send"
     assert arrivals[2] != arrivals[0], "the next event, not held for the hour"
 
@@ -678,16 +682,7 @@ async def test_a_circuit_closed_early_does_not_let_new_events_overtake_deferred_
                 == 2
             )
         )
-        retry = (
-            f"{stack.api_url}/v1/teams/{stack.team_id}/deliveries/"
-            f"{first.headers['webhook-id']}/retry"
-        )
-
-        async def retried() -> bool:
-            async with stack.session.post(retry, headers=stack.headers()) as response:
-                return response.status == 202  # 404 until the delivery log has it
-
-        await _eventually(retried)
+        await _retry_by_hand(stack, first.headers["webhook-id"])
         await receiver.wait_for(2)
         await _eventually(
             lambda: registry.get_sample_value("hookwire_dispatcher_circuits_open") == 0
