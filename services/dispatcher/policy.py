@@ -102,6 +102,10 @@ class CircuitBreaker:
     open_max: float = 600.0
     probe_for: float = 0.0
     _endpoints: dict[str, _Endpoint] = field(default_factory=dict)
+    # Per endpoint whose pause a success lifted: when that request started. A 429 to a
+    # request sent before it (answered late, the endpoint slow to say no) is older news
+    # than the success, and must not pause again an endpoint the operator saw recover.
+    _lifted: dict[str, float] = field(default_factory=dict)
 
     def allows(self, endpoint: str, now: float, *, peek: bool = False) -> bool:
         """Whether a request may go now; ``peek`` asks without taking the probe's turn."""
@@ -140,10 +144,13 @@ class CircuitBreaker:
         seconds into ``open_for``. When it answered the probe, the probe's turn ends, and
         the first request after the pause probes again; not ``ends_turn`` (a re-send or a
         test, which is no probe), the circuit's wait stands."""
+        started = now if started is None else started
+        if started < self._lifted.get(endpoint, started):
+            return
+        self._lifted.pop(endpoint, None)
         state = self._endpoints.setdefault(endpoint, _Endpoint())
         state.paused_until = max(state.paused_until, now + max(seconds, 0.0))
         state.paused_at = now
-        started = now if started is None else started
         if ends_turn and state.opened_at is not None and started >= state.opened_at:
             state.open_until = min(state.open_until, now)
 
@@ -175,6 +182,12 @@ class CircuitBreaker:
                     paused_until=state.paused_until, paused_at=state.paused_at
                 )
                 return
+            if state is not None and now < state.paused_until:
+                # No request outlives ``probe_for``: older entries can stop nothing.
+                self._lifted = {
+                    e: at for e, at in self._lifted.items() if at + self.probe_for > now
+                }
+                self._lifted[endpoint] = started
             # A healthy endpoint needs no state: the table holds only failing ones.
             self._endpoints.pop(endpoint, None)
             return
@@ -192,6 +205,7 @@ class CircuitBreaker:
 
     def forget(self, endpoint: str) -> None:
         self._endpoints.pop(endpoint, None)
+        self._lifted.pop(endpoint, None)
 
     def endpoints(self) -> list[str]:
         """The endpoints with state (failing or open)."""

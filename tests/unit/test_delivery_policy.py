@@ -450,3 +450,26 @@ def test_a_pause_asked_by_a_re_send_leaves_an_open_circuits_wait() -> None:
     assert circuit.reopens_at("wh") == 30
     circuit.pause("wh", now=6, seconds=1, started=5)
     assert circuit.reopens_at("wh") == 7, "a probe's answer ends the wait"
+
+
+def test_a_429_to_a_request_sent_before_the_success_that_lifted_the_pause_is_old_news() -> None:
+    """The operator re-sends during a pause and it is delivered: the pause ends. A request
+    sent before that re-send, answered 429 only afterwards, must not pause the endpoint
+    again; one sent after it may."""
+    circuit = CircuitBreaker(threshold=3, open_for=30, probe_for=20)
+    circuit.pause("wh", now=100, seconds=3600, started=99)
+    circuit.record("wh", success=True, now=200, started=199)  # the re-send
+    circuit.pause("wh", now=205, seconds=3600, started=150)  # on its way since 150
+    assert circuit.allows("wh", 206), "a late answer to an older request does not re-pause"
+
+    circuit.pause("wh", now=210, seconds=60, started=209)
+    assert not circuit.allows("wh", 211), "a request sent after the lift may pause it"
+
+
+def test_a_lifted_pause_is_forgotten_with_its_endpoint() -> None:
+    circuit = CircuitBreaker(threshold=3, open_for=30, probe_for=20)
+    circuit.pause("wh", now=100, seconds=3600)
+    circuit.record("wh", success=True, now=200, started=199)
+    circuit.forget("wh")
+    circuit.pause("wh", now=205, seconds=60, started=150)
+    assert not circuit.allows("wh", 206)
