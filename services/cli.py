@@ -301,12 +301,13 @@ def revoke_token(token_id: str) -> None:
 
     settings = _settings()
     _with_engine(settings, lambda e: ops.revoke_token(e, token_id))
-    told = _run(ops.notify(settings, "token", token_id, "revoked"))
+    untold = _run(ops.notify(settings, "token", token_id, "revoked"))
     reach = (
         "running services told"
-        if told
-        else "services not told: auth's cache drops it within HOOKWIRE_TOKEN_CACHE_SECONDS,"
-        " the api's access tokens end within HOOKWIRE_ENDED_KEYS_SYNC_SECONDS"
+        if untold is None
+        else f"services not told ({untold}): auth's cache drops it within"
+        " HOOKWIRE_TOKEN_CACHE_SECONDS, the api's access tokens end within"
+        " HOOKWIRE_ENDED_KEYS_SYNC_SECONDS"
     )
     click.echo(f"{token_id} revoked ({reach})")
 

@@ -18,6 +18,7 @@ from services.shared import (
     check_ready,
     make_producer,
     record_audit,
+    require_topics,
     start_client,
     stop_client,
     tables,
@@ -173,18 +174,25 @@ async def revoke_token(engine: AsyncEngine, token_id: str) -> str:
     return str(owner)
 
 
-async def notify(settings: Settings, entity: Entity, entity_id: str, state: str | None) -> bool:
-    """Tell running services about a command-line change; False when they could not be
-    told (their caches and the api's ended-keys list catch up on their own)."""
+async def notify(
+    settings: Settings, entity: Entity, entity_id: str, state: str | None
+) -> str | None:
+    """Tell running services about a command-line change; why they could not be told, or
+    None (their caches and the api's ended-keys list catch up on their own)."""
     if not settings.kafka_bootstrap:
-        return False
+        return "HOOKWIRE_KAFKA_BOOTSTRAP is not set"
     producer = make_producer(settings)
+    topics = topics_for(settings)
     try:
         await start_client(producer, settings)
-        return await ChangeNotifier(producer, topics_for(settings)).notify(
+        # Before `hookwire topics`, a write would have the broker create the topic with
+        # its own partition count, which `hookwire topics` then leaves as it is.
+        await require_topics(producer, settings, [topics.changes])
+        told = await ChangeNotifier(producer, topics).notify(
             entity, entity_id, "updated", state=state
         )
-    except DependencyUnavailable:
-        return False
+    except DependencyUnavailable as exc:
+        return str(exc)
     finally:
         await stop_client(producer)
+    return None if told else "the broker did not take the change record"

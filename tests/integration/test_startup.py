@@ -376,6 +376,31 @@ def test_a_service_refuses_a_cluster_without_its_topics_and_creates_none(
         asyncio.run(drop_topics(broker.bootstrap, prefix))
 
 
+def test_an_admin_change_before_the_topics_exist_creates_none(
+    migrated: Path, broker: EmbeddedBroker
+) -> None:
+    """`hookwire admin revoke-token` run before `hookwire topics` revokes the key and says
+    why running services were not told; its change record would have had the broker
+    create `changes` with its own partition count, which `hookwire topics` keeps."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    env = _env(migrated, HOOKWIRE_KAFKA_BOOTSTRAP=broker.bootstrap, HOOKWIRE_TOPIC_PREFIX=prefix)
+    try:
+        user_id = _run(
+            ["admin", "create-user", "--email", "a@example.com", "--name", "A"], env
+        ).stdout.strip()
+        created = _run(["admin", "create-token", "--user", user_id, "--name", "ci"], env)
+        token_id = created.stdout.split()[0]
+        revoked = _run(["admin", "revoke-token", "--token", token_id], env)
+        assert revoked.returncode == 0, revoked.stderr
+        assert f"{token_id} revoked (services not told (" in revoked.stdout
+        assert f"has no topic {prefix}changes" in revoked.stdout
+        assert "run `hookwire topics` first" in revoked.stdout
+        assert "revoked" in _run(["admin", "list-tokens", "--user", user_id], env).stdout
+        assert asyncio.run(_topics_named(broker.bootstrap, prefix)) == set()
+    finally:
+        asyncio.run(drop_topics(broker.bootstrap, prefix))
+
+
 def test_topics_with_other_partitions_are_named(tmp_path: Path, broker: EmbeddedBroker) -> None:
     """`hookwire topics` leaves an existing topic as it is, and warns when its partitions
     are not what the settings ask for."""
