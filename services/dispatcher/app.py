@@ -183,8 +183,13 @@ class DispatcherService:
         self._resolver = resolver = (
             asynchronous_resolver() if self.settings.allow_private_urls else GuardedResolver()
         )
+        # Half of what the open-files limit leaves for requests, the other half for the
+        # keep-alive sockets idle after them.
+        slots = sending_slots(open_files_limit())
         self._session = aiohttp.ClientSession(
-            connector=DeliveryConnector(limit=0, limit_per_host=0, resolver=resolver),
+            connector=DeliveryConnector(
+                limit=0, limit_per_host=0, resolver=resolver, idle_max=slots
+            ),
             # A cookie one receiver sets must never ride along to the next delivery: two
             # teams' webhooks can share a host.
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -216,7 +221,7 @@ class DispatcherService:
             backlog_max=self.settings.delivery_backlog_max,
             backlog_max_bytes=self.settings.delivery_backlog_max_bytes,
             rate=self.settings.delivery_rate_per_endpoint,
-            sending_max=sending_slots(open_files_limit()),
+            sending_max=slots,
             on_commit=self._observe,
             on_lost=lambda lost: self._forget_partitions(deliverer, lost),
             on_gained=lambda gained: self._take_over(deliverer, retries, gained),

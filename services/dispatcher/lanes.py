@@ -109,8 +109,8 @@ _FILES_KEPT = 256
 def sending_slots(open_files: int | None) -> int | None:
     """How many requests the process may have out at once, for its limit on open files
     (None: no limit). A request holds a socket; the other half of what is left is for the
-    keep-alive sockets idle in the pool after them (kept 15 s each, and not bounded by
-    the pool: deliveries to more hosts than that within 15 s can still run out)."""
+    keep-alive sockets idle in the pool after them (kept 15 s each; the connector closes
+    a released one beyond that bound)."""
     if open_files is None:
         return None
     return max(16, (open_files - _FILES_KEPT) // 2)

@@ -244,3 +244,55 @@ async def test_a_failed_attempts_error_shows_no_query_or_credentials_of_the_url(
 def test_the_url_is_stripped_in_each_form_it_is_shown(url: str, text: str, shown: str) -> None:
     """The URL as stored or as aiohttp renders it loses query, fragment and credentials."""
     assert without_url_secrets(text, url) == shown
+
+
+async def test_keep_alive_sockets_beyond_the_bound_are_closed() -> None:
+    """Deliveries to more hosts than the pool may keep leave only ``idle_max`` sockets
+    open after them (the others closed as they are released); a host with one kept is
+    reused; the keep-alive sweep counts afresh."""
+    open_sockets: set[asyncio.StreamWriter] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_sockets.add(writer)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")  # a GET: no body follows
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            open_sockets.discard(writer)
+            writer.close()
+
+    servers = [await asyncio.start_server(answer, "127.0.0.1", 0) for _ in range(4)]
+    urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}/" for s in servers]
+    connector = DeliveryConnector(idle_max=2, keepalive_timeout=1.5)
+
+    async def settled(count: int) -> None:
+        for _ in range(40):  # well within the keep-alive time
+            if len(open_sockets) == count:
+                return
+            await asyncio.sleep(0.02)
+        assert len(open_sockets) == count
+
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for url in urls:
+                async with session.get(url) as response:
+                    assert await response.text() == "ok"
+            await settled(2)
+            assert connector.idle == 2
+            async with session.get(urls[0]) as response:  # kept: reused
+                await response.read()
+            async with session.get(urls[3]) as response:  # not kept: a new one, closed
+                await response.read()
+            await settled(2)
+            assert connector.idle == 2
+            await asyncio.sleep(3.2)  # past two sweeps: both closed
+            await settled(0)
+            assert connector.idle == 0
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
