@@ -128,7 +128,7 @@ class GroupRoutes:
             values["permissions"] = sorted(set(body.permissions))
         group_id = request.match_info["group_id"]
         async with self.engine.begin() as conn:
-            [current] = await store.group_rows(conn, caller.user_id, group_id)
+            [current] = await store.group_rows(conn, caller.user_id, group_id, lock=True)
             if body.permissions is not None and not set(body.permissions) <= set(
                 current.permissions
             ):
@@ -154,7 +154,7 @@ class GroupRoutes:
         caller = await self._caller(request)
         group_id = request.match_info["group_id"]
         async with self.engine.begin() as conn:
-            await store.group_rows(conn, caller.user_id, group_id)
+            await store.group_rows(conn, caller.user_id, group_id, lock=True)
             if await store.group_in_use(conn, group_id):
                 raise Conflict(
                     f"permission group {group_id} is used by tokens that are not revoked; "

@@ -212,11 +212,14 @@ def check_known(permissions: list[str]) -> None:
 
 
 async def group_permissions(conn: AsyncConnection, user_id: str, group_id: str) -> set[str]:
+    """The group's permissions, for a key about to take them: the row stays share-locked
+    until the key is committed (PostgreSQL), so a widening or a deletion of the group
+    either sees the new key or is seen by its creation, never neither."""
     permissions = (
         await conn.execute(
-            select(_groups.c.permissions).where(
-                _groups.c.id == group_id, _groups.c.user_id == user_id
-            )
+            select(_groups.c.permissions)
+            .where(_groups.c.id == group_id, _groups.c.user_id == user_id)
+            .with_for_update(read=True)
         )
     ).scalar()
     if permissions is None:
@@ -382,10 +385,17 @@ async def live_token_ids_named(conn: AsyncConnection, user_id: str, name: str) -
     return [row.id for row in rows]
 
 
-async def group_rows(conn: AsyncConnection, user_id: str, group_id: str | None = None) -> list[Any]:
+async def group_rows(
+    conn: AsyncConnection, user_id: str, group_id: str | None = None, *, lock: bool = False
+) -> list[Any]:
+    """``lock``: the row is locked until the transaction ends (PostgreSQL), for a change
+    that checks the group's keys first: a key being created with the group is waited for
+    (see ``group_permissions``)."""
     query = select(_groups).where(_groups.c.user_id == user_id).order_by(_groups.c.id)
     if group_id is not None:
         query = query.where(_groups.c.id == group_id)
+    if lock:
+        query = query.with_for_update()
     rows = list((await conn.execute(query)).all())
     if group_id is not None and not rows:
         raise UnknownEntity(f"permission group {group_id} not found")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from services.shared import new_id, utcnow
-from tests.conftest import Stack, audit_count
+from services.auth import store
+from services.shared import create_engine, migrate, new_id, utcnow
+from tests.conftest import POSTGRES_DSN, Stack, audit_count
 from tests.integration._inputs import EMPTY_BODIES, NOT_JSON
 
 
@@ -253,3 +255,54 @@ async def test_a_short_lived_key_cannot_widen_a_group_used_by_a_key_outliving_it
     assert (await api_stack.auth_call("PATCH", path, json=wider))[0] == 200
     narrower = {"permissions": ["object:read"]}
     assert (await api_stack.auth_call("PATCH", path, short["token"], json=narrower))[0] == 200
+
+
+if POSTGRES_DSN:
+    # SQLite runs one writer at a time and has no row locks (docs/auth.md).
+
+    @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+    async def test_a_group_change_waits_for_a_key_being_created_with_it(
+        database_url: str,
+    ) -> None:
+        """A key created with a group share-locks the group until it is committed: a
+        widening (or a deletion) of the group waits, then sees the new key among the
+        group's keys and checks it. Without the lock it read the keys at once, missed the
+        new one, and widened a key its limits never checked."""
+        await migrate(database_url)
+        engine = create_engine(database_url)
+        try:
+            async with engine.begin() as conn:
+                user_id = await store.get_or_create_user(conn, "a@example.com", "A")
+                group_id = new_id("pg")
+                now = utcnow()
+                group = {
+                    "user_id": user_id,
+                    "name": "crm",
+                    "description": "",
+                    "permissions": ["object:read"],
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                await store.save_group(conn, group_id, group, create=True)
+
+            async def widening_reads_the_keys() -> list[str]:
+                async with engine.begin() as conn:
+                    await store.group_rows(conn, user_id, group_id, lock=True)
+                    return [key.id for key in await store.group_keys(conn, group_id)]
+
+            async with engine.begin() as conn:
+                assert await store.group_permissions(conn, user_id, group_id) == {"object:read"}
+                widening = asyncio.create_task(widening_reads_the_keys())
+                await asyncio.sleep(0.5)
+                assert not widening.done(), "the group change waits for the key's creation"
+                token_id, _ = await store.create_token(
+                    conn,
+                    pepper="p",
+                    user_id=user_id,
+                    name="k",
+                    permissions=[],
+                    permission_group_id=group_id,
+                )
+            assert await asyncio.wait_for(widening, 10) == [token_id]
+        finally:
+            await engine.dispose()
