@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import time
 from datetime import datetime
 from importlib.metadata import version
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
@@ -61,13 +62,41 @@ _LAST_USED_FLUSH_SECONDS = 1.0
 _COUNT_EVERY_TICKS = 15
 
 
+def _one_address(value: str | None) -> str | None:
+    if not value:
+        return None  # not known: a key limited to some networks is refused
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(
+            "must be one IP address (IPv4 or IPv6), as the connection came from: not a"
+            " forwarded-for list, a host name or an address with a port"
+        ) from None
+    return value
+
+
 class IntrospectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     token: str = Field(max_length=MAX_TOKEN_CHARS)
     team_id: str | None = Field(default=None, max_length=MAX_TEAM_ID_CHARS)
     permission: str | None = Field(default=None, max_length=64)
-    client_ip: str | None = Field(default=None, max_length=64)
+    # Shown to the key's owner as its last use, and matched against its networks.
+    client_ip: Annotated[str | None, AfterValidator(_one_address)] = Field(
+        default=None, max_length=64
+    )
+
+    @field_validator("permission")
+    @classmethod
+    def _permission_in_a_team(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("team_id") is None:
+            # A key's grant is capped by the user's role in each team: without one, the
+            # grant alone would say yes to what no team lets the user do.
+            raise ValueError(
+                "needs a team_id: a permission is held in a team, the key's grant capped by"
+                " the user's role there"
+            )
+        return value
 
 
 class AuthService:
@@ -187,11 +216,19 @@ class AuthService:
             await stop_client(self._producer)
 
     def _check_service_credential(self, request: web.Request) -> None:
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        sent = request.headers.getall("authorization", ())
+        if len(sent) > 1:
+            raise InvalidServiceCredential(
+                f"send one Authorization header: this request has {len(sent)}"
+            )
+        scheme, _, presented = (sent[0] if sent else "").partition(" ")
         # Bytes the HTTP parser could not decode arrive as surrogates: kept as they came.
         given = presented.strip().encode(errors="surrogateescape")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._service_credential):
-            raise InvalidServiceCredential("introspection needs the service credential")
+            raise InvalidServiceCredential(
+                f"{request.path} needs the service credential"
+                " (`Authorization: Bearer <HOOKWIRE_SERVICE_CREDENTIAL>`)"
+            )
 
     async def introspect(self, request: web.Request) -> web.Response:
         self._check_service_credential(request)

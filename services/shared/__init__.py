@@ -39,6 +39,7 @@ from ._contracts import (
 from ._credentials import (
     MAX_TEAM_ID_CHARS,
     MAX_TOKEN_CHARS,
+    AmbiguousCredentials,
     InvalidToken,
     MissingToken,
     QueryKeyRefused,
@@ -169,6 +170,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TEST_EVENT_TYPE",
     "Actor",
+    "AmbiguousCredentials",
     "Attempt",
     "AttemptOutcome",
     "AuditNotice",

@@ -55,6 +55,13 @@ class QueryKeyRefused(BadRequest):
     code = "query_key_refused"
 
 
+class AmbiguousCredentials(BadRequest):
+    """More than one credential on a request: which one it runs as would depend on the
+    order a proxy left the headers in (RFC 6750 names it an invalid request)."""
+
+    code = "ambiguous_credentials"
+
+
 def presented_token(request: web.Request, *, allow_query_keys: bool) -> str:
     """The token from ``Authorization: Bearer …`` / ``Key=…``, or the opt-in query key."""
     return _printable(_presented(request, allow_query_keys=allow_query_keys))
@@ -69,11 +76,18 @@ def _printable(token: str) -> str:
 
 
 def _presented(request: web.Request, *, allow_query_keys: bool) -> str:
+    headers = len(request.headers.getall("authorization", ()))
+    if headers > 1:
+        raise AmbiguousCredentials(f"send one Authorization header: this request has {headers}")
     if QUERY_KEY_PARAM in request.query:
         if not allow_query_keys:
             raise QueryKeyRefused(
                 "tokens in the query string are refused because URLs get logged; "
                 "send it as `Authorization: Bearer <token>`"
+            )
+        if headers or len(request.query.getall(QUERY_KEY_PARAM)) > 1:
+            raise AmbiguousCredentials(
+                f"send one key: in the Authorization header or once as ?{QUERY_KEY_PARAM}="
             )
         structlog.get_logger().warning("query_string_key_used", path=request.path)
         given = request.query[QUERY_KEY_PARAM].strip()

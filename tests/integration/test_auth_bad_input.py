@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 
 from tests.conftest import Stack, audit_count
 from tests.integration._inputs import EMPTY_BODIES, NOT_JSON
@@ -214,3 +215,44 @@ async def test_an_exchange_with_a_body_is_refused(api_stack: Stack, sent: dict[s
     assert "access_token" not in answer
     status, exchanged = await api_stack.auth_call("POST", "/v1/token-exchange")
     assert status == 200, exchanged
+
+
+@pytest.mark.parametrize("service", ["auth", "api"])
+@pytest.mark.parametrize("order", ["limited_first", "full_first"])
+async def test_two_authorization_headers_are_refused(
+    api_stack: Stack, service: str, order: str
+) -> None:
+    """Two keys on one request ran as whichever came first, so a proxy adding or
+    reordering a header changed who the caller was: 400, whatever the order, and no key
+    is made."""
+    limited = await api_stack.new_token(READ)
+    keys = [limited, api_stack.token] if order == "limited_first" else [api_stack.token, limited]
+    headers = CIMultiDict(("authorization", f"Bearer {key}") for key in keys)
+    before = await api_stack.auth_list()
+    if service == "auth":
+        url = f"{api_stack.auth_url}/v1/tokens"
+        sent: dict[str, Any] = {"name": "two-headers", "permissions": READ}
+    else:
+        url = f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks"
+        sent = {"url": "https://example.com/hook", "event_types": ["object.created"]}
+    async with api_stack.session.post(url, headers=headers, json=sent) as response:
+        assert response.status == 400
+        answer = await response.json()
+    assert answer["error"]["code"] == "ambiguous_credentials"
+    assert answer["error"]["message"] == "send one Authorization header: this request has 2"
+    assert await api_stack.auth_list() == before
+    async with api_stack.session.get(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/webhooks", headers=api_stack.headers()
+    ) as response:
+        assert (await response.json())["data"] == []
+
+
+async def test_two_service_credentials_are_refused(api_stack: Stack) -> None:
+    headers = CIMultiDict(("authorization", "Bearer test-service-credential") for _ in range(2))
+    async with api_stack.session.post(
+        f"{api_stack.auth_url}/v1/introspect", headers=headers, json={"token": api_stack.token}
+    ) as response:
+        assert response.status == 401
+        answer = await response.json()
+    assert answer["error"]["code"] == "invalid_service_credential"
+    assert answer["error"]["message"] == "send one Authorization header: this request has 2"

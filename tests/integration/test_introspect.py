@@ -172,6 +172,54 @@ async def test_an_unknown_permission_asked_for_is_a_422(api_stack: Stack, token:
     assert used_after.last_used_at == used_before.last_used_at
 
 
+@pytest.mark.parametrize(
+    "client_ip",
+    ["<script>alert(1)</script>", "10.1.2.3, 1.2.3.4", "not-an-ip", "10.1.2.3:443", "[::1]"],
+    ids=["markup", "forwarded_for_list", "name", "with_port", "bracketed"],
+)
+async def test_a_client_ip_that_is_not_one_address_is_a_422(
+    api_stack: Stack, client_ip: str
+) -> None:
+    """The address is shown to the key's owner as its last use and matched against its
+    networks: a forwarded-for list or any other text is the caller's mistake, named, and
+    no use of the key is counted (a key limited to some networks was told
+    ``ip_not_allowed``, the text stored as its last address)."""
+    used_before = api_stack.auth.usage.latest(await _state_of(api_stack, api_stack.token))
+    status, answer = await api_stack.introspect_call(
+        {"token": api_stack.token, "team_id": api_stack.team_id, "client_ip": client_ip}
+    )
+    assert status == 422, answer
+    assert answer["error"]["code"] == "validation_failed"
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == "client_ip"
+    assert "must be one IP address" in detail["reason"]
+    used_after = api_stack.auth.usage.latest(await _state_of(api_stack, api_stack.token))
+    assert used_after.last_used_at == used_before.last_used_at
+
+
+@pytest.mark.parametrize("client_ip", ["203.0.113.7", "2001:db8::7", ""])
+async def test_one_address_of_either_family_is_taken(api_stack: Stack, client_ip: str) -> None:
+    """An empty one is an address not known (a key limited to networks is refused)."""
+    status, answer = await api_stack.introspect_call(
+        {"token": api_stack.token, "team_id": api_stack.team_id, "client_ip": client_ip}
+    )
+    assert status == 200
+    assert answer["active"] is True
+
+
+async def test_a_permission_asked_for_without_a_team_is_a_422(api_stack: Stack) -> None:
+    """A key's grant is capped by the user's role in each team: a member's key may hold
+    ``webhook:delete`` that no team lets the member use. Asked without a team, the grant
+    alone answered yes; now the missing team is named."""
+    status, answer = await api_stack.introspect_call(
+        {"token": api_stack.token, "permission": "webhook:delete"}
+    )
+    assert status == 422, answer
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == "permission"
+    assert "needs a team_id" in detail["reason"]
+
+
 async def _state_of(stack: Stack, key: str) -> Any:
     async with stack.auth.engine.connect() as conn:
         return await store.find_token(conn, hash_token(key, "test-pepper"))

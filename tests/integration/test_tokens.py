@@ -526,6 +526,18 @@ async def test_query_keys_work_when_enabled_and_are_logged(query_key_stack: Stac
     ) as response:
         assert response.status == 401
         assert (await response.json())["error"]["code"] == "missing_token"
+    # A key in the query and one in the header, or two in the query: which one the
+    # request runs as is not guessed.
+    webhooks = f"{stack.api_url}/v1/teams/{stack.team_id}/webhooks"
+    for url, headers in (
+        (f"{webhooks}?auth-key={stack.token}", stack.headers()),
+        (f"{webhooks}?auth-key={stack.token}&auth-key={stack.token}", {}),
+    ):
+        async with stack.session.get(url, headers=headers) as response:
+            assert response.status == 400
+            answer = await response.json()
+        assert answer["error"]["code"] == "ambiguous_credentials"
+        assert stack.token not in str(answer)
 
 
 async def test_a_second_auth_process_drops_its_cache_on_the_change_record(
