@@ -35,6 +35,7 @@ from services.shared import (
     stop_site,
     topics_for,
     utcnow,
+    watch_topics,
 )
 
 from . import deliveries, delivery_log, events, objects, webhook_lifecycle, webhooks
@@ -66,6 +67,8 @@ class ApiService:
         self._relay: asyncio.Task[None] | None = None
         self._ended_keys: asyncio.Task[None] | None = None
         self._pruning: asyncio.Task[None] | None = None
+        self._topic_watch: asyncio.Task[None] | None = None
+        self._topics_needed: list[str] = []
         self.recorder: AttemptRecorder | None = None
         self._recording: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -138,18 +141,15 @@ class ApiService:
         )
         await start_client(self._producer, self.settings)
         topics = topics_for(self.settings)
-        await require_topics(
-            self._producer,
-            self.settings,
-            [
-                topics.events,
-                topics.changes,
-                topics.attempts,
-                topics.deliveries,
-                topics.audit,
-                topics.dead_letter,
-            ],
-        )
+        self._topics_needed = [
+            topics.events,
+            topics.changes,
+            topics.attempts,
+            topics.deliveries,
+            topics.audit,
+            topics.dead_letter,
+        ]
+        await require_topics(self._producer, self.settings, self._topics_needed)
         # The auth service is infrastructure, looked up like the broker and the database:
         # through the system's resolver (hosts file, NSS), not the webhooks' c-ares one.
         self._session = aiohttp.ClientSession(
@@ -171,6 +171,9 @@ class ApiService:
         self._relay = start(self.outbox_for(self._producer).relay_forever(), name="outbox-relay")
         self._ended_keys = start(self._sync_ended_keys_forever(gate), name="ended-keys")
         self._pruning = start(self._prune_forever(), name="pruning")
+        self._topic_watch = start(
+            watch_topics(self._producer, self.settings, self._topics_needed), name="topics"
+        )
         # Joining a consumer group can take seconds; the api serves requests meanwhile.
         if self.settings.record_attempts:
             self.recorder = AttemptRecorder(
@@ -225,7 +228,13 @@ class ApiService:
         if self._runner is not None:
             await stop_site(self._runner, self.settings.stop_delay_seconds)
         self.loops.stopping()
-        for task in (self._relay, self._recording, self._ended_keys, self._pruning):
+        for task in (
+            self._relay,
+            self._recording,
+            self._ended_keys,
+            self._pruning,
+            self._topic_watch,
+        ):
             await cancel_and_wait(task)
         if self.recorder is not None:
             await self.recorder.close()

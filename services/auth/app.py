@@ -44,6 +44,7 @@ from services.shared import (
     topics_for,
     unknown_permissions,
     utcnow,
+    watch_topics,
 )
 
 from . import store
@@ -133,6 +134,7 @@ class AuthService:
         self._log = get_logger("auth")
         self.usage = KeyUsage(engine)
         self._flusher: asyncio.Task[None] | None = None
+        self._topic_watch: asyncio.Task[None] | None = None
         self.loops = Loops(self.name)
         self._follower = ChangeFollower(
             settings, self.cache.apply, loops=self.loops, metrics=self.metrics
@@ -191,9 +193,13 @@ class AuthService:
         check_listenable(self.settings.host, self.settings.auth_port, "HOOKWIRE_AUTH_PORT")
         self._producer = make_producer(self.settings)
         await start_client(self._producer, self.settings)
-        await require_topics(self._producer, self.settings, [topics_for(self.settings).changes])
+        needed = [topics_for(self.settings).changes]
+        await require_topics(self._producer, self.settings, needed)
         await self._follower.start()
         self._flusher = self.loops.start(self._flush_last_used_forever(), name="last-used")
+        self._topic_watch = self.loops.start(
+            watch_topics(self._producer, self.settings, needed), name="topics"
+        )
         self.app = self.build_app(self._producer)
         self._runner = await start_site(
             self.app, self.settings.host, self.settings.auth_port, port_setting="HOOKWIRE_AUTH_PORT"
@@ -205,6 +211,7 @@ class AuthService:
             await stop_site(self._runner, self.settings.stop_delay_seconds)
         self.loops.stopping()
         await cancel_and_wait(self._flusher)
+        await cancel_and_wait(self._topic_watch)
         await self._follower.stop()
         try:
             await self.usage.flush()

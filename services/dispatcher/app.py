@@ -69,6 +69,7 @@ from services.shared import (
     topic_layout,
     topics_for,
     utcnow,
+    watch_topics,
 )
 
 from .errors import Refused
@@ -156,9 +157,8 @@ class DispatcherService:
         await start_client(self._producer, self.settings)
         # Every topic but audit (the api writes the notices of webhooks it disables).
         layout = topic_layout(self.settings)
-        await require_topics(
-            self._producer, self.settings, [name for name in layout if name != self.topics.audit]
-        )
+        needed = [name for name in layout if name != self.topics.audit]
+        await require_topics(self._producer, self.settings, needed)
         group = f"{self.settings.topic_prefix}dispatcher"
         # Each group's loop finishes what it has in hand and commits before a rebalance
         # moves its partitions (decisions 55 and 56).
@@ -259,6 +259,7 @@ class DispatcherService:
             start(self._timer.run(), name="retry-timer"),
             start(self._resync_forever(), name="resync"),
             start(self._measure_lag_forever(router, deliverer, retries), name="lag"),
+            start(watch_topics(self._producer, self.settings, needed), name="topics"),
         ]
         app = build_app("dispatcher", self.metrics, loops=self.loops)
         app[READINESS_KEY].append(self._ready)

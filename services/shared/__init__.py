@@ -115,6 +115,7 @@ from ._kafka import (
     too_large,
     topic_layout,
     topics_for,
+    watch_topics,
 )
 from ._lifecycle import (
     Loops,
@@ -295,4 +296,5 @@ __all__ = [
     "unknown_variables",
     "upsert",
     "utcnow",
+    "watch_topics",
 ]

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple
 
+import aiokafka.client
 import orjson
 import structlog
 from aiokafka import (
@@ -46,12 +47,38 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.protocol.metadata import MetadataRequest
 
 from ._contracts import DeadLetter, Topics
 from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge, error_text
 from ._ids import utcnow
 from ._lifecycle import cancel_and_wait, finish_despite_cancel, keep_cancelling
 from ._settings import LONGEST_WAIT_SECONDS, Settings
+
+
+class _MetadataRequestCreatingNothing(MetadataRequest):  # type: ignore[misc]
+    """A client's question about topics that never has the broker create one.
+
+    aiokafka asks with topic creation allowed, and Kafka (the embedded broker too) then
+    creates a topic it lacks, with its own partition count and retention: a producer
+    writing to a topic the cluster lost (a broker back without its data) made an empty
+    one that nothing read, and its records were taken, acknowledged and never delivered.
+    Asked this way, the write fails (the api undoes the change and answers 503) and the
+    topic watch stops the process. Topics are made only by `hookwire topics`."""
+
+    def __init__(self, topics: list[str] | None = None, allow_auto_topic_creation: bool = False):
+        super().__init__(topics, allow_auto_topic_creation)
+
+
+# aiokafka builds its requests inside its client, with no setting for this: every client of
+# every process goes through this module, so the swap is made once, here.
+aiokafka.client.MetadataRequest = _MetadataRequestCreatingNothing
+
+# How often a running service checks that its topics are still there, and how many checks
+# in a row must miss one before it stops (one answer from a broker still loading is not
+# taken for a lost topic).
+TOPIC_WATCH_SECONDS = 15.0
+TOPIC_WATCH_MISSES = 2
 
 # Broker answers no retry can change: a setting the broker refuses (a session timeout out
 # of its bounds) or a permission the cluster does not grant. A consumer loop that met one
@@ -277,12 +304,10 @@ _RETRY_TOPIC_CONFIG = {"retention.ms": str(RETRY_RETENTION_MS)}
 async def require_topics(
     producer: AIOKafkaProducer, settings: Settings, needed: Iterable[str]
 ) -> None:
-    """Refuse to start on a cluster without the topics ``needed``, before any client asks
-    for one by name: a broker asked for a missing topic creates it with its own defaults
-    (aiokafka always allows that, and Kafka's ``auto.create.topics.enable`` is on unless
-    turned off), so the topic would get the broker's partition count and the retry topics
-    no retention of their own. Reads every topic's metadata, which creates none. Only the
-    service's own topics: under least-privilege ACLs it sees no others."""
+    """Refuse to start on a cluster without the topics ``needed``: the clients would wait
+    on them (they never have the broker create one), with no word of why. Reads every
+    topic's metadata. Only the service's own topics: under least-privilege ACLs it sees no
+    others."""
     try:
         cluster = await producer.client.fetch_all_metadata()
     except KafkaError as exc:
@@ -301,6 +326,44 @@ async def require_topics(
             structlog.get_logger().warning(
                 "topic_partitions_differ", topic=name, partitions=partitions, expected=layout[name]
             )
+
+
+async def watch_topics(
+    producer: AIOKafkaProducer,
+    settings: Settings,
+    needed: Iterable[str],
+    *,
+    every: float = TOPIC_WATCH_SECONDS,
+) -> None:
+    """Run while the service runs; end with an error once the cluster has lost one of the
+    topics ``needed`` (``TOPIC_WATCH_MISSES`` checks in a row), which stops the process.
+
+    A broker back without its data answers every request and every health check, yet its
+    topics, offsets and groups are gone: consumers wait on topics that are not there and
+    nothing is delivered, with no error anywhere. Stopped, the process starts again only
+    once `hookwire topics` has made them (``require_topics``), on a clean state. A broker
+    that cannot be asked is not a missing topic: the clients' own errors say that."""
+    wanted = sorted(set(needed))
+    log = structlog.get_logger()
+    misses = 0
+    while True:
+        await asyncio.sleep(every)
+        try:
+            present = (await producer.client.fetch_all_metadata()).topics()
+        except KafkaError:
+            continue
+        missing = [name for name in wanted if name not in present]
+        if not missing:
+            misses = 0
+            continue
+        misses += 1
+        if misses >= TOPIC_WATCH_MISSES:
+            raise DependencyUnavailable(
+                f"Kafka at {settings.kafka_bootstrap} no longer has topic"
+                f" {', '.join(missing)} (a broker back without its data?): run `hookwire"
+                " topics`; this process stops and starts again once they are there"
+            )
+        log.warning("kafka_topics_missing", topics=missing, checks=misses)
 
 
 class TopicsChecked(NamedTuple):

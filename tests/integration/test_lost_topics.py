@@ -1,0 +1,115 @@
+"""A cluster that lost its topics (a broker back without its data): no client of ours
+makes one again with the broker's defaults, a write to one fails rather than being taken
+into a topic nothing reads, and a running service stops so that it starts again on the
+topics `hookwire topics` makes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import structlog
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from services.shared import (
+    DependencyUnavailable,
+    EmbeddedBroker,
+    Settings,
+    ensure_topics,
+    make_producer,
+    start_client,
+    stop_client,
+    topics_for,
+    watch_topics,
+)
+from tests.conftest import stack_on_own_broker
+
+
+async def _topics(settings: Settings) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        return {
+            name for name in await admin.list_topics() if name.startswith(settings.topic_prefix)
+        }
+    finally:
+        await admin.close()
+
+
+async def _delete(settings: Settings, *names: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(names))
+    finally:
+        await admin.close()
+
+
+async def test_a_write_to_a_missing_topic_fails_and_creates_none(settings: Settings) -> None:
+    """The broker, asked by aiokafka as it asks by default, made the topic with its own
+    partition count and took the record: acknowledged, and read by nothing."""
+    producer = make_producer(settings, request_timeout_ms=3000)
+    await start_client(producer, settings)
+    try:
+        with pytest.raises(KafkaError):
+            await producer.send_and_wait(f"{settings.topic_prefix}events", b"{}")
+    finally:
+        await stop_client(producer)
+    assert await _topics(settings) == set()
+
+
+async def test_the_topic_watch_ends_once_a_topic_is_gone(settings: Settings) -> None:
+    """A warning at the first check that misses it, the error (which stops the process)
+    at the second; a broker answering with the topics keeps it going."""
+    await ensure_topics(settings)
+    topics = topics_for(settings)
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            watch = asyncio.create_task(
+                watch_topics(producer, settings, [topics.events, topics.changes], every=0.3)
+            )
+            await asyncio.sleep(1.0)
+            assert not watch.done()
+            await _delete(settings, topics.events)
+            with pytest.raises(DependencyUnavailable) as ended:
+                await asyncio.wait_for(watch, 15)
+    finally:
+        await stop_client(producer)
+    assert f"no longer has topic {topics.events} " in str(ended.value)
+    assert "run `hookwire topics`" in str(ended.value)
+    warned = [e for e in logs if e["event"] == "kafka_topics_missing"]
+    assert warned
+    assert warned[0]["topics"] == [topics.events]
+    assert topics.events not in await _topics(settings)
+
+
+async def test_a_change_on_a_broker_back_without_its_topics_is_undone_with_a_503(
+    settings: Settings,
+) -> None:
+    """The broker comes back empty on the same address: the api's write of the event
+    made `events` with the broker's defaults and was acknowledged, an object created
+    whose event nothing would ever read. Now it fails: 503, the object not kept, no
+    topic made."""
+    again: EmbeddedBroker | None = None
+    try:
+        async with stack_on_own_broker(settings, publish_timeout_seconds=3.0) as running:
+            stack, broker = running
+            url = f"{stack.api_url}/v1/teams/{stack.team_id}/objects/contact"
+            async with stack.session.post(url, json={"v": 1}, headers=stack.headers()) as kept:
+                assert kept.status == 201
+            broker.stop()
+            again = EmbeddedBroker(port=broker.port)
+            again.start()
+            await again.wait_ready()
+            async with stack.session.post(url, json={"v": 2}, headers=stack.headers()) as lost:
+                assert lost.status == 503, await lost.text()
+                assert (await lost.json())["error"]["code"] == "publish_unavailable"
+            async with stack.session.get(url, headers=stack.headers()) as listed:
+                assert [item["data"] for item in (await listed.json())["data"]] == [{"v": 1}]
+            assert await _topics(stack.settings) == set()
+    finally:
+        if again is not None:
+            again.stop()
