@@ -172,7 +172,8 @@ class ApiService:
         self._ended_keys = start(self._sync_ended_keys_forever(gate), name="ended-keys")
         self._pruning = start(self._prune_forever(), name="pruning")
         self._topic_watch = start(
-            watch_topics(self._producer, self.settings, self._topics_needed), name="topics"
+            watch_topics(self._producer, self.settings, self._topics_needed, self.metrics),
+            name="topics",
         )
         # Joining a consumer group can take seconds; the api serves requests meanwhile.
         if self.settings.record_attempts:

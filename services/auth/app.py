@@ -198,7 +198,7 @@ class AuthService:
         await self._follower.start()
         self._flusher = self.loops.start(self._flush_last_used_forever(), name="last-used")
         self._topic_watch = self.loops.start(
-            watch_topics(self._producer, self.settings, needed), name="topics"
+            watch_topics(self._producer, self.settings, needed, self.metrics), name="topics"
         )
         self.app = self.build_app(self._producer)
         self._runner = await start_site(

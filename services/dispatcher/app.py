@@ -259,7 +259,7 @@ class DispatcherService:
             start(self._timer.run(), name="retry-timer"),
             start(self._resync_forever(), name="resync"),
             start(self._measure_lag_forever(router, deliverer, retries), name="lag"),
-            start(watch_topics(self._producer, self.settings, needed), name="topics"),
+            start(watch_topics(self._producer, self.settings, needed, self.metrics), name="topics"),
         ]
         app = build_app("dispatcher", self.metrics, loops=self.loops)
         app[READINESS_KEY].append(self._ready)

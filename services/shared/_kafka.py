@@ -53,6 +53,7 @@ from ._contracts import DeadLetter, Topics
 from ._errors import DependencyUnavailable, OutcomeUnknown, RecordTooLarge, error_text
 from ._ids import utcnow
 from ._lifecycle import cancel_and_wait, finish_despite_cancel, keep_cancelling
+from ._metrics import Metrics
 from ._settings import LONGEST_WAIT_SECONDS, Settings
 
 
@@ -332,8 +333,9 @@ async def watch_topics(
     producer: AIOKafkaProducer,
     settings: Settings,
     needed: Iterable[str],
+    metrics: Metrics,
     *,
-    every: float = TOPIC_WATCH_SECONDS,
+    every: float | None = None,
 ) -> None:
     """Run while the service runs; end with an error once the cluster has lost one of the
     topics ``needed`` (``TOPIC_WATCH_MISSES`` checks in a row), which stops the process.
@@ -342,21 +344,35 @@ async def watch_topics(
     topics, offsets and groups are gone: consumers wait on topics that are not there and
     nothing is delivered, with no error anywhere. Stopped, the process starts again only
     once `hookwire topics` has made them (``require_topics``), on a clean state. A broker
-    that cannot be asked is not a missing topic: the clients' own errors say that."""
+    that cannot be asked is not a missing topic: the clients' own errors say that.
+
+    Each answer is marked in ``kafka_answered_timestamp_seconds``: a broker that hangs
+    (stopped, not gone) closes no connection and fails no health check, and a consumer's
+    lag, counted from what it fetched, stays where it was."""
     wanted = sorted(set(needed))
     log = structlog.get_logger()
+    answered = metrics.gauge(
+        "kafka_answered_timestamp_seconds",
+        "When Kafka last answered this process's check of its topics (every 15 s)",
+    )
+    answered.set_to_current_time()  # the start has just read them
     misses = 0
     while True:
-        await asyncio.sleep(every)
+        await asyncio.sleep(TOPIC_WATCH_SECONDS if every is None else every)
         try:
             present = (await producer.client.fetch_all_metadata()).topics()
         except KafkaError:
             continue
+        answered.set_to_current_time()
         missing = [name for name in wanted if name not in present]
         if not missing:
             misses = 0
             continue
         misses += 1
+        # The producer forgets the lost topics' partitions, which it would otherwise keep
+        # writing to until its metadata ages (5 minutes): a broker that takes a write to a
+        # topic it does not have (the embedded one does) acknowledges it into nothing.
+        await producer.client.force_metadata_update()
         if misses >= TOPIC_WATCH_MISSES:
             raise DependencyUnavailable(
                 f"Kafka at {settings.kafka_bootstrap} no longer has topic"

@@ -6,6 +6,7 @@ topics `hookwire topics` makes."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import structlog
@@ -15,6 +16,7 @@ from aiokafka.errors import KafkaError
 from services.shared import (
     DependencyUnavailable,
     EmbeddedBroker,
+    Metrics,
     Settings,
     ensure_topics,
     make_producer,
@@ -23,6 +25,7 @@ from services.shared import (
     topics_for,
     watch_topics,
 )
+from services.shared import _kafka as kafka_module
 from tests.conftest import stack_on_own_broker
 
 
@@ -61,18 +64,27 @@ async def test_a_write_to_a_missing_topic_fails_and_creates_none(settings: Setti
 
 async def test_the_topic_watch_ends_once_a_topic_is_gone(settings: Settings) -> None:
     """A warning at the first check that misses it, the error (which stops the process)
-    at the second; a broker answering with the topics keeps it going."""
+    at the second; a broker answering with the topics keeps it going, each answer
+    marked as the time Kafka last answered."""
     await ensure_topics(settings)
     topics = topics_for(settings)
     producer = make_producer(settings)
+    metrics = Metrics("test")
     await start_client(producer, settings)
     try:
         with structlog.testing.capture_logs() as logs:
             watch = asyncio.create_task(
-                watch_topics(producer, settings, [topics.events, topics.changes], every=0.3)
+                watch_topics(
+                    producer, settings, [topics.events, topics.changes], metrics, every=0.3
+                )
             )
             await asyncio.sleep(1.0)
             assert not watch.done()
+            answered = metrics.registry.get_sample_value(
+                "hookwire_test_kafka_answered_timestamp_seconds"
+            )
+            assert answered is not None
+            assert time.time() - 0.5 < answered <= time.time()
             await _delete(settings, topics.events)
             with pytest.raises(DependencyUnavailable) as ended:
                 await asyncio.wait_for(watch, 15)
@@ -87,12 +99,14 @@ async def test_the_topic_watch_ends_once_a_topic_is_gone(settings: Settings) -> 
 
 
 async def test_a_change_on_a_broker_back_without_its_topics_is_undone_with_a_503(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The broker comes back empty on the same address: the api's write of the event
     made `events` with the broker's defaults and was acknowledged, an object created
-    whose event nothing would ever read. Now it fails: 503, the object not kept, no
+    whose event nothing would ever read. Once the api's topic check has seen the topics
+    gone (every 15 s, here every 0.2 s) its writes fail: 503, the object not kept, no
     topic made."""
+    monkeypatch.setattr(kafka_module, "TOPIC_WATCH_SECONDS", 0.2)
     again: EmbeddedBroker | None = None
     try:
         async with stack_on_own_broker(settings, publish_timeout_seconds=3.0) as running:
@@ -104,6 +118,10 @@ async def test_a_change_on_a_broker_back_without_its_topics_is_undone_with_a_503
             again = EmbeddedBroker(port=broker.port)
             again.start()
             await again.wait_ready()
+            # The check has seen the topics gone (a loop that ends stops nothing here).
+            # A write before that, to the old broker's partitions, is one Kafka refuses
+            # (an unknown topic) and the embedded broker takes into nothing.
+            await asyncio.sleep(1.0)
             async with stack.session.post(url, json={"v": 2}, headers=stack.headers()) as lost:
                 assert lost.status == 503, await lost.text()
                 assert (await lost.json())["error"]["code"] == "publish_unavailable"
