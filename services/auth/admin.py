@@ -188,9 +188,9 @@ async def notify(
         # Before `hookwire topics`, a write would have the broker create the topic with
         # its own partition count, which `hookwire topics` then leaves as it is.
         await require_topics(producer, settings, [topics.changes])
-        told = await ChangeNotifier(producer, topics).notify(
-            entity, entity_id, "updated", state=state
-        )
+        # A command has no caller waiting on it: it waits as long as the producer does.
+        notifier = ChangeNotifier(producer, topics, wait_seconds=settings.publish_timeout_seconds)
+        told = await notifier.notify(entity, entity_id, "updated", state=state)
     except DependencyUnavailable as exc:
         return str(exc)
     finally:

@@ -26,6 +26,10 @@ from ._metrics import Metrics
 from ._settings import Settings
 
 _FETCH_RETRY_SECONDS = 1.0
+# How long a change's caller waits for its notice to be acknowledged; a notice slower than
+# that still goes, and caches catch up on their own meanwhile (their TTLs, the ended-keys
+# list, the dispatcher's reload).
+NOTICE_WAIT_SECONDS = 1.0
 _POSITION_WAIT_SECONDS = 5.0
 # A change's record carries its producer's clock: one a little behind this process's
 # still counts as newer than a moment this process took. (Only records written before the
@@ -42,11 +46,17 @@ class ChangeNotifier:
         producer: AIOKafkaProducer,
         topics: Topics,
         local: Callable[[Change], None] | None = None,
+        *,
+        wait_seconds: float = NOTICE_WAIT_SECONDS,
     ) -> None:
         self._producer = producer
+        self._wait_seconds = wait_seconds
         self._topic = topics.changes
         # This process's own caches learn at once, before the record makes its round trip.
         self._local = local
+        # Notices still on their way after the caller stopped waiting (held: the event
+        # loop keeps only weak references to tasks).
+        self._late: set[asyncio.Future[object]] = set()
 
     async def notify(
         self,
@@ -69,16 +79,41 @@ class ChangeNotifier:
         )
         if self._local is not None:
             self._local(change)
-        try:
-            await self._producer.send_and_wait(
+        sending: asyncio.Future[object] = asyncio.ensure_future(
+            self._producer.send_and_wait(
                 self._topic, value=change.to_bytes(), key=entity_id.encode()
             )
-        except KafkaError as exc:
+        )
+        try:
+            # The change is made; its caller (a revocation, say) should not wait out a
+            # broker that does not answer, up to the producer's whole timeout, to hear it.
+            await asyncio.wait_for(asyncio.shield(sending), self._wait_seconds)
+        except TimeoutError:
+            self._late.add(sending)
+            sending.add_done_callback(lambda done: self._arrived(done, entity, entity_id))
             structlog.get_logger().warning(
-                "change_not_published", entity=entity, entity_id=entity_id, error=error_text(exc)
+                "change_notice_late",
+                entity=entity,
+                entity_id=entity_id,
+                waited_seconds=self._wait_seconds,
             )
             return False
+        except KafkaError as exc:
+            _not_published(entity, entity_id, exc)
+            return False
         return True
+
+    def _arrived(self, sending: asyncio.Future[object], entity: Entity, entity_id: str) -> None:
+        self._late.discard(sending)
+        error = None if sending.cancelled() else sending.exception()
+        if error is not None:
+            _not_published(entity, entity_id, error)
+
+
+def _not_published(entity: Entity, entity_id: str, error: BaseException) -> None:
+    structlog.get_logger().warning(
+        "change_not_published", entity=entity, entity_id=entity_id, error=error_text(error)
+    )
 
 
 ChangeHandler = Callable[[Change], Awaitable[None] | None]

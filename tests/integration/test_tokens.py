@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from ipaddress import ip_network
 from typing import Any
 
+import orjson
 import pytest
 import structlog
 from sqlalchemy import func, select
@@ -19,8 +22,23 @@ from services.auth import store
 from services.auth.callers import KeyUsage
 from services.auth.errors import TokenEnded
 from services.auth.tokens import hash_token
-from services.shared import Settings, tables, utcnow
-from tests.conftest import Stack, audit_count, corrupt, fail_nth_call, running_stack
+from services.shared import (
+    Settings,
+    make_consumer,
+    start_client,
+    stop_client,
+    tables,
+    topics_for,
+    utcnow,
+)
+from tests.conftest import (
+    Stack,
+    audit_count,
+    corrupt,
+    fail_nth_call,
+    running_stack,
+    stack_on_own_broker,
+)
 
 MANAGE = ["token:manage", "object:read", "webhook:read", "webhook:create"]
 
@@ -1122,3 +1140,41 @@ async def test_a_rotation_racing_an_expiry_hands_out_no_secret(api_stack: Stack)
                     now=utcnow(),
                 )
             await conn.rollback()
+
+
+async def test_a_revocation_answers_without_waiting_out_a_broker_that_hangs(
+    settings: Settings,
+) -> None:
+    """The broker stops answering: the revocation is made and answered within a moment
+    (it waited the producer's whole 10 s for the change notice before), and the notice
+    still reaches `changes` once the broker goes on."""
+    async with stack_on_own_broker(settings, publish_timeout_seconds=2.0) as running:
+        stack, broker = running
+        assert broker.pid is not None
+        created = await stack.create_key("soon-revoked", ["object:read"])
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            status, _ = await stack.auth_call("DELETE", f"/v1/tokens/{created['id']}")
+            took = time.monotonic() - started
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert status == 204
+        assert took < 5, f"answered after {took:.1f} s"
+        [kept] = [key for key in await stack.auth_list() if key["id"] == created["id"]]
+        assert kept["state"] == "revoked"
+        consumer = make_consumer(stack.settings, topics_for(stack.settings).changes, group_id=None)
+        await start_client(consumer, stack.settings)
+        try:
+            states: list[str | None] = []
+            async with asyncio.timeout(20):
+                while "revoked" not in states:
+                    batches = await consumer.getmany(timeout_ms=200)
+                    states += [
+                        change["state"]
+                        for batch in batches.values()
+                        for change in (orjson.loads(r.value) for r in batch)
+                        if change["entity_id"] == created["id"]
+                    ]
+        finally:
+            await stop_client(consumer)
