@@ -287,9 +287,13 @@ def list_tokens(user_id: str) -> None:
     from services.auth import admin as ops
 
     for token in _with_engine(_settings(), lambda e: ops.list_tokens(e, user_id)):
+        name = token["name"]
+        # A name stored before names were held to one line is shown escaped: printed as it
+        # is, a newline in it would make a line of its own, one that can pass for a key's.
+        shown = name if name.isprintable() else repr(name)
         click.echo(
             f"{token['id']}  {token['display_prefix']}…  {token['state']:<8}  "
-            f"{token['permissions']:>2} permissions  {token['name']}"
+            f"{token['permissions']:>2} permissions  {shown}"
         )
 
 

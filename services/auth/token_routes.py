@@ -56,7 +56,19 @@ class TokenCreate(BaseModel):
     def _cidrs(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        return [str(ipaddress.ip_network(cidr, strict=False)) for cidr in value]
+        return [_network(cidr) for cidr in value]
+
+
+def _network(cidr: str) -> str:
+    try:
+        return str(ipaddress.ip_network(cidr))
+    except ValueError:
+        loose = ipaddress.ip_network(cidr, strict=False)  # a range that is no range fails here
+        # Taken as its range, a mistyped prefix length would widen the key without a word.
+        raise ValueError(
+            f"{cidr} has bits set past its /{loose.prefixlen}: did you mean {loose}, or"
+            f" {cidr.partition('/')[0]}/{loose.max_prefixlen} for the one address?"
+        ) from None
 
 
 class TokenUpdate(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
@@ -188,10 +189,33 @@ def _trimmed(value: object) -> object:
     return value.strip() if isinstance(value, str) else value
 
 
+def _one_line(value: str) -> str:
+    for character in value:
+        if unicodedata.category(character) == "Cc" or character in _DIRECTION_CONTROLS:
+            raise ValueError(
+                f"must not contain control characters (found U+{ord(character):04X}): a name"
+                " is one line, shown as typed in lists and on the command line"
+            )
+    return value
+
+
+# Characters that reorder the text shown around them (embeddings, overrides, isolates and
+# marks): a name holding one can display as another name, or another key's state.
+_DIRECTION_CONTROLS = frozenset(
+    "\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
 # A name people type: surrounding spaces dropped (" ro " and "ro" are one name, "   " is
-# none), then 1 to 200 characters. Keys, permission groups, webhooks and the operator's
-# command line all take names so.
-Name = Annotated[StoredText, BeforeValidator(_trimmed), Field(min_length=1, max_length=200)]
+# none), then 1 to 200 characters on one line, with nothing that reorders what is shown
+# (a newline in a key's name printed a line of its own in `hookwire admin list-tokens`,
+# one that could pass for another key's). Keys, permission groups, webhooks and the
+# operator's command line all take names so.
+Name = Annotated[
+    StoredText,
+    BeforeValidator(_trimmed),
+    Field(min_length=1, max_length=200),
+    AfterValidator(_one_line),
+]
 
 
 def _in_utc(value: datetime) -> datetime:

@@ -45,3 +45,32 @@ async def test_a_name_with_spaces_around_is_the_same_name(api_stack: Stack, kind
     assert (await _create(api_stack, kind, "ro"))[0] == 201
     status, answer = await _create(api_stack, kind, " ro ")
     assert (status, answer["error"]["code"]) == (409, "duplicate_name")
+
+
+@pytest.mark.parametrize("kind", ["key", "group", "webhook"])
+@pytest.mark.parametrize(
+    "name",
+    ["innocent\ntok_x  revoked", "a\rb", "bell\x07", "esc\x1b[2J", "evil\u202etxt.exe", "x\u2066y"],
+    ids=["newline", "carriage_return", "bell", "escape", "right_to_left_override", "isolate"],
+)
+async def test_a_name_that_is_not_one_plain_line_is_refused(
+    api_stack: Stack, kind: str, name: str
+) -> None:
+    """A newline in a key's name printed a line of its own in `hookwire admin
+    list-tokens`, one that could pass for another key's; a direction override shows
+    other text than was stored. 422 naming the character, nothing made."""
+    status, answer = await _create(api_stack, kind, name)
+    assert status == 422, answer
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == "name"
+    assert "must not contain control characters" in detail["reason"]
+    keys = await api_stack.auth_list()
+    groups = await api_stack.auth_list("/v1/permission-groups")
+    assert all(item["name"] != name for item in [*keys, *groups])
+
+
+@pytest.mark.parametrize("kind", ["key", "group", "webhook"])
+async def test_a_name_in_any_script_is_taken(api_stack: Stack, kind: str) -> None:
+    status, made = await _create(api_stack, kind, "Zoë's clé 東京 🚀 שלום")
+    assert status == 201, made
+    assert made["name"] == "Zoë's clé 東京 🚀 שלום"

@@ -43,6 +43,9 @@ from tests.conftest import (
 MANAGE = ["token:manage", "object:read", "webhook:read", "webhook:create"]
 
 
+READ = ["object:read"]
+
+
 async def _token_count(stack: Stack) -> int:
     async with stack.api.engine.connect() as conn:
         count = (await conn.execute(select(func.count()).select_from(tables.tokens))).scalar()
@@ -1140,6 +1143,32 @@ async def test_a_rotation_racing_an_expiry_hands_out_no_secret(api_stack: Stack)
                     now=utcnow(),
                 )
             await conn.rollback()
+
+
+@pytest.mark.parametrize(
+    ("cidr", "meant"),
+    [("10.0.0.1/8", "10.0.0.0/8"), ("2001:db8::1/32", "2001:db8::/32")],
+    ids=["v4", "v6"],
+)
+async def test_a_range_with_bits_past_its_prefix_is_refused(
+    api_stack: Stack, cidr: str, meant: str
+) -> None:
+    """`10.0.0.1/8` was stored as `10.0.0.0/8`: a mistyped prefix length widened the key
+    to sixteen million addresses without a word. 422 saying what it would mean."""
+    before = await api_stack.auth_list()
+    status, answer = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "fenced", "permissions": READ, "allowed_cidrs": [cidr]}
+    )
+    assert status == 422, answer
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == "allowed_cidrs"
+    assert f"did you mean {meant}" in detail["reason"]
+    assert await api_stack.auth_list() == before
+    status, made = await api_stack.auth_call(
+        "POST", "/v1/tokens", json={"name": "fenced", "permissions": READ, "allowed_cidrs": [meant]}
+    )
+    assert status == 201, made
+    assert made["allowed_cidrs"] == [meant]
 
 
 async def test_a_revocation_answers_without_waiting_out_a_broker_that_hangs(
