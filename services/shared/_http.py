@@ -134,6 +134,18 @@ def _internal_error(request_id: str) -> web.Response:
     )
 
 
+# aiohttp's parser errors show their status before their words ("400, message:" and a
+# line break), once for each time one was wrapped in another.
+_PARSER_STATUS = re.compile(r"\s*\d{3}, message:\s*")
+
+
+def _parser_words(error: Exception) -> str:
+    text = str(error)
+    while status := _PARSER_STATUS.match(text):
+        text = text[status.end() :]
+    return text.strip()
+
+
 def _from_client(request: web.Request, trusted: Sequence[Network]) -> web.Request:
     """The request as the client sent it: when it came through a trusted proxy, with the
     address ``X-Forwarded-For`` names for the client (the nearest hop not itself trusted).
@@ -294,7 +306,9 @@ def _build_middlewares(
             except (HttpProcessingError, RequestPayloadError) as exc:
                 # A body that cannot be read as sent (gzip that is not gzip, broken chunk
                 # framing) is the client's fault, not ours.
-                response = error_response(BadRequest(f"the request body cannot be read: {exc}"))
+                response = error_response(
+                    BadRequest(f"the request body cannot be read: {_parser_words(exc)}")
+                )
             except ConnectionResetError as exc:
                 if not _client_gone(request):
                     # A connection of ours (to a peer, the database) reset.

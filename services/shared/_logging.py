@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 def _render_json(_: Any, __: str, event_dict: structlog.types.EventDict) -> str:
@@ -120,6 +121,25 @@ class RepeatedLines(logging.Filter):
             return seen.suppressed if seen is not None else 0
 
 
+class ClientFaults(logging.Filter):
+    """aiohttp's server logs a request its parser refuses (a header over 8 KB, a body
+    labelled gzip that is not) at error level with a traceback: the client's fault, not
+    the service's, and a stream of them would page someone. It is told at info, as one
+    line naming the kind of fault, and without the parser's message, which quotes the
+    request's own bytes (an Authorization header among them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "aiohttp.server" or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        if isinstance(error, HttpProcessingError) and 400 <= (error.code or 0) < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "client_request_unreadable", None
+            record.exc_info = record.exc_text = None
+            record.fault = type(error).__name__
+        return True
+
+
 def configure_logging(
     log_format: str = "auto", level: str = "info", service: str | None = None
 ) -> None:
@@ -156,7 +176,7 @@ def configure_logging(
                 structlog.processors.add_log_level,
                 structlog.stdlib.add_logger_name,
                 # The count of repeats RepeatedLines dropped before this line.
-                structlog.stdlib.ExtraAdder(allow=("repeated",)),
+                structlog.stdlib.ExtraAdder(allow=("repeated", "fault")),
                 _tagged(service),
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 # A library's traceback as text, not the repr of an exc_info tuple.
@@ -166,6 +186,7 @@ def configure_logging(
         )
     )
     handler.addFilter(RepeatedLines())
+    handler.addFilter(ClientFaults())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Libraries speak from warning up (aiokafka's info and debug lines are per request),

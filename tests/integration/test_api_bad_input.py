@@ -513,6 +513,9 @@ async def test_a_body_that_cannot_be_read_as_sent_is_a_400(api_stack: Stack) -> 
     }
     status, answer = await _post(api_stack, "/objects/contact", data=b'{"a": 1}', headers=headers)
     assert (status, answer["error"]["code"]) == (400, "bad_request")
+    # In the parser's words, without aiohttp's status and line break before them.
+    message = "the request body cannot be read: Can not decode content-encoding: gzip"
+    assert answer["error"]["message"] == message
     assert await _object_rows(api_stack) == 0
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 import structlog
+from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 
 from services import cli
 from services.shared import configure_logging
@@ -234,3 +235,33 @@ def test_a_repeat_count_is_a_field_of_the_json_line(
         ("Unable to update metadata from 111", 3),
     ]
     assert lines[1]["logger"] == "aiokafka.cluster"
+
+
+def test_a_request_the_http_parser_refuses_is_one_info_line_without_its_bytes(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """aiohttp logs a header over 8 KB or a body labelled gzip that is not at error
+    level with a traceback, quoting the request's bytes: a client's fault, said at info,
+    naming its kind only. A fault of ours from the same logger keeps its error and
+    traceback."""
+    configure_logging("json", "info", service="auth")
+    server = logging.getLogger("aiohttp.server")
+    for fault in (
+        LineTooLong(b"Bearer hwk_secretsecret", 8190),
+        ContentEncodingError("Can not decode content-encoding: gzip"),
+    ):
+        server.exception("Error handling request from %s", "10.1.2.3", exc_info=fault)
+    try:
+        raise RuntimeError("a bug of ours")
+    except RuntimeError:
+        server.exception("Unhandled exception")
+    captured = capsys.readouterr().err
+    too_long, not_gzip, bug = _lines(captured)
+    for line, fault in ((too_long, "LineTooLong"), (not_gzip, "ContentEncodingError")):
+        assert line["event"] == "client_request_unreadable"
+        assert line["level"] == "info"
+        assert line["fault"] == fault
+        assert "exception" not in line
+    assert "hwk_secret" not in captured
+    assert bug["level"] == "error"
+    assert "RuntimeError: a bug of ours" in str(bug["exception"])
