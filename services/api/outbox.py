@@ -458,7 +458,7 @@ class Outbox:
         try:
             await self._send_within(self._dead_letter_topic, letter.to_bytes(), row.key.encode())
         except (KafkaError, TimeoutError) as failed:
-            self._log.warning("outbox_relay_failed", error=str(failed) or type(failed).__name__)
+            self._log.warning("outbox_relay_failed", error=error_text(failed))
             return False
         self._dead_letters.labels("refused_by_broker").inc()
         return True
@@ -473,8 +473,13 @@ class Outbox:
                 backlog, oldest = await self._backlog_and_age()
                 self._backlog.set(backlog)
                 self._oldest.set(oldest)
-            except Exception:
-                self._log.exception("outbox_relay_crashed")
+            except Exception as exc:
+                # The round failed (the database or the broker away); the loop goes on.
+                self._log.exception(
+                    "outbox_relay_round_failed",
+                    error=error_text(exc),
+                    retry_in_seconds=every_seconds,
+                )
 
 
 def dead_letters_counter(metrics: Metrics) -> Counter:

@@ -32,6 +32,7 @@ from services.shared import (
     cancel_and_wait,
     check_listenable,
     check_ready,
+    error_text,
     get_logger,
     json_response,
     make_producer,
@@ -337,6 +338,11 @@ class AuthService:
                 await self.usage.flush()
                 if ticks % _COUNT_EVERY_TICKS == 0:
                     await self._count_tokens()
-            except Exception:
-                self._log.exception("background_upkeep_failed")
+            except Exception as exc:
+                # Last uses stay in memory for the next round; the loop goes on.
+                self._log.exception(
+                    "background_upkeep_failed",
+                    error=error_text(exc),
+                    retry_in_seconds=_LAST_USED_FLUSH_SECONDS,
+                )
             ticks += 1

@@ -739,7 +739,11 @@ async def stop_client(
     except TimeoutError:
         # A group consumer leaving mid-rebalance has been seen to wait for ever; shutdown
         # must not.
-        structlog.get_logger().warning("kafka_client_stop_timed_out")
+        structlog.get_logger().warning(
+            "kafka_client_stop_timed_out",
+            client=type(client).__name__,
+            group=getattr(client, "_group_id", None),
+        )
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -1015,7 +1019,7 @@ async def consume_forever(
                 records = []
             if records:
                 async with in_hand:
-                    failed = await _handled(handle, records)
+                    failed = await _handled(handle, records, retry_delay_seconds)
                     if failed:
                         # Back to the batch's first records, without asking the broker: a
                         # rewind that needed it could fail and leave positions past
@@ -1043,7 +1047,9 @@ async def consume_forever(
 
 
 async def _handled(
-    handle: Callable[[list[ConsumerRecord]], Awaitable[None]], records: list[ConsumerRecord]
+    handle: Callable[[list[ConsumerRecord]], Awaitable[None]],
+    records: list[ConsumerRecord],
+    retry_in_seconds: float,
 ) -> bool:
     """Whether ``handle`` failed on the batch (logged)."""
     try:
@@ -1054,9 +1060,14 @@ async def _handled(
         # A refusal the cluster will repeat (no permission to write) ends the loop, as
         # one met fetching does: handled again for ever, the process would look well.
         raise
-    except Exception:
+    except Exception as exc:
+        # The batch is read again from its first record after the pause.
         structlog.get_logger().exception(
-            "batch_failed", topic=records[0].topic, records=len(records)
+            "batch_failed",
+            topic=records[0].topic,
+            records=len(records),
+            error=error_text(exc),
+            retry_in_seconds=retry_in_seconds,
         )
         return True
     return False

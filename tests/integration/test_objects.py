@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 from aiokafka.errors import KafkaConnectionError
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
@@ -974,3 +975,41 @@ async def test_a_claim_waits_for_one_being_made_and_leaves_its_keys_alone(
         _, _, rows = await second
     assert [row.key for row in rows] == ["y"], "x's second record waits for its first"
     assert ids[2] in rows[0].value
+
+
+async def test_a_failed_relay_round_says_why_and_that_it_goes_on(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its line named no error beyond a traceback and was called a crash, though the next
+    round came as usual: it names the error and when the relay tries again."""
+    assert api_stack.api._producer is not None
+    outbox = Outbox(
+        api_stack.api.engine,
+        api_stack.api._producer,
+        Metrics("test"),
+        publish_timeout=0.5,
+        dead_letter_topic=topics_for(api_stack.settings).dead_letter,
+    )
+    rounds = 0
+    second_round = asyncio.Event()
+
+    async def database_away() -> int:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 2:
+            second_round.set()
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(outbox, "relay_once", database_away)
+    with structlog.testing.capture_logs() as logs:
+        relaying = asyncio.create_task(outbox.relay_forever(every_seconds=0.05))
+        try:
+            await asyncio.wait_for(second_round.wait(), 5)  # the loop went on
+        finally:
+            relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
+    failed = [e for e in logs if e["event"] == "outbox_relay_round_failed"]
+    assert len(failed) >= 1
+    assert failed[0]["error"].startswith("OperationalError")
+    assert failed[0]["retry_in_seconds"] == 0.05
