@@ -5,12 +5,23 @@ from __future__ import annotations
 from services.shared import DependencyUnavailable, HookwireError
 
 
+# A broker or a peer service that is down is seldom back within a second, unlike a busy
+# database: a client told 1 s would ask again and again into the outage.
+OUTAGE_RETRY_AFTER_SECONDS = 5
+
+
 class AuthUnavailable(DependencyUnavailable):
     code = "auth_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)}
 
 
 class PublishUnavailable(DependencyUnavailable):
     code = "publish_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)}
 
 
 class PublishOutcomeUnknown(PublishUnavailable):

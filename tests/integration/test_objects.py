@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.api import object_store
 from services.api import outbox as outbox_module
+from services.api.context import CONTEXT
 from services.api.errors import PublishOutcomeUnknown
 from services.api.outbox import Outbox
 from services.shared import (
@@ -32,6 +33,7 @@ from services.shared import (
     cancel_and_wait,
     create_engine,
     ensure_topics,
+    free_port,
     make_consumer,
     new_id,
     tables,
@@ -255,7 +257,7 @@ async def test_kafka_down_means_503_and_nothing_written(
     started = time.monotonic()
     status, body, headers = await _call(stack, "POST", "/contact", json={"v": 2})
     assert (status, body["error"]["code"]) == (503, "publish_unavailable")
-    assert headers["Retry-After"] == "1"
+    assert headers["Retry-After"] == "5", "a broker down is seldom back within a second"
     # The client learns what is unavailable, not the broker's address or the library's
     # words (they are in the log line).
     assert body["error"]["message"] == "event stream is unavailable", body
@@ -1013,3 +1015,21 @@ async def test_a_failed_relay_round_says_why_and_that_it_goes_on(
     assert len(failed) >= 1
     assert failed[0]["error"].startswith("OperationalError")
     assert failed[0]["retry_in_seconds"] == 0.05
+
+
+async def test_auth_unreachable_is_a_503_asking_for_a_pause(
+    api_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key the api has not cached, with auth gone: 503 `auth_unavailable`, and a
+    `Retry-After` of 5 s, not 1 (a service that is down is seldom back within a second)."""
+    assert api_stack.api.app is not None
+    gate = api_stack.api.app[CONTEXT].gate
+    monkeypatch.setattr(gate, "_url", f"http://127.0.0.1:{free_port()}/v1/introspect")
+    status, body, headers = await _call(
+        api_stack,
+        "GET",
+        "/contact",
+        headers={"authorization": f"Bearer {await api_stack.new_token(['object:read'])}"},
+    )
+    assert (status, body["error"]["code"]) == (503, "auth_unavailable")
+    assert headers["Retry-After"] == "5"
