@@ -333,6 +333,8 @@ def _check_ports(settings: Settings) -> None:
         "HOOKWIRE_API_PORT": settings.api_port,
         "HOOKWIRE_DISPATCHER_PORT": settings.dispatcher_port,
     }
+    if not settings.kafka_bootstrap:
+        wanted["HOOKWIRE_DEV_BROKER_PORT"] = settings.dev_broker_port
     held: list[socket.socket] = []
     taken: dict[str, str] = {}
     try:
@@ -367,7 +369,7 @@ async def _run_dev(settings: Settings) -> None:
         if getattr(settings, name) is None:
             overrides[name] = stored[name]
     if not settings.kafka_bootstrap:
-        broker = EmbeddedBroker(host="127.0.0.1")
+        broker = EmbeddedBroker(port=settings.dev_broker_port or None, host="127.0.0.1")
         broker.start()
         overrides["kafka_bootstrap"] = broker.bootstrap
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from services.shared import DependencyUnavailable, HookwireError
 
-
 # A broker or a peer service that is down is seldom back within a second, unlike a busy
 # database: a client told 1 s would ask again and again into the outage.
 OUTAGE_RETRY_AFTER_SECONDS = 5

@@ -243,6 +243,8 @@ class Settings(BaseSettings):
     auth_port: Port = 8081
     dispatcher_port: Port = 8082
     dev_receiver_port: Port = 8090
+    # `hookwire dev`'s embedded broker: 0 for any free port (it is printed in the banner).
+    dev_broker_port: Port = 0
     auth_url: Annotated[str, AfterValidator(_http_url)] = ""
 
     service_credential: SecretStr | None = None

@@ -64,6 +64,7 @@ def _dev_env() -> dict[str, str]:
         HOOKWIRE_AUTH_PORT=str(free_port()),
         HOOKWIRE_DISPATCHER_PORT=str(free_port()),
         HOOKWIRE_DEV_RECEIVER_PORT=str(free_port()),
+        HOOKWIRE_DEV_BROKER_PORT=str(free_port()),
         HOOKWIRE_DATA_DIR="state",
     )
     return env
@@ -122,6 +123,8 @@ def test_dev_runs_the_printed_example_and_stops_cleanly(tmp_path: Path) -> None:
             assert info["token"] in banner
             # Where a producer of the user's writes events: the embedded broker, reachable.
             assert f"kafka       {info['kafka_bootstrap']}" in banner
+            # On the port asked for: a port range of the user's holds it.
+            assert info["kafka_bootstrap"] == f"127.0.0.1:{env['HOOKWIRE_DEV_BROKER_PORT']}"
             assert info["events_topic"] in asyncio.run(_topics_at(info["kafka_bootstrap"]))
             tokens.append(info["token"])
             example = banner.split("Try it:", 1)[1]
@@ -323,7 +326,11 @@ def test_every_port_taken_is_named_at_once_before_anything_starts(tmp_path: Path
     env = _dev_env()
     held = []
     try:
-        for setting in ("HOOKWIRE_DEV_RECEIVER_PORT", "HOOKWIRE_API_PORT"):
+        for setting in (
+            "HOOKWIRE_DEV_RECEIVER_PORT",
+            "HOOKWIRE_API_PORT",
+            "HOOKWIRE_DEV_BROKER_PORT",
+        ):
             sock = socket.socket()
             held.append(sock)
             sock.bind(("127.0.0.1", int(env[setting])))
@@ -342,7 +349,7 @@ def test_every_port_taken_is_named_at_once_before_anything_starts(tmp_path: Path
             sock.close()
     assert refused.returncode == 1
     [message] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    for setting in ("HOOKWIRE_DEV_RECEIVER_PORT", "HOOKWIRE_API_PORT"):
+    for setting in ("HOOKWIRE_DEV_RECEIVER_PORT", "HOOKWIRE_API_PORT", "HOOKWIRE_DEV_BROKER_PORT"):
         assert f"{env[setting]} ({setting}: " in message
     for free in ("HOOKWIRE_AUTH_PORT", "HOOKWIRE_DISPATCHER_PORT"):
         assert free not in message
