@@ -7,7 +7,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -22,13 +22,13 @@ from services.shared import (
     REDACTED,
     Actor,
     Conflict,
+    Description,
     EventType,
     Name,
     NotFound,
     ObjectType,
     OpenApi,
     Settings,
-    StoredText,
     ValidationFailed,
     as_utc,
     host_problem,
@@ -131,7 +131,7 @@ _TOPIC_SCAN_ROWS = 500
 
 class WebhookCreate(_WebhookRules):
     name: Name
-    description: StoredText = Field(default="", max_length=2000)
+    description: Description = ""
     url: str = Field(max_length=2048)
     topics: list[EventType] = Field(min_length=1, max_length=4)
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)
@@ -155,7 +155,7 @@ class WebhookCreate(_WebhookRules):
 
 class WebhookUpdate(_WebhookRules):
     name: Name | None = None
-    description: Annotated[StoredText, Field(max_length=2000)] | None = None
+    description: Description | None = None
     url: str | None = Field(default=None, max_length=2048)
     topics: list[EventType] | None = Field(default=None, min_length=1, max_length=4)
     object_types: list[ObjectType] | None = Field(default=None, min_length=1, max_length=100)

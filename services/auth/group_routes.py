@@ -7,7 +7,7 @@ only add permissions the editing token holds itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,11 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.shared import (
     ChangeNotifier,
     Conflict,
+    Description,
     Name,
     NoFields,
     OpenApi,
     Settings,
-    StoredText,
     ValidationFailed,
     as_utc,
     json_response,
@@ -39,7 +39,7 @@ class GroupCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
-    description: StoredText = Field(default="", max_length=2000)
+    description: Description = ""
     permissions: list[str] = Field(min_length=1, max_length=100)
 
 
@@ -47,7 +47,7 @@ class GroupUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name | None = None
-    description: Annotated[StoredText, Field(max_length=2000)] | None = None
+    description: Description | None = None
     permissions: list[str] | None = Field(default=None, min_length=1, max_length=100)
 
 

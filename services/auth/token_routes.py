@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,11 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.shared import (
     ChangeNotifier,
+    Description,
     Name,
     NoFields,
     OpenApi,
     Settings,
-    StoredText,
     UtcDatetime,
     ValidationFailed,
     as_utc,
@@ -42,7 +42,7 @@ class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
-    description: StoredText = Field(default="", max_length=2000)
+    description: Description = ""
     permissions: list[str] = Field(default_factory=list, max_length=100)
     permission_group_id: str | None = Field(default=None, max_length=64)
     expires_at: UtcDatetime | None = None
@@ -75,7 +75,7 @@ class TokenUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name | None = None
-    description: Annotated[StoredText, Field(max_length=2000)] | None = None
+    description: Description | None = None
     active: bool | None = None
 
 

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -183,10 +184,9 @@ def _storable(value: str) -> str:
 # Names and descriptions a client gives: PostgreSQL cannot store U+0000 in text, so it is
 # refused on every database alike (a 422, not a 500 on one database and stored on another).
 StoredText = Annotated[str, AfterValidator(_storable)]
-
-
-def _trimmed(value: object) -> object:
-    return value.strip() if isinstance(value, str) else value
+# Lengths are set as string constraints, ahead of the validators: set after them,
+# pydantic counts "items" rather than characters in its message.
+Description = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)]
 
 
 def _one_line(value: str) -> str:
@@ -211,9 +211,9 @@ _DIRECTION_CONTROLS = frozenset(
 # one that could pass for another key's). Keys, permission groups, webhooks and the
 # operator's command line all take names so.
 Name = Annotated[
-    StoredText,
-    BeforeValidator(_trimmed),
-    Field(min_length=1, max_length=200),
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(_storable),
     AfterValidator(_one_line),
 ]
 

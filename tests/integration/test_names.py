@@ -74,3 +74,13 @@ async def test_a_name_in_any_script_is_taken(api_stack: Stack, kind: str) -> Non
     status, made = await _create(api_stack, kind, "Zoë's clé 東京 🚀 שלום")
     assert status == 201, made
     assert made["name"] == "Zoë's clé 東京 🚀 שלום"
+
+
+@pytest.mark.parametrize("kind", ["key", "group", "webhook"])
+async def test_a_length_refused_is_counted_in_characters(api_stack: Stack, kind: str) -> None:
+    """The reason said "Value should have at most 200 items after validation"."""
+    status, answer = await _create(api_stack, kind, "n" * 201)
+    assert status == 422, answer
+    assert answer["error"]["details"] == [
+        {"field": "name", "reason": "String should have at most 200 characters"}
+    ]
