@@ -100,6 +100,11 @@ def token_view(row: Any) -> dict[str, Any]:
         "display_prefix": row.display_prefix,
         "permissions": row.permissions,
         "permission_group_id": row.permission_group_id,
+        # What the group gives the key now (it follows the group's edits): a key made from
+        # a group alone showed `permissions: []` and nothing of what it could do.
+        "group_permissions": (
+            sorted(row.group_permissions) if row.permission_group_id is not None else None
+        ),
         "state": _state(row),
         "active": row.active,
         "created_at": as_utc(row.created_at),

@@ -31,6 +31,8 @@ async def test_group_edits_change_token_permissions_at_once(api_stack: Stack) ->
         json={"name": "via-group", "permission_group_id": group["id"]},
     )
     assert status == 201
+    # The view says what the key can do: its own permissions (none) and the group's.
+    assert (created["permissions"], created["group_permissions"]) == ([], ["object:read"])
     assert (await api_stack.introspect(created["token"]))["permissions"] == ["object:read"]
     status, edited = await api_stack.auth_call(
         "PATCH",
@@ -39,6 +41,11 @@ async def test_group_edits_change_token_permissions_at_once(api_stack: Stack) ->
     )
     assert status == 200
     assert edited["permissions"] == ["object:read", "webhook:read"]
+    status, shown = await api_stack.auth_call("GET", f"/v1/tokens/{created['id']}")
+    assert shown["group_permissions"] == ["object:read", "webhook:read"]
+    others = [key for key in await api_stack.auth_list() if key["id"] != created["id"]]
+    assert others
+    assert all(key["group_permissions"] is None for key in others)
     assert (await api_stack.introspect(created["token"]))["permissions"] == [
         "object:read",
         "webhook:read",
