@@ -347,7 +347,10 @@ class TokenRoutes:
             unexpired=True,
         )
         if row is None:
-            raise TokenEnded("the token is already revoked or expired; its record is kept")
+            async with self.engine.connect() as conn:
+                ended = await store.token_row(conn, caller.user_id, request.match_info["token_id"])
+            why = _why_ended(ended, self.callers.usage, utcnow()) or "ended meanwhile"
+            raise TokenEnded(f"the token cannot be expired: it {why}; its record is kept")
         return json_response(token_view(row))
 
     async def rotate(self, request: web.Request) -> web.Response:

@@ -269,9 +269,16 @@ async def test_lifecycle_deactivate_reactivate_expire_revoke(api_stack: Stack) -
     status, shown = await api_stack.auth_call("POST", f"{path}/expire")
     assert (status, shown["state"]) == (200, "expired")
     assert (await api_stack.introspect(token))["reason"] == "expired"
+    # Expired again, or once revoked: the 409 says which end it met.
+    status, answer = await api_stack.auth_call("POST", f"{path}/expire")
+    assert (status, answer["error"]["code"]) == (409, "token_ended")
+    assert answer["error"]["message"].startswith("the token cannot be expired: it expired at ")
     status, _ = await api_stack.auth_call("DELETE", path)
     assert status == 204
     assert (await api_stack.introspect(token))["reason"] == "revoked"
+    status, answer = await api_stack.auth_call("POST", f"{path}/expire")
+    assert (status, answer["error"]["code"]) == (409, "token_ended")
+    assert answer["error"]["message"].startswith("the token cannot be expired: it was revoked")
     actions = await _audit_actions(api_stack)
     for action in (
         "token.deactivated",
