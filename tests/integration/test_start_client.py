@@ -11,6 +11,7 @@ from aiokafka.errors import KafkaConnectionError
 from services.shared import (
     DependencyUnavailable,
     Settings,
+    ensure_topics,
     free_port,
     make_consumer,
     make_producer,
@@ -19,6 +20,12 @@ from services.shared import (
     stop_client,
     topics_for,
 )
+
+
+@pytest.fixture(autouse=True)
+async def _topics(settings: Settings) -> None:
+    """The topics these clients use: no client of ours has the broker make one."""
+    await ensure_topics(settings)
 
 
 @pytest.mark.parametrize("kind", ["producer", "consumer"])

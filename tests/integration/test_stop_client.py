@@ -22,6 +22,7 @@ from services.shared import (
     SentUnacknowledged,
     Settings,
     cancel_and_wait,
+    ensure_topics,
     make_consumer,
     make_producer,
     send_all,
@@ -30,6 +31,12 @@ from services.shared import (
     stop_client,
     topics_for,
 )
+
+
+@pytest.fixture(autouse=True)
+async def _topics(settings: Settings) -> None:
+    """The topics these clients use: no client of ours has the broker make one."""
+    await ensure_topics(settings)
 
 
 async def _joined_consumer(settings: Settings) -> AIOKafkaConsumer:
@@ -119,7 +126,11 @@ async def test_a_start_cancelled_while_joining_its_group_leaves_nothing_running(
     try:
         async with asyncio.timeout(10):
             await joining.wait()
-        assert any(conn.connected() for conn in consumer._client._conns.values())
+        # Its connections open as the join goes on: the stop must close them.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not any(conn.connected() for conn in consumer._client._conns.values()):
+            assert asyncio.get_running_loop().time() < deadline, "never connected"
+            await asyncio.sleep(0.01)
         starting.cancel()  # a stop signal while starting
         with pytest.raises(asyncio.CancelledError):
             await starting
