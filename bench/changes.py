@@ -30,7 +30,7 @@ import aiohttp
 import orjson
 
 from bench._stack import in_process_stack
-from services.shared import ChangeFollower, Settings
+from services.shared import ChangeFollower, Settings, ensure_topics, topic_layout, topics_for
 
 _POLL_SECONDS = 0.002
 _TARGET_MS = 1000.0
@@ -134,9 +134,11 @@ async def main(samples: int) -> dict[str, Any]:
                 deactivations.append(time.perf_counter() - answered)
         # With the changes just made less than its clock margin ago: they are read.
         starts = await _follower_starts(api.settings, samples)
-        empty = await _follower_starts(
-            api.settings.model_copy(update={"topic_prefix": "empty."}), samples
-        )
+        # A `changes` topic of its own, made empty (no client of ours has one made for it).
+        bare = api.settings.model_copy(update={"topic_prefix": "empty."})
+        changes = topics_for(bare).changes
+        await ensure_topics(bare, {changes: topic_layout(bare)[changes]})
+        empty = await _follower_starts(bare, samples)
     return {
         "benchmark": "changes",
         "samples": samples,
