@@ -188,11 +188,11 @@ async def notify(
         # Before `hookwire topics`, a write would have the broker create the topic with
         # its own partition count, which `hookwire topics` then leaves as it is.
         await require_topics(producer, settings, [topics.changes])
-        # A command has no caller waiting on it: it waits as long as the producer does.
-        notifier = ChangeNotifier(producer, topics, wait_seconds=settings.publish_timeout_seconds)
+        # A command has no caller waiting on it: it waits until the producer is done.
+        notifier = ChangeNotifier(producer, topics, wait_seconds=None)
         told = await notifier.notify(entity, entity_id, "updated", state=state)
     except DependencyUnavailable as exc:
         return str(exc)
     finally:
         await stop_client(producer)
-    return None if told else "the broker did not take the change record"
+    return None if told else "the broker did not acknowledge the change record"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -85,6 +85,11 @@ class DeliveryConnector(aiohttp.TCPConnector):
     def _cleanup(self) -> None:
         super()._cleanup()
         self._idle = sum(len(pool) for pool in self._conns.values())
+
+    def _close(self, *, abort_ssl: bool = False) -> list[Awaitable[object]]:
+        closing = super()._close(abort_ssl=abort_ssl)
+        self._idle = 0
+        return closing
 
     async def _create_connection(
         self,

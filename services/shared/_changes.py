@@ -47,7 +47,7 @@ class ChangeNotifier:
         topics: Topics,
         local: Callable[[Change], None] | None = None,
         *,
-        wait_seconds: float = NOTICE_WAIT_SECONDS,
+        wait_seconds: float | None = NOTICE_WAIT_SECONDS,
     ) -> None:
         self._producer = producer
         self._wait_seconds = wait_seconds
@@ -84,13 +84,19 @@ class ChangeNotifier:
                 self._topic, value=change.to_bytes(), key=entity_id.encode()
             )
         )
+        # Until its caller stops waiting, the caller hears how it went; after (a wait run
+        # out, a caller cancelled), the notice is watched here, its failure logged.
+        waited = [True]
+        self._late.add(sending)
+        sending.add_done_callback(
+            lambda done: self._arrived(done, entity, entity_id, unheard=not waited[0])
+        )
         try:
             # The change is made; its caller (a revocation, say) should not wait out a
             # broker that does not answer, up to the producer's whole timeout, to hear it.
             await asyncio.wait_for(asyncio.shield(sending), self._wait_seconds)
         except TimeoutError:
-            self._late.add(sending)
-            sending.add_done_callback(lambda done: self._arrived(done, entity, entity_id))
+            waited[0] = False
             structlog.get_logger().warning(
                 "change_notice_late",
                 entity=entity,
@@ -101,12 +107,18 @@ class ChangeNotifier:
         except KafkaError as exc:
             _not_published(entity, entity_id, exc)
             return False
+        except asyncio.CancelledError:
+            waited[0] = False
+            raise
         return True
 
-    def _arrived(self, sending: asyncio.Future[object], entity: Entity, entity_id: str) -> None:
+    def _arrived(
+        self, sending: asyncio.Future[object], entity: Entity, entity_id: str, *, unheard: bool
+    ) -> None:
         self._late.discard(sending)
+        # Read in every case, so asyncio never reports its error as never retrieved.
         error = None if sending.cancelled() else sending.exception()
-        if error is not None:
+        if error is not None and unheard:
             _not_published(entity, entity_id, error)
 
 

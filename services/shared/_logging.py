@@ -128,6 +128,10 @@ class ClientFaults(logging.Filter):
     line naming the kind of fault, and without the parser's message, which quotes the
     request's own bytes (an Authorization header among them)."""
 
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__()
+        self._level = level
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "aiohttp.server" or not record.exc_info:
             return True
@@ -137,6 +141,8 @@ class ClientFaults(logging.Filter):
             record.msg, record.args = "client_request_unreadable", None
             record.exc_info = record.exc_text = None
             record.fault = type(error).__name__
+            # Accepted as an error; as info it goes only where the service's info lines go.
+            return self._level <= logging.INFO
         return True
 
 
@@ -186,7 +192,7 @@ def configure_logging(
         )
     )
     handler.addFilter(RepeatedLines())
-    handler.addFilter(ClientFaults())
+    handler.addFilter(ClientFaults(logging.getLevelNamesMapping()[level.upper()]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Libraries speak from warning up (aiokafka's info and debug lines are per request),

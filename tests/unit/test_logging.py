@@ -265,3 +265,14 @@ def test_a_request_the_http_parser_refuses_is_one_info_line_without_its_bytes(
     assert "hwk_secret" not in captured
     assert bug["level"] == "error"
     assert "RuntimeError: a bug of ours" in str(bug["exception"])
+
+
+def test_a_refused_request_is_not_told_at_warning(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """Told at info, it goes only where the service's info lines go."""
+    configure_logging("json", "warning", service="auth")
+    logging.getLogger("aiohttp.server").exception(
+        "Error handling request from %s", "10.1.2.3", exc_info=LineTooLong(b"x", 8190)
+    )
+    assert _lines(capsys.readouterr().err) == []

@@ -292,6 +292,10 @@ async def test_keep_alive_sockets_beyond_the_bound_are_closed() -> None:
             await asyncio.sleep(3.2)  # past two sweeps: both closed
             await settled(0)
             assert connector.idle == 0
+            async with session.get(urls[1]) as response:
+                await response.read()
+            assert connector.idle == 1
+        assert connector.idle == 0, "a closed connector keeps none"
     finally:
         for server in servers:
             server.close()
