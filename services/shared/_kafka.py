@@ -43,6 +43,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
     RequestTimedOutError,
     TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
     UnsupportedVersionError,
 )
 from aiokafka.partitioner import DefaultPartitioner
@@ -360,11 +361,13 @@ async def watch_topics(
     while True:
         await asyncio.sleep(TOPIC_WATCH_SECONDS if every is None else every)
         try:
-            present = (await producer.client.fetch_all_metadata()).topics()
-        except KafkaError:
+            missing = await _unknown_topics(producer, wanted)
+        except (KafkaError, TimeoutError):
+            misses = 0  # checks in a row that the broker answered, or none
             continue
+        if missing is None:
+            continue  # no broker known yet
         answered.set_to_current_time()
-        missing = [name for name in wanted if name not in present]
         if not missing:
             misses = 0
             continue
@@ -380,6 +383,20 @@ async def watch_topics(
                 " topics`; this process stops and starts again once they are there"
             )
         log.warning("kafka_topics_missing", topics=missing, checks=misses)
+
+
+async def _unknown_topics(producer: AIOKafkaProducer, wanted: list[str]) -> list[str] | None:
+    """Which of ``wanted`` the broker says it does not have, asked for by name (which
+    creates none, see above); None when no broker is known to ask. A topic answered with
+    another error (not authorised after an ACL change, a leader being elected) is there:
+    its own clients say what is wrong with it."""
+    client = producer.client
+    node = client.get_random_node()
+    if node is None:
+        return None
+    answer = await client.send(node, _MetadataRequestCreatingNothing(wanted))
+    # Each topic's entry starts with its error code and its name, in every version.
+    return [entry[1] for entry in answer.topics if entry[0] == UnknownTopicOrPartitionError.errno]
 
 
 class TopicsChecked(NamedTuple):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import structlog
@@ -131,3 +132,41 @@ async def test_a_change_on_a_broker_back_without_its_topics_is_undone_with_a_503
     finally:
         if again is not None:
             again.stop()
+
+
+async def test_a_topic_answered_with_another_error_is_not_lost(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A topic the broker names with an error of its own (not authorised after an ACL
+    change, a leader being elected) is there: the watch goes on, and its clients say
+    what is wrong. Taken for a lost topic, it stopped the process blaming the broker's
+    data."""
+    await ensure_topics(settings)
+    topics = topics_for(settings)
+    producer = make_producer(settings)
+    await start_client(producer, settings)
+    real_send = producer.client.send
+    asked: list[int] = []
+
+    async def troubled(node: int, request: Any, **kwargs: Any) -> Any:
+        answer = await real_send(node, request, **kwargs)
+        asked.append(node)
+        # Error 29: topic authorisation failed; 5: leader not available.
+        answer.topics = [
+            (29 if n % 2 else 5, name, *rest) for n, (_, name, *rest) in enumerate(answer.topics)
+        ]
+        return answer
+
+    monkeypatch.setattr(producer.client, "send", troubled)
+    try:
+        watch = asyncio.create_task(
+            watch_topics(
+                producer, settings, [topics.events, topics.changes], Metrics("t"), every=0.1
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert len(asked) >= 3, "the watch asked"
+        assert not watch.done()
+        watch.cancel()
+    finally:
+        await stop_client(producer)
