@@ -90,6 +90,8 @@ _MICROSECOND = timedelta(microseconds=1)
 _TAKEN_OVER = -2.0
 # What the delivery log says of a put-off (error, error_class).
 _CIRCUIT_OPEN = ("put off: the endpoint's circuit is open", "circuit_open")
+# Not a failing endpoint: a busy one that said when to come back.
+_PAUSED = ("put off: the endpoint asked to wait (Retry-After)", "retry_after")
 _HELD = ("put off behind the webhook's paused or earlier put-off deliveries", "held")
 _UNCONFIRMED = ("put off: the webhook could not be looked up", "lookup_failed")
 # A put-off whose retry record the broker refused for its size: it ends, unsent.
@@ -803,7 +805,8 @@ class DeliveryHandler:
         wait = max(reopens_at - time.monotonic(), 0.0) + 0.05
         until = utcnow() + timedelta(seconds=wait)
         hold = self._hold(delivery.webhook_id, reopens_at, until)
-        return self._put_off(delivery, hold, _CIRCUIT_OPEN)
+        paused = self._circuit.paused(delivery.webhook_id, time.monotonic())
+        return self._put_off(delivery, hold, _PAUSED if paused else _CIRCUIT_OPEN)
 
     def _put_off(self, delivery: Delivery, hold: _Hold, why: tuple[str, str]) -> list[OutRecord]:
         """The delivery on a retry topic until the hold wakes it, and a record for the

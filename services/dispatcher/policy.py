@@ -154,6 +154,11 @@ class CircuitBreaker:
         if ends_turn and state.opened_at is not None and started >= state.opened_at:
             state.open_until = min(state.open_until, now)
 
+    def paused(self, endpoint: str, now: float) -> bool:
+        """Whether the endpoint asked for quiet (Retry-After) that is not over yet."""
+        state = self._endpoints.get(endpoint)
+        return state is not None and now < state.paused_until
+
     def is_open(self, endpoint: str) -> bool:
         """Whether the circuit is open or half-open: a request it allows now is the probe."""
         state = self._endpoints.get(endpoint)

@@ -316,6 +316,15 @@ async def test_retry_after_pauses_the_whole_endpoint(quick_stack: Stack) -> None
     assert all(at - paused_at >= 1.9 for at, _ in arrivals[1:]), arrivals
     assert [n for _, n in arrivals[1:] if n != 0] == [1, 2, 3]
 
+    # Their attempt records say why they waited: the endpoint asked to, it is not failing.
+    records = await topic_records(stack.settings, topics_for(stack.settings).attempts, 8)
+    deferred = [r for r in records if r["outcome"] == "deferred"]
+    # The first put off by the pause; those after it behind the first (their order).
+    classes = [r["error_class"] for r in deferred]
+    assert len(deferred) >= 3, records
+    assert "retry_after" in classes, deferred
+    assert set(classes) <= {"retry_after", "held"}, deferred
+
 
 async def test_a_re_send_delivered_during_a_pause_lifts_it(quick_stack: Stack) -> None:
     """An endpoint asks for an hour of quiet (429, Retry-After: 3600); its operator fixes it
