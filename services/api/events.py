@@ -59,9 +59,15 @@ class IdempotencyKeyReused(ValidationFailed):
 
 
 def _idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
+    keys = request.headers.getall("Idempotency-Key", ())
+    if not keys:
         return None
+    if len(keys) > 1:
+        # Taking one would replay under one key and publish under the other.
+        raise ValidationFailed.for_field(
+            "Idempotency-Key", f"given {len(keys)} times: send one", part="header"
+        )
+    [key] = keys
     if not 1 <= len(key) <= 255 or not key.isprintable():
         raise ValidationFailed.for_field(
             "Idempotency-Key", "1 to 255 printable characters", part="header"

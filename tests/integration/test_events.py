@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from multidict import CIMultiDict
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import OperationalError
 
@@ -329,3 +330,20 @@ async def test_idempotency_keys_past_their_window_are_pruned(api_stack: Stack) -
     async with api_stack.api.engine.connect() as conn:
         left = (await conn.execute(select(keys.c.key))).scalars().all()
     assert left == ["fresh"]
+
+
+async def test_two_idempotency_keys_are_refused(api_stack: Stack) -> None:
+    """The first of two was taken: a repeat of the pair replayed under one key while a
+    request with the other published again. 422 naming the header, nothing out."""
+    headers = CIMultiDict(api_stack.headers())
+    headers.add("Idempotency-Key", "a1")
+    headers.add("Idempotency-Key", "a2")
+    async with api_stack.session.post(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/events", headers=headers, json=EVENT
+    ) as response:
+        assert response.status == 422
+        answer = await response.json()
+    assert answer["error"]["details"] == [
+        {"field": "Idempotency-Key", "reason": "given 2 times: send one"}
+    ]
+    assert published_events(api_stack) == {}
