@@ -483,6 +483,17 @@ def query_flag(request: web.Request, name: str) -> bool:
     """A yes/no query parameter: ``true`` or ``false`` (absent: false). Anything else is a
     422, not a quiet "no": ``?force=1`` must not move to the trash what was meant to go."""
     _refuse_repeats(request, (name,))
+    # A misspelt flag (`?Force=true`) ignored would move to the trash what was meant to go
+    # for good: the route takes this one parameter, as a list takes only its own.
+    others = sorted(key for key in request.query if key not in (name, QUERY_KEY_PARAM))
+    if others:
+        raise ValidationFailed(
+            f"invalid query parameters: {', '.join(others)}",
+            details=[
+                {"field": key, "reason": f"not taken here (only ?{name}=true or false)"}
+                for key in others
+            ],
+        )
     raw = request.query.get(name, "false")
     if raw not in ("true", "false"):
         raise ValidationFailed(

@@ -447,6 +447,9 @@ async def test_a_repeated_parameter_hides_neither_a_missing_route_nor_a_credenti
         ("GET", "/objects/contact?trashed=1", "trashed"),
         ("DELETE", "/objects/contact/obj_x?force=1", "force"),
         ("DELETE", "/webhooks/wh_x?force=True", "force"),
+        # Misspelt, or another parameter: ignored, the delete went to the trash.
+        ("DELETE", "/webhooks/wh_x?Force=true", "Force"),
+        ("DELETE", "/objects/contact/obj_x?forced=true", "forced"),
         # Given twice: which one a route took would be a guess.
         ("GET", "/deliveries?state=failed&state=retrying", "state"),
         ("GET", "/webhooks?limit=10&limit=500", "limit"),
