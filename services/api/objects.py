@@ -33,7 +33,7 @@ from . import object_store as store
 from .context import CONTEXT, ApiContext
 from .errors import PreconditionFailed
 from .paging import IdPageQuery
-from .preconditions import require_match
+from .preconditions import if_match, require_match
 from .trash import live_or_trashed
 
 # fullmatch: "$" would also take a name ending in a newline.
@@ -169,7 +169,7 @@ async def list_objects(request: web.Request) -> web.Response:
 
 
 def _check_if_match(request: web.Request, version: int) -> None:
-    require_match(request.headers.get("If-Match"), store.etag(version), "object")
+    require_match(if_match(request), store.etag(version), "object")
 
 
 async def _versioned_change(
@@ -250,6 +250,8 @@ async def delete_object(request: web.Request) -> web.Response:
             )
         else:
             row = await store.find(conn, principal.team_id, object_type, object_id)
+        # The deletion applies to the version read here only (a change since is a 412).
+        _check_if_match(request, row.version)
         if row.deleted_at is not None:
             # Already in the trash: its deletion was announced then; nothing more to publish
             # (unless it was restored meanwhile: then it is a live object again).

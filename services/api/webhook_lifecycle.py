@@ -34,7 +34,7 @@ from . import delivery_log
 from .authn import Principal
 from .context import CONTEXT, ApiContext
 from .errors import PreconditionFailed
-from .preconditions import require_match
+from .preconditions import if_match, require_match
 from .trash import live_or_trashed
 from .webhooks import (
     WebhookUpdate,
@@ -151,7 +151,7 @@ async def update_webhook(request: web.Request) -> web.Response:
     details = _redacted(values)
     unchanged_since = None
     keeps_secrets = bool(values.get("headers")) and REDACTED in values["headers"].values()
-    wanted = request.headers.get("If-Match")
+    wanted = if_match(request)
     # Switched off or on along with other changes: the audit log still names it so (a
     # search for deactivations must find it), when it changes the webhook's state.
     switching = values["active"] if "active" in values and action == "webhook.updated" else None

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import structlog
 from aiokafka.errors import KafkaConnectionError
+from multidict import CIMultiDict
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -145,6 +146,46 @@ async def test_stale_if_match_and_no_op_patches_publish_nothing(
     # would be here already, whereas the router could still be on its way to it.
     assert published_events(stack) == {"object.created": 1.0, "object.updated": 1.0}
     await receiver.wait_for(2)
+
+
+async def test_if_match_lines_form_one_list_and_a_value_that_is_no_tag_is_a_422(
+    api_stack: Stack,
+) -> None:
+    """Two `If-Match` lines are one list (RFC 9110): the first line alone answered 412
+    for a tag on the second. A value that is no entity tag (`garbage`, empty) is the
+    client's mistake, not a change since its read: 422 naming the header."""
+    _, created, _ = await _call(api_stack, "POST", "/deal", json={"amount": 10})
+    path = f"/deal/{created['id']}"
+    two_lines = CIMultiDict(api_stack.headers())
+    two_lines.add("If-Match", '"7"')
+    two_lines.add("If-Match", '"1"')
+    async with api_stack.session.patch(
+        f"{api_stack.api_url}/v1/teams/{api_stack.team_id}/objects{path}",
+        headers=two_lines,
+        json={"amount": 11},
+    ) as response:
+        assert response.status == 200, await response.text()
+    for bad in ("garbage", "", '"2", 3'):
+        status, body, _ = await _call(
+            api_stack, "PATCH", path, headers={"If-Match": bad}, json={"amount": 12}
+        )
+        assert status == 422, (bad, body)
+        assert body["error"]["details"][0]["field"] == "If-Match"
+    assert (await _call(api_stack, "GET", path))[1]["data"] == {"amount": 11}
+
+
+async def test_a_delete_with_a_stale_if_match_deletes_nothing(api_stack: Stack) -> None:
+    """A conditional delete was done unconditionally: an object changed since the
+    client's read went to the trash. 412, and it stays; the current tag deletes it."""
+    _, created, _ = await _call(api_stack, "POST", "/deal", json={"amount": 10})
+    path = f"/deal/{created['id']}"
+    assert (await _call(api_stack, "PATCH", path, json={"amount": 20}))[0] == 200
+    status, body, _ = await _call(api_stack, "DELETE", path, headers={"If-Match": '"1"'})
+    assert (status, body["error"]["code"]) == (412, "precondition_failed")
+    assert (await _call(api_stack, "GET", path))[0] == 200
+    status, _, _ = await _call(api_stack, "DELETE", path, headers={"If-Match": '"2"'})
+    assert status == 204
+    assert (await _call(api_stack, "GET", path))[0] == 404
 
 
 @pytest.mark.parametrize(
