@@ -67,7 +67,8 @@ class DeliveryQuery(PageQuery):
     state: str | None = Field(
         default=None, description="Comma-separated: pending, delivered, retrying, failed, skipped"
     )
-    webhook_id: str | None = Field(default=None, max_length=64)
+    # Empty, it filtered for no webhook and answered an empty list as if applied.
+    webhook_id: str | None = Field(default=None, min_length=1, max_length=64)
     since: UtcDatetime | None = None
     until: UtcDatetime | None = None
 

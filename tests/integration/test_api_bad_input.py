@@ -452,6 +452,7 @@ async def test_a_repeated_parameter_hides_neither_a_missing_route_nor_a_credenti
         ("DELETE", "/objects/contact/obj_x?forced=true", "forced"),
         # Given twice: which one a route took would be a guess.
         ("GET", "/deliveries?state=failed&state=retrying", "state"),
+        ("GET", "/deliveries?webhook_id=", "webhook_id"),
         ("GET", "/webhooks?limit=10&limit=500", "limit"),
         ("DELETE", "/webhooks/wh_x?force=false&force=true", "force"),
         # A cursor that is not an id of the list: it would answer an empty last page
