@@ -341,7 +341,9 @@ def _check_ports(settings: Settings) -> None:
         for setting, port in wanted.items():
             if port == 0:
                 continue  # any free port
-            problem = port_problem(settings.host, port, held)
+            # The embedded broker listens on 127.0.0.1 whatever HOOKWIRE_HOST says.
+            host = "127.0.0.1" if setting == "HOOKWIRE_DEV_BROKER_PORT" else settings.host
+            problem = port_problem(host, port, held)
             if problem is not None:
                 taken[setting] = f"{port} ({setting}: {problem.strerror or problem})"
     finally:

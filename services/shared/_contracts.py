@@ -191,7 +191,8 @@ Description = Annotated[str, StringConstraints(max_length=2000), AfterValidator(
 
 def _one_line(value: str) -> str:
     for character in value:
-        if unicodedata.category(character) == "Cc" or character in _DIRECTION_CONTROLS:
+        # Cc: controls (newline, escape); Zl, Zp: the line and paragraph separators.
+        if unicodedata.category(character) in _BREAKING or character in _DIRECTION_CONTROLS:
             raise ValueError(
                 f"must not contain control characters (found U+{ord(character):04X}): a name"
                 " is one line, shown as typed in lists and on the command line"
@@ -199,6 +200,7 @@ def _one_line(value: str) -> str:
     return value
 
 
+_BREAKING = frozenset({"Cc", "Zl", "Zp"})
 # Characters that reorder the text shown around them (embeddings, overrides, isolates and
 # marks): a name holding one can display as another name, or another key's state.
 _DIRECTION_CONTROLS = frozenset(

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple
 
+import aiokafka.admin.client
 import aiokafka.client
 import orjson
 import structlog
@@ -75,6 +76,7 @@ class _MetadataRequestCreatingNothing(MetadataRequest):  # type: ignore[misc]
 # aiokafka builds its requests inside its client, with no setting for this: every client of
 # every process goes through this module, so the swap is made once, here.
 aiokafka.client.MetadataRequest = _MetadataRequestCreatingNothing
+aiokafka.admin.client.MetadataRequest = _MetadataRequestCreatingNothing  # describe_topics
 
 # How often a running service checks that its topics are still there, and how many checks
 # in a row must miss one before it stops (one answer from a broker still loading is not

@@ -6,6 +6,7 @@ topics `hookwire topics` makes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -170,3 +171,16 @@ async def test_a_topic_answered_with_another_error_is_not_lost(
         watch.cancel()
     finally:
         await stop_client(producer)
+
+
+async def test_the_admin_client_asking_for_a_topic_creates_none(settings: Settings) -> None:
+    """The admin client builds its own metadata requests: asked about a topic by name, it
+    had the broker create it too."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        with contextlib.suppress(KafkaError):
+            await admin.describe_topics([f"{settings.topic_prefix}asked"])
+    finally:
+        await admin.close()
+    assert await _topics(settings) == set()

@@ -50,8 +50,24 @@ async def test_a_name_with_spaces_around_is_the_same_name(api_stack: Stack, kind
 @pytest.mark.parametrize("kind", ["key", "group", "webhook"])
 @pytest.mark.parametrize(
     "name",
-    ["innocent\ntok_x  revoked", "a\rb", "bell\x07", "esc\x1b[2J", "evil\u202etxt.exe", "x\u2066y"],
-    ids=["newline", "carriage_return", "bell", "escape", "right_to_left_override", "isolate"],
+    [
+        "innocent\ntok_x  revoked",
+        "a\rb",
+        "bell\x07",
+        "esc\x1b[2J",
+        "evil\u202etxt.exe",
+        "x\u2066y",
+        "line\u2028break",
+    ],
+    ids=[
+        "newline",
+        "carriage_return",
+        "bell",
+        "escape",
+        "right_to_left_override",
+        "isolate",
+        "line_separator",
+    ],
 )
 async def test_a_name_that_is_not_one_plain_line_is_refused(
     api_stack: Stack, kind: str, name: str
