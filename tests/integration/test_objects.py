@@ -1026,13 +1026,7 @@ async def test_a_failed_relay_round_says_why_and_that_it_goes_on(
     """Its line named no error beyond a traceback and was called a crash, though the next
     round came as usual: it names the error and when the relay tries again."""
     assert api_stack.api._producer is not None
-    outbox = Outbox(
-        api_stack.api.engine,
-        api_stack.api._producer,
-        Metrics("test"),
-        publish_timeout=0.5,
-        dead_letter_topic=topics_for(api_stack.settings).dead_letter,
-    )
+    outbox = api_stack.api.outbox_for(api_stack.api._producer)
     rounds = 0
     second_round = asyncio.Event()
 
